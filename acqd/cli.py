@@ -1,0 +1,172 @@
+"""The ``acqd`` command line: the daemon, its client commands, and offline tools.
+
+    acqd serve --config FILE             run the daemon (control API, writers)
+    acqd status | acquire | record | stop   control a running daemon (same commands as the API)
+    acqd check-config FILE               validate a rig file, print precise errors
+    acqd simulate --config FILE          publish the rig's streams from simulated devices
+    acqd demo                            daemon + simulated rig + a short recording, end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from acqd.config import load_config
+from acqd.errors import AcqdError
+
+DEFAULT_URL = "http://127.0.0.1:8600"
+
+
+def _config(args: argparse.Namespace):
+    cfg = load_config(args.config)
+    if getattr(args, "data_root", None):
+        cfg = cfg.model_copy(update={"daemon": cfg.daemon.model_copy(
+            update={"data_root": Path(args.data_root).resolve()})})
+    if getattr(args, "port", None) is not None:
+        control = cfg.daemon.control.model_copy(update={"port": args.port})
+        cfg = cfg.model_copy(update={"daemon": cfg.daemon.model_copy(update={"control": control})})
+    return cfg
+
+
+def _client(args: argparse.Namespace):
+    from acqd.api import Client
+
+    return Client(args.url or os.environ.get("ACQD_URL", DEFAULT_URL), args.token or os.environ.get("ACQD_TOKEN"))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from acqd.api import serve
+
+    return serve(_config(args), ready_file=args.ready_file)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.file)
+    print(f"{args.file}: OK — {len(cfg.streams)} streams, reference {cfg.reference!r}, data root {cfg.daemon.data_root}")
+    for s in cfg.streams:
+        sync = s.sync.source if s.sync else "host time"
+        print(f"  {s.name:12s} {s.kind:7s} {s.dtype}{list(s.shape)} @ {s.rate:g} Hz  "
+              f"{s.sample_bytes * s.rate / 1e6:7.2f} MB/s  sync: {sync}  {s.socket} {s.endpoint}")
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from acqd.status import print_status
+
+    client = _client(args)
+    body: dict = {}
+    if args.command == "record":
+        body = {"session": args.session, "metadata": _metadata_args(args)}
+    elif args.command == "stop":
+        body = {"idle": args.idle}
+    result = client.command(args.command, **body)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_status(result)
+    return 0
+
+
+def _metadata_args(args: argparse.Namespace) -> dict | None:
+    import yaml
+
+    meta: dict = yaml.safe_load(Path(args.metadata).read_text()) if args.metadata else {}
+    subject = {k: v for k in ("subject_id", "species", "sex", "age") if (v := getattr(args, k)) is not None}
+    if subject:
+        meta.setdefault("subject", {}).update(subject)
+    if args.description:
+        meta["session_description"] = args.description
+    return meta or None
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import signal
+
+    from acqd.simulate import Fault, Rig, SimParams, run, write_truth
+
+    cfg = load_config(args.config)
+    rig = Rig(cfg, SimParams(seed=args.seed, seconds=args.seconds, max_ppm=args.max_ppm, wander_ppm=args.wander_ppm))
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    faults = [Fault.parse(f) for f in args.fault]
+    result = run(rig, args.seconds, faults, wait_for_peers_s=args.wait_peers,
+                 on_ready=lambda: print("simulate: publishing", flush=True), should_stop=lambda: bool(stop))
+    if args.truth:
+        write_truth(Path(args.truth), rig, result)
+    print(f"simulate: done, sent {sum(s['messages'] for s in result['sent'].values())} messages", flush=True)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from acqd.demo import demo
+
+    return demo(Path(args.config), Path(args.data_root), args.seconds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="acqd", description="streaming acquisition daemon for neuroscience rigs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the daemon")
+    s.add_argument("--config", required=True)
+    s.add_argument("--data-root", help="override daemon.data_root")
+    s.add_argument("--port", type=int, help="override control.port (0: any free port)")
+    s.add_argument("--ready-file", help="write {url, pid} here once the API is up")
+    s.set_defaults(fn=cmd_serve)
+
+    for name, text in (("status", "show mode, session and stream health"), ("acquire", "start receiving"),
+                       ("record", "start recording a session"), ("stop", "stop recording, or acquiring")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("--url", help=f"daemon URL (default $ACQD_URL or {DEFAULT_URL})")
+        c.add_argument("--token", help="API token (default $ACQD_TOKEN)")
+        c.add_argument("--json", action="store_true", help="print the raw JSON reply")
+        if name == "record":
+            c.add_argument("--session", help="session folder name (default: a timestamp)")
+            c.add_argument("--metadata", help="YAML file of session metadata")
+            c.add_argument("--description", help="session description")
+            for field in ("subject_id", "species", "sex", "age"):
+                c.add_argument(f"--{field.replace('_', '-')}", dest=field)
+        if name == "stop":
+            c.add_argument("--idle", action="store_true", help="stop acquiring too (-> IDLE)")
+        c.set_defaults(fn=cmd_client)
+
+    c = sub.add_parser("check-config", help="validate a rig config file")
+    c.add_argument("file")
+    c.set_defaults(fn=cmd_check_config)
+
+    m = sub.add_parser("simulate", help="publish the rig's streams from simulated devices")
+    m.add_argument("--config", required=True)
+    m.add_argument("--seconds", type=float, default=3600.0)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--max-ppm", type=float, default=30.0, help="crystal error range of the devices")
+    m.add_argument("--wander-ppm", type=float, default=0.0, help="thermal wander amplitude")
+    m.add_argument("--fault", action="append", default=[], metavar="STREAM:KIND:SEQ",
+                   help="inject a fault (drop, duplicate, reorder, malformed, oversized, wrong_dtype, wrong_shape, "
+                        "size_mismatch, wrong_frames, restart)")
+    m.add_argument("--wait-peers", type=float, default=30.0, help="wait this long for acqd to connect")
+    m.add_argument("--truth", help="write the ground truth (clocks, pulses, faults) to this JSON file")
+    m.set_defaults(fn=cmd_simulate)
+
+    d = sub.add_parser("demo", help="run the daemon and a simulated rig, record, summarise")
+    d.add_argument("--config", default="configs/rig.yaml")
+    d.add_argument("--data-root", default="demo-data")
+    d.add_argument("--seconds", type=float, default=20.0)
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except AcqdError as e:
+        print(f"acqd: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

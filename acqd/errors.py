@@ -1,0 +1,45 @@
+"""The exception tree of acqd.
+
+    AcqdError                 anything acqd raises on purpose
+     ├── ConfigError          a config file or request that cannot be accepted (precise message)
+     ├── ProtocolError        a wire message that breaks docs/protocol.md
+     ├── SessionError         a session or stream name or state that is refused
+     ├── WriterError          a writer cannot append or flush its stream file
+     │    └── DiskFullError   ENOSPC / EFBIG: the stream stops, committed data stays readable
+     └── FinalizeError        a session cannot be finalized (nothing is sealed)
+          └── ClockFitError   a stream's clock cannot be aligned (ambiguous pairing, too few edges)
+
+A sequence gap is a recorded event, not an exception: a dropped message never stops a recording.
+"""
+
+
+class AcqdError(Exception):
+    """Base class of every error acqd raises on purpose."""
+
+
+class ConfigError(AcqdError):
+    """A config file or request that cannot be accepted."""
+
+
+class ProtocolError(AcqdError):
+    """A wire message that does not follow docs/protocol.md."""
+
+
+class SessionError(AcqdError):
+    """A session or stream name or state transition that is refused."""
+
+
+class WriterError(AcqdError):
+    """A writer cannot append to or flush its stream file."""
+
+
+class DiskFullError(WriterError):
+    """The disk (or the file size limit) is full: the stream stops with its committed data intact."""
+
+
+class FinalizeError(AcqdError):
+    """A session cannot be finalized; nothing has been sealed."""
+
+
+class ClockFitError(FinalizeError):
+    """A stream's clock cannot be aligned to the reference."""

@@ -1,0 +1,132 @@
+"""What every chunk must satisfy before it is written, and sync-edge extraction: pure functions.
+
+A writer keeps one ``Cursor`` per stream (the last accepted message) and asks ``check_chunk`` what
+to do with the next one: accept it, accept it and record a gap, or reject it with a reason. Rejected
+and missing messages are always counted and recorded; they never stop a recording. Sync edges are
+extracted here as chunks arrive so that finalize never rescans the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from acqd.protocol import Header
+
+
+class Reject(IntEnum):
+    """Why a message was not written."""
+
+    MALFORMED = 1  # breaks the wire protocol (frames, sizes, header fields)
+    WRONG_STREAM = 2  # topic/header name is not this stream
+    DTYPE = 3  # sample dtype differs from the config
+    SHAPE = 4  # per-sample shape differs from the config
+    OVERSIZED = 5  # larger than the stream's max_message_bytes
+    DUPLICATE = 6  # same seq as the last accepted message
+    LATE = 7  # an older seq than already written (reordered or replayed)
+
+
+class Gap(IntEnum):
+    """A discontinuity recorded in the stream file's gap table."""
+
+    SEQ = 1  # messages lost between publisher and acqd (seq skipped)
+    SAMPLES = 2  # the device skipped samples (contiguous seq, sample index jumped forward)
+    RESTART = 3  # the publisher restarted (new epoch)
+    COUNTER_RESET = 4  # the device sample counter went backwards
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where the stream stands after its last accepted message."""
+
+    epoch: int
+    seq: int
+    next_sample: int
+
+
+@dataclass(frozen=True, slots=True)
+class GapRecord:
+    """One discontinuity, as half-open ranges; a range is empty when it is not known."""
+
+    kind: Gap
+    seq_from: int
+    seq_to: int
+    sample_from: int
+    sample_to: int
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What to do with a message."""
+
+    reject: Reject | None = None
+    detail: str = ""
+    gap: GapRecord | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.reject is None
+
+
+ACCEPT = Verdict()
+
+
+def check_format(h: Header, stream: str, dtype: str, shape: tuple[int, ...]) -> Verdict:
+    """Does the chunk look like the configured stream? Never coerce: a mismatch is rejected."""
+    if h.stream != stream:
+        return Verdict(Reject.WRONG_STREAM, f"stream {h.stream!r}, expected {stream!r}")
+    if h.dtype != dtype:
+        return Verdict(Reject.DTYPE, f"dtype {h.dtype}, expected {dtype}")
+    if tuple(h.shape) != tuple(shape):
+        return Verdict(Reject.SHAPE, f"shape {tuple(h.shape)}, expected {tuple(shape)}")
+    if h.n_samples == 0:
+        return Verdict(Reject.MALFORMED, "empty chunk")
+    return ACCEPT
+
+
+def check_continuity(prev: Cursor | None, h: Header) -> Verdict:
+    """Compare a well-formed chunk with the last accepted one."""
+    if prev is None:
+        return ACCEPT
+    if h.epoch != prev.epoch:
+        # The publisher restarted: messages [0, h.seq) of the new epoch never arrived.
+        return Verdict(gap=_sample_gap(Gap.RESTART, prev, h, 0, h.seq))
+    if h.seq == prev.seq:
+        return Verdict(Reject.DUPLICATE, f"seq {h.seq} already written")
+    if h.seq < prev.seq:
+        return Verdict(Reject.LATE, f"seq {h.seq} arrived after seq {prev.seq}")
+    if h.seq > prev.seq + 1:
+        return Verdict(gap=_sample_gap(Gap.SEQ, prev, h, prev.seq + 1, h.seq))
+    if h.first_sample != prev.next_sample:
+        kind = Gap.SAMPLES if h.first_sample > prev.next_sample else Gap.COUNTER_RESET
+        return Verdict(gap=_sample_gap(kind, prev, h, h.seq, h.seq))
+    return ACCEPT
+
+
+def _sample_gap(kind: Gap, prev: Cursor, h: Header, seq_from: int, seq_to: int) -> GapRecord:
+    if h.first_sample < prev.next_sample:
+        kind = Gap.COUNTER_RESET if kind == Gap.SAMPLES else kind
+        return GapRecord(kind, seq_from, seq_to, prev.next_sample, prev.next_sample)  # samples unknown
+    return GapRecord(kind, seq_from, seq_to, prev.next_sample, h.first_sample)
+
+
+def advance(h: Header) -> Cursor:
+    """The cursor after accepting ``h``."""
+    return Cursor(h.epoch, h.seq, h.first_sample + h.n_samples)
+
+
+def rising_edges(column: np.ndarray, bit: int, prev_level: bool | None) -> tuple[np.ndarray, bool]:
+    """Indices (within ``column``) where ``bit`` goes from 0 to 1, and the level of the last sample.
+
+    ``prev_level`` is the level of the sample before ``column`` (None at the start of a recording,
+    where a line already high is not an edge we saw).
+    """
+    level = ((column.astype(np.uint64, copy=False) >> np.uint64(bit)) & np.uint64(1)).astype(bool)
+    if level.size == 0:
+        return np.empty(0, np.int64), bool(prev_level)
+    before = np.empty_like(level)
+    before[0] = level[0] if prev_level is None else prev_level
+    before[1:] = level[:-1]
+    return np.flatnonzero(level & ~before), bool(level[-1])

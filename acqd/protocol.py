@@ -1,0 +1,151 @@
+"""The acqd wire protocol, version 1: how a driver's chunk travels as one ZeroMQ multipart message.
+
+This module owns the byte layout (documented for driver authors in docs/protocol.md) and nothing
+else: encoding for publishers, decoding for writers. Decoding never trusts the sender: every size
+is checked before a byte of payload is interpreted. Pure functions, no sockets.
+
+Frames:  [topic = stream name] [header, 104 bytes] [payload] [timestamps]? [edges]?
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from acqd.errors import ProtocolError
+
+VERSION = 1
+MAGIC = b"ACQD"
+
+# magic, version, header_len, flags, epoch, seq, first_sample, n_samples, ndim, shape[4], dtype, device_time_ns, stream
+HEADER = struct.Struct("<4sHHIIQQII4I8sq32s")
+assert HEADER.size == 104
+
+FLAG_TIMESTAMPS = 1 << 0  # a frame of n_samples int64 device timestamps (ns) follows the payload
+FLAG_EDGES = 1 << 1  # a frame of EDGE_DTYPE records follows (after the timestamps frame, if any)
+KNOWN_FLAGS = FLAG_TIMESTAMPS | FLAG_EDGES
+
+EDGE_DTYPE = np.dtype([("sample", "<u8"), ("line", "<u4"), ("rising", "<u4")])
+"""A sync edge seen by the device: its sample index in the device counter, line number, 1 rising / 0 falling."""
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The fixed header of one chunk."""
+
+    stream: str
+    """Stream name; equals the topic frame."""
+    seq: int
+    """Per-publisher message counter: 0 for the first message after the publisher starts, +1 per message."""
+    epoch: int
+    """Chosen afresh (e.g. at random) each time the publisher starts: a change means the driver restarted."""
+    first_sample: int
+    """Index of the chunk's first sample in the device's own sample counter."""
+    n_samples: int
+    """Number of samples (rows on the time axis) in the payload."""
+    dtype: str
+    """numpy type string of one value, little-endian (``<i2``, ``<f4``, ``|u1``)."""
+    shape: tuple[int, ...]
+    """Shape of one sample (channels, or height x width)."""
+    device_time_ns: int = 0
+    """Device clock reading for the first sample, in ns (0 if the device has none)."""
+    flags: int = 0
+    """FLAG_TIMESTAMPS | FLAG_EDGES: which optional frames follow the payload."""
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.n_samples * int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A decoded message: header plus zero-copy views of its frames."""
+
+    header: Header
+    data: np.ndarray
+    """Samples, shape ``(n_samples, *shape)``, a read-only view of the received frame."""
+    timestamps: np.ndarray | None = None
+    """Per-sample device timestamps (int64 ns), if the driver sent them."""
+    edges: np.ndarray | None = None
+    """EDGE_DTYPE records, if the driver sent them."""
+
+
+def encode_header(h: Header) -> bytes:
+    """Pack a header; raises ProtocolError if it cannot be represented."""
+    if not 1 <= len(h.shape) <= 4:
+        raise ProtocolError(f"shape {h.shape} must have 1 to 4 dimensions")
+    name = h.stream.encode()
+    if len(name) > 32:
+        raise ProtocolError(f"stream name {h.stream!r} longer than 32 bytes")
+    dtype = np.dtype(h.dtype).str.encode()
+    shape = tuple(h.shape) + (0,) * (4 - len(h.shape))
+    return HEADER.pack(MAGIC, VERSION, HEADER.size, h.flags, h.epoch, h.seq, h.first_sample, h.n_samples,
+                       len(h.shape), *shape, dtype, h.device_time_ns, name)
+
+
+def encode(h: Header, data: np.ndarray, timestamps: np.ndarray | None = None,
+           edges: np.ndarray | None = None) -> list:
+    """Frames of one message. ``data`` is sent as is (no copy) when it is C-contiguous."""
+    flags = (FLAG_TIMESTAMPS if timestamps is not None else 0) | (FLAG_EDGES if edges is not None else 0)
+    h = dataclasses.replace(h, flags=flags)
+    frames: list = [h.stream.encode(), encode_header(h), np.ascontiguousarray(data)]
+    if timestamps is not None:
+        frames.append(np.ascontiguousarray(timestamps, dtype="<i8"))
+    if edges is not None:
+        frames.append(np.ascontiguousarray(edges, dtype=EDGE_DTYPE))
+    return frames
+
+
+def decode_header(buf: bytes | memoryview) -> Header:
+    """Unpack and sanity-check a header frame."""
+    if len(buf) < HEADER.size:
+        raise ProtocolError(f"header is {len(buf)} bytes, expected {HEADER.size}")
+    (magic, version, header_len, flags, epoch, seq, first, n, ndim, s0, s1, s2, s3, dtype, dev_ns,
+     name) = HEADER.unpack_from(buf)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {bytes(magic)!r}")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version} not supported (this acqd speaks {VERSION})")
+    if header_len != len(buf):
+        raise ProtocolError(f"header_len {header_len} but header frame is {len(buf)} bytes")
+    if flags & ~KNOWN_FLAGS:
+        raise ProtocolError(f"unknown flags 0x{flags:x}")
+    if not 1 <= ndim <= 4:
+        raise ProtocolError(f"ndim {ndim} outside 1..4")
+    shape = (s0, s1, s2, s3)[:ndim]
+    try:
+        dt = np.dtype(dtype.rstrip(b"\0").decode("ascii"))
+        stream = name.rstrip(b"\0").decode()
+    except (TypeError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"undecodable dtype or stream name: {e}") from None
+    return Header(stream, seq, epoch, first, n, dt.str, shape, dev_ns, flags)
+
+
+def decode(frames: list) -> Chunk:
+    """Decode a received multipart message (frames as bytes or zmq.Frame) without copying the payload."""
+    bufs = [f.buffer if hasattr(f, "buffer") else memoryview(f) for f in frames]
+    if len(bufs) < 3:
+        raise ProtocolError(f"{len(bufs)} frames, expected at least topic, header and payload")
+    h = decode_header(bufs[1])
+    if bytes(bufs[0]).decode(errors="replace") != h.stream:
+        raise ProtocolError(f"topic {bytes(bufs[0])!r} differs from header stream {h.stream!r}")
+    expected = 3 + bool(h.flags & FLAG_TIMESTAMPS) + bool(h.flags & FLAG_EDGES)
+    if len(bufs) != expected:
+        raise ProtocolError(f"{len(bufs)} frames, flags 0x{h.flags:x} call for {expected}")
+    if len(bufs[2]) != h.payload_bytes:
+        raise ProtocolError(f"payload is {len(bufs[2])} bytes, header says {h.payload_bytes}")
+    data = np.frombuffer(bufs[2], dtype=h.dtype).reshape((h.n_samples, *h.shape))
+    i, timestamps, edges = 3, None, None
+    if h.flags & FLAG_TIMESTAMPS:
+        if len(bufs[i]) != 8 * h.n_samples:
+            raise ProtocolError(f"timestamps frame is {len(bufs[i])} bytes, expected {8 * h.n_samples}")
+        timestamps = np.frombuffer(bufs[i], dtype="<i8")
+        i += 1
+    if h.flags & FLAG_EDGES:
+        if len(bufs[i]) % EDGE_DTYPE.itemsize:
+            raise ProtocolError(f"edges frame of {len(bufs[i])} bytes is not a whole number of records")
+        edges = np.frombuffer(bufs[i], dtype=EDGE_DTYPE)
+    return Chunk(h, data, timestamps, edges)

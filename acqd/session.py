@@ -1,0 +1,103 @@
+"""Session folders on disk: naming, exclusive creation, the atomic ``session.json`` snapshot.
+
+``<data_root>/<session_id>/session.json`` is the one record of a session's config, metadata,
+state, files and incidents. It is always replaced atomically (write, fsync, rename, fsync the
+folder), so a crash leaves either the old or the new snapshot, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from acqd.config import check_name
+from acqd.errors import SessionError
+
+SESSION_FILE = "session.json"
+STREAMS_DIR = "streams"
+
+# Session states as written to session.json.
+RECORDING = "recording"  # writers are appending; seen at startup it means the daemon died
+CLOSED = "closed"  # recording stopped and every file closed; ready to finalize
+INTERRUPTED = "interrupted"  # the daemon died while recording; files are readable, see incidents
+FINALIZING = "finalizing"
+FINALIZED = "finalized"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def session_name(prepend_text: str = "", base_text: str = "", append_text: str = "") -> str:
+    """Open Ephys style naming: prepend + (base or a timestamp) + append, validated."""
+    base = base_text or datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    try:
+        return check_name(f"{prepend_text}{base}{append_text}", "session name")
+    except ValueError as e:
+        raise SessionError(str(e)) from None
+
+
+def create_session_dir(data_root: Path, session_id: str) -> Path:
+    """Create ``<data_root>/<session_id>/streams`` exclusively; refuse names that escape or collide."""
+    try:
+        check_name(session_id, "session name")
+    except ValueError as e:
+        raise SessionError(str(e)) from None
+    root = Path(data_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / session_id
+    if folder.resolve().parent != root:
+        raise SessionError(f"session {session_id!r} would be outside {root}")
+    try:
+        folder.mkdir()  # exclusive: an existing session (or a planted symlink) is never reused
+    except FileExistsError:
+        raise SessionError(f"session {session_id!r} already exists in {root}") from None
+    (folder / STREAMS_DIR).mkdir()
+    return folder
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Replace ``path`` with ``obj`` as JSON so that readers and crashes see old or new, never a mix."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_session(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / SESSION_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SessionError(f"{folder}: no readable {SESSION_FILE}: {e}") from None
+
+
+def list_sessions(data_root: Path) -> list[dict]:
+    """Every session under the data root, oldest first, as (id, state, path, incomplete)."""
+    out = []
+    root = Path(data_root)
+    if not root.is_dir():
+        return out
+    for p in sorted(root.iterdir()):
+        if (p / SESSION_FILE).is_file():
+            try:
+                s = read_session(p)
+            except SessionError:
+                continue
+            out.append({"session_id": s.get("session_id", p.name), "state": s.get("state"), "path": str(p),
+                        "incomplete": bool(s.get("incomplete")), "created": s.get("created")})
+    return out

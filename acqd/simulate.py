@@ -1,0 +1,283 @@
+"""The simulated rig: every configured stream published over real sockets, with known clocks.
+
+``Rig(cfg, params)`` is deterministic for a seed: each device has a ``DeviceClock`` (offset, drift,
+optional wander), every device sees the same random-interval sync pulses in its own sample
+counter, and sample values come from a pre-built pool of band-limited noise with spikes (so
+compression ratios mean something and publishing costs little CPU). Tests rebuild the same ``Rig``
+to know exactly what was sent: ``samples(stream, first, n)`` and ``expected_edges(stream, line)``.
+
+``run`` paces the devices in real time and injects faults (``Fault``); ``truth()`` is the record
+of what happened, written to JSON by ``acqd simulate --truth``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from acqd.config import ChannelSync, FrameSync, RigConfig, StreamConfig, StrobeSync
+from acqd.devclock import DeviceClock, random_pulse_times
+from acqd.protocol import Header, encode, encode_header
+from acqd.publisher import Publisher, edge_records
+
+PULSE_WIDTH_S = 0.010
+STROBE_WIDTH_S = 0.002
+CHUNK_S = 0.010  # one message per 10 ms of samples (one frame per message for cameras)
+FAULT_KINDS = ("drop", "duplicate", "reorder", "malformed", "oversized", "wrong_dtype", "wrong_shape",
+               "size_mismatch", "wrong_frames", "restart")
+
+
+@dataclass(frozen=True, slots=True)
+class SimParams:
+    """How the simulated devices misbehave; all random draws come from ``seed``."""
+
+    seed: int = 0
+    seconds: float = 3600.0
+    """Longest run the truth is prepared for."""
+    max_ppm: float = 30.0
+    """Each device's crystal error is drawn from [-max_ppm, max_ppm]."""
+    wander_ppm: float = 0.0
+    max_offset_s: float = 600.0
+    """Devices were started up to this long before the simulation (their counters are not at 0)."""
+    send_jitter_s: float = 0.002
+    """Random extra delay before each send (host-side latency)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """Inject ``kind`` into ``stream`` at message ``seq`` (``stream:kind:seq`` on the command line)."""
+
+    stream: str
+    kind: str
+    seq: int
+
+    @classmethod
+    def parse(cls, text: str) -> Fault:
+        stream, kind, seq = text.split(":")
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"fault kind {kind!r} not one of {', '.join(FAULT_KINDS)}")
+        return cls(stream, kind, int(seq))
+
+
+def signal_pool(cfg: StreamConfig, rng: np.random.Generator, seconds: float = 1.0) -> np.ndarray:
+    """A pool of realistic samples: band-limited noise with spikes (or textured frames for video)."""
+    n = max(8, int(cfg.rate * seconds))
+    dt = cfg.np_dtype
+    if len(cfg.shape) > 1:  # images: a smooth pattern with noise, shifting frame to frame
+        h, w = cfg.shape[:2]
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = 96 + 64 * np.sin(xx / 37.0) * np.cos(yy / 23.0)
+        frames = np.stack([base + 8 * np.sin(i / 5.0) + rng.normal(0, 4, (h, w)) for i in range(n)])
+        return np.clip(frames, 0, 255).astype(dt).reshape((n, *cfg.shape))
+    ch = cfg.shape[0]
+    white = rng.normal(0, 1, (n + 8, ch))
+    noise = np.cumsum(white, axis=0)
+    noise = (noise[8:] - noise[:-8]) / np.sqrt(8)  # moving sum: a low-pass, band-limited noise
+    spikes = np.zeros((n, ch))
+    template = -np.exp(-((np.arange(30) - 8) ** 2) / 8.0) * 12 + np.exp(-((np.arange(30) - 16) ** 2) / 30.0) * 4
+    for t in rng.integers(0, n - 30, size=max(1, n // 300)):
+        c = rng.integers(0, ch)
+        spikes[t:t + 30, max(0, c - 2):c + 3] += template[:, None]
+    x = 20 * noise + 15 * spikes
+    if dt.kind == "f":
+        return (x / 100).astype(dt)
+    info = np.iinfo(dt)
+    return np.clip(x + (0 if info.min < 0 else info.max // 2), info.min, info.max).astype(dt)
+
+
+@dataclass
+class Device:
+    """One simulated stream: its clock, its data and what it has sent."""
+
+    cfg: StreamConfig
+    clock: DeviceClock
+    pool: np.ndarray
+    chunk: int
+    next_sample: int
+    lines: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    """Digital lines in this device's data: (channel, bit) -> (rising, falling) sample indices."""
+    pulse_edges: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    """Where this device's counter saw each sync pulse rise."""
+
+    def samples(self, first: int, n: int) -> np.ndarray:
+        """Exactly what the device sends for samples [first, first + n)."""
+        out = np.take(self.pool, np.arange(first, first + n) % len(self.pool), axis=0)
+        words: dict[int, np.ndarray] = {}
+        for (channel, bit), (up, down) in self.lines.items():
+            word = words.setdefault(channel, np.zeros(n, dtype=np.int64))
+            lo, hi = np.searchsorted(down, first, "right"), np.searchsorted(up, first + n, "left")
+            for a, b in zip(up[lo:hi], down[lo:hi]):
+                word[max(a, first) - first:min(b, first + n) - first] |= 1 << bit
+        for channel, word in words.items():
+            out[:, channel] = word.astype(out.dtype)
+        return out
+
+
+class Rig:
+    """All devices of a rig config, with their ground truth."""
+
+    def __init__(self, cfg: RigConfig, params: SimParams = SimParams()):
+        self.cfg, self.params = cfg, params
+        rng = np.random.default_rng(params.seed)
+        self.pulses = random_pulse_times(rng, 0.2, params.seconds + 5)
+        self.devices: dict[str, Device] = {}
+        for s in cfg.streams:
+            clock = DeviceClock(rate=s.rate, offset_s=-float(rng.uniform(1, params.max_offset_s)),
+                                ppm=float(rng.uniform(-params.max_ppm, params.max_ppm)),
+                                wander_ppm=params.wander_ppm, wander_period_s=float(rng.uniform(300, 1800)))
+            chunk = 1 if len(s.shape) > 1 else max(1, round(s.rate * CHUNK_S))
+            first = int(np.ceil(clock.phase(0.0)))
+            self.devices[s.name] = Device(s, clock, signal_pool(s, rng), chunk, first)
+        for dev in self.devices.values():
+            sync = dev.cfg.sync
+            if isinstance(sync, (ChannelSync, FrameSync)):
+                dev.pulse_edges = dev.clock.sample_at(self.pulses)
+            if isinstance(sync, ChannelSync):
+                dev.lines[(sync.channel, sync.bit)] = (dev.pulse_edges,
+                                                       dev.clock.sample_at(self.pulses + PULSE_WIDTH_S))
+            if isinstance(sync, StrobeSync):  # each frame strobes a line of another device
+                target = self.devices[sync.stream]
+                frames = np.arange(dev.next_sample, dev.next_sample + int(params.seconds * dev.cfg.rate) + 2)
+                t = dev.clock.time_of(frames)
+                target.lines[(sync.channel, sync.bit)] = (target.clock.sample_at(t),
+                                                          target.clock.sample_at(t + STROBE_WIDTH_S))
+
+    def samples(self, stream: str, first: int, n: int) -> np.ndarray:
+        return self.devices[stream].samples(first, n)
+
+    def expected_edges(self, stream: str, label: str = "sync") -> np.ndarray:
+        """Device sample indices where ``stream`` records the rising edges of line ``label``.
+
+        ``label`` is an ``EdgeLine`` label (``sync``, ``strobe:<camera>``); frame-sync streams have ``sync``.
+        """
+        dev = self.devices[stream]
+        for line in self.cfg.edge_lines(stream):
+            if line.label == label:
+                return dev.lines[(line.channel, line.bit)][0]
+        return dev.pulse_edges
+
+    def truth(self) -> dict:
+        return {"seed": self.params.seed, "params": {k: getattr(self.params, k) for k in SimParams.__slots__},
+                "pulse_times_s": self.pulses.tolist(),
+                "devices": {n: {"rate": d.clock.rate, "offset_s": d.clock.offset_s, "ppm": d.clock.ppm,
+                                "wander_ppm": d.clock.wander_ppm, "wander_period_s": d.clock.wander_period_s,
+                                "first_sample": int(d.next_sample)} for n, d in self.devices.items()}}
+
+
+def run(rig: Rig, seconds: float, faults: list[Fault] = (), *, wait_for_peers_s: float = 30.0,
+        on_ready: Callable[[], None] | None = None, should_stop: Callable[[], bool] = lambda: False) -> dict:
+    """Publish every device in real time for ``seconds``; returns what was sent and injected."""
+    ctx = zmq.Context()
+    rng = np.random.default_rng(rig.params.seed + 1)
+    pubs = {n: _publisher(d.cfg, ctx) for n, d in rig.devices.items()}
+    sent = {n: {"messages": 0, "first_sample": None, "last_sample": None} for n in rig.devices}
+    injected: list[dict] = []
+    pending = {(f.stream, f.seq): f for f in faults}
+    for pub in pubs.values():
+        pub.wait_for_peers(1, wait_for_peers_s)
+    if on_ready:
+        on_ready()
+    t0 = time.monotonic()
+    held: dict[str, list] = {}
+    try:
+        while not should_stop():
+            now = time.monotonic() - t0
+            if now >= seconds:
+                break
+            for name, dev in rig.devices.items():
+                while dev.clock.time_of(dev.next_sample + dev.chunk) <= now:
+                    data = dev.samples(dev.next_sample, dev.chunk)
+                    edges = None
+                    if isinstance(dev.cfg.sync, FrameSync):
+                        e = dev.pulse_edges
+                        e = e[(e >= dev.next_sample) & (e < dev.next_sample + dev.chunk)]
+                        edges = edge_records(e) if len(e) else None
+                    pub = pubs[name]
+                    fault = pending.pop((name, pub.seq), None)
+                    if fault is not None:
+                        injected.append(_inject(fault, pub, dev, data, edges, ctx, pubs, held))
+                    else:
+                        pub.send(data, first_sample=dev.next_sample, edges=edges)
+                        for late in held.pop(name, []):
+                            pub.sock.send_multipart(late)
+                    rec = sent[name]
+                    rec["messages"] += 1
+                    rec["first_sample"] = dev.next_sample if rec["first_sample"] is None else rec["first_sample"]
+                    dev.next_sample += dev.chunk
+                    rec["last_sample"] = dev.next_sample
+            wake = min(d.clock.time_of(d.next_sample + d.chunk) for d in rig.devices.values())
+            delay = wake - (time.monotonic() - t0) + rng.uniform(0, rig.params.send_jitter_s)
+            if delay > 0:
+                time.sleep(min(delay, 0.05))
+    finally:
+        for pub in pubs.values():
+            pub.close()
+        ctx.term()
+    return {"sent": sent, "faults": injected}
+
+
+def _publisher(cfg: StreamConfig, ctx: zmq.Context) -> Publisher:
+    socket = "pub" if cfg.socket == "sub" else "push"  # the driver's side of acqd's SUB or PULL
+    return Publisher(cfg.name, cfg.endpoint, dtype=cfg.dtype, shape=cfg.shape, socket=socket,
+                     bind=not cfg.bind, ctx=ctx, first_sample=0, sndhwm=100_000)
+
+
+def _inject(f: Fault, pub: Publisher, dev: Device, data: np.ndarray, edges: np.ndarray | None,
+            ctx: zmq.Context, pubs: dict[str, Publisher], held: dict[str, list]) -> dict:
+    """Send chunk ``pub.seq`` with fault ``f`` applied; returns the record of what was done."""
+    seq, first, n = pub.seq, dev.next_sample, len(data)
+    record = {"stream": f.stream, "kind": f.kind, "seq": seq, "sample_from": first, "sample_to": first + n}
+    h = Header(pub.stream, seq, pub.epoch, first, n, pub.dtype, pub.shape)
+    topic = pub.stream.encode()
+    bad: list | None = None
+    match f.kind:
+        case "drop":
+            pub.seq += 1
+            return record
+        case "duplicate":
+            pub.send(data, first_sample=first, edges=edges)
+            pub.sock.send_multipart(encode(h, data, None, edges))
+            return record
+        case "reorder":  # this chunk is held back and sent after the next one
+            held.setdefault(f.stream, []).append(encode(h, data, None, edges))
+            pub.seq += 1
+            return record
+        case "restart":
+            fresh = _publisher(dev.cfg, ctx)
+            pub.close(0)
+            pubs[f.stream] = fresh
+            fresh.wait_for_peers(1, 10.0)
+            fresh.send(data, first_sample=first, edges=edges)
+            record["epoch"] = fresh.epoch
+            return record
+        case "malformed":
+            bad = [topic, b"NOPE" + encode_header(h)[4:], data]
+        case "oversized":
+            big = np.zeros((int(dev.cfg.max_message_bytes // dev.cfg.sample_bytes) + 1, *dev.cfg.shape),
+                           dev.cfg.np_dtype)
+            bad = encode(Header(pub.stream, seq, pub.epoch, first, len(big), pub.dtype, pub.shape), big)
+        case "wrong_dtype":
+            other = "<f4" if pub.dtype != "<f4" else "<i4"
+            wrong = np.zeros(data.shape, other)
+            bad = encode(Header(pub.stream, seq, pub.epoch, first, n, other, pub.shape), wrong)
+        case "wrong_shape":
+            shape = (pub.shape[0] + 1, *pub.shape[1:])
+            bad = encode(Header(pub.stream, seq, pub.epoch, first, n, pub.dtype, shape),
+                         np.zeros((n, *shape), pub.dtype))
+        case "size_mismatch":
+            bad = [topic, encode_header(h), data.tobytes()[:-1]]
+        case "wrong_frames":
+            bad = [topic, encode_header(h)]
+    pub.sock.send_multipart(bad)  # the bad message first, then the good chunk with the same seq
+    pub.send(data, first_sample=first, edges=edges)
+    return record
+
+
+def write_truth(path: Path, rig: Rig, result: dict) -> None:
+    path.write_text(json.dumps({**rig.truth(), **result}, indent=1))

@@ -1,0 +1,229 @@
+"""The per-stream HDF5 file: its layout, how it is created, appended, flushed and read back.
+
+This module is the only place that turns stream config into HDF5 calls (``dataset_options``,
+``open_stream_file``). Layout (docs/file-format.md)::
+
+    /            attrs: format, session and stream metadata (JSON), written at creation
+    /data        (rows, *shape) declared dtype, chunked, resizable on axis 0, NWB attrs
+    /index       one row per accepted message: seq, epoch, first_sample, n_samples, file_row, host times
+    /gaps        one row per discontinuity (ingest.Gap), exact seq and sample ranges
+    /rejects     one row per rejected message (ingest.Reject)
+    /sync/edges  raw edge sample indices in the device counter, per line (labels in attrs)
+    /sync/clock  periodic (device sample, host monotonic ns, host wall-clock ns) pairs
+
+Every dataset exists before SWMR starts (attributes cannot be added later). ``flush`` writes the
+data first and the index rows that describe it second, so an index row always points at data that
+reached the file: after any crash, the index — not the dataset extent — says what was committed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import hdf5plugin
+import numpy as np
+
+from acqd.config import EdgeLine, StreamConfig
+from acqd.errors import DiskFullError, WriterError
+from acqd.ingest import Gap, GapRecord, Reject
+
+FORMAT = "acqd-stream"
+FORMAT_VERSION = 1
+
+INDEX_DTYPE = np.dtype([("seq", "<u8"), ("epoch", "<u4"), ("n_samples", "<u4"), ("first_sample", "<u8"),
+                        ("file_row", "<u8"), ("host_wall_ns", "<i8"), ("host_mono_ns", "<i8"),
+                        ("device_time_ns", "<i8")])
+GAP_DTYPE = np.dtype([("kind", "u1"), ("seq_from", "<u8"), ("seq_to", "<u8"), ("sample_from", "<u8"),
+                      ("sample_to", "<u8"), ("file_row", "<u8"), ("host_wall_ns", "<i8")])
+REJECT_DTYPE = np.dtype([("reason", "u1"), ("seq", "<i8"), ("nbytes", "<u8"), ("host_wall_ns", "<i8")])
+EDGE_DTYPE = np.dtype([("sample", "<u8"), ("line", "<u2"), ("rising", "u1")])
+CLOCK_DTYPE = np.dtype([("device_sample", "<u8"), ("host_mono_ns", "<i8"), ("host_wall_ns", "<i8")])
+
+TABLES = {"index": INDEX_DTYPE, "gaps": GAP_DTYPE, "rejects": REJECT_DTYPE,
+          "sync/edges": EDGE_DTYPE, "sync/clock": CLOCK_DTYPE}
+
+CHUNK_TARGET_BYTES = 2 << 20
+
+# What a reader needs installed to decompress each filter (also written into the file).
+FILTER_NOTES = {
+    "none": "uncompressed",
+    "gzip": "gzip (deflate) level 1 with shuffle: readable by every HDF5 and NWB reader",
+    "lz4": "LZ4 (HDF5 filter 32004): readers need hdf5plugin (pip install hdf5plugin; import hdf5plugin)",
+    "blosc-lz4": "Blosc LZ4 + bitshuffle (HDF5 filter 32001): readers need hdf5plugin "
+                 "(pip install hdf5plugin; import hdf5plugin)",
+    "zstd": "Zstandard (HDF5 filter 32015): readers need hdf5plugin (pip install hdf5plugin; import hdf5plugin)",
+}
+
+
+def part_filename(stream: str, part: int) -> str:
+    """``<stream>.h5`` for the first file of a stream, ``<stream>.partNNN.h5`` for later ones."""
+    return f"{stream}.h5" if part == 0 else f"{stream}.part{part:03d}.h5"
+
+
+def chunk_rows(cfg: StreamConfig) -> int:
+    """Rows per HDF5 chunk: the configured value, else ~2 MiB of full-width rows."""
+    return cfg.chunk_rows or max(1, CHUNK_TARGET_BYTES // cfg.sample_bytes)
+
+
+def dataset_options(cfg: StreamConfig) -> dict:
+    """Keyword arguments for ``create_dataset('data', ...)``: chunking and the compression filter."""
+    opts: dict = {"chunks": (chunk_rows(cfg), *cfg.shape), "maxshape": (None, *cfg.shape)}
+    match cfg.compression:
+        case "gzip":
+            opts.update(compression="gzip", compression_opts=1, shuffle=True)
+        case "lz4":
+            opts.update(hdf5plugin.LZ4())
+        case "blosc-lz4":
+            opts.update(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.BITSHUFFLE))
+        case "zstd":
+            opts.update(hdf5plugin.Zstd(clevel=1))
+    return opts
+
+
+def open_stream_file(path: Path, cfg: StreamConfig) -> h5py.File:
+    """Create a new stream file exclusively (never truncates, never follows a planted symlink).
+
+    The chunk cache holds several chunks so that appends that fill a chunk piecewise stay fast.
+    """
+    cache = max(4 << 20, 4 * chunk_rows(cfg) * cfg.sample_bytes)
+    return h5py.File(path, "x", libver="latest", rdcc_nbytes=cache, rdcc_nslots=100_003)
+
+
+@dataclass
+class StreamFile:
+    """An open stream file being recorded. Not thread-safe; one per writer process."""
+
+    path: Path
+    f: h5py.File
+    rows: int = 0
+    pending_index: list[tuple] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, path: Path, cfg: StreamConfig, *, session: dict, lines: list[EdgeLine], part: int = 0
+               ) -> StreamFile:
+        """Create the file with every dataset and all metadata, then switch to SWMR."""
+        f = open_stream_file(path, cfg)
+        try:
+            f.attrs.update({
+                "format": FORMAT, "format_version": FORMAT_VERSION, "stream": cfg.name, "part": part,
+                "created": datetime.now(timezone.utc).isoformat(), "session": json.dumps(session),
+                "stream_config": cfg.model_dump_json(), "compression": FILTER_NOTES[cfg.compression],
+            })
+            data = f.create_dataset("data", shape=(0, *cfg.shape), dtype=cfg.np_dtype, **dataset_options(cfg))
+            # NWB reads these on linked data; they cannot be added once SWMR is on.
+            data.attrs.update({"unit": cfg.units, "conversion": cfg.conversion, "offset": cfg.offset,
+                               "resolution": -1.0, "rate": float(cfg.rate),
+                               "description": f"{cfg.description or cfg.name}; {FILTER_NOTES[cfg.compression]}"})
+            if cfg.channel_names:
+                data.attrs["channel_names"] = json.dumps(list(cfg.channel_names))
+            for name, dtype in TABLES.items():
+                f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
+            f["gaps"].attrs["kinds"] = json.dumps({g.name: g.value for g in Gap})
+            f["rejects"].attrs["reasons"] = json.dumps({r.name: r.value for r in Reject})
+            f["sync/edges"].attrs["lines"] = json.dumps([ln.model_dump() for ln in lines])
+            f["sync"].attrs["description"] = "raw, uncorrected: edge sample indices and host-time pairs"
+            f.swmr_mode = True
+        except BaseException:
+            f.close()
+            raise
+        return cls(path, f)
+
+    def append(self, data: np.ndarray, index_row: tuple) -> int:
+        """Append samples; returns the file row of the first. The index row is written at the next flush."""
+        first = self.rows
+        dset = self.f["data"]
+        with _io_errors(self.path):
+            dset.resize(first + len(data), axis=0)
+            dset[first:] = data
+        self.rows = first + len(data)
+        self.pending_index.append(index_row[:4] + (first,) + index_row[4:])
+        return first
+
+    def add(self, table: str, rows: np.ndarray | list[tuple]) -> None:
+        """Append rows to one of the small tables (gaps, rejects, sync/edges, sync/clock)."""
+        dset = self.f[table]
+        rows = np.asarray(rows, dtype=dset.dtype) if not isinstance(rows, np.ndarray) else rows.astype(dset.dtype)
+        if len(rows):
+            with _io_errors(self.path):
+                n = dset.shape[0]
+                dset.resize(n + len(rows), axis=0)
+                dset[n:] = rows
+
+    def add_gap(self, gap: GapRecord, host_wall_ns: int) -> None:
+        self.add("gaps", [(gap.kind, gap.seq_from, gap.seq_to, gap.sample_from, gap.sample_to, self.rows,
+                           host_wall_ns)])
+
+    def flush(self, fsync: bool) -> None:
+        """Data first, then the index rows describing it; fsync makes it survive a power cut."""
+        with _io_errors(self.path):
+            self.f.flush()
+            if self.pending_index:
+                self.add("index", self.pending_index)
+                self.pending_index = []
+                self.f.flush()
+            if fsync:
+                os.fsync(self.f.id.get_vfd_handle())
+
+    def close(self, fsync: bool = True) -> None:
+        if self.f.id.valid:
+            try:
+                self.flush(fsync)
+            finally:
+                self.f.close()
+
+    @property
+    def size_bytes(self) -> int:
+        return os.stat(self.path).st_size
+
+
+class _io_errors:
+    """Turn HDF5 I/O failures into WriterError, and a full disk or file-size limit into DiskFullError."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, etype, exc, tb) -> bool:
+        if exc is None or not isinstance(exc, (OSError, RuntimeError)):
+            return False
+        text = str(exc)
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EFBIG) or any(
+            s in text for s in ("No space left", "File too large", "errno = 28", "errno = 27")
+        ):
+            raise DiskFullError(f"{self.path}: disk full or file size limit reached ({text})") from exc
+        raise WriterError(f"{self.path}: write failed: {text}") from exc
+
+
+def open_for_read(path: Path) -> h5py.File:
+    """Open a stream file read-only, whether it was closed cleanly or is still/was being written (SWMR)."""
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        return h5py.File(path, "r", swmr=True)
+
+
+def committed_rows(f: h5py.File) -> int:
+    """Rows of /data that the chunk index proves were written (the extent may claim more after a crash)."""
+    index = f["index"]
+    if index.shape[0] == 0:
+        return 0
+    last = index[-1]
+    return int(last["file_row"]) + int(last["n_samples"])
+
+
+def summarize(path: Path) -> dict:
+    """What a stream file holds: committed samples, bytes, gaps, rejects, sync edges."""
+    with open_for_read(path) as f:
+        rows = committed_rows(f)
+        return {"file": path.name, "stream": f.attrs["stream"], "part": int(f.attrs["part"]), "samples": rows,
+                "mb": round(path.stat().st_size / 1e6, 2), "messages": int(f["index"].shape[0]),
+                "gaps": int(f["gaps"].shape[0]), "rejected": int(f["rejects"].shape[0]),
+                "edges": int(f["sync/edges"].shape[0])}

@@ -1,0 +1,327 @@
+"""A writer process: one stream's socket, checks and HDF5 file.
+
+Run as ``python -m acqd.writer SPEC_JSON`` by the supervisor (one process per stream, because h5py
+serialises every call through one global lock). The writer owns its data socket, so a chunk is
+never copied between processes. It receives and checks chunks from the moment it starts
+(ACQUIRE: counted, not stored) and appends them to a stream file while recording (RECORD).
+
+It talks to the supervisor over one DEALER socket (JSON frames): it sends ``ready``, ``stats``,
+``event`` and ``closed``; it obeys ``record``, ``stop`` and ``shutdown``. SIGTERM, or the
+supervisor's death, closes the file cleanly. A full disk stops the stream with a reason and an exit
+code of ``EXIT_DISK_FULL``; committed data (per the chunk index) stays readable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from acqd.config import EdgeLine, FrameSync, StreamConfig
+from acqd.errors import DiskFullError, ProtocolError, WriterError
+from acqd.ingest import Cursor, Reject, advance, check_continuity, check_format, rising_edges
+from acqd.protocol import decode, decode_header
+from acqd.streamfile import StreamFile, part_filename
+
+EXIT_DISK_FULL = 3
+EXIT_WRITE_ERROR = 4
+RESOURCE_LIMIT_ENV = "ACQD_WRITER_FSIZE_LIMIT"  # fault injection: RLIMIT_FSIZE in bytes (tests)
+
+
+@dataclass(frozen=True, slots=True)
+class WriterSpec:
+    """Everything a writer process needs, serialised as JSON on its command line."""
+
+    stream: StreamConfig
+    lines: list[EdgeLine]
+    control: str
+    """Endpoint of the supervisor's ROUTER socket."""
+    flush_interval_s: float
+    fsync_interval_s: float | None
+    stats_interval_s: float
+    clock_pair_interval_s: float
+
+    def to_json(self) -> str:
+        return json.dumps({"stream": self.stream.model_dump(mode="json"),
+                           "lines": [ln.model_dump() for ln in self.lines], "control": self.control,
+                           "flush_interval_s": self.flush_interval_s, "fsync_interval_s": self.fsync_interval_s,
+                           "stats_interval_s": self.stats_interval_s,
+                           "clock_pair_interval_s": self.clock_pair_interval_s})
+
+    @classmethod
+    def from_json(cls, text: str) -> WriterSpec:
+        d = json.loads(text)
+        return cls(stream=StreamConfig.model_validate(d.pop("stream")),
+                   lines=[EdgeLine.model_validate(x) for x in d.pop("lines")], **d)
+
+
+@dataclass
+class Counts:
+    """Counters since the writer started (acquire) or since the recording started (record)."""
+
+    messages: int = 0
+    samples: int = 0
+    bytes: int = 0
+    gaps: int = 0
+    rejected: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {"messages": self.messages, "samples": self.samples, "bytes": self.bytes, "gaps": self.gaps,
+                "rejected": {r.name.lower(): n for r, n in self.rejected.items()},
+                "rejected_total": sum(self.rejected.values())}
+
+
+class Writer:
+    """The state of one writer process; ``run`` is its event loop."""
+
+    def __init__(self, spec: WriterSpec):
+        self.spec = spec
+        self.cfg = spec.stream
+        self.ctx = zmq.Context()
+        self.ctrl = self.ctx.socket(zmq.DEALER)
+        self.ctrl.setsockopt(zmq.IDENTITY, self.cfg.name.encode())
+        self.ctrl.setsockopt(zmq.LINGER, 1000)
+        self.ctrl.connect(spec.control)
+        self.data = self.ctx.socket(zmq.SUB if self.cfg.socket == "sub" else zmq.PULL)
+        self.data.setsockopt(zmq.LINGER, 0)
+        if self.cfg.socket == "sub":
+            # Exact-topic filtering: ZeroMQ matches prefixes, so "probe" would also take "probe2";
+            # the header check below rejects those as WRONG_STREAM.
+            self.data.setsockopt(zmq.SUBSCRIBE, self.cfg.name.encode())
+        self.monitor = self.data.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        (self.data.bind if self.cfg.bind else self.data.connect)(self.cfg.endpoint)
+        self.peers = 0
+        self.cursor: Cursor | None = None
+        self.total = Counts()
+        self.rec = Counts()
+        self.file: StreamFile | None = None
+        self.part = 0
+        self.levels: list[bool | None] = []
+        self.last_seq: int | None = None
+        self.last_message_mono = 0.0
+        self.last_chunk: tuple[int, int, int] | None = None  # (first_sample, mono_ns, wall_ns)
+        self.stop_requested = False
+        self._window = (time.monotonic(), 0, 0)
+
+    # -- messages to the supervisor ------------------------------------------------------------
+    def send(self, msg_type: str, **body) -> None:
+        self.ctrl.send_json({"type": msg_type, "stream": self.cfg.name, **body})
+
+    def event(self, kind: str, detail: str, **extra) -> None:
+        self.send("event", kind=kind, detail=detail, **extra)
+
+    def stats(self) -> dict:
+        now = time.monotonic()
+        t0, m0, b0 = self._window
+        dt = max(now - t0, 1e-9)
+        self._window = (now, self.total.messages, self.total.bytes)
+        return {"pid": os.getpid(), "connected": self.peers > 0, "peers": self.peers,
+                "recording": self.file is not None, "last_seq": self.last_seq,
+                "silent_s": None if not self.last_message_mono else round(now - self.last_message_mono, 3),
+                "messages_per_s": round((self.total.messages - m0) / dt, 2),
+                "mb_per_s": round((self.total.bytes - b0) / dt / 1e6, 3),
+                "total": self.total.as_dict(), "recording_counts": self.rec.as_dict(),
+                "rows": self.file.rows if self.file else 0,
+                "file": str(self.file.path) if self.file else None,
+                "file_bytes": self.file.size_bytes if self.file else 0}
+
+    # -- recording -----------------------------------------------------------------------------
+    def start_recording(self, folder: str, session: dict, part: int) -> None:
+        self.close_file()
+        path = Path(folder) / part_filename(self.cfg.name, part)
+        self.file = StreamFile.create(path, self.cfg, session=session, lines=self.spec.lines, part=part)
+        self.part = part
+        self.rec = Counts()
+        self.cursor = None  # the recording starts at the next accepted chunk; no gap before it
+        self.levels = [None] * len(self.spec.lines)
+        self.send("recording", path=str(path), part=part)
+
+    def close_file(self) -> None:
+        if self.file is not None:
+            f, self.file = self.file, None
+            f.close(fsync=self.spec.fsync_interval_s is not None)
+            self.send("closed", path=str(f.path), rows=f.rows, counts=self.rec.as_dict())
+
+    # -- the data path -------------------------------------------------------------------------
+    def reject(self, reason: Reject, detail: str, seq: int, nbytes: int) -> None:
+        self.total.rejected[reason] += 1
+        if self.file is not None:
+            self.rec.rejected[reason] += 1
+            self.file.add("rejects", [(reason, seq, nbytes, time.time_ns())])
+        self.event("rejected", detail, reason=reason.name.lower(), seq=seq)
+
+    def on_message(self, frames: list[zmq.Frame]) -> None:
+        wall_ns, mono_ns = time.time_ns(), time.monotonic_ns()
+        self.last_message_mono = mono_ns / 1e9
+        nbytes = sum(len(f.buffer) for f in frames)
+        seq = -1
+        if nbytes > self.cfg.max_message_bytes:
+            with_header = len(frames) > 1 and _try_header_seq(frames[1].buffer)
+            return self.reject(Reject.OVERSIZED, f"{nbytes} bytes > max_message_bytes {self.cfg.max_message_bytes}",
+                               with_header if with_header is not None else -1, nbytes)
+        try:
+            chunk = decode(frames)
+        except ProtocolError as e:
+            seq = _try_header_seq(frames[1].buffer) if len(frames) > 1 else None
+            return self.reject(Reject.MALFORMED, str(e), -1 if seq is None else seq, nbytes)
+        h = chunk.header
+        verdict = check_format(h, self.cfg.name, self.cfg.dtype, self.cfg.shape)
+        if verdict.accepted:
+            verdict = check_continuity(self.cursor, h)
+        if not verdict.accepted:
+            return self.reject(verdict.reject, verdict.detail, h.seq, nbytes)
+        self.cursor = advance(h)
+        self.last_seq = h.seq
+        self.last_chunk = (h.first_sample, mono_ns, wall_ns)
+        for counts in (self.total, self.rec) if self.file is not None else (self.total,):
+            counts.messages += 1
+            counts.samples += h.n_samples
+            counts.bytes += nbytes
+            counts.gaps += verdict.gap is not None
+        if verdict.gap is not None:
+            self.event("gap", f"{verdict.gap.kind.name.lower()}: seq [{verdict.gap.seq_from}, {verdict.gap.seq_to}) "
+                       f"samples [{verdict.gap.sample_from}, {verdict.gap.sample_to})", gap=verdict.gap.kind.name)
+        if self.file is None:
+            return
+        if verdict.gap is not None:
+            self.file.add_gap(verdict.gap, wall_ns)
+        self.file.append(chunk.data, (h.seq, h.epoch, h.n_samples, h.first_sample, wall_ns, mono_ns,
+                                      h.device_time_ns))
+        self.store_edges(chunk.data, chunk.edges, h.first_sample)
+
+    def store_edges(self, data: np.ndarray, driver_edges: np.ndarray | None, first_sample: int) -> None:
+        rows = []
+        for i, line in enumerate(self.spec.lines):
+            idx, self.levels[i] = rising_edges(data[:, line.channel], line.bit, self.levels[i])
+            rows.extend((first_sample + int(k), i, 1) for k in idx)
+        if driver_edges is not None and isinstance(self.cfg.sync, FrameSync):
+            rows.extend(zip(driver_edges["sample"].tolist(), driver_edges["line"].tolist(),
+                            driver_edges["rising"].tolist()))
+        if rows:
+            self.file.add("sync/edges", rows)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def on_command(self, msg: dict) -> None:
+        match msg.get("cmd"):
+            case "record":
+                self.start_recording(msg["folder"], msg["session"], int(msg.get("part", 0)))
+            case "stop":
+                self.close_file()
+            case "shutdown":
+                self.stop_requested = True
+            case other:
+                self.event("error", f"unknown command {other!r}")
+
+    def on_monitor(self) -> None:
+        evt = recv_monitor_message(self.monitor)
+        if evt["event"] in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED):
+            self.peers += 1
+            self.event("connected", f"driver connected ({evt['endpoint'].decode(errors='replace')})")
+        elif evt["event"] == zmq.EVENT_DISCONNECTED:
+            self.peers = max(0, self.peers - 1)
+            self.event("disconnected", "driver disconnected")
+
+    def run(self) -> int:
+        poller = zmq.Poller()
+        for s in (self.data, self.ctrl, self.monitor):
+            poller.register(s, zmq.POLLIN)
+        parent = os.getppid()
+        now = time.monotonic()
+        next_flush = next_stats = next_pair = now
+        last_fsync = now
+        self.send("ready", pid=os.getpid())
+        try:
+            while not self.stop_requested:
+                events = dict(poller.poll(50))
+                if self.data in events:
+                    # Drain what is queued, but bounded, so control and flushing are never starved.
+                    for _ in range(256):
+                        try:
+                            frames = self.data.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self.on_message(frames)
+                if self.ctrl in events:
+                    while self.ctrl.poll(0):
+                        self.on_command(self.ctrl.recv_json())
+                if self.monitor in events:
+                    while self.monitor.poll(0):
+                        self.on_monitor()
+                now = time.monotonic()
+                if self.file is not None and now >= next_pair and self.last_chunk is not None:
+                    self.file.add("sync/clock", [self.last_chunk])
+                    next_pair = now + self.spec.clock_pair_interval_s
+                if self.file is not None and now >= next_flush:
+                    fsync_due = self.spec.fsync_interval_s is not None and now - last_fsync >= self.spec.fsync_interval_s
+                    self.file.flush(fsync_due)
+                    last_fsync = now if fsync_due else last_fsync
+                    next_flush = now + self.spec.flush_interval_s
+                if now >= next_stats:
+                    self.send("stats", **self.stats())
+                    next_stats = now + self.spec.stats_interval_s
+                if os.getppid() != parent:
+                    break  # the supervisor died; PR_SET_PDEATHSIG normally got here first
+            self.close_file()
+            self.send("stats", **self.stats())
+            return 0
+        except DiskFullError as e:
+            self.event("disk_full", str(e))
+            return self.abandon(EXIT_DISK_FULL)
+        except WriterError as e:
+            self.event("write_error", str(e))
+            return self.abandon(EXIT_WRITE_ERROR)
+
+    def abandon(self, code: int) -> int:
+        """After a failed write: close what can be closed, then leave without HDF5's exit handlers."""
+        try:
+            if self.file is not None:
+                self.file.f.close()
+        except Exception:  # noqa: BLE001 - the file is already known bad; the index says what is valid
+            pass
+        self.ctrl.close(linger=1000)
+        os._exit(code)  # h5py's atexit after ENOSPC/EFBIG segfaults; the supervisor has our reason
+
+
+def _try_header_seq(buf: memoryview) -> int | None:
+    try:
+        return decode_header(buf).seq
+    except ProtocolError:
+        return None
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM when the supervisor dies, so files still close cleanly."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec = WriterSpec.from_json((argv or sys.argv[1:])[0])
+    limit = os.environ.get(RESOURCE_LIMIT_ENV)
+    if limit:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
+    _die_with_parent()
+    writer = Writer(spec)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    signal.signal(signal.SIGTERM, lambda *_: setattr(writer, "stop_requested", True))
+    return writer.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
