@@ -249,8 +249,8 @@ def _inject(f: Fault, pub: Publisher, dev: Device, data: np.ndarray, edges: np.n
             pub.seq += 1
             return record
         case "restart":
+            pub.close(0)  # the endpoint must be free before the new publisher binds it
             fresh = _publisher(dev.cfg, ctx)
-            pub.close(0)
             pubs[f.stream] = fresh
             fresh.wait_for_peers(1, 10.0)
             fresh.send(data, first_sample=first, edges=edges)

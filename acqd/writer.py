@@ -35,7 +35,8 @@ from acqd.streamfile import StreamFile, part_filename
 
 EXIT_DISK_FULL = 3
 EXIT_WRITE_ERROR = 4
-RESOURCE_LIMIT_ENV = "ACQD_WRITER_FSIZE_LIMIT"  # fault injection: RLIMIT_FSIZE in bytes (tests)
+FSIZE_LIMIT_ENV = "ACQD_WRITER_FSIZE_LIMIT"
+"""Fault injection for tests: ``stream=bytes[,stream=bytes]`` sets RLIMIT_FSIZE in those writers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,12 +311,13 @@ def _die_with_parent() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     spec = WriterSpec.from_json((argv or sys.argv[1:])[0])
-    limit = os.environ.get(RESOURCE_LIMIT_ENV)
-    if limit:
+    limits = dict(item.split("=") for item in os.environ.get(FSIZE_LIMIT_ENV, "").split(",") if item)
+    if spec.stream.name in limits:
         import resource
 
+        limit = int(limits[spec.stream.name])
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
-        resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     _die_with_parent()
     writer = Writer(spec)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
