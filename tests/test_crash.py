@@ -1,0 +1,146 @@
+"""Crashes and stops: what each loses is what the durability contract in the README says."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import h5py
+import pytest
+
+from acqd.procs import Simulator, wait_until
+from acqd.streamfile import committed_rows, open_for_read
+from tests.conftest import assert_bit_exact, rig_for, write_rig
+
+SECONDS = 60.0
+
+
+def start_recording(daemon, rig_file: Path, session: str, seed: int) -> tuple[Simulator, Path]:
+    daemon.command("acquire")
+    sim = Simulator(rig_file, SECONDS, seed=seed)
+    wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
+    folder = Path(daemon.command("record", session=session)["session"]["path"])
+    return sim, folder
+
+
+def flushed_rows(path: Path) -> int:
+    """Rows a SWMR reader can see right now (what reached the file at the last flush)."""
+    with h5py.File(path, "r", libver="latest", swmr=True) as f:
+        return committed_rows(f)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@pytest.mark.slow
+def test_writer_kill9_loses_at_most_a_flush_and_the_stream_resumes_in_a_new_part(rig_file, daemon_factory):
+    daemon = daemon_factory(rig_file)
+    sim, folder = start_recording(daemon, rig_file, "writerkill", seed=11)
+    try:
+        probe = folder / "streams" / "probe.h5"
+        flushed = wait_until(lambda: flushed_rows(probe) >= 30000 and flushed_rows(probe), "1 s of flushed data")
+        before = daemon.command("status")["streams"]
+        os.kill(before["probe"]["pid"], signal.SIGKILL)
+        after = wait_until(lambda: (s := daemon.command("status")["streams"])["probe"]["state"] == "recording"
+                           and s["probe"]["part"] == 1 and s["probe"]["rows"] > 0 and s, "the restarted writer")
+        assert after["probe"]["pid"] != before["probe"]["pid"] and after["probe"]["restarts"] == 1
+        others = {n: s["rows"] for n, s in after.items() if n != "probe"}
+        wait_until(lambda: all(daemon.command("status")["streams"][n]["rows"] > r for n, r in others.items()),
+                   "the other streams to keep growing")
+        daemon.command("stop")
+    finally:
+        sim.stop()
+    cfg, rig = rig_for(rig_file, SECONDS, seed=11)
+    with open_for_read(folder / "streams" / "probe.h5") as f:  # killed: opens through SWMR, as flushed
+        assert committed_rows(f) >= flushed
+        assert assert_bit_exact(f, rig, "probe") == committed_rows(f)
+    with h5py.File(folder / "streams" / "probe.part001.h5", "r") as f:
+        assert f.attrs["part"] == 1 and assert_bit_exact(f, rig, "probe") == f["data"].shape[0] > 0
+    for name in ("nidaq", "camera", "sensor"):
+        with h5py.File(folder / "streams" / f"{name}.h5", "r") as f:
+            assert f["gaps"].shape[0] == 0 and assert_bit_exact(f, rig, name) > 0
+        assert not (folder / "streams" / f"{name}.part001.h5").exists()
+    session = json.loads((folder / "session.json").read_text())
+    died = [i for i in session["incidents"] if i["kind"] == "writer_died"]
+    assert len(died) == 1 and died[0]["stream"] == "probe" and "signal 9" in died[0]["detail"]
+    assert session["incomplete"] and [p["path"] for p in session["streams"]["probe"]["parts"]] == [
+        "streams/probe.h5", "streams/probe.part001.h5"]
+
+
+@pytest.mark.slow
+def test_daemon_kill9_then_restart_finds_the_interrupted_session(rig_file, daemon_factory):
+    daemon = daemon_factory(rig_file)
+    sim, folder = start_recording(daemon, rig_file, "daemonkill", seed=12)
+    try:
+        writer_pids = [s["pid"] for s in daemon.command("status")["streams"].values()]
+        wait_until(lambda: flushed_rows(folder / "streams" / "probe.h5") > 30000, "1 s of flushed data")
+        os.kill(daemon.pid, signal.SIGKILL)
+        daemon.proc.wait(30)
+        # The writers notice (PR_SET_PDEATHSIG) and close their files cleanly.
+        wait_until(lambda: not any(pid_alive(p) for p in writer_pids), "the orphaned writers to exit", 30)
+    finally:
+        sim.stop()
+    assert json.loads((folder / "session.json").read_text())["state"] == "recording"
+    again = daemon_factory(rig_file)
+    status = again.command("status")
+    assert status["mode"] == "IDLE"
+    (found,) = status["recovered"]
+    assert found["session_id"] == "daemonkill" and all(f["readable"] for f in found["files"].values())
+    session = json.loads((folder / "session.json").read_text())
+    assert session["state"] == "interrupted" and session["incomplete"]
+    assert session["incidents"][-1]["kind"] == "daemon_interrupted"
+    cfg, rig = rig_for(rig_file, SECONDS, seed=12)
+    for s in cfg.streams:
+        with h5py.File(folder / "streams" / f"{s.name}.h5", "r") as f:  # closed by the writers themselves
+            assert assert_bit_exact(f, rig, s.name) == f["data"].shape[0] > 0
+
+
+@pytest.mark.slow
+def test_sigterm_closes_every_file_cleanly(rig_file, daemon_factory):
+    daemon = daemon_factory(rig_file)
+    sim, folder = start_recording(daemon, rig_file, "sigterm", seed=13)
+    try:
+        wait_until(lambda: flushed_rows(folder / "streams" / "probe.h5") > 0, "flushed data")
+        assert daemon.stop() == 0
+    finally:
+        sim.stop()
+    session = json.loads((folder / "session.json").read_text())
+    assert session["state"] == "closed" and not session["incomplete"]
+    cfg, rig = rig_for(rig_file, SECONDS, seed=13)
+    for s in cfg.streams:
+        with h5py.File(folder / "streams" / f"{s.name}.h5", "r") as f:  # no SWMR flag, no h5clear
+            assert assert_bit_exact(f, rig, s.name) == f["data"].shape[0] == committed_rows(f) > 0
+        assert [p["rows"] for p in session["streams"][s.name]["parts"]] == [committed_rows(
+            h5py.File(folder / "streams" / f"{s.name}.h5", "r"))]
+
+
+@pytest.mark.slow
+def test_full_disk_stops_the_stream_with_a_reason_and_keeps_committed_data(tmp_path, daemon_factory):
+    rig_file = write_rig(tmp_path)
+    daemon = daemon_factory(rig_file, env={"ACQD_WRITER_FSIZE_LIMIT": "probe=40000000"})
+    sim, folder = start_recording(daemon, rig_file, "diskfull", seed=14)
+    try:
+        stopped = wait_until(lambda: (s := daemon.command("status")["streams"])["probe"]["state"] == "stopped_failed"
+                             and s, "the probe writer to hit the file size limit", 60)
+        assert "disk full" in stopped["probe"]["reason"]
+        assert stopped["probe"]["restarts"] == 0  # a full disk is not retried
+        rows = {n: s["rows"] for n, s in stopped.items() if n != "probe"}
+        wait_until(lambda: all(daemon.command("status")["streams"][n]["rows"] > r for n, r in rows.items()),
+                   "the other streams to keep recording")
+        daemon.command("stop")
+    finally:
+        sim.stop()
+    assert daemon.command("status")["mode"] == "ACQUIRE"  # the daemon survived
+    session = json.loads((folder / "session.json").read_text())
+    assert session["incomplete"] and "disk full" in session["streams"]["probe"]["stopped_reason"]
+    assert any(i["kind"] == "disk_full" and i["stream"] == "probe" for i in session["incidents"])
+    cfg, rig = rig_for(rig_file, SECONDS, seed=14)
+    with open_for_read(folder / "streams" / "probe.h5") as f:
+        assert assert_bit_exact(f, rig, "probe") == committed_rows(f) > 0
