@@ -255,7 +255,7 @@ class Supervisor:
         except ValueError as e:
             raise SessionError(f"session metadata incomplete or invalid (DANDI needs subject_id, species, sex, "
                                f"age at recording start): {e}") from None
-        session_id = session or session_name(**self.recording)
+        session_id = session_name(**self.recording) if session is None else session
         if self.mode == IDLE:
             self.acquire()
         problems = self.preflight()

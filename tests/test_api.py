@@ -1,0 +1,107 @@
+"""The control API against a real daemon: Open Ephys routes, refusals with reasons, tokens, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from acqd.api import ApiError, Client
+from acqd.procs import Simulator, wait_until
+from tests.conftest import write_rig
+
+
+def test_open_ephys_routes_and_refusals_without_drivers(rig_file, daemon_factory, tmp_path):
+    daemon = daemon_factory(rig_file)
+    c = daemon.client
+    assert c.request("GET", "/api/status")["mode"] == "IDLE"
+    assert c.request("PUT", "/api/status", {"mode": "ACQUIRE"})["mode"] == "ACQUIRE"
+    streams = c.request("GET", "/api/streams")["streams"]
+    assert set(streams) == {"probe", "nidaq", "camera", "sensor"}
+    assert all(s["pid"] and not s["connected"] for s in streams.values())
+
+    # No driver is publishing: RECORD is refused with the reason, and nothing is created.
+    with pytest.raises(ApiError, match="refusing to record: stream 'probe' is silent") as e:
+        c.request("PUT", "/api/status", {"mode": "RECORD"})
+    assert e.value.status == 409
+    assert not any(p.is_dir() for p in (tmp_path / "data").iterdir())
+
+    rec = c.request("PUT", "/api/recording", {"prepend_text": "m1_", "base_text": "day3"})
+    assert rec["parent_directory"] == str((tmp_path / "data").resolve()) and rec["prepend_text"] == "m1_"
+    assert c.request("GET", "/api/recording")["base_text"] == "day3"
+
+    with pytest.raises(ApiError, match="unknown mode|Input should be") as e:
+        c.request("PUT", "/api/status", {"mode": "PLAY"})
+    assert e.value.status == 400
+    with pytest.raises(ApiError, match="no route") as e:
+        c.request("GET", "/api/nothing")
+    assert e.value.status == 404
+    assert c.request("PUT", "/api/status", {"mode": "IDLE"})["mode"] == "IDLE"
+
+
+@pytest.mark.slow
+def test_record_refuses_hostile_names_and_missing_metadata(rig_file, daemon_factory, tmp_path):
+    daemon = daemon_factory(rig_file)
+    daemon.command("acquire")
+    sim = Simulator(rig_file, 60, seed=2)
+    try:
+        wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
+        before = sorted(str(p) for p in tmp_path.rglob("*"))
+        for name in ("../x", "/abs", "", "a\u0000b", "a/b"):
+            with pytest.raises(ApiError, match="invalid session name"):
+                daemon.command("record", session=name)
+        with pytest.raises(ApiError, match="age '90 days' is not an ISO 8601 duration"):
+            daemon.command("record", session="badmeta", metadata={"subject": {"age": "90 days"}})
+        with pytest.raises(ApiError, match="subject.sex"):
+            daemon.command("record", session="nosex", metadata={"subject": {"sex": None}})
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+        daemon.command("record", session="taken")
+        daemon.command("stop")
+        with pytest.raises(ApiError, match="already exists"):
+            daemon.command("record", session="taken")
+        assert daemon.command("status")["mode"] == "ACQUIRE"
+    finally:
+        sim.stop()
+    sessions = daemon.client.request("GET", "/api/sessions")["sessions"]
+    assert [(s["session_id"], s["state"]) for s in sessions] == [("taken", "closed")]
+
+
+def test_token_is_required_when_configured(tmp_path, daemon_factory):
+    path = write_rig(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["daemon"]["control"]["token"] = "s3cret"
+    path.write_text(yaml.safe_dump(raw))
+    daemon = daemon_factory(path)
+    with pytest.raises(ApiError) as e:
+        daemon.client.request("GET", "/api/status")
+    assert e.value.status == 401
+    with pytest.raises(ApiError):
+        Client(daemon.url, token="wrong").request("GET", "/api/status")
+    assert Client(daemon.url, token="s3cret").request("GET", "/api/status")["mode"] == "IDLE"
+
+
+def test_cli_client_uses_the_same_commands(rig_file, daemon_factory):
+    daemon = daemon_factory(rig_file)
+    env = {**os.environ, "ACQD_URL": daemon.url}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "acqd.cli", *a], capture_output=True, text=True,
+                                    timeout=120, env=env)
+    out = run("acquire", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["mode"] == "ACQUIRE"
+    out = run("status")
+    assert out.returncode == 0 and "ACQUIRE" in out.stdout and "probe" in out.stdout
+    out = run("record", "--session", "x")
+    assert out.returncode == 2 and "silent" in out.stderr
+    out = run("stop")
+    assert out.returncode == 0 and daemon.command("status")["mode"] == "IDLE"
+
+
+def test_second_daemon_on_the_same_data_root_is_refused(rig_file, daemon_factory, tmp_path):
+    daemon_factory(rig_file)
+    out = subprocess.run([sys.executable, "-m", "acqd.cli", "serve", "--config", str(rig_file), "--data-root",
+                          str(tmp_path / "data"), "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "another acqd is already serving" in out.stderr

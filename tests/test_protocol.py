@@ -1,0 +1,86 @@
+"""The wire protocol: round trips, zero-copy decode, and every malformed message refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from acqd.errors import ProtocolError
+from acqd.protocol import EDGE_DTYPE, HEADER, Header, decode, decode_header, encode, encode_header
+from acqd.publisher import edge_records
+
+
+def header(**kw) -> Header:
+    base = dict(stream="probe", seq=7, epoch=99, first_sample=123456789012, n_samples=4, dtype="<i2", shape=(3,),
+                device_time_ns=-5)
+    return Header(**{**base, **kw})
+
+
+def frames_of(h: Header, data: np.ndarray, **kw) -> list[bytes]:
+    return [bytes(memoryview(f)) if not isinstance(f, bytes) else f for f in encode(h, data, **kw)]
+
+
+@settings(max_examples=50, deadline=None)
+@given(seq=st.integers(0, 2**64 - 1), first=st.integers(0, 2**64 - 1), n=st.integers(1, 50),
+       shape=st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple),
+       dtype=st.sampled_from(["<i2", "<u2", "<f4", "<f8", "|u1", "<i8"]), with_ts=st.booleans(),
+       n_edges=st.integers(0, 3))
+def test_round_trip(seq, first, n, shape, dtype, with_ts, n_edges):
+    data = (np.arange(n * int(np.prod(shape))) % 100).astype(dtype).reshape((n, *shape))
+    ts = np.arange(n, dtype="<i8") * 1000 if with_ts else None
+    edges = edge_records(np.arange(n_edges, dtype=np.uint64) + 5) if n_edges else None
+    h = Header("s", seq, 1, first, n, np.dtype(dtype).str, shape)
+    chunk = decode(frames_of(h, data, timestamps=ts, edges=edges))
+    assert chunk.header.seq == seq and chunk.header.first_sample == first and chunk.header.shape == shape
+    assert np.array_equal(chunk.data, data)
+    assert (chunk.timestamps is None) == (ts is None) and (chunk.edges is None) == (edges is None)
+    if edges is not None:
+        assert np.array_equal(chunk.edges, edges)
+
+
+def test_decode_is_zero_copy():
+    data = np.arange(12, dtype="<i2").reshape(4, 3)
+    frames = frames_of(header(), data)
+    payload = bytearray(frames[2])
+    chunk = decode([frames[0], frames[1], payload])
+    payload[0] = 42  # the decoded array is a view of the received frame
+    assert chunk.data[0, 0] == 42
+
+
+def test_header_layout_is_fixed():
+    raw = encode_header(header())
+    assert len(raw) == HEADER.size == 104 and raw[:4] == b"ACQD"
+    assert raw[4:6] == (1).to_bytes(2, "little")
+
+
+GOOD = frames_of(header(), np.zeros((4, 3), "<i2"))
+
+
+@pytest.mark.parametrize("frames, message", [
+    (GOOD[:2], "2 frames, expected at least"),  # no payload frame
+    ([GOOD[0], b"ACQD", GOOD[2]], "header is 4 bytes"),
+    ([GOOD[0], b"NOPE" + GOOD[1][4:], GOOD[2]], "bad magic"),
+    ([GOOD[0], GOOD[1][:4] + (2).to_bytes(2, "little") + GOOD[1][6:], GOOD[2]], "version 2"),
+    ([GOOD[0], GOOD[1] + b"\0", GOOD[2]], "header_len"),
+    ([GOOD[0], GOOD[1], GOOD[2][:-1]], "payload is 23 bytes"),
+    ([b"other", GOOD[1], GOOD[2]], "topic"),
+    (GOOD + [b"extra"], "frames"),
+    ([GOOD[0], frames_of(header(), np.zeros((4, 3), "<i2"), timestamps=np.zeros(3, "<i8"))[1], GOOD[2],
+      np.zeros(3, "<i8").tobytes()], "timestamps frame"),
+    ([GOOD[0], frames_of(header(), np.zeros((4, 3), "<i2"), edges=edge_records(np.array([1])))[1], GOOD[2],
+      b"\0" * (EDGE_DTYPE.itemsize - 1)], "whole number"),
+])
+def test_malformed_messages_are_refused_with_a_reason(frames, message):
+    with pytest.raises(ProtocolError, match=message):
+        decode(frames)
+
+
+def test_bad_header_fields():
+    raw = bytearray(encode_header(header()))
+    raw[8:12] = (1 << 7).to_bytes(4, "little")  # unknown flag
+    with pytest.raises(ProtocolError, match="unknown flags"):
+        decode_header(bytes(raw))
+    with pytest.raises(ProtocolError, match="longer than 32"):
+        encode_header(header(stream="x" * 33))
