@@ -1,0 +1,94 @@
+"""The stream file's own contract: exclusive creation, flush = commit, fsync per policy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from acqd.config import StreamConfig
+from acqd.streamfile import FILTER_NOTES, StreamFile, committed_rows, dataset_options, open_for_read
+
+CFG = StreamConfig(name="s", endpoint="ipc:///x", dtype="int16", shape=(4,), rate=1000.0)
+
+
+def test_create_refuses_an_existing_file_and_a_planted_symlink(tmp_path):
+    existing = tmp_path / "s.h5"
+    existing.write_bytes(b"precious")
+    with pytest.raises(FileExistsError):
+        StreamFile.create(existing, CFG, session={}, lines=[])
+    assert existing.read_bytes() == b"precious"
+    target = tmp_path / "victim"
+    target.write_bytes(b"keep")
+    os.symlink(target, tmp_path / "link.h5")
+    with pytest.raises(FileExistsError):
+        StreamFile.create(tmp_path / "link.h5", CFG, session={}, lines=[])
+    assert target.read_bytes() == b"keep"
+
+
+def test_metadata_is_in_the_file_from_creation(tmp_path):
+    sf = StreamFile.create(tmp_path / "s.h5", CFG, session={"session_id": "abc"}, lines=[])
+    with h5py.File(tmp_path / "s.h5", "r", libver="latest", swmr=True) as f:  # while still open for writing
+        assert '"abc"' in f.attrs["session"] and f["data"].attrs["unit"] == "a.u."
+        assert set(f) == {"data", "index", "gaps", "rejects", "sync"}
+    sf.close()
+
+
+KILL_AFTER_FLUSHES = textwrap.dedent("""
+    import os, signal, sys, numpy as np
+    from acqd.config import StreamConfig
+    from acqd.streamfile import StreamFile
+    cfg = StreamConfig(name="s", endpoint="ipc:///x", dtype="int16", shape=(4,), rate=1000.0)
+    sf = StreamFile.create(sys.argv[1], cfg, session={}, lines=[])
+    for i in range(int(sys.argv[2])):
+        block = np.full((100, 4), i, np.int16)
+        sf.append(block, (i, 1, 100, 100 * i, 0, 0, 0))
+        if i % 3 == 2:
+            sf.flush(fsync=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+@pytest.mark.parametrize("appends", [1, 3, 10, 17])
+def test_kill9_keeps_exactly_what_was_flushed(tmp_path, appends):
+    path = tmp_path / "s.h5"
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_FLUSHES, str(path), str(appends)], timeout=60)
+    assert proc.returncode == -9
+    flushed_appends = (appends // 3) * 3
+    with open_for_read(path) as f:
+        assert committed_rows(f) == 100 * flushed_appends
+        data = f["data"][: committed_rows(f)]
+        assert np.array_equal(data[:, 0], np.repeat(np.arange(flushed_appends), 100))
+
+
+def test_flush_fsyncs_the_file_itself_when_due(tmp_path, monkeypatch):
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    sf = StreamFile.create(tmp_path / "s.h5", CFG, session={}, lines=[])
+    sf.append(np.zeros((10, 4), np.int16), (0, 1, 10, 0, 0, 0, 0))
+    sf.flush(fsync=False)
+    assert synced == []
+    sf.flush(fsync=True)
+    assert synced == [str(tmp_path / "s.h5")]
+    sf.close(fsync=False)
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "lz4", "blosc-lz4", "zstd"])
+def test_every_filter_round_trips(tmp_path, compression):
+    cfg = CFG.model_copy(update={"compression": compression})
+    opts = dataset_options(cfg)
+    assert opts["chunks"][1:] == (4,)
+    sf = StreamFile.create(tmp_path / "s.h5", cfg, session={}, lines=[])
+    block = (np.arange(4000) % 97).astype(np.int16).reshape(1000, 4)
+    sf.append(block, (0, 1, 1000, 0, 0, 0, 0))
+    sf.close()
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert np.array_equal(f["data"][:], block)
+        assert FILTER_NOTES[compression] in f["data"].attrs["description"]  # readers learn what they need
