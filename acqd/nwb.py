@@ -1,0 +1,371 @@
+"""The master NWB file: built from a ``MasterPlan`` with pynwb, and checked read-only. The only pynwb importer.
+
+This module owns everything pynwb and hdmf are asked to do, and the two things they cannot do:
+
+- ``write_master`` builds the NWB file from a plan (plain dataclasses made by ``acqd.finalize``): session and
+  subject metadata, one series per stream under ``/acquisition`` whose ``data`` is a relative HDF5 external
+  link (``H5DataIO(dataset, link_data=True)``), sync edges as ``EventsTable``s under ``/events``, recorded gaps
+  as ``TimeIntervals`` ``/intervals/gaps``, and the clock fits under ``/processing/sync``. Object ids are made
+  deterministic (hdmf draws ``uuid4``; we replace them with ``uuid5`` of each object's path) so that the same
+  session always gives the same bytes. After pynwb has closed the file, each series gets its ``sync`` group —
+  a link to the stream's raw ``/sync`` — with h5py, since pynwb has no API for it.
+- ``check_master`` reopens the file read-only (``'r'``: append mode would open the sealed link targets
+  read-write and read them as empty), turns hdmf's ``BrokenLinkWarning`` into an error, checks every series'
+  length against the committed rows, and runs ``pynwb.validate`` and nwbinspector with the DANDI config.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import h5py
+import numpy as np
+from hdmf.backends.hdf5 import H5DataIO
+from hdmf.backends.warnings import BrokenLinkWarning
+from hdmf.common import DynamicTable, VectorData
+from hdmf.data_utils import GenericDataChunkIterator
+from pynwb import NWBHDF5IO, NWBFile, TimeSeries, validate
+from pynwb.base import ProcessingModule
+from pynwb.ecephys import ElectricalSeries
+from pynwb.epoch import TimeIntervals
+from pynwb.event import EventsTable, TimestampVectorData
+from pynwb.file import Subject
+from pynwb.image import ImageSeries
+
+__all__ = ["EventsPlan", "MasterPlan", "MasterCheck", "SeriesPlan", "TablePlan", "Timing", "check_master",
+           "write_master"]
+
+_OBJECT_ID_NAMESPACE = uuid.UUID("6f1c1a52-3b0e-4d7e-9a55-0a6e8c2f5d11")  # acqd's namespace for uuid5 ids
+_TIMESTAMP_CHUNK_ROWS = 1 << 17  # 1 MiB of float64 per chunk
+_TIMESTAMP_BUFFER_CHUNKS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """How a series is placed on the session timebase: a start and a rate, or one timestamp per row."""
+
+    rows: int
+    starting_time: float | None = None
+    """Seconds of row 0 (regular sampling only)."""
+    rate: float | None = None
+    """Rows per second of the session timebase, float64 (regular sampling only)."""
+    timestamps: Callable[[int, int], np.ndarray] | None = None
+    """Seconds of rows [a, b), float64; computed block by block while the file is written."""
+
+    @property
+    def regular(self) -> bool:
+        return self.timestamps is None
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesPlan:
+    """One stream as one series under /acquisition."""
+
+    name: str
+    kind: str
+    """Stream kind: 'ephys' -> ElectricalSeries, 'video' -> ImageSeries, else TimeSeries."""
+    data_file: Path
+    """The HDF5 file holding the dataset to link (a stream file, a recovered copy, or a VDS over parts)."""
+    sync_file: Path
+    """The HDF5 file whose ``/sync`` group holds this stream's raw sync record."""
+    unit: str
+    conversion: float
+    offset: float
+    description: str
+    comments: str
+    timing: Timing
+    channel_names: tuple[str, ...] = ()
+    sync_channels: tuple[int, ...] = ()
+    """Columns of ``data`` that carry digital words, not signals (ephys: not electrodes)."""
+    device_description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EventsPlan:
+    """One digital line's rising edges seen by one stream, as an EventsTable under /events."""
+
+    name: str
+    description: str
+    source_description: str
+    timestamps: np.ndarray
+    samples: np.ndarray
+    """The raw device sample index of each edge (the stream's own counter)."""
+    resolution: float
+
+
+@dataclass(frozen=True, slots=True)
+class TablePlan:
+    """A DynamicTable: name, description and columns ``{name: (description, values)}``."""
+
+    name: str
+    description: str
+    columns: dict[str, tuple[str, list | np.ndarray]]
+
+
+@dataclass(frozen=True, slots=True)
+class MasterPlan:
+    """Everything the master file holds, already computed."""
+
+    identifier: str
+    session_id: str
+    session_description: str
+    session_start_time: datetime
+    file_create_date: datetime
+    subject: dict
+    notes: str
+    series: list[SeriesPlan]
+    events: list[EventsPlan]
+    gaps: TablePlan | None
+    """Columns start_time, stop_time and more, for /intervals/gaps; None when nothing is missing."""
+    sync_tables: list[TablePlan]
+    """Tables under /processing/sync (clock fits, timebase, frame reconciliation)."""
+    experimenter: tuple[str, ...] = ()
+    institution: str | None = None
+    lab: str | None = None
+    experiment_description: str | None = None
+    keywords: tuple[str, ...] = ()
+
+
+@dataclass
+class MasterCheck:
+    """What reading the master back found. ``ok`` means: no read error, no schema error, nothing critical."""
+
+    read_errors: list[str] = field(default_factory=list)
+    validation_errors: list[str] = field(default_factory=list)
+    inspector: list[dict] = field(default_factory=list)
+    """nwbinspector messages: importance, check, location, message."""
+
+    @property
+    def blocking(self) -> list[str]:
+        bad = {"ERROR", "PYNWB_VALIDATION", "CRITICAL"}
+        return [*self.read_errors, *self.validation_errors,
+                *(f"{m['importance']}: {m['check']} at {m['location']}: {m['message']}" for m in self.inspector
+                  if m["importance"] in bad)]
+
+    @property
+    def ok(self) -> bool:
+        return not self.blocking
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "read_errors": self.read_errors, "validation_errors": self.validation_errors,
+                "inspector": self.inspector}
+
+
+# -- writing -----------------------------------------------------------------------------------------------
+
+
+def write_master(path: Path, plan: MasterPlan) -> None:
+    """Write the master NWB file at ``path`` (which must not exist), then link each series' ``sync`` group.
+
+    Every stream file a series links to stays open read-only until pynwb has written the file.
+    """
+    path = Path(path)
+    opened: list[h5py.File] = []
+    try:
+        nwbfile = _build(plan, opened)
+        _fix_object_ids(nwbfile, plan.identifier)
+        with NWBHDF5IO(str(path), "x") as io:
+            io.write(nwbfile)
+    finally:
+        for f in opened:
+            f.close()
+    with h5py.File(path, "r+") as f:  # creating a link never opens its target
+        for s in plan.series:
+            f[f"acquisition/{s.name}/sync"] = h5py.ExternalLink(_rel(s.sync_file, path), "/sync")
+
+
+def _rel(target: Path, master: Path) -> str:
+    """``target`` relative to the master's folder: HDF5 resolves relative link paths against it."""
+    return os.path.relpath(os.path.abspath(target), os.path.dirname(os.path.abspath(master)))
+
+
+def _build(plan: MasterPlan, opened: list[h5py.File]) -> NWBFile:
+    nwbfile = NWBFile(
+        session_description=plan.session_description, identifier=plan.identifier,
+        session_start_time=plan.session_start_time, file_create_date=[plan.file_create_date],
+        session_id=plan.session_id, experimenter=list(plan.experimenter) or None, institution=plan.institution,
+        lab=plan.lab, experiment_description=plan.experiment_description,
+        keywords=list(plan.keywords) or None, notes=plan.notes,
+    )
+    nwbfile.subject = Subject(**{k: v for k, v in plan.subject.items() if v not in (None, "")})
+    for s in plan.series:
+        f = h5py.File(s.data_file, "r")
+        opened.append(f)
+        nwbfile.add_acquisition(_series(nwbfile, s, f["data"]))
+    for e in plan.events:
+        nwbfile.add_events_table(_events(e))
+    if plan.gaps is not None:
+        nwbfile.add_time_intervals(_intervals(plan.gaps))
+    module = ProcessingModule(name="sync", description="clock alignment of every stream to the reference clock: "
+                                                       "fits, their quality, and the session timebase")
+    for t in plan.sync_tables:
+        module.add(_table(t))
+    nwbfile.add_processing_module(module)
+    return nwbfile
+
+
+def _series(nwbfile: NWBFile, s: SeriesPlan, dset: h5py.Dataset) -> TimeSeries:
+    device = nwbfile.create_device(name=s.name, description=s.device_description or s.description)
+    kwargs: dict = {"name": s.name, "data": H5DataIO(dset, link_data=True), "description": s.description,
+                    "comments": s.comments, "conversion": s.conversion, "offset": s.offset, **_timing(s.timing)}
+    if s.kind == "ephys":
+        return ElectricalSeries(electrodes=_electrodes(nwbfile, s, device), **kwargs)
+    if s.kind == "video":
+        return ImageSeries(unit=s.unit, device=device, **kwargs)
+    return TimeSeries(unit=s.unit, **kwargs)
+
+
+def _timing(t: Timing) -> dict:
+    if t.regular:
+        return {"starting_time": float(t.starting_time), "rate": float(t.rate)}
+    return {"timestamps": _Timestamps(t)}
+
+
+class _Timestamps(GenericDataChunkIterator):
+    """Timestamps computed block by block while hdmf writes them, so a long stream never sits in memory."""
+
+    def __init__(self, timing: Timing):
+        self._timing = timing
+        chunk = max(1, min(_TIMESTAMP_CHUNK_ROWS, timing.rows))
+        super().__init__(chunk_shape=(chunk,), buffer_shape=(chunk * _TIMESTAMP_BUFFER_CHUNKS,))
+
+    def _get_data(self, selection: tuple[slice]) -> np.ndarray:
+        a, b, _ = selection[0].indices(self._timing.rows)
+        return np.asarray(self._timing.timestamps(a, b), dtype=np.float64)
+
+    def _get_maxshape(self) -> tuple[int, ...]:
+        return (self._timing.rows,)
+
+    def _get_dtype(self) -> np.dtype:
+        return np.dtype(np.float64)
+
+
+def _electrodes(nwbfile: NWBFile, s: SeriesPlan, device):
+    """Rows of the electrodes table for every column of ``data``; digital-word columns form their own group.
+
+    The series links the stream's dataset unchanged, so its second axis must match the region; a sync word
+    column gets a row in group '<stream>_sync' (location 'none') that says it is not an electrode.
+    """
+    probe = nwbfile.create_electrode_group(name=s.name, description=f"electrodes of {s.name}", location="unknown",
+                                           device=device)
+    sync_group = None
+    if s.sync_channels:
+        sync_group = nwbfile.create_electrode_group(
+            name=f"{s.name}_sync", device=device, location="none",
+            description=f"digital sync word recorded as a column of {s.name}'s data: not an electrode")
+    if nwbfile.electrodes is None or "channel_name" not in nwbfile.electrodes.colnames:
+        nwbfile.add_electrode_column(name="channel_name", description="channel name in the stream's config")
+        nwbfile.add_electrode_column(name="stream", description="acqd stream whose data holds this channel")
+        nwbfile.add_electrode_column(name="is_electrode", description="False for a digital sync word column")
+    start = len(nwbfile.electrodes) if nwbfile.electrodes is not None else 0
+    for i, channel in enumerate(s.channel_names):
+        sync = i in s.sync_channels
+        nwbfile.add_electrode(group=sync_group if sync else probe, location="none" if sync else "unknown",
+                             channel_name=channel, stream=s.name, is_electrode=not sync)
+    return nwbfile.create_electrode_table_region(list(range(start, start + len(s.channel_names))),
+                                                 f"every column of {s.name}'s data, in order")
+
+
+def _events(e: EventsPlan) -> EventsTable:
+    timestamp = TimestampVectorData(name="timestamp", description="time of the rising edge on the session timebase",
+                                    data=np.asarray(e.timestamps, dtype=np.float64), resolution=e.resolution)
+    sample = VectorData(name="sample", description="the edge's sample index in the recording stream's own counter",
+                        data=np.asarray(e.samples, dtype=np.int64))
+    return EventsTable(name=e.name, description=e.description, source_description=e.source_description,
+                       columns=[timestamp, sample])
+
+
+def _intervals(t: TablePlan) -> TimeIntervals:
+    table = TimeIntervals(name=t.name, description=t.description)
+    for name, (description, _) in t.columns.items():
+        if name not in ("start_time", "stop_time"):
+            table.add_column(name=name, description=description)
+    n = len(next(iter(t.columns.values()))[1])
+    for i in range(n):
+        table.add_row(**{name: _scalar(values[i]) for name, (_, values) in t.columns.items()})
+    return table
+
+
+def _table(t: TablePlan) -> DynamicTable:
+    columns = [VectorData(name=name, description=description, data=_column(values))
+               for name, (description, values) in t.columns.items()]
+    return DynamicTable(name=t.name, description=t.description, columns=columns)
+
+
+def _column(values: list | np.ndarray) -> list | np.ndarray:
+    return values if isinstance(values, np.ndarray) else [_scalar(v) for v in values]
+
+
+def _scalar(v: object) -> object:
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _fix_object_ids(nwbfile: NWBFile, identifier: str) -> None:
+    """Give every container an object id derived from the file identifier and its path in the file.
+
+    hdmf assigns ``uuid4`` ids when containers are constructed and offers no way to pass one in (``__new__``
+    takes ``object_id`` but ``__init__``'s docval then refuses it), so identical sessions would differ in bytes.
+    """
+    seen: dict[str, int] = {}
+    for obj in nwbfile.all_children():
+        parts, node = [], obj
+        while node is not None:
+            parts.append(f"{type(node).__name__}:{node.name}")
+            node = node.parent
+        key = "/".join(reversed(parts))
+        seen[key] = seen.get(key, 0) + 1
+        object_id = str(uuid.uuid5(_OBJECT_ID_NAMESPACE, f"{identifier}|{key}|{seen[key]}"))
+        obj._AbstractContainer__object_id = object_id  # hdmf's private slot; see the docstring
+
+
+# -- reading back ------------------------------------------------------------------------------------------
+
+
+def check_master(path: Path, expected_rows: dict[str, int]) -> MasterCheck:
+    """Read the master back read-only and validate it; never raises for a bad file, reports instead."""
+    out = MasterCheck()
+    try:
+        lengths = series_lengths(path)
+    except Exception as e:  # noqa: BLE001 - any failure to read is a finding, not a crash
+        out.read_errors.append(f"reading {path.name} failed: {type(e).__name__}: {e}")
+        return out
+    for name, rows in expected_rows.items():
+        got = lengths.get(name)
+        if got is None:
+            out.read_errors.append(f"series {name!r} is missing")
+        elif got != (rows, rows):
+            out.read_errors.append(f"series {name!r}: data/timestamps have {got} rows, the stream committed {rows}")
+    out.validation_errors = [str(e) for e in validate(path=str(path))]
+    out.inspector = _inspect(path)
+    return out
+
+
+def series_lengths(path: Path) -> dict[str, tuple[int, int]]:
+    """(rows of data, rows of time) of every series under /acquisition; a broken link raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BrokenLinkWarning)
+        with NWBHDF5IO(str(path), "r") as io:
+            nwbfile = io.read()
+            out = {}
+            for name, ts in nwbfile.acquisition.items():
+                n = len(ts.data)
+                out[name] = (n, len(ts.timestamps) if ts.timestamps is not None else n)
+            return out
+
+
+def _inspect(path: Path) -> list[dict]:
+    from nwbinspector import inspect_nwbfile, load_config  # imported late: it imports a lot
+
+    out = []
+    for m in inspect_nwbfile(nwbfile_path=str(path), config=load_config("dandi"), skip_validate=True):
+        if m is None:
+            continue
+        out.append({"importance": m.importance.name, "check": m.check_function_name,
+                    "location": m.location, "object": m.object_name, "message": str(m.message)})
+    return sorted(out, key=lambda m: (m["importance"], m["check"], str(m["location"])))
