@@ -40,6 +40,8 @@ MAX_RESTARTS = 3
 MAX_INCIDENTS = 1000
 START_TIMEOUT_S = 60.0
 COMMAND_TIMEOUT_S = 30.0
+WRITE_FAILURES = {EXIT_DISK_FULL: ("disk_full", "disk full or file size limit reached"),
+                  EXIT_WRITE_ERROR: ("write_error", "writing the stream file failed")}
 
 
 @dataclass
@@ -179,11 +181,12 @@ class Supervisor:
     def _on_event(self, name: str, msg: dict) -> None:
         kind = msg.get("kind")
         if kind in ("disk_full", "write_error"):
+            # A restart would fail the same way: the stream stays visibly stopped with its reason.
             h = self.writers[name]
             h.reason = msg.get("detail")
-            if h.state != "stopped_failed":
+            if h.state != "stopped_failed":  # else its exit code was seen first and recorded
                 h.state = "failed"
-            self._incident(name, kind, msg.get("detail", ""), incomplete=True)
+                self._incident(name, kind, h.reason, incomplete=True)
         elif kind in ("gap", "disconnected", "connected") and self.mode == RECORD:
             self._incident(name, kind, msg.get("detail", ""))
 
@@ -205,11 +208,13 @@ class Supervisor:
             rc = h.proc.poll()
             if rc is None or h.state in ("stopping", "stopped", "stopped_failed"):
                 continue
-            if h.state == "failed" or rc in (EXIT_DISK_FULL, EXIT_WRITE_ERROR):
-                # It stopped on a write failure (reason already reported, or in flight): a restart
-                # would fail the same way, so the stream stays visibly stopped.
-                h.reason = h.reason or f"writer exited with code {rc} (write failure)"
+            if h.state == "failed":  # it reported its write failure, then exited
                 h.state = "stopped_failed"
+                continue
+            if rc in WRITE_FAILURES:  # exited on a write failure whose report is still in flight
+                kind, h.reason = WRITE_FAILURES[rc]
+                h.state = "stopped_failed"
+                self._incident(name, kind, h.reason, incomplete=True)
                 continue
             was_recording = h.state == "recording" or h.record_on_ready is not None
             how = f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
