@@ -203,7 +203,8 @@ def run(rig: Rig, seconds: float, faults: list[Fault] = (), *, wait_for_peers_s:
                     if fault is not None:
                         injected.append(_inject(fault, pub, dev, data, edges, ctx, pubs, held))
                     else:
-                        pub.send(data, first_sample=dev.next_sample, edges=edges)
+                        # The simulated devices' clock is the host's: publish -> flushed latency is measurable.
+                        pub.send(data, first_sample=dev.next_sample, edges=edges, device_time_ns=time.time_ns())
                         for late in held.pop(name, []):
                             pub.sock.send_multipart(late)
                     rec = sent[name]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +39,7 @@ FORMAT_VERSION = 1
 
 INDEX_DTYPE = np.dtype([("seq", "<u8"), ("epoch", "<u4"), ("n_samples", "<u4"), ("first_sample", "<u8"),
                         ("file_row", "<u8"), ("host_wall_ns", "<i8"), ("host_mono_ns", "<i8"),
-                        ("device_time_ns", "<i8")])
+                        ("device_time_ns", "<i8"), ("committed_wall_ns", "<i8")])
 GAP_DTYPE = np.dtype([("kind", "u1"), ("seq_from", "<u8"), ("seq_to", "<u8"), ("sample_from", "<u8"),
                       ("sample_to", "<u8"), ("file_row", "<u8"), ("host_wall_ns", "<i8")])
 REJECT_DTYPE = np.dtype([("reason", "u1"), ("seq", "<i8"), ("nbytes", "<u8"), ("host_wall_ns", "<i8")])
@@ -164,7 +165,8 @@ class StreamFile:
         with _io_errors(self.path):
             self.f.flush()
             if self.pending_index:
-                self.add("index", self.pending_index)
+                committed = time.time_ns()  # when these chunks became readable after a crash
+                self.add("index", [row + (committed,) for row in self.pending_index])
                 self.pending_index = []
                 self.f.flush()
             if fsync:
