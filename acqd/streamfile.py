@@ -181,7 +181,8 @@ class StreamFile:
 
     @property
     def size_bytes(self) -> int:
-        return os.stat(self.path).st_size
+        """Bytes on disk now (data still in the chunk cache is not counted yet)."""
+        return os.fstat(self.f.id.get_vfd_handle()).st_size
 
 
 class _io_errors:

@@ -107,6 +107,8 @@ class Writer:
         self.total = Counts()
         self.rec = Counts()
         self.file: StreamFile | None = None
+        self.folder = Path()
+        self.session: dict = {}
         self.part = 0
         self.levels: list[bool | None] = []
         self.last_seq: int | None = None
@@ -140,13 +142,22 @@ class Writer:
     # -- recording -----------------------------------------------------------------------------
     def start_recording(self, folder: str, session: dict, part: int) -> None:
         self.close_file()
-        path = Path(folder) / part_filename(self.cfg.name, part)
-        self.file = StreamFile.create(path, self.cfg, session=session, lines=self.spec.lines, part=part)
-        self.part = part
+        self.folder, self.session = Path(folder), session
         self.rec = Counts()
         self.cursor = None  # the recording starts at the next accepted chunk; no gap before it
         self.levels = [None] * len(self.spec.lines)
+        self.open_part(part)
+
+    def open_part(self, part: int) -> None:
+        path = self.folder / part_filename(self.cfg.name, part)
+        self.file = StreamFile.create(path, self.cfg, session=self.session, lines=self.spec.lines, part=part)
+        self.part = part
         self.send("recording", path=str(path), part=part)
+
+    def roll_over(self) -> None:
+        """Continue in the next part file; continuity (cursor, edge levels) carries on, nothing is lost."""
+        self.close_file()
+        self.open_part(self.part + 1)
 
     def close_file(self) -> None:
         if self.file is not None:
@@ -195,6 +206,8 @@ class Writer:
                        f"samples [{verdict.gap.sample_from}, {verdict.gap.sample_to})", gap=verdict.gap.kind.name)
         if self.file is None:
             return
+        if self.cfg.max_file_bytes and self.file.size_bytes >= self.cfg.max_file_bytes:
+            self.roll_over()
         if verdict.gap is not None:
             self.file.add_gap(verdict.gap, wall_ns)
         self.file.append(chunk.data, (h.seq, h.epoch, h.n_samples, h.first_sample, wall_ns, mono_ns,
