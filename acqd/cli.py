@@ -5,6 +5,7 @@
     acqd check-config FILE               validate a rig file, print precise errors
     acqd simulate --config FILE          publish the rig's streams from simulated devices
     acqd demo                            daemon + simulated rig + a short recording, end to end
+    acqd finalize SESSION_DIR            clock fits, master NWB, validation, QC, seal (docs/finalize.md)
 """
 
 from __future__ import annotations
@@ -107,6 +108,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo(Path(args.config), Path(args.data_root), args.seconds)
 
 
+def cmd_finalize(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from acqd.finalize import finalize_session
+    from acqd.qc import summary_lines
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("finalize", total=1.0)
+        report = finalize_session(Path(args.session_dir),
+                                  lambda stage, done: bar.update(task, completed=done, description=stage))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print("\n".join(summary_lines(report.to_dict())))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="acqd", description="streaming acquisition daemon for neuroscience rigs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -150,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--wait-peers", type=float, default=30.0, help="wait this long for acqd to connect")
     m.add_argument("--truth", help="write the ground truth (clocks, pulses, faults) to this JSON file")
     m.set_defaults(fn=cmd_simulate)
+
+    f = sub.add_parser("finalize", help="align clocks, write the master NWB, validate and seal a closed session")
+    f.add_argument("session_dir")
+    f.add_argument("--json", action="store_true", help="print the full report as JSON")
+    f.set_defaults(fn=cmd_finalize)
 
     d = sub.add_parser("demo", help="run the daemon and a simulated rig, record, summarise")
     d.add_argument("--config", default="configs/rig.yaml")

@@ -68,6 +68,14 @@ SyncSource = Annotated[ChannelSync | FrameSync | StrobeSync, Field(discriminator
 Compression = Literal["none", "gzip", "lz4", "blosc-lz4", "zstd"]
 
 
+class VideoConfig(_Frozen):
+    """Encode a camera's frames into external video files instead of HDF5 frames."""
+
+    codec: Literal["ffv1", "libx264"] = Field("ffv1", description="ffv1: lossless (.mkv); libx264: lossy (.mp4)")
+    crf: int = Field(18, ge=0, le=51, description="libx264 quality (lower is better)")
+    frames_per_file: int = Field(3600, gt=0, description="start a new file after this many frames")
+
+
 class StreamConfig(_Frozen):
     """One hardware stream: where it comes from, what its chunks must look like, how it is stored."""
 
@@ -89,6 +97,7 @@ class StreamConfig(_Frozen):
     required: bool = Field(True, description="RECORD is refused while a required stream is silent")
     max_message_bytes: int = Field(64 << 20, gt=0, description="larger messages are rejected unread")
     max_file_bytes: int | None = Field(None, gt=0, description="roll over to a new part file at this size")
+    video: VideoConfig | None = Field(None, description="cameras: encode frames to video files")
     description: str = ""
 
     @field_validator("name")
@@ -118,6 +127,8 @@ class StreamConfig(_Frozen):
     def _consistent(self) -> StreamConfig:
         if self.channel_names is not None and len(self.channel_names) != self.shape[0]:
             raise ValueError(f"{len(self.channel_names)} channel_names for {self.shape[0]} channels")
+        if self.video is not None and (self.kind != "video" or self.dtype != "|u1" or len(self.shape) != 2):
+            raise ValueError("video encoding needs kind 'video', dtype uint8 and shape [height, width]")
         if isinstance(self.sync, ChannelSync):
             if self.sync.channel >= self.shape[0]:
                 raise ValueError(f"sync channel {self.sync.channel} is outside shape {self.shape}")

@@ -529,7 +529,7 @@ def _write_vds(folder: Path, s: _Stream) -> Path:
     tmp.unlink(missing_ok=True)
     shape = tuple(s.cfg.shape)
     with h5py.File(tmp, "x", libver="latest") as out:
-        layout = h5py.VirtualLayout(shape=(s.rows, *shape), dtype=s.cfg.np_dtype)
+        layout = _Layout(shape=(s.rows, *shape), dtype=s.cfg.np_dtype)
         row = 0
         for p in s.parts:
             if p.rows:
@@ -549,13 +549,23 @@ def _write_vds(folder: Path, s: _Stream) -> Path:
     return dest
 
 
+class _Layout(h5py.VirtualLayout):
+    """A VirtualLayout whose dataset carries no creation times: HDF5 stamps them into virtual datasets by
+    default (h5py turns them off for ordinary ones), and then one session finalized twice differs in bytes."""
+
+    def _get_dcpl(self, dst_filename):  # h5py's hook that builds the creation property list
+        dcpl = super()._get_dcpl(dst_filename)
+        dcpl.set_obj_track_times(False)
+        return dcpl
+
+
 def _virtual_table(out: h5py.File, name: str, files: list[Path], base: Path) -> None:
     sizes, dtype = [], None
     for path in files:
         with h5py.File(path, "r") as f:
             sizes.append(f[name].shape[0])
             dtype = f[name].dtype
-    layout = h5py.VirtualLayout(shape=(sum(sizes),), dtype=dtype)
+    layout = _Layout(shape=(sum(sizes),), dtype=dtype)
     row = 0
     for path, n in zip(files, sizes):
         if n:
@@ -752,7 +762,8 @@ def _timing(s: _Stream, fit: ClockFit, zero_s: float) -> nwb.Timing:
         knots = fit.knots[0][(fit.knots[0] > x0) & (fit.knots[0] < x1)]
         line = y0 + (knots - x0) * (y1 - y0) / (x1 - x0)
         if np.all(np.abs(fit.to_reference(knots, 0) - line) * s.rate <= REGULAR_TOL_SAMPLES):
-            return nwb.Timing(rows=s.rows, starting_time=float(y0 - zero_s), rate=float((x1 - x0) / (y1 - y0)))
+            rate = s.rate if fit.source == "reference" else (x1 - x0) / (y1 - y0)  # the reference is exact
+            return nwb.Timing(rows=s.rows, starting_time=float(y0 - zero_s), rate=float(rate))
     return nwb.Timing(rows=s.rows, timestamps=times)
 
 
@@ -910,7 +921,7 @@ def _sync_tables(streams: dict[str, _Stream], aligned: dict[str, _Alignment], re
                                 "reference": ("the stream whose clock is the timebase", [ref.name]),
                                 "reference_rate": ("its nominal rate (Hz)", np.array([ref.rate])),
                                 "zero_sample": ("reference sample at session time 0", np.array([zero_sample])),
-                                "session_start_time": ("host wall clock at session time 0 (ms accuracy)",
+                                "wall_clock_at_zero": ("host wall clock at session time 0 (ms accuracy)",
                                                        [start_time.isoformat()])})]
     cams = [n for n in names if aligned[n].frames is not None]
     if cams:
@@ -985,6 +996,7 @@ def _seal_paths(paths: list[Path]) -> dict:
     """chmod 0444, then chattr +i (root ignores 0444, not the immutable flag). Reports, honestly, what held."""
     errors = []
     for p in paths:
+        _set_immutable(p, False)  # sealed by an earlier, killed run: chmod would fail on an immutable file
         os.chmod(p, 0o444)
         err = _set_immutable(p, True)
         if err:

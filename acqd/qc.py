@@ -133,3 +133,25 @@ def _write(path: Path, data: bytes) -> Path:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def summary_lines(report: dict) -> list[str]:
+    """A finalize report (``FinalizeReport.to_dict()``) as a few lines for a terminal."""
+    lines = [f"{report['session_id']}: {report['message']} ({report['seconds']:.1f} s)"]
+    if report.get("master"):
+        lines.append(f"  master: {report['master']}   qc: {report['qc']}   manifest: {report['manifest']}")
+    for name, s in report.get("streams", {}).items():
+        c = s["clock"]
+        lines.append(f"  {name:10s} {s['rows']:>10d} rows  {s['timing']:10s} {c['source']:9s} {c['model']:9s} "
+                     f"pairs {c['n_pairs']:>6d}  drift {c['drift_ppm']:+7.2f} ppm  bound {c['error_bound_s'] * 1e6:8.1f} us"
+                     f"  gaps {len(s['gaps'])}" + (f"  frames {s['frames']}" if s.get("frames") else ""))
+        lines += [f"    ! {flag}" for flag in s["flags"]]
+    sealed = report.get("sealed") or {}
+    if sealed:
+        lines.append(f"  sealed {sealed['files']} files read-only; immutable (chattr +i): "
+                     + ("yes" if sealed["immutable"] else f"NO ({sealed['immutable_error']})"))
+    findings = [m for m in (report.get("check") or {}).get("inspector", [])
+                if m["importance"] not in ("BEST_PRACTICE_SUGGESTION",)]
+    lines += [f"  nwbinspector {m['importance']}: {m['check']}: {m['message']}" for m in findings]
+    lines += [f"  warning: {w}" for w in report.get("warnings", [])]
+    return lines

@@ -10,6 +10,7 @@ This module is the only place that turns stream config into HDF5 calls (``datase
     /rejects     one row per rejected message (ingest.Reject)
     /sync/edges  raw edge sample indices in the device counter, per line (labels in attrs)
     /sync/clock  periodic (device sample, host monotonic ns, host wall-clock ns) pairs
+    /video       for cameras encoded to video: each finished file, its first frame and frame count
 
 Every dataset exists before SWMR starts (attributes cannot be added later). ``flush`` writes the
 data first and the index rows that describe it second, so an index row always points at data that
@@ -33,6 +34,7 @@ import numpy as np
 from acqd.config import EdgeLine, StreamConfig
 from acqd.errors import DiskFullError, WriterError
 from acqd.ingest import Gap, GapRecord, Reject
+from acqd.video import VIDEO_DIR, VideoSink
 
 FORMAT = "acqd-stream"
 FORMAT_VERSION = 1
@@ -45,9 +47,10 @@ GAP_DTYPE = np.dtype([("kind", "u1"), ("seq_from", "<u8"), ("seq_to", "<u8"), ("
 REJECT_DTYPE = np.dtype([("reason", "u1"), ("seq", "<i8"), ("nbytes", "<u8"), ("host_wall_ns", "<i8")])
 EDGE_DTYPE = np.dtype([("sample", "<u8"), ("line", "<u2"), ("rising", "u1")])
 CLOCK_DTYPE = np.dtype([("device_sample", "<u8"), ("host_mono_ns", "<i8"), ("host_wall_ns", "<i8")])
+VIDEO_DTYPE = np.dtype([("file", "S64"), ("first_row", "<u8"), ("n_frames", "<u8")])
 
 TABLES = {"index": INDEX_DTYPE, "gaps": GAP_DTYPE, "rejects": REJECT_DTYPE,
-          "sync/edges": EDGE_DTYPE, "sync/clock": CLOCK_DTYPE}
+          "sync/edges": EDGE_DTYPE, "sync/clock": CLOCK_DTYPE, "video": VIDEO_DTYPE}
 
 CHUNK_TARGET_BYTES = 2 << 20
 
@@ -102,6 +105,8 @@ class StreamFile:
 
     path: Path
     f: h5py.File
+    video: VideoSink | None = None
+    """Frames go to external video files instead of ``/data`` (which then stays empty)."""
     rows: int = 0
     pending_index: list[tuple] = field(default_factory=list)
 
@@ -129,19 +134,27 @@ class StreamFile:
             f["rejects"].attrs["reasons"] = json.dumps({r.name: r.value for r in Reject})
             f["sync/edges"].attrs["lines"] = json.dumps([ln.model_dump() for ln in lines])
             f["sync"].attrs["description"] = "raw, uncorrected: edge sample indices and host-time pairs"
+            if cfg.video is not None:
+                data.attrs["external_video"] = f"../{VIDEO_DIR}/ (see /video)"
             f.swmr_mode = True
         except BaseException:
             f.close()
             raise
-        return cls(path, f)
+        video = None
+        if cfg.video is not None:
+            video = VideoSink(path.parent.parent / VIDEO_DIR, cfg.name, part, cfg.video, cfg.rate)
+        return cls(path, f, video)
 
     def append(self, data: np.ndarray, index_row: tuple) -> int:
         """Append samples; returns the file row of the first. The index row is written at the next flush."""
         first = self.rows
         dset = self.f["data"]
         with _io_errors(self.path):
-            dset.resize(first + len(data), axis=0)
-            dset[first:] = data
+            if self.video is not None:
+                self._video_files(self.video.append(data))
+            else:
+                dset.resize(first + len(data), axis=0)
+                dset[first:] = data
         self.rows = first + len(data)
         self.pending_index.append(index_row[:4] + (first,) + index_row[4:])
         return first
@@ -155,6 +168,9 @@ class StreamFile:
                 n = dset.shape[0]
                 dset.resize(n + len(rows), axis=0)
                 dset[n:] = rows
+
+    def _video_files(self, finished: list[tuple[str, int, int]]) -> None:
+        self.add("video", [(name.encode(), first, n) for name, first, n in finished])
 
     def add_gap(self, gap: GapRecord, host_wall_ns: int) -> None:
         self.add("gaps", [(gap.kind, gap.seq_from, gap.seq_to, gap.sample_from, gap.sample_to, self.rows,
@@ -175,6 +191,8 @@ class StreamFile:
     def close(self, fsync: bool = True) -> None:
         if self.f.id.valid:
             try:
+                if self.video is not None:
+                    self._video_files(self.video.close())
                 self.flush(fsync)
             finally:
                 self.f.close()
