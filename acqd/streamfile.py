@@ -50,7 +50,7 @@ CLOCK_DTYPE = np.dtype([("device_sample", "<u8"), ("host_mono_ns", "<i8"), ("hos
 VIDEO_DTYPE = np.dtype([("file", "S64"), ("first_row", "<u8"), ("n_frames", "<u8")])
 
 TABLES = {"index": INDEX_DTYPE, "gaps": GAP_DTYPE, "rejects": REJECT_DTYPE,
-          "sync/edges": EDGE_DTYPE, "sync/clock": CLOCK_DTYPE, "video": VIDEO_DTYPE}
+          "sync/edges": EDGE_DTYPE, "sync/clock": CLOCK_DTYPE}
 
 CHUNK_TARGET_BYTES = 2 << 20
 
@@ -128,7 +128,8 @@ class StreamFile:
                                "description": f"{cfg.description or cfg.name}; {FILTER_NOTES[cfg.compression]}"})
             if cfg.channel_names:
                 data.attrs["channel_names"] = json.dumps(list(cfg.channel_names))
-            for name, dtype in TABLES.items():
+            tables = TABLES | ({"video": VIDEO_DTYPE} if cfg.video is not None else {})
+            for name, dtype in tables.items():
                 f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
             f["gaps"].attrs["kinds"] = json.dumps({g.name: g.value for g in Gap})
             f["rejects"].attrs["reasons"] = json.dumps({r.name: r.value for r in Reject})
