@@ -34,7 +34,9 @@ def demo(config: Path, data_root: Path, seconds: float) -> int:
             while time.monotonic() < end:
                 time.sleep(min(2.0, max(0.0, end - time.monotonic())))
                 s = daemon.command("status")["streams"]
-                console.print("  " + "  ".join(f"{n} {v['mb_per_s']:.1f} MB/s gaps {v['gaps']}" for n, v in s.items()))
+                rates = " ".join(f"{n} {v['mb_per_s']:.1f}" for n, v in s.items())
+                lost = sum(v["gaps"] + v["rejected"] for v in s.values())
+                console.print(f"  MB/s: {rates}   gaps+rejected: {lost}")
             daemon.command("stop")
             daemon.command("stop", idle=True)
         finally:
