@@ -78,6 +78,7 @@ class Supervisor:
         self.writers: dict[str, WriterHandle] = {}
         self.session: dict | None = None
         self.session_dir: Path | None = None
+        self.last_session: dict | None = None
         self.recording = {"prepend_text": "", "base_text": "", "append_text": ""}
         self._calls: queue.Queue = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
@@ -440,7 +441,7 @@ class Supervisor:
                        "state": self.session["state"], "incomplete": self.session["incomplete"],
                        "incidents": len(self.session["incidents"])}
         return {"mode": self.mode, "session": session, "streams": streams,
-                "last_session": getattr(self, "last_session", None),
+                "last_session": self.last_session,
                 "data_root": str(self.data_root), "disk_free_bytes": shutil.disk_usage(self.data_root).free,
                 "recovered": self.recovered}
 

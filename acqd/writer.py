@@ -177,16 +177,13 @@ class Writer:
         wall_ns, mono_ns = time.time_ns(), time.monotonic_ns()
         self.last_message_mono = mono_ns / 1e9
         nbytes = sum(len(f.buffer) for f in frames)
-        seq = -1
         if nbytes > self.cfg.max_message_bytes:
-            with_header = len(frames) > 1 and _try_header_seq(frames[1].buffer)
             return self.reject(Reject.OVERSIZED, f"{nbytes} bytes > max_message_bytes {self.cfg.max_message_bytes}",
-                               with_header if with_header is not None else -1, nbytes)
+                               _seq_or_unknown(frames), nbytes)
         try:
             chunk = decode(frames)
         except ProtocolError as e:
-            seq = _try_header_seq(frames[1].buffer) if len(frames) > 1 else None
-            return self.reject(Reject.MALFORMED, str(e), -1 if seq is None else seq, nbytes)
+            return self.reject(Reject.MALFORMED, str(e), _seq_or_unknown(frames), nbytes)
         h = chunk.header
         verdict = check_format(h, self.cfg.name, self.cfg.dtype, self.cfg.shape)
         if verdict.accepted:
@@ -307,11 +304,12 @@ class Writer:
         os._exit(code)  # h5py's atexit after ENOSPC/EFBIG segfaults; the supervisor has our reason
 
 
-def _try_header_seq(buf: memoryview) -> int | None:
+def _seq_or_unknown(frames: list[zmq.Frame]) -> int:
+    """The seq of a message that is being rejected, if its header can be read; else -1."""
     try:
-        return decode_header(buf).seq
-    except ProtocolError:
-        return None
+        return decode_header(frames[1].buffer).seq
+    except (IndexError, ProtocolError):
+        return -1
 
 
 def _die_with_parent() -> None:
