@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from acqd.ingest import Gap
 from acqd.session import (CLOSED, FINALIZED, FINALIZING, INTERRUPTED, RECORDING, SESSION_FILE, STREAMS_DIR,
                           read_session, write_json_atomic)
 from acqd.streamfile import committed_rows, dataset_options, open_for_read, part_filename
+from acqd.video import VIDEO_DIR
 
 __all__ = ["FinalizeReport", "StreamReport", "finalize_session", "verify_manifest", "pair_frames"]
 
@@ -51,7 +53,8 @@ QC_DIR = "qc"
 VDS_DIR = "vds"  # virtual datasets joining the parts of a stream written by several writers
 RECOVERED_DIR = "recovered"  # clean copies of the committed rows of parts a killed writer left open
 PARTIAL = ".partial"
-PAUSE_ENV = "ACQD_FINALIZE_PAUSE_AT"  # tests: "<step>" pauses there, after touching ACQD_FINALIZE_PAUSE_MARKER
+# Tests: pause at a step (read, partial, qc, sealed, manifest) after writing our pid to the marker file.
+PAUSE_ENV = "ACQD_FINALIZE_PAUSE_AT"
 PAUSE_MARKER_ENV = "ACQD_FINALIZE_PAUSE_MARKER"
 REGULAR_TOL_SAMPLES = 0.1  # starting_time + rate only if the map is that close to one straight line
 NWB_DATA_ATTRS = ("unit", "conversion", "offset", "resolution")
@@ -74,7 +77,9 @@ class StreamReport:
     name: str
     kind: str
     rows: int
-    """Rows committed (the chunk index), summed over parts; every series has exactly this many."""
+    """Rows committed (the chunk index), summed over parts."""
+    series_rows: int
+    """Rows of the NWB series: ``rows``, except for a camera encoded to video whose files lack committed frames."""
     parts: list[str]
     """Part files, relative to the session folder."""
     recovered: list[str]
@@ -92,6 +97,8 @@ class StreamReport:
     gaps: list[dict]
     frames: dict | None = None
     """Cameras: frame / strobe reconciliation."""
+    video: dict | None = None
+    """Cameras encoded to video: the files (relative to the session folder) and each one's starting frame."""
 
 
 @dataclass
@@ -156,7 +163,7 @@ def finalize_session(folder: Path, progress: Progress | None = None) -> Finalize
                  "finalize": {"previous_state": previous, "master": report.master, "manifest": MANIFEST,
                               "qc": report.qc}}
         write_json_atomic(folder / SESSION_FILE, final)  # the commit point
-        _seal_paths([folder / SESSION_FILE])
+        _merge_seal(report.sealed, _seal_paths([folder / SESSION_FILE]))
         report.state = FINALIZED
         report.seconds = round(time.monotonic() - started, 3)
         report_progress("seal", 1.0)
@@ -179,7 +186,13 @@ def _run(folder: Path, session: dict, parts: dict[str, list[Path]], master: Path
     progress("read", 0.0)
     streams: dict[str, _Stream] = {}
     for i, name in enumerate(n for n in configs if n not in missing):
-        streams[name] = _read_stream(folder, configs[name], parts[name])
+        stream = _read_stream(folder, configs[name], parts[name])
+        if stream is not None:
+            streams[name] = stream
+        elif name == ref_name:
+            raise FinalizeError(f"the reference stream {ref_name!r} committed no data: there is no timebase")
+        else:
+            warnings.append(f"stream {name!r} committed no data; it is left out of the master")
         progress("read", (i + 1) / len(configs))
     _checkpoint("read")
 
@@ -201,7 +214,7 @@ def _run(folder: Path, session: dict, parts: dict[str, list[Path]], master: Path
     _checkpoint("partial")
 
     progress("validate", 0.0)
-    check = nwb.check_master(partial, {n: s.rows for n, s in streams.items()})
+    check = nwb.check_master(partial, {n: r.series_rows for n, r in stream_reports.items()})
     if not check.ok:
         raise FinalizeError(f"{partial.name} failed validation, nothing was sealed:\n  " + "\n  ".join(check.blocking))
     os.replace(partial, master)
@@ -228,19 +241,24 @@ def _run(folder: Path, session: dict, parts: dict[str, list[Path]], master: Path
     _checkpoint("sealed")
     manifest = _manifest_text(folder, outputs, progress)
     _write_atomic(folder / MANIFEST, manifest.encode())
-    _seal_paths([folder / MANIFEST])
+    _merge_seal(report.sealed, _seal_paths([folder / MANIFEST]))
     _checkpoint("manifest")
-    report.sealed["files"] = len(outputs) + 2  # + the manifest and session.json
     return report
 
 
 def _already_finalized(folder: Path, session: dict, master: Path, started: float) -> FinalizeReport:
+    """Verify the manifest; the report's details come from the QC summary the finalizing run wrote."""
     problems = verify_manifest(folder)
     if problems:
         raise FinalizeError(f"{folder.name} is finalized but does not match its manifest:\n  " + "\n  ".join(problems))
+    summary = json.loads((folder / QC_DIR / "qc.json").read_text())
     return FinalizeReport(session_id=session.get("session_id", folder.name), folder=str(folder), state=FINALIZED,
                           changed=False, message="already finalized, nothing changed (manifest verified)",
-                          master=master.name, seconds=round(time.monotonic() - started, 3))
+                          master=master.name, timebase=summary["timebase"], check=summary["validation"],
+                          streams={n: StreamReport(**r) for n, r in summary["streams"].items()},
+                          sealed={"files": len((folder / MANIFEST).read_text().splitlines()) + 2,
+                                  "read_only": True, "immutable": is_immutable(folder / MANIFEST)},
+                          warnings=summary["warnings"], seconds=round(time.monotonic() - started, 3))
 
 
 def _progress(progress: Progress | None) -> Progress:
@@ -291,7 +309,7 @@ def _check_quiescent(folder: Path, session: dict) -> dict[str, list[Path]]:
     if state not in (CLOSED, INTERRUPTED, FINALIZING):
         raise FinalizeError(f"{folder.name}: state {state!r} cannot be finalized (closed or interrupted only)")
     parts = _stream_parts(folder, session)
-    held = _held_open([p for ps in parts.values() for p in ps])
+    held = _held_open([p for ps in parts.values() for p in ps] + sorted((folder / VIDEO_DIR).glob("*")))
     if held:
         raise FinalizeError(f"{folder.name}: files are still open in another process (a writer?): "
                             + ", ".join(f"{p.name} by pid {pid}" for p, pid in held))
@@ -351,6 +369,8 @@ class _Part:
     link: Path
     """The file whose /data holds exactly the committed rows: the part itself, or its recovered copy."""
     recovered: bool
+    video: list[tuple[str, int, int]] = field(default_factory=list)
+    """Cameras encoded to video: each finished file (name in video/), its first row and frame count."""
 
 
 @dataclass
@@ -377,18 +397,18 @@ class _Stream:
     def rate(self) -> float:
         return float(self.cfg.rate)
 
-    @property
+    @cached_property
     def chunk_end(self) -> np.ndarray:
         """Device sample just past each chunk."""
         return self.index["first_sample"].astype(np.int64) + self.index["n_samples"].astype(np.int64)
 
-    @property
+    @cached_property
     def breaks(self) -> np.ndarray:
         """Index rows (>= 1) whose first sample does not continue the previous chunk: a gap or a counter reset."""
         first = self.index["first_sample"].astype(np.int64)
         return np.flatnonzero(first[1:] != self.chunk_end[:-1]) + 1
 
-    @property
+    @cached_property
     def segment(self) -> np.ndarray:
         """Counter segment of each index row (the counter went backwards before it: device restarted)."""
         first = self.index["first_sample"].astype(np.int64)
@@ -400,13 +420,50 @@ class _Stream:
 
     def row_samples(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         """(device sample, counter segment) of file rows [a, b)."""
-        rows = np.arange(a, b, dtype=np.int64)
-        i = np.searchsorted(self.index["file_row"].astype(np.int64), rows, side="right") - 1
-        samples = self.index["first_sample"][i].astype(np.int64) + (rows - self.index["file_row"][i].astype(np.int64))
-        return samples, self.segment[i]
+        return self.samples_of(np.arange(a, b, dtype=np.int64))
+
+    def samples_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(device sample, counter segment) of the given (global) file rows."""
+        i = np.searchsorted(self.file_row, rows, side="right") - 1
+        return self.first_sample[i] + (rows - self.file_row[i]), self.segment[i]
+
+    def video_frames(self) -> tuple[list[str], list[int], np.ndarray, list[str]]:
+        """Cameras encoded to video: (files relative to the session folder, starting frame of each in the series,
+        the global file row of each frame of the series, problems).
+
+        A frame is in the series if a finished video file holds it and the chunk index committed it: a writer
+        killed mid-file loses that file's frames, and one killed before its last index flush leaves frames in a
+        file that have no time (they are left out: the series ends, or the next file starts, before them).
+        """
+        files, starts, rows, problems = [], [], [], []
+        offset = 0
+        for p in self.parts:
+            held = 0
+            for name, first, n in p.video:
+                take = max(0, min(n, p.rows - first))
+                if take < n:
+                    problems.append(f"{name}: {n - take} frame(s) have no committed index row and are left out")
+                if take:
+                    files.append(f"{VIDEO_DIR}/{name}")
+                    starts.append(sum(len(r) for r in rows))
+                    rows.append(np.arange(offset + first, offset + first + take, dtype=np.int64))
+                held = max(held, first + take)
+            if held < p.rows:
+                problems.append(f"{p.path.name}: {p.rows - held} committed frame(s) are in no finished video file")
+            offset += p.rows
+        return files, starts, np.concatenate(rows) if rows else np.empty(0, np.int64), problems
+
+    @cached_property
+    def file_row(self) -> np.ndarray:
+        return self.index["file_row"].astype(np.int64)
+
+    @cached_property
+    def first_sample(self) -> np.ndarray:
+        return self.index["first_sample"].astype(np.int64)
 
 
-def _read_stream(folder: Path, cfg: StreamConfig, paths: list[Path]) -> _Stream:
+def _read_stream(folder: Path, cfg: StreamConfig, paths: list[Path]) -> _Stream | None:
+    """Read a stream's parts (recovering those a killed writer left open); None if nothing was committed."""
     parts, indexes, gaps, starts = [], [], [], []
     edges: dict[str, list[np.ndarray]] = {}
     offset = 0
@@ -414,8 +471,11 @@ def _read_stream(folder: Path, cfg: StreamConfig, paths: list[Path]) -> _Stream:
         crashed = not _opens_cleanly(path)
         with open_for_read(path) as f:
             rows = committed_rows(f)
-            recover = crashed or f["data"].shape[0] != rows
+            # Video-encoded cameras keep /data empty by design; their frames are in video/.
+            recover = crashed or (cfg.video is None and f["data"].shape[0] != rows)
             missing_attrs = [a for a in NWB_DATA_ATTRS if a not in f["data"].attrs]
+            video = [(bytes(v["file"]).decode(), int(v["first_row"]), int(v["n_frames"]))
+                     for v in (f["video"][:] if "video" in f else [])]
             index = f["index"][:]
             part_gaps = f["gaps"][:]
             lines = _line_labels(cfg, f)
@@ -437,11 +497,11 @@ def _read_stream(folder: Path, cfg: StreamConfig, paths: list[Path]) -> _Stream:
         starts.append(sum(len(x) for x in indexes))
         indexes.append(index)
         gaps.append(part_gaps)
-        parts.append(_Part(path, rows, link, recover))
+        parts.append(_Part(path, rows, link, recover, video))
         offset += rows
     index = np.concatenate(indexes)
     if len(index) == 0:
-        raise FinalizeError(f"stream {cfg.name!r}: no committed data in {', '.join(p.name for p in paths)}")
+        return None
     return _Stream(cfg, parts, index, starts, {k: np.concatenate(v) for k, v in edges.items()},
                    np.concatenate(gaps), offset)
 
@@ -491,12 +551,15 @@ def _recover(folder: Path, path: Path, cfg: StreamConfig, rows: int) -> Path:
         out.attrs["recovered_from"] = os.path.relpath(path, dest.parent)
         out.attrs["recovered_rows"] = rows
         data = src["data"]
-        dst = out.create_dataset("data", shape=(rows, *data.shape[1:]), dtype=data.dtype, **dataset_options(cfg))
+        n = 0 if cfg.video is not None else rows  # video-encoded: frames are in video/, /data stays empty
+        dst = out.create_dataset("data", shape=(n, *data.shape[1:]), dtype=data.dtype, **dataset_options(cfg))
         dst.attrs.update(dict(data.attrs))
         step = max(1, (64 << 20) // max(1, cfg.sample_bytes))
-        for a in range(0, rows, step):
-            dst[a:min(rows, a + step)] = data[a:min(rows, a + step)]
-        for name in ("index", "gaps", "rejects", "sync/edges", "sync/clock"):
+        for a in range(0, n, step):
+            dst[a:min(n, a + step)] = data[a:min(n, a + step)]
+        for name in ("index", "gaps", "rejects", "sync/edges", "sync/clock", "video"):
+            if name not in src:
+                continue
             table = out.create_dataset(name, data=src[name][:], maxshape=(None,), chunks=(4096,))
             table.attrs.update(dict(src[name].attrs))
         out["sync"].attrs.update(dict(src["sync"].attrs))
@@ -515,13 +578,14 @@ def _linked_file(folder: Path, s: _Stream) -> Path:
     """The file the master links for stream ``s``: its only part, or a VDS over all parts in vds/."""
     if len(s.parts) == 1:
         return s.parts[0].link
-    return _write_vds(folder, s)
+    return _write_vds(folder, s, with_data=s.cfg.video is None)
 
 
-def _write_vds(folder: Path, s: _Stream) -> Path:
+def _write_vds(folder: Path, s: _Stream, with_data: bool) -> Path:
     """A virtual dataset over the parts' committed rows (and their /sync tables), with relative source paths.
 
-    HDF5 resolves a relative source path against the VDS file's folder, so the session folder can move.
+    HDF5 resolves a relative source path against the VDS file's folder, so the session folder can move. Cameras
+    encoded to video have no /data to join (0 rows), only their sync tables.
     """
     dest = folder / VDS_DIR / f"{s.name}.h5"
     tmp = dest.with_name(dest.name + PARTIAL)
@@ -529,10 +593,10 @@ def _write_vds(folder: Path, s: _Stream) -> Path:
     tmp.unlink(missing_ok=True)
     shape = tuple(s.cfg.shape)
     with h5py.File(tmp, "x", libver="latest") as out:
-        layout = _Layout(shape=(s.rows, *shape), dtype=s.cfg.np_dtype)
+        layout = _Layout(shape=(s.rows if with_data else 0, *shape), dtype=s.cfg.np_dtype)
         row = 0
         for p in s.parts:
-            if p.rows:
+            if p.rows and with_data:
                 src = h5py.VirtualSource(os.path.relpath(p.link, dest.parent), "data", shape=(p.rows, *shape))
                 layout[row:row + p.rows] = src
             row += p.rows
@@ -625,13 +689,11 @@ def _align_sync(s: _Stream, ref: _Stream) -> _Alignment:
 
 def _nearest_pairs(dev_edges: np.ndarray, fit: ClockFit, ref_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each device edge with the reference edge nearest its fitted time, if within 5 error bounds (QC only)."""
-    if len(dev_edges) == 0 or len(ref_s) == 0:
+    if len(dev_edges) == 0 or len(ref_s) < 2:
         return np.empty(0), np.empty(0)
     pos = dev_edges.astype(np.float64) - 0.5
     pred = _to_reference(fit, pos, _edge_segments(dev_edges))
-    j = np.clip(np.searchsorted(ref_s, pred), 1, len(ref_s) - 1) if len(ref_s) > 1 else np.zeros(len(pred), int)
-    if len(ref_s) > 1:
-        j = np.where(np.abs(ref_s[j - 1] - pred) < np.abs(ref_s[j] - pred), j - 1, j)
+    j = _nearest(ref_s, pred)
     keep = np.abs(ref_s[j] - pred) <= 5 * max(fit.error_bound_s, 1e-6)
     return pos[keep], ref_s[j][keep]
 
@@ -653,7 +715,7 @@ def _align_strobe(s: _Stream, target: _Stream, target_fit: ClockFit, ref: _Strea
     host = _host_fit(s, ref)
     strobes = target.edges.get(f"strobe:{s.name}", np.empty(0, np.int64))
     strobe_s = _to_reference(target_fit, strobes.astype(np.float64) - 0.5, _edge_segments(strobes))
-    frames, segment = s.row_samples(0, s.rows)
+    frames, _ = s.row_samples(0, s.rows)
     period = 1.0 / s.rate
     try:
         if s.n_segments > 1:
@@ -671,9 +733,9 @@ def _align_strobe(s: _Stream, target: _Stream, target_fit: ClockFit, ref: _Strea
     frames_report = {
         "recorded": int(s.rows), "counter_span": span, "dropped": span - int(s.rows),
         "strobes_in_span": int(in_span.sum()), "paired": int(len(fi)),
-        "frames_without_strobe": int(covered.sum()) - int(len(fi)),
+        "frames_without_strobe": max(0, int(covered.sum()) - int(len(fi))),
         "frames_outside_strobe_recording": int((~covered).sum()),
-        "strobes_without_frame": int(in_span.sum()) - int(len(fi)),
+        "strobes_without_frame": max(0, int(in_span.sum()) - int(len(fi))),
         "extra_strobes": max(0, int(in_span.sum()) - int(len(fi)) - (span - int(s.rows))),
         "host_offset_s": float(offset),
     }
@@ -744,9 +806,11 @@ def _zero_sample(streams: dict[str, _Stream], aligned: dict[str, _Alignment], re
 # -- timing, gaps, events ------------------------------------------------------------------------------------
 
 
-def _row_times(s: _Stream, fit: ClockFit, zero_s: float) -> Callable[[int, int], np.ndarray]:
+def _row_times(s: _Stream, fit: ClockFit, zero_s: float, rows: np.ndarray | None = None
+               ) -> Callable[[int, int], np.ndarray]:
+    """Session seconds of series rows [a, b): file rows, or ``rows[a:b]`` when the series holds only those."""
     def times(a: int, b: int) -> np.ndarray:
-        samples, seg = s.row_samples(a, b)
+        samples, seg = s.row_samples(a, b) if rows is None else s.samples_of(rows[a:b])
         return _to_reference(fit, samples.astype(np.float64), seg) - zero_s
     return times
 
@@ -762,8 +826,9 @@ def _timing(s: _Stream, fit: ClockFit, zero_s: float) -> nwb.Timing:
         knots = fit.knots[0][(fit.knots[0] > x0) & (fit.knots[0] < x1)]
         line = y0 + (knots - x0) * (y1 - y0) / (x1 - x0)
         if np.all(np.abs(fit.to_reference(knots, 0) - line) * s.rate <= REGULAR_TOL_SAMPLES):
-            rate = s.rate if fit.source == "reference" else (x1 - x0) / (y1 - y0)  # the reference is exact
-            return nwb.Timing(rows=s.rows, starting_time=float(y0 - zero_s), rate=float(rate))
+            if fit.source == "reference":  # exact: whole samples from zero, the nominal rate
+                return nwb.Timing(rows=s.rows, starting_time=(x0 - round(zero_s * s.rate)) / s.rate, rate=s.rate)
+            return nwb.Timing(rows=s.rows, starting_time=float(y0 - zero_s), rate=float((x1 - x0) / (y1 - y0)))
     return nwb.Timing(rows=s.rows, timestamps=times)
 
 
@@ -816,7 +881,15 @@ def _plan(folder: Path, session: dict, streams: dict[str, _Stream], aligned: dic
     series, events, gaps, reports = [], [], [], {}
     for name, s in streams.items():
         a = aligned[name]
-        timing = _timing(s, a.fit, zero_s)
+        timing, flags, video = _timing(s, a.fit, zero_s), list(a.flags), None
+        if s.cfg.video is not None:
+            files, starts, rows, problems = s.video_frames()
+            missing = [f for f in files if not (folder / f).is_file()]
+            if missing or not files:
+                raise FinalizeError(f"stream {name!r}: video files missing: {missing or 'no finished file'}")
+            video, flags = {"files": files, "starting_frames": starts}, flags + problems
+            if len(rows) != s.rows:  # some committed frames are in no file: the series holds the others
+                timing = nwb.Timing(rows=len(rows), timestamps=_row_times(s, a.fit, zero_s, rows))
         stream_gaps = _gaps(s, a.fit, zero_s)
         gaps += stream_gaps
         events += _events(s, a.fit, zero_s)
@@ -824,10 +897,10 @@ def _plan(folder: Path, session: dict, streams: dict[str, _Stream], aligned: dic
         reports[name] = StreamReport(
             name=name, kind=s.cfg.kind, rows=s.rows, parts=[_rel(p.path, folder) for p in s.parts],
             recovered=[_rel(p.link, folder) for p in s.parts if p.recovered], linked=_rel(linked[name], folder),
-            timing="rate" if timing.regular else "timestamps", first_time_s=first_s,
-            clock={**a.fit.to_dict(), "extrapolated_rows": _extrapolated_rows(s, a.fit)}, flags=a.flags,
-            gaps=stream_gaps, frames=a.frames)
-        series.append(_series_plan(s, a, timing, linked[name], stream_gaps))
+            series_rows=timing.rows, timing="rate" if timing.regular else "timestamps", first_time_s=first_s,
+            clock={**a.fit.to_dict(), "extrapolated_rows": _extrapolated_rows(s, a.fit)}, flags=flags,
+            gaps=stream_gaps, frames=a.frames, video=video)
+        series.append(_series_plan(s, a.fit, flags, timing, linked[name], stream_gaps, video))
     start_time = _wall_time(ref, zero_sample)
     plan = nwb.MasterPlan(
         identifier=session["session_id"], session_id=session["session_id"],
@@ -842,25 +915,30 @@ def _plan(folder: Path, session: dict, streams: dict[str, _Stream], aligned: dic
     return plan, reports
 
 
-def _series_plan(s: _Stream, a: _Alignment, timing: nwb.Timing, linked: Path, gaps: list[dict]) -> nwb.SeriesPlan:
+def _series_plan(s: _Stream, fit: ClockFit, flags: list[str], timing: nwb.Timing, linked: Path, gaps: list[dict],
+                 video: dict | None) -> nwb.SeriesPlan:
     cfg = s.cfg
     channels = tuple(cfg.channel_names or (f"ch{i:03d}" for i in range(cfg.shape[0])))
     digital = sorted({cfg.sync.channel} if isinstance(cfg.sync, ChannelSync) else set())
-    fit = a.fit
     comments = (f"time: {fit.source} clock ({fit.model}), error bound {fit.error_bound_s * 1e3:.3g} ms, "
                 f"{fit.n_pairs} pairs, drift {fit.drift_ppm:+.2f} ppm; "
                 + (f"{len(gaps)} gap(s), see /intervals/gaps" if gaps else "no gaps")
-                + "".join(f"; {flag}" for flag in a.flags))
+                + "".join(f"; {flag}" for flag in flags))
     described = cfg.description or cfg.name
     if len(cfg.shape) == 1:
         described += f"; columns: {', '.join(channels)}"
     if digital:
         described += f"; column(s) {digital} are digital words (bits), not {cfg.units}"
     kind = cfg.kind if not (cfg.kind == "ephys" and cfg.units != "volts") else "analog"
-    return nwb.SeriesPlan(name=cfg.name, kind=kind, data_file=linked, sync_file=linked, unit=cfg.units,
-                          conversion=float(cfg.conversion), offset=float(cfg.offset), description=described,
-                          comments=comments, timing=timing, channel_names=channels if len(cfg.shape) == 1 else (),
-                          sync_channels=tuple(digital), device_description=cfg.description)
+    if video is not None:
+        described += f"; frames in external {cfg.video.codec} video files"
+    return nwb.SeriesPlan(name=cfg.name, kind=kind, data_file=None if video else linked, sync_file=linked,
+                          unit=cfg.units, conversion=float(cfg.conversion), offset=float(cfg.offset),
+                          description=described, comments=comments, timing=timing,
+                          channel_names=channels if len(cfg.shape) == 1 else (), sync_channels=tuple(digital),
+                          device_description=cfg.description,
+                          external_files=tuple(video["files"]) if video else (),
+                          starting_frames=tuple(video["starting_frames"]) if video else ())
 
 
 def _extrapolated_rows(s: _Stream, fit: ClockFit) -> int:
@@ -1003,6 +1081,12 @@ def _seal_paths(paths: list[Path]) -> dict:
             errors.append(f"{p.name}: {err}")
     return {"files": len(paths), "read_only": True, "immutable": not errors,
             "immutable_error": errors[0] if errors else None}
+
+
+def _merge_seal(into: dict, more: dict) -> None:
+    into["files"] += more["files"]
+    into["immutable"] = into["immutable"] and more["immutable"]
+    into["immutable_error"] = into["immutable_error"] or more["immutable_error"]
 
 
 def _unseal(paths: list[Path]) -> None:

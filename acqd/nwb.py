@@ -70,8 +70,9 @@ class SeriesPlan:
     name: str
     kind: str
     """Stream kind: 'ephys' -> ElectricalSeries, 'video' -> ImageSeries, else TimeSeries."""
-    data_file: Path
-    """The HDF5 file holding the dataset to link (a stream file, a recovered copy, or a VDS over parts)."""
+    data_file: Path | None
+    """The HDF5 file holding the dataset to link (a stream file, a recovered copy, or a VDS over parts); None for a
+    camera whose frames are in external video files."""
     sync_file: Path
     """The HDF5 file whose ``/sync`` group holds this stream's raw sync record."""
     unit: str
@@ -84,6 +85,10 @@ class SeriesPlan:
     sync_channels: tuple[int, ...] = ()
     """Columns of ``data`` that carry digital words, not signals (ephys: not electrodes)."""
     device_description: str = ""
+    external_files: tuple[str, ...] = ()
+    """Video files holding the frames, relative to the master's folder (ImageSeries external_file)."""
+    starting_frames: tuple[int, ...] = ()
+    """Index in the series of each external file's first frame."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +203,9 @@ def _build(plan: MasterPlan, opened: list[h5py.File]) -> NWBFile:
     )
     nwbfile.subject = Subject(**{k: v for k, v in plan.subject.items() if v not in (None, "")})
     for s in plan.series:
+        if s.external_files:
+            nwbfile.add_acquisition(_external_video(nwbfile, s))
+            continue
         f = h5py.File(s.data_file, "r")
         opened.append(f)
         nwbfile.add_acquisition(_series(nwbfile, s, f["data"]))
@@ -222,6 +230,17 @@ def _series(nwbfile: NWBFile, s: SeriesPlan, dset: h5py.Dataset) -> TimeSeries:
     if s.kind == "video":
         return ImageSeries(unit=s.unit, device=device, **kwargs)
     return TimeSeries(unit=s.unit, **kwargs)
+
+
+def _external_video(nwbfile: NWBFile, s: SeriesPlan) -> ImageSeries:
+    """A camera whose frames are in video files next to the master: ImageSeries with external_file."""
+    device = nwbfile.create_device(name=s.name, description=s.device_description or s.description)
+    timing = _timing(s.timing)
+    if s.timing.regular:
+        timing["num_samples"] = s.timing.rows  # data is empty: the frame count must be given
+    return ImageSeries(name=s.name, external_file=list(s.external_files), starting_frame=list(s.starting_frames),
+                       format="external", unit=s.unit, device=device, description=s.description, comments=s.comments,
+                       conversion=s.conversion, offset=s.offset, **timing)
 
 
 def _timing(t: Timing) -> dict:
@@ -359,6 +378,8 @@ def series_lengths(path: Path) -> dict[str, tuple[int, int]]:
             out = {}
             for name, ts in nwbfile.acquisition.items():
                 n = len(ts.data)
+                if getattr(ts, "external_file", None) is not None:  # frames are in video files
+                    n = ts.num_samples if ts.timestamps is None else len(ts.timestamps)
                 out[name] = (n, len(ts.timestamps) if ts.timestamps is not None else n)
             return out
 

@@ -144,7 +144,11 @@ def summary_lines(report: dict) -> list[str]:
         c = s["clock"]
         lines.append(f"  {name:10s} {s['rows']:>10d} rows  {s['timing']:10s} {c['source']:9s} {c['model']:9s} "
                      f"pairs {c['n_pairs']:>6d}  drift {c['drift_ppm']:+7.2f} ppm  bound {c['error_bound_s'] * 1e6:8.1f} us"
-                     f"  gaps {len(s['gaps'])}" + (f"  frames {s['frames']}" if s.get("frames") else ""))
+                     f"  gaps {len(s['gaps'])}")
+        if s.get("frames"):
+            f = s["frames"]
+            lines.append(f"    frames: {f['recorded']} recorded, {f['paired']} paired with strobes, {f['dropped']} "
+                         f"dropped, {f['strobes_without_frame']} strobes without a frame, {f['extra_strobes']} extra")
         lines += [f"    ! {flag}" for flag in s["flags"]]
     sealed = report.get("sealed") or {}
     if sealed:

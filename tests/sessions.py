@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from acqd.config import FrameSync, RigConfig, SessionMetadata, load_config
+from acqd.config import FrameSync, RigConfig, SessionMetadata, VideoConfig, load_config
 from acqd.ingest import Cursor, advance, check_continuity, check_format, rising_edges
 from acqd.protocol import Header
 from acqd.session import CLOSED, RECORDING, SESSION_FILE, STREAMS_DIR, create_session_dir, write_json_atomic
@@ -32,16 +32,17 @@ from acqd.simulate import Rig
 from acqd.streamfile import StreamFile, part_filename
 
 RIG_YAML = Path(__file__).resolve().parents[1] / "configs" / "rig.yaml"
-WALL_EPOCH_NS = 1_790_000_000 * 10**9  # host wall clock at true time 0 (late 2026)
+WALL_EPOCH_NS = 1_700_000_000 * 10**9  # host wall clock at true time 0 (2023-11-14, in the past)
 MONO_EPOCH_NS = 5_000 * 10**9  # host monotonic clock at true time 0
-START = datetime(2026, 9, 1, 12, 0, 0, tzinfo=timezone.utc)
+START = datetime(2023, 11, 14, 22, 13, 20, tzinfo=timezone.utc)  # = WALL_EPOCH_NS
 
 
 def small_config(data_root: Path, *, probe_channels: int = 32, camera_shape: tuple[int, int] = (48, 64),
-                 no_sync: tuple[str, ...] = ()) -> RigConfig:
+                 no_sync: tuple[str, ...] = (), camera_video: dict | None = None) -> RigConfig:
     """configs/rig.yaml with a smaller probe (``probe_channels`` + the sync word) and camera, so tests are fast.
 
-    Streams named in ``no_sync`` lose their sync source (they fall back to host receive times).
+    Streams named in ``no_sync`` lose their sync source (they fall back to host receive times);
+    ``camera_video`` (a ``VideoConfig`` mapping) encodes the camera's frames to video files.
     """
     cfg = load_config(RIG_YAML)
     streams = []
@@ -51,6 +52,8 @@ def small_config(data_root: Path, *, probe_channels: int = 32, camera_shape: tup
             update = {"shape": (probe_channels + 1,), "sync": s.sync.model_copy(update={"channel": probe_channels})}
         elif s.name == "camera":
             update = {"shape": camera_shape}
+            if camera_video is not None:
+                update["video"] = VideoConfig.model_validate(camera_video)
         if s.name in no_sync:
             update["sync"] = None
         streams.append(s.model_copy(update=update))
