@@ -109,15 +109,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
-
     from acqd.finalize import finalize_session
     from acqd.qc import summary_lines
 
+    folder = Path(args.session_dir)
+    if args.progress_jsonl:  # for the daemon: progress lines, then the report, on stdout
+        def progress(stage: str, done: float) -> None:
+            print(json.dumps({"stage": stage, "fraction": round(done, 4)}), flush=True)
+
+        try:
+            report = finalize_session(folder, progress)
+        except AcqdError as e:
+            print(json.dumps({"error": str(e)}), flush=True)
+            return 2
+        print(json.dumps({"report": report.to_dict()}, default=str), flush=True)
+        return 0
+    from rich.progress import Progress
+
     with Progress(transient=True) as bar:
         task = bar.add_task("finalize", total=1.0)
-        report = finalize_session(Path(args.session_dir),
-                                  lambda stage, done: bar.update(task, completed=done, description=stage))
+        report = finalize_session(folder, lambda stage, done: bar.update(task, completed=done, description=stage))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
@@ -172,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("finalize", help="align clocks, write the master NWB, validate and seal a closed session")
     f.add_argument("session_dir")
     f.add_argument("--json", action="store_true", help="print the full report as JSON")
+    f.add_argument("--progress-jsonl", action="store_true", help="print progress and the report as JSON lines")
     f.set_defaults(fn=cmd_finalize)
 
     d = sub.add_parser("demo", help="run the daemon and a simulated rig, record, summarise")

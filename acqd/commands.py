@@ -15,9 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from acqd.config import check_name
-from acqd.errors import SessionError
-from acqd.session import SESSION_FILE, list_sessions
+from acqd.session import list_sessions
 from acqd.supervisor import RECORD, Supervisor
 
 
@@ -72,43 +70,6 @@ class FinalizeStatusRequest(Request):
     session: str | None = None
 
 
-_finalize_jobs: dict[str, dict] = {}  # session id -> {state, stage, fraction, report | error}; one thread each
-
-
-def _finalize(sup: Supervisor, req: FinalizeRequest) -> dict:
-    import threading
-
-    from acqd.finalize import finalize_session
-
-    folder = sup.data_root / check_name(req.session, "session name")
-    if not (folder / SESSION_FILE).is_file():
-        raise SessionError(f"no session {req.session!r} under {sup.data_root}")
-    if sup.session is not None and sup.session["session_id"] == req.session:
-        raise SessionError(f"session {req.session!r} is being recorded: stop the recording first")
-    job = _finalize_jobs.get(req.session)
-    if job is not None and job["state"] == "running":
-        return {"session": req.session, **job}
-    job = _finalize_jobs[req.session] = {"state": "running", "stage": "check", "fraction": 0.0}
-
-    def progress(stage: str, fraction: float) -> None:
-        job.update(stage=stage, fraction=round(fraction, 4))
-
-    def run() -> None:
-        try:
-            job.update(state="done", report=finalize_session(folder, progress).to_dict(), fraction=1.0)
-        except Exception as e:  # noqa: BLE001 - reported through finalize_status
-            job.update(state="failed", error=f"{type(e).__name__}: {e}")
-
-    threading.Thread(target=run, name=f"finalize-{req.session}", daemon=True).start()
-    return {"session": req.session, **job}
-
-
-def _finalize_status(sup: Supervisor, req: FinalizeStatusRequest) -> dict:
-    if req.session is not None:
-        return {"session": req.session, **_finalize_jobs.get(req.session, {"state": "unknown"})}
-    return {"jobs": {sid: {k: v for k, v in job.items() if k != "report"} for sid, job in _finalize_jobs.items()}}
-
-
 def _stop(sup: Supervisor, req: StopRequest) -> dict:
     if req.idle:
         return sup.stop()
@@ -151,8 +112,10 @@ COMMANDS: dict[str, Command] = {
                         "sessions under the data root"),
     "preflight": Command(Empty, lambda sup, req: {"problems": sup.preflight()},
                          "why RECORD would be refused right now"),
-    "finalize": Command(FinalizeRequest, _finalize, "finalize a closed session in the background"),
-    "finalize_status": Command(FinalizeStatusRequest, _finalize_status, "progress and result of finalize runs"),
+    "finalize": Command(FinalizeRequest, lambda sup, req: sup.start_finalize(req.session),
+                        "finalize a closed session in the background"),
+    "finalize_status": Command(FinalizeStatusRequest, lambda sup, req: sup.finalize_status(req.session),
+                               "progress and result of finalize runs"),
 }
 
 

@@ -1,7 +1,7 @@
 """``acqd demo``: a whole simulated rig session end to end, with real processes and sockets.
 
 Starts the daemon and the simulated rig as subprocesses, acquires, records for a while, stops,
-and prints what each stream file holds.
+finalizes through the control API, and prints what each stream file holds and the clock table.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from acqd.procs import Daemon, Simulator, wait_until
+from acqd.qc import summary_lines
 from acqd.status import print_session_summary
 
 console = Console()
@@ -39,11 +40,19 @@ def demo(config: Path, data_root: Path, seconds: float) -> int:
                 console.print(f"  MB/s: {rates}   gaps+rejected: {lost}")
             daemon.command("stop")
             daemon.command("stop", idle=True)
+            console.print("[bold]finalize[/bold]: clock alignment, master NWB, validation, seal")
+            daemon.command("finalize", session=session["session_id"])
+            job = wait_until(lambda: (j := daemon.command("finalize_status", session=session["session_id"]))[
+                "state"] != "running" and j, "finalize to finish", 600, every_s=0.5)
         finally:
             if sim is not None:
                 sim.stop()
             daemon.stop()
     folder = Path(session["path"])
     print_session_summary(folder)
-    console.print(f"session folder: [bold]{folder}[/bold]")
+    if job["state"] != "done":
+        console.print(f"[red]finalize failed[/red]: {job['error']}")
+        return 1
+    console.print("\n".join(summary_lines(job["report"])), highlight=False)
+    console.print(f"session folder: [bold]{folder}[/bold]\nmaster NWB: [bold]{folder / job['report']['master']}[/bold]")
     return 0

@@ -13,6 +13,7 @@ reason and the session is marked incomplete.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import queue
 import shutil
@@ -28,7 +29,7 @@ from typing import Any
 
 import zmq
 
-from acqd.config import RigConfig, SessionMetadata
+from acqd.config import RigConfig, SessionMetadata, check_name
 from acqd.errors import SessionError
 from acqd.session import (CLOSED, INTERRUPTED, RECORDING, SESSION_FILE, STREAMS_DIR, create_session_dir,
                           list_sessions, now_iso, read_session, session_name, write_json_atomic)
@@ -61,6 +62,41 @@ class WriterHandle:
     record_on_ready: int | None = None  # part to record into once a restarted writer is ready
 
 
+@dataclass
+class FinalizeJob:
+    """A finalize run: an ``acqd finalize --progress-jsonl`` subprocess, so a crash there spares the daemon."""
+
+    proc: subprocess.Popen
+    state: str = "running"  # running | done | failed
+    stage: str = "start"
+    fraction: float = 0.0
+    report: dict | None = None
+    error: str | None = None
+
+    def follow(self) -> None:
+        """Read the run's progress lines until it exits (on a thread of its own)."""
+        for line in self.proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if "report" in msg:
+                self.report = msg["report"]
+            elif "error" in msg:
+                self.error = msg["error"]
+            else:
+                self.stage, self.fraction = msg.get("stage", self.stage), msg.get("fraction", self.fraction)
+        rc = self.proc.wait()
+        if rc == 0 and self.report is not None:
+            self.state, self.fraction = "done", 1.0
+        else:
+            self.state, self.error = "failed", self.error or f"finalize exited with code {rc}"
+
+    def as_dict(self, with_report: bool = True) -> dict:
+        out = {"state": self.state, "stage": self.stage, "fraction": round(self.fraction, 4), "error": self.error}
+        return out | ({"report": self.report} if with_report else {})
+
+
 class Supervisor:
     """Owns the mode, the writers and the active session. Use ``call`` from other threads."""
 
@@ -80,6 +116,7 @@ class Supervisor:
         self.session_dir: Path | None = None
         self.last_session: dict | None = None
         self.recording = {"prepend_text": "", "base_text": "", "append_text": ""}
+        self.finalize_jobs: dict[str, FinalizeJob] = {}
         self._calls: queue.Queue = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -310,8 +347,11 @@ class Supervisor:
                 self._send(name, cmd="stop")
         self._wait_for(lambda: all(h.closed_ack or h.state not in ("recording",) for h in self.writers.values()),
                        "writers to close their files")
+        session_id = self.session["session_id"]
         self._close_session(CLOSED)
         self.mode = ACQUIRE
+        if self.cfg.daemon.finalize_on_stop:
+            self.start_finalize(session_id)
         return self.status()
 
     def stop(self) -> dict:
@@ -343,12 +383,7 @@ class Supervisor:
             try:
                 h.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                h.proc.terminate()
-                try:
-                    h.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    h.proc.kill()
-                    h.proc.wait()
+                stop_quietly(h.proc)
             h.state = "stopped"
         while self.router.poll(0):  # drain their last words
             self.router.recv_multipart()
@@ -360,6 +395,8 @@ class Supervisor:
             if self.mode != IDLE:
                 self.stop()
         finally:
+            for job in self.finalize_jobs.values():  # finalize is resumable: a rerun completes it
+                stop_quietly(job.proc)
             self.router.close(linger=0)
             self.ctx.term()
 
@@ -373,6 +410,31 @@ class Supervisor:
         os.close(self._lock_fd)
         self._lock_fd, self.data_root = fd, root
         self.recovered = self.recover_interrupted()
+
+    # -- finalize ------------------------------------------------------------------------------
+    def start_finalize(self, session_id: str) -> dict:
+        """Finalize a closed session in a subprocess; follow it with ``finalize_status``."""
+        try:
+            folder = self.data_root / check_name(session_id, "session name")
+        except ValueError as e:
+            raise SessionError(str(e)) from None
+        if not (folder / SESSION_FILE).is_file():
+            raise SessionError(f"no session {session_id!r} under {self.data_root}")
+        if self.session is not None and self.session["session_id"] == session_id:
+            raise SessionError(f"session {session_id!r} is being recorded: stop the recording first")
+        job = self.finalize_jobs.get(session_id)
+        if job is None or job.state != "running":
+            proc = subprocess.Popen([sys.executable, "-m", "acqd.cli", "finalize", str(folder), "--progress-jsonl"],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+            job = self.finalize_jobs[session_id] = FinalizeJob(proc)
+            threading.Thread(target=job.follow, name=f"finalize-{session_id}", daemon=True).start()
+        return {"session": session_id, **job.as_dict()}
+
+    def finalize_status(self, session_id: str | None = None) -> dict:
+        if session_id is not None:
+            job = self.finalize_jobs.get(session_id)
+            return {"session": session_id, **(job.as_dict() if job else {"state": "unknown"})}
+        return {"jobs": {sid: job.as_dict(with_report=False) for sid, job in self.finalize_jobs.items()}}
 
     # -- the session record --------------------------------------------------------------------
     def _session_attrs(self) -> dict:
@@ -444,6 +506,17 @@ class Supervisor:
                 "last_session": self.last_session,
                 "data_root": str(self.data_root), "disk_free_bytes": shutil.disk_usage(self.data_root).free,
                 "recovered": self.recovered}
+
+
+def stop_quietly(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it must; always reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -1,0 +1,57 @@
+"""The operator's whole session through the control API: record, stop, finalize on stop, read the NWB."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from pynwb import NWBHDF5IO
+
+from acqd.finalize import unseal_session
+from acqd.procs import Simulator, wait_until
+from acqd.streamfile import committed_rows, open_for_read
+from tests.conftest import write_rig
+
+
+@pytest.mark.slow
+def test_record_stop_finalize_on_stop_then_read_the_master(tmp_path: Path, daemon_factory):
+    rig_file = write_rig(tmp_path)
+    raw = yaml.safe_load(rig_file.read_text())
+    raw["daemon"]["finalize_on_stop"] = True
+    rig_file.write_text(yaml.safe_dump(raw))
+    daemon = daemon_factory(rig_file)
+    daemon.command("acquire")
+    sim = Simulator(rig_file, 60, seed=41)
+    try:
+        wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
+        folder = Path(daemon.command("record", session="lifecycle")["session"]["path"])
+        wait_until(lambda: daemon.command("status")["streams"]["probe"]["rows"] > 4 * 30000, "4 s of data")
+        daemon.command("stop")  # finalize_on_stop starts the finalizer in the background
+    finally:
+        sim.stop()
+    try:
+        job = wait_until(lambda: (j := daemon.command("finalize_status", session="lifecycle"))["state"] != "running"
+                         and j, "finalize to finish", 300, every_s=0.25)
+        assert job["state"] == "done", job["error"]
+        report = job["report"]
+        assert json.loads((folder / "session.json").read_text())["state"] == "finalized"
+        master = folder / "lifecycle.nwb"
+        assert report["master"].endswith("lifecycle.nwb") and master.is_file()
+        with NWBHDF5IO(str(master), "r") as io:
+            nwb = io.read()
+            series = {**nwb.acquisition}
+            assert nwb.subject.subject_id == "mouse001"
+            for name in ("probe", "nidaq", "camera", "sensor"):
+                with open_for_read(folder / "streams" / f"{name}.h5") as f:
+                    rows = committed_rows(f)
+                    assert series[name].data.shape[0] == rows
+                    assert np.array_equal(series[name].data[-10:], f["data"][rows - 10:rows])
+        again = daemon.command("finalize", session="lifecycle")  # idempotent through the API too
+        done = wait_until(lambda: (j := daemon.command("finalize_status", session="lifecycle"))["state"] != "running"
+                          and j, "the second finalize", 120, every_s=0.25)
+        assert again["state"] == "running" and done["state"] == "done" and done["report"]["changed"] is False
+    finally:
+        unseal_session(folder)
