@@ -112,9 +112,9 @@ COMMANDS: dict[str, Command] = {
                         "sessions under the data root"),
     "preflight": Command(Empty, lambda sup, req: {"problems": sup.preflight()},
                          "why RECORD would be refused right now"),
-    "finalize": Command(FinalizeRequest, lambda sup, req: sup.start_finalize(req.session),
+    "finalize": Command(FinalizeRequest, lambda sup, req: sup.start_job("finalize", req.session),
                         "finalize a closed session in the background"),
-    "finalize_status": Command(FinalizeStatusRequest, lambda sup, req: sup.finalize_status(req.session),
+    "finalize_status": Command(FinalizeStatusRequest, lambda sup, req: sup.job_status("finalize", req.session),
                                "progress and result of finalize runs"),
 }
 

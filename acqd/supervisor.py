@@ -63,8 +63,9 @@ class WriterHandle:
 
 
 @dataclass
-class FinalizeJob:
-    """A finalize run: an ``acqd finalize --progress-jsonl`` subprocess, so a crash there spares the daemon."""
+class Job:
+    """A finalize or export run: an ``acqd <kind> ... --progress-jsonl`` subprocess, so a crash there
+    spares the daemon. Its stdout carries progress lines, then the report (or the error)."""
 
     proc: subprocess.Popen
     state: str = "running"  # running | done | failed
@@ -90,7 +91,7 @@ class FinalizeJob:
         if rc == 0 and self.report is not None:
             self.state, self.fraction = "done", 1.0
         else:
-            self.state, self.error = "failed", self.error or f"finalize exited with code {rc}"
+            self.state, self.error = "failed", self.error or f"exited with code {rc}"
 
     def as_dict(self, with_report: bool = True) -> dict:
         out = {"state": self.state, "stage": self.stage, "fraction": round(self.fraction, 4), "error": self.error}
@@ -116,7 +117,7 @@ class Supervisor:
         self.session_dir: Path | None = None
         self.last_session: dict | None = None
         self.recording = {"prepend_text": "", "base_text": "", "append_text": ""}
-        self.finalize_jobs: dict[str, FinalizeJob] = {}
+        self.jobs: dict[tuple[str, str], Job] = {}  # (kind, session id) -> the latest run
         self._calls: queue.Queue = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -351,7 +352,7 @@ class Supervisor:
         self._close_session(CLOSED)
         self.mode = ACQUIRE
         if self.cfg.daemon.finalize_on_stop:
-            self.start_finalize(session_id)
+            self.start_job("finalize", session_id)
         return self.status()
 
     def stop(self) -> dict:
@@ -395,7 +396,7 @@ class Supervisor:
             if self.mode != IDLE:
                 self.stop()
         finally:
-            for job in self.finalize_jobs.values():  # finalize is resumable: a rerun completes it
+            for job in self.jobs.values():  # finalize and export are resumable: a rerun completes them
                 stop_quietly(job.proc)
             self.router.close(linger=0)
             self.ctx.term()
@@ -411,9 +412,9 @@ class Supervisor:
         self._lock_fd, self.data_root = fd, root
         self.recovered = self.recover_interrupted()
 
-    # -- finalize ------------------------------------------------------------------------------
-    def start_finalize(self, session_id: str) -> dict:
-        """Finalize a closed session in a subprocess; follow it with ``finalize_status``."""
+    # -- finalize and export jobs ----------------------------------------------------------------
+    def start_job(self, kind: str, session_id: str, *args: str) -> dict:
+        """Run ``acqd <kind> <session folder> *args`` in the background; follow it with ``job_status``."""
         try:
             folder = self.data_root / check_name(session_id, "session name")
         except ValueError as e:
@@ -422,19 +423,19 @@ class Supervisor:
             raise SessionError(f"no session {session_id!r} under {self.data_root}")
         if self.session is not None and self.session["session_id"] == session_id:
             raise SessionError(f"session {session_id!r} is being recorded: stop the recording first")
-        job = self.finalize_jobs.get(session_id)
+        job = self.jobs.get((kind, session_id))
         if job is None or job.state != "running":
-            proc = subprocess.Popen([sys.executable, "-m", "acqd.cli", "finalize", str(folder), "--progress-jsonl"],
+            proc = subprocess.Popen([sys.executable, "-m", "acqd.cli", kind, str(folder), *args, "--progress-jsonl"],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
-            job = self.finalize_jobs[session_id] = FinalizeJob(proc)
-            threading.Thread(target=job.follow, name=f"finalize-{session_id}", daemon=True).start()
-        return {"session": session_id, **job.as_dict()}
+            job = self.jobs[(kind, session_id)] = Job(proc)
+            threading.Thread(target=job.follow, name=f"{kind}-{session_id}", daemon=True).start()
+        return {"session": session_id, "kind": kind, **job.as_dict()}
 
-    def finalize_status(self, session_id: str | None = None) -> dict:
+    def job_status(self, kind: str, session_id: str | None = None) -> dict:
         if session_id is not None:
-            job = self.finalize_jobs.get(session_id)
-            return {"session": session_id, **(job.as_dict() if job else {"state": "unknown"})}
-        return {"jobs": {sid: job.as_dict(with_report=False) for sid, job in self.finalize_jobs.items()}}
+            job = self.jobs.get((kind, session_id))
+            return {"session": session_id, "kind": kind, **(job.as_dict() if job else {"state": "unknown"})}
+        return {"jobs": {sid: job.as_dict(with_report=False) for (k, sid), job in self.jobs.items() if k == kind}}
 
     # -- the session record --------------------------------------------------------------------
     def _session_attrs(self) -> dict:
