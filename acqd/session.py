@@ -59,24 +59,37 @@ def create_session_dir(data_root: Path, session_id: str) -> Path:
     return folder
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Replace ``path`` with ``obj`` as JSON so that readers and crashes see old or new, never a mix."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers and crashes see old or new, never a mix.
+
+    Written to a temporary file beside it, fsynced, renamed over ``path``, then the folder fsynced so that the
+    rename itself survives a power cut.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Replace ``path`` with ``obj`` as JSON so that readers and crashes see old or new, never a mix."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the renames and creations in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def read_session(folder: Path) -> dict:

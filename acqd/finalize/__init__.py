@@ -1,0 +1,282 @@
+"""Finalize a recorded session: align every clock, write the master NWB, validate it, seal the folder.
+
+The package owns the finalize stage end to end, from a quiescent session folder to a sealed one
+(docs/finalize.md). This module owns the orchestration: which sessions may be finalized (state, no stream
+file held open, one finalizer at a time), the stages in order and their progress, the rollback, and the
+state changes in ``session.json``. The stages live in:
+
+- ``streams``: what each stream's part files committed, recovery of parts a killed writer left open, the
+  file the master links (a part, a recovered copy, or a virtual dataset over the parts);
+- ``timing``: every stream on the session timebase (``acqd.clock`` fits, frame/strobe pairing, time zero,
+  row times, gaps and events);
+- ``plan``: the plan of the master NWB file, built from it by ``acqd.nwb`` (the only pynwb importer);
+- ``report``: ``FinalizeReport``, ``StreamReport`` and the QC summary and plots (written by ``acqd.qc``);
+- ``seal``: read-only, immutable, ``manifest.sha256`` and its verification;
+- ``layout``: the names of the outputs and the write-then-rename rule they follow.
+
+Idempotent and resumable: every output is rebuilt deterministically from the stream files, the master is
+written as ``<id>.nwb.partial`` and renamed only once it validates, and ``session.json`` turns 'finalized'
+last. A run that fails leaves the session as it found it; a run that is killed leaves it 'finalizing',
+and the next run starts over. On a finalized session a run only verifies the manifest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from acqd import nwb, qc
+from acqd.config import StreamConfig
+from acqd.errors import FinalizeError
+from acqd.finalize.layout import MANIFEST, PARTIAL, QC_DIR, RECOVERED_DIR, VDS_DIR, partial_then_rename
+from acqd.finalize.plan import plan_master
+from acqd.finalize.report import QC_SUMMARY, FinalizeReport, StreamReport, qc_plot, qc_summary
+from acqd.finalize.seal import (is_immutable, manifest_files, merge_seal, seal_paths, unseal, unseal_session,
+                                verify_manifest, write_manifest)
+from acqd.finalize.streams import Stream, linked_file, read_stream, stream_parts
+from acqd.finalize.timing import align_all, pair_frames, zero_sample
+from acqd.session import (CLOSED, FINALIZED, FINALIZING, INTERRUPTED, RECORDING, SESSION_FILE, fsync_dir,
+                          read_session, write_json_atomic)
+from acqd.video import VIDEO_DIR
+
+__all__ = ["FinalizeReport", "StreamReport", "finalize_session", "is_immutable", "pair_frames", "unseal_session",
+           "verify_manifest"]
+
+Progress = Callable[[str, float], None]
+
+# Tests: pause at a step (read, partial, qc, sealed, manifest) after writing our pid to the marker file.
+PAUSE_ENV = "ACQD_FINALIZE_PAUSE_AT"
+PAUSE_MARKER_ENV = "ACQD_FINALIZE_PAUSE_MARKER"
+
+# Progress: stage -> (fraction at its start, fraction at its end).
+STAGES = {"check": (0.0, 0.02), "read": (0.02, 0.1), "align": (0.1, 0.2), "write": (0.2, 0.45),
+          "validate": (0.45, 0.7), "qc": (0.7, 0.8), "seal": (0.8, 1.0)}
+
+
+def finalize_session(folder: Path, progress: Progress | None = None) -> FinalizeReport:
+    """Finalize the session in ``folder``: clock fits, master NWB, validation, QC, seal. See the module docstring.
+
+    Raises ``FinalizeError`` (nothing sealed, state unchanged) if the session is not quiescent, a stream cannot
+    be placed on the timebase, or the master fails validation (the message lists every blocking finding).
+    """
+    started = time.monotonic()
+    folder = Path(folder).resolve()
+    report_progress = _progress(progress)
+    with _exclusive(folder):
+        session = read_session(folder)
+        sid = session.get("session_id") or folder.name
+        master = folder / f"{sid}.nwb"
+        if session.get("state") == FINALIZED:
+            return _already_finalized(folder, session, master, started)
+        report_progress("check", 0.0)
+        parts = _check_quiescent(folder, session)
+        previous = session.get("finalize", {}).get("previous_state") or session["state"]
+        _clear_outputs(folder, master)  # a killed earlier run may have left any of them
+        write_json_atomic(folder / SESSION_FILE, {**session, "state": FINALIZING,
+                                                  "finalize": {"previous_state": previous}})
+        try:
+            report = _run(folder, session, parts, master, report_progress)
+        except BaseException:
+            _clear_outputs(folder, master)
+            unseal(sorted(p for ps in parts.values() for p in ps))
+            write_json_atomic(folder / SESSION_FILE, session)
+            raise
+        final = {**session, "state": FINALIZED,
+                 "finalize": {"previous_state": previous, "master": report.master, "manifest": MANIFEST,
+                              "qc": report.qc}}
+        write_json_atomic(folder / SESSION_FILE, final)  # the commit point
+        merge_seal(report.sealed, seal_paths([folder / SESSION_FILE]))
+        report.state = FINALIZED
+        report.seconds = round(time.monotonic() - started, 3)
+        report_progress("seal", 1.0)
+        return report
+
+
+def _run(folder: Path, session: dict, parts: dict[str, list[Path]], master: Path, progress: Progress
+         ) -> FinalizeReport:
+    """Everything between the checks and the commit point; raises on any failure (the caller rolls back)."""
+    sid = session.get("session_id") or folder.name
+    configs = {s["name"]: StreamConfig.model_validate(s) for s in session["config"]["streams"]}
+    ref_name = session["reference"]
+    if ref_name not in configs:
+        raise FinalizeError(f"reference stream {ref_name!r} is not in the session's config")
+    missing = [n for n in configs if not parts.get(n)]
+    if ref_name in missing:
+        raise FinalizeError(f"the reference stream {ref_name!r} recorded nothing: there is no timebase")
+    streams, empty = _read_streams(folder, configs, parts, ref_name, progress)
+    warnings = [f"stream {n!r} has no file (it never recorded)" for n in missing] + empty
+    _checkpoint("read")
+
+    progress("align", 0.0)
+    ref = streams[ref_name]
+    if ref.n_segments > 1:
+        raise FinalizeError(f"the reference stream {ref_name!r} counter was reset: it cannot define one timebase")
+    aligned = align_all(streams, ref)
+    zero = zero_sample(streams, aligned, ref)
+    zero_s = zero / ref.rate
+    progress("align", 1.0)
+
+    progress("write", 0.0)
+    linked = {name: linked_file(folder, s) for name, s in streams.items()}
+    plan, stream_reports = plan_master(folder, session, streams, aligned, ref, zero, linked)
+    with partial_then_rename(master) as partial:  # under its final name only once it has validated
+        nwb.write_master(partial, plan)
+        progress("write", 1.0)
+        _checkpoint("partial")
+        progress("validate", 0.0)
+        check = nwb.check_master(partial, {n: r.series_rows for n, r in stream_reports.items()})
+        if not check.ok:
+            raise FinalizeError(f"{partial.name} failed validation, nothing was sealed:\n  "
+                                + "\n  ".join(check.blocking))
+    fsync_dir(folder)
+    progress("validate", 1.0)
+
+    timebase = {"reference": ref_name, "reference_rate": ref.rate, "zero_sample": zero,
+                "zero_reference_s": zero_s, "session_start_time": plan.session_start_time.isoformat(),
+                "definition": "session time = reference seconds (reference sample / nominal reference rate) "
+                              "- zero_reference_s; zero = the earliest first recorded sample of any stream"}
+    report = FinalizeReport(session_id=sid, folder=str(folder), state=FINALIZING, changed=True,
+                            message=f"finalized {sid}", master=master.name, timebase=timebase,
+                            streams=stream_reports, check=check.to_dict(), warnings=warnings)
+    progress("qc", 0.0)
+    qc.write_report(folder / QC_DIR, qc_summary(report),
+                    [qc_plot(streams[n], aligned[n], zero_s, stream_reports[n]) for n in streams])
+    progress("qc", 1.0)
+    _checkpoint("qc")
+
+    progress("seal", 0.0)
+    outputs = manifest_files(folder)
+    report.sealed = seal_paths(outputs)
+    _checkpoint("sealed")
+    write_manifest(folder, outputs, lambda done, total: progress("seal", 0.95 * done / total))
+    merge_seal(report.sealed, seal_paths([folder / MANIFEST]))
+    _checkpoint("manifest")
+    return report
+
+
+def _read_streams(folder: Path, configs: dict[str, StreamConfig], parts: dict[str, list[Path]], ref_name: str,
+                  progress: Progress) -> tuple[dict[str, Stream], list[str]]:
+    """Every stream that has files, and a warning for each that committed nothing (it is left out; the reference
+    cannot be)."""
+    progress("read", 0.0)
+    streams: dict[str, Stream] = {}
+    warnings = []
+    for i, name in enumerate(n for n in configs if parts.get(n)):
+        stream = read_stream(folder, configs[name], parts[name])
+        if stream is not None:
+            streams[name] = stream
+        elif name == ref_name:
+            raise FinalizeError(f"the reference stream {ref_name!r} committed no data: there is no timebase")
+        else:
+            warnings.append(f"stream {name!r} committed no data; it is left out of the master")
+        progress("read", (i + 1) / len(configs))
+    return streams, warnings
+
+
+def _already_finalized(folder: Path, session: dict, master: Path, started: float) -> FinalizeReport:
+    """Verify the manifest; the report's details come from the QC summary the finalizing run wrote."""
+    problems = verify_manifest(folder)
+    if problems:
+        raise FinalizeError(f"{folder.name} is finalized but does not match its manifest:\n  " + "\n  ".join(problems))
+    summary = json.loads((folder / QC_SUMMARY).read_text())
+    return FinalizeReport(session_id=session.get("session_id", folder.name), folder=str(folder), state=FINALIZED,
+                          changed=False, message="already finalized, nothing changed (manifest verified)",
+                          master=master.name, timebase=summary["timebase"], check=summary["validation"],
+                          streams={n: StreamReport(**r) for n, r in summary["streams"].items()},
+                          sealed={"files": len((folder / MANIFEST).read_text().splitlines()) + 2,
+                                  "read_only": True, "immutable": is_immutable(folder / MANIFEST)},
+                          warnings=summary["warnings"], seconds=round(time.monotonic() - started, 3))
+
+
+def _progress(progress: Progress | None) -> Progress:
+    """Map a stage's own fraction onto the whole run."""
+    def report(stage: str, fraction: float) -> None:
+        if progress is not None:
+            lo, hi = STAGES[stage]
+            progress(stage, lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
+    return report
+
+
+def _checkpoint(step: str) -> None:
+    """Test hook: with ``ACQD_FINALIZE_PAUSE_AT=step``, touch the marker file and wait to be killed."""
+    if os.environ.get(PAUSE_ENV) == step:
+        marker = os.environ.get(PAUSE_MARKER_ENV)
+        if marker:
+            Path(marker).write_text(str(os.getpid()))
+        while True:
+            time.sleep(1)
+
+
+# -- which sessions may be finalized ------------------------------------------------------------------------
+
+
+@contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """One finalizer per session (CLI and API may both be asked): an flock on the folder itself, no lock file."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise FinalizeError(f"{folder}: not a session folder ({e.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FinalizeError(f"{folder.name} is being finalized by another process") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _check_quiescent(folder: Path, session: dict) -> dict[str, list[Path]]:
+    """Refuse a session any writer may still touch; returns each stream's part files, in part order."""
+    state = session.get("state")
+    if state == RECORDING:
+        raise FinalizeError(f"{folder.name} is still recording (state 'recording'): stop the recording first; if "
+                            "the daemon died, start it once so that it marks the session interrupted")
+    if state not in (CLOSED, INTERRUPTED, FINALIZING):
+        raise FinalizeError(f"{folder.name}: state {state!r} cannot be finalized (closed or interrupted only)")
+    parts = stream_parts(folder, session)
+    held = _held_open([p for ps in parts.values() for p in ps] + sorted((folder / VIDEO_DIR).glob("*")))
+    if held:
+        raise FinalizeError(f"{folder.name}: files are still open in another process (a writer?): "
+                            + ", ".join(f"{p.name} by pid {pid}" for p, pid in held))
+    return parts
+
+
+def _held_open(paths: list[Path]) -> list[tuple[Path, int]]:
+    """(file, pid) for every process that has one of ``paths`` open (Linux /proc; empty where unavailable)."""
+    wanted = {os.path.realpath(p): p for p in paths}
+    held = []
+    for pid in (d for d in os.listdir("/proc") if d.isdigit()) if os.path.isdir("/proc") else []:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target in wanted:
+                held.append((wanted[target], int(pid)))
+    return sorted(set(held))
+
+
+def _clear_outputs(folder: Path, master: Path) -> None:
+    """Remove what finalize writes (master, partials, qc, vds, recovered copies, manifest) so a run starts clean."""
+    files = [master, master.with_name(master.name + PARTIAL), folder / MANIFEST]
+    dirs = [folder / d for d in (QC_DIR, VDS_DIR, RECOVERED_DIR)]
+    for d in dirs:
+        if d.is_dir():
+            files += [p for p in d.rglob("*") if p.is_file()]
+    unseal(files + [folder / SESSION_FILE])  # session.json is replaced next: its immutable flag would forbid that
+    for f in files:
+        f.unlink(missing_ok=True)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,161 @@
+"""The plan of the master NWB file, and each stream's report, from the aligned streams.
+
+This module owns what goes into the master (docs/finalize.md "The NWB layout"): one series per stream with
+its timing, description and comments, the events, the gaps table, the ``processing/sync`` tables (clock fits,
+timebase, frame reconciliation), the session metadata and notes. It makes plain ``acqd.nwb`` plan
+dataclasses; ``acqd.nwb`` (the only pynwb importer) builds the file from them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from acqd import nwb
+from acqd.clock import ClockFit
+from acqd.config import ChannelSync
+from acqd.errors import FinalizeError
+from acqd.finalize.layout import rel
+from acqd.finalize.report import StreamReport
+from acqd.finalize.streams import Stream
+from acqd.finalize.timing import (Alignment, extrapolated_rows, row_times, series_timing, stream_events, stream_gaps,
+                                  wall_time)
+
+
+def plan_master(folder: Path, session: dict, streams: dict[str, Stream], aligned: dict[str, Alignment], ref: Stream,
+                zero_sample: int, linked: dict[str, Path]) -> tuple[nwb.MasterPlan, dict[str, StreamReport]]:
+    """The master's plan and each stream's report; ``linked`` is the file each stream's series links."""
+    zero_s = zero_sample / ref.rate
+    meta = session.get("metadata", {})
+    series, events, gaps, reports = [], [], [], {}
+    for name, s in streams.items():
+        a = aligned[name]
+        timing, flags, video = series_timing(s, a.fit, zero_s), list(a.flags), None
+        if s.cfg.video is not None:
+            files, starts, rows, problems = s.video_frames()
+            missing = [f for f in files if not (folder / f).is_file()]
+            if missing or not files:
+                raise FinalizeError(f"stream {name!r}: video files missing: {missing or 'no finished file'}")
+            video, flags = {"files": files, "starting_frames": starts}, flags + problems
+            if len(rows) != s.rows:  # some committed frames are in no file: the series holds the others
+                timing = nwb.Timing(rows=len(rows), timestamps=row_times(s, a.fit, zero_s, rows))
+        gaps_of_s = stream_gaps(s, a.fit, zero_s)
+        gaps += gaps_of_s
+        events += stream_events(s, a.fit, zero_s)
+        first_s = float(row_times(s, a.fit, zero_s)(0, 1)[0])
+        reports[name] = StreamReport(
+            name=name, kind=s.cfg.kind, rows=s.rows, parts=[rel(p.path, folder) for p in s.parts],
+            recovered=[rel(p.link, folder) for p in s.parts if p.recovered], linked=rel(linked[name], folder),
+            series_rows=timing.rows, timing="rate" if timing.regular else "timestamps", first_time_s=first_s,
+            clock={**a.fit.to_dict(), "extrapolated_rows": extrapolated_rows(s, a.fit)}, flags=flags,
+            gaps=gaps_of_s, frames=a.frames, video=video)
+        series.append(_series_plan(s, a.fit, flags, timing, linked[name], gaps_of_s, video))
+    start_time = wall_time(ref, zero_sample)
+    plan = nwb.MasterPlan(
+        identifier=session["session_id"], session_id=session["session_id"],
+        session_description=meta.get("session_description") or session["session_id"],
+        session_start_time=start_time, file_create_date=_parse_time(session.get("stopped") or session["created"]),
+        subject=meta.get("subject", {}), experimenter=tuple(meta.get("experimenter") or ()),
+        institution=meta.get("institution"), lab=meta.get("lab"),
+        experiment_description=meta.get("experiment_description"), keywords=tuple(meta.get("keywords") or ()),
+        notes=_notes(ref, zero_sample, session), series=series, events=events,
+        gaps=_gap_table(gaps) if gaps else None,
+        sync_tables=_sync_tables(streams, aligned, reports, ref, zero_sample, start_time))
+    return plan, reports
+
+
+def _series_plan(s: Stream, fit: ClockFit, flags: list[str], timing: nwb.Timing, linked: Path, gaps: list[dict],
+                 video: dict | None) -> nwb.SeriesPlan:
+    cfg = s.cfg
+    channels = tuple(cfg.channel_names or (f"ch{i:03d}" for i in range(cfg.shape[0])))
+    digital = sorted({cfg.sync.channel} if isinstance(cfg.sync, ChannelSync) else set())
+    comments = (f"time: {fit.source} clock ({fit.model}), error bound {fit.error_bound_s * 1e3:.3g} ms, "
+                f"{fit.n_pairs} pairs, drift {fit.drift_ppm:+.2f} ppm; "
+                + (f"{len(gaps)} gap(s), see /intervals/gaps" if gaps else "no gaps")
+                + "".join(f"; {flag}" for flag in flags))
+    described = cfg.description or cfg.name
+    if len(cfg.shape) == 1:
+        described += f"; columns: {', '.join(channels)}"
+    if digital:
+        described += f"; column(s) {digital} are digital words (bits), not {cfg.units}"
+    kind = cfg.kind if not (cfg.kind == "ephys" and cfg.units != "volts") else "analog"
+    if video is not None:
+        described += f"; frames in external {cfg.video.codec} video files"
+    return nwb.SeriesPlan(name=cfg.name, kind=kind, data_file=None if video else linked, sync_file=linked,
+                          unit=cfg.units, conversion=float(cfg.conversion), offset=float(cfg.offset),
+                          description=described, comments=comments, timing=timing,
+                          channel_names=channels if len(cfg.shape) == 1 else (), sync_channels=tuple(digital),
+                          device_description=cfg.description,
+                          external_files=tuple(video["files"]) if video else (),
+                          starting_frames=tuple(video["starting_frames"]) if video else ())
+
+
+def _gap_table(gaps: list[dict]) -> nwb.TablePlan:
+    desc = {"start_time": "session time where the missing samples would have started",
+            "stop_time": "session time of the first sample after the gap",
+            "stream": "stream with the gap", "kind": "seq (messages lost), samples (device skipped), restart "
+            "(publisher restarted), counter_reset, writer_restart (a new part file), unrecorded",
+            "row": "file row of the first sample after the gap in the stream's data",
+            "sample_from": "device sample where the gap starts", "sample_to": "device sample after the gap",
+            "samples_lost": "samples missing (-1: unknown, the counter was reset)",
+            "seq_from": "first missing message seq (-1: not recorded)", "seq_to": "seq after the gap (-1: not recorded)"}
+    gaps = sorted(gaps, key=lambda g: (g["start_time"], g["stream"]))
+    return nwb.TablePlan("gaps", "every discontinuity in a stream's data, proven by its chunk index: the samples "
+                         "between start_time and stop_time were never recorded",
+                         {k: (d, [g[k] for g in gaps]) for k, d in desc.items()})
+
+
+def _sync_tables(streams: dict[str, Stream], aligned: dict[str, Alignment], reports: dict[str, StreamReport],
+                 ref: Stream, zero_sample: int, start_time: datetime) -> list[nwb.TablePlan]:
+    names = list(streams)
+    fits = {n: aligned[n].fit.to_dict() for n in names}
+    cols = {"stream": ("stream name", names),
+            "source": ("reference | sync (shared TTL edges) | strobe (camera strobes) | host (receive times)",
+                       [fits[n]["source"] for n in names]),
+            "model": ("affine or piecewise (continuous piecewise-linear)", [fits[n]["model"] for n in names])}
+    numeric = {"segments": "counter segments", "counter_resets": "device counter resets", "n_pairs": "pairs fitted",
+               "unmatched_dev": "device edges without a reference partner", "unmatched_ref":
+               "reference edges without a device partner", "drift_ppm": "rate error vs nominal (positive: fast)",
+               "residual_rms_s": "RMS fit residual (s)", "residual_max_s": "largest fit residual (s)",
+               "error_bound_s": "bound on the map's error between the first and last pairs (s)"}
+    for key, d in numeric.items():
+        cols[key] = (d, np.array([fits[n][key] for n in names]))
+    cols["extrapolated_rows"] = ("rows outside the fitted span (error bound does not apply)",
+                                 np.array([reports[n].clock["extrapolated_rows"] for n in names], dtype=np.int64))
+    cols["timing"] = ("rate: starting_time + rate; timestamps: one per row", [reports[n].timing for n in names])
+    cols["n_gaps"] = ("gaps in the stream (see /intervals/gaps)", np.array([len(reports[n].gaps) for n in names]))
+    cols["flags"] = ("what an analyst must know about this stream's timing", ["; ".join(reports[n].flags)
+                                                                               for n in names])
+    tables = [nwb.TablePlan("clock_fits", "each stream's map from its sample counter to the reference clock, and "
+                            "its quality (acqd.clock; docs/clock-alignment.md)", cols),
+              nwb.TablePlan("timebase", "session time = reference sample / reference_rate - zero_sample / "
+                            "reference_rate", {
+                                "reference": ("the stream whose clock is the timebase", [ref.name]),
+                                "reference_rate": ("its nominal rate (Hz)", np.array([ref.rate])),
+                                "zero_sample": ("reference sample at session time 0", np.array([zero_sample])),
+                                "wall_clock_at_zero": ("host wall clock at session time 0 (ms accuracy)",
+                                                       [start_time.isoformat()])})]
+    cams = [n for n in names if aligned[n].frames is not None]
+    if cams:
+        keys = list(aligned[cams[0]].frames)
+        tables.append(nwb.TablePlan("frames", "camera frames reconciled with the strobe edges they produced", {
+            "stream": ("camera stream", cams),
+            **{k: (k.replace("_", " "), np.array([aligned[n].frames[k] for n in cams])) for k in keys}}))
+    return tables
+
+
+def _notes(ref: Stream, zero_sample: int, session: dict) -> str:
+    text = (f"Written by acqd finalize. Timebase: the clock of stream {ref.name!r}; session time 0 is its sample "
+            f"{zero_sample}. Data are HDF5 external links into streams/ (read with NWBHDF5IO(path, 'r'), never 'a'); "
+            "each series' sync group links the raw sync record. Clock fits: /processing/sync.")
+    if session.get("incomplete"):
+        text += " The session is marked INCOMPLETE (see session.json incidents)."
+    return text
+
+
+def _parse_time(text: str) -> datetime:
+    """A session.json time; one without a zone is UTC."""
+    t = datetime.fromisoformat(text)
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)

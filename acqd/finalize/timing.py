@@ -1,0 +1,285 @@
+"""Every stream on the session timebase: clock alignment, time zero, row times, gaps and events.
+
+This module owns how finalize times a stream (docs/finalize.md "Align" and "The timebase"): the map from each
+stream's sample counter to reference seconds (``align_all``: the reference exactly, shared sync edges, camera
+strobes through another stream's map, host receive times as the flagged fallback; the fits themselves are
+``acqd.clock``'s), the pairing of camera frames with strobes, session time zero and the wall clock there, the
+choice between ``starting_time + rate`` and one timestamp per row, and the gaps and digital-line events in
+session time. Everything here is computed from the ``Stream`` model; nothing is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+
+from acqd import nwb
+from acqd.clock import ClockFit, align_stream, fit_clock, fit_host_clock, split_counter_resets
+from acqd.config import ChannelSync, FrameSync, StrobeSync
+from acqd.errors import ClockFitError, FinalizeError
+from acqd.finalize.streams import Stream
+from acqd.ingest import Gap
+
+REGULAR_TOL_SAMPLES = 0.1  # starting_time + rate only if the map is that close to one straight line
+HOST_TIMED = "timed by host receive times (~1 ms accuracy)"
+
+
+# -- clock alignment -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Alignment:
+    """One stream's map to reference seconds, and what the report must say about it."""
+
+    fit: ClockFit
+    flags: list[str]
+    frames: dict | None = None
+    pairs: tuple[np.ndarray, np.ndarray] | None = None
+    """(device positions, reference seconds) the fit rests on, for the QC residual plot."""
+
+
+def align_all(streams: dict[str, Stream], ref: Stream) -> dict[str, Alignment]:
+    """Fit every stream to the reference; strobe-timed streams last, since they go through another's fit."""
+    out = {ref.name: Alignment(_identity(ref), [])}
+    order = sorted((n for n in streams if n != ref.name), key=lambda n: isinstance(streams[n].cfg.sync, StrobeSync))
+    for name in order:
+        s = streams[name]
+        sync = s.cfg.sync
+        if isinstance(sync, StrobeSync) and sync.stream in out:
+            out[name] = _align_strobe(s, streams[sync.stream], out[sync.stream].fit, ref)
+        elif isinstance(sync, (ChannelSync, FrameSync)):
+            out[name] = _align_sync(s, ref)
+        else:
+            why = ("no sync source" if sync is None else f"its strobe stream {sync.stream!r} did not record")
+            out[name] = Alignment(_host_fit(s, ref), [f"{why}: {HOST_TIMED}"])
+    return out
+
+
+def _identity(ref: Stream) -> ClockFit:
+    """The reference's own map: reference seconds = sample / nominal rate, exactly."""
+    a = float(ref.index["first_sample"][0])
+    knots = np.array([a, a + max(1, ref.rows)])
+    return ClockFit(knots=(knots,), seconds=(knots / ref.rate,), model="affine", source="reference",
+                    dev_rate=ref.rate, n_pairs=0, unmatched_dev=0, unmatched_ref=0, drift_ppm=0.0,
+                    residual_rms_s=0.0, residual_max_s=0.0, error_bound_s=0.0)
+
+
+def _align_sync(s: Stream, ref: Stream) -> Alignment:
+    dev, refe = s.edges.get("sync", np.empty(0, np.int64)), ref.edges.get("sync", np.empty(0, np.int64))
+    try:
+        fit = align_stream(dev, s.rate, refe, ref.rate)
+        if fit.segments != s.n_segments:
+            raise ClockFitError(f"sync edges show {fit.segments} counter segments, the chunk index {s.n_segments}")
+    except ClockFitError as e:
+        return Alignment(_host_fit(s, ref), [f"sync fit failed ({e}): {HOST_TIMED}"])
+    return Alignment(fit, [], pairs=_nearest_pairs(dev, fit, refe / ref.rate - 0.5 / ref.rate))
+
+
+def _nearest_pairs(dev_edges: np.ndarray, fit: ClockFit, ref_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each device edge with the reference edge nearest its fitted time, if within 5 error bounds (QC only)."""
+    if len(dev_edges) == 0 or len(ref_s) < 2:
+        return np.empty(0), np.empty(0)
+    pos = dev_edges.astype(np.float64) - 0.5
+    pred = to_reference(fit, pos, edge_segments(dev_edges))
+    j = _nearest(ref_s, pred)
+    keep = np.abs(ref_s[j] - pred) <= 5 * max(fit.error_bound_s, 1e-6)
+    return pos[keep], ref_s[j][keep]
+
+
+def _host_fit(s: Stream, ref: Stream) -> ClockFit:
+    """Device sample -> reference seconds through host receive times (acqd.clock.fit_host_clock)."""
+    base = int(min(s.index["host_mono_ns"].min(), ref.index["host_mono_ns"].min()))
+    try:
+        return fit_host_clock(s.chunk_end, (s.index["host_mono_ns"] - base) / 1e9, ref.chunk_end,
+                              (ref.index["host_mono_ns"] - base) / 1e9, s.rate, ref.rate)
+    except ClockFitError as e:
+        raise FinalizeError(f"stream {s.name!r} cannot be placed on the timebase: {e}") from None
+
+
+def _align_strobe(s: Stream, target: Stream, target_fit: ClockFit, ref: Stream) -> Alignment:
+    """A camera: frame k strobed line 'strobe:<camera>' of ``target``; its edges, through the target's fit, time
+    the frames. Frames pair with strobes by the host-time estimate (good to well under half a frame period),
+    then a clock is fitted to the pairs like any other stream's."""
+    host = _host_fit(s, ref)
+    strobes = target.edges.get(f"strobe:{s.name}", np.empty(0, np.int64))
+    strobe_s = to_reference(target_fit, strobes.astype(np.float64) - 0.5, edge_segments(strobes))
+    frames, _ = s.row_samples(0, s.rows)
+    period = 1.0 / s.rate
+    try:
+        if s.n_segments > 1:
+            raise ClockFitError("the camera's frame counter was reset")
+        fi, sj, offset = pair_frames(frames, host.to_reference(frames.astype(np.float64)), strobe_s, period)
+        fit = fit_clock(frames[fi].astype(np.float64), strobe_s[sj], s.rate)
+    except ClockFitError as e:
+        return Alignment(host, [f"strobe fit failed ({e}): {HOST_TIMED}"])
+    t = fit.to_reference(frames.astype(np.float64))
+    lo, hi = target_fit.to_reference(np.array([target.index["first_sample"][0],
+                                               target.chunk_end[-1]], dtype=np.float64))
+    covered = (t >= lo) & (t <= hi)
+    in_span = (strobe_s >= t[0] - period / 2) & (strobe_s <= t[-1] + period / 2)
+    span = int(frames[-1] - frames[0] + 1)
+    frames_report = {
+        "recorded": int(s.rows), "counter_span": span, "dropped": span - int(s.rows),
+        "strobes_in_span": int(in_span.sum()), "paired": int(len(fi)),
+        "frames_without_strobe": max(0, int(covered.sum()) - int(len(fi))),
+        "frames_outside_strobe_recording": int((~covered).sum()),
+        "strobes_without_frame": max(0, int(in_span.sum()) - int(len(fi))),
+        "extra_strobes": max(0, int(in_span.sum()) - int(len(fi)) - (span - int(s.rows))),
+        "host_offset_s": float(offset),
+    }
+    flags = []
+    if abs(offset) > period / 4:
+        flags.append(f"host-time estimate was {offset * 1e3:.1f} ms off the strobes (over a quarter frame): "
+                     "check the frame/strobe assignment")
+    bound = max(fit.error_bound_s, 0.5 / target.rate + target_fit.error_bound_s)
+    fit = replace(fit, source="strobe", unmatched_dev=frames_report["frames_without_strobe"],
+                  unmatched_ref=frames_report["strobes_without_frame"], error_bound_s=bound)
+    return Alignment(fit, flags, frames_report, (frames[fi].astype(np.float64), strobe_s[sj]))
+
+
+def pair_frames(frames: np.ndarray, prior_s: np.ndarray, strobe_s: np.ndarray, period: float
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Pair recorded frames with strobe edges: (frame indices, strobe indices, prior's offset in seconds).
+
+    ``prior_s`` estimates each frame's time (host receive times: ms accurate, offset unknown within a frame).
+    The offset between prior and strobes is the circular mean of each frame's distance to its nearest strobe
+    (circular over one frame period, so it is found even if the prior is almost half a period off); the shifted
+    prior then pairs each frame with the one strobe within a quarter period. A strobe claimed twice is dropped.
+    """
+    if len(strobe_s) < 2 or len(frames) == 0:
+        raise ClockFitError(f"{len(strobe_s)} strobe edges for {len(frames)} frames")
+    near = _nearest(strobe_s, prior_s)
+    phase = np.exp(2j * np.pi * (strobe_s[near] - prior_s) / period)
+    offset = float(np.angle(phase.mean()) * period / (2 * np.pi))
+    pred = prior_s + offset
+    j = _nearest(strobe_s, pred)
+    ok = np.abs(strobe_s[j] - pred) < period / 4
+    fi, sj = np.flatnonzero(ok), j[ok]
+    _, inverse, counts = np.unique(sj, return_inverse=True, return_counts=True)
+    keep = counts[inverse] == 1
+    return fi[keep], sj[keep], offset
+
+
+def _nearest(sorted_values: np.ndarray, x: np.ndarray) -> np.ndarray:
+    j = np.clip(np.searchsorted(sorted_values, x), 1, len(sorted_values) - 1)
+    return np.where(np.abs(sorted_values[j - 1] - x) <= np.abs(sorted_values[j] - x), j - 1, j)
+
+
+def edge_segments(edges: np.ndarray) -> np.ndarray:
+    """Counter segment of each edge: edges are stored in time order, so the counter going back starts a segment."""
+    seg = np.zeros(len(edges), dtype=np.int64)
+    for k, sl in enumerate(split_counter_resets(edges)):
+        seg[sl] = k
+    return seg
+
+
+def to_reference(fit: ClockFit, positions: np.ndarray, segment: np.ndarray) -> np.ndarray:
+    """Reference seconds of device positions, each through its counter segment's map."""
+    out = np.empty(len(positions), dtype=np.float64)
+    for k in np.unique(segment):
+        if k >= fit.segments:
+            raise FinalizeError(f"edges in counter segment {k}, but the clock fit has {fit.segments}")
+        m = segment == k
+        out[m] = fit.to_reference(positions[m], int(k))
+    return out
+
+
+# -- the timebase ---------------------------------------------------------------------------------------------------
+
+
+def zero_sample(streams: dict[str, Stream], aligned: dict[str, Alignment], ref: Stream) -> int:
+    """Session time zero, in whole reference samples: the earliest first recorded sample of any stream, so that
+    no time is negative."""
+    first = [aligned[n].fit.to_reference(np.array([float(s.index["first_sample"][0])]), 0)[0]
+             for n, s in streams.items()]
+    return int(np.floor(min(first) * ref.rate + 1e-9))
+
+
+def wall_time(ref: Stream, zero_sample: int) -> datetime:
+    """Host wall time of a reference sample: the first chunk's receive time, back by the samples since then."""
+    end_ns = int(ref.index["host_wall_ns"][0])
+    ns = end_ns - round((int(ref.chunk_end[0]) - zero_sample) / ref.rate * 1e9)
+    return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=ns // 1000)
+
+
+# -- rows, gaps and events in session time -------------------------------------------------------------------------
+
+
+def row_times(s: Stream, fit: ClockFit, zero_s: float, rows: np.ndarray | None = None
+              ) -> Callable[[int, int], np.ndarray]:
+    """Session seconds of series rows [a, b): file rows, or ``rows[a:b]`` when the series holds only those."""
+    def times(a: int, b: int) -> np.ndarray:
+        samples, seg = s.row_samples(a, b) if rows is None else s.samples_of(rows[a:b])
+        return to_reference(fit, samples.astype(np.float64), seg) - zero_s
+    return times
+
+
+def series_timing(s: Stream, fit: ClockFit, zero_s: float) -> nwb.Timing:
+    """starting_time + rate when every row continues the previous one and the map is one straight line over the
+    stream within ``REGULAR_TOL_SAMPLES``; otherwise a timestamp per row."""
+    if len(s.breaks) == 0 and fit.segments == 1 and s.rows >= 2:
+        x0 = float(s.index["first_sample"][0])
+        x1 = x0 + s.rows - 1
+        y0, y1 = fit.to_reference(np.array([x0, x1]), 0)
+        knots = fit.knots[0][(fit.knots[0] > x0) & (fit.knots[0] < x1)]
+        line = y0 + (knots - x0) * (y1 - y0) / (x1 - x0)
+        if np.all(np.abs(fit.to_reference(knots, 0) - line) * s.rate <= REGULAR_TOL_SAMPLES):
+            if fit.source == "reference":  # exact: whole samples from zero, the nominal rate
+                return nwb.Timing(rows=s.rows, starting_time=(x0 - round(zero_s * s.rate)) / s.rate, rate=s.rate)
+            return nwb.Timing(rows=s.rows, starting_time=float(y0 - zero_s), rate=float((x1 - x0) / (y1 - y0)))
+    return nwb.Timing(rows=s.rows, timestamps=row_times(s, fit, zero_s))
+
+
+def extrapolated_rows(s: Stream, fit: ClockFit) -> int:
+    """Rows before the first or after the last knot of their segment: the error bound does not cover them.
+
+    Streams over 5 million rows are counted at chunk boundaries only (approximate to a chunk), to bound memory.
+    """
+    if fit.source == "reference":
+        return 0
+    samples, seg = s.row_samples(0, s.rows) if s.rows <= 5_000_000 else (s.first_sample, s.segment)
+    lo = np.array([k[0] for k in fit.knots])[seg]
+    hi = np.array([k[-1] for k in fit.knots])[seg]
+    return int(np.sum((samples < lo) | (samples > hi)))
+
+
+def stream_gaps(s: Stream, fit: ClockFit, zero_s: float) -> list[dict]:
+    """Every discontinuity the chunk index proves, with what the writer recorded about it."""
+    kinds = {g.value: g.name.lower() for g in Gap}
+    recorded = {int(g["file_row"]): g for g in s.recorded_gaps}
+    part_starts = set(s.part_start_chunks[1:])
+    seg = s.segment
+    out = []
+    for i in s.breaks.tolist():
+        row = int(s.index["file_row"][i])
+        g = recorded.get(row)
+        kind = kinds.get(int(g["kind"]), "unknown") if g is not None else (
+            "writer_restart" if i in part_starts else "unrecorded")
+        prev_end, first = int(s.chunk_end[i - 1]), int(s.index["first_sample"][i])
+        start = fit.to_reference(np.array([float(prev_end)]), int(seg[i - 1]))[0] - zero_s
+        stop = fit.to_reference(np.array([float(first)]), int(seg[i]))[0] - zero_s
+        out.append({"stream": s.name, "kind": kind, "row": row, "start_time": float(start),
+                    "stop_time": float(max(stop, start)), "sample_from": prev_end, "sample_to": first,
+                    "samples_lost": first - prev_end if seg[i] == seg[i - 1] else -1,
+                    "seq_from": int(g["seq_from"]) if g is not None else -1,
+                    "seq_to": int(g["seq_to"]) if g is not None else -1})
+    return out
+
+
+def stream_events(s: Stream, fit: ClockFit, zero_s: float) -> list[nwb.EventsPlan]:
+    """One EventsTable per digital line the stream recorded. A latched sample k means the edge came in (k-1, k]."""
+    out = []
+    for label, samples in sorted(s.edges.items()):
+        if len(samples) == 0:
+            continue
+        t = to_reference(fit, samples.astype(np.float64) - 0.5, edge_segments(samples)) - zero_s
+        what = "shared sync pulses" if label == "sync" else f"frame strobes of {label.split(':', 1)[1]}"
+        out.append(nwb.EventsPlan(
+            name=f"{s.name}_{label.replace(':', '_')}", resolution=1.0 / s.rate, timestamps=t, samples=samples,
+            description=f"rising edges of the {label!r} line ({what}) latched by {s.name}; time = the stream's clock "
+                        f"fit at sample - 0.5",
+            source_description=f"acqd: digital line {label!r} of stream {s.name}"))
+    return out
