@@ -6,6 +6,7 @@
     acqd simulate --config FILE          publish the rig's streams from simulated devices
     acqd demo                            daemon + simulated rig + a short recording, end to end
     acqd finalize SESSION_DIR            clock fits, master NWB, validation, QC, seal (docs/finalize.md)
+    acqd export SESSION_DIR --out DIR    one self-contained NWB file (+ videos) laid out for DANDI (docs/export.md)
 """
 
 from __future__ import annotations
@@ -136,6 +137,37 @@ def cmd_finalize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from acqd.export import export_session
+
+    folder, out = Path(args.session_dir), Path(args.out)
+    if args.progress_jsonl:  # for the daemon: progress lines, then the report, on stdout
+        def progress(stage: str, done: float) -> None:
+            print(json.dumps({"stage": stage, "fraction": round(done, 4)}), flush=True)
+
+        try:
+            report = export_session(folder, out, progress, gzip_level=args.gzip_level)
+        except AcqdError as e:
+            print(json.dumps({"error": str(e)}), flush=True)
+            return 2
+        print(json.dumps({"report": report.to_dict()}, default=str), flush=True)
+        return 0
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("export", total=1.0)
+        report = export_session(folder, out, lambda stage, done: bar.update(task, completed=done, description=stage),
+                                gzip_level=args.gzip_level)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(f"exported {report.session_id} to {Path(report.out) / report.nwb} "
+              f"({report.bytes / 1e6:.1f} MB, {len(report.videos)} video files) in {report.seconds:.1f} s")
+        for m in report.check["inspector"]:
+            print(f"  {m['importance']}: {m['check']}: {m['message']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="acqd", description="streaming acquisition daemon for neuroscience rigs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -185,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true", help="print the full report as JSON")
     f.add_argument("--progress-jsonl", action="store_true", help="print progress and the report as JSON lines")
     f.set_defaults(fn=cmd_finalize)
+
+    e = sub.add_parser("export", help="write a finalized session as one self-contained NWB file laid out for DANDI")
+    e.add_argument("session_dir")
+    e.add_argument("--out", required=True, help="folder to export into (e.g. a dandiset folder)")
+    e.add_argument("--gzip-level", type=int, default=4, choices=range(1, 10), metavar="1-9",
+                   help="gzip level of the data (default 4)")
+    e.add_argument("--json", action="store_true", help="print the full report as JSON")
+    e.add_argument("--progress-jsonl", action="store_true", help="print progress and the report as JSON lines")
+    e.set_defaults(fn=cmd_export)
 
     d = sub.add_parser("demo", help="run the daemon and a simulated rig, record, summarise")
     d.add_argument("--config", default="configs/rig.yaml")
