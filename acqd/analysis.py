@@ -37,14 +37,10 @@ import hdf5plugin  # noqa: F401 - stream files may be compressed with its filter
 from hdmf.backends.warnings import BrokenLinkWarning
 from pynwb import NWBHDF5IO, NWBFile
 
-from acqd.errors import AcqdError
+from acqd.errors import AnalysisError
 from acqd.session import FINALIZED, read_session
 
 __all__ = ["AnalysisError", "Link", "external_links", "new_analysis", "open_analysis"]
-
-
-class AnalysisError(AcqdError):
-    """An analysis file cannot be created, or read back with every link resolved."""
 
 
 @dataclass(frozen=True, slots=True)

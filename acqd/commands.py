@@ -64,8 +64,16 @@ class FinalizeRequest(Request):
     """Session id under the data root."""
 
 
-class FinalizeStatusRequest(Request):
-    """Progress and result of the finalize runs started since the daemon started (one session, or all)."""
+class ExportRequest(Request):
+    """Export a finalized session as one self-contained NWB for DANDI (docs/export.md)."""
+
+    session: str
+    out: str
+    """Folder the ``sub-<subject>/...`` layout is written under (outside the session)."""
+
+
+class JobStatusRequest(Request):
+    """Progress and result of the runs (finalize or export) started since the daemon started (one session, or all)."""
 
     session: str | None = None
 
@@ -114,8 +122,12 @@ COMMANDS: dict[str, Command] = {
                          "why RECORD would be refused right now"),
     "finalize": Command(FinalizeRequest, lambda sup, req: sup.start_job("finalize", req.session),
                         "finalize a closed session in the background"),
-    "finalize_status": Command(FinalizeStatusRequest, lambda sup, req: sup.job_status("finalize", req.session),
+    "finalize_status": Command(JobStatusRequest, lambda sup, req: sup.job_status("finalize", req.session),
                                "progress and result of finalize runs"),
+    "export": Command(ExportRequest, lambda sup, req: sup.start_job("export", req.session, "--out", req.out),
+                      "export a finalized session for sharing, in the background"),
+    "export_status": Command(JobStatusRequest, lambda sup, req: sup.job_status("export", req.session),
+                             "progress and result of export runs"),
 }
 
 

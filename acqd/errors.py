@@ -6,8 +6,10 @@
      ├── SessionError         a session or stream name or state that is refused
      ├── WriterError          a writer cannot append or flush its stream file
      │    └── DiskFullError   ENOSPC / EFBIG: the stream stops, committed data stays readable
-     └── FinalizeError        a session cannot be finalized (nothing is sealed)
-          └── ClockFitError   a stream's clock cannot be aligned (ambiguous pairing, too few edges)
+     ├── FinalizeError        a session cannot be finalized (nothing is sealed)
+     │    └── ClockFitError   a stream's clock cannot be aligned (ambiguous pairing, too few edges)
+     ├── ExportError          a session cannot be exported (nothing written under its final name)
+     └── AnalysisError        an analysis file cannot be created, or read back with every link resolved
 
 A sequence gap is a recorded event, not an exception: a dropped message never stops a recording.
 """
@@ -43,3 +45,11 @@ class FinalizeError(AcqdError):
 
 class ClockFitError(FinalizeError):
     """A stream's clock cannot be aligned to the reference."""
+
+
+class ExportError(AcqdError):
+    """A session cannot be exported; nothing was written under its final name."""
+
+
+class AnalysisError(AcqdError):
+    """An analysis file cannot be created, or read back with every link resolved."""

@@ -50,7 +50,7 @@ from hdmf.data_utils import GenericDataChunkIterator
 from pynwb import NWBHDF5IO, TimeSeries
 
 from acqd import nwb
-from acqd.errors import AcqdError
+from acqd.errors import ExportError
 from acqd.finalize import verify_manifest
 from acqd.session import FINALIZED, fsync_dir, read_session
 
@@ -68,10 +68,6 @@ BUFFER_CHUNKS = 8  # chunks read and compressed per step (bounds memory at ~64 M
 STAGING_PREFIX = ".acqd-export-"
 VIDEO_MODULES = ("acquisition", "processing")  # dandi-cli consts.VIDEO_FILE_MODULES: where ImageSeries are renamed
 TRIVIAL_MODALITIES = {"base", "device", "file", "misc"}  # dandi organize leaves these out of file names
-
-
-class ExportError(AcqdError):
-    """A session cannot be exported; nothing was written under its final name."""
 
 
 @dataclass

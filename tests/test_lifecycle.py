@@ -43,6 +43,7 @@ def test_record_stop_finalize_on_stop_then_read_the_master(tmp_path: Path, daemo
         with NWBHDF5IO(str(master), "r") as io:
             nwb = io.read()
             series = {**nwb.acquisition}
+            series_rows = {name: ts.data.shape[0] for name, ts in series.items()}
             assert nwb.subject.subject_id == "mouse001"
             for name in ("probe", "nidaq", "camera", "sensor"):
                 with open_for_read(folder / "streams" / f"{name}.h5") as f:
@@ -53,5 +54,15 @@ def test_record_stop_finalize_on_stop_then_read_the_master(tmp_path: Path, daemo
         done = wait_until(lambda: (j := daemon.command("finalize_status", session="lifecycle"))["state"] != "running"
                           and j, "the second finalize", 120, every_s=0.25)
         assert again["state"] == "running" and done["state"] == "done" and done["report"]["changed"] is False
+
+        out = tmp_path / "share"
+        daemon.command("export", session="lifecycle", out=str(out))
+        exported = wait_until(lambda: (j := daemon.command("export_status", session="lifecycle"))["state"] != "running"
+                              and j, "the export", 300, every_s=0.25)
+        assert exported["state"] == "done", exported["error"]
+        (nwb_file,) = out.rglob("*.nwb")
+        assert nwb_file.parent.name == "sub-mouse001" and nwb_file.name.startswith("sub-mouse001_ses-lifecycle")
+        with NWBHDF5IO(str(nwb_file), "r") as io:
+            assert io.read().acquisition["nidaq"].data.shape[0] == series_rows["nidaq"]
     finally:
         unseal_session(folder)
