@@ -15,7 +15,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from acqd.config import load_config
 from acqd.errors import AcqdError
@@ -109,17 +111,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo(Path(args.config), Path(args.data_root), args.seconds)
 
 
-def cmd_finalize(args: argparse.Namespace) -> int:
-    from acqd.finalize import finalize_session
-    from acqd.qc import summary_lines
-
-    folder = Path(args.session_dir)
-    if args.progress_jsonl:  # for the daemon: progress lines, then the report, on stdout
+def _run_job(args: argparse.Namespace, name: str, run: Callable[[Callable[[str, float], None]], Any],
+             summary: Callable[[dict], list[str]]) -> int:
+    """Run a long job (finalize, export) with a progress bar, or with JSON lines for the daemon."""
+    if args.progress_jsonl:  # progress lines, then the report (or the error), on stdout
         def progress(stage: str, done: float) -> None:
             print(json.dumps({"stage": stage, "fraction": round(done, 4)}), flush=True)
 
         try:
-            report = finalize_session(folder, progress)
+            report = run(progress)
         except AcqdError as e:
             print(json.dumps({"error": str(e)}), flush=True)
             return 2
@@ -128,44 +128,30 @@ def cmd_finalize(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     with Progress(transient=True) as bar:
-        task = bar.add_task("finalize", total=1.0)
-        report = finalize_session(folder, lambda stage, done: bar.update(task, completed=done, description=stage))
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2, default=str))
-    else:
-        print("\n".join(summary_lines(report.to_dict())))
+        task = bar.add_task(name, total=1.0)
+        report = run(lambda stage, done: bar.update(task, completed=done, description=stage))
+    print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else "\n".join(summary(report.to_dict())))
     return 0
+
+
+def cmd_finalize(args: argparse.Namespace) -> int:
+    from acqd.finalize import finalize_session
+    from acqd.qc import summary_lines
+
+    return _run_job(args, "finalize", lambda progress: finalize_session(Path(args.session_dir), progress),
+                    summary_lines)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from acqd.export import export_session
 
-    folder, out = Path(args.session_dir), Path(args.out)
-    if args.progress_jsonl:  # for the daemon: progress lines, then the report, on stdout
-        def progress(stage: str, done: float) -> None:
-            print(json.dumps({"stage": stage, "fraction": round(done, 4)}), flush=True)
+    def summary(r: dict) -> list[str]:
+        return [f"exported {r['session_id']} to {Path(r['out']) / r['nwb']} ({r['bytes'] / 1e6:.1f} MB, "
+                f"{len(r['videos'])} video files) in {r['seconds']:.1f} s",
+                *(f"  {m['importance']}: {m['check']}: {m['message']}" for m in r["check"]["inspector"])]
 
-        try:
-            report = export_session(folder, out, progress, gzip_level=args.gzip_level)
-        except AcqdError as e:
-            print(json.dumps({"error": str(e)}), flush=True)
-            return 2
-        print(json.dumps({"report": report.to_dict()}, default=str), flush=True)
-        return 0
-    from rich.progress import Progress
-
-    with Progress(transient=True) as bar:
-        task = bar.add_task("export", total=1.0)
-        report = export_session(folder, out, lambda stage, done: bar.update(task, completed=done, description=stage),
-                                gzip_level=args.gzip_level)
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2, default=str))
-    else:
-        print(f"exported {report.session_id} to {Path(report.out) / report.nwb} "
-              f"({report.bytes / 1e6:.1f} MB, {len(report.videos)} video files) in {report.seconds:.1f} s")
-        for m in report.check["inspector"]:
-            print(f"  {m['importance']}: {m['check']}: {m['message']}")
-    return 0
+    return _run_job(args, "export", lambda progress: export_session(
+        Path(args.session_dir), Path(args.out), progress, gzip_level=args.gzip_level), summary)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +11,12 @@ import pytest
 import yaml
 
 from acqd.config import RigConfig, load_config
-from acqd.procs import Daemon
+from acqd.procs import Daemon, Simulator, wait_until
 from acqd.simulate import Rig, SimParams
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "configs" / "rig.yaml"
+SIM_SECONDS = 60.0  # the simulator's horizon; it is stopped as soon as a test is done with it
 
 
 def write_rig(tmp_path: Path, *, flush_interval_s: float = 0.25, stream_overrides: dict | None = None) -> Path:
@@ -61,6 +64,22 @@ def assert_bit_exact(f, rig: Rig, stream: str) -> int:
     return int(index["n_samples"].sum()) if len(index) else 0
 
 
-def rig_for(config: Path, seconds: float, seed: int = 0) -> tuple[RigConfig, Rig]:
+@contextmanager
+def recording(daemon: Daemon, rig_file: Path, session: str, seed: int, **sim: object) -> Iterator[tuple[dict, Path]]:
+    """ACQUIRE, start the simulated rig, RECORD once every stream flows; yields (status, session folder).
+
+    The simulator is stopped on the way out; the body decides when to stop recording.
+    """
+    daemon.command("acquire")
+    simulator = Simulator(rig_file, SIM_SECONDS, seed=seed, **sim)
+    try:
+        wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
+        status = daemon.command("record", session=session)
+        yield status, Path(status["session"]["path"])
+    finally:
+        simulator.stop()
+
+
+def rig_for(config: Path, seconds: float = SIM_SECONDS, seed: int = 0) -> tuple[RigConfig, Rig]:
     cfg = load_config(config)
     return cfg, Rig(cfg, SimParams(seed=seed, seconds=seconds))

@@ -10,19 +10,10 @@ from pathlib import Path
 import h5py
 import pytest
 
-from acqd.procs import Simulator, wait_until
+from acqd.procs import wait_until
 from acqd.streamfile import committed_rows, open_for_read
-from tests.conftest import assert_bit_exact, rig_for, write_rig
+from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
 
-SECONDS = 60.0
-
-
-def start_recording(daemon, rig_file: Path, session: str, seed: int) -> tuple[Simulator, Path]:
-    daemon.command("acquire")
-    sim = Simulator(rig_file, SECONDS, seed=seed)
-    wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
-    folder = Path(daemon.command("record", session=session)["session"]["path"])
-    return sim, folder
 
 
 def flushed_rows(path: Path) -> int:
@@ -42,8 +33,7 @@ def pid_alive(pid: int) -> bool:
 @pytest.mark.slow
 def test_writer_kill9_loses_at_most_a_flush_and_the_stream_resumes_in_a_new_part(rig_file, daemon_factory):
     daemon = daemon_factory(rig_file)
-    sim, folder = start_recording(daemon, rig_file, "writerkill", seed=11)
-    try:
+    with recording(daemon, rig_file, "writerkill", seed=11) as (_, folder):
         probe = folder / "streams" / "probe.h5"
         flushed = wait_until(lambda: flushed_rows(probe) >= 30000 and flushed_rows(probe), "1 s of flushed data")
         before = daemon.command("status")["streams"]
@@ -55,9 +45,7 @@ def test_writer_kill9_loses_at_most_a_flush_and_the_stream_resumes_in_a_new_part
         wait_until(lambda: all(daemon.command("status")["streams"][n]["rows"] > r for n, r in others.items()),
                    "the other streams to keep growing")
         daemon.command("stop")
-    finally:
-        sim.stop()
-    cfg, rig = rig_for(rig_file, SECONDS, seed=11)
+    cfg, rig = rig_for(rig_file, seed=11)
     with open_for_read(folder / "streams" / "probe.h5") as f:  # killed: opens through SWMR, as flushed
         assert committed_rows(f) >= flushed
         assert assert_bit_exact(f, rig, "probe") == committed_rows(f)
@@ -77,16 +65,13 @@ def test_writer_kill9_loses_at_most_a_flush_and_the_stream_resumes_in_a_new_part
 @pytest.mark.slow
 def test_daemon_kill9_then_restart_finds_the_interrupted_session(rig_file, daemon_factory):
     daemon = daemon_factory(rig_file)
-    sim, folder = start_recording(daemon, rig_file, "daemonkill", seed=12)
-    try:
+    with recording(daemon, rig_file, "daemonkill", seed=12) as (_, folder):
         writer_pids = [s["pid"] for s in daemon.command("status")["streams"].values()]
         wait_until(lambda: flushed_rows(folder / "streams" / "probe.h5") > 30000, "1 s of flushed data")
         os.kill(daemon.pid, signal.SIGKILL)
         daemon.proc.wait(30)
         # The writers notice (PR_SET_PDEATHSIG) and close their files cleanly.
         wait_until(lambda: not any(pid_alive(p) for p in writer_pids), "the orphaned writers to exit", 30)
-    finally:
-        sim.stop()
     assert json.loads((folder / "session.json").read_text())["state"] == "recording"
     again = daemon_factory(rig_file)
     status = again.command("status")
@@ -96,7 +81,7 @@ def test_daemon_kill9_then_restart_finds_the_interrupted_session(rig_file, daemo
     session = json.loads((folder / "session.json").read_text())
     assert session["state"] == "interrupted" and session["incomplete"]
     assert session["incidents"][-1]["kind"] == "daemon_interrupted"
-    cfg, rig = rig_for(rig_file, SECONDS, seed=12)
+    cfg, rig = rig_for(rig_file, seed=12)
     for s in cfg.streams:
         with h5py.File(folder / "streams" / f"{s.name}.h5", "r") as f:  # closed by the writers themselves
             assert assert_bit_exact(f, rig, s.name) == f["data"].shape[0] > 0
@@ -105,15 +90,12 @@ def test_daemon_kill9_then_restart_finds_the_interrupted_session(rig_file, daemo
 @pytest.mark.slow
 def test_sigterm_closes_every_file_cleanly(rig_file, daemon_factory):
     daemon = daemon_factory(rig_file)
-    sim, folder = start_recording(daemon, rig_file, "sigterm", seed=13)
-    try:
+    with recording(daemon, rig_file, "sigterm", seed=13) as (_, folder):
         wait_until(lambda: flushed_rows(folder / "streams" / "probe.h5") > 0, "flushed data")
         assert daemon.stop() == 0
-    finally:
-        sim.stop()
     session = json.loads((folder / "session.json").read_text())
     assert session["state"] == "closed" and not session["incomplete"]
-    cfg, rig = rig_for(rig_file, SECONDS, seed=13)
+    cfg, rig = rig_for(rig_file, seed=13)
     for s in cfg.streams:
         with h5py.File(folder / "streams" / f"{s.name}.h5", "r") as f:  # no SWMR flag, no h5clear
             assert assert_bit_exact(f, rig, s.name) == f["data"].shape[0] == committed_rows(f) > 0
@@ -125,8 +107,7 @@ def test_sigterm_closes_every_file_cleanly(rig_file, daemon_factory):
 def test_full_disk_stops_the_stream_with_a_reason_and_keeps_committed_data(tmp_path, daemon_factory):
     rig_file = write_rig(tmp_path)
     daemon = daemon_factory(rig_file, env={"ACQD_WRITER_FSIZE_LIMIT": "probe=40000000"})
-    sim, folder = start_recording(daemon, rig_file, "diskfull", seed=14)
-    try:
+    with recording(daemon, rig_file, "diskfull", seed=14) as (_, folder):
         stopped = wait_until(lambda: (s := daemon.command("status")["streams"])["probe"]["state"] == "stopped_failed"
                              and s, "the probe writer to hit the file size limit", 60)
         assert "disk full" in stopped["probe"]["reason"]
@@ -135,12 +116,10 @@ def test_full_disk_stops_the_stream_with_a_reason_and_keeps_committed_data(tmp_p
         wait_until(lambda: all(daemon.command("status")["streams"][n]["rows"] > r for n, r in rows.items()),
                    "the other streams to keep recording")
         daemon.command("stop")
-    finally:
-        sim.stop()
     assert daemon.command("status")["mode"] == "ACQUIRE"  # the daemon survived
     session = json.loads((folder / "session.json").read_text())
     assert session["incomplete"] and "disk full" in session["streams"]["probe"]["stopped_reason"]
     assert any(i["kind"] == "disk_full" and i["stream"] == "probe" for i in session["incidents"])
-    cfg, rig = rig_for(rig_file, SECONDS, seed=14)
+    cfg, rig = rig_for(rig_file, seed=14)
     with open_for_read(folder / "streams" / "probe.h5") as f:
         assert assert_bit_exact(f, rig, "probe") == committed_rows(f) > 0

@@ -10,10 +10,9 @@ import h5py
 import pytest
 
 from acqd.ingest import Gap, Reject
-from acqd.procs import Simulator, wait_until
-from tests.conftest import assert_bit_exact, rig_for, write_rig
+from acqd.procs import wait_until
+from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
 
-SECONDS = 60.0
 PROBE_FAULTS = {  # seq -> (kind, what acqd must record)
     400: ("drop", Gap.SEQ), 420: ("duplicate", Reject.DUPLICATE), 440: ("reorder", Reject.LATE),
     460: ("malformed", Reject.MALFORMED), 480: ("oversized", Reject.OVERSIZED), 500: ("wrong_dtype", Reject.DTYPE),
@@ -29,26 +28,19 @@ def test_injected_faults_are_rejected_or_recorded_exactly(tmp_path: Path, daemon
     faults += ["camera:drop:200", "nidaq:restart:500"]
     truth = tmp_path / "truth.json"
     daemon = daemon_factory(rig_file)
-    daemon.command("acquire")
-    sim = Simulator(rig_file, SECONDS, seed=5, faults=tuple(faults), truth=truth)
-    try:
-        wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
-        status = daemon.command("record", session="faults")
+    with recording(daemon, rig_file, "faults", seed=5, faults=tuple(faults), truth=truth) as (status, folder):
         assert status["streams"]["probe"]["last_seq"] < 350, "recording must start before the first fault"
-        folder = Path(status["session"]["path"])
         wait_until(lambda: (daemon.command("status")["streams"]["probe"]["last_seq"] or 0) > 620
                    and (daemon.command("status")["streams"]["nidaq"]["last_seq"] or 0) > 50, "faults to pass", 30)
         live = daemon.command("status")["streams"]
         daemon.command("stop")
-    finally:
-        sim.stop()
     daemon.command("stop", idle=True)
 
     assert live["probe"]["state"] == "recording" and live["probe"]["gaps"] == 2 and live["probe"]["rejected"] == 8
     assert live["probe"]["restarts"] == 0
     injected = {(f["stream"], f["seq"]): f for f in json.loads(truth.read_text())["faults"]}
     assert len(injected) == len(faults)
-    cfg, rig = rig_for(rig_file, SECONDS, seed=5)
+    cfg, rig = rig_for(rig_file, seed=5)
     for s in cfg.streams:
         with h5py.File(folder / "streams" / f"{s.name}.h5", "r") as f:
             assert assert_bit_exact(f, rig, s.name) == f["data"].shape[0]

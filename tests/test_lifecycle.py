@@ -11,9 +11,9 @@ import yaml
 from pynwb import NWBHDF5IO
 
 from acqd.finalize import unseal_session
-from acqd.procs import Simulator, wait_until
+from acqd.procs import wait_until
 from acqd.streamfile import committed_rows, open_for_read
-from tests.conftest import write_rig
+from tests.conftest import recording, write_rig
 
 
 @pytest.mark.slow
@@ -23,15 +23,9 @@ def test_record_stop_finalize_on_stop_then_read_the_master(tmp_path: Path, daemo
     raw["daemon"]["finalize_on_stop"] = True
     rig_file.write_text(yaml.safe_dump(raw))
     daemon = daemon_factory(rig_file)
-    daemon.command("acquire")
-    sim = Simulator(rig_file, 60, seed=41)
-    try:
-        wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
-        folder = Path(daemon.command("record", session="lifecycle")["session"]["path"])
+    with recording(daemon, rig_file, "lifecycle", seed=41) as (_, folder):
         wait_until(lambda: daemon.command("status")["streams"]["probe"]["rows"] > 4 * 30000, "4 s of data")
         daemon.command("stop")  # finalize_on_stop starts the finalizer in the background
-    finally:
-        sim.stop()
     try:
         job = wait_until(lambda: (j := daemon.command("finalize_status", session="lifecycle"))["state"] != "running"
                          and j, "finalize to finish", 300, every_s=0.25)

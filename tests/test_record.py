@@ -9,11 +9,10 @@ import h5py
 import numpy as np
 import pytest
 
-from acqd.procs import Simulator, wait_until
+from acqd.procs import wait_until
 from acqd.streamfile import committed_rows, open_for_read
-from tests.conftest import assert_bit_exact, rig_for
+from tests.conftest import assert_bit_exact, recording, rig_for
 
-SECONDS = 60.0  # the simulator's horizon; it is stopped as soon as the test is done
 
 
 def edges_in_file(f: h5py.File, label: str) -> np.ndarray:
@@ -34,13 +33,8 @@ def expected_in_range(expected: np.ndarray, f: h5py.File) -> np.ndarray:
 @pytest.mark.slow
 def test_rig_is_recorded_bit_exact_with_sync_edges_and_live_readers(rig_file: Path, daemon_factory, tmp_path):
     daemon = daemon_factory(rig_file)
-    daemon.command("acquire")
-    sim = Simulator(rig_file, SECONDS, seed=3)
-    try:
-        wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
-        status = daemon.command("record", session="bitexact")
+    with recording(daemon, rig_file, "bitexact", seed=3) as (status, folder):
         assert status["mode"] == "RECORD"
-        folder = Path(status["session"]["path"])
         probe = folder / "streams" / "probe.h5"
 
         # A live SWMR reader sees the stream grow within a flush interval (0.25 s here).
@@ -53,12 +47,10 @@ def test_rig_is_recorded_bit_exact_with_sync_edges_and_live_readers(rig_file: Pa
                    "every stream to hold data")
         wait_until(lambda: daemon.command("status")["streams"]["probe"]["rows"] > 3 * 30000, "3 s of probe data")
         daemon.command("stop")
-    finally:
-        sim.stop()
     status = daemon.command("stop", idle=True)
     assert status["mode"] == "IDLE"
 
-    cfg, rig = rig_for(rig_file, SECONDS, seed=3)
+    cfg, rig = rig_for(rig_file, seed=3)
     session = json.loads((folder / "session.json").read_text())
     assert session["state"] == "closed" and not session["incomplete"], session["incidents"]
     for s in cfg.streams:

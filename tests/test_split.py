@@ -9,30 +9,23 @@ import h5py
 import numpy as np
 import pytest
 
-from acqd.procs import Simulator, wait_until
-from tests.conftest import assert_bit_exact, rig_for, write_rig
+from acqd.procs import wait_until
+from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
 
-SECONDS = 60.0
 
 
 @pytest.mark.slow
 def test_probe_rolls_over_into_parts_that_join_exactly(tmp_path: Path, daemon_factory):
     rig_file = write_rig(tmp_path, stream_overrides={"probe": {"max_file_bytes": 12_000_000}})
     daemon = daemon_factory(rig_file)
-    daemon.command("acquire")
-    sim = Simulator(rig_file, SECONDS, seed=21)
-    try:
-        wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
-        folder = Path(daemon.command("record", session="split")["session"]["path"])
+    with recording(daemon, rig_file, "split", seed=21) as (_, folder):
         wait_until(lambda: daemon.command("status")["streams"]["probe"]["part"] >= 3, "a fourth part", 60)
         daemon.command("stop")
-    finally:
-        sim.stop()
     session = json.loads((folder / "session.json").read_text())
     parts = session["streams"]["probe"]["parts"]
     assert [p["part"] for p in parts] == list(range(len(parts))) and len(parts) >= 4
     assert not session["incomplete"] and session["incidents"] == []
-    cfg, rig = rig_for(rig_file, SECONDS, seed=21)
+    cfg, rig = rig_for(rig_file, seed=21)
     end = None
     edges = []
     for p in parts:

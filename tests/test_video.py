@@ -10,10 +10,9 @@ import h5py
 import numpy as np
 import pytest
 
-from acqd.procs import Simulator, wait_until
-from tests.conftest import rig_for, write_rig
+from acqd.procs import wait_until
+from tests.conftest import recording, rig_for, write_rig
 
-SECONDS = 60.0
 
 
 def decode(path: Path) -> np.ndarray:
@@ -26,17 +25,11 @@ def test_camera_frames_go_to_lossless_video_files(tmp_path: Path, daemon_factory
     video = {"codec": "ffv1", "frames_per_file": 50}
     rig_file = write_rig(tmp_path, stream_overrides={"camera": {"video": video}})
     daemon = daemon_factory(rig_file)
-    daemon.command("acquire")
-    sim = Simulator(rig_file, SECONDS, seed=31)
-    try:
-        wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
-        folder = Path(daemon.command("record", session="video")["session"]["path"])
+    with recording(daemon, rig_file, "video", seed=31) as (_, folder):
         wait_until(lambda: daemon.command("status")["streams"]["camera"]["rows"] > 170, "170 frames", 30)
         daemon.command("stop")
-    finally:
-        sim.stop()
     assert not json.loads((folder / "session.json").read_text())["incomplete"]
-    cfg, rig = rig_for(rig_file, SECONDS, seed=31)
+    cfg, rig = rig_for(rig_file, seed=31)
     with h5py.File(folder / "streams" / "camera.h5", "r") as f:
         assert f["data"].shape == (0, 480, 640)
         files = f["video"][:]
