@@ -152,7 +152,7 @@ class StreamFile:
         dset = self.f["data"]
         with _io_errors(self.path):
             if self.video is not None:
-                self._video_files(self.video.append(data))
+                self.video.append(data)
             else:
                 dset.resize(first + len(data), axis=0)
                 dset[first:] = data
@@ -180,6 +180,8 @@ class StreamFile:
     def flush(self, fsync: bool) -> None:
         """Data first, then the index rows describing it; fsync makes it survive a power cut."""
         with _io_errors(self.path):
+            if self.video is not None:  # frames must be in their video file before the index lists them
+                self._video_files(self.video.sync())
             self.f.flush()
             if self.pending_index:
                 committed = time.time_ns()  # when these chunks became readable after a crash

@@ -2,13 +2,17 @@
 
 A ``VideoSink`` encodes the frames of one stream part into a sequence of files
 ``<session>/video/<stream>_<part>_<n>.<ext>``, starting a new file every ``frames_per_file`` frames so
-that a crash can only leave the last file short. FFV1 in Matroska is lossless (bit-exact); H.264
+that a crash can only leave the last file short. Encoding runs on a thread of its own (PyAV
+releases the GIL while encoding): the writer's socket loop never waits for the encoder, so its
+receive timestamps stay true arrival times, which finalize needs to pair frames with strobes. FFV1 in Matroska is lossless (bit-exact); H.264
 goes into fragmented MP4, which stays readable if the writer dies mid-file. Codecs come from PyAV's
 own FFmpeg build. The stream file's ``/video`` table lists each finished file with its frames.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from acqd.config import VideoConfig
 
 CONTAINERS = {"ffv1": ("mkv", {}), "libx264": ("mp4", {"movflags": "frag_keyframe+empty_moov"})}
 VIDEO_DIR = "video"
+MAX_BACKLOG = 120  # frames queued for the encoder before the writer loop waits (back-pressure)
 
 
 def video_filename(stream: str, part: int, n: int, codec: str) -> str:
@@ -31,25 +36,68 @@ class VideoSink:
     def __init__(self, folder: Path, stream: str, part: int, cfg: VideoConfig, rate: float):
         self.folder, self.stream, self.part, self.cfg = folder, stream, part, cfg
         self.rate = Fraction(rate).limit_denominator(1000)
-        self.finished: list[tuple[str, int, int]] = []  # (file name, first frame, frames)
-        self.frames = 0
+        self.finished: list[tuple[str, int, int]] = []  # (file name, first frame, frames), all files so far
+        self.frames = 0  # frames encoded (encoder thread)
         self._file: tuple[av.container.OutputContainer, av.video.stream.VideoStream, str, int] | None = None
+        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(MAX_BACKLOG)
+        self._reported = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._encode_loop, name=f"video-{stream}", daemon=True)
+        self._thread.start()
 
-    def append(self, frames: np.ndarray) -> list[tuple[str, int, int]]:
-        """Encode frames; returns the files finished by this call as (name, first frame, frames)."""
-        done = []
+    def append(self, frames: np.ndarray) -> None:
+        """Queue frames (height, width) for encoding; blocks only when the encoder is MAX_BACKLOG behind."""
+        self._raise()
         for frame in frames:
-            if self._file is None:
-                self._open(*frame.shape)
-            container, stream, _, first = self._file
-            vf = av.VideoFrame.from_ndarray(frame, format="gray")
-            vf.pts = self.frames - first
-            for packet in stream.encode(vf):
-                container.mux(packet)
-            self.frames += 1
-            if self.frames - first >= self.cfg.frames_per_file:
-                done.append(self._finish())
+            self._queue.put(frame)
+
+    def sync(self) -> list[tuple[str, int, int]]:
+        """Wait until every queued frame is encoded; returns the files finished since the last call."""
+        self._queue.join()
+        self._raise()
+        done, self._reported = self.finished[self._reported:], len(self.finished)
         return done
+
+    def close(self) -> list[tuple[str, int, int]]:
+        """Encode what is queued, finish the open file; returns the files finished since ``sync``."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+        done, self._reported = self.finished[self._reported:], len(self.finished)
+        return done
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _encode_loop(self) -> None:
+        while True:
+            frame = self._queue.get()
+            try:
+                if self._error is None:  # after a failure, frames are drained unencoded
+                    if frame is None:
+                        if self._file is not None:
+                            self._finish()
+                    else:
+                        self._encode(frame)
+            except BaseException as e:  # noqa: BLE001 - handed to the writer at its next call
+                self._error = e
+            finally:
+                self._queue.task_done()
+            if frame is None:
+                return
+
+    def _encode(self, frame: np.ndarray) -> None:
+        if self._file is None:
+            self._open(*frame.shape)
+        container, stream, _, first = self._file
+        vf = av.VideoFrame.from_ndarray(frame, format="gray")
+        vf.pts = self.frames - first
+        for packet in stream.encode(vf):
+            container.mux(packet)
+        self.frames += 1
+        if self.frames - first >= self.cfg.frames_per_file:
+            self._finish()
 
     def _open(self, height: int, width: int) -> None:
         ext, options = CONTAINERS[self.cfg.codec]
@@ -65,15 +113,10 @@ class VideoSink:
         stream.time_base = 1 / self.rate
         self._file = (container, stream, name, self.frames)
 
-    def _finish(self) -> tuple[str, int, int]:
+    def _finish(self) -> None:
         container, stream, name, first = self._file
         self._file = None
         for packet in stream.encode(None):
             container.mux(packet)
         container.close()
         self.finished.append((name, first, self.frames - first))
-        return self.finished[-1]
-
-    def close(self) -> list[tuple[str, int, int]]:
-        """Finish the open file, if any; returns it like ``append``."""
-        return [self._finish()] if self._file is not None else []

@@ -88,6 +88,8 @@ class Recording:
     """Flush after this many messages (the writer flushes once a second)."""
     seed: int = 1
     """Seed of the host-latency draws."""
+    backlog: dict[str, float] = field(default_factory=dict)
+    """Per stream, seconds of receive latency added per second recorded (a writer falling behind)."""
 
 
 def session_metadata(cfg: RigConfig) -> dict:
@@ -163,6 +165,7 @@ def _write_part(cfg: RigConfig, rig: Rig, name: str, path: Path, attrs: dict, pa
     drops = rec.drops.get(name, [])
     for seq, (first, n, end) in enumerate(_chunks(rig, name, rec.chunk_factor, *window)):
         latency = rng.uniform(1e-4, 3e-3) + (0.02 if rng.random() < 0.02 else 0.0)
+        latency += rec.backlog.get(name, 0.0) * (end - window[0])
         if any(a <= end < b for a, b in drops):
             continue  # lost between publisher and acqd: the next chunk shows a seq gap
         wall_ns = WALL_EPOCH_NS + round((end + latency) * 1e9)

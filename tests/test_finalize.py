@@ -359,6 +359,17 @@ def test_a_stream_without_sync_is_timed_by_host_receive_times_and_flagged(tmp_pa
         assert error.max() <= sensor.clock["error_bound_s"] + 1e-3  # + unobservable min-latency difference
 
 
+def test_a_camera_whose_writer_fell_behind_is_never_silently_mis_paired(tmp_path, sealed_dirs):
+    """Regression: receive latency growing 50 ms per second made the host prior slip frames against the
+    regular strobe train; finalize accepted a fit of +28,000 ppm. It must flag it instead."""
+    cfg = small_config(tmp_path / "data")
+    rig = Rig(cfg, SimParams(seed=SEED, seconds=60))
+    folder = record_session(cfg, rig, "B1", Recording(seconds=15.0, backlog={"camera": 0.05}))
+    sealed_dirs.append(folder)
+    camera = finalize_session(folder).streams["camera"]
+    assert camera.clock["source"] == "host" and "strobe pairing implausible" in camera.flags[0]
+
+
 @settings(max_examples=40, deadline=None, derandomize=True, database=None)
 @given(offset=st.floats(-0.45, 0.45), jitter=st.floats(0.0, 0.1), drop=st.floats(0.0, 0.2), seed=st.integers(0, 99))
 def test_pair_frames_finds_each_frames_strobe(offset, jitter, drop, seed):

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import av
 import h5py
 import numpy as np
 import pytest
+from hdmf.backends.hdf5.h5tools import BrokenLinkWarning
+from pynwb import NWBHDF5IO
+
+from acqd.finalize import unseal_session
 
 from acqd.procs import wait_until
 from tests.conftest import recording, rig_for, write_rig
@@ -42,3 +50,51 @@ def test_camera_frames_go_to_lossless_video_files(tmp_path: Path, daemon_factory
         a, n = int(row["file_row"]), int(row["n_samples"])
         assert np.array_equal(frames[a:a + n], rig.samples("camera", int(row["first_sample"]), n))
     assert sorted(p.name for p in (folder / "video").iterdir()) == sorted(n.decode() for n in files["file"])
+
+
+@pytest.mark.slow
+def test_finalized_session_with_split_probe_and_video_camera_reads_from_anywhere(tmp_path: Path, daemon_factory,
+                                                                                  monkeypatch):
+    rig_file = write_rig(tmp_path, stream_overrides={"probe": {"max_file_bytes": 8_000_000},
+                                                     "camera": {"video": {"codec": "ffv1", "frames_per_file": 120}}})
+    daemon = daemon_factory(rig_file)
+    with recording(daemon, rig_file, "modular", seed=32, faults=("camera:drop:150",)) as (_, folder):
+        wait_until(lambda: (s := daemon.command("status")["streams"])["probe"]["part"] >= 3
+                   and s["camera"]["last_seq"] > 200, "four probe parts and the dropped frame", 60)
+        daemon.command("stop")
+    out = subprocess.run([sys.executable, "-m", "acqd.cli", "finalize", str(folder), "--json"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    moved = tmp_path / "moved" / "modular"
+    moved.parent.mkdir()
+    os.rename(folder, moved)
+    monkeypatch.chdir(tmp_path)
+    try:
+        cfg, rig = rig_for(rig_file, seed=32)
+        camera = report["streams"]["camera"]
+        assert camera["frames"]["dropped"] == 1, camera["frames"]
+        zero_s = report["timebase"]["zero_reference_s"]
+        ref = rig.devices[cfg.reference].clock
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", BrokenLinkWarning)
+            with NWBHDF5IO(str(moved / "modular.nwb"), "r") as io:
+                nwb = io.read()
+                probe = nwb.acquisition["probe"]
+                parts = json.loads((moved / "session.json").read_text())["streams"]["probe"]["parts"]
+                assert len(parts) >= 4
+                whole = np.concatenate([h5py.File(moved / p["path"], "r")["data"][:] for p in parts])
+                assert probe.data.shape == whole.shape and np.array_equal(probe.data[:], whole)
+                video = nwb.acquisition["camera"]
+                with h5py.File(moved / "streams" / "camera.h5", "r") as f:
+                    files, index = f["video"][:], f["index"][:]
+                assert list(video.external_file[:]) == [f"video/{n.decode()}" for n in files["file"]]
+                assert list(video.starting_frame[:]) == list(files["first_row"])
+                frames = np.concatenate([np.arange(r["first_sample"], r["first_sample"] + r["n_samples"])
+                                         for r in index])
+                t = video.timestamps[:]
+                truth = ref.phase(rig.devices["camera"].clock.time_of(frames.astype(float))) / ref.rate - zero_s
+                assert len(t) == len(frames) and np.abs(t - truth).max() <= camera["clock"]["error_bound_s"]
+    finally:
+        os.rename(moved, folder)
+        unseal_session(folder)

@@ -25,6 +25,8 @@ from acqd.ingest import Gap
 
 REGULAR_TOL_SAMPLES = 0.1  # starting_time + rate only if the map is that close to one straight line
 HOST_TIMED = "timed by host receive times (~1 ms accuracy)"
+MIN_PAIRED_FRACTION = 0.9  # of the frames recorded while the strobe line was recorded
+MAX_PLAUSIBLE_PPM = 1000.0  # crystal clocks are off by tens of ppm; more means frames slipped against strobes
 
 
 # -- clock alignment -----------------------------------------------------------------------------------------------
@@ -119,6 +121,11 @@ def _align_strobe(s: Stream, target: Stream, target_fit: ClockFit, ref: Stream) 
     lo, hi = target_fit.to_reference(np.array([target.index["first_sample"][0],
                                                target.chunk_end[-1]], dtype=np.float64))
     covered = (t >= lo) & (t <= hi)
+    # A regular strobe train pairs only as well as the host-time prior: when the prior drifted (a writer
+    # that fell behind), frames slip against strobes. Refuse what no real camera clock could do.
+    if len(fi) < MIN_PAIRED_FRACTION * covered.sum() or abs(fit.drift_ppm) > MAX_PLAUSIBLE_PPM:
+        return Alignment(host, [f"strobe pairing implausible ({len(fi)} of {int(covered.sum())} frames paired, "
+                                f"drift {fit.drift_ppm:+.0f} ppm): {HOST_TIMED}"])
     in_span = (strobe_s >= t[0] - period / 2) & (strobe_s <= t[-1] + period / 2)
     span = int(frames[-1] - frames[0] + 1)
     frames_report = {
