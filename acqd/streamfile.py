@@ -15,6 +15,8 @@ This module is the only place that turns stream config into HDF5 calls (``datase
 Every dataset exists before SWMR starts (attributes cannot be added later). ``flush`` writes the
 data first and the index rows that describe it second, so an index row always points at data that
 reached the file: after any crash, the index — not the dataset extent — says what was committed.
+Rows are handed to HDF5 whole chunks at a time (a chunk holds at most CHUNK_MAX_S of data), so the
+last partial chunk is committed at the first flush after it fills, or at close.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ TABLES = {"index": INDEX_DTYPE, "gaps": GAP_DTYPE, "rejects": REJECT_DTYPE,
           "sync/edges": EDGE_DTYPE, "sync/clock": CLOCK_DTYPE}
 
 CHUNK_TARGET_BYTES = 2 << 20
+CHUNK_MAX_S = 0.25  # a chunk is also the most a writer holds back before handing rows to HDF5
 
 # What a reader needs installed to decompress each filter (also written into the file).
 FILTER_NOTES = {
@@ -71,8 +74,8 @@ def part_filename(stream: str, part: int) -> str:
 
 
 def chunk_rows(cfg: StreamConfig) -> int:
-    """Rows per HDF5 chunk: the configured value, else ~2 MiB of full-width rows."""
-    return cfg.chunk_rows or max(1, CHUNK_TARGET_BYTES // cfg.sample_bytes)
+    """Rows per HDF5 chunk: the configured value, else ~2 MiB of full-width rows, at most CHUNK_MAX_S of data."""
+    return cfg.chunk_rows or max(1, min(CHUNK_TARGET_BYTES // cfg.sample_bytes, int(cfg.rate * CHUNK_MAX_S)))
 
 
 def dataset_options(cfg: StreamConfig) -> dict:
@@ -107,7 +110,14 @@ class StreamFile:
     f: h5py.File
     video: VideoSink | None = None
     """Frames go to external video files instead of ``/data`` (which then stays empty)."""
+    whole_chunks: int = 0
+    """Rows are handed to HDF5 a whole chunk of this many rows at a time (0: video, no /data)."""
     rows: int = 0
+    """Rows received: the file row of the next append."""
+    written: int = 0
+    """Rows handed to HDF5 (or encoded to video); the index lists only these."""
+    tail: list[np.ndarray] = field(default_factory=list)
+    """Rows received but not yet written: less than one chunk."""
     pending_index: list[tuple] = field(default_factory=list)
 
     @classmethod
@@ -144,21 +154,34 @@ class StreamFile:
         video = None
         if cfg.video is not None:
             video = VideoSink(path.parent.parent / VIDEO_DIR, cfg.name, part, cfg.video, cfg.rate)
-        return cls(path, f, video)
+        # A compressed chunk written half full is compressed again, and stored anew, when it fills: the
+        # file grows by the old copy each time. Whole chunks keep files small, and batching the writes
+        # saves HDF5's fixed cost per call (~0.1 ms) on every message.
+        whole = chunk_rows(cfg) if video is None else 0
+        return cls(path, f, video, whole)
 
     def append(self, data: np.ndarray, index_row: tuple) -> int:
-        """Append samples; returns the file row of the first. The index row is written at the next flush."""
+        """Append samples; returns the file row of the first. The index row is written at a later flush."""
         first = self.rows
-        dset = self.f["data"]
+        self.rows += len(data)
+        self.pending_index.append(index_row[:4] + (first,) + index_row[4:])
         with _io_errors(self.path):
             if self.video is not None:
                 self.video.append(data)
             else:
-                dset.resize(first + len(data), axis=0)
-                dset[first:] = data
-        self.rows = first + len(data)
-        self.pending_index.append(index_row[:4] + (first,) + index_row[4:])
+                self.tail.append(data)
+                ready = (self.rows - self.written) // self.whole_chunks * self.whole_chunks
+                if ready:
+                    block = np.concatenate(self.tail)
+                    self._write(block[:ready])
+                    self.tail = [block[ready:]] if ready < len(block) else []
         return first
+
+    def _write(self, block: np.ndarray) -> None:
+        dset = self.f["data"]
+        dset.resize(self.written + len(block), axis=0)
+        dset[self.written:] = block
+        self.written += len(block)
 
     def add(self, table: str, rows: np.ndarray | list[tuple]) -> None:
         """Append rows to one of the small tables (gaps, rejects, sync/edges, sync/clock)."""
@@ -182,11 +205,13 @@ class StreamFile:
         with _io_errors(self.path):
             if self.video is not None:  # frames must be in their video file before the index lists them
                 self._video_files(self.video.sync())
+                self.written = self.rows
             self.f.flush()
-            if self.pending_index:
+            done = [row for row in self.pending_index if row[4] + row[2] <= self.written]
+            if done:
                 committed = time.time_ns()  # when these chunks became readable after a crash
-                self.add("index", [row + (committed,) for row in self.pending_index])
-                self.pending_index = []
+                self.add("index", [row + (committed,) for row in done])
+                self.pending_index = self.pending_index[len(done):]
                 self.f.flush()
             if fsync:
                 os.fsync(self.f.id.get_vfd_handle())
@@ -196,6 +221,10 @@ class StreamFile:
             try:
                 if self.video is not None:
                     self._video_files(self.video.close())
+                if self.tail:  # the last, partial chunk
+                    with _io_errors(self.path):
+                        self._write(np.concatenate(self.tail))
+                    self.tail = []
                 self.flush(fsync)
             finally:
                 self.f.close()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from acqd.config import StreamConfig
-from acqd.streamfile import FILTER_NOTES, StreamFile, committed_rows, dataset_options, open_for_read
+from acqd.streamfile import FILTER_NOTES, StreamFile, chunk_rows, committed_rows, dataset_options, open_for_read
 
 CFG = StreamConfig(name="s", endpoint="ipc:///x", dtype="int16", shape=(4,), rate=1000.0)
 
@@ -54,16 +54,20 @@ KILL_AFTER_FLUSHES = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("appends", [1, 3, 10, 17])
+@pytest.mark.parametrize("appends", [1, 3, 6, 10, 17, 30])
 def test_kill9_keeps_exactly_what_was_flushed(tmp_path, appends):
     path = tmp_path / "s.h5"
     proc = subprocess.run([sys.executable, "-c", KILL_AFTER_FLUSHES, str(path), str(appends)], timeout=60)
     assert proc.returncode == -9
-    flushed_appends = (appends // 3) * 3
+    # The last flush saw 100 rows per append; whole chunks of chunk_rows (250 here) had reached HDF5,
+    # and the index lists exactly the appends that lie within them.
+    flushed_rows = (appends // 3) * 3 * 100
+    committed_appends = flushed_rows // chunk_rows(CFG) * chunk_rows(CFG) // 100
+    assert chunk_rows(CFG) == 250 and flushed_rows - 100 * committed_appends < chunk_rows(CFG)
     with open_for_read(path) as f:
-        assert committed_rows(f) == 100 * flushed_appends
+        assert committed_rows(f) == 100 * committed_appends
         data = f["data"][: committed_rows(f)]
-        assert np.array_equal(data[:, 0], np.repeat(np.arange(flushed_appends), 100))
+        assert np.array_equal(data[:, 0], np.repeat(np.arange(committed_appends), 100))
 
 
 def test_flush_fsyncs_the_file_itself_when_due(tmp_path, monkeypatch):
