@@ -84,3 +84,12 @@ def test_bad_header_fields():
         decode_header(bytes(raw))
     with pytest.raises(ProtocolError, match="longer than 32"):
         encode_header(header(stream="x" * 33))
+
+
+def test_public_api_is_flat_and_keeps_pynwb_out_of_writers():
+    import subprocess
+    import sys
+
+    code = ("import sys, acqd, acqd.writer; assert 'pynwb' not in sys.modules, 'writer imports pynwb'; "
+            "assert all(getattr(acqd, n) for n in acqd.__all__)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
