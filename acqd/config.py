@@ -168,7 +168,7 @@ class DaemonConfig(_Frozen):
 
     data_root: Path
     control: ControlConfig = ControlConfig()
-    flush_interval_s: float = Field(1.0, gt=0, le=10, description="bound on data lost by a writer kill -9")
+    flush_interval_s: float = Field(0.5, gt=0, le=10, description="bound on data lost by a writer kill -9")
     fsync_interval_s: float | None = Field(
         1.0, ge=0, description="bound on data lost by a power cut (0: every flush; null: never fsync)"
     )

@@ -55,7 +55,7 @@ TABLES = {"index": INDEX_DTYPE, "gaps": GAP_DTYPE, "rejects": REJECT_DTYPE,
           "sync/edges": EDGE_DTYPE, "sync/clock": CLOCK_DTYPE}
 
 CHUNK_TARGET_BYTES = 2 << 20
-CHUNK_MAX_S = 0.25  # a chunk is also the most a writer holds back before handing rows to HDF5
+CHUNK_MAX_S = 0.1  # a chunk is also the most a writer holds back before handing rows to HDF5
 
 # What a reader needs installed to decompress each filter (also written into the file).
 FILTER_NOTES = {

@@ -59,11 +59,11 @@ def test_kill9_keeps_exactly_what_was_flushed(tmp_path, appends):
     path = tmp_path / "s.h5"
     proc = subprocess.run([sys.executable, "-c", KILL_AFTER_FLUSHES, str(path), str(appends)], timeout=60)
     assert proc.returncode == -9
-    # The last flush saw 100 rows per append; whole chunks of chunk_rows (250 here) had reached HDF5,
-    # and the index lists exactly the appends that lie within them.
+    # Rows reach HDF5 a whole chunk at a time: the index lists exactly the appends that lie within the
+    # chunks written by the last flush.
     flushed_rows = (appends // 3) * 3 * 100
     committed_appends = flushed_rows // chunk_rows(CFG) * chunk_rows(CFG) // 100
-    assert chunk_rows(CFG) == 250 and flushed_rows - 100 * committed_appends < chunk_rows(CFG)
+    assert flushed_rows - 100 * committed_appends < chunk_rows(CFG) <= 0.1 * CFG.rate
     with open_for_read(path) as f:
         assert committed_rows(f) == 100 * committed_appends
         data = f["data"][: committed_rows(f)]
