@@ -21,5 +21,6 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python scripts/bench
 
-clean:
+clean:  # finalized sessions are immutable (chattr +i): unseal before deleting
+	-chattr -R -i demo-data bench-data 2>/dev/null
 	rm -rf $(VENV) demo-data bench-data
