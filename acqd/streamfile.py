@@ -46,7 +46,8 @@ INDEX_DTYPE = np.dtype([("seq", "<u8"), ("epoch", "<u4"), ("n_samples", "<u4"), 
                         ("device_time_ns", "<i8"), ("committed_wall_ns", "<i8")])
 GAP_DTYPE = np.dtype([("kind", "u1"), ("seq_from", "<u8"), ("seq_to", "<u8"), ("sample_from", "<u8"),
                       ("sample_to", "<u8"), ("file_row", "<u8"), ("host_wall_ns", "<i8")])
-REJECT_DTYPE = np.dtype([("reason", "u1"), ("seq", "<i8"), ("nbytes", "<u8"), ("host_wall_ns", "<i8")])
+REJECT_DTYPE = np.dtype([("reason", "u1"), ("seq", "<u8"), ("nbytes", "<u8"), ("host_wall_ns", "<i8")])
+UNKNOWN_SEQ = 2**64 - 1  # the seq of a rejected message whose header could not be read
 EDGE_DTYPE = np.dtype([("sample", "<u8"), ("line", "<u2"), ("rising", "u1")])
 CLOCK_DTYPE = np.dtype([("device_sample", "<u8"), ("host_mono_ns", "<i8"), ("host_wall_ns", "<i8")])
 VIDEO_DTYPE = np.dtype([("file", "S64"), ("first_row", "<u8"), ("n_frames", "<u8")])
@@ -165,7 +166,7 @@ class StreamFile:
         first = self.rows
         self.rows += len(data)
         self.pending_index.append(index_row[:4] + (first,) + index_row[4:])
-        with _io_errors(self.path):
+        with io_errors(self.path):
             if self.video is not None:
                 self.video.append(data)
             else:
@@ -188,7 +189,7 @@ class StreamFile:
         dset = self.f[table]
         rows = np.asarray(rows, dtype=dset.dtype) if not isinstance(rows, np.ndarray) else rows.astype(dset.dtype)
         if len(rows):
-            with _io_errors(self.path):
+            with io_errors(self.path):
                 n = dset.shape[0]
                 dset.resize(n + len(rows), axis=0)
                 dset[n:] = rows
@@ -202,10 +203,10 @@ class StreamFile:
 
     def flush(self, fsync: bool) -> None:
         """Data first, then the index rows describing it; fsync makes it survive a power cut."""
-        with _io_errors(self.path):
-            if self.video is not None:  # frames must be in their video file before the index lists them
-                self._video_files(self.video.sync())
-                self.written = self.rows
+        with io_errors(self.path):
+            if self.video is not None:  # the index lists only frames in finished (closed) video files
+                self._video_files(self.video.take_finished())
+                self.written = self.video.committed
             self.f.flush()
             done = [row for row in self.pending_index if row[4] + row[2] <= self.written]
             if done:
@@ -220,9 +221,12 @@ class StreamFile:
         if self.f.id.valid:
             try:
                 if self.video is not None:
-                    self._video_files(self.video.close())
+                    with io_errors(self.path):
+                        self.video.close()
+                    self._video_files(self.video.take_finished())
+                    self.written = self.video.committed
                 if self.tail:  # the last, partial chunk
-                    with _io_errors(self.path):
+                    with io_errors(self.path):
                         self._write(np.concatenate(self.tail))
                     self.tail = []
                 self.flush(fsync)
@@ -235,7 +239,7 @@ class StreamFile:
         return os.fstat(self.f.id.get_vfd_handle()).st_size
 
 
-class _io_errors:
+class io_errors:
     """Turn HDF5 I/O failures into WriterError, and a full disk or file-size limit into DiskFullError."""
 
     def __init__(self, path: Path):

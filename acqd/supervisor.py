@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -56,8 +57,6 @@ class WriterHandle:
     reason: str | None = None
     stats: dict = field(default_factory=dict)
     part: int = 0
-    path: str | None = None
-    closed_ack: bool = False
     restarts: int = 0
     record_on_ready: int | None = None  # part to record into once a restarted writer is ready
 
@@ -116,6 +115,8 @@ class Supervisor:
         self.session: dict | None = None
         self.session_dir: Path | None = None
         self.last_session: dict | None = None
+        self._saved_at = 0.0
+        self._unsaved = False
         self.recording = {"prepend_text": "", "base_text": "", "append_text": ""}
         self.jobs: dict[tuple[str, str], Job] = {}  # (kind, session id) -> the latest run
         self._calls: queue.Queue = queue.Queue()
@@ -135,7 +136,10 @@ class Supervisor:
         """The supervisor thread: pump writer messages, run submitted calls, watch processes."""
         try:
             while not stop.is_set():
-                self._pump(0.1)
+                try:
+                    self._pump(0.1)
+                except Exception:  # noqa: BLE001 - one bad message or write must not stop every stream
+                    traceback.print_exc()
                 while True:
                     try:
                         fn, args, fut = self._calls.get_nowait()
@@ -163,6 +167,8 @@ class Supervisor:
             ident, msg = self.router.recv_multipart()
             self._on_writer_message(ident.decode(), zmq.utils.jsonapi.loads(msg))
         self._check_processes()
+        if self._unsaved:
+            self._save_session(now=False)
 
     def _wait_for(self, cond: Callable[[], bool], what: str, timeout_s: float = COMMAND_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
@@ -201,13 +207,14 @@ class Supervisor:
                 if msg.get("pid") == h.proc.pid:
                     h.stats = msg
             case "recording":
-                h.state, h.path, h.part, h.closed_ack = "recording", msg["path"], msg["part"], False
+                h.state, h.part = "recording", msg["part"]
                 if self.session is not None:
                     parts = self.session["streams"][name]["parts"]
                     parts.append({"part": msg["part"], "path": _rel(msg["path"], self.session_dir), "rows": None})
                     self._save_session()
             case "closed":
-                h.closed_ack = True
+                if msg.get("final", True):  # not a size rollover: the writer is back to acquiring
+                    h.state = "acquiring"
                 if self.session is not None:
                     entry = self.session["streams"][name]
                     for p in entry["parts"]:
@@ -240,7 +247,7 @@ class Supervisor:
             self.session["incidents_omitted"] = self.session.get("incidents_omitted", 0) + 1
         if incomplete:
             self.session["incomplete"] = True
-        self._save_session()
+        self._save_session(now=incomplete)
 
     def _check_processes(self) -> None:
         for name, h in list(self.writers.items()):
@@ -300,8 +307,13 @@ class Supervisor:
             raise SessionError(f"session metadata incomplete or invalid (DANDI needs subject_id, species, sex, "
                                f"age at recording start): {e}") from None
         session_id = session_name(**self.recording) if session is None else session
-        if self.mode == IDLE:
+        if self.mode == IDLE:  # Open Ephys: RECORD from IDLE acquires first, then waits for data
             self.acquire()
+            try:
+                self._wait_for(lambda: not self.preflight(), "every required stream to deliver data",
+                               self.cfg.daemon.silent_after_s)
+            except SessionError:
+                pass  # refused just below, with the reasons
         problems = self.preflight()
         if problems:
             raise SessionError("refusing to record: " + "; ".join(problems))
@@ -317,9 +329,16 @@ class Supervisor:
         for name, h in self.writers.items():
             if h.state == "acquiring":
                 self._send(name, cmd="record", folder=str(folder / STREAMS_DIR), session=self._session_attrs(), part=0)
-        self._wait_for(lambda: all(h.state in ("recording", "stopped_failed", "failed") for h in self.writers.values()),
-                       "writers to open their files")
+            elif h.state == "starting":  # a restarted writer records as soon as it is ready
+                h.record_on_ready = 0
         self.mode = RECORD
+        try:
+            self._wait_for(lambda: all(h.state in ("recording", "stopped_failed", "failed")
+                                       for h in self.writers.values()), "writers to open their files")
+        except SessionError as e:  # close what did open: no session is left half started
+            self._incident(None, "record_start_failed", str(e), incomplete=True)
+            self.stop_recording()
+            raise
         return self.status()
 
     def preflight(self) -> list[str]:
@@ -346,11 +365,14 @@ class Supervisor:
             h.record_on_ready = None
             if h.state == "recording":
                 self._send(name, cmd="stop")
-        self._wait_for(lambda: all(h.closed_ack or h.state not in ("recording",) for h in self.writers.values()),
-                       "writers to close their files")
+        self.mode = ACQUIRE  # from here on, a restarted writer is not sent back to recording
+        try:
+            self._wait_for(lambda: all(h.state != "recording" for h in self.writers.values()),
+                           "writers to close their files")
+        except SessionError as e:
+            self._incident(None, "stop_timeout", str(e), incomplete=True)
         session_id = self.session["session_id"]
         self._close_session(CLOSED)
-        self.mode = ACQUIRE
         if self.cfg.daemon.finalize_on_stop:
             self.start_job("finalize", session_id)
         return self.status()
@@ -443,9 +465,20 @@ class Supervisor:
         return {"session_id": s["session_id"], "created": s["created"], "metadata": s["metadata"],
                 "reference": s["reference"]}
 
-    def _save_session(self) -> None:
-        if self.session is not None and self.session_dir is not None:
+    def _save_session(self, now: bool = True) -> None:
+        """Write session.json. ``now=False`` (routine incidents) writes at most once a second, so a flood of
+        gaps costs one write a second; a failed write (full disk) is logged and retried, never fatal."""
+        if self.session is None or self.session_dir is None:
+            return
+        if not now and time.monotonic() - self._saved_at < 1.0:
+            self._unsaved = True
+            return
+        try:
             write_json_atomic(self.session_dir / SESSION_FILE, self.session)
+            self._unsaved, self._saved_at = False, time.monotonic()
+        except OSError as e:
+            self._unsaved = True
+            print(f"acqd: cannot write {SESSION_FILE} ({e}); retrying", file=sys.stderr, flush=True)
 
     def _close_session(self, state: str) -> None:
         for name, h in self.writers.items():

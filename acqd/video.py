@@ -3,8 +3,9 @@
 A ``VideoSink`` encodes the frames of one stream part into a sequence of files
 ``<session>/video/<stream>_<part>_<n>.<ext>``, starting a new file every ``frames_per_file`` frames so
 that a crash can only leave the last file short. Encoding runs on a thread of its own (PyAV
-releases the GIL while encoding): the writer's socket loop never waits for the encoder, so its
-receive timestamps stay true arrival times, which finalize needs to pair frames with strobes. FFV1 in Matroska is lossless (bit-exact); H.264
+releases the GIL while encoding): the writer's socket loop never waits for the encoder (unless it
+falls MAX_BACKLOG frames behind), so its receive timestamps stay true arrival times, which finalize
+needs to pair frames with strobes. Only frames in finished files count as committed. FFV1 in Matroska is lossless (bit-exact); H.264
 goes into fragmented MP4, which stays readable if the writer dies mid-file. Codecs come from PyAV's
 own FFmpeg build. The stream file's ``/video`` table lists each finished file with its frames.
 """
@@ -20,6 +21,7 @@ import av
 import numpy as np
 
 from acqd.config import VideoConfig
+from acqd.errors import WriterError
 
 CONTAINERS = {"ffv1": ("mkv", {}), "libx264": ("mp4", {"movflags": "frag_keyframe+empty_moov"})}
 VIDEO_DIR = "video"
@@ -51,24 +53,32 @@ class VideoSink:
         for frame in frames:
             self._queue.put(frame)
 
-    def sync(self) -> list[tuple[str, int, int]]:
-        """Wait until every queued frame is encoded; returns the files finished since the last call."""
-        self._queue.join()
+    def take_finished(self) -> list[tuple[str, int, int]]:
+        """The files finished since the last call (the encoder thread appends, this reads: no waiting)."""
         self._raise()
-        done, self._reported = self.finished[self._reported:], len(self.finished)
+        done = self.finished[self._reported:]
+        self._reported += len(done)
         return done
 
-    def close(self) -> list[tuple[str, int, int]]:
-        """Encode what is queued, finish the open file; returns the files finished since ``sync``."""
+    @property
+    def committed(self) -> int:
+        """Frames in the files returned by ``take_finished`` so far: what a crash cannot take back."""
+        if not self._reported:
+            return 0
+        _, first, n = self.finished[self._reported - 1]
+        return first + n
+
+    def close(self) -> None:
+        """Encode what is queued and finish the open file; then ``take_finished`` returns it."""
         self._queue.put(None)
         self._thread.join()
         self._raise()
-        done, self._reported = self.finished[self._reported:], len(self.finished)
-        return done
 
     def _raise(self) -> None:
+        if isinstance(self._error, OSError):
+            raise self._error  # the caller classifies it (disk full, ...)
         if self._error is not None:
-            raise self._error
+            raise WriterError(f"video encoding failed: {self._error!r}") from self._error
 
     def _encode_loop(self) -> None:
         while True:

@@ -31,7 +31,7 @@ from acqd.config import EdgeLine, FrameSync, StreamConfig
 from acqd.errors import DiskFullError, ProtocolError, WriterError
 from acqd.ingest import Cursor, Reject, advance, check_continuity, check_format, rising_edges
 from acqd.protocol import decode, decode_header
-from acqd.streamfile import StreamFile, part_filename
+from acqd.streamfile import UNKNOWN_SEQ, StreamFile, io_errors, part_filename
 
 EXIT_DISK_FULL = 3
 EXIT_WRITE_ERROR = 4
@@ -92,6 +92,7 @@ class Writer:
         self.ctrl = self.ctx.socket(zmq.DEALER)
         self.ctrl.setsockopt(zmq.IDENTITY, self.cfg.name.encode())
         self.ctrl.setsockopt(zmq.LINGER, 1000)
+        self.ctrl.setsockopt(zmq.SNDHWM, 10_000)
         self.ctrl.connect(spec.control)
         self.data = self.ctx.socket(zmq.SUB if self.cfg.socket == "sub" else zmq.PULL)
         self.data.setsockopt(zmq.LINGER, 0)
@@ -115,11 +116,16 @@ class Writer:
         self.last_message_mono = 0.0
         self.last_chunk: tuple[int, int, int] | None = None  # (first_sample, mono_ns, wall_ns)
         self.stop_requested = False
+        self.unsent_reports = 0
         self._window = (time.monotonic(), 0, 0)
 
     # -- messages to the supervisor ------------------------------------------------------------
     def send(self, msg_type: str, **body) -> None:
-        self.ctrl.send_json({"type": msg_type, "stream": self.cfg.name, **body})
+        """Report to the supervisor without ever blocking the data path (a flood is counted, not queued)."""
+        try:
+            self.ctrl.send_json({"type": msg_type, "stream": self.cfg.name, **body}, zmq.NOBLOCK)
+        except zmq.Again:
+            self.unsent_reports += 1
 
     def event(self, kind: str, detail: str, **extra) -> None:
         self.send("event", kind=kind, detail=detail, **extra)
@@ -130,6 +136,7 @@ class Writer:
         dt = max(now - t0, 1e-9)
         self._window = (now, self.total.messages, self.total.bytes)
         return {"pid": os.getpid(), "connected": self.peers > 0, "peers": self.peers,
+                "unsent_reports": self.unsent_reports,
                 "recording": self.file is not None, "last_seq": self.last_seq,
                 "silent_s": None if not self.last_message_mono else round(now - self.last_message_mono, 3),
                 "messages_per_s": round((self.total.messages - m0) / dt, 2),
@@ -150,20 +157,22 @@ class Writer:
 
     def open_part(self, part: int) -> None:
         path = self.folder / part_filename(self.cfg.name, part)
-        self.file = StreamFile.create(path, self.cfg, session=self.session, lines=self.spec.lines, part=part)
+        with io_errors(path):  # a full disk (or an existing file) stops the stream with its reason
+            self.file = StreamFile.create(path, self.cfg, session=self.session, lines=self.spec.lines, part=part)
         self.part = part
         self.send("recording", path=str(path), part=part)
 
     def roll_over(self) -> None:
         """Continue in the next part file; continuity (cursor, edge levels) carries on, nothing is lost."""
-        self.close_file()
+        self.close_file(final=False)
         self.open_part(self.part + 1)
 
-    def close_file(self) -> None:
+    def close_file(self, final: bool = True) -> None:
+        """Close the part file; ``final`` is False when the recording continues in the next part."""
         if self.file is not None:
             f, self.file = self.file, None
             f.close(fsync=self.spec.fsync_interval_s is not None)
-            self.send("closed", path=str(f.path), rows=f.rows, counts=self.rec.as_dict())
+            self.send("closed", path=str(f.path), rows=f.rows, counts=self.rec.as_dict(), final=final)
 
     # -- the data path -------------------------------------------------------------------------
     def reject(self, reason: Reject, detail: str, seq: int, nbytes: int) -> None:
@@ -207,6 +216,7 @@ class Writer:
             self.roll_over()
         if verdict.gap is not None:
             self.file.add_gap(verdict.gap, wall_ns)
+            self.levels = [None] * len(self.levels)  # the line's level before the gap says nothing after it
         self.file.append(chunk.data, (h.seq, h.epoch, h.n_samples, h.first_sample, wall_ns, mono_ns,
                                       h.device_time_ns))
         self.store_edges(chunk.data, chunk.edges, h.first_sample)
@@ -262,7 +272,13 @@ class Writer:
                             frames = self.data.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self.on_message(frames)
+                        try:
+                            self.on_message(frames)
+                        except WriterError:
+                            raise
+                        except Exception as e:  # noqa: BLE001 - a message must never end a recording
+                            self.reject(Reject.MALFORMED, f"could not be handled: {e!r}", _seq_or_unknown(frames),
+                                        sum(len(f.buffer) for f in frames))
                 if self.ctrl in events:
                     while self.ctrl.poll(0):
                         self.on_command(self.ctrl.recv_json())
@@ -300,16 +316,16 @@ class Writer:
                 self.file.f.close()
         except Exception:  # noqa: BLE001 - the file is already known bad; the index says what is valid
             pass
-        self.ctrl.close(linger=1000)
+        self.ctx.destroy(linger=1000)  # deliver the queued reason before leaving
         os._exit(code)  # h5py's atexit after ENOSPC/EFBIG segfaults; the supervisor has our reason
 
 
 def _seq_or_unknown(frames: list[zmq.Frame]) -> int:
-    """The seq of a message that is being rejected, if its header can be read; else -1."""
+    """The seq of a message that is being rejected, if its header can be read; else UNKNOWN_SEQ."""
     try:
         return decode_header(frames[1].buffer).seq
     except (IndexError, ProtocolError):
-        return -1
+        return UNKNOWN_SEQ
 
 
 def _die_with_parent() -> None:

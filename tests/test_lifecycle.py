@@ -13,7 +13,7 @@ from pynwb import NWBHDF5IO
 from acqd.finalize import unseal_session
 from acqd.procs import wait_until
 from acqd.streamfile import committed_rows, open_for_read
-from tests.conftest import recording, write_rig
+from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
 
 
 @pytest.mark.slow
@@ -60,3 +60,24 @@ def test_record_stop_finalize_on_stop_then_read_the_master(tmp_path: Path, daemo
             assert io.read().acquisition["nidaq"].data.shape[0] == series_rows["nidaq"]
     finally:
         unseal_session(folder)
+
+
+@pytest.mark.slow
+def test_two_recordings_in_one_daemon_run_both_hold_their_data(rig_file: Path, daemon_factory):
+    """Regression: after a first stop, writers kept state 'recording' and a second RECORD opened no files."""
+    daemon = daemon_factory(rig_file)
+    folders = []
+    for n, seed in enumerate((51, 52)):
+        with recording(daemon, rig_file, f"take{n}", seed=seed) as (_, folder):
+            wait_until(lambda: daemon.command("status")["streams"]["probe"]["rows"] > 30000, "1 s of data")
+            assert all(s["state"] == "recording" for s in daemon.command("status")["streams"].values())
+            daemon.command("stop")
+        assert all(s["state"] == "acquiring" for s in daemon.command("status")["streams"].values())
+        folders.append(folder)
+    for n, folder in enumerate(folders):
+        session = json.loads((folder / "session.json").read_text())
+        assert session["state"] == "closed" and not session["incomplete"], session["incidents"]
+        _, rig = rig_for(rig_file, seed=51 + n)
+        for name in ("probe", "nidaq", "camera", "sensor"):
+            with open_for_read(folder / "streams" / f"{name}.h5") as f:
+                assert assert_bit_exact(f, rig, name) == committed_rows(f) > 0
