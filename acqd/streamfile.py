@@ -120,6 +120,15 @@ class StreamFile:
     tail: list[np.ndarray] = field(default_factory=list)
     """Rows received but not yet written: less than one chunk."""
     pending_index: list[tuple] = field(default_factory=list)
+    _open: dict[str, h5py.Dataset] = field(default_factory=dict)
+    """Datasets stay open: ``f[name]`` opens a new handle each time, and closing the last handle of a
+    chunked dataset writes out its partial chunks and drops its chunk cache (a write and a read per call)."""
+
+    def dset(self, name: str) -> h5py.Dataset:
+        d = self._open.get(name)
+        if d is None:
+            d = self._open[name] = self.f[name]
+        return d
 
     @classmethod
     def create(cls, path: Path, cfg: StreamConfig, *, session: dict, lines: list[EdgeLine], part: int = 0
@@ -179,14 +188,14 @@ class StreamFile:
         return first
 
     def _write(self, block: np.ndarray) -> None:
-        dset = self.f["data"]
+        dset = self.dset("data")
         dset.resize(self.written + len(block), axis=0)
         dset[self.written:] = block
         self.written += len(block)
 
     def add(self, table: str, rows: np.ndarray | list[tuple]) -> None:
         """Append rows to one of the small tables (gaps, rejects, sync/edges, sync/clock)."""
-        dset = self.f[table]
+        dset = self.dset(table)
         rows = np.asarray(rows, dtype=dset.dtype) if not isinstance(rows, np.ndarray) else rows.astype(dset.dtype)
         if len(rows):
             with io_errors(self.path):
@@ -231,6 +240,7 @@ class StreamFile:
                     self.tail = []
                 self.flush(fsync)
             finally:
+                self._open.clear()
                 self.f.close()
 
     @property
