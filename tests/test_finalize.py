@@ -10,6 +10,7 @@ Every finalized folder is unsealed (chattr -i) at teardown so pytest can delete 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ from hypothesis import strategies as st
 from pynwb import NWBHDF5IO, validate
 
 from acqd.errors import FinalizeError
+from acqd.finalize import seal
 from acqd.finalize import (MANIFEST, PAUSE_ENV, PAUSE_MARKER_ENV, finalize_session, is_immutable, pair_frames,
                            unseal_session, verify_manifest)
 from acqd.session import SESSION_FILE, write_json_atomic
@@ -40,6 +42,7 @@ SEED = 3
 SID = "S1"
 RECORDING = Recording(drops={"probe": [(8.0, 8.15)]}, restart=Restart("sensor", 10.0, crash=True))
 SUBPROCESS_TIMEOUT_S = 120
+real_sha256 = seal._sha256
 
 
 @pytest.fixture(scope="module")
@@ -210,11 +213,16 @@ def test_sealed_read_only_immutable_and_manifest_verifies(finalized, tmp_path, s
 # -- idempotence, determinism, resumption -------------------------------------------------------------------
 
 
-def test_two_finalizes_give_identical_bytes_and_a_rerun_changes_nothing(recorded, finalized, tmp_path, sealed_dirs):
+def test_two_finalizes_give_identical_bytes_and_a_rerun_changes_nothing(recorded, finalized, tmp_path, sealed_dirs,
+                                                                       monkeypatch):
     src, _ = recorded
     reference, _, _ = finalized
     other = copy_session(src, tmp_path / "another" / "place", sealed_dirs)
+    hashed = []
+    monkeypatch.setattr(seal, "_sha256", lambda path, stop=None: hashed.append(path) or real_sha256(path))
     finalize_session(other)
+    listed = [other / line.split("  ", 1)[1] for line in (other / MANIFEST).read_text().splitlines()]
+    assert sorted(hashed) == sorted(listed)  # every file read once for the manifest, the recorded ones early
     for rel in (MANIFEST, SESSION_FILE, f"{SID}.nwb"):
         assert (other / rel).read_bytes() == (reference / rel).read_bytes(), rel
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in other.rglob("*")}
@@ -222,6 +230,20 @@ def test_two_finalizes_give_identical_bytes_and_a_rerun_changes_nothing(recorded
     assert not again.changed and "already finalized, nothing changed" in again.message
     assert set(again.streams) == {"probe", "nidaq", "camera", "sensor"} and again.check["ok"]
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in other.rglob("*")} == before
+
+
+def test_digests_hash_ahead_and_again_only_what_changed(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(os.urandom(9 << 20))  # more than one hashing block
+    b.write_bytes(b"before")
+    with seal.Digests([a, b]) as digests:
+        assert digests.get(a) == hashlib.sha256(a.read_bytes()).hexdigest()
+        digests.get(b)
+        b.write_bytes(b"after, longer")  # changed after it was hashed: hashed again when asked
+        assert digests.get(b) == hashlib.sha256(b"after, longer").hexdigest()
+        c = tmp_path / "c"
+        c.write_bytes(b"")
+        assert digests.get(c) == hashlib.sha256(b"").hexdigest()  # never queued: hashed on demand
 
 
 @pytest.mark.parametrize("step", ["partial", "sealed"])

@@ -37,8 +37,8 @@ from acqd.errors import FinalizeError
 from acqd.finalize.layout import MANIFEST, PARTIAL, QC_DIR, RECOVERED_DIR, VDS_DIR, partial_then_rename
 from acqd.finalize.plan import plan_master
 from acqd.finalize.report import QC_SUMMARY, FinalizeReport, StreamReport, qc_plot, qc_summary
-from acqd.finalize.seal import (is_immutable, manifest_files, merge_seal, seal_paths, unseal, unseal_session,
-                                verify_manifest, write_manifest)
+from acqd.finalize.seal import (Digests, is_immutable, manifest_files, merge_seal, seal_paths, unseal,
+                                unseal_session, verify_manifest, write_manifest)
 from acqd.finalize.streams import Stream, linked_file, read_stream, stream_parts
 from acqd.finalize.timing import align_all, pair_frames, zero_sample
 from acqd.session import (CLOSED, FINALIZED, FINALIZING, INTERRUPTED, RECORDING, SESSION_FILE, fsync_dir,
@@ -81,7 +81,9 @@ def finalize_session(folder: Path, progress: Progress | None = None) -> Finalize
         write_json_atomic(folder / SESSION_FILE, {**session, "state": FINALIZING,
                                                   "finalize": {"previous_state": previous}})
         try:
-            report = _run(folder, session, parts, master, report_progress)
+            # The recorded files are hashed for the manifest while the master is built and validated.
+            with Digests(_recorded_files(folder, parts)) as digests:
+                report = _run(folder, session, parts, master, digests, report_progress)
         except BaseException:
             _clear_outputs(folder, master)
             unseal(sorted(p for ps in parts.values() for p in ps))
@@ -98,8 +100,8 @@ def finalize_session(folder: Path, progress: Progress | None = None) -> Finalize
         return report
 
 
-def _run(folder: Path, session: dict, parts: dict[str, list[Path]], master: Path, progress: Progress
-         ) -> FinalizeReport:
+def _run(folder: Path, session: dict, parts: dict[str, list[Path]], master: Path, digests: Digests,
+         progress: Progress) -> FinalizeReport:
     """Everything between the checks and the commit point; raises on any failure (the caller rolls back)."""
     sid = session.get("session_id") or folder.name
     configs = {s["name"]: StreamConfig.model_validate(s) for s in session["config"]["streams"]}
@@ -154,7 +156,7 @@ def _run(folder: Path, session: dict, parts: dict[str, list[Path]], master: Path
     outputs = manifest_files(folder)
     report.sealed = seal_paths(outputs)
     _checkpoint("sealed")
-    write_manifest(folder, outputs, lambda done, total: progress("seal", 0.95 * done / total))
+    write_manifest(folder, outputs, digests, lambda done, total: progress("seal", 0.95 * done / total))
     merge_seal(report.sealed, seal_paths([folder / MANIFEST]))
     _checkpoint("manifest")
     return report
@@ -242,11 +244,16 @@ def _check_quiescent(folder: Path, session: dict) -> dict[str, list[Path]]:
     if state not in (CLOSED, INTERRUPTED, FINALIZING):
         raise FinalizeError(f"{folder.name}: state {state!r} cannot be finalized (closed or interrupted only)")
     parts = stream_parts(folder, session)
-    held = _held_open([p for ps in parts.values() for p in ps] + sorted((folder / VIDEO_DIR).glob("*")))
+    held = _held_open(_recorded_files(folder, parts))
     if held:
         raise FinalizeError(f"{folder.name}: files are still open in another process (a writer?): "
                             + ", ".join(f"{p.name} by pid {pid}" for p, pid in held))
     return parts
+
+
+def _recorded_files(folder: Path, parts: dict[str, list[Path]]) -> list[Path]:
+    """The files the writers produced: every stream's part files and the camera video files."""
+    return [p for ps in parts.values() for p in ps] + sorted((folder / VIDEO_DIR).glob("*"))
 
 
 def _held_open(paths: list[Path]) -> list[tuple[Path, int]]:

@@ -3,6 +3,9 @@
 This module owns what makes a finalized session tamper-evident: every file read-only and immutable (the
 ``chattr +i`` flag, set through the ioctl chattr(1) uses), ``manifest.sha256`` (sha256sum format: every file
 but itself and ``session.json``), checking a folder against it, and undoing the seal (tests, admins).
+
+Hashing is the one part of finalize that reads every byte. ``Digests`` hashes on worker threads (hashlib and
+file reads release the GIL), so finalize hashes the recorded files while it builds and validates the master.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import errno
 import fcntl
 import hashlib
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from acqd.finalize.layout import MANIFEST, rel
@@ -21,6 +26,8 @@ from acqd.session import SESSION_FILE, write_bytes_atomic
 # chattr +i through the ioctl chattr(1) uses (linux/fs.h): root can still write a 0444 file, not an immutable one.
 _FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_IMMUTABLE_FL = 0x80086601, 0x40086602, 0x10
 _OPEN_FOR_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW
+_HASH_BLOCK = 4 << 20
+_HASH_THREADS = 2
 
 
 # -- read-only and immutable -------------------------------------------------------------------------------------
@@ -108,13 +115,15 @@ def manifest_files(folder: Path) -> list[Path]:
                   and not p.name.startswith(f".{SESSION_FILE}."))
 
 
-def write_manifest(folder: Path, paths: list[Path], progress: Callable[[int, int], None]) -> None:
-    """Hash ``paths`` into ``manifest.sha256`` (written atomically); ``progress`` gets the bytes hashed so far and
-    in all."""
+def write_manifest(folder: Path, paths: list[Path], digests: Digests, progress: Callable[[int, int], None]
+                   ) -> None:
+    """Hash ``paths`` into ``manifest.sha256`` (written atomically), using what ``digests`` already hashed;
+    ``progress`` gets the bytes hashed so far and in all."""
     lines, total = [], sum(p.stat().st_size for p in paths) or 1
     done = 0
+    digests.add(paths)
     for p in paths:
-        lines.append(f"{_sha256(p)}  {rel(p, folder)}\n")
+        lines.append(f"{digests.get(p)}  {rel(p, folder)}\n")
         done += p.stat().st_size
         progress(done, total)
     write_bytes_atomic(folder / MANIFEST, "".join(lines).encode())
@@ -132,17 +141,62 @@ def verify_manifest(folder: Path) -> list[str]:
         digest, _, name = line.partition("  ")
         listed[name] = digest
     problems = []
-    for name, digest in sorted(listed.items()):
-        p = folder / name
-        if not p.is_file():
-            problems.append(f"{name}: missing")
-        elif _sha256(p) != digest:
-            problems.append(f"{name}: contents changed")
+    present = {name: folder / name for name in sorted(listed) if (folder / name).is_file()}
+    with Digests(present.values()) as digests:
+        for name, digest in sorted(listed.items()):
+            if name not in present:
+                problems.append(f"{name}: missing")
+            elif digests.get(present[name]) != digest:
+                problems.append(f"{name}: contents changed")
     extra = sorted(name for name in (rel(p, folder) for p in manifest_files(folder)) if name not in listed)
     problems += [f"{name}: not in the manifest" for name in extra]
     return problems
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+class Digests:
+    """sha256 of files, hashed ahead on worker threads. ``get`` returns a digest of the file as it is when asked:
+    a file whose size or mtime changed after it was queued is hashed again. Leaving the ``with`` block stops the
+    workers between blocks, so an abandoned run does not wait for a large file to finish."""
+
+    def __init__(self, paths: Iterable[Path] = ()):
+        self._pool = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="sha256")
+        self._queued: dict[Path, tuple[Future[str], tuple[int, int]]] = {}
+        self._stop = threading.Event()
+        self.add(paths)
+
+    def add(self, paths: Iterable[Path]) -> None:
+        for p in paths:
+            if p not in self._queued:
+                stamp = _stamp(p)  # before the worker reads: a change while it reads is caught by get()
+                self._queued[p] = (self._pool.submit(_sha256, p, self._stop), stamp)
+
+    def get(self, path: Path) -> str:
+        if path not in self._queued:
+            self.add([path])
+        future, stamp = self._queued[path]
+        digest = future.result()
+        return digest if _stamp(path) == stamp else _sha256(path)
+
+    def __enter__(self) -> Digests:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _sha256(path: Path, stop: threading.Event | None = None) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(_HASH_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            if stop is not None and stop.is_set():
+                raise InterruptedError(f"hashing {path} was abandoned")
+            h.update(view[:n])
+    return h.hexdigest()
