@@ -161,11 +161,8 @@ class StreamFile:
         except BaseException:
             f.close()
             raise
-        video = None
         if cfg.video is not None:
-            video = VideoSink(path.parent.parent / VIDEO_DIR, cfg.name, part, cfg.video, cfg.rate)
-        if video is not None:
-            return cls(path, f, video)
+            return cls(path, f, VideoSink(path.parent.parent / VIDEO_DIR, cfg.name, part, cfg.video, cfg.rate))
         # A compressed chunk written half full is compressed again, and stored anew, when it fills: the
         # file grows by the old copy each time. Whole chunks keep files small, and batching the writes
         # saves HDF5's fixed cost per call (~0.1 ms) on every message.
@@ -234,7 +231,12 @@ class StreamFile:
                 self.pending_index = self.pending_index[len(done):]
                 self.f.flush()
             if fsync:
-                os.fsync(self.f.id.get_vfd_handle())
+                fd = self.f.id.get_vfd_handle()
+                os.fsync(fd)
+                # What is on disk need not stay in the page cache: a rig writing 130 MB/s would fill all of
+                # memory in minutes, evicting everyone else's, and the writers cost 1.5x more CPU while it
+                # fills (measured, docs/performance.md). Only clean pages are dropped; nothing is lost.
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self, fsync: bool = True) -> None:
         if self.f.id.valid:
@@ -244,7 +246,7 @@ class StreamFile:
                         self.video.close()
                     self._video_files(self.video.take_finished())
                     self.written = self.video.committed
-                if self.rows > self.written:  # the last, partial chunk
+                if self.chunk is not None and self.rows > self.written:  # the last, partial chunk
                     with io_errors(self.path):
                         self._write(self.rows - self.written)
                 self.flush(fsync)
