@@ -175,6 +175,9 @@ class DaemonConfig(_Frozen):
     stats_interval_s: float = Field(0.5, gt=0)
     clock_pair_interval_s: float = Field(1.0, gt=0, description="how often (device counter, host time) is stored")
     silent_after_s: float = Field(2.0, gt=0, description="a stream with no message for this long is silent")
+    max_writer_restarts: int = Field(3, ge=0, description="a writer that dies more often than this within "
+                                                          "restart_window_s is not restarted again")
+    restart_window_s: float = Field(600.0, gt=0)
     finalize_on_stop: bool = False
 
 

@@ -6,8 +6,9 @@ or IDLE. One thread owns every socket and process handle (``serve``); other thre
 submit work with ``call``, which runs it on that thread, so no lock guards the state.
 
 A writer that dies is reported as an incident; while recording it is restarted into a new part
-file (up to ``MAX_RESTARTS``), except after a full disk, where the stream stays stopped with its
-reason and the session is marked incomplete.
+file (at most ``max_writer_restarts`` times within ``restart_window_s``, so a rare crash never ends a
+long acquisition, but a crash loop does), except after a full disk, where the stream stays stopped with
+its reason and the session is marked incomplete.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from acqd.streamfile import committed_rows, open_for_read
 from acqd.writer import EXIT_DISK_FULL, EXIT_WRITE_ERROR, WriterSpec
 
 IDLE, ACQUIRE, RECORD = "IDLE", "ACQUIRE", "RECORD"
-MAX_RESTARTS = 3
 MAX_INCIDENTS = 1000
 START_TIMEOUT_S = 60.0
 COMMAND_TIMEOUT_S = 30.0
@@ -57,7 +57,8 @@ class WriterHandle:
     reason: str | None = None
     stats: dict = field(default_factory=dict)
     part: int = 0
-    restarts: int = 0
+    restarts: tuple[float, ...] = ()
+    """When (monotonic s) each restart of this stream's writer happened."""
     record_on_ready: int | None = None  # part to record into once a restarted writer is ready
 
 
@@ -264,12 +265,14 @@ class Supervisor:
                 continue
             was_recording = h.state == "recording" or h.record_on_ready is not None
             how = f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
-            if h.restarts >= MAX_RESTARTS:
-                h.state, h.reason = "stopped_failed", f"writer {how}; gave up after {MAX_RESTARTS} restarts"
+            d, now = self.cfg.daemon, time.monotonic()
+            if sum(now - t < d.restart_window_s for t in h.restarts) >= d.max_writer_restarts:
+                h.state, h.reason = "stopped_failed", (f"writer {how}; not restarted: already restarted "
+                                                       f"{d.max_writer_restarts} time(s) within {d.restart_window_s:g} s")
                 self._incident(name, "writer_died", h.reason, incomplete=True)
                 continue
             new = self._spawn(name)
-            new.restarts = h.restarts + 1
+            new.restarts = (*h.restarts, now)
             new.part = h.part + 1 if was_recording else h.part
             if was_recording and self.mode == RECORD:
                 new.record_on_ready = new.part
@@ -523,7 +526,7 @@ class Supervisor:
             rec = st.get("recording_counts", {})
             streams[s.name] = {
                 "state": h.state if h else "stopped", "reason": h.reason if h else None,
-                "pid": h.proc.pid if h and h.proc.poll() is None else None, "restarts": h.restarts if h else 0,
+                "pid": h.proc.pid if h and h.proc.poll() is None else None, "restarts": len(h.restarts) if h else 0,
                 "part": h.part if h else 0, "connected": st.get("connected", False),
                 "silent_s": st.get("silent_s"), "messages_per_s": st.get("messages_per_s", 0.0),
                 "mb_per_s": st.get("mb_per_s", 0.0), "last_seq": st.get("last_seq"),

@@ -19,12 +19,13 @@ EXAMPLE = ROOT / "configs" / "rig.yaml"
 SIM_SECONDS = 60.0  # the simulator's horizon; it is stopped as soon as a test is done with it
 
 
-def write_rig(tmp_path: Path, *, flush_interval_s: float = 0.25, stream_overrides: dict | None = None) -> Path:
+def write_rig(tmp_path: Path, *, flush_interval_s: float = 0.25, stream_overrides: dict | None = None,
+              daemon_overrides: dict | None = None) -> Path:
     """The example rig with ipc endpoints under ``tmp_path`` (no port clashes between test runs)."""
     raw = yaml.safe_load(EXAMPLE.read_text())
     (tmp_path / "ipc").mkdir(exist_ok=True)
     raw["daemon"].update(data_root=str(tmp_path / "data"), flush_interval_s=flush_interval_s,
-                         control={"host": "127.0.0.1", "port": 0})
+                         control={"host": "127.0.0.1", "port": 0}, **(daemon_overrides or {}))
     for s in raw["streams"]:
         s["endpoint"] = f"ipc://{tmp_path}/ipc/{s['name']}"
         s.update((stream_overrides or {}).get(s["name"], {}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import h5py
@@ -28,6 +29,41 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@pytest.mark.slow
+def test_a_crash_loop_is_given_up_but_crashes_spread_out_are_always_restarted(tmp_path, daemon_factory):
+    window = 15.0  # one restart allowed per window; long enough for a restart on a loaded machine
+    rig_file = write_rig(tmp_path, daemon_overrides={"max_writer_restarts": 1, "restart_window_s": window})
+    daemon = daemon_factory(rig_file)
+
+    def probe() -> dict:
+        return daemon.command("status")["streams"]["probe"]
+
+    def kill_probe_writer() -> None:
+        os.kill(probe()["pid"], signal.SIGKILL)
+
+    with recording(daemon, rig_file, "crashloop", seed=5) as (_, folder):
+        kill_probe_writer()
+        wait_until(lambda: (p := probe())["restarts"] == 1 and p["state"] == "recording", "the first restart")
+        restarted = time.monotonic()  # the supervisor restarted it before this
+        wait_until(lambda: time.monotonic() - restarted > window, "the restart window to pass", timeout_s=2 * window)
+        kill_probe_writer()  # outside the window: restarted again
+        wait_until(lambda: (p := probe())["restarts"] == 2 and p["state"] == "recording", "the second restart")
+        kill_probe_writer()  # within the window of the second restart: a crash loop
+        stopped = wait_until(lambda: (p := probe())["state"] == "stopped_failed" and p, "the stream to be given up")
+        assert stopped["restarts"] == 2 and stopped["pid"] is None
+        assert "not restarted: already restarted 1 time(s) within 15 s" in stopped["reason"]
+        others = {n: s["rows"] for n, s in daemon.command("status")["streams"].items() if n != "probe"}
+        wait_until(lambda: all(daemon.command("status")["streams"][n]["rows"] > r for n, r in others.items()),
+                   "the other streams to keep growing")
+        daemon.command("stop")
+    session = json.loads((folder / "session.json").read_text())
+    died = [i["detail"] for i in session["incidents"] if i["kind"] == "writer_died" and i["stream"] == "probe"]
+    assert len(died) == 3 and "restarted as pid" in died[1] and "not restarted" in died[2]
+    assert session["incomplete"]
+    assert sorted(p.name for p in (folder / "streams").glob("probe*.h5")) == [
+        "probe.h5", "probe.part001.h5", "probe.part002.h5"]
 
 
 @pytest.mark.slow
