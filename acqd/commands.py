@@ -95,8 +95,9 @@ def _recording(sup: Supervisor, req: RecordingRequest) -> dict:
 
 def recording_info(sup: Supervisor) -> dict:
     """The Open Ephys shape of GET /api/recording."""
+    status = sup.status()
     return {"parent_directory": str(sup.data_root), **sup.recording, "default_record_engine": "acqd-hdf5",
-            "current_session": sup.status()["session"], "last_session": sup.status()["last_session"]}
+            "current_session": status["session"], "last_session": status["last_session"]}
 
 
 @dataclass(frozen=True, slots=True)

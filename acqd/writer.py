@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +56,9 @@ class WriterSpec:
     clock_pair_interval_s: float
 
     def to_json(self) -> str:
-        return json.dumps({"stream": self.stream.model_dump(mode="json"),
-                           "lines": [ln.model_dump() for ln in self.lines], "control": self.control,
-                           "flush_interval_s": self.flush_interval_s, "fsync_interval_s": self.fsync_interval_s,
-                           "stats_interval_s": self.stats_interval_s,
-                           "clock_pair_interval_s": self.clock_pair_interval_s})
+        plain = {f.name: getattr(self, f.name) for f in fields(self)}
+        return json.dumps({**plain, "stream": self.stream.model_dump(mode="json"),
+                           "lines": [ln.model_dump() for ln in self.lines]})
 
     @classmethod
     def from_json(cls, text: str) -> WriterSpec:
