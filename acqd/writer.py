@@ -27,7 +27,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from acqd.config import EdgeLine, FrameSync, StreamConfig, StrobeSync
+from acqd.config import ChannelSync, EdgeLine, FrameSync, StreamConfig
 from acqd.errors import DiskFullError, ProtocolError, WriterError
 from acqd.ingest import Cursor, Reject, advance, check_continuity, check_format, rising_edges
 from acqd.protocol import decode, decode_header
@@ -35,9 +35,10 @@ from acqd.streamfile import UNKNOWN_SEQ, StreamFile, io_errors, part_filename
 
 WAKE_INTERVAL_S = 0.05
 """Wake at most this often and take what has queued: one wake-up per message (~100/s per stream) costs
-more CPU than the data; latency is bounded by the flush interval anyway. Not for strobed streams (cameras):
-finalize pairs their frames with strobes using the host receive times, which a message that waited in the
-queue would carry late by up to this much (more than half a frame period at 60 fps)."""
+more CPU than the data; latency is bounded by the flush interval anyway. Only for streams that carry their
+own sync edges: a strobed stream (a camera) is paired with its strobes by host receive time, and a stream
+without sync is timed by it, and a message that waited in the queue would carry it late by up to this much
+(more than half a frame period at 60 fps)."""
 EXIT_DISK_FULL = 3
 EXIT_WRITE_ERROR = 4
 FSIZE_LIMIT_ENV = "ACQD_WRITER_FSIZE_LIMIT"
@@ -265,7 +266,7 @@ class Writer:
         next_flush = next_stats = next_pair = now
         last_fsync = now
         last_wake = 0.0
-        wake_interval_s = 0.0 if isinstance(self.cfg.sync, StrobeSync) else WAKE_INTERVAL_S
+        wake_interval_s = WAKE_INTERVAL_S if isinstance(self.cfg.sync, (ChannelSync, FrameSync)) else 0.0
         self.send("ready", pid=os.getpid())
         try:
             while not self.stop_requested:
