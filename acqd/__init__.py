@@ -2,12 +2,12 @@
 
 The public API, for drivers, scripts and analysis; the rest of the package is internal:
 
-    Publisher, edge_records                 acqd.publisher: send chunks to acqd (docs/protocol.md)
+    Publisher, edge_records                 acqd.wire.publisher: send chunks to acqd (docs/protocol.md)
     load_config, RigConfig                  acqd.config: read and validate a rig file
-    Client                                  acqd.api: drive a running daemon (docs/control-api.md)
+    Client                                  acqd.service.api: drive a running daemon (docs/control-api.md)
     finalize_session                        acqd.finalize: align clocks, build and seal the master NWB
-    export_session                          acqd.export: one self-contained NWB for DANDI
-    new_analysis, open_analysis             acqd.analysis: analysis files that link sealed raw data
+    export_session                          acqd.share.export: one self-contained NWB for DANDI
+    new_analysis, open_analysis             acqd.share.analysis: analysis files that link sealed raw data
     AcqdError and its subclasses            acqd.errors
 
 Names are imported on first use, so a writer process never pays for pynwb.
@@ -19,12 +19,12 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Publisher": "acqd.publisher", "edge_records": "acqd.publisher",
+    "Publisher": "acqd.wire.publisher", "edge_records": "acqd.wire.publisher",
     "load_config": "acqd.config", "RigConfig": "acqd.config",
-    "Client": "acqd.api",
+    "Client": "acqd.service.api",
     "finalize_session": "acqd.finalize",
-    "export_session": "acqd.export",
-    "new_analysis": "acqd.analysis", "open_analysis": "acqd.analysis",
+    "export_session": "acqd.share.export",
+    "new_analysis": "acqd.share.analysis", "open_analysis": "acqd.share.analysis",
     "AcqdError": "acqd.errors", "ConfigError": "acqd.errors", "ProtocolError": "acqd.errors",
     "SessionError": "acqd.errors", "WriterError": "acqd.errors", "DiskFullError": "acqd.errors",
     "FinalizeError": "acqd.errors", "ClockFitError": "acqd.errors", "ExportError": "acqd.errors",

@@ -37,13 +37,13 @@ def _config(args: argparse.Namespace):
 
 
 def _client(args: argparse.Namespace):
-    from acqd.api import Client
+    from acqd.service.api import Client
 
     return Client(args.url or os.environ.get("ACQD_URL", DEFAULT_URL), args.token or os.environ.get("ACQD_TOKEN"))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from acqd.api import serve
+    from acqd.service.api import serve
 
     return serve(_config(args), ready_file=args.ready_file)
 
@@ -59,7 +59,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    from acqd.status import print_status
+    from acqd.service.status import print_status
 
     client = _client(args)
     body: dict = {}
@@ -90,7 +90,7 @@ def _metadata_args(args: argparse.Namespace) -> dict | None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import signal
 
-    from acqd.simulate import Fault, Rig, SimParams, run, write_truth
+    from acqd.sim.simulate import Fault, Rig, SimParams, run, write_truth
 
     cfg = load_config(args.config)
     rig = Rig(cfg, SimParams(seed=args.seed, seconds=args.seconds, max_ppm=args.max_ppm, wander_ppm=args.wander_ppm))
@@ -136,14 +136,14 @@ def _run_job(args: argparse.Namespace, name: str, run: Callable[[Callable[[str, 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
     from acqd.finalize import finalize_session
-    from acqd.qc import summary_lines
+    from acqd.finalize.qc import summary_lines
 
     return _run_job(args, "finalize", lambda progress: finalize_session(Path(args.session_dir), progress),
                     summary_lines)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from acqd.export import export_session
+    from acqd.share.export import export_session
 
     def summary(r: dict) -> list[str]:
         return [f"exported {r['session_id']} to {Path(r['out']) / r['nwb']} ({r['bytes'] / 1e6:.1f} MB, "

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from acqd.procs import Daemon, Simulator, wait_until
-from acqd.qc import summary_lines
-from acqd.status import print_session_summary
+from acqd.service.procs import Daemon, Simulator, wait_until
+from acqd.finalize.qc import summary_lines
+from acqd.service.status import print_session_summary
 
 console = Console()
 

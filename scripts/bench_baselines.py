@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 BLOCK = 4 << 20
-CHUNK_TARGET_BYTES = 2 << 20  # same as acqd.streamfile
+CHUNK_TARGET_BYTES = 2 << 20  # same as acqd.record.streamfile
 INDEX_FIELDS = [("seq", "<u8"), ("first_sample", "<u8"), ("n_samples", "<u4"), ("host_wall_ns", "<i8"),
                 ("device_time_ns", "<i8")]
 
@@ -52,7 +52,7 @@ def disk_write(path: Path, gib: float, block: int = BLOCK) -> dict:
 def probe_like(seconds: float, seed: int = 0) -> np.ndarray:
     """One second-long pool of Neuropixels-like samples (385 x int16), from the simulator."""
     from acqd.config import StreamConfig
-    from acqd.simulate import signal_pool
+    from acqd.sim.simulate import signal_pool
 
     cfg = StreamConfig(name="probe", endpoint="ipc:///unused", dtype="int16", shape=(385,), rate=30000.0)
     return signal_pool(cfg, np.random.default_rng(seed), seconds)
@@ -115,7 +115,7 @@ def naive_receive(endpoints: list[str], out_dir: Path, seconds: float, idle_s: f
     import h5py
     import zmq
 
-    from acqd.protocol import HEADER
+    from acqd.wire.protocol import HEADER
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from acqd.finalize import finalize_session, unseal_session  # noqa: E402
-from acqd.simulate import Rig, SimParams  # noqa: E402
+from acqd.sim.simulate import Rig, SimParams  # noqa: E402
 from sessions import Recording, record_session, small_config  # noqa: E402
 
 

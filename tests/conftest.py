@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from acqd.config import RigConfig, load_config
-from acqd.procs import Daemon, Simulator, wait_until
-from acqd.simulate import Rig, SimParams
+from acqd.service.procs import Daemon, Simulator, wait_until
+from acqd.sim.simulate import Rig, SimParams
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "configs" / "rig.yaml"

@@ -1,6 +1,6 @@
 """Recorded sessions for tests, written without sockets through the writer's own code paths.
 
-``record_session`` plays a simulated rig (``acqd.simulate.Rig``) into a session folder exactly as the
+``record_session`` plays a simulated rig (``acqd.sim.simulate.Rig``) into a session folder exactly as the
 daemon would: ``create_session_dir`` and ``write_json_atomic`` for the folder and ``session.json``
 (as ``Supervisor.record`` / ``_close_session`` write it), and per stream ``StreamFile.create``,
 ``ingest.check_format`` / ``check_continuity`` / ``advance`` for every chunk, ``StreamFile.append`` /
@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from acqd.config import FrameSync, RigConfig, SessionMetadata, VideoConfig, load_config
-from acqd.ingest import Cursor, advance, check_continuity, check_format, rising_edges
-from acqd.protocol import Header
+from acqd.record.ingest import Cursor, advance, check_continuity, check_format, rising_edges
+from acqd.wire.protocol import Header
 from acqd.session import CLOSED, RECORDING, SESSION_FILE, STREAMS_DIR, create_session_dir, write_json_atomic
-from acqd.simulate import Rig
-from acqd.streamfile import StreamFile, part_filename
+from acqd.sim.simulate import Rig
+from acqd.record.streamfile import StreamFile, part_filename
 
 RIG_YAML = Path(__file__).resolve().parents[1] / "configs" / "rig.yaml"
 WALL_EPOCH_NS = 1_700_000_000 * 10**9  # host wall clock at true time 0 (2023-11-14, in the past)

@@ -7,10 +7,11 @@ state changes in ``session.json``. The stages live in:
 
 - ``streams``: what each stream's part files committed, recovery of parts a killed writer left open, the
   file the master links (a part, a recovered copy, or a virtual dataset over the parts);
-- ``timing``: every stream on the session timebase (``acqd.clock`` fits, frame/strobe pairing, time zero,
+- ``clock``: edge pairing and the fit of each device clock to the reference (pure numpy);
+- ``timing``: every stream on the session timebase (``clock`` fits, frame/strobe pairing, time zero,
   row times, gaps and events);
-- ``plan``: the plan of the master NWB file, built from it by ``acqd.nwb`` (the only pynwb importer);
-- ``report``: ``FinalizeReport``, ``StreamReport`` and the QC summary and plots (written by ``acqd.qc``);
+- ``plan``: the plan of the master NWB file, built from it by ``nwb`` (the only module that imports pynwb);
+- ``report``: ``FinalizeReport``, ``StreamReport`` and the QC summary and plots (written by ``qc``);
 - ``seal``: read-only, immutable, ``manifest.sha256`` and its verification;
 - ``layout``: the names of the outputs and the write-then-rename rule they follow.
 
@@ -18,6 +19,8 @@ Idempotent and resumable: every output is rebuilt deterministically from the str
 written as ``<id>.nwb.partial`` and renamed only once it validates, and ``session.json`` turns 'finalized'
 last. A run that fails leaves the session as it found it; a run that is killed leaves it 'finalizing',
 and the next run starts over. On a finalized session a run only verifies the manifest.
+
+Imports: the root modules, ``wire`` and ``record`` (to read stream files); never ``service`` or ``share``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from acqd import nwb, qc
+from acqd.finalize import nwb, qc
 from acqd.config import StreamConfig
 from acqd.errors import FinalizeError
 from acqd.finalize.layout import MANIFEST, PARTIAL, QC_DIR, RECOVERED_DIR, VDS_DIR, partial_then_rename
@@ -43,7 +46,7 @@ from acqd.finalize.streams import Stream, linked_file, read_stream, stream_parts
 from acqd.finalize.timing import align_all, pair_frames, zero_sample
 from acqd.session import (CLOSED, FINALIZED, FINALIZING, INTERRUPTED, RECORDING, SESSION_FILE, fsync_dir,
                           read_session, write_json_atomic)
-from acqd.video import VIDEO_DIR
+from acqd.record.video import VIDEO_DIR
 
 __all__ = ["FinalizeReport", "StreamReport", "finalize_session", "is_immutable", "pair_frames", "unseal_session",
            "verify_manifest"]

@@ -2,8 +2,8 @@
 
 This module owns what goes into the master (docs/finalize.md "The NWB layout"): one series per stream with
 its timing, description and comments, the events, the gaps table, the ``processing/sync`` tables (clock fits,
-timebase, frame reconciliation), the session metadata and notes. It makes plain ``acqd.nwb`` plan
-dataclasses; ``acqd.nwb`` (the only pynwb importer) builds the file from them.
+timebase, frame reconciliation), the session metadata and notes. It makes plain ``acqd.finalize.nwb`` plan
+dataclasses; ``acqd.finalize.nwb`` (the only pynwb importer) builds the file from them.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from acqd import nwb
-from acqd.clock import ClockFit
+from acqd.finalize import nwb
+from acqd.finalize.clock import ClockFit
 from acqd.config import ChannelSync
 from acqd.errors import FinalizeError
 from acqd.finalize.layout import rel
@@ -129,7 +129,7 @@ def _sync_tables(streams: dict[str, Stream], aligned: dict[str, Alignment], repo
     cols["flags"] = ("what an analyst must know about this stream's timing", ["; ".join(reports[n].flags)
                                                                                for n in names])
     tables = [nwb.TablePlan("clock_fits", "each stream's map from its sample counter to the reference clock, and "
-                            "its quality (acqd.clock; docs/clock-alignment.md)", cols),
+                            "its quality (acqd.finalize.clock; docs/clock-alignment.md)", cols),
               nwb.TablePlan("timebase", "session time = reference sample / reference_rate - zero_sample / "
                             "reference_rate", {
                                 "reference": ("the stream whose clock is the timebase", [ref.name]),

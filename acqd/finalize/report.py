@@ -2,7 +2,7 @@
 
 This module owns ``FinalizeReport`` and ``StreamReport`` (returned by ``finalize_session``, rendered by the
 CLI, streamed by the API), the ``qc/qc.json`` summary made from them (which a rerun on a finalized session
-reads back), and the per-stream plot data handed to ``acqd.qc``, which writes both.
+reads back), and the per-stream plot data handed to ``acqd.finalize.qc``, which writes both.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from acqd import qc
+from acqd.finalize import qc
 from acqd.finalize.layout import MANIFEST, QC_DIR
 from acqd.finalize.streams import Stream
 from acqd.finalize.timing import Alignment, edge_segments, to_reference

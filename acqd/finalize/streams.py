@@ -23,8 +23,8 @@ from acqd.config import FrameSync, StreamConfig
 from acqd.errors import FinalizeError
 from acqd.finalize.layout import RECOVERED_DIR, VDS_DIR, partial_then_rename
 from acqd.session import STREAMS_DIR
-from acqd.streamfile import committed_rows, dataset_options, open_for_read, part_filename
-from acqd.video import VIDEO_DIR
+from acqd.record.streamfile import committed_rows, dataset_options, open_for_read, part_filename
+from acqd.record.video import VIDEO_DIR
 
 NWB_DATA_ATTRS = ("unit", "conversion", "offset", "resolution")
 

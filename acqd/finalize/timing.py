@@ -3,7 +3,7 @@
 This module owns how finalize times a stream (docs/finalize.md "Align" and "The timebase"): the map from each
 stream's sample counter to reference seconds (``align_all``: the reference exactly, shared sync edges, camera
 strobes through another stream's map, host receive times as the flagged fallback; the fits themselves are
-``acqd.clock``'s), the pairing of camera frames with strobes, session time zero and the wall clock there, the
+``acqd.finalize.clock``'s), the pairing of camera frames with strobes, session time zero and the wall clock there, the
 choice between ``starting_time + rate`` and one timestamp per row, and the gaps and digital-line events in
 session time. Everything here is computed from the ``Stream`` model; nothing is written.
 """
@@ -16,12 +16,12 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
-from acqd import nwb
-from acqd.clock import ClockFit, align_stream, fit_clock, fit_host_clock, split_counter_resets
+from acqd.finalize import nwb
+from acqd.finalize.clock import ClockFit, align_stream, fit_clock, fit_host_clock, split_counter_resets
 from acqd.config import ChannelSync, FrameSync, StrobeSync
 from acqd.errors import ClockFitError, FinalizeError
 from acqd.finalize.streams import Stream
-from acqd.ingest import Gap
+from acqd.record.ingest import Gap
 
 REGULAR_TOL_SAMPLES = 0.1  # starting_time + rate only if the map is that close to one straight line
 HOST_TIMED = "timed by host receive times (~1 ms accuracy)"
@@ -92,7 +92,7 @@ def _nearest_pairs(dev_edges: np.ndarray, fit: ClockFit, ref_s: np.ndarray) -> t
 
 
 def _host_fit(s: Stream, ref: Stream) -> ClockFit:
-    """Device sample -> reference seconds through host receive times (acqd.clock.fit_host_clock)."""
+    """Device sample -> reference seconds through host receive times (acqd.finalize.clock.fit_host_clock)."""
     base = int(min(s.index["host_mono_ns"].min(), ref.index["host_mono_ns"].min()))
     try:
         return fit_host_clock(s.chunk_end, (s.index["host_mono_ns"] - base) / 1e9, ref.chunk_end,

@@ -13,7 +13,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from acqd.protocol import Header
+from acqd.wire.protocol import Header
 
 
 class Reject(IntEnum):

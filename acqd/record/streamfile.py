@@ -35,8 +35,8 @@ import numpy as np
 
 from acqd.config import EdgeLine, StreamConfig
 from acqd.errors import DiskFullError, WriterError
-from acqd.ingest import Gap, GapRecord, Reject
-from acqd.video import VIDEO_DIR, VideoSink
+from acqd.record.ingest import Gap, GapRecord, Reject
+from acqd.record.video import VIDEO_DIR, VideoSink
 
 FORMAT = "acqd-stream"
 FORMAT_VERSION = 1

@@ -1,6 +1,6 @@
 """A writer process: one stream's socket, checks and HDF5 file.
 
-Run as ``python -m acqd.writer SPEC_JSON`` by the supervisor (one process per stream, because h5py
+Run as ``python -m acqd.record.writer SPEC_JSON`` by the supervisor (one process per stream, because h5py
 serialises every call through one global lock). The writer owns its data socket, so a chunk is
 never copied between processes. It receives and checks chunks from the moment it starts
 (ACQUIRE: counted, not stored) and appends them to a stream file while recording (RECORD).
@@ -29,9 +29,9 @@ from zmq.utils.monitor import recv_monitor_message
 
 from acqd.config import ChannelSync, EdgeLine, FrameSync, StreamConfig
 from acqd.errors import DiskFullError, ProtocolError, WriterError
-from acqd.ingest import Cursor, Reject, advance, check_continuity, check_format, rising_edges
-from acqd.protocol import decode, decode_header
-from acqd.streamfile import UNKNOWN_SEQ, StreamFile, io_errors, part_filename
+from acqd.record.ingest import Cursor, Reject, advance, check_continuity, check_format, rising_edges
+from acqd.wire.protocol import decode, decode_header
+from acqd.record.streamfile import UNKNOWN_SEQ, StreamFile, io_errors, part_filename
 
 WAKE_INTERVAL_S = 0.05
 """Wake at most this often and take what has queued: one wake-up per message (~100/s per stream) costs

@@ -1,7 +1,7 @@
 """The HTTP JSON control API and its client.
 
 Routes (docs/control-api.md):
-    POST /api/commands/<name>   any command of acqd.commands, JSON body = its request model
+    POST /api/commands/<name>   any command of acqd.service.commands, JSON body = its request model
     GET  /api/status            Open Ephys compatible: {"mode": "IDLE"|"ACQUIRE"|"RECORD", ...}
     PUT  /api/status            {"mode": ...}
     GET  /api/recording         Open Ephys compatible: {"parent_directory": ..., ...}
@@ -30,10 +30,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from pydantic import ValidationError
 
-from acqd.commands import COMMANDS, run_command
+from acqd.service.commands import COMMANDS, run_command
 from acqd.config import RigConfig
 from acqd.errors import AcqdError, ConfigError
-from acqd.supervisor import Supervisor
+from acqd.service.supervisor import Supervisor
 
 ROUTES: dict[tuple[str, str], tuple[str, bool]] = {
     # (method, path) -> (command, whether the request body is passed on)

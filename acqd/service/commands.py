@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from acqd.session import list_sessions
-from acqd.supervisor import RECORD, Supervisor
+from acqd.service.supervisor import RECORD, Supervisor
 
 
 class Request(BaseModel):

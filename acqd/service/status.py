@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from acqd.session import STREAMS_DIR, read_session
-from acqd.streamfile import summarize
+from acqd.record.streamfile import summarize
 
 console = Console()
 

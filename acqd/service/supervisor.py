@@ -35,8 +35,8 @@ from acqd.config import RigConfig, SessionMetadata, check_name
 from acqd.errors import SessionError
 from acqd.session import (CLOSED, INTERRUPTED, RECORDING, SESSION_FILE, STREAMS_DIR, create_session_dir,
                           list_sessions, now_iso, read_session, session_name, write_json_atomic)
-from acqd.streamfile import committed_rows, open_for_read
-from acqd.writer import EXIT_DISK_FULL, EXIT_WRITE_ERROR, WriterSpec
+from acqd.record.streamfile import committed_rows, open_for_read
+from acqd.record.writer import EXIT_DISK_FULL, EXIT_WRITE_ERROR, WriterSpec
 
 IDLE, ACQUIRE, RECORD = "IDLE", "ACQUIRE", "RECORD"
 MAX_INCIDENTS = 1000
@@ -185,7 +185,7 @@ class Supervisor:
                           control=self.control_endpoint, flush_interval_s=d.flush_interval_s,
                           fsync_interval_s=d.fsync_interval_s, stats_interval_s=d.stats_interval_s,
                           clock_pair_interval_s=d.clock_pair_interval_s)
-        proc = subprocess.Popen([sys.executable, "-m", "acqd.writer", spec.to_json()], stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, "-m", "acqd.record.writer", spec.to_json()], stdin=subprocess.DEVNULL)
         return WriterHandle(name, proc)
 
     def _send(self, name: str, **cmd: Any) -> None:

@@ -49,7 +49,7 @@ from hdmf.backends.warnings import BrokenLinkWarning
 from hdmf.data_utils import GenericDataChunkIterator
 from pynwb import NWBHDF5IO, TimeSeries
 
-from acqd import nwb
+from acqd.finalize import nwb
 from acqd.errors import ExportError
 from acqd.finalize import verify_manifest
 from acqd.session import FINALIZED, fsync_dir, read_session

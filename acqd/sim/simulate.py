@@ -22,9 +22,9 @@ import numpy as np
 import zmq
 
 from acqd.config import ChannelSync, FrameSync, RigConfig, StreamConfig, StrobeSync
-from acqd.devclock import DeviceClock, random_pulse_times
-from acqd.protocol import Header, encode, encode_header
-from acqd.publisher import Publisher, edge_records
+from acqd.sim.devclock import DeviceClock, random_pulse_times
+from acqd.wire.protocol import Header, encode, encode_header
+from acqd.wire.publisher import Publisher, edge_records
 
 PULSE_WIDTH_S = 0.010
 STROBE_WIDTH_S = 0.002

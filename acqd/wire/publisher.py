@@ -17,7 +17,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from acqd.protocol import EDGE_DTYPE, Header, encode
+from acqd.wire.protocol import EDGE_DTYPE, Header, encode
 
 
 class Publisher:

@@ -23,7 +23,7 @@ window, so a backlog is the first sign of a receiver that cannot keep up.
 
 Prints a JSON result (also to ``--out``) and a Markdown table, and rewrites the generated part of
 ``--doc`` (default docs/performance.md; a ``--quick`` run writes it only if ``--doc`` is given).
-Never part of ``make test``. Every subprocess has a deadline and is reaped (acqd.procs).
+Never part of ``make test``. Every subprocess has a deadline and is reaped (acqd.service.procs).
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import bench_baselines as baselines  # noqa: E402
 
-from acqd.procs import Daemon, Simulator, stop_process, wait_until  # noqa: E402
-from acqd.streamfile import open_for_read  # noqa: E402
+from acqd.service.procs import Daemon, Simulator, stop_process, wait_until  # noqa: E402
+from acqd.record.streamfile import open_for_read  # noqa: E402
 
 BENCH_RIG = ROOT / "configs" / "bench-rig.yaml"
 DOC = ROOT / "docs" / "performance.md"

@@ -11,8 +11,8 @@ from pathlib import Path
 import h5py
 import pytest
 
-from acqd.procs import wait_until
-from acqd.streamfile import committed_rows, open_for_read
+from acqd.service.procs import wait_until
+from acqd.record.streamfile import committed_rows, open_for_read
 from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
 
 
@@ -31,7 +31,7 @@ def pid_alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_crash_loop_is_given_up_but_crashes_spread_out_are_always_restarted(tmp_path, daemon_factory):
     window = 15.0  # one restart allowed per window; long enough for a restart on a loaded machine
     rig_file = write_rig(tmp_path, daemon_overrides={"max_writer_restarts": 1, "restart_window_s": window})
@@ -66,7 +66,7 @@ def test_a_crash_loop_is_given_up_but_crashes_spread_out_are_always_restarted(tm
         "probe.h5", "probe.part001.h5", "probe.part002.h5"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_writer_kill9_loses_at_most_a_flush_and_the_stream_resumes_in_a_new_part(rig_file, daemon_factory):
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "writerkill", seed=11) as (_, folder):
@@ -98,7 +98,7 @@ def test_writer_kill9_loses_at_most_a_flush_and_the_stream_resumes_in_a_new_part
         "streams/probe.h5", "streams/probe.part001.h5"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_daemon_kill9_then_restart_finds_the_interrupted_session(rig_file, daemon_factory):
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "daemonkill", seed=12) as (_, folder):
@@ -123,7 +123,7 @@ def test_daemon_kill9_then_restart_finds_the_interrupted_session(rig_file, daemo
             assert assert_bit_exact(f, rig, s.name) == f["data"].shape[0] > 0
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sigterm_closes_every_file_cleanly(rig_file, daemon_factory):
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "sigterm", seed=13) as (_, folder):
@@ -139,7 +139,7 @@ def test_sigterm_closes_every_file_cleanly(rig_file, daemon_factory):
             h5py.File(folder / "streams" / f"{s.name}.h5", "r"))]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_full_disk_stops_the_stream_with_a_reason_and_keeps_committed_data(tmp_path, daemon_factory):
     rig_file = write_rig(tmp_path)
     daemon = daemon_factory(rig_file, env={"ACQD_WRITER_FSIZE_LIMIT": "probe=40000000"})

@@ -9,8 +9,8 @@ from pathlib import Path
 import h5py
 import pytest
 
-from acqd.ingest import Gap, Reject
-from acqd.procs import wait_until
+from acqd.record.ingest import Gap, Reject
+from acqd.service.procs import wait_until
 from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
 
 PROBE_FAULTS = {  # seq -> (kind, what acqd must record)
@@ -21,7 +21,7 @@ PROBE_FAULTS = {  # seq -> (kind, what acqd must record)
 }
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_injected_faults_are_rejected_or_recorded_exactly(tmp_path: Path, daemon_factory):
     rig_file = write_rig(tmp_path, stream_overrides={"probe": {"max_message_bytes": 1 << 20}})
     faults = [f"probe:{kind}:{seq}" for seq, (kind, _) in PROBE_FAULTS.items()]

@@ -1,4 +1,4 @@
-"""acqd.clock against simulated clocks (acqd.devclock): sync edges only, no sockets, no files.
+"""acqd.finalize.clock against simulated clocks (acqd.sim.devclock): sync edges only, no sockets, no files.
 
 Every device latches the same pulses in its own counter; the truth for device sample k is the reference
 phase at the true time of k. Map errors are measured in reference samples on a dense grid of device samples
@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from acqd.clock import (ClockFit, ClockFitError, align_stream, fit_clock, fit_host_clock, pair_edges,
+from acqd.finalize.clock import (ClockFit, ClockFitError, align_stream, fit_clock, fit_host_clock, pair_edges,
                         split_counter_resets)
-from acqd.devclock import DeviceClock, random_pulse_times
+from acqd.sim.devclock import DeviceClock, random_pulse_times
 
 REF_RATE = 30000.0
 REF = DeviceClock(REF_RATE)

@@ -34,8 +34,8 @@ from acqd.finalize import seal
 from acqd.finalize import (MANIFEST, PAUSE_ENV, PAUSE_MARKER_ENV, finalize_session, is_immutable, pair_frames,
                            unseal_session, verify_manifest)
 from acqd.session import SESSION_FILE, write_json_atomic
-from acqd.simulate import Rig, SimParams
-from acqd.streamfile import StreamFile, committed_rows, open_for_read
+from acqd.sim.simulate import Rig, SimParams
+from acqd.record.streamfile import StreamFile, committed_rows, open_for_read
 from sessions import Recording, Restart, record_session, small_config
 
 SEED = 3

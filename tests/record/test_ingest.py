@@ -6,8 +6,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from acqd.ingest import Gap, Reject, advance, check_continuity, check_format, rising_edges
-from acqd.protocol import Header
+from acqd.record.ingest import Gap, Reject, advance, check_continuity, check_format, rising_edges
+from acqd.wire.protocol import Header
 
 
 def h(seq: int, first: int, n: int = 10, epoch: int = 1, **kw) -> Header:

@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from acqd.procs import wait_until
-from acqd.streamfile import committed_rows, open_for_read
+from acqd.service.procs import wait_until
+from acqd.record.streamfile import committed_rows, open_for_read
 from tests.conftest import assert_bit_exact, recording, rig_for
 
 
@@ -30,7 +30,7 @@ def expected_in_range(expected: np.ndarray, f: h5py.File) -> np.ndarray:
     return expected[(expected > first) & (expected < end)]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_rig_is_recorded_bit_exact_with_sync_edges_and_live_readers(rig_file: Path, daemon_factory, tmp_path):
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "bitexact", seed=3) as (status, folder):

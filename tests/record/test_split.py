@@ -9,12 +9,12 @@ import h5py
 import numpy as np
 import pytest
 
-from acqd.procs import wait_until
+from acqd.service.procs import wait_until
 from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
 
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_probe_rolls_over_into_parts_that_join_exactly(tmp_path: Path, daemon_factory):
     rig_file = write_rig(tmp_path, stream_overrides={"probe": {"max_file_bytes": 12_000_000}})
     daemon = daemon_factory(rig_file)

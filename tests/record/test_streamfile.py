@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from acqd.config import StreamConfig
-from acqd.streamfile import FILTER_NOTES, StreamFile, chunk_rows, committed_rows, dataset_options, open_for_read
+from acqd.record.streamfile import FILTER_NOTES, StreamFile, chunk_rows, committed_rows, dataset_options, open_for_read
 
 CFG = StreamConfig(name="s", endpoint="ipc:///x", dtype="int16", shape=(4,), rate=1000.0)
 
@@ -44,7 +44,7 @@ def test_metadata_is_in_the_file_from_creation(tmp_path):
 KILL_AFTER_FLUSHES = textwrap.dedent("""
     import os, signal, sys, numpy as np
     from acqd.config import StreamConfig
-    from acqd.streamfile import StreamFile
+    from acqd.record.streamfile import StreamFile
     cfg = StreamConfig(name="s", endpoint="ipc:///x", dtype="int16", shape=(4,), rate=1000.0)
     sf = StreamFile.create(sys.argv[1], cfg, session={}, lines=[])
     for i in range(int(sys.argv[2])):

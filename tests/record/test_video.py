@@ -18,7 +18,7 @@ from pynwb import NWBHDF5IO
 
 from acqd.finalize import unseal_session
 
-from acqd.procs import wait_until
+from acqd.service.procs import wait_until
 from tests.conftest import recording, rig_for, write_rig
 
 
@@ -28,7 +28,7 @@ def decode(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="gray") for f in c.decode(video=0)])
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_camera_frames_go_to_lossless_video_files(tmp_path: Path, daemon_factory):
     video = {"codec": "ffv1", "frames_per_file": 50}
     rig_file = write_rig(tmp_path, stream_overrides={"camera": {"video": video}})
@@ -52,7 +52,7 @@ def test_camera_frames_go_to_lossless_video_files(tmp_path: Path, daemon_factory
     assert sorted(p.name for p in (folder / "video").iterdir()) == sorted(n.decode() for n in files["file"])
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_finalized_session_with_split_probe_and_video_camera_reads_from_anywhere(tmp_path: Path, daemon_factory,
                                                                                   monkeypatch):
     rig_file = write_rig(tmp_path, stream_overrides={"probe": {"max_file_bytes": 8_000_000},

@@ -10,8 +10,8 @@ import sys
 import pytest
 import yaml
 
-from acqd.api import ApiError, Client
-from acqd.procs import Simulator, wait_until
+from acqd.service.api import ApiError, Client
+from acqd.service.procs import Simulator, wait_until
 from tests.conftest import write_rig
 
 
@@ -43,7 +43,7 @@ def test_open_ephys_routes_and_refusals_without_drivers(rig_file, daemon_factory
     assert c.request("PUT", "/api/status", {"mode": "IDLE"})["mode"] == "IDLE"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_record_refuses_hostile_names_and_missing_metadata(rig_file, daemon_factory, tmp_path):
     daemon = daemon_factory(rig_file)
     daemon.command("acquire")

@@ -11,12 +11,12 @@ import yaml
 from pynwb import NWBHDF5IO
 
 from acqd.finalize import unseal_session
-from acqd.procs import wait_until
-from acqd.streamfile import committed_rows, open_for_read
+from acqd.service.procs import wait_until
+from acqd.record.streamfile import committed_rows, open_for_read
 from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_record_stop_finalize_on_stop_then_read_the_master(tmp_path: Path, daemon_factory):
     rig_file = write_rig(tmp_path)
     raw = yaml.safe_load(rig_file.read_text())
@@ -62,7 +62,7 @@ def test_record_stop_finalize_on_stop_then_read_the_master(tmp_path: Path, daemo
         unseal_session(folder)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_recordings_in_one_daemon_run_both_hold_their_data(rig_file: Path, daemon_factory):
     """Regression: after a first stop, writers kept state 'recording' and a second RECORD opened no files."""
     daemon = daemon_factory(rig_file)

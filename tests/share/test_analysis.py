@@ -1,4 +1,4 @@
-"""Analysis files beside a sealed session (acqd.analysis): real h5py, pynwb, hdmf, no mocks.
+"""Analysis files beside a sealed session (acqd.share.analysis): real h5py, pynwb, hdmf, no mocks.
 
 One session is recorded and finalized (sealed) per module under ``<root>/data/S1``, with a sensor whose writer
 was killed with -9, so its data reach the analysis file through two links and a virtual dataset. Analysis files go
@@ -20,9 +20,9 @@ import pytest
 from hdmf.backends.warnings import BrokenLinkWarning
 from pynwb import NWBHDF5IO, TimeSeries, validate
 
-from acqd.analysis import AnalysisError, external_links, new_analysis, open_analysis
+from acqd.share.analysis import AnalysisError, external_links, new_analysis, open_analysis
 from acqd.finalize import finalize_session, unseal_session, verify_manifest
-from acqd.simulate import Rig, SimParams
+from acqd.sim.simulate import Rig, SimParams
 from sessions import Recording, Restart, record_session, small_config
 
 SID = "S1"
@@ -181,7 +181,7 @@ def test_refusals_write_nothing(root, analysis, tmp_path):
 
 def test_the_documented_example_runs(root, tmp_path):
     """docs/analysis.md's example, with its two paths pointed at this module's session."""
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "analysis.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "analysis.md").read_text()
     code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
     code, n = re.subn(r"^(session|path) = .*$", "", code, flags=re.M)
     assert n == 2

@@ -24,9 +24,9 @@ import pytest
 from hdmf.backends.warnings import BrokenLinkWarning
 from pynwb import NWBHDF5IO, validate
 
-from acqd.export import ExportError, dandi_path, export_session, external_file_name, sanitize
+from acqd.share.export import ExportError, dandi_path, export_session, external_file_name, sanitize
 from acqd.finalize import finalize_session, unseal_session, verify_manifest
-from acqd.simulate import Rig, SimParams
+from acqd.sim.simulate import Rig, SimParams
 from sessions import Recording, Restart, record_session, small_config
 
 SID = "2023-11-14_22.13"

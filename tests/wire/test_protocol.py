@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from acqd.errors import ProtocolError
-from acqd.protocol import EDGE_DTYPE, HEADER, Header, decode, decode_header, encode, encode_header
-from acqd.publisher import edge_records
+from acqd.wire.protocol import EDGE_DTYPE, HEADER, Header, decode, decode_header, encode, encode_header
+from acqd.wire.publisher import edge_records
 
 
 def header(**kw) -> Header:
@@ -90,6 +90,6 @@ def test_public_api_is_flat_and_keeps_pynwb_out_of_writers():
     import subprocess
     import sys
 
-    code = ("import sys, acqd, acqd.writer; assert 'pynwb' not in sys.modules, 'writer imports pynwb'; "
+    code = ("import sys, acqd, acqd.record.writer; assert 'pynwb' not in sys.modules, 'writer imports pynwb'; "
             "assert all(getattr(acqd, n) for n in acqd.__all__)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
