@@ -3,6 +3,7 @@
     acqd serve --config FILE             run the daemon (control API, writers)
     acqd status | acquire | record | stop   control a running daemon (same commands as the API)
     acqd check-config FILE               validate a rig file, print precise errors
+    acqd config-schema [--markdown]      the rig config's JSON Schema (or docs/config.md)
     acqd simulate --config FILE          publish the rig's streams from simulated devices
     acqd demo                            daemon + simulated rig + a short recording, end to end
     acqd finalize SESSION_DIR            clock fits, master NWB, validation, QC, seal (docs/finalize.md)
@@ -55,6 +56,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         sync = s.sync.source if s.sync else "host time"
         print(f"  {s.name:12s} {s.kind:7s} {s.dtype}{list(s.shape)} @ {s.rate:g} Hz  "
               f"{s.sample_bytes * s.rate / 1e6:7.2f} MB/s  sync: {sync}  {s.socket} {s.endpoint}")
+    return 0
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    from acqd.configdoc import markdown, schema_text
+
+    sys.stdout.write(markdown() if args.markdown else schema_text())
     return 0
 
 
@@ -184,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a rig config file")
     c.add_argument("file")
     c.set_defaults(fn=cmd_check_config)
+
+    c = sub.add_parser("config-schema", help="print the rig config's JSON Schema (or its reference page)")
+    c.add_argument("--markdown", action="store_true", help="print docs/config.md instead")
+    c.set_defaults(fn=cmd_config_schema)
 
     m = sub.add_parser("simulate", help="publish the rig's streams from simulated devices")
     m.add_argument("--config", required=True)

@@ -213,7 +213,7 @@ class DaemonConfig(_Frozen):
     data_root: Path
     """Folder that holds the session folders; relative to the config file's folder."""
     control: ControlConfig = ControlConfig()
-    """Where the control API listens."""
+    """Address, port and token of the control API."""
     flush_interval_s: float = Field(0.5, gt=0, le=10, description="bound on data lost by a writer kill -9")
     """Bound on data lost by a writer kill -9 (seconds between flushes)."""
     fsync_interval_s: float | None = Field(
@@ -284,7 +284,7 @@ class RigConfig(_Frozen):
     """A whole rig: the daemon settings, its streams, the reference clock, default metadata."""
 
     daemon: DaemonConfig
-    """Settings of the acqd service itself."""
+    """The acqd service: data root, control API, flush, fsync and restart policy."""
     reference: str = Field(description="name of the stream whose clock is the session timebase")
     """Name of the stream whose clock is the session timebase; it needs a sync source."""
     streams: tuple[StreamConfig, ...] = Field(min_length=1)
