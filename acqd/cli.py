@@ -44,9 +44,12 @@ def _client(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from acqd.ports import check_ports_free
     from acqd.service.api import serve
 
-    return serve(_config(args), ready_file=args.ready_file)
+    cfg = _config(args)
+    check_ports_free(cfg, ("acqd",))  # one clear line, not a traceback from the HTTP server or a writer
+    return serve(cfg, ready_file=args.ready_file)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -98,9 +101,11 @@ def _metadata_args(args: argparse.Namespace) -> dict | None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import signal
 
+    from acqd.ports import check_ports_free
     from acqd.sim.simulate import Fault, Rig, SimParams, run, write_truth
 
     cfg = load_config(args.config)
+    check_ports_free(cfg, ("drivers",), control=False)
     rig = Rig(cfg, SimParams(seed=args.seed, seconds=args.seconds, max_ppm=args.max_ppm, wander_ppm=args.wander_ppm))
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
