@@ -492,9 +492,9 @@ def duplicate_keys(node: yaml.Node, raw: object) -> list[Problem]:
             for k, v in n.value:
                 key = k.value if isinstance(k, yaml.ScalarNode) else None
                 if key in seen:
-                    problems.append(Problem(_path((*loc, key), raw),
-                                            f"key {key!r} is given twice (first on line {seen[key].start_mark.line + 1})",
-                                            k.start_mark.line + 1, k.start_mark.column + 1))
+                    rule = f"key {key!r} is given twice (first on line {seen[key].start_mark.line + 1})"
+                    problems.append(Problem(_path((*loc, key), raw), rule, k.start_mark.line + 1,
+                                            k.start_mark.column + 1))
                 seen.setdefault(key, k)
                 stack.append((v, (*loc, key)))
         elif isinstance(n, yaml.SequenceNode):

@@ -35,13 +35,15 @@ def broken(tmp_path: Path, edit) -> Path:
     (lambda r: r["streams"][0].update(dtype="int13"), r"streams\[0\] 'probe'.dtype: .*unknown dtype 'int13'"),
     (lambda r: r["streams"][1].update(shape=[0]), r"streams\[1\] 'nidaq'.shape: .*positive"),
     (lambda r: r["streams"][0].update(sync={"source": "channel", "channel": 999}), "sync channel 999 is outside"),
-    (lambda r: r["streams"][3].update(name="probe"), r"streams\[3\] 'probe'.name: stream name 'probe' is already used by streams\[0\]"),
+    (lambda r: r["streams"][3].update(name="probe"),
+     r"streams\[3\] 'probe'.name: stream name 'probe' is already used by streams\[0\]"),
     (lambda r: r["streams"][2].update(name="../evil"), r"streams\[2\] '../evil'.name: .*invalid stream name"),
     (lambda r: r.update(reference="nope"), "reference 'nope' is not a configured stream"),
     (lambda r: r["daemon"].update(control={"host": "0.0.0.0"}), "not loopback: set control.token"),
     (lambda r: r["streams"][2]["sync"].update(stream="ghost"), "strobe stream 'ghost'"),
     (lambda r: r["streams"][0].update(rate=-1), r"streams\[0\] 'probe'.rate: .*greater than 0"),
-    (lambda r: r["streams"][0].update(colour="blue"), r"streams\[0\] 'probe'.colour: unknown key 'colour'; allowed keys: "),
+    (lambda r: r["streams"][0].update(colour="blue"),
+     r"streams\[0\] 'probe'.colour: unknown key 'colour'; allowed keys: conversion, "),
     (lambda r: r["streams"][0].update(name="p" * 33), r"'ppp.*'.name: stream name 'p+' is 33 bytes; the wire header's"),
 ])
 def test_bad_config_errors_name_the_place(tmp_path, edit, message):
