@@ -1,18 +1,17 @@
 """Rig configuration: the pydantic models for the daemon, its streams and session metadata.
 
 This module owns every rule about what a valid config is (names, dtypes, shapes, sync sources,
-the reference clock) and turns a YAML file into a frozen ``RigConfig``. Nothing here touches
-sockets or files other than the YAML being read; ``dataset_options`` and friends live with the
-stage that uses them.
+the reference clock) and turns a YAML file into a frozen ``RigConfig``, or into a ``ConfigError``
+listing every problem with its line and column (worded and located by ``acqd.configerrors``).
+Nothing here touches sockets or files other than the YAML being read; ``dataset_options`` and
+friends live with the stage that uses them.
 """
 
 from __future__ import annotations
 
-import difflib
 import functools
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -20,6 +19,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from acqd.configerrors import Found, Loc, closest_first
 from acqd.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -296,7 +296,7 @@ class RigConfig(_Frozen):
     def _consistent(self) -> RigConfig:
         problems = rig_problems(self.reference, [s.model_dump() for s in self.streams], self.streams)
         if problems:
-            raise ValueError("; ".join(f"{_path(loc)}: {msg}" for loc, msg in problems))
+            raise ValueError("; ".join(f"{Found(None).path(loc)}: {msg}" for loc, msg in problems))
         return self
 
     def stream(self, name: str) -> StreamConfig:
@@ -332,9 +332,6 @@ class EdgeLine(_Frozen):
 # -- rules across fields -----------------------------------------------------------------------------------------
 # They run over the raw mapping (and whichever streams validated), so the loader reports them beside field errors
 # instead of pydantic skipping them whenever one field is wrong.
-
-Loc = tuple[str | int, ...]
-
 
 def rig_problems(reference: object, streams: Sequence[object], parsed: Sequence[StreamConfig | None]
                  ) -> list[tuple[Loc, str]]:
@@ -407,26 +404,7 @@ def _same_endpoint(a: tuple, b: tuple) -> bool:
     return len(a) == len(b) == 2 and a[1] == b[1] and "*" in (a[0], b[0]) and {a[0], b[0]} <= local
 
 
-def closest_first(word: str, choices: Sequence[str]) -> list[str]:
-    """``choices``, the most similar to ``word`` first (difflib's ratio)."""
-    return difflib.get_close_matches(word, choices, n=len(choices), cutoff=0.0)
-
-
-# -- loading, with every problem located in the YAML ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """One thing wrong with a config file: where (YAML line and column, 1-based; field path) and the rule."""
-
-    path: str
-    message: str
-    line: int | None = None
-    column: int | None = None
-
-    def format(self, source: str) -> str:
-        where = f"{source}:{self.line}:{self.column}" if self.line is not None else source
-        return f"{where}: {self.path}: {self.message}"
+# -- loading, with every problem located in the YAML (acqd.configerrors) -------------------------------------------
 
 
 def parse_config(raw: object, source: str = "config", node: yaml.Node | None = None) -> RigConfig:
@@ -434,17 +412,17 @@ def parse_config(raw: object, source: str = "config", node: yaml.Node | None = N
     ``node`` (the composed YAML document ``raw`` was built from) when given."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
-    problems = duplicate_keys(node, raw) if node is not None else []
+    found = Found(raw, node, _schema())
+    problems = found.duplicate_keys()
     try:
         cfg = RigConfig.model_validate(raw)
     except ValidationError as e:
         cfg = None
-        # Rules across fields (loc ()) are checked below on the raw mapping, whatever else is wrong.
-        errors = e.errors(include_url=False)
-        problems += [_field_problem(err, raw, node) for err in errors if err["loc"] and not _echo(err, errors)]
+        # Rules across fields (loc ()) are checked here on the raw mapping, whatever else is wrong.
+        problems += found.field_problems([err for err in e.errors(include_url=False) if err["loc"]])
         streams = raw.get("streams") if isinstance(raw.get("streams"), list) else []
         parsed = [_stream_or_none(s) for s in streams]
-        problems += [_locate(loc, raw, node, msg) for loc, msg in rig_problems(raw.get("reference"), streams, parsed)]
+        problems += [found.at(loc, msg) for loc, msg in rig_problems(raw.get("reference"), streams, parsed)]
     if problems:
         problems.sort(key=lambda p: (p.line or 0, p.column or 0))
         raise ConfigError("\n".join([f"{source}: {len(problems)} problem{'s' * (len(problems) > 1)}",
@@ -481,33 +459,6 @@ def load_config(path: str | Path) -> RigConfig:
     return cfg
 
 
-def duplicate_keys(node: yaml.Node, raw: object) -> list[Problem]:
-    """YAML keys given twice in one mapping (PyYAML would silently keep the last)."""
-    problems: list[Problem] = []
-    stack: list[tuple[yaml.Node, Loc]] = [(node, ())]
-    while stack:
-        n, loc = stack.pop()
-        if isinstance(n, yaml.MappingNode):
-            seen: dict[object, yaml.Node] = {}
-            for k, v in n.value:
-                key = k.value if isinstance(k, yaml.ScalarNode) else None
-                if key in seen:
-                    rule = f"key {key!r} is given twice (first on line {seen[key].start_mark.line + 1})"
-                    problems.append(Problem(_path((*loc, key), raw), rule, k.start_mark.line + 1,
-                                            k.start_mark.column + 1))
-                seen.setdefault(key, k)
-                stack.append((v, (*loc, key)))
-        elif isinstance(n, yaml.SequenceNode):
-            stack.extend((v, (*loc, i)) for i, v in enumerate(n.value))
-    return problems
-
-
-def _echo(err: dict, errors: list[dict]) -> bool:
-    """A list's "too short" that only counts the items that failed (each reported on its own)."""
-    n = len(err["loc"])
-    return err["type"] == "too_short" and any(len(o["loc"]) > n and o["loc"][:n] == err["loc"] for o in errors)
-
-
 def _stream_or_none(raw: object) -> StreamConfig | None:
     try:
         return StreamConfig.model_validate(raw)
@@ -515,145 +466,6 @@ def _stream_or_none(raw: object) -> StreamConfig | None:
         return None
 
 
-def _field_problem(err: dict, raw: dict, node: yaml.Node | None) -> Problem:
-    """A pydantic error in plain words, located at the key (unknown keys), the mapping (missing keys) or the value."""
-    loc = err["loc"]
-    kind = err["type"]
-    return _locate(loc, raw, node, _rule(err, _tagless(loc, raw)), at_key=kind == "extra_forbidden",
-                   at_parent=kind == "missing")
-
-
-def _rule(err: dict, loc: Loc) -> str:
-    """pydantic's message for one error, said as a rule (no 'Value error, ', no links)."""
-    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
-    if kind == "extra_forbidden":
-        allowed = closest_first(str(loc[-1]), _allowed_keys(loc[:-1]))
-        return f"unknown key {loc[-1]!r}; allowed keys: {', '.join(allowed)}"
-    if kind == "missing":
-        return f"required key {loc[-1]!r} is missing"
-    if kind in ("value_error", "assertion_error"):
-        return str(ctx.get("error", err["msg"]))
-    if kind == "union_tag_invalid":
-        return f"{ctx['discriminator'].strip(chr(39))} must be one of {ctx['expected_tags']}, got {ctx['tag']!r}"
-    if kind == "union_tag_not_found":
-        return f"needs a {ctx['discriminator']} key"
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return f"must be a mapping of keys to values, got {_kind_of(value)}"
-    if kind in ("tuple_type", "list_type"):
-        return f"must be a list, got {_kind_of(value)}"
-    msg = re.sub(r"^(Input|Value|String|Tuple|List) should (be|have)", lambda m: f"must {m.group(2)}", err["msg"])
-    msg = re.sub(r", unable to parse .*$", "", msg).replace(" after validation", "")
-    return f"{msg}, got {value!r}" if isinstance(value, (str, int, float, bool)) else msg
-
-
-def _kind_of(value: object) -> str:
-    return {list: "a list", dict: "a mapping", str: "text", type(None): "nothing"}.get(type(value), repr(value))
-
-
 @functools.cache
 def _schema() -> dict:
     return RigConfig.model_json_schema()
-
-
-@functools.cache
-def _discriminators() -> frozenset[str]:
-    """Keys that choose a model in a union (``sync.source``): pydantic puts their value in error locations."""
-    found, stack = set(), [_schema()]
-    while stack:
-        s = stack.pop()
-        if isinstance(s, dict):
-            if isinstance(s.get("discriminator"), dict):
-                found.add(s["discriminator"]["propertyName"])
-            stack.extend(s.values())
-        elif isinstance(s, list):
-            stack.extend(s)
-    return frozenset(found)
-
-
-def _is_tag(loc: Loc, i: int, value: object) -> bool:
-    """Is ``loc[i]`` a union tag pydantic inserted rather than a key of ``value``?"""
-    return (i < len(loc) - 1 and isinstance(value, dict)
-            and any(value.get(d) == loc[i] for d in _discriminators()))
-
-
-def _tagless(loc: Loc, raw: object) -> Loc:
-    """``loc`` without union tags: the keys as they are written in the file."""
-    out, value = [], raw
-    for i, key in enumerate(loc):
-        if _is_tag(loc, i, value):
-            out.append(("tag", key))
-            continue
-        out.append(key)
-        value = value[key] if _has(value, key) else None
-    return tuple(out)
-
-
-def _allowed_keys(loc: Loc) -> list[str]:
-    """The keys of the model at ``loc`` (a tagless location; tags kept as ("tag", value) to pick a union member)."""
-    schema, defs = _schema(), _schema()["$defs"]
-    for key in loc:
-        schema = _resolve(schema, defs)
-        if isinstance(key, tuple):
-            schema = defs[schema["discriminator"]["mapping"][key[1]].split("/")[-1]]
-        elif isinstance(key, int):
-            schema = schema.get("items", {})
-        else:
-            schema = schema.get("properties", {}).get(key, {})
-    return sorted(_resolve(schema, defs).get("properties", {}))
-
-
-def _resolve(schema: dict, defs: dict) -> dict:
-    """Follow $ref and step into the non-null member of ``X | None``."""
-    while True:
-        if "$ref" in schema:
-            schema = defs[schema["$ref"].split("/")[-1]]
-        elif "anyOf" in schema and len(options := [s for s in schema["anyOf"] if s.get("type") != "null"]) == 1:
-            schema = options[0]
-        else:
-            return schema
-
-
-def _has(node: object, key: object) -> bool:
-    return (isinstance(node, dict) and key in node) or (isinstance(node, list) and isinstance(key, int)
-                                                        and 0 <= key < len(node))
-
-
-def _path(loc: Loc, raw: object = None) -> str:
-    """``streams[1] 'probe'.dtype``: a location as the user wrote it, with each stream's name."""
-    parts: list[str] = []
-    value = raw
-    for i, key in enumerate(loc):
-        if _is_tag(loc, i, value):
-            continue
-        if isinstance(key, int):
-            name = value[key].get("name") if _has(value, key) and isinstance(value[key], dict) else None
-            parts.append(f"[{key}]" + (f" {name!r}" if isinstance(name, str) else ""))
-        else:
-            parts.append(("." if parts else "") + str(key))
-        value = value[key] if _has(value, key) else None
-    return "".join(parts) or "(top level)"
-
-
-def _locate(loc: Loc, raw: object, node: yaml.Node | None, message: str, *, at_key: bool = False,
-            at_parent: bool = False) -> Problem:
-    """The problem at ``loc``, with the line and column of its value (or key, or enclosing mapping)."""
-    mark = node.start_mark if node is not None else None
-    value = raw
-    for i, key in enumerate(loc):
-        if _is_tag(loc, i, value):
-            continue
-        last = i == len(loc) - 1
-        found = None
-        if isinstance(node, yaml.MappingNode):
-            found = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(key)),
-                         None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            found = (node.value[key], node.value[key])
-        if found is None or (last and at_parent):
-            break
-        node = found[1]
-        mark = (found[0] if last and at_key else found[1]).start_mark
-        value = value[key] if _has(value, key) else None
-    line = mark.line + 1 if mark is not None else None
-    column = mark.column + 1 if mark is not None else None
-    return Problem(_path(loc, raw), message, line, column)
