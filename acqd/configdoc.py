@@ -72,7 +72,9 @@ def markdown(example: Path | None = EXAMPLE_RIG) -> str:
         "where `rig.schema.json` is a copy of `configs/rig.schema.json` (or the output of `acqd config-schema`).",
         "The example rig, `configs/rig.yaml`, uses every section below.",
     ]
-    sections = [*_sections(json_schema(), ""), *_sections(SessionMetadata.model_json_schema(), "metadata")]
+    rig, meta = json_schema(), SessionMetadata.model_json_schema()
+    defs = {**rig["$defs"], **meta.get("$defs", {})}
+    sections = [*_sections(rig, ""), *_sections(meta, "metadata")]
     for path, name, model in sections:
         out += ["", f'<a id="{name.lower()}"></a>', f"## `{path}`" if path else "## Top level", ""]
         if model.get("description"):
@@ -81,7 +83,6 @@ def markdown(example: Path | None = EXAMPLE_RIG) -> str:
             out += ["Checked when a recording starts, after a record request's metadata is merged over these "
                     "defaults.", ""]
         out += ["| key | type | default | constraints | meaning | example |", "|---|---|---|---|---|---|"]
-        defs = {**json_schema()["$defs"], **SessionMetadata.model_json_schema().get("$defs", {})}
         for key, prop in model.get("properties", {}).items():
             required = key in model.get("required", [])
             ref = _ref_name(prop)
