@@ -3,6 +3,7 @@
     acqd serve --config FILE             run the daemon (control API, writers)
     acqd status | acquire | record | stop   control a running daemon (same commands as the API)
     acqd check-config FILE               validate a rig file, print precise errors
+    acqd config-schema [--markdown]      the rig config's JSON Schema (or docs/config.md)
     acqd simulate --config FILE          publish the rig's streams from simulated devices
     acqd demo                            daemon + simulated rig + a short recording, end to end
     acqd finalize SESSION_DIR            clock fits, master NWB, validation, QC, seal (docs/finalize.md)
@@ -43,9 +44,12 @@ def _client(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from acqd.ports import check_ports_free
     from acqd.service.api import serve
 
-    return serve(_config(args), ready_file=args.ready_file)
+    cfg = _config(args)
+    check_ports_free(cfg, ("acqd",))  # one clear line, not a traceback from the HTTP server or a writer
+    return serve(cfg, ready_file=args.ready_file)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -55,6 +59,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         sync = s.sync.source if s.sync else "host time"
         print(f"  {s.name:12s} {s.kind:7s} {s.dtype}{list(s.shape)} @ {s.rate:g} Hz  "
               f"{s.sample_bytes * s.rate / 1e6:7.2f} MB/s  sync: {sync}  {s.socket} {s.endpoint}")
+    return 0
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    from acqd.configdoc import markdown, schema_text
+
+    sys.stdout.write(markdown() if args.markdown else schema_text())
     return 0
 
 
@@ -90,9 +101,11 @@ def _metadata_args(args: argparse.Namespace) -> dict | None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import signal
 
+    from acqd.ports import check_ports_free
     from acqd.sim.simulate import Fault, Rig, SimParams, run, write_truth
 
     cfg = load_config(args.config)
+    check_ports_free(cfg, ("drivers",), control=False)
     rig = Rig(cfg, SimParams(seed=args.seed, seconds=args.seconds, max_ppm=args.max_ppm, wander_ppm=args.wander_ppm))
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -184,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a rig config file")
     c.add_argument("file")
     c.set_defaults(fn=cmd_check_config)
+
+    c = sub.add_parser("config-schema", help="print the rig config's JSON Schema (or its reference page)")
+    c.add_argument("--markdown", action="store_true", help="print docs/config.md instead")
+    c.set_defaults(fn=cmd_config_schema)
 
     m = sub.add_parser("simulate", help="publish the rig's streams from simulated devices")
     m.add_argument("--config", required=True)

@@ -1,14 +1,17 @@
 """Rig configuration: the pydantic models for the daemon, its streams and session metadata.
 
 This module owns every rule about what a valid config is (names, dtypes, shapes, sync sources,
-the reference clock) and turns a YAML file into a frozen ``RigConfig``. Nothing here touches
-sockets or files other than the YAML being read; ``dataset_options`` and friends live with the
-stage that uses them.
+the reference clock) and turns a YAML file into a frozen ``RigConfig``, or into a ``ConfigError``
+listing every problem with its line and column (worded and located by ``acqd.configerrors``).
+Nothing here touches sockets or files other than the YAML being read; ``dataset_options`` and
+friends live with the stage that uses them.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,10 +19,13 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from acqd.configerrors import Found, Loc, closest_first
 from acqd.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
+STREAM_NAME_BYTES = 32
+"""The wire header's stream field (docs/protocol.md): longer stream names could never be received."""
 _AGE_RE = re.compile(r"P(?!$)(\d+Y)?(\d+M)?(\d+W)?(\d+D)?(T(?=\d)(\d+H)?(\d+M)?(\d+(\.\d+)?S)?)?(/\S*)?")
 
 
@@ -37,30 +43,38 @@ def check_name(value: str, what: str = "name") -> str:
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
 class ChannelSync(_Frozen):
     """Sync edges are a bit of one channel of the stream's own (integer) data."""
 
     source: Literal["channel"] = "channel"
+    """Sync edges are a bit of one of this stream's own integer channels."""
     channel: int = Field(ge=0, description="index of the digital channel on the stream's first sample axis")
+    """Index of the digital channel on the stream's first sample axis."""
     bit: int = Field(0, ge=0, le=63, description="bit of that channel carrying the sync line")
+    """Bit of that channel carrying the sync line (0 = least significant)."""
 
 
 class FrameSync(_Frozen):
     """Sync edges arrive from the driver in the message's edge frame (see docs/protocol.md)."""
 
     source: Literal["frame"] = "frame"
+    """The driver sends sync edges in each message's edges frame (docs/protocol.md)."""
 
 
 class StrobeSync(_Frozen):
     """Every sample of this stream (e.g. a camera frame) strobes a bit of another stream's channel."""
 
     source: Literal["strobe"] = "strobe"
+    """Every sample (frame) of this stream strobes a bit of another stream's channel."""
     stream: str = Field(description="the stream whose data records the strobe line")
+    """The stream whose data records the strobe line."""
     channel: int = Field(ge=0)
+    """Index of the integer channel of that stream carrying the strobe."""
     bit: int = Field(0, ge=0, le=63)
+    """Bit of that channel carrying the strobe (0 = least significant)."""
 
 
 SyncSource = Annotated[ChannelSync | FrameSync | StrobeSync, Field(discriminator="source")]
@@ -72,38 +86,65 @@ class VideoConfig(_Frozen):
     """Encode a camera's frames into external video files instead of HDF5 frames."""
 
     codec: Literal["ffv1", "libx264"] = Field("ffv1", description="ffv1: lossless (.mkv); libx264: lossy (.mp4)")
+    """ffv1: lossless, in Matroska (.mkv); libx264: lossy, in fragmented MP4 (.mp4)."""
     crf: int = Field(18, ge=0, le=51, description="libx264 quality (lower is better)")
+    """libx264 quality (lower is better; 18 is visually lossless)."""
     frames_per_file: int = Field(3600, gt=0, description="start a new file after this many frames")
+    """Start a new video file after this many frames (a crash loses at most the open file's tail)."""
 
 
 class StreamConfig(_Frozen):
     """One hardware stream: where it comes from, what its chunks must look like, how it is stored."""
 
     name: str
+    """Stream name: the topic and header stream field; 1-32 letters, digits, '_', '.', '-'."""
     kind: Literal["ephys", "analog", "video", "events", "generic"] = "generic"
+    """What the stream carries; decides how finalize writes it into the NWB file."""
     endpoint: str = Field(description="ZeroMQ endpoint of the driver, e.g. tcp://127.0.0.1:5555 or ipc:///run/x")
+    """ZeroMQ endpoint of the driver, e.g. tcp://127.0.0.1:5555 or ipc:///run/x."""
     socket: Literal["sub", "pull"] = Field("sub", description="SUB drops when slow (counted); PULL pushes back")
+    """sub: the driver PUBlishes and drops when acqd is slow (counted as gaps); pull: the driver PUSHes, blocks."""
     bind: bool = Field(False, description="acqd binds the endpoint instead of connecting to the driver")
+    """acqd binds the endpoint instead of connecting to the driver."""
     dtype: str = Field(description="numpy dtype of one sample value, e.g. int16, float32")
+    """numpy dtype of one sample value, e.g. int16, float32 (stored little-endian)."""
     shape: tuple[int, ...] = Field((1,), description="shape of one sample (channels, or height x width)")
+    """Shape of one sample: channels, or height x width."""
     rate: float = Field(gt=0, description="nominal sample (or frame) rate in Hz")
+    """Nominal sample (or frame) rate in Hz."""
     units: str = "a.u."
+    """Physical unit of the values after conversion and offset."""
     conversion: float = Field(1.0, description="multiply raw values by this to get `units`")
+    """Multiply raw values by this to get `units`."""
     offset: float = Field(0.0, description="added after conversion")
+    """Added after conversion."""
     channel_names: tuple[str, ...] | None = None
+    """One name per channel (shape[0] of them); absent from the stream file when not given."""
     chunk_rows: int | None = Field(None, gt=0, description="HDF5 chunk length in samples (default ~2 MiB)")
+    """HDF5 chunk length in samples (default: about 2 MiB, at most 0.1 s of data)."""
     compression: Compression = "none"
+    """Filter applied while recording; blosc-lz4, lz4 and zstd need hdf5plugin in the reader."""
     sync: SyncSource | None = Field(None, description="where sync edges come from; none: host receive times")
+    """Where sync edges come from; none: the stream is timed by host receive times."""
     required: bool = Field(True, description="RECORD is refused while a required stream is silent")
+    """RECORD is refused while a required stream is silent."""
     max_message_bytes: int = Field(64 << 20, gt=0, description="larger messages are rejected unread")
+    """Larger messages are rejected unread (reason oversized)."""
     max_file_bytes: int | None = Field(None, gt=0, description="roll over to a new part file at this size")
+    """Roll over to a new part file at this size."""
     video: VideoConfig | None = Field(None, description="cameras: encode frames to video files")
+    """Cameras: encode frames to video files instead of HDF5 frames."""
     description: str = ""
+    """Free text, written into the stream file and the NWB file."""
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return check_name(v, "stream name")
+        check_name(v, "stream name")
+        if len(v.encode()) > STREAM_NAME_BYTES:
+            raise ValueError(f"stream name {v!r} is {len(v.encode())} bytes; the wire header's stream field holds "
+                             f"{STREAM_NAME_BYTES} (docs/protocol.md)")
+        return v
 
     @field_validator("dtype")
     @classmethod
@@ -149,8 +190,11 @@ class ControlConfig(_Frozen):
     """Where the control API listens."""
 
     host: str = "127.0.0.1"
+    """Address the control API listens on."""
     port: int = Field(8600, ge=0, le=65535)
+    """TCP port of the control API (0: any free port)."""
     token: str | None = Field(None, description="required by every request; mandatory off loopback")
+    """Bearer token required by every request; mandatory off loopback."""
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> ControlConfig:
@@ -167,30 +211,47 @@ class DaemonConfig(_Frozen):
     """Settings of the acqd service itself."""
 
     data_root: Path
+    """Folder that holds the session folders; relative to the config file's folder."""
     control: ControlConfig = ControlConfig()
+    """Address, port and token of the control API."""
     flush_interval_s: float = Field(0.5, gt=0, le=10, description="bound on data lost by a writer kill -9")
+    """Bound on data lost by a writer kill -9 (seconds between flushes)."""
     fsync_interval_s: float | None = Field(
         1.0, ge=0, description="bound on data lost by a power cut (0: every flush; null: never fsync)"
     )
+    """Bound on data lost by a power cut (0: every flush; null: never fsync)."""
     stats_interval_s: float = Field(0.5, gt=0)
+    """How often each writer reports its counters to the daemon (seconds)."""
     clock_pair_interval_s: float = Field(1.0, gt=0, description="how often (device counter, host time) is stored")
+    """How often a (device counter, host time) pair is stored (seconds)."""
     silent_after_s: float = Field(2.0, gt=0, description="a stream with no message for this long is silent")
+    """A stream with no message for this long is silent (seconds)."""
     max_writer_restarts: int = Field(3, ge=0, description="a writer that dies more often than this within "
                                                           "restart_window_s is not restarted again")
+    """A writer that dies more often than this within restart_window_s is not restarted again."""
     restart_window_s: float = Field(600.0, gt=0)
+    """Window over which writer restarts are counted (seconds)."""
     finalize_on_stop: bool = False
+    """Finalize each session as soon as its recording stops."""
 
 
 class Subject(_Frozen):
     """The fields DANDI treats as critical are required when a recording starts."""
 
     subject_id: str = Field(min_length=1)
+    """Identifier of the animal."""
     species: str = Field(min_length=1, description="Latin binomial, e.g. Mus musculus")
+    """Latin binomial, e.g. Mus musculus."""
     sex: Literal["M", "F", "U", "O"]
+    """M, F, U (unknown) or O (other)."""
     age: str = Field(description="ISO 8601 duration, e.g. P90D")
+    """ISO 8601 duration, e.g. P90D."""
     description: str = ""
+    """Free text about the subject."""
     strain: str | None = None
+    """Strain, e.g. C57BL/6J."""
     genotype: str | None = None
+    """Genotype, e.g. Pvalb-IRES-Cre."""
 
     @field_validator("age")
     @classmethod
@@ -204,44 +265,38 @@ class SessionMetadata(_Frozen):
     """Metadata a recording cannot start without; it is written into every stream file at creation."""
 
     session_description: str = Field(min_length=1)
+    """What this session is."""
     experimenter: tuple[str, ...] = ()
+    """People who ran the session, "Last, First" or as the lab writes them."""
     institution: str | None = None
+    """Institution where the session was recorded."""
     lab: str | None = None
+    """Lab where the session was recorded."""
     experiment_description: str | None = None
+    """The experiment this session belongs to."""
     keywords: tuple[str, ...] = ()
+    """Search terms for the dataset."""
     subject: Subject
+    """The animal recorded."""
 
 
 class RigConfig(_Frozen):
     """A whole rig: the daemon settings, its streams, the reference clock, default metadata."""
 
     daemon: DaemonConfig
+    """The acqd service: data root, control API, flush, fsync and restart policy."""
     reference: str = Field(description="name of the stream whose clock is the session timebase")
+    """Name of the stream whose clock is the session timebase; it needs a sync source."""
     streams: tuple[StreamConfig, ...] = Field(min_length=1)
+    """The hardware streams, one writer process and one stream file each."""
     metadata: dict = Field(default_factory=dict, description="defaults merged under a record request's metadata")
+    """Defaults merged under a record request's metadata (see SessionMetadata)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> RigConfig:
-        names = [s.name for s in self.streams]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"duplicate stream names: {dupes}")
-        endpoints = [s.endpoint for s in self.streams]
-        if len(set(endpoints)) != len(endpoints):
-            raise ValueError("two streams share an endpoint")
-        by_name = {s.name: s for s in self.streams}
-        if self.reference not in by_name:
-            raise ValueError(f"reference {self.reference!r} is not a configured stream")
-        if by_name[self.reference].sync is None:
-            raise ValueError(f"reference stream {self.reference!r} needs a sync source")
-        for s in self.streams:
-            if isinstance(s.sync, StrobeSync):
-                target = by_name.get(s.sync.stream)
-                if target is None or target.name == s.name:
-                    raise ValueError(f"stream {s.name!r}: strobe stream {s.sync.stream!r} is not another stream")
-                if s.sync.channel >= target.shape[0] or target.np_dtype.kind not in "iu":
-                    raise ValueError(f"stream {s.name!r}: strobe channel {s.sync.channel} not an integer channel "
-                                     f"of {target.name!r}")
+        problems = rig_problems(self.reference, [s.model_dump() for s in self.streams], self.streams)
+        if problems:
+            raise ValueError("; ".join(f"{Found(None).path(loc)}: {msg}" for loc, msg in problems))
         return self
 
     def stream(self, name: str) -> StreamConfig:
@@ -267,56 +322,150 @@ class EdgeLine(_Frozen):
     """One bit of one integer channel whose rising edges are recorded in ``/sync/edges``."""
 
     label: str
+    """"sync" for the stream's own sync line, "strobe:<camera>" for a camera's frame strobes."""
     channel: int
+    """Index of the integer channel carrying the line."""
     bit: int
+    """Bit of that channel."""
 
 
-def format_validation_error(err: ValidationError, raw: dict | None = None) -> str:
-    """One line per problem, with the path spelled out (``streams[1] 'probe'.dtype: ...``)."""
-    lines = []
-    for e in err.errors():
-        parts: list[str] = []
-        node = raw
-        for key in e["loc"]:
-            if isinstance(key, int):
-                label = f"[{key}]"
-                if isinstance(node, list) and key < len(node) and isinstance(node[key], dict) and "name" in node[key]:
-                    label += f" {node[key]['name']!r}"
-                parts.append(label)
-            else:
-                parts.append(("." if parts else "") + str(key))
-            node = node[key] if isinstance(node, (dict, list)) and _has(node, key) else None
-        where = "".join(parts) or "(top level)"
-        lines.append(f"{where}: {e['msg']}")
-    return "\n".join(lines)
+# -- rules across fields -----------------------------------------------------------------------------------------
+# They run over the raw mapping (and whichever streams validated), so the loader reports them beside field errors
+# instead of pydantic skipping them whenever one field is wrong.
+
+def rig_problems(reference: object, streams: Sequence[object], parsed: Sequence[StreamConfig | None]
+                 ) -> list[tuple[Loc, str]]:
+    """Problems between streams: names, endpoints, the reference clock, strobe lines. ``parsed[i]`` is
+    ``streams[i]`` validated, or None when it has field errors of its own."""
+    raw = [s if isinstance(s, Mapping) else {} for s in streams]
+    problems: list[tuple[Loc, str]] = []
+    first_by_name: dict[str, int] = {}
+    first_by_endpoint: dict[tuple, int] = {}
+    for i, s in enumerate(raw):
+        name = s.get("name")
+        if isinstance(name, str):
+            if name in first_by_name:
+                problems.append((("streams", i, "name"), f"stream name {name!r} is already used by "
+                                                         f"streams[{first_by_name[name]}]"))
+            first_by_name.setdefault(name, i)
+        endpoint = s.get("endpoint")
+        if isinstance(endpoint, str):
+            key = _endpoint_key(endpoint)
+            clash = next((j for k, j in first_by_endpoint.items() if _same_endpoint(k, key)), None)
+            if clash is not None:
+                problems.append((("streams", i, "endpoint"), f"endpoint {endpoint} is already used by "
+                                                             f"streams[{clash}] {raw[clash].get('name')!r}"))
+            first_by_endpoint.setdefault(key, i)
+    if isinstance(reference, str):
+        if reference not in first_by_name:
+            known = ", ".join(closest_first(reference, list(first_by_name))) or "none"
+            problems.append((("reference",), f"reference {reference!r} is not a configured stream (streams: {known})"))
+        elif raw[first_by_name[reference]].get("sync") is None:
+            problems.append((("streams", first_by_name[reference], "sync"),
+                             f"the reference stream {reference!r} needs a sync source"))
+    by_name = {s.name: s for s in parsed if s is not None}
+    for i, s in enumerate(raw):
+        sync = s.get("sync")
+        if not isinstance(sync, Mapping) or sync.get("source") != "strobe" or not isinstance(sync.get("stream"), str):
+            continue
+        target = by_name.get(sync["stream"])
+        if sync["stream"] == s.get("name") or sync["stream"] not in first_by_name:
+            problems.append((("streams", i, "sync", "stream"),
+                             f"strobe stream {sync['stream']!r} is not another configured stream"))
+            continue
+        s = parsed[i]
+        if s is None or not isinstance(s.sync, StrobeSync):
+            continue
+        if target is not None and (s.sync.channel >= target.shape[0] or target.np_dtype.kind not in "iu"):
+            problems.append((("streams", i, "sync", "channel"), f"strobe channel {s.sync.channel} is not an integer "
+                                                                f"channel of {target.name!r} ({target.dtype}, "
+                                                                f"shape {list(target.shape)})"))
+    return problems
 
 
-def _has(node: dict | list, key: str | int) -> bool:
-    return key in node if isinstance(node, dict) else isinstance(key, int) and key < len(node)
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+_ANY_HOST = {"*", "0.0.0.0", "[::]", "::"}
 
 
-def parse_config(raw: object, source: str = "config") -> RigConfig:
-    """Validate an already-parsed mapping; raise ``ConfigError`` listing every problem."""
+def _endpoint_key(endpoint: str) -> tuple:
+    """tcp endpoints as (host, port) with local names folded together; others as they are."""
+    m = re.fullmatch(r"tcp://(.+):(\d+)", endpoint)
+    if not m:
+        return (endpoint,)
+    host = m.group(1)
+    return ("local" if host in _LOCAL_HOSTS else "*" if host in _ANY_HOST else host, int(m.group(2)))
+
+
+def _same_endpoint(a: tuple, b: tuple) -> bool:
+    """The same endpoint, or one port bound on every interface and the same port on this host."""
+    if a == b:
+        return True
+    local = {"local", "*"}
+    return len(a) == len(b) == 2 and a[1] == b[1] and "*" in (a[0], b[0]) and {a[0], b[0]} <= local
+
+
+# -- loading, with every problem located in the YAML (acqd.configerrors) -------------------------------------------
+
+
+def parse_config(raw: object, source: str = "config", node: yaml.Node | None = None) -> RigConfig:
+    """Validate an already-parsed mapping; raise ``ConfigError`` listing every problem, each located in
+    ``node`` (the composed YAML document ``raw`` was built from) when given."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    found = Found(raw, node, _schema())
+    problems = found.duplicate_keys()
     try:
-        return RigConfig.model_validate(raw)
+        cfg = RigConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {e.error_count()} problem(s)\n{format_validation_error(e, raw)}") from None
+        cfg = None
+        # Rules across fields (loc ()) are checked here on the raw mapping, whatever else is wrong.
+        problems += found.field_problems([err for err in e.errors(include_url=False) if err["loc"]])
+        streams = raw.get("streams") if isinstance(raw.get("streams"), list) else []
+        parsed = [_stream_or_none(s) for s in streams]
+        problems += [found.at(loc, msg) for loc, msg in rig_problems(raw.get("reference"), streams, parsed)]
+    if problems:
+        problems.sort(key=lambda p: (p.line or 0, p.column or 0))
+        raise ConfigError("\n".join([f"{source}: {len(problems)} problem{'s' * (len(problems) > 1)}",
+                                     *(p.format(source) for p in problems)]))
+    assert cfg is not None
+    return cfg
 
 
 def load_config(path: str | Path) -> RigConfig:
     """Read and validate a rig YAML file. Relative ``data_root`` is resolved against the file's folder."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            raw = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    cfg = parse_config(raw, str(path))
+    cfg = parse_config(raw, str(path), node)
     root = cfg.daemon.data_root
     if not root.is_absolute():
         daemon = cfg.daemon.model_copy(update={"data_root": (path.parent / root).resolve()})
         cfg = cfg.model_copy(update={"daemon": daemon})
     return cfg
+
+
+def _stream_or_none(raw: object) -> StreamConfig | None:
+    try:
+        return StreamConfig.model_validate(raw)
+    except ValidationError:
+        return None
+
+
+@functools.cache
+def _schema() -> dict:
+    return RigConfig.model_json_schema()

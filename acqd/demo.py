@@ -12,6 +12,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from acqd.config import load_config
+from acqd.ports import check_ports_free
 from acqd.service.procs import Daemon, Simulator, wait_until
 from acqd.finalize.qc import summary_lines
 from acqd.service.status import print_session_summary
@@ -20,6 +22,8 @@ console = Console()
 
 
 def demo(config: Path, data_root: Path, seconds: float) -> int:
+    # The daemon's API takes any free port; the streams' tcp ports are bound by it or by the simulated drivers.
+    check_ports_free(load_config(config), ("acqd", "drivers"), control=False)
     data_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="acqd-demo-") as tmp:
         daemon = Daemon(config, data_root, Path(tmp))
