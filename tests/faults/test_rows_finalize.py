@@ -1,7 +1,8 @@
 """Fault-matrix rows of finalize and of the files it reads (../shared/fault-matrix.md, docs/faults.md).
 
 Rows proven elsewhere, named after their row there:
-- row 21 (finalize twice): tests/finalize/test_finalize.py::test_row21_finalize_twice_gives_identical_bytes_and_changes_nothing
+- row 21 (finalize twice):
+  tests/finalize/test_finalize.py::test_row21_finalize_twice_gives_identical_bytes_and_changes_nothing
 - row 22 (finalize while recording): tests/finalize/test_finalize.py::test_row22_finalize_while_recording_is_refused
 - row 5 (power loss) cannot run here (LazyFS needs FUSE and root mounts): docs/faults.md; the nearest test that
   runs is tests/record/test_streamfile.py::test_flush_fsyncs_the_file_itself_when_due.
