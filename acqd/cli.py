@@ -7,6 +7,7 @@
     acqd simulate --config FILE          publish the rig's streams from simulated devices
     acqd demo                            daemon + simulated rig + a short recording, end to end
     acqd finalize SESSION_DIR            clock fits, master NWB, validation, QC, seal (docs/finalize.md)
+    acqd verify SESSION_DIR              check a finalized session against its manifest
     acqd export SESSION_DIR --out DIR    one self-contained NWB file (+ videos) laid out for DANDI (docs/export.md)
 """
 
@@ -151,8 +152,17 @@ def cmd_finalize(args: argparse.Namespace) -> int:
     from acqd.finalize import finalize_session
     from acqd.finalize.qc import summary_lines
 
-    return _run_job(args, "finalize", lambda progress: finalize_session(Path(args.session_dir), progress),
-                    summary_lines)
+    return _run_job(args, "finalize", lambda progress: finalize_session(
+        Path(args.session_dir), progress, accept_corrupt=args.accept_corrupt), summary_lines)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check a finalized session against its manifest (session.json included); exit 1 listing what differs."""
+    from acqd.finalize import verify_manifest
+
+    problems = verify_manifest(Path(args.session_dir))
+    print("\n".join(problems) if problems else f"{args.session_dir}: manifest verified, nothing changed")
+    return 1 if problems else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -219,7 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("session_dir")
     f.add_argument("--json", action="store_true", help="print the full report as JSON")
     f.add_argument("--progress-jsonl", action="store_true", help="print progress and the report as JSON lines")
+    f.add_argument("--accept-corrupt", action="store_true",
+                   help="seal even if chunks fail their checksum (they are listed in the report and qc.json)")
     f.set_defaults(fn=cmd_finalize)
+
+    v = sub.add_parser("verify", help="check a finalized session against its manifest (session.json included)")
+    v.add_argument("session_dir")
+    v.set_defaults(fn=cmd_verify)
 
     e = sub.add_parser("export", help="write a finalized session as one self-contained NWB file laid out for DANDI")
     e.add_argument("session_dir")

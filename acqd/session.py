@@ -80,7 +80,12 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     """Replace ``path`` with ``obj`` as JSON so that readers and crashes see old or new, never a mix."""
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+    write_bytes_atomic(path, json_bytes(obj))
+
+
+def json_bytes(obj: dict) -> bytes:
+    """``obj`` as ``write_json_atomic`` writes it (finalize hashes these bytes before it writes them)."""
+    return (json.dumps(obj, indent=2, default=str) + "\n").encode()
 
 
 def fsync_dir(folder: Path) -> None:

@@ -12,7 +12,8 @@ state changes in ``session.json``. The stages live in:
   row times, gaps and events);
 - ``plan``: the plan of the master NWB file, built from it by ``nwb`` (the only module that imports pynwb);
 - ``report``: ``FinalizeReport``, ``StreamReport`` and the QC summary and plots (written by ``qc``);
-- ``seal``: read-only, immutable, ``manifest.sha256`` and its verification;
+- ``integrity``: what the folder may hold (no links, no unknown files) and every chunk's checksum;
+- ``seal``: read-only, immutable, ``manifest.sha256`` (``session.json`` included) and its verification;
 - ``layout``: the names of the outputs and the write-then-rename rule they follow.
 
 Idempotent and resumable: every output is rebuilt deterministically from the stream files, the master is
@@ -37,6 +38,7 @@ from pathlib import Path
 from acqd.finalize import nwb, qc
 from acqd.config import StreamConfig
 from acqd.errors import FinalizeError
+from acqd.finalize.integrity import Integrity, folder_problems, scan_folder, verify_chunks
 from acqd.finalize.layout import MANIFEST, PARTIAL, QC_DIR, RECOVERED_DIR, VDS_DIR, partial_then_rename
 from acqd.finalize.plan import plan_master
 from acqd.finalize.report import QC_SUMMARY, FinalizeReport, StreamReport, qc_plot, qc_summary
@@ -45,7 +47,7 @@ from acqd.finalize.seal import (Digests, is_immutable, manifest_files, merge_sea
 from acqd.finalize.streams import Stream, linked_file, read_stream, stream_parts
 from acqd.finalize.timing import align_all, pair_frames, zero_sample
 from acqd.session import (CLOSED, FINALIZED, FINALIZING, INTERRUPTED, RECORDING, SESSION_FILE, fsync_dir,
-                          read_session, write_json_atomic)
+                          json_bytes, read_session, write_bytes_atomic, write_json_atomic)
 from acqd.record.video import VIDEO_DIR
 
 __all__ = ["FinalizeReport", "StreamReport", "finalize_session", "is_immutable", "pair_frames", "unseal_session",
@@ -62,22 +64,27 @@ STAGES = {"check": (0.0, 0.02), "read": (0.02, 0.1), "align": (0.1, 0.2), "write
           "validate": (0.45, 0.7), "qc": (0.7, 0.8), "seal": (0.8, 1.0)}
 
 
-def finalize_session(folder: Path, progress: Progress | None = None) -> FinalizeReport:
+def finalize_session(folder: Path, progress: Progress | None = None, *, accept_corrupt: bool = False
+                     ) -> FinalizeReport:
     """Finalize the session in ``folder``: clock fits, master NWB, validation, QC, seal. See the module docstring.
 
-    Raises ``FinalizeError`` (nothing sealed, state unchanged) if the session is not quiescent, a stream cannot
-    be placed on the timebase, or the master fails validation (the message lists every blocking finding).
+    Raises ``FinalizeError`` (nothing sealed, state unchanged) if the folder holds a symbolic link or a file acqd
+    does not write, the session is not quiescent, a chunk fails its checksum (unless ``accept_corrupt``: then the
+    corrupt chunks are sealed and listed in the report, ``qc.json`` and ``session.json``), a stream cannot be
+    placed on the timebase, or the master fails validation (the message lists every blocking finding).
     """
     started = time.monotonic()
     folder = Path(folder).resolve()
     report_progress = _progress(progress)
     with _exclusive(folder):
+        _refuse(folder, scan_folder(folder)[2])  # links first: not even session.json is read through one
         session = read_session(folder)
         sid = session.get("session_id") or folder.name
         master = folder / f"{sid}.nwb"
         if session.get("state") == FINALIZED:
             return _already_finalized(folder, session, master, started)
         report_progress("check", 0.0)
+        _refuse(folder, folder_problems(folder, sid, [s["name"] for s in session["config"]["streams"]]))
         parts = _check_quiescent(folder, session)
         previous = session.get("finalize", {}).get("previous_state") or session["state"]
         _clear_outputs(folder, master)  # a killed earlier run may have left any of them
@@ -86,16 +93,14 @@ def finalize_session(folder: Path, progress: Progress | None = None) -> Finalize
         try:
             # The recorded files are hashed for the manifest while the master is built and validated.
             with Digests(_recorded_files(folder, parts)) as digests:
-                report = _run(folder, session, parts, master, digests, report_progress)
+                report, record = _run(folder, session, previous, parts, master, digests, report_progress,
+                                      accept_corrupt)
         except BaseException:
             _clear_outputs(folder, master)
             unseal(sorted(p for ps in parts.values() for p in ps))
             write_json_atomic(folder / SESSION_FILE, session)
             raise
-        final = {**session, "state": FINALIZED,
-                 "finalize": {"previous_state": previous, "master": report.master, "manifest": MANIFEST,
-                              "qc": report.qc}}
-        write_json_atomic(folder / SESSION_FILE, final)  # the commit point
+        write_bytes_atomic(folder / SESSION_FILE, record)  # the commit point; the manifest has its digest
         merge_seal(report.sealed, seal_paths([folder / SESSION_FILE]))
         report.state = FINALIZED
         report.seconds = round(time.monotonic() - started, 3)
@@ -103,9 +108,10 @@ def finalize_session(folder: Path, progress: Progress | None = None) -> Finalize
         return report
 
 
-def _run(folder: Path, session: dict, parts: dict[str, list[Path]], master: Path, digests: Digests,
-         progress: Progress) -> FinalizeReport:
-    """Everything between the checks and the commit point; raises on any failure (the caller rolls back)."""
+def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]], master: Path,
+         digests: Digests, progress: Progress, accept_corrupt: bool) -> tuple[FinalizeReport, bytes]:
+    """Everything between the checks and the commit point; raises on any failure (the caller rolls back).
+    Returns the report and the finalized ``session.json`` (its digest is in the manifest) to write."""
     sid = session.get("session_id") or folder.name
     configs = {s["name"]: StreamConfig.model_validate(s) for s in session["config"]["streams"]}
     ref_name = session["reference"]
@@ -114,8 +120,12 @@ def _run(folder: Path, session: dict, parts: dict[str, list[Path]], master: Path
     missing = [n for n in configs if not parts.get(n)]
     if ref_name in missing:
         raise FinalizeError(f"the reference stream {ref_name!r} recorded nothing: there is no timebase")
+    progress("read", 0.0)
+    integrity = _verify_chunks(folder, parts, accept_corrupt)
     streams, empty = _read_streams(folder, configs, parts, ref_name, progress)
     warnings = [f"stream {n!r} has no file (it never recorded)" for n in missing] + empty
+    warnings += [f"corrupt chunk sealed (--accept-corrupt): {c}" for c in integrity.corrupt]
+    warnings += [f"{p}: written without chunk checksums (not checksummed)" for p in integrity.not_checksummed]
     _checkpoint("read")
 
     progress("align", 0.0)
@@ -146,9 +156,11 @@ def _run(folder: Path, session: dict, parts: dict[str, list[Path]], master: Path
                 "zero_reference_s": zero_s, "session_start_time": plan.session_start_time.isoformat(),
                 "definition": "session time = reference seconds (reference sample / nominal reference rate) "
                               "- zero_reference_s; zero = the earliest first recorded sample of any stream"}
+    message = f"finalized {sid}" + (f" with {len(integrity.corrupt)} corrupt chunk(s) accepted"
+                                    if integrity.corrupt else "")
     report = FinalizeReport(session_id=sid, folder=str(folder), state=FINALIZING, changed=True,
-                            message=f"finalized {sid}", master=master.name, timebase=timebase,
-                            streams=stream_reports, check=check.to_dict(), warnings=warnings)
+                            message=message, master=master.name, timebase=timebase, streams=stream_reports,
+                            check=check.to_dict(), warnings=warnings, integrity=integrity.to_dict())
     progress("qc", 0.0)
     qc.write_report(folder / QC_DIR, qc_summary(report),
                     [qc_plot(streams[n], aligned[n], zero_s, stream_reports[n]) for n in streams])
@@ -159,17 +171,37 @@ def _run(folder: Path, session: dict, parts: dict[str, list[Path]], master: Path
     outputs = manifest_files(folder)
     report.sealed = seal_paths(outputs)
     _checkpoint("sealed")
-    write_manifest(folder, outputs, digests, lambda done, total: progress("seal", 0.95 * done / total))
+    final = {**session, "state": FINALIZED,
+             "finalize": {"previous_state": previous, "master": report.master, "manifest": MANIFEST,
+                          "qc": report.qc, "integrity": _integrity_record(integrity)}}
+    record = json_bytes(final)
+    write_manifest(folder, outputs, digests, lambda done, total: progress("seal", 0.95 * done / total), record)
     merge_seal(report.sealed, seal_paths([folder / MANIFEST]))
     _checkpoint("manifest")
-    return report
+    return report, record
+
+
+def _verify_chunks(folder: Path, parts: dict[str, list[Path]], accept_corrupt: bool) -> Integrity:
+    """Every chunk against its checksum; corrupt chunks refuse the session unless ``accept_corrupt``."""
+    integrity = verify_chunks(folder, parts)
+    if integrity.corrupt and not accept_corrupt:
+        raise FinalizeError(f"{folder.name}: {len(integrity.corrupt)} chunk(s) do not match the checksum written "
+                            "when they were recorded; nothing was sealed (finalize --accept-corrupt seals them, "
+                            "listed as corrupt):\n  " + "\n  ".join(map(str, integrity.corrupt)))
+    integrity.accepted = bool(integrity.corrupt)
+    return integrity
+
+
+def _integrity_record(integrity: Integrity) -> dict:
+    """What ``session.json`` keeps of the chunk checks (the details are in the QC report)."""
+    return {"chunks_checked": integrity.chunks_checked, "corrupt": [str(c) for c in integrity.corrupt],
+            "not_checksummed": integrity.not_checksummed, "accepted": integrity.accepted}
 
 
 def _read_streams(folder: Path, configs: dict[str, StreamConfig], parts: dict[str, list[Path]], ref_name: str,
                   progress: Progress) -> tuple[dict[str, Stream], list[str]]:
     """Every stream that has files, and a warning for each that committed nothing (it is left out; the reference
     cannot be)."""
-    progress("read", 0.0)
     streams: dict[str, Stream] = {}
     warnings = []
     for i, name in enumerate(n for n in configs if parts.get(n)):
@@ -190,13 +222,17 @@ def _already_finalized(folder: Path, session: dict, master: Path, started: float
     if problems:
         raise FinalizeError(f"{folder.name} is finalized but does not match its manifest:\n  " + "\n  ".join(problems))
     summary = json.loads((folder / QC_SUMMARY).read_text())
+    listed = (folder / MANIFEST).read_text().splitlines()
+    old = [] if any(line.endswith(f"  {SESSION_FILE}") for line in listed) else [
+        f"{SESSION_FILE} is not covered by the manifest (finalized by an older acqd): edits to it go unnoticed"]
     return FinalizeReport(session_id=session.get("session_id", folder.name), folder=str(folder), state=FINALIZED,
                           changed=False, message="already finalized, nothing changed (manifest verified)",
                           master=master.name, timebase=summary["timebase"], check=summary["validation"],
                           streams={n: StreamReport(**r) for n, r in summary["streams"].items()},
-                          sealed={"files": len((folder / MANIFEST).read_text().splitlines()) + 2,
-                                  "read_only": True, "immutable": is_immutable(folder / MANIFEST)},
-                          warnings=summary["warnings"], seconds=round(time.monotonic() - started, 3))
+                          sealed={"files": len(listed) + 1 + bool(old), "read_only": True,
+                                  "immutable": is_immutable(folder / MANIFEST)},
+                          warnings=summary["warnings"] + old, integrity=summary.get("integrity", {}),
+                          seconds=round(time.monotonic() - started, 3))
 
 
 def _progress(progress: Progress | None) -> Progress:
@@ -219,6 +255,13 @@ def _checkpoint(step: str) -> None:
 
 
 # -- which sessions may be finalized ------------------------------------------------------------------------
+
+
+def _refuse(folder: Path, problems: list[str]) -> None:
+    """Finalize works only on a folder holding nothing but acqd's own files (``integrity.folder_problems``)."""
+    if problems:
+        raise FinalizeError(f"{folder.name}: finalize refuses a session folder holding links or files acqd did "
+                            "not write; nothing was changed:\n  " + "\n  ".join(problems))
 
 
 @contextmanager
@@ -247,11 +290,24 @@ def _check_quiescent(folder: Path, session: dict) -> dict[str, list[Path]]:
     if state not in (CLOSED, INTERRUPTED, FINALIZING):
         raise FinalizeError(f"{folder.name}: state {state!r} cannot be finalized (closed or interrupted only)")
     parts = stream_parts(folder, session)
+    _check_writable(folder, _recorded_files(folder, parts))
     held = _held_open(_recorded_files(folder, parts))
     if held:
         raise FinalizeError(f"{folder.name}: files are still open in another process (a writer?): "
                             + ", ".join(f"{p.name} by pid {pid}" for p, pid in held))
     return parts
+
+
+def _check_writable(folder: Path, recorded: list[Path]) -> None:
+    """Finalize writes into the folder and seals (chmods) the recorded files: refuse clearly, before any change,
+    a user who may not (chmod needs the file's owner, or root)."""
+    uid = os.geteuid()
+    denied = ([folder.name] if not os.access(folder, os.W_OK | os.X_OK) else []) + [
+        p.name for p in recorded if uid not in (0, p.stat().st_uid)]
+    if denied:
+        raise FinalizeError(f"{folder.name}: finalize must write the session folder and seal its files, and this "
+                            f"user (uid {uid}) may not: {', '.join(denied[:5])}; run it as the user who recorded "
+                            "the session (or root)")
 
 
 def _recorded_files(folder: Path, parts: dict[str, list[Path]]) -> list[Path]:

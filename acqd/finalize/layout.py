@@ -4,20 +4,28 @@ This module owns the names of what finalize adds to a session folder (the master
 ``session.json``; the rest is below) and the one way the HDF5 outputs are written: under
 ``<name>.partial``, renamed into place only once complete, so that a file under its final name is always
 a finished one. A killed run's leftovers are removed by the next run (``acqd.finalize._clear_outputs``).
+It also owns the list of every name acqd gives a file in a session folder (``known_file``): finalize refuses
+a folder holding anything else (``acqd.finalize.integrity``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from acqd.record.video import CONTAINERS, VIDEO_DIR
+from acqd.session import SESSION_FILE, STREAMS_DIR
 
 MANIFEST = "manifest.sha256"
 QC_DIR = "qc"
 VDS_DIR = "vds"  # virtual datasets joining the parts of a stream written by several writers
 RECOVERED_DIR = "recovered"  # clean copies of the committed rows of parts a killed writer left open
 PARTIAL = ".partial"
+KNOWN_DIRS = (STREAMS_DIR, VIDEO_DIR, QC_DIR, VDS_DIR, RECOVERED_DIR)
+ANNOTATIONS = "annotations.jsonl"  # operator notes the control API appends to a session while it records
 
 
 def rel(path: Path, folder: Path) -> str:
@@ -34,3 +42,22 @@ def partial_then_rename(dest: Path) -> Iterator[Path]:
     tmp.unlink(missing_ok=True)
     yield tmp
     os.replace(tmp, dest)
+
+
+def known_file(name: str, session_id: str, streams: list[str]) -> bool:
+    """Whether ``name`` (relative to the session folder, '/'-separated) is a file acqd writes there: the session
+    record (and the temporary file of its atomic write), the stream parts and video files the writers create, and
+    finalize's outputs (and their ``.partial`` files). Anything else in a session folder is refused by finalize."""
+    return any(re.fullmatch(pattern, name) for pattern in _known_patterns(session_id, streams))
+
+
+def _known_patterns(session_id: str, streams: list[str]) -> list[str]:
+    s = "(?:" + "|".join(re.escape(n) for n in streams) + ")" if streams else "(?!)"
+    part = rf"{s}(?:\.part\d{{3,}})?\.h5"  # streamfile.part_filename
+    atomic = r"\.{}\.[^/]+"  # session.write_bytes_atomic's temporary file
+    videos = "|".join(re.escape(ext) for ext, _ in CONTAINERS.values())
+    return [re.escape(SESSION_FILE), atomic.format(re.escape(SESSION_FILE)), re.escape(ANNOTATIONS),
+            re.escape(MANIFEST), atomic.format(re.escape(MANIFEST)), rf"{re.escape(session_id)}\.nwb(?:{PARTIAL})?",
+            rf"{STREAMS_DIR}/{part}", rf"{VIDEO_DIR}/{s}_\d{{3,}}_\d{{4,}}\.(?:{videos})",  # video.video_filename
+            rf"{QC_DIR}/(?:qc\.json|{s}\.png)(?:{PARTIAL})?", rf"{VDS_DIR}/{s}\.h5(?:{PARTIAL})?",
+            rf"{RECOVERED_DIR}/{part}(?:{PARTIAL})?"]

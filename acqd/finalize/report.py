@@ -71,6 +71,8 @@ class FinalizeReport:
     manifest: str = MANIFEST
     qc: str = QC_SUMMARY
     warnings: list[str] = field(default_factory=list)
+    integrity: dict = field(default_factory=dict)
+    """``integrity.Integrity.to_dict()``: chunks checked against their checksums, the corrupt ones, parts without."""
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -81,7 +83,7 @@ def qc_summary(report: FinalizeReport) -> dict:
     """The content of ``qc/qc.json``; ``finalize_session`` rebuilds an already-finalized session's report from it."""
     return {"session_id": report.session_id, "master": report.master, "timebase": report.timebase,
             "streams": {n: asdict(r) for n, r in report.streams.items()}, "validation": report.check,
-            "warnings": report.warnings}
+            "warnings": report.warnings, "integrity": report.integrity}
 
 
 def qc_plot(s: Stream, a: Alignment, zero_s: float, report: StreamReport) -> qc.StreamPlot:

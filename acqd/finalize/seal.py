@@ -2,7 +2,9 @@
 
 This module owns what makes a finalized session tamper-evident: every file read-only and immutable (the
 ``chattr +i`` flag, set through the ioctl chattr(1) uses), ``manifest.sha256`` (sha256sum format: every file
-but itself and ``session.json``), checking a folder against it, and undoing the seal (tests, admins).
+but itself, ``session.json`` included: the finalized record is frozen with the data), checking a folder against
+it, and undoing the seal (tests, admins). Nothing here follows a symbolic link: files are opened with
+``O_NOFOLLOW`` and chmod'ed through that descriptor, so a link planted in a session never reaches its target.
 
 Hashing is the one part of finalize that reads every byte. ``Digests`` hashes on worker threads (hashlib and
 file reads release the GIL), so finalize hashes the recorded files while it builds and validates the master.
@@ -38,7 +40,7 @@ def seal_paths(paths: list[Path]) -> dict:
     errors = []
     for p in paths:
         _set_immutable(p, False)  # sealed by an earlier, killed run: chmod would fail on an immutable file
-        os.chmod(p, 0o444)
+        _chmod(p, lambda mode: 0o444)
         err = _set_immutable(p, True)
         if err:
             errors.append(f"{p.name}: {err}")
@@ -56,14 +58,30 @@ def merge_seal(into: dict, more: dict) -> None:
 def unseal(paths: list[Path]) -> None:
     """Clear the immutable flag and restore owner write on those of ``paths`` that exist."""
     for p in paths:
-        if p.exists():
+        if p.exists() and not p.is_symlink():
             _set_immutable(p, False)
-            os.chmod(p, os.stat(p).st_mode | 0o200)
+            _chmod(p, lambda mode: mode | 0o200)
 
 
 def unseal_session(folder: Path) -> None:
-    """Clear the immutable flag and restore owner write on every file of a session (tests, admins)."""
-    unseal(sorted(p for p in Path(folder).rglob("*") if p.is_file()))
+    """Clear the immutable flag and restore owner write on every file of a session (tests, admins); links are
+    left alone (and so is what they point at)."""
+    unseal(_regular_files(Path(folder)))
+
+
+def _chmod(path: Path, mode: Callable[[int], int]) -> None:
+    """chmod ``path`` itself to ``mode(current mode)``; a symbolic link raises (ELOOP) instead of being followed."""
+    fd = os.open(path, _OPEN_FOR_FLAGS)
+    try:
+        os.fchmod(fd, mode(os.fstat(fd).st_mode) & 0o7777)
+    finally:
+        os.close(fd)
+
+
+def _regular_files(folder: Path) -> list[Path]:
+    """Every regular file below ``folder``, without following links (os.walk never enters a linked folder)."""
+    return sorted(Path(d) / n for d, _, names in os.walk(folder) for n in names
+                  if not (Path(d) / n).is_symlink() and (Path(d) / n).is_file())
 
 
 def _set_immutable(path: Path, on: bool) -> str | None:
@@ -109,15 +127,17 @@ def _get_flags(fd: int) -> int:
 
 
 def manifest_files(folder: Path) -> list[Path]:
-    """The files the manifest covers: all but itself, ``session.json`` (it changes last, at the commit point) and
-    the temporary files of an atomic ``session.json`` write."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (SESSION_FILE, MANIFEST)
-                  and not p.name.startswith(f".{SESSION_FILE}."))
+    """The files finalize seals and hashes: every regular file (never a link) but the manifest itself,
+    ``session.json`` (written last, at the commit point; its digest is given to ``write_manifest``) and the
+    temporary files of an atomic write."""
+    return [p for p in _regular_files(folder) if p.parent != folder or (
+        p.name not in (SESSION_FILE, MANIFEST) and not p.name.startswith((f".{SESSION_FILE}.", f".{MANIFEST}.")))]
 
 
-def write_manifest(folder: Path, paths: list[Path], digests: Digests, progress: Callable[[int, int], None]
-                   ) -> None:
-    """Hash ``paths`` into ``manifest.sha256`` (written atomically), using what ``digests`` already hashed;
+def write_manifest(folder: Path, paths: list[Path], digests: Digests, progress: Callable[[int, int], None],
+                   session_record: bytes) -> None:
+    """Hash ``paths`` into ``manifest.sha256`` (written atomically), using what ``digests`` already hashed, with
+    ``session.json`` listed as ``session_record`` (the bytes about to be written to it at the commit point);
     ``progress`` gets the bytes hashed so far and in all."""
     lines, total = [], sum(p.stat().st_size for p in paths) or 1
     done = 0
@@ -126,7 +146,8 @@ def write_manifest(folder: Path, paths: list[Path], digests: Digests, progress: 
         lines.append(f"{digests.get(p)}  {rel(p, folder)}\n")
         done += p.stat().st_size
         progress(done, total)
-    write_bytes_atomic(folder / MANIFEST, "".join(lines).encode())
+    lines.append(f"{hashlib.sha256(session_record).hexdigest()}  {SESSION_FILE}\n")
+    write_bytes_atomic(folder / MANIFEST, "".join(sorted(lines, key=lambda line: line.split("  ", 1)[1])).encode())
 
 
 def verify_manifest(folder: Path) -> list[str]:
@@ -140,16 +161,23 @@ def verify_manifest(folder: Path) -> list[str]:
     for line in text.splitlines():
         digest, _, name = line.partition("  ")
         listed[name] = digest
-    problems = []
-    present = {name: folder / name for name in sorted(listed) if (folder / name).is_file()}
+    problems = [f"{name}: a symbolic link (verify never follows links)" for name in sorted(listed)
+                if (folder / name).is_symlink()]
+    present = {name: folder / name for name in sorted(listed)
+               if (folder / name).is_file() and not (folder / name).is_symlink()}
     with Digests(present.values()) as digests:
         for name, digest in sorted(listed.items()):
+            if (folder / name).is_symlink():
+                continue
             if name not in present:
                 problems.append(f"{name}: missing")
             elif digests.get(present[name]) != digest:
                 problems.append(f"{name}: contents changed")
     extra = sorted(name for name in (rel(p, folder) for p in manifest_files(folder)) if name not in listed)
     problems += [f"{name}: not in the manifest" for name in extra]
+    links = [rel(Path(d) / n, folder) for d, dirs, names in os.walk(folder) for n in dirs + names
+             if (Path(d) / n).is_symlink()]
+    problems += [f"{name}: a symbolic link, not in the manifest" for name in links if name not in listed]
     return problems
 
 
@@ -194,7 +222,7 @@ def _sha256(path: Path, stop: threading.Event | None = None) -> str:
     h = hashlib.sha256()
     buf = bytearray(_HASH_BLOCK)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
+    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb", buffering=0) as f:
         while n := f.readinto(buf):
             if stop is not None and stop.is_set():
                 raise InterruptedError(f"hashing {path} was abandoned")

@@ -37,13 +37,23 @@ def stream_parts(folder: Path, session: dict) -> dict[str, list[Path]]:
     out: dict[str, list[Path]] = {}
     for s in session["config"]["streams"]:
         name = s["name"]
-        listed = {folder / p["path"] for p in session.get("streams", {}).get(name, {}).get("parts", [])}
+        listed = {_listed_part(folder, name, p["path"])
+                  for p in session.get("streams", {}).get(name, {}).get("parts", [])}
         on_disk = {p for p in (folder / STREAMS_DIR).glob(f"{name}*.h5") if _part_number(name, p.name) is not None}
         out[name] = sorted(listed | on_disk, key=lambda p: _part_number(name, p.name) or 0)
         for p in out[name]:
             if not p.is_file():
                 raise FinalizeError(f"{folder.name}: {p.relative_to(folder)} is listed in session.json but missing")
     return out
+
+
+def _listed_part(folder: Path, stream: str, path: str) -> Path:
+    """A part path from session.json, which must name one of the stream's part files in ``streams/``."""
+    p = folder / path
+    if p.parent != folder / STREAMS_DIR or _part_number(stream, p.name) is None:
+        raise FinalizeError(f"{folder.name}: session.json lists {path!r} as a part of {stream!r}; parts are "
+                            f"{STREAMS_DIR}/{part_filename(stream, 0)}, {STREAMS_DIR}/{part_filename(stream, 1)}, ...")
+    return p
 
 
 def _part_number(stream: str, filename: str) -> int | None:

@@ -5,7 +5,8 @@ This module is the only place that turns stream config into HDF5 calls (``datase
 
     /            attrs: format, session and stream metadata (JSON), written at creation
     /data        (rows, *shape) declared dtype, chunked, resizable on axis 0, NWB attrs
-    /index       one row per accepted message: seq, epoch, first_sample, n_samples, file_row, host times
+    /index       one row per accepted message: seq, epoch, first_sample, n_samples, file_row, host times,
+                 crc32 of the message's samples as stored (verified by finalize before it seals)
     /gaps        one row per discontinuity (ingest.Gap), exact seq and sample ranges
     /rejects     one row per rejected message (ingest.Reject)
     /sync/edges  raw edge sample indices in the device counter, per line (labels in attrs)
@@ -25,6 +26,7 @@ import errno
 import json
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,11 +41,11 @@ from acqd.record.ingest import Gap, GapRecord, Reject
 from acqd.record.video import VIDEO_DIR, VideoSink
 
 FORMAT = "acqd-stream"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: /index has crc32
 
 INDEX_DTYPE = np.dtype([("seq", "<u8"), ("epoch", "<u4"), ("n_samples", "<u4"), ("first_sample", "<u8"),
                         ("file_row", "<u8"), ("host_wall_ns", "<i8"), ("host_mono_ns", "<i8"),
-                        ("device_time_ns", "<i8"), ("committed_wall_ns", "<i8")])
+                        ("device_time_ns", "<i8"), ("crc32", "<u4"), ("committed_wall_ns", "<i8")])
 GAP_DTYPE = np.dtype([("kind", "u1"), ("seq_from", "<u8"), ("seq_to", "<u8"), ("sample_from", "<u8"),
                       ("sample_to", "<u8"), ("file_row", "<u8"), ("host_wall_ns", "<i8")])
 REJECT_DTYPE = np.dtype([("reason", "u1"), ("seq", "<u8"), ("nbytes", "<u8"), ("host_wall_ns", "<i8")])
@@ -173,7 +175,7 @@ class StreamFile:
         """Append samples; returns the file row of the first. The index row is written at a later flush."""
         first = self.rows
         self.rows += len(data)
-        self.pending_index.append(index_row[:4] + (first,) + index_row[4:])
+        self.pending_index.append(index_row[:4] + (first,) + index_row[4:] + (rows_crc32(data),))
         with io_errors(self.path):
             if self.video is not None:
                 self.video.append(data)
@@ -286,6 +288,11 @@ def open_for_read(path: Path) -> h5py.File:
         return h5py.File(path, "r")
     except OSError:
         return h5py.File(path, "r", swmr=True)
+
+
+def rows_crc32(rows: np.ndarray) -> int:
+    """The /index checksum of a message: crc32 of its samples' bytes as stored (C order, the declared dtype)."""
+    return zlib.crc32(np.ascontiguousarray(rows).data)
 
 
 def committed_rows(f: h5py.File) -> int:

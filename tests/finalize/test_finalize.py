@@ -199,7 +199,7 @@ def test_sealed_read_only_immutable_and_manifest_verifies(finalized, tmp_path, s
     else:
         assert report.sealed["immutable_error"]  # said honestly why not
     listed = (folder / MANIFEST).read_text().splitlines()
-    assert len(listed) == len(files) - 2 and verify_manifest(folder) == []
+    assert len(listed) == len(files) - 1 and verify_manifest(folder) == []  # all but itself; session.json too
     # A finalized session that was tampered with is reported, never re-finalized over.
     copy = copy_session(folder, tmp_path / "tampered", sealed_dirs)
     unseal_session(copy)
@@ -213,7 +213,7 @@ def test_sealed_read_only_immutable_and_manifest_verifies(finalized, tmp_path, s
 # -- idempotence, determinism, resumption -------------------------------------------------------------------
 
 
-def test_two_finalizes_give_identical_bytes_and_a_rerun_changes_nothing(recorded, finalized, tmp_path, sealed_dirs,
+def test_row21_finalize_twice_gives_identical_bytes_and_changes_nothing(recorded, finalized, tmp_path, sealed_dirs,
                                                                        monkeypatch):
     src, _ = recorded
     reference, _, _ = finalized
@@ -222,7 +222,8 @@ def test_two_finalizes_give_identical_bytes_and_a_rerun_changes_nothing(recorded
     monkeypatch.setattr(seal, "_sha256", lambda path, stop=None: hashed.append(path) or real_sha256(path))
     finalize_session(other)
     listed = [other / line.split("  ", 1)[1] for line in (other / MANIFEST).read_text().splitlines()]
-    assert sorted(hashed) == sorted(listed)  # every file read once for the manifest, the recorded ones early
+    # every file read once for the manifest, the recorded ones early; session.json is hashed from memory
+    assert sorted(hashed) == sorted(p for p in listed if p.name != SESSION_FILE)
     for rel in (MANIFEST, SESSION_FILE, f"{SID}.nwb"):
         assert (other / rel).read_bytes() == (reference / rel).read_bytes(), rel
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in other.rglob("*")}
@@ -285,7 +286,7 @@ def test_kill_9_during_finalize_then_rerun_gives_the_same_result(recorded, final
 # -- refusals -------------------------------------------------------------------------------------------------
 
 
-def test_refuses_a_session_still_recording(recorded, tmp_path):
+def test_row22_finalize_while_recording_is_refused(recorded, tmp_path):
     src, _ = recorded
     cfg = small_config(tmp_path)
     folder = tmp_path / "live"
@@ -296,6 +297,10 @@ def test_refuses_a_session_still_recording(recorded, tmp_path):
     write_json_atomic(folder / SESSION_FILE, session)
     writer = StreamFile.create(folder / "streams" / "nidaq.h5", cfg.stream("nidaq"), session={}, lines=[])
     try:
+        plain = subprocess.run([sys.executable, "-c", "import h5py, sys; h5py.File(sys.argv[1], 'r')",
+                                str(folder / "streams" / "nidaq.h5")], capture_output=True, text=True,
+                               timeout=SUBPROCESS_TIMEOUT_S)
+        assert plain.returncode == 1 and "already open for write" in plain.stderr  # a live file: SWMR flag set
         before = (folder / SESSION_FILE).read_bytes()
         with pytest.raises(FinalizeError, match="still recording"):
             finalize_session(folder)
