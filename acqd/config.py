@@ -76,6 +76,38 @@ class VideoConfig(_Frozen):
     frames_per_file: int = Field(3600, gt=0, description="start a new file after this many frames")
 
 
+class LslSource(_Frozen):
+    """The stream comes from a Lab Streaming Layer outlet, bridged by acqd (docs/lsl.md).
+
+    The outlet is selected like LabRecorder's RequiredStreams: by name, type and/or source_id (all given must
+    match). When it resolves, its channel count, format and nominal rate are checked against the stream's
+    ``shape``, ``dtype`` and ``nominal_rate``: a mismatch is refused, never coerced. A string outlet is recorded
+    as ``dtype: uint8``, ``shape: [channels, max_bytes]`` (UTF-8, NUL-padded).
+    """
+
+    name: str | None = None
+    """The outlet's name (LSL ``name``)."""
+    type: str | None = None
+    """The outlet's content type (LSL ``type``, e.g. EEG, Markers)."""
+    source_id: str | None = None
+    """The outlet's source_id: the only selector that lets an inlet recover a restarted outlet by itself."""
+    nominal_rate: float | None = Field(None, ge=0)
+    """The outlet's nominal_srate to expect; default the stream's ``rate``; 0 for an irregular stream (markers),
+    whose ``rate`` then only sizes the file's chunks."""
+    resolve_timeout_s: float = Field(2.0, gt=0)
+    """How long one look for the outlet on the network lasts (repeated until it is found)."""
+    clock_interval_s: float = Field(1.0, gt=0)
+    """How often the inlet's time_correction() is sampled and stored in ``/sync/offsets``."""
+    gap_threshold_s: float = Field(0.1, gt=0)
+    """Regular streams: a jump in LSL timestamps larger than this between two samples is recorded as a gap."""
+
+    @model_validator(mode="after")
+    def _selected(self) -> LslSource:
+        if not (self.name or self.type or self.source_id):
+            raise ValueError("an LSL source needs at least one of name, type, source_id")
+        return self
+
+
 class StreamConfig(_Frozen):
     """One hardware stream: where it comes from, what its chunks must look like, how it is stored."""
 
@@ -99,6 +131,7 @@ class StreamConfig(_Frozen):
     max_file_bytes: int | None = Field(None, gt=0, description="roll over to a new part file at this size")
     video: VideoConfig | None = Field(None, description="cameras: encode frames to video files")
     description: str = ""
+    lsl: LslSource | None = Field(None, description="the stream is an LSL outlet bridged onto `endpoint`")
 
     @field_validator("name")
     @classmethod
@@ -134,7 +167,14 @@ class StreamConfig(_Frozen):
                 raise ValueError(f"sync channel {self.sync.channel} is outside shape {self.shape}")
             if np.dtype(self.dtype).kind not in "iu":
                 raise ValueError("a sync channel needs an integer dtype")
+        if self.lsl is not None and self.dtype == "|u1" and len(self.shape) != 2:
+            raise ValueError("an LSL string stream needs dtype uint8 and shape [channels, max_bytes]")
         return self
+
+    @property
+    def lsl_rate(self) -> float:
+        """The LSL outlet's expected nominal rate (0: irregular)."""
+        return self.rate if self.lsl is None or self.lsl.nominal_rate is None else self.lsl.nominal_rate
 
     @property
     def np_dtype(self) -> np.dtype:

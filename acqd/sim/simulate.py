@@ -127,7 +127,7 @@ class Rig:
         rng = np.random.default_rng(params.seed)
         self.pulses = random_pulse_times(rng, 0.2, params.seconds + 5)
         self.devices: dict[str, Device] = {}
-        for s in cfg.streams:
+        for s in (s for s in cfg.streams if s.lsl is None):  # LSL streams come from their outlets
             clock = DeviceClock(rate=s.rate, offset_s=-float(rng.uniform(1, params.max_offset_s)),
                                 ppm=float(rng.uniform(-params.max_ppm, params.max_ppm)),
                                 wander_ppm=params.wander_ppm, wander_period_s=float(rng.uniform(300, 1800)))
