@@ -220,7 +220,8 @@ def run(rig: Rig, seconds: float, faults: list[Fault] = (), *, wait_for_peers_s:
         for pub in pubs.values():
             pub.close()
         ctx.term()
-    return {"sent": sent, "faults": injected}
+    # True time 0 on the host's CLOCK_MONOTONIC: what maps a host instant (an LSL timestamp) to each device's clock.
+    return {"sent": sent, "faults": injected, "t0_monotonic_s": t0}
 
 
 def _publisher(cfg: StreamConfig, ctx: zmq.Context) -> Publisher:
