@@ -203,6 +203,15 @@ def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+class LabRecorderConfig(_Frozen):
+    """LabRecorder's remote control socket, served by acqd (docs/lsl.md)."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on; LabRecorder listens on every address, acqd on loopback unless told otherwise."""
+    port: int = Field(22345, ge=0, le=65535)
+    """LabRecorder's port (0: any free port, written to the ready file)."""
+
+
 class DaemonConfig(_Frozen):
     """Settings of the acqd service itself."""
 
@@ -219,6 +228,8 @@ class DaemonConfig(_Frozen):
                                                           "restart_window_s is not restarted again")
     restart_window_s: float = Field(600.0, gt=0)
     finalize_on_stop: bool = False
+    labrecorder: LabRecorderConfig | None = None
+    """Serve LabRecorder's remote control commands (start, stop, filename ...); off when absent."""
 
 
 class Subject(_Frozen):
