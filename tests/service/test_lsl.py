@@ -195,7 +195,11 @@ def test_an_lsl_outlet_that_does_not_match_or_is_absent_is_refused_by_name(tmp_p
     def lsl_problems() -> list[str]:
         return [p for p in d.command("preflight")["problems"] if "LSL" in p]
 
-    problems = wait_until(lambda: len(lsl_problems()) == 2 and lsl_problems(), "both LSL streams to be refused", 20)
+    def refused() -> list[str]:
+        found = lsl_problems()
+        return found if sum("does not match" in p or "no LSL outlet" in p for p in found) == 2 else []
+
+    problems = wait_until(refused, "both LSL streams to be refused", 20)
     eeg = next(p for p in problems if "'eeg'" in p)
     assert "does not match the config" in eeg and "8 channel(s)" in eeg and "double64" in eeg and "250" in eeg
     assert any("'ghost'" in p and "no LSL outlet name='acqd-nowhere'" in p for p in problems)
