@@ -199,9 +199,14 @@ class Bridge:
         return None
 
     def run(self) -> int:
-        import pylsl
-        from pylsl.util import LostError
-
+        try:
+            import pylsl
+            from pylsl.util import LostError
+        except ImportError:  # stays up, so that status and preflight say why, instead of a restart loop
+            self.report("state", state="unavailable", detail="pylsl is not installed: pip install 'acqd[lsl]'")
+            while not self.stop_requested:
+                time.sleep(0.2)
+            return 0
         info = self.resolve()
         if info is None:
             return 0
