@@ -103,11 +103,12 @@ def config_snippet(out: OutletInfo, endpoint: str = "ipc:///tmp/acqd-lsl-NAME") 
     """A stream entry for the rig config that records this outlet as it is."""
     name = "".join(c if c.isalnum() or c in "_.-" else "_" for c in out.name)[:64].lstrip("_.-") or "lsl"
     string = out.format == "string"
+    select = {"name": out.name, "type": out.type, **({"source_id": out.source_id} if out.source_id else {})}
     entry: dict = {"name": name, "kind": "events" if string or out.rate == 0 else "generic",
-                   "endpoint": endpoint.replace("NAME", name), "dtype": FORMATS.get(out.format, out.format),
+                   "endpoint": endpoint.replace("NAME", name),
+                   "dtype": str(np.dtype(FORMATS[out.format])) if out.format in FORMATS else out.format,
                    "shape": [out.channels, 256] if string else [out.channels],
-                   "rate": out.rate if out.rate > 0 else 10.0,
-                   "lsl": {"name": out.name, "type": out.type, **({"source_id": out.source_id} if out.source_id else {})}}
+                   "rate": out.rate if out.rate > 0 else 10.0, "lsl": select}
     if out.rate == 0:
         entry["lsl"]["nominal_rate"] = 0
     return entry

@@ -10,7 +10,7 @@ from acqd.config import StreamConfig
 from acqd.errors import ProtocolError
 from acqd.finalize.lsl import fit_offsets
 from acqd.service.labrecorder import parse_filename, session_name
-from acqd.wire.lsl import OutletInfo, decode_strings, encode_strings, mismatch, skipped_samples, split_outages
+from acqd.wire.lsl import OutletInfo, config_snippet, decode_strings, encode_strings, mismatch, skipped_samples, split_outages
 from acqd.wire.protocol import OFFSET_DTYPE, Header, decode, encode
 
 
@@ -80,3 +80,10 @@ def test_labrecorder_filename_becomes_a_session_name():
         parse_filename("filename {colour:red}")
     with pytest.raises(ValueError, match="invalid session name"):
         session_name({"participant": "../../etc"})
+
+
+def test_the_discovery_snippet_is_a_valid_stream_config():
+    for out in (OutletInfo("My EEG", "EEG", "amp-1", 8, 500.0, "float32", "h"),
+                OutletInfo("Markers", "Markers", "", 1, 0.0, "string", "h")):
+        cfg = StreamConfig.model_validate(config_snippet(out))
+        assert mismatch(cfg, out) == []
