@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from acqd.config import RigConfig, StreamConfig
 
@@ -27,7 +27,6 @@ class BridgeHandle:
     detail: str = ""
     outlet: dict | None = None
     restarts: int = 0
-    events: list[dict] = field(default_factory=list)
 
 
 class LslBridges:
