@@ -81,10 +81,13 @@ def test_lsl_streams_recorded_exactly_aligned_and_an_outage_is_one_gap(tmp_path,
         {"name": "emg", "dtype": "int16", "shape": [2], "rate": 90.0, "lsl": {"source_id": "acqd-emg-src"}},
         {"name": "markers", "kind": "events", "dtype": "uint8", "shape": [1, 32], "rate": 10.0,
          "lsl": {"name": "acqd-markers", "type": "Markers", "nominal_rate": 0}},
+        {"name": "saccades", "kind": "events", "dtype": "float32", "shape": [2], "rate": 10.0,
+         "lsl": {"name": "acqd-saccades", "nominal_rate": 0}},
     ])
     eeg = Pusher("acqd-eeg", 8, 500.0, pylsl.cf_float32, "float32")
     emg = Pusher("acqd-emg", 2, 90.0, pylsl.cf_int16, "int16")
     markers = pylsl.StreamOutlet(pylsl.StreamInfo("acqd-markers", "Markers", 1, 0, pylsl.cf_string, "acqd-mk"))
+    saccades = pylsl.StreamOutlet(pylsl.StreamInfo("acqd-saccades", "Gaze", 2, 0, pylsl.cf_float32, "acqd-sac"))
     pushed_markers: list[tuple[str, float]] = []
     truth = tmp_path / "truth.json"
     d = daemon_factory(cfg_path)
@@ -111,6 +114,7 @@ def test_lsl_streams_recorded_exactly_aligned_and_an_outage_is_one_gap(tmp_path,
             if len(pushed_markers) < int(elapsed * 3):
                 text, ts = f"trial {len(pushed_markers)} ✓", pylsl.local_clock()
                 markers.push_sample([text], ts)
+                saccades.push_sample([len(pushed_markers), -0.5], ts)  # an irregular numeric stream
                 pushed_markers.append((text, ts))
             time.sleep(0.005)
         # The inlet reconnects to the new outlet by itself (within a few seconds): record half a second of it.
@@ -179,6 +183,9 @@ def test_lsl_streams_recorded_exactly_aligned_and_an_outage_is_one_gap(tmp_path,
         true_ref_s = ref.phase(np.array([s for _, s in recorded]) - t0) / ref.rate
         err = np.abs(ev["timestamp"].data[:] + zero_s - true_ref_s)
         assert err.max() <= report["streams"]["markers"]["clock"]["error_bound_s"]
+        values = nwb.events["saccades"]["value"].data[:]
+        assert np.array_equal(values, [[i, -0.5] for i in range(len(pushed_markers)) if pushed_markers[i] in recorded])
+        assert np.allclose(nwb.events["saccades"]["lsl_timestamp"].data[:], [s for _, s in recorded], rtol=0, atol=2e-9)
     assert report["streams"]["eeg"]["lsl"]["time_corrections"] >= 2
 
 
