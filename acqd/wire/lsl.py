@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import signal
 import sys
 import time
@@ -190,8 +189,9 @@ class Bridge:
             fits = [i for i, o in zip(found, infos) if not mismatch(self.cfg, o)]
             if fits:
                 out = OutletInfo.of(fits[0])
+                more = f" ({len(fits)} outlets match: give source_id to choose)" if len(fits) > 1 else ""
                 self.report("state", state="streaming", detail=f"recording LSL outlet {out.name!r} from "
-                                                               f"{out.hostname}", outlet=out.as_dict())
+                                                               f"{out.hostname}{more}", outlet=out.as_dict())
                 return fits[0]
             self.report("state", state="mismatch", outlet=infos[0].as_dict(),
                         detail=f"LSL outlet {selector(self.cfg)} does not match the config: "
@@ -286,9 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     bridge = Bridge(cfg, spec["control"])
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: setattr(bridge, "stop_requested", True))
-    parent = os.getppid()
     try:
-        return bridge.run() if os.getppid() == parent else 0
+        return bridge.run()
     finally:
         bridge.close()
 
