@@ -105,9 +105,9 @@ def test_lsl_streams_recorded_exactly_aligned_and_an_outage_is_one_gap(tmp_path,
         while (elapsed := time.monotonic() - start) < 4.0:
             eeg.pump(), emg.pump()
             if phase == "before" and elapsed > 1.5:
-                eeg.kill()
                 phase, killed_at = "down", pylsl.local_clock()
-            elif phase == "down" and elapsed > 2.1:
+                eeg.kill()
+            elif phase == "down" and pylsl.local_clock() - killed_at > 0.5:
                 eeg.revive()
                 phase, outage = "after", pylsl.local_clock() - killed_at
                 at_revive = d.command("status")["streams"]["eeg"]["total"]["samples"]
