@@ -53,7 +53,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.file)
     print(f"{args.file}: OK — {len(cfg.streams)} streams, reference {cfg.reference!r}, data root {cfg.daemon.data_root}")
     for s in cfg.streams:
-        sync = s.sync.source if s.sync else "host time"
+        sync = s.sync.source if s.sync else ("LSL timestamps" if s.lsl else "host time")
         print(f"  {s.name:12s} {s.kind:7s} {s.dtype}{list(s.shape)} @ {s.rate:g} Hz  "
               f"{s.sample_bytes * s.rate / 1e6:7.2f} MB/s  sync: {sync}  {s.socket} {s.endpoint}")
     return 0

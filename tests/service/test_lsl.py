@@ -214,6 +214,10 @@ def test_an_lsl_outlet_that_does_not_match_or_is_absent_is_refused_by_name(tmp_p
     assert d.command("status")["streams"]["eeg"]["lsl"]["state"] == "mismatch"
     with pytest.raises(ApiError, match="does not match the config"):
         d.command("record", session="refused")
+    # Discovery shows the outlet as it is, with a config entry that would record it.
+    seen = [o for o in d.client.request("GET", "/api/lsl")["outlets"] if o["name"] == "acqd-wide"]
+    assert len(seen) == 1 and seen[0]["channels"] == 8 and seen[0]["format"] == "double64"
+    assert seen[0]["config"]["dtype"] == "float64" and seen[0]["config"]["shape"] == [8]
     del outlet
 
 
