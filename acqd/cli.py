@@ -8,6 +8,7 @@
     acqd demo                            daemon + simulated rig + a short recording, end to end
     acqd finalize SESSION_DIR            clock fits, master NWB, validation, QC, seal (docs/finalize.md)
     acqd verify SESSION_DIR              check a finalized session against its manifest
+    acqd lsl list                        LSL outlets visible now, with a config snippet for each (docs/lsl.md)
     acqd export SESSION_DIR --out DIR    one self-contained NWB file (+ videos) laid out for DANDI (docs/export.md)
 """
 
@@ -57,7 +58,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.file)
     print(f"{args.file}: OK — {len(cfg.streams)} streams, reference {cfg.reference!r}, data root {cfg.daemon.data_root}")
     for s in cfg.streams:
-        sync = s.sync.source if s.sync else "host time"
+        sync = s.sync.source if s.sync else ("LSL timestamps" if s.lsl else "host time")
         print(f"  {s.name:12s} {s.kind:7s} {s.dtype}{list(s.shape)} @ {s.rate:g} Hz  "
               f"{s.sample_bytes * s.rate / 1e6:7.2f} MB/s  sync: {sync}  {s.socket} {s.endpoint}")
     return 0
@@ -116,6 +117,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.truth:
         write_truth(Path(args.truth), rig, result)
     print(f"simulate: done, sent {sum(s['messages'] for s in result['sent'].values())} messages", flush=True)
+    return 0
+
+
+def cmd_lsl_list(args: argparse.Namespace) -> int:
+    import yaml
+
+    from acqd.wire.lsldiscover import discovery
+
+    found = discovery(args.wait)
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    for o in found["outlets"]:
+        print(f"{o['name']!r} type {o['type']!r} source_id {o['source_id']!r}: {o['channels']} x {o['format']} @ "
+              f"{o['rate']:g} Hz on {o['hostname']}")
+        print("  " + yaml.safe_dump([o["config"]], sort_keys=False).replace("\n", "\n  ").rstrip())
+    print(f"{len(found['outlets'])} LSL outlet(s) visible", file=sys.stderr)
     return 0
 
 
@@ -245,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the full report as JSON")
     e.add_argument("--progress-jsonl", action="store_true", help="print progress and the report as JSON lines")
     e.set_defaults(fn=cmd_export)
+
+    lsl = sub.add_parser("lsl", help="Lab Streaming Layer tools").add_subparsers(dest="lsl_command", required=True)
+    ll = lsl.add_parser("list", help="list the LSL outlets visible now, with a config snippet for each")
+    ll.add_argument("--wait", type=float, default=1.0, help="how long to look (s)")
+    ll.add_argument("--json", action="store_true", help="print JSON")
+    ll.set_defaults(fn=cmd_lsl_list)
 
     d = sub.add_parser("demo", help="run the daemon and a simulated rig, record, summarise")
     d.add_argument("--config", default="configs/rig.yaml")

@@ -93,6 +93,38 @@ class VideoConfig(_Frozen):
     """Start a new video file after this many frames (a crash loses at most the open file's tail)."""
 
 
+class LslSource(_Frozen):
+    """The stream comes from a Lab Streaming Layer outlet, bridged by acqd (docs/lsl.md).
+
+    The outlet is selected like LabRecorder's RequiredStreams: by name, type and/or source_id (all given must
+    match). When it resolves, its channel count, format and nominal rate are checked against the stream's
+    ``shape``, ``dtype`` and ``nominal_rate``: a mismatch is refused, never coerced. A string outlet is recorded
+    as ``dtype: uint8``, ``shape: [channels, max_bytes]`` (UTF-8, NUL-padded).
+    """
+
+    name: str | None = None
+    """The outlet's name (LSL ``name``)."""
+    type: str | None = None
+    """The outlet's content type (LSL ``type``, e.g. EEG, Markers)."""
+    source_id: str | None = None
+    """The outlet's source_id: the only selector that lets an inlet recover a restarted outlet by itself."""
+    nominal_rate: float | None = Field(None, ge=0)
+    """The outlet's nominal_srate to expect; default the stream's ``rate``; 0 for an irregular stream (markers),
+    whose ``rate`` then only sizes the file's chunks."""
+    resolve_timeout_s: float = Field(2.0, gt=0)
+    """How long one look for the outlet on the network lasts (repeated until it is found)."""
+    clock_interval_s: float = Field(1.0, gt=0)
+    """How often the inlet's time_correction() is sampled and stored in ``/sync/offsets``."""
+    gap_threshold_s: float = Field(0.1, gt=0)
+    """Regular streams: a jump in LSL timestamps larger than this between two samples is recorded as a gap."""
+
+    @model_validator(mode="after")
+    def _selected(self) -> LslSource:
+        if not (self.name or self.type or self.source_id):
+            raise ValueError("an LSL source needs at least one of name, type, source_id")
+        return self
+
+
 class StreamConfig(_Frozen):
     """One hardware stream: where it comes from, what its chunks must look like, how it is stored."""
 
@@ -136,6 +168,7 @@ class StreamConfig(_Frozen):
     """Cameras: encode frames to video files instead of HDF5 frames."""
     description: str = ""
     """Free text, written into the stream file and the NWB file."""
+    lsl: LslSource | None = Field(None, description="the stream is an LSL outlet bridged onto `endpoint`")
 
     @field_validator("name")
     @classmethod
@@ -175,7 +208,14 @@ class StreamConfig(_Frozen):
                 raise ValueError(f"sync channel {self.sync.channel} is outside shape {self.shape}")
             if np.dtype(self.dtype).kind not in "iu":
                 raise ValueError("a sync channel needs an integer dtype")
+        if self.lsl is not None and self.dtype == "|u1" and len(self.shape) != 2:
+            raise ValueError("an LSL string stream needs dtype uint8 and shape [channels, max_bytes]")
         return self
+
+    @property
+    def lsl_rate(self) -> float:
+        """The LSL outlet's expected nominal rate (0: irregular)."""
+        return self.rate if self.lsl is None or self.lsl.nominal_rate is None else self.lsl.nominal_rate
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -207,6 +247,15 @@ def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+class LabRecorderConfig(_Frozen):
+    """LabRecorder's remote control socket, served by acqd (docs/lsl.md)."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on; LabRecorder listens on every address, acqd on loopback unless told otherwise."""
+    port: int = Field(22345, ge=0, le=65535)
+    """LabRecorder's port (0: any free port, written to the ready file)."""
+
+
 class DaemonConfig(_Frozen):
     """Settings of the acqd service itself."""
 
@@ -233,6 +282,8 @@ class DaemonConfig(_Frozen):
     """Window over which writer restarts are counted (seconds)."""
     finalize_on_stop: bool = False
     """Finalize each session as soon as its recording stops."""
+    labrecorder: LabRecorderConfig | None = None
+    """Serve LabRecorder's remote control commands (start, stop, filename ...); off when absent."""
 
 
 class Subject(_Frozen):

@@ -145,7 +145,8 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
         progress("write", 1.0)
         _checkpoint("partial")
         progress("validate", 0.0)
-        check = nwb.check_master(partial, {n: r.series_rows for n, r in stream_reports.items()})
+        series = {n: r.series_rows for n, r in stream_reports.items() if r.timing != "events"}  # LSL markers: /events
+        check = nwb.check_master(partial, series)
         if not check.ok:
             raise FinalizeError(f"{partial.name} failed validation, nothing was sealed:\n  "
                                 + "\n  ".join(check.blocking))

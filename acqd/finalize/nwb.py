@@ -102,6 +102,8 @@ class EventsPlan:
     samples: np.ndarray
     """The raw device sample index of each edge (the stream's own counter)."""
     resolution: float
+    columns: dict[str, tuple[str, list | np.ndarray]] = field(default_factory=dict)
+    """More columns ``{name: (description, values)}`` (LSL markers: label, lsl_timestamp)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,8 +302,9 @@ def _events(e: EventsPlan) -> EventsTable:
                                     data=np.asarray(e.timestamps, dtype=np.float64), resolution=e.resolution)
     sample = VectorData(name="sample", description="the edge's sample index in the recording stream's own counter",
                         data=np.asarray(e.samples, dtype=np.int64))
+    more = [VectorData(name=n, description=d, data=_column(v)) for n, (d, v) in e.columns.items()]
     return EventsTable(name=e.name, description=e.description, source_description=e.source_description,
-                       columns=[timestamp, sample])
+                       columns=[timestamp, sample, *more])
 
 
 def _intervals(t: TablePlan) -> TimeIntervals:

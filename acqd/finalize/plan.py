@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from acqd.finalize import nwb
+from acqd.finalize import lsl, nwb
 from acqd.finalize.clock import ClockFit
 from acqd.config import ChannelSync
 from acqd.errors import FinalizeError
@@ -50,7 +50,11 @@ def plan_master(folder: Path, session: dict, streams: dict[str, Stream], aligned
             recovered=[rel(p.link, folder) for p in s.parts if p.recovered], linked=rel(linked[name], folder),
             series_rows=timing.rows, timing="rate" if timing.regular else "timestamps", first_time_s=first_s,
             clock={**a.fit.to_dict(), "extrapolated_rows": extrapolated_rows(s, a.fit)}, flags=flags,
-            gaps=gaps_of_s, frames=a.frames, video=video)
+            gaps=gaps_of_s, frames=a.frames, video=video, lsl=a.lsl)
+        if lsl.is_events(s.cfg):  # markers: an events table, not a series
+            events.append(lsl.events_plan(s, a.fit, zero_s, row_times(s, a.fit, zero_s)))
+            reports[name].timing = "events"
+            continue
         series.append(_series_plan(s, a.fit, flags, timing, linked[name], gaps_of_s, video))
     start_time = wall_time(ref, zero_sample)
     plan = nwb.MasterPlan(

@@ -48,6 +48,8 @@ class StreamReport:
     """Cameras: frame / strobe reconciliation."""
     video: dict | None = None
     """Cameras encoded to video: the files (relative to the session folder) and each one's starting frame."""
+    lsl: dict | None = None
+    """LSL streams: time-correction residuals, host-clock bound and timestamp jitter (docs/lsl.md)."""
 
 
 @dataclass

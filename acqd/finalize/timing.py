@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
-from acqd.finalize import nwb
+from acqd.finalize import lsl, nwb
 from acqd.finalize.clock import ClockFit, align_stream, fit_clock, fit_host_clock, split_counter_resets
 from acqd.config import ChannelSync, FrameSync, StrobeSync
 from acqd.errors import ClockFitError, FinalizeError
@@ -41,6 +41,8 @@ class Alignment:
     frames: dict | None = None
     pairs: tuple[np.ndarray, np.ndarray] | None = None
     """(device positions, reference seconds) the fit rests on, for the QC residual plot."""
+    lsl: dict | None = None
+    """LSL streams timed by their timestamps: time-correction residuals and timestamp jitter (acqd.finalize.lsl)."""
 
 
 def align_all(streams: dict[str, Stream], ref: Stream) -> dict[str, Alignment]:
@@ -54,6 +56,9 @@ def align_all(streams: dict[str, Stream], ref: Stream) -> dict[str, Alignment]:
             out[name] = _align_strobe(s, streams[sync.stream], out[sync.stream].fit, ref)
         elif isinstance(sync, (ChannelSync, FrameSync)):
             out[name] = _align_sync(s, ref)
+        elif lsl.is_lsl_timed(s.cfg):
+            fit, flags, qc = lsl.align_lsl(s, ref)
+            out[name] = Alignment(fit, flags, lsl=qc)
         else:
             why = ("no sync source" if sync is None else f"its strobe stream {sync.stream!r} did not record")
             out[name] = Alignment(_host_fit(s, ref), [f"{why}: {HOST_TIMED}"])

@@ -11,6 +11,8 @@ This module is the only place that turns stream config into HDF5 calls (``datase
     /rejects     one row per rejected message (ingest.Reject)
     /sync/edges  raw edge sample indices in the device counter, per line (labels in attrs)
     /sync/clock  periodic (device sample, host monotonic ns, host wall-clock ns) pairs
+    /sync/offsets  device clock -> host clock offsets the driver measured (LSL time_correction)
+    /timestamps  per-row device timestamps (ns), for streams whose driver sends them
     /video       for cameras encoded to video: each finished file, its first frame and frame count
 
 Every dataset exists before SWMR starts (attributes cannot be added later). ``flush`` writes the
@@ -39,6 +41,7 @@ from acqd.config import EdgeLine, StreamConfig
 from acqd.errors import DiskFullError, WriterError
 from acqd.record.ingest import Gap, GapRecord, Reject
 from acqd.record.video import VIDEO_DIR, VideoSink
+from acqd.wire.protocol import OFFSET_DTYPE
 
 FORMAT = "acqd-stream"
 FORMAT_VERSION = 2  # 2: /index has crc32
@@ -53,9 +56,12 @@ UNKNOWN_SEQ = 2**64 - 1  # the seq of a rejected message whose header could not 
 EDGE_DTYPE = np.dtype([("sample", "<u8"), ("line", "<u2"), ("rising", "u1")])
 CLOCK_DTYPE = np.dtype([("device_sample", "<u8"), ("host_mono_ns", "<i8"), ("host_wall_ns", "<i8")])
 VIDEO_DTYPE = np.dtype([("file", "S64"), ("first_row", "<u8"), ("n_frames", "<u8")])
+TIMESTAMP_DTYPE = np.dtype("<i8")
+NO_TIMESTAMP = np.iinfo(np.int64).min  # /timestamps of a row whose message carried none
 
 TABLES = {"index": INDEX_DTYPE, "gaps": GAP_DTYPE, "rejects": REJECT_DTYPE,
-          "sync/edges": EDGE_DTYPE, "sync/clock": CLOCK_DTYPE}
+          "sync/edges": EDGE_DTYPE, "sync/clock": CLOCK_DTYPE, "timestamps": TIMESTAMP_DTYPE,
+          "sync/offsets": OFFSET_DTYPE}
 
 CHUNK_TARGET_BYTES = 2 << 20
 CHUNK_MAX_S = 0.1  # a chunk is also the most a writer holds back before handing rows to HDF5
@@ -214,6 +220,14 @@ class StreamFile:
 
     def _video_files(self, finished: list[tuple[str, int, int]]) -> None:
         self.add("video", [(name.encode(), first, n) for name, first, n in finished])
+
+    def add_timestamps(self, timestamps: np.ndarray, n: int) -> None:
+        """Per-row device timestamps of the rows just appended; rows of earlier messages that carried none get
+        NO_TIMESTAMP, so that ``/timestamps[i]`` is always the time of ``/data[i]``."""
+        missing = self.rows - n - self.dset("timestamps").shape[0]
+        if missing > 0:
+            self.add("timestamps", np.full(missing, NO_TIMESTAMP, TIMESTAMP_DTYPE))
+        self.add("timestamps", timestamps)
 
     def add_gap(self, gap: GapRecord, host_wall_ns: int) -> None:
         self.add("gaps", [(gap.kind, gap.seq_from, gap.seq_to, gap.sample_from, gap.sample_to, self.rows,

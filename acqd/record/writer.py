@@ -119,6 +119,7 @@ class Writer:
         self.last_seq: int | None = None
         self.last_message_mono = 0.0
         self.last_chunk: tuple[int, int, int] | None = None  # (first_sample, mono_ns, wall_ns)
+        self.last_offset: np.ndarray | None = None  # the driver's latest clock offset, stored first in a new file
         self.stop_requested = False
         self.unsent_reports = 0
         self._window = (time.monotonic(), 0, 0)
@@ -164,6 +165,8 @@ class Writer:
         with io_errors(path):  # a full disk (or an existing file) stops the stream with its reason
             self.file = StreamFile.create(path, self.cfg, session=self.session, lines=self.spec.lines, part=part)
         self.part = part
+        if self.last_offset is not None:
+            self.file.add("sync/offsets", self.last_offset)
         self.send("recording", path=str(path), part=part)
 
     def roll_over(self) -> None:
@@ -214,6 +217,8 @@ class Writer:
         if verdict.gap is not None:
             self.event("gap", f"{verdict.gap.kind.name.lower()}: seq [{verdict.gap.seq_from}, {verdict.gap.seq_to}) "
                        f"samples [{verdict.gap.sample_from}, {verdict.gap.sample_to})", gap=verdict.gap.kind.name)
+        if chunk.offsets is not None and len(chunk.offsets):
+            self.last_offset = chunk.offsets[-1:].copy()
         if self.file is None:
             return
         if self.cfg.max_file_bytes and self.file.size_bytes >= self.cfg.max_file_bytes:
@@ -224,6 +229,10 @@ class Writer:
         self.file.append(chunk.data, (h.seq, h.epoch, h.n_samples, h.first_sample, wall_ns, mono_ns,
                                       h.device_time_ns))
         self.store_edges(chunk.data, chunk.edges, h.first_sample)
+        if chunk.timestamps is not None:
+            self.file.add_timestamps(chunk.timestamps, h.n_samples)
+        if chunk.offsets is not None and len(chunk.offsets):
+            self.file.add("sync/offsets", chunk.offsets)
 
     def store_edges(self, data: np.ndarray, driver_edges: np.ndarray | None, first_sample: int) -> None:
         rows = []

@@ -8,6 +8,7 @@ Routes (docs/control-api.md):
     PUT  /api/recording         {"parent_directory"?, "prepend_text"?, "base_text"?, "append_text"?}
     GET  /api/streams           per-stream health
     GET  /api/sessions          sessions under the data root
+    GET  /api/lsl               LSL outlets visible now, each with a config snippet (docs/lsl.md)
 
 Loopback by default; with a token configured every request needs ``Authorization: Bearer <token>``
 (the config refuses a non-loopback address without one). Errors come back as ``{"error": "..."}``
@@ -67,6 +68,10 @@ def make_handler(sup: Supervisor, token: str | None) -> type[BaseHTTPRequestHand
                 if not hmac.compare_digest(given.encode(), token.encode()):
                     return self._reply(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong token"})
             path = self.path.split("?", 1)[0].rstrip("/")
+            if (method, path) == ("GET", "/api/lsl"):  # a 1 s network look: off the supervisor's thread
+                from acqd.wire.lsldiscover import discovery
+
+                return self._reply(HTTPStatus.OK, discovery())
             if method == "POST" and path.startswith("/api/commands/"):
                 name, with_body = path.removeprefix("/api/commands/"), True
             elif (method, path) in ROUTES:
@@ -127,6 +132,10 @@ def serve(cfg: RigConfig, ready_file: str | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     ready = {"url": url, "pid": os.getpid(), "data_root": str(sup.data_root)}
+    if cfg.daemon.labrecorder is not None:  # LabRecorder's remote control socket (docs/lsl.md)
+        from acqd.service.labrecorder import start_listener
+
+        _, ready["labrecorder_port"] = start_listener(sup, cfg.daemon.labrecorder.host, cfg.daemon.labrecorder.port)
     if ready_file:
         with open(ready_file + ".tmp", "w") as f:
             json.dump(ready, f)

@@ -58,7 +58,7 @@ class Daemon:
         if self.proc.poll() is not None:
             raise RuntimeError(f"the daemon exited with code {self.proc.returncode}")
         info = json.loads(ready.read_text())
-        self.url, self.pid = info["url"], info["pid"]
+        self.url, self.pid, self.info = info["url"], info["pid"], info
         self.client = Client(self.url)
 
     def command(self, name: str, **body: object) -> dict:

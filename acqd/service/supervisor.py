@@ -37,6 +37,7 @@ from acqd.session import (CLOSED, INTERRUPTED, RECORDING, SESSION_FILE, STREAMS_
                           list_sessions, now_iso, read_session, session_name, write_json_atomic)
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.record.writer import EXIT_DISK_FULL, EXIT_WRITE_ERROR, WriterSpec
+from acqd.service.lslbridges import LslBridges
 
 IDLE, ACQUIRE, RECORD = "IDLE", "ACQUIRE", "RECORD"
 MAX_INCIDENTS = 1000
@@ -111,6 +112,7 @@ class Supervisor:
         self.router.setsockopt(zmq.LINGER, 0)
         port = self.router.bind_to_random_port("tcp://127.0.0.1")
         self.control_endpoint = f"tcp://127.0.0.1:{port}"
+        self.lsl = LslBridges(cfg, self.control_endpoint)
         self.mode = IDLE
         self.writers: dict[str, WriterHandle] = {}
         self.session: dict | None = None
@@ -192,6 +194,8 @@ class Supervisor:
         self.router.send_multipart([name.encode(), zmq.utils.jsonapi.dumps(cmd)])
 
     def _on_writer_message(self, name: str, msg: dict) -> None:
+        if self.lsl.owns(name):
+            return self._lsl_incidents([self.lsl.on_message(name, msg)])
         h = self.writers.get(name)
         if h is None:
             return
@@ -250,7 +254,13 @@ class Supervisor:
             self.session["incomplete"] = True
         self._save_session(now=incomplete)
 
+    def _lsl_incidents(self, found: list[tuple[str, str, str] | None]) -> None:
+        for stream, kind, detail in filter(None, found):
+            if self.mode == RECORD:
+                self._incident(stream, kind, detail)
+
     def _check_processes(self) -> None:
+        self._lsl_incidents(self.lsl.check())
         for name, h in list(self.writers.items()):
             rc = h.proc.poll()
             if rc is None or h.state in ("stopping", "stopped", "stopped_failed"):
@@ -291,6 +301,7 @@ class Supervisor:
             return self.status()
         for s in self.cfg.streams:
             self.writers[s.name] = self._spawn(s.name)
+        self.lsl.start()
         try:
             self._wait_for(lambda: all(h.ready for h in self.writers.values()), "writers to start", START_TIMEOUT_S)
         except SessionError:
@@ -354,11 +365,13 @@ class Supervisor:
                 continue
             if h is None or not h.ready or h.state in ("failed", "stopped_failed"):
                 problems.append(f"stream {s.name!r} has no running writer ({h.reason if h else 'not started'})")
+            elif s.lsl is not None and not s.lsl_rate:
+                continue  # markers come when they come; the bridge reports whether the outlet is there
             elif h.stats.get("silent_s") is None:
                 problems.append(f"stream {s.name!r} is silent (no message received yet)")
             elif h.stats["silent_s"] > limit:
                 problems.append(f"stream {s.name!r} is silent (no message for {h.stats['silent_s']:.1f} s)")
-        return problems
+        return problems + self.lsl.problems()
 
     def stop_recording(self) -> dict:
         """RECORD -> ACQUIRE: every writer closes its file; the session is closed."""
@@ -400,6 +413,7 @@ class Supervisor:
         raise SessionError(f"unknown mode {mode!r}: use IDLE, ACQUIRE or RECORD")
 
     def _stop_writers(self) -> None:
+        self.lsl.stop()
         for name, h in self.writers.items():
             if h.proc.poll() is None:
                 h.state = "stopping"
@@ -532,7 +546,7 @@ class Supervisor:
                 "mb_per_s": st.get("mb_per_s", 0.0), "last_seq": st.get("last_seq"),
                 "gaps": rec.get("gaps", 0), "rejected": rec.get("rejected_total", 0),
                 "rows": st.get("rows", 0), "bytes_written": st.get("file_bytes", 0),
-                "total": st.get("total", {}), "required": s.required,
+                "total": st.get("total", {}), "required": s.required, "lsl": self.lsl.status(s.name),
             }
         session = None
         if self.session is not None:

@@ -127,7 +127,7 @@ class Rig:
         rng = np.random.default_rng(params.seed)
         self.pulses = random_pulse_times(rng, 0.2, params.seconds + 5)
         self.devices: dict[str, Device] = {}
-        for s in cfg.streams:
+        for s in (s for s in cfg.streams if s.lsl is None):  # LSL streams come from their outlets
             clock = DeviceClock(rate=s.rate, offset_s=-float(rng.uniform(1, params.max_offset_s)),
                                 ppm=float(rng.uniform(-params.max_ppm, params.max_ppm)),
                                 wander_ppm=params.wander_ppm, wander_period_s=float(rng.uniform(300, 1800)))
@@ -220,7 +220,8 @@ def run(rig: Rig, seconds: float, faults: list[Fault] = (), *, wait_for_peers_s:
         for pub in pubs.values():
             pub.close()
         ctx.term()
-    return {"sent": sent, "faults": injected}
+    # True time 0 on the host's CLOCK_MONOTONIC: what maps a host instant (an LSL timestamp) to each device's clock.
+    return {"sent": sent, "faults": injected, "t0_monotonic_s": t0}
 
 
 def _publisher(cfg: StreamConfig, ctx: zmq.Context) -> Publisher:

@@ -4,7 +4,7 @@ This module owns the byte layout (documented for driver authors in docs/protocol
 else: encoding for publishers, decoding for writers. Decoding never trusts the sender: every size
 is checked before a byte of payload is interpreted. Pure functions, no sockets.
 
-Frames:  [topic = stream name] [header, 104 bytes] [payload] [timestamps]? [edges]?
+Frames:  [topic = stream name] [header, 104 bytes] [payload] [timestamps]? [edges]? [offsets]?
 """
 
 from __future__ import annotations
@@ -26,10 +26,14 @@ assert HEADER.size == 104
 
 FLAG_TIMESTAMPS = 1 << 0  # a frame of n_samples int64 device timestamps (ns) follows the payload
 FLAG_EDGES = 1 << 1  # a frame of EDGE_DTYPE records follows (after the timestamps frame, if any)
-KNOWN_FLAGS = FLAG_TIMESTAMPS | FLAG_EDGES
+FLAG_OFFSETS = 1 << 2  # a frame of OFFSET_DTYPE records follows (last): device clock -> host clock offsets
+KNOWN_FLAGS = FLAG_TIMESTAMPS | FLAG_EDGES | FLAG_OFFSETS
 
 EDGE_DTYPE = np.dtype([("sample", "<u8"), ("line", "<u4"), ("rising", "<u4")])
 """A sync edge seen by the device: its sample index in the device counter, line number, 1 rising / 0 falling."""
+OFFSET_DTYPE = np.dtype([("host_mono_ns", "<i8"), ("offset_ns", "<i8")])
+"""A clock offset measured at host CLOCK_MONOTONIC ``host_mono_ns``: device timestamp + offset = host time
+(an LSL inlet's time_correction())."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,8 @@ class Chunk:
     """Per-sample device timestamps (int64 ns), if the driver sent them."""
     edges: np.ndarray | None = None
     """EDGE_DTYPE records, if the driver sent them."""
+    offsets: np.ndarray | None = None
+    """OFFSET_DTYPE records, if the driver sent them."""
 
 
 def encode_header(h: Header) -> bytes:
@@ -87,15 +93,18 @@ def encode_header(h: Header) -> bytes:
 
 
 def encode(h: Header, data: np.ndarray, timestamps: np.ndarray | None = None,
-           edges: np.ndarray | None = None) -> list:
+           edges: np.ndarray | None = None, offsets: np.ndarray | None = None) -> list:
     """Frames of one message. ``data`` is sent as is (no copy) when it is C-contiguous."""
-    flags = (FLAG_TIMESTAMPS if timestamps is not None else 0) | (FLAG_EDGES if edges is not None else 0)
+    flags = ((FLAG_TIMESTAMPS if timestamps is not None else 0) | (FLAG_EDGES if edges is not None else 0)
+             | (FLAG_OFFSETS if offsets is not None else 0))
     h = dataclasses.replace(h, flags=flags)
     frames: list = [h.stream.encode(), encode_header(h), np.ascontiguousarray(data)]
     if timestamps is not None:
         frames.append(np.ascontiguousarray(timestamps, dtype="<i8"))
     if edges is not None:
         frames.append(np.ascontiguousarray(edges, dtype=EDGE_DTYPE))
+    if offsets is not None:
+        frames.append(np.ascontiguousarray(offsets, dtype=OFFSET_DTYPE))
     return frames
 
 
@@ -132,13 +141,13 @@ def decode(frames: list) -> Chunk:
     h = decode_header(bufs[1])
     if bytes(bufs[0]).decode(errors="replace") != h.stream:
         raise ProtocolError(f"topic {bytes(bufs[0])!r} differs from header stream {h.stream!r}")
-    expected = 3 + bool(h.flags & FLAG_TIMESTAMPS) + bool(h.flags & FLAG_EDGES)
+    expected = 3 + bool(h.flags & FLAG_TIMESTAMPS) + bool(h.flags & FLAG_EDGES) + bool(h.flags & FLAG_OFFSETS)
     if len(bufs) != expected:
         raise ProtocolError(f"{len(bufs)} frames, flags 0x{h.flags:x} call for {expected}")
     if len(bufs[2]) != h.payload_bytes:
         raise ProtocolError(f"payload is {len(bufs[2])} bytes, header says {h.payload_bytes}")
     data = np.frombuffer(bufs[2], dtype=h.dtype).reshape((h.n_samples, *h.shape))
-    i, timestamps, edges = 3, None, None
+    i, timestamps, edges, offsets = 3, None, None, None
     if h.flags & FLAG_TIMESTAMPS:
         if len(bufs[i]) != 8 * h.n_samples:
             raise ProtocolError(f"timestamps frame is {len(bufs[i])} bytes, expected {8 * h.n_samples}")
@@ -148,4 +157,9 @@ def decode(frames: list) -> Chunk:
         if len(bufs[i]) % EDGE_DTYPE.itemsize:
             raise ProtocolError(f"edges frame of {len(bufs[i])} bytes is not a whole number of records")
         edges = np.frombuffer(bufs[i], dtype=EDGE_DTYPE)
-    return Chunk(h, data, timestamps, edges)
+        i += 1
+    if h.flags & FLAG_OFFSETS:
+        if len(bufs[i]) % OFFSET_DTYPE.itemsize:
+            raise ProtocolError(f"offsets frame of {len(bufs[i])} bytes is not a whole number of records")
+        offsets = np.frombuffer(bufs[i], dtype=OFFSET_DTYPE)
+    return Chunk(h, data, timestamps, edges, offsets)
