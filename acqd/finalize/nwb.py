@@ -329,7 +329,7 @@ def _annotations(a: AnnotationsPlan) -> EventsTable:
         VectorData(name="reference_sample", description="the reference stream's sample counter when the note was "
                    "taken (-1: no reference data yet; placed by host time)",
                    data=np.asarray(a.reference_samples, dtype=np.int64)),
-        VectorData(name="host_time", description="host wall-clock time of the note (ISO 8601)", data=list(a.host_times)),
+        VectorData(name="taken_at", description="host wall-clock time of the note (ISO 8601)", data=list(a.host_times)),
     ]
     return EventsTable(name="annotations", description="operator notes taken during the recording (acqd annotate, "
                        "Open Ephys /api/message)", source_description="acqd control API", columns=columns)
