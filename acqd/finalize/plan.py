@@ -84,7 +84,7 @@ def _annotations(notes: list[dict], ref: Stream, zero_sample: int, start_time: d
     order = np.argsort(times, kind="stable")  # a table of events is read in time order
     return nwb.AnnotationsPlan(timestamps=np.array(times)[order], texts=[str(notes[i]["text"]) for i in order],
                                reference_samples=np.array(samples, dtype=np.int64)[order],
-                               host_times=[str(notes[i]["time"]) for i in order], resolution=1.0 / ref.rate)
+                               host_times=[str(notes[i]["taken_at"]) for i in order], resolution=1.0 / ref.rate)
 
 
 def _series_plan(s: Stream, fit: ClockFit, flags: list[str], timing: nwb.Timing, linked: Path, gaps: list[dict],

@@ -184,7 +184,7 @@ class JobResponse(Response):
 
 class AnnotationResponse(Response):
     text: str
-    time: str
+    taken_at: str
     host_time_ns: int
     reference: str
     reference_sample: int | None
