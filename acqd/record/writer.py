@@ -351,7 +351,19 @@ class Writer:
             self.event("connected", f"driver connected ({evt['endpoint'].decode(errors='replace')})")
         elif evt["event"] == zmq.EVENT_DISCONNECTED:
             self.peers = max(0, self.peers - 1)
-            self.event("disconnected", "driver disconnected")
+            self.event("disconnected", "driver disconnected (it went away, or sent a frame larger than "
+                                       f"max_message_bytes {self.cfg.max_message_bytes}: a gap follows if data was lost)")
+            if not self.cfg.bind:
+                self.reconnect()
+
+    def reconnect(self) -> None:
+        """Connect again. ZeroMQ retries a lost connection by itself, but not one it dropped for a protocol
+        error (an oversized frame): without this, one such message would cut the stream off for good."""
+        try:
+            self.data.disconnect(self.cfg.endpoint)
+        except zmq.ZMQError:
+            pass  # the session is already gone (the protocol-error case)
+        self.data.connect(self.cfg.endpoint)
 
     def run(self) -> int:
         poller = zmq.Poller()

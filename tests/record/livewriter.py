@@ -90,11 +90,11 @@ class LiveWriter:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{n} messages handled; stats {st['total']}")
 
-    def rss_kb(self) -> int:
+    def peak_rss_kb(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith("VmHWM:"):  # the peak: a buffered message is freed again right after
                 return int(line.split()[1])
-        raise AssertionError("no VmRSS")
+        raise AssertionError("no VmHWM")
 
     # -- commands --------------------------------------------------------------------------------
     def command(self, **cmd: object) -> None:
