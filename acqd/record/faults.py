@@ -59,7 +59,7 @@ class Faults:
 
     def before_append(self) -> None:
         if self._count("eio_on_write"):
-            raise OSError(errno.EIO, "injected EIO on write (ACQD_FAULT)")
+            raise OSError(errno.EIO, "Input/output error (write; injected by ACQD_FAULT)")
 
     def after_append(self) -> None:
         if self._count("crash_after_write"):
@@ -74,6 +74,6 @@ class Faults:
         """``os.fsync``, failing with EIO on the armed call."""
         def fsync(fd: int) -> None:
             if self._count("eio_on_fsync"):
-                raise OSError(errno.EIO, "injected EIO on fsync (ACQD_FAULT)")
+                raise OSError(errno.EIO, "Input/output error (fsync; injected by ACQD_FAULT)")
             os.fsync(fd)
         return fsync

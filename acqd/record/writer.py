@@ -243,10 +243,18 @@ class Writer:
         The cursor goes back to the last message the suspect part committed, so whatever it may not hold
         is a gap in the new part, with exact seqs.
         """
-        last = self.file.last_index
+        f = self.file
         self.close_file(final=False, failure=failure)
-        # index row: seq, epoch, n_samples, first_sample, ...
-        self.cursor = Cursor(last[1], last[0], last[3] + last[2]) if last else self.part_cursor
+        # Index rows are (seq, epoch, n_samples, first_sample, ...). Resume just before the first message the
+        # suspect part did not commit, else after the last one it did.
+        if f.pending_index:
+            seq, epoch, _, first = f.pending_index[0][:4]
+            self.cursor = Cursor(epoch, seq - 1, first)
+        elif f.last_index:
+            seq, epoch, n, first = f.last_index[:4]
+            self.cursor = Cursor(epoch, seq, first + n)
+        else:
+            self.cursor = self.part_cursor
         self.held = None
         self.open_part(self.part + 1)
 

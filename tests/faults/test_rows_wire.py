@@ -192,3 +192,99 @@ def test_row15_row36_oversized_message_is_dropped_before_it_is_buffered(live, mi
     assert_stored_exactly(w.folder / "s.h5", sent)
     _, gaps, _, _ = stored(w.folder / "s.h5")
     assert [(Gap(int(g["kind"])), int(g["seq_from"]), int(g["seq_to"])) for g in gaps] == [(Gap.SEQ, 2, 3)]
+
+
+def send_range(w: LiveWriter, seqs, **kw) -> dict[int, np.ndarray]:
+    sent = {}
+    for seq in seqs:
+        frames, sent[seq] = message(seq, 10 * seq, **kw)
+        w.driver.send_multipart(frames)
+    return sent
+
+
+def parts_of(w: LiveWriter) -> list[Path]:
+    return sorted(w.folder.glob("s*.h5"))
+
+
+def test_row07_eio_on_write_marks_the_part_suspect_and_continues_in_a_new_part(live):
+    # Issue 10 item 11: after EIO the stream stayed stopped until IDLE -> ACQUIRE.
+    w = live(env={"ACQD_FAULT": "s:eio_on_write:3"})
+    w.connected()
+    w.record()
+    sent = send_range(w, range(6))
+    st = w.wait_handled(6)
+    assert w.proc.poll() is None and st["total"]["messages"] == 6 and st["total"]["rejected_total"] == 0
+    (event,) = w.events("suspect_part")
+    assert "s.h5 is suspect" in event["detail"] and "Input/output error" in event["detail"]
+    closed = w.wait_for(lambda m: m["type"] == "closed" and m.get("suspect"), "the suspect part's report")
+    assert closed["final"] is False and closed["path"].endswith("s.h5")
+    w.stop()
+    first, second = parts_of(w)
+    assert second.name == "s.part001.h5"
+    with open_for_read(first) as f:
+        assert b"Input/output error (write" in f["suspect"]["reason"][0]
+        committed = f["index"]["seq"][:].tolist()
+    index, gaps, _, data = stored(second)
+    # The suspect part committed a prefix of 0, 1 (rows reach the file a whole chunk at a time: here none);
+    # the new part holds 2.. and, as a gap with exact seqs, what the suspect part did not commit.
+    assert committed == list(range(len(committed))) and len(committed) <= 2
+    assert index["seq"].tolist() == list(range(2, 6))
+    for row in index:
+        a, n = int(row["file_row"]), int(row["n_samples"])
+        assert np.array_equal(data[a:a + n], sent[int(row["seq"])])
+    assert [(int(g["seq_from"]), int(g["seq_to"]), int(g["sample_from"])) for g in gaps] == (
+        [] if committed == [0, 1] else [(len(committed), 2, 10 * len(committed))])
+
+
+def test_row07_eio_on_fsync_is_never_retried_and_recording_continues(live):
+    w = live(env={"ACQD_FAULT": "s:eio_on_fsync:1"})  # the first fsync: at the first flush of the recording
+    w.connected()
+    w.record()
+    w.wait_for(lambda m: m["type"] == "recording" and m["part"] == 1, "the next part")
+    sent = send_range(w, range(4))
+    w.wait_handled(4)
+    w.stop()
+    first, second = parts_of(w)
+    with open_for_read(first) as f:
+        assert f["index"].shape[0] == 0 and b"Input/output error (fsync" in f["suspect"]["reason"][0]
+    assert_stored_exactly(second, sent)
+
+
+def test_row07_a_failed_fsync_closes_the_file_without_another_fsync(tmp_path):
+    # "Never retry fsync on the same file": after a failed fsync the kernel may have dropped the dirty pages.
+    import errno
+
+    from acqd.config import StreamConfig
+    from acqd.errors import WriterError
+    from acqd.record.streamfile import StreamFile
+    cfg = StreamConfig(name="s", endpoint="ipc:///x", dtype="int16", shape=(4,), rate=1000.0, chunk_rows=10)
+    calls = []
+
+    def failing_fsync(fd: int) -> None:
+        calls.append(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    sf = StreamFile.create(tmp_path / "s.h5", cfg, session={}, lines=[])
+    sf.fsync = failing_fsync
+    sf.append(np.ones((10, 4), np.int16), (0, 1, 10, 0, 0, 0, 0))
+    with pytest.raises(WriterError, match="Input/output"):
+        sf.flush(fsync=True)
+    sf.abandon("fsync failed: EIO")
+    assert len(calls) == 1
+    with open_for_read(tmp_path / "s.h5") as f:
+        assert f["suspect"]["reason"][0] == b"fsync failed: EIO" and f["index"]["seq"].tolist() == [0]
+
+
+def test_row07_a_part_name_that_is_taken_moves_to_the_next_part_number(live):
+    # Issue 10 item 11: an EEXIST on the part file ended the stream.
+    w = live()
+    victim = w.tmp / "victim"
+    victim.write_bytes(b"keep")
+    (w.folder / "s.h5").symlink_to(victim)
+    w.connected()
+    assert w.record()["part"] == 1
+    sent = send_range(w, range(3))
+    w.wait_handled(3)
+    w.stop()
+    assert victim.read_bytes() == b"keep" and w.events("part_name_taken")
+    assert_stored_exactly(w.folder / "s.part001.h5", sent)
