@@ -5,7 +5,8 @@
 - ``eio_on_write:N``  the Nth append (counted across parts) fails with EIO, as a failing disk does;
 - ``eio_on_fsync:N``  the Nth fsync fails with EIO;
 - ``crash_after_write:N``  the process ends with ``os._exit(137)`` right after the Nth append (a crash at
-  the Nth write, SQLite style: nothing is closed or flushed);
+  the Nth write, SQLite style: nothing is closed or flushed), only while recording part 0: the writer the
+  supervisor restarts (part 1 on) inherits the variable and must run clean, as after a one-off crash;
 - ``wall_step:N``  from the Nth message on, the host wall clock reads one hour later (a wall-clock step;
   CLOCK_MONOTONIC is untouched).
 
@@ -61,8 +62,8 @@ class Faults:
         if self._count("eio_on_write"):
             raise OSError(errno.EIO, "Input/output error (write; injected by ACQD_FAULT)")
 
-    def after_append(self) -> None:
-        if self._count("crash_after_write"):
+    def after_append(self, part: int) -> None:
+        if part == 0 and self._count("crash_after_write"):
             os._exit(CRASH_EXIT)
 
     def wall_offset_ns(self) -> int:

@@ -323,7 +323,7 @@ class Writer:
             self.faults.before_append()
         self.file.append(chunk.data, (h.seq, h.epoch, h.n_samples, h.first_sample, wall_ns, mono_ns,
                                       h.device_time_ns))
-        self.faults.after_append()
+        self.faults.after_append(self.part)
         self.store_edges(chunk.data, chunk.edges, h.first_sample, h.seq)
 
     def store_edges(self, data: np.ndarray, driver_edges: np.ndarray | None, first_sample: int, seq: int) -> None:

@@ -6,6 +6,7 @@ Each test is named after its row. The writer is a real process fed over a real Z
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -288,3 +289,36 @@ def test_row07_a_part_name_that_is_taken_moves_to_the_next_part_number(live):
     w.stop()
     assert victim.read_bytes() == b"keep" and w.events("part_name_taken")
     assert_stored_exactly(w.folder / "s.part001.h5", sent)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("n", [120])  # ~1.2 s into the recording: several flushes committed
+def test_row02_crash_at_nth_write_resumes_in_a_new_part_with_the_loss_as_an_exact_gap(tmp_path, daemon_factory, n):
+    # Row 2 (crash at the Nth append: os._exit(137), nothing flushed or closed) and issue 10 item 12: a writer
+    # restart's loss had no /gaps row; the new writer now continues after the last committed message.
+    from acqd.service.procs import wait_until
+    from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
+
+    rig_file = write_rig(tmp_path)
+    daemon = daemon_factory(rig_file, env={"ACQD_FAULT": f"sensor:crash_after_write:{n}"})
+    with recording(daemon, rig_file, "crashn", seed=4) as (_, folder):
+        wait_until(lambda: (s := daemon.command("status")["streams"]["sensor"])["part"] == 1
+                   and s["state"] == "recording" and s["rows"] > 0, "the restarted writer to record part 1")
+        daemon.command("stop")
+    daemon.command("stop", idle=True)
+    cfg, rig = rig_for(rig_file, seed=4)
+    streams = folder / "streams"
+    with open_for_read(streams / "sensor.h5") as f:
+        last = f["index"][-1] if f["index"].shape[0] else None
+        assert assert_bit_exact(f, rig, "sensor") == (int(f["index"]["n_samples"].sum()) if last is not None else 0)
+    with h5py.File(streams / "sensor.part001.h5", "r") as f:
+        assert assert_bit_exact(f, rig, "sensor") == f["data"].shape[0] > 0
+        first = f["index"][0]
+        gaps = f["gaps"][:]
+    assert last is not None  # both sides' seqs are known: the gap is exactly what the crash lost
+    assert int(last["epoch"]) == int(first["epoch"])
+    assert [(int(g["seq_from"]), int(g["seq_to"]), int(g["sample_from"]), int(g["sample_to"])) for g in gaps][0] == (
+        int(last["seq"]) + 1, int(first["seq"]), int(last["first_sample"]) + int(last["n_samples"]),
+        int(first["first_sample"]))
+    session = json.loads((folder / "session.json").read_text())
+    assert any(i["kind"] == "writer_died" and "code 137" in i["detail"] for i in session["incidents"])
