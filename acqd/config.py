@@ -20,6 +20,7 @@ from acqd.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
+WIRE_NAME_BYTES = 32  # the header's stream field (acqd.wire.protocol.HEADER, char[32])
 _AGE_RE = re.compile(r"P(?!$)(\d+Y)?(\d+M)?(\d+W)?(\d+D)?(T(?=\d)(\d+H)?(\d+M)?(\d+(\.\d+)?S)?)?(/\S*)?")
 
 
@@ -103,7 +104,11 @@ class StreamConfig(_Frozen):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return check_name(v, "stream name")
+        check_name(v, "stream name")
+        if len(v.encode()) > WIRE_NAME_BYTES:
+            raise ValueError(f"stream name {v!r} is {len(v.encode())} bytes: the wire header's stream field holds "
+                             f"{WIRE_NAME_BYTES} (docs/protocol.md), so a driver could never send it")
+        return v
 
     @field_validator("dtype")
     @classmethod

@@ -322,3 +322,43 @@ def test_row02_crash_at_nth_write_resumes_in_a_new_part_with_the_loss_as_an_exac
         int(first["first_sample"]))
     session = json.loads((folder / "session.json").read_text())
     assert any(i["kind"] == "writer_died" and "code 137" in i["detail"] for i in session["incidents"])
+
+
+def test_driver_edges_out_of_range_are_rejected_one_by_one_and_the_rest_kept(live):
+    # Issue 10 item 12: one edge with line > 65535 or rising > 255 dropped every edge of the message.
+    from acqd.wire.protocol import EDGE_DTYPE
+    w = live(sync={"source": "frame"})
+    w.connected()
+    w.record()
+    edges = np.array([(3, 0, 1), (4, 70000, 1), (5, 0, 300), (6, 1, 0), (2**63, 0, 1)], dtype=EDGE_DTYPE)
+    sent = send_range(w, [0], edges=edges)
+    sent |= send_range(w, [1])
+    st = w.wait_handled(2 + 3)
+    assert st["total"]["messages"] == 2 and st["total"]["rejected"] == {"edge": 3}
+    w.stop()
+    assert_stored_exactly(w.folder / "s.h5", sent)  # the message's data is written
+    with open_for_read(w.folder / "s.h5") as f:
+        assert f["sync/edges"][:].tolist() == [(3, 0, 1), (6, 1, 0)]
+        rejects = f["rejects"][:]
+    assert [Reject(int(r)) for r in rejects["reason"]] == [Reject.EDGE] * 3 and set(rejects["seq"].tolist()) == {0}
+    assert [d.decode().split(":")[0] for d in rejects["detail"]] == [
+        "edge sample 4 line 70000 rising 1", "edge sample 5 line 0 rising 300", f"edge sample {2**63} line 0 rising 1"]
+
+
+def test_row25_wall_clock_step_is_an_event_and_bracketed_in_the_host_clock_table(live):
+    w = live(env={"ACQD_FAULT": "s:wall_step:4"})  # from the 4th message on, wall time reads +1 h
+    w.connected()
+    w.record()
+    sent = send_range(w, range(6))
+    w.wait_handled(6)
+    (step,) = w.events("clock_step")
+    assert 3599e9 < step["step_ns"] < 3601e9 and "CLOCK_MONOTONIC" in step["detail"]
+    w.stop()
+    assert_stored_exactly(w.folder / "s.h5", sent)
+    with open_for_read(w.folder / "s.h5") as f:
+        clock, index = f["sync/clock"][:], f["index"][:]
+    # The pair before and the pair after the step, back to back: the step is located to one message.
+    steps = np.diff(clock["host_wall_ns"]) - np.diff(clock["host_mono_ns"])
+    (at,) = np.flatnonzero(steps > 1e9)
+    assert (int(clock["device_sample"][at]), int(clock["device_sample"][at + 1])) == (20, 30)
+    assert np.all(np.diff(index["host_mono_ns"]) >= 0)  # sample timing never used the wall clock

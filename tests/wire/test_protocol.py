@@ -149,3 +149,15 @@ def test_shape_extents_that_overflow_int64_do_not_match_a_small_payload():
     raw = encode_header(h)
     with pytest.raises(ProtocolError, match="payload is"):
         decode([b"probe", raw, b""])
+
+
+def test_config_refuses_stream_names_the_header_cannot_carry():
+    # Issue 10 item 12: names of 33-64 bytes passed validation, then every message of the stream was rejected.
+    from pydantic import ValidationError
+
+    from acqd.config import WIRE_NAME_BYTES, StreamConfig
+    assert HEADER.format.endswith(f"{WIRE_NAME_BYTES}s")
+    fields = dict(endpoint="ipc:///x", dtype="int16", rate=1.0)
+    assert StreamConfig(name="p" * WIRE_NAME_BYTES, **fields).name == "p" * WIRE_NAME_BYTES
+    with pytest.raises(ValidationError, match="is 33 bytes: the wire header's stream field holds 32"):
+        StreamConfig(name="p" * 33, **fields)
