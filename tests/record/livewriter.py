@@ -55,8 +55,9 @@ class LiveWriter:
             self.msgs.append(zmq.utils.jsonapi.loads(raw))
             timeout_ms = 0
 
-    def wait_for(self, pred: Callable[[dict], bool], what: str, timeout_s: float = 20.0) -> dict:
-        deadline, seen = time.monotonic() + timeout_s, 0
+    def wait_for(self, pred: Callable[[dict], bool], what: str, timeout_s: float = 20.0, since: int = 0) -> dict:
+        """The first report from index ``since`` on that satisfies ``pred``, waiting for it if need be."""
+        deadline, seen = time.monotonic() + timeout_s, since
         while True:
             for m in self.msgs[seen:]:
                 if pred(m):
@@ -76,9 +77,8 @@ class LiveWriter:
 
     def stats(self) -> dict:
         """The writer's next stats report (sent after everything it received before was handled)."""
-        n = len(self.msgs)
-        self.wait_for(lambda m: m["type"] == "stats" and self.msgs.index(m) >= n, "stats")
-        return [m for m in self.msgs[n:] if m["type"] == "stats"][0]
+        self.pump(0)
+        return self.wait_for(lambda m: m["type"] == "stats", "stats", since=len(self.msgs))
 
     def wait_handled(self, n: int, timeout_s: float = 20.0) -> dict:
         """Wait until ``n`` messages were accepted or rejected since the writer started; returns the stats."""
@@ -100,15 +100,20 @@ class LiveWriter:
     def command(self, **cmd: object) -> None:
         self.router.send_multipart([self.cfg.name.encode(), zmq.utils.jsonapi.dumps(cmd)])
 
-    def record(self, part: int = 0, session_id: str = "t") -> dict:
+    def record(self, part: int = 0, session_id: str = "t", folder: Path | None = None) -> dict:
+        if folder is not None:
+            self.folder = folder
+            folder.mkdir(parents=True, exist_ok=True)
+        self.pump(0)
+        n = len(self.msgs)
         self.command(cmd="record", folder=str(self.folder), session={"session_id": session_id}, part=part)
-        return self.wait_for(lambda m: m["type"] == "recording", "recording")
+        return self.wait_for(lambda m: m["type"] == "recording", "recording", since=n)
 
     def stop(self) -> dict:
+        self.pump(0)
         n = len(self.msgs)
         self.command(cmd="stop")
-        return self.wait_for(lambda m: m["type"] == "closed" and m.get("final", True)
-                             and self.msgs.index(m) >= n, "the file to close")
+        return self.wait_for(lambda m: m["type"] == "closed" and m.get("final", True), "the file to close", since=n)
 
     def connected(self, count: int = 1) -> None:
         self.wait_for(lambda m: m["type"] == "event" and m["kind"] == "connected"
