@@ -286,6 +286,9 @@ class Writer:
                 self.held = advance(h)
             return self.reject(verdict.reject, verdict.detail, h.seq, nbytes)
         self.held = None
+        if self.last_seq is None and h.seq > 0 and self.file is None:  # row 10: a slow joiner, reported once
+            self.event("gap", f"joined late: seq [0, {h.seq}) of epoch {h.epoch} was sent before this writer "
+                              f"received anything (before any recording)", gap="JOIN")
         previous, self.cursor = self.cursor, advance(h)
         self.last_seq = h.seq
         step = wall_step_ns(self.last_chunk, mono_ns, wall_ns)

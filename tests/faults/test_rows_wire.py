@@ -362,3 +362,150 @@ def test_row25_wall_clock_step_is_an_event_and_bracketed_in_the_host_clock_table
     (at,) = np.flatnonzero(steps > 1e9)
     assert (int(clock["device_sample"][at]), int(clock["device_sample"][at + 1])) == (20, 30)
     assert np.all(np.diff(index["host_mono_ns"]) >= 0)  # sample timing never used the wall clock
+
+
+def test_row11_duplicated_seq_is_dropped_and_counted(live):
+    w = live()
+    w.connected()
+    w.record()
+    sent = send_range(w, [0, 1])
+    send_range(w, [1, 1])  # the same seq twice more
+    sent |= send_range(w, [2])
+    st = w.wait_handled(5)
+    assert st["total"]["rejected"] == {"duplicate": 2}
+    w.stop()
+    assert_stored_exactly(w.folder / "s.h5", sent)  # exactly one copy
+    _, gaps, rejects, _ = stored(w.folder / "s.h5")
+    assert len(gaps) == 0 and rejects["seq"].tolist() == [1, 1]
+
+
+def test_row12_out_of_order_is_not_reordered_the_late_message_is_recorded_and_flagged(live):
+    # acqd does not reorder: a message older than the last written one is rejected as LATE (flagged in /rejects
+    # with its seq and what it came after); the gap its absence left stays in /gaps. /index stays monotonic.
+    w = live()
+    w.connected()
+    w.record()
+    sent = send_range(w, [0, 1, 3, 4])
+    late = send_range(w, [2])
+    sent |= send_range(w, [5])
+    st = w.wait_handled(6)
+    assert st["total"]["rejected"] == {"late": 1} and st["total"]["gaps"] == 1
+    w.stop()
+    assert_stored_exactly(w.folder / "s.h5", sent)
+    _, gaps, rejects, _ = stored(w.folder / "s.h5")
+    assert [(Gap(int(g["kind"])), int(g["seq_from"]), int(g["seq_to"]), int(g["sample_from"]), int(g["sample_to"]))
+            for g in gaps] == [(Gap.SEQ, 2, 3, 20, 30)]
+    (r,) = rejects
+    assert (Reject(int(r["reason"])), int(r["seq"]), int(r["nbytes"])) == (Reject.LATE, 2, 1 + HEADER.size + late[2].nbytes)
+    assert r["detail"] == b"seq 2 arrived after seq 4"
+
+
+def test_row13_gapped_seq_is_an_exact_gap_and_no_samples_are_fabricated(live):
+    w = live()
+    w.connected()
+    w.record()
+    sent = send_range(w, [0, 1, 5, 6])
+    w.wait_handled(4)
+    (event,) = [e for e in w.events("gap")]
+    assert "seq [2, 5) samples [20, 50)" in event["detail"]
+    w.stop()
+    assert_stored_exactly(w.folder / "s.h5", sent)
+    index, gaps, _, data = stored(w.folder / "s.h5")
+    assert len(data) == 40 and [(int(g["seq_from"]), int(g["seq_to"]), int(g["file_row"])) for g in gaps] == [(2, 5, 20)]
+
+
+def test_row16_dtype_or_shape_change_mid_stream_is_rejected_never_coerced(live):
+    # The policy acqd picked: reject (the config declares dtype and shape; a file never changes layout).
+    w = live()
+    w.connected()
+    w.record()
+    sent = send_range(w, [0, 1])
+    w.driver.send_multipart(message(2, 20, dtype="<f4")[0])
+    w.driver.send_multipart(message(3, 30, shape=(5,))[0])
+    sent |= send_range(w, [4])
+    st = w.wait_handled(5)
+    assert st["total"]["rejected"] == {"dtype": 1, "shape": 1}
+    w.stop()
+    assert_stored_exactly(w.folder / "s.h5", sent)
+    _, gaps, rejects, _ = stored(w.folder / "s.h5")
+    assert rejects["detail"].tolist() == [b"dtype <f4, expected <i2", b"shape (5,), expected (4,)"]
+    assert [(int(g["seq_from"]), int(g["seq_to"])) for g in gaps] == [(2, 4)]
+
+
+def test_row09_publisher_restart_is_a_link_event_and_a_restart_gap(live):
+    import zmq
+    w = live(driver="pub")
+    w.connected()
+    w.record()
+    sent: dict[int, np.ndarray] = {}
+
+    def publish_until_seen(epoch: int, start: int, want: int) -> int:
+        """PUB drops until the subscription arrives: publish until the writer has taken ``want`` messages."""
+        seq = start
+        while w.stats()["total"]["messages"] < want:
+            frames, data = message(seq, 10 * seq, epoch=epoch)
+            w.driver.send_multipart(frames)
+            sent[seq] = data
+            seq += 1
+        return seq
+
+    publish_until_seen(7, 0, 3)
+    w.driver.close(0)
+    w.wait_for(lambda m: m["type"] == "event" and m["kind"] == "disconnected", "the link-down event")
+    w.driver = w.ctx.socket(zmq.PUB)
+    w.driver.bind(w.cfg.endpoint)  # the driver restarted: new epoch, seq from 0, its counter carries on
+    w.connected(2)
+    before = w.stats()["total"]["messages"]
+    old = dict(sent)
+    sent.clear()
+    end = publish_until_seen(8, 1000, before + 3)
+    w.wait_handled(0)
+    w.stop()
+    index, gaps, _, data = stored(w.folder / "s.h5")
+    epochs = index["epoch"].tolist()
+    assert set(epochs) == {7, 8} and epochs == sorted(epochs)
+    first_new = int(index["seq"][epochs.index(8)])
+    last_old = index[epochs.index(8) - 1]
+    assert [(Gap(int(g["kind"])), int(g["seq_from"]), int(g["seq_to"]), int(g["sample_from"]), int(g["sample_to"]))
+            for g in gaps] == [(Gap.RESTART, 0, first_new, int(last_old["first_sample"]) + 10, 10 * first_new)]
+    for row in index:
+        a = int(row["file_row"])
+        src = old if int(row["epoch"]) == 7 else sent
+        assert np.array_equal(data[a:a + 10], src[int(row["seq"])])
+    assert end > first_new
+
+
+def test_row10_slow_joiner_push_queues_and_pub_reports_a_gap_from_seq_0(tmp_path, live):
+    import threading
+    w = live(driver="none", socket="pull")  # the writer connects to a driver that is not there yet
+    import zmq
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.bind(w.cfg.endpoint)
+    # PUSH/PULL: a driver that starts first blocks until acqd is there; nothing is lost.
+    sender = threading.Thread(target=lambda: [push.send_multipart(message(s, 10 * s)[0]) for s in range(5)])
+    sender.start()
+    sender.join(20)
+    st = w.wait_handled(5)
+    assert st["total"]["messages"] == 5 and st["last_seq"] == 4 and not w.events("gap")
+    push.close(0)
+    w.close()
+    # PUB/SUB: what was published before acqd connected is gone; acqd says so, from seq 0.
+    tmp2 = tmp_path / "p"
+    tmp2.mkdir()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(f"ipc://{tmp2}/d")
+    for s in range(3):
+        pub.send_multipart(message(s, 10 * s)[0])  # no subscriber yet: dropped by ZeroMQ
+    w2 = live(driver="none", endpoint=f"ipc://{tmp2}/d", socket="sub")
+    w2.connected()
+    seq = 3
+    while not w2.events("gap"):
+        pub.send_multipart(message(seq, 10 * seq)[0])
+        seq += 1
+        w2.pump(20)
+    (gap,) = w2.events("gap")
+    assert gap["gap"] == "JOIN" and "seq [0, " in gap["detail"]
+    pub.close(0)
