@@ -99,6 +99,8 @@ class StreamConfig(_Frozen):
     max_message_bytes: int = Field(64 << 20, gt=0, description="larger messages are rejected unread")
     max_file_bytes: int | None = Field(None, gt=0, description="roll over to a new part file at this size")
     video: VideoConfig | None = Field(None, description="cameras: encode frames to video files")
+    allow_from: tuple[str, ...] = ("127.0.0.1", "::1")
+    """With ``bind: true`` on tcp: the only peer IP addresses acqd takes data from (ZAP); others are refused."""
     description: str = ""
 
     @field_validator("name")

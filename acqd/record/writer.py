@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from acqd.config import ChannelSync, EdgeLine, FrameSync, StreamConfig
@@ -114,9 +116,16 @@ class Writer:
             # Exact-topic filtering: ZeroMQ matches prefixes, so "probe" would also take "probe2";
             # the header check below rejects those as WRONG_STREAM.
             self.data.setsockopt(zmq.SUBSCRIBE, self.cfg.name.encode())
-        self.monitor = self.data.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.refused: deque[str] = deque(maxlen=1000)  # peer addresses the authenticator denied, not yet reported
+        self.refused_total = self.refused_unmatched = 0
+        self.auth = self.allow_listed() if self.cfg.bind and self.cfg.endpoint.startswith("tcp://") else None
+        # With an allow-list a peer counts once its handshake succeeded (a refused one is accepted first).
+        connected = zmq.EVENT_HANDSHAKE_SUCCEEDED if self.auth else zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED
+        self.monitor = self.data.get_monitor_socket(connected | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         (self.data.bind if self.cfg.bind else self.data.connect)(self.cfg.endpoint)
+        if self.cfg.bind:
+            endpoint = self.data.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.event("bound", f"listening on {endpoint}", endpoint=endpoint)
         self.peers = 0
         self.cursor: Cursor | None = None
         self.total = Counts()
@@ -153,7 +162,7 @@ class Writer:
         dt = max(now - t0, 1e-9)
         self._window = (now, self.total.messages, self.total.bytes)
         return {"pid": os.getpid(), "connected": self.peers > 0, "peers": self.peers,
-                "unsent_reports": self.unsent_reports,
+                "unsent_reports": self.unsent_reports, "refused_peers": self.refused_total,
                 "recording": self.file is not None, "last_seq": self.last_seq,
                 "silent_s": None if not self.last_message_mono else round(now - self.last_message_mono, 3),
                 "messages_per_s": round((self.total.messages - m0) / dt, 2),
@@ -355,11 +364,31 @@ class Writer:
             case other:
                 self.event("error", f"unknown command {other!r}")
 
+    def allow_listed(self) -> ThreadAuthenticator:
+        """A ZAP handler that admits only ``allow_from`` peers on this bound tcp socket (else: any host can send)."""
+        log = logging.getLogger(f"acqd.zap.{self.cfg.name}")
+        log.setLevel(logging.DEBUG)
+        log.propagate = False
+        log.addHandler(_Denied(self.refused))
+        auth = ThreadAuthenticator(self.ctx, log=log)
+        auth.start()
+        auth.allow(*self.cfg.allow_from)
+        self.data.setsockopt(zmq.ZAP_DOMAIN, b"acqd")  # NULL-mechanism peers go through ZAP only with a domain
+        return auth
+
     def on_monitor(self) -> None:
         evt = recv_monitor_message(self.monitor)
-        if evt["event"] in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED):
+        if evt["event"] in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED, zmq.EVENT_HANDSHAKE_SUCCEEDED):
             self.peers += 1
             self.event("connected", f"driver connected ({evt['endpoint'].decode(errors='replace')})")
+        elif evt["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            self.refused_total += 1
+            self.refused_unmatched += 1
+            who = self.refused.popleft() if self.refused else "an unknown address"
+            self.event("peer_refused", f"refused a driver connection from {who}: not in allow_from "
+                                       f"{list(self.cfg.allow_from)}", address=who)
+        elif evt["event"] == zmq.EVENT_DISCONNECTED and self.refused_unmatched:
+            self.refused_unmatched -= 1  # the refused peer's connection closing: it never counted as a peer
         elif evt["event"] == zmq.EVENT_DISCONNECTED:
             self.peers = max(0, self.peers - 1)
             self.event("disconnected", "driver disconnected (it went away, or sent a frame larger than "
@@ -468,6 +497,18 @@ def _seq_or_unknown(frames: list[zmq.Frame]) -> int:
     except Exception:  # noqa: BLE001 - labelling a rejected message must never fail, whatever the frames
         return UNKNOWN_SEQ
     return UNKNOWN_SEQ if seq is None else seq
+
+
+class _Denied(logging.Handler):
+    """Collects the addresses pyzmq's authenticator denies (it logs them from its own thread; deque is safe)."""
+
+    def __init__(self, into: deque):
+        super().__init__(logging.DEBUG)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("DENIED") and record.args:
+            self.into.append(str(record.args[0]))
 
 
 def _die_with_parent() -> None:

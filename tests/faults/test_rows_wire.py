@@ -509,3 +509,38 @@ def test_row10_slow_joiner_push_queues_and_pub_reports_a_gap_from_seq_0(tmp_path
     (gap,) = w2.events("gap")
     assert gap["gap"] == "JOIN" and "seq [0, " in gap["detail"]
     pub.close(0)
+
+
+def test_row27_a_bound_tcp_stream_takes_data_only_from_allow_listed_peers(live):
+    # Issue 10 item 9: a stream bound with bind: true on tcp accepted any publisher (a rogue PUB got 500 rows in).
+    import zmq
+    w = live(driver="none", socket="pull", bind=True, endpoint="tcp://127.0.0.1:*", allow_from=["127.0.0.2"])
+    endpoint = w.wait_for(lambda m: m["type"] == "event" and m["kind"] == "bound", "the bound endpoint")["endpoint"]
+    port = endpoint.rsplit(":", 1)[1]
+    w.record()
+    ctx = zmq.Context.instance()
+    rogue = ctx.socket(zmq.PUSH)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(f"tcp://127.0.0.1:{port}")  # from 127.0.0.1: not on the list
+    refused = w.wait_for(lambda m: m["type"] == "event" and m["kind"] == "peer_refused", "the rogue to be refused")
+    assert refused["address"] == "127.0.0.1" and "not in allow_from ['127.0.0.2']" in refused["detail"]
+    for seq in range(3):
+        try:
+            rogue.send_multipart(message(seq, 10 * seq)[0], zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+    friend = ctx.socket(zmq.PUSH)
+    friend.setsockopt(zmq.LINGER, 0)
+    friend.connect(f"tcp://127.0.0.2:0;127.0.0.1:{port}")  # source address 127.0.0.2: allowed
+    w.connected()
+    sent = {}
+    for seq in range(100, 103):
+        frames, sent[seq] = message(seq, 10 * seq, epoch=9)
+        friend.send_multipart(frames)
+    st = w.wait_handled(3)
+    assert st["refused_peers"] >= 1 and st["peers"] == 1 and st["total"]["messages"] == 3
+    w.stop()
+    rogue.close(0)
+    friend.close(0)
+    assert_stored_exactly(w.folder / "s.h5", sent)  # nothing from the rogue
+    assert w.close() == 0  # the authenticator thread does not hold the writer up
