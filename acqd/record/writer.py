@@ -50,6 +50,9 @@ FSIZE_LIMIT_ENV = "ACQD_WRITER_FSIZE_LIMIT"
 assert FAULT_ENV == "ACQD_FAULT"
 """Fault injection for tests: ``ACQD_FAULT=stream:kind:N[,...]`` (eio_on_write, eio_on_fsync, crash_after_write,
 wall_step), parsed once in ``main``; see acqd.record.faults."""
+OVERSIZE_ALLOWANCE = 1 << 20
+"""Bytes a frame may exceed max_message_bytes by and still be received (then rejected as oversized, counted with
+its seq); larger frames are dropped by ZeroMQ (ZMQ_MAXMSGSIZE) unbuffered: a link event, and a gap."""
 PART_SEARCH = 1000
 """Part numbers tried past a name that is taken (EEXIST, e.g. a planted file or link) before the stream stops."""
 
@@ -110,8 +113,9 @@ class Writer:
         self.data = self.ctx.socket(zmq.SUB if self.cfg.socket == "sub" else zmq.PULL)
         self.data.setsockopt(zmq.LINGER, 0)
         # ZeroMQ limits each frame; no frame of an acceptable message exceeds the whole message's limit. A peer
-        # sending a larger one is disconnected as soon as the frame's length is read, before it is buffered.
-        self.data.setsockopt(zmq.MAXMSGSIZE, self.cfg.max_message_bytes)
+        # sending a frame over it (plus OVERSIZE_ALLOWANCE) is disconnected as soon as the frame's length is read,
+        # before it is buffered; a message only a little too large is still received and rejected, with its seq.
+        self.data.setsockopt(zmq.MAXMSGSIZE, self.cfg.max_message_bytes + OVERSIZE_ALLOWANCE)
         if self.cfg.socket == "sub":
             # Exact-topic filtering: ZeroMQ matches prefixes, so "probe" would also take "probe2";
             # the header check below rejects those as WRONG_STREAM.
