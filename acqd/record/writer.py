@@ -32,9 +32,9 @@ from zmq.utils.monitor import recv_monitor_message
 from acqd.config import ChannelSync, EdgeLine, FrameSync, StreamConfig
 from acqd.errors import DiskFullError, ProtocolError, WriterError
 from acqd.record.faults import FAULT_ENV, Faults
-from acqd.record.ingest import (Cursor, Reject, advance, check_continuity, check_edges, check_format, rising_edges,
-                                wall_step_ns)
-from acqd.wire.protocol import decode, peek_seq
+from acqd.record.ingest import (Cursor, Reject, Verdict, advance, check_continuity, check_edges, check_format,
+                                rising_edges, wall_step_ns)
+from acqd.wire.protocol import Chunk, Header, decode, peek_seq
 from acqd.record.streamfile import UNKNOWN_SEQ, StreamFile, io_errors, last_committed, part_filename
 
 WAKE_INTERVAL_S = 0.05
@@ -47,9 +47,8 @@ EXIT_DISK_FULL = 3
 EXIT_WRITE_ERROR = 4
 FSIZE_LIMIT_ENV = "ACQD_WRITER_FSIZE_LIMIT"
 """Fault injection for tests: ``stream=bytes[,stream=bytes]`` sets RLIMIT_FSIZE in those writers."""
-assert FAULT_ENV == "ACQD_FAULT"
-"""Fault injection for tests: ``ACQD_FAULT=stream:kind:N[,...]`` (eio_on_write, eio_on_fsync, crash_after_write,
-wall_step), parsed once in ``main``; see acqd.record.faults."""
+# The other fault-injection hook for tests is FAULT_ENV, ``ACQD_FAULT=stream:kind:N[,...]`` (eio_on_write,
+# eio_on_fsync, crash_after_write, wall_step): parsed once in ``main``, documented in acqd.record.faults.
 OVERSIZE_ALLOWANCE = 1 << 20
 """Bytes a frame may exceed max_message_bytes by and still be received (then rejected as oversized, counted with
 its seq); larger frames are dropped by ZeroMQ (ZMQ_MAXMSGSIZE) unbuffered: a link event, and a gap."""
@@ -315,7 +314,7 @@ class Writer:
                        f"samples [{verdict.gap.sample_from}, {verdict.gap.sample_to})", gap=verdict.gap.kind.name)
         if self.file is not None:
             try:
-                self.store(h, chunk, verdict, wall_ns, mono_ns, clock_pairs, nbytes)
+                self.store(h, chunk, verdict, wall_ns, mono_ns, clock_pairs)
             except WriterError:
                 self.cursor = previous  # not stored: the next part (after EIO) must see it as not accepted
                 raise
@@ -326,7 +325,7 @@ class Writer:
             counts.bytes += nbytes
             counts.gaps += verdict.gap is not None
 
-    def store(self, h, chunk, verdict, wall_ns: int, mono_ns: int, clock_pairs: list, nbytes: int) -> None:
+    def store(self, h: Header, chunk: Chunk, verdict: Verdict, wall_ns: int, mono_ns: int, clock_pairs: list) -> None:
         """Write an accepted chunk, its gap, its edges and any clock-step pairs to the current part."""
         if self.cfg.max_file_bytes and self.file.size_bytes >= self.cfg.max_file_bytes:
             self.roll_over()
