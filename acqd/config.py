@@ -166,6 +166,8 @@ class StreamConfig(_Frozen):
     """Roll over to a new part file at this size."""
     video: VideoConfig | None = Field(None, description="cameras: encode frames to video files")
     """Cameras: encode frames to video files instead of HDF5 frames."""
+    allow_from: tuple[str, ...] = ("127.0.0.1", "::1")
+    """With ``bind: true`` on tcp: the only peer IP addresses acqd takes data from (ZAP); others are refused."""
     description: str = ""
     """Free text, written into the stream file and the NWB file."""
     lsl: LslSource | None = Field(None, description="the stream is an LSL outlet bridged onto `endpoint`")

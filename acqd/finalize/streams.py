@@ -262,7 +262,8 @@ def _recover(folder: Path, path: Path, cfg: StreamConfig, rows: int) -> Path:
         step = max(1, (64 << 20) // max(1, cfg.sample_bytes))
         for a in range(0, n, step):
             dst[a:min(n, a + step)] = data[a:min(n, a + step)]
-        for name in ("index", "gaps", "rejects", "sync/edges", "sync/clock", "video", "timestamps", "sync/offsets"):
+        for name in ("index", "gaps", "rejects", "suspect", "sync/edges", "sync/clock", "sync/offsets", "video",
+                     "timestamps"):
             if name not in src:
                 continue
             table = out.create_dataset(name, data=src[name][:], maxshape=(None,), chunks=(4096,))

@@ -26,6 +26,9 @@ class Reject(IntEnum):
     OVERSIZED = 5  # larger than the stream's max_message_bytes
     DUPLICATE = 6  # same seq as the last accepted message
     LATE = 7  # an older seq than already written (reordered or replayed)
+    RANGE = 8  # seq or sample counter at or past 2^63 (acqd keeps counters within int64 for every reader)
+    SEQ_JUMP = 9  # seq more than MAX_SEQ_JUMP ahead of the last accepted one (a corrupted or hostile header)
+    EDGE = 10  # one driver sync edge that cannot be stored (line > 65535, rising > 255, sample >= 2^63)
 
 
 class Gap(IntEnum):
@@ -35,6 +38,7 @@ class Gap(IntEnum):
     SAMPLES = 2  # the device skipped samples (contiguous seq, sample index jumped forward)
     RESTART = 3  # the publisher restarted (new epoch)
     COUNTER_RESET = 4  # the device sample counter went backwards
+    RESYNC = 5  # two messages in a row continued a seq the cursor did not expect: the cursor follows the sender
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,12 @@ class Verdict:
 
 ACCEPT = Verdict()
 
+COUNTER_LIMIT = 2**63
+"""seq and sample counters stay below this, so that finalize and any reader can use int64 arithmetic."""
+MAX_SEQ_JUMP = 2**20
+"""A larger forward seq jump within one epoch is not believed from one message (a flipped high bit of seq
+would otherwise make every later message LATE): it is rejected unless the next message continues it."""
+
 
 def check_format(h: Header, stream: str, dtype: str, shape: tuple[int, ...]) -> Verdict:
     """Does the chunk look like the configured stream? Never coerce: a mismatch is rejected."""
@@ -83,11 +93,19 @@ def check_format(h: Header, stream: str, dtype: str, shape: tuple[int, ...]) -> 
         return Verdict(Reject.SHAPE, f"shape {tuple(h.shape)}, expected {tuple(shape)}")
     if h.n_samples == 0:
         return Verdict(Reject.MALFORMED, "empty chunk")
+    if h.seq >= COUNTER_LIMIT or h.first_sample + h.n_samples > COUNTER_LIMIT:
+        return Verdict(Reject.RANGE, f"seq {h.seq}, samples [{h.first_sample}, {h.first_sample + h.n_samples}): "
+                                     f"counters must stay below 2^63")
     return ACCEPT
 
 
-def check_continuity(prev: Cursor | None, h: Header) -> Verdict:
-    """Compare a well-formed chunk with the last accepted one."""
+def check_continuity(prev: Cursor | None, h: Header, held: Cursor | None = None) -> Verdict:
+    """Compare a well-formed chunk with the last accepted one.
+
+    ``held`` is the cursor after the last message rejected as LATE or SEQ_JUMP: if ``h`` continues it
+    exactly, two messages agree and the cursor was the one that was wrong (a hostile message moved it, or
+    the jump was real): the stream resyncs to the sender instead of rejecting it for good.
+    """
     if prev is None:
         return ACCEPT
     if h.epoch != prev.epoch:
@@ -95,14 +113,30 @@ def check_continuity(prev: Cursor | None, h: Header) -> Verdict:
         return Verdict(gap=_sample_gap(Gap.RESTART, prev, h, 0, h.seq))
     if h.seq == prev.seq:
         return Verdict(Reject.DUPLICATE, f"seq {h.seq} already written")
-    if h.seq < prev.seq:
-        return Verdict(Reject.LATE, f"seq {h.seq} arrived after seq {prev.seq}")
+    if h.seq < prev.seq or h.seq > prev.seq + MAX_SEQ_JUMP:
+        if held is not None and (held.epoch, held.seq + 1, held.next_sample) == (h.epoch, h.seq, h.first_sample):
+            if h.seq > prev.seq:  # the jump was real: everything after the cursor up to h is missing
+                return Verdict(gap=_sample_gap(Gap.RESYNC, prev, h, prev.seq + 1, h.seq))
+            return Verdict(gap=GapRecord(Gap.RESYNC, held.seq, h.seq, h.first_sample, h.first_sample))
+        if h.seq < prev.seq:
+            return Verdict(Reject.LATE, f"seq {h.seq} arrived after seq {prev.seq}")
+        return Verdict(Reject.SEQ_JUMP, f"seq {h.seq} is more than {MAX_SEQ_JUMP} ahead of seq {prev.seq}")
     if h.seq > prev.seq + 1:
         return Verdict(gap=_sample_gap(Gap.SEQ, prev, h, prev.seq + 1, h.seq))
     if h.first_sample != prev.next_sample:
         kind = Gap.SAMPLES if h.first_sample > prev.next_sample else Gap.COUNTER_RESET
         return Verdict(gap=_sample_gap(kind, prev, h, h.seq, h.seq))
     return ACCEPT
+
+
+def check_edges(edges: np.ndarray) -> tuple[np.ndarray, list[Verdict]]:
+    """Driver edges that can be stored, and one EDGE verdict per edge that cannot (the others are kept)."""
+    bad = (edges["line"] > 0xFFFF) | (edges["rising"] > 0xFF) | (edges["sample"] >= COUNTER_LIMIT)
+    if not bad.any():
+        return edges, []
+    rejects = [Verdict(Reject.EDGE, f"edge sample {int(e['sample'])} line {int(e['line'])} rising {int(e['rising'])}: "
+                                    f"line must be <= 65535, rising <= 255, sample < 2^63") for e in edges[bad]]
+    return edges[~bad], rejects
 
 
 def _sample_gap(kind: Gap, prev: Cursor, h: Header, seq_from: int, seq_to: int) -> GapRecord:
@@ -115,6 +149,19 @@ def _sample_gap(kind: Gap, prev: Cursor, h: Header, seq_from: int, seq_to: int) 
 def advance(h: Header) -> Cursor:
     """The cursor after accepting ``h``."""
     return Cursor(h.epoch, h.seq, h.first_sample + h.n_samples)
+
+
+WALL_STEP_LIMIT_NS = 10**9
+"""Host wall time and CLOCK_MONOTONIC may disagree by this much between two messages before it is a step."""
+
+
+def wall_step_ns(prev: tuple[int, int, int] | None, mono_ns: int, wall_ns: int) -> int:
+    """How far the host wall clock stepped against CLOCK_MONOTONIC since ``prev`` (sample, mono, wall); 0 if
+    within WALL_STEP_LIMIT_NS (NTP slews by far less; a step is someone or something setting the clock)."""
+    if prev is None:
+        return 0
+    step = (wall_ns - prev[2]) - (mono_ns - prev[1])
+    return step if abs(step) > WALL_STEP_LIMIT_NS else 0
 
 
 def rising_edges(column: np.ndarray, bit: int, prev_level: bool | None) -> tuple[np.ndarray, bool]:

@@ -8,7 +8,8 @@ This module is the only place that turns stream config into HDF5 calls (``datase
     /index       one row per accepted message: seq, epoch, first_sample, n_samples, file_row, host times,
                  crc32 of the message's samples as stored (verified by finalize before it seals)
     /gaps        one row per discontinuity (ingest.Gap), exact seq and sample ranges
-    /rejects     one row per rejected message (ingest.Reject)
+    /rejects     one row per rejected message (ingest.Reject), with the rule's detail
+    /suspect     a row if a write or fsync failed (EIO): the part is suspect and the stream went on in the next
     /sync/edges  raw edge sample indices in the device counter, per line (labels in attrs)
     /sync/clock  periodic (device sample, host monotonic ns, host wall-clock ns) pairs
     /sync/offsets  device clock -> host clock offsets the driver measured (LSL time_correction)
@@ -29,6 +30,7 @@ import json
 import os
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,7 +53,10 @@ INDEX_DTYPE = np.dtype([("seq", "<u8"), ("epoch", "<u4"), ("n_samples", "<u4"), 
                         ("device_time_ns", "<i8"), ("crc32", "<u4"), ("committed_wall_ns", "<i8")])
 GAP_DTYPE = np.dtype([("kind", "u1"), ("seq_from", "<u8"), ("seq_to", "<u8"), ("sample_from", "<u8"),
                       ("sample_to", "<u8"), ("file_row", "<u8"), ("host_wall_ns", "<i8")])
-REJECT_DTYPE = np.dtype([("reason", "u1"), ("seq", "<u8"), ("nbytes", "<u8"), ("host_wall_ns", "<i8")])
+REJECT_DTYPE = np.dtype([("reason", "u1"), ("seq", "<u8"), ("nbytes", "<u8"), ("host_wall_ns", "<i8"),
+                         ("detail", "S160")])
+"""``detail`` (which rule, with the values; UTF-8, truncated) was added after the first files: readers go by name."""
+SUSPECT_DTYPE = np.dtype([("host_wall_ns", "<i8"), ("reason", "S240")])
 UNKNOWN_SEQ = 2**64 - 1  # the seq of a rejected message whose header could not be read
 EDGE_DTYPE = np.dtype([("sample", "<u8"), ("line", "<u2"), ("rising", "u1")])
 CLOCK_DTYPE = np.dtype([("device_sample", "<u8"), ("host_mono_ns", "<i8"), ("host_wall_ns", "<i8")])
@@ -61,7 +66,7 @@ NO_TIMESTAMP = np.iinfo(np.int64).min  # /timestamps of a row whose message carr
 
 TABLES = {"index": INDEX_DTYPE, "gaps": GAP_DTYPE, "rejects": REJECT_DTYPE,
           "sync/edges": EDGE_DTYPE, "sync/clock": CLOCK_DTYPE, "timestamps": TIMESTAMP_DTYPE,
-          "sync/offsets": OFFSET_DTYPE}
+          "sync/offsets": OFFSET_DTYPE, "suspect": SUSPECT_DTYPE}
 
 CHUNK_TARGET_BYTES = 2 << 20
 CHUNK_MAX_S = 0.1  # a chunk is also the most a writer holds back before handing rows to HDF5
@@ -128,6 +133,10 @@ class StreamFile:
     written: int = 0
     """Rows handed to HDF5 (or encoded to video); the index lists only these."""
     pending_index: list[tuple] = field(default_factory=list)
+    last_index: tuple | None = None
+    """The last index row written: the last message this file proves it holds."""
+    fsync: Callable[[int], None] = field(default=lambda fd: os.fsync(fd))
+    """How the file descriptor is fsynced (a seam for the ACQD_FAULT hook; see acqd.record.faults)."""
     _open: dict[str, h5py.Dataset] = field(default_factory=dict)
     """Datasets stay open: ``f[name]`` opens a new handle each time, and closing the last handle of a
     chunked dataset writes out its partial chunks and drops its chunk cache (a write and a read per call)."""
@@ -245,10 +254,11 @@ class StreamFile:
                 committed = time.time_ns()  # when these chunks became readable after a crash
                 self.add("index", [row + (committed,) for row in done])
                 self.pending_index = self.pending_index[len(done):]
+                self.last_index = done[-1]
                 self.f.flush()
             if fsync:
                 fd = self.f.id.get_vfd_handle()
-                os.fsync(fd)
+                self.fsync(fd)
                 # What is on disk need not stay in the page cache: a rig writing 130 MB/s would fill all of
                 # memory in minutes, evicting everyone else's, and the writers cost 1.5x more CPU while it
                 # fills (measured, docs/performance.md). Only clean pages are dropped; nothing is lost.
@@ -269,6 +279,24 @@ class StreamFile:
             finally:
                 self._open.clear()
                 self.f.close()
+
+    def abandon(self, reason: str) -> None:
+        """After a failed write or fsync: note why in ``/suspect`` if the file still takes it, and close it.
+
+        Never fsync again (after a failed fsync the kernel may have dropped the dirty pages and a retry
+        reports success for data that is gone). The index still says what was committed before the failure.
+        """
+        try:
+            self.add("suspect", [(time.time_ns(), reason.encode()[:SUSPECT_DTYPE["reason"].itemsize])])
+            self.f.flush()
+        except Exception:  # noqa: BLE001 - the file is already known bad; the note is best effort
+            pass
+        finally:
+            self._open.clear()
+            try:
+                self.f.close()
+            except Exception:  # noqa: BLE001 - as above
+                pass
 
     @property
     def size_bytes(self) -> int:
@@ -309,6 +337,20 @@ def rows_crc32(rows: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(rows).data)
 
 
+def last_committed(path: Path, stream: str, session_id: str | None) -> tuple[int, int, int] | None:
+    """(epoch, seq, next sample) after the last committed message of ``stream``'s part file ``path`` of session
+    ``session_id``, or None if it committed none; ValueError if the file is not such a part."""
+    with open_for_read(path) as f:
+        if f.attrs.get("format") != FORMAT or f.attrs.get("stream") != stream or (
+                json.loads(f.attrs["session"]).get("session_id") != session_id):
+            raise ValueError(f"{path} is not a part of stream {stream!r} of session {session_id!r}")
+        index = f["index"]
+        if index.shape[0] == 0:
+            return None
+        last = index[-1]
+        return int(last["epoch"]), int(last["seq"]), int(last["first_sample"]) + int(last["n_samples"])
+
+
 def committed_rows(f: h5py.File) -> int:
     """Rows of /data that the chunk index proves were written (the extent may claim more after a crash)."""
     index = f["index"]
@@ -325,4 +367,5 @@ def summarize(path: Path) -> dict:
         return {"file": path.name, "stream": f.attrs["stream"], "part": int(f.attrs["part"]), "samples": rows,
                 "mb": round(path.stat().st_size / 1e6, 2), "messages": int(f["index"].shape[0]),
                 "gaps": int(f["gaps"].shape[0]), "rejected": int(f["rejects"].shape[0]),
+                "suspect": [r.decode(errors="replace") for r in f["suspect"]["reason"]] if "suspect" in f else [],
                 "edges": int(f["sync/edges"].shape[0])}

@@ -15,23 +15,27 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from acqd.config import ChannelSync, EdgeLine, FrameSync, StreamConfig
 from acqd.errors import DiskFullError, ProtocolError, WriterError
-from acqd.record.ingest import Cursor, Reject, advance, check_continuity, check_format, rising_edges
-from acqd.wire.protocol import decode, decode_header
-from acqd.record.streamfile import UNKNOWN_SEQ, StreamFile, io_errors, part_filename
+from acqd.record.faults import FAULT_ENV, Faults
+from acqd.record.ingest import (Cursor, Reject, Verdict, advance, check_continuity, check_edges, check_format,
+                                rising_edges, wall_step_ns)
+from acqd.wire.protocol import Chunk, Header, decode, peek_seq
+from acqd.record.streamfile import UNKNOWN_SEQ, StreamFile, io_errors, last_committed, part_filename
 
 WAKE_INTERVAL_S = 0.05
 """Wake at most this often and take what has queued: one wake-up per message (~100/s per stream) costs
@@ -43,6 +47,13 @@ EXIT_DISK_FULL = 3
 EXIT_WRITE_ERROR = 4
 FSIZE_LIMIT_ENV = "ACQD_WRITER_FSIZE_LIMIT"
 """Fault injection for tests: ``stream=bytes[,stream=bytes]`` sets RLIMIT_FSIZE in those writers."""
+# The other fault-injection hook for tests is FAULT_ENV, ``ACQD_FAULT=stream:kind:N[,...]`` (eio_on_write,
+# eio_on_fsync, crash_after_write, wall_step): parsed once in ``main``, documented in acqd.record.faults.
+OVERSIZE_ALLOWANCE = 1 << 20
+"""Bytes a frame may exceed max_message_bytes by and still be received (then rejected as oversized, counted with
+its seq); larger frames are dropped by ZeroMQ (ZMQ_MAXMSGSIZE) unbuffered: a link event, and a gap."""
+PART_SEARCH = 1000
+"""Part numbers tried past a name that is taken (EEXIST, e.g. a planted file or link) before the stream stops."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,13 +111,24 @@ class Writer:
         self.ctrl.connect(spec.control)
         self.data = self.ctx.socket(zmq.SUB if self.cfg.socket == "sub" else zmq.PULL)
         self.data.setsockopt(zmq.LINGER, 0)
+        # ZeroMQ limits each frame; no frame of an acceptable message exceeds the whole message's limit. A peer
+        # sending a frame over it (plus OVERSIZE_ALLOWANCE) is disconnected as soon as the frame's length is read,
+        # before it is buffered; a message only a little too large is still received and rejected, with its seq.
+        self.data.setsockopt(zmq.MAXMSGSIZE, self.cfg.max_message_bytes + OVERSIZE_ALLOWANCE)
         if self.cfg.socket == "sub":
             # Exact-topic filtering: ZeroMQ matches prefixes, so "probe" would also take "probe2";
             # the header check below rejects those as WRONG_STREAM.
             self.data.setsockopt(zmq.SUBSCRIBE, self.cfg.name.encode())
-        self.monitor = self.data.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.refused: deque[str] = deque(maxlen=1000)  # peer addresses the authenticator denied, not yet reported
+        self.refused_total = self.refused_unmatched = 0
+        self.auth = self.allow_listed() if self.cfg.bind and self.cfg.endpoint.startswith("tcp://") else None
+        # With an allow-list a peer counts once its handshake succeeded (a refused one is accepted first).
+        connected = zmq.EVENT_HANDSHAKE_SUCCEEDED if self.auth else zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED
+        self.monitor = self.data.get_monitor_socket(connected | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         (self.data.bind if self.cfg.bind else self.data.connect)(self.cfg.endpoint)
+        if self.cfg.bind:
+            endpoint = self.data.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.event("bound", f"listening on {endpoint}", endpoint=endpoint)
         self.peers = 0
         self.cursor: Cursor | None = None
         self.total = Counts()
@@ -122,6 +144,9 @@ class Writer:
         self.last_offset: np.ndarray | None = None  # the driver's latest clock offset, stored first in a new file
         self.stop_requested = False
         self.unsent_reports = 0
+        self.faults = Faults()
+        self.held: Cursor | None = None  # after the last LATE / SEQ_JUMP reject: what would continue it
+        self.part_cursor: Cursor | None = None  # the cursor when the current part was opened
         self._window = (time.monotonic(), 0, 0)
 
     # -- messages to the supervisor ------------------------------------------------------------
@@ -141,7 +166,7 @@ class Writer:
         dt = max(now - t0, 1e-9)
         self._window = (now, self.total.messages, self.total.bytes)
         return {"pid": os.getpid(), "connected": self.peers > 0, "peers": self.peers,
-                "unsent_reports": self.unsent_reports,
+                "unsent_reports": self.unsent_reports, "refused_peers": self.refused_total,
                 "recording": self.file is not None, "last_seq": self.last_seq,
                 "silent_s": None if not self.last_message_mono else round(now - self.last_message_mono, 3),
                 "messages_per_s": round((self.total.messages - m0) / dt, 2),
@@ -157,41 +182,108 @@ class Writer:
         self.close_file()
         self.folder, self.session = Path(folder), session
         self.rec = Counts()
-        self.cursor = None  # the recording starts at the next accepted chunk; no gap before it
+        # The recording starts at the next accepted chunk, with no gap before it; a restarted writer continues
+        # after the last message its predecessor committed, so what the restart lost is a gap with both seqs.
+        self.cursor = self.previous_part_cursor(part) if part else None
+        self.held = None
         self.levels = [None] * len(self.spec.lines)
         self.open_part(part)
 
+    def previous_part_cursor(self, part: int) -> Cursor | None:
+        """Where the last committed message of this stream's previous part (of this session) left off."""
+        for p in range(part - 1, -1, -1):
+            path = self.folder / part_filename(self.cfg.name, p)
+            try:
+                found = last_committed(path, self.cfg.name, self.session.get("session_id"))
+            except (OSError, KeyError, ValueError):  # a name taken by something else, or a part that never wrote
+                continue
+            if found is not None:
+                return Cursor(*found)
+        return None
+
     def open_part(self, part: int) -> None:
-        path = self.folder / part_filename(self.cfg.name, part)
-        with io_errors(path):  # a full disk (or an existing file) stops the stream with its reason
-            self.file = StreamFile.create(path, self.cfg, session=self.session, lines=self.spec.lines, part=part)
-        self.part = part
-        if self.last_offset is not None:
+        for n in range(part, part + PART_SEARCH):
+            path = self.folder / part_filename(self.cfg.name, n)
+            try:
+                with io_errors(path):  # a full disk stops the stream with its reason
+                    self.file = StreamFile.create(path, self.cfg, session=self.session, lines=self.spec.lines,
+                                                  part=n)
+                break
+            except WriterError as e:
+                if not isinstance(e.__cause__, FileExistsError):
+                    raise
+                self.event("part_name_taken", f"{path.name} exists (not ours; never opened): trying the next part")
+        else:
+            raise WriterError(f"{self.folder}: part names {part}..{n} of {self.cfg.name} are all taken")
+        self.file.fsync = self.faults.fsync()
+        self.part, self.part_cursor = n, self.cursor
+        if self.last_offset is not None:  # the clock offset in force when the part opens (LSL: docs/lsl.md)
             self.file.add("sync/offsets", self.last_offset)
-        self.send("recording", path=str(path), part=part)
+        self.send("recording", path=str(path), part=n)
 
     def roll_over(self) -> None:
         """Continue in the next part file; continuity (cursor, edge levels) carries on, nothing is lost."""
         self.close_file(final=False)
         self.open_part(self.part + 1)
 
-    def close_file(self, final: bool = True) -> None:
-        """Close the part file; ``final`` is False when the recording continues in the next part."""
-        if self.file is not None:
-            f, self.file = self.file, None
-            f.close(fsync=self.spec.fsync_interval_s is not None)
+    def close_file(self, final: bool = True, failure: WriterError | None = None) -> None:
+        """Close the part file; ``final`` is False when the recording continues in the next part.
+
+        A failed write or fsync (``failure``, or one while closing) leaves the part suspect: it is kept, never
+        fsynced again, and reported with its committed rows (what its index proves) and the reason.
+        """
+        if self.file is None:
+            return
+        f, self.file = self.file, None
+        suspect = str(failure) if failure is not None else None
+        if failure is None:
+            try:
+                f.close(fsync=self.spec.fsync_interval_s is not None)
+            except DiskFullError:
+                raise
+            except WriterError as e:
+                suspect = str(e)
+        if suspect is None:
             self.send("closed", path=str(f.path), rows=f.rows, counts=self.rec.as_dict(), final=final)
+            return
+        f.abandon(suspect)
+        rows = f.last_index[4] + f.last_index[2] if f.last_index else 0
+        lost = f"{len(f.pending_index)} message(s) after the last committed one not proven written"
+        self.send("closed", path=str(f.path), rows=rows, counts=self.rec.as_dict(), final=final, suspect=suspect)
+        self.event("suspect_part", f"{f.path.name} is suspect ({suspect}); {lost}"
+                   + ("" if final else "; recording continues in the next part"), path=str(f.path))
+
+    def part_failed(self, failure: WriterError) -> None:
+        """A write or fsync failed (EIO): keep that part as suspect and continue in a new one.
+
+        The cursor goes back to the last message the suspect part committed, so whatever it may not hold
+        is a gap in the new part, with exact seqs.
+        """
+        f = self.file
+        self.close_file(final=False, failure=failure)
+        # Index rows are (seq, epoch, n_samples, first_sample, ...). Resume just before the first message the
+        # suspect part did not commit, else after the last one it did.
+        if f.pending_index:
+            seq, epoch, _, first = f.pending_index[0][:4]
+            self.cursor = Cursor(epoch, seq - 1, first)
+        elif f.last_index:
+            seq, epoch, n, first = f.last_index[:4]
+            self.cursor = Cursor(epoch, seq, first + n)
+        else:
+            self.cursor = self.part_cursor
+        self.held = None
+        self.open_part(self.part + 1)
 
     # -- the data path -------------------------------------------------------------------------
     def reject(self, reason: Reject, detail: str, seq: int, nbytes: int) -> None:
         self.total.rejected[reason] += 1
         if self.file is not None:
             self.rec.rejected[reason] += 1
-            self.file.add("rejects", [(reason, seq, nbytes, time.time_ns())])
+            self.file.add("rejects", [(reason, seq, nbytes, time.time_ns(), detail.encode()[:160])])
         self.event("rejected", detail, reason=reason.name.lower(), seq=seq)
 
     def on_message(self, frames: list[zmq.Frame]) -> None:
-        wall_ns, mono_ns = time.time_ns(), time.monotonic_ns()
+        wall_ns, mono_ns = time.time_ns() + self.faults.wall_offset_ns(), time.monotonic_ns()
         self.last_message_mono = mono_ns / 1e9
         nbytes = sum(len(f.buffer) for f in frames)
         if nbytes > self.cfg.max_message_bytes:
@@ -204,43 +296,70 @@ class Writer:
         h = chunk.header
         verdict = check_format(h, self.cfg.name, self.cfg.dtype, self.cfg.shape)
         if verdict.accepted:
-            verdict = check_continuity(self.cursor, h)
+            verdict = check_continuity(self.cursor, h, self.held)
         if not verdict.accepted:
+            if verdict.reject in (Reject.LATE, Reject.SEQ_JUMP):
+                self.held = advance(h)
             return self.reject(verdict.reject, verdict.detail, h.seq, nbytes)
-        self.cursor = advance(h)
+        self.held = None
+        if self.last_seq is None and h.seq > 0 and self.file is None:  # row 10: a slow joiner, reported once
+            self.event("gap", f"joined late: seq [0, {h.seq}) of epoch {h.epoch} was sent before this writer "
+                              f"received anything (before any recording)", gap="JOIN")
+        previous, self.cursor = self.cursor, advance(h)
         self.last_seq = h.seq
+        step = wall_step_ns(self.last_chunk, mono_ns, wall_ns)
+        clock_pairs = [self.last_chunk, (h.first_sample, mono_ns, wall_ns)] if step else []
         self.last_chunk = (h.first_sample, mono_ns, wall_ns)
+        if step:
+            self.event("clock_step", f"host wall clock stepped {step / 1e9:+.3f} s against CLOCK_MONOTONIC "
+                                     f"(seq {h.seq}); sample times do not use it", step_ns=step)
+        if verdict.gap is not None:
+            self.event("gap", f"{verdict.gap.kind.name.lower()}: seq [{verdict.gap.seq_from}, {verdict.gap.seq_to}) "
+                       f"samples [{verdict.gap.sample_from}, {verdict.gap.sample_to})", gap=verdict.gap.kind.name)
+        if self.file is not None:
+            try:
+                self.store(h, chunk, verdict, wall_ns, mono_ns, clock_pairs)
+            except WriterError:
+                self.cursor = previous  # not stored: the next part (after EIO) must see it as not accepted
+                raise
+        # Counted only once nothing can fail any more: a message is either accepted or rejected, never both.
         for counts in (self.total, self.rec) if self.file is not None else (self.total,):
             counts.messages += 1
             counts.samples += h.n_samples
             counts.bytes += nbytes
             counts.gaps += verdict.gap is not None
-        if verdict.gap is not None:
-            self.event("gap", f"{verdict.gap.kind.name.lower()}: seq [{verdict.gap.seq_from}, {verdict.gap.seq_to}) "
-                       f"samples [{verdict.gap.sample_from}, {verdict.gap.sample_to})", gap=verdict.gap.kind.name)
         if chunk.offsets is not None and len(chunk.offsets):
             self.last_offset = chunk.offsets[-1:].copy()
-        if self.file is None:
-            return
+
+    def store(self, h: Header, chunk: Chunk, verdict: Verdict, wall_ns: int, mono_ns: int, clock_pairs: list) -> None:
+        """Write an accepted chunk, its gap, its edges and any clock-step pairs to the current part."""
         if self.cfg.max_file_bytes and self.file.size_bytes >= self.cfg.max_file_bytes:
             self.roll_over()
         if verdict.gap is not None:
             self.file.add_gap(verdict.gap, wall_ns)
             self.levels = [None] * len(self.levels)  # the line's level before the gap says nothing after it
+        if clock_pairs:  # bracket the step in /sync/clock, so the host-clock table shows exactly where it was
+            self.file.add("sync/clock", clock_pairs)
+        with io_errors(self.file.path):
+            self.faults.before_append()
         self.file.append(chunk.data, (h.seq, h.epoch, h.n_samples, h.first_sample, wall_ns, mono_ns,
                                       h.device_time_ns))
-        self.store_edges(chunk.data, chunk.edges, h.first_sample)
+        self.faults.after_append(self.part)
+        self.store_edges(chunk.data, chunk.edges, h.first_sample, h.seq)
         if chunk.timestamps is not None:
             self.file.add_timestamps(chunk.timestamps, h.n_samples)
         if chunk.offsets is not None and len(chunk.offsets):
             self.file.add("sync/offsets", chunk.offsets)
 
-    def store_edges(self, data: np.ndarray, driver_edges: np.ndarray | None, first_sample: int) -> None:
+    def store_edges(self, data: np.ndarray, driver_edges: np.ndarray | None, first_sample: int, seq: int) -> None:
         rows = []
         for i, line in enumerate(self.spec.lines):
             idx, self.levels[i] = rising_edges(data[:, line.channel], line.bit, self.levels[i])
             rows.extend((first_sample + int(k), i, 1) for k in idx)
         if driver_edges is not None and isinstance(self.cfg.sync, FrameSync):
+            driver_edges, bad = check_edges(driver_edges)
+            for v in bad:  # only the edges that cannot be stored are dropped, each counted with its rule
+                self.reject(v.reject, v.detail, seq, 0)
             rows.extend(zip(driver_edges["sample"].tolist(), driver_edges["line"].tolist(),
                             driver_edges["rising"].tolist()))
         if rows:
@@ -258,14 +377,46 @@ class Writer:
             case other:
                 self.event("error", f"unknown command {other!r}")
 
+    def allow_listed(self) -> ThreadAuthenticator:
+        """A ZAP handler that admits only ``allow_from`` peers on this bound tcp socket (else: any host can send)."""
+        log = logging.getLogger(f"acqd.zap.{self.cfg.name}")
+        log.setLevel(logging.DEBUG)
+        log.propagate = False
+        log.addHandler(_Denied(self.refused))
+        auth = ThreadAuthenticator(self.ctx, log=log)
+        auth.start()
+        auth.allow(*self.cfg.allow_from)
+        self.data.setsockopt(zmq.ZAP_DOMAIN, b"acqd")  # NULL-mechanism peers go through ZAP only with a domain
+        return auth
+
     def on_monitor(self) -> None:
         evt = recv_monitor_message(self.monitor)
-        if evt["event"] in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED):
+        if evt["event"] in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED, zmq.EVENT_HANDSHAKE_SUCCEEDED):
             self.peers += 1
             self.event("connected", f"driver connected ({evt['endpoint'].decode(errors='replace')})")
+        elif evt["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            self.refused_total += 1
+            self.refused_unmatched += 1
+            who = self.refused.popleft() if self.refused else "an unknown address"
+            self.event("peer_refused", f"refused a driver connection from {who}: not in allow_from "
+                                       f"{list(self.cfg.allow_from)}", address=who)
+        elif evt["event"] == zmq.EVENT_DISCONNECTED and self.refused_unmatched:
+            self.refused_unmatched -= 1  # the refused peer's connection closing: it never counted as a peer
         elif evt["event"] == zmq.EVENT_DISCONNECTED:
             self.peers = max(0, self.peers - 1)
-            self.event("disconnected", "driver disconnected")
+            self.event("disconnected", "driver disconnected (it went away, or sent a frame larger than "
+                                       f"max_message_bytes {self.cfg.max_message_bytes}: a gap follows if data was lost)")
+            if not self.cfg.bind:
+                self.reconnect()
+
+    def reconnect(self) -> None:
+        """Connect again. ZeroMQ retries a lost connection by itself, but not one it dropped for a protocol
+        error (an oversized frame): without this, one such message would cut the stream off for good."""
+        try:
+            self.data.disconnect(self.cfg.endpoint)
+        except zmq.ZMQError:
+            pass  # the session is already gone (the protocol-error case)
+        self.data.connect(self.cfg.endpoint)
 
     def run(self) -> int:
         poller = zmq.Poller()
@@ -294,8 +445,11 @@ class Writer:
                             break
                         try:
                             self.on_message(frames)
-                        except WriterError:
+                        except DiskFullError:
                             raise
+                        except WriterError as e:  # EIO: this part is suspect; the message goes to the next one
+                            self.part_failed(e)
+                            self.on_message(frames)
                         except Exception as e:  # noqa: BLE001 - a message must never end a recording
                             self.reject(Reject.MALFORMED, f"could not be handled: {e!r}", _seq_or_unknown(frames),
                                         sum(len(f.buffer) for f in frames))
@@ -307,11 +461,11 @@ class Writer:
                         self.on_monitor()
                 now = time.monotonic()
                 if self.file is not None and now >= next_pair and self.last_chunk is not None:
-                    self.file.add("sync/clock", [self.last_chunk])
+                    self.guarded(self.file.add, "sync/clock", [self.last_chunk])
                     next_pair = now + self.spec.clock_pair_interval_s
                 if self.file is not None and now >= next_flush:
                     fsync_due = self.spec.fsync_interval_s is not None and now - last_fsync >= self.spec.fsync_interval_s
-                    self.file.flush(fsync_due)
+                    self.guarded(self.file.flush, fsync_due)
                     last_fsync = now if fsync_due else last_fsync
                     next_flush = now + self.spec.flush_interval_s
                 if now >= next_stats:
@@ -329,6 +483,15 @@ class Writer:
             self.event("write_error", str(e))
             return self.abandon(EXIT_WRITE_ERROR)
 
+    def guarded(self, write, *args) -> None:
+        """A periodic write; if it fails with EIO, the part becomes suspect and recording continues in the next."""
+        try:
+            write(*args)
+        except DiskFullError:
+            raise
+        except WriterError as e:
+            self.part_failed(e)
+
     def abandon(self, code: int) -> int:
         """After a failed write: close what can be closed, then leave without HDF5's exit handlers."""
         try:
@@ -343,9 +506,22 @@ class Writer:
 def _seq_or_unknown(frames: list[zmq.Frame]) -> int:
     """The seq of a message that is being rejected, if its header can be read; else UNKNOWN_SEQ."""
     try:
-        return decode_header(frames[1].buffer).seq
-    except (IndexError, ProtocolError):
+        seq = peek_seq(frames[1].buffer)
+    except Exception:  # noqa: BLE001 - labelling a rejected message must never fail, whatever the frames
         return UNKNOWN_SEQ
+    return UNKNOWN_SEQ if seq is None else seq
+
+
+class _Denied(logging.Handler):
+    """Collects the addresses pyzmq's authenticator denies (it logs them from its own thread; deque is safe)."""
+
+    def __init__(self, into: deque):
+        super().__init__(logging.DEBUG)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("DENIED") and record.args:
+            self.into.append(str(record.args[0]))
 
 
 def _die_with_parent() -> None:
@@ -367,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     _die_with_parent()
     writer = Writer(spec)
+    writer.faults = Faults.from_env(spec.stream.name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     signal.signal(signal.SIGTERM, lambda *_: setattr(writer, "stop_requested", True))
     return writer.run()

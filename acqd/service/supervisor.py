@@ -245,6 +245,7 @@ class Supervisor:
                     for p in entry["parts"]:
                         if p["path"] == _rel(msg["path"], self.session_dir):
                             p["rows"], p["counts"] = msg["rows"], msg["counts"]
+                            p.update({"suspect": msg["suspect"]} if msg.get("suspect") else {})
                     self._save_session()
             case "event":
                 self._on_event(name, msg)
@@ -258,6 +259,8 @@ class Supervisor:
             if h.state != "stopped_failed":  # else its exit code was seen first and recorded
                 h.state = "failed"
                 self._incident(name, kind, h.reason, incomplete=True)
+        elif kind in ("suspect_part", "clock_step", "part_name_taken", "peer_refused"):
+            self._incident(name, kind, msg.get("detail", ""), incomplete=kind == "suspect_part")
         elif kind in ("gap", "disconnected", "connected"):  # outside RECORD: an event and a log line only
             self._incident(name, kind, msg.get("detail", ""))
         elif kind == "rejected":  # summarised once a second (live.publish), never one line per message

@@ -10,7 +10,10 @@ Frames:  [topic = stream name] [header, 104 bytes] [payload] [timestamps]? [edge
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,7 +64,8 @@ class Header:
 
     @property
     def payload_bytes(self) -> int:
-        return self.n_samples * int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+        # math.prod on Python ints: np.prod of four uint32 extents wraps around int64 silently.
+        return self.n_samples * math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +113,7 @@ def encode(h: Header, data: np.ndarray, timestamps: np.ndarray | None = None,
 
 
 def decode_header(buf: bytes | memoryview) -> Header:
-    """Unpack and sanity-check a header frame."""
+    """Unpack and sanity-check a header frame. Any bytes at all give a Header or a ProtocolError, nothing else."""
     if len(buf) < HEADER.size:
         raise ProtocolError(f"header is {len(buf)} bytes, expected {HEADER.size}")
     (magic, version, header_len, flags, epoch, seq, first, n, ndim, s0, s1, s2, s3, dtype, dev_ns,
@@ -125,12 +129,37 @@ def decode_header(buf: bytes | memoryview) -> Header:
     if not 1 <= ndim <= 4:
         raise ProtocolError(f"ndim {ndim} outside 1..4")
     shape = (s0, s1, s2, s3)[:ndim]
+    if 0 in shape:
+        raise ProtocolError(f"shape {shape} has an empty dimension")
     try:
-        dt = np.dtype(dtype.rstrip(b"\0").decode("ascii"))
         stream = name.rstrip(b"\0").decode()
-    except (TypeError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"undecodable dtype or stream name: {e}") from None
-    return Header(stream, seq, epoch, first, n, dt.str, shape, dev_ns, flags)
+    except UnicodeDecodeError as e:
+        raise ProtocolError(f"undecodable stream name: {e}") from None
+    return Header(stream, seq, epoch, first, n, _dtype_str(bytes(dtype)), shape, dev_ns, flags)
+
+
+def peek_seq(buf: bytes | memoryview) -> int | None:
+    """The seq field of a header frame that starts with the magic, without trusting anything else in it:
+    a rejected message is recorded under its seq whenever the sender put one there."""
+    if len(buf) < HEADER.size or bytes(buf[:4]) != MAGIC:
+        return None
+    return struct.unpack_from("<Q", buf, 16)[0]
+
+
+@functools.lru_cache(maxsize=64)  # a stream sends one dtype: parse it once (hostile churn only costs the parse)
+def _dtype_str(raw: bytes) -> str:
+    """The canonical numpy type string of a header's dtype field, if it names one plain numeric type."""
+    try:
+        # numpy's parser raises TypeError, ValueError, SyntaxError, ... (and warns) on arbitrary text: any of
+        # them means the field is not a type string, and none may escape to the writer.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            dt = np.dtype(raw.rstrip(b"\0").decode("ascii"))
+    except Exception as e:  # noqa: BLE001 - see above
+        raise ProtocolError(f"undecodable dtype {raw!r}: {type(e).__name__}") from None
+    if dt.kind not in "biufc" or dt.fields is not None or dt.shape != () or dt.itemsize == 0:
+        raise ProtocolError(f"dtype {raw!r} is not a plain numeric type")
+    return dt.str
 
 
 def decode(frames: list) -> Chunk:

@@ -22,7 +22,7 @@ PROBE_FAULTS = {  # seq -> (kind, what acqd must record)
 
 
 @pytest.mark.e2e
-def test_injected_faults_are_rejected_or_recorded_exactly(tmp_path: Path, daemon_factory):
+def test_row13_injected_drops_duplicates_reorders_and_bad_messages_through_the_daemon(tmp_path: Path, daemon_factory):
     rig_file = write_rig(tmp_path, stream_overrides={"probe": {"max_message_bytes": 1 << 20}})
     faults = [f"probe:{kind}:{seq}" for seq, (kind, _) in PROBE_FAULTS.items()]
     faults += ["camera:drop:200", "nidaq:restart:500"]

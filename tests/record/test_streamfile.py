@@ -37,7 +37,7 @@ def test_metadata_is_in_the_file_from_creation(tmp_path):
     sf = StreamFile.create(tmp_path / "s.h5", CFG, session={"session_id": "abc"}, lines=[])
     with h5py.File(tmp_path / "s.h5", "r", libver="latest", swmr=True) as f:  # while still open for writing
         assert '"abc"' in f.attrs["session"] and f["data"].attrs["unit"] == "a.u."
-        assert set(f) == {"data", "index", "gaps", "rejects", "sync", "timestamps"}
+        assert set(f) == {"data", "index", "gaps", "rejects", "sync", "timestamps", "suspect"}
     sf.close()
 
 

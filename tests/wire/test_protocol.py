@@ -93,3 +93,71 @@ def test_public_api_is_flat_and_keeps_pynwb_out_of_writers():
     code = ("import sys, acqd, acqd.record.writer; assert 'pynwb' not in sys.modules, 'writer imports pynwb'; "
             "assert all(getattr(acqd, n) for n in acqd.__all__)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def check_decodes_or_refuses(frames: list[bytes]) -> None:
+    """The decoder's contract for hostile input: a Chunk or a ProtocolError, never another exception."""
+    try:
+        decode(frames)
+    except ProtocolError:
+        pass
+
+
+VALID = frames_of(header(), np.zeros((4, 3), "<i2"))
+
+
+@settings(max_examples=400, deadline=None)
+@given(raw=st.binary(min_size=0, max_size=2 * HEADER.size))
+def test_any_header_bytes_decode_or_raise_protocol_error_only(raw):
+    try:
+        decode_header(raw)
+    except ProtocolError:
+        pass
+    check_decodes_or_refuses([VALID[0], raw, VALID[2]])
+
+
+@settings(max_examples=600, deadline=None)
+@given(edits=st.lists(st.tuples(st.integers(0, HEADER.size - 1), st.integers(0, 255)), min_size=1, max_size=8),
+       dtype=st.binary(min_size=0, max_size=8))
+def test_mutated_valid_headers_decode_or_raise_protocol_error_only(edits, dtype):
+    raw = bytearray(VALID[1])
+    for at, value in edits:
+        raw[at] = value
+    check_decodes_or_refuses([VALID[0], bytes(raw), VALID[2]])
+    raw[56:64] = dtype.ljust(8, b"\0")  # the dtype field: numpy's own parser sees these bytes
+    check_decodes_or_refuses([VALID[0], bytes(raw), VALID[2]])
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames=st.lists(st.one_of(st.binary(max_size=64), st.sampled_from(VALID)), min_size=0, max_size=7))
+def test_any_frame_count_decodes_or_raises_protocol_error_only(frames):
+    check_decodes_or_refuses(frames)
+
+
+@pytest.mark.parametrize("dtype", [b",", b"((1,)),", b"i,i", b"2i", b"O", b"V8", b"U2", b"S0", b"M8", b"\xff"])
+def test_dtype_fields_numpy_cannot_or_should_not_parse_are_malformed(dtype):
+    # Issue 10 item 1: np.dtype(",") raised SyntaxError and np.dtype("((1,)),") ValueError out of the decoder.
+    raw = bytearray(VALID[1])
+    raw[56:64] = dtype.ljust(8, b"\0")
+    with pytest.raises(ProtocolError, match="dtype"):
+        decode_header(bytes(raw))
+
+
+def test_shape_extents_that_overflow_int64_do_not_match_a_small_payload():
+    # np.prod of four 2^32-1 extents wraps in int64; the payload size check must use exact integers.
+    h = header(shape=(2**16, 2**16, 2**16, 2**16), n_samples=1)
+    raw = encode_header(h)
+    with pytest.raises(ProtocolError, match="payload is"):
+        decode([b"probe", raw, b""])
+
+
+def test_config_refuses_stream_names_the_header_cannot_carry():
+    # Issue 10 item 12: names of 33-64 bytes passed validation, then every message of the stream was rejected.
+    from pydantic import ValidationError
+
+    from acqd.config import STREAM_NAME_BYTES, StreamConfig
+    assert HEADER.format.endswith(f"{STREAM_NAME_BYTES}s")
+    fields = dict(endpoint="ipc:///x", dtype="int16", rate=1.0)
+    assert StreamConfig(name="p" * STREAM_NAME_BYTES, **fields).name == "p" * STREAM_NAME_BYTES
+    with pytest.raises(ValidationError, match="is 33 bytes; the wire header's stream field holds 32"):
+        StreamConfig(name="p" * 33, **fields)

@@ -163,13 +163,14 @@ def test_an_empty_edges_frame_is_allowed(writer):
 
 
 def test_edge_line_and_rising_must_fit_the_stored_columns(writer):
-    """line is stored as uint16 and rising as uint8: a larger value is never stored wrapped; the message is
-    counted as rejected (malformed)."""
-    writer.send(0, 0, edges=edges((3, 70_000, 1)))
+    """line is stored as uint16 and rising as uint8: a larger value is never stored wrapped; only that edge is
+    dropped (rejected with the rule `edge`), the message's data and its other edges are written."""
+    writer.send(0, 0, edges=edges((3, 70_000, 1), (4, 0, 1)))
     writer.send(1, N, edges=edges((13, 0, 300)))
     with writer.close() as f:
-        assert f["sync/edges"][:].tolist() == []
-        assert [(r["reason"], r["seq"]) for r in f["rejects"][:]] == [(Reject.MALFORMED, 0), (Reject.MALFORMED, 1)]
+        assert f["sync/edges"][:].tolist() == [(4, 0, 1)]
+        assert f["index"]["seq"].tolist() == [0, 1]
+        assert [(r["reason"], r["seq"]) for r in f["rejects"][:]] == [(Reject.EDGE, 0), (Reject.EDGE, 1)]
 
 
 def test_finalize_uses_rising_edges_on_line_0_inside_committed_chunks(writer):

@@ -1,0 +1,80 @@
+"""Fault injection for tests: the writer's ``ACQD_FAULT`` hook (parsed once at writer start).
+
+``ACQD_FAULT=stream:kind:N[,stream:kind:N...]`` makes the writer of ``stream`` fail on purpose:
+
+- ``eio_on_write:N``  the Nth append (counted across parts) fails with EIO, as a failing disk does;
+- ``eio_on_fsync:N``  the Nth fsync fails with EIO;
+- ``crash_after_write:N``  the process ends with ``os._exit(137)`` right after the Nth append (a crash at
+  the Nth write, SQLite style: nothing is closed or flushed), only while recording part 0: the writer the
+  supervisor restarts (part 1 on) inherits the variable and must run clean, as after a one-off crash;
+- ``wall_step:N``  from the Nth message on, the host wall clock reads one hour later (a wall-clock step;
+  CLOCK_MONOTONIC is untouched).
+
+Each fault fires once. Nothing reads the variable outside ``Faults.from_env``, which only the writer's
+``main`` calls: users cannot trip these paths by accident, tests set the variable on the daemon they start.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+FAULT_ENV = "ACQD_FAULT"
+KINDS = ("eio_on_write", "eio_on_fsync", "crash_after_write", "wall_step")
+WALL_STEP_NS = 3600 * 10**9
+CRASH_EXIT = 137
+
+
+@dataclass
+class Faults:
+    """The faults armed for one writer, and how many appends, fsyncs and messages it has seen."""
+
+    at: dict[str, int] = field(default_factory=dict)
+    """kind -> N (1-based) of the event that fails."""
+    seen: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str, stream: str) -> Faults:
+        """Faults of ``stream`` in an ``ACQD_FAULT`` value; a malformed item is an error (tests only)."""
+        at = {}
+        for item in filter(None, (x.strip() for x in text.split(","))):
+            name, kind, n = item.rsplit(":", 2)
+            if kind not in KINDS or int(n) < 1:
+                raise ValueError(f"{FAULT_ENV}: {item!r}: kind must be one of {', '.join(KINDS)}, N >= 1")
+            if name == stream:
+                at[kind] = int(n)
+        return cls(at)
+
+    @classmethod
+    def from_env(cls, stream: str) -> Faults:
+        return cls.parse(os.environ.get(FAULT_ENV, ""), stream)
+
+    def _count(self, kind: str) -> bool:
+        """Count one event of ``kind``; True when it is the armed one."""
+        if kind not in self.at:
+            return False
+        self.seen[kind] = self.seen.get(kind, 0) + 1
+        return self.seen[kind] == self.at[kind]
+
+    def before_append(self) -> None:
+        if self._count("eio_on_write"):
+            raise OSError(errno.EIO, "Input/output error (write; injected by ACQD_FAULT)")
+
+    def after_append(self, part: int) -> None:
+        if part == 0 and self._count("crash_after_write"):
+            os._exit(CRASH_EXIT)
+
+    def wall_offset_ns(self) -> int:
+        """Added to the host wall clock from the armed message on."""
+        self._count("wall_step")
+        return WALL_STEP_NS if self.seen.get("wall_step", 0) >= self.at.get("wall_step", 0) > 0 else 0
+
+    def fsync(self) -> Callable[[int], None]:
+        """``os.fsync``, failing with EIO on the armed call."""
+        def fsync(fd: int) -> None:
+            if self._count("eio_on_fsync"):
+                raise OSError(errno.EIO, "Input/output error (fsync; injected by ACQD_FAULT)")
+            os.fsync(fd)
+        return fsync
