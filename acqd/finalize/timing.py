@@ -70,14 +70,27 @@ def _identity(ref: Stream) -> ClockFit:
 
 
 def _align_sync(s: Stream, ref: Stream) -> Alignment:
+    """Pair the stream's sync edges with the reference's, the host-time fit as the prior (which lets a regular
+    train pair when host timing resolves its period); a counter segment whose edges cannot be fitted is timed by
+    host receive times alone, flagged; the whole stream only if no segment can be fitted."""
     dev, refe = s.edges.get("sync", np.empty(0, np.int64)), ref.edges.get("sync", np.empty(0, np.int64))
+    host = _host_fit(s, ref)
+    prior = host if host.segments == len(split_counter_resets(dev)) else None
     try:
-        fit = align_stream(dev, s.rate, refe, ref.rate)
+        fit = align_stream(dev, s.rate, refe, ref.rate, prior=prior)
         if fit.segments != s.n_segments:
             raise ClockFitError(f"sync edges show {fit.segments} counter segments, the chunk index {s.n_segments}")
     except ClockFitError as e:
-        return Alignment(_host_fit(s, ref), [f"sync fit failed ({e}): {HOST_TIMED}"])
-    return Alignment(fit, [], pairs=_nearest_pairs(dev, fit, refe / ref.rate - 0.5 / ref.rate))
+        return Alignment(host, [f"sync fit failed ({e}): {HOST_TIMED}"])
+    flags = [f"{note}: {HOST_TIMED}" for note in fit.notes]
+    return Alignment(_covering_rows(fit, s), flags, pairs=_nearest_pairs(dev, fit, refe / ref.rate - 0.5 / ref.rate))
+
+
+def _covering_rows(fit: ClockFit, s: Stream) -> ClockFit:
+    """The fit with its error bound grown to cover the stream's rows beyond the end knots (extrapolated)."""
+    seg, first, last = s.segment, s.first_sample, s.chunk_end - 1
+    return fit.with_extrapolation([float(first[seg == k].min()) for k in range(fit.segments)],
+                                  [float(last[seg == k].max()) for k in range(fit.segments)])
 
 
 def _nearest_pairs(dev_edges: np.ndarray, fit: ClockFit, ref_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -138,13 +151,31 @@ def _align_strobe(s: Stream, target: Stream, target_fit: ClockFit, ref: Stream) 
         "host_offset_s": float(offset),
     }
     flags = []
-    if abs(offset) > period / 4:
-        flags.append(f"host-time estimate was {offset * 1e3:.1f} ms off the strobes (over a quarter frame): "
-                     "check the frame/strobe assignment")
+    doubt = _assignment_doubt(offset, host.error_bound_s, strobe_s[sj] - host.to_reference(frames[fi]) - offset,
+                              period)
+    if doubt:
+        flags.append(f"frame/strobe assignment in doubt: {doubt}; check it")
     bound = max(fit.error_bound_s, 0.5 / target.rate + target_fit.error_bound_s)
     fit = replace(fit, source="strobe", unmatched_dev=frames_report["frames_without_strobe"],
-                  unmatched_ref=frames_report["strobes_without_frame"], error_bound_s=bound)
+                  unmatched_ref=frames_report["strobes_without_frame"], error_bound_s=bound,
+                  pairing="frames by host time")
+    fit = _covering_rows(fit, s)
     return Alignment(fit, flags, frames_report, (frames[fi].astype(np.float64), strobe_s[sj]))
+
+
+def _assignment_doubt(offset: float, host_bound: float, residuals: np.ndarray, period: float) -> str:
+    """Why the frames may be paired with the wrong strobes, or '' when they cannot be.
+
+    Host receive times put each frame within ``host_bound`` (plus the latency difference, ``offset``, which is
+    found modulo a frame); the assignment is in doubt only when that could reach half a frame (the neighbouring
+    strobe), or when the paired frames scatter about their strobes by over an eighth of a frame."""
+    if abs(offset) + host_bound >= period / 2:
+        return (f"host-time estimate {offset * 1e3:+.1f} ms off the strobes, +-{host_bound * 1e3:.1f} ms, reaches "
+                f"half a frame ({period * 5e2:.1f} ms)")
+    spread = float(np.quantile(np.abs(residuals), 0.99)) if len(residuals) else 0.0
+    if spread >= period / 8:
+        return f"frames scatter {spread * 1e3:.1f} ms about their strobes (over an eighth of a frame)"
+    return ""
 
 
 def pair_frames(frames: np.ndarray, prior_s: np.ndarray, strobe_s: np.ndarray, period: float
