@@ -151,8 +151,7 @@ def _align_strobe(s: Stream, target: Stream, target_fit: ClockFit, ref: Stream) 
         "host_offset_s": float(offset),
     }
     flags = []
-    doubt = _assignment_doubt(offset, host.error_bound_s, strobe_s[sj] - host.to_reference(frames[fi]) - offset,
-                              period)
+    doubt = _assignment_doubt(offset, strobe_s[sj] - host.to_reference(frames[fi]) - offset, period)
     if doubt:
         flags.append(f"frame/strobe assignment in doubt: {doubt}; check it")
     bound = max(fit.error_bound_s, 0.5 / target.rate + target_fit.error_bound_s)
@@ -163,18 +162,18 @@ def _align_strobe(s: Stream, target: Stream, target_fit: ClockFit, ref: Stream) 
     return Alignment(fit, flags, frames_report, (frames[fi].astype(np.float64), strobe_s[sj]))
 
 
-def _assignment_doubt(offset: float, host_bound: float, residuals: np.ndarray, period: float) -> str:
+def _assignment_doubt(offset: float, residuals: np.ndarray, period: float) -> str:
     """Why the frames may be paired with the wrong strobes, or '' when they cannot be.
 
-    Host receive times put each frame within ``host_bound`` (plus the latency difference, ``offset``, which is
-    found modulo a frame); the assignment is in doubt only when that could reach half a frame (the neighbouring
-    strobe), or when the paired frames scatter about their strobes by over an eighth of a frame."""
-    if abs(offset) + host_bound >= period / 2:
-        return (f"host-time estimate {offset * 1e3:+.1f} ms off the strobes, +-{host_bound * 1e3:.1f} ms, reaches "
-                f"half a frame ({period * 5e2:.1f} ms)")
+    The host-time estimate of each frame is off the strobes by the difference between the camera's and the
+    reference's receive latencies (``offset``, found modulo one frame) plus per-frame jitter (``residuals``).
+    Frames are assigned correctly as long as that stays under half a frame; the assignment is in doubt when the
+    offset plus the 99th percentile of the jitter reaches half a frame, where a frame could take its
+    neighbour's strobe (an offset beyond it would shift every frame by one, which host times cannot show)."""
     spread = float(np.quantile(np.abs(residuals), 0.99)) if len(residuals) else 0.0
-    if spread >= period / 8:
-        return f"frames scatter {spread * 1e3:.1f} ms about their strobes (over an eighth of a frame)"
+    if abs(offset) + spread >= period / 2:
+        return (f"host-time estimate {offset * 1e3:+.1f} ms (+-{spread * 1e3:.1f} ms per frame) off the strobes "
+                f"reaches half a frame ({period * 5e2:.1f} ms)")
     return ""
 
 
