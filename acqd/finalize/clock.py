@@ -18,8 +18,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from acqd.errors import ClockFitError
 
-__all__ = ["ClockFit", "ClockFitError", "Pairing", "align_stream", "fit_clock", "fit_host_clock", "pair_edges",
-           "split_counter_resets"]
+__all__ = ["ClockFit", "ClockFitError", "Pairing", "align_stream", "envelope_residuals", "fit_clock", "fit_host_clock",
+           "pair_edges", "split_counter_resets"]
 
 # Pairing. Random 0.5-1.5 s intervals latched at 60 Hz agree by chance with p ~ 0.035 each, so a
 # pattern of four consecutive intervals matches a wrong place with p ~ 1e-6.
@@ -392,6 +392,11 @@ def fit_host_clock(dev_samples: np.ndarray, dev_host_s: np.ndarray, ref_samples:
         fits.append(_single_fit(knots, values, "affine", "host", dev_rate, len(x), np.concatenate([res, ref_res]),
                                 float(-res.min() - ref_res.min())))
     return _combine(fits)
+
+
+def envelope_residuals(samples: np.ndarray, host_s: np.ndarray) -> np.ndarray:
+    """Host receive times above the line ``fit_host_clock`` fits along the fastest deliveries (for the QC plot)."""
+    return _lower_envelope(np.asarray(samples, np.float64), np.asarray(host_s, np.float64))[2]
 
 
 def _anchor_matches(d: np.ndarray, r: np.ndarray, quant: float, slope_max: float, prior_s: np.ndarray | None,
