@@ -209,6 +209,10 @@ def pair_edges(dev_edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, re
         return _no_pairs(False, f"too few sync edges ({len(d)} device, {len(r)} reference)")
     quant = 1 / dev_rate + 1 / ref_rate  # each device latches an edge up to one of its samples late
     slope_max = max_ppm * 1e-6
+    period = _regular_period(d)
+    if prior_s is not None and period and prior_tol_s + quant >= period / 2:
+        return _no_pairs(True, f"sync intervals are not distinctive (a regular train, period {period:.4g} s) and the "
+                               f"prior, good to {1e3 * prior_tol_s:.1f} ms, does not resolve the period")
     ia, ja, n_vague = _anchor_matches(d, r, quant, slope_max, prior_s, prior_tol_s + quant)
     if n_vague > len(np.unique(ia)):
         prior = ("" if prior_s is None else f" (the prior, good to {1e3 * prior_tol_s:.1f} ms, does not resolve "
@@ -397,6 +401,13 @@ def fit_host_clock(dev_samples: np.ndarray, dev_host_s: np.ndarray, ref_samples:
 def envelope_residuals(samples: np.ndarray, host_s: np.ndarray) -> np.ndarray:
     """Host receive times above the line ``fit_host_clock`` fits along the fastest deliveries (for the QC plot)."""
     return _lower_envelope(np.asarray(samples, np.float64), np.asarray(host_s, np.float64))[2]
+
+
+def _regular_period(d: np.ndarray) -> float:
+    """The period of a regular train (most intervals within 1 % of their median), else 0."""
+    iv = np.diff(d)
+    med = float(np.median(iv))
+    return med if float(np.median(np.abs(iv - med))) <= 0.01 * med else 0.0
 
 
 def _anchor_matches(d: np.ndarray, r: np.ndarray, quant: float, slope_max: float, prior_s: np.ndarray | None,

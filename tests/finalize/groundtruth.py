@@ -154,6 +154,8 @@ class Case:
     dev_host: tuple[np.ndarray, np.ndarray]
     period_s: float
     """The train's period (regular) or typical interval (others)."""
+    drift_ppm: float
+    """The device's mean rate error against the reference (both crystals are off)."""
 
 
 def make_case(seed: int, scheme: str, seconds: float, *, dev_rate: float = 30000.0, ppm: float = 30.0,
@@ -162,7 +164,8 @@ def make_case(seed: int, scheme: str, seconds: float, *, dev_rate: float = 30000
     """The reference records [0, seconds); the device starts ``late_periods`` whole periods (+ a fraction of a
     second) later and stops a little before the end, its counter reset at ``reset_at`` (fraction of the run)."""
     rng = np.random.default_rng(seed)
-    ref_osc = Oscillator.make(rng, REF_RATE, rng.uniform(-20, 20), wander_ppm, -1, seconds + 1)
+    ref_ppm = rng.uniform(-20, 20)
+    ref_osc = Oscillator.make(rng, REF_RATE, ref_ppm, wander_ppm, -1, seconds + 1)
     dev_osc = Oscillator.make(rng, dev_rate, ppm, wander_ppm, -1, seconds + 1)
     ref = Recording(ref_osc, [(0.0, seconds, int(rng.integers(0, 10**7)))])
     start = late_periods * period_s + rng.uniform(0.05, 0.5)
@@ -183,7 +186,7 @@ def make_case(seed: int, scheme: str, seconds: float, *, dev_rate: float = 30000
     else:
         raise ValueError(scheme)
     return Case(ref, dev, latch(rng, ref, pulses, missing, extra), latch(rng, dev, pulses, missing, extra),
-                host_points(rng, ref), host_points(rng, dev), period_s)
+                host_points(rng, ref), host_points(rng, dev), period_s, ((1 + ppm * 1e-6) / (1 + ref_ppm * 1e-6) - 1) * 1e6)
 
 
 @dataclass
