@@ -116,3 +116,15 @@ def test_arrival_rate_has_no_false_dip_in_a_last_partial_bin():
     receive = np.arange(0.01, 10.5, 0.01)  # 10.5 s of 10 ms chunks of 300 samples: 30 kHz throughout
     t, rate = _arrival_rate(receive, np.full(len(receive), 300))
     assert len(t) == 10 and np.allclose(rate, 30000, rtol=0.011)
+
+
+def test_the_strobe_warning_fires_only_when_the_assignment_is_in_doubt():
+    """Every demo printed 'host-time estimate was 6.4 ms off the strobes (over a quarter frame)' although every
+    frame had its own strobe: a latency difference under half a frame with little scatter is not in doubt."""
+    from acqd.finalize.timing import _assignment_doubt
+    period = 1 / 60
+    rng = np.random.default_rng(0)
+    calm = rng.normal(0, 3e-4, 900)  # per-frame host jitter, 0.3 ms
+    assert _assignment_doubt(-6.4e-3, calm, period) == ""
+    assert "half a frame" in _assignment_doubt(-8.0e-3, calm, period)  # a frame could take its neighbour's strobe
+    assert "half a frame" in _assignment_doubt(-4.0e-3, rng.normal(0, 2e-3, 900), period)  # scattered frames
