@@ -43,7 +43,8 @@ _MAX_KNOTS = 500  # bounds the knot solve on day-long recordings
 _SLOPE_SIGMAS = 4.0  # extrapolation: the end piece's rate is known to this many standard errors
 _PIECEWISE_GAIN = 0.9  # piecewise must cut the held-out RMS error by 10 % to replace affine (stable
 #                        clocks: within 1 %; wander worth a sample: by 15 % or more)
-_ENVELOPE_QUANTILE = 0.2  # host fit: the line follows the fastest fifth of the deliveries
+_ENVELOPE_QUANTILE = 0.2  # host fit: the line's slope follows the fastest fifth of the deliveries...
+_ENVELOPE_FLOOR = 0.01  # ...and the line is lowered to this quantile of them (the fastest, but not one outlier)
 
 # Re-matching after the first fit: each edge's tolerance follows the scatter of the pairs around it.
 _LOCAL_PAIRS = 25  # neighbours on each side that measure the local scatter
@@ -380,8 +381,8 @@ def fit_host_clock(dev_samples: np.ndarray, dev_host_s: np.ndarray, ref_samples:
     fitted by the lower envelope of its receive times and the two lines are composed. A difference between
     the two streams' minimum latencies cannot be observed and is not in the error bound.
     """
-    ref_slope, ref_icpt, ref_res = _lower_envelope(np.asarray(ref_samples, np.float64),
-                                                   np.asarray(ref_host_s, np.float64))
+    ref_slope, ref_icpt, ref_res, ref_height = _lower_envelope(np.asarray(ref_samples, np.float64),
+                                                               np.asarray(ref_host_s, np.float64))
     dev_samples = np.asarray(dev_samples, dtype=np.float64)
     dev_host_s = np.asarray(dev_host_s, dtype=np.float64)
     fits = []
@@ -389,12 +390,12 @@ def fit_host_clock(dev_samples: np.ndarray, dev_host_s: np.ndarray, ref_samples:
         x = dev_samples[seg]
         if len(x) < _MIN_PAIRS:
             raise ClockFitError(f"only {len(x)} host-time points in a counter segment; need {_MIN_PAIRS}")
-        slope, icpt, res = _lower_envelope(x, dev_host_s[seg])
+        slope, icpt, res, height = _lower_envelope(x, dev_host_s[seg])
         knots = x[[0, -1]]
         # Host time -> reference sample via the reference line; subtract the large host times first.
         values = (icpt - ref_icpt + slope * knots) / ref_slope / ref_rate
         fits.append(_single_fit(knots, values, "affine", "host", dev_rate, len(x), np.concatenate([res, ref_res]),
-                                float(-res.min() - ref_res.min())))
+                                height + ref_height))
     return _combine(fits)
 
 
@@ -605,15 +606,21 @@ def _evaluate(knots: np.ndarray, values: np.ndarray, x: np.ndarray) -> np.ndarra
     return np.where(x > knots[-1], values[-1] + (x - knots[-1]) * last, y)
 
 
-def _lower_envelope(x: np.ndarray, host: np.ndarray) -> tuple[float, float, np.ndarray]:
-    """Line ``host = icpt + slope * x`` along the fastest deliveries (latency only ever adds), with the
-    residuals of all points: refit to the lowest ``_ENVELOPE_QUANTILE`` of the residuals until it settles."""
+def _lower_envelope(x: np.ndarray, host: np.ndarray) -> tuple[float, float, np.ndarray, float]:
+    """Line ``host = icpt + slope * x`` along the fastest deliveries (latency only ever adds), the residuals of all
+    points, and how far the fitted line sat above the fastest delivery (the error bound's share).
+
+    The slope comes from a line refitted to the lowest ``_ENVELOPE_QUANTILE`` of the residuals until it settles;
+    that line runs through the middle of the fast deliveries, higher for a stream read in batches (a writer
+    that wakes every 50 ms) than for one read per message, so it is then lowered to the ``_ENVELOPE_FLOOR``
+    quantile: two streams' lines then differ by their minimum latencies, not by how they were read."""
     keep = np.ones(len(x), dtype=bool)
     for _ in range(5):
         slope, icpt = _line(x[keep], host[keep])
         res = host - icpt - slope * x
         keep = res <= np.quantile(res, _ENVELOPE_QUANTILE)
-    return slope, icpt, res
+    floor = float(np.quantile(res, _ENVELOPE_FLOOR))
+    return slope, icpt + floor, res - floor, float(-res.min())
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

@@ -27,6 +27,7 @@ REGULAR_TOL_SAMPLES = 0.1  # starting_time + rate only if the map is that close 
 HOST_TIMED = "timed by host receive times (~1 ms accuracy)"
 MIN_PAIRED_FRACTION = 0.9  # of the frames recorded while the strobe line was recorded
 MAX_PLAUSIBLE_PPM = 1000.0  # crystal clocks are off by tens of ppm; more means frames slipped against strobes
+MAX_PRIOR_TREND_PPM = 2000.0  # a camera's receive latency may creep this fast (a tilted host-time prior)
 
 
 # -- clock alignment -----------------------------------------------------------------------------------------------
@@ -151,7 +152,8 @@ def _align_strobe(s: Stream, target: Stream, target_fit: ClockFit, ref: Stream) 
         "host_offset_s": float(offset),
     }
     flags = []
-    doubt = _assignment_doubt(offset, strobe_s[sj] - host.to_reference(frames[fi]) - offset, period)
+    doubt = _assignment_doubt(*_prior_offsets(strobe_s[sj], host.to_reference(frames[fi].astype(np.float64))),
+                              period)
     if doubt:
         flags.append(f"frame/strobe assignment in doubt: {doubt}; check it")
     bound = max(fit.error_bound_s, 0.5 / target.rate + target_fit.error_bound_s)
@@ -160,6 +162,16 @@ def _align_strobe(s: Stream, target: Stream, target_fit: ClockFit, ref: Stream) 
                   pairing="frames by host time")
     fit = _covering_rows(fit, s)
     return Alignment(fit, flags, frames_report, (frames[fi].astype(np.float64), strobe_s[sj]))
+
+
+def _prior_offsets(strobe_s: np.ndarray, prior_s: np.ndarray) -> tuple[float, np.ndarray]:
+    """How far the host-time prior sits from the paired strobes: the largest offset of its linear trend, and each
+    frame's scatter about that trend."""
+    d = strobe_s - prior_s
+    if len(d) < 2:
+        return (float(d[0]) if len(d) else 0.0), np.zeros(len(d))
+    line = np.polyval(np.polyfit(prior_s - prior_s.mean(), d, 1), prior_s - prior_s.mean())
+    return float(line[np.argmax(np.abs(line))]), d - line
 
 
 def _assignment_doubt(offset: float, residuals: np.ndarray, period: float) -> str:
@@ -179,25 +191,47 @@ def _assignment_doubt(offset: float, residuals: np.ndarray, period: float) -> st
 
 def pair_frames(frames: np.ndarray, prior_s: np.ndarray, strobe_s: np.ndarray, period: float
                 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Pair recorded frames with strobe edges: (frame indices, strobe indices, prior's offset in seconds).
+    """Pair recorded frames with strobe edges: (frame indices, strobe indices, prior's mean offset in seconds).
 
     ``prior_s`` estimates each frame's time (host receive times: ms accurate, offset unknown within a frame).
     The offset between prior and strobes is the circular mean of each frame's distance to its nearest strobe
-    (circular over one frame period, so it is found even if the prior is almost half a period off); the shifted
-    prior then pairs each frame with the one strobe within a quarter period. A strobe claimed twice is dropped.
+    (circular over one frame period, so it is found even if the prior is almost half a period off). A slow trend
+    in that distance (the camera's receive latency creeping by up to ``MAX_PRIOR_TREND_PPM`` of the elapsed time,
+    which tilts the host-time fit) is then fitted and removed; the corrected prior pairs each frame with the one
+    strobe within a quarter period. A strobe claimed twice is dropped.
     """
     if len(strobe_s) < 2 or len(frames) == 0:
         raise ClockFitError(f"{len(strobe_s)} strobe edges for {len(frames)} frames")
     near = _nearest(strobe_s, prior_s)
     phase = np.exp(2j * np.pi * (strobe_s[near] - prior_s) / period)
     offset = float(np.angle(phase.mean()) * period / (2 * np.pi))
-    pred = prior_s + offset
+    pred = prior_s + offset + _prior_trend(prior_s + offset, strobe_s, period)
     j = _nearest(strobe_s, pred)
     ok = np.abs(strobe_s[j] - pred) < period / 4
     fi, sj = np.flatnonzero(ok), j[ok]
     _, inverse, counts = np.unique(sj, return_inverse=True, return_counts=True)
     keep = counts[inverse] == 1
-    return fi[keep], sj[keep], offset
+    return fi[keep], sj[keep], float(np.mean(pred - prior_s))
+
+
+def _prior_trend(pred: np.ndarray, strobe_s: np.ndarray, period: float) -> np.ndarray:
+    """The line through each frame's distance to its nearest strobe over time (frames within a quarter period of
+    it, refitted twice); zero when there are too few frames or the slope exceeds ``MAX_PRIOR_TREND_PPM`` (more
+    is not latency creeping but frames slipping, which the paired fraction and drift checks must see)."""
+    if len(pred) < 10:
+        return np.zeros(len(pred))
+    d = strobe_s[_nearest(strobe_s, pred)] - pred
+    t = pred - pred.mean()
+    line = np.zeros(len(pred))
+    for _ in range(3):
+        use = np.abs(d - line) < period / 4
+        if use.sum() < 10 or np.ptp(t[use]) == 0:
+            return np.zeros(len(pred))
+        slope, icpt = np.polyfit(t[use], d[use], 1)
+        if abs(slope) > MAX_PRIOR_TREND_PPM * 1e-6:
+            return np.zeros(len(pred))
+        line = icpt + slope * t
+    return line
 
 
 def _nearest(sorted_values: np.ndarray, x: np.ndarray) -> np.ndarray:

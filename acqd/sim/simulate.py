@@ -2,8 +2,8 @@
 
 ``Rig(cfg, params)`` is deterministic for a seed: each device has a ``DeviceClock`` (offset, drift,
 optional wander), every device sees the same sync pulses in its own sample counter (random intervals,
-a regular square wave or barcodes: ``SimParams.sync``), and sample values come from a pre-built pool of band-limited noise with spikes (so
-compression ratios mean something and publishing costs little CPU). Tests rebuild the same ``Rig``
+a regular square wave or barcodes: ``SimParams.sync``), and sample values come from a pre-built pool
+of band-limited noise with spikes (so compression ratios mean something and publishing costs little CPU). Tests rebuild the same ``Rig``
 to know exactly what was sent: ``samples(stream, first, n)`` and ``expected_edges(stream, line)``.
 
 ``run`` paces the devices in real time and injects faults (``Fault``); ``truth()`` is the record

@@ -186,7 +186,8 @@ def make_case(seed: int, scheme: str, seconds: float, *, dev_rate: float = 30000
     else:
         raise ValueError(scheme)
     return Case(ref, dev, latch(rng, ref, pulses, missing, extra), latch(rng, dev, pulses, missing, extra),
-                host_points(rng, ref), host_points(rng, dev), period_s, ((1 + ppm * 1e-6) / (1 + ref_ppm * 1e-6) - 1) * 1e6)
+                host_points(rng, ref), host_points(rng, dev), period_s,
+                ((1 + ppm * 1e-6) / (1 + ref_ppm * 1e-6) - 1) * 1e6)
 
 
 @dataclass

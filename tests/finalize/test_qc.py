@@ -128,3 +128,16 @@ def test_the_strobe_warning_fires_only_when_the_assignment_is_in_doubt():
     assert _assignment_doubt(-6.4e-3, calm, period) == ""
     assert "half a frame" in _assignment_doubt(-8.0e-3, calm, period)  # a frame could take its neighbour's strobe
     assert "half a frame" in _assignment_doubt(-4.0e-3, rng.normal(0, 2e-3, 900), period)  # scattered frames
+
+
+def test_frames_pair_with_their_strobes_when_the_host_prior_is_tilted():
+    """A loaded host: the camera's receive latency crept 12 ms over 20 s (a host-time fit 600 ppm off), which
+    slipped frames against strobes at the ends and sent the camera to host timing. The trend is removed."""
+    from acqd.finalize.timing import pair_frames
+    period = 1 / 60
+    frames = np.arange(5000, 6200)
+    true_s = frames * period * (1 + 19e-6)
+    jitter = np.random.default_rng(1).uniform(0, 2e-3, len(frames))
+    prior = true_s + 1e-3 + 600e-6 * (true_s - true_s.mean()) + jitter
+    fi, sj, offset = pair_frames(frames, prior, true_s + 1e-5, period)
+    assert np.array_equal(fi, np.arange(len(frames))) and np.array_equal(sj, fi)
