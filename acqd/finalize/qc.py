@@ -232,7 +232,8 @@ def index_html(summary: dict, plots: list[str]) -> str:
         notes = [f"{q.get('verdict', '')}: " + "; ".join(q.get("reasons", [])) if q.get("reasons") else ""]
         notes += [f"flag: {f}" for f in s.get("flags", [])]
         if q.get("pairing"):
-            notes.append(f"pairing: {q['pairing']}; {q.get('rejected_pairs', 0)} pairs dropped after the first fit")
+            dropped = f"; {q.get('rejected_pairs', 0)} pairs dropped after the first fit" if q["source"] == "sync" else ""
+            notes.append(f"pairing: {q['pairing']}{dropped}")
         parts.append(f"<h2 id='{e(name)}'>{e(name)}</h2>"
                      + "".join(f"<p class='small'>{e(n)}</p>" for n in notes if n)
                      + f"<img src='{e(name)}.png' alt='QC plots of {e(name)}'>")

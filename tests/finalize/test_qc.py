@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from html.parser import HTMLParser
 
 import numpy as np
@@ -47,19 +49,22 @@ class Table(HTMLParser):
             self._cell.append(data)
 
 
-@pytest.fixture
-def session(tmp_path):
-    """A session with a dropped probe chunk, a sensor writer killed with -9, and QC thresholds in its config."""
-    cfg = small_config(tmp_path / "data")
+@pytest.fixture(scope="module")
+def finalized(tmp_path_factory):
+    """A finalized session with a dropped probe chunk and a sensor writer killed with -9; and its report."""
+    root = tmp_path_factory.mktemp("qc")
+    cfg = small_config(root / "data")
     rig = Rig(cfg, SimParams(seed=3, seconds=60))
     folder = record_session(cfg, rig, "Q1", Recording(seconds=15.0, drops={"probe": [(8.0, 8.15)]},
                                                       restart=Restart("sensor", 10.0, crash=True)))
-    yield folder
-    unseal_session(folder)
+    try:
+        yield folder, finalize_session(folder)
+    finally:
+        unseal_session(folder)
 
 
-def test_index_html_gives_a_verdict_per_stream_that_qc_json_and_the_terminal_table_repeat(session):
-    report = finalize_session(session)
+def test_index_html_gives_a_verdict_per_stream_that_qc_json_and_the_terminal_table_repeat(finalized):
+    session, report = finalized
     qc = json.loads((session / "qc" / "qc.json").read_text())
     page = Table()
     page.feed((session / "qc" / "index.html").read_text())
@@ -110,6 +115,34 @@ def test_thresholds_come_from_the_config_and_fail_a_stream_and_host_timing_warns
     assert json.loads((session / "qc" / "qc.json").read_text())["verdict"] == "FAIL"
     sensor = report.streams["sensor"].qc
     assert sensor["source"] == "host" and any("host receive times" in r for r in sensor["reasons"])
+
+
+def test_the_qc_page_renders_in_headless_chromium_from_the_file_system(finalized, tmp_path):
+    """Opened as a file (no server): the table and every plot render; a screenshot is kept in the test's folder."""
+    session, _ = finalized
+    chromium = os.environ.get("ACQD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is not installed")
+    if not os.access(chromium, os.X_OK):
+        pytest.skip(f"no Chromium at {chromium}")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox", "--disable-gpu"],
+                                    timeout=60_000)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto((session / "qc" / "index.html").as_uri())
+            page.wait_for_load_state("load")
+            assert page.locator("table tr").count() == 5 and errors == []
+            widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+            assert len(widths) == 4 and all(w > 300 for w in widths)
+            page.screenshot(path=str(tmp_path / "qc-index.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "qc-index.png").stat().st_size > 10_000
 
 
 def test_arrival_rate_has_no_false_dip_in_a_last_partial_bin():
