@@ -75,14 +75,17 @@ def _align_sync(s: Stream, ref: Stream) -> Alignment:
     train pair when host timing resolves its period); a counter segment whose edges cannot be fitted is timed by
     host receive times alone, flagged; the whole stream only if no segment can be fitted."""
     dev, refe = s.edges.get("sync", np.empty(0, np.int64)), ref.edges.get("sync", np.empty(0, np.int64))
-    host = _host_fit(s, ref)
-    prior = host if host.segments == len(split_counter_resets(dev)) else None
+    try:
+        host: ClockFit | None = _host_fit(s, ref)
+    except FinalizeError:  # too few host points: the edges alone may still do
+        host = None
+    prior = host if host is not None and host.segments == len(split_counter_resets(dev)) else None
     try:
         fit = align_stream(dev, s.rate, refe, ref.rate, prior=prior)
         if fit.segments != s.n_segments:
             raise ClockFitError(f"sync edges show {fit.segments} counter segments, the chunk index {s.n_segments}")
     except ClockFitError as e:
-        return Alignment(host, [f"sync fit failed ({e}): {HOST_TIMED}"])
+        return Alignment(host or _host_fit(s, ref), [f"sync fit failed ({e}): {HOST_TIMED}"])
     flags = [f"{note}: {HOST_TIMED}" for note in fit.notes]
     return Alignment(_covering_rows(fit, s), flags, pairs=_nearest_pairs(dev, fit, refe / ref.rate - 0.5 / ref.rate))
 
