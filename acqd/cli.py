@@ -128,7 +128,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     check_ports_free(cfg, ("drivers",), control=False)
-    rig = Rig(cfg, SimParams(seed=args.seed, seconds=args.seconds, max_ppm=args.max_ppm, wander_ppm=args.wander_ppm))
+    rig = Rig(cfg, SimParams(seed=args.seed, seconds=args.seconds, max_ppm=args.max_ppm, wander_ppm=args.wander_ppm,
+                             sync=args.sync, sync_period_s=args.sync_period))
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     faults = [Fault.parse(f) for f in args.fault]
@@ -263,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--max-ppm", type=float, default=30.0, help="crystal error range of the devices")
     m.add_argument("--wander-ppm", type=float, default=0.0, help="thermal wander amplitude")
+    m.add_argument("--sync", choices=("random", "regular", "barcode"), default="random",
+                   help="sync scheme: random intervals, a regular square wave, or barcodes")
+    m.add_argument("--sync-period", type=float, default=1.0, help="period of the regular square wave (s)")
     m.add_argument("--fault", action="append", default=[], metavar="STREAM:KIND:SEQ",
                    help="inject a fault (drop, duplicate, reorder, malformed, oversized, wrong_dtype, wrong_shape, "
                         "size_mismatch, wrong_frames, restart)")

@@ -355,6 +355,15 @@ class SessionMetadata(_Frozen):
     """The animal recorded."""
 
 
+class QcConfig(_Frozen):
+    """Thresholds of the verdict in the QC report that finalize writes (qc/index.html, qc/qc.json)."""
+
+    max_residual_samples: float = Field(2.5, gt=0)
+    """A stream whose largest clock-fit residual exceeds this many of its own samples fails QC (IBL's practice)."""
+    max_drift_ppm: float = Field(150.0, gt=0)
+    """A stream whose clock runs further than this off its nominal rate fails QC (IBL's practice)."""
+
+
 class RigConfig(_Frozen):
     """A whole rig: the daemon settings, its streams, the reference clock, default metadata."""
 
@@ -366,6 +375,8 @@ class RigConfig(_Frozen):
     """The hardware streams, one writer process and one stream file each."""
     metadata: dict = Field(default_factory=dict, description="defaults merged under a record request's metadata")
     """Defaults merged under a record request's metadata (see SessionMetadata)."""
+    qc: QcConfig = QcConfig()
+    """Thresholds of the QC verdict (residual, drift) that finalize applies."""
 
     @model_validator(mode="after")
     def _consistent(self) -> RigConfig:

@@ -57,6 +57,6 @@ def demo(config: Path, data_root: Path, seconds: float) -> int:
     if job["state"] != "done":
         console.print(f"[red]finalize failed[/red]: {job['error']}")
         return 1
-    console.print("\n".join(summary_lines(job["report"])), highlight=False)
+    console.print("\n".join(summary_lines(job["report"])), highlight=False, soft_wrap=True)  # a table: never wrap
     console.print(f"session folder: [bold]{folder}[/bold]\nmaster NWB: [bold]{folder / job['report']['master']}[/bold]")
     return 0

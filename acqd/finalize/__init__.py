@@ -36,12 +36,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from acqd.finalize import nwb, qc
-from acqd.config import StreamConfig
+from acqd.config import QcConfig, StreamConfig
 from acqd.errors import FinalizeError
 from acqd.finalize.integrity import Integrity, folder_problems, scan_folder, verify_chunks
 from acqd.finalize.layout import MANIFEST, PARTIAL, QC_DIR, RECOVERED_DIR, VDS_DIR, partial_then_rename
 from acqd.finalize.plan import plan_master
-from acqd.finalize.report import QC_SUMMARY, FinalizeReport, StreamReport, qc_plot, qc_summary
+from acqd.finalize.report import (QC_SUMMARY, FinalizeReport, StreamReport, incident_times, qc_plot, qc_summary,
+                                  stream_qc)
 from acqd.finalize.seal import (Digests, is_immutable, manifest_files, merge_seal, seal_paths, unseal,
                                 unseal_session, verify_manifest, write_manifest)
 from acqd.finalize.streams import Stream, linked_file, read_stream, stream_parts
@@ -163,8 +164,13 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
                             message=message, master=master.name, timebase=timebase, streams=stream_reports,
                             check=check.to_dict(), warnings=warnings, integrity=integrity.to_dict())
     progress("qc", 0.0)
-    qc.write_report(folder / QC_DIR, qc_summary(report),
-                    [qc_plot(streams[n], aligned[n], zero_s, stream_reports[n]) for n in streams])
+    limits = QcConfig.model_validate(session["config"].get("qc", {}))
+    for n, r in stream_reports.items():
+        r.qc = stream_qc(streams[n], r, session.get("incidents", []), limits)
+    events = incident_times(session.get("incidents", []), plan.session_start_time)
+    qc.write_report(folder / QC_DIR, qc_summary(report, limits),
+                    [qc_plot(streams[n], aligned[n], zero_s, stream_reports[n],
+                             [(t, kind) for t, who, kind in events if who in (n, None)], limits) for n in streams])
     progress("qc", 1.0)
     _checkpoint("qc")
 

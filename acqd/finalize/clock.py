@@ -18,8 +18,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from acqd.errors import ClockFitError
 
-__all__ = ["ClockFit", "ClockFitError", "Pairing", "align_stream", "fit_clock", "fit_host_clock", "pair_edges",
-           "split_counter_resets"]
+__all__ = ["ClockFit", "ClockFitError", "Pairing", "align_stream", "envelope_residuals", "fit_clock", "fit_host_clock",
+           "pair_edges", "split_counter_resets"]
 
 # Pairing. Random 0.5-1.5 s intervals latched at 60 Hz agree by chance with p ~ 0.035 each, so a
 # pattern of four consecutive intervals matches a wrong place with p ~ 1e-6.
@@ -34,12 +34,22 @@ _ROUNDS = 4  # assign-and-refit rounds: the first uses the loose anchor toleranc
 
 # Fitting.
 _MIN_PAIRS = 10
-_FOLDS = 5  # fold f holds out every pair whose index is f modulo _FOLDS
+_FOLDS = 5  # fold f holds out every block of time whose index is f modulo _FOLDS
+_BLOCK_S = 20.0  # held-out blocks are at most this long (and at least a tenth of the span per fold)...
+_MAX_BLOCKS = 1000  # ...and at most this many, which bounds the cost on day-long recordings
 _SPACINGS_S = (30.0, 60.0, 120.0, 300.0, 600.0)  # knot spacings tried by the piecewise model
-_MAX_KNOTS = 500  # keeps the dense knot solve cheap on day-long recordings
+_MIN_KNOT_SPAN = 0.5  # no piece shorter than this fraction of its nominal spacing (so no piece inside one burst)
+_MAX_KNOTS = 500  # bounds the knot solve on day-long recordings
+_SLOPE_SIGMAS = 4.0  # extrapolation: the end piece's rate is known to this many standard errors
 _PIECEWISE_GAIN = 0.9  # piecewise must cut the held-out RMS error by 10 % to replace affine (stable
 #                        clocks: within 1 %; wander worth a sample: by 15 % or more)
-_ENVELOPE_QUANTILE = 0.2  # host fit: the line follows the fastest fifth of the deliveries
+_ENVELOPE_QUANTILE = 0.2  # host fit: the line's slope follows the fastest fifth of the deliveries...
+_ENVELOPE_FLOOR = 0.01  # ...and the line is lowered to this quantile of them (the fastest, but not one outlier)
+
+# Re-matching after the first fit: each edge's tolerance follows the scatter of the pairs around it.
+_LOCAL_PAIRS = 25  # neighbours on each side that measure the local scatter
+_LOCAL_SIGMAS = 4.0  # tolerance: half a latch step of each clock + this many local RMS residuals
+_PRIOR_MARGIN_S = 0.01  # added to a host-time prior's bound: the minimum latencies' difference is unobservable
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # eq=False: numpy fields have no scalar ==
@@ -91,7 +101,26 @@ class ClockFit:
     error_bound_s: float
     """Bound on the map's error between the end knots. Sync: the largest error predicting pairs held out of the
     fit, and never less than half a sample of each clock. Host: how far the two fitted envelopes sit above the
-    fastest deliveries, summed."""
+    fastest deliveries, summed. ``with_extrapolation`` adds the error of rows beyond the end knots."""
+    rejected_pairs: int = 0
+    """Pairs of the first pairing dropped after the first fit: outside the tolerance that the local residuals
+    set, or disagreeing with their neighbours (a spurious edge paired in place of a missing one)."""
+    extrapolation_ppm: float = 0.0
+    """How far (ppm of the elapsed time) the rate of the end pieces may be off: beyond the end knots the map's
+    error grows by this much per second (slope standard error x _SLOPE_SIGMAS, plus the change in rate between
+    the end piece and its neighbour)."""
+    pairing: str = ""
+    """How sync edges were paired: 'intervals' (random or barcoded intervals), 'intervals + host prior' (the
+    host-time fit narrowed the candidates, which lets a regular train pair); empty for other sources."""
+    host_segments: tuple[int, ...] = ()
+    """Counter segments whose sync edges could not be fitted, timed by host receive times instead."""
+    notes: tuple[str, ...] = ()
+    """Why each segment in ``host_segments`` could not be fitted from its edges, in the same order."""
+    segment_bounds_s: tuple[float, ...] = ()
+    """``error_bound_s`` of each counter segment (empty: one segment)."""
+    pairs: tuple[np.ndarray, ...] = ()
+    """Per counter segment fitted from edges: (2, n) indices of the paired (device edge within the segment,
+    reference edge) that the final fit rests on; empty for a host-timed segment."""
 
     @property
     def segments(self) -> int:
@@ -132,7 +161,19 @@ class ClockFit:
             segment = 0
         return _evaluate(self.knots[segment], self.seconds[segment], np.asarray(samples, dtype=np.float64))
 
-    def to_dict(self) -> dict[str, float | int | str]:
+    def segment(self, s: int) -> ClockFit:
+        """The map of counter segment ``s`` alone (the report's statistics are the whole fit's)."""
+        return replace(self, knots=(self.knots[s],), seconds=(self.seconds[s],), host_segments=(), notes=(),
+                       segment_bounds_s=(), pairs=())
+
+    def with_extrapolation(self, first: list[float], last: list[float]) -> ClockFit:
+        """This fit with ``error_bound_s`` covering rows beyond the end knots too: ``first`` and ``last`` are the
+        first and last device sample each counter segment holds. The bound grows by ``extrapolation_ppm`` of
+        the distance beyond the segment's end knots."""
+        beyond = max([max(0.0, k[0] - a, b - k[-1]) for k, a, b in zip(self.knots, first, last)], default=0.0)
+        return replace(self, error_bound_s=self.error_bound_s + self.extrapolation_ppm * 1e-6 * beyond / self.dev_rate)
+
+    def to_dict(self) -> dict[str, float | int | str | list]:
         """The quality report as plain JSON-able values."""
         return {
             "source": self.source, "model": self.model, "segments": self.segments,
@@ -141,6 +182,9 @@ class ClockFit:
             "residual_rms_s": self.residual_rms_s, "residual_max_s": self.residual_max_s,
             "residual_rms_samples": self.residual_rms_samples, "residual_max_samples": self.residual_max_samples,
             "error_bound_s": self.error_bound_s, "error_bound_samples": self.error_bound_samples,
+            "rejected_pairs": self.rejected_pairs, "extrapolation_ppm": self.extrapolation_ppm,
+            "pairing": self.pairing, "host_segments": list(self.host_segments),
+            "segment_bounds_s": list(self.segment_bounds_s),
         }
 
 
@@ -166,11 +210,17 @@ def pair_edges(dev_edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, re
         return _no_pairs(False, f"too few sync edges ({len(d)} device, {len(r)} reference)")
     quant = 1 / dev_rate + 1 / ref_rate  # each device latches an edge up to one of its samples late
     slope_max = max_ppm * 1e-6
+    period = _regular_period(d)
+    if prior_s is not None and period and prior_tol_s + quant >= period / 2:
+        return _no_pairs(True, f"sync intervals are not distinctive (a regular train, period {period:.4g} s) and the "
+                               f"prior, good to {1e3 * prior_tol_s:.1f} ms, does not resolve the period")
     ia, ja, n_vague = _anchor_matches(d, r, quant, slope_max, prior_s, prior_tol_s + quant)
     if n_vague > len(np.unique(ia)):
+        prior = ("" if prior_s is None else f" (the prior, good to {1e3 * prior_tol_s:.1f} ms, does not resolve "
+                 "the period)")
         return _no_pairs(True, f"sync intervals are not distinctive: {n_vague} anchor patterns each fit more than "
                                f"{_MAX_MATCHES} reference positions (regular pulse train?); pairing needs a prior "
-                               "better than half a pulse period")
+                               f"better than half a pulse period{prior}")
     # Hypothesis: reference time = device time + offset, the offset drifting linearly (the rate error).
     mid = 0.5 * (d[0] + d[-1])
     x, offsets = d[ia] - mid, r[ja] - d[ia]
@@ -207,6 +257,9 @@ def fit_clock(dev_samples: np.ndarray, ref_seconds: np.ndarray, dev_rate: float)
 
     Tries an affine map and continuous piecewise-linear maps with knots every 30 s to 10 min, scores each by
     ``_FOLDS``-fold held-out error, and keeps affine unless a piecewise map cuts the held-out RMS by 10 %.
+    Folds hold out whole blocks of time cut at the widest gaps between pairs, so a burst of edges (a barcode)
+    is held out whole, and no piece is shorter than half its nominal spacing: clustered edges cannot make a
+    short piece look good.
     """
     x = _increasing(dev_samples, "dev_samples")
     y = np.asarray(ref_seconds, dtype=np.float64)
@@ -214,15 +267,18 @@ def fit_clock(dev_samples: np.ndarray, ref_seconds: np.ndarray, dev_rate: float)
         raise ClockFitError(f"only {len(x)} sync pairs; need at least {_MIN_PAIRS}")
     span_s = (x[-1] - x[0]) / dev_rate
     pieces = sorted({min(_MAX_KNOTS, round(span_s / s)) for s in _SPACINGS_S} - {0, 1})
-    heldout = {n: _heldout_errors(x, y, n) for n in [1, *pieces]}
+    folds = _time_folds(x / dev_rate)
+    heldout = {n: _heldout_errors(x, y, n, folds) for n in [1, *pieces]}
     rms = {n: float(np.sqrt(np.mean(e**2))) for n, e in heldout.items()}
     n = min(pieces, key=rms.__getitem__, default=1)
     if rms[n] >= _PIECEWISE_GAIN * rms[1]:
         n = 1
     knots = _knots(x, n)
     values = _solve(x, y, knots)
-    return _single_fit(knots, values, "affine" if n == 1 else "piecewise", "sync", dev_rate, len(x),
-                       y - _evaluate(knots, values, x), float(np.abs(heldout[n]).max()))
+    residuals = y - _evaluate(knots, values, x)
+    fit = _single_fit(knots, values, "affine" if n == 1 else "piecewise", "sync", dev_rate, len(x), residuals,
+                      float(np.abs(heldout[n]).max()))
+    return replace(fit, extrapolation_ppm=_extrapolation_ppm(x, residuals, knots, values, dev_rate))
 
 
 def align_stream(dev_edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, ref_rate: float, *,
@@ -230,31 +286,89 @@ def align_stream(dev_edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, 
     """Map a device's sample counter to reference seconds from the sync edges both latched.
 
     Edges are sample indices, the reference's strictly increasing. Splits the device edges at counter resets,
-    pairs and fits each segment. ``prior`` (e.g. from ``fit_host_clock``, one segment per counter segment)
-    narrows the pairing to edges it agrees with, within its error bound: the only way a regular pulse train
-    pairs. Raises ClockFitError when a segment's pairing is ambiguous or has too few pairs.
+    pairs and fits each segment on its own, then re-matches every edge with a tolerance set by the residuals
+    around it and drops pairs that disagree with their neighbours before the final fit. ``prior`` (e.g. from
+    ``fit_host_clock``, one segment per counter segment) narrows the pairing to edges it agrees with, within its
+    error bound: the only way a regular pulse train pairs; a segment whose edges cannot be paired or fitted is
+    then timed by the prior (listed in ``host_segments``). Raises ClockFitError when no segment can be fitted
+    from its edges (or, without a prior, when any cannot).
     """
     dev_edges = np.asarray(dev_edges, dtype=np.int64)
     ref_edges = np.asarray(ref_edges, dtype=np.int64)
     segments = split_counter_resets(dev_edges)
     if prior is not None and prior.segments != len(segments):
         raise ClockFitError(f"the prior has {prior.segments} counter segments, the sync edges {len(segments)}")
-    fits = []
+    fits, failed = [], []
     for s, seg in enumerate(segments):
-        edges = dev_edges[seg]
-        prior_s = None if prior is None else prior.to_reference(edges, s)
-        p = pair_edges(edges, dev_rate, ref_edges, ref_rate, max_ppm=max_ppm, prior_s=prior_s,
-                       prior_tol_s=0.0 if prior is None else prior.error_bound_s)
-        if p.ambiguous or len(p.dev_index) < _MIN_PAIRS:
-            raise ClockFitError(f"counter segment {s}: {p.reason or f'only {len(p.dev_index)} sync edges paired'}")
-        # A latched index k means the edge fell in (k-1, k] of that counter: on average at k - 1/2. That
-        # average holds only if the pulses' phase against the sample clocks varies; pulses locked to a clock
-        # (e.g. generated by the reference) latch with a constant, unknown lag. The bound therefore never
-        # claims better than half a sample of each clock, which held-out errors cannot see.
-        fit = fit_clock(edges[p.dev_index] - 0.5, (ref_edges[p.ref_index] - 0.5) / ref_rate, dev_rate)
-        fits.append(replace(fit, unmatched_dev=p.unmatched_dev, unmatched_ref=p.unmatched_ref,
-                            error_bound_s=max(fit.error_bound_s, 0.5 / dev_rate + 0.5 / ref_rate)))
-    return _combine(fits)
+        try:
+            fits.append(_align_segment(dev_edges[seg], dev_rate, ref_edges, ref_rate, max_ppm,
+                                       None if prior is None else prior.segment(s)))
+        except ClockFitError as e:
+            if prior is None or len(segments) == 1:
+                raise ClockFitError(f"counter segment {s}: {e}") from None
+            fits.append(prior.segment(s))
+            failed.append((s, f"counter segment {s}: {e}"))
+    if len(failed) == len(segments):
+        raise ClockFitError("; ".join(why for _, why in failed))
+    return replace(_combine(fits), host_segments=tuple(s for s, _ in failed), notes=tuple(w for _, w in failed))
+
+
+def _align_segment(edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, ref_rate: float, max_ppm: float,
+                   prior: ClockFit | None) -> ClockFit:
+    """Pair, fit, re-match and refit one counter segment's edges."""
+    tol_s = 0.0 if prior is None else prior.error_bound_s + _PRIOR_MARGIN_S
+    p = pair_edges(edges, dev_rate, ref_edges, ref_rate, max_ppm=max_ppm,
+                   prior_s=None if prior is None else prior.to_reference(edges), prior_tol_s=tol_s)
+    if p.ambiguous or len(p.dev_index) < _MIN_PAIRS:
+        raise ClockFitError(p.reason or f"only {len(p.dev_index)} sync edges paired")
+    # A latched index k means the edge fell in (k-1, k] of that counter: on average at k - 1/2. That
+    # average holds only if the pulses' phase against the sample clocks varies; pulses locked to a clock
+    # (e.g. generated by the reference) latch with a constant, unknown lag. The bound therefore never
+    # claims better than half a sample of each clock, which held-out errors cannot see.
+    pos, ref_s = edges - 0.5, (ref_edges - 0.5) / ref_rate
+    first = fit_clock(pos[p.dev_index], ref_s[p.ref_index], dev_rate)
+    di, rj = _rematch(first, pos, ref_s, p.dev_index, p.ref_index, 1 / dev_rate + 1 / ref_rate)
+    same = np.array_equal(di, p.dev_index) and np.array_equal(rj, p.ref_index)
+    fit = first if same else fit_clock(pos[di], ref_s[rj], dev_rate)
+    kept = len(np.intersect1d(p.dev_index * (len(ref_s) + 1) + p.ref_index, di * (len(ref_s) + 1) + rj))
+    return replace(fit, unmatched_dev=p.unmatched_dev + len(p.dev_index) - len(di),
+                   unmatched_ref=p.unmatched_ref + len(p.dev_index) - len(di), rejected_pairs=len(p.dev_index) - kept,
+                   error_bound_s=max(fit.error_bound_s, 0.5 / dev_rate + 0.5 / ref_rate),
+                   pairing="intervals" if prior is None else "intervals + host prior", pairs=(np.stack([di, rj]),))
+
+
+def _rematch(fit: ClockFit, pos: np.ndarray, ref_s: np.ndarray, di: np.ndarray, rj: np.ndarray, quant: float
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs again, by the first fit: each device edge with the only reference edge within half a latch step of
+    each clock plus ``_LOCAL_SIGMAS`` RMS residuals of the pairs around it; then pairs whose residual differs
+    from their neighbours' mean by more than that are dropped. The pairing stage's tolerance follows a
+    straight line and is wide under thermal wander; this one follows the fit and the local scatter."""
+    pred = fit.to_reference(pos)
+    local = _local_rms(ref_s[rj] - pred[di])
+    tol = quant / 2 + _LOCAL_SIGMAS * np.interp(pos, pos[di], local)
+    di, rj = _assign(pred, ref_s, tol)
+    if len(di) < 3:
+        return di, rj
+    res = ref_s[rj] - pred[di]
+    keep = np.abs(res - _neighbour_mean(res)) <= tol[di]
+    return di[keep], rj[keep]
+
+
+def _local_rms(res: np.ndarray) -> np.ndarray:
+    """RMS of the residuals within ``_LOCAL_PAIRS`` pairs on either side of each (a running mean of squares)."""
+    c = np.concatenate([[0.0], np.cumsum(res**2)])
+    i = np.arange(len(res))
+    lo, hi = np.maximum(i - _LOCAL_PAIRS, 0), np.minimum(i + _LOCAL_PAIRS + 1, len(res))
+    return np.sqrt((c[hi] - c[lo]) / (hi - lo))
+
+
+def _neighbour_mean(res: np.ndarray) -> np.ndarray:
+    """Mean residual of the ``_LOCAL_PAIRS`` pairs on either side of each pair, itself excluded (so one wrong
+    pair cannot pull its own reference; among 50 neighbours it moves theirs by a fiftieth of its offset)."""
+    c = np.concatenate([[0.0], np.cumsum(res)])
+    i = np.arange(len(res))
+    lo, hi = np.maximum(i - _LOCAL_PAIRS, 0), np.minimum(i + _LOCAL_PAIRS + 1, len(res))
+    return (c[hi] - c[lo] - res) / np.maximum(hi - lo - 1, 1)
 
 
 def fit_host_clock(dev_samples: np.ndarray, dev_host_s: np.ndarray, ref_samples: np.ndarray,
@@ -267,8 +381,8 @@ def fit_host_clock(dev_samples: np.ndarray, dev_host_s: np.ndarray, ref_samples:
     fitted by the lower envelope of its receive times and the two lines are composed. A difference between
     the two streams' minimum latencies cannot be observed and is not in the error bound.
     """
-    ref_slope, ref_icpt, ref_res = _lower_envelope(np.asarray(ref_samples, np.float64),
-                                                   np.asarray(ref_host_s, np.float64))
+    ref_slope, ref_icpt, ref_res, ref_height = _lower_envelope(np.asarray(ref_samples, np.float64),
+                                                               np.asarray(ref_host_s, np.float64))
     dev_samples = np.asarray(dev_samples, dtype=np.float64)
     dev_host_s = np.asarray(dev_host_s, dtype=np.float64)
     fits = []
@@ -276,13 +390,25 @@ def fit_host_clock(dev_samples: np.ndarray, dev_host_s: np.ndarray, ref_samples:
         x = dev_samples[seg]
         if len(x) < _MIN_PAIRS:
             raise ClockFitError(f"only {len(x)} host-time points in a counter segment; need {_MIN_PAIRS}")
-        slope, icpt, res = _lower_envelope(x, dev_host_s[seg])
+        slope, icpt, res, height = _lower_envelope(x, dev_host_s[seg])
         knots = x[[0, -1]]
         # Host time -> reference sample via the reference line; subtract the large host times first.
         values = (icpt - ref_icpt + slope * knots) / ref_slope / ref_rate
         fits.append(_single_fit(knots, values, "affine", "host", dev_rate, len(x), np.concatenate([res, ref_res]),
-                                float(-res.min() - ref_res.min())))
+                                height + ref_height))
     return _combine(fits)
+
+
+def envelope_residuals(samples: np.ndarray, host_s: np.ndarray) -> np.ndarray:
+    """Host receive times above the line ``fit_host_clock`` fits along the fastest deliveries (for the QC plot)."""
+    return _lower_envelope(np.asarray(samples, np.float64), np.asarray(host_s, np.float64))[2]
+
+
+def _regular_period(d: np.ndarray) -> float:
+    """The period of a regular train (most intervals within 1 % of their median), else 0."""
+    iv = np.diff(d)
+    med = float(np.median(iv))
+    return med if float(np.median(np.abs(iv - med))) <= 0.01 * med else 0.0
 
 
 def _anchor_matches(d: np.ndarray, r: np.ndarray, quant: float, slope_max: float, prior_s: np.ndarray | None,
@@ -296,6 +422,8 @@ def _anchor_matches(d: np.ndarray, r: np.ndarray, quant: float, slope_max: float
     dev_iv = sliding_window_view(np.diff(d), _PATTERN)
     ref_iv = sliding_window_view(np.diff(r), _PATTERN)
     anchors = np.unique(np.linspace(0, len(dev_iv) - 1, min(len(dev_iv), _MAX_ANCHORS)).astype(np.int64))
+    if prior_s is not None:
+        return _anchor_matches_near(anchors, dev_iv, ref_iv, r, quant, slope_max, prior_s, prior_tol)
     found_i, found_j, n_vague = [empty], [empty], 0
     for block in np.array_split(anchors, -(-len(anchors) // 32)):  # bounds memory to 32 x reference edges
         # Each interval is off by less than one sample of each clock at its two ends, plus the rate error.
@@ -311,6 +439,23 @@ def _anchor_matches(d: np.ndarray, r: np.ndarray, quant: float, slope_max: float
         found_i.append(block[rows])
         found_j.append(j)
     return np.concatenate(found_i), np.concatenate(found_j), n_vague
+
+
+def _anchor_matches_near(anchors: np.ndarray, dev_iv: np.ndarray, ref_iv: np.ndarray, r: np.ndarray, quant: float,
+                         slope_max: float, prior_s: np.ndarray, prior_tol: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """``_anchor_matches`` given a prior: only the reference positions within ``prior_tol`` of each anchor's prior
+    time are candidates, so the cost follows the candidates, not anchors x reference edges."""
+    lo = np.searchsorted(r[: len(ref_iv)], prior_s[anchors] - prior_tol, side="left")
+    hi = np.searchsorted(r[: len(ref_iv)], prior_s[anchors] + prior_tol, side="right")
+    n = hi - lo
+    i = np.repeat(anchors, n)
+    j = np.repeat(lo, n) + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    tol = quant + slope_max * dev_iv[i] + 1e-9
+    ok = np.all(np.abs(ref_iv[j] - dev_iv[i]) <= tol, axis=1)
+    per_anchor = np.bincount(np.searchsorted(anchors, i[ok]), minlength=len(anchors))
+    vague = per_anchor > _MAX_MATCHES
+    keep = ok & ~np.repeat(vague, n)
+    return i[keep], j[keep], int(vague.sum())
 
 
 def _vote(x: np.ndarray, offsets: np.ndarray, slope_max: float, width: float) -> tuple[np.ndarray, int, float]:
@@ -343,8 +488,9 @@ def _densest_window(y: np.ndarray, width: float) -> tuple[int, float]:
     return int(counts[k]), float(y[k])
 
 
-def _assign(pred: np.ndarray, r: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
-    """Pair each predicted device edge with the only reference edge within ``tol``; anything contested (two
+def _assign(pred: np.ndarray, r: np.ndarray, tol: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pair each predicted device edge with the only reference edge within ``tol`` (one for all, or per edge);
+    anything contested (two
     candidates, or one reference edge claimed twice) is dropped, since precision matters more than recall."""
     lo = np.searchsorted(r, pred - tol, side="left")
     hi = np.searchsorted(r, pred + tol, side="right")
@@ -360,12 +506,28 @@ def _no_pairs(ambiguous: bool, reason: str) -> Pairing:
     return Pairing(empty, empty, 0, 0, ambiguous, reason)
 
 
-def _heldout_errors(x: np.ndarray, y: np.ndarray, n_intervals: int) -> np.ndarray:
+def _time_folds(t: np.ndarray) -> np.ndarray:
+    """Fold of each pair (times ``t`` in seconds, increasing): whole blocks of time, cut at the widest gap between
+    pairs near each nominal boundary, so a burst of edges is never split between folds."""
+    span = t[-1] - t[0]
+    length = max(min(_BLOCK_S, span / (2 * _FOLDS)), span / _MAX_BLOCKS, 1e-9)
+    cuts = []
+    for target in np.arange(t[0] + length, t[-1], length):
+        lo = int(np.searchsorted(t, target - length / 2))
+        hi = int(np.searchsorted(t, target + length / 2))
+        lo, hi = max(lo, 1), max(min(hi, len(t) - 1), lo)
+        cuts.append(lo + int(np.argmax(np.diff(t[lo - 1:hi + 1]))))
+    block = np.searchsorted(np.unique(np.asarray(cuts, dtype=np.int64)), np.arange(len(t)), side="right")
+    return block % _FOLDS
+
+
+def _heldout_errors(x: np.ndarray, y: np.ndarray, n_intervals: int, folds: np.ndarray) -> np.ndarray:
     """Error predicting each pair from a fit (``n_intervals`` pieces) to the folds that exclude it."""
-    fold = np.arange(len(x)) % _FOLDS
-    errors = np.empty(len(x))
+    errors = np.zeros(len(x))
     for f in range(_FOLDS):
-        train = fold != f
+        train = folds != f
+        if train.sum() < 2 or train.all():
+            continue
         knots = _knots(x[train], n_intervals)
         errors[~train] = y[~train] - _evaluate(knots, _solve(x[train], y[train], knots), x[~train])
     return errors
@@ -373,9 +535,18 @@ def _heldout_errors(x: np.ndarray, y: np.ndarray, n_intervals: int) -> np.ndarra
 
 def _knots(x: np.ndarray, n_intervals: int) -> np.ndarray:
     """About ``n_intervals + 1`` knots evenly spread in time, placed on data points so that every piece is
-    determined even across a gap in the sync edges. One interval is the affine model."""
+    determined even across a gap in the sync edges, and no piece shorter than ``_MIN_KNOT_SPAN`` of the nominal
+    spacing (data points clustered in bursts would otherwise put both ends of a piece in one burst). One
+    interval is the affine model."""
     targets = np.linspace(x[0], x[-1], n_intervals + 1)
-    return x[np.unique(np.searchsorted(x, targets))]
+    candidates = x[np.unique(np.searchsorted(x, targets))]
+    min_span = _MIN_KNOT_SPAN * (x[-1] - x[0]) / n_intervals
+    kept = [x[0]]
+    for k in candidates[1:-1].tolist():
+        if k - kept[-1] >= min_span and x[-1] - k >= min_span:
+            kept.append(k)
+    kept.append(x[-1])
+    return np.asarray(kept)
 
 
 def _solve(x: np.ndarray, y: np.ndarray, knots: np.ndarray) -> np.ndarray:
@@ -383,12 +554,47 @@ def _solve(x: np.ndarray, y: np.ndarray, knots: np.ndarray) -> np.ndarray:
     i = np.clip(np.searchsorted(knots, x, side="right") - 1, 0, len(knots) - 2)
     w = (x - knots[i]) / (knots[i + 1] - knots[i])
     k = len(knots)
-    # Normal equations of the hat-function basis: tridiagonal, well conditioned (every knot is a data point).
+    # Normal equations of the hat-function basis: tridiagonal, symmetric positive definite (every knot is a
+    # data point). Solved in O(knots) without BLAS, so the time does not depend on its threading.
     diag = np.bincount(i, (1 - w) ** 2, k) + np.bincount(i + 1, w**2, k)
     off = np.bincount(i, (1 - w) * w, k - 1)
-    a = np.diag(diag) + np.diag(off, 1) + np.diag(off, -1)
     b = np.bincount(i, (1 - w) * y, k) + np.bincount(i + 1, w * y, k)
-    return np.linalg.solve(a, b)
+    return _tridiagonal(diag, off, b)
+
+
+def _tridiagonal(diag: np.ndarray, off: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve a symmetric positive-definite tridiagonal system (Thomas algorithm: stable without pivoting for
+    such matrices). numpy has no banded solver and this is the only one acqd needs."""
+    n = len(diag)
+    d, r = diag.tolist(), b.tolist()
+    o = off.tolist()
+    for j in range(1, n):
+        m = o[j - 1] / d[j - 1]
+        d[j] -= m * o[j - 1]
+        r[j] -= m * r[j - 1]
+    out = [0.0] * n
+    out[-1] = r[-1] / d[-1]
+    for j in range(n - 2, -1, -1):
+        out[j] = (r[j] - o[j] * out[j + 1]) / d[j]
+    return np.asarray(out)
+
+
+def _extrapolation_ppm(x: np.ndarray, residuals: np.ndarray, knots: np.ndarray, values: np.ndarray,
+                       dev_rate: float) -> float:
+    """How far the rate of either end piece may be off, in ppm: ``_SLOPE_SIGMAS`` standard errors of the slope
+    fitted to the pairs of that piece, plus the change in rate from the neighbouring piece (wander)."""
+    slopes = np.diff(values) / np.diff(knots)
+    floor = float(np.sqrt(np.mean(residuals**2)))
+    worst = 0.0
+    for piece, neighbour in ((0, 1), (len(slopes) - 1, len(slopes) - 2)):
+        inside = (x >= knots[piece]) & (x <= knots[piece + 1])
+        dx = x[inside] - x[inside].mean()
+        spread = float(np.sum(dx * dx))
+        scatter = max(floor, float(np.sqrt(np.mean(residuals[inside] ** 2))))
+        se = scatter / np.sqrt(spread) if spread > 0 else np.inf
+        change = abs(slopes[piece] - slopes[neighbour]) if len(slopes) > 1 else 0.0
+        worst = max(worst, (_SLOPE_SIGMAS * se + change) * dev_rate * 1e6)
+    return float(worst)
 
 
 def _evaluate(knots: np.ndarray, values: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -400,22 +606,28 @@ def _evaluate(knots: np.ndarray, values: np.ndarray, x: np.ndarray) -> np.ndarra
     return np.where(x > knots[-1], values[-1] + (x - knots[-1]) * last, y)
 
 
-def _lower_envelope(x: np.ndarray, host: np.ndarray) -> tuple[float, float, np.ndarray]:
-    """Line ``host = icpt + slope * x`` along the fastest deliveries (latency only ever adds), with the
-    residuals of all points: refit to the lowest ``_ENVELOPE_QUANTILE`` of the residuals until it settles."""
+def _lower_envelope(x: np.ndarray, host: np.ndarray) -> tuple[float, float, np.ndarray, float]:
+    """Line ``host = icpt + slope * x`` along the fastest deliveries (latency only ever adds), the residuals of all
+    points, and how far the fitted line sat above the fastest delivery (the error bound's share).
+
+    The slope comes from a line refitted to the lowest ``_ENVELOPE_QUANTILE`` of the residuals until it settles;
+    that line runs through the middle of the fast deliveries, higher for a stream read in batches (a writer
+    that wakes every 50 ms) than for one read per message, so it is then lowered to the ``_ENVELOPE_FLOOR``
+    quantile: two streams' lines then differ by their minimum latencies, not by how they were read."""
     keep = np.ones(len(x), dtype=bool)
     for _ in range(5):
         slope, icpt = _line(x[keep], host[keep])
         res = host - icpt - slope * x
         keep = res <= np.quantile(res, _ENVELOPE_QUANTILE)
-    return slope, icpt, res
+    floor = float(np.quantile(res, _ENVELOPE_FLOOR))
+    return slope, icpt + floor, res - floor, float(-res.min())
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Least-squares (slope, intercept) of ``y = intercept + slope * x``, centred for precision."""
     xm, ym = x.mean(), y.mean()
     dx = x - xm
-    slope = float(dx @ (y - ym) / (dx @ dx))
+    slope = float(np.sum(dx * (y - ym)) / np.sum(dx * dx))  # not BLAS (@): its threads cost more than the sum
     return slope, float(ym - slope * xm)
 
 
@@ -441,11 +653,16 @@ def _combine(fits: list[ClockFit]) -> ClockFit:
     if len(fits) == 1:
         return fits[0]
     n = np.array([f.n_pairs for f in fits], dtype=np.float64)
+    synced = [f for f in fits if f.source == "sync"]
     return ClockFit(
         knots=tuple(k for f in fits for k in f.knots), seconds=tuple(s for f in fits for s in f.seconds),
         model="piecewise" if any(f.model == "piecewise" for f in fits) else "affine",
-        source=fits[0].source, dev_rate=fits[0].dev_rate, n_pairs=int(n.sum()),
+        source="sync" if synced else fits[0].source, dev_rate=fits[0].dev_rate, n_pairs=int(n.sum()),
         unmatched_dev=sum(f.unmatched_dev for f in fits), unmatched_ref=sum(f.unmatched_ref for f in fits),
         drift_ppm=float(np.average([f.drift_ppm for f in fits], weights=n)),
         residual_rms_s=float(np.sqrt(np.average([f.residual_rms_s**2 for f in fits], weights=n))),
-        residual_max_s=max(f.residual_max_s for f in fits), error_bound_s=max(f.error_bound_s for f in fits))
+        residual_max_s=max(f.residual_max_s for f in fits), error_bound_s=max(f.error_bound_s for f in fits),
+        rejected_pairs=sum(f.rejected_pairs for f in fits),
+        extrapolation_ppm=max(f.extrapolation_ppm for f in fits), pairing=synced[0].pairing if synced else "",
+        segment_bounds_s=tuple(f.error_bound_s for f in fits),
+        pairs=tuple(f.pairs[0] if f.pairs else np.empty((2, 0), np.int64) for f in fits))

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from acqd.record.video import CONTAINERS, VIDEO_DIR
-from acqd.session import SESSION_FILE, STREAMS_DIR
+from acqd.session import ANNOTATIONS_FILE, SESSION_FILE, STREAMS_DIR
 
 MANIFEST = "manifest.sha256"
 QC_DIR = "qc"
@@ -25,7 +25,6 @@ VDS_DIR = "vds"  # virtual datasets joining the parts of a stream written by sev
 RECOVERED_DIR = "recovered"  # clean copies of the committed rows of parts a killed writer left open
 PARTIAL = ".partial"
 KNOWN_DIRS = (STREAMS_DIR, VIDEO_DIR, QC_DIR, VDS_DIR, RECOVERED_DIR)
-ANNOTATIONS = "annotations.jsonl"  # operator notes the control API appends to a session while it records
 
 
 def rel(path: Path, folder: Path) -> str:
@@ -56,8 +55,8 @@ def _known_patterns(session_id: str, streams: list[str]) -> list[str]:
     part = rf"{s}(?:\.part\d{{3,}})?\.h5"  # streamfile.part_filename
     atomic = r"\.{}\.[^/]+"  # session.write_bytes_atomic's temporary file
     videos = "|".join(re.escape(ext) for ext, _ in CONTAINERS.values())
-    return [re.escape(SESSION_FILE), atomic.format(re.escape(SESSION_FILE)), re.escape(ANNOTATIONS),
+    return [re.escape(SESSION_FILE), atomic.format(re.escape(SESSION_FILE)), re.escape(ANNOTATIONS_FILE),
             re.escape(MANIFEST), atomic.format(re.escape(MANIFEST)), rf"{re.escape(session_id)}\.nwb(?:{PARTIAL})?",
             rf"{STREAMS_DIR}/{part}", rf"{VIDEO_DIR}/{s}_\d{{3,}}_\d{{4,}}\.(?:{videos})",  # video.video_filename
-            rf"{QC_DIR}/(?:qc\.json|{s}\.png)(?:{PARTIAL})?", rf"{VDS_DIR}/{s}\.h5(?:{PARTIAL})?",
+            rf"{QC_DIR}/(?:qc\.json|index\.html|{s}\.png)(?:{PARTIAL})?", rf"{VDS_DIR}/{s}\.h5(?:{PARTIAL})?",
             rf"{RECOVERED_DIR}/{part}(?:{PARTIAL})?"]

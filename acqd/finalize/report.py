@@ -8,13 +8,20 @@ reads back), and the per-stream plot data handed to ``acqd.finalize.qc``, which 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 
 import numpy as np
 
+from acqd.config import QcConfig
 from acqd.finalize import qc
+from acqd.finalize.clock import envelope_residuals
 from acqd.finalize.layout import MANIFEST, QC_DIR
 from acqd.finalize.streams import Stream
 from acqd.finalize.timing import Alignment, edge_segments, to_reference
+from acqd.record.ingest import Reject
+from acqd.record.streamfile import open_for_read
+
+PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 
 QC_SUMMARY = f"{QC_DIR}/qc.json"
 
@@ -50,6 +57,9 @@ class StreamReport:
     """Cameras encoded to video: the files (relative to the session folder) and each one's starting frame."""
     lsl: dict | None = None
     """LSL streams: time-correction residuals, host-clock bound and timestamp jitter (docs/lsl.md)."""
+    qc: dict | None = None
+    """The QC row (``stream_qc``): verdict and why, timing source, pairs, drift, residual vs bound, gaps,
+    rejects by reason, writer restarts, disconnects, dropped frames."""
 
 
 @dataclass
@@ -81,18 +91,93 @@ class FinalizeReport:
         return asdict(self)
 
 
-def qc_summary(report: FinalizeReport) -> dict:
+def qc_summary(report: FinalizeReport, limits: QcConfig = QcConfig()) -> dict:
     """The content of ``qc/qc.json``; ``finalize_session`` rebuilds an already-finalized session's report from it."""
     return {"session_id": report.session_id, "master": report.master, "timebase": report.timebase,
             "streams": {n: asdict(r) for n, r in report.streams.items()}, "validation": report.check,
-            "warnings": report.warnings, "integrity": report.integrity}
+            "warnings": report.warnings, "integrity": report.integrity, "verdict": session_verdict(report.streams),
+            "thresholds": limits.model_dump()}
 
 
-def qc_plot(s: Stream, a: Alignment, zero_s: float, report: StreamReport) -> qc.StreamPlot:
-    """One stream's QC panels: fit residuals, offset from the nominal rate, gaps, arrival rate."""
+def session_verdict(streams: dict[str, StreamReport]) -> str:
+    """The worst stream verdict."""
+    verdicts = {(r.qc or {}).get("verdict", PASS) for r in streams.values()}
+    return FAIL if FAIL in verdicts else WARN if WARN in verdicts else PASS
+
+
+def stream_qc(s: Stream, r: StreamReport, incidents: list[dict], limits: QcConfig) -> dict:
+    """One stream's QC row and its verdict: FAIL when its clock is off the thresholds (residual, drift), WARN
+    when anything an analyst must know happened (host timing, lost data, rejects, restarts, flags)."""
+    c = r.clock
+    mine = [i for i in incidents if i.get("stream") == s.name]
+    row = {
+        "source": c["source"], "model": c["model"], "pairing": c.get("pairing", ""), "pairs": c["n_pairs"],
+        "rejected_pairs": c.get("rejected_pairs", 0), "drift_ppm": c["drift_ppm"],
+        "residual_max_samples": c["residual_max_samples"], "error_bound_samples": c["error_bound_samples"],
+        "host_segments": c.get("host_segments", []), "gaps": len(r.gaps),
+        "gap_seconds": float(sum(g["stop_time"] - g["start_time"] for g in r.gaps)),
+        "rejects": rejects_by_reason(s), "writer_restarts": sum(i["kind"] == "writer_died" for i in mine),
+        "disconnects": sum(i["kind"] == "disconnected" for i in mine),
+        "dropped_frames": (r.frames or {}).get("dropped", 0),
+    }
+    fails, warns = [], []
+    timed_by_edges = c["source"] in ("sync", "strobe")
+    if timed_by_edges and c["residual_max_samples"] > limits.max_residual_samples:
+        fails.append(f"residual {c['residual_max_samples']:.2f} > {limits.max_residual_samples:g} samples")
+    if c["source"] != "reference" and abs(c["drift_ppm"]) > limits.max_drift_ppm:
+        fails.append(f"drift {c['drift_ppm']:+.1f} ppm beyond +-{limits.max_drift_ppm:g}")
+    if c["source"] == "host" or row["host_segments"]:
+        warns.append("timed by host receive times (~1 ms)")
+    for key, what in (("gaps", "gaps"), ("writer_restarts", "writer restarts"), ("disconnects", "disconnects"),
+                      ("dropped_frames", "dropped frames")):
+        if row[key]:
+            warns.append(f"{row[key]} {what}")
+    if row["rejects"]:
+        warns.append(f"{sum(row['rejects'].values())} messages rejected")
+    if r.flags and not warns:
+        warns.append("flagged")
+    row["verdict"] = FAIL if fails else WARN if warns else PASS
+    row["reasons"] = fails + warns
+    return row
+
+
+def incident_times(incidents: list[dict], start: datetime) -> list[tuple[float, str | None, str]]:
+    """(session time, stream or None, kind) of each incident in ``session.json`` (wall clock, ms accuracy)."""
+    out = []
+    for i in incidents:
+        try:
+            t = (datetime.fromisoformat(i["time"]) - start).total_seconds()
+        except (KeyError, TypeError, ValueError):
+            continue
+        out.append((t, i.get("stream"), str(i.get("kind", ""))))
+    return out
+
+
+def rejects_by_reason(s: Stream) -> dict[str, int]:
+    """Messages the writers rejected, by reason, from the stream files' ``rejects`` tables (every part)."""
+    out: dict[str, int] = {}
+    for part in s.parts:
+        with open_for_read(part.path) as f:
+            reasons = f["rejects"]["reason"][:] if "rejects" in f else np.empty(0)
+        for code, n in zip(*np.unique(reasons, return_counts=True)):
+            name = Reject(int(code)).name.lower() if int(code) in Reject._value2member_map_ else f"code {code}"
+            out[name] = out.get(name, 0) + int(n)
+    return dict(sorted(out.items()))
+
+
+def qc_plot(s: Stream, a: Alignment, zero_s: float, report: StreamReport, incidents: list[tuple[float, str]],
+            limits: QcConfig = QcConfig()) -> qc.StreamPlot:
+    """One stream's QC panels: fit residuals (sync pairs, or host receive latency), offset from the nominal rate,
+    the timeline (gaps, incidents), arrival rate, and for cameras the frame intervals and dropped frames."""
     fit = a.fit
     pair_t = res = np.empty(0)
-    if a.pairs is not None and len(a.pairs[0]):
+    if fit.source == "host":  # the host pairs: each chunk's receive time above the fitted envelope
+        x = s.chunk_end.astype(np.float64)
+        host_s = s.index["host_mono_ns"] / 1e9
+        res = np.concatenate([envelope_residuals(x[m], host_s[m]) for m in
+                              (s.segment == k for k in range(s.n_segments))])
+        pair_t = to_reference(fit, x, s.segment) - zero_s
+    elif a.pairs is not None and len(a.pairs[0]):
         pos, ref_s = a.pairs
         segs = np.zeros(len(pos), dtype=np.int64) if fit.segments == 1 else edge_segments(pos)
         pred = to_reference(fit, pos, segs)
@@ -104,9 +189,24 @@ def qc_plot(s: Stream, a: Alignment, zero_s: float, report: StreamReport) -> qc.
     t = to_reference(fit, x, seg) - zero_s
     nominal = t[0] + (x - x[0]) / s.rate  # where the chunks would be if the device ran at its nominal rate
     host_s = (s.index["host_mono_ns"] - s.index["host_mono_ns"][0]) / 1e9
+    frame_t = dropped_t = np.empty(0)
+    if s.cfg.kind == "video" and s.rows >= 2:
+        frames, fseg = s.row_samples(0, s.rows)
+        frame_t = to_reference(fit, frames.astype(np.float64), fseg) - zero_s
+        jump = np.flatnonzero(np.diff(frames) > 1) + 1
+        dropped_t = frame_t[jump]
+    q = report.qc or {}
+    if fit.source == "reference":
+        title = f"{s.name}: reference clock (the timebase, exact by definition)"
+    elif fit.source == "host":
+        title = f"{s.name}: HOST-TIMED (receive times), bound {fit.error_bound_s * 1e3:.2f} ms"
+    else:
+        title = (f"{s.name}: {fit.source} / {fit.model}, {fit.n_pairs} pairs, drift {fit.drift_ppm:+.2f} ppm, "
+                 f"residual max {fit.residual_max_samples:.2f} / bound {fit.error_bound_samples:.2f} samples")
     return qc.StreamPlot(name=s.name, pair_time_s=pair_t, residual_s=res, time_s=t,
                          offset_vs_nominal_s=np.where(seg == 0, t - nominal, np.nan),
-                         gaps=[(g["start_time"], g["stop_time"]) for g in report.gaps],
+                         gaps=[(g["start_time"], g["stop_time"], g["kind"]) for g in report.gaps],
                          receive_time_s=host_s, receive_samples=s.index["n_samples"].astype(np.int64),
-                         nominal_rate=s.rate, title=f"{s.name}: {fit.source} / {fit.model}, drift "
-                         f"{fit.drift_ppm:+.2f} ppm, bound {fit.error_bound_s * 1e6:.1f} us")
+                         nominal_rate=s.rate, title=f"{q.get('verdict', '')} {title}".strip(), source=fit.source,
+                         residual_limit_s=limits.max_residual_samples / s.rate, bound_s=fit.error_bound_s,
+                         incidents=incidents, frame_time_s=frame_t, dropped_frame_time_s=dropped_t)

@@ -27,6 +27,7 @@ REGULAR_TOL_SAMPLES = 0.1  # starting_time + rate only if the map is that close 
 HOST_TIMED = "timed by host receive times (~1 ms accuracy)"
 MIN_PAIRED_FRACTION = 0.9  # of the frames recorded while the strobe line was recorded
 MAX_PLAUSIBLE_PPM = 1000.0  # crystal clocks are off by tens of ppm; more means frames slipped against strobes
+MAX_PRIOR_TREND_PPM = 2000.0  # a camera's receive latency may creep this fast (a tilted host-time prior)
 
 
 # -- clock alignment -----------------------------------------------------------------------------------------------
@@ -75,14 +76,30 @@ def _identity(ref: Stream) -> ClockFit:
 
 
 def _align_sync(s: Stream, ref: Stream) -> Alignment:
+    """Pair the stream's sync edges with the reference's, the host-time fit as the prior (which lets a regular
+    train pair when host timing resolves its period); a counter segment whose edges cannot be fitted is timed by
+    host receive times alone, flagged; the whole stream only if no segment can be fitted."""
     dev, refe = s.edges.get("sync", np.empty(0, np.int64)), ref.edges.get("sync", np.empty(0, np.int64))
     try:
-        fit = align_stream(dev, s.rate, refe, ref.rate)
+        host: ClockFit | None = _host_fit(s, ref)
+    except FinalizeError:  # too few host points: the edges alone may still do
+        host = None
+    prior = host if host is not None and host.segments == len(split_counter_resets(dev)) else None
+    try:
+        fit = align_stream(dev, s.rate, refe, ref.rate, prior=prior)
         if fit.segments != s.n_segments:
             raise ClockFitError(f"sync edges show {fit.segments} counter segments, the chunk index {s.n_segments}")
     except ClockFitError as e:
-        return Alignment(_host_fit(s, ref), [f"sync fit failed ({e}): {HOST_TIMED}"])
-    return Alignment(fit, [], pairs=_nearest_pairs(dev, fit, refe / ref.rate - 0.5 / ref.rate))
+        return Alignment(host or _host_fit(s, ref), [f"sync fit failed ({e}): {HOST_TIMED}"])
+    flags = [f"{note}: {HOST_TIMED}" for note in fit.notes]
+    return Alignment(_covering_rows(fit, s), flags, pairs=_nearest_pairs(dev, fit, refe / ref.rate - 0.5 / ref.rate))
+
+
+def _covering_rows(fit: ClockFit, s: Stream) -> ClockFit:
+    """The fit with its error bound grown to cover the stream's rows beyond the end knots (extrapolated)."""
+    seg, first, last = s.segment, s.first_sample, s.chunk_end - 1
+    return fit.with_extrapolation([float(first[seg == k].min()) for k in range(fit.segments)],
+                                  [float(last[seg == k].max()) for k in range(fit.segments)])
 
 
 def _nearest_pairs(dev_edges: np.ndarray, fit: ClockFit, ref_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,36 +160,86 @@ def _align_strobe(s: Stream, target: Stream, target_fit: ClockFit, ref: Stream) 
         "host_offset_s": float(offset),
     }
     flags = []
-    if abs(offset) > period / 4:
-        flags.append(f"host-time estimate was {offset * 1e3:.1f} ms off the strobes (over a quarter frame): "
-                     "check the frame/strobe assignment")
+    doubt = _assignment_doubt(*_prior_offsets(strobe_s[sj], host.to_reference(frames[fi].astype(np.float64))),
+                              period)
+    if doubt:
+        flags.append(f"frame/strobe assignment in doubt: {doubt}; check it")
     bound = max(fit.error_bound_s, 0.5 / target.rate + target_fit.error_bound_s)
     fit = replace(fit, source="strobe", unmatched_dev=frames_report["frames_without_strobe"],
-                  unmatched_ref=frames_report["strobes_without_frame"], error_bound_s=bound)
+                  unmatched_ref=frames_report["strobes_without_frame"], error_bound_s=bound,
+                  pairing="frames by host time")
+    fit = _covering_rows(fit, s)
     return Alignment(fit, flags, frames_report, (frames[fi].astype(np.float64), strobe_s[sj]))
+
+
+def _prior_offsets(strobe_s: np.ndarray, prior_s: np.ndarray) -> tuple[float, np.ndarray]:
+    """How far the host-time prior sits from the paired strobes: the largest offset of its linear trend, and each
+    frame's scatter about that trend."""
+    d = strobe_s - prior_s
+    if len(d) < 2:
+        return (float(d[0]) if len(d) else 0.0), np.zeros(len(d))
+    line = np.polyval(np.polyfit(prior_s - prior_s.mean(), d, 1), prior_s - prior_s.mean())
+    return float(line[np.argmax(np.abs(line))]), d - line
+
+
+def _assignment_doubt(offset: float, residuals: np.ndarray, period: float) -> str:
+    """Why the frames may be paired with the wrong strobes, or '' when they cannot be.
+
+    The host-time estimate of each frame is off the strobes by the difference between the camera's and the
+    reference's receive latencies (``offset``, found modulo one frame) plus per-frame jitter (``residuals``).
+    Frames are assigned correctly as long as that stays under half a frame; the assignment is in doubt when the
+    offset plus the 99th percentile of the jitter reaches half a frame, where a frame could take its
+    neighbour's strobe (an offset beyond it would shift every frame by one, which host times cannot show)."""
+    spread = float(np.quantile(np.abs(residuals), 0.99)) if len(residuals) else 0.0
+    if abs(offset) + spread >= period / 2:
+        return (f"host-time estimate {offset * 1e3:+.1f} ms (+-{spread * 1e3:.1f} ms per frame) off the strobes "
+                f"reaches half a frame ({period * 5e2:.1f} ms)")
+    return ""
 
 
 def pair_frames(frames: np.ndarray, prior_s: np.ndarray, strobe_s: np.ndarray, period: float
                 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Pair recorded frames with strobe edges: (frame indices, strobe indices, prior's offset in seconds).
+    """Pair recorded frames with strobe edges: (frame indices, strobe indices, prior's mean offset in seconds).
 
     ``prior_s`` estimates each frame's time (host receive times: ms accurate, offset unknown within a frame).
     The offset between prior and strobes is the circular mean of each frame's distance to its nearest strobe
-    (circular over one frame period, so it is found even if the prior is almost half a period off); the shifted
-    prior then pairs each frame with the one strobe within a quarter period. A strobe claimed twice is dropped.
+    (circular over one frame period, so it is found even if the prior is almost half a period off). A slow trend
+    in that distance (the camera's receive latency creeping by up to ``MAX_PRIOR_TREND_PPM`` of the elapsed time,
+    which tilts the host-time fit) is then fitted and removed; the corrected prior pairs each frame with the one
+    strobe within a quarter period. A strobe claimed twice is dropped.
     """
     if len(strobe_s) < 2 or len(frames) == 0:
         raise ClockFitError(f"{len(strobe_s)} strobe edges for {len(frames)} frames")
     near = _nearest(strobe_s, prior_s)
     phase = np.exp(2j * np.pi * (strobe_s[near] - prior_s) / period)
     offset = float(np.angle(phase.mean()) * period / (2 * np.pi))
-    pred = prior_s + offset
+    pred = prior_s + offset + _prior_trend(prior_s + offset, strobe_s, period)
     j = _nearest(strobe_s, pred)
     ok = np.abs(strobe_s[j] - pred) < period / 4
     fi, sj = np.flatnonzero(ok), j[ok]
     _, inverse, counts = np.unique(sj, return_inverse=True, return_counts=True)
     keep = counts[inverse] == 1
-    return fi[keep], sj[keep], offset
+    return fi[keep], sj[keep], float(np.mean(pred - prior_s))
+
+
+def _prior_trend(pred: np.ndarray, strobe_s: np.ndarray, period: float) -> np.ndarray:
+    """The line through each frame's distance to its nearest strobe over time (frames within a quarter period of
+    it, refitted twice); zero when there are too few frames or the slope exceeds ``MAX_PRIOR_TREND_PPM`` (more
+    is not latency creeping but frames slipping, which the paired fraction and drift checks must see)."""
+    if len(pred) < 10:
+        return np.zeros(len(pred))
+    d = strobe_s[_nearest(strobe_s, pred)] - pred
+    t = pred - pred.mean()
+    line = np.zeros(len(pred))
+    for _ in range(3):
+        use = np.abs(d - line) < period / 4
+        if use.sum() < 10 or np.ptp(t[use]) == 0:
+            return np.zeros(len(pred))
+        slope, icpt = np.polyfit(t[use], d[use], 1)
+        if abs(slope) > MAX_PRIOR_TREND_PPM * 1e-6:
+            return np.zeros(len(pred))
+        line = icpt + slope * t
+    return line
 
 
 def _nearest(sorted_values: np.ndarray, x: np.ndarray) -> np.ndarray:

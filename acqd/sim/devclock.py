@@ -66,3 +66,35 @@ def random_pulse_times(
     n = int((stop_s - start_s) / mean * 1.2) + 2
     times = start_s + np.cumsum(rng.uniform(min_interval_s, max_interval_s, n))
     return times[times < stop_s]
+
+
+def regular_pulse_times(start_s: float, stop_s: float, period_s: float = 1.0, ppm: float = 0.0) -> np.ndarray:
+    """Rising-edge times of a regular square wave in [start_s, stop_s) (SpikeGLX's default imec/NI sync is
+    1 Hz), from a generator whose own crystal is off by ``ppm``. Every stretch looks alike: pairing needs a
+    prior better than half a period."""
+    period = period_s * (1 + ppm * 1e-6)
+    return start_s + period * np.arange(int(np.ceil((stop_s - start_s) / period)))
+
+
+def barcode_pulses(rng: np.random.Generator, start_s: float, stop_s: float, every_s: float = 30.0,
+                   bit_s: float = 0.03, bits: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(rising-edge times, pulse widths) of barcodes as Open Ephys / IBL barcode generators emit them: every
+    ``every_s`` (+-0.5 s) a 10 ms start pulse, 10 ms low, then an incrementing counter, ``bits`` bits of
+    ``bit_s`` each, least significant first; consecutive 1 bits are one pulse."""
+    rises, widths = [], []
+    t, code = start_s + float(rng.uniform(0, every_s)), int(rng.integers(0, 2**20))
+    while t + 0.02 + bits * bit_s < stop_s:
+        rises.append(t)
+        widths.append(0.01)
+        word = [(code >> b) & 1 for b in range(bits)] + [0]
+        b = 0
+        while b < bits:
+            if word[b]:
+                run = next(e for e in range(b, bits + 1) if not word[e]) - b
+                rises.append(t + 0.02 + b * bit_s)
+                widths.append(run * bit_s)
+                b += run
+            b += 1
+        code += 1
+        t += every_s + float(rng.uniform(-0.5, 0.5))
+    return np.asarray(rises), np.asarray(widths)

@@ -1,9 +1,9 @@
 """The simulated rig: every configured stream published over real sockets, with known clocks.
 
 ``Rig(cfg, params)`` is deterministic for a seed: each device has a ``DeviceClock`` (offset, drift,
-optional wander), every device sees the same random-interval sync pulses in its own sample
-counter, and sample values come from a pre-built pool of band-limited noise with spikes (so
-compression ratios mean something and publishing costs little CPU). Tests rebuild the same ``Rig``
+optional wander), every device sees the same sync pulses in its own sample counter (random intervals,
+a regular square wave or barcodes: ``SimParams.sync``), and sample values come from a pre-built pool
+of band-limited noise with spikes (so compression ratios mean something and publishing costs little CPU). Tests rebuild the same ``Rig``
 to know exactly what was sent: ``samples(stream, first, n)`` and ``expected_edges(stream, line)``.
 
 ``run`` paces the devices in real time and injects faults (``Fault``); ``truth()`` is the record
@@ -22,7 +22,7 @@ import numpy as np
 import zmq
 
 from acqd.config import ChannelSync, FrameSync, RigConfig, StreamConfig, StrobeSync
-from acqd.sim.devclock import DeviceClock, random_pulse_times
+from acqd.sim.devclock import DeviceClock, barcode_pulses, random_pulse_times, regular_pulse_times
 from acqd.wire.protocol import Header, encode, encode_header
 from acqd.wire.publisher import Publisher, edge_records
 
@@ -47,6 +47,11 @@ class SimParams:
     """Devices were started up to this long before the simulation (their counters are not at 0)."""
     send_jitter_s: float = 0.002
     """Random extra delay before each send (host-side latency)."""
+    sync: str = "random"
+    """Sync scheme on the shared line: 'random' (intervals 0.5-1.5 s), 'regular' (square wave of ``sync_period_s``,
+    50 % duty: SpikeGLX's default), or 'barcode' (32-bit barcodes of 30 ms bits every 30 s)."""
+    sync_period_s: float = 1.0
+    """Period of the regular square wave."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +130,7 @@ class Rig:
     def __init__(self, cfg: RigConfig, params: SimParams = SimParams()):
         self.cfg, self.params = cfg, params
         rng = np.random.default_rng(params.seed)
-        self.pulses = random_pulse_times(rng, 0.2, params.seconds + 5)
+        self.pulses, self.widths = sync_pulses(params, rng)
         self.devices: dict[str, Device] = {}
         for s in (s for s in cfg.streams if s.lsl is None):  # LSL streams come from their outlets
             clock = DeviceClock(rate=s.rate, offset_s=-float(rng.uniform(1, params.max_offset_s)),
@@ -140,7 +145,7 @@ class Rig:
                 dev.pulse_edges = dev.clock.sample_at(self.pulses)
             if isinstance(sync, ChannelSync):
                 dev.lines[(sync.channel, sync.bit)] = (dev.pulse_edges,
-                                                       dev.clock.sample_at(self.pulses + PULSE_WIDTH_S))
+                                                       dev.clock.sample_at(self.pulses + self.widths))
             if isinstance(sync, StrobeSync):  # each frame strobes a line of another device
                 target = self.devices[sync.stream]
                 frames = np.arange(dev.next_sample, dev.next_sample + int(params.seconds * dev.cfg.rate) + 2)
@@ -168,6 +173,21 @@ class Rig:
                 "devices": {n: {"rate": d.clock.rate, "offset_s": d.clock.offset_s, "ppm": d.clock.ppm,
                                 "wander_ppm": d.clock.wander_ppm, "wander_period_s": d.clock.wander_period_s,
                                 "first_sample": int(d.next_sample)} for n, d in self.devices.items()}}
+
+
+def sync_pulses(params: SimParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(rising-edge true times, widths) of the shared sync line, by ``params.sync``."""
+    start, stop = 0.2, params.seconds + 5
+    if params.sync == "random":
+        t = random_pulse_times(rng, start, stop)
+        return t, np.full(len(t), PULSE_WIDTH_S)
+    if params.sync == "regular":
+        # The generator's crystal is not the reference's: the pulses' phase against the sample clocks moves.
+        t = regular_pulse_times(start, stop, params.sync_period_s, float(rng.uniform(-20, 20)))
+        return t, np.full(len(t), params.sync_period_s / 2)
+    if params.sync == "barcode":
+        return barcode_pulses(rng, start, stop)
+    raise ValueError(f"sync scheme {params.sync!r} is not one of random, regular, barcode")
 
 
 def run(rig: Rig, seconds: float, faults: list[Fault] = (), *, wait_for_peers_s: float = 30.0,
