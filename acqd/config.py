@@ -179,6 +179,10 @@ class DaemonConfig(_Frozen):
                                                           "restart_window_s is not restarted again")
     restart_window_s: float = Field(600.0, gt=0)
     finalize_on_stop: bool = False
+    heartbeat_timeout_s: float = Field(2.0, gt=0)
+    """A live writer that sends nothing (not even stats) for this long is reported `hung`."""
+    disk_reserve_bytes: int = Field(2_000_000_000, ge=0)
+    """Free space on the data root below which recording stops cleanly (a warning at twice this)."""
 
 
 class Subject(_Frozen):

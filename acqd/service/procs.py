@@ -34,6 +34,15 @@ def wait_until(cond: Callable[[], T], what: str, timeout_s: float = 60.0, every_
         time.sleep(every_s)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie, dead but not yet reaped by its parent, is not)."""
+    try:
+        os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+
+
 def stop_process(proc: subprocess.Popen, timeout_s: float = 60.0, sig: int = signal.SIGTERM) -> int:
     """Send ``sig``, wait, then SIGKILL if it must: the process is always reaped."""
     if proc.poll() is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from acqd.service.procs import wait_until
+from acqd.service.procs import pid_alive, wait_until
 from acqd.record.streamfile import committed_rows, open_for_read
 from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
 
@@ -21,14 +21,6 @@ def flushed_rows(path: Path) -> int:
     """Rows a SWMR reader can see right now (what reached the file at the last flush)."""
     with h5py.File(path, "r", libver="latest", swmr=True) as f:
         return committed_rows(f)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
 @pytest.mark.e2e
