@@ -356,6 +356,11 @@ class Supervisor:
             self._incident(name, "writer_reconciled", f"writer (pid {h.proc.pid}) was {was} although this session "
                                                       f"records it (an earlier command did not reach it in time); "
                                                       f"told to record into part {h.part}", incomplete=True)
+        elif want and not any(p["path"] == _rel(file, self.session_dir) for p in self.session["streams"][name]["parts"]):
+            h.part = st.get("part", h.part)  # its `recording` report was lost (a full send queue): list the part
+            self.session["streams"][name]["parts"].append({"part": h.part, "path": _rel(file, self.session_dir),
+                                                           "rows": None})
+            self._save_session()
         elif not want and file is not None:
             self._send(name, cmd="stop")
             self._incident(name, "writer_reconciled", f"writer (pid {h.proc.pid}) was still recording into {file} "

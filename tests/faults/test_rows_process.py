@@ -173,3 +173,116 @@ def test_row32_second_daemon_with_the_same_rig_is_refused_and_the_first_loses_no
         with h5py.File(path, "r") as f:
             assert f["gaps"].shape[0] == 0 and assert_bit_exact(f, rig, s.name) == committed_rows(f) > 0
     assert not json.loads((folder / "session.json").read_text())["incomplete"]
+
+
+@pytest.mark.e2e
+def test_row30_stop_against_a_stalled_writer_then_record_never_silently_lacks_the_stream(tmp_path, daemon_factory):
+    rig_file = write_rig(tmp_path)
+    daemon = daemon_factory(rig_file)
+    with recording(daemon, rig_file, "a", seed=30) as (_, first):
+        pid = daemon.command("status")["streams"]["sensor"]["pid"]
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            daemon.command("stop")  # the writer cannot answer: stop gives up on it once it is seen hung
+            stop_s = time.monotonic() - t0
+            with pytest.raises(ApiError, match="stream 'sensor' has a hung writer") as refused:
+                daemon.command("record", session="b")
+            assert refused.value.status == 409 and not (tmp_path / "data" / "b").exists()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # It resumes, handles the stale `stop` (closing a's file), and is reconciled to acquiring.
+        wait_until(lambda: daemon.command("status")["streams"]["sensor"]["state"] == "acquiring", "the writer back")
+        wait_until(lambda: not daemon.command("preflight")["problems"], "every stream to flow")
+        third = Path(daemon.command("record", session="c")["session"]["path"])
+        rows = wait_until(lambda: (s := daemon.command("status")["streams"])["sensor"]["rows"] > 500 and s,
+                          "the sensor to record in the next session")
+        assert all(s["state"] == "recording" and s["pid"] for s in rows.values())
+        daemon.command("stop")
+    assert stop_s < 15, stop_s  # not the 30 s command timeout
+    a = json.loads((first / "session.json").read_text())
+    assert a["state"] == "closed" and a["incomplete"]
+    assert {"writer_hung", "stop_timeout"} <= {i["kind"] for i in a["incidents"] if i["stream"] == "sensor"}
+    c = json.loads((third / "session.json").read_text())
+    assert c["state"] == "closed" and not c["incomplete"], c["incidents"]
+    _, rig = rig_for(rig_file, seed=30)
+    for s in ("probe", "nidaq", "camera", "sensor"):
+        for folder in (first, third):  # a's sensor file was closed by the writer when it resumed
+            with h5py.File(folder / "streams" / f"{s}.h5", "r") as f:
+                assert committed_rows(f) > 0
+                if s == "sensor":
+                    assert assert_bit_exact(f, rig, s) == committed_rows(f)
+    print(f"row30: stop returned in {stop_s:.2f} s with the writer stopped")
+
+
+@pytest.mark.e2e
+def test_row30_record_while_a_writer_is_stalled_says_so_and_records_it_once_it_answers(tmp_path, daemon_factory):
+    rig_file = write_rig(tmp_path)
+    daemon = daemon_factory(rig_file)
+    daemon.command("acquire")
+    sim = Simulator(rig_file, 60, seed=33)
+    try:
+        wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
+        pid = daemon.command("status")["streams"]["sensor"]["pid"]
+        try:
+            os.kill(pid, signal.SIGSTOP)  # stalled, not yet seen hung: preflight passes
+            status = daemon.command("record", session="late")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        folder = Path(status["session"]["path"])
+        assert status["session"]["incomplete"] and status["streams"]["sensor"]["state"] == "hung"
+        rows = wait_until(lambda: (s := daemon.command("status")["streams"]["sensor"])["rows"] > 500 and s,
+                          "the writer to handle its record command when it answers")
+        assert rows["state"] == "recording" and rows["pid"] == pid
+        daemon.command("stop")
+    finally:
+        sim.stop()
+    session = json.loads((folder / "session.json").read_text())
+    assert session["incomplete"]
+    (why,) = [i for i in session["incidents"] if i["kind"] == "record_start_failed"]
+    assert why["stream"] == "sensor" and "hung before opening its file" in why["detail"]
+    assert [p["path"] for p in session["streams"]["sensor"]["parts"]] == ["streams/sensor.h5"]
+    _, rig = rig_for(rig_file, seed=33)
+    with h5py.File(folder / "streams" / "sensor.h5", "r") as f:
+        assert assert_bit_exact(f, rig, "sensor") == committed_rows(f) > 0
+
+
+@pytest.mark.e2e
+def test_row30_a_lost_writer_report_is_reconciled_from_its_stats(tmp_path):
+    """A writer's report can be lost (its control send queue full: counted as unsent_reports, never blocking the
+    data path). Here its `recording` report is dropped: the supervisor still learns the writer's real state from
+    the next stats, so RECORD neither times out nor leaves the part unlisted."""
+    from acqd.config import load_config
+    from acqd.service.supervisor import Supervisor
+
+    rig_file = write_rig(tmp_path)
+    sup = Supervisor(load_config(rig_file))
+    real = sup._on_writer_message
+    dropped = []
+
+    def lossy(name: str, msg: dict) -> None:
+        if name == "sensor" and msg.get("type") == "recording" and not dropped:
+            dropped.append(msg)
+            return
+        real(name, msg)
+
+    sup._on_writer_message = lossy
+    sim = None
+    try:
+        sup.acquire()
+        sim = Simulator(rig_file, 60, seed=34)
+        sup._wait_for(lambda: not sup.preflight(), "all streams to flow")
+        t0 = time.monotonic()
+        status = sup.record(None, "lossy")
+        record_s = time.monotonic() - t0
+        assert dropped and status["streams"]["sensor"]["state"] == "recording"
+        folder = Path(status["session"]["path"])
+        assert [p["path"] for p in sup.session["streams"]["sensor"]["parts"]] == ["streams/sensor.h5"]
+        sup.stop_recording()
+    finally:
+        if sim:
+            sim.stop()
+        sup.shutdown()
+    assert record_s < 10, record_s
+    session = json.loads((folder / "session.json").read_text())
+    assert session["streams"]["sensor"]["parts"][0]["rows"] > 0 and not session["incomplete"]
