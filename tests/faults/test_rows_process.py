@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,3 +287,58 @@ def test_row30_a_lost_writer_report_is_reconciled_from_its_stats(tmp_path):
     assert record_s < 10, record_s
     session = json.loads((folder / "session.json").read_text())
     assert session["streams"]["sensor"]["parts"][0]["rows"] > 0 and not session["incomplete"]
+
+
+def chattr(flag: str, path: Path) -> None:
+    subprocess.run(["chattr", flag, str(path)], check=True, timeout=30, capture_output=True)
+
+
+def can_chattr(path: Path) -> bool:
+    probe = path / "chattr-probe"
+    probe.mkdir()
+    try:
+        chattr("+i", probe)
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    chattr("-i", probe)
+    return True
+
+
+@pytest.mark.e2e
+def test_row06_disk_reserve_warns_then_stops_recording_cleanly_and_session_json_follows(tmp_path, daemon_factory):
+    """Free space is pushed below ``disk_reserve_bytes`` by a preallocated filler file (no real fill of the disk);
+    while it happens session.json cannot be written (the folder is made immutable): the closed state, the
+    incompleteness and the incident reach it as soon as it can be written again."""
+    if not can_chattr(tmp_path):
+        pytest.skip("needs chattr +i (root on ext4)")
+    margin = 300_000_000
+    reserve = shutil.disk_usage(tmp_path).free - margin
+    rig_file = write_rig(tmp_path, daemon_overrides={"disk_reserve_bytes": reserve})
+    daemon = daemon_factory(rig_file)
+    filler = tmp_path / "filler"
+    with recording(daemon, rig_file, "reserve", seed=6) as (status, folder):
+        wait_until(lambda: any(i["kind"] == "disk_low" for i in incidents(folder)), "the 2x reserve warning")
+        wait_until(lambda: daemon.command("status")["streams"]["probe"]["rows"] > 0, "data")
+        chattr("+i", folder)
+        try:
+            with open(filler, "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, 2 * margin)
+            stopped = wait_until(lambda: (s := daemon.command("status"))["mode"] == "ACQUIRE" and s,
+                                 "recording to stop at the reserve", 30)
+            assert json.loads((folder / "session.json").read_text())["state"] == "recording"  # not writable yet
+        finally:
+            chattr("-i", folder)
+        assert stopped["session"] is None and all(s["state"] == "acquiring" for s in stopped["streams"].values())
+        problems = " ".join(daemon.command("preflight")["problems"])
+        assert "below daemon.disk_reserve_bytes" in problems
+        session = wait_until(lambda: (s := json.loads((folder / "session.json").read_text()))["state"] == "closed"
+                             and s, "the retried session.json write")
+        filler.unlink()
+    assert session["incomplete"] and session["stopped_reason"] == "disk reserve reached"
+    kinds = [i["kind"] for i in session["incidents"]]
+    assert kinds.index("disk_low") < kinds.index("disk_full")
+    _, rig = rig_for(rig_file, seed=6)
+    for s in ("probe", "sensor"):  # closed cleanly: plain open, every committed row as sent and listed
+        with h5py.File(folder / "streams" / f"{s}.h5", "r") as f:
+            assert assert_bit_exact(f, rig, s) == committed_rows(f) == f["data"].shape[0] > 0
+            assert session["streams"][s]["parts"][0]["rows"] == committed_rows(f)
