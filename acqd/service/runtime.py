@@ -66,6 +66,9 @@ def lock_endpoints(base: Path, endpoints: Iterable[tuple[str, str]]) -> list[tup
     """Hold every (stream, endpoint) exclusively; refuse, naming the endpoint, if another daemon holds one."""
     folder = base / "endpoints"
     folder.mkdir(mode=0o700, exist_ok=True)
+    for stale in folder.glob("*.lock"):  # left by daemons that were killed: free, so lockable
+        if (fd := _lock(stale)) is not None:
+            release([(fd, stale)])
     held: list[tuple[int, Path]] = []
     try:
         for stream, endpoint in endpoints:

@@ -193,6 +193,8 @@ class Supervisor:
                 name, msg = ident.decode(), zmq.utils.jsonapi.loads(raw)
                 if not isinstance(msg, dict):
                     raise ValueError("not a JSON object")
+                if name not in self.writers:
+                    raise ValueError(f"no writer {name!r}")
             except ValueError as e:  # not from a writer of ours: counted, one line, never a traceback
                 self.junk_messages += 1
                 print(f"acqd: ignored a malformed message on the writer control socket ({e}); "
