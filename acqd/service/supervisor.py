@@ -197,8 +197,9 @@ class Supervisor:
                     raise ValueError(f"no writer {name!r}")
             except ValueError as e:  # not from a writer of ours: counted, one line, never a traceback
                 self.junk_messages += 1
-                print(f"acqd: ignored a malformed message on the writer control socket ({e}); "
-                      f"{self.junk_messages} so far", file=sys.stderr, flush=True)
+                if self.junk_messages <= 10 or self.junk_messages % 1000 == 0:  # a flood must not flood the log
+                    print(f"acqd: ignored a malformed message on the writer control socket ({e}); "
+                          f"{self.junk_messages} so far", file=sys.stderr, flush=True)
                 continue
             self._on_writer_message(name, msg)
         self._check_processes()
@@ -261,12 +262,14 @@ class Supervisor:
             case "closed":
                 if msg.get("final", True):  # not a size rollover: the writer is back to acquiring
                     h.state = "acquiring"
-                if self.session is not None:
+                if self.session is not None and Path(msg["path"]).parent == self.session_dir / STREAMS_DIR:
                     entry = self.session["streams"][name]
                     for p in entry["parts"]:
                         if p["path"] == _rel(msg["path"], self.session_dir):
                             p["rows"], p["counts"] = msg["rows"], msg["counts"]
                     self._save_session()
+                else:  # a writer that was hung at stop closed its file late: complete that session's record
+                    _record_late_close(name, msg)
             case "event":
                 self._on_event(name, msg)
 
@@ -374,7 +377,10 @@ class Supervisor:
         if self.mode != RECORD:
             return
         reserve = self.cfg.daemon.disk_reserve_bytes
-        free = shutil.disk_usage(self.data_root).free
+        try:
+            free = shutil.disk_usage(self.data_root).free
+        except OSError:
+            return  # the data root vanished: the writers' own write errors say so
         if free < reserve:
             self._incident(None, "disk_full", f"{free} bytes free on {self.data_root}, below daemon.disk_reserve_bytes "
                                               f"({reserve}): recording stopped", incomplete=True)
@@ -497,7 +503,7 @@ class Supervisor:
         for name, h in self.writers.items():
             if h.state == "recording" and h.hung_since is not None:  # it closes its file when it answers again
                 self._incident(name, "stop_timeout", f"writer (pid {h.proc.pid}) is hung and did not close its file; "
-                                                     f"rows after its last report are not counted here", incomplete=True)
+                                                     f"its rows reach session.json when it does", incomplete=True)
         session_id = self.session["session_id"]
         self._close_session(CLOSED)
         if self.cfg.daemon.finalize_on_stop:
@@ -669,7 +675,8 @@ class Supervisor:
         return {"mode": self.mode, "session": session, "streams": streams,
                 "last_session": self.last_session,
                 "data_root": str(self.data_root), "disk_free_bytes": shutil.disk_usage(self.data_root).free,
-                "disk_reserve_bytes": self.cfg.daemon.disk_reserve_bytes, "recovered": self.recovered}
+                "disk_reserve_bytes": self.cfg.daemon.disk_reserve_bytes, "recovered": self.recovered,
+                "control_junk_messages": self.junk_messages}
 
 
 def stop_quietly(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
@@ -698,6 +705,24 @@ def _write_session(folder: Path, session: dict) -> bool:
     except OSError as e:
         print(f"acqd: cannot write {folder / SESSION_FILE} ({e}); retrying", file=sys.stderr, flush=True)
         return False
+
+
+def _record_late_close(stream: str, msg: dict) -> None:
+    """Put the rows of a part closed after its session was closed into that session's session.json."""
+    folder = Path(msg["path"]).parent.parent
+    try:
+        s = read_session(folder)
+    except SessionError:
+        return
+    rel = _rel(msg["path"], folder)
+    parts = [p for p in s.get("streams", {}).get(stream, {}).get("parts", []) if p["path"] == rel]
+    if s.get("state") != CLOSED or not parts:
+        return
+    for p in parts:
+        p["rows"], p["counts"] = msg["rows"], msg["counts"]
+    s["incidents"].append({"time": now_iso(), "stream": stream, "kind": "late_close",
+                           "detail": f"{rel} was closed by its writer after the session closed ({msg['rows']} rows)"})
+    _write_session(folder, s)
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -219,7 +219,9 @@ def test_row30_stop_against_a_stalled_writer_then_record_never_silently_lacks_th
     assert stop_s < 15, stop_s  # not the 30 s command timeout
     a = json.loads((first / "session.json").read_text())
     assert a["state"] == "closed" and a["incomplete"]
-    assert {"writer_hung", "stop_timeout"} <= {i["kind"] for i in a["incidents"] if i["stream"] == "sensor"}
+    assert {"writer_hung", "stop_timeout", "late_close"} <= {i["kind"] for i in a["incidents"] if i["stream"] == "sensor"}
+    with h5py.File(first / "streams" / "sensor.h5", "r") as f:  # its rows reached a's record when it closed
+        assert a["streams"]["sensor"]["parts"][0]["rows"] == committed_rows(f)
     c = json.loads((third / "session.json").read_text())
     assert c["state"] == "closed" and not c["incomplete"], c["incidents"]
     _, rig = rig_for(rig_file, seed=30)
