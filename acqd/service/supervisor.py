@@ -336,7 +336,7 @@ class Supervisor:
         now, limit = time.monotonic(), self.cfg.daemon.heartbeat_timeout_s
         for name, h in self.writers.items():
             if (h.ready and h.hung_since is None and now - h.heard > limit and h.proc.poll() is None
-                    and h.state not in ("stopping", "stopped", "stopped_failed")):
+                    and h.state not in ("failed", "stopping", "stopped", "stopped_failed")):
                 h.hung_since = h.heard
                 self._incident(name, "writer_hung", f"writer (pid {h.proc.pid}) sent nothing for {now - h.heard:.1f} s "
                                                     f"(heartbeat_timeout_s {limit:g}); data it misses meanwhile shows "
