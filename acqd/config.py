@@ -184,6 +184,13 @@ class DaemonConfig(_Frozen):
     disk_reserve_bytes: int = Field(2_000_000_000, ge=0)
     """Free space on the data root below which recording stops cleanly (a warning at twice this)."""
 
+    @model_validator(mode="after")
+    def _heartbeat_after_stats(self) -> DaemonConfig:
+        if self.heartbeat_timeout_s <= 2 * self.stats_interval_s:  # stats are the heartbeat
+            raise ValueError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s:g}) must exceed twice "
+                             f"stats_interval_s ({self.stats_interval_s:g})")
+        return self
+
 
 class Subject(_Frozen):
     """The fields DANDI treats as critical are required when a recording starts."""

@@ -6,9 +6,9 @@ never copied between processes. It receives and checks chunks from the moment it
 (ACQUIRE: counted, not stored) and appends them to a stream file while recording (RECORD).
 
 It talks to the supervisor over one DEALER socket (JSON frames): it sends ``ready``, ``stats``,
-``event`` and ``closed``, each with its pid and the id of the last command it handled (``acked``), and stats
-say whether it is recording, so the supervisor can reconcile its real state; it obeys ``record``, ``stop`` and
-``shutdown``. SIGTERM, or the
+``event`` and ``closed``, each with its pid and the id of the last command it handled (``acked``);
+stats also say whether and where it records, so the supervisor can reconcile its real state. It obeys
+``record``, ``stop`` and ``shutdown``. SIGTERM, or the
 supervisor's death, closes the file cleanly. A full disk stops the stream with a reason and an exit
 code of ``EXIT_DISK_FULL``; committed data (per the chunk index) stays readable.
 """

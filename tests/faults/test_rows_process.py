@@ -329,8 +329,7 @@ def test_row06_disk_reserve_warns_then_stops_recording_cleanly_and_session_json_
     incompleteness and the incident reach it as soon as it can be written again."""
     if not can_chattr(tmp_path):
         pytest.skip("needs chattr +i (root on ext4)")
-    margin = 300_000_000
-    reserve = shutil.disk_usage(tmp_path).free - margin
+    reserve = shutil.disk_usage(tmp_path).free - 1_000_000_000  # other processes share this disk: a wide margin
     rig_file = write_rig(tmp_path, daemon_overrides={"disk_reserve_bytes": reserve})
     daemon = daemon_factory(rig_file)
     filler = tmp_path / "filler"
@@ -339,8 +338,8 @@ def test_row06_disk_reserve_warns_then_stops_recording_cleanly_and_session_json_
         wait_until(lambda: daemon.command("status")["streams"]["probe"]["rows"] > 0, "data")
         chattr("+i", folder)
         try:
-            with open(filler, "wb") as f:
-                os.posix_fallocate(f.fileno(), 0, 2 * margin)
+            with open(filler, "wb") as f:  # sized now: 200 MB below the reserve, whatever happened meanwhile
+                os.posix_fallocate(f.fileno(), 0, max(1, shutil.disk_usage(tmp_path).free - reserve + 200_000_000))
             stopped = wait_until(lambda: (s := daemon.command("status"))["mode"] == "ACQUIRE" and s,
                                  "recording to stop at the reserve", 30)
             assert json.loads((folder / "session.json").read_text())["state"] == "recording"  # not writable yet
@@ -415,10 +414,11 @@ def test_row23_unwritable_data_root_is_refused_with_the_path_and_the_reason(tmp_
         assert daemon.client.request("GET", "/api/recording")["parent_directory"] == str(tmp_path / "data")
     finally:
         chattr("-i", locked)
-    with recording(daemon, rig_file, "ok", seed=23):
-        daemon.command("stop")
-    chattr("+i", tmp_path / "data")  # made unwritable while the daemon runs
+    daemon.command("acquire")
+    sim = Simulator(rig_file, 60, seed=23)
     try:
+        wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
+        chattr("+i", tmp_path / "data")  # made unwritable while the daemon runs
         with pytest.raises(ApiError) as refused:
             daemon.command("record", session="later")
         assert refused.value.status == 409
@@ -428,6 +428,8 @@ def test_row23_unwritable_data_root_is_refused_with_the_path_and_the_reason(tmp_
         assert cli.returncode == 2 and cli.stderr.strip().splitlines() == [f"acqd: error: {refused.value}"]
     finally:
         chattr("-i", tmp_path / "data")
+        sim.stop()
+    assert not any(p.is_dir() for p in (tmp_path / "data").iterdir())  # no session folder was left behind
 
 
 @pytest.mark.e2e
