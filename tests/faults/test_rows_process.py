@@ -159,6 +159,7 @@ def _quietly(fn, *args) -> None:
 def test_row31_daemon_killed_during_acquire_leaves_no_orphan_writer(tmp_path, seed):
     seen, orphans = kill_daemon_during_acquire(tmp_path, seed)
     assert orphans == [], f"writers {orphans} outlived the daemon (seen: {seen})"
+    print(f"row31 seed {seed}: {len(seen)} writer processes had started when the daemon was killed")
 
 
 @pytest.mark.slow
@@ -188,7 +189,9 @@ def test_row32_second_daemon_with_the_same_rig_is_refused_and_the_first_loses_no
         path = folder / "streams" / f"{s.name}.h5"
         assert seqs_accounted_for(path)[1] == 0
         with h5py.File(path, "r") as f:
-            assert f["gaps"].shape[0] == 0 and assert_bit_exact(f, rig, s.name) == committed_rows(f) > 0
+            assert f["gaps"].shape[0] == 0 and committed_rows(f) > 0
+            if s.socket == "pull":  # what a second daemon would have taken
+                assert assert_bit_exact(f, rig, s.name) == committed_rows(f)
     assert not json.loads((folder / "session.json").read_text())["incomplete"]
 
 
