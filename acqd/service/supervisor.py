@@ -500,13 +500,15 @@ class Supervisor:
                                        for h in self.writers.values()), "writers to close their files")
         except SessionError as e:
             self._incident(None, "stop_timeout", str(e), incomplete=True)
-        for name, h in self.writers.items():
-            if h.state == "recording" and h.hung_since is not None:  # it closes its file when it answers again
-                self._incident(name, "stop_timeout", f"writer (pid {h.proc.pid}) is hung and did not close its file; "
-                                                     f"its rows reach session.json when it does", incomplete=True)
+        still_open = [name for name, h in self.writers.items() if h.state == "recording" and h.hung_since is not None]
+        for name in still_open:  # it closes its file when it answers again
+            self._incident(name, "stop_timeout", f"writer (pid {self.writers[name].proc.pid}) is hung and did not close "
+                                                 f"its file; its rows reach session.json when it does"
+                                                 + ("; not finalized on stop" if self.cfg.daemon.finalize_on_stop else ""),
+                           incomplete=True)
         session_id = self.session["session_id"]
         self._close_session(CLOSED)
-        if self.cfg.daemon.finalize_on_stop:
+        if self.cfg.daemon.finalize_on_stop and not still_open:  # never finalize a file still open for writing
             self.start_job("finalize", session_id)
         return self.status()
 
