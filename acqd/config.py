@@ -308,6 +308,17 @@ class DaemonConfig(_Frozen):
     """Finalize each session as soon as its recording stops."""
     labrecorder: LabRecorderConfig | None = None
     """Serve LabRecorder's remote control commands (start, stop, filename ...); off when absent."""
+    heartbeat_timeout_s: float = Field(2.0, gt=0)
+    """A live writer that sends nothing (not even stats) for this long is reported `hung`."""
+    disk_reserve_bytes: int = Field(2_000_000_000, ge=0)
+    """Free space on the data root below which recording stops cleanly (a warning at twice this)."""
+
+    @model_validator(mode="after")
+    def _heartbeat_after_stats(self) -> DaemonConfig:
+        if self.heartbeat_timeout_s <= 2 * self.stats_interval_s:  # stats are the heartbeat
+            raise ValueError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s:g}) must exceed twice "
+                             f"stats_interval_s ({self.stats_interval_s:g})")
+        return self
 
 
 class Subject(_Frozen):

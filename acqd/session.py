@@ -42,22 +42,36 @@ def session_name(prepend_text: str = "", base_text: str = "", append_text: str =
         raise SessionError(str(e)) from None
 
 
+def ensure_data_root(data_root: Path) -> Path:
+    """Create the data root if needed and prove it can be written; refuse with the path and the reason if not."""
+    root = Path(data_root).resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".acqd-write-test.", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise SessionError(f"data root {root} cannot be written: {e.strerror or e}") from None
+    return root
+
+
 def create_session_dir(data_root: Path, session_id: str) -> Path:
     """Create ``<data_root>/<session_id>/streams`` exclusively; refuse names that escape or collide."""
     try:
         check_name(session_id, "session name")
     except ValueError as e:
         raise SessionError(str(e)) from None
-    root = Path(data_root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    root = ensure_data_root(data_root)
     folder = root / session_id
     if folder.resolve().parent != root:
         raise SessionError(f"session {session_id!r} would be outside {root}")
     try:
         folder.mkdir()  # exclusive: an existing session (or a planted symlink) is never reused
+        (folder / STREAMS_DIR).mkdir()
     except FileExistsError:
         raise SessionError(f"session {session_id!r} already exists in {root}") from None
-    (folder / STREAMS_DIR).mkdir()
+    except OSError as e:
+        raise SessionError(f"cannot create session {session_id!r} in {root}: {e.strerror or e}") from None
     return folder
 
 

@@ -1,19 +1,20 @@
 """A writer process: one stream's socket, checks and HDF5 file.
 
-Run as ``python -m acqd.record.writer SPEC_JSON`` by the supervisor (one process per stream, because h5py
+Started as ``python -m acqd.record.launch SPEC_JSON`` by the supervisor (one process per stream, because h5py
 serialises every call through one global lock). The writer owns its data socket, so a chunk is
 never copied between processes. It receives and checks chunks from the moment it starts
 (ACQUIRE: counted, not stored) and appends them to a stream file while recording (RECORD).
 
 It talks to the supervisor over one DEALER socket (JSON frames): it sends ``ready``, ``stats``,
-``event`` and ``closed``; it obeys ``record``, ``stop`` and ``shutdown``. SIGTERM, or the
+``event`` and ``closed``, each with its pid and the id of the last command it handled (``acked``);
+stats also say whether and where it records, so the supervisor can reconcile its real state. It obeys
+``record``, ``stop`` and ``shutdown``. SIGTERM, or the
 supervisor's death, closes the file cleanly. A full disk stops the stream with a reason and an exit
 code of ``EXIT_DISK_FULL``; committed data (per the chunk index) stays readable.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -68,6 +69,8 @@ class WriterSpec:
     fsync_interval_s: float | None
     stats_interval_s: float
     clock_pair_interval_s: float
+    parent_pid: int = 0
+    """The daemon's pid when it started this writer; any other parent means the daemon died (see launch)."""
 
     def to_json(self) -> str:
         plain = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -147,13 +150,15 @@ class Writer:
         self.faults = Faults()
         self.held: Cursor | None = None  # after the last LATE / SEQ_JUMP reject: what would continue it
         self.part_cursor: Cursor | None = None  # the cursor when the current part was opened
+        self.acked = 0  # id of the last supervisor command handled; reported with every message
         self._window = (time.monotonic(), 0, 0)
 
     # -- messages to the supervisor ------------------------------------------------------------
     def send(self, msg_type: str, **body) -> None:
         """Report to the supervisor without ever blocking the data path (a flood is counted, not queued)."""
         try:
-            self.ctrl.send_json({"type": msg_type, "stream": self.cfg.name, **body}, zmq.NOBLOCK)
+            self.ctrl.send_json({"type": msg_type, "stream": self.cfg.name, "pid": os.getpid(), "acked": self.acked,
+                                 **body}, zmq.NOBLOCK)
         except zmq.Again:
             self.unsent_reports += 1
 
@@ -167,7 +172,7 @@ class Writer:
         self._window = (now, self.total.messages, self.total.bytes)
         return {"pid": os.getpid(), "connected": self.peers > 0, "peers": self.peers,
                 "unsent_reports": self.unsent_reports, "refused_peers": self.refused_total,
-                "recording": self.file is not None, "last_seq": self.last_seq,
+                "recording": self.file is not None, "part": self.part, "last_seq": self.last_seq,
                 "silent_s": None if not self.last_message_mono else round(now - self.last_message_mono, 3),
                 "messages_per_s": round((self.total.messages - m0) / dt, 2),
                 "mb_per_s": round((self.total.bytes - b0) / dt / 1e6, 3),
@@ -367,6 +372,7 @@ class Writer:
 
     # -- the loop ------------------------------------------------------------------------------
     def on_command(self, msg: dict) -> None:
+        self.acked = msg.get("id", self.acked)
         match msg.get("cmd"):
             case "record":
                 self.start_recording(msg["folder"], msg["session"], int(msg.get("part", 0)))
@@ -422,7 +428,7 @@ class Writer:
         poller = zmq.Poller()
         for s in (self.data, self.ctrl, self.monitor):
             poller.register(s, zmq.POLLIN)
-        parent = os.getppid()
+        parent = self.spec.parent_pid or os.getppid()
         now = time.monotonic()
         next_flush = next_stats = next_pair = now
         last_fsync = now
@@ -524,14 +530,6 @@ class _Denied(logging.Handler):
             self.into.append(str(record.args[0]))
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to send SIGTERM when the supervisor dies, so files still close cleanly."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     spec = WriterSpec.from_json((argv or sys.argv[1:])[0])
     limits = dict(item.split("=") for item in os.environ.get(FSIZE_LIMIT_ENV, "").split(",") if item)
@@ -541,7 +539,6 @@ def main(argv: list[str] | None = None) -> int:
         limit = int(limits[spec.stream.name])
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    _die_with_parent()
     writer = Writer(spec)
     writer.faults = Faults.from_env(spec.stream.name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle

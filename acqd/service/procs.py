@@ -34,6 +34,15 @@ def wait_until(cond: Callable[[], T], what: str, timeout_s: float = 60.0, every_
         time.sleep(every_s)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie, dead but not yet reaped by its parent, is not)."""
+    try:
+        os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+
+
 def stop_process(proc: subprocess.Popen, timeout_s: float = 60.0, sig: int = signal.SIGTERM) -> int:
     """Send ``sig``, wait, then SIGKILL if it must: the process is always reaped."""
     if proc.poll() is None:
@@ -48,12 +57,17 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 60.0, sig: int = sig
 class Daemon:
     """``acqd serve`` on a free port, with a client once its API is up."""
 
-    def __init__(self, config: Path, data_root: Path, workdir: Path, env: dict | None = None):
+    def __init__(self, config: Path, data_root: Path, workdir: Path, env: dict | None = None, log: Path | None = None):
         ready = workdir / f"daemon-{time.monotonic_ns()}.json"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "acqd.cli", "serve", "--config", str(config), "--data-root", str(data_root),
-             "--port", "0", "--ready-file", str(ready)],
-            stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+        err = open(log, "ab") if log else None  # its stderr goes to ``log`` if given
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "acqd.cli", "serve", "--config", str(config), "--data-root", str(data_root),
+                 "--port", "0", "--ready-file", str(ready)],
+                stdin=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})})
+        finally:
+            if err:
+                err.close()
         wait_until(lambda: ready.exists() or self.proc.poll() is not None, "the daemon to start")
         if self.proc.poll() is not None:
             raise RuntimeError(f"the daemon exited with code {self.proc.returncode}")

@@ -9,6 +9,12 @@ A writer that dies is reported as an incident; while recording it is restarted i
 file (at most ``max_writer_restarts`` times within ``restart_window_s``, so a rare crash never ends a
 long acquisition, but a crash loop does), except after a full disk, where the stream stays stopped with
 its reason and the session is marked incomplete.
+
+Every writer message carries the writer's pid and the id of the last command it handled, and its stats say
+whether (and where) it is recording. A writer that sends nothing for ``heartbeat_timeout_s`` is ``hung``
+(an incident; RECORD is refused); once it has handled every command sent to it, its real state is compared
+with what the session expects and corrected, with an incident, so a command that timed out never leaves a
+stream silently unrecorded. Free disk below ``disk_reserve_bytes`` stops the recording cleanly.
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ import zmq
 
 from acqd.config import RigConfig, SessionMetadata, check_name
 from acqd.errors import SessionError
+from acqd.service.runtime import lock_endpoints, make_daemon_dir, release, runtime_base
 from acqd.session import (CLOSED, INTERRUPTED, RECORDING, SESSION_FILE, STREAMS_DIR, create_session_dir,
-                          list_sessions, now_iso, read_session, session_name, write_json_atomic)
+                          ensure_data_root, list_sessions, now_iso, read_session, session_name, write_json_atomic)
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.record.writer import EXIT_DISK_FULL, EXIT_WRITE_ERROR, WriterSpec
 from acqd.service import live
@@ -65,6 +72,16 @@ class WriterHandle:
     restarts: tuple[float, ...] = ()
     """When (monotonic s) each restart of this stream's writer happened."""
     record_on_ready: int | None = None  # part to record into once a restarted writer is ready
+    heard: float = field(default_factory=time.monotonic)
+    """When (monotonic s) the last message from this writer process arrived."""
+    hung_since: float | None = None
+    """Set while the writer sends nothing for longer than heartbeat_timeout_s: the time it was last heard."""
+    stats_at: float = 0.0
+    """When (monotonic s) ``stats`` arrived, to age its ``silent_s``."""
+    sent: int = 0
+    """Id of the last command sent to this writer."""
+    acked: int = 0
+    """Id of the last command the writer reports it has handled."""
 
 
 @dataclass
@@ -114,14 +131,19 @@ class Supervisor:
 
     def __init__(self, cfg: RigConfig):
         self.cfg = cfg
-        self.data_root = Path(cfg.daemon.data_root).resolve()
-        self.data_root.mkdir(parents=True, exist_ok=True)
+        self.data_root = ensure_data_root(cfg.daemon.data_root)
         self._lock_fd = _lock_data_root(self.data_root)
+        base = runtime_base()
+        self._endpoint_locks = lock_endpoints(base, ((s.name, s.endpoint) for s in cfg.streams))
+        self.runtime_dir = make_daemon_dir(base)
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        port = self.router.bind_to_random_port("tcp://127.0.0.1")
-        self.control_endpoint = f"tcp://127.0.0.1:{port}"
+        self.control_endpoint = f"ipc://{self.runtime_dir}/control"
+        self.router.bind(self.control_endpoint)
+        self.junk_messages = 0
+        self._disk_low = False
+        self._closed_unsaved: list[tuple[Path, dict]] = []  # closed sessions whose last write failed
         self.lsl = LslBridges(cfg, self.control_endpoint)
         self.mode = IDLE
         self.writers: dict[str, WriterHandle] = {}
@@ -183,11 +205,29 @@ class Supervisor:
             except BlockingIOError:
                 pass
         while self.router.poll(0):
-            ident, msg = self.router.recv_multipart()
-            self._on_writer_message(ident.decode(), zmq.utils.jsonapi.loads(msg))
+            frames = self.router.recv_multipart()
+            try:
+                ident, raw = frames
+                name, msg = ident.decode(), zmq.utils.jsonapi.loads(raw)
+                if not isinstance(msg, dict):
+                    raise ValueError("not a JSON object")
+                if name not in self.writers and not self.lsl.owns(name):
+                    raise ValueError(f"no writer {name!r}")
+            except ValueError as e:  # not from a writer of ours: counted, one line, never a traceback
+                self.junk_messages += 1
+                if self.junk_messages <= 10 or self.junk_messages % 1000 == 0:  # a flood must not flood the log
+                    log.warning("ignored a malformed message on the writer control socket (%s); %d so far", e,
+                                self.junk_messages)
+                continue
+            self._on_writer_message(name, msg)
         self._check_processes()
+        self._check_heartbeats()
+        self._check_disk()
         if self._unsaved:
             self._save_session(now=False)
+        for folder, session in list(self._closed_unsaved):
+            if _write_session(folder, session):
+                self._closed_unsaved.remove((folder, session))
         live.publish(self)
         if self.on_tick is not None:
             self.on_tick()
@@ -205,32 +245,38 @@ class Supervisor:
         spec = WriterSpec(stream=self.cfg.stream(name), lines=self.cfg.edge_lines(name),
                           control=self.control_endpoint, flush_interval_s=d.flush_interval_s,
                           fsync_interval_s=d.fsync_interval_s, stats_interval_s=d.stats_interval_s,
-                          clock_pair_interval_s=d.clock_pair_interval_s)
-        proc = subprocess.Popen([sys.executable, "-m", "acqd.record.writer", spec.to_json()], stdin=subprocess.DEVNULL)
+                          clock_pair_interval_s=d.clock_pair_interval_s, parent_pid=os.getpid())
+        proc = subprocess.Popen([sys.executable, "-m", "acqd.record.launch", spec.to_json()], stdin=subprocess.DEVNULL)
         return WriterHandle(name, proc)
 
     def _send(self, name: str, **cmd: Any) -> None:
-        self.router.send_multipart([name.encode(), zmq.utils.jsonapi.dumps(cmd)])
+        h = self.writers[name]
+        h.sent += 1
+        self.router.send_multipart([name.encode(), zmq.utils.jsonapi.dumps({**cmd, "id": h.sent})])
 
     def _on_writer_message(self, name: str, msg: dict) -> None:
         if self.lsl.owns(name):
             return self._lsl_incidents([self.lsl.on_message(name, msg)])
         h = self.writers.get(name)
-        if h is None:
-            return
+        if h is None or msg.get("pid") != h.proc.pid:
+            return  # not one of ours, or a late message from a writer that was replaced
+        h.heard = time.monotonic()
+        h.acked = max(h.acked, int(msg.get("acked") or 0))
+        if h.hung_since is not None:
+            self._incident(name, "writer_recovered", f"writer (pid {h.proc.pid}) answers again after "
+                                                     f"{h.heard - h.hung_since:.1f} s")
+            h.hung_since = None
         match msg.get("type"):
             case "ready":
-                if msg.get("pid") != h.proc.pid:
-                    return  # a late message from a writer that was replaced
                 h.ready, h.state = True, "acquiring"
                 if h.record_on_ready is not None and self.session_dir is not None:
                     self._send(name, cmd="record", folder=str(self.session_dir / STREAMS_DIR),
                                session=self._session_attrs(), part=h.record_on_ready)
                     h.record_on_ready = None
             case "stats":
-                if msg.get("pid") == h.proc.pid:
-                    h.stats = msg
-                    self.live.changed = True
+                h.stats, h.stats_at = msg, h.heard
+                self._reconcile(name, h)
+                self.live.changed = True
             case "recording":
                 h.state, h.part = "recording", msg["part"]
                 if self.session is not None:
@@ -240,13 +286,15 @@ class Supervisor:
             case "closed":
                 if msg.get("final", True):  # not a size rollover: the writer is back to acquiring
                     h.state = "acquiring"
-                if self.session is not None:
+                if self.session is not None and Path(msg["path"]).parent == self.session_dir / STREAMS_DIR:
                     entry = self.session["streams"][name]
                     for p in entry["parts"]:
                         if p["path"] == _rel(msg["path"], self.session_dir):
                             p["rows"], p["counts"] = msg["rows"], msg["counts"]
                             p.update({"suspect": msg["suspect"]} if msg.get("suspect") else {})
                     self._save_session()
+                else:  # a writer that was hung at stop closed its file late: complete that session's record
+                    _record_late_close(name, msg)
             case "event":
                 self._on_event(name, msg)
 
@@ -321,6 +369,69 @@ class Supervisor:
                 detail += f", recording into part {new.part}"
             self._incident(name, "writer_died", detail, incomplete=was_recording)
 
+    def _check_heartbeats(self) -> None:
+        """A live writer that has said nothing (stats come every stats_interval_s) for heartbeat_timeout_s is hung:
+        stopped by a signal, deadlocked, or stuck in a system call. It is reported, not killed."""
+        now, limit = time.monotonic(), self.cfg.daemon.heartbeat_timeout_s
+        for name, h in self.writers.items():
+            if (h.ready and h.hung_since is None and now - h.heard > limit and h.proc.poll() is None
+                    and h.state not in ("failed", "stopping", "stopped", "stopped_failed")):
+                h.hung_since = h.heard
+                self._incident(name, "writer_hung", f"writer (pid {h.proc.pid}) sent nothing for {now - h.heard:.1f} s "
+                                                    f"(heartbeat_timeout_s {limit:g}); data it misses meanwhile shows "
+                                                    f"as gaps (sub) or waits in the driver (pull)")
+
+    def _reconcile(self, name: str, h: WriterHandle) -> None:
+        """Compare what a writer reports (its stats) with what the session expects, once it has handled every
+        command sent to it, and correct it: a command that timed out (a stalled writer) is never silently lost."""
+        if h.acked < h.sent or h.state in ("failed", "stopping", "stopped", "stopped_failed"):
+            return  # commands still in flight, or nothing to correct
+        st = h.stats
+        file = st.get("file")
+        h.state = "recording" if st.get("recording") else "acquiring"
+        want = self.mode == RECORD and self.session_dir is not None
+        here = file is not None and Path(file).parent == self.session_dir / STREAMS_DIR if want else False
+        if want and not here:
+            parts = self.session["streams"][name]["parts"]
+            h.part = 1 + max((p["part"] for p in parts), default=-1)
+            self._send(name, cmd="record", folder=str(self.session_dir / STREAMS_DIR), session=self._session_attrs(),
+                       part=h.part)
+            was = f"recording into {file}" if file else "not recording"
+            self._incident(name, "writer_reconciled", f"writer (pid {h.proc.pid}) was {was} although this session "
+                                                      f"records it (an earlier command did not reach it in time); "
+                                                      f"told to record into part {h.part}", incomplete=True)
+        elif want and not any(p["path"] == _rel(file, self.session_dir) for p in self.session["streams"][name]["parts"]):
+            h.part = st.get("part", h.part)  # its `recording` report was lost (a full send queue): list the part
+            self.session["streams"][name]["parts"].append({"part": h.part, "path": _rel(file, self.session_dir),
+                                                           "rows": None})
+            self._save_session()
+        elif not want and file is not None:
+            self._send(name, cmd="stop")
+            self._incident(name, "writer_reconciled", f"writer (pid {h.proc.pid}) was still recording into {file} "
+                                                      f"after its session was closed; told to close it")
+
+    def _check_disk(self) -> None:
+        """Warn at twice ``disk_reserve_bytes`` of free space; at the reserve, stop recording cleanly, before a
+        writer meets ENOSPC (which would leave its last chunk unusable)."""
+        if self.mode != RECORD:
+            return
+        reserve = self.cfg.daemon.disk_reserve_bytes
+        try:
+            free = shutil.disk_usage(self.data_root).free
+        except OSError:
+            return  # the data root vanished: the writers' own write errors say so
+        if free < reserve:
+            self._incident(None, "disk_full", f"{free} bytes free on {self.data_root}, below daemon.disk_reserve_bytes "
+                                              f"({reserve}): recording stopped", incomplete=True)
+            self.session["stopped_reason"] = "disk reserve reached"
+            self.stop_recording()
+        elif free < 2 * reserve and not self._disk_low:
+            self._disk_low = True
+            self._incident(None, "disk_low", f"{free} bytes free on {self.data_root}: recording stops at "
+                                             f"daemon.disk_reserve_bytes ({reserve})")
+        elif free >= 2 * reserve:
+            self._disk_low = False
+
     # -- mode changes (run on the supervisor thread) ---------------------------------------------
     def acquire(self) -> dict:
         """IDLE -> ACQUIRE: start a writer per stream and wait until each is ready. In RECORD: stop recording."""
@@ -369,19 +480,26 @@ class Supervisor:
             "streams": {s.name: {"parts": []} for s in self.cfg.streams},
         }
         self._save_session()
+        self._disk_low = False
         for name, h in self.writers.items():
-            if h.state == "acquiring":
+            h.part = 0
+            if h.state in ("acquiring", "recording"):  # "recording" may be stale; the writer closes any open file
                 self._send(name, cmd="record", folder=str(folder / STREAMS_DIR), session=self._session_attrs(), part=0)
             elif h.state == "starting":  # a restarted writer records as soon as it is ready
                 h.record_on_ready = 0
         self.mode = RECORD
         try:
-            self._wait_for(lambda: all(h.state in ("recording", "stopped_failed", "failed")
-                                       for h in self.writers.values()), "writers to open their files")
+            self._wait_for(lambda: self.mode != RECORD or all(  # (a full disk may stop it meanwhile)
+                (h.state == "recording" and h.acked >= h.sent) or h.hung_since is not None
+                or h.state in ("stopped_failed", "failed") for h in self.writers.values()), "writers to open their files")
         except SessionError as e:  # close what did open: no session is left half started
             self._incident(None, "record_start_failed", str(e), incomplete=True)
             self.stop_recording()
             raise
+        for name, h in self.writers.items():
+            if h.hung_since is not None and h.state != "recording":
+                self._incident(name, "record_start_failed", f"writer (pid {h.proc.pid}) hung before opening its file; "
+                                                            f"it records when it answers again", incomplete=True)
         return self.status()
 
     def preflight(self) -> list[str]:
@@ -390,16 +508,24 @@ class Supervisor:
         limit = self.cfg.daemon.silent_after_s
         for s in self.cfg.streams:
             h = self.writers.get(s.name)
+            if h is not None and h.hung_since is not None:
+                problems.append(f"stream {s.name!r} has a hung writer (pid {h.proc.pid}: nothing heard for "
+                                f"{time.monotonic() - h.hung_since:.1f} s)")
+                continue
             if not s.required:
                 continue
             if h is None or not h.ready or h.state in ("failed", "stopped_failed"):
                 problems.append(f"stream {s.name!r} has no running writer ({h.reason if h else 'not started'})")
             elif s.lsl is not None and not s.lsl_rate:
                 continue  # markers come when they come; the bridge reports whether the outlet is there
-            elif h.stats.get("silent_s") is None:
+            elif _silent_s(h) is None:
                 problems.append(f"stream {s.name!r} is silent (no message received yet)")
-            elif h.stats["silent_s"] > limit:
-                problems.append(f"stream {s.name!r} is silent (no message for {h.stats['silent_s']:.1f} s)")
+            elif _silent_s(h) > limit:
+                problems.append(f"stream {s.name!r} is silent (no message for {_silent_s(h):.1f} s)")
+        if self.cfg.daemon.disk_reserve_bytes and (free := shutil.disk_usage(self.data_root).free) < \
+                self.cfg.daemon.disk_reserve_bytes:
+            problems.append(f"{self.data_root} has {free} bytes free, below daemon.disk_reserve_bytes "
+                            f"({self.cfg.daemon.disk_reserve_bytes})")
         return problems + self.lsl.problems()
 
     def stop_recording(self) -> dict:
@@ -412,13 +538,19 @@ class Supervisor:
                 self._send(name, cmd="stop")
         self.mode = ACQUIRE  # from here on, a restarted writer is not sent back to recording
         try:
-            self._wait_for(lambda: all(h.state != "recording" for h in self.writers.values()),
-                           "writers to close their files")
+            self._wait_for(lambda: all(h.state != "recording" or h.hung_since is not None
+                                       for h in self.writers.values()), "writers to close their files")
         except SessionError as e:
             self._incident(None, "stop_timeout", str(e), incomplete=True)
+        still_open = [name for name, h in self.writers.items() if h.state == "recording" and h.hung_since is not None]
+        for name in still_open:  # it closes its file when it answers again
+            self._incident(name, "stop_timeout", f"writer (pid {self.writers[name].proc.pid}) is hung and did not close "
+                                                 f"its file; its rows reach session.json when it does"
+                                                 + ("; not finalized on stop" if self.cfg.daemon.finalize_on_stop else ""),
+                           incomplete=True)
         session_id = self.session["session_id"]
         self._close_session(CLOSED)
-        if self.cfg.daemon.finalize_on_stop:
+        if self.cfg.daemon.finalize_on_stop and not still_open:  # never finalize a file still open for writing
             self.start_job("finalize", session_id)
         return self.status()
 
@@ -468,13 +600,16 @@ class Supervisor:
                 stop_quietly(job.proc)
             self.router.close(linger=0)
             self.ctx.term()
+            release(self._endpoint_locks)
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            for folder, session in self._closed_unsaved:
+                _write_session(folder, session)
 
     def set_data_root(self, root: Path) -> None:
         """Move where new sessions go (Open Ephys ``parent_directory``); not while recording."""
         if self.mode == RECORD:
             raise SessionError("cannot change the data root while recording")
-        root = root.resolve()
-        root.mkdir(parents=True, exist_ok=True)
+        root = ensure_data_root(root)
         fd = _lock_data_root(root)
         os.close(self._lock_fd)
         self._lock_fd, self.data_root = fd, root
@@ -519,12 +654,8 @@ class Supervisor:
         if not now and time.monotonic() - self._saved_at < 1.0:
             self._unsaved = True
             return
-        try:
-            write_json_atomic(self.session_dir / SESSION_FILE, self.session)
-            self._unsaved, self._saved_at = False, time.monotonic()
-        except OSError as e:
-            self._unsaved = True
-            log.error("cannot write %s (%s); retrying", SESSION_FILE, e)
+        self._unsaved = not _write_session(self.session_dir, self.session)
+        self._saved_at = time.monotonic()
 
     def _close_session(self, state: str) -> None:
         for name, h in self.writers.items():
@@ -532,7 +663,9 @@ class Supervisor:
                 self.session["incomplete"] = True
                 self.session["streams"][name]["stopped_reason"] = h.reason
         self.session["state"], self.session["stopped"] = state, now_iso()
-        self._save_session()
+        if not _write_session(self.session_dir, self.session):  # e.g. a full disk: retried until it succeeds
+            self._closed_unsaved.append((self.session_dir, self.session))
+        self._unsaved = False
         self.last_session = {"session_id": self.session["session_id"], "path": str(self.session_dir)}
         self.session = self.session_dir = None
 
@@ -562,17 +695,19 @@ class Supervisor:
 
     # -- status --------------------------------------------------------------------------------
     def status(self) -> dict:
-        streams = {}
+        streams, now = {}, time.monotonic()
         for s in self.cfg.streams:
             h = self.writers.get(s.name)
             st = h.stats if h else {}
             rec = st.get("recording_counts", {})
+            hung = h is not None and h.hung_since is not None
             streams[s.name] = {
-                "state": h.state if h else "stopped", "reason": h.reason if h else None,
+                "state": "hung" if hung else h.state if h else "stopped", "reason": h.reason if h else None,
                 "pid": h.proc.pid if h and h.proc.poll() is None else None, "restarts": len(h.restarts) if h else 0,
                 "part": h.part if h else 0, "connected": st.get("connected", False),
-                "silent_s": st.get("silent_s"), "messages_per_s": st.get("messages_per_s", 0.0),
-                "mb_per_s": st.get("mb_per_s", 0.0), "last_seq": st.get("last_seq"),
+                "silent_s": _silent_s(h) if h else None, "heard_s": round(now - h.heard, 3) if h else None,
+                "messages_per_s": 0.0 if hung else st.get("messages_per_s", 0.0),
+                "mb_per_s": 0.0 if hung else st.get("mb_per_s", 0.0), "last_seq": st.get("last_seq"),
                 "gaps": rec.get("gaps", 0), "rejected": rec.get("rejected_total", 0),
                 "rows": st.get("rows", 0), "bytes_written": st.get("file_bytes", 0),
                 "total": st.get("total", {}), "required": s.required, "lsl": self.lsl.status(s.name),
@@ -585,7 +720,8 @@ class Supervisor:
         return {"mode": self.mode, "session": session, "streams": streams,
                 "last_session": self.last_session,
                 "data_root": str(self.data_root), "disk_free_bytes": shutil.disk_usage(self.data_root).free,
-                "recovered": self.recovered}
+                "disk_reserve_bytes": self.cfg.daemon.disk_reserve_bytes, "recovered": self.recovered,
+                "control_junk_messages": self.junk_messages}
 
 
 def stop_quietly(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
@@ -597,6 +733,41 @@ def stop_quietly(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
     proc.wait()
+
+
+def _silent_s(h: WriterHandle) -> float | None:
+    """Seconds since the writer last received a message, aged by the time since its stats were sent, so a
+    writer that stopped reporting never shows a frozen value."""
+    silent = h.stats.get("silent_s")
+    return None if silent is None else round(silent + time.monotonic() - h.stats_at, 3)
+
+
+def _write_session(folder: Path, session: dict) -> bool:
+    """Write session.json; a failure (full disk) is logged, never fatal: the caller retries."""
+    try:
+        write_json_atomic(folder / SESSION_FILE, session)
+        return True
+    except OSError as e:
+        log.error("cannot write %s (%s); retrying", folder / SESSION_FILE, e)
+        return False
+
+
+def _record_late_close(stream: str, msg: dict) -> None:
+    """Put the rows of a part closed after its session was closed into that session's session.json."""
+    folder = Path(msg["path"]).parent.parent
+    try:
+        s = read_session(folder)
+    except SessionError:
+        return
+    rel = _rel(msg["path"], folder)
+    parts = [p for p in s.get("streams", {}).get(stream, {}).get("parts", []) if p["path"] == rel]
+    if s.get("state") != CLOSED or not parts:
+        return
+    for p in parts:
+        p["rows"], p["counts"] = msg["rows"], msg["counts"]
+    s["incidents"].append({"time": now_iso(), "stream": stream, "kind": "late_close",
+                           "detail": f"{rel} was closed by its writer after the session closed ({msg['rows']} rows)"})
+    _write_session(folder, s)
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from acqd.service.procs import wait_until
+from acqd.service.procs import pid_alive, wait_until
 from acqd.record.streamfile import committed_rows, open_for_read
 from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
 
@@ -21,14 +21,6 @@ def flushed_rows(path: Path) -> int:
     """Rows a SWMR reader can see right now (what reached the file at the last flush)."""
     with h5py.File(path, "r", libver="latest", swmr=True) as f:
         return committed_rows(f)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
 @pytest.mark.e2e
@@ -67,7 +59,7 @@ def test_a_crash_loop_is_given_up_but_crashes_spread_out_are_always_restarted(tm
 
 
 @pytest.mark.e2e
-def test_writer_kill9_loses_at_most_a_flush_and_the_stream_resumes_in_a_new_part(rig_file, daemon_factory):
+def test_row01_writer_kill9_loses_at_most_a_flush_and_the_stream_resumes_in_a_new_part(rig_file, daemon_factory):
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "writerkill", seed=11) as (_, folder):
         probe = folder / "streams" / "probe.h5"
@@ -99,7 +91,7 @@ def test_writer_kill9_loses_at_most_a_flush_and_the_stream_resumes_in_a_new_part
 
 
 @pytest.mark.e2e
-def test_daemon_kill9_then_restart_finds_the_interrupted_session(rig_file, daemon_factory):
+def test_row03_daemon_kill9_then_restart_finds_the_interrupted_session(rig_file, daemon_factory):
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "daemonkill", seed=12) as (_, folder):
         writer_pids = [s["pid"] for s in daemon.command("status")["streams"].values()]
@@ -124,7 +116,7 @@ def test_daemon_kill9_then_restart_finds_the_interrupted_session(rig_file, daemo
 
 
 @pytest.mark.e2e
-def test_sigterm_closes_every_file_cleanly(rig_file, daemon_factory):
+def test_row04_sigterm_closes_every_file_cleanly(rig_file, daemon_factory):
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "sigterm", seed=13) as (_, folder):
         wait_until(lambda: flushed_rows(folder / "streams" / "probe.h5") > 0, "flushed data")
@@ -140,7 +132,7 @@ def test_sigterm_closes_every_file_cleanly(rig_file, daemon_factory):
 
 
 @pytest.mark.e2e
-def test_full_disk_stops_the_stream_with_a_reason_and_keeps_committed_data(tmp_path, daemon_factory):
+def test_row06_full_disk_stops_the_stream_with_a_reason_and_keeps_committed_data(tmp_path, daemon_factory):
     rig_file = write_rig(tmp_path)
     daemon = daemon_factory(rig_file, env={"ACQD_WRITER_FSIZE_LIMIT": "probe=40000000"})
     with recording(daemon, rig_file, "diskfull", seed=14) as (_, folder):

@@ -1,0 +1,44 @@
+"""The writer process's entry point: tie its life to the daemon's before anything else runs.
+
+``python -m acqd.record.launch SPEC_JSON`` is how the supervisor starts a writer. Before the heavy imports (numpy,
+h5py, zmq) and before any driver connection, it asks Linux to send SIGTERM when the daemon dies
+(``PR_SET_PDEATHSIG``), then compares its parent with the daemon's pid written in the spec: a daemon that died
+before the prctl has already handed the writer to another parent, the signal will never come, and the writer
+exits at once with ``EXIT_ORPHANED`` instead of connecting to drivers that a restarted daemon is reading.
+Only the standard library is imported until that check has passed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+EXIT_ORPHANED = 5
+
+
+def die_with_parent() -> None:
+    """Ask Linux to send SIGTERM when the parent dies, so the writer still closes its file cleanly."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the writer's loop still notices a new parent pid
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    die_with_parent()
+    parent = json.loads(args[0]).get("parent_pid")
+    if parent and os.getppid() != parent:
+        print(f"acqd writer: the daemon (pid {parent}) is gone; exiting", file=sys.stderr, flush=True)
+        return EXIT_ORPHANED
+    from acqd.record.writer import main as writer_main
+
+    return writer_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
