@@ -27,7 +27,7 @@ def test_hostile_session_names_create_nothing(tmp_path, name):
     assert tree(tmp_path) == before
 
 
-def test_existing_session_and_planted_symlink_are_refused(tmp_path):
+def test_row18_existing_session_and_planted_symlink_are_refused(tmp_path):
     root = tmp_path / "root"
     create_session_dir(root, "s1")
     (root / "s1" / "session.json").write_text("{}")

@@ -19,7 +19,7 @@ from acqd.record.streamfile import FILTER_NOTES, StreamFile, chunk_rows, committ
 CFG = StreamConfig(name="s", endpoint="ipc:///x", dtype="int16", shape=(4,), rate=1000.0)
 
 
-def test_create_refuses_an_existing_file_and_a_planted_symlink(tmp_path):
+def test_row18_create_refuses_an_existing_file_and_a_planted_symlink(tmp_path):
     existing = tmp_path / "s.h5"
     existing.write_bytes(b"precious")
     with pytest.raises(FileExistsError):
