@@ -106,6 +106,7 @@ class Writer:
     def __init__(self, spec: WriterSpec):
         self.spec = spec
         self.cfg = spec.stream
+        self.acked = 0  # id of the last supervisor command handled; reported with every message (from the first)
         self.ctx = zmq.Context()
         self.ctrl = self.ctx.socket(zmq.DEALER)
         self.ctrl.setsockopt(zmq.IDENTITY, self.cfg.name.encode())
@@ -150,7 +151,6 @@ class Writer:
         self.faults = Faults()
         self.held: Cursor | None = None  # after the last LATE / SEQ_JUMP reject: what would continue it
         self.part_cursor: Cursor | None = None  # the cursor when the current part was opened
-        self.acked = 0  # id of the last supervisor command handled; reported with every message
         self._window = (time.monotonic(), 0, 0)
 
     # -- messages to the supervisor ------------------------------------------------------------

@@ -343,12 +343,12 @@ def test_row06_disk_reserve_warns_then_stops_recording_cleanly_and_session_json_
         try:
             with open(filler, "wb") as f:  # sized now: 200 MB below the reserve, whatever happened meanwhile
                 os.posix_fallocate(f.fileno(), 0, max(1, shutil.disk_usage(tmp_path).free - reserve + 200_000_000))
-            stopped = wait_until(lambda: (s := daemon.command("status"))["mode"] == "ACQUIRE" and s,
-                                 "recording to stop at the reserve", 30)
+            stopped = wait_until(lambda: (s := daemon.command("status"))["mode"] == "ACQUIRE" and s["session"] is None
+                                 and s, "recording to stop at the reserve and its session to close", 30)
             assert json.loads((folder / "session.json").read_text())["state"] == "recording"  # not writable yet
         finally:
             chattr("-i", folder)
-        assert stopped["session"] is None and all(s["state"] == "acquiring" for s in stopped["streams"].values())
+        assert all(s["state"] == "acquiring" for s in stopped["streams"].values())
         problems = " ".join(daemon.command("preflight")["problems"])
         assert "below daemon.disk_reserve_bytes" in problems
         session = wait_until(lambda: (s := json.loads((folder / "session.json").read_text()))["state"] == "closed"
@@ -403,7 +403,9 @@ def test_row23_unwritable_data_root_is_refused_with_the_path_and_the_reason(tmp_
         pytest.skip("needs chattr +i (root on ext4): chmod does not stop root")
     locked = tmp_path / "locked"
     locked.mkdir()
-    rig_file = write_rig(tmp_path)
+    # parent_directory is confined to configured roots (control.data_roots): the locked folder is one of them
+    rig_file = write_rig(tmp_path, daemon_overrides={"control": {"host": "127.0.0.1", "port": 0,
+                                                                 "data_roots": [str(locked)]}})
     chattr("+i", locked)
     try:
         start = serve_briefly(rig_file, locked / "data")  # cannot even be created
