@@ -6,7 +6,7 @@ never copied between processes. It receives and checks chunks from the moment it
 (ACQUIRE: counted, not stored) and appends them to a stream file while recording (RECORD).
 
 It talks to the supervisor over one DEALER socket (JSON frames): it sends ``ready``, ``stats``,
-``event`` and ``closed``; it obeys ``record``, ``stop`` and ``shutdown``. SIGTERM, or the
+``event``, ``closed`` and ``preview``; it obeys ``record``, ``stop``, ``shutdown`` and ``preview`` (on/off). SIGTERM, or the
 supervisor's death, closes the file cleanly. A full disk stops the stream with a reason and an exit
 code of ``EXIT_DISK_FULL``; committed data (per the chunk index) stays readable.
 """
@@ -30,6 +30,7 @@ from zmq.utils.monitor import recv_monitor_message
 from acqd.config import ChannelSync, EdgeLine, FrameSync, StreamConfig
 from acqd.errors import DiskFullError, ProtocolError, WriterError
 from acqd.record.ingest import Cursor, Reject, advance, check_continuity, check_format, rising_edges
+from acqd.record.preview import Preview
 from acqd.wire.protocol import decode, decode_header
 from acqd.record.streamfile import UNKNOWN_SEQ, StreamFile, io_errors, part_filename
 
@@ -121,6 +122,7 @@ class Writer:
         self.last_chunk: tuple[int, int, int] | None = None  # (first_sample, mono_ns, wall_ns)
         self.stop_requested = False
         self.unsent_reports = 0
+        self.preview: Preview | None = None  # only while the console watches (the ``preview`` command)
         self._window = (time.monotonic(), 0, 0)
 
     # -- messages to the supervisor ------------------------------------------------------------
@@ -211,6 +213,8 @@ class Writer:
             counts.samples += h.n_samples
             counts.bytes += nbytes
             counts.gaps += verdict.gap is not None
+        if self.preview is not None and (shown := self.preview.take(chunk.data, h.first_sample, mono_ns / 1e9)):
+            self.send("preview", **shown)
         if verdict.gap is not None:
             self.event("gap", f"{verdict.gap.kind.name.lower()}: seq [{verdict.gap.seq_from}, {verdict.gap.seq_to}) "
                        f"samples [{verdict.gap.sample_from}, {verdict.gap.sample_to})", gap=verdict.gap.kind.name)
@@ -245,6 +249,8 @@ class Writer:
                 self.close_file()
             case "shutdown":
                 self.stop_requested = True
+            case "preview":  # someone watches the console (or stopped): a few rows per message, see acqd.record.preview
+                self.preview = Preview.start(self.cfg, msg.get("channels"), time.monotonic()) if msg.get("on") else None
             case other:
                 self.event("error", f"unknown command {other!r}")
 

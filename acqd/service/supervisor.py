@@ -37,6 +37,7 @@ from acqd.session import (CLOSED, INTERRUPTED, RECORDING, SESSION_FILE, STREAMS_
                           list_sessions, now_iso, read_session, session_name, write_json_atomic)
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.record.writer import EXIT_DISK_FULL, EXIT_WRITE_ERROR, WriterSpec
+from acqd.service.previews import PreviewHub
 
 IDLE, ACQUIRE, RECORD = "IDLE", "ACQUIRE", "RECORD"
 MAX_INCIDENTS = 1000
@@ -120,6 +121,7 @@ class Supervisor:
         self._unsaved = False
         self.recording = {"prepend_text": "", "base_text": "", "append_text": ""}
         self.jobs: dict[tuple[str, str], Job] = {}  # (kind, session id) -> the latest run
+        self.previews = PreviewHub()  # the console's live preview: writers decimate only while someone watches
         self._calls: queue.Queue = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -168,6 +170,7 @@ class Supervisor:
             ident, msg = self.router.recv_multipart()
             self._on_writer_message(ident.decode(), zmq.utils.jsonapi.loads(msg))
         self._check_processes()
+        self.previews.sync(self.writers, self._send)
         if self._unsaved:
             self._save_session(now=False)
 
@@ -224,6 +227,8 @@ class Supervisor:
                     self._save_session()
             case "event":
                 self._on_event(name, msg)
+            case "preview":
+                self.previews.publish(name, msg)
 
     def _on_event(self, name: str, msg: dict) -> None:
         kind = msg.get("kind")

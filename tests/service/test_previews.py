@@ -1,0 +1,70 @@
+"""The preview hub: writers are told to preview only while someone watches, and every watcher gets the messages."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+from acqd.service.previews import MAX_QUEUED, PreviewHub
+
+
+@dataclass
+class FakeWriter:
+    ready: bool
+    proc: SimpleNamespace
+
+
+def _writers(**pids: int) -> dict[str, FakeWriter]:
+    return {name: FakeWriter(True, SimpleNamespace(pid=pid)) for name, pid in pids.items()}
+
+
+def test_writers_preview_only_while_watched_and_a_restarted_writer_is_told_again():
+    hub, sent = PreviewHub(), []
+    send = lambda name, **cmd: sent.append((name, cmd["on"], tuple(cmd["channels"])))  # noqa: E731
+    writers = _writers(probe=10, cam=11)
+    hub.sync(writers, send)
+    assert sent == []  # nobody watches: writers start with preview off, nothing to say
+
+    loop = asyncio.new_event_loop()
+    key, _ = hub.watch(loop)
+    hub.sync(writers, send)
+    hub.sync(writers, send)
+    assert sorted(sent) == [("cam", True, ()), ("probe", True, ())]
+
+    hub.select("probe", [3, 4])
+    writers["cam"] = FakeWriter(True, SimpleNamespace(pid=12))  # restarted
+    sent.clear()
+    hub.sync(writers, send)
+    assert sorted(sent) == [("cam", True, ()), ("probe", True, (3, 4))]
+
+    hub.leave(key)
+    sent.clear()
+    hub.sync(writers, send)
+    hub.sync(writers, send)
+    assert sorted(sent) == [("cam", False, ()), ("probe", False, ())]
+    writers["probe"] = FakeWriter(True, SimpleNamespace(pid=13))
+    sent.clear()
+    hub.sync(writers, send)
+    assert sent == []
+    loop.close()
+
+
+def test_every_watcher_gets_each_message_and_a_slow_one_loses_the_oldest_counted():
+    hub = PreviewHub()
+
+    async def main() -> tuple[list, list, int]:
+        loop = asyncio.get_running_loop()
+        (_, fast), (_, slow) = hub.watch(loop), hub.watch(loop)
+        got = []
+        for i in range(MAX_QUEUED + 5):
+            hub.publish("probe", {"type": "preview", "stream": "probe", "i": i})
+            await asyncio.sleep(0)  # the thread-safe call lands on this loop
+            got.append((await fast.get(1.0))["i"])
+        rest = [(await slow.get(1.0))["i"] for _ in range(MAX_QUEUED)]
+        assert await slow.get(0.01) is None
+        return got, rest, slow.dropped
+
+    got, rest, dropped = asyncio.run(main())
+    assert got == list(range(MAX_QUEUED + 5))
+    assert rest == list(range(5, MAX_QUEUED + 5)) and dropped == 5
