@@ -179,6 +179,8 @@ class DaemonConfig(_Frozen):
                                                           "restart_window_s is not restarted again")
     restart_window_s: float = Field(600.0, gt=0)
     finalize_on_stop: bool = False
+    annotation_buttons: tuple[str, ...] = ("drug on", "animal moved", "stimulus start", "stimulus end")
+    """Quick annotation buttons of the console (one click sends the text as an annotation)."""
 
 
 class Subject(_Frozen):

@@ -161,7 +161,11 @@ class Preview:
             return msg
         names = channel_names(self.cfg)
         shown = min(len(names), MAX_LAST_VALUES)
-        msg["last"] = {"names": names[:shown], "values": self.scaled(last[-1, :shown]).round(6).tolist()}
+        sync = self.cfg.sync.channel if isinstance(self.cfg.sync, ChannelSync) else None
+        values = self.scaled(last[-1, :shown]).round(6).tolist()
+        if sync is not None and sync < shown:
+            values[sync] = int(last[-1, sync])  # a digital word: its raw bits, not volts
+        msg["last"] = {"names": names[:shown], "values": values, "digital": sync}
         if self.rows:
             t = np.concatenate([s + self.stride * np.arange(len(y)) for s, y in self.rows]) / self.cfg.rate
             msg["traces"] = {"channels": list(self.channels), "names": [names[c] for c in self.channels],
@@ -170,7 +174,10 @@ class Preview:
             self.rows = []
         if self.cfg.kind in ("ephys", "analog") and now_s >= self.next_rms:
             self.next_rms = now_s + RMS_INTERVAL_S
-            msg["rms"] = (channel_rms(last) * abs(self.cfg.conversion)).round(9).tolist()
+            rms = (channel_rms(last) * abs(self.cfg.conversion)).round(9).tolist()
+            if sync is not None:
+                rms[sync] = None  # the sync word is not a signal: neither noisy nor flat
+            msg["rms"] = rms
         return msg
 
     def scaled(self, raw: np.ndarray) -> np.ndarray:
