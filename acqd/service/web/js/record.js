@@ -68,6 +68,7 @@ export function createRecordForm({ bus, info, onError }) {
 
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
+    clearTimeout(checking);  // a check still pending would run after the folder exists
     formError.textContent = "";
     button.disabled = true;
     try {
@@ -75,6 +76,7 @@ export function createRecordForm({ bus, info, onError }) {
       button.textContent = "Starting…";
       const status = await command("record", body());
       form.elements.session.value = "";
+      showErrors({});
       bus.emit("status", status);
     } catch (err) {
       if (err instanceof ApiError && err.body && err.body.errors) showErrors(err.body.errors);

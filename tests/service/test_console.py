@@ -1,0 +1,221 @@
+"""The rig console in a real browser: the real daemon and simulated rig, driven in headless Chromium.
+
+Each test reads as an operator's steps, with one small helper per panel (a page object); every step waits for a
+visible state of the page (Playwright's ``expect``), never for a fixed time, and leaves a screenshot under the
+test's folder (``screens/``). Outside CI the tests skip, saying why, when Chromium or Playwright is missing;
+under ``CI=true`` they fail instead (``.ci/run`` installs Debian's Chromium).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from acqd.service.procs import Simulator
+from tests.conftest import write_rig
+
+CHROMIUM = os.environ.get("ACQD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+VIEWPORT = {"width": 1280, "height": 800}  # the smallest screen the console is made for
+SCREENSHOT_ENV = "ACQD_CONSOLE_SCREENSHOT"
+"""Set to a path to keep a screenshot of the console while it records (how docs/console.png is made)."""
+STEP_S = 20  # the longest a page state may take to appear (writers starting on a busy 2-core machine)
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"browser tests must run under CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("the playwright package is not installed (pip install -e '.[test]')")
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        _unavailable(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set ACQD_CHROMIUM)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class Console:
+    """The console page, one helper per panel; ``shot`` saves a numbered screenshot of the step just done."""
+
+    def __init__(self, browser: object, url: str, screens: Path):
+        from playwright.sync_api import expect
+
+        self.expect = expect
+        self.page = browser.new_page(viewport=VIEWPORT)
+        self.page.set_default_timeout(STEP_S * 1000)
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.screens = screens
+        screens.mkdir(exist_ok=True)
+        self.step = 0
+        self.page.goto(url)
+
+    def shot(self, name: str) -> Path:
+        self.step += 1
+        path = self.screens / f"{self.step:02d}-{name}.png"
+        self.page.screenshot(path=path)
+        return path
+
+    # -- overview ------------------------------------------------------------------------------------------
+    def expect_mode(self, mode: str, timeout_s: float = STEP_S) -> None:
+        self.expect(self.page.locator("#mode")).to_have_text(mode, timeout=timeout_s * 1000)
+
+    def press(self, label: str) -> None:
+        self.page.locator("#mode-buttons").get_by_role("button", name=label, exact=True).click()
+
+    def card(self, stream: str):
+        return self.page.locator(f"#streams [data-stream='{stream}']")
+
+    def expect_connected(self, streams: list[str]) -> None:
+        for s in streams:
+            self.expect(self.card(s).locator(".driver")).to_have_text("driver connected")
+            self.expect(self.card(s).locator(".problems li")).to_have_count(0)
+        self.expect(self.page.locator("#verdict")).to_have_text("all streams OK")
+
+    # -- preview -------------------------------------------------------------------------------------------
+    def expect_trace_moves(self, stream: str) -> str:
+        status = self.page.locator(f"#previews [data-stream='{stream}'] .trace-status")
+        self.expect(status).to_have_text(_re(r"t = [\d.]+ s · 4 ch"))
+        before = status.inner_text()
+        self.expect(status).not_to_have_text(before)  # a newer preview message redrew it
+        self.expect(self.page.locator(f"#previews [data-stream='{stream}'] .uplot")).to_be_visible()
+        return before
+
+    def expect_thumbnail(self, stream: str) -> None:
+        box = self.page.locator(f"#previews [data-stream='{stream}']")
+        self.expect(box.locator("img.thumbnail")).to_have_attribute("src", _re("^data:image/jpeg;base64,"))
+        self.expect(box.locator(".camera-status")).to_have_text(_re(r"[\d.]+ fps \(nominal 60"))
+
+    # -- record form ---------------------------------------------------------------------------------------
+    def fill(self, field: str, value: str) -> None:
+        self.page.locator(f"#record-form [name='{field}']").fill(value)
+
+    def field_error(self, field: str):
+        return self.page.locator(f"#record-form [data-error-for='{field}']")
+
+    def start_recording(self) -> None:
+        self.page.locator("#record-button").click()
+
+    # -- annotate ------------------------------------------------------------------------------------------
+    def annotate(self, text: str) -> None:
+        self.page.locator("#annotation-text").fill(text)
+        self.page.locator("#annotate-form button").click()
+        self.expect(self.page.locator("#annotations li").first).to_contain_text(text)
+
+    # -- sessions ------------------------------------------------------------------------------------------
+    def session_row(self, session: str):
+        return self.page.locator(f"#sessions tr[data-session='{session}']")
+
+    def finalize(self, session: str) -> None:
+        self.session_row(session).locator("button.finalize").click()
+
+    def qc(self, session: str):
+        return self.page.locator(f"#session-detail .qc[data-session='{session}']")
+
+
+def _re(pattern: str):
+    import re
+
+    return re.compile(pattern)
+
+
+@pytest.mark.e2e
+def test_operator_records_annotates_and_finalizes_from_the_console(browser, tmp_path, daemon_factory):
+    rig = write_rig(tmp_path)
+    daemon = daemon_factory(rig)
+    sim = Simulator(rig, 60, seed=3)
+    try:
+        ui = Console(browser, daemon.url + "/", tmp_path / "screens")
+        ui.expect_mode("IDLE")
+        ui.shot("idle")
+
+        ui.press("Acquire")
+        ui.expect_mode("ACQUIRE")
+        ui.expect_connected(["probe", "nidaq", "camera", "sensor"])
+        ui.shot("all-streams-connected")
+
+        ui.expect_trace_moves("probe")
+        ui.expect_thumbnail("camera")
+        ui.shot("live-preview")
+
+        # Prefilled from the config; one invalid field first: the daemon's own models say why, beside it.
+        ui.expect(ui.page.locator("#f-subject")).to_have_value("mouse001")
+        ui.fill("session", "console_run")
+        ui.fill("subject.age", "ninety days")
+        ui.expect(ui.field_error("subject.age")).to_contain_text("not an ISO 8601 duration")
+        ui.expect(ui.page.locator("#preflight li")).to_have_count(0)  # every required stream delivers
+        ui.shot("invalid-age")
+        ui.start_recording()
+        ui.expect(ui.field_error("subject.age")).to_contain_text("not an ISO 8601 duration")
+        ui.expect_mode("ACQUIRE")  # refused before anything started
+        ui.fill("subject.age", "P90D")
+        ui.expect(ui.field_error("subject.age")).to_have_text("")
+        ui.start_recording()
+        ui.expect_mode("RECORD")
+        ui.expect(ui.page.locator("#session-id")).to_have_text("console_run")
+        ui.expect(ui.page.locator("#elapsed")).to_have_text(_re(r"recording 0:0[1-9]"))
+        ui.shot("recording")
+
+        ui.annotate("drug on")
+        ui.expect_trace_moves("probe")
+        path = ui.shot("annotated")
+        if os.environ.get(SCREENSHOT_ENV):
+            shutil.copyfile(path, os.environ[SCREENSHOT_ENV])
+
+        ui.press("Stop recording")
+        ui.expect_mode("ACQUIRE")
+        ui.expect(ui.session_row("console_run").locator(".state")).to_have_text("closed")
+        ui.shot("stopped")
+    finally:
+        sim.stop()
+
+    ui.finalize("console_run")
+    ui.expect(ui.session_row("console_run").locator(".job")).to_contain_text("finalize")
+    ui.expect(ui.qc("console_run").locator(".qc-verdict")).to_have_text(_re(r"^verdict: \S"), timeout=120_000)
+    ui.expect(ui.session_row("console_run").locator(".state")).to_have_text("finalized")
+    master = tmp_path / "data" / "console_run" / "console_run.nwb"
+    ui.expect(ui.qc("console_run").locator(".paths")).to_contain_text(str(master))
+    ui.expect(ui.qc("console_run").locator("img.qc-plot")).to_have_count(4)
+    ui.qc("console_run").scroll_into_view_if_needed()
+    ui.shot("finalized-qc")
+    assert master.is_file()
+    assert ui.errors == []
+
+
+@pytest.mark.e2e
+def test_a_token_protected_daemon_asks_for_the_token_first(browser, tmp_path, daemon_factory):
+    rig = write_rig(tmp_path)
+    raw = yaml.safe_load(rig.read_text())
+    raw["daemon"]["control"]["token"] = "s3cret-token"
+    rig.write_text(yaml.safe_dump(raw))
+    daemon = daemon_factory(rig)
+    ui = Console(browser, daemon.url + "/", tmp_path / "screens")
+    login = ui.page.locator("#login")
+    ui.expect(login).to_be_visible()
+    ui.page.locator("#login-token").fill("wrong")
+    ui.page.locator("#login-form button").click()
+    ui.expect(ui.page.locator("#login-error")).to_have_text("wrong token")
+    ui.shot("wrong-token")
+    ui.page.locator("#login-token").fill("s3cret-token")
+    ui.page.locator("#login-form button").click()
+    ui.expect(login).to_be_hidden()
+    ui.expect_mode("IDLE")
+    ui.expect(ui.card("probe").locator(".state")).to_have_text("stopped")
+    ui.shot("signed-in")
+    assert ui.errors == []
