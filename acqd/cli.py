@@ -2,6 +2,7 @@
 
     acqd serve --config FILE             run the daemon (control API, writers)
     acqd status | acquire | record | stop   control a running daemon (same commands as the API)
+    acqd annotate TEXT                   a timestamped note in the recording
     acqd check-config FILE               validate a rig file, print precise errors
     acqd simulate --config FILE          publish the rig's streams from simulated devices
     acqd demo                            daemon + simulated rig + a short recording, end to end
@@ -20,13 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from acqd.config import load_config
-from acqd.errors import AcqdError
+from acqd.errors import AcqdError, ConfigError
 
 DEFAULT_URL = "http://127.0.0.1:8600"
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace, settings=None):
     cfg = load_config(args.config)
+    if settings is not None:  # environment and secret files, under the command-line flags below
+        from acqd.service.settings import apply_settings
+
+        cfg = apply_settings(cfg, settings)
     if getattr(args, "data_root", None):
         cfg = cfg.model_copy(update={"daemon": cfg.daemon.model_copy(
             update={"data_root": Path(args.data_root).resolve()})})
@@ -44,8 +49,14 @@ def _client(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from acqd.service.api import serve
+    from acqd.service.settings import ServiceSettings
 
-    return serve(_config(args), ready_file=args.ready_file)
+    settings = ServiceSettings.load()
+    args.config = args.config or settings.config
+    if args.config is None:
+        raise ConfigError("no rig config: pass --config FILE or set ACQD_CONFIG")
+    settings.config = None
+    return serve(_config(args, settings), ready_file=args.ready_file, acquire=args.acquire)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -59,7 +70,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    from acqd.service.status import print_status
+    from acqd.service.status import print_status, watch_status
 
     client = _client(args)
     body: dict = {}
@@ -67,9 +78,18 @@ def cmd_client(args: argparse.Namespace) -> int:
         body = {"session": args.session, "metadata": _metadata_args(args)}
     elif args.command == "stop":
         body = {"idle": args.idle}
+    elif args.command == "annotate":
+        body = {"text": args.text}
+    if args.command == "status" and args.watch:
+        return watch_status(lambda: client.command("status"), args.watch)
     result = client.command(args.command, **body)
     if args.json:
         print(json.dumps(result, indent=2))
+    elif args.command == "annotate":
+        sample = result["reference_sample"]
+        print(f"annotated at {result['time']}" + (f" ({result['reference']} sample {sample})" if sample is not None
+                                                    else "") + (f" in session {result['session']}"
+                                                                if result["session"] else " (no session: data root)"))
     else:
         print_status(result)
     return 0
@@ -159,14 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the daemon")
-    s.add_argument("--config", required=True)
+    s.add_argument("--config", help="the rig YAML (default $ACQD_CONFIG)")
     s.add_argument("--data-root", help="override daemon.data_root")
     s.add_argument("--port", type=int, help="override control.port (0: any free port)")
     s.add_argument("--ready-file", help="write {url, pid} here once the API is up")
+    s.add_argument("--acquire", action="store_true", help="start acquiring at once (systemd READY after the writers)")
     s.set_defaults(fn=cmd_serve)
 
     for name, text in (("status", "show mode, session and stream health"), ("acquire", "start receiving"),
-                       ("record", "start recording a session"), ("stop", "stop recording, or acquiring")):
+                       ("record", "start recording a session"), ("stop", "stop recording, or acquiring"),
+                       ("annotate", "put a timestamped note into the recording")):
         c = sub.add_parser(name, help=text)
         c.add_argument("--url", help=f"daemon URL (default $ACQD_URL or {DEFAULT_URL})")
         c.add_argument("--token", help="API token (default $ACQD_TOKEN)")
@@ -179,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                 c.add_argument(f"--{field.replace('_', '-')}", dest=field)
         if name == "stop":
             c.add_argument("--idle", action="store_true", help="stop acquiring too (-> IDLE)")
+        if name == "annotate":
+            c.add_argument("text", help="the note, e.g. 'drug on'")
+        if name == "status":
+            c.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
+                           help="refresh every SECONDS (default 1) until Ctrl-C")
         c.set_defaults(fn=cmd_client)
 
     c = sub.add_parser("check-config", help="validate a rig config file")
@@ -227,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except AcqdError as e:
         print(f"acqd: error: {e}", file=sys.stderr)
-        return 2
+        return 3 if type(e).__name__ == "DaemonUnreachable" else 2  # 3: no daemon to talk to
 
 
 if __name__ == "__main__":

@@ -151,6 +151,16 @@ class ControlConfig(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(8600, ge=0, le=65535)
     token: str | None = Field(None, description="required by every request; mandatory off loopback")
+    allowed_hosts: tuple[str, ...] = ()
+    """Host header names accepted besides loopback ones (DNS-rebinding defence), e.g. the rig's own hostname."""
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins (scheme://host[:port]) allowed to call the API; none by default."""
+    data_roots: tuple[Path, ...] = ()
+    """Folders Open Ephys ``parent_directory`` may point into, besides daemon.data_root."""
+    export_roots: tuple[Path, ...] = ()
+    """Folders exports may be written under; default: the folder that holds daemon.data_root."""
+    enable_quit: bool = False
+    """Let Open Ephys ``PUT /api/quit`` stop the daemon."""
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> ControlConfig:
@@ -160,7 +170,19 @@ class ControlConfig(_Frozen):
 
 
 def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """Every address ``host`` resolves to is a loopback address (127.0.0.0/8, ::1); names are resolved."""
+    import ipaddress
+    import socket
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
 
 
 class DaemonConfig(_Frozen):

@@ -18,6 +18,8 @@ from acqd.errors import SessionError
 
 SESSION_FILE = "session.json"
 STREAMS_DIR = "streams"
+ANNOTATIONS_FILE = "annotations.jsonl"
+"""Operator notes (``acqd annotate``, Open Ephys ``/api/message``): one JSON object per line, fsynced each."""
 
 # Session states as written to session.json.
 RECORDING = "recording"  # writers are appending; seen at startup it means the daemon died
@@ -113,4 +115,37 @@ def list_sessions(data_root: Path) -> list[dict]:
                 continue
             out.append({"session_id": s.get("session_id", p.name), "state": s.get("state"), "path": str(p),
                         "incomplete": bool(s.get("incomplete")), "created": s.get("created")})
+    return out
+
+
+def append_annotation(folder: Path, record: dict) -> None:
+    """Append one annotation line to ``folder/annotations.jsonl`` and make it durable before returning.
+
+    O_APPEND writes of one line are not interleaved between writers; the fsync of the file (and of the folder when
+    the file is new) means an annotation acknowledged to the caller survives a crash or a power cut.
+    """
+    path = Path(folder) / ANNOTATIONS_FILE
+    new = not path.exists()
+    line = (json.dumps(record, default=str, ensure_ascii=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if new:
+        fsync_dir(path.parent)
+
+
+def read_annotations(folder: Path) -> list[dict]:
+    """The annotations of a session, in order; a torn last line (crash while writing) is skipped."""
+    path = Path(folder) / ANNOTATIONS_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
     return out

@@ -148,6 +148,7 @@ class Writer:
                 "messages_per_s": round((self.total.messages - m0) / dt, 2),
                 "mb_per_s": round((self.total.bytes - b0) / dt / 1e6, 3),
                 "total": self.total.as_dict(), "recording_counts": self.rec.as_dict(),
+                "last_chunk": self.last_chunk,  # (first_sample, mono_ns, wall_ns): where annotations are placed
                 "rows": self.file.rows if self.file else 0,
                 "file": str(self.file.path) if self.file else None,
                 "file_bytes": self.file.size_bytes if self.file else 0}

@@ -1,9 +1,14 @@
 """The control commands: one typed handler each, shared by the HTTP API and the CLI.
 
-Each command has a pydantic request model and a handler run on the supervisor thread. The HTTP API
-serves every command at ``POST /api/commands/<name>``, plus the Open Ephys compatible routes
-(``/api/status``, ``/api/recording``) mapped onto the same handlers; the CLI client sends the same
-requests. Docs: docs/control-api.md.
+Each command has a pydantic request model, a response model and a handler. The HTTP API serves every command
+at ``POST /api/commands/<name>`` with exactly these models (so ``/openapi.json`` is the whole contract), plus
+the Open Ephys compatible routes mapped onto the same handlers; the CLI client sends the same requests.
+Handlers that change state run on the supervisor thread (``Supervisor.call``); the ones that only read
+(``status``) or must not wait behind a mode change (``annotate``) run on the caller's thread.
+
+Every request is validated completely before anything starts: an invalid ``record`` in IDLE starts no writer.
+Refusals in the current state raise ``SessionError`` (HTTP 409); invalid requests raise ``ConfigError`` or a
+pydantic ``ValidationError`` (HTTP 422). Docs: docs/control-api.md.
 """
 
 from __future__ import annotations
@@ -11,12 +16,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from acqd.session import list_sessions
-from acqd.service.supervisor import RECORD, Supervisor
+from acqd.config import SessionMetadata, check_name
+from acqd.errors import ConfigError, SessionError
+from acqd.service import live
+from acqd.service.annotations import annotate
+from acqd.service.supervisor import ACQUIRE, IDLE, RECORD, Supervisor, _merge
+from acqd.session import list_sessions, session_name
 
 
 class Request(BaseModel):
@@ -35,6 +44,11 @@ class RecordRequest(Request):
     metadata: dict | None = None
     """SessionMetadata fields (session_description, experimenter, subject: {subject_id, species, sex, age})."""
 
+    @field_validator("session")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v, "session name")
+
 
 class StopRequest(Request):
     """Step down: RECORD -> ACQUIRE (the session is closed), ACQUIRE -> IDLE; ``idle`` goes all the way."""
@@ -52,9 +66,12 @@ class RecordingRequest(Request):
     """Open Ephys ``PUT /api/recording``: how the next session folder is named."""
 
     parent_directory: str | None = None
-    prepend_text: str | None = None
-    base_text: str | None = None
-    append_text: str | None = None
+    """Data root for the next sessions: must be inside daemon.data_root or a folder of control.data_roots."""
+    prepend_text: str | None = Field(None, max_length=64)
+    base_text: str | None = Field(None, max_length=64)
+    append_text: str | None = Field(None, max_length=64)
+    start_new_directory: bool | Literal["true", "false"] | None = None
+    """Open Ephys: acqd always starts a new folder per recording, so this is accepted and has no effect."""
 
 
 class FinalizeRequest(Request):
@@ -69,7 +86,7 @@ class ExportRequest(Request):
 
     session: str
     out: str
-    """Folder the ``sub-<subject>/...`` layout is written under (outside the session)."""
+    """Folder the ``sub-<subject>/...`` layout is written under: inside control.export_roots."""
 
 
 class JobStatusRequest(Request):
@@ -78,62 +95,250 @@ class JobStatusRequest(Request):
     session: str | None = None
 
 
+class AnnotateRequest(Request):
+    """A timestamped note in the recording (in ACQUIRE: in the data root's annotations.jsonl)."""
+
+    text: str = Field(min_length=1, max_length=10_000)
+
+
+class Response(BaseModel):
+    """Replies carry at least these fields; more may be added (never removed or renamed)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamStatus(Response):
+    state: str
+    """starting | acquiring | recording | stopping | stopped | failed | stopped_failed (| hung)."""
+    reason: str | None = None
+    connected: bool
+    silent_s: float | None = None
+    messages_per_s: float
+    mb_per_s: float
+    gaps: int
+    rejected: int
+    rejected_by_reason: dict[str, int] = {}
+    restarts: int
+    required: bool
+
+
+class SessionInfo(Response):
+    session_id: str
+    path: str
+    state: str
+    incomplete: bool
+    incidents: int
+    started: str | None = None
+    elapsed_s: float | None = None
+    annotations: int = 0
+
+
+class Verdict(Response):
+    ok: bool
+    problems: list[str]
+    line: str
+
+
+class StatusResponse(Response):
+    """The status snapshot (docs/control-api.md "Status snapshot")."""
+
+    mode: Literal["IDLE", "ACQUIRE", "RECORD"]
+    session: SessionInfo | None
+    streams: dict[str, StreamStatus]
+    disk_free_bytes: int
+    disk_time_left_s: float | None = None
+    verdict: Verdict | None = None
+
+
+class StreamsResponse(Response):
+    streams: dict[str, StreamStatus]
+
+
+class RecordingResponse(Response):
+    parent_directory: str
+    prepend_text: str
+    base_text: str
+    append_text: str
+
+
+class SessionsResponse(Response):
+    sessions: list[dict]
+
+
+class PreflightResponse(Response):
+    problems: list[str]
+
+
+class JobResponse(Response):
+    """One run (with ``session``) or every run of that kind (``jobs``)."""
+
+    session: str | None = None
+    kind: str | None = None
+    state: str | None = None
+    stage: str | None = None
+    fraction: float | None = None
+    error: str | None = None
+    report: dict | None = None
+    jobs: dict[str, dict] | None = None
+
+
+class AnnotationResponse(Response):
+    text: str
+    time: str
+    host_time_ns: int
+    reference: str
+    reference_sample: int | None
+    session: str | None
+    mode: str
+
+
+def status_now(sup: Supervisor) -> dict:
+    """The current snapshot (never waits for the supervisor thread)."""
+    return sup.snapshot.to_dict()
+
+
+def _fresh(sup: Supervisor) -> dict:
+    """After a mode change (on the supervisor thread): publish and return the new snapshot."""
+    return live.publish(sup, force=True).to_dict()
+
+
+def _acquire(sup: Supervisor, req: Empty) -> dict:
+    if sup.mode == RECORD:
+        raise SessionError(f"recording session {sup.session['session_id']!r}: acquire does not end a recording; "
+                           f"stop it with `acqd stop` (POST /api/commands/stop)")
+    sup.acquire()
+    return _fresh(sup)
+
+
+def _record(sup: Supervisor, req: RecordRequest) -> dict:
+    if sup.mode == RECORD:  # idempotent: scripts that say RECORD twice keep the session they have
+        current = sup.session["session_id"]
+        if req.session not in (None, current):
+            raise SessionError(f"already recording session {current!r}: stop it first (acqd stop)")
+        return {**_fresh(sup), "already_recording": True}
+    try:  # everything is checked before a writer starts
+        SessionMetadata.model_validate(_merge(sup.cfg.metadata, req.metadata or {}))
+    except ValueError as e:
+        raise ConfigError(f"session metadata incomplete or invalid (DANDI needs subject_id, species, sex, age at "
+                          f"recording start): {e}") from None
+    name = req.session or session_name(**sup.recording)
+    if (sup.data_root / name).exists():
+        raise SessionError(f"session {name!r} already exists in {sup.data_root}")
+    sup.record(req.metadata, name)
+    return _fresh(sup)
+
+
 def _stop(sup: Supervisor, req: StopRequest) -> dict:
-    if req.idle:
-        return sup.stop()
-    return sup.stop_recording() if sup.mode == RECORD else sup.stop()
+    if req.idle or sup.mode != RECORD:
+        sup.stop()
+    else:
+        sup.stop_recording()
+    return _fresh(sup)
+
+
+def _set_mode(sup: Supervisor, req: ModeRequest) -> dict:
+    mode = req.mode.upper()
+    if mode == RECORD:
+        return _record(sup, RecordRequest())
+    if mode == ACQUIRE and sup.mode == RECORD:
+        sup.stop_recording()  # Open Ephys: ACQUIRE while recording ends the recording, acquisition goes on
+    elif mode == ACQUIRE:
+        sup.acquire()
+    else:
+        sup.stop()
+    return _fresh(sup)
+
+
+def confined(path: str, roots: list[Path], what: str) -> Path:
+    """``path`` resolved (symlinks followed), refused unless it lies inside one of ``roots``."""
+    p = Path(path)
+    if not p.is_absolute() or "\x00" in path:
+        raise ConfigError(f"{what} {path!r} must be an absolute path")
+    resolved = p.resolve()
+    if not any(resolved.is_relative_to(r.resolve()) for r in roots):
+        raise ConfigError(f"{what} {path!r} is outside the allowed folders ({', '.join(map(str, roots))}): "
+                          f"add its folder to the config's control section")
+    return resolved
+
+
+def data_roots(sup: Supervisor) -> list[Path]:
+    return [Path(sup.cfg.daemon.data_root), *sup.cfg.daemon.control.data_roots]
+
+
+def export_roots(sup: Supervisor) -> list[Path]:
+    return list(sup.cfg.daemon.control.export_roots) or [Path(sup.cfg.daemon.data_root).resolve().parent]
 
 
 def _recording(sup: Supervisor, req: RecordingRequest) -> dict:
-    changes = req.model_dump(exclude_none=True)
+    changes = req.model_dump(exclude_none=True, exclude={"start_new_directory"})
     parent = changes.pop("parent_directory", None)
-    if parent is not None and Path(parent).resolve() != sup.data_root:
-        sup.set_data_root(Path(parent))
+    if changes and sup.mode == RECORD:
+        raise SessionError("cannot rename the session being recorded: set these before RECORD")
+    if changes:
+        session_name(**{**sup.recording, **changes})  # the names it would make must be valid
+    if parent is not None:
+        root = confined(parent, data_roots(sup), "parent_directory")
+        if root != sup.data_root:
+            sup.set_data_root(root)
     sup.recording.update(changes)
     return recording_info(sup)
 
 
 def recording_info(sup: Supervisor) -> dict:
     """The Open Ephys shape of GET /api/recording."""
-    status = sup.status()
+    status = sup.snapshot.status
     return {"parent_directory": str(sup.data_root), **sup.recording, "default_record_engine": "acqd-hdf5",
-            "current_session": status["session"], "last_session": status["last_session"]}
+            "record_nodes": [], "current_session": status["session"], "last_session": status["last_session"]}
+
+
+def _export(sup: Supervisor, req: ExportRequest) -> dict:
+    out = confined(req.out, export_roots(sup), "export folder")
+    return sup.start_job("export", req.session, "--out", str(out))
 
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """One control command."""
+    """One control command: its request and response models, its handler, and where the handler runs."""
 
     request: type[Request]
-    handler: Callable[[Supervisor, Request], dict]
+    response: type[Response]
+    handler: Callable[[Supervisor, Any], dict]
     help: str
+    on_supervisor: bool = True
+    """False: run on the caller's thread (reads the snapshot, or must not wait behind a command)."""
 
 
 COMMANDS: dict[str, Command] = {
-    "status": Command(Empty, lambda sup, req: sup.status(), "mode, session and per-stream health"),
-    "acquire": Command(Empty, lambda sup, req: sup.acquire(), "start receiving (IDLE -> ACQUIRE)"),
-    "record": Command(RecordRequest, lambda sup, req: sup.record(req.metadata, req.session),
-                      "start recording a new session (-> RECORD)"),
-    "stop": Command(StopRequest, _stop, "stop recording (RECORD -> ACQUIRE) or acquiring (-> IDLE)"),
-    "set_mode": Command(ModeRequest, lambda sup, req: sup.set_mode(req.mode), "Open Ephys style mode change"),
-    "recording": Command(RecordingRequest, _recording, "get or set where and how sessions are named"),
-    "sessions": Command(Empty, lambda sup, req: {"sessions": list_sessions(sup.data_root)},
-                        "sessions under the data root"),
-    "preflight": Command(Empty, lambda sup, req: {"problems": sup.preflight()},
+    "status": Command(Empty, StatusResponse, lambda sup, req: status_now(sup), "mode, session and per-stream health",
+                      on_supervisor=False),
+    "acquire": Command(Empty, StatusResponse, _acquire, "start receiving (IDLE -> ACQUIRE)"),
+    "record": Command(RecordRequest, StatusResponse, _record, "start recording a new session (-> RECORD)"),
+    "stop": Command(StopRequest, StatusResponse, _stop, "stop recording (RECORD -> ACQUIRE) or acquiring (-> IDLE)"),
+    "set_mode": Command(ModeRequest, StatusResponse, _set_mode, "Open Ephys style mode change"),
+    "recording": Command(RecordingRequest, RecordingResponse, _recording, "get or set where and how sessions are named"),
+    "sessions": Command(Empty, SessionsResponse, lambda sup, req: {"sessions": list_sessions(sup.data_root)},
+                        "sessions under the data root", on_supervisor=False),
+    "preflight": Command(Empty, PreflightResponse, lambda sup, req: {"problems": sup.preflight()},
                          "why RECORD would be refused right now"),
-    "finalize": Command(FinalizeRequest, lambda sup, req: sup.start_job("finalize", req.session),
+    "annotate": Command(AnnotateRequest, AnnotationResponse, lambda sup, req: annotate(sup, req.text),
+                        "a timestamped note in the recording (ACQUIRE or RECORD)", on_supervisor=False),
+    "finalize": Command(FinalizeRequest, JobResponse, lambda sup, req: sup.start_job("finalize", req.session),
                         "finalize a closed session in the background"),
-    "finalize_status": Command(JobStatusRequest, lambda sup, req: sup.job_status("finalize", req.session),
+    "finalize_status": Command(JobStatusRequest, JobResponse, lambda sup, req: sup.job_status("finalize", req.session),
                                "progress and result of finalize runs"),
-    "export": Command(ExportRequest, lambda sup, req: sup.start_job("export", req.session, "--out", req.out),
-                      "export a finalized session for sharing, in the background"),
-    "export_status": Command(JobStatusRequest, lambda sup, req: sup.job_status("export", req.session),
+    "export": Command(ExportRequest, JobResponse, _export, "export a finalized session for sharing, in the background"),
+    "export_status": Command(JobStatusRequest, JobResponse, lambda sup, req: sup.job_status("export", req.session),
                              "progress and result of export runs"),
 }
 
 
-def run_command(sup: Supervisor, name: str, body: dict | None) -> dict:
-    """Validate ``body`` for command ``name`` and run it on the supervisor thread."""
+def run_command(sup: Supervisor, name: str, body: dict | Request | None) -> dict:
+    """Validate ``body`` for command ``name`` and run it (on the supervisor thread unless it only reads)."""
     cmd = COMMANDS[name]
-    req = cmd.request.model_validate(body or {})
+    req = body if isinstance(body, cmd.request) else cmd.request.model_validate(body or {})
+    if not cmd.on_supervisor:
+        return cmd.handler(sup, req)
     return sup.call(cmd.handler, sup, req)
+
+
+__all__ = ["COMMANDS", "Command", "run_command", "recording_info", "IDLE"]

@@ -1,11 +1,16 @@
-"""Human-readable renderings of daemon status and session summaries (rich tables)."""
+"""Human-readable renderings of daemon status (80 columns, one verdict line) and session summaries (rich)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from acqd.session import STREAMS_DIR, read_session
 from acqd.record.streamfile import summarize
@@ -13,23 +18,74 @@ from acqd.record.streamfile import summarize
 console = Console()
 
 
+def _duration(seconds: float | None) -> str:
+    """``1:02:03``, ``4:05``; ``-`` when unknown."""
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    h, m, sec = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def _left(seconds: float | None) -> str:
+    if seconds is None:
+        return "not writing"
+    return f"{seconds / 3600:.1f} h left" if seconds >= 3600 else f"{seconds / 60:.0f} min left"
+
+
+def status_renderable(status: dict, width: int = 80) -> Group:
+    """Mode, session and elapsed time, disk, one row per stream, recent incidents, one verdict; fits ``width``."""
+    session = status.get("session")
+    head = Text(status["mode"], style="bold")
+    if session:
+        head.append(f"  {session['session_id']}  {_duration(session.get('elapsed_s'))}")
+    free = status["disk_free_bytes"] / 1e9
+    head.append(f"  disk {free:.0f} GB, {_left(status.get('disk_time_left_s'))}")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, width=min(width, 80), show_edge=False)
+    for col, w, justify in (("stream", 10, "left"), ("state", 11, "left"), ("drv", 3, "left"), ("msg/s", 6, "right"),
+                            ("MB/s", 6, "right"), ("silent", 6, "right"), ("gaps", 5, "right"),
+                            ("rej", 5, "right"), ("rst", 3, "right")):
+        table.add_column(col, max_width=w, no_wrap=True, overflow="ellipsis", justify=justify)
+    for name, s in status["streams"].items():
+        bad = s["state"] in ("failed", "stopped_failed", "hung")
+        table.add_row(name, Text(s["state"], style="red" if bad else ""),
+                      Text("yes", style="green") if s["connected"] else Text("no", style="red"),
+                      f"{s['messages_per_s']:.0f}", f"{s['mb_per_s']:.2f}",
+                      "-" if s["silent_s"] is None else f"{s['silent_s']:.1f}", str(s["gaps"]), str(s["rejected"]),
+                      str(s["restarts"]))
+    parts: list = [head, table]
+    incidents = status.get("recent_incidents") or []
+    if incidents:
+        parts.append(Text(f"incidents: {status.get('incident_count', len(incidents))} (latest last)"))
+        for inc in incidents[-3:]:
+            when = time.strftime("%H:%M:%S", time.localtime(inc["time"]))
+            parts.append(Text(f"  {when} {inc['stream'] or 'session'} {inc['kind']}: {inc['detail']}"[:width],
+                              no_wrap=True, overflow="ellipsis"))
+    for r in status.get("recovered") or []:
+        parts.append(Text(f"interrupted session found: {r['session_id']}"[:width], style="yellow"))
+    verdict = status.get("verdict")
+    if verdict:
+        parts.append(Text(verdict["line"][:width], style="bold green" if verdict["ok"] else "bold red"))
+    return Group(*parts)
+
+
 def print_status(status: dict) -> None:
-    """Render a status reply: mode, session and one row of health per stream."""
-    if "mode" not in status:
+    """Render a status reply (or any other reply as JSON)."""
+    if "mode" not in status or "streams" not in status:
         console.print_json(data=status)
         return
-    session = status.get("session")
-    where = f"  session {session['session_id']} at {session['path']}" if session else ""
-    console.print(f"[bold]{status['mode']}[/bold]{where}   disk free {status['disk_free_bytes'] / 1e9:.1f} GB")
-    table = Table("stream", "state", "driver", "msg/s", "MB/s", "last seq", "gaps", "rejected", "MB written")
-    for name, s in status["streams"].items():
-        driver = "[green]connected[/green]" if s["connected"] else "[red]no driver[/red]"
-        state = s["state"] + (f" ({s['reason']})" if s.get("reason") else "")
-        table.add_row(name, state, driver, f"{s['messages_per_s']:.0f}", f"{s['mb_per_s']:.2f}", str(s["last_seq"]),
-                      str(s["gaps"]), str(s["rejected"]), f"{s['bytes_written'] / 1e6:.1f}")
-    console.print(table)
-    for r in status.get("recovered") or []:
-        console.print(f"[yellow]interrupted session found:[/yellow] {r['session_id']} at {r['path']}")
+    console.print(status_renderable(status, min(console.width, 80)))
+
+
+def watch_status(fetch: Callable[[], dict], every_s: float) -> int:
+    """Refresh the status every ``every_s`` until Ctrl-C."""
+    with Live(console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                live.update(status_renderable(fetch(), min(console.width, 80)), refresh=True)
+                time.sleep(every_s)
+        except KeyboardInterrupt:
+            return 0
 
 
 def session_summary(folder: Path) -> list[dict]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import queue
 import shutil
@@ -37,7 +38,9 @@ from acqd.session import (CLOSED, INTERRUPTED, RECORDING, SESSION_FILE, STREAMS_
                           list_sessions, now_iso, read_session, session_name, write_json_atomic)
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.record.writer import EXIT_DISK_FULL, EXIT_WRITE_ERROR, WriterSpec
+from acqd.service import live
 from acqd.service.previews import PreviewHub
+from acqd.service.snapshot import EventBus, Snapshot
 
 IDLE, ACQUIRE, RECORD = "IDLE", "ACQUIRE", "RECORD"
 MAX_INCIDENTS = 1000
@@ -45,6 +48,7 @@ START_TIMEOUT_S = 60.0
 COMMAND_TIMEOUT_S = 30.0
 WRITE_FAILURES = {EXIT_DISK_FULL: ("disk_full", "disk full or file size limit reached"),
                   EXIT_WRITE_ERROR: ("write_error", "writing the stream file failed")}
+log = logging.getLogger("acqd")
 
 
 @dataclass
@@ -74,6 +78,8 @@ class Job:
     fraction: float = 0.0
     report: dict | None = None
     error: str | None = None
+    on_progress: Callable[[Job], None] | None = None
+    """Called (on the job's thread) after each progress line and at the end: the ``job`` event."""
 
     def follow(self) -> None:
         """Read the run's progress lines until it exits (on a thread of its own)."""
@@ -88,11 +94,15 @@ class Job:
                 self.error = msg["error"]
             else:
                 self.stage, self.fraction = msg.get("stage", self.stage), msg.get("fraction", self.fraction)
+            if self.on_progress:
+                self.on_progress(self)
         rc = self.proc.wait()
         if rc == 0 and self.report is not None:
             self.state, self.fraction = "done", 1.0
         else:
             self.state, self.error = "failed", self.error or f"exited with code {rc}"
+        if self.on_progress:
+            self.on_progress(self)
 
     def as_dict(self, with_report: bool = True) -> dict:
         out = {"state": self.state, "stage": self.stage, "fraction": round(self.fraction, 4), "error": self.error}
@@ -125,7 +135,12 @@ class Supervisor:
         self._calls: queue.Queue = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
+        self.events = EventBus()
+        self.live = live.Live()
+        self.on_tick: Callable[[], None] | None = None
+        """Called from the supervisor loop (and while a command waits): the systemd watchdog ping."""
         self.recovered = self.recover_interrupted()
+        self.snapshot: Snapshot = live.publish(self, force=True)
 
     # -- threading -----------------------------------------------------------------------------
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 120.0) -> Any:
@@ -153,6 +168,7 @@ class Supervisor:
                             fut.set_result(fn(*args))
                         except BaseException as e:  # noqa: BLE001 - handed to the caller
                             fut.set_exception(e)
+                        live.publish(self, force=True)  # readers see a command's effect at once
         finally:
             self.shutdown()
 
@@ -173,6 +189,9 @@ class Supervisor:
         self.previews.sync(self.writers, self._send)
         if self._unsaved:
             self._save_session(now=False)
+        live.publish(self)
+        if self.on_tick is not None:
+            self.on_tick()
 
     def _wait_for(self, cond: Callable[[], bool], what: str, timeout_s: float = COMMAND_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
@@ -210,6 +229,7 @@ class Supervisor:
             case "stats":
                 if msg.get("pid") == h.proc.pid:
                     h.stats = msg
+                    self.live.changed = True
             case "recording":
                 h.state, h.part = "recording", msg["part"]
                 if self.session is not None:
@@ -239,11 +259,17 @@ class Supervisor:
             if h.state != "stopped_failed":  # else its exit code was seen first and recorded
                 h.state = "failed"
                 self._incident(name, kind, h.reason, incomplete=True)
-        elif kind in ("gap", "disconnected", "connected") and self.mode == RECORD:
+        elif kind in ("gap", "disconnected", "connected"):  # outside RECORD: an event and a log line only
             self._incident(name, kind, msg.get("detail", ""))
+        elif kind == "rejected":  # summarised once a second (live.publish), never one line per message
+            self.live.count_reject(name, msg.get("reason", "unknown"))
 
     def _incident(self, stream: str | None, kind: str, detail: str, incomplete: bool = False) -> None:
-        print(f"acqd: {stream or 'session'}: {kind}: {detail}", file=sys.stderr, flush=True)
+        log.log(logging.WARNING if incomplete or kind not in ("connected",) else logging.INFO,
+                "%s: %s: %s", stream or "session", kind, detail)
+        self.events.publish("incident", {"stream": stream, "kind": kind, "detail": detail, "incomplete": incomplete,
+                                         "session": self.session["session_id"] if self.session else None})
+        self.live.changed = True
         if self.session is None:
             return
         incidents = self.session["incidents"]
@@ -457,7 +483,7 @@ class Supervisor:
         if job is None or job.state != "running":
             proc = subprocess.Popen([sys.executable, "-m", "acqd.cli", kind, str(folder), *args, "--progress-jsonl"],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
-            job = self.jobs[(kind, session_id)] = Job(proc)
+            job = self.jobs[(kind, session_id)] = Job(proc, on_progress=live.job_reporter(self.events, kind, session_id))
             threading.Thread(target=job.follow, name=f"{kind}-{session_id}", daemon=True).start()
         return {"session": session_id, "kind": kind, **job.as_dict()}
 
@@ -486,7 +512,7 @@ class Supervisor:
             self._unsaved, self._saved_at = False, time.monotonic()
         except OSError as e:
             self._unsaved = True
-            print(f"acqd: cannot write {SESSION_FILE} ({e}); retrying", file=sys.stderr, flush=True)
+            log.error("cannot write %s (%s); retrying", SESSION_FILE, e)
 
     def _close_session(self, state: str) -> None:
         for name, h in self.writers.items():
@@ -519,7 +545,7 @@ class Supervisor:
                                                   "files": files})
             write_json_atomic(folder / SESSION_FILE, s)
             found.append({"session_id": s["session_id"], "path": str(folder), "files": files})
-            print(f"acqd: found interrupted session {s['session_id']} at {folder}", file=sys.stderr, flush=True)
+            log.warning("found interrupted session %s at %s", s["session_id"], folder)
         return found
 
     # -- status --------------------------------------------------------------------------------

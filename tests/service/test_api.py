@@ -36,7 +36,7 @@ def test_open_ephys_routes_and_refusals_without_drivers(rig_file, daemon_factory
 
     with pytest.raises(ApiError, match="unknown mode|Input should be") as e:
         c.request("PUT", "/api/status", {"mode": "PLAY"})
-    assert e.value.status == 400
+    assert e.value.status == 422
     with pytest.raises(ApiError, match="no route") as e:
         c.request("GET", "/api/nothing")
     assert e.value.status == 404

@@ -1,0 +1,169 @@
+"""The supervisor's live view: the status snapshot it publishes, and the events derived from it.
+
+Runs on the supervisor thread (``publish`` is called from its loop and after every command). It owns the
+snapshot's shape (docs/control-api.md "Status snapshot"): the supervisor's ``status()`` plus what an operator
+page needs and the supervisor does not keep itself (elapsed time, disk time left, silent time, rejects by
+reason, recent incidents, one verdict). It also emits the ``mode`` events (on a change of mode or session),
+summarises rejected messages once a second (one ``rejects`` incident and one log line, never one per message)
+and raises ``disk_low`` when the disk would fill within ``DISK_LOW_S`` at the current write rate.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from acqd.service.snapshot import SNAPSHOT_INTERVAL_S, EventBus, Snapshot
+
+if TYPE_CHECKING:
+    from acqd.service.supervisor import Job, Supervisor
+
+log = logging.getLogger("acqd")
+MIN_SPACING_S = 0.05
+"""Stats arrive several times a second per stream; a change is published at most this often."""
+REJECT_SUMMARY_S = 1.0
+DISK_LOW_S = 600.0
+"""Recording with less than this many seconds of disk left at the current rate raises ``disk_low``."""
+RECENT_INCIDENTS = 20
+JOB_EVENT_SPACING_S = 0.25
+
+
+@dataclass
+class Live:
+    """What ``publish`` remembers between snapshots (owned by the supervisor thread)."""
+
+    changed: bool = True
+    seq: int = 0
+    published_at: float = 0.0
+    mode: str | None = None
+    session_id: str | None = None
+    rejects: Counter = field(default_factory=Counter)
+    rejects_at: float = field(default_factory=time.monotonic)
+    disk_low: bool = False
+    annotations: Counter = field(default_factory=Counter)
+    """Annotations per session id (written off the supervisor thread; counted for the snapshot)."""
+    started: float = field(default_factory=time.monotonic)
+
+    def count_reject(self, stream: str, reason: str) -> None:
+        self.rejects[(stream, reason)] += 1
+
+
+def publish(sup: Supervisor, force: bool = False) -> Snapshot:
+    """Swap in a new snapshot if something changed (or it is due); emit the events derived from it."""
+    lv, now = sup.live, time.monotonic()
+    if now - lv.rejects_at >= REJECT_SUMMARY_S:
+        _summarise_rejects(sup, now)
+    due = now - lv.published_at >= SNAPSHOT_INTERVAL_S
+    if not (force or due or (lv.changed and now - lv.published_at >= MIN_SPACING_S)):
+        return sup.snapshot
+    status = build_status(sup)
+    session_id = status["session"]["session_id"] if status["session"] else None
+    if (status["mode"], session_id) != (lv.mode, lv.session_id):
+        sup.events.publish("mode", {"mode": status["mode"], "previous": lv.mode, "session": status["session"],
+                                    "last_session": status["last_session"]})
+        log.info("mode %s%s", status["mode"], f" (session {session_id})" if session_id else "")
+        lv.mode, lv.session_id = status["mode"], session_id
+    _check_disk(sup, status)
+    lv.seq += 1
+    snap = Snapshot.of(lv.seq, {"snapshot_seq": lv.seq, **status})
+    sup.snapshot = snap  # one reference assignment: readers see the old or the new snapshot, whole
+    lv.published_at, lv.changed = now, False
+    return snap
+
+
+def build_status(sup: Supervisor) -> dict:
+    """``Supervisor.status()`` plus the operator's view (the snapshot's documented fields)."""
+    status = sup.status()
+    now = time.time()
+    if status["session"] is not None and sup.session is not None:
+        started = _parse(sup.session["created"])
+        status["session"]["started"] = sup.session["created"]
+        status["session"]["elapsed_s"] = round(now - started.timestamp(), 1)
+        status["session"]["annotations"] = sup.live.annotations[sup.session["session_id"]]
+    write_rate = 0.0
+    for s in status["streams"].values():
+        total = s.get("total") or {}
+        s["rejected_by_reason"] = total.get("rejected", {})
+        write_rate += s["mb_per_s"] * 1e6 if s["state"] == "recording" else 0.0
+    incidents = [e.data for e in sup.events.recent("incident")][-RECENT_INCIDENTS:]
+    status.update(
+        time=round(now, 3), uptime_s=round(time.monotonic() - sup.live.started, 1),
+        reference=sup.cfg.reference, write_bytes_per_s=round(write_rate),
+        disk_time_left_s=round(status["disk_free_bytes"] / write_rate) if write_rate > 0 else None,
+        recent_incidents=incidents, incident_count=sum(1 for _ in sup.events.recent("incident")),
+        jobs=[{"kind": k, "session": sid, **job.as_dict(with_report=False)} for (k, sid), job in sup.jobs.items()],
+    )
+    status["verdict"] = verdict(status, sup.cfg.daemon.silent_after_s)
+    return status
+
+
+def verdict(status: dict, silent_after_s: float) -> dict:
+    """One line for people: OK, or the problems, the most serious first."""
+    problems: list[str] = []
+    acquiring = status["mode"] != "IDLE"
+    for name, s in status["streams"].items():
+        if s["state"] in ("failed", "stopped_failed", "hung"):
+            problems.append(f"{name}: {s['state']}" + (f" ({s['reason']})" if s.get("reason") else ""))
+        elif acquiring and s["required"] and not s["connected"]:
+            problems.append(f"{name}: no driver connected")
+        elif acquiring and s["required"] and (s["silent_s"] is None or s["silent_s"] > silent_after_s):
+            problems.append(f"{name}: silent" + (f" for {s['silent_s']:.0f} s" if s["silent_s"] else ""))
+    for name, s in status["streams"].items():
+        if s["gaps"] or s["rejected"]:
+            problems.append(f"{name}: {s['gaps']} gaps, {s['rejected']} rejected")
+    left = status.get("disk_time_left_s")
+    if left is not None and left < DISK_LOW_S:
+        problems.insert(0, f"disk full in {left / 60:.0f} min")
+    if status["session"] and status["session"]["incomplete"]:
+        problems.append("session incomplete (see incidents)")
+    return {"ok": not problems, "problems": problems,
+            "line": "OK" if not problems else f"PROBLEM: {problems[0]}"
+            + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")}
+
+
+def _summarise_rejects(sup: Supervisor, now: float) -> None:
+    lv = sup.live
+    window, lv.rejects_at = now - lv.rejects_at, now
+    if not lv.rejects:
+        return
+    per_stream: dict[str, Counter] = {}
+    for (stream, reason), n in lv.rejects.items():
+        per_stream.setdefault(stream, Counter())[reason] = n
+    lv.rejects.clear()
+    for stream, reasons in per_stream.items():
+        detail = (f"{sum(reasons.values())} messages rejected in the last {window:.1f} s ("
+                  + ", ".join(f"{r}: {n}" for r, n in reasons.most_common()) + ")")
+        sup._incident(stream, "rejects", detail)
+
+
+def _check_disk(sup: Supervisor, status: dict) -> None:
+    left = status["disk_time_left_s"]
+    low = left is not None and left < DISK_LOW_S
+    if low and not sup.live.disk_low:
+        sup._incident(None, "disk_low", f"{status['disk_free_bytes'] / 1e9:.1f} GB free: full in "
+                                        f"{left / 60:.0f} min at {status['write_bytes_per_s'] / 1e6:.1f} MB/s")
+    sup.live.disk_low = low
+
+
+def job_reporter(events: EventBus, kind: str, session: str) -> Callable[[Job], None]:
+    """The ``job`` events of one finalize or export run: progress at most 4 a second, and the end."""
+    last = [0.0]
+
+    def report(job: Job) -> None:
+        now = time.monotonic()
+        if job.state == "running" and now - last[0] < JOB_EVENT_SPACING_S:
+            return
+        last[0] = now
+        events.publish("job", {"kind": kind, "session": session, **job.as_dict(with_report=False)})
+
+    return report
+
+
+def _parse(iso: str) -> datetime:
+    t = datetime.fromisoformat(iso)
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
