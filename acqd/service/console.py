@@ -16,22 +16,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import FileResponse
-from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from acqd.config import SessionMetadata, check_name
 from acqd.errors import SessionError
 from acqd.finalize.layout import QC_DIR
-from acqd.session import SESSION_FILE, list_sessions, read_session, session_name
+from acqd.session import SESSION_FILE, list_sessions, read_annotations, read_session, session_name
+from acqd.service.commands import export_roots
 from acqd.service.supervisor import Supervisor, _merge
 
 WEB_DIR = Path(__file__).with_name("web")
@@ -62,10 +63,10 @@ class ChannelsRequest(BaseModel):
 
 
 def metadata_errors(defaults: dict, metadata: dict) -> dict[str, str]:
-    """What ``record`` would refuse in ``metadata`` (merged over the config's defaults), per field path."""
-    cleaned = _drop_nulls(metadata)
+    """What ``record`` would refuse in ``metadata`` (merged over the config's defaults, as ``record`` merges it),
+    per field path."""
     try:
-        SessionMetadata.model_validate(_merge(defaults, cleaned))
+        SessionMetadata.model_validate(_merge(defaults, metadata))
     except ValidationError as e:
         out: dict[str, str] = {}
         for err in e.errors():
@@ -73,11 +74,6 @@ def metadata_errors(defaults: dict, metadata: dict) -> dict[str, str]:
             out.setdefault(key, err["msg"].removeprefix("Value error, "))
         return out
     return {}
-
-
-def _drop_nulls(d: dict) -> dict:
-    """Empty form fields are sent as null; a null means "not given", so the default (if any) applies."""
-    return {k: _drop_nulls(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
 
 
 def qc_verdict(summary: dict) -> dict:
@@ -123,16 +119,10 @@ def _seconds_between(start: str | None, stop: str | None) -> float | None:
     return max(0.0, t1 - t0.timestamp())
 
 
-def _status(sup: Supervisor) -> dict:
-    """The published status snapshot (never the supervisor's thread)."""
-    snap = getattr(sup, "snapshot", None)
-    return dict(snap.status) if snap is not None else {}
-
-
 def _jobs(sup: Supervisor) -> dict[str, dict[str, dict]]:
-    """session id -> kind -> job, from the snapshot."""
+    """session id -> kind -> job, from the published snapshot (never the supervisor's thread)."""
     out: dict[str, dict[str, dict]] = {}
-    for job in _status(sup).get("jobs") or []:
+    for job in sup.snapshot.status.get("jobs") or []:
         out.setdefault(job["session"], {})[job["kind"]] = dict(job)
     return out
 
@@ -163,7 +153,7 @@ def _session_folder(sup: Supervisor, session: str) -> Path:
 
 
 def _current_or_last(sup: Supervisor) -> Path | None:
-    status = _status(sup)
+    status = sup.snapshot.status
     for key in ("session", "last_session"):
         if status.get(key):
             return Path(status[key]["path"])
@@ -171,9 +161,9 @@ def _current_or_last(sup: Supervisor) -> Path | None:
     return Path(sessions[-1]["path"]) if sessions else None
 
 
-def console_router(sup: Supervisor, dependencies: Sequence[Any] = ()) -> APIRouter:
-    """The console's routes; ``dependencies`` are the API's own (token, Host checks)."""
-    router = APIRouter(prefix="/api/console", tags=["console"], dependencies=list(dependencies))
+def console_router(sup: Supervisor, closing: threading.Event) -> APIRouter:
+    """The console's routes (behind the API's guard: Host, Origin and token checks apply to them as to any)."""
+    router = APIRouter(prefix="/api/console", tags=["console"])
     cfg = sup.cfg
 
     @router.get("/info")
@@ -194,7 +184,7 @@ def console_router(sup: Supervisor, dependencies: Sequence[Any] = ()) -> APIRout
                 "last_metadata": last, "data_root": str(sup.data_root),
                 "silent_after_s": cfg.daemon.silent_after_s,
                 "annotation_buttons": list(cfg.daemon.annotation_buttons),
-                "export_dir": str(getattr(cfg.daemon, "export_root", None) or sup.data_root.parent / "exports")}
+                "export_dir": str(export_roots(sup)[0] / "exports")}
 
     @router.post("/validate")
     def validate(req: ValidateRequest) -> ValidateReply:
@@ -252,6 +242,12 @@ def console_router(sup: Supervisor, dependencies: Sequence[Any] = ()) -> APIRout
             return {"session": folder.name, "incidents": []}
         return {"session": s.get("session_id"), "incidents": s.get("incidents", [])}
 
+    @router.get("/annotations")
+    def annotations() -> dict:
+        """The current (else the last) session's annotations, oldest first."""
+        folder = _current_or_last(sup)
+        return {"session": folder.name if folder else None, "annotations": read_annotations(folder) if folder else []}
+
     @router.put("/preview/{stream}")
     def select_channels(stream: str, req: ChannelsRequest) -> dict:
         """Which channels of ``stream`` the preview draws as traces (for every page watching)."""
@@ -260,24 +256,38 @@ def console_router(sup: Supervisor, dependencies: Sequence[Any] = ()) -> APIRout
         sup.previews.select(stream, req.channels)
         return {"stream": stream, "channels": req.channels}
 
-    @router.get("/preview", response_class=EventSourceResponse)
-    async def preview(request: Request) -> AsyncIterator[ServerSentEvent]:
-        """Live preview messages (``event: preview``) from every writer, while this stream is open."""
-        key, watcher = sup.previews.watch(asyncio.get_running_loop())
-        try:
-            while not await request.is_disconnected():
-                msg = await watcher.get(WATCH_POLL_S)
-                if msg is not None:
-                    yield ServerSentEvent(event="preview", data=msg)
-        finally:
-            sup.previews.leave(key)
+    @router.get("/preview", response_class=StreamingResponse, response_model=None)
+    async def preview(request: Request) -> StreamingResponse:
+        """Live preview messages (``event: preview``, JSON) from every writer, for as long as this stream is open."""
+        return StreamingResponse(_previews(sup, request, closing), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     return router
 
 
-def mount_console(app: Any, sup: Supervisor, dependencies: Sequence[Any] = ()) -> None:
+async def _previews(sup: Supervisor, request: Request, closing: threading.Event) -> AsyncIterator[bytes]:
+    key, watcher = sup.previews.watch(asyncio.get_running_loop())
+    try:
+        yield b"retry: 2000\n\n"
+        while not closing.is_set() and not await request.is_disconnected():
+            msg = await watcher.get(WATCH_POLL_S)
+            if msg is not None:
+                yield b"event: preview\ndata: " + json.dumps(msg).encode() + b"\n\n"
+            else:
+                yield b": keepalive\n\n"  # an idle stream still notices a page that went away
+    finally:
+        sup.previews.leave(key)
+
+
+def public_paths() -> tuple[str, ...]:
+    """The page and its static files: served without the token, so that the page can ask for it."""
+    files = sorted(p.relative_to(WEB_DIR).as_posix() for p in WEB_DIR.rglob("*") if p.is_file())
+    return ("/", "/console/", *(f"/console/{f}" for f in files))
+
+
+def mount_console(app: FastAPI, sup: Supervisor, closing: threading.Event) -> None:
     """Serve the page at ``/`` (its files under ``/console/``) and the console's routes, on ``app``."""
-    app.include_router(console_router(sup, dependencies))
+    app.include_router(console_router(sup, closing))
     app.mount("/console", StaticFiles(directory=WEB_DIR, html=True), name="console")
 
     @app.get("/", include_in_schema=False)

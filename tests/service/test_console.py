@@ -139,14 +139,16 @@ def _re(pattern: str):
 def test_operator_records_annotates_and_finalizes_from_the_console(browser, tmp_path, daemon_factory):
     rig = write_rig(tmp_path)
     daemon = daemon_factory(rig)
-    sim = Simulator(rig, 60, seed=3)
-    try:
-        ui = Console(browser, daemon.url + "/", tmp_path / "screens")
-        ui.expect_mode("IDLE")
-        ui.shot("idle")
+    ui = Console(browser, daemon.url + "/", tmp_path / "screens")
+    ui.expect_mode("IDLE")
+    ui.shot("idle")
 
-        ui.press("Acquire")
-        ui.expect_mode("ACQUIRE")
+    ui.press("Acquire")
+    ui.expect_mode("ACQUIRE")
+    ui.expect(ui.card("probe").locator(".problems")).to_contain_text("no driver connected")
+    ui.shot("acquiring-no-drivers")
+    sim = Simulator(rig, 90, seed=3)  # the rig's drivers start publishing
+    try:
         ui.expect_connected(["probe", "nidaq", "camera", "sensor"])
         ui.shot("all-streams-connected")
 

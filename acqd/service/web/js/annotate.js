@@ -42,6 +42,15 @@ export function createAnnotate({ bus, info }) {
     while (list.children.length > RECENT) list.lastChild.remove();
   });
 
+  async function load() {
+    try {
+      const { annotations } = await request("GET", "/api/console/annotations");
+      annotations.slice(-RECENT).forEach((a) => bus.emit("annotation", a));
+    } catch (err) { error.textContent = err.message; }
+  }
+  bus.on("session-started", () => { list.replaceChildren(); load(); });
+  load();
+
   bus.on("status", (status) => {
     const live = status && (status.mode === "ACQUIRE" || status.mode === "RECORD");
     for (const b of form.querySelectorAll("button, input")) b.disabled = !live;

@@ -118,8 +118,12 @@ export function createOverview({ bus, info, onError }) {
       const fields = cards.get(name);
       if (fields) problems.push(...drawCard(fields, s, status.mode).map((p) => `${name}: ${p}`));
     }
-    verdictEl.textContent = status.mode === "IDLE" ? "" : problems.length ? `problem: ${problems[0]}` +
-      (problems.length > 1 ? ` (+${problems.length - 1} more)` : "") : "all streams OK";
-    verdictEl.className = `verdict ${problems.length ? "bad" : "ok"}`;
+    // The daemon's own verdict (the first problem named) when it sends one; else the cards' problems.
+    const v = status.verdict;
+    const bad = v ? !v.ok : problems.length > 0;
+    verdictEl.textContent = status.mode === "IDLE" && !bad ? "" : v ? (v.ok ? "all streams OK" : v.line)
+      : problems.length ? `PROBLEM: ${problems[0]}` + (problems.length > 1 ? ` (+${problems.length - 1} more)` : "")
+      : "all streams OK";
+    verdictEl.className = `verdict ${bad ? "bad" : "ok"}`;
   });
 }

@@ -35,12 +35,12 @@ export function createRecordForm({ bus, info, onError }) {
   }
 
   function body() {
+    // An empty field is left out: the config's default for it applies, as it does for the record command.
     const metadata = {};
     for (const input of inputs) {
-      if (input.name === "session") continue;
       const v = input.value.trim();
-      if (input.name === "experimenter") metadata.experimenter = v ? v.split(";").map((x) => x.trim()).filter(Boolean) : [];
-      else setPath(metadata, input.name, v === "" ? null : v);
+      if (input.name === "session" || v === "") continue;
+      setPath(metadata, input.name, input.name === "experimenter" ? v.split(";").map((x) => x.trim()).filter(Boolean) : v);
     }
     const session = form.elements.session.value.trim();
     return session ? { session, metadata } : { metadata };
