@@ -221,3 +221,68 @@ def test_a_token_protected_daemon_asks_for_the_token_first(browser, tmp_path, da
     ui.expect(ui.card("probe").locator(".state")).to_have_text("stopped")
     ui.shot("signed-in")
     assert ui.errors == []
+
+
+@pytest.mark.e2e
+def test_preview_stream_shows_each_kind_of_stream_decimated_by_its_writer(tmp_path, daemon_factory):
+    """No browser: the live preview stream as the page reads it, from the real writers of the simulated rig."""
+    import json
+
+    import httpx
+
+    rig = write_rig(tmp_path)
+    daemon = daemon_factory(rig)
+    daemon.command("acquire")
+    sim = Simulator(rig, 60, seed=4)
+    seen: dict[str, dict] = {}
+    try:
+        with httpx.Client(base_url=daemon.url, timeout=httpx.Timeout(30.0)) as http:
+            assert http.put("/api/console/preview/probe", json={"channels": [7, 9]}).status_code == 200
+            with http.stream("GET", "/api/console/preview") as resp:
+                for line in resp.iter_lines():
+                    if line.startswith("data:"):
+                        msg = json.loads(line[5:])
+                        seen.setdefault(msg["stream"], {}).update(msg)
+                    if {"traces", "rms"} <= seen.get("probe", {}).keys() and "thumbnail" in seen.get("camera", {}) \
+                            and "last" in seen.get("sensor", {}) and "traces" in seen.get("nidaq", {}):
+                        break
+    finally:
+        sim.stop()
+    probe = seen["probe"]
+    assert probe["traces"]["names"] == ["ch007", "ch009"] and len(probe["rms"]) == 385
+    assert probe["rms"][384] is None and all(v > 0 for v in probe["rms"][:384])  # the sync word is not a signal
+    assert seen["nidaq"]["last"]["digital"] == 8 and seen["nidaq"]["traces"]["names"][0] == "ai0"
+    assert seen["camera"]["thumbnail"]["src"].startswith("data:image/jpeg;base64,")
+    assert seen["sensor"]["last"]["names"] == ["wheel", "lick", "pressure"]
+    assert all(m["dropped"] == 0 for m in seen.values())
+
+
+def test_console_routes_check_the_form_with_the_record_models_and_open_only_the_page(tmp_path, daemon_factory):
+    import httpx
+
+    rig = write_rig(tmp_path)
+    raw = yaml.safe_load(rig.read_text())
+    raw["daemon"]["control"]["token"] = "t0ken"
+    rig.write_text(yaml.safe_dump(raw))
+    daemon = daemon_factory(rig)
+    with httpx.Client(base_url=daemon.url, timeout=30.0) as anon:
+        page = anon.get("/")
+        assert page.status_code == 200 and "acqd console" in page.text
+        assert anon.get("/console/js/main.js").status_code == 200
+        assert anon.get("/console/vendor/uplot/LICENSE").status_code == 200
+        for path in ("/api/console/info", "/api/console/sessions", "/api/console/preview", "/console/../rig.yaml"):
+            assert anon.get(path).status_code in (401, 404), path
+    with httpx.Client(base_url=daemon.url, timeout=30.0, headers={"Authorization": "Bearer t0ken"}) as http:
+        info = http.get("/api/console/info").json()
+        assert [s["name"] for s in info["streams"]] == ["probe", "nidaq", "camera", "sensor"]
+        assert info["metadata_defaults"]["subject"]["subject_id"] == "mouse001" and info["last_metadata"] is None
+        bad = http.post("/api/console/validate", json={"session": "../x", "metadata": {
+            "subject": {"age": "ninety days", "sex": "X"}, "session_description": ""}}).json()
+        assert set(bad["errors"]) == {"session", "subject.age", "subject.sex", "session_description"}
+        assert "ISO 8601" in bad["errors"]["subject.age"] and "invalid session name" in bad["errors"]["session"]
+        good = http.post("/api/console/validate", json={"metadata": {"subject": {"age": "P12W"}}}).json()
+        assert good["errors"] == {} and good["session"]
+        assert http.get("/api/console/sessions").json()["sessions"] == []
+        assert http.get("/api/console/sessions/nope/qc").status_code == 404
+        assert http.put("/api/console/preview/nope", json={"channels": [1]}).status_code == 404
+        assert http.put("/api/console/preview/probe", json={"channels": []}).status_code == 422
