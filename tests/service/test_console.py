@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,6 +147,7 @@ def test_operator_records_annotates_and_finalizes_from_the_console(browser, tmp_
     ui.press("Acquire")
     ui.expect_mode("ACQUIRE")
     ui.expect(ui.card("probe").locator(".problems")).to_contain_text("no driver connected")
+    ui.expect(ui.page.locator("#preflight")).to_contain_text("stream 'probe' is silent")  # before any press
     ui.shot("acquiring-no-drivers")
     sim = Simulator(rig, 90, seed=3)  # the rig's drivers start publishing
     try:
@@ -180,9 +182,17 @@ def test_operator_records_annotates_and_finalizes_from_the_console(browser, tmp_
         if os.environ.get(SCREENSHOT_ENV):
             shutil.copyfile(path, os.environ[SCREENSHOT_ENV])
 
+        # A writer crashes: the feed says so, and its card turns red saying what happened.
+        os.kill(daemon.command("status")["streams"]["sensor"]["pid"], signal.SIGKILL)
+        ui.expect(ui.page.locator("#incidents li").first).to_contain_text(_re(r"writer died sensor .*restarted"))
+        ui.expect(ui.card("sensor").locator(".problems")).to_contain_text("writer restarted 1×")
+        ui.expect(ui.card("sensor")).to_have_class(_re(r"\bhas-problems\b"))
+        ui.expect(ui.card("sensor").locator(".state")).to_have_text("recording")  # into its next part
+        ui.shot("writer-restarted")
+
         ui.press("Stop recording")
         ui.expect_mode("ACQUIRE")
-        ui.expect(ui.session_row("console_run").locator(".state")).to_have_text("closed")
+        ui.expect(ui.session_row("console_run").locator(".state")).to_have_text("closed (incomplete)")  # the crash
         ui.shot("stopped")
     finally:
         sim.stop()
@@ -190,7 +200,7 @@ def test_operator_records_annotates_and_finalizes_from_the_console(browser, tmp_
     ui.finalize("console_run")
     ui.expect(ui.session_row("console_run").locator(".job")).to_contain_text("finalize")
     ui.expect(ui.qc("console_run").locator(".qc-verdict")).to_have_text(_re(r"^verdict: \S"), timeout=120_000)
-    ui.expect(ui.session_row("console_run").locator(".state")).to_have_text("finalized")
+    ui.expect(ui.session_row("console_run").locator(".state")).to_have_text(_re("^finalized"))
     master = tmp_path / "data" / "console_run" / "console_run.nwb"
     ui.expect(ui.qc("console_run").locator(".paths")).to_contain_text(str(master))
     ui.expect(ui.qc("console_run").locator("img.qc-plot")).to_have_count(4)

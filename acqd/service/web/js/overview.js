@@ -79,7 +79,7 @@ export function createOverview({ bus, info, onError }) {
     fields.restarts.textContent = s.restarts ?? 0;
     fields.state.textContent = s.state;
     fields.problems.replaceChildren(...problems.map((p) => el("li", {}, p)));
-    fields.driver.closest(".card").classList.toggle("bad", problems.length > 0);
+    fields.driver.closest(".card").classList.toggle("has-problems", problems.length > 0);
     return problems;
   }
 
@@ -125,5 +125,6 @@ export function createOverview({ bus, info, onError }) {
       : problems.length ? `PROBLEM: ${problems[0]}` + (problems.length > 1 ? ` (+${problems.length - 1} more)` : "")
       : "all streams OK";
     verdictEl.className = `verdict ${bad ? "bad" : "ok"}`;
+    verdictEl.title = v && v.problems ? v.problems.join("\n") : problems.join("\n");
   });
 }

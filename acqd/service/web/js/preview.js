@@ -86,6 +86,11 @@ class TraceView {
         this.makePlot(tr.names);
         if (document.activeElement !== this.input) this.input.value = tr.channels.join(", ");
       }
+      const prev = this.t[this.t.length - 1];
+      if (prev !== undefined && tr.t[0] - prev > 0.1) {  // samples missing (a gap, a writer restart): break the line
+        this.t.push(prev + 1e-6);
+        this.y.forEach((a) => a.push(null));
+      }
       this.t.push(...tr.t);
       tr.y.forEach((vals, i) => this.y[i].push(...vals));
       const last = this.t[this.t.length - 1];
@@ -100,10 +105,14 @@ class TraceView {
 
   draw(units) {
     // Each channel about its own mean, stacked with one spacing (like a multi-channel scope).
-    const centred = this.y.map((a) => { const m = a.reduce((s, v) => s + v, 0) / (a.length || 1); return a.map((v) => v - m); });
-    const spread = Math.max(1e-12, ...centred.map((a) => a.reduce((s, v) => Math.max(s, Math.abs(v)), 0)));
+    const centred = this.y.map((a) => {
+      const vals = a.filter((v) => v !== null);
+      const m = vals.reduce((s, v) => s + v, 0) / (vals.length || 1);
+      return a.map((v) => (v === null ? null : v - m));
+    });
+    const spread = Math.max(1e-12, ...centred.map((a) => a.reduce((s, v) => Math.max(s, Math.abs(v ?? 0)), 0)));
     const n = centred.length;
-    const data = [this.t, ...centred.map((a, i) => a.map((v) => v + (n - 1 - i) * 2.2 * spread))];
+    const data = [this.t, ...centred.map((a, i) => a.map((v) => (v === null ? null : v + (n - 1 - i) * 2.2 * spread)))];
     this.plot.setData(data);
     this.plotBox.title = `each channel about its mean, spacing ${siValue(2.2 * spread, units)}`;
   }
