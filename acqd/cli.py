@@ -87,7 +87,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     elif args.command == "annotate":
         sample = result["reference_sample"]
-        print(f"annotated at {result['time']}" + (f" ({result['reference']} sample {sample})" if sample is not None
+        print(f"annotated at {result['taken_at']}" + (f" ({result['reference']} sample {sample})" if sample is not None
                                                     else "") + (f" in session {result['session']}"
                                                                 if result["session"] else " (no session: data root)"))
     else:

@@ -38,7 +38,7 @@ from pynwb.event import EventsTable, TimestampVectorData
 from pynwb.file import Subject
 from pynwb.image import ImageSeries
 
-__all__ = ["EventsPlan", "MasterPlan", "MasterCheck", "SeriesPlan", "TablePlan", "Timing", "check_master",
+__all__ = ["AnnotationsPlan", "EventsPlan", "MasterPlan", "MasterCheck", "SeriesPlan", "TablePlan", "Timing", "check_master",
            "write_master"]
 
 _OBJECT_ID_NAMESPACE = uuid.UUID("6f1c1a52-3b0e-4d7e-9a55-0a6e8c2f5d11")  # acqd's namespace for uuid5 ids
@@ -105,6 +105,19 @@ class EventsPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class AnnotationsPlan:
+    """Operator notes as the EventsTable /events/annotations, on the session timebase."""
+
+    timestamps: np.ndarray
+    texts: list[str]
+    reference_samples: np.ndarray
+    """The reference stream's sample counter at each note (-1: placed by host time)."""
+    host_times: list[str]
+    """When each note was taken (ISO 8601, host clock)."""
+    resolution: float
+
+
+@dataclass(frozen=True, slots=True)
 class TablePlan:
     """A DynamicTable: name, description and columns ``{name: (description, values)}``."""
 
@@ -135,6 +148,8 @@ class MasterPlan:
     lab: str | None = None
     experiment_description: str | None = None
     keywords: tuple[str, ...] = ()
+    annotations: AnnotationsPlan | None = None
+    """/events/annotations; None when the session has no notes."""
 
 
 @dataclass
@@ -211,6 +226,8 @@ def _build(plan: MasterPlan, opened: list[h5py.File]) -> NWBFile:
         nwbfile.add_acquisition(_series(nwbfile, s, f["data"]))
     for e in plan.events:
         nwbfile.add_events_table(_events(e))
+    if plan.annotations is not None:
+        nwbfile.add_events_table(_annotations(plan.annotations))
     if plan.gaps is not None:
         nwbfile.add_time_intervals(_intervals(plan.gaps))
     module = ProcessingModule(name="sync", description="clock alignment of every stream to the reference clock: "
@@ -302,6 +319,20 @@ def _events(e: EventsPlan) -> EventsTable:
                         data=np.asarray(e.samples, dtype=np.int64))
     return EventsTable(name=e.name, description=e.description, source_description=e.source_description,
                        columns=[timestamp, sample])
+
+
+def _annotations(a: AnnotationsPlan) -> EventsTable:
+    columns = [
+        TimestampVectorData(name="timestamp", description="when the note was taken, on the session timebase",
+                            data=np.asarray(a.timestamps, dtype=np.float64), resolution=a.resolution),
+        VectorData(name="text", description="the note", data=list(a.texts)),
+        VectorData(name="reference_sample", description="the reference stream's sample counter when the note was "
+                   "taken (-1: no reference data yet; placed by host time)",
+                   data=np.asarray(a.reference_samples, dtype=np.int64)),
+        VectorData(name="taken_at", description="host wall-clock time of the note (ISO 8601)", data=list(a.host_times)),
+    ]
+    return EventsTable(name="annotations", description="operator notes taken during the recording (acqd annotate, "
+                       "Open Ephys /api/message)", source_description="acqd control API", columns=columns)
 
 
 def _intervals(t: TablePlan) -> TimeIntervals:

@@ -19,6 +19,7 @@ from acqd.config import ChannelSync
 from acqd.errors import FinalizeError
 from acqd.finalize.layout import rel
 from acqd.finalize.report import StreamReport
+from acqd.session import read_annotations
 from acqd.finalize.streams import Stream
 from acqd.finalize.timing import (Alignment, extrapolated_rows, row_times, series_timing, stream_events, stream_gaps,
                                   wall_time)
@@ -62,8 +63,28 @@ def plan_master(folder: Path, session: dict, streams: dict[str, Stream], aligned
         experiment_description=meta.get("experiment_description"), keywords=tuple(meta.get("keywords") or ()),
         notes=_notes(ref, zero_sample, session), series=series, events=events,
         gaps=_gap_table(gaps) if gaps else None,
-        sync_tables=_sync_tables(streams, aligned, reports, ref, zero_sample, start_time))
+        sync_tables=_sync_tables(streams, aligned, reports, ref, zero_sample, start_time),
+        annotations=_annotations(read_annotations(folder), ref, zero_sample, start_time))
     return plan, reports
+
+
+def _annotations(notes: list[dict], ref: Stream, zero_sample: int, start_time: datetime) -> nwb.AnnotationsPlan | None:
+    """Notes on the session timebase: by the reference sample counter, or by host time when it had no data yet."""
+    if not notes:
+        return None
+    times, samples = [], []
+    for n in notes:
+        sample = n.get("reference_sample")
+        if sample is None:
+            times.append(n["host_time_ns"] / 1e9 - start_time.timestamp())
+            samples.append(-1)
+        else:
+            times.append((int(sample) - zero_sample) / ref.rate)
+            samples.append(int(sample))
+    order = np.argsort(times, kind="stable")  # a table of events is read in time order
+    return nwb.AnnotationsPlan(timestamps=np.array(times)[order], texts=[str(notes[i]["text"]) for i in order],
+                               reference_samples=np.array(samples, dtype=np.int64)[order],
+                               host_times=[str(notes[i]["taken_at"]) for i in order], resolution=1.0 / ref.rate)
 
 
 def _series_plan(s: Stream, fit: ClockFit, flags: list[str], timing: nwb.Timing, linked: Path, gaps: list[dict],

@@ -41,7 +41,7 @@ def annotate(sup: Supervisor, text: str, source: str = "api") -> dict:
     h = sup.writers.get(ref)
     sample = reference_sample(h.stats.get("last_chunk") if h else None, sup.cfg.stream(ref).rate, mono_ns)
     session_id = session["session_id"] if session is not None else None
-    record = {"text": text, "time": now_iso(), "host_time_ns": wall_ns, "monotonic_ns": mono_ns,
+    record = {"text": text, "taken_at": now_iso(), "host_time_ns": wall_ns, "monotonic_ns": mono_ns,
               "reference": ref, "reference_sample": sample, "session": session_id, "mode": mode, "source": source}
     folder = sup.data_root / session_id if session_id else sup.data_root
     with _lock:

@@ -24,7 +24,7 @@ from acqd.config import SessionMetadata, check_name
 from acqd.errors import ConfigError, SessionError
 from acqd.service import live
 from acqd.service.annotations import annotate
-from acqd.service.supervisor import ACQUIRE, IDLE, RECORD, Supervisor, _merge
+from acqd.service.supervisor import ACQUIRE, RECORD, Supervisor, _merge
 from acqd.session import list_sessions, session_name
 
 
@@ -184,7 +184,7 @@ class JobResponse(Response):
 
 class AnnotationResponse(Response):
     text: str
-    time: str
+    taken_at: str
     host_time_ns: int
     reference: str
     reference_sample: int | None
@@ -275,7 +275,10 @@ def _recording(sup: Supervisor, req: RecordingRequest) -> dict:
     if changes and sup.mode == RECORD:
         raise SessionError("cannot rename the session being recorded: set these before RECORD")
     if changes:
-        session_name(**{**sup.recording, **changes})  # the names it would make must be valid
+        try:  # the names it would make must be valid
+            session_name(**{**sup.recording, **changes})
+        except SessionError as e:
+            raise ConfigError(str(e)) from None
     if parent is not None:
         root = confined(parent, data_roots(sup), "parent_directory")
         if root != sup.data_root:
@@ -341,4 +344,3 @@ def run_command(sup: Supervisor, name: str, body: dict | Request | None) -> dict
     return sup.call(cmd.handler, sup, req)
 
 
-__all__ = ["COMMANDS", "Command", "run_command", "recording_info", "IDLE"]

@@ -138,6 +138,8 @@ class Guard:
             return await _error(send, 415, "the body must be JSON (Content-Type: application/json)")
         if json_depth(body) > MAX_JSON_DEPTH:
             return await _error(send, 400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        if body and "content-type" not in headers:  # the Open Ephys PUT: say what it is, for the routes
+            scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
         await self.app(scope, _replay(body, receive), send)
 
 

@@ -86,16 +86,16 @@ def build_status(sup: Supervisor) -> dict:
         status["session"]["elapsed_s"] = round(now - started.timestamp(), 1)
         status["session"]["annotations"] = sup.live.annotations[sup.session["session_id"]]
     write_rate = 0.0
-    for s in status["streams"].values():
-        total = s.get("total") or {}
-        s["rejected_by_reason"] = total.get("rejected", {})
+    for name, s in status["streams"].items():
+        h = sup.writers.get(name)
+        s["rejected_by_reason"] = (h.stats.get("recording_counts") or {}).get("rejected", {}) if h else {}
         write_rate += s["mb_per_s"] * 1e6 if s["state"] == "recording" else 0.0
     incidents = [e.data for e in sup.events.recent("incident")][-RECENT_INCIDENTS:]
     status.update(
         time=round(now, 3), uptime_s=round(time.monotonic() - sup.live.started, 1),
         reference=sup.cfg.reference, write_bytes_per_s=round(write_rate),
         disk_time_left_s=round(status["disk_free_bytes"] / write_rate) if write_rate > 0 else None,
-        recent_incidents=incidents, incident_count=sum(1 for _ in sup.events.recent("incident")),
+        recent_incidents=incidents, incident_count=sup.events.counts["incident"],
         jobs=[{"kind": k, "session": sid, **job.as_dict(with_report=False)} for (k, sid), job in sup.jobs.items()],
     )
     status["verdict"] = verdict(status, sup.cfg.daemon.silent_after_s)

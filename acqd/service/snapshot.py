@@ -16,7 +16,7 @@ import itertools
 import json
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -74,11 +74,14 @@ class EventBus:
         self._lock = threading.Lock()
         self._history: deque[Event] = deque(maxlen=EVENT_HISTORY)
         self._listeners: list[Listener] = []
+        self.counts: Counter = Counter()
+        """Events published per type since the daemon started."""
 
     def publish(self, type_: str, data: dict) -> Event:
         with self._lock:
             event = Event(next(self._ids), type_, {"time": time.time(), **data})
             self._history.append(event)
+            self.counts[type_] += 1
             listeners = list(self._listeners)
         for ls in listeners:
             if len(ls.queue) == ls.queue.maxlen:

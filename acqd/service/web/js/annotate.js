@@ -17,7 +17,7 @@ export function createAnnotate({ bus, info }) {
     error.textContent = "";
     try {
       const reply = await request("PUT", "/api/message", { text });
-      bus.emit("annotation", reply && reply.text ? reply : { text, time: new Date().toISOString() });
+      bus.emit("annotation", reply && reply.text ? reply : { text, taken_at: new Date().toISOString() });
       return true;
     } catch (err) {
       error.textContent = err.message;
@@ -34,8 +34,8 @@ export function createAnnotate({ bus, info }) {
     el("button", { type: "button", onclick: () => send(text) }, text)));
 
   bus.on("annotation", (a) => {
-    const time = a.time || a.host_time || a.wall_time || new Date().toISOString();
-    const key = `${time}|${a.text}`;
+    const time = a.taken_at || a.time || new Date().toISOString();
+    const key = `${a.host_time_ns || time}|${a.text}`;
     if (seen.has(key)) return;  // our own reply and the pushed event describe the same note
     seen.add(key);
     list.prepend(el("li", { class: "annotation" }, el("time", {}, fmtTime(time)), " ", el("span", {}, a.text)));

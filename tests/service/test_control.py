@@ -1,0 +1,251 @@
+"""The control plane against a real daemon: status never waits, live events, metrics, refusals, sd_notify, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from acqd.service.api import ApiError
+from acqd.service.procs import Simulator, wait_until
+from acqd.service.status import status_renderable
+from tests.conftest import write_rig
+
+SUBJECT = {"subject_id": "m1", "species": "Mus musculus", "sex": "F", "age": "P90D"}
+
+
+def _rig(tmp_path: Path, **control) -> Path:
+    path = write_rig(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["daemon"]["control"].update(control)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _raw_status(url: str, request: str) -> int:
+    """Send a hand-made HTTP request; the status code of the reply (0: closed without one)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=10) as s:
+        s.sendall(request.encode())
+        reply = s.recv(4096).decode(errors="replace")
+    return int(reply.split(" ", 2)[1]) if reply.startswith("HTTP/") else 0
+
+
+@pytest.mark.e2e
+def test_status_answers_while_a_record_command_runs(rig_file, daemon_factory):
+    """Regression: GET /api/status waited 3.5 s for a PUT RECORD to finish (one supervisor thread for all)."""
+    daemon = daemon_factory(rig_file)
+    sim = Simulator(rig_file, 60, seed=3, extra=("--wait-peers", "0"))  # publishing before any writer connects
+    try:
+        result: dict = {}
+        record = threading.Thread(target=lambda: result.update(
+            daemon.client.request("PUT", "/api/status", {"mode": "RECORD"})))
+        record.start()  # from IDLE: start every writer, wait for data, open the files: seconds of work
+        latencies, modes = [], set()
+        with httpx.Client(base_url=daemon.url, timeout=30) as http:
+            while record.is_alive():
+                t0 = time.monotonic()
+                modes.add(http.get("/api/status").json()["mode"])
+                latencies.append(time.monotonic() - t0)
+                time.sleep(0.02)
+        record.join()
+        assert result["mode"] == "RECORD" and len(latencies) >= 10
+        assert max(latencies) < 1.0, f"status took {max(latencies):.2f} s during RECORD"
+        assert "IDLE" in modes or "ACQUIRE" in modes  # it was really asked while the command ran
+    finally:
+        sim.stop()
+
+
+@pytest.mark.e2e
+def test_event_stream_delivers_a_gap_incident_from_a_dropped_message(rig_file, daemon_factory):
+    daemon = daemon_factory(rig_file)
+    daemon.command("acquire")
+    seen: list[tuple[str, dict]] = []
+    with httpx.Client(base_url=daemon.url, timeout=httpx.Timeout(60, read=60)) as http:
+        opened = time.monotonic()
+        with http.stream("GET", "/api/events") as resp:
+            assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+            sim = Simulator(rig_file, 60, seed=4, faults=("sensor:drop:40",))
+            try:
+                kind = None
+                deadline = time.monotonic() + 40
+                for line in resp.iter_lines():
+                    if line.startswith("event: "):
+                        kind = line[7:]
+                    elif line.startswith("data: "):
+                        seen.append((kind, json.loads(line[6:])))
+                        if kind == "incident" and seen[-1][1]["kind"] == "gap":
+                            break
+                    assert time.monotonic() < deadline, f"no gap incident; saw {[k for k, _ in seen]}"
+            finally:
+                sim.stop()
+    gap = seen[-1][1]
+    assert gap["stream"] == "sensor" and "seq [40, 41)" in gap["detail"]
+    assert seen[0][0] == "status" and seen[0][1]["mode"] == "ACQUIRE"  # the snapshot comes first
+    assert sum(k == "status" for k, _ in seen) <= 2 * (time.monotonic() - opened) + 2  # status at most 2 Hz
+
+
+def test_metrics_are_prometheus_text(rig_file, daemon_factory):
+    daemon = daemon_factory(rig_file)
+    daemon.command("acquire")
+    text = httpx.get(daemon.url + "/metrics", timeout=30).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    mode = {s.labels["mode"]: s.value for s in families["acqd_mode"].samples}
+    assert mode == {"IDLE": 0.0, "ACQUIRE": 1.0, "RECORD": 0.0}
+    assert families["acqd_disk_free_bytes"].samples[0].value > 0
+    for name in ("acqd_stream_bytes", "acqd_stream_messages", "acqd_stream_gaps", "acqd_stream_writer_restarts"):
+        assert families[name].type == "counter"
+        assert {s.labels["stream"] for s in families[name].samples if s.name.endswith("_total")} == {
+            "probe", "nidaq", "camera", "sensor"}
+    age = {s.labels["stream"]: s.value for s in families["acqd_stream_last_message_age_seconds"].samples}
+    assert age["probe"] == float("inf")  # no driver: no message yet
+
+
+def test_hostile_requests_are_refused_before_anything_runs(tmp_path, daemon_factory):
+    path = _rig(tmp_path, cors_origins=["http://console.lab:8080"], token="s3cret")
+    daemon = daemon_factory(path)
+    ok = {"Authorization": "Bearer s3cret"}
+    with httpx.Client(base_url=daemon.url, timeout=30) as http:
+        def post(cmd: str, content: bytes, **headers: str) -> httpx.Response:
+            return http.post(f"/api/commands/{cmd}", content=content, headers={**ok, **headers})
+
+        r = http.get("/api/status", headers={**ok, "Host": "evil.example"})
+        assert r.status_code == 421 and "evil.example" in r.json()["error"]
+        r = post("acquire", b"{}", **{"Content-Type": "text/plain", "Origin": "http://evil.example"})
+        assert r.status_code == 403
+        assert post("acquire", b"{}", **{"Content-Type": "text/plain"}).status_code == 415
+        assert post("acquire", b"{}", **{"Authorization": "s3cret", "Content-Type": "application/json"}
+                    ).status_code == 401
+        deep = b"[" * 100_000 + b"]" * 100_000
+        assert post("acquire", deep, **{"Content-Type": "application/json"}).status_code in (400, 413)
+        deep = b'{"a":' * 100 + b"1" + b"}" * 100
+        assert post("acquire", deep, **{"Content-Type": "application/json"}).status_code == 400
+        for length in ("1e20", "-1", str(1 << 40)):  # httpx will not send these: a raw socket does
+            assert _raw_status(daemon.url, f"POST /api/commands/status HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               f"Authorization: Bearer s3cret\r\nContent-Type: application/json\r\n"
+                               f"Content-Length: {length}\r\n\r\n{{}}") in (400, 413), length
+        assert post("record", b'{"session": "../x"}', **{"Content-Type": "application/json"}).status_code == 422
+        # An invalid record in IDLE starts nothing: no writer, no folder.
+        r = post("record", b'{"session": "ok1", "metadata": {"subject": {"age": "90 days"}}}',
+                 **{"Content-Type": "application/json"})
+        assert r.status_code == 422 and "age" in r.json()["error"]
+        outside = tmp_path / "elsewhere"
+        r = http.put("/api/recording", json={"parent_directory": str(outside)}, headers=ok)
+        assert r.status_code == 422 and "outside the allowed folders" in r.json()["error"]
+        r = post("export", json.dumps({"session": "x", "out": "/etc/acqd"}).encode(),
+                 **{"Content-Type": "application/json"})
+        assert r.status_code == 422
+        assert not outside.exists() and not Path("/etc/acqd").exists()
+        # CORS: the configured origin may call; its preflight is answered for it only.
+        r = http.options("/api/commands/acquire", headers={"Origin": "http://console.lab:8080",
+                                                           "Access-Control-Request-Method": "POST"})
+        assert r.headers.get("access-control-allow-origin") == "http://console.lab:8080"
+        r = http.get("/api/status", headers={**ok, "Origin": "http://console.lab:8080"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://console.lab:8080"
+        status = http.get("/api/status", headers=ok).json()
+    assert status["mode"] == "IDLE" and all(s["pid"] is None for s in status["streams"].values())
+    assert [p.name for p in (tmp_path / "data").iterdir() if p.is_dir()] == []
+
+
+def test_ipv6_loopback_binds_and_serves(tmp_path, daemon_factory):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    daemon = daemon_factory(_rig(tmp_path, host="::1"))
+    assert daemon.url.startswith("http://[::1]:")
+    assert daemon.client.request("GET", "/api/status")["mode"] == "IDLE"
+
+
+def test_sd_notify_ready_watchdog_and_stopping(rig_file, daemon_factory, tmp_path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(30)
+    try:
+        daemon = daemon_factory(rig_file, env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"})
+        got: list[str] = []
+        while not any(m.startswith("WATCHDOG=1") for m in got[1:]):
+            got.append(sock.recv(4096).decode())
+        assert got[0].startswith("READY=1") and "serving http://127.0.0.1" in got[0]
+        assert daemon.client.request("GET", "/api/status")["mode"] == "IDLE"  # READY came after the API was up
+        daemon.stop()
+        while not got[-1].startswith("STOPPING=1"):
+            got.append(sock.recv(4096).decode())
+    finally:
+        sock.close()
+
+
+@pytest.mark.e2e
+def test_mode_changes_are_idempotent_and_acquire_does_not_end_a_recording(rig_file, daemon_factory):
+    daemon = daemon_factory(rig_file)
+    daemon.command("acquire")
+    sim = Simulator(rig_file, 60, seed=5)
+    try:
+        wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
+        first = daemon.command("record", session="idem")
+        again = daemon.command("record")
+        assert again["already_recording"] and again["session"]["session_id"] == "idem"
+        assert daemon.client.request("PUT", "/api/status", {"mode": "RECORD"})["session"]["session_id"] == "idem"
+        with pytest.raises(ApiError, match="acqd stop") as e:
+            daemon.command("acquire")
+        assert e.value.status == 409
+        with pytest.raises(ApiError, match="already recording session 'idem'") as e:
+            daemon.command("record", session="other")
+        assert e.value.status == 409 and first["session"]["session_id"] == "idem"
+        assert daemon.command("status")["mode"] == "RECORD"
+        daemon.command("stop")
+        assert daemon.command("stop", idle=True)["mode"] == "IDLE"
+        assert daemon.command("stop", idle=True)["mode"] == "IDLE"
+    finally:
+        sim.stop()
+
+
+def test_cli_without_a_daemon_says_so_in_one_line_with_exit_code_3():
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    out = subprocess.run([sys.executable, "-m", "acqd.cli", "status", "--url", f"http://127.0.0.1:{port}"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "no acqd daemon at" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_status_fits_80_columns_with_a_verdict(rig_file, daemon_factory):
+    daemon = daemon_factory(rig_file)
+    daemon.command("acquire")
+    env = {**os.environ, "ACQD_URL": daemon.url, "COLUMNS": "80"}
+    out = subprocess.run([sys.executable, "-m", "acqd.cli", "status"], capture_output=True, text=True, timeout=60,
+                         env=env)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0 and max(len(x) for x in lines) <= 80, out.stdout
+    assert lines[0].startswith("ACQUIRE") and "disk" in lines[0]
+    assert lines[-1].startswith("PROBLEM: probe: no driver connected (+3 more)"), out.stdout
+    assert any(x.startswith("probe") for x in lines)
+
+
+def test_status_rendering_of_a_recording_names_elapsed_time_silence_and_time_left():
+    stream = {"state": "recording", "reason": None, "connected": True, "silent_s": 12.5, "messages_per_s": 100.0,
+              "mb_per_s": 23.04, "gaps": 2, "rejected": 1, "restarts": 1, "required": True, "pid": 1}
+    status = {"mode": "RECORD", "session": {"session_id": "a_long_session_name_of_sixty_four_characters_xxxxxxxxxxxxxxxxxx",
+                                            "elapsed_s": 3723}, "disk_free_bytes": 5e11, "disk_time_left_s": 7200,
+              "streams": {"neuropixels_probe_a": stream}, "recent_incidents": [
+                  {"time": time.time(), "stream": "probe", "kind": "gap", "detail": "x" * 200}], "incident_count": 7,
+              "verdict": {"ok": False, "problems": ["neuropixels_probe_a: 2 gaps, 1 rejected"],
+                          "line": "PROBLEM: neuropixels_probe_a: 2 gaps, 1 rejected"}}
+    from rich.console import Console
+
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))
+    console.print(status_renderable(status, 80))
+    text = console.export_text()
+    assert max(len(x) for x in text.splitlines()) <= 80
+    assert "1:02:03" in text and "2.0 h left" in text and "12.5" in text and "incidents: 7" in text
+    assert text.splitlines()[-1].startswith("PROBLEM: neuropixels_probe_a")
