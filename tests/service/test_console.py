@@ -58,6 +58,7 @@ class Console:
         from playwright.sync_api import expect
 
         self.expect = expect
+        expect.set_options(timeout=STEP_S * 1000)
         self.page = browser.new_page(viewport=VIEWPORT)
         self.page.set_default_timeout(STEP_S * 1000)
         self.errors: list[str] = []
