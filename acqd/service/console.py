@@ -77,21 +77,23 @@ def metadata_errors(defaults: dict, metadata: dict) -> dict[str, str]:
 
 
 def qc_verdict(summary: dict) -> dict:
-    """The QC verdict of a finalized session: the report's own if it has one, else from its findings."""
+    """The QC verdict of a finalized session (``text``, ``level`` pass | warn | fail, ``reasons``): the report's
+    own (``qc.json`` "verdict", with each stream's reasons) when it has one, else made from its findings."""
+    streams = summary.get("streams", {})
+    check = summary.get("validation") or {}
+    invalid = check.get("read_errors", []) + check.get("validation_errors", [])
     v = summary.get("verdict")
-    if isinstance(v, dict):
-        text = v.get("line") or v.get("verdict") or v.get("text") or ("OK" if v.get("ok") else "problems")
-        ok = v.get("ok", str(text).upper().startswith(("OK", "PASS")))
-        return {"text": str(text), "ok": bool(ok), "reasons": list(v.get("problems") or v.get("reasons") or [])}
-    if isinstance(v, str):
-        return {"text": v, "ok": v.upper().startswith(("OK", "PASS", "GOOD")), "reasons": []}
+    if isinstance(v, str) and v:
+        reasons = [f"{n}: {r}" for n, s in streams.items() for r in (s.get("qc") or {}).get("reasons", [])]
+        level = "pass" if v.upper().startswith(("PASS", "OK")) else "fail" if v.upper().startswith("FAIL") else "warn"
+        return {"text": v, "level": level, "reasons": reasons + invalid}
     reasons = list(summary.get("warnings", []))
-    for name, s in summary.get("streams", {}).items():
+    for name, s in streams.items():
         reasons += [f"{name}: {f}" for f in s.get("flags", [])]
         reasons += [f"{name}: {len(s['gaps'])} gap(s)"] if s.get("gaps") else []
-    check = summary.get("validation") or {}
-    reasons += check.get("read_errors", []) + check.get("validation_errors", [])
-    return {"text": "OK" if not reasons else f"{len(reasons)} finding(s)", "ok": not reasons, "reasons": reasons}
+    reasons += invalid
+    return {"text": "OK" if not reasons else f"{len(reasons)} finding(s)", "level": "warn" if reasons else "pass",
+            "reasons": reasons}
 
 
 def folder_bytes(folder: Path) -> int:

@@ -73,10 +73,12 @@ def test_every_watcher_gets_each_message_and_a_slow_one_loses_the_oldest_counted
 def test_qc_verdict_prefers_the_reports_own_and_else_lists_the_findings():
     from acqd.service.console import qc_verdict
 
-    assert qc_verdict({"verdict": {"ok": True, "line": "OK"}}) == {"text": "OK", "ok": True, "reasons": []}
-    assert qc_verdict({"verdict": "FAIL: probe drift"})["ok"] is False
+    own = qc_verdict({"verdict": "WARN", "streams": {"cam": {"qc": {"verdict": "WARN", "reasons": ["3 gaps"]}},
+                                                     "nidaq": {"qc": {"verdict": "PASS", "reasons": []}}}})
+    assert own == {"text": "WARN", "level": "warn", "reasons": ["cam: 3 gaps"]}
+    assert qc_verdict({"verdict": "FAIL"})["level"] == "fail" and qc_verdict({"verdict": "PASS"})["level"] == "pass"
     found = qc_verdict({"warnings": ["stream 'x' has no file"], "validation": {"validation_errors": ["bad"]},
                         "streams": {"cam": {"flags": ["timed by host"], "gaps": [{}, {}]}, "ok": {"flags": []}}})
-    assert not found["ok"] and found["reasons"] == ["stream 'x' has no file", "cam: timed by host", "cam: 2 gap(s)",
-                                                    "bad"]
-    assert qc_verdict({"streams": {"a": {"flags": [], "gaps": []}}})["ok"]
+    assert found["level"] == "warn" and found["reasons"] == ["stream 'x' has no file", "cam: timed by host",
+                                                             "cam: 2 gap(s)", "bad"]
+    assert qc_verdict({"streams": {"a": {"flags": [], "gaps": []}}}) == {"text": "OK", "level": "pass", "reasons": []}

@@ -90,7 +90,7 @@ export function createSessions({ bus, info, onError }) {
       }));
       detail.replaceChildren(el("div", { class: "card qc", "data-session": sessionId },
         el("h3", {}, `QC report: ${sessionId}`),
-        el("p", { class: `qc-verdict ${verdict.ok === false ? "bad" : verdict.ok ? "ok" : ""}` },
+        el("p", { class: `qc-verdict ${verdict.level || ""}` },
           `verdict: ${verdict.text || "unknown"}`),
         el("ul", { class: "qc-reasons" }, ...(verdict.reasons || []).map((r) => el("li", {}, r))),
         el("dl", { class: "paths" },
