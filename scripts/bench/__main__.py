@@ -15,8 +15,6 @@ Scenarios (``--scenarios``, comma-separated; default all):
   disk       the disk's sequential write rate with fdatasync (``--disk-gib``, 4 MiB blocks).
   pynwb      pynwb DataChunkIterator writing probe-like data, file to file (``--pynwb-gib``).
   finalize   time ``acqd finalize`` on a short session and one with 10x the data (skipped if absent).
-  preview    the reference rig in one recording, alternating ``--preview-window`` windows with the console page
-             closed and open (its event stream and live preview read): acqd CPU of each, messages lost.
 
 A ramp step "keeps up" when no message is lost or rejected, the simulator stayed on its real-time
 schedule, and the receiver has no growing backlog (p99 publish->receive under BACKLOG_LIMIT_MS).
@@ -58,7 +56,7 @@ from acqd.record.streamfile import open_for_read  # noqa: E402
 
 BENCH_RIG = ROOT / "configs" / "bench-rig.yaml"
 DOC = ROOT / "docs" / "performance.md"
-SCENARIOS = ("reference", "ramp", "naive", "disk", "pynwb", "finalize", "preview")
+SCENARIOS = ("reference", "ramp", "naive", "disk", "pynwb", "finalize")
 PROBE_STEPS = (1, 2, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SIM_BEHIND_LIMIT_S = 0.25
@@ -404,88 +402,6 @@ def scenario_reference(args: argparse.Namespace, workdir: Path) -> dict:
                                      "commit_p50_ms", "commit_p99_ms", "recv_p50_ms", "recv_p99_ms"))}
 
 
-class ConsoleReader:
-    """What an open console page asks of the daemon: its event stream and its live preview stream, read as they
-    come (the browser's own drawing is not acqd's CPU and is left out)."""
-
-    def __init__(self, url: str):
-        import httpx
-
-        self.client = httpx.Client(base_url=url, timeout=httpx.Timeout(10.0, read=None))
-        self.counts = {"/api/events": 0, "/api/console/preview": 0}
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._read, args=(p,), daemon=True) for p in self.counts]
-        for t in self._threads:
-            t.start()
-
-    def _read(self, path: str) -> None:
-        with self.client.stream("GET", path) as resp:
-            for line in resp.iter_lines():
-                if self._stop.is_set():
-                    return
-                self.counts[path] += line.startswith("event:")
-
-    def close(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(10)
-        self.client.close()
-
-
-def scenario_preview(args: argparse.Namespace, workdir: Path) -> dict:
-    """The console's cost to the data path: one recording of the reference rig, windows with the page closed and
-    open in turn (closed first), acqd CPU of each; the budget is <= 3 % of a core more with it open."""
-    raw = yaml.safe_load(BENCH_RIG.read_text())
-    config = rig_file(raw, workdir, "preview-rig", args.daemon)
-    n_windows = 2 * args.repeat
-    quiet = wait_quiet(args.quiet_wait)
-    daemon = Daemon(config, workdir / "data", workdir)
-    sim, windows = None, []
-    try:
-        daemon.command("acquire")
-        sim = Simulator(config, n_windows * (args.preview_window + 5) + 900, timeout_s=300)
-        wait_until(lambda: not daemon.command("preflight")["problems"], "every stream to deliver data", 120, 0.5)
-        started = daemon.command("record", session=f"bench-preview-{time.strftime('%H%M%S')}")
-        folder = Path(started["session"]["path"])
-        pids = {"supervisor": daemon.pid, "simulator": sim.proc.pid,
-                **{f"writer:{n}": s["pid"] for n, s in started["streams"].items() if s["pid"]}}
-        time.sleep(SETTLE_S)
-        for i in range(n_windows):
-            page = ConsoleReader(daemon.url) if i % 2 else None
-            if page is not None:  # measure once every writer is previewing
-                wait_until(lambda: page.counts["/api/console/preview"] >= 4 * len(raw["streams"]), "previews", 60)
-            with ProcWatch(pids, args.sample_s) as watch:
-                watch.sleep(args.preview_window)
-            if page is not None:
-                page.close()
-            cpu = watch.cpu_pct()
-            windows.append({"page": "open" if page else "closed", "seconds": round(watch.seconds, 1),
-                            "acqd_cpu_pct": round(sum(v or 0.0 for k, v in cpu.items() if is_acqd(k)), 1),
-                            "supervisor_cpu_pct": cpu["supervisor"], "others_cpu_pct": watch.others_pct(),
-                            "events": dict(page.counts) if page else {}})
-            log(f"  preview window {i + 1}/{n_windows}: page {windows[-1]['page']}, acqd CPU "
-                f"{windows[-1]['acqd_cpu_pct']}%, others {windows[-1]['others_cpu_pct']}%")
-            time.sleep(1.0)  # the supervisor tells the writers to stop previewing within its next loop
-        status = daemon.command("status")
-        daemon.command("stop", idle=True)
-    finally:
-        if sim is not None:
-            sim.stop()
-        daemon.stop()
-    try:
-        files = summarize_streams(read_session(folder), sum(w["seconds"] for w in windows))
-    finally:
-        if not args.keep:
-            shutil.rmtree(folder, ignore_errors=True)
-    closed = med([w["acqd_cpu_pct"] for w in windows if w["page"] == "closed"])
-    opened = med([w["acqd_cpu_pct"] for w in windows if w["page"] == "open"])
-    return {"window_s": args.preview_window, "quiet_before": quiet, "windows": windows,
-            "closed_cpu_pct": closed, "open_cpu_pct": opened,
-            "delta_cpu_pct": None if closed is None or opened is None else round(opened - closed, 1),
-            "lost": max(files["lost"], sum(s["gaps"] for s in status["streams"].values())),
-            "rejected": max(files["rejected"], sum(s["rejected"] for s in status["streams"].values()))}
-
-
 def acqd_step(n: int, compression: str, args: argparse.Namespace, workdir: Path) -> dict:
     """One ramp step: ``n`` probes into acqd for ``--step-seconds``."""
     raw = probe_rig(n, compression)
@@ -763,13 +679,6 @@ def targets(res: dict) -> list[dict]:
         rows.append(row(f"finalize 10x session ({10 * fin['seconds_1x']:.0f} s recorded) (s)", fin["median"]["10x_s"],
                         n, "-", None))
         rows.append(row("finalize 10x / 1x time", fin["median"]["ratio"], n, "<= 1.2", lambda v: v <= 1.2))
-    pre = res.get("preview", {})
-    if pre.get("windows"):
-        n = len(pre["windows"]) // 2
-        rows.append(row("console open vs closed (reference rig, same run): acqd CPU difference, % of one core",
-                        pre["delta_cpu_pct"], n, "<= 3", lambda v: v <= 3))
-        rows.append(row("console open vs closed: messages lost + rejected", pre["lost"] + pre["rejected"], n, "0",
-                        lambda v: v == 0))
     return rows
 
 
@@ -871,8 +780,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pynwb-gib", type=float, help="data written by the pynwb baseline (default 2, quick 0.5)")
     p.add_argument("--finalize-seconds", type=float,
                    help="recording length of the 1x finalize session (default 10, quick 5)")
-    p.add_argument("--preview-window", type=float, help="each page-closed / page-open window of the preview "
-                                                         "scenario (default 60, quick 20)")
     p.add_argument("--sample-s", type=float, default=2.0, help="RSS sampling period")
     p.add_argument("--rss-limit-mb", type=int, default=RSS_LIMIT_MB,
                    help="cut a run short when a process (e.g. the simulator's send queues) grows past this")
@@ -897,7 +804,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.step_seconds = a.step_seconds or (10.0 if q else 20.0)
     a.pynwb_gib = a.pynwb_gib or (0.5 if q else 2.0)
     a.finalize_seconds = a.finalize_seconds or (5.0 if q else 10.0)
-    a.preview_window = a.preview_window or (20.0 if q else 60.0)
     a.ramp_compression = [c for c in a.ramp_compression.split(",") if c]
     a.scenarios = [s for s in a.scenarios.split(",") if s]
     unknown = set(a.scenarios) - set(SCENARIOS)
@@ -931,8 +837,7 @@ def main(argv: list[str] | None = None) -> int:
         res = json.loads(Path(args.update).read_text())
         res["updates"] = [*res.get("updates", []), update]
     runners = {"reference": scenario_reference, "ramp": scenario_ramp, "naive": scenario_naive,
-               "disk": scenario_disk, "pynwb": scenario_pynwb, "finalize": scenario_finalize,
-               "preview": scenario_preview}
+               "disk": scenario_disk, "pynwb": scenario_pynwb, "finalize": scenario_finalize}
     try:
         for name in SCENARIOS:
             if name in args.scenarios:
