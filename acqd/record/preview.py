@@ -14,6 +14,7 @@ on one message's worth of data, never on the whole stream.
 from __future__ import annotations
 
 import base64
+import json
 import math
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -35,6 +36,17 @@ THUMBNAIL_MAX_SIDE = 160
 DEFAULT_TRACES = 4
 MAX_TRACES = 8
 MAX_LAST_VALUES = 16
+MESSAGE_PREFIX = b'{"type":"preview",'
+"""How every preview message on a writer's control channel starts: the supervisor forwards those unparsed."""
+
+
+def encode_message(stream: str, msg: dict) -> bytes:
+    """A preview message as it goes to the supervisor and on to the page: JSON starting with ``MESSAGE_PREFIX``."""
+    return MESSAGE_PREFIX + json.dumps({"stream": stream, **msg}, separators=(",", ":"))[1:].encode()
+
+
+def is_message(raw: bytes) -> bool:
+    return raw.startswith(MESSAGE_PREFIX)
 
 
 def is_image(cfg: StreamConfig) -> bool:
@@ -74,7 +86,10 @@ def channel_rms(data: np.ndarray, max_rows: int = RMS_MAX_ROWS) -> np.ndarray:
     step = max(1, math.ceil(len(data) / max_rows))
     rows = np.asarray(data[::step], dtype=np.float32)
     rows = rows.reshape(len(rows), -1)
-    return rows.std(axis=0) if len(rows) > 1 else np.zeros(rows.shape[1], np.float32)
+    if len(rows) < 2:
+        return np.zeros(rows.shape[1], np.float32)
+    with np.errstate(invalid="ignore"):  # an infinite sample makes its channel's RMS NaN (sent as null), quietly
+        return rows.std(axis=0)
 
 
 def thumbnail(frame: np.ndarray, max_side: int = THUMBNAIL_MAX_SIDE) -> np.ndarray:
@@ -147,7 +162,8 @@ class Preview:
         """The preview message for what was taken since the last one (then forgotten)."""
         t0, s0 = self.window
         msg: dict = {"kind": self.cfg.kind, "rate": round((self.samples - s0) / max(now_s - t0, 1e-9), 2),
-                     "nominal_rate": self.cfg.rate, "dropped": self.dropped, "units": self.cfg.units}
+                     "nominal_rate": self.cfg.rate, "dropped": self.dropped, "units": self.cfg.units,
+                     "scale": self.cfg.conversion, "offset": self.cfg.offset}
         self.window, self.next_send = (now_s, self.samples), now_s + SEND_INTERVAL_S
         last = self.last
         if last is None:
@@ -162,19 +178,18 @@ class Preview:
         names = channel_names(self.cfg)
         shown = min(len(names), MAX_LAST_VALUES)
         sync = self.cfg.sync.channel if isinstance(self.cfg.sync, ChannelSync) else None
-        values = self.scaled(last[-1, :shown]).round(6).tolist()
+        values = _plain(self.scaled(last[-1, :shown]).round(6))
         if sync is not None and sync < shown:
             values[sync] = int(last[-1, sync])  # a digital word: its raw bits, not volts
         msg["last"] = {"names": names[:shown], "values": values, "digital": sync}
         if self.rows:
-            t = np.concatenate([s + self.stride * np.arange(len(y)) for s, y in self.rows]) / self.cfg.rate
+            samples = np.concatenate([s + self.stride * np.arange(len(y)) for s, y in self.rows])
             msg["traces"] = {"channels": list(self.channels), "names": [names[c] for c in self.channels],
-                             "t": t.round(6).tolist(),
-                             "y": self.scaled(np.concatenate([y for _, y in self.rows])).T.round(9).tolist()}
+                             "samples": samples.tolist(), "y": raw_values(np.concatenate([y for _, y in self.rows]).T)}
             self.rows = []
         if self.cfg.kind in ("ephys", "analog") and now_s >= self.next_rms:
             self.next_rms = now_s + RMS_INTERVAL_S
-            rms = (channel_rms(last) * abs(self.cfg.conversion)).round(9).tolist()
+            rms, msg["rms_scale"] = _rms_values(channel_rms(last), last.dtype.kind in "iu", abs(self.cfg.conversion))
             if sync is not None:
                 rms[sync] = None  # the sync word is not a signal: neither noisy nor flat
             msg["rms"] = rms
@@ -183,3 +198,24 @@ class Preview:
     def scaled(self, raw: np.ndarray) -> np.ndarray:
         """Raw values in the stream's units (``conversion`` and ``offset`` of the config)."""
         return raw.astype(np.float64) * self.cfg.conversion + self.cfg.offset
+
+
+def raw_values(a: np.ndarray) -> list:
+    """Samples as they came (the page applies ``scale`` and ``offset``): integers encode as JSON several times
+    faster than floats, and this runs four times a second per stream inside the writer."""
+    return a.tolist() if a.dtype.kind in "iu" else _plain(a.astype(np.float64).round(6))
+
+
+def _rms_values(rms: np.ndarray, integer: bool, conversion: float) -> tuple[list, float]:
+    """Per-channel RMS for JSON and its factor to the stream's units: tenths of a raw unit as integers for an
+    integer stream (always finite), else the raw floats."""
+    if integer:
+        return np.round(rms * 10).astype(np.int64).tolist(), conversion / 10
+    return _plain(rms.astype(np.float64).round(6)), conversion
+
+
+def _plain(a: np.ndarray) -> list:
+    """Nested lists for JSON; NaN and infinities (a float stream may carry them) become null, which JSON has."""
+    if np.isfinite(a).all():
+        return a.tolist()
+    return np.where(np.isfinite(a), a, None).tolist()

@@ -30,7 +30,7 @@ from zmq.utils.monitor import recv_monitor_message
 from acqd.config import ChannelSync, EdgeLine, FrameSync, StreamConfig
 from acqd.errors import DiskFullError, ProtocolError, WriterError
 from acqd.record.ingest import Cursor, Reject, advance, check_continuity, check_format, rising_edges
-from acqd.record.preview import Preview
+from acqd.record.preview import Preview, encode_message
 from acqd.wire.protocol import decode, decode_header
 from acqd.record.streamfile import UNKNOWN_SEQ, StreamFile, io_errors, part_filename
 
@@ -215,7 +215,10 @@ class Writer:
             counts.bytes += nbytes
             counts.gaps += verdict.gap is not None
         if self.preview is not None and (shown := self.preview.take(chunk.data, h.first_sample, mono_ns / 1e9)):
-            self.send("preview", **shown)
+            try:  # encoded once here; the supervisor forwards it to the page unparsed
+                self.ctrl.send(encode_message(self.cfg.name, shown), zmq.NOBLOCK)
+            except zmq.Again:
+                self.unsent_reports += 1
         if verdict.gap is not None:
             self.event("gap", f"{verdict.gap.kind.name.lower()}: seq [{verdict.gap.seq_from}, {verdict.gap.seq_to}) "
                        f"samples [{verdict.gap.sample_from}, {verdict.gap.sample_to})", gap=verdict.gap.kind.name)

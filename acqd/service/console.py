@@ -272,11 +272,9 @@ async def _previews(sup: Supervisor, request: Request, closing: threading.Event)
     try:
         yield b"retry: 2000\n\n"
         while not closing.is_set() and not await request.is_disconnected():
-            msg = await watcher.get(WATCH_POLL_S)
-            if msg is not None:
-                yield b"event: preview\ndata: " + json.dumps(msg).encode() + b"\n\n"
-            else:
-                yield b": keepalive\n\n"  # an idle stream still notices a page that went away
+            queued = await watcher.get(WATCH_POLL_S)
+            # One write for what queued meanwhile; each message is already JSON (encoded by its writer).
+            yield b"".join(b"event: preview\ndata: " + m + b"\n\n" for m in queued) or b": keepalive\n\n"
     finally:
         sup.previews.leave(key)
 

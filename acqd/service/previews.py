@@ -4,7 +4,8 @@ This module owns who is watching and what the writers are told. Writers decimate
 (``acqd.record.preview``) only while at least one console page holds the preview stream open; the supervisor
 calls ``sync`` on its thread every loop, which sends ``preview`` on (with the chosen channels) to each ready
 writer that has not been told yet (a restarted writer included) and off to all once the last watcher leaves.
-Messages reach each watcher through a bounded queue: a slow browser loses old previews (counted), never
+Messages are never parsed here: each is the JSON its writer encoded (``acqd.record.preview.encode_message``),
+and reaches each watcher through a bounded queue: a slow browser loses old previews (counted), never
 holds up the supervisor.
 """
 
@@ -34,18 +35,22 @@ class Watcher:
     queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(MAX_QUEUED))
     dropped: int = 0
 
-    def put(self, item: dict) -> None:
+    def put(self, item: bytes) -> None:
         """On the watcher's event loop: queue ``item``, dropping the oldest message when full."""
         if self.queue.full():
             self.queue.get_nowait()
             self.dropped += 1
         self.queue.put_nowait(item)
 
-    async def get(self, timeout_s: float) -> dict | None:
+    async def get(self, timeout_s: float) -> list[bytes]:
+        """What has queued (waiting up to ``timeout_s`` for the first), oldest first; [] on a timeout."""
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout_s)
+            out = [await asyncio.wait_for(self.queue.get(), timeout_s)]
         except TimeoutError:
-            return None
+            return []
+        while not self.queue.empty():
+            out.append(self.queue.get_nowait())
+        return out
 
 
 class PreviewHub:
@@ -81,9 +86,8 @@ class PreviewHub:
     def channels(self, stream: str) -> tuple[int, ...]:
         return self._channels.get(stream, ())
 
-    def publish(self, stream: str, msg: dict) -> None:
-        """Supervisor thread: hand a writer's preview message to every watcher."""
-        item = {"stream": stream, **{k: v for k, v in msg.items() if k not in ("type", "stream")}}
+    def publish(self, item: bytes) -> None:
+        """Supervisor thread: hand a writer's preview message (JSON, as the writer encoded it) to every watcher."""
         with self._lock:
             watchers = list(self._watchers.values())
         for w in watchers:

@@ -39,6 +39,7 @@ from acqd.session import (CLOSED, INTERRUPTED, RECORDING, SESSION_FILE, STREAMS_
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.record.writer import EXIT_DISK_FULL, EXIT_WRITE_ERROR, WriterSpec
 from acqd.service import live
+from acqd.record.preview import is_message as is_preview
 from acqd.service.previews import PreviewHub
 from acqd.service.snapshot import EventBus, Snapshot
 
@@ -184,6 +185,9 @@ class Supervisor:
                 pass
         while self.router.poll(0):
             ident, msg = self.router.recv_multipart()
+            if is_preview(msg):  # for the console, as it is: the daemon never parses a preview
+                self.previews.publish(msg)
+                continue
             self._on_writer_message(ident.decode(), zmq.utils.jsonapi.loads(msg))
         self._check_processes()
         self.previews.sync(self.writers, self._send)
@@ -247,8 +251,6 @@ class Supervisor:
                     self._save_session()
             case "event":
                 self._on_event(name, msg)
-            case "preview":
-                self.previews.publish(name, msg)
 
     def _on_event(self, name: str, msg: dict) -> None:
         kind = msg.get("kind")

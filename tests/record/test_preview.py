@@ -6,13 +6,14 @@ import base64
 from io import BytesIO
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from acqd.config import StreamConfig
-from acqd.record.preview import (SEND_INTERVAL_S, Preview, channel_rms, default_channels, thumbnail,
-                                 valid_channels)
+from acqd.record.preview import (SEND_INTERVAL_S, Preview, channel_rms, default_channels, encode_message,
+                                 thumbnail, valid_channels)
 
 PROBE = StreamConfig(name="probe", kind="ephys", endpoint="ipc:///tmp/p", dtype="int16", shape=(385,), rate=30000.0,
                      conversion=2e-6, sync={"source": "channel", "channel": 0})
@@ -38,14 +39,13 @@ def _feed(p: Preview, sizes: list[int], channels: int = 385, first: int = 0, dt_
 def test_traces_are_an_even_grid_of_the_device_counter_whatever_the_message_sizes(sizes, first):
     p = Preview.start(PROBE, [5, 7], 0.0)
     msgs = _feed(p, sizes, first=first % 30000)
-    t = np.concatenate([[]] + [m["traces"]["t"] for m in msgs if "traces" in m]) * PROBE.rate
-    samples = np.round(t).astype(np.int64)
+    samples = np.concatenate([np.empty(0, np.int64)] + [m["traces"]["samples"] for m in msgs if "traces" in m])
     start = first % 30000
     expected = np.arange(start + (-start) % p.stride, start + sum(sizes), p.stride)
     assert np.array_equal(samples, expected)
     y = np.concatenate([np.empty((2, 0))] + [np.array(m["traces"]["y"]) for m in msgs if "traces" in m], axis=1)
     raw = (samples[None, :] + np.array([[5], [7]])).astype(np.int16)  # what the rows held, wrapped like int16
-    assert np.allclose(y, raw * PROBE.conversion)
+    assert np.array_equal(y, raw) and all(m["scale"] == PROBE.conversion for m in msgs)
 
 
 def test_channels_default_skip_the_sync_word_and_requests_are_checked():
@@ -72,6 +72,9 @@ def test_messages_are_paced_and_carry_rate_drops_rms_and_last_values():
     assert m["rate"] == 30000.0 and m["dropped"] == 0
     assert len(m["last"]["values"]) == 16
     assert 2 <= sum("rms" in m for m in msgs) <= 3 and all(len(m["rms"]) == 385 for m in msgs if "rms" in m)
+    first = next(m for m in msgs if "rms" in m)
+    assert first["rms"][0] is None and first["rms_scale"] == PROBE.conversion / 10  # channel 0: the sync word
+    assert all(isinstance(v, int) for v in first["rms"][1:])
     assert m["traces"]["names"] == ["ch001", "ch002", "ch003", "ch004"]
 
     p = Preview.start(PROBE, None, 0.0)
@@ -92,3 +95,16 @@ def test_camera_thumbnail_is_small_readable_and_about_twice_a_second():
     assert 3 <= len(shots) <= 5 and all(abs(m["rate"] - 60) < 1 for m in msgs)
     img = Image.open(BytesIO(base64.b64decode(shots[0]["src"].split(",", 1)[1])))
     assert img.size == (160, 120) and img.mode == "L"
+
+
+def test_a_float_stream_with_nan_still_gives_valid_json():
+    import json
+
+    sensor = StreamConfig(name="s", kind="analog", endpoint="ipc:///tmp/s", dtype="float32", shape=(3,), rate=1000.0)
+    p = Preview.start(sensor, None, 0.0)
+    data = np.array([[1.0, np.nan, np.inf]] * 10, np.float32)
+    p.take(data, 0, 0.01)
+    raw = encode_message("s", p.flush(1.0))
+    msg = json.loads(raw, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert msg["stream"] == "s" and msg["last"]["values"] == [1.0, None, None]
+    assert msg["traces"]["y"][1][0] is None and msg["rms"][0] == 0.0 and msg["rms"][2] is None

@@ -262,6 +262,7 @@ def test_preview_stream_shows_each_kind_of_stream_decimated_by_its_writer(tmp_pa
     probe = seen["probe"]
     assert probe["traces"]["names"] == ["ch007", "ch009"] and len(probe["rms"]) == 385
     assert probe["rms"][384] is None and all(v > 0 for v in probe["rms"][:384])  # the sync word is not a signal
+    assert probe["rms_scale"] == pytest.approx(1.95e-7) and all(isinstance(v, int) for v in probe["traces"]["y"][0])
     assert seen["nidaq"]["last"]["digital"] == 8 and seen["nidaq"]["traces"]["names"][0] == "ai0"
     assert seen["camera"]["thumbnail"]["src"].startswith("data:image/jpeg;base64,")
     assert seen["sensor"]["last"]["names"] == ["wheel", "lick", "pressure"]

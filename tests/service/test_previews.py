@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+from acqd.record.preview import encode_message, is_message
 from acqd.service.previews import MAX_QUEUED, PreviewHub
 
 
@@ -58,13 +60,14 @@ def test_every_watcher_gets_each_message_and_a_slow_one_loses_the_oldest_counted
         (_, fast), (_, slow) = hub.watch(loop), hub.watch(loop)
         got = []
         for i in range(MAX_QUEUED + 5):
-            hub.publish("probe", {"type": "preview", "stream": "probe", "i": i})
+            hub.publish(encode_message("probe", {"i": i}))
             await asyncio.sleep(0)  # the thread-safe call lands on this loop
-            got.append((await fast.get(1.0))["i"])
-        rest = [(await slow.get(1.0))["i"] for _ in range(MAX_QUEUED)]
-        assert await slow.get(0.01) is None
+            got.extend(json.loads(m)["i"] for m in await fast.get(1.0))
+        rest = [json.loads(m)["i"] for m in await slow.get(1.0)]
+        assert await slow.get(0.01) == []
         return got, rest, slow.dropped
 
+    assert is_message(encode_message("probe", {"i": 0})) and not is_message(b'{"type":"stats"}')
     got, rest, dropped = asyncio.run(main())
     assert got == list(range(MAX_QUEUED + 5))
     assert rest == list(range(5, MAX_QUEUED + 5)) and dropped == 5

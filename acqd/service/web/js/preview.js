@@ -78,8 +78,11 @@ class TraceView {
   update(msg) {
     const tr = msg.traces;
     if (tr) {
+      // Device sample index -> seconds, raw -> the stream's units (the writer sends samples as they came).
+      const t = tr.samples.map((s) => s / msg.nominal_rate);
+      const y = tr.y.map((vals) => vals.map((v) => (v === null ? null : v * msg.scale + msg.offset)));
       const key = tr.channels.join(",");
-      if (key !== this.channels.join(",") || (this.t.length && tr.t[0] < this.t[this.t.length - 1])) {
+      if (key !== this.channels.join(",") || (this.t.length && t[0] < this.t[this.t.length - 1])) {
         this.channels = tr.channels;  // another selection, or the device counter restarted: start afresh
         this.t = [];
         this.y = tr.channels.map(() => []);
@@ -87,12 +90,12 @@ class TraceView {
         if (document.activeElement !== this.input) this.input.value = tr.channels.join(", ");
       }
       const prev = this.t[this.t.length - 1];
-      if (prev !== undefined && tr.t[0] - prev > 0.1) {  // samples missing (a gap, a writer restart): break the line
+      if (prev !== undefined && t[0] - prev > 0.1) {  // samples missing (a gap, a writer restart): break the line
         this.t.push(prev + 1e-6);
         this.y.forEach((a) => a.push(null));
       }
-      this.t.push(...tr.t);
-      tr.y.forEach((vals, i) => this.y[i].push(...vals));
+      this.t.push(...t);
+      y.forEach((vals, i) => this.y[i].push(...vals));
       const last = this.t[this.t.length - 1];
       let cut = 0;
       while (cut < this.t.length && this.t[cut] < last - WINDOW_S) cut++;
@@ -100,7 +103,7 @@ class TraceView {
       this.draw(msg.units);
       this.status.textContent = `t = ${last.toFixed(2)} s · ${tr.channels.length} ch · ${msg.rate.toFixed(0)} samples/s`;
     }
-    if (msg.rms && this.rmsCanvas) this.drawRms(msg.rms, msg.units);
+    if (msg.rms && this.rmsCanvas) this.drawRms(msg.rms.map((v) => (v === null ? null : v * msg.rms_scale)), msg.units);
   }
 
   draw(units) {
