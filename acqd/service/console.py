@@ -258,6 +258,11 @@ def console_router(sup: Supervisor, closing: threading.Event) -> APIRouter:
         sup.previews.select(stream, req.channels)
         return {"stream": stream, "channels": req.channels}
 
+    @router.get("/preview/state")
+    def preview_state() -> dict:
+        """Pages watching, writers told to preview, preview messages received so far."""
+        return sup.previews.state()
+
     @router.get("/preview", response_class=StreamingResponse, response_model=None)
     async def preview(request: Request) -> StreamingResponse:
         """Live preview messages (``event: preview``, JSON) from every writer, for as long as this stream is open."""

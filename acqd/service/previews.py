@@ -62,6 +62,8 @@ class PreviewHub:
         self._watchers: dict[int, Watcher] = {}
         self._channels: dict[str, tuple[int, ...]] = {}
         self._told: dict[str, tuple] = {}  # stream -> (writer pid, on, channels) last sent
+        self.received = 0
+        """Preview messages received from writers since the daemon started (watched or not: none, unwatched)."""
 
     @property
     def watching(self) -> bool:
@@ -83,11 +85,18 @@ class PreviewHub:
         with self._lock:
             self._channels[stream] = tuple(channels)
 
+    def state(self) -> dict:
+        """Who watches, which writers were told to preview, how many messages came: for the page and for tests."""
+        told = dict(self._told)
+        return {"watchers": len(self._watchers), "previewing": sorted(n for n, t in told.items() if t[1]),
+                "received": self.received}
+
     def channels(self, stream: str) -> tuple[int, ...]:
         return self._channels.get(stream, ())
 
     def publish(self, item: bytes) -> None:
         """Supervisor thread: hand a writer's preview message (JSON, as the writer encoded it) to every watcher."""
+        self.received += 1
         with self._lock:
             watchers = list(self._watchers.values())
         for w in watchers:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from acqd.service.procs import Simulator
+from acqd.service.procs import Simulator, wait_until
 from tests.conftest import write_rig
 
 CHROMIUM = os.environ.get("ACQD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -248,6 +248,7 @@ def test_preview_stream_shows_each_kind_of_stream_decimated_by_its_writer(tmp_pa
     seen: dict[str, dict] = {}
     try:
         with httpx.Client(base_url=daemon.url, timeout=httpx.Timeout(30.0)) as http:
+            assert http.get("/api/console/preview/state").json() == {"watchers": 0, "previewing": [], "received": 0}
             assert http.put("/api/console/preview/probe", json={"channels": [7, 9]}).status_code == 200
             with http.stream("GET", "/api/console/preview") as resp:
                 for line in resp.iter_lines():
@@ -256,7 +257,16 @@ def test_preview_stream_shows_each_kind_of_stream_decimated_by_its_writer(tmp_pa
                         seen.setdefault(msg["stream"], {}).update(msg)
                     if {"traces", "rms"} <= seen.get("probe", {}).keys() and "thumbnail" in seen.get("camera", {}) \
                             and "last" in seen.get("sensor", {}) and "traces" in seen.get("nidaq", {}):
+                        state = http.get("/api/console/preview/state").json()  # while the page still watches
                         break
+            assert state["previewing"] == ["camera", "nidaq", "probe", "sensor"] and state["received"] > 0
+            # The page went away: the writers are told to stop, and no preview message comes any more.
+            wait_until(lambda: http.get("/api/console/preview/state").json()["previewing"] == [], "previews off", 30)
+            received = http.get("/api/console/preview/state").json()["received"]
+            t0 = http.get("/api/status").json()["time"]  # the daemon's clock: 8 preview periods pass, none arrives
+            wait_until(lambda: http.get("/api/status").json()["time"] >= t0 + 2.0, "two more seconds of status")
+            after = http.get("/api/console/preview/state").json()
+            assert after == {"watchers": 0, "previewing": [], "received": received}
     finally:
         sim.stop()
     probe = seen["probe"]
