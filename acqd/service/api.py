@@ -39,9 +39,11 @@ from acqd.service.guard import Guard
 from acqd.service.supervisor import Supervisor
 
 log = logging.getLogger("acqd")
-LIMIT_CONCURRENCY = 64
-"""Connections served at once (more get 503 at once instead of queueing without bound)."""
-BACKLOG = 128
+LIMIT_CONCURRENCY = 512
+"""Connections open at once; beyond it requests get 503 at once instead of queueing without bound. uvicorn
+counts open connections, not busy ones, so this is well above a burst of 300 clients. Sync routes (commands)
+share anyio's worker pool (40 threads); read routes are async and never take a worker."""
+BACKLOG = 1024
 HEALTH_PATH = "/healthz"
 
 

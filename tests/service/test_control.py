@@ -75,7 +75,7 @@ def test_event_stream_delivers_a_gap_incident_from_a_dropped_message(rig_file, d
         opened = time.monotonic()
         with http.stream("GET", "/api/events") as resp:
             assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
-            sim = Simulator(rig_file, 60, seed=4, faults=("sensor:drop:40",))
+            sim = Simulator(rig_file, 60, seed=4, faults=("sensor:drop:40", "sensor:malformed:60"))
             try:
                 kind = None
                 deadline = time.monotonic() + 40
@@ -84,15 +84,34 @@ def test_event_stream_delivers_a_gap_incident_from_a_dropped_message(rig_file, d
                         kind = line[7:]
                     elif line.startswith("data: "):
                         seen.append((kind, json.loads(line[6:])))
-                        if kind == "incident" and seen[-1][1]["kind"] == "gap":
+                        if kind == "incident" and seen[-1][1]["kind"] == "rejects":
                             break
-                    assert time.monotonic() < deadline, f"no gap incident; saw {[k for k, _ in seen]}"
+                    assert time.monotonic() < deadline, f"no gap and rejects incidents; saw {seen[-5:]}"
             finally:
                 sim.stop()
-    gap = seen[-1][1]
-    assert gap["stream"] == "sensor" and "seq [40, 41)" in gap["detail"]
+    incidents = [d for k, d in seen if k == "incident" and d["stream"] == "sensor"]
+    (gap,) = [d for d in incidents if d["kind"] == "gap"]
+    assert "seq [40, 41)" in gap["detail"]
+    assert incidents[-1]["detail"].startswith("1 messages rejected in the last") and "malformed: 1" in \
+        incidents[-1]["detail"]  # summarised once a second, with the reason
     assert seen[0][0] == "status" and seen[0][1]["mode"] == "ACQUIRE"  # the snapshot comes first
     assert sum(k == "status" for k, _ in seen) <= 2 * (time.monotonic() - opened) + 2  # status at most 2 Hz
+
+
+def test_concurrent_requests_are_all_answered(rig_file, daemon_factory):
+    """Regression: one thread per connection and a backlog of 5 left 9-48 of 300 concurrent requests unanswered."""
+    import asyncio
+
+    daemon = daemon_factory(rig_file)
+
+    async def burst() -> list[int]:
+        limits = httpx.Limits(max_connections=300)
+        async with httpx.AsyncClient(base_url=daemon.url, timeout=30, limits=limits) as http:
+            replies = await asyncio.gather(*(http.get("/api/status") for _ in range(300)), return_exceptions=True)
+        return [r.status_code if isinstance(r, httpx.Response) else repr(r) for r in replies]
+
+    codes = asyncio.run(burst())
+    assert codes == [200] * 300, sorted(set(map(str, codes)))
 
 
 def test_metrics_are_prometheus_text(rig_file, daemon_factory):
