@@ -6,9 +6,10 @@ never copied between processes. It receives and checks chunks from the moment it
 (ACQUIRE: counted, not stored) and appends them to a stream file while recording (RECORD).
 
 It talks to the supervisor over one DEALER socket (JSON frames): it sends ``ready``, ``stats``,
-``event``, ``closed`` and ``preview``; it obeys ``record``, ``stop``, ``shutdown`` and ``preview`` (on/off). SIGTERM, or the
+``event`` and ``closed``; it obeys ``record``, ``stop`` and ``shutdown``. SIGTERM, or the
 supervisor's death, closes the file cleanly. A full disk stops the stream with a reason and an exit
 code of ``EXIT_DISK_FULL``; committed data (per the chunk index) stays readable.
+While the console watches (the ``preview`` command) it also sends ``preview`` messages (acqd.record.preview).
 """
 
 from __future__ import annotations

@@ -3,11 +3,12 @@
 One router per concern: ``commands`` (here: every command of acqd.service.commands at
 ``POST /api/commands/<name>``, its request and response models as the route's), ``openephys`` (the Open Ephys
 GUI's remote-control routes), ``events`` (``GET /api/events``, Server-Sent Events) and ``metrics``
-(``GET /metrics``, Prometheus), ``console`` (the web page at ``/``, acqd.service.console). ``acqd.service.guard`` checks Host, Origin, token, body size, media type and
+(``GET /metrics``, Prometheus). ``acqd.service.guard`` checks Host, Origin, token, body size, media type and
 nesting before any route runs. Read routes answer from the supervisor's published snapshot and never wait for
 a command. Errors are ``{"error": "..."}``: 400 malformed, 401 token, 404 no route, 409 refused in the current
 state, 413/415 body, 421 Host, 422 invalid request, 500 a bug (logged), 503 too many connections.
 docs/control-api.md is the reference; ``/openapi.json`` and ``/docs`` describe every route.
+The console (acqd.service.console) adds the web page at ``/`` and its ``/api/console/`` routes.
 """
 
 from __future__ import annotations
