@@ -25,7 +25,7 @@ from acqd.config import ChannelSync, StreamConfig
 
 TRACE_POINTS_PER_S = 200
 """Trace points kept per second and channel (a 5 s window is 1000 points: enough to see spikes and noise)."""
-SEND_INTERVAL_S = 0.25
+SEND_INTERVAL_S = 0.5
 """A preview message at most this often per stream."""
 RMS_INTERVAL_S = 0.5
 RMS_MAX_ROWS = 64

@@ -33,13 +33,14 @@ from acqd.errors import SessionError
 from acqd.finalize.layout import QC_DIR
 from acqd.session import SESSION_FILE, list_sessions, read_annotations, read_session, session_name
 from acqd.service.commands import export_roots
+from acqd.service.previews import FLUSH_S
 from acqd.service.supervisor import Supervisor, _merge
 
 WEB_DIR = Path(__file__).with_name("web")
 QC_FILES = (".png", ".html", ".json", ".svg", ".css", ".js")
 """What ``/api/console/sessions/<id>/qc/<name>`` serves from a session's QC folder."""
-WATCH_POLL_S = 1.0
-"""How often an idle preview stream checks that its page is still there."""
+KEEPALIVE_S = 5.0
+"""An idle preview stream writes a comment this often (a page that went away is noticed at the write)."""
 
 
 class ValidateRequest(BaseModel):
@@ -273,13 +274,19 @@ def console_router(sup: Supervisor, closing: threading.Event) -> APIRouter:
 
 
 async def _previews(sup: Supervisor, request: Request, closing: threading.Event) -> AsyncIterator[bytes]:
-    key, watcher = sup.previews.watch(asyncio.get_running_loop())
+    key, watcher = sup.previews.watch()
+    idle = 0.0
     try:
         yield b"retry: 2000\n\n"
         while not closing.is_set() and not await request.is_disconnected():
-            queued = await watcher.get(WATCH_POLL_S)
-            # One write for what queued meanwhile; each message is already JSON (encoded by its writer).
-            yield b"".join(b"event: preview\ndata: " + m + b"\n\n" for m in queued) or b": keepalive\n\n"
+            await asyncio.sleep(FLUSH_S)
+            queued = watcher.take()
+            idle = 0.0 if queued else idle + FLUSH_S
+            if queued:  # one write for what queued; each message is already JSON (encoded by its writer)
+                yield b"".join(b"event: preview\ndata: " + m + b"\n\n" for m in queued)
+            elif idle >= KEEPALIVE_S:
+                idle = 0.0
+                yield b": keepalive\n\n"  # an idle stream still notices a page that went away
     finally:
         sup.previews.leave(key)
 

@@ -5,21 +5,24 @@ This module owns who is watching and what the writers are told. Writers decimate
 calls ``sync`` on its thread every loop, which sends ``preview`` on (with the chosen channels) to each ready
 writer that has not been told yet (a restarted writer included) and off to all once the last watcher leaves.
 Messages are never parsed here: each is the JSON its writer encoded (``acqd.record.preview.encode_message``),
-and reaches each watcher through a bounded queue: a slow browser loses old previews (counted), never
-holds up the supervisor.
+and is appended to each watcher's bounded queue: a slow browser loses old previews (counted), never holds up
+the supervisor. Nothing wakes the HTTP side per message (a wake-up costs more than the message): each open
+stream takes what queued every ``FLUSH_S`` and writes it at once.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-MAX_QUEUED = 64
+MAX_QUEUED = 256
 """Preview messages queued per watcher; older ones are dropped for a browser that does not keep up."""
+FLUSH_S = 0.25
+"""How often an open preview stream writes what queued (the writers send about this often)."""
 
 
 class _Writer(Protocol):
@@ -29,27 +32,22 @@ class _Writer(Protocol):
 
 @dataclass
 class Watcher:
-    """One open preview stream (a browser tab); ``get`` awaits the next message."""
+    """One open preview stream (a browser tab): the supervisor thread appends, the stream takes."""
 
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(MAX_QUEUED))
+    queue: deque = field(default_factory=lambda: deque(maxlen=MAX_QUEUED))
     dropped: int = 0
 
     def put(self, item: bytes) -> None:
-        """On the watcher's event loop: queue ``item``, dropping the oldest message when full."""
-        if self.queue.full():
-            self.queue.get_nowait()
+        """Supervisor thread: queue ``item``; a full queue drops its oldest message (counted)."""
+        if len(self.queue) == MAX_QUEUED:
             self.dropped += 1
-        self.queue.put_nowait(item)
+        self.queue.append(item)
 
-    async def get(self, timeout_s: float) -> list[bytes]:
-        """What has queued (waiting up to ``timeout_s`` for the first), oldest first; [] on a timeout."""
-        try:
-            out = [await asyncio.wait_for(self.queue.get(), timeout_s)]
-        except TimeoutError:
-            return []
-        while not self.queue.empty():
-            out.append(self.queue.get_nowait())
+    def take(self) -> list[bytes]:
+        """What has queued, oldest first (deque appends and pops are atomic: no lock)."""
+        out = []
+        while self.queue:
+            out.append(self.queue.popleft())
         return out
 
 
@@ -69,8 +67,8 @@ class PreviewHub:
     def watching(self) -> bool:
         return bool(self._watchers)
 
-    def watch(self, loop: asyncio.AbstractEventLoop) -> tuple[int, Watcher]:
-        w = Watcher(loop)
+    def watch(self) -> tuple[int, Watcher]:
+        w = Watcher()
         with self._lock:
             key = next(self._ids)
             self._watchers[key] = w
@@ -100,10 +98,7 @@ class PreviewHub:
         with self._lock:
             watchers = list(self._watchers.values())
         for w in watchers:
-            try:
-                w.loop.call_soon_threadsafe(w.put, item)
-            except RuntimeError:  # that watcher's event loop has closed; it is leaving
-                pass
+            w.put(item)
 
     def sync(self, writers: Mapping[str, _Writer], send: Callable[..., None]) -> None:
         """Supervisor thread: tell each ready writer whether to preview, when that changed (or it is new)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -28,8 +27,7 @@ def test_writers_preview_only_while_watched_and_a_restarted_writer_is_told_again
     hub.sync(writers, send)
     assert sent == []  # nobody watches: writers start with preview off, nothing to say
 
-    loop = asyncio.new_event_loop()
-    key, _ = hub.watch(loop)
+    key, _ = hub.watch()
     hub.sync(writers, send)
     hub.sync(writers, send)
     assert sorted(sent) == [("cam", True, ()), ("probe", True, ())]
@@ -49,28 +47,21 @@ def test_writers_preview_only_while_watched_and_a_restarted_writer_is_told_again
     sent.clear()
     hub.sync(writers, send)
     assert sent == []
-    loop.close()
 
 
 def test_every_watcher_gets_each_message_and_a_slow_one_loses_the_oldest_counted():
     hub = PreviewHub()
-
-    async def main() -> tuple[list, list, int]:
-        loop = asyncio.get_running_loop()
-        (_, fast), (_, slow) = hub.watch(loop), hub.watch(loop)
-        got = []
-        for i in range(MAX_QUEUED + 5):
-            hub.publish(encode_message("probe", {"i": i}))
-            await asyncio.sleep(0)  # the thread-safe call lands on this loop
-            got.extend(json.loads(m)["i"] for m in await fast.get(1.0))
-        rest = [json.loads(m)["i"] for m in await slow.get(1.0)]
-        assert await slow.get(0.01) == []
-        return got, rest, slow.dropped
-
-    assert is_message(encode_message("probe", {"i": 0})) and not is_message(b'{"type":"stats"}')
-    got, rest, dropped = asyncio.run(main())
+    (_, fast), (key, slow) = hub.watch(), hub.watch()
+    got = []
+    for i in range(MAX_QUEUED + 5):
+        hub.publish(encode_message("probe", {"i": i}))
+        got.extend(json.loads(m)["i"] for m in fast.take())
     assert got == list(range(MAX_QUEUED + 5))
-    assert rest == list(range(5, MAX_QUEUED + 5)) and dropped == 5
+    assert [json.loads(m)["i"] for m in slow.take()] == list(range(5, MAX_QUEUED + 5)) and slow.dropped == 5
+    assert slow.take() == [] and hub.state() == {"watchers": 2, "previewing": [], "received": MAX_QUEUED + 5}
+    hub.leave(key)
+    assert hub.state()["watchers"] == 1
+    assert is_message(encode_message("probe", {"i": 0})) and not is_message(b'{"type":"stats"}')
 
 
 def test_qc_verdict_prefers_the_reports_own_and_else_lists_the_findings():
