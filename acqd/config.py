@@ -312,6 +312,8 @@ class DaemonConfig(_Frozen):
     """A live writer that sends nothing (not even stats) for this long is reported `hung`."""
     disk_reserve_bytes: int = Field(2_000_000_000, ge=0)
     """Free space on the data root below which recording stops cleanly (a warning at twice this)."""
+    annotation_buttons: tuple[str, ...] = ("drug on", "animal moved", "stimulus start", "stimulus end")
+    """Quick annotation buttons of the console (one click sends the text as an annotation)."""
 
     @model_validator(mode="after")
     def _heartbeat_after_stats(self) -> DaemonConfig:

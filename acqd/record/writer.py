@@ -11,6 +11,7 @@ stats also say whether and where it records, so the supervisor can reconcile its
 ``record``, ``stop`` and ``shutdown``. SIGTERM, or the
 supervisor's death, closes the file cleanly. A full disk stops the stream with a reason and an exit
 code of ``EXIT_DISK_FULL``; committed data (per the chunk index) stays readable.
+While the console watches (the ``preview`` command) it also sends ``preview`` messages (acqd.record.preview).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from acqd.errors import DiskFullError, ProtocolError, WriterError
 from acqd.record.faults import FAULT_ENV, Faults
 from acqd.record.ingest import (Cursor, Reject, Verdict, advance, check_continuity, check_edges, check_format,
                                 rising_edges, wall_step_ns)
+from acqd.record.preview import Preview, encode_message
 from acqd.wire.protocol import Chunk, Header, decode, peek_seq
 from acqd.record.streamfile import UNKNOWN_SEQ, StreamFile, io_errors, last_committed, part_filename
 
@@ -151,6 +153,7 @@ class Writer:
         self.faults = Faults()
         self.held: Cursor | None = None  # after the last LATE / SEQ_JUMP reject: what would continue it
         self.part_cursor: Cursor | None = None  # the cursor when the current part was opened
+        self.preview: Preview | None = None  # only while the console watches (the ``preview`` command)
         self._window = (time.monotonic(), 0, 0)
 
     # -- messages to the supervisor ------------------------------------------------------------
@@ -335,6 +338,11 @@ class Writer:
             counts.gaps += verdict.gap is not None
         if chunk.offsets is not None and len(chunk.offsets):
             self.last_offset = chunk.offsets[-1:].copy()
+        if self.preview is not None and (shown := self.preview.take(chunk.data, h.first_sample, mono_ns / 1e9)):
+            try:  # encoded once here; the supervisor forwards it to the page unparsed
+                self.ctrl.send(encode_message(self.cfg.name, shown), zmq.NOBLOCK)
+            except zmq.Again:
+                self.unsent_reports += 1
 
     def store(self, h: Header, chunk: Chunk, verdict: Verdict, wall_ns: int, mono_ns: int, clock_pairs: list) -> None:
         """Write an accepted chunk, its gap, its edges and any clock-step pairs to the current part."""
@@ -380,6 +388,8 @@ class Writer:
                 self.close_file()
             case "shutdown":
                 self.stop_requested = True
+            case "preview":  # someone watches the console (or stopped): a few rows per message, see acqd.record.preview
+                self.preview = Preview.start(self.cfg, msg.get("channels"), time.monotonic()) if msg.get("on") else None
             case other:
                 self.event("error", f"unknown command {other!r}")
 

@@ -8,6 +8,7 @@ nesting before any route runs. Read routes answer from the supervisor's publishe
 a command. Errors are ``{"error": "..."}``: 400 malformed, 401 token, 404 no route, 409 refused in the current
 state, 413/415 body, 421 Host, 422 invalid request, 500 a bug (logged), 503 too many connections.
 docs/control-api.md is the reference; ``/openapi.json`` and ``/docs`` describe every route.
+The console (acqd.service.console) adds the web page at ``/`` and its ``/api/console/`` routes.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from starlette.middleware.cors import CORSMiddleware
 from acqd.config import ControlConfig, RigConfig
 from acqd.errors import AcqdError, ConfigError, SessionError
 from acqd.service import systemd
+from acqd.service.console import mount_console, public_paths
 from acqd.service.commands import COMMANDS, Command, StatusResponse, StreamsResponse, run_command
 from acqd.service.guard import Guard
 from acqd.service.supervisor import Supervisor
@@ -131,6 +133,7 @@ def create_app(sup: Supervisor, ctl: ControlConfig, cfg: RigConfig, request_stop
     app.include_router(openephys_router(sup, cfg, request_stop))
     app.include_router(events_router(sup, app.state.closing))
     app.include_router(metrics_router(sup))
+    mount_console(app, sup, app.state.closing)  # the web page at / (acqd.service.console)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -150,7 +153,7 @@ def create_app(sup: Supervisor, ctl: ControlConfig, cfg: RigConfig, request_stop
         app.add_middleware(CORSMiddleware, allow_origins=list(ctl.cors_origins), allow_methods=["GET", "PUT", "POST"],
                            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"])
     app.add_middleware(Guard, allowed_hosts=ctl.allowed_hosts, cors_origins=ctl.cors_origins, token=ctl.token,
-                       open_paths=(HEALTH_PATH,))
+                       open_paths=(HEALTH_PATH, *public_paths()))
     return app
 
 

@@ -46,6 +46,8 @@ from acqd.session import (CLOSED, INTERRUPTED, RECORDING, SESSION_FILE, STREAMS_
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.record.writer import EXIT_DISK_FULL, EXIT_WRITE_ERROR, WriterSpec
 from acqd.service import live
+from acqd.record.preview import is_message as is_preview
+from acqd.service.previews import PreviewHub
 from acqd.service.snapshot import EventBus, Snapshot
 from acqd.service.lslbridges import LslBridges
 
@@ -154,6 +156,7 @@ class Supervisor:
         self._unsaved = False
         self.recording = {"prepend_text": "", "base_text": "", "append_text": ""}
         self.jobs: dict[tuple[str, str], Job] = {}  # (kind, session id) -> the latest run
+        self.previews = PreviewHub()  # the console's live preview: writers decimate only while someone watches
         self._calls: queue.Queue = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -208,6 +211,9 @@ class Supervisor:
             frames = self.router.recv_multipart()
             try:
                 ident, raw = frames
+                if is_preview(raw):  # for the console, as it is: the daemon never parses a preview
+                    self.previews.publish(raw)
+                    continue
                 name, msg = ident.decode(), zmq.utils.jsonapi.loads(raw)
                 if not isinstance(msg, dict):
                     raise ValueError("not a JSON object")
@@ -223,6 +229,7 @@ class Supervisor:
         self._check_processes()
         self._check_heartbeats()
         self._check_disk()
+        self.previews.sync(self.writers, self._send)
         if self._unsaved:
             self._save_session(now=False)
         for folder, session in list(self._closed_unsaved):

@@ -48,6 +48,7 @@ from bench.disk import scenario_disk  # noqa: E402
 from bench.finalize import scenario_finalize  # noqa: E402
 from bench.naive import scenario_naive  # noqa: E402
 from bench.procwatch import RSS_LIMIT_MB  # noqa: E402
+from bench.preview import scenario_preview  # noqa: E402
 from bench.pynwb import scenario_pynwb  # noqa: E402
 from bench.ramp import scenario_ramp  # noqa: E402
 from bench.reference import scenario_reference  # noqa: E402
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         res = json.loads(Path(args.update).read_text())
         res["updates"] = [*res.get("updates", []), update]
     runners = {"reference": scenario_reference, "ramp": scenario_ramp, "naive": scenario_naive,
-               "disk": scenario_disk, "pynwb": scenario_pynwb, "finalize": scenario_finalize}
+               "disk": scenario_disk, "pynwb": scenario_pynwb, "finalize": scenario_finalize,
+               "preview": scenario_preview}
     try:
         for name in SCENARIOS:
             if name in args.scenarios:

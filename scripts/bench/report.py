@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import med
+from bench.preview import preview_targets
 
 
 def machine_info(workdir: Path) -> dict:
@@ -105,6 +106,7 @@ def targets(res: dict) -> list[dict]:
         rows.append(row(f"finalize 10x session ({10 * fin['seconds_1x']:.0f} s recorded) (s)", fin["median"]["10x_s"],
                         n, "-", None))
         rows.append(row("finalize 10x / 1x time", fin["median"]["ratio"], n, "<= 1.2", lambda v: v <= 1.2))
+    rows += preview_targets(res, row)
     return rows
 
 

@@ -1,0 +1,115 @@
+"""The live preview's fan-out: writers' preview messages to the browsers watching, and preview on/off.
+
+This module owns who is watching and what the writers are told. Writers decimate their own data
+(``acqd.record.preview``) only while at least one console page holds the preview stream open; the supervisor
+calls ``sync`` on its thread every loop, which sends ``preview`` on (with the chosen channels) to each ready
+writer that has not been told yet (a restarted writer included) and off to all once the last watcher leaves.
+Messages are never parsed here: each is the JSON its writer encoded (``acqd.record.preview.encode_message``),
+and is appended to each watcher's bounded queue: a slow browser loses old previews (counted), never holds up
+the supervisor. Nothing wakes the HTTP side per message (a wake-up costs more than the message): each open
+stream takes what queued every ``FLUSH_S`` and writes it at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+MAX_QUEUED = 256
+"""Preview messages queued per watcher; older ones are dropped for a browser that does not keep up."""
+FLUSH_S = 0.25
+"""How often an open preview stream writes what queued (the writers send about this often)."""
+
+
+class _Writer(Protocol):
+    ready: bool
+    proc: Any
+
+
+@dataclass
+class Watcher:
+    """One open preview stream (a browser tab): the supervisor thread appends, the stream takes."""
+
+    queue: deque = field(default_factory=lambda: deque(maxlen=MAX_QUEUED))
+    dropped: int = 0
+
+    def put(self, item: bytes) -> None:
+        """Supervisor thread: queue ``item``; a full queue drops its oldest message (counted)."""
+        if len(self.queue) == MAX_QUEUED:
+            self.dropped += 1
+        self.queue.append(item)
+
+    def take(self) -> list[bytes]:
+        """What has queued, oldest first (deque appends and pops are atomic: no lock)."""
+        out = []
+        while self.queue:
+            out.append(self.queue.popleft())
+        return out
+
+
+class PreviewHub:
+    """Shared by the supervisor thread (``publish``, ``sync``) and the HTTP layer (``watch``, ``select``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._watchers: dict[int, Watcher] = {}
+        self._channels: dict[str, tuple[int, ...]] = {}
+        self._told: dict[str, tuple] = {}  # stream -> (writer pid, on, channels) last sent
+        self.received = 0
+        """Preview messages received from writers since the daemon started (watched or not: none, unwatched)."""
+
+    @property
+    def watching(self) -> bool:
+        return bool(self._watchers)
+
+    def watch(self) -> tuple[int, Watcher]:
+        w = Watcher()
+        with self._lock:
+            key = next(self._ids)
+            self._watchers[key] = w
+        return key, w
+
+    def leave(self, key: int) -> None:
+        with self._lock:
+            self._watchers.pop(key, None)
+
+    def select(self, stream: str, channels: list[int]) -> None:
+        """Which channels of ``stream`` are drawn as traces (shared by every watcher; the latest choice wins)."""
+        with self._lock:
+            self._channels[stream] = tuple(channels)
+
+    def state(self) -> dict:
+        """Who watches, which writers were told to preview, how many messages came: for the page and for tests."""
+        told = dict(self._told)
+        return {"watchers": len(self._watchers), "previewing": sorted(n for n, t in told.items() if t[1]),
+                "received": self.received}
+
+    def channels(self, stream: str) -> tuple[int, ...]:
+        return self._channels.get(stream, ())
+
+    def publish(self, item: bytes) -> None:
+        """Supervisor thread: hand a writer's preview message (JSON, as the writer encoded it) to every watcher."""
+        self.received += 1
+        with self._lock:
+            watchers = list(self._watchers.values())
+        for w in watchers:
+            w.put(item)
+
+    def sync(self, writers: Mapping[str, _Writer], send: Callable[..., None]) -> None:
+        """Supervisor thread: tell each ready writer whether to preview, when that changed (or it is new)."""
+        on = self.watching
+        for name, h in writers.items():
+            if not h.ready:
+                continue
+            want = (h.proc.pid, on, self.channels(name) if on else ())
+            told = self._told.get(name)
+            if told != want and (on or (told is not None and told[0] == want[0])):  # a new writer starts off
+                send(name, cmd="preview", on=on, channels=list(want[2]))
+            self._told[name] = want
+        for name in set(self._told) - set(writers):
+            del self._told[name]

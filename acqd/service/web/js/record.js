@@ -1,0 +1,110 @@
+// Record form: session name and metadata, prefilled from the config and the last session, checked by the
+// daemon's own models as you type (errors beside each field), preflight problems shown before the button.
+
+import { ApiError, command, el, request } from "./api.js";
+
+const PREFLIGHT_EVERY_MS = 1000; // never more often than once a second
+
+function setPath(obj, path, value) {
+  const keys = path.split(".");
+  let node = obj;
+  for (const k of keys.slice(0, -1)) node = node[k] ??= {};
+  node[keys[keys.length - 1]] = value;
+}
+
+function getPath(obj, path) {
+  return path.split(".").reduce((node, k) => (node == null ? undefined : node[k]), obj);
+}
+
+export function createRecordForm({ bus, info, onError }) {
+  const form = document.getElementById("record-form");
+  const button = document.getElementById("record-button");
+  const formError = document.getElementById("record-error");
+  const preflightEl = document.getElementById("preflight");
+  const inputs = [...form.querySelectorAll("input, select")];
+  let mode = null;
+  let lastPreflight = 0;
+  let checking = null;
+
+  // Prefill: the config's defaults, then what the last session used (the same animal is usually recorded again).
+  const prefill = info.last_metadata || info.metadata_defaults || {};
+  for (const input of inputs) {
+    if (input.name === "session") continue;
+    const v = getPath(prefill, input.name) ?? getPath(info.metadata_defaults || {}, input.name);
+    if (v != null) input.value = Array.isArray(v) ? v.join("; ") : v;
+  }
+
+  function body() {
+    // An empty field is left out: the config's default for it applies, as it does for the record command.
+    const metadata = {};
+    for (const input of inputs) {
+      const v = input.value.trim();
+      if (input.name === "session" || v === "") continue;
+      setPath(metadata, input.name, input.name === "experimenter" ? v.split(";").map((x) => x.trim()).filter(Boolean) : v);
+    }
+    const session = form.elements.session.value.trim();
+    return session ? { session, metadata } : { metadata };
+  }
+
+  function showErrors(errors) {
+    for (const span of form.querySelectorAll("[data-error-for]")) {
+      const msg = errors[span.dataset.errorFor] || "";
+      span.textContent = msg;
+      const input = form.querySelector(`[name="${span.dataset.errorFor}"]`);
+      if (input) input.setAttribute("aria-invalid", msg ? "true" : "false");
+    }
+    return Object.keys(errors).length === 0;
+  }
+
+  async function validate() {
+    const result = await request("POST", "/api/console/validate", body());
+    return showErrors(result.errors || {});
+  }
+
+  form.addEventListener("input", () => {
+    clearTimeout(checking);
+    checking = setTimeout(() => validate().catch(onError), 300);
+  });
+
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    clearTimeout(checking);  // a check still pending would run after the folder exists
+    formError.textContent = "";
+    button.disabled = true;
+    try {
+      if (!(await validate())) return;
+      button.textContent = "Starting…";
+      const status = await command("record", body());
+      form.elements.session.value = "";
+      showErrors({});
+      bus.emit("status", status);
+    } catch (err) {
+      if (err instanceof ApiError && err.body && err.body.errors) showErrors(err.body.errors);
+      formError.textContent = err.message;
+    } finally {
+      button.disabled = false;
+      button.textContent = "Start recording";
+    }
+  });
+
+  async function preflight() {
+    lastPreflight = Date.now();
+    try {
+      const { problems } = await command("preflight");
+      preflightEl.replaceChildren(...problems.map((p) => el("li", {}, p)));
+    } catch (err) { onError(err); }
+  }
+
+  bus.on("status", (status) => {
+    if (!status || !status.mode) return;
+    if (status.mode !== mode) {
+      mode = status.mode;
+      form.classList.toggle("recording", mode === "RECORD");
+      button.hidden = mode === "RECORD";
+      if (mode === "IDLE") preflightEl.replaceChildren(el("li", { class: "note" },
+        "Not acquiring: starting a recording acquires first and waits for every required stream."));
+      if (mode === "RECORD") preflightEl.replaceChildren(el("li", { class: "note" }, "Recording."));
+    }
+    if (mode === "ACQUIRE" && Date.now() - lastPreflight >= PREFLIGHT_EVERY_MS) preflight();
+  });
+}

@@ -1,0 +1,310 @@
+"""The rig console in a real browser: the real daemon and simulated rig, driven in headless Chromium.
+
+Each test reads as an operator's steps, with one small helper per panel (a page object); every step waits for a
+visible state of the page (Playwright's ``expect``), never for a fixed time, and leaves a screenshot under the
+test's folder (``screens/``). Outside CI the tests skip, saying why, when Chromium or Playwright is missing;
+under ``CI=true`` they fail instead (``.ci/run`` installs Debian's Chromium).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from acqd.service.procs import Simulator, wait_until
+from tests.conftest import write_rig
+
+CHROMIUM = os.environ.get("ACQD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+VIEWPORT = {"width": 1280, "height": 800}  # the smallest screen the console is made for
+SCREENSHOT_ENV = "ACQD_CONSOLE_SCREENSHOT"
+"""Set to a path to keep a screenshot of the console while it records (how docs/console.png is made)."""
+STEP_S = 20  # the longest a page state may take to appear (writers starting on a busy 2-core machine)
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"browser tests must run under CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("the playwright package is not installed (pip install -e '.[test]')")
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        _unavailable(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set ACQD_CHROMIUM)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class Console:
+    """The console page, one helper per panel; ``shot`` saves a numbered screenshot of the step just done."""
+
+    def __init__(self, browser: object, url: str, screens: Path):
+        from playwright.sync_api import expect
+
+        self.expect = expect
+        expect.set_options(timeout=STEP_S * 1000)
+        self.page = browser.new_page(viewport=VIEWPORT)
+        self.page.set_default_timeout(STEP_S * 1000)
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.screens = screens
+        screens.mkdir(exist_ok=True)
+        self.step = 0
+        self.page.goto(url)
+
+    def shot(self, name: str) -> Path:
+        self.step += 1
+        path = self.screens / f"{self.step:02d}-{name}.png"
+        self.page.screenshot(path=path)
+        return path
+
+    # -- overview ------------------------------------------------------------------------------------------
+    def expect_mode(self, mode: str, timeout_s: float = STEP_S) -> None:
+        self.expect(self.page.locator("#mode")).to_have_text(mode, timeout=timeout_s * 1000)
+
+    def press(self, label: str) -> None:
+        self.page.locator("#mode-buttons").get_by_role("button", name=label, exact=True).click()
+
+    def card(self, stream: str):
+        return self.page.locator(f"#streams [data-stream='{stream}']")
+
+    def expect_connected(self, streams: list[str]) -> None:
+        for s in streams:
+            self.expect(self.card(s).locator(".driver")).to_have_text("driver connected")
+            self.expect(self.card(s).locator(".problems li")).to_have_count(0)
+        self.expect(self.page.locator("#verdict")).to_have_text("all streams OK")
+
+    # -- preview -------------------------------------------------------------------------------------------
+    def expect_trace_moves(self, stream: str) -> str:
+        status = self.page.locator(f"#previews [data-stream='{stream}'] .trace-status")
+        self.expect(status).to_have_text(_re(r"t = [\d.]+ s · 4 ch"))
+        before = status.inner_text()
+        self.expect(status).not_to_have_text(before)  # a newer preview message redrew it
+        self.expect(self.page.locator(f"#previews [data-stream='{stream}'] .uplot")).to_be_visible()
+        return before
+
+    def expect_thumbnail(self, stream: str) -> None:
+        box = self.page.locator(f"#previews [data-stream='{stream}']")
+        self.expect(box.locator("img.thumbnail")).to_have_attribute("src", _re("^data:image/jpeg;base64,"))
+        self.expect(box.locator(".camera-status")).to_have_text(_re(r"[\d.]+ fps \(nominal 60"))
+
+    # -- record form ---------------------------------------------------------------------------------------
+    def fill(self, field: str, value: str) -> None:
+        self.page.locator(f"#record-form [name='{field}']").fill(value)
+
+    def field_error(self, field: str):
+        return self.page.locator(f"#record-form [data-error-for='{field}']")
+
+    def start_recording(self) -> None:
+        self.page.locator("#record-button").click()
+
+    # -- annotate ------------------------------------------------------------------------------------------
+    def annotate(self, text: str) -> None:
+        self.page.locator("#annotation-text").fill(text)
+        self.page.locator("#annotate-form button").click()
+        self.expect(self.page.locator("#annotations li").first).to_contain_text(text)
+
+    # -- sessions ------------------------------------------------------------------------------------------
+    def session_row(self, session: str):
+        return self.page.locator(f"#sessions tr[data-session='{session}']")
+
+    def finalize(self, session: str) -> None:
+        self.session_row(session).locator("button.finalize").click()
+
+    def qc(self, session: str):
+        return self.page.locator(f"#session-detail .qc[data-session='{session}']")
+
+
+def _re(pattern: str):
+    import re
+
+    return re.compile(pattern)
+
+
+@pytest.mark.e2e
+def test_operator_records_annotates_and_finalizes_from_the_console(browser, tmp_path, daemon_factory):
+    rig = write_rig(tmp_path)
+    daemon = daemon_factory(rig)
+    ui = Console(browser, daemon.url + "/", tmp_path / "screens")
+    ui.expect_mode("IDLE")
+    ui.shot("idle")
+
+    ui.press("Acquire")
+    ui.expect_mode("ACQUIRE")
+    ui.expect(ui.card("probe").locator(".problems")).to_contain_text("no driver connected")
+    ui.expect(ui.page.locator("#preflight")).to_contain_text("stream 'probe' is silent")  # before any press
+    ui.shot("acquiring-no-drivers")
+    sim = Simulator(rig, 90, seed=3)  # the rig's drivers start publishing
+    try:
+        ui.expect_connected(["probe", "nidaq", "camera", "sensor"])
+        ui.shot("all-streams-connected")
+
+        ui.expect_trace_moves("probe")
+        ui.expect_thumbnail("camera")
+        ui.shot("live-preview")
+
+        # Prefilled from the config; one invalid field first: the daemon's own models say why, beside it.
+        ui.expect(ui.page.locator("#f-subject")).to_have_value("mouse001")
+        ui.fill("session", "console_run")
+        ui.fill("subject.age", "ninety days")
+        ui.expect(ui.field_error("subject.age")).to_contain_text("not an ISO 8601 duration")
+        ui.expect(ui.page.locator("#preflight li")).to_have_count(0)  # every required stream delivers
+        ui.shot("invalid-age")
+        ui.start_recording()
+        ui.expect(ui.field_error("subject.age")).to_contain_text("not an ISO 8601 duration")
+        ui.expect_mode("ACQUIRE")  # refused before anything started
+        ui.fill("subject.age", "P90D")
+        ui.expect(ui.field_error("subject.age")).to_have_text("")
+        ui.start_recording()
+        ui.expect_mode("RECORD")
+        ui.expect(ui.page.locator("#session-id")).to_have_text("console_run")
+        ui.expect(ui.page.locator("#elapsed")).to_have_text(_re(r"recording 0:0[1-9]"))
+        ui.shot("recording")
+
+        ui.annotate("drug on")
+        ui.expect_trace_moves("probe")
+        path = ui.shot("annotated")
+        if os.environ.get(SCREENSHOT_ENV):
+            shutil.copyfile(path, os.environ[SCREENSHOT_ENV])
+
+        # A writer crashes: the feed says so, and its card turns red saying what happened.
+        os.kill(daemon.command("status")["streams"]["sensor"]["pid"], signal.SIGKILL)
+        ui.expect(ui.page.locator("#incidents li").first).to_contain_text(_re(r"writer died sensor .*restarted"))
+        ui.expect(ui.card("sensor").locator(".problems")).to_contain_text("writer restarted 1×")
+        ui.expect(ui.card("sensor")).to_have_class(_re(r"\bhas-problems\b"))
+        ui.expect(ui.card("sensor").locator(".state")).to_have_text("recording")  # into its next part
+        ui.shot("writer-restarted")
+
+        ui.press("Stop recording")
+        ui.expect_mode("ACQUIRE")
+        ui.expect(ui.session_row("console_run").locator(".state")).to_have_text("closed (incomplete)")  # the crash
+        ui.shot("stopped")
+    finally:
+        sim.stop()
+
+    ui.finalize("console_run")
+    ui.expect(ui.session_row("console_run").locator(".job")).to_contain_text("finalize")
+    ui.expect(ui.qc("console_run").locator(".qc-verdict")).to_have_text(_re(r"^verdict: \S"), timeout=120_000)
+    ui.expect(ui.session_row("console_run").locator(".state")).to_have_text(_re("^finalized"))
+    master = tmp_path / "data" / "console_run" / "console_run.nwb"
+    ui.expect(ui.qc("console_run").locator(".paths")).to_contain_text(str(master))
+    ui.expect(ui.qc("console_run").locator("img.qc-plot")).to_have_count(4)
+    ui.qc("console_run").scroll_into_view_if_needed()
+    ui.shot("finalized-qc")
+    assert master.is_file()
+    assert ui.errors == []
+
+
+@pytest.mark.e2e
+def test_a_token_protected_daemon_asks_for_the_token_first(browser, tmp_path, daemon_factory):
+    rig = write_rig(tmp_path)
+    raw = yaml.safe_load(rig.read_text())
+    raw["daemon"]["control"]["token"] = "s3cret-token"
+    rig.write_text(yaml.safe_dump(raw))
+    daemon = daemon_factory(rig)
+    ui = Console(browser, daemon.url + "/", tmp_path / "screens")
+    login = ui.page.locator("#login")
+    ui.expect(login).to_be_visible()
+    ui.page.locator("#login-token").fill("wrong")
+    ui.page.locator("#login-form button").click()
+    ui.expect(ui.page.locator("#login-error")).to_have_text("wrong token")
+    ui.shot("wrong-token")
+    ui.page.locator("#login-token").fill("s3cret-token")
+    ui.page.locator("#login-form button").click()
+    ui.expect(login).to_be_hidden()
+    ui.expect_mode("IDLE")
+    ui.expect(ui.card("probe").locator(".state")).to_have_text("stopped")
+    ui.shot("signed-in")
+    assert ui.errors == []
+
+
+@pytest.mark.e2e
+def test_preview_stream_shows_each_kind_of_stream_decimated_by_its_writer(tmp_path, daemon_factory):
+    """No browser: the live preview stream as the page reads it, from the real writers of the simulated rig."""
+    import json
+
+    import httpx
+
+    rig = write_rig(tmp_path)
+    daemon = daemon_factory(rig)
+    daemon.command("acquire")
+    sim = Simulator(rig, 60, seed=4)
+    seen: dict[str, dict] = {}
+    try:
+        with httpx.Client(base_url=daemon.url, timeout=httpx.Timeout(30.0)) as http:
+            assert http.get("/api/console/preview/state").json() == {"watchers": 0, "previewing": [], "received": 0}
+            assert http.put("/api/console/preview/probe", json={"channels": [7, 9]}).status_code == 200
+            with http.stream("GET", "/api/console/preview") as resp:
+                for line in resp.iter_lines():
+                    if line.startswith("data:"):
+                        msg = json.loads(line[5:])
+                        seen.setdefault(msg["stream"], {}).update(msg)
+                    if {"traces", "rms"} <= seen.get("probe", {}).keys() and "thumbnail" in seen.get("camera", {}) \
+                            and "last" in seen.get("sensor", {}) and "traces" in seen.get("nidaq", {}):
+                        state = http.get("/api/console/preview/state").json()  # while the page still watches
+                        break
+            assert state["previewing"] == ["camera", "nidaq", "probe", "sensor"] and state["received"] > 0
+            # The page went away: the writers are told to stop, and no preview message comes any more.
+            wait_until(lambda: http.get("/api/console/preview/state").json()["previewing"] == [], "previews off", 30)
+            received = http.get("/api/console/preview/state").json()["received"]
+            t0 = http.get("/api/status").json()["time"]  # the daemon's clock: 8 preview periods pass, none arrives
+            wait_until(lambda: http.get("/api/status").json()["time"] >= t0 + 2.0, "two more seconds of status")
+            after = http.get("/api/console/preview/state").json()
+            assert after == {"watchers": 0, "previewing": [], "received": received}
+    finally:
+        sim.stop()
+    probe = seen["probe"]
+    assert probe["traces"]["names"] == ["ch007", "ch009"] and len(probe["rms"]) == 385
+    assert probe["rms"][384] is None and all(v > 0 for v in probe["rms"][:384])  # the sync word is not a signal
+    assert probe["rms_scale"] == pytest.approx(1.95e-7) and all(isinstance(v, int) for v in probe["traces"]["y"][0])
+    assert seen["nidaq"]["last"]["digital"] == 8 and seen["nidaq"]["traces"]["names"][0] == "ai0"
+    assert seen["camera"]["thumbnail"]["src"].startswith("data:image/jpeg;base64,")
+    assert seen["sensor"]["last"]["names"] == ["wheel", "lick", "pressure"]
+    assert all(m["dropped"] == 0 for m in seen.values())
+
+
+def test_console_routes_check_the_form_with_the_record_models_and_open_only_the_page(tmp_path, daemon_factory):
+    import httpx
+
+    rig = write_rig(tmp_path)
+    raw = yaml.safe_load(rig.read_text())
+    raw["daemon"]["control"]["token"] = "t0ken"
+    rig.write_text(yaml.safe_dump(raw))
+    daemon = daemon_factory(rig)
+    with httpx.Client(base_url=daemon.url, timeout=30.0) as anon:
+        page = anon.get("/")
+        assert page.status_code == 200 and "acqd console" in page.text
+        assert anon.get("/console/js/main.js").status_code == 200
+        assert anon.get("/console/vendor/uplot/LICENSE").status_code == 200
+        for path in ("/api/console/info", "/api/console/sessions", "/api/console/preview", "/console/../rig.yaml"):
+            assert anon.get(path).status_code in (401, 404), path
+    with httpx.Client(base_url=daemon.url, timeout=30.0, headers={"Authorization": "Bearer t0ken"}) as http:
+        info = http.get("/api/console/info").json()
+        assert [s["name"] for s in info["streams"]] == ["probe", "nidaq", "camera", "sensor"]
+        assert info["metadata_defaults"]["subject"]["subject_id"] == "mouse001" and info["last_metadata"] is None
+        bad = http.post("/api/console/validate", json={"session": "../x", "metadata": {
+            "subject": {"age": "ninety days", "sex": "X"}, "session_description": ""}}).json()
+        assert set(bad["errors"]) == {"session", "subject.age", "subject.sex", "session_description"}
+        assert "ISO 8601" in bad["errors"]["subject.age"] and "invalid session name" in bad["errors"]["session"]
+        good = http.post("/api/console/validate", json={"metadata": {"subject": {"age": "P12W"}}}).json()
+        assert good["errors"] == {} and good["session"]
+        assert http.get("/api/console/sessions").json()["sessions"] == []
+        assert http.get("/api/console/sessions/nope/qc").status_code == 404
+        assert http.put("/api/console/preview/nope", json={"channels": [1]}).status_code == 404
+        assert http.put("/api/console/preview/probe", json={"channels": []}).status_code == 422
