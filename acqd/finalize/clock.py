@@ -42,7 +42,9 @@ _MIN_KNOT_SPAN = 0.5  # no piece shorter than this fraction of its nominal spaci
 _MAX_KNOTS = 500  # bounds the knot solve on day-long recordings
 _SLOPE_SIGMAS = 4.0  # extrapolation: the end piece's rate is known to this many standard errors
 _PIECEWISE_GAIN = 0.9  # piecewise must cut the held-out RMS error by 10 % to replace affine (stable
-#                        clocks: within 1 %; wander worth a sample: by 15 % or more)
+#                        clocks: within 1 %; wander worth a sample: by 15 % or more)...
+_LATCH_MARGIN = 1.1  # ...and affine must miss held-out pairs by more than this x the latch's RMS error (0.41
+#                     sample at equal rates): a margin that wander worth a fifth of a sample already exceeds
 _ENVELOPE_QUANTILE = 0.2  # host fit: the line's slope follows the fastest fifth of the deliveries...
 _ENVELOPE_FLOOR = 0.01  # ...and the line is lowered to this quantile of them (the fastest, but not one outlier)
 
@@ -252,32 +254,60 @@ def pair_edges(dev_edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, re
     return Pairing(di, rj, n_dev - len(di), n_ref - len(di), False, "")
 
 
-def fit_clock(dev_samples: np.ndarray, ref_seconds: np.ndarray, dev_rate: float) -> ClockFit:
+def fit_clock(dev_samples: np.ndarray, ref_seconds: np.ndarray, dev_rate: float, *, latch_rms_s: float = 0.0
+              ) -> ClockFit:
     """Fit reference seconds against (strictly increasing, possibly fractional) device sample positions.
 
     Tries an affine map and continuous piecewise-linear maps with knots every 30 s to 10 min, scores each by
     ``_FOLDS``-fold held-out error, and keeps affine unless a piecewise map cuts the held-out RMS by 10 %.
     Folds hold out whole blocks of time cut at the widest gaps between pairs, so a burst of edges (a barcode)
     is held out whole, and no piece is shorter than half its nominal spacing: clustered edges cannot make a
-    short piece look good.
+    short piece look good. ``latch_rms_s`` is the RMS error that latching puts on the pairs (seconds): while the
+    affine map predicts held-out pairs that well, the latch explains all of its error and it is kept.
     """
     x = _increasing(dev_samples, "dev_samples")
     y = np.asarray(ref_seconds, dtype=np.float64)
     if len(x) < _MIN_PAIRS:
         raise ClockFitError(f"only {len(x)} sync pairs; need at least {_MIN_PAIRS}")
+    n, heldout = _choose_pieces(x, y, dev_rate, latch_rms_s)
+    knots = _knots(x, n)
+    values = _solve(x, y, knots)
+    return _sync_fit(x, y, knots, values, "affine" if n == 1 else "piecewise", dev_rate, heldout)
+
+
+def _choose_pieces(x: np.ndarray, y: np.ndarray, dev_rate: float, latch_rms_s: float) -> tuple[int, np.ndarray]:
+    """Pieces of the map ``fit_clock`` keeps (1: affine) and that map's held-out error at each pair."""
     span_s = (x[-1] - x[0]) / dev_rate
     pieces = sorted({min(_MAX_KNOTS, round(span_s / s)) for s in _SPACINGS_S} - {0, 1})
     folds = _time_folds(x / dev_rate)
     heldout = {n: _heldout_errors(x, y, n, folds) for n in [1, *pieces]}
-    rms = {n: float(np.sqrt(np.mean(e**2))) for n, e in heldout.items()}
-    n = min(pieces, key=rms.__getitem__, default=1)
-    if rms[n] >= _PIECEWISE_GAIN * rms[1]:
+    n = min(pieces, key=lambda n: _rms(heldout[n]), default=1)
+    if n > 1 and not _clearly_better(heldout[n], heldout[1], latch_rms_s):
         n = 1
-    knots = _knots(x, n)
-    values = _solve(x, y, knots)
+    return n, heldout[n]
+
+
+def _clearly_better(complex_err: np.ndarray, simple_err: np.ndarray, latch_rms_s: float) -> bool:
+    """Whether a map with more parameters predicts held-out pairs clearly better than a simpler one: the simpler
+    one's RMS error above what latching explains (``_LATCH_MARGIN`` x ``latch_rms_s``), and the other's lower by
+    ``_PIECEWISE_GAIN``.
+
+    Latch errors are not independent from pair to pair: 30 ms barcode bits are whole samples at common rates
+    (one phase per burst), and a regular train whose period is nearly a whole number of samples of both clocks
+    walks its phase slowly, over minutes. A piecewise map then follows the latch error itself, which whole
+    held-out blocks do not reveal: 0.58 sample off where the affine map is 0.14."""
+    if not np.all(np.isfinite(simple_err)):
+        return True
+    if _rms(simple_err) <= _LATCH_MARGIN * latch_rms_s:
+        return False
+    return _rms(complex_err) < _PIECEWISE_GAIN * _rms(simple_err)
+
+
+def _sync_fit(x: np.ndarray, y: np.ndarray, knots: np.ndarray, values: np.ndarray, model: str, dev_rate: float,
+              heldout: np.ndarray) -> ClockFit:
+    """The ClockFit of a map through sync pairs (x, y), its bound the largest held-out error."""
     residuals = y - _evaluate(knots, values, x)
-    fit = _single_fit(knots, values, "affine" if n == 1 else "piecewise", "sync", dev_rate, len(x), residuals,
-                      float(np.abs(heldout[n]).max()))
+    fit = _single_fit(knots, values, model, "sync", dev_rate, len(x), residuals, float(np.abs(heldout).max()))
     return replace(fit, extrapolation_ppm=_extrapolation_ppm(x, residuals, knots, values, dev_rate))
 
 
@@ -310,7 +340,68 @@ def align_stream(dev_edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, 
             failed.append((s, f"counter segment {s}: {e}"))
     if len(failed) == len(segments):
         raise ClockFitError("; ".join(why for _, why in failed))
+    fits = _share_rate(fits, [dev_edges[seg] - 0.5 for seg in segments], (ref_edges - 0.5) / ref_rate, dev_rate,
+                       ref_rate)
     return replace(_combine(fits), host_segments=tuple(s for s, _ in failed), notes=tuple(w for _, w in failed))
+
+
+def _share_rate(fits: list[ClockFit], pos: list[np.ndarray], ref_s: np.ndarray, dev_rate: float, ref_rate: float
+                ) -> list[ClockFit]:
+    """The counter segments' maps refitted as one rate, the device crystal's, with an offset per segment, when
+    that predicts each segment's held-out pairs as well as its own map does.
+
+    A counter reset restarts the device's counter, not its crystal: its rate runs on across the reset. The
+    segments are laid end to end (each shifted to follow the previous one by the reference time between them)
+    and one line is fitted through all of them with a free offset per segment. A short segment alone measures
+    its rate badly. Barcode edges make it worse: 30 ms bits are whole samples at common rates, so all edges of one burst
+    latch with the same phase, and a segment of a few minutes holds as many independent measurements as bursts
+    (8 in 4 minutes: its own affine map was 0.58 sample off at its ends; with the rate shared, 0.21). Only the
+    affine map is shared: a piecewise one chosen over all segments at once followed a long segment's wander
+    more coarsely than that segment's own map (1.03 sample off instead of 0.46 over 2 h of barcodes).
+    """
+    synced = [s for s, f in enumerate(fits) if f.source == "sync"]
+    if len(synced) < 2:
+        return fits
+    xs = [pos[s][fits[s].pairs[0][0]] for s in synced]
+    ys = [ref_s[fits[s].pairs[0][1]] for s in synced]
+    shift = [0.0]
+    for k in range(1, len(xs)):
+        shift.append(xs[k - 1][-1] + shift[-1] + (ys[k][0] - ys[k - 1][-1]) * dev_rate - xs[k][0])
+    x = np.concatenate([xk + sk for xk, sk in zip(xs, shift)])
+    y, seg = np.concatenate(ys), np.repeat(np.arange(len(xs)), [len(xk) for xk in xs])
+    if np.any(np.diff(x) <= 0):
+        return fits  # the segments overlap in reference time: not one device running on
+    latch = _latch_rms(dev_rate, ref_rate)
+    shared = _heldout_errors(x, y, 1, _time_folds(x / dev_rate), seg)
+    own = np.concatenate([_choose_pieces(xk, yk, dev_rate, latch)[1] for xk, yk in zip(xs, ys)])
+    if any(_clearly_better(own[seg == k], shared[seg == k], latch) for k in range(len(xs))):
+        return fits  # the rate changed across a reset (wander): judged per segment, or a long one hides a short one
+    knots = x[[0, -1]]
+    values, jumps = _solve_offsets(x, y, knots, seg)
+    if not np.all(np.isfinite(jumps)):
+        return fits
+    out = list(fits)
+    for k, s in enumerate(synced):
+        inside = seg == k
+        lo, hi = x[inside][0], x[inside][-1]
+        at = np.array([lo, hi])
+        fit = _sync_fit(xs[k], ys[k], at - shift[k], _evaluate(knots, values, at) + jumps[k], "affine", dev_rate,
+                        shared[inside])
+        out[s] = replace(fits[s], knots=fit.knots, seconds=fit.seconds, model=fit.model, drift_ppm=fit.drift_ppm,
+                         residual_rms_s=fit.residual_rms_s, residual_max_s=fit.residual_max_s,
+                         error_bound_s=max(fit.error_bound_s, 0.5 / dev_rate + 0.5 / ref_rate),
+                         extrapolation_ppm=fit.extrapolation_ppm)
+    return out
+
+
+def _latch_rms(dev_rate: float, ref_rate: float) -> float:
+    """RMS error (seconds) of a pair's time difference from latching: each clock latches an edge up to one of its
+    samples late, uniformly when the pulse's phase against it varies."""
+    return float(np.sqrt((dev_rate**-2 + ref_rate**-2) / 12))
+
+
+def _rms(e: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(e**2)))
 
 
 def _align_segment(edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, ref_rate: float, max_ppm: float,
@@ -326,10 +417,11 @@ def _align_segment(edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, re
     # (e.g. generated by the reference) latch with a constant, unknown lag. The bound therefore never
     # claims better than half a sample of each clock, which held-out errors cannot see.
     pos, ref_s = edges - 0.5, (ref_edges - 0.5) / ref_rate
-    first = fit_clock(pos[p.dev_index], ref_s[p.ref_index], dev_rate)
+    latch = _latch_rms(dev_rate, ref_rate)
+    first = fit_clock(pos[p.dev_index], ref_s[p.ref_index], dev_rate, latch_rms_s=latch)
     di, rj = _rematch(first, pos, ref_s, p.dev_index, p.ref_index, 1 / dev_rate + 1 / ref_rate)
     same = np.array_equal(di, p.dev_index) and np.array_equal(rj, p.ref_index)
-    fit = first if same else fit_clock(pos[di], ref_s[rj], dev_rate)
+    fit = first if same else fit_clock(pos[di], ref_s[rj], dev_rate, latch_rms_s=latch)
     kept = len(np.intersect1d(p.dev_index * (len(ref_s) + 1) + p.ref_index, di * (len(ref_s) + 1) + rj))
     return replace(fit, unmatched_dev=p.unmatched_dev + len(p.dev_index) - len(di),
                    unmatched_ref=p.unmatched_ref + len(p.dev_index) - len(di), rejected_pairs=len(p.dev_index) - kept,
@@ -521,16 +613,22 @@ def _time_folds(t: np.ndarray) -> np.ndarray:
     return block % _FOLDS
 
 
-def _heldout_errors(x: np.ndarray, y: np.ndarray, n_intervals: int, folds: np.ndarray) -> np.ndarray:
-    """Error predicting each pair from a fit (``n_intervals`` pieces) to the folds that exclude it."""
+def _heldout_errors(x: np.ndarray, y: np.ndarray, n_intervals: int, folds: np.ndarray,
+                    seg: np.ndarray | None = None) -> np.ndarray:
+    """Error predicting each pair from a fit (``n_intervals`` pieces) to the folds that exclude it; inf for a pair
+    whose counter segment (``seg``) has no pair left to fit its offset."""
     errors = np.zeros(len(x))
     for f in range(_FOLDS):
         train = folds != f
         if train.sum() < 2 or train.all():
             continue
         knots = _knots(x[train], n_intervals)
-        errors[~train] = y[~train] - _evaluate(knots, _solve(x[train], y[train], knots), x[~train])
-    return errors
+        if seg is None:
+            errors[~train] = y[~train] - _evaluate(knots, _solve(x[train], y[train], knots), x[~train])
+            continue
+        values, jumps = _solve_offsets(x[train], y[train], knots, seg[train])
+        errors[~train] = y[~train] - _evaluate(knots, values, x[~train]) - jumps[seg[~train]]
+    return np.where(np.isnan(errors), np.inf, errors)
 
 
 def _knots(x: np.ndarray, n_intervals: int) -> np.ndarray:
@@ -560,6 +658,36 @@ def _solve(x: np.ndarray, y: np.ndarray, knots: np.ndarray) -> np.ndarray:
     off = np.bincount(i, (1 - w) * w, k - 1)
     b = np.bincount(i, (1 - w) * y, k) + np.bincount(i + 1, w * y, k)
     return _tridiagonal(diag, off, b)
+
+
+def _solve_offsets(x: np.ndarray, y: np.ndarray, knots: np.ndarray, seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_solve`` plus a constant offset per counter segment (``seg``: 0, 1, ... for each point): the values at the
+    knots, and each segment's offset (0 for the first segment with points; nan for one without, or when the
+    offsets cannot be told from the map). The tridiagonal system is bordered by one column per further segment
+    and solved through its Schur complement: one more tridiagonal solve per segment."""
+    i = np.clip(np.searchsorted(knots, x, side="right") - 1, 0, len(knots) - 2)
+    w = (x - knots[i]) / (knots[i + 1] - knots[i])
+    k = len(knots)
+    diag = np.bincount(i, (1 - w) ** 2, k) + np.bincount(i + 1, w**2, k)
+    off = np.bincount(i, (1 - w) * w, k - 1)
+    values = _tridiagonal(diag, off, np.bincount(i, (1 - w) * y, k) + np.bincount(i + 1, w * y, k))
+    present = np.unique(seg)
+    jumps = np.full(int(seg.max()) + 1, np.nan)
+    jumps[present[0]] = 0.0
+    cols = present[1:]
+    if len(cols) == 0:
+        return values, jumps
+    masks = [seg == c for c in cols]
+    border = np.stack([np.bincount(i[m], 1 - w[m], k) + np.bincount(i[m] + 1, w[m], k) for m in masks], axis=1)
+    solved = np.stack([_tridiagonal(diag, off, border[:, j]) for j in range(len(cols))], axis=1)
+    schur = np.diag([float(m.sum()) for m in masks]) - np.einsum("km,kn->mn", border, solved)
+    rhs = np.array([float(y[m].sum()) for m in masks]) - np.einsum("km,k->m", border, values)
+    try:
+        c = np.linalg.solve(schur, rhs)
+    except np.linalg.LinAlgError:
+        return values, np.full(len(jumps), np.nan)
+    jumps[cols] = c
+    return values - solved @ c if len(cols) > 1 else values - solved[:, 0] * c[0], jumps
 
 
 def _tridiagonal(diag: np.ndarray, off: np.ndarray, b: np.ndarray) -> np.ndarray:
