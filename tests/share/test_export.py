@@ -183,7 +183,7 @@ def test_raw_sync_is_present_for_each_series_that_had_it(exported):
             assert isinstance(m[f"acquisition/{name}"].get("sync", getlink=True), h5py.ExternalLink)
             src, dst = m[f"acquisition/{name}/sync"], e[f"acquisition/{name}/sync"]
             assert isinstance(e[f"acquisition/{name}"].get("sync", getlink=True), h5py.HardLink)
-            assert sorted(dst) == sorted(src) == ["clock", "edges"]
+            assert sorted(dst) == sorted(src) == ["clock", "edges", "offsets"]  # offsets: driver clock offsets (LSL)
             for key in src:
                 assert np.array_equal(dst[key][()], src[key][()]) and dst[key].dtype == src[key].dtype, (name, key)
                 assert dict(dst[key].attrs) == dict(src[key].attrs)
