@@ -309,8 +309,9 @@ def _write_vds(folder: Path, s: Stream, with_data: bool) -> Path:
         with h5py.File(s.parts[0].link, "r") as first:
             data.attrs.update(dict(first["data"].attrs))
             lines = first["sync/edges"].attrs.get("lines", "[]")
+            offsets = "sync/offsets" in first  # files written before drivers could send clock offsets lack it
         data.attrs["parts"] = json.dumps([os.path.relpath(p.link, folder) for p in s.parts])
-        for table in ("sync/edges", "sync/clock"):
+        for table in ("sync/edges", "sync/clock", *(("sync/offsets",) if offsets else ())):
             _virtual_table(out, table, [p.link for p in s.parts], dest.parent)
         out["sync/edges"].attrs["lines"] = lines
         out["sync"].attrs["description"] = "raw, uncorrected sync record of every part, in part order"
@@ -328,7 +329,7 @@ class _Layout(h5py.VirtualLayout):
 
 
 def _virtual_table(out: h5py.File, name: str, files: list[Path], base: Path) -> None:
-    """One table (``sync/edges``, ``sync/clock``) of every part, joined in part order."""
+    """One table (``sync/edges``, ``sync/clock``, ``sync/offsets``) of every part, joined in part order."""
     sizes, dtype = [], None
     for path in files:
         with h5py.File(path, "r") as f:
