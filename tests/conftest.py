@@ -24,8 +24,10 @@ def write_rig(tmp_path: Path, *, flush_interval_s: float = 0.25, stream_override
     """The example rig with ipc endpoints under ``tmp_path`` (no port clashes between test runs)."""
     raw = yaml.safe_load(EXAMPLE.read_text())
     (tmp_path / "ipc").mkdir(exist_ok=True)
-    raw["daemon"].update(data_root=str(tmp_path / "data"), flush_interval_s=flush_interval_s,
-                         **{"control": {"host": "127.0.0.1", "port": 0}, **(daemon_overrides or {})})
+    overrides = dict(daemon_overrides or {})
+    control = {"host": "127.0.0.1", "port": 0, **overrides.pop("control", {})}  # e.g. {"token": ...}
+    raw["daemon"].update(data_root=str(tmp_path / "data"), flush_interval_s=flush_interval_s, control=control,
+                         **overrides)
     for s in raw["streams"]:
         s["endpoint"] = f"ipc://{tmp_path}/ipc/{s['name']}"
         s.update((stream_overrides or {}).get(s["name"], {}))

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from acqd.config import ControlConfig
 from tests.conftest import write_rig
@@ -73,11 +72,7 @@ def test_row19_the_control_api_is_not_reachable_from_other_hosts(rig_file, daemo
 
 
 def test_row20_dns_rebinding_and_bad_tokens_are_refused_and_change_nothing(tmp_path, daemon_factory):
-    path = write_rig(tmp_path)
-    raw = yaml.safe_load(path.read_text())
-    raw["daemon"]["control"]["token"] = "s3cret"
-    path.write_text(yaml.safe_dump(raw))
-    daemon = daemon_factory(path)
+    daemon = daemon_factory(write_rig(tmp_path, daemon_overrides={"control": {"token": "s3cret"}}))
     before = _tree(tmp_path / "data")
     good = {"Authorization": "Bearer s3cret"}
     with httpx.Client(base_url=daemon.url, timeout=30) as http:

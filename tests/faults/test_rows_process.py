@@ -404,8 +404,7 @@ def test_row23_unwritable_data_root_is_refused_with_the_path_and_the_reason(tmp_
     locked = tmp_path / "locked"
     locked.mkdir()
     # parent_directory is confined to configured roots (control.data_roots): the locked folder is one of them
-    rig_file = write_rig(tmp_path, daemon_overrides={"control": {"host": "127.0.0.1", "port": 0,
-                                                                 "data_roots": [str(locked)]}})
+    rig_file = write_rig(tmp_path, daemon_overrides={"control": {"data_roots": [str(locked)]}})
     chattr("+i", locked)
     try:
         start = serve_briefly(rig_file, locked / "data")  # cannot even be created

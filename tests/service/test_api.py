@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from acqd.service.api import ApiError, Client
 from acqd.service.procs import Simulator, wait_until
@@ -71,11 +70,7 @@ def test_record_refuses_hostile_names_and_missing_metadata(rig_file, daemon_fact
 
 
 def test_token_is_required_when_configured(tmp_path, daemon_factory):
-    path = write_rig(tmp_path)
-    raw = yaml.safe_load(path.read_text())
-    raw["daemon"]["control"]["token"] = "s3cret"
-    path.write_text(yaml.safe_dump(raw))
-    daemon = daemon_factory(path)
+    daemon = daemon_factory(write_rig(tmp_path, daemon_overrides={"control": {"token": "s3cret"}}))
     with pytest.raises(ApiError) as e:
         daemon.client.request("GET", "/api/status")
     assert e.value.status == 401

@@ -213,11 +213,7 @@ def test_operator_records_annotates_and_finalizes_from_the_console(browser, tmp_
 
 @pytest.mark.e2e
 def test_a_token_protected_daemon_asks_for_the_token_first(browser, tmp_path, daemon_factory):
-    rig = write_rig(tmp_path)
-    raw = yaml.safe_load(rig.read_text())
-    raw["daemon"]["control"]["token"] = "s3cret-token"
-    rig.write_text(yaml.safe_dump(raw))
-    daemon = daemon_factory(rig)
+    daemon = daemon_factory(write_rig(tmp_path, daemon_overrides={"control": {"token": "s3cret-token"}}))
     ui = Console(browser, daemon.url + "/", tmp_path / "screens")
     login = ui.page.locator("#login")
     ui.expect(login).to_be_visible()
@@ -282,11 +278,7 @@ def test_preview_stream_shows_each_kind_of_stream_decimated_by_its_writer(tmp_pa
 def test_console_routes_check_the_form_with_the_record_models_and_open_only_the_page(tmp_path, daemon_factory):
     import httpx
 
-    rig = write_rig(tmp_path)
-    raw = yaml.safe_load(rig.read_text())
-    raw["daemon"]["control"]["token"] = "t0ken"
-    rig.write_text(yaml.safe_dump(raw))
-    daemon = daemon_factory(rig)
+    daemon = daemon_factory(write_rig(tmp_path, daemon_overrides={"control": {"token": "t0ken"}}))
     with httpx.Client(base_url=daemon.url, timeout=30.0) as anon:
         page = anon.get("/")
         assert page.status_code == 200 and "acqd console" in page.text
