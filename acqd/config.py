@@ -349,6 +349,30 @@ class Subject(_Frozen):
         return v
 
 
+class DeviceMetadata(_Frozen):
+    """The recording device of an ephys stream as NWB describes it (neuroconv's ``Ecephys.Device``)."""
+
+    name: str | None = None
+    """Device name in the NWB file; default: the stream's name."""
+    description: str | None = None
+    """What the device is."""
+    manufacturer: str | None = None
+    """Who made it, e.g. IMEC."""
+
+
+class EcephysMetadata(_Frozen):
+    """Where one ephys stream's electrodes sit in this subject: it changes per session, unlike the probe layout."""
+
+    location: str | None = None
+    """Allen CCF acronym of the area the probe targets, e.g. VISp; applies to every channel without its own."""
+    channel_locations: tuple[str, ...] | None = None
+    """One Allen CCF acronym per channel, in the stream's channel order (overrides location)."""
+    description: str | None = None
+    """The electrode group's description, e.g. the insertion's coordinates and angle."""
+    device: DeviceMetadata | None = None
+    """Overrides the device the rig config describes for this stream."""
+
+
 class SessionMetadata(_Frozen):
     """Metadata a recording cannot start without; it is written into every stream file at creation."""
 
@@ -366,6 +390,8 @@ class SessionMetadata(_Frozen):
     """Search terms for the dataset."""
     subject: Subject
     """The animal recorded."""
+    ecephys: dict[str, EcephysMetadata] = {}
+    """Per ephys stream name: where its electrodes are in this subject."""
 
 
 class QcConfig(_Frozen):
