@@ -144,10 +144,18 @@ def _sync_tables(streams: dict[str, Stream], aligned: dict[str, Alignment], repo
                "unmatched_dev": "device edges without a reference partner", "unmatched_ref":
                "reference edges without a device partner", "drift_ppm": "rate error vs nominal (positive: fast)",
                "residual_rms_s": "RMS fit residual (s)", "residual_max_s": "largest fit residual (s)",
-               "error_bound_s": "bound on the map's error between the first and last pairs (s)"}
+               "error_bound_s": "bound on the map's error over every row of the stream, the extrapolated ones "
+                                "included (s)",
+               "rejected_pairs": "edge pairs dropped as outliers or spurious after the first fit",
+               "extrapolation_ppm": "growth of the error bound beyond the end knots (ppm of the elapsed time)"}
     for key, d in numeric.items():
         cols[key] = (d, np.array([fits[n][key] for n in names]))
-    cols["extrapolated_rows"] = ("rows outside the fitted span (error bound does not apply)",
+    cols["pairing"] = ("how sync edges were paired: intervals, or intervals + host prior (regular trains)",
+                       [fits[n]["pairing"] for n in names])
+    cols["host_segments"] = ("counter segments timed by host receive times because their edges could not be "
+                             "fitted (comma-separated)", [",".join(map(str, fits[n]["host_segments"])) for n in names])
+    cols["extrapolated_rows"] = ("rows before the first or after the last paired edge of their counter segment "
+                                 "(covered by error_bound_s through extrapolation_ppm)",
                                  np.array([reports[n].clock["extrapolated_rows"] for n in names], dtype=np.int64))
     cols["timing"] = ("rate: starting_time + rate; timestamps: one per row", [reports[n].timing for n in names])
     cols["n_gaps"] = ("gaps in the stream (see /intervals/gaps)", np.array([len(reports[n].gaps) for n in names]))

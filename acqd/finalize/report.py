@@ -47,7 +47,7 @@ class StreamReport:
     first_time_s: float
     """Session time of the stream's first row."""
     clock: dict
-    """``ClockFit.to_dict()``, plus 'extrapolated_rows': rows outside the span the fit's error bound covers."""
+    """``ClockFit.to_dict()``, plus 'extrapolated_rows': rows beyond the fit's end knots (extrapolated)."""
     flags: list[str]
     """Anything an analyst must know about this stream's timing (host-time fallback, failed sync fit...)."""
     gaps: list[dict]

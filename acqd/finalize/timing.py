@@ -313,7 +313,7 @@ def series_timing(s: Stream, fit: ClockFit, zero_s: float) -> nwb.Timing:
 
 
 def extrapolated_rows(s: Stream, fit: ClockFit) -> int:
-    """Rows before the first or after the last knot of their segment: the error bound does not cover them.
+    """Rows before the first or after the last knot of their segment: their error is extrapolated.
 
     Streams over 5 million rows are counted at chunk boundaries only (approximate to a chunk), to bound memory.
     """

@@ -154,6 +154,8 @@ def test_master_reads_from_anywhere_and_matches_the_streams_and_the_truth(finali
             fits = nwbfile.processing["sync"]["clock_fits"].to_dataframe().set_index("stream")
             assert fits.loc["nidaq", "source"] == "reference" and fits.loc["camera", "source"] == "strobe"
             assert fits.loc["probe", "source"] == "sync" and fits.loc["probe", "n_gaps"] == 1
+            assert fits.loc["probe", "pairing"].startswith("intervals") and fits.loc["probe", "host_segments"] == ""
+            assert fits.loc["nidaq", "pairing"] == "" and (fits["rejected_pairs"] >= 0).all()
             assert {"nidaq_sync", "nidaq_strobe_camera", "probe_sync", "sensor_sync"} <= set(nwbfile.events)
         with h5py.File(moved / f"{SID}.nwb", "r") as f:
             for name in ("probe", "nidaq", "camera", "sensor"):
