@@ -212,6 +212,7 @@ class StreamFile:
 
     def _write(self, n: int) -> None:
         """Write the first ``n`` rows of the chunk buffer as the next chunk (``n`` < its size only at close)."""
+        self.changed = True
         dset = self.dset("data")
         dset.resize(self.written + n, axis=0)
         if self.direct and n == len(self.chunk):
