@@ -51,7 +51,9 @@ SLOW_BYTES_PER_S = 1_000_000
 """A stream whose configured data rate is at most this, and that carries its own sync edges, is not woken per
 message: its queue is drained whenever a timer is due (stats every stats_interval_s, then the flush), so it costs
 a few wake-ups a second whatever its message rate. What it received is flushed in the same wake-up, so the data a
-kill -9 loses stays bounded by flush_interval_s (plus what ZeroMQ still held, as for any stream)."""
+kill -9 loses stays bounded by flush_interval_s (plus what ZeroMQ still held, as for any stream). Its host receive
+times are those of the drain; the last message of each drain arrived at most a message period earlier, and the
+host-time fit (acqd.finalize.clock.fit_host_clock) follows exactly those fastest deliveries (the lower envelope)."""
 DRAIN_LIMIT = 256
 """Messages handled per wake-up before control and timers get their turn."""
 BATCH_LIMIT = 4096
@@ -468,7 +470,8 @@ class Writer:
                 due = min((next_stats, *timers))
                 events = dict(poller.poll(max(0, math.ceil((due - time.monotonic()) * 1000))))
                 last_wake = now = time.monotonic()
-                if self.data in events or (batched and now >= due):
+                # A command (stop, record) applies after what arrived before it, as for a stream woken per message.
+                if self.data in events or (batched and (now >= due or self.ctrl in events)):
                     self.drain(BATCH_LIMIT if batched else DRAIN_LIMIT)
                 if self.ctrl in events:
                     while self.ctrl.poll(0):
@@ -490,6 +493,8 @@ class Writer:
                     next_stats = now + self.spec.stats_interval_s
                 if os.getppid() != parent:
                     break  # the supervisor died; PR_SET_PDEATHSIG normally got here first
+            if batched:
+                self.drain(BATCH_LIMIT)  # SIGTERM: what had arrived goes into the file it closes
             self.close_file()
             self.send("stats", **self.stats())
             return 0

@@ -81,3 +81,4 @@ def test_slow_stream_after_a_long_idle_spell_is_flushed_within_flush_interval_an
             assert f["index"]["seq"].tolist() == list(range(20)) and f["gaps"].shape[0] == 0
     finally:
         assert w.close() == 0
+
