@@ -135,6 +135,10 @@ class StreamFile:
     pending_index: list[tuple] = field(default_factory=list)
     last_index: tuple | None = None
     """The last index row written: the last message this file proves it holds."""
+    changed: bool = True
+    """Something was appended since the last flush (a flush of an unchanged file is skipped; so is its fsync)."""
+    unsynced: bool = True
+    """Something was flushed since the last fsync."""
     fsync: Callable[[int], None] = field(default=lambda fd: os.fsync(fd))
     """How the file descriptor is fsynced (a seam for the ACQD_FAULT hook; see acqd.record.faults)."""
     _open: dict[str, h5py.Dataset] = field(default_factory=dict)
@@ -190,6 +194,7 @@ class StreamFile:
         """Append samples; returns the file row of the first. The index row is written at a later flush."""
         first = self.rows
         self.rows += len(data)
+        self.changed = True
         self.pending_index.append(index_row[:4] + (first,) + index_row[4:] + (rows_crc32(data),))
         with io_errors(self.path):
             if self.video is not None:
@@ -207,6 +212,7 @@ class StreamFile:
 
     def _write(self, n: int) -> None:
         """Write the first ``n`` rows of the chunk buffer as the next chunk (``n`` < its size only at close)."""
+        self.changed = True
         dset = self.dset("data")
         dset.resize(self.written + n, axis=0)
         if self.direct and n == len(self.chunk):
@@ -222,6 +228,7 @@ class StreamFile:
         dset = self.dset(table)
         rows = np.asarray(rows, dtype=dset.dtype) if not isinstance(rows, np.ndarray) else rows.astype(dset.dtype)
         if len(rows):
+            self.changed = True
             with io_errors(self.path):
                 n = dset.shape[0]
                 dset.resize(n + len(rows), axis=0)
@@ -244,6 +251,9 @@ class StreamFile:
 
     def flush(self, fsync: bool) -> None:
         """Data first, then the index rows describing it; fsync makes it survive a power cut."""
+        if not self.changed and (not fsync or not self.unsynced):
+            return  # an idle stream: nothing to write, nothing to sync
+        self.unsynced = self.unsynced or self.changed
         with io_errors(self.path):
             if self.video is not None:  # the index lists only frames in finished (closed) video files
                 self._video_files(self.video.take_finished())
@@ -256,9 +266,11 @@ class StreamFile:
                 self.pending_index = self.pending_index[len(done):]
                 self.last_index = done[-1]
                 self.f.flush()
+            self.changed = self.video is not None  # a video encoder finishes files on its own: look each time
             if fsync:
                 fd = self.f.id.get_vfd_handle()
                 self.fsync(fd)
+                self.unsynced = False
                 # What is on disk need not stay in the page cache: a rig writing 130 MB/s would fill all of
                 # memory in minutes, evicting everyone else's, and the writers cost 1.5x more CPU while it
                 # fills (measured, docs/performance.md). Only clean pages are dropped; nothing is lost.

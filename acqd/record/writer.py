@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -46,6 +47,17 @@ more CPU than the data; latency is bounded by the flush interval anyway. Only fo
 own sync edges: a strobed stream (a camera) is paired with its strobes by host receive time, and a stream
 without sync is timed by it, and a message that waited in the queue would carry it late by up to this much
 (more than half a frame period at 60 fps)."""
+SLOW_BYTES_PER_S = 1_000_000
+"""A stream whose configured data rate is at most this, and that carries its own sync edges, is not woken per
+message: its queue is drained whenever a timer is due (stats every stats_interval_s, then the flush), so it costs
+a few wake-ups a second whatever its message rate. What it received is flushed in the same wake-up, so the data a
+kill -9 loses stays bounded by flush_interval_s (plus what ZeroMQ still held, as for any stream). Its host receive
+times are those of the drain; the last message of each drain arrived at most a message period earlier, and the
+host-time fit (acqd.finalize.clock.fit_host_clock) follows exactly those fastest deliveries (the lower envelope)."""
+DRAIN_LIMIT = 256
+"""Messages handled per wake-up before control and timers get their turn."""
+BATCH_LIMIT = 4096
+"""The same for a stream drained only when a timer is due (~50 messages queue between two at 100/s)."""
 EXIT_DISK_FULL = 3
 EXIT_WRITE_ERROR = 4
 FSIZE_LIMIT_ENV = "ACQD_WRITER_FSIZE_LIMIT"
@@ -435,8 +447,12 @@ class Writer:
         self.data.connect(self.cfg.endpoint)
 
     def run(self) -> int:
+        # Sleep until something arrives or the next timer (stats, flush, clock pair) is due, never on a fixed tick:
+        # an idle writer wakes ~2 times a second. A slow stream with its own sync edges does not even wake per
+        # message: it drains its queue when a timer is due, just before flushing (see SLOW_BYTES_PER_S).
         poller = zmq.Poller()
-        for s in (self.data, self.ctrl, self.monitor):
+        batched = self.drains_at_deadlines()
+        for s in (self.ctrl, self.monitor) if batched else (self.data, self.ctrl, self.monitor):
             poller.register(s, zmq.POLLIN)
         parent = self.spec.parent_pid or os.getppid()
         now = time.monotonic()
@@ -447,28 +463,16 @@ class Writer:
         self.send("ready", pid=os.getpid())
         try:
             while not self.stop_requested:
-                pause = last_wake + wake_interval_s - time.monotonic()
+                pause = 0.0 if batched else last_wake + wake_interval_s - time.monotonic()
                 if pause > 0:
                     time.sleep(pause)
-                events = dict(poller.poll(50))
-                last_wake = time.monotonic()
-                if self.data in events:
-                    # Drain what is queued, but bounded, so control and flushing are never starved.
-                    for _ in range(256):
-                        try:
-                            frames = self.data.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        try:
-                            self.on_message(frames)
-                        except DiskFullError:
-                            raise
-                        except WriterError as e:  # EIO: this part is suspect; the message goes to the next one
-                            self.part_failed(e)
-                            self.on_message(frames)
-                        except Exception as e:  # noqa: BLE001 - a message must never end a recording
-                            self.reject(Reject.MALFORMED, f"could not be handled: {e!r}", _seq_or_unknown(frames),
-                                        sum(len(f.buffer) for f in frames))
+                timers = (next_flush, next_pair if self.last_chunk is not None else next_flush) if self.file else ()
+                due = min((next_stats, *timers))
+                events = dict(poller.poll(max(0, math.ceil((due - time.monotonic()) * 1000))))
+                last_wake = now = time.monotonic()
+                # A command (stop, record) applies after what arrived before it, as for a stream woken per message.
+                if self.data in events or (batched and (now >= due or self.ctrl in events)):
+                    self.drain(BATCH_LIMIT if batched else DRAIN_LIMIT)
                 if self.ctrl in events:
                     while self.ctrl.poll(0):
                         self.on_command(self.ctrl.recv_json())
@@ -489,6 +493,8 @@ class Writer:
                     next_stats = now + self.spec.stats_interval_s
                 if os.getppid() != parent:
                     break  # the supervisor died; PR_SET_PDEATHSIG normally got here first
+            if batched:
+                self.drain(BATCH_LIMIT)  # SIGTERM: what had arrived goes into the file it closes
             self.close_file()
             self.send("stats", **self.stats())
             return 0
@@ -498,6 +504,29 @@ class Writer:
         except WriterError as e:
             self.event("write_error", str(e))
             return self.abandon(EXIT_WRITE_ERROR)
+
+    def drains_at_deadlines(self) -> bool:
+        """Whether this stream's queue is drained only when a timer is due (a slow stream with its own sync edges)."""
+        synced = isinstance(self.cfg.sync, (ChannelSync, FrameSync))
+        return synced and self.cfg.rate * self.cfg.sample_bytes <= SLOW_BYTES_PER_S
+
+    def drain(self, limit: int) -> None:
+        """Handle what is queued on the data socket, but bounded, so control and flushing are never starved."""
+        for _ in range(limit):
+            try:
+                frames = self.data.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self.on_message(frames)
+            except DiskFullError:
+                raise
+            except WriterError as e:  # EIO: this part is suspect; the message goes to the next one
+                self.part_failed(e)
+                self.on_message(frames)
+            except Exception as e:  # noqa: BLE001 - a message must never end a recording
+                self.reject(Reject.MALFORMED, f"could not be handled: {e!r}", _seq_or_unknown(frames),
+                            sum(len(f.buffer) for f in frames))
 
     def guarded(self, write, *args) -> None:
         """A periodic write; if it fails with EIO, the part becomes suspect and recording continues in the next."""

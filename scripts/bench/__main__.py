@@ -15,6 +15,8 @@ Scenarios (``--scenarios``, comma-separated; default all):
   disk       the disk's sequential write rate with fdatasync (``--disk-gib``, 4 MiB blocks).
   pynwb      pynwb DataChunkIterator writing probe-like data, file to file (``--pynwb-gib``).
   finalize   time ``acqd finalize`` on a short session and one with 10x the data (skipped if absent).
+  preview    what an open console page costs the reference rig (bench/preview.py).
+  slow       slow streams only (NIDAQ, 1 kHz sensors, an idle stream): CPU per writer (bench/slow.py).
 
 A ramp step "keeps up" when no message is lost or rejected, the simulator stayed on its real-time
 schedule, and the receiver has no growing backlog (p99 publish->receive under BACKLOG_LIMIT_MS).
@@ -52,6 +54,7 @@ from bench.preview import scenario_preview  # noqa: E402
 from bench.pynwb import scenario_pynwb  # noqa: E402
 from bench.ramp import scenario_ramp  # noqa: E402
 from bench.reference import scenario_reference  # noqa: E402
+from bench.slow import scenario_slow  # noqa: E402
 from bench.report import code_fingerprint, machine_info, markdown, targets, write_doc  # noqa: E402
 
 
@@ -72,6 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pynwb-gib", type=float, help="data written by the pynwb baseline (default 2, quick 0.5)")
     p.add_argument("--finalize-seconds", type=float,
                    help="recording length of the 1x finalize session (default 10, quick 5)")
+    p.add_argument("--slow-seconds", type=float, help="recording length of each slow-stream run (default 60, quick 30)")
+    p.add_argument("--slow-baseline", help="an acqd package folder measured alternately with the current code "
+                                          "in the slow scenario (before vs after)")
     p.add_argument("--sample-s", type=float, default=2.0, help="RSS sampling period")
     p.add_argument("--rss-limit-mb", type=int, default=RSS_LIMIT_MB,
                    help="cut a run short when a process (e.g. the simulator's send queues) grows past this")
@@ -94,6 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.daemon = {"flush_interval_s": a.flush_interval} if a.flush_interval else {}
     a.seconds = a.seconds or (30.0 if q else 300.0)
     a.step_seconds = a.step_seconds or (10.0 if q else 20.0)
+    a.slow_seconds = a.slow_seconds or (30.0 if q else 60.0)
     a.pynwb_gib = a.pynwb_gib or (0.5 if q else 2.0)
     a.finalize_seconds = a.finalize_seconds or (5.0 if q else 10.0)
     a.ramp_compression = [c for c in a.ramp_compression.split(",") if c]
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         res["updates"] = [*res.get("updates", []), update]
     runners = {"reference": scenario_reference, "ramp": scenario_ramp, "naive": scenario_naive,
                "disk": scenario_disk, "pynwb": scenario_pynwb, "finalize": scenario_finalize,
-               "preview": scenario_preview}
+               "preview": scenario_preview, "slow": scenario_slow}
     try:
         for name in SCENARIOS:
             if name in args.scenarios:

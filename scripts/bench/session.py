@@ -131,14 +131,16 @@ def summarize_streams(streams: dict[str, dict], window_s: float) -> dict:
 
 
 def record(config: Path, workdir: Path, seconds: float, sample_s: float, quiet_wait_s: float,
-           rss_limit_mb: int = RSS_LIMIT_MB) -> dict:
-    """Daemon + simulator: ACQUIRE, RECORD for ``seconds``, stop. Returns measurements; the session stays."""
+           rss_limit_mb: int = RSS_LIMIT_MB, sim_config: Path | None = None) -> dict:
+    """Daemon + simulator: ACQUIRE, RECORD for ``seconds``, stop. Returns measurements; the session stays.
+
+    ``sim_config``: what the simulator publishes, if not every stream of ``config`` (an idle stream has no driver)."""
     quiet = wait_quiet(quiet_wait_s)
     daemon = Daemon(config, workdir / "data", workdir)
     sim = None
     try:
         daemon.command("acquire")
-        sim = Simulator(config, seconds + 900, timeout_s=300)
+        sim = Simulator(sim_config or config, seconds + 900, timeout_s=300)
         wait_until(lambda: not daemon.command("preflight")["problems"], "every stream to deliver data", 120, 0.5)
         started = daemon.command("record", session=f"bench-{time.strftime('%H%M%S')}")
         folder = Path(started["session"]["path"])
@@ -164,9 +166,10 @@ def record(config: Path, workdir: Path, seconds: float, sample_s: float, quiet_w
             "writers_failed": [n for n, s in status["streams"].items() if s["state"] != "recording"]}
 
 
-def measure_session(config: Path, workdir: Path, seconds: float, args: argparse.Namespace) -> dict:
+def measure_session(config: Path, workdir: Path, seconds: float, args: argparse.Namespace,
+                    sim_config: Path | None = None) -> dict:
     """``record`` plus what the files say; the session folder is deleted unless ``--keep``."""
-    run = record(config, workdir, seconds, args.sample_s, args.quiet_wait, args.rss_limit_mb)
+    run = record(config, workdir, seconds, args.sample_s, args.quiet_wait, args.rss_limit_mb, sim_config)
     keep = args.keep
     folder = run.pop("folder")
     try:

@@ -26,7 +26,8 @@ from acqd.wire.protocol import Header, encode
 class LiveWriter:
     """One writer process, its control channel and a driver socket feeding it."""
 
-    def __init__(self, tmp: Path, *, env: dict | None = None, driver: str = "push", **stream: object):
+    def __init__(self, tmp: Path, *, env: dict | None = None, driver: str = "push", timing: dict | None = None,
+                 **stream: object):
         self.tmp = tmp
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -39,8 +40,9 @@ class LiveWriter:
             self.driver = self.ctx.socket(zmq.PUSH if driver == "push" else zmq.PUB)
             self.driver.setsockopt(zmq.LINGER, 0)
             self.driver.bind(self.cfg.endpoint)
-        spec = WriterSpec(stream=self.cfg, lines=[], control=f"ipc://{tmp}/c", flush_interval_s=0.05,
-                          fsync_interval_s=0.0, stats_interval_s=0.1, clock_pair_interval_s=0.5)
+        spec = WriterSpec(stream=self.cfg, lines=[], control=f"ipc://{tmp}/c", **{
+            "flush_interval_s": 0.05, "fsync_interval_s": 0.0, "stats_interval_s": 0.1, "clock_pair_interval_s": 0.5,
+            **(timing or {})})  # ``timing``: the daemon's intervals, when a test needs the defaults' cadence
         self.proc = subprocess.Popen([sys.executable, "-m", "acqd.record.writer", spec.to_json()],
                                      stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
         self.msgs: list[dict] = []
