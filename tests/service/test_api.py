@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from acqd.service.api import ApiError, Client
@@ -53,10 +54,20 @@ def test_record_refuses_hostile_names_and_missing_metadata(rig_file, daemon_fact
         for name in ("../x", "/abs", "", "a\u0000b", "a/b"):
             with pytest.raises(ApiError, match="invalid session name"):
                 daemon.command("record", session=name)
-        with pytest.raises(ApiError, match="age '90 days' is not an ISO 8601 duration"):
-            daemon.command("record", session="badmeta", metadata={"subject": {"age": "90 days"}})
+        # Each field finalize's inspection would refuse is refused at RECORD, named with the nwbinspector check.
+        for field, value, check in (("species", "mouse", "check_subject_species_form"),
+                                    ("age", "90 days", "check_subject_age"), ("sex", "X", "check_subject_sex"),
+                                    ("subject_id", "m/1", "check_subject_id_no_slashes"),
+                                    ("weight", "25", "check_subject_weight")):
+            r = httpx.post(f"{daemon.url}/api/commands/record", timeout=30,
+                           json={"session": "badmeta", "metadata": {"subject": {field: value}}})
+            assert r.status_code == 422, r.text
+            assert f"subject.{field}: {value!r}: " in r.json()["error"] and f"({check})" in r.json()["error"]
+            assert [(p["field"], p["check"]) for p in r.json()["problems"]] == [(f"subject.{field}", check)]
         with pytest.raises(ApiError, match="subject.sex"):
             daemon.command("record", session="nosex", metadata={"subject": {"sex": None}})
+        with pytest.raises(ApiError, match=r"metadata.Subject.colour: unknown key"):
+            daemon.command("record", session="unknown", metadata={"Subject": {"colour": "brown"}})
         assert sorted(str(p) for p in tmp_path.rglob("*")) == before
         daemon.command("record", session="taken")
         daemon.command("stop")
