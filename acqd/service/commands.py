@@ -245,9 +245,10 @@ def _record(sup: Supervisor, req: RecordRequest) -> dict:
             raise SessionError(f"already recording session {current!r}: stop it first (acqd stop)")
         return {**_fresh(sup), "already_recording": True}
     # Everything is checked before a writer starts, with the rules finalize applies.
-    meta = merge(to_acqd(sup.cfg.metadata, "config metadata"), to_acqd(req.metadata, "metadata"))
-    if req.bids:
-        meta = _with_bids(meta, req.bids)
+    request = to_acqd(req.metadata, "metadata")
+    if req.bids:  # before the config's defaults: a default subject_id gives way to the BIDS subject
+        request = _with_bids(request, req.bids)
+    meta = merge(to_acqd(sup.cfg.metadata, "config metadata"), request)
     check_layout(meta)
     name = req.session or (bids_name(req.bids) if req.bids else None) or meta.get("session_id") \
         or session_name(**sup.recording)

@@ -22,6 +22,18 @@ from acqd.sim.simulate import Rig, SimParams
 from sessions import Recording, record_session, small_config
 
 TIMEOUT_S = 120
+LAB_YAML = """
+NWBFile:
+  related_publications: ["doi:10.1016/j.neuron.2016.12.011"]
+  protocol: IACUC 42
+  notes: implanted 2026-02-01
+Subject:
+  date_of_birth: 2026-01-05T00:00:00+00:00
+  weight: 25 g
+Ecephys:
+  Device: [{name: NP1, description: Neuropixels 1.0, manufacturer: IMEC}]
+  ElectrodeGroup: [{name: probe, description: "AP -3.5, ML 2.5", location: VISp, device: NP1}]
+"""
 
 
 @pytest.fixture
@@ -56,8 +68,20 @@ def test_amend_before_finalize_fixes_what_finalize_would_refuse(session):
     with pytest.raises(MetadataError, match=r"subject.sex: 'male': .*\(check_subject_sex\)"):  # checked as RECORD
         amend_session(session, {"subject": {"sex": "male"}}, who="x")
     assert read_session(session)["amendments"] == [a]
+    # A lab's neuroconv metadata file, through the CLI: its values land in the master that finalize writes.
+    (session.parent / "lab.yaml").write_text(LAB_YAML)
+    out = subprocess.run([sys.executable, "-m", "acqd.cli", "amend", str(session), "--metadata",
+                          str(session.parent / "lab.yaml")], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert out.returncode == 0 and "subject.weight: None -> '25 g'" in out.stdout, out.stderr
+    assert read_session(session)["metadata"]["ecephys"]["probe"]["device"]["manufacturer"] == "IMEC"
     report = finalize_session(session)
     assert report.state == "finalized" and _species(session / "S1.nwb") == "Mus musculus"
+    with h5py.File(session / "S1.nwb", "r") as f:
+        assert f["general/subject/weight"][()].decode() == "25 g"
+        assert f["general/subject/date_of_birth"][()].decode().startswith("2026-01-05T00:00:00")
+        assert f["general/protocol"][()].decode() == "IACUC 42"
+        assert [p.decode() for p in f["general/related_publications"][:]] == ["doi:10.1016/j.neuron.2016.12.011"]
+        assert f["general/notes"][()].decode().startswith("implanted 2026-02-01\n\nWritten by acqd finalize.")
 
 
 def test_amend_after_finalize_rewrites_only_the_master(session):

@@ -74,10 +74,25 @@ def test_record_refuses_hostile_names_and_missing_metadata(rig_file, daemon_fact
         with pytest.raises(ApiError, match="already exists"):
             daemon.command("record", session="taken")
         assert daemon.command("status")["mode"] == "ACQUIRE"
+        # BIDS entities name the folder (sub is the subject_id); neuroconv's layout is accepted as acqd's own.
+        bids = "sub-M12_ses-3_task-gonogo_run-1"
+        daemon.command("record", bids={"sub": "M12", "ses": "3", "task": "gonogo", "run": "1"},
+                       metadata={"Subject": {"species": "Mus musculus", "sex": "M", "age": "P90D/P120D"}})
+        with pytest.raises(ApiError, match="is being recorded") as e:
+            daemon.command("amend", session=bids, metadata={"lab": "x"})
+        assert e.value.status == 409
+        daemon.command("stop")
+        meta = json.loads((tmp_path / "data" / bids / "session.json").read_text())["metadata"]
+        assert meta["bids"]["task"] == "gonogo" and meta["subject"]["subject_id"] == "M12"
+        a = daemon.command("amend", session="taken", metadata={"Subject": {"weight": "25 g"}}, who="Doe, Jane")
+        assert a["who"] == "Doe, Jane" and a["what"] == ["subject.weight: None -> '25 g'"]
+        r = httpx.post(f"{daemon.url}/api/commands/amend", timeout=30,
+                       json={"session": "taken", "metadata": {"subject": {"species": "mouse"}}})
+        assert r.status_code == 422 and r.json()["problems"][0]["check"] == "check_subject_species_form"
     finally:
         sim.stop()
     sessions = daemon.client.request("GET", "/api/sessions")["sessions"]
-    assert [(s["session_id"], s["state"]) for s in sessions] == [("taken", "closed")]
+    assert [(s["session_id"], s["state"]) for s in sessions] == [(bids, "closed"), ("taken", "closed")]
 
 
 def test_token_is_required_when_configured(tmp_path, daemon_factory):
