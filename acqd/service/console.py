@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from acqd.config import SessionMetadata, check_name
 from acqd.errors import SessionError
-from acqd.finalize.amend import check_metadata
+from acqd.finalize.nwb import metadata_problems
 from acqd.finalize.layout import QC_DIR
 from acqd.metadata import MetadataError, to_acqd
 from acqd.session import SESSION_FILE, list_sessions, read_annotations, read_session, session_name
@@ -70,20 +70,18 @@ def metadata_errors(defaults: dict, metadata: dict, session: str = "session") ->
     per field path: the models' errors, then finalize's nwbinspector checks (message and check name)."""
     try:
         meta = _merge(to_acqd(defaults, "config metadata"), to_acqd(metadata))
-        SessionMetadata.model_validate(meta)
     except MetadataError as e:
         return {"metadata": str(e)}
+    out: dict[str, str] = {}
+    try:
+        SessionMetadata.model_validate(meta)
     except ValidationError as e:
-        out: dict[str, str] = {}
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
             out.setdefault(key, err["msg"].removeprefix("Value error, "))
-        return out
-    try:
-        check_metadata(meta, session)
-    except MetadataError as e:
-        return {p["field"]: f"{p['message']} ({p['check']})" for p in e.problems} or {"metadata": str(e)}
-    return {}
+    for p in metadata_problems(meta, session):
+        out.setdefault(p["field"], f"{p['message']} ({p['check']})")
+    return out
 
 
 def qc_verdict(summary: dict) -> dict:
