@@ -64,6 +64,10 @@ def test_record_refuses_hostile_names_and_missing_metadata(rig_file, daemon_fact
             assert r.status_code == 422, r.text
             assert f"subject.{field}: {value!r}: " in r.json()["error"] and f"({check})" in r.json()["error"]
             assert [(p["field"], p["check"]) for p in r.json()["problems"]] == [(f"subject.{field}", check)]
+        out = subprocess.run([sys.executable, "-m", "acqd.cli", "record", "--url", daemon.url, "--session", "cli",
+                              "--species", "mouse"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "subject.species: 'mouse': " in out.stderr, out.stderr
+        assert "(check_subject_species_form)" in out.stderr
         with pytest.raises(ApiError, match="subject.sex"):
             daemon.command("record", session="nosex", metadata={"subject": {"sex": None}})
         with pytest.raises(ApiError, match=r"metadata.Subject.colour: unknown key"):
