@@ -26,6 +26,7 @@ import h5py
 from pydantic import ValidationError
 
 from acqd.config import SessionMetadata
+from acqd.errors import FinalizeError, SessionError
 from acqd.finalize import _exclusive, nwb
 from acqd.finalize.layout import MANIFEST, PARTIAL
 from acqd.finalize.seal import seal_paths, unseal, verify_manifest
@@ -73,14 +74,16 @@ def _value(meta: dict, field: str) -> str:
 
 def amend_session(folder: Path, update: dict, who: str) -> dict:
     """Merge ``update`` (acqd's layout) over the metadata of the session in ``folder``; see the module docstring.
-    Returns the amendment recorded (``what`` empty and nothing written when nothing changes)."""
+    Returns the amendment recorded (``what`` empty and nothing written when nothing changes). Raises
+    ``MetadataError`` for metadata that cannot be accepted, ``SessionError`` for a session in another state, and
+    ``FinalizeError`` for a finalized session that no longer matches its manifest."""
     folder = Path(folder).resolve()
     with _exclusive(folder):
         session = read_session(folder)
         sid = session.get("session_id") or folder.name
         state = session.get("state")
         if state not in (CLOSED, INTERRUPTED, FINALIZED):
-            raise MetadataError(f"{sid}: state {state!r}: only a closed, interrupted or finalized session can be "
+            raise SessionError(f"{sid}: state {state!r}: only a closed, interrupted or finalized session can be "
                                 "amended (stop the recording, or let finalize finish)")
         old = session.get("metadata") or {}
         new = check_metadata(merge(old, update), sid)
@@ -106,7 +109,7 @@ def _rewrite_master(folder: Path, session: dict, sid: str, old: dict, new: dict,
                             f"keeps them in its structure); fields that can: {', '.join(sorted(_MASTER_PATHS))}")
     problems = verify_manifest(folder)
     if problems:
-        raise MetadataError(f"{sid} does not match its manifest, nothing amended:\n  " + "\n  ".join(problems))
+        raise FinalizeError(f"{sid} does not match its manifest, nothing amended:\n  " + "\n  ".join(problems))
     master = folder / f"{sid}.nwb"
     partial = master.with_name(master.name + PARTIAL)
     partial.unlink(missing_ok=True)

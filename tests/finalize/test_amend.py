@@ -16,6 +16,7 @@ from pynwb import validate
 from acqd.finalize import finalize_session, is_immutable, unseal_session, verify_manifest
 from acqd.finalize.amend import amend_session, check_metadata
 from acqd.finalize.nwb import check_master
+from acqd.errors import SessionError
 from acqd.metadata import MetadataError
 from acqd.session import SESSION_FILE, read_session, write_json_atomic
 from acqd.sim.simulate import Rig, SimParams
@@ -121,5 +122,5 @@ def test_amend_after_finalize_rewrites_only_the_master(session):
 def test_a_recording_session_is_never_amended(session):
     s = read_session(session)
     write_json_atomic(session / SESSION_FILE, {**s, "state": "recording"})
-    with pytest.raises(MetadataError, match="state 'recording'"):
+    with pytest.raises(SessionError, match="state 'recording'"):
         amend_session(session, {"subject": {"species": "Mus musculus"}}, who="x")
