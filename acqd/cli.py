@@ -9,6 +9,7 @@
     acqd demo                            daemon + simulated rig + a short recording, end to end
     acqd finalize SESSION_DIR            clock fits, master NWB, validation, QC, seal (docs/finalize.md)
     acqd verify SESSION_DIR              check a finalized session against its manifest
+    acqd amend SESSION_DIR --set F=V     change a recorded session's metadata (docs/finalize.md "Amend")
     acqd lsl list                        LSL outlets visible now, with a config snippet for each (docs/lsl.md)
     acqd export SESSION_DIR --out DIR    one self-contained NWB file (+ videos) laid out for DANDI (docs/export.md)
 """
@@ -25,6 +26,7 @@ from typing import Any
 
 from acqd.config import load_config
 from acqd.errors import AcqdError, ConfigError
+from acqd.metadata import MetadataError, load_file, merge, parse_bids, parse_set, to_acqd
 
 DEFAULT_URL = "http://127.0.0.1:8600"
 
@@ -88,7 +90,8 @@ def cmd_client(args: argparse.Namespace) -> int:
     client = _client(args)
     body: dict = {}
     if args.command == "record":
-        body = {"session": args.session, "metadata": _metadata_args(args)}
+        body = {"session": args.session, "metadata": _metadata_args(args),
+                "bids": parse_bids(args.bids) if args.bids else None}
     elif args.command == "stop":
         body = {"idle": args.idle}
     elif args.command == "annotate":
@@ -109,9 +112,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def _metadata_args(args: argparse.Namespace) -> dict | None:
-    import yaml
-
-    meta: dict = yaml.safe_load(Path(args.metadata).read_text()) if args.metadata else {}
+    meta = load_file(Path(args.metadata).read_text(), args.metadata) if args.metadata else {}
     subject = {k: v for k in ("subject_id", "species", "sex", "age") if (v := getattr(args, k)) is not None}
     if subject:
         meta.setdefault("subject", {}).update(subject)
@@ -204,6 +205,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_amend(args: argparse.Namespace) -> int:
+    """Merge --metadata FILE and --set edits over a recorded session's metadata; print what changed."""
+    from acqd.finalize.amend import amend_session, default_who
+
+    update = load_file(Path(args.metadata).read_text(), args.metadata) if args.metadata else {}
+    update = merge(update, to_acqd(parse_set(args.set), "--set"))
+    if not update:
+        raise ConfigError("nothing to amend: give --metadata FILE and/or --set FIELD=VALUE")
+    result = amend_session(Path(args.session_dir), update, args.who or default_who())
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print("\n".join([f"amended {args.session_dir} ({result['who']}, {result['when']}):", *(
+        f"  {line}" for line in result["what"])]) if result["what"] else "nothing changed")
+    if result.get("master_sha256"):
+        print(f"  master rewritten: sha256 {result['previous_master_sha256'][:12]}... -> "
+              f"{result['master_sha256'][:12]}... (manifest updated)")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from acqd.share.export import export_session
 
@@ -239,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--session", help="session folder name (default: a timestamp)")
             c.add_argument("--metadata", help="YAML file of session metadata")
             c.add_argument("--description", help="session description")
+            c.add_argument("--bids", metavar="sub=M12,ses=3,...",
+                           help="BIDS entities (sub, ses, task, acq, run): name the session folder and the export")
             for field in ("subject_id", "species", "sex", "age"):
                 c.add_argument(f"--{field.replace('_', '-')}", dest=field)
         if name == "stop":
@@ -286,6 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("session_dir")
     v.set_defaults(fn=cmd_verify)
 
+    a = sub.add_parser("amend", help="change the metadata of a closed, interrupted or finalized session")
+    a.add_argument("session_dir")
+    a.add_argument("--metadata", help="YAML file of metadata to merge (acqd's or neuroconv's layout)")
+    a.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="one field, e.g. subject.species='Mus musculus' (repeat; [a, b] for a list)")
+    a.add_argument("--who", help="who amends (default user@host)")
+    a.add_argument("--json", action="store_true", help="print the amendment as JSON")
+    a.set_defaults(fn=cmd_amend)
+
     e = sub.add_parser("export", help="write a finalized session as one self-contained NWB file laid out for DANDI")
     e.add_argument("session_dir")
     e.add_argument("--out", required=True, help="folder to export into (e.g. a dandiset folder)")
@@ -313,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except AcqdError as e:
+    except (AcqdError, MetadataError) as e:
         print(f"acqd: error: {e}", file=sys.stderr)
         return 3 if type(e).__name__ == "DaemonUnreachable" else 2  # 3: no daemon to talk to
 

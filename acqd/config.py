@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+from datetime import datetime
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
@@ -26,7 +27,6 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 STREAM_NAME_BYTES = 32
 """The wire header's stream field (docs/protocol.md): longer stream names could never be received."""
-_AGE_RE = re.compile(r"P(?!$)(\d+Y)?(\d+M)?(\d+W)?(\d+D)?(T(?=\d)(\d+H)?(\d+M)?(\d+(\.\d+)?S)?)?(/\S*)?")
 
 
 def check_name(value: str, what: str = "name") -> str:
@@ -324,29 +324,28 @@ class DaemonConfig(_Frozen):
 
 
 class Subject(_Frozen):
-    """The fields DANDI treats as critical are required when a recording starts."""
+    """The animal. Checked at RECORD with the nwbinspector rules finalize applies (DANDI config)."""
 
     subject_id: str = Field(min_length=1)
     """Identifier of the animal."""
-    species: str = Field(min_length=1, description="Latin binomial, e.g. Mus musculus")
-    """Latin binomial, e.g. Mus musculus."""
-    sex: Literal["M", "F", "U", "O"]
-    """M, F, U (unknown) or O (other)."""
-    age: str = Field(description="ISO 8601 duration, e.g. P90D")
-    """ISO 8601 duration, e.g. P90D."""
+    species: str = Field(min_length=1, description="Latin binomial, e.g. Mus musculus, or an NCBI taxonomy URI")
+    """Latin binomial, e.g. Mus musculus, or an NCBI taxonomy URI (http://purl.obolibrary.org/obo/NCBITaxon_10090)."""
+    sex: str = Field(min_length=1, description="M, F, U (unknown) or O (other); XX or XO for C. elegans")
+    """M, F, U (unknown) or O (other); XX or XO for C. elegans."""
+    age: str | None = Field(None, description="ISO 8601 duration, e.g. P90D, or a range, e.g. P90D/P120D")
+    """ISO 8601 duration, e.g. P90D, or a range, e.g. P90D/P120D; age or date_of_birth is required."""
+    date_of_birth: datetime | None = None
+    """Date of birth with its time zone, e.g. 2026-01-05T00:00:00+00:00 (instead of, or as well as, age)."""
     description: str = ""
     """Free text about the subject."""
     strain: str | None = None
     """Strain, e.g. C57BL/6J."""
     genotype: str | None = None
     """Genotype, e.g. Pvalb-IRES-Cre."""
-
-    @field_validator("age")
-    @classmethod
-    def _age(cls, v: str) -> str:
-        if not _AGE_RE.fullmatch(v):
-            raise ValueError(f"age {v!r} is not an ISO 8601 duration such as P90D or P12W")
-        return v
+    weight: str | None = None
+    """Weight with its unit, e.g. 25 g."""
+    # The forms of species, sex, age and weight are nwbinspector's checks (acqd.finalize.nwb.metadata_problems),
+    # run at RECORD and amend: the same rules finalize applies, never a second copy of them here.
 
 
 class DeviceMetadata(_Frozen):
@@ -392,6 +391,26 @@ class SessionMetadata(_Frozen):
     """The animal recorded."""
     ecephys: dict[str, EcephysMetadata] = {}
     """Per ephys stream name: where its electrodes are in this subject."""
+    session_id: str | None = None
+    """Session folder name (and NWB session_id) when the record request names none."""
+    related_publications: tuple[str, ...] = ()
+    """Publications about this data, as DOIs, e.g. doi:10.1016/j.neuron.2016.12.011."""
+    protocol: str | None = None
+    """Experimental protocol (e.g. the IACUC protocol number)."""
+    notes: str | None = None
+    """Notes about the session, written before acqd's own notes in the NWB file."""
+    surgery: str | None = None
+    """Surgeries performed on the subject."""
+    pharmacology: str | None = None
+    """Drugs and other pharmacology used in the session."""
+    virus: str | None = None
+    """Viruses injected: name, source, titer, coordinates."""
+    stimulus_notes: str | None = None
+    """What stimuli were used (NWB /general/stimulus)."""
+    data_collection: str | None = None
+    """How the data were collected."""
+    bids: dict[str, str] | None = None
+    """BIDS entities of the session (sub, ses, task, acq, run): they name the session folder and the export."""
 
 
 class QcConfig(_Frozen):

@@ -43,6 +43,19 @@ EXTRA_EXAMPLES: dict[tuple[str, str], object] = {
     ("Subject", "strain"): "C57BL/6J",
     ("Subject", "genotype"): "Pvalb-IRES-Cre/wt",
     ("Subject", "description"): "implanted 2026-01-12, left hemisphere",
+    ("Subject", "age"): "P90D/P120D",
+    ("Subject", "date_of_birth"): "2026-01-05T00:00:00+00:00",
+    ("Subject", "weight"): "25 g",
+    ("SessionMetadata", "session_id"): "M12-day3",
+    ("SessionMetadata", "related_publications"): ["doi:10.1016/j.neuron.2016.12.011"],
+    ("SessionMetadata", "protocol"): "IACUC 2026-042",
+    ("SessionMetadata", "notes"): "the animal was calm",
+    ("SessionMetadata", "surgery"): "headpost and craniotomy over left V1, 2026-01-12",
+    ("SessionMetadata", "pharmacology"): "none",
+    ("SessionMetadata", "virus"): "AAV9-Syn-GCaMP8m, 1e12 vg/ml, V1",
+    ("SessionMetadata", "stimulus_notes"): "drifting gratings, 8 directions",
+    ("SessionMetadata", "data_collection"): "head-fixed on a running wheel",
+    ("SessionMetadata", "bids"): {"sub": "M12", "ses": "3", "task": "gonogo", "run": "1"},
 }
 """Examples for fields the example rig leaves out and whose default says little."""
 

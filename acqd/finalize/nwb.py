@@ -39,7 +39,7 @@ from pynwb.file import Subject
 from pynwb.image import ImageSeries
 
 __all__ = ["AnnotationsPlan", "EventsPlan", "MasterPlan", "MasterCheck", "SeriesPlan", "TablePlan", "Timing", "check_master",
-           "write_master"]
+           "metadata_problems", "write_master"]
 
 _OBJECT_ID_NAMESPACE = uuid.UUID("6f1c1a52-3b0e-4d7e-9a55-0a6e8c2f5d11")  # acqd's namespace for uuid5 ids
 _TIMESTAMP_CHUNK_ROWS = 1 << 17  # 1 MiB of float64 per chunk
@@ -152,6 +152,8 @@ class MasterPlan:
     keywords: tuple[str, ...] = ()
     annotations: AnnotationsPlan | None = None
     """/events/annotations; None when the session has no notes."""
+    general: dict = field(default_factory=dict)
+    """More NWBFile fields from the metadata (``nwbfile_fields``: related_publications, protocol, surgery ...)."""
 
 
 @dataclass
@@ -216,9 +218,9 @@ def _build(plan: MasterPlan, opened: list[h5py.File]) -> NWBFile:
         session_start_time=plan.session_start_time, file_create_date=[plan.file_create_date],
         session_id=plan.session_id, experimenter=list(plan.experimenter) or None, institution=plan.institution,
         lab=plan.lab, experiment_description=plan.experiment_description,
-        keywords=list(plan.keywords) or None, notes=plan.notes,
+        keywords=list(plan.keywords) or None, notes=plan.notes, **plan.general,
     )
-    nwbfile.subject = Subject(**{k: v for k, v in plan.subject.items() if v not in (None, "")})
+    nwbfile.subject = _subject(plan.subject)
     for s in plan.series:
         if s.external_files:
             nwbfile.add_acquisition(_external_video(nwbfile, s))
@@ -238,6 +240,60 @@ def _build(plan: MasterPlan, opened: list[h5py.File]) -> NWBFile:
         module.add(_table(t))
     nwbfile.add_processing_module(module)
     return nwbfile
+
+
+def _subject(subject: dict) -> Subject:
+    fields = {k: v for k, v in subject.items() if v not in (None, "")}
+    if isinstance(fields.get("date_of_birth"), str):
+        fields["date_of_birth"] = datetime.fromisoformat(fields["date_of_birth"])
+    return Subject(**fields)
+
+
+GENERAL_FIELDS = {"related_publications": "related_publications", "protocol": "protocol", "surgery": "surgery",
+                  "pharmacology": "pharmacology", "virus": "virus", "stimulus_notes": "stimulus",
+                  "data_collection": "data_collection"}
+"""SessionMetadata field -> NWBFile argument, for the /general fields acqd passes through unchanged."""
+
+
+def nwbfile_fields(meta: dict) -> dict:
+    """The NWBFile arguments of ``GENERAL_FIELDS`` that ``meta`` (SessionMetadata as JSON) sets."""
+    return {arg: (list(meta[k]) if isinstance(meta[k], (list, tuple)) else meta[k])
+            for k, arg in GENERAL_FIELDS.items() if meta.get(k)}
+
+
+# nwbinspector check -> the SessionMetadata field it judges (for messages that name the field, not the NWB path).
+_CHECK_FIELDS = {"check_subject_exists": "subject", "check_subject_id_exists": "subject.subject_id",
+                 "check_subject_id_no_slashes": "subject.subject_id", "check_subject_sex": "subject.sex",
+                 "check_subject_species_exists": "subject.species", "check_subject_species_form": "subject.species",
+                 "check_subject_age": "subject.age", "check_subject_proper_age_range": "subject.age",
+                 "check_subject_weight": "subject.weight", "check_session_id_no_slashes": "session_id",
+                 "check_session_start_time_future_date": "session_start_time"}
+
+
+def metadata_problems(meta: dict, session_id: str) -> list[dict]:
+    """What finalize's inspection would refuse or flag as a violation in this metadata, found before any data:
+    the metadata (SessionMetadata as JSON) is built into an in-memory NWBFile and Subject exactly as
+    ``write_master`` builds them, and nwbinspector's checks run on it with the DANDI config at CRITICAL and
+    BEST_PRACTICE_VIOLATION (suggestions are not refusals). Each problem: field, check, importance, message."""
+    from nwbinspector import Importance, inspect_nwbfile_object, load_config  # imported late: it imports a lot
+
+    try:
+        nwbfile = NWBFile(session_description=meta.get("session_description") or session_id, identifier=session_id,
+                          session_start_time=datetime.now().astimezone(), session_id=session_id,
+                          experimenter=list(meta.get("experimenter") or ()) or None,
+                          institution=meta.get("institution"), lab=meta.get("lab"),
+                          experiment_description=meta.get("experiment_description"),
+                          keywords=list(meta.get("keywords") or ()) or None, **nwbfile_fields(meta))
+        nwbfile.subject = _subject(meta.get("subject") or {})
+    except Exception as e:  # noqa: BLE001 - pynwb refusing a value is a finding about that value
+        return [{"field": "metadata", "check": "pynwb", "importance": "CRITICAL", "message": str(e)}]
+    out = []
+    for m in inspect_nwbfile_object(nwbfile, config=load_config("dandi"),
+                                    importance_threshold=Importance.BEST_PRACTICE_VIOLATION):
+        if m.object_type in ("NWBFile", "Subject"):
+            out.append({"field": _CHECK_FIELDS.get(m.check_function_name, f"{m.object_type}:{m.location}"),
+                        "check": m.check_function_name, "importance": m.importance.name, "message": str(m.message)})
+    return sorted(out, key=lambda p: (p["field"], p["check"]))
 
 
 def _series(nwbfile: NWBFile, s: SeriesPlan, dset: h5py.Dataset) -> TimeSeries:

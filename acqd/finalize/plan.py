@@ -65,7 +65,8 @@ def plan_master(folder: Path, session: dict, streams: dict[str, Stream], aligned
         subject=meta.get("subject", {}), experimenter=tuple(meta.get("experimenter") or ()),
         institution=meta.get("institution"), lab=meta.get("lab"),
         experiment_description=meta.get("experiment_description"), keywords=tuple(meta.get("keywords") or ()),
-        notes=_notes(ref, zero_sample, session), series=series, events=events,
+        notes="\n\n".join(filter(None, (meta.get("notes"), _notes(ref, zero_sample, session)))),
+        general=nwb.nwbfile_fields(meta), series=series, events=events,
         gaps=_gap_table(gaps) if gaps else None,
         sync_tables=_sync_tables(streams, aligned, reports, ref, zero_sample, start_time),
         annotations=_annotations(read_annotations(folder), ref, zero_sample, start_time))

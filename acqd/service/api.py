@@ -56,8 +56,8 @@ def answer(sup: Supervisor, name: str, body: Any) -> Any:
     """Run a command and map acqd's errors onto HTTP: invalid 422, refused 409, a bug 500."""
     try:
         return run_command(sup, name, body)
-    except (ValidationError, ConfigError, ValueError) as e:
-        return error(422, str(e))
+    except (ValidationError, ConfigError, ValueError) as e:  # metadata: each problem's field and check too
+        return error(422, str(e), **({"problems": e.problems} if getattr(e, "problems", None) else {}))
     except AcqdError as e:
         return error(409, str(e))
     except TimeoutError:

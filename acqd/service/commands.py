@@ -20,11 +20,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from acqd.config import SessionMetadata, check_name
+from acqd.config import check_name
 from acqd.errors import ConfigError, SessionError
+from acqd.finalize.amend import amend_session, check_metadata
+from acqd.metadata import MetadataError, bids_name, check_layout, merge, to_acqd
 from acqd.service import live
 from acqd.service.annotations import annotate
-from acqd.service.supervisor import ACQUIRE, RECORD, Supervisor, _merge
+from acqd.service.supervisor import ACQUIRE, RECORD, Supervisor
 from acqd.session import list_sessions, session_name
 
 
@@ -42,7 +44,11 @@ class RecordRequest(Request):
     session: str | None = None
     """Session folder name; default: prepend_text + (base_text or a timestamp) + append_text."""
     metadata: dict | None = None
-    """SessionMetadata fields (session_description, experimenter, subject: {subject_id, species, sex, age})."""
+    """SessionMetadata fields (session_description, experimenter, subject: {subject_id, species, sex, age}), or
+    neuroconv's layout (NWBFile, Subject, Ecephys); checked with finalize's nwbinspector rules before RECORD."""
+    bids: dict[str, str] | None = None
+    """BIDS entities {sub, ses, task, acq, run}: the session folder is named sub-<sub>[_ses-<ses>]... and so is
+    the export; sub is the subject_id."""
 
     @field_validator("session")
     @classmethod
@@ -79,6 +85,18 @@ class FinalizeRequest(Request):
 
     session: str
     """Session id under the data root."""
+
+
+class AmendRequest(Request):
+    """Change the metadata of a closed, interrupted or finalized session (docs/finalize.md "Amend")."""
+
+    session: str
+    """Session id under the data root (not the one recording)."""
+    metadata: dict
+    """Fields to change, in acqd's or neuroconv's layout; merged over the session's metadata and checked as at
+    RECORD."""
+    who: str = Field("control API", min_length=1, max_length=200)
+    """Who amends (recorded in session.json's amendments)."""
 
 
 class ExportRequest(Request):
@@ -182,6 +200,16 @@ class JobResponse(Response):
     jobs: dict[str, dict] | None = None
 
 
+class AmendResponse(Response):
+    """The amendment recorded in session.json (``what`` empty: nothing changed)."""
+
+    who: str
+    when: str
+    what: list[str]
+    previous_master_sha256: str | None = None
+    master_sha256: str | None = None
+
+
 class AnnotationResponse(Response):
     text: str
     taken_at: str
@@ -216,16 +244,34 @@ def _record(sup: Supervisor, req: RecordRequest) -> dict:
         if req.session not in (None, current):
             raise SessionError(f"already recording session {current!r}: stop it first (acqd stop)")
         return {**_fresh(sup), "already_recording": True}
-    try:  # everything is checked before a writer starts
-        SessionMetadata.model_validate(_merge(sup.cfg.metadata, req.metadata or {}))
-    except ValueError as e:
-        raise ConfigError(f"session metadata incomplete or invalid (DANDI needs subject_id, species, sex, age at "
-                          f"recording start): {e}") from None
-    name = req.session or session_name(**sup.recording)
+    # Everything is checked before a writer starts, with the rules finalize applies.
+    request = to_acqd(req.metadata, "metadata")
+    if req.bids:  # before the config's defaults: a default subject_id gives way to the BIDS subject
+        request = _with_bids(request, req.bids)
+    meta = merge(to_acqd(sup.cfg.metadata, "config metadata"), request)
+    check_layout(meta)
+    name = req.session or (bids_name(req.bids) if req.bids else None) or meta.get("session_id") \
+        or session_name(**sup.recording)
+    meta = check_metadata(meta, check_name(name, "session name"))
     if (sup.data_root / name).exists():
         raise SessionError(f"session {name!r} already exists in {sup.data_root}")
-    sup.record(req.metadata, name)
+    sup.record(meta, name)
     return _fresh(sup)
+
+
+def _with_bids(meta: dict, bids: dict[str, str]) -> dict:
+    """The BIDS entities in the metadata (``bids``); ``sub`` is the subject_id (given, or checked against it)."""
+    bids_name(bids)
+    subject_id = (meta.get("subject") or {}).get("subject_id")
+    if subject_id not in (None, bids.get("sub")):
+        raise MetadataError(f"bids.sub {bids.get('sub')!r} differs from subject.subject_id {subject_id!r}")
+    return merge(meta, {"bids": dict(bids), "subject": {"subject_id": bids["sub"]}})
+
+
+def _amend(sup: Supervisor, req: AmendRequest) -> dict:
+    if sup.session is not None and sup.session["session_id"] == req.session:
+        raise SessionError(f"session {req.session!r} is being recorded: stop the recording first")
+    return amend_session(sup.data_root / check_name(req.session, "session name"), to_acqd(req.metadata), req.who)
 
 
 def _stop(sup: Supervisor, req: StopRequest) -> dict:
@@ -329,6 +375,8 @@ COMMANDS: dict[str, Command] = {
                         "finalize a closed session in the background"),
     "finalize_status": Command(JobStatusRequest, JobResponse, lambda sup, req: sup.job_status("finalize", req.session),
                                "progress and result of finalize runs"),
+    "amend": Command(AmendRequest, AmendResponse, _amend, "change the metadata of a recorded session (after "
+                     "finalize: rewrites the master NWB only)", on_supervisor=False),
     "export": Command(ExportRequest, JobResponse, _export, "export a finalized session for sharing, in the background"),
     "export_status": Command(JobStatusRequest, JobResponse, lambda sup, req: sup.job_status("export", req.session),
                              "progress and result of export runs"),

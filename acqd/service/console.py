@@ -30,7 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from acqd.config import SessionMetadata, check_name
 from acqd.errors import SessionError
+from acqd.finalize.nwb import metadata_problems
 from acqd.finalize.layout import QC_DIR
+from acqd.metadata import MetadataError, to_acqd
 from acqd.session import SESSION_FILE, list_sessions, read_annotations, read_session, session_name
 from acqd.service.commands import export_roots
 from acqd.service.previews import FLUSH_S
@@ -63,18 +65,23 @@ class ChannelsRequest(BaseModel):
     channels: list[int] = Field(min_length=1, max_length=8)
 
 
-def metadata_errors(defaults: dict, metadata: dict) -> dict[str, str]:
+def metadata_errors(defaults: dict, metadata: dict, session: str = "session") -> dict[str, str]:
     """What ``record`` would refuse in ``metadata`` (merged over the config's defaults, as ``record`` merges it),
-    per field path."""
+    per field path: the models' errors, then finalize's nwbinspector checks (message and check name)."""
     try:
-        SessionMetadata.model_validate(_merge(defaults, metadata))
+        meta = _merge(to_acqd(defaults, "config metadata"), to_acqd(metadata))
+    except MetadataError as e:
+        return {"metadata": str(e)}
+    out: dict[str, str] = {}
+    try:
+        SessionMetadata.model_validate(meta)
     except ValidationError as e:
-        out: dict[str, str] = {}
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
             out.setdefault(key, err["msg"].removeprefix("Value error, "))
-        return out
-    return {}
+    for p in metadata_problems(meta, session):
+        out.setdefault(p["field"], f"{p['message']} ({p['check']})")
+    return out
 
 
 def qc_verdict(summary: dict) -> dict:
@@ -192,14 +199,14 @@ def console_router(sup: Supervisor, closing: threading.Event) -> APIRouter:
     @router.post("/validate")
     def validate(req: ValidateRequest) -> ValidateReply:
         """Check the record form with the models ``record`` uses; nothing is created."""
-        errors = metadata_errors(cfg.metadata, req.metadata)
-        name = None
+        name, errors = None, {}
         try:
             name = check_name(req.session, "session name") if req.session else session_name(**sup.recording)
             if (sup.data_root / name).exists():
                 errors["session"] = f"session {name!r} already exists"
         except (ValueError, SessionError) as e:
             errors["session"] = str(e)
+        errors = {**metadata_errors(cfg.metadata, req.metadata, name or "session"), **errors}
         return ValidateReply(errors=errors, session=name)
 
     @router.get("/sessions")

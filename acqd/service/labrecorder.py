@@ -16,6 +16,8 @@ import socketserver
 import threading
 from pathlib import Path
 
+from acqd.finalize.amend import check_metadata
+from acqd.metadata import merge, to_acqd
 from acqd.config import check_name
 from acqd.service.supervisor import RECORD, Supervisor
 
@@ -89,7 +91,9 @@ class LabRecorderControl:
             self.sup.set_data_root(root)
         participant = self.options.get("participant")
         meta = {"subject": {"subject_id": participant}} if participant else None
-        return self.sup.record(meta, session_name(self.options))
+        name = session_name(self.options)
+        check_metadata(merge(to_acqd(self.sup.cfg.metadata), meta or {}), name)  # finalize's rules, as RECORD's
+        return self.sup.record(meta, name)
 
 
 class _Handler(socketserver.StreamRequestHandler):

@@ -102,13 +102,17 @@ def sanitize(value: str, field: str) -> str:
     return value if field == "extension" else value.replace(".", "-")
 
 
-def dandi_path(subject_id: str, session_id: str, modalities: list[str] | tuple[str, ...] = ()) -> str:
-    """``sub-<subject>/sub-<subject>_ses-<session>[_<mod>+<mod>].nwb`` with dandi organize's sanitising."""
+def dandi_path(subject_id: str, session_id: str, modalities: list[str] | tuple[str, ...] = (),
+               bids: dict[str, str] | None = None) -> str:
+    """``sub-<subject>/sub-<subject>_ses-<session>[_<mod>+<mod>].nwb`` with dandi organize's sanitising; a session
+    recorded with BIDS entities: ``sub-<sub>/sub-<sub>[_ses-<ses>][_task-..][_acq-..][_run-..][_<mod>].nwb``."""
     if not subject_id:
         raise ExportError("the session has no subject_id: DANDI (dandi organize) requires one")
     subject = sanitize(subject_id, "subject_id")
     name = f"sub-{subject}"
-    if session_id:
+    if bids:  # labels are alphanumeric (checked at RECORD): nothing to sanitise
+        name += "".join(f"_{k}-{bids[k]}" for k in ("ses", "task", "acq", "run") if bids.get(k))
+    elif session_id:
         name += f"_ses-{sanitize(session_id, 'session_id')}"
     mods = sorted(set(modalities))
     if mods:
@@ -172,12 +176,13 @@ def export_session(folder: Path, out: Path, progress: Progress | None = None, *,
     master, sid = _check_session(folder, out)
     expected = {name: int(rows) for name, (rows, _) in nwb.series_lengths(master).items()}
     report_progress("check", _at("check", 0.5))
-    _refuse_existing(out, _name_of(master))  # fail fast: the export's name is known from the master already
+    bids = read_session(folder).get("metadata", {}).get("bids")
+    _refuse_existing(out, _name_of(master, bids))  # fail fast: the export's name is known from the master already
     out.mkdir(parents=True, exist_ok=True)
     with _staging(out, sid) as staging:
         exported = staging / "export.nwb"
         _export_nwb(master, exported, gzip_level, report_progress)
-        rel = _name_of(exported)
+        rel = _name_of(exported, bids)
         _refuse_existing(out, rel)
         target = staging / rel
         target.parent.mkdir(parents=True)
@@ -256,12 +261,12 @@ def _staging(out: Path, sid: str) -> Iterator[Path]:
         os.close(fd)
 
 
-def _name_of(path: Path) -> str:
-    """The dandi path of an NWB file, from its subject, session and neurodata types."""
+def _name_of(path: Path, bids: dict[str, str] | None = None) -> str:
+    """The dandi path of an NWB file, from its subject, session (or BIDS entities) and neurodata types."""
     with h5py.File(path, "r") as f:
         subject = _text(f["general/subject/subject_id"][()]) if "general/subject/subject_id" in f else ""
         session = _text(f["general/session_id"][()]) if "general/session_id" in f else ""
-    return dandi_path(subject, session, modalities(path))
+    return dandi_path(subject, session, modalities(path), bids)
 
 
 def _refuse_existing(out: Path, rel: str) -> None:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from acqd.service.api import ApiError, Client
@@ -53,20 +54,49 @@ def test_record_refuses_hostile_names_and_missing_metadata(rig_file, daemon_fact
         for name in ("../x", "/abs", "", "a\u0000b", "a/b"):
             with pytest.raises(ApiError, match="invalid session name"):
                 daemon.command("record", session=name)
-        with pytest.raises(ApiError, match="age '90 days' is not an ISO 8601 duration"):
-            daemon.command("record", session="badmeta", metadata={"subject": {"age": "90 days"}})
+        # Each field finalize's inspection would refuse is refused at RECORD, named with the nwbinspector check.
+        for field, value, check in (("species", "mouse", "check_subject_species_form"),
+                                    ("age", "90 days", "check_subject_age"), ("sex", "X", "check_subject_sex"),
+                                    ("subject_id", "m/1", "check_subject_id_no_slashes"),
+                                    ("weight", "25", "check_subject_weight")):
+            r = httpx.post(f"{daemon.url}/api/commands/record", timeout=30,
+                           json={"session": "badmeta", "metadata": {"subject": {field: value}}})
+            assert r.status_code == 422, r.text
+            assert f"subject.{field}: {value!r}: " in r.json()["error"] and f"({check})" in r.json()["error"]
+            assert [(p["field"], p["check"]) for p in r.json()["problems"]] == [(f"subject.{field}", check)]
+        out = subprocess.run([sys.executable, "-m", "acqd.cli", "record", "--url", daemon.url, "--session", "cli",
+                              "--species", "mouse"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "subject.species: 'mouse': " in out.stderr, out.stderr
+        assert "(check_subject_species_form)" in out.stderr
         with pytest.raises(ApiError, match="subject.sex"):
             daemon.command("record", session="nosex", metadata={"subject": {"sex": None}})
+        with pytest.raises(ApiError, match=r"metadata.Subject.colour: unknown key"):
+            daemon.command("record", session="unknown", metadata={"Subject": {"colour": "brown"}})
         assert sorted(str(p) for p in tmp_path.rglob("*")) == before
         daemon.command("record", session="taken")
         daemon.command("stop")
         with pytest.raises(ApiError, match="already exists"):
             daemon.command("record", session="taken")
         assert daemon.command("status")["mode"] == "ACQUIRE"
+        # BIDS entities name the folder (sub is the subject_id); neuroconv's layout is accepted as acqd's own.
+        bids = "sub-M12_ses-3_task-gonogo_run-1"
+        daemon.command("record", bids={"sub": "M12", "ses": "3", "task": "gonogo", "run": "1"},
+                       metadata={"Subject": {"species": "Mus musculus", "sex": "M", "age": "P90D/P120D"}})
+        with pytest.raises(ApiError, match="is being recorded") as e:
+            daemon.command("amend", session=bids, metadata={"lab": "x"})
+        assert e.value.status == 409
+        daemon.command("stop")
+        meta = json.loads((tmp_path / "data" / bids / "session.json").read_text())["metadata"]
+        assert meta["bids"]["task"] == "gonogo" and meta["subject"]["subject_id"] == "M12"
+        a = daemon.command("amend", session="taken", metadata={"Subject": {"weight": "25 g"}}, who="Doe, Jane")
+        assert a["who"] == "Doe, Jane" and a["what"] == ["subject.weight: None -> '25 g'"]
+        r = httpx.post(f"{daemon.url}/api/commands/amend", timeout=30,
+                       json={"session": "taken", "metadata": {"subject": {"species": "mouse"}}})
+        assert r.status_code == 422 and r.json()["problems"][0]["check"] == "check_subject_species_form"
     finally:
         sim.stop()
     sessions = daemon.client.request("GET", "/api/sessions")["sessions"]
-    assert [(s["session_id"], s["state"]) for s in sessions] == [("taken", "closed")]
+    assert [(s["session_id"], s["state"]) for s in sessions] == [(bids, "closed"), ("taken", "closed")]
 
 
 def test_token_is_required_when_configured(tmp_path, daemon_factory):

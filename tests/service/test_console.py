@@ -159,15 +159,17 @@ def test_operator_records_annotates_and_finalizes_from_the_console(browser, tmp_
         ui.expect_thumbnail("camera")
         ui.shot("live-preview")
 
-        # Prefilled from the config; one invalid field first: the daemon's own models say why, beside it.
+        # Prefilled from the config; one invalid field first: finalize's nwbinspector check says why, beside it.
         ui.expect(ui.page.locator("#f-subject")).to_have_value("mouse001")
         ui.fill("session", "console_run")
         ui.fill("subject.age", "ninety days")
-        ui.expect(ui.field_error("subject.age")).to_contain_text("not an ISO 8601 duration")
+        ui.expect(ui.field_error("subject.age")).to_contain_text("does not follow ISO 8601 duration format, e.g. 'P2Y'")
+        ui.expect(ui.field_error("subject.age")).to_contain_text("(check_subject_age)")
         ui.expect(ui.page.locator("#preflight li")).to_have_count(0)  # every required stream delivers
         ui.shot("invalid-age")
         ui.start_recording()
-        ui.expect(ui.field_error("subject.age")).to_contain_text("not an ISO 8601 duration")
+        ui.expect(ui.field_error("subject.age")).to_contain_text("does not follow ISO 8601 duration format, e.g. 'P2Y'")
+        ui.expect(ui.field_error("subject.age")).to_contain_text("(check_subject_age)")
         ui.expect_mode("ACQUIRE")  # refused before anything started
         ui.fill("subject.age", "P90D")
         ui.expect(ui.field_error("subject.age")).to_have_text("")

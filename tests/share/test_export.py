@@ -291,3 +291,23 @@ def test_cli_progress_jsonl_reports_then_refuses_a_second_export(exported, tmp_p
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert again.returncode == 2
     assert "already exists" in json.loads(again.stdout.splitlines()[-1])["error"]
+
+
+def test_a_bids_named_session_exports_under_its_bids_name(tmp_path):
+    """RECORD with BIDS entities names the folder sub-M12_ses-3_task-gonogo_run-1 and stores them in the
+    metadata; the export is named from them (not from the sanitised folder name)."""
+    cfg = small_config(tmp_path / "data", probe_channels=4)
+    bids = {"sub": "M12", "ses": "3", "task": "gonogo", "run": "1"}
+    cfg = cfg.model_copy(update={"metadata": {**cfg.metadata, "bids": bids,
+                                              "subject": {**cfg.metadata["subject"], "subject_id": "M12"}}})
+    folder = record_session(cfg, Rig(cfg, SimParams(seed=4, seconds=20)), "sub-M12_ses-3_task-gonogo_run-1",
+                            Recording(seconds=4.0))
+    try:
+        finalize_session(folder)
+        report = export_session(folder, tmp_path / "dandiset")
+    finally:
+        unseal_session(folder)
+    assert report.nwb == "sub-M12/sub-M12_ses-3_task-gonogo_run-1_ecephys+image.nwb"
+    assert (tmp_path / "dandiset" / report.nwb).is_file()
+    assert dandi_path("M12", "x", ["ecephys"], {"sub": "M12", "acq": "np", "run": "2"}) == \
+        "sub-M12/sub-M12_acq-np_run-2_ecephys.nwb"

@@ -1,0 +1,189 @@
+"""Session metadata as labs write it: acqd's own layout, neuroconv's layout, ``--set`` edits, BIDS session names.
+
+This module owns turning what a user hands acqd (a YAML file, a record request's ``metadata``, ``--set
+subject.species="Mus musculus"``, ``--bids sub=M12,ses=3``) into acqd's layout (the fields of
+``acqd.config.SessionMetadata``), and the differences between two metadata records (what an amendment
+changed). Unknown keys are errors naming their path, in both layouts: nothing is silently dropped.
+Pure functions; the nwbinspector checks of the result live in ``acqd.finalize.nwb.metadata_problems``.
+
+neuroconv's layout (``NWBFile``, ``Subject``, ``Ecephys`` at the top level) maps as follows: ``NWBFile``'s keys
+and ``Subject``'s keys are SessionMetadata's and Subject's; ``Ecephys.ElectrodeGroup[i]`` (whose ``name`` is the
+acqd stream name) becomes ``ecephys[name]`` with ``location`` and ``description``, and its ``device`` names an
+``Ecephys.Device`` entry that becomes ``ecephys[name].device``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from acqd.config import SessionMetadata
+
+NEUROCONV_SECTIONS = ("NWBFile", "Subject", "Ecephys")
+_SET_FIXED = {"session_start_time": "acqd sets it from the reference clock's first sample",
+              "identifier": "acqd sets it to the session id"}
+BIDS_ENTITIES = {"sub": "subject", "ses": "session", "task": "task", "acq": "acquisition", "run": "run"}
+"""BIDS entity keys, in the order BIDS puts them in a name, and their long names."""
+_BIDS_LABEL = re.compile(r"[A-Za-z0-9]{1,32}")
+
+
+class MetadataError(ValueError):
+    """Metadata that cannot be accepted; the message names the key path."""
+
+    problems: list[dict] = []
+    """nwbinspector findings (field, check, importance, message) when they are the reason."""
+
+
+def to_acqd(raw: dict | None, where: str = "metadata") -> dict:
+    """``raw`` in acqd's layout, converting neuroconv's layout if its sections are present (never mixed)."""
+    raw = dict(raw or {})
+    if not any(k in raw for k in NEUROCONV_SECTIONS):
+        return raw
+    mixed = [k for k in raw if k not in NEUROCONV_SECTIONS]
+    if mixed:
+        raise MetadataError(f"{where}.{mixed[0]}: unknown key in the neuroconv layout (sections: "
+                            f"{', '.join(NEUROCONV_SECTIONS)}); do not mix it with acqd's own layout")
+    out = _section(raw.get("NWBFile") or {}, f"{where}.NWBFile", _nwbfile_keys())
+    for key, why in _SET_FIXED.items():
+        if key in out:
+            raise MetadataError(f"{where}.NWBFile.{key}: not taken from metadata ({why})")
+    if raw.get("Subject") is not None:
+        out["subject"] = _section(raw["Subject"], f"{where}.Subject", _subject_keys())
+    if raw.get("Ecephys") is not None:
+        out["ecephys"] = _ecephys(raw["Ecephys"], f"{where}.Ecephys")
+    return out
+
+
+def check_layout(meta: dict, where: str = "metadata") -> None:
+    """Unknown keys in acqd's layout, named by path (SessionMetadata's models forbid extra keys)."""
+    try:
+        SessionMetadata.model_validate(meta)
+    except ValidationError as e:
+        extra = [err for err in e.errors() if err["type"] == "extra_forbidden"]
+        if extra:
+            path = ".".join(str(p) for p in extra[0]["loc"])
+            raise MetadataError(f"{where}.{path}: unknown key (not a SessionMetadata field; see docs/config.md)"
+                                ) from None
+
+
+def validation_message(e: ValidationError) -> str:
+    """A pydantic error as ``field: problem`` lines."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+
+
+def load_file(text: str, where: str) -> dict:
+    """A metadata YAML file (either layout) as acqd's layout, unknown keys refused."""
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        raise MetadataError(f"{where}: expected a mapping of metadata fields, got {type(raw).__name__}")
+    meta = to_acqd(raw, where)
+    check_layout(meta, where)
+    return meta
+
+
+def parse_set(items: list[str]) -> dict:
+    """``["subject.species=Mus musculus", "keywords=[a, b]"]`` as a nested dict. A value starting with ``[`` or
+    ``{`` is read as YAML; any other value is a string as written."""
+    out: dict = {}
+    for item in items:
+        path, sep, value = item.partition("=")
+        if not sep or not path:
+            raise MetadataError(f"--set {item!r}: expected FIELD=VALUE, e.g. subject.species='Mus musculus'")
+        node = out
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value) if value.lstrip().startswith(("[", "{")) else value
+    return out
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``over`` merged into ``base``, mappings key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """What differs, as ``field: old -> new`` lines (nested fields dotted), sorted by field."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def parse_bids(text: str) -> dict[str, str]:
+    """``sub=M12,ses=3,task=gonogo,run=1`` (long names accepted: subject=, session=, acquisition=)."""
+    out = {}
+    long = {v: k for k, v in BIDS_ENTITIES.items()}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = long.get(key, key)
+        if not sep or key not in BIDS_ENTITIES:
+            raise MetadataError(f"--bids {item!r}: expected KEY=LABEL with KEY one of {', '.join(BIDS_ENTITIES)}")
+        out[key] = value
+    return out
+
+
+def bids_name(entities: dict[str, str]) -> str:
+    """``sub-M12_ses-3_task-gonogo_run-1``: BIDS order, labels alphanumeric, ``sub`` required."""
+    unknown = [k for k in entities if k not in BIDS_ENTITIES]
+    if unknown:
+        raise MetadataError(f"bids.{unknown[0]}: unknown entity (use {', '.join(BIDS_ENTITIES)})")
+    if not entities.get("sub"):
+        raise MetadataError("bids.sub: the subject label is required")
+    for k, v in entities.items():
+        if not isinstance(v, str) or not _BIDS_LABEL.fullmatch(v):
+            raise MetadataError(f"bids.{k}: label {v!r} must be 1-32 letters or digits (BIDS labels are alphanumeric)")
+    return "_".join(f"{k}-{entities[k]}" for k in BIDS_ENTITIES if entities.get(k))
+
+
+# -- neuroconv's sections ---------------------------------------------------------------------------------------
+
+
+def _nwbfile_keys() -> set[str]:
+    return {k for k in SessionMetadata.model_fields if k not in ("subject", "ecephys")} | set(_SET_FIXED)
+
+
+def _subject_keys() -> set[str]:
+    return set(SessionMetadata.model_fields["subject"].annotation.model_fields)
+
+
+def _section(section: Any, where: str, known: set[str]) -> dict:
+    if not isinstance(section, dict):
+        raise MetadataError(f"{where}: expected a mapping, got {type(section).__name__}")
+    for k in section:
+        if k not in known:
+            raise MetadataError(f"{where}.{k}: unknown key (acqd stores: {', '.join(sorted(known - set(_SET_FIXED)))})")
+    return dict(section)
+
+
+def _ecephys(section: Any, where: str) -> dict:
+    section = _section(section, where, {"Device", "ElectrodeGroup"})
+    devices = {}
+    for i, d in enumerate(section.get("Device") or []):
+        d = _section(d, f"{where}.Device[{i}]", {"name", "description", "manufacturer"})
+        if not d.get("name"):
+            raise MetadataError(f"{where}.Device[{i}].name: required (ElectrodeGroup entries refer to it)")
+        devices[d["name"]] = d
+    out = {}
+    for i, g in enumerate(section.get("ElectrodeGroup") or []):
+        g = _section(g, f"{where}.ElectrodeGroup[{i}]", {"name", "description", "location", "device"})
+        if not g.get("name"):
+            raise MetadataError(f"{where}.ElectrodeGroup[{i}].name: required (the acqd stream name)")
+        entry = {k: g[k] for k in ("location", "description") if g.get(k) is not None}
+        if g.get("device") is not None:
+            if g["device"] not in devices:
+                raise MetadataError(f"{where}.ElectrodeGroup[{i}].device: {g['device']!r} is not an Ecephys.Device "
+                                    f"name ({', '.join(devices) or 'none'})")
+            entry["device"] = devices[g["device"]]
+        out[g["name"]] = entry
+    return out
