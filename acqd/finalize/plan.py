@@ -15,6 +15,7 @@ import numpy as np
 
 from acqd.finalize import lsl, nwb
 from acqd.finalize.clock import ClockFit
+from acqd.finalize.electrodes import electrodes_plan
 from acqd.config import ChannelSync
 from acqd.errors import FinalizeError
 from acqd.finalize.layout import rel
@@ -56,7 +57,7 @@ def plan_master(folder: Path, session: dict, streams: dict[str, Stream], aligned
             events.append(lsl.events_plan(s, a.fit, zero_s, row_times(s, a.fit, zero_s)))
             reports[name].timing = "events"
             continue
-        series.append(_series_plan(s, a.fit, flags, timing, linked[name], gaps_of_s, video))
+        series.append(_series_plan(s, a.fit, flags, timing, linked[name], gaps_of_s, video, meta))
     start_time = wall_time(ref, zero_sample)
     plan = nwb.MasterPlan(
         identifier=session["session_id"], session_id=session["session_id"],
@@ -92,7 +93,7 @@ def _annotations(notes: list[dict], ref: Stream, zero_sample: int, start_time: d
 
 
 def _series_plan(s: Stream, fit: ClockFit, flags: list[str], timing: nwb.Timing, linked: Path, gaps: list[dict],
-                 video: dict | None) -> nwb.SeriesPlan:
+                 video: dict | None, meta: dict) -> nwb.SeriesPlan:
     cfg = s.cfg
     channels = tuple(cfg.channel_names or (f"ch{i:03d}" for i in range(cfg.shape[0])))
     digital = sorted({cfg.sync.channel} if isinstance(cfg.sync, ChannelSync) else set())
@@ -114,7 +115,10 @@ def _series_plan(s: Stream, fit: ClockFit, flags: list[str], timing: nwb.Timing,
                           channel_names=channels if len(cfg.shape) == 1 else (), sync_channels=tuple(digital),
                           device_description=cfg.description,
                           external_files=tuple(video["files"]) if video else (),
-                          starting_frames=tuple(video["starting_frames"]) if video else ())
+                          starting_frames=tuple(video["starting_frames"]) if video else (),
+                          electrodes=electrodes_plan(cfg, channels, (meta.get("ecephys") or {}).get(cfg.name) or {},
+                                                     (meta.get("subject") or {}).get("species"))
+                          if kind == "ephys" and len(cfg.shape) == 1 else None)
 
 
 def _gap_table(gaps: list[dict]) -> nwb.TablePlan:
