@@ -31,6 +31,8 @@ def write_rig(tmp_path: Path, *, flush_interval_s: float = 0.25, stream_override
     for s in raw["streams"]:
         s["endpoint"] = f"ipc://{tmp_path}/ipc/{s['name']}"
         s.update((stream_overrides or {}).get(s["name"], {}))
+        if s.get("probe"):  # the layout file stays beside the example config
+            s["probe"]["file"] = str(EXAMPLE.parent / s["probe"]["file"])
     path = tmp_path / "rig.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

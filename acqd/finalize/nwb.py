@@ -334,7 +334,8 @@ def _device(nwbfile: NWBFile, e: ElectrodesPlan):
         model = nwbfile.device_models.get(name) if nwbfile.device_models else None
         if model is None:
             model = nwbfile.create_device_model(name=name, manufacturer=e.manufacturer or "unknown",
-                                                model_number=e.model)
+                                                model_number=e.model,
+                                                description=f"probe model {name} made by {e.manufacturer or 'unknown'}")
     return nwbfile.create_device(name=e.device_name, description=e.device_description, serial_number=e.serial,
                                  model=model)
 
