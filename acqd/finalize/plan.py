@@ -157,6 +157,12 @@ def _sync_tables(streams: dict[str, Stream], aligned: dict[str, Alignment], repo
     cols["n_gaps"] = ("gaps in the stream (see /intervals/gaps)", np.array([len(reports[n].gaps) for n in names]))
     cols["flags"] = ("what an analyst must know about this stream's timing", ["; ".join(reports[n].flags)
                                                                                for n in names])
+    cams = [n for n in names if aligned[n].frames is not None]
+    if cams:  # camera frame / strobe reconciliation, one row per stream (-1 / NaN: not a camera)
+        for k, v in aligned[cams[0]].frames.items():
+            empty = np.nan if isinstance(v, float) else -1
+            cols[f"camera_{k}"] = (f"camera frames vs strobe edges: {k.replace('_', ' ')} ({empty}: not a camera)",
+                                   np.array([aligned[n].frames[k] if n in cams else empty for n in names]))
     tables = [nwb.TablePlan("clock_fits", "each stream's map from its sample counter to the reference clock, and "
                             "its quality (acqd.finalize.clock; docs/clock-alignment.md)", cols),
               nwb.TablePlan("timebase", "session time = reference sample / reference_rate - zero_sample / "
@@ -166,12 +172,6 @@ def _sync_tables(streams: dict[str, Stream], aligned: dict[str, Alignment], repo
                                 "zero_sample": ("reference sample at session time 0", np.array([zero_sample])),
                                 "wall_clock_at_zero": ("host wall clock at session time 0 (ms accuracy)",
                                                        [start_time.isoformat()])})]
-    cams = [n for n in names if aligned[n].frames is not None]
-    if cams:
-        keys = list(aligned[cams[0]].frames)
-        tables.append(nwb.TablePlan("frames", "camera frames reconciled with the strobe edges they produced", {
-            "stream": ("camera stream", cams),
-            **{k: (k.replace("_", " "), np.array([aligned[n].frames[k] for n in cams])) for k in keys}}))
     return tables
 
 
