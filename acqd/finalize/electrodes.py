@@ -15,7 +15,7 @@ import math
 from acqd.config import ChannelSync, StreamConfig, electrode_columns
 from acqd.errors import FinalizeError
 from acqd.finalize import nwb
-from acqd.probes import read_layout, unknown_areas
+from acqd.probes import contact_columns, is_mouse, read_layout, unknown_areas
 
 UNKNOWN = "unknown"
 
@@ -33,7 +33,6 @@ def electrodes_plan(cfg: StreamConfig, channels: tuple[str, ...], meta: dict, sp
                             f"stream has {len(cols)} electrode channels")
     where = dict(zip(cols if len(per_channel) == len(cols) else range(cfg.shape[0]), per_channel))
     if species is not None:
-        from acqd.probes import is_mouse
         bad = unknown_areas([area, *per_channel]) if is_mouse(species) else []
         if [b for b in bad if b != UNKNOWN]:
             raise FinalizeError(f"metadata.ecephys.{cfg.name}: {', '.join(map(repr, bad))} not in the Allen Mouse "
@@ -42,7 +41,6 @@ def electrodes_plan(cfg: StreamConfig, channels: tuple[str, ...], meta: dict, sp
     if probe is not None:
         try:
             layout = read_layout(probe.file, probe.format)
-            from acqd.probes import contact_columns
             contact = contact_columns(layout, cols)
         except Exception as e:  # noqa: BLE001 - any failure to read the layout stops finalize with its reason
             raise FinalizeError(f"stream {cfg.name!r}: probe file {probe.file}: {e}") from None
