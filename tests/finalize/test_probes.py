@@ -93,3 +93,17 @@ def test_an_area_outside_the_allen_ccf_is_refused_naming_it():
     with pytest.raises(ValidationError, match="'V1x' not in the Allen Mouse Brain CCF"):
         SessionMetadata.model_validate({**meta, "ecephys": {"probe": {"location": "VISp",
                                                                       "channel_locations": ["CA1", "V1x"]}}})
+
+
+def test_a_layout_that_does_not_fit_the_stream_is_refused_when_the_config_loads(tmp_path):
+    import yaml
+
+    from acqd.config import load_config
+    from acqd.errors import ConfigError
+    from conftest import write_rig
+
+    pi.write_probeinterface(tmp_path / "small.json", pi.generate_linear_probe(num_elec=16))
+    rig = write_rig(tmp_path, stream_overrides={"probe": {"probe": {"file": "small.json"}}})
+    assert yaml.safe_load(rig.read_text())["streams"][0]["probe"]["file"].endswith("small.json")
+    with pytest.raises(ConfigError, match="stream 'probe': probe file .*small.json: the probe layout has 16 contacts"):
+        load_config(rig)
