@@ -14,6 +14,7 @@ from pynwb import NWBHDF5IO
 
 from acqd.config import ProbeConfig, SessionMetadata
 from acqd.finalize import finalize_session, unseal_session
+from acqd.finalize.nwb import _inspect
 from acqd.sim.simulate import Rig, SimParams
 from sessions import Recording, record_session, small_config
 
@@ -39,6 +40,9 @@ def finalize_with(tmp_path: Path, probe: ProbeConfig | None, ecephys: dict):
     folder = record_session(cfg, Rig(cfg, SimParams(seed=5, seconds=10)), "P1", Recording(seconds=2.0))
     try:
         report = finalize_session(folder)
+        violations = [m for m in _inspect(folder / report.master) if m["importance"] in ("CRITICAL",
+                                                                                         "BEST_PRACTICE_VIOLATION")]
+        assert violations == []  # every row, the sync word's too, has an Allen CCF location
         with NWBHDF5IO(str(folder / report.master), "r") as io:
             nwbfile = io.read()
             table = nwbfile.electrodes.to_dataframe()
@@ -81,8 +85,8 @@ def test_a_spikeglx_meta_gives_neuropixels_positions_without_the_sync_channel(tm
 
 
 def test_without_a_layout_the_table_says_so(tmp_path):
-    table, _ = finalize_with(tmp_path, None, {})
-    assert "rel_x" not in table.columns and set(table.location) == {"unknown"}
+    table, _ = finalize_with(tmp_path, None, {"probe": {"location": "VISp"}})
+    assert "rel_x" not in table.columns and set(table.location) == {"VISp"}
     assert "no probe layout was configured" in table.group.iloc[0].description
 
 
