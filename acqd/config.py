@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from acqd.configerrors import Found, Loc, closest_first
 from acqd.errors import ConfigError
+from acqd.probes import is_mouse, unknown_areas
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -125,6 +126,24 @@ class LslSource(_Frozen):
         return self
 
 
+class ProbeConfig(_Frozen):
+    """The probe layout of an ephys stream: contact positions, shanks and wiring, read with probeinterface."""
+
+    file: Path
+    """Probe file, relative to the config file's folder: probeinterface JSON, SpikeGLX .meta or Open Ephys
+    settings.xml (Neuropixels); read again at finalize, so keep it where it is."""
+    format: Literal["auto", "probeinterface", "spikeglx", "openephys"] = "auto"
+    """auto: from the file name (.meta SpikeGLX, .xml Open Ephys, else probeinterface JSON)."""
+    manufacturer: str | None = None
+    """Maker of the probe, e.g. IMEC; default: what the file says."""
+    model: str | None = None
+    """Model or part number, e.g. NP1000; default: what the file says."""
+    serial: str | None = None
+    """Serial number of the probe; default: what the file says (SpikeGLX imDatPrb_sn)."""
+    reference: str | None = None
+    """Reference scheme of every contact, e.g. 'tip' or 'external'; the electrodes table's reference column."""
+
+
 class StreamConfig(_Frozen):
     """One hardware stream: where it comes from, what its chunks must look like, how it is stored."""
 
@@ -171,6 +190,8 @@ class StreamConfig(_Frozen):
     description: str = ""
     """Free text, written into the stream file and the NWB file."""
     lsl: LslSource | None = Field(None, description="the stream is an LSL outlet bridged onto `endpoint`")
+    probe: ProbeConfig | None = None
+    """Ephys streams: the probe layout (positions, shanks) for the NWB electrodes table; none: positions unknown."""
 
     @field_validator("name")
     @classmethod
@@ -412,6 +433,17 @@ class SessionMetadata(_Frozen):
     bids: dict[str, str] | None = None
     """BIDS entities of the session (sub, ses, task, acq, run): they name the session folder and the export."""
 
+    @model_validator(mode="after")
+    def _allen_ccf(self) -> SessionMetadata:
+        if not self.ecephys or not is_mouse(self.subject.species):  # nwbinspector checks mice only
+            return self
+        for stream, e in self.ecephys.items():
+            bad = unknown_areas([*([e.location] if e.location else []), *(e.channel_locations or ())])
+            if bad:
+                raise ValueError(f"ecephys.{stream}: {', '.join(map(repr, bad))} not in the Allen Mouse Brain CCF "
+                                 "ontology (use an acronym such as VISp or CA1, or the full name)")
+        return self
+
 
 class QcConfig(_Frozen):
     """Thresholds of the verdict in the QC report that finalize writes (qc/index.html, qc/qc.json)."""
@@ -600,7 +632,32 @@ def load_config(path: str | Path) -> RigConfig:
     if not root.is_absolute():
         daemon = cfg.daemon.model_copy(update={"data_root": (path.parent / root).resolve()})
         cfg = cfg.model_copy(update={"daemon": daemon})
-    return cfg
+    return _resolve_probe_files(cfg, path.parent)
+
+
+def _resolve_probe_files(cfg: RigConfig, folder: Path) -> RigConfig:
+    """Probe files relative to the config's folder become absolute, and each is read once to refuse a bad one."""
+    from acqd.probes import contact_columns, read_layout
+
+    streams, problems = [], []
+    for s in cfg.streams:
+        if s.probe is not None:
+            probe = s.probe.model_copy(update={"file": (folder / s.probe.file).resolve()})
+            s = s.model_copy(update={"probe": probe})
+            try:
+                contact_columns(read_layout(probe.file, probe.format), electrode_columns(s))
+            except Exception as e:  # noqa: BLE001 - probeinterface raises many kinds; each is a config problem
+                problems.append(f"stream {s.name!r}: probe file {probe.file}: {e}")
+        streams.append(s)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return cfg.model_copy(update={"streams": tuple(streams)})
+
+
+def electrode_columns(s: StreamConfig) -> list[int]:
+    """The columns of an ephys stream's data that are electrodes: all but its digital sync word."""
+    sync = s.sync.channel if isinstance(s.sync, ChannelSync) else None
+    return [c for c in range(s.shape[0]) if c != sync]
 
 
 def _stream_or_none(raw: object) -> StreamConfig | None:

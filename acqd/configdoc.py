@@ -31,6 +31,8 @@ EXTRA_EXAMPLES: dict[tuple[str, str], object] = {
     ("StreamConfig", "socket"): "pull",
     ("StreamConfig", "bind"): True,
     ("StreamConfig", "lsl"): {"name": "BioSemi", "type": "EEG"},
+    ("ProbeConfig", "manufacturer"): "IMEC",
+    ("ProbeConfig", "model"): "PRB_1_4_0480_1",
     ("DaemonConfig", "labrecorder"): {"host": "127.0.0.1", "port": 22345},
     ("LslSource", "name"): "BioSemi",
     ("LslSource", "type"): "Markers",

@@ -49,7 +49,8 @@ def small_config(data_root: Path, *, probe_channels: int = 32, camera_shape: tup
     for s in cfg.streams:
         update: dict = {}
         if s.name == "probe":
-            update = {"shape": (probe_channels + 1,), "sync": s.sync.model_copy(update={"channel": probe_channels})}
+            update = {"shape": (probe_channels + 1,), "sync": s.sync.model_copy(update={"channel": probe_channels}),
+                      "probe": None}  # the example's 384-contact layout does not fit the smaller probe
         elif s.name == "camera":
             update = {"shape": camera_shape}
             if camera_video is not None:

@@ -64,6 +64,38 @@ class Timing:
 
 
 @dataclass(frozen=True, slots=True)
+class ElectrodeRow:
+    """One column of an ephys stream's data as a row of the electrodes table (positions in um, on the probe)."""
+
+    channel_name: str
+    group: str
+    location: str
+    is_electrode: bool
+    rel_x: float = float("nan")
+    rel_y: float = float("nan")
+    rel_z: float = float("nan")
+    contact_id: str = ""
+    shank: str = ""
+    reference: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ElectrodesPlan:
+    """An ephys stream's device, electrode groups ``{name: (description, location)}`` and one row per column."""
+
+    device_name: str
+    device_description: str
+    manufacturer: str | None
+    model: str | None
+    serial: str | None
+    groups: dict[str, tuple[str, str]]
+    rows: list[ElectrodeRow]
+    positions: bool
+    """The stream has a probe layout (rel_x, rel_y, contact_id, shank, reference are known)."""
+    three_d: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class SeriesPlan:
     """One stream as one series under /acquisition."""
 
@@ -89,6 +121,8 @@ class SeriesPlan:
     """Video files holding the frames, relative to the master's folder (ImageSeries external_file)."""
     starting_frames: tuple[int, ...] = ()
     """Index in the series of each external file's first frame."""
+    electrodes: ElectrodesPlan | None = None
+    """Ephys: the device and electrodes table rows (acqd.finalize.electrodes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +255,7 @@ def _build(plan: MasterPlan, opened: list[h5py.File]) -> NWBFile:
         keywords=list(plan.keywords) or None, notes=plan.notes, **plan.general,
     )
     nwbfile.subject = _subject(plan.subject)
+    _electrode_columns(nwbfile, [s.electrodes for s in plan.series if s.kind == "ephys" and s.electrodes])
     for s in plan.series:
         if s.external_files:
             nwbfile.add_acquisition(_external_video(nwbfile, s))
@@ -297,7 +332,10 @@ def metadata_problems(meta: dict, session_id: str) -> list[dict]:
 
 
 def _series(nwbfile: NWBFile, s: SeriesPlan, dset: h5py.Dataset) -> TimeSeries:
-    device = nwbfile.create_device(name=s.name, description=s.device_description or s.description)
+    if s.kind == "ephys" and s.electrodes is not None:
+        device = _device(nwbfile, s.electrodes)
+    else:
+        device = nwbfile.create_device(name=s.name, description=s.device_description or s.description)
     kwargs: dict = {"name": s.name, "data": H5DataIO(dset, link_data=True), "description": s.description,
                     "comments": s.comments, "conversion": s.conversion, "offset": s.offset, **_timing(s.timing)}
     if s.kind == "ephys":
@@ -344,30 +382,52 @@ class _Timestamps(GenericDataChunkIterator):
         return np.dtype(np.float64)
 
 
-def _electrodes(nwbfile: NWBFile, s: SeriesPlan, device):
-    """Rows of the electrodes table for every column of ``data``; digital-word columns form their own group.
+def _device(nwbfile: NWBFile, e: ElectrodesPlan):
+    """The probe as a Device with its serial number, linked to a DeviceModel (maker, model) when they are known."""
+    model = None
+    if e.model or e.manufacturer:
+        name = e.model or f"{e.device_name} model"
+        model = nwbfile.device_models.get(name) if nwbfile.device_models else None
+        if model is None:
+            model = nwbfile.create_device_model(name=name, manufacturer=e.manufacturer or "unknown",
+                                                model_number=e.model,
+                                                description=f"probe model {name} made by {e.manufacturer or 'unknown'}")
+    return nwbfile.create_device(name=e.device_name, description=e.device_description, serial_number=e.serial,
+                                 model=model)
 
-    The series links the stream's dataset unchanged, so its second axis must match the region; a sync word
-    column gets a row in group '<stream>_sync' (location 'none') that says it is not an electrode.
-    """
-    probe = nwbfile.create_electrode_group(name=s.name, description=f"electrodes of {s.name}", location="unknown",
-                                           device=device)
-    sync_group = None
-    if s.sync_channels:
-        sync_group = nwbfile.create_electrode_group(
-            name=f"{s.name}_sync", device=device, location="none",
-            description=f"digital sync word recorded as a column of {s.name}'s data: not an electrode")
-    if nwbfile.electrodes is None or "channel_name" not in nwbfile.electrodes.colnames:
-        nwbfile.add_electrode_column(name="channel_name", description="channel name in the stream's config")
-        nwbfile.add_electrode_column(name="stream", description="acqd stream whose data holds this channel")
-        nwbfile.add_electrode_column(name="is_electrode", description="False for a digital sync word column")
+
+def _electrodes(nwbfile: NWBFile, s: SeriesPlan, device):
+    """Rows of the electrodes table for every column of ``data`` (acqd.finalize.electrodes says which)."""
+    e = s.electrodes
+    groups = {name: nwbfile.create_electrode_group(name=name, description=d, location=loc, device=device)
+              for name, (d, loc) in e.groups.items()}
     start = len(nwbfile.electrodes) if nwbfile.electrodes is not None else 0
-    for i, channel in enumerate(s.channel_names):
-        sync = i in s.sync_channels
-        nwbfile.add_electrode(group=sync_group if sync else probe, location="none" if sync else "unknown",
-                             channel_name=channel, stream=s.name, is_electrode=not sync)
-    return nwbfile.create_electrode_table_region(list(range(start, start + len(s.channel_names))),
+    for r in e.rows:
+        nwbfile.add_electrode(group=groups[r.group], location=r.location, channel_name=r.channel_name,
+                              stream=s.name, is_electrode=r.is_electrode,
+                              **({"rel_x": r.rel_x, "rel_y": r.rel_y, "contact_id": r.contact_id, "shank": r.shank,
+                                  "reference": r.reference} if "rel_x" in nwbfile.electrodes.colnames else {}),
+                              **({"rel_z": r.rel_z} if "rel_z" in nwbfile.electrodes.colnames else {}))
+    return nwbfile.create_electrode_table_region(list(range(start, start + len(e.rows))),
                                                  f"every column of {s.name}'s data, in order")
+
+
+def _electrode_columns(nwbfile: NWBFile, plans: list[ElectrodesPlan]) -> None:
+    """The electrodes table's columns, before any row: positions only when some stream has a probe layout."""
+    if not plans:
+        return
+    nwbfile.add_electrode_column(name="channel_name", description="channel name in the stream's config")
+    nwbfile.add_electrode_column(name="stream", description="acqd stream whose data holds this channel")
+    nwbfile.add_electrode_column(name="is_electrode", description="False for a digital sync word column")
+    if any(p.positions for p in plans):
+        nwbfile.add_electrode_column(name="rel_x", description="contact x on the probe (um); NaN: no layout")
+        nwbfile.add_electrode_column(name="rel_y", description="contact y on the probe (um, along the shank); NaN: "
+                                                               "no layout")
+        if any(p.three_d for p in plans):
+            nwbfile.add_electrode_column(name="rel_z", description="contact z on the probe (um); NaN: no layout")
+        nwbfile.add_electrode_column(name="contact_id", description="contact id in the probe layout (probeinterface)")
+        nwbfile.add_electrode_column(name="shank", description="shank id in the probe layout")
+        nwbfile.add_electrode_column(name="reference", description="reference of the contact (rig config)")
 
 
 def _events(e: EventsPlan) -> EventsTable:

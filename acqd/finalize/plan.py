@@ -15,6 +15,7 @@ import numpy as np
 
 from acqd.finalize import lsl, nwb
 from acqd.finalize.clock import ClockFit
+from acqd.finalize.electrodes import electrodes_plan
 from acqd.config import ChannelSync
 from acqd.errors import FinalizeError
 from acqd.finalize.layout import rel
@@ -56,7 +57,7 @@ def plan_master(folder: Path, session: dict, streams: dict[str, Stream], aligned
             events.append(lsl.events_plan(s, a.fit, zero_s, row_times(s, a.fit, zero_s)))
             reports[name].timing = "events"
             continue
-        series.append(_series_plan(s, a.fit, flags, timing, linked[name], gaps_of_s, video))
+        series.append(_series_plan(s, a.fit, flags, timing, linked[name], gaps_of_s, video, meta))
     start_time = wall_time(ref, zero_sample)
     plan = nwb.MasterPlan(
         identifier=session["session_id"], session_id=session["session_id"],
@@ -93,7 +94,7 @@ def _annotations(notes: list[dict], ref: Stream, zero_sample: int, start_time: d
 
 
 def _series_plan(s: Stream, fit: ClockFit, flags: list[str], timing: nwb.Timing, linked: Path, gaps: list[dict],
-                 video: dict | None) -> nwb.SeriesPlan:
+                 video: dict | None, meta: dict) -> nwb.SeriesPlan:
     cfg = s.cfg
     channels = tuple(cfg.channel_names or (f"ch{i:03d}" for i in range(cfg.shape[0])))
     digital = sorted({cfg.sync.channel} if isinstance(cfg.sync, ChannelSync) else set())
@@ -115,7 +116,10 @@ def _series_plan(s: Stream, fit: ClockFit, flags: list[str], timing: nwb.Timing,
                           channel_names=channels if len(cfg.shape) == 1 else (), sync_channels=tuple(digital),
                           device_description=cfg.description,
                           external_files=tuple(video["files"]) if video else (),
-                          starting_frames=tuple(video["starting_frames"]) if video else ())
+                          starting_frames=tuple(video["starting_frames"]) if video else (),
+                          electrodes=electrodes_plan(cfg, channels, (meta.get("ecephys") or {}).get(cfg.name) or {},
+                                                     (meta.get("subject") or {}).get("species"))
+                          if kind == "ephys" and len(cfg.shape) == 1 else None)
 
 
 def _gap_table(gaps: list[dict]) -> nwb.TablePlan:
@@ -162,6 +166,12 @@ def _sync_tables(streams: dict[str, Stream], aligned: dict[str, Alignment], repo
     cols["n_gaps"] = ("gaps in the stream (see /intervals/gaps)", np.array([len(reports[n].gaps) for n in names]))
     cols["flags"] = ("what an analyst must know about this stream's timing", ["; ".join(reports[n].flags)
                                                                                for n in names])
+    cams = [n for n in names if aligned[n].frames is not None]
+    if cams:  # camera frame / strobe reconciliation, one row per stream (-1 / NaN: not a camera)
+        for k, v in aligned[cams[0]].frames.items():
+            empty = np.nan if isinstance(v, float) else -1
+            cols[f"camera_{k}"] = (f"camera frames vs strobe edges: {k.replace('_', ' ')} ({empty}: not a camera)",
+                                   np.array([aligned[n].frames[k] if n in cams else empty for n in names]))
     tables = [nwb.TablePlan("clock_fits", "each stream's map from its sample counter to the reference clock, and "
                             "its quality (acqd.finalize.clock; docs/clock-alignment.md)", cols),
               nwb.TablePlan("timebase", "session time = reference sample / reference_rate - zero_sample / "
@@ -171,12 +181,6 @@ def _sync_tables(streams: dict[str, Stream], aligned: dict[str, Alignment], repo
                                 "zero_sample": ("reference sample at session time 0", np.array([zero_sample])),
                                 "wall_clock_at_zero": ("host wall clock at session time 0 (ms accuracy)",
                                                        [start_time.isoformat()])})]
-    cams = [n for n in names if aligned[n].frames is not None]
-    if cams:
-        keys = list(aligned[cams[0]].frames)
-        tables.append(nwb.TablePlan("frames", "camera frames reconciled with the strobe edges they produced", {
-            "stream": ("camera stream", cams),
-            **{k: (k.replace("_", " "), np.array([aligned[n].frames[k] for n in cams])) for k in keys}}))
     return tables
 
 
