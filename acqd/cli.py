@@ -10,6 +10,7 @@
     acqd finalize SESSION_DIR            clock fits, master NWB, validation, QC, seal (docs/finalize.md)
     acqd verify SESSION_DIR              check a finalized session against its manifest
     acqd lsl list                        LSL outlets visible now, with a config snippet for each (docs/lsl.md)
+    acqd attach SESSION_DIR FILE         attach a photo (rig, subject) to a session before finalize
     acqd export SESSION_DIR --out DIR    one self-contained NWB file (+ videos) laid out for DANDI (docs/export.md)
 """
 
@@ -204,6 +205,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_attach(args: argparse.Namespace) -> int:
+    """Copy an image into the session folder's attachments/ (before finalize); it lands in the master NWB."""
+    from acqd.images import attach
+
+    meta = attach(Path(args.session_dir), Path(args.file), args.description, args.resolution)
+    print(json.dumps(meta, indent=2) if args.json else
+          f"attached {meta['name']} ({'x'.join(map(str, meta['shape']))}) to {Path(args.session_dir).name}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from acqd.share.export import export_session
 
@@ -285,6 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a finalized session against its manifest (session.json included)")
     v.add_argument("session_dir")
     v.set_defaults(fn=cmd_verify)
+
+    a = sub.add_parser("attach", help="attach a photo (rig, subject, craniotomy) to a session before finalize")
+    a.add_argument("session_dir")
+    a.add_argument("file", help="the image (PNG, JPEG, TIFF ...)")
+    a.add_argument("--description", required=True, help="what the image shows")
+    a.add_argument("--resolution", type=float, metavar="PIXELS_PER_CM", help="pixels per cm, when known")
+    a.add_argument("--json", action="store_true", help="print the attachment's record as JSON")
+    a.set_defaults(fn=cmd_attach)
 
     e = sub.add_parser("export", help="write a finalized session as one self-contained NWB file laid out for DANDI")
     e.add_argument("session_dir")
