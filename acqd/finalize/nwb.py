@@ -4,7 +4,9 @@ This module owns everything pynwb and hdmf are asked to do, and the two things t
 
 - ``write_master`` builds the NWB file from a plan (plain dataclasses made by ``acqd.finalize``): session and
   subject metadata, one series per stream under ``/acquisition`` whose ``data`` is a relative HDF5 external
-  link (``H5DataIO(dataset, link_data=True)``), sync edges as ``EventsTable``s under ``/events``, recorded gaps
+  link (``H5DataIO(dataset, link_data=True)``) — stimulus streams under ``/stimulus`` instead (an IndexSeries
+  into an Images container of ``/stimulus/templates``, or an OpticalSeries), attached photos as the Images
+  ``/acquisition/attached_images`` —, sync edges as ``EventsTable``s under ``/events``, recorded gaps
   as ``TimeIntervals`` ``/intervals/gaps``, and the clock fits under ``/processing/sync``. Object ids are made
   deterministic (hdmf draws ``uuid4``; we replace them with ``uuid5`` of each object's path) so that the same
   session always gives the same bytes. After pynwb has closed the file, each series gets its ``sync`` group —
@@ -41,7 +43,8 @@ from pynwb.image import GrayscaleImage, ImageSeries, IndexSeries, OpticalSeries,
 
 from acqd.errors import FinalizeError
 
-__all__ = ["AnnotationsPlan", "EventsPlan", "ImagePlan", "StimulusPlan", "MasterPlan", "MasterCheck", "SeriesPlan", "TablePlan", "Timing", "check_master",
+__all__ = ["AnnotationsPlan", "EventsPlan", "ImagePlan", "StimulusPlan",
+           "MasterPlan", "MasterCheck", "SeriesPlan", "TablePlan", "Timing", "check_master",
            "write_master"]
 
 _OBJECT_ID_NAMESPACE = uuid.UUID("6f1c1a52-3b0e-4d7e-9a55-0a6e8c2f5d11")  # acqd's namespace for uuid5 ids

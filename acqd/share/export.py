@@ -83,7 +83,8 @@ class ExportReport:
     videos: list[str]
     """Video files copied, relative to ``out`` (ImageSeries.external_file is relative to the NWB file's folder)."""
     series: dict[str, dict]
-    """Per series under /acquisition: ``rows``, ``sync`` (raw sync copied), ``external_file`` (new names)."""
+    """Per series under /acquisition and /stimulus/presentation: ``rows``, ``sync`` (raw sync copied),
+    ``external_file`` (new names)."""
     check: dict
     """``nwb.MasterCheck.to_dict()`` of the export: read-back errors, schema errors, nwbinspector messages."""
     bytes: int = 0
@@ -198,7 +199,8 @@ def export_session(folder: Path, out: Path, progress: Progress | None = None, *,
     nwb_dir = (out / rel).parent
     report = ExportReport(
         session_id=sid, out=str(out), nwb=rel, videos=[_join(Path(rel).parent, v) for v in videos],
-        series={name: {"rows": rows, "sync": any(p.rsplit("/", 1)[1] == name for p in synced), "external_file": [n for _, n in renamed.get(name, [])]}
+        series={name: {"rows": rows, "sync": any(p.rsplit("/", 1)[1] == name for p in synced),
+                       "external_file": [n for _, n in renamed.get(name, [])]}
                 for name, rows in expected.items()},
         check=check.to_dict(), bytes=(out / rel).stat().st_size + sum((nwb_dir / v).stat().st_size for v in videos),
         seconds=round(time.monotonic() - started, 3))

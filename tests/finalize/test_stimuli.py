@@ -14,6 +14,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from hdmf.backends.warnings import BrokenLinkWarning
@@ -67,7 +68,8 @@ def session(tmp_path_factory):
     images = stimulus_images(root / "images")
     cfg = stimulus_config(root / "data", root / "images")
     rig = Rig(cfg, SimParams(seed=5, seconds=40))
-    recorded = record_session(cfg, rig, SID, Recording(seconds=8.0, chunk_factor=2))  # >= 10 host-time points per stream
+    # chunk_factor 2: the 5 Hz stream sends 20 messages, the host-time fallback's minimum is 10
+    recorded = record_session(cfg, rig, SID, Recording(seconds=8.0, chunk_factor=2))
     register_stimulus_images(recorded, cfg)  # what the supervisor does when it creates the session folder
     photo = np.random.default_rng(8).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     Image.fromarray(photo).save(root / "rig photo.png")
@@ -159,6 +161,10 @@ def test_attached_photo_is_in_the_master_and_the_export(session):
     with io:
         assert np.array_equal(nwbfile.stimulus["screen"].data[:], stream_rows(folder, "screen")[0])
         assert len(nwbfile.stimulus_template["stim_images"].images) == 4
+    with h5py.File(exported, "r") as f:  # the raw sync record of a stimulus series is re-created, not linked
+        for name in ("stim", "screen"):
+            assert isinstance(f[f"stimulus/presentation/{name}"].get("sync", getlink=True), h5py.HardLink)
+            assert "clock" in f[f"stimulus/presentation/{name}/sync"]
 
 
 def test_master_and_export_validate_with_nothing_critical_from_the_images(session):
