@@ -78,7 +78,7 @@ def register_stimulus_images(session_folder: Path, cfg: RigConfig) -> dict[str, 
 
 
 def session_stimulus_images(session_folder: Path, stream: str) -> list[tuple[str, np.ndarray]]:
-    """(file name, pixels) of a stream's registered image set, in index order; FinalizeError-free: ConfigError."""
+    """(file name, pixels) of a stream's registered image set, in index order (ConfigError if it is missing)."""
     return [(p.name, read_image(p)) for p in image_files(Path(session_folder) / STIMULI_DIR / stream)]
 
 

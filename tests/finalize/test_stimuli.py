@@ -24,7 +24,7 @@ from pynwb import NWBHDF5IO, validate
 from acqd.config import RigConfig, StreamConfig
 from acqd.errors import ConfigError, SessionError
 from acqd.finalize import finalize_session, unseal_session
-from acqd.images import attach, register_stimulus_images
+from acqd.images import attach, check_stimulus_images, read_image, register_stimulus_images
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.share.export import export_session
 from acqd.sim.simulate import Rig, SimParams
@@ -203,3 +203,17 @@ def test_stimulus_config_rules():
         StreamConfig.model_validate({**base, "dtype": "uint8", "shape": [4, 4], "stimulus": {"distance": 0.2}})
     with pytest.raises(ValueError, match="goes with kind 'stimulus'"):
         StreamConfig.model_validate({**base, "shape": [1]})
+
+
+def test_missing_image_set_refuses_record_and_palette_images_widen(tmp_path):
+    cfg = stimulus_config(tmp_path / "data", tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="stimulus image folder .*nowhere does not exist"):
+        check_stimulus_images(cfg)  # the supervisor calls it before it creates the session folder
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no image file"):
+        check_stimulus_images(stimulus_config(tmp_path / "data", tmp_path / "empty"))
+    gray = np.arange(30, dtype=np.uint8).reshape(5, 6)
+    Image.fromarray(gray).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(np.stack([gray, gray], axis=-1), mode="LA").save(tmp_path / "la.png")
+    assert read_image(tmp_path / "palette.png").shape == (5, 6, 3)  # no NWB type for a palette: RGB
+    assert np.array_equal(read_image(tmp_path / "la.png")[..., 3], gray)  # gray + alpha: RGBA
