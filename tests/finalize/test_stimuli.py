@@ -111,7 +111,7 @@ def true_times(folder: Path, rig: Rig, stream: str, samples: np.ndarray) -> np.n
 def test_index_stream_is_an_index_series_into_each_image_once_on_the_timebase(session):
     folder, report, rig, images, *_ = session
     data, samples = stream_rows(folder, "stim")
-    assert len(np.unique(data)) == 4 and len(data) >= 30  # every image, each shown several times
+    assert len(data) >= 30 and np.bincount(data[:, 0], minlength=4).min() >= 3  # each image shown several times
     io, nwbfile = read(folder / f"{SID}.nwb")
     with io:
         ts = nwbfile.stimulus["stim"]
