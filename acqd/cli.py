@@ -11,6 +11,7 @@
     acqd verify SESSION_DIR              check a finalized session against its manifest
     acqd amend SESSION_DIR --set F=V     change a recorded session's metadata (docs/finalize.md "Amend")
     acqd lsl list                        LSL outlets visible now, with a config snippet for each (docs/lsl.md)
+    acqd attach SESSION_DIR FILE         attach a photo (rig, subject) to a session before finalize
     acqd export SESSION_DIR --out DIR    one self-contained NWB file (+ videos) laid out for DANDI (docs/export.md)
 """
 
@@ -225,6 +226,16 @@ def cmd_amend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attach(args: argparse.Namespace) -> int:
+    """Copy an image into the session folder's attachments/ (before finalize); it lands in the master NWB."""
+    from acqd.images import attach
+
+    meta = attach(Path(args.session_dir), Path(args.file), args.description, args.resolution)
+    print(json.dumps(meta, indent=2) if args.json else
+          f"attached {meta['name']} ({'x'.join(map(str, meta['shape']))}) to {Path(args.session_dir).name}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from acqd.share.export import export_session
 
@@ -317,6 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--who", help="who amends (default user@host)")
     a.add_argument("--json", action="store_true", help="print the amendment as JSON")
     a.set_defaults(fn=cmd_amend)
+
+    a = sub.add_parser("attach", help="attach a photo (rig, subject, craniotomy) to a session before finalize")
+    a.add_argument("session_dir")
+    a.add_argument("file", help="the image (PNG, JPEG, TIFF ...)")
+    a.add_argument("--description", required=True, help="what the image shows")
+    a.add_argument("--resolution", type=float, metavar="PIXELS_PER_CM", help="pixels per cm, when known")
+    a.add_argument("--json", action="store_true", help="print the attachment's record as JSON")
+    a.set_defaults(fn=cmd_attach)
 
     e = sub.add_parser("export", help="write a finalized session as one self-contained NWB file laid out for DANDI")
     e.add_argument("session_dir")

@@ -144,12 +144,31 @@ class ProbeConfig(_Frozen):
     """Reference scheme of every contact, e.g. 'tip' or 'external'; the electrodes table's reference column."""
 
 
+class StimulusConfig(_Frozen):
+    """A stimulus program's stream (``kind: stimulus``), written into the NWB ``stimulus`` group (docs/finalize.md).
+
+    Shape ``[1]`` (an integer per presented frame): the index of the image shown, into ``images``; finalize writes an
+    IndexSeries over an Images container. Shape ``[height, width]`` or ``[height, width, 3]``: the frames themselves;
+    finalize writes an OpticalSeries with ``field_of_view``, ``distance`` and ``orientation``.
+    """
+
+    images: Path | None = None
+    """Folder of the unique images (PNG, JPEG, TIFF ...): index i is the i-th file in sorted name order; copied into
+    the session folder at RECORD. Relative paths are resolved against the config file's folder."""
+    field_of_view: tuple[float, ...] | None = Field(None, min_length=2, max_length=3)
+    """Frames: width, height (and depth) of the presented image in meters."""
+    distance: float | None = Field(None, gt=0)
+    """Frames: distance from the monitor to the eye in meters."""
+    orientation: str | None = None
+    """Frames: which way is up in the frame, relative to a stated reference frame."""
+
+
 class StreamConfig(_Frozen):
     """One hardware stream: where it comes from, what its chunks must look like, how it is stored."""
 
     name: str
     """Stream name: the topic and header stream field; 1-32 letters, digits, '_', '.', '-'."""
-    kind: Literal["ephys", "analog", "video", "events", "generic"] = "generic"
+    kind: Literal["ephys", "analog", "video", "events", "generic", "stimulus"] = "generic"
     """What the stream carries; decides how finalize writes it into the NWB file."""
     endpoint: str = Field(description="ZeroMQ endpoint of the driver, e.g. tcp://127.0.0.1:5555 or ipc:///run/x")
     """ZeroMQ endpoint of the driver, e.g. tcp://127.0.0.1:5555 or ipc:///run/x."""
@@ -192,6 +211,8 @@ class StreamConfig(_Frozen):
     lsl: LslSource | None = Field(None, description="the stream is an LSL outlet bridged onto `endpoint`")
     probe: ProbeConfig | None = None
     """Ephys streams: the probe layout (positions, shanks) for the NWB electrodes table; none: positions unknown."""
+    stimulus: StimulusConfig | None = None
+    """``kind: stimulus``: the image set its indices point into, or how its frames were presented."""
 
     @field_validator("name")
     @classmethod
@@ -231,6 +252,10 @@ class StreamConfig(_Frozen):
                 raise ValueError(f"sync channel {self.sync.channel} is outside shape {self.shape}")
             if np.dtype(self.dtype).kind not in "iu":
                 raise ValueError("a sync channel needs an integer dtype")
+        if (self.kind == "stimulus") != (self.stimulus is not None):
+            raise ValueError("a stimulus block goes with kind 'stimulus', and kind 'stimulus' needs one")
+        if self.stimulus is not None:
+            stimulus_problem(self.stimulus, self.shape, self.np_dtype)
         if self.lsl is not None and self.dtype == "|u1" and len(self.shape) != 2:
             raise ValueError("an LSL string stream needs dtype uint8 and shape [channels, max_bytes]")
         return self
@@ -247,6 +272,19 @@ class StreamConfig(_Frozen):
     @property
     def sample_bytes(self) -> int:
         return int(np.prod(self.shape)) * self.np_dtype.itemsize
+
+
+def stimulus_problem(stim: StimulusConfig, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Index streams: shape [1], an integer dtype, an image folder; frame streams: [h, w(, 3)] and the optics."""
+    if shape == (1,):
+        if dtype.kind not in "iu" or stim.images is None:
+            raise ValueError("a stimulus index stream (shape [1]) needs an integer dtype and stimulus.images")
+    elif len(shape) == 2 or (len(shape) == 3 and shape[2] == 3):
+        if stim.field_of_view is None or stim.distance is None or stim.orientation is None:
+            raise ValueError("a stimulus frame stream needs stimulus.field_of_view, distance and orientation")
+    else:
+        raise ValueError(f"a stimulus stream has shape [1] (image indices) or [height, width(, 3)] (frames), "
+                         f"not {list(shape)}")
 
 
 class ControlConfig(_Frozen):
@@ -632,7 +670,17 @@ def load_config(path: str | Path) -> RigConfig:
     if not root.is_absolute():
         daemon = cfg.daemon.model_copy(update={"data_root": (path.parent / root).resolve()})
         cfg = cfg.model_copy(update={"daemon": daemon})
-    return _resolve_probe_files(cfg, path.parent)
+    cfg = _resolve_probe_files(cfg, path.parent)
+    streams = tuple(_resolve_images(s, path.parent) for s in cfg.streams)
+    return cfg.model_copy(update={"streams": streams}) if streams != cfg.streams else cfg
+
+
+def _resolve_images(s: StreamConfig, base: Path) -> StreamConfig:
+    """A relative stimulus.images folder is relative to the config file, like data_root."""
+    if s.stimulus is None or s.stimulus.images is None or s.stimulus.images.is_absolute():
+        return s
+    stim = s.stimulus.model_copy(update={"images": (base / s.stimulus.images).resolve()})
+    return s.model_copy(update={"stimulus": stim})
 
 
 def _resolve_probe_files(cfg: RigConfig, folder: Path) -> RigConfig:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from acqd.finalize.layout import KNOWN_DIRS, known_file, rel
+from acqd.finalize.layout import known_dir, known_file, rel
 from acqd.record.streamfile import open_for_read, rows_crc32
 
 _READ_BLOCK_BYTES = 64 << 20  # rows are read back this many bytes at a time (one HDF5 read per block)
@@ -56,7 +56,7 @@ def folder_problems(folder: Path, session_id: str, streams: list[str]) -> list[s
     files, dirs, problems = scan_folder(folder)
     problems += [f"{rel(p, folder)}: not a file acqd writes (move it out of the session folder)" for p in files
                  if not known_file(rel(p, folder), session_id, streams)]
-    problems += [f"{d}/: not a folder acqd writes" for d in dirs if d not in KNOWN_DIRS]
+    problems += [f"{d}/: not a folder acqd writes" for d in dirs if not known_dir(d, streams)]
     return sorted(problems)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from acqd.images import ATTACHMENTS_DIR, IMAGE_SUFFIXES, STIMULI_DIR
 from acqd.record.video import CONTAINERS, VIDEO_DIR
 from acqd.session import ANNOTATIONS_FILE, SESSION_FILE, STREAMS_DIR
 
@@ -24,7 +25,12 @@ QC_DIR = "qc"
 VDS_DIR = "vds"  # virtual datasets joining the parts of a stream written by several writers
 RECOVERED_DIR = "recovered"  # clean copies of the committed rows of parts a killed writer left open
 PARTIAL = ".partial"
-KNOWN_DIRS = (STREAMS_DIR, VIDEO_DIR, QC_DIR, VDS_DIR, RECOVERED_DIR)
+KNOWN_DIRS = (STREAMS_DIR, VIDEO_DIR, QC_DIR, VDS_DIR, RECOVERED_DIR, STIMULI_DIR, ATTACHMENTS_DIR)
+
+
+def known_dir(name: str, streams: list[str]) -> bool:
+    """A folder acqd makes in a session folder: ``KNOWN_DIRS`` and ``stimuli/<stream>`` (acqd.images)."""
+    return name in KNOWN_DIRS or (name.startswith(f"{STIMULI_DIR}/") and name.split("/", 1)[1] in streams)
 
 
 def rel(path: Path, folder: Path) -> str:
@@ -59,4 +65,10 @@ def _known_patterns(session_id: str, streams: list[str]) -> list[str]:
             re.escape(MANIFEST), atomic.format(re.escape(MANIFEST)), rf"{re.escape(session_id)}\.nwb(?:{PARTIAL})?",
             rf"{STREAMS_DIR}/{part}", rf"{VIDEO_DIR}/{s}_\d{{3,}}_\d{{4,}}\.(?:{videos})",  # video.video_filename
             rf"{QC_DIR}/(?:qc\.json|index\.html|{s}\.png)(?:{PARTIAL})?", rf"{VDS_DIR}/{s}\.h5(?:{PARTIAL})?",
-            rf"{RECOVERED_DIR}/{part}(?:{PARTIAL})?"]
+            rf"{RECOVERED_DIR}/{part}(?:{PARTIAL})?", *_image_patterns(s)]
+
+
+def _image_patterns(streams: str) -> list[str]:
+    """Stimulus image sets (``stimuli/<stream>/<file>``) and attachments with their JSON sidecars (acqd.images)."""
+    image = r"[^/]+(?:" + "|".join(re.escape(ext) for ext in IMAGE_SUFFIXES) + ")"
+    return [rf"{STIMULI_DIR}/{streams}/(?i:{image})", rf"{ATTACHMENTS_DIR}/{image}(?:\.json)?"]

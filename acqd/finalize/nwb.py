@@ -4,7 +4,9 @@ This module owns everything pynwb and hdmf are asked to do, and the two things t
 
 - ``write_master`` builds the NWB file from a plan (plain dataclasses made by ``acqd.finalize``): session and
   subject metadata, one series per stream under ``/acquisition`` whose ``data`` is a relative HDF5 external
-  link (``H5DataIO(dataset, link_data=True)``), sync edges as ``EventsTable``s under ``/events``, recorded gaps
+  link (``H5DataIO(dataset, link_data=True)``) — stimulus streams under ``/stimulus`` instead (an IndexSeries
+  into an Images container of ``/stimulus/templates``, or an OpticalSeries), attached photos as the Images
+  ``/acquisition/attached_images`` —, sync edges as ``EventsTable``s under ``/events``, recorded gaps
   as ``TimeIntervals`` ``/intervals/gaps``, and the clock fits under ``/processing/sync``. Object ids are made
   deterministic (hdmf draws ``uuid4``; we replace them with ``uuid5`` of each object's path) so that the same
   session always gives the same bytes. After pynwb has closed the file, each series gets its ``sync`` group —
@@ -36,10 +38,13 @@ from pynwb.ecephys import ElectricalSeries
 from pynwb.epoch import TimeIntervals
 from pynwb.event import EventsTable, TimestampVectorData
 from pynwb.file import Subject
-from pynwb.image import ImageSeries
+from pynwb.base import ImageReferences, Images
+from pynwb.image import GrayscaleImage, ImageSeries, IndexSeries, OpticalSeries, RGBAImage, RGBImage
 
-__all__ = ["AnnotationsPlan", "EventsPlan", "MasterPlan", "MasterCheck", "SeriesPlan", "TablePlan", "Timing", "check_master",
-           "metadata_problems", "write_master"]
+from acqd.errors import FinalizeError
+
+__all__ = ["AnnotationsPlan", "EventsPlan", "ImagePlan", "StimulusPlan", "MasterPlan", "MasterCheck", "SeriesPlan",
+           "TablePlan", "Timing", "check_master", "metadata_problems", "write_master"]
 
 _OBJECT_ID_NAMESPACE = uuid.UUID("6f1c1a52-3b0e-4d7e-9a55-0a6e8c2f5d11")  # acqd's namespace for uuid5 ids
 _TIMESTAMP_CHUNK_ROWS = 1 << 17  # 1 MiB of float64 per chunk
@@ -93,6 +98,26 @@ class ElectrodesPlan:
     positions: bool
     """The stream has a probe layout (rel_x, rel_y, contact_id, shank, reference are known)."""
     three_d: bool = False
+class ImagePlan:
+    """One still image written into the master: GrayscaleImage, RGBImage or RGBAImage by its shape."""
+
+    name: str
+    pixels: np.ndarray
+    """(h, w), (h, w, 3) or (h, w, 4)."""
+    description: str
+    resolution: float | None = None
+    """Pixels per cm, when known."""
+
+
+@dataclass(frozen=True, slots=True)
+class StimulusPlan:
+    """A stimulus stream under /stimulus/presentation: an IndexSeries into ``images``, or an OpticalSeries."""
+
+    images: tuple[ImagePlan, ...] = ()
+    """The unique images, index i = images[i]; empty: the stream's rows are the frames (OpticalSeries)."""
+    field_of_view: tuple[float, ...] | None = None
+    distance: float | None = None
+    orientation: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +148,13 @@ class SeriesPlan:
     """Index in the series of each external file's first frame."""
     electrodes: ElectrodesPlan | None = None
     """Ephys: the device and electrodes table rows (acqd.finalize.electrodes)."""
+    stimulus: StimulusPlan | None = None
+    """A stimulus stream: written under /stimulus/presentation instead of /acquisition."""
+
+    @property
+    def group(self) -> str:
+        """Where the series is in the file."""
+        return "acquisition" if self.stimulus is None else "stimulus/presentation"
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +220,8 @@ class MasterPlan:
     """/events/annotations; None when the session has no notes."""
     general: dict = field(default_factory=dict)
     """More NWBFile fields from the metadata (``nwbfile_fields``: related_publications, protocol, surgery ...)."""
+    attachments: tuple[ImagePlan, ...] = ()
+    """Photos attached to the session (acqd attach): an Images container /acquisition/attached_images."""
 
 
 @dataclass
@@ -238,7 +272,7 @@ def write_master(path: Path, plan: MasterPlan) -> None:
             f.close()
     with h5py.File(path, "r+") as f:  # creating a link never opens its target
         for s in plan.series:
-            f[f"acquisition/{s.name}/sync"] = h5py.ExternalLink(_rel(s.sync_file, path), "/sync")
+            f[f"{s.group}/{s.name}/sync"] = h5py.ExternalLink(_rel(s.sync_file, path), "/sync")
 
 
 def _rel(target: Path, master: Path) -> str:
@@ -262,7 +296,13 @@ def _build(plan: MasterPlan, opened: list[h5py.File]) -> NWBFile:
             continue
         f = h5py.File(s.data_file, "r")
         opened.append(f)
+        if s.stimulus is not None:
+            nwbfile.add_stimulus(_stimulus(nwbfile, s, f["data"]))
+            continue
         nwbfile.add_acquisition(_series(nwbfile, s, f["data"]))
+    if plan.attachments:
+        nwbfile.add_acquisition(_images(ATTACHED_IMAGES, "images attached to the session (acqd attach): the rig, "
+                                        "the subject, a craniotomy", plan.attachments))
     for e in plan.events:
         nwbfile.add_events_table(_events(e))
     if plan.annotations is not None:
@@ -354,6 +394,44 @@ def _external_video(nwbfile: NWBFile, s: SeriesPlan) -> ImageSeries:
     return ImageSeries(name=s.name, external_file=list(s.external_files), starting_frame=list(s.starting_frames),
                        format="external", unit=s.unit, device=device, description=s.description, comments=s.comments,
                        conversion=s.conversion, offset=s.offset, **timing)
+
+
+# -- stimuli and still images (pynwb's image tutorial: Images in stimulus_templates, IndexSeries in stimulus) ----
+
+ATTACHED_IMAGES = "attached_images"
+_IMAGE_TYPES = {2: GrayscaleImage, 3: RGBImage, 4: RGBAImage}  # by ndim, and the last axis for colour
+
+
+def _image(i: ImagePlan):
+    kind = _IMAGE_TYPES[2 if i.pixels.ndim == 2 else i.pixels.shape[2]]
+    return kind(name=i.name, data=i.pixels, description=i.description,
+                resolution=None if i.resolution is None else float(i.resolution))
+
+
+def _images(name: str, description: str, plans: tuple[ImagePlan, ...]) -> Images:
+    """An Images container holding each image once, in order (``order_of_images``)."""
+    images = [_image(i) for i in plans]
+    return Images(name=name, images=images, description=description,
+                  order_of_images=ImageReferences(name="order_of_images", data=images))
+
+
+def _stimulus(nwbfile: NWBFile, s: SeriesPlan, dset: h5py.Dataset) -> TimeSeries:
+    """An IndexSeries (indices copied into the master: IndexSeries data is 1-D uint32) or an OpticalSeries (linked)."""
+    stim = s.stimulus
+    kwargs: dict = {"name": s.name, "description": s.description, "comments": s.comments, **_timing(s.timing)}
+    if not stim.images:
+        return OpticalSeries(data=H5DataIO(dset, link_data=True), unit=s.unit, conversion=s.conversion,
+                             offset=s.offset, field_of_view=list(stim.field_of_view), distance=float(stim.distance),
+                             orientation=stim.orientation, **kwargs)
+    indices = np.asarray(dset[:]).reshape(len(dset))
+    bad = np.flatnonzero((indices < 0) | (indices >= len(stim.images)))
+    if len(bad):
+        raise FinalizeError(f"stimulus stream {s.name!r}: {len(bad)} index value(s) outside the {len(stim.images)} "
+                            f"registered images (first at row {bad[0]}: {indices[bad[0]]})")
+    images = _images(f"{s.name}_images", f"the unique images of stimulus stream {s.name}; {s.name}'s data are "
+                     "indices into order_of_images", stim.images)
+    nwbfile.add_stimulus_template(images)
+    return IndexSeries(data=indices.astype(np.uint32), unit="N/A", indexed_images=images, **kwargs)
 
 
 def _timing(t: Timing) -> dict:
@@ -520,13 +598,15 @@ def check_master(path: Path, expected_rows: dict[str, int]) -> MasterCheck:
 
 
 def series_lengths(path: Path) -> dict[str, tuple[int, int]]:
-    """(rows of data, rows of time) of every series under /acquisition; a broken link raises."""
+    """(rows of data, rows of time) of every series under /acquisition and /stimulus; a broken link raises."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", BrokenLinkWarning)
         with NWBHDF5IO(str(path), "r") as io:
             nwbfile = io.read()
             out = {}
-            for name, ts in nwbfile.acquisition.items():
+            for name, ts in {**nwbfile.acquisition, **nwbfile.stimulus}.items():
+                if not isinstance(ts, TimeSeries):  # the attached images
+                    continue
                 n = len(ts.data)
                 if getattr(ts, "external_file", None) is not None:  # frames are in video files
                     n = ts.num_samples if ts.timestamps is None else len(ts.timestamps)

@@ -2,12 +2,14 @@
 
 This module owns what goes into the master (docs/finalize.md "The NWB layout"): one series per stream with
 its timing, description and comments, the events, the gaps table, the ``processing/sync`` tables (clock fits,
-timebase, frame reconciliation), the session metadata and notes. It makes plain ``acqd.finalize.nwb`` plan
+timebase, frame reconciliation), the session metadata and notes, the stimulus streams' image sets and the
+attached photos (``acqd.images``). It makes plain ``acqd.finalize.nwb`` plan
 dataclasses; ``acqd.finalize.nwb`` (the only pynwb importer) builds the file from them.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,8 +18,9 @@ import numpy as np
 from acqd.finalize import lsl, nwb
 from acqd.finalize.clock import ClockFit
 from acqd.finalize.electrodes import electrodes_plan
-from acqd.config import ChannelSync
-from acqd.errors import FinalizeError
+from acqd.config import ChannelSync, StreamConfig
+from acqd.errors import ConfigError, FinalizeError
+from acqd.images import attachments, session_stimulus_images
 from acqd.finalize.layout import rel
 from acqd.finalize.report import StreamReport
 from acqd.session import read_annotations
@@ -57,7 +60,8 @@ def plan_master(folder: Path, session: dict, streams: dict[str, Stream], aligned
             events.append(lsl.events_plan(s, a.fit, zero_s, row_times(s, a.fit, zero_s)))
             reports[name].timing = "events"
             continue
-        series.append(_series_plan(s, a.fit, flags, timing, linked[name], gaps_of_s, video, meta))
+        series.append(_with_stimulus(_series_plan(s, a.fit, flags, timing, linked[name], gaps_of_s, video, meta),
+                                     s.cfg, folder))
     start_time = wall_time(ref, zero_sample)
     plan = nwb.MasterPlan(
         identifier=session["session_id"], session_id=session["session_id"],
@@ -70,8 +74,37 @@ def plan_master(folder: Path, session: dict, streams: dict[str, Stream], aligned
         general=nwb.nwbfile_fields(meta), series=series, events=events,
         gaps=_gap_table(gaps) if gaps else None,
         sync_tables=_sync_tables(streams, aligned, reports, ref, zero_sample, start_time),
-        annotations=_annotations(read_annotations(folder), ref, zero_sample, start_time))
+        annotations=_annotations(read_annotations(folder), ref, zero_sample, start_time),
+        attachments=_attachments(folder))
     return plan, reports
+
+
+def _with_stimulus(p: nwb.SeriesPlan, cfg: StreamConfig, folder: Path) -> nwb.SeriesPlan:
+    """A stimulus stream's plan gets its registered image set (index streams) or its optics (frame streams)."""
+    stim = cfg.stimulus
+    if stim is None:
+        return p
+    images: tuple[nwb.ImagePlan, ...] = ()
+    if stim.images is not None:
+        try:
+            pixels = session_stimulus_images(folder, cfg.name)
+        except ConfigError as e:
+            raise FinalizeError(f"stimulus stream {cfg.name!r}: its image set was not registered at RECORD: {e}") from None
+        images = tuple(nwb.ImagePlan(name=f"{i:04d}_{n}", pixels=px, description=f"image {i} of {cfg.name} ({n})")
+                       for i, (n, px) in enumerate(pixels))
+    return replace(p, stimulus=nwb.StimulusPlan(images=images, field_of_view=stim.field_of_view,
+                                                distance=stim.distance, orientation=stim.orientation))
+
+
+def _attachments(folder: Path) -> tuple[nwb.ImagePlan, ...]:
+    """The photos attached with ``acqd attach``, described as their sidecars say (who and when included)."""
+    try:
+        found = attachments(folder)
+    except ConfigError as e:
+        raise FinalizeError(f"an attachment cannot be read: {e}") from None
+    return tuple(nwb.ImagePlan(name=m["name"], pixels=px, resolution=m.get("resolution"),
+                               description=f"{m['description']} (attached by {m['attached_by']} at {m['attached_at']})")
+                 for m, px in found)
 
 
 def _annotations(notes: list[dict], ref: Stream, zero_sample: int, start_time: datetime) -> nwb.AnnotationsPlan | None:

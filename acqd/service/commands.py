@@ -27,7 +27,8 @@ from acqd.metadata import MetadataError, bids_name, check_layout, merge, to_acqd
 from acqd.service import live
 from acqd.service.annotations import annotate
 from acqd.service.supervisor import ACQUIRE, RECORD, Supervisor
-from acqd.session import list_sessions, session_name
+from acqd.images import attach
+from acqd.session import SESSION_FILE, list_sessions, session_name
 
 
 class Request(BaseModel):
@@ -105,6 +106,19 @@ class ExportRequest(Request):
     session: str
     out: str
     """Folder the ``sub-<subject>/...`` layout is written under: inside control.export_roots."""
+
+
+class AttachRequest(Request):
+    """Attach a photo (rig, subject, craniotomy) to a session before finalize: it lands in the master NWB."""
+
+    session: str
+    """Session id under the data root (recording, closed or interrupted; not finalized)."""
+    file: str
+    """Absolute path of the image on the daemon's machine, inside daemon.data_root or control.data_roots."""
+    description: str = Field(min_length=1, max_length=10_000)
+    """What the image shows."""
+    resolution: float | None = Field(None, gt=0)
+    """Pixels per cm, when known."""
 
 
 class JobStatusRequest(Request):
@@ -208,6 +222,20 @@ class AmendResponse(Response):
     what: list[str]
     previous_master_sha256: str | None = None
     master_sha256: str | None = None
+
+
+class AttachResponse(Response):
+    """The attachment's sidecar (attachments/<name>.json)."""
+
+    session: str
+    name: str
+    """File name under the session's attachments/."""
+    description: str
+    resolution: float | None
+    shape: list[int]
+    """Pixels: [height, width] grayscale, [height, width, 3] RGB, [height, width, 4] RGBA."""
+    attached_by: str
+    attached_at: str
 
 
 class AnnotationResponse(Response):
@@ -340,6 +368,17 @@ def recording_info(sup: Supervisor) -> dict:
             "record_nodes": [], "current_session": status["session"], "last_session": status["last_session"]}
 
 
+def _attach(sup: Supervisor, req: AttachRequest) -> dict:
+    try:
+        folder = sup.data_root / check_name(req.session, "session name")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not (folder / SESSION_FILE).is_file():
+        raise SessionError(f"no session {req.session!r} under {sup.data_root}")
+    file = confined(req.file, data_roots(sup), "image file")  # the API never reads files outside the data roots
+    return {"session": req.session, **attach(folder, file, req.description, req.resolution, who="control API")}
+
+
 def _export(sup: Supervisor, req: ExportRequest) -> dict:
     out = confined(req.out, export_roots(sup), "export folder")
     return sup.start_job("export", req.session, "--out", str(out))
@@ -378,6 +417,8 @@ COMMANDS: dict[str, Command] = {
     "amend": Command(AmendRequest, AmendResponse, _amend, "change the metadata of a recorded session (after "
                      "finalize: rewrites the master NWB only)", on_supervisor=False),
     "export": Command(ExportRequest, JobResponse, _export, "export a finalized session for sharing, in the background"),
+    "attach": Command(AttachRequest, AttachResponse, _attach, "attach an image to a session before finalize",
+                      on_supervisor=False),
     "export_status": Command(JobStatusRequest, JobResponse, lambda sup, req: sup.job_status("export", req.session),
                              "progress and result of export runs"),
 }

@@ -42,6 +42,7 @@ from acqd.config import RigConfig, SessionMetadata, check_name
 from acqd.metadata import to_acqd
 from acqd.errors import SessionError
 from acqd.service.runtime import lock_endpoints, make_daemon_dir, release, runtime_base
+from acqd.images import check_stimulus_images, register_stimulus_images
 from acqd.session import (CLOSED, INTERRUPTED, RECORDING, SESSION_FILE, STREAMS_DIR, create_session_dir,
                           ensure_data_root, list_sessions, now_iso, read_session, session_name, write_json_atomic)
 from acqd.record.streamfile import committed_rows, open_for_read
@@ -479,7 +480,9 @@ class Supervisor:
         problems = self.preflight()
         if problems:
             raise SessionError("refusing to record: " + "; ".join(problems))
+        check_stimulus_images(self.cfg)  # before the folder exists: a missing image set refuses RECORD cleanly
         folder = create_session_dir(self.data_root, session_id)
+        register_stimulus_images(folder, self.cfg)  # once per session, so finalize never needs the rig's folders
         self.session_dir = folder
         self.session = {
             "session_id": session_id, "state": RECORDING, "created": now_iso(), "stopped": None,

@@ -66,6 +66,7 @@ GZIP_LEVEL = 4  # hdmf's and most NWB converters' default: ~2x slower than level
 CHUNK_BYTES = 8 << 20  # full-width row chunks of ~8 MiB: few HDF5 chunk lookups, cheap ranged reads from S3
 BUFFER_CHUNKS = 8  # chunks read and compressed per step (bounds memory at ~64 MiB)
 STAGING_PREFIX = ".acqd-export-"
+SERIES_GROUPS = ("acquisition", "stimulus/presentation")  # where the master's series (and their sync links) are
 VIDEO_MODULES = ("acquisition", "processing")  # dandi-cli consts.VIDEO_FILE_MODULES: where ImageSeries are renamed
 TRIVIAL_MODALITIES = {"base", "device", "file", "misc"}  # dandi organize leaves these out of file names
 
@@ -82,7 +83,8 @@ class ExportReport:
     videos: list[str]
     """Video files copied, relative to ``out`` (ImageSeries.external_file is relative to the NWB file's folder)."""
     series: dict[str, dict]
-    """Per series under /acquisition: ``rows``, ``sync`` (raw sync copied), ``external_file`` (new names)."""
+    """Per series under /acquisition and /stimulus/presentation: ``rows``, ``sync`` (raw sync copied),
+    ``external_file`` (new names)."""
     check: dict
     """``nwb.MasterCheck.to_dict()`` of the export: read-back errors, schema errors, nwbinspector messages."""
     bytes: int = 0
@@ -202,7 +204,8 @@ def export_session(folder: Path, out: Path, progress: Progress | None = None, *,
     nwb_dir = (out / rel).parent
     report = ExportReport(
         session_id=sid, out=str(out), nwb=rel, videos=[_join(Path(rel).parent, v) for v in videos],
-        series={name: {"rows": rows, "sync": name in synced, "external_file": [n for _, n in renamed.get(name, [])]}
+        series={name: {"rows": rows, "sync": any(p.rsplit("/", 1)[1] == name for p in synced),
+                       "external_file": [n for _, n in renamed.get(name, [])]}
                 for name, rows in expected.items()},
         check=check.to_dict(), bytes=(out / rel).stat().st_size + sum((nwb_dir / v).stat().st_size for v in videos),
         seconds=round(time.monotonic() - started, 3))
@@ -331,15 +334,16 @@ def _copy_sync(master: Path, dest: Path) -> list[str]:
     """Copy each series' raw ``sync`` group, resolved through the master's links, into the export (h5py)."""
     copied = []
     with h5py.File(master, "r") as src, h5py.File(dest, "r+") as dst:
-        for name, series in src["acquisition"].items():
-            if not isinstance(series, h5py.Group) or series.get("sync", getlink=True) is None:
-                continue
-            try:
-                sync = series["sync"]
-            except KeyError:
-                raise ExportError(f"{master.name}: acquisition/{name}/sync is a broken link") from None
-            _copy_group(sync, dst["acquisition"][name].create_group("sync"))
-            copied.append(name)
+        for group in (g for g in SERIES_GROUPS if g in src):
+            for name, series in src[group].items():
+                if not isinstance(series, h5py.Group) or series.get("sync", getlink=True) is None:
+                    continue
+                try:
+                    sync = series["sync"]
+                except KeyError:
+                    raise ExportError(f"{master.name}: {group}/{name}/sync is a broken link") from None
+                _copy_group(sync, dst[group][name].create_group("sync"))
+                copied.append(f"{group}/{name}")
     return copied
 
 
@@ -417,11 +421,11 @@ def _sync_problems(master: Path, export: Path, synced: list[str]) -> list[str]:
     """Each copied sync table has the rows the master's (resolved) one has."""
     problems = []
     with h5py.File(master, "r") as m, h5py.File(export, "r") as e:
-        for name in synced:
-            src, dst = m[f"acquisition/{name}/sync"], e[f"acquisition/{name}/sync"]
+        for path in synced:
+            src, dst = m[f"{path}/sync"], e[f"{path}/sync"]
             for key, item in src.items():
                 if isinstance(item, h5py.Dataset) and (key not in dst or dst[key].shape != item.shape):
-                    problems.append(f"acquisition/{name}/sync/{key}: not copied whole")
+                    problems.append(f"{path}/sync/{key}: not copied whole")
     return problems
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import zmq
 
 from acqd.config import ChannelSync, FrameSync, RigConfig, StreamConfig, StrobeSync
+from acqd.images import image_files
 from acqd.sim.devclock import DeviceClock, barcode_pulses, random_pulse_times, regular_pulse_times
 from acqd.wire.protocol import Header, encode, encode_header
 from acqd.wire.publisher import Publisher, edge_records
@@ -74,11 +75,15 @@ def signal_pool(cfg: StreamConfig, rng: np.random.Generator, seconds: float = 1.
     """A pool of realistic samples: band-limited noise with spikes (or textured frames for video)."""
     n = max(8, int(cfg.rate * seconds))
     dt = cfg.np_dtype
+    if cfg.stimulus is not None and cfg.shape == (1,):  # a stimulus program: which image each frame showed
+        return stimulus_indices(cfg, rng, n)
     if len(cfg.shape) > 1:  # images: a smooth pattern with noise, shifting frame to frame
         h, w = cfg.shape[:2]
         yy, xx = np.mgrid[0:h, 0:w]
         base = 96 + 64 * np.sin(xx / 37.0) * np.cos(yy / 23.0)
         frames = np.stack([base + 8 * np.sin(i / 5.0) + rng.normal(0, 4, (h, w)) for i in range(n)])
+        if len(cfg.shape) == 3:  # colour: the same pattern, a little different per channel
+            frames = frames[..., None] + np.arange(cfg.shape[2]) * 16
         return np.clip(frames, 0, 255).astype(dt).reshape((n, *cfg.shape))
     ch = cfg.shape[0]
     white = rng.normal(0, 1, (n + 8, ch))
@@ -94,6 +99,14 @@ def signal_pool(cfg: StreamConfig, rng: np.random.Generator, seconds: float = 1.
         return (x / 100).astype(dt)
     info = np.iinfo(dt)
     return np.clip(x + (0 if info.min < 0 else info.max // 2), info.min, info.max).astype(dt)
+
+
+def stimulus_indices(cfg: StreamConfig, rng: np.random.Generator, n: int) -> np.ndarray:
+    """Image indices of a stimulus stream: every image of its set in a shuffled block, block after block (so each
+    image is shown several times); the set is counted the way finalize orders it (acqd.images.image_files)."""
+    count = len(image_files(cfg.stimulus.images))
+    blocks = [rng.permutation(count) for _ in range(-(-n // count))]
+    return np.concatenate(blocks)[:n].astype(cfg.np_dtype).reshape(n, 1)
 
 
 @dataclass

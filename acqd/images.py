@@ -1,0 +1,142 @@
+"""Image files of a session: the stimulus image sets registered at RECORD and the photos attached before finalize.
+
+This module owns reading an image file into the array NWB stores (Pillow: 2-D grayscale, (h, w, 3) RGB or
+(h, w, 4) RGBA), the order of a stimulus image set (index i = the i-th image file of the folder in sorted name
+order), the copy of each set into the session folder (``stimuli/<stream>/``) so a session finalizes without the
+rig's folders, and the attachments (``attachments/<name>`` + ``attachments/<name>.json``: description,
+resolution, who, when). Finalize reads both back (``acqd.finalize.plan``); the CLI and the control API attach.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from acqd.config import RigConfig
+from acqd.errors import ConfigError, SessionError
+from acqd.session import CLOSED, INTERRUPTED, RECORDING, now_iso, read_session
+
+STIMULI_DIR = "stimuli"
+ATTACHMENTS_DIR = "attachments"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
+"""File names a stimulus image set and an attachment may have (anything else in an image folder is ignored)."""
+_ATTACHABLE_STATES = (RECORDING, CLOSED, INTERRUPTED)  # before finalize; the master is built from them once
+
+
+def read_image(path: Path) -> np.ndarray:
+    """The pixels of an image file: (h, w) grayscale, (h, w, 3) RGB or (h, w, 4) RGBA; ConfigError if unreadable."""
+    from PIL import Image, UnidentifiedImageError  # imported late: only finalize and attach read images
+
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("1", "P", "PA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
+                # Palette and two-channel modes have no NWB type of their own: widen to RGB(A), losing nothing.
+                im = im.convert("RGBA" if im.mode in ("PA", "LA") or "transparency" in im.info else "RGB")
+            return np.array(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ConfigError(f"{path}: not an image file Pillow can read ({e})") from None
+
+
+def image_files(folder: Path) -> list[Path]:
+    """A stimulus image set: the image files of ``folder`` in sorted name order (index i = the i-th)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"stimulus image folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"stimulus image folder {folder} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def check_stimulus_images(cfg: RigConfig) -> None:
+    """Every stimulus stream's image set exists and every file reads as an image (before RECORD starts)."""
+    for s in cfg.streams:
+        if s.stimulus is not None and s.stimulus.images is not None:
+            for p in image_files(s.stimulus.images):
+                read_image(p)
+
+
+def register_stimulus_images(session_folder: Path, cfg: RigConfig) -> dict[str, list[str]]:
+    """Copy each stimulus stream's image set into ``stimuli/<stream>/``; returns {stream: [file names in order]}."""
+    out = {}
+    for s in cfg.streams:
+        if s.stimulus is None or s.stimulus.images is None:
+            continue
+        dest = Path(session_folder) / STIMULI_DIR / s.name
+        dest.mkdir(parents=True, exist_ok=False)
+        files = image_files(s.stimulus.images)
+        for p in files:
+            shutil.copyfile(p, dest / p.name)
+        out[s.name] = [p.name for p in files]
+    return out
+
+
+def session_stimulus_images(session_folder: Path, stream: str) -> list[tuple[str, np.ndarray]]:
+    """(file name, pixels) of a stream's registered image set, in index order (ConfigError if it is missing)."""
+    return [(p.name, read_image(p)) for p in image_files(Path(session_folder) / STIMULI_DIR / stream)]
+
+
+def attach(session_folder: Path, file: Path, description: str, resolution: float | None = None,
+           who: str | None = None) -> dict:
+    """Copy an image into ``attachments/`` with its sidecar; refused once the session is (being) finalized.
+
+    Returns the sidecar: name, description, resolution (pixels per cm), shape, attached_by, attached_at.
+    """
+    folder, file = Path(session_folder), Path(file)
+    if not description.strip():
+        raise ConfigError("an attachment needs a description (what the image shows)")
+    if resolution is not None and not resolution > 0:
+        raise ConfigError(f"resolution {resolution} must be positive (pixels per cm)")
+    if file.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ConfigError(f"{file.name}: not an image file name ({', '.join(IMAGE_SUFFIXES)})")
+    pixels = read_image(file)  # refuses a non-image before anything is copied
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:  # finalize holds this lock while it runs: no attachment slips in behind its folder scan
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SessionError(f"{folder.name} is being finalized: attach before finalize") from None
+        state = read_session(folder).get("state")
+        if state not in _ATTACHABLE_STATES:
+            raise SessionError(f"{folder.name} is {state}: images can only be attached before finalize (the sealed "
+                               "master is never rewritten); attach them to the next session")
+        dest = folder / ATTACHMENTS_DIR / _safe_name(file.name)
+        if dest.exists():
+            raise SessionError(f"{folder.name} already has an attachment named {dest.name}")
+        dest.parent.mkdir(exist_ok=True)
+        sidecar = {"name": dest.name, "description": description, "resolution": resolution,
+                   "shape": list(pixels.shape), "attached_by": who or getpass.getuser(), "attached_at": now_iso(),
+                   "source": str(file)}
+        shutil.copyfile(file, dest)
+        dest.with_name(dest.name + ".json").write_text(json.dumps(sidecar, indent=1))
+        return sidecar
+    finally:
+        os.close(fd)
+
+
+def attachments(session_folder: Path) -> list[tuple[dict, np.ndarray]]:
+    """Every attachment (sidecar, pixels), in name order."""
+    folder = Path(session_folder) / ATTACHMENTS_DIR
+    out = []
+    for sidecar in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        meta = json.loads(sidecar.read_text())
+        out.append((meta, read_image(folder / meta["name"])))
+    return out
+
+
+def _safe_name(name: str) -> str:
+    """One path component of letters, digits, '_', '.', '-' (what layout.known_file accepts)."""
+    stem, suffix = os.path.splitext(name)
+    clean = "".join(c if c.isalnum() or c in "_.-" else "_" for c in stem).lstrip(".") or "image"
+    return clean[:64] + suffix.lower()
+
+
+__all__ = ["ATTACHMENTS_DIR", "IMAGE_SUFFIXES", "STIMULI_DIR", "attach", "attachments",
+           "check_stimulus_images", "image_files", "read_image", "register_stimulus_images",
+           "session_stimulus_images"]
