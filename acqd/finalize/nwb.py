@@ -98,6 +98,9 @@ class ElectrodesPlan:
     positions: bool
     """The stream has a probe layout (rel_x, rel_y, contact_id, shank, reference are known)."""
     three_d: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ImagePlan:
     """One still image written into the master: GrayscaleImage, RGBImage or RGBAImage by its shape."""
 
