@@ -73,7 +73,7 @@ def plan_master(folder: Path, session: dict, streams: dict[str, Stream], aligned
         notes="\n\n".join(filter(None, (meta.get("notes"), _notes(ref, zero_sample, session)))),
         general=nwb.nwbfile_fields(meta), series=series, events=events,
         gaps=_gap_table(gaps) if gaps else None,
-        sync_tables=_sync_tables(streams, aligned, reports, ref, zero_sample, start_time),
+        sync_tables=_sync_tables(streams, aligned, reports, ref, zero_sample),
         annotations=_annotations(read_annotations(folder), ref, zero_sample, start_time),
         attachments=_attachments(folder))
     return plan, reports
@@ -171,7 +171,7 @@ def _gap_table(gaps: list[dict]) -> nwb.TablePlan:
 
 
 def _sync_tables(streams: dict[str, Stream], aligned: dict[str, Alignment], reports: dict[str, StreamReport],
-                 ref: Stream, zero_sample: int, start_time: datetime) -> list[nwb.TablePlan]:
+                 ref: Stream, zero_sample: int) -> list[nwb.TablePlan]:
     names = list(streams)
     fits = {n: aligned[n].fit.to_dict() for n in names}
     cols = {"stream": ("stream name", names),
@@ -205,16 +205,14 @@ def _sync_tables(streams: dict[str, Stream], aligned: dict[str, Alignment], repo
             empty = np.nan if isinstance(v, float) else -1
             cols[f"camera_{k}"] = (f"camera frames vs strobe edges: {k.replace('_', ' ')} ({empty}: not a camera)",
                                    np.array([aligned[n].frames[k] if n in cams else empty for n in names]))
-    tables = [nwb.TablePlan("clock_fits", "each stream's map from its sample counter to the reference clock, and "
-                            "its quality (acqd.finalize.clock; docs/clock-alignment.md)", cols),
-              nwb.TablePlan("timebase", "session time = reference sample / reference_rate - zero_sample / "
-                            "reference_rate", {
-                                "reference": ("the stream whose clock is the timebase", [ref.name]),
-                                "reference_rate": ("its nominal rate (Hz)", np.array([ref.rate])),
-                                "zero_sample": ("reference sample at session time 0", np.array([zero_sample])),
-                                "wall_clock_at_zero": ("host wall clock at session time 0 (ms accuracy)",
-                                                       [start_time.isoformat()])})]
-    return tables
+    # The timebase rides on the reference's row rather than in a one-row table of its own; its wall clock at zero
+    # is the file's session_start_time.
+    cols["rate"] = ("nominal rate of the stream's sample counter (Hz)", np.array([streams[n].rate for n in names]))
+    cols["zero_sample"] = ("the reference stream (source 'reference'): its sample at session time 0, so session time "
+                           "= (sample - zero_sample) / rate; -1 on the other streams, timed by their fit",
+                           np.array([zero_sample if n == ref.name else -1 for n in names], dtype=np.int64))
+    return [nwb.TablePlan("clock_fits", "each stream's map from its sample counter to the reference clock, and its "
+                          "quality (acqd.finalize.clock; docs/clock-alignment.md)", cols)]
 
 
 def _notes(ref: Stream, zero_sample: int, session: dict) -> str:

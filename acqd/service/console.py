@@ -32,11 +32,11 @@ from acqd.config import SessionMetadata, check_name
 from acqd.errors import SessionError
 from acqd.finalize.nwb import metadata_problems
 from acqd.finalize.layout import QC_DIR
-from acqd.metadata import MetadataError, to_acqd
+from acqd.metadata import MetadataError, merge, to_acqd
 from acqd.session import SESSION_FILE, list_sessions, read_annotations, read_session, session_name
 from acqd.service.commands import export_roots
 from acqd.service.previews import FLUSH_S
-from acqd.service.supervisor import Supervisor, _merge
+from acqd.service.supervisor import Supervisor
 
 WEB_DIR = Path(__file__).with_name("web")
 QC_FILES = (".png", ".html", ".json", ".svg", ".css", ".js")
@@ -69,7 +69,7 @@ def metadata_errors(defaults: dict, metadata: dict, session: str = "session") ->
     """What ``record`` would refuse in ``metadata`` (merged over the config's defaults, as ``record`` merges it),
     per field path: the models' errors, then finalize's nwbinspector checks (message and check name)."""
     try:
-        meta = _merge(to_acqd(defaults, "config metadata"), to_acqd(metadata))
+        meta = merge(to_acqd(defaults, "config metadata"), to_acqd(metadata))
     except MetadataError as e:
         return {"metadata": str(e)}
     out: dict[str, str] = {}

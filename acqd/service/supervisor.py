@@ -39,7 +39,7 @@ from typing import Any
 import zmq
 
 from acqd.config import RigConfig, SessionMetadata, check_name
-from acqd.metadata import to_acqd
+from acqd.metadata import merge, to_acqd
 from acqd.errors import SessionError
 from acqd.service.runtime import lock_endpoints, make_daemon_dir, release, runtime_base
 from acqd.images import check_stimulus_images, register_stimulus_images
@@ -463,7 +463,7 @@ class Supervisor:
         """ACQUIRE -> RECORD: preflight, create the session folder, tell every writer to open its file."""
         if self.mode == RECORD:
             raise SessionError(f"already recording session {self.session['session_id']!r}")
-        meta = _merge(to_acqd(self.cfg.metadata), metadata or {})  # the config may use neuroconv's layout
+        meta = merge(to_acqd(self.cfg.metadata), metadata or {})  # the config may use neuroconv's layout
         try:
             meta = SessionMetadata.model_validate(meta).model_dump(mode="json")
         except ValueError as e:
@@ -779,13 +779,6 @@ def _record_late_close(stream: str, msg: dict) -> None:
     s["incidents"].append({"time": now_iso(), "stream": stream, "kind": "late_close",
                            "detail": f"{rel} was closed by its writer after the session closed ({msg['rows']} rows)"})
     _write_session(folder, s)
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def _rel(path: str, folder: Path | None) -> str:

@@ -156,6 +156,10 @@ def test_master_reads_from_anywhere_and_matches_the_streams_and_the_truth(finali
             assert fits.loc["probe", "source"] == "sync" and fits.loc["probe", "n_gaps"] == 1
             assert fits.loc["probe", "pairing"].startswith("intervals") and fits.loc["probe", "host_segments"] == ""
             assert fits.loc["nidaq", "pairing"] == "" and (fits["rejected_pairs"] >= 0).all()
+            # the timebase is the reference's row: its zero sample is qc.json's, the other rows carry -1
+            assert fits.loc["nidaq", "zero_sample"] == qc["timebase"]["zero_sample"] >= 0
+            assert (fits.drop(index="nidaq")["zero_sample"] == -1).all() and fits.loc["probe", "rate"] == 30000.0
+            assert "timebase" not in nwbfile.processing["sync"].data_interfaces
             assert {"nidaq_sync", "nidaq_strobe_camera", "probe_sync", "sensor_sync"} <= set(nwbfile.events)
         with h5py.File(moved / f"{SID}.nwb", "r") as f:
             for name in ("probe", "nidaq", "camera", "sensor"):
