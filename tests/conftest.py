@@ -33,6 +33,7 @@ def write_rig(tmp_path: Path, *, flush_interval_s: float = 0.25, stream_override
         override = (stream_overrides or {}).get(s["name"], {})
         if s.get("probe"):  # the example's layout file stays beside the example config; it fits only its shape
             s["probe"] = None if "shape" in override else {**s["probe"], "file": str(EXAMPLE.parent / s["probe"]["file"])}
+        s.pop("video", None)  # tests read camera frames back from the stream file; video files are opt-in per test
         s.update(override)
     path = tmp_path / "rig.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -52,9 +52,8 @@ def small_config(data_root: Path, *, probe_channels: int = 32, camera_shape: tup
             update = {"shape": (probe_channels + 1,), "sync": s.sync.model_copy(update={"channel": probe_channels}),
                       "probe": None}  # the example's 384-contact layout does not fit the smaller probe
         elif s.name == "camera":
-            update = {"shape": camera_shape}
-            if camera_video is not None:
-                update["video"] = VideoConfig.model_validate(camera_video)
+            update = {"shape": camera_shape,  # frames in the stream file unless the test asks for video files
+                      "video": None if camera_video is None else VideoConfig.model_validate(camera_video)}
         if s.name in no_sync:
             update["sync"] = None
         streams.append(s.model_copy(update=update))
