@@ -28,6 +28,7 @@ FLUSH_S = 0.25
 class _Writer(Protocol):
     ready: bool
     proc: Any
+    acked: int
 
 
 @dataclass
@@ -60,6 +61,9 @@ class PreviewHub:
         self._watchers: dict[int, Watcher] = {}
         self._channels: dict[str, tuple[int, ...]] = {}
         self._told: dict[str, tuple] = {}  # stream -> (writer pid, on, channels) last sent
+        # stream -> (writer pid, id of the "preview off" command it has not acknowledged yet): until it does, previews
+        # it sent before handling it may still be on their way (they share its control socket, so they come first)
+        self._stopping: dict[str, tuple[int, int]] = {}
         self.received = 0
         """Preview messages received from writers since the daemon started (watched or not: none, unwatched)."""
 
@@ -85,9 +89,9 @@ class PreviewHub:
 
     def state(self) -> dict:
         """Who watches, which writers were told to preview, how many messages came: for the page and for tests."""
-        told = dict(self._told)
-        return {"watchers": len(self._watchers), "previewing": sorted(n for n, t in told.items() if t[1]),
-                "received": self.received}
+        told, stopping = dict(self._told), set(self._stopping)
+        return {"watchers": len(self._watchers),
+                "previewing": sorted({n for n, t in told.items() if t[1]} | stopping), "received": self.received}
 
     def channels(self, stream: str) -> tuple[int, ...]:
         return self._channels.get(stream, ())
@@ -100,8 +104,10 @@ class PreviewHub:
         for w in watchers:
             w.put(item)
 
-    def sync(self, writers: Mapping[str, _Writer], send: Callable[..., None]) -> None:
-        """Supervisor thread: tell each ready writer whether to preview, when that changed (or it is new)."""
+    def sync(self, writers: Mapping[str, _Writer], send: Callable[..., int]) -> None:
+        """Supervisor thread: tell each ready writer whether to preview, when that changed (or it is new).
+
+        ``send`` returns the command's id; a writer has handled it once its ``acked`` reaches that id."""
         on = self.watching
         for name, h in writers.items():
             if not h.ready:
@@ -109,7 +115,15 @@ class PreviewHub:
             want = (h.proc.pid, on, self.channels(name) if on else ())
             told = self._told.get(name)
             if told != want and (on or (told is not None and told[0] == want[0])):  # a new writer starts off
-                send(name, cmd="preview", on=on, channels=list(want[2]))
+                cmd_id = send(name, cmd="preview", on=on, channels=list(want[2]))
+                if on:
+                    self._stopping.pop(name, None)
+                else:
+                    self._stopping[name] = (h.proc.pid, cmd_id)
             self._told[name] = want
         for name in set(self._told) - set(writers):
             del self._told[name]
+        for name, (pid, cmd_id) in list(self._stopping.items()):
+            h = writers.get(name)
+            if h is None or h.proc.pid != pid or h.acked >= cmd_id:  # handled, or that writer is gone
+                del self._stopping[name]

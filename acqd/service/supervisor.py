@@ -258,10 +258,12 @@ class Supervisor:
         proc = subprocess.Popen([sys.executable, "-m", "acqd.record.launch", spec.to_json()], stdin=subprocess.DEVNULL)
         return WriterHandle(name, proc)
 
-    def _send(self, name: str, **cmd: Any) -> None:
+    def _send(self, name: str, **cmd: Any) -> int:
+        """Send a command to a writer; returns its id (the writer reports the last id it handled as ``acked``)."""
         h = self.writers[name]
         h.sent += 1
         self.router.send_multipart([name.encode(), zmq.utils.jsonapi.dumps({**cmd, "id": h.sent})])
+        return h.sent
 
     def _on_writer_message(self, name: str, msg: dict) -> None:
         if self.lsl.owns(name):

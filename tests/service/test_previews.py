@@ -14,6 +14,7 @@ from acqd.service.previews import MAX_QUEUED, PreviewHub
 class FakeWriter:
     ready: bool
     proc: SimpleNamespace
+    acked: int = 0
 
 
 def _writers(**pids: int) -> dict[str, FakeWriter]:
@@ -22,7 +23,10 @@ def _writers(**pids: int) -> dict[str, FakeWriter]:
 
 def test_writers_preview_only_while_watched_and_a_restarted_writer_is_told_again():
     hub, sent = PreviewHub(), []
-    send = lambda name, **cmd: sent.append((name, cmd["on"], tuple(cmd["channels"])))  # noqa: E731
+
+    def send(name: str, **cmd) -> int:
+        sent.append((name, cmd["on"], tuple(cmd["channels"])))
+        return len(sent)
     writers = _writers(probe=10, cam=11)
     hub.sync(writers, send)
     assert sent == []  # nobody watches: writers start with preview off, nothing to say
@@ -43,10 +47,15 @@ def test_writers_preview_only_while_watched_and_a_restarted_writer_is_told_again
     hub.sync(writers, send)
     hub.sync(writers, send)
     assert sorted(sent) == [("cam", False, ()), ("probe", False, ())]
-    writers["probe"] = FakeWriter(True, SimpleNamespace(pid=13))
+    # Until a writer acknowledges "off", previews it sent before may still arrive: it still counts as previewing.
+    assert hub.state()["previewing"] == ["cam", "probe"]
+    writers["cam"].acked = sent.index(("cam", False, ())) + 1
+    hub.sync(writers, send)
+    assert hub.state()["previewing"] == ["probe"]
+    writers["probe"] = FakeWriter(True, SimpleNamespace(pid=13))  # replaced before it acknowledged: nothing pending
     sent.clear()
     hub.sync(writers, send)
-    assert sent == []
+    assert sent == [] and hub.state()["previewing"] == []
 
 
 def test_every_watcher_gets_each_message_and_a_slow_one_loses_the_oldest_counted():
