@@ -161,10 +161,20 @@ def digest_part(folder: Path, rel_path: str, stream: str | None, stop: _Finalize
     before = stamp(path)
     sha = sha256_file(path, stop)
     chunks = verify_part(stream, path, rel_path).to_dict() if stream is not None and path.suffix == ".h5" else None
+    _drop_from_cache(path)
     if stamp(path) != before:
         return None
     size, mtime_ns, ctime_ns, inode = before
     return Entry(rel_path, size, mtime_ns, ctime_ns, inode, sha, chunks)
+
+
+def _drop_from_cache(path: Path) -> None:
+    """Read once, not needed again: leave memory to others, as the writers do (acqd.record.streamfile.flush)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def append_entry(fd: int, folder: Path, entry: Entry, fault: int | None = None) -> bool:
