@@ -162,7 +162,7 @@ class StreamConfig(_Frozen):
     """RECORD is refused while a required stream is silent."""
     max_message_bytes: int = Field(64 << 20, gt=0, description="larger messages are rejected unread")
     """Larger messages are rejected unread (reason oversized)."""
-    max_file_bytes: int | None = Field(4 << 30, gt=0, description="roll over to a new part file at this size")
+    max_file_bytes: int | None = Field(1 << 30, gt=0, description="roll over to a new part file at this size")
     """Roll over to a new part file at this size (bytes; null: no limit)."""
     max_file_seconds: float | None = Field(600.0, gt=0, description="roll over after this many seconds of samples")
     """Roll over to a new part file once a part holds this many seconds of samples (rows / rate; null: no limit)."""

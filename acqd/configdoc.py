@@ -26,7 +26,7 @@ EXTRA_EXAMPLES: dict[tuple[str, str], object] = {
     ("ControlConfig", "token"): "change-me-to-a-long-random-string",
     ("StreamConfig", "chunk_rows"): 3000,
     ("StreamConfig", "compression"): "blosc-lz4",
-    ("StreamConfig", "max_file_bytes"): 4_000_000_000,
+    ("StreamConfig", "max_file_bytes"): 2_000_000_000,
     ("StreamConfig", "max_file_seconds"): 300.0,
     ("StreamConfig", "video"): {"codec": "ffv1", "frames_per_file": 3600},
     ("StreamConfig", "socket"): "pull",

@@ -44,43 +44,45 @@ def left_to_hash(folder: Path) -> tuple[int, int, list[tuple[str, Path]]]:
 
 
 def per_byte_cost(files: list[tuple[str, Path]]) -> float | None:
-    """Seconds per byte to do finalize's per-file work on ``files`` (sha256, then the chunk checksums), one file
-    after another in this process: an upper bound (finalize hashes on two threads while it checks chunks)."""
+    """Seconds per byte of finalize's per-file work on ``files``, done as finalize does it: sha256 on its two
+    threads while the chunk checksums are checked on the main thread, the files first dropped from the page cache
+    (the writers drop what they fsynced, so finalize reads the last parts from the disk)."""
     from acqd.finalize.integrity import verify_part
-    from acqd.finalize.seal import _sha256
+    from acqd.finalize.seal import Digests
 
     total = sum(p.stat().st_size for _, p in files)
     if not total:
         return None
-    for _, p in files:  # read from the disk, as finalize read them (the writers drop what they fsynced)
+    for _, p in files:
         fd = os.open(p, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
     t0 = time.perf_counter()
-    for stream, p in files:
-        _sha256(p)
-        verify_part(stream, p, p.name)
+    with Digests([p for _, p in files]) as digests:
+        for stream, p in files:
+            verify_part(stream, p, p.name)
+        for _, p in files:
+            digests.get(p)
     return (time.perf_counter() - t0) / total
 
 
-def projection(runs: list[dict], seconds_10x: float, rig: dict, part_s: float, part_bytes: int) -> dict:
-    """Finalize time after a session of one hour, from the 10x session's time and the measured costs: what is left
-    at stop is the last part of each stream (at most ``part_s`` seconds or ``part_bytes`` of it, as rig
-    defaults cut them) plus what does not depend on the data hashed (master, validation, QC), whose growth between
-    the 1x and the 10x session is extrapolated linearly."""
-    rates = {s["name"]: _stream_bytes_per_s(s) for s in rig["streams"]}
-    last = sum(min(part_bytes, r * part_s) for r in rates.values())  # every stream's last part full: worst case
-    out = []
+def projection(runs: list[dict], rig: dict, part_s: float, part_bytes: int) -> dict:
+    """Finalize time after a one-hour session with a rig's default parts, from each run's measurements: the 10x
+    session's time without what it read itself (master, validation, QC: what does not depend on the data hashed),
+    plus the measured cost of reading what is left at stop, the last part of every stream. Worst case: every last
+    part full (at most ``part_s`` seconds or ``part_bytes``); on average they are half full ("expected")."""
+    rates = [_stream_bytes_per_s(s) for s in rig["streams"]]
+    last = sum(min(part_bytes, r * part_s) for r in rates)
+    worst, expected = [], []
     for r in runs:
         c = r.get("cost_s_per_gb")
         if c is None or "left_bytes" not in r["10x"]:
             continue
-        rest_1x = r["1x"]["seconds"] - c * r["1x"]["left_bytes"] / 1e9
-        rest_10x = r["10x"]["seconds"] - c * r["10x"]["left_bytes"] / 1e9
-        growth = max(0.0, rest_10x - rest_1x) / (seconds_10x * 0.9) * (3600 - seconds_10x)
-        out.append(rest_10x + growth + c * last / 1e9)
-    return {"seconds": med(out), "left_at_stop_gb": round(last / 1e9, 1), "part_seconds": part_s,
-            "part_bytes": part_bytes}
+        rest = r["10x"]["seconds"] - c * r["10x"]["left_bytes"] / 1e9
+        worst.append(round(rest + c * last / 1e9, 1))
+        expected.append(round(rest + c * last / 2e9, 1))
+    return {"seconds": med(worst), "expected_seconds": med(expected), "left_at_stop_gb": round(last / 1e9, 1),
+            "part_seconds": part_s, "part_bytes": part_bytes}
 
 
 def _stream_bytes_per_s(s: dict) -> float:
@@ -163,5 +165,5 @@ def scenario_finalize(args: argparse.Namespace, workdir: Path) -> dict:
             "median": {"1x_s": med([r["1x"]["seconds"] for r in runs]),
                        "10x_s": med([r["10x"]["seconds"] for r in runs]), "ratio": med([r["ratio"] for r in runs]),
                        "cost_s_per_gb": med([r.get("cost_s_per_gb") for r in runs])},
-            "projection_1h": projection(runs, 10 * args.finalize_seconds, raw,
-                                        defaults["max_file_seconds"].default, defaults["max_file_bytes"].default)}
+            "projection_1h": projection(runs, raw, defaults["max_file_seconds"].default,
+                                        defaults["max_file_bytes"].default)}

@@ -118,9 +118,10 @@ def targets(res: dict) -> list[dict]:
             p = fin["projection_1h"]
             rows.append(row("finalize: what it reads itself, measured cost (s per GB)", fin["median"]["cost_s_per_gb"],
                             n, "-", None))
-            rows.append(row(f"finalize after a 1-hour session, projected (s; last parts of {p['part_seconds']:.0f} s "
-                            f"/ {p['part_bytes'] / 2**30:.0f} GiB, {p['left_at_stop_gb']} GB)", p["seconds"], n,
-                            "<= 30", lambda v: v <= 30))
+            rows.append(row(f"finalize after a 1-hour session, projected, every last part full (s; parts of "
+                            f"{p['part_seconds']:.0f} s / {p['part_bytes'] / 2**30:g} GiB: {p['left_at_stop_gb']} GB "
+                            f"left at stop; half full: {p['expected_seconds']} s)", p["seconds"], n, "<= 30",
+                            lambda v: v <= 30))
     rows += preview_targets(res, row)
     rows += slow_targets(res, row)
     return rows
