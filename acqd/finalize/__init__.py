@@ -288,7 +288,7 @@ def _refuse(folder: Path, problems: list[str]) -> None:
 
 
 def _lock_digests(folder: Path) -> tuple[int, bool]:
-    """Take digests.jsonl from the daemon's hasher (``acqd.finalize.digests``): it stops, and appends nothing
+    """Take digests.jsonl from the daemon's hasher (``acqd.finalize.hasher``): it stops, and appends nothing
     until this run ends. Returns the locked descriptor and whether the (empty) file was created for it."""
     try:
         return lock_for_finalize(folder)

@@ -1,9 +1,9 @@
 """The daemon's side of hashing closed parts while recording: one hasher process per recorded session.
 
-The hasher itself (``python -m acqd.finalize.digests``, low CPU and idle I/O priority, dies with the daemon) and
-``digests.jsonl`` are ``acqd.finalize.digests``'s. This module starts a session's hasher when its first part
-closes, hands it every part a writer closes (one JSON line on its stdin), tells it that no more will come when the
-session closes (its stdin is closed: it finishes the queue and exits), and counts what it has still to hash
+The hasher itself (``python -m acqd.finalize.hasher``: low CPU and idle I/O priority, dies with the daemon) and
+``digests.jsonl`` (``acqd.finalize.digests``) belong to finalize. This module starts a session's hasher when its
+first part closes, hands it every part a writer closes (one JSON line on its stdin), tells it that no more will come
+when the session closes (its stdin is closed: it finishes the queue and exits), and counts what it has still to hash
 (``backlog_bytes``, in status as ``hash_backlog_bytes``) from the ``done`` lines it prints.
 """
 
@@ -25,7 +25,7 @@ class Hasher:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.proc = subprocess.Popen([sys.executable, "-m", "acqd.finalize.digests", str(folder), str(os.getpid())],
+        self.proc = subprocess.Popen([sys.executable, "-m", "acqd.finalize.hasher", str(folder), str(os.getpid())],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         os.set_blocking(self.proc.stdin.fileno(), False)
         os.set_blocking(self.proc.stdout.fileno(), False)

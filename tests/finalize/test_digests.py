@@ -22,7 +22,8 @@ from hdmf.backends.warnings import BrokenLinkWarning
 from pynwb import NWBHDF5IO
 
 from acqd.finalize import finalize_session, unseal_session, verify_manifest
-from acqd.finalize.digests import DIGESTS, FAULT_ENV, MARKER_ENV, _open_for_append, read_entries
+from acqd.finalize.digests import DIGESTS, read_entries
+from acqd.finalize.hasher import FAULT_ENV, MARKER_ENV, _open_for_append
 from acqd.service.procs import pid_alive, wait_until
 from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
 
