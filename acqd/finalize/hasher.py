@@ -30,6 +30,8 @@ from acqd.finalize.digests import DIGESTS, Entry, stamp
 from acqd.finalize.integrity import verify_part
 from acqd.finalize.seal import _sha256 as sha256_file  # the one sha256 reader of finalize
 from acqd.record.launch import EXIT_ORPHANED, die_with_parent
+from acqd.record.streamfile import open_for_read
+from acqd.record.video import VIDEO_DIR
 from acqd.session import SESSION_FILE
 
 FAULT_ENV = "ACQD_HASHER_FAULT"
@@ -138,7 +140,8 @@ def lower_priority() -> str | None:
 
 
 def run(folder: Path, jobs, out) -> int:
-    """Hash each job read from ``jobs`` (JSON lines) into digests.jsonl until the end of ``jobs`` or finalize."""
+    """Hash each job read from ``jobs`` (JSON lines) into digests.jsonl until the end of ``jobs`` or finalize; a
+    camera part encoded to video brings its finished video files along."""
     fault = os.environ.get(FAULT_ENV, "")
     torn_at = int(fault.split(":")[1]) if fault.startswith("torn:") else None
     fd = _open_for_append(folder)
@@ -146,20 +149,32 @@ def run(folder: Path, jobs, out) -> int:
     n = 0
     for line in jobs:
         job = json.loads(line)
-        if stop.is_set() or _session_state(folder) not in _STATES_TO_HASH:
-            return 0
-        try:
-            entry = digest_part(folder, job["path"], job.get("stream"), stop)
-        except InterruptedError:  # finalize began while the file was read
-            return 0
-        except OSError as e:  # gone or unreadable: finalize will say so; the hasher goes on
-            print(json.dumps({"done": job["path"], "bytes": 0, "error": str(e)}), file=out, flush=True)
-            continue
-        n += 1
-        if entry is not None and not append_entry(fd, folder, entry, fault=n if n == torn_at else None):
-            return 0
-        print(json.dumps({"done": job["path"], "bytes": entry.size if entry else 0}), file=out, flush=True)
+        todo = [(job["path"], job.get("stream"))]
+        while todo:
+            path, stream = todo.pop(0)
+            if stop.is_set() or _session_state(folder) not in _STATES_TO_HASH:
+                return 0
+            try:
+                entry = digest_part(folder, path, stream, stop)
+                todo += [(v, None) for v in _video_files(folder / path)] if stream is not None else []
+            except InterruptedError:  # finalize began while the file was read
+                return 0
+            except OSError as e:  # gone or unreadable: finalize will say so; the hasher goes on
+                print(json.dumps({"done": path, "bytes": 0, "error": str(e)}), file=out, flush=True)
+                continue
+            n += 1
+            if entry is not None and not append_entry(fd, folder, entry, fault=n if n == torn_at else None):
+                return 0
+            print(json.dumps({"done": path, "bytes": entry.size if entry else 0}), file=out, flush=True)
     return 0
+
+
+def _video_files(part: Path) -> list[str]:
+    """The finished video files a camera part lists, relative to the session folder (none for other parts)."""
+    if part.suffix != ".h5":
+        return []
+    with open_for_read(part) as f:
+        return [f"{VIDEO_DIR}/{name.decode()}" for name in f["video"]["file"][:]] if "video" in f else []
 
 
 def main(argv: list[str] | None = None) -> int:

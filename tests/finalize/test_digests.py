@@ -177,3 +177,21 @@ def test_a_torn_line_is_ignored_and_ended_before_the_next_entry(tmp_path):
     finally:
         os.close(fd)
     assert list(read_entries(tmp_path)) == ["streams/a.h5", "streams/c.h5"]
+
+
+@pytest.mark.e2e
+def test_a_camera_part_encoded_to_video_brings_its_video_files_to_the_hasher(tmp_path, daemon_factory):
+    rig_file = write_rig(tmp_path, stream_overrides={
+        "camera": {"max_file_seconds": 1.0, "video": {"codec": "ffv1", "frames_per_file": 30}}})
+    daemon = daemon_factory(rig_file)
+    with recording(daemon, rig_file, "videohash", seed=44) as (_, folder):
+        wait_until(lambda: daemon.command("status")["streams"]["camera"]["part"] >= 1, "a second camera part", 60)
+        first = folder / _parts(folder)["camera"][0]["path"]
+        with h5py.File(first, "r") as f:  # closed: its finished video files are listed
+            videos = [f"video/{n.decode()}" for n in f["video"]["file"][:]]
+        assert len(videos) == 2  # 60 frames, 30 per file
+        wait_until(lambda: set(videos) <= set(read_entries(folder)), "digests of the first part's video files", 30)
+        daemon.command("stop")
+    for name in videos:
+        entry = read_entries(folder)[name]
+        assert entry.sha256 == hashlib.sha256((folder / name).read_bytes()).hexdigest() and entry.chunks is None
