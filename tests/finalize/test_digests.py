@@ -49,7 +49,7 @@ def _sha256sum_check(folder: Path) -> subprocess.CompletedProcess:
 @pytest.mark.e2e
 def test_time_rollover_parts_are_hashed_while_recording_and_read_through_the_master_bit_exact(tmp_path,
                                                                                               daemon_factory):
-    rig_file = write_rig(tmp_path, stream_overrides={"probe": {"max_file_seconds": PART_S}})
+    rig_file = write_rig(tmp_path, stream_overrides={"probe": {"max_file_seconds": PART_S / 2}})
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "timesplit", seed=41) as (_, folder):
         wait_until(lambda: daemon.command("status")["streams"]["probe"]["part"] >= 3, "a fourth probe part", 60)
@@ -69,7 +69,7 @@ def test_time_rollover_parts_are_hashed_while_recording_and_read_through_the_mas
     assert len(probe) >= 4 and [p["part"] for p in probe] == list(range(len(probe)))
     rows = [p["rows"] for p in probe]
     per_message = int(h5py.File(folder / probe[0]["path"], "r")["index"]["n_samples"][0])
-    assert all(PART_S * 30000 <= r < PART_S * 30000 + per_message for r in rows[:-1])  # split by the samples' time
+    assert all(PART_S / 2 * 30000 <= r < PART_S / 2 * 30000 + per_message for r in rows[:-1])  # by samples' time
 
     report = finalize_session(folder)
     recorded = sum(len(ps) for ps in _parts(folder).values())
