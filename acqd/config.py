@@ -200,8 +200,10 @@ class StreamConfig(_Frozen):
     """RECORD is refused while a required stream is silent."""
     max_message_bytes: int = Field(64 << 20, gt=0, description="larger messages are rejected unread")
     """Larger messages are rejected unread (reason oversized)."""
-    max_file_bytes: int | None = Field(None, gt=0, description="roll over to a new part file at this size")
-    """Roll over to a new part file at this size."""
+    max_file_bytes: int | None = Field(1 << 30, gt=0, description="roll over to a new part file at this size")
+    """Roll over to a new part file at this size (bytes; null: no limit)."""
+    max_file_seconds: float | None = Field(600.0, gt=0, description="roll over after this many seconds of samples")
+    """Roll over to a new part file once a part holds this many seconds of samples (rows / rate; null: no limit)."""
     video: VideoConfig | None = Field(None, description="cameras: encode frames to video files")
     """Cameras: encode frames to video files instead of HDF5 frames."""
     allow_from: tuple[str, ...] = ("127.0.0.1", "::1")

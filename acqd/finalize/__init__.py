@@ -38,8 +38,9 @@ from pathlib import Path
 from acqd.finalize import nwb, qc
 from acqd.config import QcConfig, StreamConfig
 from acqd.errors import FinalizeError
+from acqd.finalize.digests import DIGESTS, Entry, lock_for_finalize, trusted
 from acqd.finalize.integrity import Integrity, folder_problems, scan_folder, verify_chunks
-from acqd.finalize.layout import MANIFEST, PARTIAL, QC_DIR, RECOVERED_DIR, VDS_DIR, partial_then_rename
+from acqd.finalize.layout import MANIFEST, PARTIAL, QC_DIR, RECOVERED_DIR, VDS_DIR, partial_then_rename, rel
 from acqd.finalize.plan import plan_master
 from acqd.finalize.report import (QC_SUMMARY, FinalizeReport, StreamReport, incident_times, qc_plot, qc_summary,
                                   stream_qc)
@@ -89,19 +90,27 @@ def finalize_session(folder: Path, progress: Progress | None = None, *, accept_c
         parts = _check_quiescent(folder, session)
         previous = session.get("finalize", {}).get("previous_state") or session["state"]
         _clear_outputs(folder, master)  # a killed earlier run may have left any of them
+        hasher_lock, created = _lock_digests(folder)  # held to the end: the hasher appends nothing meanwhile
         write_json_atomic(folder / SESSION_FILE, {**session, "state": FINALIZING,
                                                   "finalize": {"previous_state": previous}})
         try:
-            # The recorded files are hashed for the manifest while the master is built and validated.
-            with Digests(_recorded_files(folder, parts)) as digests:
+            # Parts hashed while recording are trusted if unchanged (before anything here chmods them, which
+            # changes their ctime); the rest is hashed for the manifest while the master is built and validated.
+            recorded = _recorded_files(folder, parts)
+            early = trusted(folder, recorded)
+            with Digests(recorded, known={p: (e.sha256, e.stamp) for p, e in early[0].items()}) as digests:
                 report, record = _run(folder, session, previous, parts, master, digests, report_progress,
-                                      accept_corrupt)
+                                      accept_corrupt, early)
         except BaseException:
             _clear_outputs(folder, master)
-            unseal(sorted(p for ps in parts.values() for p in ps))
+            unseal(sorted(p for ps in parts.values() for p in ps) + [folder / DIGESTS])
             write_json_atomic(folder / SESSION_FILE, session)
+            if created and not (folder / DIGESTS).stat().st_size:  # leave the folder as it was found
+                (folder / DIGESTS).unlink()
+            os.close(hasher_lock)
             raise
         write_bytes_atomic(folder / SESSION_FILE, record)  # the commit point; the manifest has its digest
+        os.close(hasher_lock)
         merge_seal(report.sealed, seal_paths([folder / SESSION_FILE]))
         report.state = FINALIZED
         report.seconds = round(time.monotonic() - started, 3)
@@ -110,9 +119,11 @@ def finalize_session(folder: Path, progress: Progress | None = None, *, accept_c
 
 
 def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]], master: Path,
-         digests: Digests, progress: Progress, accept_corrupt: bool) -> tuple[FinalizeReport, bytes]:
+         digests: Digests, progress: Progress, accept_corrupt: bool,
+         early: tuple[dict[Path, Entry], list[str]]) -> tuple[FinalizeReport, bytes]:
     """Everything between the checks and the commit point; raises on any failure (the caller rolls back).
-    Returns the report and the finalized ``session.json`` (its digest is in the manifest) to write."""
+    ``early``: the digests (and chunk checks) taken while recording that still hold, and a line per file that
+    changed since. Returns the report and the finalized ``session.json`` (its digest is in the manifest) to write."""
     sid = session.get("session_id") or folder.name
     configs = {s["name"]: StreamConfig.model_validate(s) for s in session["config"]["streams"]}
     ref_name = session["reference"]
@@ -122,9 +133,9 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
     if ref_name in missing:
         raise FinalizeError(f"the reference stream {ref_name!r} recorded nothing: there is no timebase")
     progress("read", 0.0)
-    integrity = _verify_chunks(folder, parts, accept_corrupt)
+    integrity = _verify_chunks(folder, parts, accept_corrupt, {p: e.chunks for p, e in early[0].items() if e.chunks})
     streams, empty = _read_streams(folder, configs, parts, ref_name, progress)
-    warnings = [f"stream {n!r} has no file (it never recorded)" for n in missing] + empty
+    warnings = [f"stream {n!r} has no file (it never recorded)" for n in missing] + empty + early[1]
     warnings += [f"corrupt chunk sealed (--accept-corrupt): {c}" for c in integrity.corrupt]
     warnings += [f"{p}: written without chunk checksums (not checksummed)" for p in integrity.not_checksummed]
     _checkpoint("read")
@@ -176,7 +187,10 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
 
     progress("seal", 0.0)
     outputs = manifest_files(folder)
+    rehashed = digests.recheck()  # a file changed since it was queued; before the seal changes every ctime
     report.sealed = seal_paths(outputs)
+    report.sealed["digests"] = {"hashed_while_recording": digests.reused, "changed_after_hashing": early[1],
+                                "changed_during_finalize": [rel(p, folder) for p in rehashed]}
     _checkpoint("sealed")
     final = {**session, "state": FINALIZED,
              "finalize": {"previous_state": previous, "master": report.master, "manifest": MANIFEST,
@@ -188,9 +202,11 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
     return report, record
 
 
-def _verify_chunks(folder: Path, parts: dict[str, list[Path]], accept_corrupt: bool) -> Integrity:
-    """Every chunk against its checksum; corrupt chunks refuse the session unless ``accept_corrupt``."""
-    integrity = verify_chunks(folder, parts)
+def _verify_chunks(folder: Path, parts: dict[str, list[Path]], accept_corrupt: bool,
+                   known: dict[Path, dict]) -> Integrity:
+    """Every chunk against its checksum (``known``: parts checked while recording and unchanged since); corrupt
+    chunks refuse the session unless ``accept_corrupt``."""
+    integrity = verify_chunks(folder, parts, known)
     if integrity.corrupt and not accept_corrupt:
         raise FinalizeError(f"{folder.name}: {len(integrity.corrupt)} chunk(s) do not match the checksum written "
                             "when they were recorded; nothing was sealed (finalize --accept-corrupt seals them, "
@@ -271,6 +287,15 @@ def _refuse(folder: Path, problems: list[str]) -> None:
                             "not write; nothing was changed:\n  " + "\n  ".join(problems))
 
 
+def _lock_digests(folder: Path) -> tuple[int, bool]:
+    """Take digests.jsonl from the daemon's hasher (``acqd.finalize.hasher``): it stops, and appends nothing
+    until this run ends. Returns the locked descriptor and whether the (empty) file was created for it."""
+    try:
+        return lock_for_finalize(folder)
+    except (OSError, TimeoutError) as e:
+        raise FinalizeError(f"{folder.name}: cannot lock {DIGESTS} ({e})") from None
+
+
 @contextmanager
 def _exclusive(folder: Path) -> Iterator[None]:
     """One finalizer per session (CLI and API may both be asked): an flock on the folder itself, no lock file."""
@@ -323,7 +348,8 @@ def _recorded_files(folder: Path, parts: dict[str, list[Path]]) -> list[Path]:
 
 
 def _held_open(paths: list[Path]) -> list[tuple[Path, int]]:
-    """(file, pid) for every process that has one of ``paths`` open (Linux /proc; empty where unavailable)."""
+    """(file, pid) for every process that has one of ``paths`` open for writing (Linux /proc; empty where
+    unavailable). Readers (the daemon's hasher, a live preview) change nothing finalize relies on."""
     wanted = {os.path.realpath(p): p for p in paths}
     held = []
     for pid in (d for d in os.listdir("/proc") if d.isdigit()) if os.path.isdir("/proc") else []:
@@ -336,9 +362,19 @@ def _held_open(paths: list[Path]) -> list[tuple[Path, int]]:
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
             except OSError:
                 continue
-            if target in wanted:
+            if target in wanted and _open_for_writing(pid, fd):
                 held.append((wanted[target], int(pid)))
     return sorted(set(held))
+
+
+def _open_for_writing(pid: str, fd: str) -> bool:
+    """Whether descriptor ``fd`` of ``pid`` was opened for writing (its ``flags`` in /proc; True if unknown)."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            flags = next((int(line.split()[1], 8) for line in f if line.startswith("flags:")), None)
+    except (OSError, ValueError):
+        return True
+    return flags is None or flags & os.O_ACCMODE != os.O_RDONLY
 
 
 def _clear_outputs(folder: Path, master: Path) -> None:

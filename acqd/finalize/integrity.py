@@ -99,13 +99,32 @@ class Integrity:
         return asdict(self)
 
 
-def verify_chunks(folder: Path, parts: dict[str, list[Path]]) -> Integrity:
-    """Check every committed chunk of every part (``parts``: stream -> part files) against its ``crc32``."""
+def verify_chunks(folder: Path, parts: dict[str, list[Path]], known: dict[Path, dict] | None = None) -> Integrity:
+    """Check every committed chunk of every part (``parts``: stream -> part files) against its ``crc32``; a part in
+    ``known`` (its ``Integrity.to_dict()`` from the check made while recording, still valid) is not read again."""
     out = Integrity()
     for stream, paths in parts.items():
         for path in paths:
-            _verify_part(stream, path, rel(path, folder), out)
+            if known and path in known:
+                _merge(out, known[path])
+            else:
+                _verify_part(stream, path, rel(path, folder), out)
     return out
+
+
+def verify_part(stream: str, path: Path, name: str) -> Integrity:
+    """The chunk checks of one part (``name``: its path relative to the session folder)."""
+    out = Integrity()
+    _verify_part(stream, path, name, out)
+    return out
+
+
+def _merge(out: Integrity, part: dict) -> None:
+    out.chunks_checked += part["chunks_checked"]
+    out.bytes_checked += part["bytes_checked"]
+    out.corrupt += [CorruptChunk(**{**c, "rows": tuple(c["rows"])}) for c in part["corrupt"]]
+    out.not_checksummed += part["not_checksummed"]
+    out.video += part["video"]
 
 
 def _verify_part(stream: str, path: Path, name: str, out: Integrity) -> None:

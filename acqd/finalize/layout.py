@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from acqd.finalize.digests import DIGESTS
 from acqd.images import ATTACHMENTS_DIR, IMAGE_SUFFIXES, STIMULI_DIR
 from acqd.record.video import CONTAINERS, VIDEO_DIR
 from acqd.session import ANNOTATIONS_FILE, SESSION_FILE, STREAMS_DIR
@@ -65,7 +66,7 @@ def _known_patterns(session_id: str, streams: list[str]) -> list[str]:
             re.escape(MANIFEST), atomic.format(re.escape(MANIFEST)), rf"{re.escape(session_id)}\.nwb(?:{PARTIAL})?",
             rf"{STREAMS_DIR}/{part}", rf"{VIDEO_DIR}/{s}_\d{{3,}}_\d{{4,}}\.(?:{videos})",  # video.video_filename
             rf"{QC_DIR}/(?:qc\.json|index\.html|{s}\.png)(?:{PARTIAL})?", rf"{VDS_DIR}/{s}\.h5(?:{PARTIAL})?",
-            rf"{RECOVERED_DIR}/{part}(?:{PARTIAL})?", *_image_patterns(s)]
+            rf"{RECOVERED_DIR}/{part}(?:{PARTIAL})?", re.escape(DIGESTS), *_image_patterns(s)]
 
 
 def _image_patterns(streams: str) -> list[str]:

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from acqd.finalize.digests import Stamp
+from acqd.finalize.digests import stamp as _stamp
 from acqd.finalize.layout import MANIFEST, rel
 from acqd.session import SESSION_FILE, write_bytes_atomic
 
@@ -182,28 +184,49 @@ def verify_manifest(folder: Path) -> list[str]:
 
 
 class Digests:
-    """sha256 of files, hashed ahead on worker threads. ``get`` returns a digest of the file as it is when asked:
-    a file whose size or mtime changed after it was queued is hashed again. Leaving the ``with`` block stops the
-    workers between blocks, so an abandoned run does not wait for a large file to finish."""
+    """sha256 of files, hashed ahead on worker threads, or known already (``known``: path -> (digest, stamp) taken
+    while recording, trusted only if the file's stamp is still that one). ``get`` returns a digest of the file as
+    it is when asked: a file whose size, mtime or inode changed after it was queued is hashed again; ``recheck``,
+    called just before the files are sealed, compares the ctime too (sealing changes it, so ``get`` cannot).
+    Leaving the ``with`` block stops the workers between blocks, so an abandoned run does not wait for a large
+    file to finish."""
 
-    def __init__(self, paths: Iterable[Path] = ()):
+    def __init__(self, paths: Iterable[Path] = (), known: dict[Path, tuple[str, Stamp]] | None = None):
         self._pool = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="sha256")
-        self._queued: dict[Path, tuple[Future[str], tuple[int, int]]] = {}
+        self._queued: dict[Path, tuple[Future[str], Stamp]] = {}
         self._stop = threading.Event()
+        self.reused = 0
+        """Files whose digest was known and still valid (not read again)."""
+        for p, (digest, stamp) in (known or {}).items():
+            if _stamp(p) == stamp:
+                self._queued[p] = (_done(digest), stamp)
+                self.reused += 1
         self.add(paths)
 
     def add(self, paths: Iterable[Path]) -> None:
         for p in paths:
             if p not in self._queued:
-                stamp = _stamp(p)  # before the worker reads: a change while it reads is caught by get()
-                self._queued[p] = (self._pool.submit(_sha256, p, self._stop), stamp)
+                self._submit(p)
+
+    def _submit(self, p: Path) -> None:
+        stamp = _stamp(p)  # before the worker reads: a change while it reads is caught by get()
+        self._queued[p] = (self._pool.submit(_sha256, p, self._stop), stamp)
+
+    def recheck(self) -> list[Path]:
+        """Hash again every queued file whose size, mtime, ctime or inode changed since it was queued (called before
+        the seal, which changes the ctime); returns those files."""
+        changed = [p for p, (_, stamp) in self._queued.items() if _stamp(p) != stamp]
+        for p in changed:
+            self._submit(p)
+        return changed
 
     def get(self, path: Path) -> str:
         if path not in self._queued:
             self.add([path])
         future, stamp = self._queued[path]
         digest = future.result()
-        return digest if _stamp(path) == stamp else _sha256(path)
+        same = _stamp(path)[:2] + _stamp(path)[3:] == stamp[:2] + stamp[3:]  # not the ctime: the seal changed it
+        return digest if same else _sha256(path)
 
     def __enter__(self) -> Digests:
         return self
@@ -213,9 +236,10 @@ class Digests:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
+def _done(digest: str) -> Future[str]:
+    f: Future[str] = Future()
+    f.set_result(digest)
+    return f
 
 
 def _sha256(path: Path, stop: threading.Event | None = None) -> str:

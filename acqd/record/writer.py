@@ -241,6 +241,14 @@ class Writer:
             self.file.add("sync/offsets", self.last_offset)
         self.send("recording", path=str(path), part=n)
 
+    def part_full(self) -> bool:
+        """Whether the current part reached ``max_file_bytes`` or ``max_file_seconds``. A part's duration is its rows
+        over the stream's rate (its own samples), not host time: where parts split then depends on the data alone,
+        the same on every run and in tests, and a driver that stalls never cuts a part with nothing new in it."""
+        c = self.cfg
+        return bool(c.max_file_seconds and self.file.rows >= c.max_file_seconds * c.rate
+                    or c.max_file_bytes and self.file.size_bytes >= c.max_file_bytes)
+
     def roll_over(self) -> None:
         """Continue in the next part file; continuity (cursor, edge levels) carries on, nothing is lost."""
         self.close_file(final=False)
@@ -358,7 +366,7 @@ class Writer:
 
     def store(self, h: Header, chunk: Chunk, verdict: Verdict, wall_ns: int, mono_ns: int, clock_pairs: list) -> None:
         """Write an accepted chunk, its gap, its edges and any clock-step pairs to the current part."""
-        if self.cfg.max_file_bytes and self.file.size_bytes >= self.cfg.max_file_bytes:
+        if self.part_full():
             self.roll_over()
         if verdict.gap is not None:
             self.file.add_gap(verdict.gap, wall_ns)

@@ -48,6 +48,7 @@ from acqd.session import (CLOSED, INTERRUPTED, RECORDING, SESSION_FILE, STREAMS_
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.record.writer import EXIT_DISK_FULL, EXIT_WRITE_ERROR, WriterSpec
 from acqd.service import live
+from acqd.service.hashing import Hashers
 from acqd.record.preview import is_message as is_preview
 from acqd.service.previews import PreviewHub
 from acqd.service.snapshot import EventBus, Snapshot
@@ -159,6 +160,7 @@ class Supervisor:
         self.recording = {"prepend_text": "", "base_text": "", "append_text": ""}
         self.jobs: dict[tuple[str, str], Job] = {}  # (kind, session id) -> the latest run
         self.previews = PreviewHub()  # the console's live preview: writers decimate only while someone watches
+        self.hashers = Hashers()  # closed parts are hashed in the background (acqd.finalize.digests)
         self._calls: queue.Queue = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -232,6 +234,7 @@ class Supervisor:
         self._check_heartbeats()
         self._check_disk()
         self.previews.sync(self.writers, self._send)
+        self.hashers.poll()
         if self._unsaved:
             self._save_session(now=False)
         for folder, session in list(self._closed_unsaved):
@@ -304,6 +307,7 @@ class Supervisor:
                             p["rows"], p["counts"] = msg["rows"], msg["counts"]
                             p.update({"suspect": msg["suspect"]} if msg.get("suspect") else {})
                     self._save_session()
+                    self.hashers.queue(self.session_dir, name, Path(msg["path"]))
                 else:  # a writer that was hung at stop closed its file late: complete that session's record
                     _record_late_close(name, msg)
             case "event":
@@ -611,6 +615,7 @@ class Supervisor:
         finally:
             for job in self.jobs.values():  # finalize and export are resumable: a rerun completes them
                 stop_quietly(job.proc)
+            self.hashers.stop()
             self.router.close(linger=0)
             self.ctx.term()
             release(self._endpoint_locks)
@@ -679,6 +684,7 @@ class Supervisor:
         if not _write_session(self.session_dir, self.session):  # e.g. a full disk: retried until it succeeds
             self._closed_unsaved.append((self.session_dir, self.session))
         self._unsaved = False
+        self.hashers.finish(self.session_dir)
         self.last_session = {"session_id": self.session["session_id"], "path": str(self.session_dir)}
         self.session = self.session_dir = None
 
@@ -734,7 +740,7 @@ class Supervisor:
                 "last_session": self.last_session,
                 "data_root": str(self.data_root), "disk_free_bytes": shutil.disk_usage(self.data_root).free,
                 "disk_reserve_bytes": self.cfg.daemon.disk_reserve_bytes, "recovered": self.recovered,
-                "control_junk_messages": self.junk_messages}
+                "control_junk_messages": self.junk_messages, "hash_backlog_bytes": self.hashers.backlog_bytes()}
 
 
 def stop_quietly(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:

@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat-reference", type=int, help="runs of the reference rig (default: --repeat)")
     p.add_argument("--repeat-finalize", type=int, help="runs of the finalize scenario (default: --repeat)")
     p.add_argument("--flush-interval", type=float, help="override daemon.flush_interval_s of the bench rigs")
+    p.add_argument("--part-seconds", type=float, help="max_file_seconds of every stream of the reference and "
+                                                      "finalize rigs (parts closed, hashed while recording)")
     p.add_argument("--step-seconds", type=float, help="recording length of each ramp step (default 20, quick 10)")
     p.add_argument("--max-probes", type=int, default=48, help="stop the ramp here")
     p.add_argument("--ramp-compression", default="none,blosc-lz4", help="compression variants of the acqd ramp")
@@ -98,6 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.repeat_reference = a.repeat_reference or a.repeat
     a.repeat_finalize = a.repeat_finalize or a.repeat
     a.daemon = {"flush_interval_s": a.flush_interval} if a.flush_interval else {}
+    a.stream = {"max_file_seconds": a.part_seconds} if a.part_seconds else {}
     a.seconds = a.seconds or (30.0 if q else 300.0)
     a.step_seconds = a.step_seconds or (10.0 if q else 20.0)
     a.slow_seconds = a.slow_seconds or (30.0 if q else 60.0)

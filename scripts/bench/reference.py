@@ -20,7 +20,7 @@ def scenario_reference(args: argparse.Namespace, workdir: Path) -> dict:
     free = shutil.disk_usage(workdir).free
     if free < need + (5 << 30):
         return {"skipped": f"needs {need / 1e9:.0f} GB of disk, {free / 1e9:.0f} GB free"}
-    config = rig_file(raw, workdir, "bench-rig", args.daemon)
+    config = rig_file(raw, workdir, "bench-rig", args.daemon, args.stream)
     runs = []
     for i in range(args.repeat_reference):
         log(f"reference rig: run {i + 1}/{args.repeat_reference}, {args.seconds:.0f} s")

@@ -114,6 +114,14 @@ def targets(res: dict) -> list[dict]:
         rows.append(row(f"finalize 10x session ({10 * fin['seconds_1x']:.0f} s recorded) (s)", fin["median"]["10x_s"],
                         n, "-", None))
         rows.append(row("finalize 10x / 1x time", fin["median"]["ratio"], n, "<= 1.2", lambda v: v <= 1.2))
+        if fin.get("projection_1h", {}).get("seconds") is not None:
+            p = fin["projection_1h"]
+            rows.append(row("finalize: what it reads itself, measured cost (s per GB)", fin["median"]["cost_s_per_gb"],
+                            n, "-", None))
+            rows.append(row(f"finalize after a 1-hour session, projected, every last part full (s; parts of "
+                            f"{p['part_seconds']:.0f} s / {p['part_bytes'] / 2**30:g} GiB: {p['left_at_stop_gb']} GB "
+                            f"left at stop; half full: {p['expected_seconds']} s)", p["seconds"], n, "<= 30",
+                            lambda v: v <= 30))
     rows += preview_targets(res, row)
     rows += slow_targets(res, row)
     return rows
@@ -161,7 +169,23 @@ def markdown(res: dict) -> str:
                 for s in run["steps"])
             lines.append(f"- run {i + 1}: {steps}")
     lines += slow_markdown(res)
+    lines += finalize_markdown(res.get("finalize", {}))
     return "\n".join(lines)
+
+
+def finalize_markdown(fin: dict) -> list[str]:
+    """Each finalize run: its time, what was recorded and what finalize had to read itself."""
+    if not fin.get("runs"):
+        return []
+    parts = f", parts of {fin['part_seconds']:.0f} s" if fin.get("part_seconds") else ""
+    lines = ["", f"Finalize ({fin['seconds_1x']:.0f} s and {10 * fin['seconds_1x']:.0f} s sessions{parts}): "
+                 "seconds (GB recorded, GB not hashed while recording)", ""]
+    for i, r in enumerate(fin["runs"]):
+        cells = [f"{k} {r[k]['seconds']} ({r[k].get('recorded_bytes', 0) / 1e9:.1f}, "
+                 f"{r[k].get('left_bytes', 0) / 1e9:.1f})" for k in ("1x", "10x")]
+        lines.append(f"- run {i + 1}: {', '.join(cells)}; ratio {r['ratio']}; finalize's own reading "
+                     f"{r.get('cost_s_per_gb')} s/GB")
+    return lines
 
 
 def write_doc(path: Path, res: dict) -> None:

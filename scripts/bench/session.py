@@ -26,16 +26,18 @@ SETTLE_S = 2.0
 """Seconds after RECORD starts before CPU and RSS are measured (files being created)."""
 
 
-def rig_file(raw: dict, workdir: Path, name: str, daemon: dict | None = None) -> Path:
+def rig_file(raw: dict, workdir: Path, name: str, daemon: dict | None = None, stream: dict | None = None) -> Path:
     """Write a rig with ipc endpoints under ``workdir``, its data root there and any free control port.
 
-    ``daemon`` overrides daemon settings (``--flush-interval``)."""
+    ``daemon`` overrides daemon settings (``--flush-interval``), ``stream`` those of every stream
+    (``--part-seconds``)."""
     raw = copy.deepcopy(raw)
     ipc = workdir / "ipc"
     ipc.mkdir(parents=True, exist_ok=True)
     raw["daemon"].update(data_root=str(workdir / "data"), control={"host": "127.0.0.1", "port": 0}, **(daemon or {}))
     for s in raw["streams"]:
         s["endpoint"] = f"ipc://{ipc}/{s['name']}"
+        s.update(stream or {})
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

@@ -1,0 +1,195 @@
+"""The hasher process: hashes the parts a session's writers closed, while the session records.
+
+``python -m acqd.finalize.hasher SESSION_FOLDER DAEMON_PID``, one per recorded session, started by the daemon
+(``acqd.service.hashing``). It reads jobs (``{"path": ..., "stream": ...}``, one JSON line each) from stdin, and for
+each file takes its sha256 and checks its chunk checksums (``acqd.finalize.integrity.verify_part``), then appends
+an entry to ``digests.jsonl`` (``acqd.finalize.digests``) and reports ``{"done": path, "bytes": n}`` on stdout;
+the end of stdin means no more parts. It runs at the lowest CPU priority and in the idle I/O class (it gets the
+disk when nothing else asks for it), drops what it read from the page cache, dies with the daemon
+(``PR_SET_PDEATHSIG``, as a writer does), and stops as soon as finalize holds ``digests.jsonl``'s lock.
+
+Fault hook for tests (never set in use): ``ACQD_HASHER_FAULT=torn:N`` makes it write half of its N-th line, fsync
+it, write its pid to the file named by ``ACQD_HASHER_MARKER`` and wait to be killed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from acqd.finalize.digests import DIGESTS, Entry, stamp
+from acqd.finalize.integrity import verify_part
+from acqd.finalize.seal import _sha256 as sha256_file  # the one sha256 reader of finalize
+from acqd.record.launch import EXIT_ORPHANED, die_with_parent
+from acqd.record.streamfile import open_for_read
+from acqd.record.video import VIDEO_DIR
+from acqd.session import SESSION_FILE
+
+FAULT_ENV = "ACQD_HASHER_FAULT"
+MARKER_ENV = "ACQD_HASHER_MARKER"
+_STATES_TO_HASH = ("recording", "closed", "interrupted")
+_IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "i686": 289, "armv7l": 314}  # syscall numbers (asm/unistd.h)
+_IOPRIO_IDLE = 3 << 13  # IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT
+
+
+class _FinalizeStarted:
+    """``is_set()`` is True once finalize holds the lock (tested at most every 0.2 s): the hasher stops."""
+
+    def __init__(self, fd: int):
+        self.fd, self.seen, self.tested = fd, False, 0.0
+
+    def is_set(self) -> bool:
+        if not self.seen and time.monotonic() - self.tested > 0.2:
+            self.tested = time.monotonic()
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            except BlockingIOError:
+                self.seen = True
+        return self.seen
+
+
+# -- the hasher process ----------------------------------------------------------------------------------------
+
+
+def digest_part(folder: Path, rel_path: str, stream: str | None, stop: _FinalizeStarted) -> Entry | None:
+    """Hash one file and check its chunks; None if it changed while it was read (it is left to finalize)."""
+    path = Path(folder) / rel_path
+    before = stamp(path)
+    sha = sha256_file(path, stop)
+    chunks = verify_part(stream, path, rel_path).to_dict() if stream is not None and path.suffix == ".h5" else None
+    _drop_from_cache(path)
+    if stamp(path) != before:
+        return None
+    size, mtime_ns, ctime_ns, inode = before
+    return Entry(rel_path, size, mtime_ns, ctime_ns, inode, sha, chunks)
+
+
+def _drop_from_cache(path: Path) -> None:
+    """Read once, not needed again: leave memory to others, as the writers do (acqd.record.streamfile.flush)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def append_entry(fd: int, folder: Path, entry: Entry, fault: int | None = None) -> bool:
+    """Append ``entry`` under the lock, unless finalize has begun (then False: the hasher stops)."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        if _session_state(folder) not in _STATES_TO_HASH:
+            return False
+        line = json.dumps(asdict(entry), sort_keys=True).encode() + b"\n"
+        if fault is not None:  # test hook: a torn line, then wait to be killed
+            os.write(fd, line[:len(line) // 2])
+            os.fsync(fd)
+            Path(os.environ[MARKER_ENV]).write_text(str(os.getpid()))
+            while True:
+                time.sleep(1)
+        os.write(fd, line)
+        os.fsync(fd)
+        return True
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _session_state(folder: Path) -> str | None:
+    try:
+        return json.loads((Path(folder) / SESSION_FILE).read_text()).get("state")
+    except (OSError, ValueError):
+        return None
+
+
+def _open_for_append(folder: Path) -> int:
+    """digests.jsonl for appending; a torn last line (a killed hasher) is ended first, so the next line parses."""
+    fd = os.open(Path(folder) / DIGESTS, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            os.write(fd, b"\n")
+            os.fsync(fd)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    return fd
+
+
+def lower_priority() -> str | None:
+    """nice 19 and the idle I/O class (ioprio_set, or the ionice binary): None, or why the I/O class is not set."""
+    os.nice(19)
+    nr = _IOPRIO_SET.get(platform.machine())
+    if nr is not None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syscall(nr, 1, 0, _IOPRIO_IDLE) == 0:  # IOPRIO_WHO_PROCESS, this process
+            return None
+    if shutil.which("ionice"):
+        done = subprocess.run(["ionice", "-c3", "-p", str(os.getpid())], capture_output=True, timeout=10)
+        if done.returncode == 0:
+            return None
+    return "idle I/O priority not available (no ioprio_set, no ionice)"
+
+
+def run(folder: Path, jobs, out) -> int:
+    """Hash each job read from ``jobs`` (JSON lines) into digests.jsonl until the end of ``jobs`` or finalize; a
+    camera part encoded to video brings its finished video files along."""
+    fault = os.environ.get(FAULT_ENV, "")
+    torn_at = int(fault.split(":")[1]) if fault.startswith("torn:") else None
+    fd = _open_for_append(folder)
+    stop = _FinalizeStarted(fd)
+    n = 0
+    for line in jobs:
+        job = json.loads(line)
+        todo = [(job["path"], job.get("stream"))]
+        while todo:
+            path, stream = todo.pop(0)
+            if stop.is_set() or _session_state(folder) not in _STATES_TO_HASH:
+                return 0
+            try:
+                entry = digest_part(folder, path, stream, stop)
+                todo += [(v, None) for v in _video_files(folder / path)] if stream is not None else []
+            except InterruptedError:  # finalize began while the file was read
+                return 0
+            except OSError as e:  # gone or unreadable: finalize will say so; the hasher goes on
+                print(json.dumps({"done": path, "bytes": 0, "error": str(e)}), file=out, flush=True)
+                continue
+            n += 1
+            if entry is not None and not append_entry(fd, folder, entry, fault=n if n == torn_at else None):
+                return 0
+            print(json.dumps({"done": path, "bytes": entry.size if entry else 0}), file=out, flush=True)
+    return 0
+
+
+def _video_files(part: Path) -> list[str]:
+    """The finished video files a camera part lists, relative to the session folder (none for other parts)."""
+    if part.suffix != ".h5":
+        return []
+    with open_for_read(part) as f:
+        return [f"{VIDEO_DIR}/{name.decode()}" for name in f["video"]["file"][:]] if "video" in f else []
+
+
+def main(argv: list[str] | None = None) -> int:
+    folder, parent = (sys.argv[1:] if argv is None else argv)[:2]
+    die_with_parent()
+    if os.getppid() != int(parent):
+        return EXIT_ORPHANED  # the daemon is already gone
+    problem = lower_priority()
+    if problem:
+        print(f"acqd hasher: {problem}", file=sys.stderr, flush=True)
+    try:
+        return run(Path(folder), sys.stdin, sys.stdout)
+    except BrokenPipeError:  # the daemon went away
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
