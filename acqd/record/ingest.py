@@ -177,21 +177,3 @@ def rising_edges(column: np.ndarray, bit: int, prev_level: bool | None) -> tuple
     before[0] = level[0] if prev_level is None else prev_level
     before[1:] = level[:-1]
     return np.flatnonzero(level & ~before), bool(level[-1])
-
-
-def rising_edges_lines(data: np.ndarray, channels: np.ndarray, bits: np.ndarray, prev_levels: list[bool | None]
-                       ) -> tuple[np.ndarray, np.ndarray, list[bool]]:
-    """``rising_edges`` for several lines (``channels[i]``, ``bits[i]``) of one chunk in one pass: the line and
-    the index within ``data`` of each rising edge, ordered by line then index, and each line's last level.
-
-    One set of array operations per message instead of one per line (the per-line calls cost a slow stream
-    more than its data did).
-    """
-    if len(data) == 0:
-        return np.empty(0, np.intp), np.empty(0, np.intp), [bool(p) for p in prev_levels]
-    level = ((data[:, channels].astype(np.uint64, copy=False) >> bits.astype(np.uint64)) & np.uint64(1)).astype(bool)
-    before = np.empty_like(level)
-    before[0] = [level[0, i] if p is None else p for i, p in enumerate(prev_levels)]
-    before[1:] = level[:-1]
-    line, index = np.nonzero((level & ~before).T)
-    return line, index, level[-1].tolist()

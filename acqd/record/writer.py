@@ -36,10 +36,10 @@ from acqd.config import ChannelSync, EdgeLine, FrameSync, StreamConfig
 from acqd.errors import DiskFullError, ProtocolError, WriterError
 from acqd.record.faults import FAULT_ENV, Faults
 from acqd.record.ingest import (Cursor, Reject, Verdict, advance, check_continuity, check_edges, check_format,
-                                rising_edges_lines, wall_step_ns)
+                                rising_edges, wall_step_ns)
 from acqd.record.preview import Preview, encode_message
 from acqd.wire.protocol import Chunk, Header, decode, peek_seq
-from acqd.record.streamfile import EDGE_DTYPE, UNKNOWN_SEQ, StreamFile, io_errors, last_committed, part_filename
+from acqd.record.streamfile import UNKNOWN_SEQ, StreamFile, io_errors, last_committed, part_filename
 
 WAKE_INTERVAL_S = 0.05
 """Wake at most this often and take what has queued: one wake-up per message (~100/s per stream) costs
@@ -156,8 +156,6 @@ class Writer:
         self.session: dict = {}
         self.part = 0
         self.levels: list[bool | None] = []
-        self._line_channels = np.array([ln.channel for ln in spec.lines], np.intp)  # for rising_edges_lines
-        self._line_bits = np.array([ln.bit for ln in spec.lines], np.uint64)
         self.last_seq: int | None = None
         self.last_message_mono = 0.0
         self.last_chunk: tuple[int, int, int] | None = None  # (first_sample, mono_ns, wall_ns)
@@ -376,22 +374,21 @@ class Writer:
         if chunk.timestamps is not None:
             self.file.add_timestamps(chunk.timestamps, h.n_samples)
         if chunk.offsets is not None and len(chunk.offsets):
-            self.file.add("sync/offsets", chunk.offsets)
+            self.file.queue("sync/offsets", chunk.offsets)  # at the next flush, as the edges
 
     def store_edges(self, data: np.ndarray, driver_edges: np.ndarray | None, first_sample: int, seq: int) -> None:
-        # Queued, not written: the next flush appends every message's edges at once (one HDF5 append per flush;
-        # one per message cost a slow stream more than its data did).
-        if self.spec.lines:
-            line, idx, self.levels = rising_edges_lines(data, self._line_channels, self._line_bits, self.levels)
-            if len(idx):
-                rows = np.empty(len(idx), EDGE_DTYPE)
-                rows["sample"], rows["line"], rows["rising"] = first_sample + idx, line, 1
-                self.file.queue("sync/edges", rows)
+        rows = []
+        for i, line in enumerate(self.spec.lines):
+            idx, self.levels[i] = rising_edges(data[:, line.channel], line.bit, self.levels[i])
+            rows.extend((first_sample + int(k), i, 1) for k in idx)
         if driver_edges is not None and isinstance(self.cfg.sync, FrameSync):
             driver_edges, bad = check_edges(driver_edges)
             for v in bad:  # only the edges that cannot be stored are dropped, each counted with its rule
                 self.reject(v.reject, v.detail, seq, 0)
-            self.file.queue("sync/edges", driver_edges)
+            rows.extend(zip(driver_edges["sample"].tolist(), driver_edges["line"].tolist(),
+                            driver_edges["rising"].tolist()))
+        if rows:  # appended at the next flush with every message's edges since: one HDF5 append, not one per message
+            self.file.queue("sync/edges", rows)
 
     # -- the loop ------------------------------------------------------------------------------
     def on_command(self, msg: dict) -> None:

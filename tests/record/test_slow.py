@@ -125,7 +125,7 @@ def test_drained_batch_with_rejects_in_the_middle_is_bit_exact_with_every_reject
         assert w.close() == 0
 
 
-def test_sync_edges_of_a_drained_batch_are_found_in_one_pass_and_appended_once_per_flush(tmp_path):
+def test_sync_edges_of_a_drained_batch_are_appended_once_per_flush(tmp_path):
     """Edges of every message between two flushes go to /sync/edges in one HDF5 append (one per message cost a
     slow stream more than its data), the same edges, in the same order, as line by line and message by message."""
     ctx = zmq.Context()
