@@ -19,6 +19,8 @@ This module is the only place that turns stream config into HDF5 calls (``datase
 Every dataset exists before SWMR starts (attributes cannot be added later). ``flush`` writes the
 data first and the index rows that describe it second, so an index row always points at data that
 reached the file: after any crash, the index — not the dataset extent — says what was committed.
+Sync edges and clock offsets arrive with most messages; they are queued and appended at the flush, with
+the data they belong to, one HDF5 append per flush instead of one per message.
 Rows are handed to HDF5 whole chunks at a time (a chunk holds at most CHUNK_MAX_S of data), so the
 last partial chunk is committed at the first flush after it fills, or at close.
 """
