@@ -90,7 +90,6 @@ def test_slow_stream_after_a_long_idle_spell_is_flushed_within_flush_interval_an
         assert w.close() == 0
 
 
-
 def test_drained_batch_with_rejects_in_the_middle_is_bit_exact_with_every_reject_and_gap_recorded(tmp_path):
     """A slow synced stream handles what queued between two timers at once: the messages around a rejected one
     (wrong dtype, its edges not stored) and around a seq jump are stored bit-exact, and the reject, the gaps and
