@@ -19,6 +19,8 @@ This module is the only place that turns stream config into HDF5 calls (``datase
 Every dataset exists before SWMR starts (attributes cannot be added later). ``flush`` writes the
 data first and the index rows that describe it second, so an index row always points at data that
 reached the file: after any crash, the index — not the dataset extent — says what was committed.
+Sync edges and clock offsets arrive with most messages; they are queued and appended at the flush, with
+the data they belong to, one HDF5 append per flush instead of one per message.
 Rows are handed to HDF5 whole chunks at a time (a chunk holds at most CHUNK_MAX_S of data), so the
 last partial chunk is committed at the first flush after it fills, or at close.
 """
@@ -139,6 +141,9 @@ class StreamFile:
     """Something was appended since the last flush (a flush of an unchanged file is skipped; so is its fsync)."""
     unsynced: bool = True
     """Something was flushed since the last fsync."""
+    queued: dict[str, list] = field(default_factory=dict)
+    """Small-table rows held until the next flush (``queue``): one HDF5 resize and write per table per flush
+    instead of one per message, which cost more than the message itself on a slow stream."""
     fsync: Callable[[int], None] = field(default=lambda fd: os.fsync(fd))
     """How the file descriptor is fsynced (a seam for the ACQD_FAULT hook; see acqd.record.faults)."""
     _open: dict[str, h5py.Dataset] = field(default_factory=dict)
@@ -234,6 +239,21 @@ class StreamFile:
                 dset.resize(n + len(rows), axis=0)
                 dset[n:] = rows
 
+    def queue(self, table: str, rows: np.ndarray | list[tuple]) -> None:
+        """Append rows to a small table at the next flush, in the order queued (before that flush writes anything
+        durable, so a kill -9 loses no more than it would of the data they describe)."""
+        if len(rows):
+            self.changed = True
+            dtype = TABLES[table]
+            self.queued.setdefault(table, []).append(
+                rows.astype(dtype) if isinstance(rows, np.ndarray) else np.asarray(rows, dtype=dtype))
+
+    def write_queued(self) -> None:
+        """Write what ``queue`` held: one append per table."""
+        queued, self.queued = self.queued, {}
+        for table, parts in queued.items():
+            self.add(table, parts[0] if len(parts) == 1 else np.concatenate(parts))
+
     def _video_files(self, finished: list[tuple[str, int, int]]) -> None:
         self.add("video", [(name.encode(), first, n) for name, first, n in finished])
 
@@ -254,6 +274,7 @@ class StreamFile:
         if not self.changed and (not fsync or not self.unsynced):
             return  # an idle stream: nothing to write, nothing to sync
         self.unsynced = self.unsynced or self.changed
+        self.write_queued()
         with io_errors(self.path):
             if self.video is not None:  # the index lists only frames in finished (closed) video files
                 self._video_files(self.video.take_finished())

@@ -382,7 +382,7 @@ class Writer:
         if chunk.timestamps is not None:
             self.file.add_timestamps(chunk.timestamps, h.n_samples)
         if chunk.offsets is not None and len(chunk.offsets):
-            self.file.add("sync/offsets", chunk.offsets)
+            self.file.queue("sync/offsets", chunk.offsets)  # at the next flush, as the edges
 
     def store_edges(self, data: np.ndarray, driver_edges: np.ndarray | None, first_sample: int, seq: int) -> None:
         rows = []
@@ -395,8 +395,8 @@ class Writer:
                 self.reject(v.reject, v.detail, seq, 0)
             rows.extend(zip(driver_edges["sample"].tolist(), driver_edges["line"].tolist(),
                             driver_edges["rising"].tolist()))
-        if rows:
-            self.file.add("sync/edges", rows)
+        if rows:  # appended at the next flush with every message's edges since: one HDF5 append, not one per message
+            self.file.queue("sync/edges", rows)
 
     # -- the loop ------------------------------------------------------------------------------
     def on_command(self, msg: dict) -> None:

@@ -5,12 +5,19 @@ what arrives after a long idle spell is flushed within flush_interval_s, and the
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
+import h5py
 import numpy as np
+import zmq
 
+from acqd.config import EdgeLine, StreamConfig
+from acqd.record.ingest import Gap, Reject, rising_edges
 from acqd.record.streamfile import open_for_read
+from acqd.record.writer import BATCH_LIMIT, Writer, WriterSpec
 from acqd.service.procs import wait_until
+from acqd.wire.protocol import EDGE_DTYPE as WIRE_EDGE_DTYPE
 from tests.record.livewriter import LiveWriter, message
 
 DAEMON_TIMING = {"flush_interval_s": 0.5, "fsync_interval_s": 1.0, "stats_interval_s": 0.5,
@@ -82,3 +89,75 @@ def test_slow_stream_after_a_long_idle_spell_is_flushed_within_flush_interval_an
     finally:
         assert w.close() == 0
 
+
+def test_drained_batch_with_rejects_in_the_middle_is_bit_exact_with_every_reject_and_gap_recorded(tmp_path):
+    """A slow synced stream handles what queued between two timers at once: the messages around a rejected one
+    (wrong dtype, its edges not stored) and around a seq jump are stored bit-exact, and the reject, the gaps and
+    the driver's edges are recorded exactly as message by message."""
+    w = LiveWriter(tmp_path, sync={"source": "frame"}, timing=DAEMON_TIMING)
+    try:
+        w.connected()
+        w.record()
+        w.stats()  # just after a drain: what follows queues until the next timer and is handled as one batch
+        kept, edges = [], []
+        for seq in (0, 1, 2, 3, 4, 6, 7):  # seq 3 has the wrong dtype; seq 5 never arrives
+            bad = seq == 3
+            edge = np.array([(seq * 10 + 2, seq % 2, 1)], dtype=WIRE_EDGE_DTYPE)
+            frames, data = message(seq, seq * 10, edges=edge, dtype="<i4" if bad else "<i2")
+            w.driver.send_multipart(frames)
+            if not bad:
+                kept.append(data)
+                edges.append((seq * 10 + 2, seq % 2, 1))
+        st = w.wait_handled(7)
+        assert st["total"]["messages"] == 6 and st["total"]["rejected"] == {"dtype": 1}
+        w.stop()
+        with open_for_read(w.folder / "s.h5") as f:
+            assert np.array_equal(f["data"][:], np.concatenate(kept))
+            assert f["index"]["seq"].tolist() == [0, 1, 2, 4, 6, 7]
+            assert f["index"]["file_row"].tolist() == [0, 10, 20, 30, 40, 50]
+            assert [tuple(r) for r in f["rejects"][:][["reason", "seq", "nbytes"]].tolist()] == [
+                (Reject.DTYPE, 3, sum(map(len, message(3, 30, edges=edge, dtype="<i4")[0])))]
+            gaps = f["gaps"][:][["kind", "seq_from", "seq_to", "sample_from", "sample_to", "file_row"]].tolist()
+            assert [tuple(g) for g in gaps] == [(Gap.SEQ, 3, 4, 30, 40, 30), (Gap.SEQ, 5, 6, 50, 60, 40)]
+            assert f["sync/edges"][:].tolist() == edges
+    finally:
+        assert w.close() == 0
+
+
+def test_sync_edges_of_a_drained_batch_are_appended_once_per_flush(tmp_path):
+    """Edges of every message between two flushes go to /sync/edges in one HDF5 append (one per message cost a
+    slow stream more than its data), the same edges, in the same order, as line by line and message by message."""
+    ctx = zmq.Context()
+    router, driver = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUSH)
+    router.bind(f"ipc://{tmp_path}/c")
+    driver.bind(f"ipc://{tmp_path}/d")
+    cfg = StreamConfig.model_validate({"name": "s", "endpoint": f"ipc://{tmp_path}/d", "socket": "pull",
+                                       "dtype": "int16", "shape": (4,), "rate": 1000.0,
+                                       "sync": {"source": "channel", "channel": 3, "bit": 0}})
+    lines = [EdgeLine(label="sync", channel=3, bit=0), EdgeLine(label="strobe:cam", channel=3, bit=2)]
+    w = Writer(WriterSpec(stream=cfg, lines=lines, control=f"ipc://{tmp_path}/c", flush_interval_s=0.5,
+                          fsync_interval_s=None, stats_interval_s=0.5, clock_pair_interval_s=1.0))
+    try:
+        w.start_recording(str(tmp_path), {"session_id": "t"}, 0)
+        sent = []
+        for seq in range(40):
+            frames, data = message(seq, seq * 10)
+            sent.append(data)
+            driver.send_multipart(frames)
+        appends = Counter()
+        add = w.file.add
+        w.file.add = lambda table, rows: (appends.update([table]), add(table, rows))
+        wait_until(lambda: w.drain(BATCH_LIMIT) or w.total.messages == 40, "40 messages", 10, 0.01)
+        w.file.flush(False)
+        assert appends["sync/edges"] == 1
+        column = np.concatenate(sent)[:, 3]
+        expected = [(int(k), i, 1) for i, ln in enumerate(lines) for k in rising_edges(column, ln.bit, None)[0]]
+        with h5py.File(w.file.path, "r", swmr=True) as f:
+            stored = f["sync/edges"][:].tolist()
+        # Per message the order is line by line; across messages, message by message.
+        assert sorted(stored, key=lambda e: (e[0] // 10, e[1], e[0])) == stored
+        assert sorted(stored) == sorted(expected) and len(expected) > 40
+        w.close_file()
+    finally:
+        w.ctx.destroy(linger=0)
+        ctx.destroy(linger=0)
