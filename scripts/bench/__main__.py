@@ -8,7 +8,7 @@
 
 Scenarios (``--scenarios``, comma-separated; default all):
   reference  configs/bench-rig.yaml (4 probes, 2 cameras, NIDAQ, 2 sensors) recorded for ``--seconds``:
-             messages lost, acqd CPU (supervisor + writers), RSS over time, publish->flushed latency, MB/s.
+             messages lost, acqd CPU (supervisor + writers + hasher), RSS over time, publish->flushed latency, MB/s.
   ramp       N probes (1, 2, 4, 6, ...) for ``--step-seconds`` each until the first loss, uncompressed
              and with blosc-lz4: the highest aggregate MB/s acqd keeps up with.
   naive      the same ramp into a naive single-process receiver (scripts/bench_baselines.py).

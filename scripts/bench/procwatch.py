@@ -28,6 +28,19 @@ def cpu_ticks(pid: int) -> int | None:
     return int(fields[11]) + int(fields[12])
 
 
+def children_running(parent: int, module: str) -> list[int]:
+    """Pids of ``parent``'s child processes started as ``python -m module``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent \
+                    and (d / "cmdline").read_bytes().split(b"\0")[1:3] == [b"-m", module.encode()]:
+                out.append(int(d.name))
+        except (OSError, IndexError, ValueError):  # gone meanwhile, or not a python -m child
+            continue
+    return out
+
+
 def status_kb(pid: int, key: str) -> int | None:
     """A ``kB`` field of /proc/<pid>/status (VmRSS, VmHWM)."""
     try:

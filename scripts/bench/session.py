@@ -16,7 +16,7 @@ import yaml
 from acqd.record.streamfile import open_for_read
 from acqd.service.procs import Daemon, Simulator, wait_until
 from bench.common import BENCH_RIG
-from bench.procwatch import RSS_LIMIT_MB, ProcWatch, is_acqd, wait_quiet
+from bench.procwatch import CLK_TCK, RSS_LIMIT_MB, ProcWatch, children_running, cpu_ticks, is_acqd, wait_quiet
 
 SIM_BEHIND_LIMIT_S = 0.25
 """A ramp step fails if the simulator ran this much later than its real-time schedule."""
@@ -151,6 +151,8 @@ def record(config: Path, workdir: Path, seconds: float, sample_s: float, quiet_w
         pids = {"supervisor": daemon.pid, **writers, "simulator": sim.proc.pid}
         with ProcWatch(pids, sample_s, rss_limit_mb) as watch:
             watch.sleep(seconds)
+            # the session's hasher starts when the first part closes, inside the window: all its CPU is the window's
+            hasher_ticks = sum(cpu_ticks(p) or 0 for p in children_running(daemon.pid, "acqd.finalize.hasher"))
         status = daemon.command("status")
         daemon.command("stop")
         daemon.command("stop", idle=True)
@@ -159,9 +161,11 @@ def record(config: Path, workdir: Path, seconds: float, sample_s: float, quiet_w
             sim.stop()
         daemon.stop()
     cpu = watch.cpu_pct()
+    cpu["hasher"] = round(100 * hasher_ticks / CLK_TCK / watch.seconds, 1)
     acqd_cpu = sum(v or 0.0 for k, v in cpu.items() if is_acqd(k))
     return {"folder": folder, "window_s": round(watch.seconds + SETTLE_S, 2), "cpu_pct": cpu,
-            "acqd_cpu_pct": round(acqd_cpu, 1), "acqd_cpu_per_30s": watch.acqd_cpu_timeline(), "sim_cpu_pct": cpu["simulator"], "others_cpu_pct": watch.others_pct(),
+            "acqd_cpu_pct": round(acqd_cpu, 1), "acqd_cpu_per_30s": watch.acqd_cpu_timeline(),
+            "sim_cpu_pct": cpu["simulator"], "others_cpu_pct": round(watch.others_pct() - cpu["hasher"], 1),
             "quiet_before": quiet, "rss": watch.rss_summary(),
             "error": watch.overflow, "status_gaps": sum(s["gaps"] for s in status["streams"].values()),
             "status_rejected": sum(s["rejected"] for s in status["streams"].values()),
