@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -180,6 +181,7 @@ def _video_files(part: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     folder, parent = (sys.argv[1:] if argv is None else argv)[:2]
     die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on the daemon's terminal is the daemon's to handle
     if os.getppid() != int(parent):
         return EXIT_ORPHANED  # the daemon is already gone
     problem = lower_priority()
