@@ -72,10 +72,14 @@ def unseal_session(folder: Path) -> None:
 
 
 def _chmod(path: Path, mode: Callable[[int], int]) -> None:
-    """chmod ``path`` itself to ``mode(current mode)``; a symbolic link raises (ELOOP) instead of being followed."""
+    """chmod ``path`` itself to ``mode(current mode)``; a symbolic link raises (ELOOP) instead of being followed.
+    An unchanged mode is not set again: every chmod moves ctime, which would void the file's digest taken while
+    recording (acqd.finalize.digests) after a finalize that rolled back."""
     fd = os.open(path, _OPEN_FOR_FLAGS)
     try:
-        os.fchmod(fd, mode(os.fstat(fd).st_mode) & 0o7777)
+        current = os.fstat(fd).st_mode & 0o7777
+        if (new := mode(current) & 0o7777) != current:
+            os.fchmod(fd, new)
     finally:
         os.close(fd)
 

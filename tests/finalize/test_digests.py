@@ -22,8 +22,9 @@ from hdmf.backends.warnings import BrokenLinkWarning
 from pynwb import NWBHDF5IO
 
 from acqd.finalize import finalize_session, unseal_session, verify_manifest
-from acqd.finalize.digests import DIGESTS, read_entries
+from acqd.finalize.digests import DIGESTS, read_entries, stamp
 from acqd.finalize.hasher import FAULT_ENV, MARKER_ENV, _open_for_append
+from acqd.finalize.seal import unseal
 from acqd.service.procs import pid_alive, wait_until
 from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
 
@@ -164,6 +165,16 @@ def test_kill9_of_the_daemon_while_hashing_leaves_a_session_that_finalizes(tmp_p
                 assert assert_bit_exact(f, rig, "probe") == f["data"].shape[0] > 0
     finally:
         unseal_session(folder)
+
+
+def test_a_rolled_back_finalize_leaves_unsealed_parts_as_they_were_hashed(tmp_path):
+    # A failed finalize unseals every part; a part it never sealed must keep its stamp (ctime included), or the
+    # next finalize would distrust and re-hash every digest taken while recording.
+    part = tmp_path / "probe.part001.h5"
+    part.write_bytes(b"x" * 4096)
+    before = stamp(part)
+    unseal([part])
+    assert stamp(part) == before
 
 
 def test_a_torn_line_is_ignored_and_ended_before_the_next_entry(tmp_path):
