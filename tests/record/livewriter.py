@@ -117,6 +117,22 @@ class LiveWriter:
         self.command(cmd="stop")
         return self.wait_for(lambda m: m["type"] == "closed" and m.get("final", True), "the file to close", since=n)
 
+    def rebind_driver(self, timeout_s: float = 20.0) -> None:
+        """Close the driver socket and bind a fresh one on the same endpoint, as a driver restarting its socket does.
+        The old listener has removed its ipc file (its CLOSED event) before the new one binds, so it cannot remove
+        the new one's."""
+        monitor = self.driver.get_monitor_socket(zmq.EVENT_CLOSED)
+        self.driver.unbind(self.cfg.endpoint)
+        if not monitor.poll(int(timeout_s * 1000)):
+            raise TimeoutError(f"the driver socket still listens on {self.cfg.endpoint}")
+        self.driver.disable_monitor()
+        monitor.close(linger=0)
+        kind = self.driver.type
+        self.driver.close(linger=0)
+        self.driver = self.ctx.socket(kind)
+        self.driver.setsockopt(zmq.LINGER, 0)
+        self.driver.bind(self.cfg.endpoint)
+
     def connected(self, count: int = 1) -> None:
         self.wait_for(lambda m: m["type"] == "event" and m["kind"] == "connected"
                       and len(self.events("connected")) >= count, f"{count} driver connection(s)")
