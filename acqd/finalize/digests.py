@@ -98,19 +98,25 @@ def trusted(folder: Path, paths: list[Path]) -> tuple[dict[Path, Entry], list[st
 
 
 def lock_for_finalize(folder: Path) -> tuple[int, bool]:
-    """Finalize's exclusive lock on digests.jsonl (created empty if absent, so a hasher that starts late sees it);
-    returns the descriptor to close at the end of the run and whether the file was created. Raises TimeoutError if
-    it cannot be had."""
+    """Finalize's exclusive lock on digests.jsonl (created empty if absent, so a hasher that starts late sees it),
+    the file then fsynced (the hasher's last line may not be yet, and the manifest will hold its digest); returns
+    the descriptor to close at the end of the run and whether the file was created. Raises TimeoutError if it
+    cannot be had."""
     path = Path(folder) / DIGESTS
     created = not path.exists()
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd, created
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                os.close(fd)
-                raise TimeoutError(f"{DIGESTS} stayed locked for {LOCK_WAIT_S:.0f} s") from None
-            time.sleep(0.01)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{DIGESTS} stayed locked for {LOCK_WAIT_S:.0f} s") from None
+                time.sleep(0.01)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, created

@@ -85,7 +85,9 @@ def _drop_from_cache(path: Path) -> None:
 
 
 def append_entry(fd: int, folder: Path, entry: Entry, fault: int | None = None) -> bool:
-    """Append ``entry`` under the lock, unless finalize has begun (then False: the hasher stops)."""
+    """Append ``entry`` under the lock, unless finalize has begun (then False: the hasher stops). The fsync comes
+    after the lock is released: at the idle I/O priority it may wait behind other writes, and finalize must not wait
+    with it (finalize fsyncs the file itself once it holds the lock, ``digests.lock_for_finalize``)."""
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         if _session_state(folder) not in _STATES_TO_HASH:
@@ -98,10 +100,10 @@ def append_entry(fd: int, folder: Path, entry: Entry, fault: int | None = None) 
             while True:
                 time.sleep(1)
         os.write(fd, line)
-        os.fsync(fd)
-        return True
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
+    os.fsync(fd)
+    return True
 
 
 def _session_state(folder: Path) -> str | None:
