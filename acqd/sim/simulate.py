@@ -3,8 +3,9 @@
 ``Rig(cfg, params)`` is deterministic for a seed: each device has a ``DeviceClock`` (offset, drift,
 optional wander), every device sees the same sync pulses in its own sample counter (random intervals,
 a regular square wave or barcodes: ``SimParams.sync``), and sample values come from a pre-built pool
-of band-limited noise with spikes (so compression ratios mean something and publishing costs little CPU). Tests rebuild the same ``Rig``
-to know exactly what was sent: ``samples(stream, first, n)`` and ``expected_edges(stream, line)``.
+of band-limited noise with spikes (so compression ratios mean something), sent as pre-built ZeroMQ frames
+whenever no digital line is high in a message (so publishing costs little CPU). Tests rebuild the same
+``Rig`` to know exactly what was sent: ``samples(stream, first, n)`` and ``expected_edges(stream, line)``.
 
 ``run`` paces the devices in real time and injects faults (``Fault``); ``truth()`` is the record
 of what happened, written to JSON by ``acqd simulate --truth``.
@@ -122,6 +123,28 @@ class Device:
     """Digital lines in this device's data: (channel, bit) -> (rising, falling) sample indices."""
     pulse_edges: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     """Where this device's counter saw each sync pulse rise."""
+    _prebuilt: dict[int, tuple[np.ndarray, zmq.Frame]] | None = field(default=None, init=False, repr=False)
+
+    def message(self, first: int) -> tuple[np.ndarray, zmq.Frame | None]:
+        """The samples of the message starting at ``first`` (``chunk`` of them), and the same bytes as a pre-built
+        ZeroMQ frame when no digital line is high in them: a frame is sent again and again without a copy, so the
+        load generator costs little per message. No frame when the message must be built: a pulse in it, or
+        the pool's end inside it."""
+        if self._prebuilt is None:
+            self._prebuilt = self._prebuild(first)
+        n = self.chunk
+        if any(np.searchsorted(up, first + n) > np.searchsorted(down, first, "right")
+               for up, down in self.lines.values()):
+            return self.samples(first, n), None
+        return self._prebuilt.get(first % len(self.pool)) or (self.samples(first, n), None)
+
+    def _prebuild(self, first: int) -> dict[int, tuple[np.ndarray, zmq.Frame]]:
+        """A frame per message of the pool for messages following ``first``, by offset in the pool. The digital
+        lines' channels of the pool are set to 0 first: ``samples`` overwrites them anyway (0 between pulses)."""
+        for channel, _ in self.lines:
+            self.pool[:, channel] = 0
+        offsets = range(first % self.chunk, len(self.pool) - self.chunk + 1, self.chunk)
+        return {o: (v, zmq.Frame(v, copy=False)) for o in offsets for v in [self.pool[o:o + self.chunk]]}
 
     def samples(self, first: int, n: int) -> np.ndarray:
         """Exactly what the device sends for samples [first, first + n)."""
@@ -225,7 +248,7 @@ def run(rig: Rig, seconds: float, faults: list[Fault] = (), *, wait_for_peers_s:
                 break
             for name, dev in rig.devices.items():
                 while dev.clock.time_of(dev.next_sample + dev.chunk) <= now:
-                    data = dev.samples(dev.next_sample, dev.chunk)
+                    data, frame = dev.message(dev.next_sample)
                     edges = None
                     if isinstance(dev.cfg.sync, FrameSync):
                         e = dev.pulse_edges
@@ -237,7 +260,8 @@ def run(rig: Rig, seconds: float, faults: list[Fault] = (), *, wait_for_peers_s:
                         injected.append(_inject(fault, pub, dev, data, edges, ctx, pubs, held))
                     else:
                         # The simulated devices' clock is the host's: publish -> flushed latency is measurable.
-                        pub.send(data, first_sample=dev.next_sample, edges=edges, device_time_ns=time.time_ns())
+                        pub.send(data, first_sample=dev.next_sample, edges=edges, device_time_ns=time.time_ns(),
+                                 frame=frame)
                         for late in held.pop(name, []):
                             pub.sock.send_multipart(late)
                     rec = sent[name]

@@ -44,13 +44,17 @@ class Publisher:
 
     def send(self, data: np.ndarray, *, first_sample: int | None = None, device_time_ns: int = 0,
              timestamps: np.ndarray | None = None, edges: np.ndarray | None = None,
-             offsets: np.ndarray | None = None) -> int:
-        """Send ``data`` (time on the first axis); returns the seq used."""
+             offsets: np.ndarray | None = None, frame: zmq.Frame | None = None) -> int:
+        """Send ``data`` (time on the first axis); returns the seq used. ``frame``: ``data``'s bytes already in a
+        ZeroMQ frame, sent instead (a frame can be sent any number of times, never copied)."""
         if data.dtype.str != self.dtype or data.shape[1:] != self.shape:
             raise ValueError(f"{self.stream}: data {data.dtype}{data.shape[1:]} is not {self.dtype}{self.shape}")
         first = self.next_sample if first_sample is None else first_sample
         h = Header(self.stream, self.seq, self.epoch, first, len(data), self.dtype, self.shape, device_time_ns)
-        self.sock.send_multipart(encode(h, data, timestamps, edges, offsets), copy=len(data.data) < 65536)
+        frames = encode(h, data, timestamps, edges, offsets)
+        if frame is not None:
+            frames[2] = frame
+        self.sock.send_multipart(frames, copy=len(data.data) < 65536)
         seq, self.seq, self.next_sample = self.seq, self.seq + 1, first + len(data)
         return seq
 
