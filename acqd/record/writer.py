@@ -48,8 +48,8 @@ own sync edges: a strobed stream (a camera) is paired with its strobes by host r
 without sync is timed by it, and a message that waited in the queue would carry it late by up to this much
 (more than half a frame period at 60 fps)."""
 SLOW_BYTES_PER_S = 1_000_000
-"""A stream whose configured data rate is at most this, and that carries its own sync edges, is not woken per
-message: its queue is drained whenever a timer is due (stats every stats_interval_s, then the flush), so it costs
+"""A stream whose configured data rate is at most this, and that carries its own sync edges (and no camera's
+strobes: see ``Writer.drains_at_deadlines``), is not woken per message: its queue is drained whenever a timer is due (stats every stats_interval_s, then the flush), so it costs
 a few wake-ups a second whatever its message rate. What it received is flushed in the same wake-up, so the data a
 kill -9 loses stays bounded by flush_interval_s (plus what ZeroMQ still held, as for any stream). Its host receive
 times are those of the drain; the last message of each drain arrived at most a message period earlier, and the
@@ -514,9 +514,12 @@ class Writer:
             return self.abandon(EXIT_WRITE_ERROR)
 
     def drains_at_deadlines(self) -> bool:
-        """Whether this stream's queue is drained only when a timer is due (a slow stream with its own sync edges)."""
+        """Whether this stream's queue is drained only when a timer is due: a slow stream with its own sync edges,
+        unless a camera strobes one of its lines (the frames pair with those strobes through this stream's host
+        receive times, which a drain makes late by up to a message period)."""
         synced = isinstance(self.cfg.sync, (ChannelSync, FrameSync))
-        return synced and self.cfg.rate * self.cfg.sample_bytes <= SLOW_BYTES_PER_S
+        strobed = any(line.label.startswith("strobe:") for line in self.spec.lines)
+        return synced and not strobed and self.cfg.rate * self.cfg.sample_bytes <= SLOW_BYTES_PER_S
 
     def drain(self, limit: int) -> None:
         """Handle what is queued on the data socket, but bounded, so control and flushing are never starved."""
