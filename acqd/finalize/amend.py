@@ -29,6 +29,7 @@ from acqd.config import SessionMetadata
 from acqd.errors import FinalizeError, SessionError
 from acqd.finalize import _exclusive, nwb
 from acqd.finalize.layout import MANIFEST, PARTIAL
+from acqd.finalize.seal import _sha256 as sha256_file  # the one sha256 reader of finalize
 from acqd.finalize.seal import seal_paths, unseal, verify_manifest
 from acqd.metadata import MetadataError, changes, merge, validation_message
 from acqd.session import (CLOSED, FINALIZED, INTERRUPTED, SESSION_FILE, fsync_dir, json_bytes, now_iso, read_session,
@@ -130,7 +131,7 @@ def _rewrite_master(folder: Path, session: dict, sid: str, old: dict, new: dict,
     counts: dict[str, int] = {}
     for m in check.inspector:
         counts[m["importance"]] = counts.get(m["importance"], 0) + 1
-    return {"previous_master_sha256": _sha256(master), "master_sha256": _sha256(partial), "inspector": counts}
+    return {"previous_master_sha256": sha256_file(master), "master_sha256": sha256_file(partial), "inspector": counts}
 
 
 def _commit_finalized(folder: Path, sid: str, record: dict) -> None:
@@ -172,11 +173,3 @@ def _replace(f: h5py.File, field: str, old: object, new: object) -> None:
     data = [str(v) for v in new] if is_list else str(new)
     f.create_dataset(path, data=data, dtype=h5py.string_dtype())
     f[path].attrs.update(attrs)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(4 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
