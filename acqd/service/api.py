@@ -121,7 +121,7 @@ def create_app(sup: Supervisor, ctl: ControlConfig, cfg: RigConfig, request_stop
     from acqd.service.openephys import openephys_router
 
     app = FastAPI(title="acqd control API", version="1", description=(__doc__ or "").split("\n\n")[0],
-                  openapi_url="/openapi.json", docs_url="/docs", redoc_url=None)
+                  openapi_url="/openapi.json", docs_url=None, redoc_url=None)  # /docs: mount_console
     app.state.closing = threading.Event()
 
     @app.get("/api/status", response_model=StatusResponse, tags=["open ephys"],

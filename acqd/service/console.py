@@ -1,13 +1,13 @@
 """The rig console: the web page at ``/`` and the few read paths only it needs (``/api/console/...``).
 
 This module owns the page's static files (``acqd/service/web/``: HTML, CSS, one JS module per panel, uPlot
-vendored) and the console's own routes: the rig's description for the page, live form checks with the same
+vendored), the API reference page ``/docs`` (Swagger UI vendored too, so that it works offline), and the console's own routes: the rig's description for the page, live form checks with the same
 models the ``record`` command uses, the sessions list with size, duration and QC, a session's QC files, the
 current session's incidents and annotations, and the live preview stream. Everything else the page does goes
 through the control API itself (commands, ``/api/status``, ``/api/events``, ``/api/message``).
 
 No route here takes the supervisor's thread: they read the config (frozen), the session folders on disk, the
-published snapshot, and the preview hub (``acqd.service.previews``), which switches the writers' preview on
+published snapshot, the job records (each written by its own thread before its ``job`` event), and the preview hub (``acqd.service.previews``), which switches the writers' preview on
 while at least one page holds ``GET /api/console/preview`` open.
 """
 
@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -39,6 +40,7 @@ from acqd.service.previews import FLUSH_S
 from acqd.service.supervisor import Supervisor
 
 WEB_DIR = Path(__file__).with_name("web")
+SWAGGER = "/console/vendor/swagger-ui"  # Swagger UI for /docs, from the package: a rig PC may have no internet
 QC_FILES = (".png", ".html", ".json", ".svg", ".css", ".js")
 """What ``/api/console/sessions/<id>/qc/<name>`` serves from a session's QC folder."""
 KEEPALIVE_S = 5.0
@@ -130,10 +132,14 @@ def _seconds_between(start: str | None, stop: str | None) -> float | None:
 
 
 def _jobs(sup: Supervisor) -> dict[str, dict[str, dict]]:
-    """session id -> kind -> job, from the published snapshot (never the supervisor's thread)."""
+    """session id -> kind -> job, read from the job records themselves (never the supervisor's thread).
+
+    Not from the snapshot: it can be a quarter of a second older than a job's last event, and a page that
+    reloads the list on that event would draw the finished job as still running (its Export button disabled).
+    """
     out: dict[str, dict[str, dict]] = {}
-    for job in sup.snapshot.status.get("jobs") or []:
-        out.setdefault(job["session"], {})[job["kind"]] = dict(job)
+    for (kind, session), job in list(sup.jobs.items()):  # list(): one atomic copy while start_job may add one
+        out.setdefault(session, {})[kind] = {"kind": kind, "session": session, **job.as_dict(with_report=False)}
     return out
 
 
@@ -312,3 +318,10 @@ def mount_console(app: FastAPI, sup: Supervisor, closing: threading.Event) -> No
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(WEB_DIR / "index.html")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - Swagger UI",
+                                   swagger_js_url=f"{SWAGGER}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{SWAGGER}/swagger-ui.css",
+                                   swagger_favicon_url=f"{SWAGGER}/favicon-32x32.png")

@@ -149,6 +149,9 @@ def test_operator_records_annotates_and_finalizes_from_the_console(browser, tmp_
     ui.expect_mode("ACQUIRE")
     ui.expect(ui.card("probe").locator(".problems")).to_contain_text("no driver connected")
     ui.expect(ui.page.locator("#preflight")).to_contain_text("stream 'probe' is silent")  # before any press
+    camera = ui.page.locator("#previews [data-stream='camera']")
+    ui.expect(camera.locator(".camera-status")).to_have_text("waiting for frames")
+    ui.expect(camera.locator("img.thumbnail")).to_be_hidden()  # no broken-image icon before the first frame
     ui.shot("acquiring-no-drivers")
     sim = Simulator(rig, 90, seed=3)  # the rig's drivers start publishing
     try:
@@ -166,7 +169,19 @@ def test_operator_records_annotates_and_finalizes_from_the_console(browser, tmp_
         ui.expect(ui.field_error("subject.age")).to_contain_text("does not follow ISO 8601 duration format, e.g. 'P2Y'")
         ui.expect(ui.field_error("subject.age")).to_contain_text("(check_subject_age)")
         ui.expect(ui.page.locator("#preflight li")).to_have_count(0)  # every required stream delivers
+        # nwbinspector's three sentences: the first one shows, the rest on demand; nothing overflows the form.
+        age_error = ui.field_error("subject.age")
+        ui.expect(age_error.locator(".short")).to_have_text(_re(r"for 23 weeks\. \(check_subject_age\)$"))
+        ui.expect(age_error.locator("details")).not_to_have_attribute("open", "")
+        assert ui.page.evaluate("(f => f.scrollWidth <= f.clientWidth)(document.getElementById('record-form'))")
         ui.shot("invalid-age")
+        short_h = age_error.bounding_box()["height"]
+        age_error.locator("summary").click()
+        ui.expect(age_error.locator("details")).to_have_attribute("open", "")
+        ui.expect(age_error.locator("details")).to_contain_text("'P1D/P3D'")
+        assert age_error.bounding_box()["height"] > 1.8 * short_h  # what "more" showed had been left out
+        assert ui.page.evaluate("(f => f.scrollWidth <= f.clientWidth)(document.getElementById('record-form'))")
+        ui.shot("invalid-age-more")
         ui.start_recording()
         ui.expect(ui.field_error("subject.age")).to_contain_text("does not follow ISO 8601 duration format, e.g. 'P2Y'")
         ui.expect(ui.field_error("subject.age")).to_contain_text("(check_subject_age)")
@@ -199,6 +214,11 @@ def test_operator_records_annotates_and_finalizes_from_the_console(browser, tmp_
         ui.shot("stopped")
     finally:
         sim.stop()
+    # The drivers are gone: each preview keeps its last picture, marked stale with its age.
+    probe_preview = ui.page.locator("#previews [data-stream='probe']")
+    ui.expect(probe_preview).to_have_class(_re(r"\bstale\b"))
+    ui.expect(probe_preview.locator(".stale-mark")).to_have_text(_re(r"^stale: no data for \d+ s$"))
+    ui.shot("stale-previews")
 
     ui.finalize("console_run")
     ui.expect(ui.session_row("console_run").locator(".job")).to_contain_text("finalize")
@@ -210,7 +230,31 @@ def test_operator_records_annotates_and_finalizes_from_the_console(browser, tmp_
     ui.qc("console_run").scroll_into_view_if_needed()
     ui.shot("finalized-qc")
     assert master.is_file()
+
+    # Straight on to the export, without reloading the page: the finished job no longer holds the button.
+    row = ui.session_row("console_run")
+    ui.expect(row.locator(".job")).to_have_text("finalize done")
+    ui.expect(row.locator("button.export")).to_be_enabled()
+    row.locator("button.export").click()
+    ui.expect(row.locator(".state")).to_have_text("exported (incomplete)", timeout=120_000)  # the crash
+    ui.expect(row.locator(".job").last).to_have_text("export done")
+    ui.shot("exported")
     assert ui.errors == []
+
+
+def test_the_api_reference_page_works_without_internet(browser, tmp_path, daemon_factory):
+    """/docs draws Swagger UI from the package's own copy: every request the page makes goes to the daemon."""
+    daemon = daemon_factory(write_rig(tmp_path))
+    page = browser.new_page(viewport=VIEWPORT)
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    page.goto(daemon.url + "/docs")
+    from playwright.sync_api import expect
+
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("acqd control API", timeout=STEP_S * 1000)
+    expect(page.locator(".opblock-summary-path", has_text="/api/status").first).to_be_visible()
+    page.screenshot(path=tmp_path / "docs.png")
+    assert requested and all(u.startswith(daemon.url) or u.startswith("data:") for u in requested), requested
 
 
 @pytest.mark.e2e

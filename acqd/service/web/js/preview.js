@@ -7,6 +7,7 @@ import uPlot from "../vendor/uplot/uPlot.esm.js";
 import { el, follow, request } from "./api.js";
 
 const WINDOW_S = 5;
+const STALE_S = 2;  // four preview periods without a message: the picture shown is no longer live
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"];
 
 /** "1-4, 9" -> [1, 2, 3, 4, 9] (at most 8). */
@@ -141,7 +142,8 @@ class TraceView {
 
 class CameraView {
   constructor(stream, body) {
-    this.img = el("img", { class: "thumbnail", alt: `${stream.name} thumbnail` });
+    // Hidden until the first frame: an <img> without a picture draws a broken-image icon.
+    this.img = el("img", { class: "thumbnail", alt: `${stream.name} thumbnail`, hidden: true });
     this.text = el("span", { class: "camera-status" }, "waiting for frames");
     body.append(this.img, this.text);
   }
@@ -150,6 +152,7 @@ class CameraView {
     if (msg.thumbnail) {
       this.img.src = msg.thumbnail.src;
       this.img.dataset.frame = msg.thumbnail.frame;
+      this.img.hidden = false;
     }
     this.text.textContent = `${msg.rate.toFixed(1)} fps (nominal ${msg.nominal_rate}) · ${msg.dropped} dropped`;
     this.text.classList.toggle("bad", msg.dropped > 0);
@@ -174,6 +177,7 @@ export function createPreview({ info }) {
   const box = document.getElementById("previews");
   const state = document.getElementById("preview-state");
   const views = new Map();
+  const cards = new Map();  // stream -> { article, mark, at: when its last preview arrived (ms) }
   for (const s of info.streams) {
     const body = el("div", { class: "preview-body" });
     const views_ = [];
@@ -183,9 +187,25 @@ export function createPreview({ info }) {
       if (s.shape[0] <= 16) views_.push(new ValuesView(s, body));
     }
     views.set(s.name, views_);
-    box.append(el("article", { class: "card preview", "data-stream": s.name },
-      el("header", {}, el("h3", {}, s.name), el("span", { class: "kind" }, s.kind)), body));
+    const mark = el("span", { class: "stale-mark", hidden: true });
+    const article = el("article", { class: "card preview", "data-stream": s.name },
+      el("header", {}, el("h3", {}, s.name), mark, el("span", { class: "kind" }, s.kind)), body);
+    cards.set(s.name, { article, mark, at: null });
+    box.append(article);
   }
+
+  // A stream whose previews stopped keeps its last picture, greyed and marked with its age, never passed off
+  // as live (a dead driver, a stopped writer, or this page's connection down).
+  setInterval(() => {
+    const now = Date.now();
+    for (const c of cards.values()) {
+      const age = c.at === null ? 0 : (now - c.at) / 1000;
+      const stale = age > STALE_S;
+      c.article.classList.toggle("stale", stale);
+      c.mark.hidden = !stale;
+      if (stale) c.mark.textContent = `stale: no data for ${age < 90 ? `${age.toFixed(0)} s` : `${(age / 60).toFixed(0)} min`}`;
+    }
+  }, 1000);
 
   let stop = null;
   const open = () => {
@@ -193,6 +213,8 @@ export function createPreview({ info }) {
     stop = follow("/api/console/preview", (type, msg) => {
       if (type !== "preview") return;
       for (const v of views.get(msg.stream) || []) v.update(msg);
+      const card = cards.get(msg.stream);
+      if (card) card.at = Date.now();
     }, (s) => { state.textContent = s === "live" ? "" : `(${s})`; });
   };
   const close = () => { if (stop) { stop(); stop = null; state.textContent = "(paused while the tab is hidden)"; } };

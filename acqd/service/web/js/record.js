@@ -46,10 +46,23 @@ export function createRecordForm({ bus, info, onError }) {
     return session ? { session, metadata } : { metadata };
   }
 
+  /** A field's error: its first sentence (and the check's name), the rest of a long one behind "more". */
+  function showMessage(span, msg) {
+    const check = msg.match(/\s*(\(check_\w+\))\s*$/);
+    const text = check ? msg.slice(0, check.index) : msg;
+    const cut = text.search(/[.;]\s+(?=[A-Z])/);  // a sentence's end ("e.g. 'P2Y'" is not one)
+    if (cut < 0) {
+      span.textContent = msg;
+      return;
+    }
+    span.replaceChildren(el("span", { class: "short" }, text.slice(0, cut + 1), check ? ` ${check[1]}` : ""),
+      el("details", {}, el("summary", {}, "more"), text.slice(cut + 1).trim()));
+  }
+
   function showErrors(errors) {
     for (const span of form.querySelectorAll("[data-error-for]")) {
       const msg = errors[span.dataset.errorFor] || "";
-      span.textContent = msg;
+      showMessage(span, msg);
       const input = form.querySelector(`[name="${span.dataset.errorFor}"]`);
       if (input) input.setAttribute("aria-invalid", msg ? "true" : "false");
     }

@@ -9,6 +9,7 @@ export function createSessions({ bus, info, onError }) {
   const rows = new Map();
   let shown = null;
   let loading = null;
+  let again = false;  // a reload asked for while one was in flight: its answer may predate what asked
 
   function progress(job) {
     const bar = el("progress", { max: 1, value: job.fraction ?? 0 });
@@ -46,16 +47,23 @@ export function createSessions({ bus, info, onError }) {
     }));
   }
 
-  async function load() {
-    if (loading) return loading;
+  /** Redraw from the daemon; resolves once the list drawn is at least as new as this call. */
+  function load() {
+    if (loading) {
+      again = true;
+      return loading;
+    }
     loading = (async () => {
-      try {
-        const { sessions, data_root } = await request("GET", "/api/console/sessions");
-        document.getElementById("data-root").textContent = data_root;
-        draw(sessions);
-        if (shown) showQc(shown, false);
-      } catch (err) { onError(err); }
-      finally { loading = null; }
+      do {
+        again = false;
+        try {
+          const { sessions, data_root } = await request("GET", "/api/console/sessions");
+          document.getElementById("data-root").textContent = data_root;
+          draw(sessions);
+          if (shown) showQc(shown, false);
+        } catch (err) { onError(err); }
+      } while (again);
+      loading = null;
     })();
     return loading;
   }
