@@ -16,6 +16,7 @@ RUN mkdir acqd && touch acqd/__init__.py && pip install --no-cache-dir . && pip 
 
 COPY acqd ./acqd
 COPY configs ./configs
+COPY docs ./docs
 RUN pip install --no-cache-dir --no-deps . \
     && useradd --system --uid 10001 --home-dir /data acqd && mkdir -p /data && chown acqd /data
 

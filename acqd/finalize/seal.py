@@ -17,6 +17,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import struct
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +29,24 @@ from acqd.finalize.layout import MANIFEST, rel
 from acqd.session import SESSION_FILE, write_bytes_atomic
 
 # chattr +i through the ioctl chattr(1) uses (linux/fs.h): root can still write a 0444 file, not an immutable one.
-_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_IMMUTABLE_FL = 0x80086601, 0x40086602, 0x10
+_FS_IMMUTABLE_FL = 0x10
+# How _IOC() lays out an ioctl number differs by architecture (asm-generic/ioctl.h and the arch headers that
+# override it): (bits of the size field, value of _IOC_READ, value of _IOC_WRITE).
+_IOC_LAYOUTS = {"generic": (14, 2, 1), "alpha|mips|powerpc|sparc": (13, 2, 4), "parisc": (14, 1, 2)}
+_ARCH_FAMILY = {"alpha": "alpha|mips|powerpc|sparc", "mips": "alpha|mips|powerpc|sparc", "ppc": "alpha|mips|powerpc|sparc",
+                "powerpc": "alpha|mips|powerpc|sparc", "sparc": "alpha|mips|powerpc|sparc", "parisc": "parisc"}
+
+
+def ioc_flags_numbers(machine: str, long_size: int) -> tuple[int, int]:
+    """(FS_IOC_GETFLAGS, FS_IOC_SETFLAGS) = (_IOR('f', 1, long), _IOW('f', 2, long)) on ``machine`` (``uname -m``)."""
+    family = next((f for prefix, f in _ARCH_FAMILY.items() if machine.startswith(prefix)), "generic")
+    size_bits, read, write = _IOC_LAYOUTS[family]
+    dir_shift = 16 + size_bits
+    return ((read << dir_shift) | (long_size << 16) | (ord("f") << 8) | 1,
+            (write << dir_shift) | (long_size << 16) | (ord("f") << 8) | 2)
+
+
+_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS = ioc_flags_numbers(os.uname().machine, struct.calcsize("l"))
 _OPEN_FOR_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW
 _HASH_BLOCK = 4 << 20
 _HASH_THREADS = 2

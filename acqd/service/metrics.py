@@ -4,8 +4,10 @@ A custom collector turns the snapshot into metric families, so a scrape never to
 and no counter is kept twice. Counters count since the writers started (ACQUIRE): they reset when acquisition
 restarts, which Prometheus' ``rate()`` handles. Names (docs/control-api.md "Metrics"):
 ``acqd_mode``, ``acqd_disk_free_bytes``, ``acqd_disk_time_left_seconds``, ``acqd_write_bytes_per_second``,
-``acqd_stream_{bytes,messages,gaps,rejects}_total``, ``acqd_stream_last_message_age_seconds``,
-``acqd_stream_writer_restarts_total``, ``acqd_stream_connected``, ``acqd_stream_up``, ``acqd_snapshot_age_seconds``.
+``acqd_stream_{samples,bytes,messages,gaps,rejects}_total``, ``acqd_stream_last_message_age_seconds``,
+``acqd_stream_writer_restarts_total``, ``acqd_stream_connected``, ``acqd_stream_up``, ``acqd_snapshot_age_seconds``,
+``acqd_incidents_total``, ``acqd_build_info``; and prometheus_client's own ``process_*`` (the daemon process:
+CPU seconds, resident memory, open files) and ``python_info``.
 """
 
 from __future__ import annotations
@@ -15,13 +17,19 @@ from collections.abc import Iterator
 
 from fastapi import APIRouter
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from importlib.metadata import version
+from platform import python_version
+
+import h5py
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 from acqd.service.supervisor import Supervisor
 
 MODES = ("IDLE", "ACQUIRE", "RECORD")
 DOWN_STATES = ("failed", "stopped_failed", "stopped", "hung")
+BUILD_INFO = {"version": version("acqd"), "python": python_version(), "h5py": h5py.version.version,
+              "hdf5": h5py.version.hdf5_version, "pynwb": version("pynwb"), "pyzmq": version("pyzmq")}
 
 
 class SnapshotCollector:
@@ -46,7 +54,12 @@ class SnapshotCollector:
                                 value=st.get("write_bytes_per_s", 0))
         yield GaugeMetricFamily("acqd_snapshot_age_seconds", "age of the status snapshot",
                                 value=time.monotonic() - snap.monotonic)
+        yield CounterMetricFamily("acqd_incidents", "incidents raised (gaps, rejects, restarts, disk, ...)",
+                                  value=st.get("incident_count", 0))
+        yield InfoMetricFamily("acqd_build", "versions of acqd and of the libraries its files depend on",
+                               value=BUILD_INFO)
         families = {
+            "samples": CounterMetricFamily("acqd_stream_samples", "samples received", labels=["stream"]),
             "bytes": CounterMetricFamily("acqd_stream_bytes", "bytes received", labels=["stream"]),
             "messages": CounterMetricFamily("acqd_stream_messages", "messages received", labels=["stream"]),
             "gaps": CounterMetricFamily("acqd_stream_gaps", "sequence gaps (lost messages)", labels=["stream"]),
@@ -74,6 +87,8 @@ def metrics_router(sup: Supervisor) -> APIRouter:
     router = APIRouter(tags=["metrics"])
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(sup))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
 
     @router.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=Response)
     async def metrics() -> Response:

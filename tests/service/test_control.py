@@ -128,6 +128,11 @@ def test_metrics_are_prometheus_text(rig_file, daemon_factory):
             "probe", "nidaq", "camera", "sensor"}
     age = {s.labels["stream"]: s.value for s in families["acqd_stream_last_message_age_seconds"].samples}
     assert age["probe"] == float("inf")  # no driver: no message yet
+    assert families["acqd_stream_samples"].type == "counter" and families["acqd_incidents"].type == "counter"
+    build = families["acqd_build_info"].samples[0]  # an info metric: a gauge of 1 in the text format
+    assert build.name == "acqd_build_info" and build.value == 1 and {"version", "hdf5", "pynwb"} <= build.labels.keys()
+    assert families["process_resident_memory_bytes"].samples[0].value > 0  # the daemon process itself
+    assert families["process_cpu_seconds"].type == "counter"
 
 
 def test_hostile_requests_are_refused_before_anything_runs(tmp_path, daemon_factory):
@@ -268,3 +273,15 @@ def test_status_rendering_of_a_recording_names_elapsed_time_silence_and_time_lef
     assert max(len(x) for x in text.splitlines()) <= 80
     assert "1:02:03" in text and "2.0 h left" in text and "12.5" in text and "incidents: 7" in text
     assert text.splitlines()[-1].startswith("PROBLEM: neuropixels_probe_a")
+
+
+def test_the_service_units_documentation_exists_where_its_install_steps_put_it():
+    """Every Documentation= file of configs/acqd.service is one of docs/, and the unit's install steps (and the
+    Dockerfile, same folder /opt/acqd) copy docs/ there."""
+    root = Path(__file__).resolve().parents[2]
+    unit = (root / "configs" / "acqd.service").read_text()
+    docs = [u.removeprefix("file:///opt/acqd/") for line in unit.splitlines() if line.startswith("Documentation=")
+            for u in line.removeprefix("Documentation=").split()]
+    assert docs and all(d.startswith("docs/") and (root / d).is_file() for d in docs), docs
+    assert "cp -r /path/to/acqd/docs /opt/acqd/docs" in unit
+    assert "COPY docs ./docs" in (root / "Dockerfile").read_text() and "WORKDIR /opt/acqd" in (root / "Dockerfile").read_text()

@@ -1,0 +1,32 @@
+"""Sealing's ioctl numbers: chattr's FS_IOC_GETFLAGS/SETFLAGS as each architecture's kernel headers define them."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from acqd.finalize.seal import _FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, ioc_flags_numbers
+
+
+@pytest.mark.parametrize(("machine", "long_size", "numbers"), [
+    ("x86_64", 8, (0x80086601, 0x40086602)),
+    ("aarch64", 8, (0x80086601, 0x40086602)),
+    ("riscv64", 8, (0x80086601, 0x40086602)),
+    ("s390x", 8, (0x80086601, 0x40086602)),
+    ("i686", 4, (0x80046601, 0x40046602)),
+    ("armv7l", 4, (0x80046601, 0x40046602)),
+    ("ppc64le", 8, (0x40086601, 0x80086602)),  # powerpc: 13 size bits, _IOC_READ 2, _IOC_WRITE 4
+    ("mips", 4, (0x40046601, 0x80046602)),
+    ("mips64", 8, (0x40086601, 0x80086602)),
+    ("sparc64", 8, (0x40086601, 0x80086602)),
+    ("alpha", 8, (0x40086601, 0x80086602)),
+    ("parisc", 4, (0x40046601, 0x80046602)),  # parisc: _IOC_READ 1, _IOC_WRITE 2
+])
+def test_ioctl_numbers_follow_each_architectures_headers(machine, long_size, numbers):
+    assert ioc_flags_numbers(machine, long_size) == numbers
+
+
+def test_this_machine_uses_its_own_numbers():
+    assert (_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS) == ioc_flags_numbers(os.uname().machine, struct.calcsize("l"))
