@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/acqd demo --config configs/rig.yaml --data-root demo-data --seconds 20
+	@echo "acqd is installed in $(VENV)/, not on PATH: '. $(VENV)/bin/activate' (or $(BIN)/acqd) to run it yourself"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

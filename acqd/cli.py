@@ -32,8 +32,13 @@ from acqd.metadata import MetadataError, load_file, merge, parse_bids, parse_set
 DEFAULT_URL = "http://127.0.0.1:8600"
 
 
+def _load(path: str | Path, data_root: str | None = None):
+    """The rig config, its data root from ``--data-root``, else ``ACQD_DATA_ROOT``, else the file."""
+    return load_config(path, data_root or os.environ.get("ACQD_DATA_ROOT") or None)
+
+
 def _config(args: argparse.Namespace, settings=None):
-    cfg = load_config(args.config)
+    cfg = _load(args.config, getattr(args, "data_root", None))
     if settings is not None:  # environment and secret files, under the command-line flags below
         from acqd.service.settings import apply_settings
 
@@ -69,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = load_config(args.file)
+    cfg = _load(args.file)
     print(f"{args.file}: OK — {len(cfg.streams)} streams, reference {cfg.reference!r}, data root {cfg.daemon.data_root}")
     for s in cfg.streams:
         sync = s.sync.source if s.sync else ("LSL timestamps" if s.lsl else "host time")
@@ -128,7 +133,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from acqd.ports import check_ports_free
     from acqd.sim.simulate import Fault, Rig, SimParams, run, write_truth
 
-    cfg = load_config(args.config)
+    cfg = _load(args.config)
     check_ports_free(cfg, ("drivers",), control=False)
     rig = Rig(cfg, SimParams(seed=args.seed, seconds=args.seconds, max_ppm=args.max_ppm, wander_ppm=args.wander_ppm,
                              sync=args.sync, sync_period_s=args.sync_period))

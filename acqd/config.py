@@ -647,8 +647,12 @@ def parse_config(raw: object, source: str = "config", node: yaml.Node | None = N
     return cfg
 
 
-def load_config(path: str | Path) -> RigConfig:
-    """Read and validate a rig YAML file. Relative ``data_root`` is resolved against the file's folder."""
+def load_config(path: str | Path, data_root: str | Path | None = None) -> RigConfig:
+    """Read and validate a rig YAML file. Relative ``data_root`` is resolved against the file's folder.
+
+    ``data_root`` (from ``--data-root`` or ``ACQD_DATA_ROOT``, relative to the working folder) replaces the file's
+    before validation, so a rig file may leave it out.
+    """
     path = Path(path)
     try:
         text = path.read_text()
@@ -667,6 +671,8 @@ def load_config(path: str | Path) -> RigConfig:
         raise ConfigError(f"{where}: not valid YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data_root is not None and isinstance(raw, dict) and isinstance(raw.get("daemon", {}), dict):
+        raw["daemon"] = {**raw.get("daemon", {}), "data_root": str(Path(data_root).resolve())}
     cfg = parse_config(raw, str(path), node)
     root = cfg.daemon.data_root
     if not root.is_absolute():

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import yaml
 
 Loc = tuple[str | int, ...]
+MISSING_HINTS = {("daemon", "data_root"): " (or give it as ACQD_DATA_ROOT or --data-root)"}
+"""What to say after "required key ... is missing", by the key's path: where else it may come from."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +81,7 @@ class Found:
             allowed = closest_first(str(loc[-1]), self.allowed_keys(loc[:-1]))
             return f"unknown key {loc[-1]!r}; allowed keys: {', '.join(allowed)}"
         if kind == "missing":
-            return f"required key {loc[-1]!r} is missing"
+            return f"required key {loc[-1]!r} is missing" + MISSING_HINTS.get(tuple(map(str, loc)), "")
         if kind in ("value_error", "assertion_error"):
             return str(ctx.get("error", err["msg"]))
         if kind == "union_tag_invalid":

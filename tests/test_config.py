@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,19 @@ def test_yaml_syntax_errors_are_located(tmp_path):
     (tmp_path / "junk.yaml").write_text("daemon:\n  data_root: [unclosed\n")
     with pytest.raises(ConfigError, match=r"junk.yaml:3:1: not valid YAML"):
         load_config(tmp_path / "junk.yaml")
+
+
+def test_a_rig_file_without_data_root_takes_it_from_the_environment_or_the_flag(tmp_path):
+    """The data root is per machine: a rig file shared between PCs leaves it out (ACQD_DATA_ROOT, --data-root)."""
+    rootless = broken(tmp_path, lambda r: [r["daemon"].pop("data_root"), *(s.pop("probe", None) for s in r["streams"])])
+    env = {**os.environ, "ACQD_DATA_ROOT": "rel/data"}
+    env.pop("ACQD_CONFIG", None)
+    out = subprocess.run([sys.executable, "-m", "acqd.cli", "check-config", str(rootless)], capture_output=True,
+                         text=True, timeout=60, env=env, cwd=tmp_path)
+    assert out.returncode == 0 and f"data root {tmp_path / 'rel' / 'data'}" in out.stdout, out.stderr
+    assert load_config(rootless, tmp_path / "flag").daemon.data_root == tmp_path / "flag"
+    env.pop("ACQD_DATA_ROOT")
+    out = subprocess.run([sys.executable, "-m", "acqd.cli", "check-config", str(rootless)], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 2 and "required key 'data_root' is missing (or give it as ACQD_DATA_ROOT or --data-root)" \
+        in out.stderr

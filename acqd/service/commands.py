@@ -323,15 +323,16 @@ def _set_mode(sup: Supervisor, req: ModeRequest) -> dict:
     return _fresh(sup)
 
 
-def confined(path: str, roots: list[Path], what: str) -> Path:
-    """``path`` resolved (symlinks followed), refused unless it lies inside one of ``roots``."""
+def confined(path: str, roots: list[Path], what: str, key: str = "data_roots") -> Path:
+    """``path`` resolved (symlinks followed), refused unless it lies inside one of ``roots`` (``control.<key>``)."""
     p = Path(path)
     if not p.is_absolute() or "\x00" in path:
         raise ConfigError(f"{what} {path!r} must be an absolute path")
     resolved = p.resolve()
     if not any(resolved.is_relative_to(r.resolve()) for r in roots):
         raise ConfigError(f"{what} {path!r} is outside the allowed folders ({', '.join(map(str, roots))}): "
-                          f"add its folder to the config's control section")
+                          f"list its folder under daemon.control.{key} "
+                          f"in the rig config (docs/control-api.md, Safety)")
     return resolved
 
 
@@ -380,7 +381,7 @@ def _attach(sup: Supervisor, req: AttachRequest) -> dict:
 
 
 def _export(sup: Supervisor, req: ExportRequest) -> dict:
-    out = confined(req.out, export_roots(sup), "export folder")
+    out = confined(req.out, export_roots(sup), "export folder", "export_roots")
     return sup.start_job("export", req.session, "--out", str(out))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,14 +60,20 @@ def status_renderable(status: dict, width: int = 80) -> Group:
         parts.append(Text(f"incidents: {status.get('incident_count', len(incidents))} (latest last)"))
         for inc in incidents[-3:]:
             when = time.strftime("%H:%M:%S", time.localtime(inc["time"]))
-            parts.append(Text(f"  {when} {inc['stream'] or 'session'} {inc['kind']}: {inc['detail']}"[:width],
-                              no_wrap=True, overflow="ellipsis"))
+            parts.append(Text(_fit(f"  {when} {inc['stream'] or 'session'} {inc['kind']}: {inc['detail']}", width,
+                                   lines=2)))
     for r in status.get("recovered") or []:
-        parts.append(Text(f"interrupted session found: {r['session_id']}"[:width], style="yellow"))
+        parts.append(Text(_fit(f"interrupted session found: {r['session_id']}", width), style="yellow"))
     verdict = status.get("verdict")
     if verdict:
-        parts.append(Text(verdict["line"][:width], style="bold green" if verdict["ok"] else "bold red"))
+        parts.append(Text(_fit(verdict["line"], width), style="bold green" if verdict["ok"] else "bold red"))
     return Group(*parts)
+
+
+def _fit(line: str, width: int, lines: int = 1) -> str:
+    """``line`` in at most ``lines`` lines of ``width``, broken and shortened between words (" …" says so)."""
+    return "\n".join(textwrap.wrap(line, width, subsequent_indent=" " * 11, max_lines=lines, placeholder=" …",
+                                   drop_whitespace=False) or [""])
 
 
 def print_status(status: dict) -> None:

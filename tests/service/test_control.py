@@ -275,6 +275,24 @@ def test_status_rendering_of_a_recording_names_elapsed_time_silence_and_time_lef
     assert text.splitlines()[-1].startswith("PROBLEM: neuropixels_probe_a")
 
 
+def test_status_shortens_incidents_between_words_over_at_most_two_lines():
+    detail = ("writer died (exit code -9, signal SIGKILL); restarted into part 3 (restart 1 of 5 within 60 s): "
+              "recording continues, the gap between the parts is recorded in /gaps with its reason")
+    status = {"mode": "RECORD", "session": None, "disk_free_bytes": 5e11, "streams": {}, "incident_count": 1,
+              "recent_incidents": [{"time": time.time(), "stream": "sensor", "kind": "writer_died", "detail": detail}]}
+    from rich.console import Console
+
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))
+    console.print(status_renderable(status, 80))
+    lines = console.export_text().splitlines()
+    first = next(i for i, x in enumerate(lines) if "writer_died" in x)
+    shown = [lines[first], lines[first + 1]]
+    assert all(len(x) <= 80 for x in shown) and shown[1].startswith(" " * 11)
+    assert shown[1].endswith(" …")
+    words = set(detail.split())
+    assert all(w in words for x in shown for w in x.split()[3 if x is shown[0] else 0:] if w != "…"), shown
+
+
 def test_the_service_units_documentation_exists_where_its_install_steps_put_it():
     """Every Documentation= file of configs/acqd.service is one of docs/, and the unit's install steps (and the
     Dockerfile, same folder /opt/acqd) copy docs/ there."""
