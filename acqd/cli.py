@@ -28,6 +28,7 @@ from typing import Any
 from acqd.config import load_config
 from acqd.errors import AcqdError, ConfigError
 from acqd.metadata import MetadataError, load_file, merge, parse_bids, parse_set, to_acqd
+from acqd.service.logs import FORMATS
 
 DEFAULT_URL = "http://127.0.0.1:8600"
 
@@ -70,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings.config = None
     cfg = _config(args, settings)
     check_ports_free(cfg, ("acqd",))  # one clear line, not a traceback from the HTTP server or a writer
-    return serve(cfg, ready_file=args.ready_file, acquire=args.acquire)
+    return serve(cfg, ready_file=args.ready_file, acquire=args.acquire, log_format=args.log_format)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -263,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="override control.port (0: any free port)")
     s.add_argument("--ready-file", help="write {url, pid} here once the API is up")
     s.add_argument("--acquire", action="store_true", help="start acquiring at once (systemd READY after the writers)")
+    s.add_argument("--log-format", choices=FORMATS, default=os.environ.get("ACQD_LOG_FORMAT", "auto"),
+                   help="text on a terminal, journal under systemd, else json (auto, the default; $ACQD_LOG_FORMAT)")
     s.set_defaults(fn=cmd_serve)
 
     for name, text in (("status", "show mode, session and stream health"), ("acquire", "start receiving"),

@@ -17,7 +17,6 @@ import inspect
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from starlette.middleware.cors import CORSMiddleware
 from acqd.config import ControlConfig, RigConfig
 from acqd.errors import AcqdError, ConfigError, SessionError
 from acqd.service import systemd
+from acqd.service.logs import setup_logging
 from acqd.service.console import mount_console, public_paths
 from acqd.service.commands import COMMANDS, Command, StatusResponse, StreamsResponse, run_command
 from acqd.service.guard import Guard
@@ -157,17 +157,11 @@ def create_app(sup: Supervisor, ctl: ControlConfig, cfg: RigConfig, request_stop
     return app
 
 
-def setup_logging() -> None:
-    """stdlib logging with time and level (journald shows both; PYTHONUNBUFFERED is not needed)."""
-    logging.basicConfig(level=os.environ.get("ACQD_LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def serve(cfg: RigConfig, ready_file: str | None = None, acquire: bool = False) -> int:
+def serve(cfg: RigConfig, ready_file: str | None = None, acquire: bool = False, log_format: str = "auto") -> int:
     """Run the daemon until SIGTERM or SIGINT: supervisor on the main thread, uvicorn on another."""
     import uvicorn
 
-    setup_logging()
+    setup_logging(log_format)
     sup = Supervisor(cfg)
     ctl = cfg.daemon.control
     stop = threading.Event()
