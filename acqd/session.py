@@ -20,6 +20,8 @@ SESSION_FILE = "session.json"
 STREAMS_DIR = "streams"
 ANNOTATIONS_FILE = "annotations.jsonl"
 """Operator notes (``acqd annotate``, Open Ephys ``/api/message``): one JSON object per line, fsynced each."""
+LOG_FILE = "log.jsonl"
+"""What the daemon logged while the session recorded (acqd.service.sessionlog): one JSON object per line."""
 
 # Session states as written to session.json.
 RECORDING = "recording"  # writers are appending; seen at startup it means the daemon died
@@ -168,3 +170,32 @@ def read_annotations(folder: Path) -> list[dict]:
         except ValueError:
             continue
     return out
+
+
+def summarise_log(folder: Path, first: int = 5) -> dict:
+    """``log.jsonl`` in a few numbers for the QC report: lines by level, commands by who sent them, incidents by
+    kind, and the first warnings (an unreadable line is counted, never fatal: the log informs, it proves nothing)."""
+    path = Path(folder) / LOG_FILE
+    out: dict = {"file": LOG_FILE, "lines": 0, "unreadable": 0, "levels": {}, "commands": {}, "incidents": {},
+                 "first_warnings": []}
+    if not path.is_file():
+        return {**out, "file": None}
+    with open(path, "rb") as f:
+        for raw in f:
+            out["lines"] += 1
+            try:
+                line = json.loads(raw)
+                level = str(line["level"])
+            except (ValueError, KeyError, TypeError):
+                out["unreadable"] += 1
+                continue
+            out["levels"][level] = out["levels"].get(level, 0) + 1
+            if line.get("command"):
+                key = f"{line['command']} by {line.get('by', '?')}"
+                out["commands"][key] = out["commands"].get(key, 0) + 1
+            if line.get("incident"):
+                out["incidents"][line["incident"]] = out["incidents"].get(line["incident"], 0) + 1
+            if level in ("warning", "error", "critical") and len(out["first_warnings"]) < first:
+                out["first_warnings"].append(f"{line.get('time', '')} {line.get('message', '')}")
+    return out
+

@@ -49,7 +49,7 @@ from acqd.finalize.seal import (Digests, is_immutable, manifest_files, merge_sea
 from acqd.finalize.streams import Stream, linked_file, read_stream, stream_parts
 from acqd.finalize.timing import align_all, pair_frames, zero_sample
 from acqd.session import (CLOSED, FINALIZED, FINALIZING, INTERRUPTED, RECORDING, SESSION_FILE, fsync_dir,
-                          json_bytes, read_session, write_bytes_atomic, write_json_atomic)
+                          json_bytes, read_session, summarise_log, write_bytes_atomic, write_json_atomic)
 from acqd.record.video import VIDEO_DIR
 
 __all__ = ["FinalizeReport", "StreamReport", "finalize_session", "is_immutable", "pair_frames", "unseal_session",
@@ -173,7 +173,8 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
                                     if integrity.corrupt else "")
     report = FinalizeReport(session_id=sid, folder=str(folder), state=FINALIZING, changed=True,
                             message=message, master=master.name, timebase=timebase, streams=stream_reports,
-                            check=check.to_dict(), warnings=warnings, integrity=integrity.to_dict())
+                            check=check.to_dict(), warnings=warnings, integrity=integrity.to_dict(),
+                            session_log=summarise_log(folder))
     progress("qc", 0.0)
     limits = QcConfig.model_validate(session["config"].get("qc", {}))
     for n, r in stream_reports.items():

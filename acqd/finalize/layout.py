@@ -19,7 +19,7 @@ from pathlib import Path
 from acqd.finalize.digests import DIGESTS
 from acqd.images import ATTACHMENTS_DIR, IMAGE_SUFFIXES, STIMULI_DIR
 from acqd.record.video import CONTAINERS, VIDEO_DIR
-from acqd.session import ANNOTATIONS_FILE, SESSION_FILE, STREAMS_DIR
+from acqd.session import ANNOTATIONS_FILE, LOG_FILE, SESSION_FILE, STREAMS_DIR
 
 MANIFEST = "manifest.sha256"
 QC_DIR = "qc"
@@ -63,6 +63,7 @@ def _known_patterns(session_id: str, streams: list[str]) -> list[str]:
     atomic = r"\.{}\.[^/]+"  # session.write_bytes_atomic's temporary file
     videos = "|".join(re.escape(ext) for ext, _ in CONTAINERS.values())
     return [re.escape(SESSION_FILE), atomic.format(re.escape(SESSION_FILE)), re.escape(ANNOTATIONS_FILE),
+            re.escape(LOG_FILE),
             re.escape(MANIFEST), atomic.format(re.escape(MANIFEST)), rf"{re.escape(session_id)}\.nwb(?:{PARTIAL})?",
             rf"{STREAMS_DIR}/{part}", rf"{VIDEO_DIR}/{s}_\d{{3,}}_\d{{4,}}\.(?:{videos})",  # video.video_filename
             rf"{QC_DIR}/(?:qc\.json|index\.html|{s}\.png)(?:{PARTIAL})?", rf"{VDS_DIR}/{s}\.h5(?:{PARTIAL})?",

@@ -226,6 +226,7 @@ def index_html(summary: dict, plots: list[str]) -> str:
              f"{e(str(summary.get('timebase', {}).get('session_start_time', '')))}.</p>",
              f"<table><tr>{head}</tr>{''.join(rows)}</table>"]
     parts += [f"<p class='small'>warning: {e(w)}</p>" for w in summary.get("warnings", [])]
+    parts += [f"<p class='small'>{e(line)}</p>" for line in log_lines(summary.get("session_log") or {})]
     for name in plots:
         s = summary["streams"].get(name, {})
         q = s.get("qc") or {}
@@ -295,4 +296,20 @@ def summary_lines(report: dict) -> list[str]:
                 if m["importance"] not in ("BEST_PRACTICE_SUGGESTION",)]
     lines += [f"  nwbinspector {m['importance']}: {m['check']}: {m['message']}" for m in findings]
     lines += [f"  warning: {w}" for w in report.get("warnings", [])]
+    lines += [f"  {line}" for line in log_lines(report.get("session_log") or {})]
     return lines
+
+
+def log_lines(summary: dict) -> list[str]:
+    """The session log's summary (``session.summarise_log``) in a few lines: counts, who commanded, first warnings."""
+    if not summary.get("file"):
+        return []
+    levels = ", ".join(f"{n} {level}" for level, n in sorted(summary["levels"].items()))
+    out = [f"session log ({summary['file']}): {summary['lines']} lines ({levels or 'none readable'})"
+           + (f", {summary['unreadable']} unreadable" if summary.get("unreadable") else "")]
+    if summary["commands"]:
+        out.append("commands: " + "; ".join(f"{k} ×{n}" for k, n in summary["commands"].items()))
+    if summary["incidents"]:
+        out.append("incidents: " + ", ".join(f"{k} ×{n}" for k, n in summary["incidents"].items()))
+    out += [f"first warning: {w}" for w in summary["first_warnings"][:1]]
+    return out

@@ -85,6 +85,8 @@ class FinalizeReport:
     warnings: list[str] = field(default_factory=list)
     integrity: dict = field(default_factory=dict)
     """``integrity.Integrity.to_dict()``: chunks checked against their checksums, the corrupt ones, parts without."""
+    session_log: dict = field(default_factory=dict)
+    """``session.summarise_log``: what the daemon logged while the session recorded, in numbers."""
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -95,7 +97,8 @@ def qc_summary(report: FinalizeReport, limits: QcConfig = QcConfig()) -> dict:
     """The content of ``qc/qc.json``; ``finalize_session`` rebuilds an already-finalized session's report from it."""
     return {"session_id": report.session_id, "master": report.master, "timebase": report.timebase,
             "streams": {n: asdict(r) for n, r in report.streams.items()}, "validation": report.check,
-            "warnings": report.warnings, "integrity": report.integrity, "verdict": session_verdict(report.streams),
+            "warnings": report.warnings, "integrity": report.integrity, "session_log": report.session_log,
+            "verdict": session_verdict(report.streams),
             "thresholds": limits.model_dump()}
 
 

@@ -13,6 +13,7 @@ The console (acqd.service.console) adds the web page at ``/`` and its ``/api/con
 
 from __future__ import annotations
 
+import getpass
 import inspect
 import logging
 import os
@@ -226,12 +227,20 @@ class ApiError(AcqdError):
         self.status = status
 
 
+def _login() -> str:
+    """The operator's login name, which the daemon logs with each command (no identity is proven by it)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a passwd entry
+        return f"uid {os.getuid()}"
+
+
 class Client:
     """A small client for the control API (used by the CLI, the demo and tests)."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 150.0):
         self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers = {"X-Acqd-Operator": _login(), **({"Authorization": f"Bearer {token}"} if token else {})}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def request(self, method: str, path: str, body: dict | None = None) -> dict:

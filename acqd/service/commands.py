@@ -13,7 +13,10 @@ pydantic ``ValidationError`` (HTTP 422). Docs: docs/control-api.md.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +32,8 @@ from acqd.service.annotations import annotate
 from acqd.service.supervisor import ACQUIRE, RECORD, Supervisor
 from acqd.images import attach
 from acqd.session import SESSION_FILE, list_sessions, session_name
+
+log = logging.getLogger("acqd")
 
 
 class Request(BaseModel):
@@ -397,6 +402,11 @@ class Command:
     """False: run on the caller's thread (reads the snapshot, or must not wait behind a command)."""
 
 
+READS = frozenset({"status", "sessions", "preflight", "finalize_status", "export_status"})
+"""Commands that only read: not logged (a status poll every second would drown what matters)."""
+CALLER: ContextVar[str] = ContextVar("acqd_caller", default="the daemon itself")
+"""Who sent the command being run: set per HTTP request by the guard (acqd.service.guard.caller)."""
+
 COMMANDS: dict[str, Command] = {
     "status": Command(Empty, StatusResponse, lambda sup, req: status_now(sup), "mode, session and per-stream health",
                       on_supervisor=False),
@@ -426,9 +436,16 @@ COMMANDS: dict[str, Command] = {
 
 
 def run_command(sup: Supervisor, name: str, body: dict | Request | None) -> dict:
-    """Validate ``body`` for command ``name`` and run it (on the supervisor thread unless it only reads)."""
+    """Validate ``body`` for command ``name`` and run it (on the supervisor thread unless it only reads).
+
+    Every command that can change something is logged first with who sent it (``CALLER``), so that the daemon's
+    log and the session's own log (acqd.service.sessionlog) say who did what, and when."""
     cmd = COMMANDS[name]
     req = body if isinstance(body, cmd.request) else cmd.request.model_validate(body or {})
+    if name not in READS:
+        args = req.model_dump(exclude_none=True, exclude_defaults=True)
+        log.info("command %s by %s%s", name, CALLER.get(), f" {json.dumps(args, default=str)}" if args else "",
+                 extra={"fields": {"command": name, "by": CALLER.get()}})
     if not cmd.on_supervisor:
         return cmd.handler(sup, req)
     return sup.call(cmd.handler, sup, req)

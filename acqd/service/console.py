@@ -34,7 +34,7 @@ from acqd.errors import SessionError
 from acqd.finalize.nwb import metadata_problems
 from acqd.finalize.layout import QC_DIR
 from acqd.metadata import MetadataError, merge, to_acqd
-from acqd.session import SESSION_FILE, list_sessions, read_annotations, read_session, session_name
+from acqd.session import LOG_FILE, SESSION_FILE, list_sessions, read_annotations, read_session, session_name
 from acqd.service.commands import export_roots
 from acqd.service.previews import FLUSH_S
 from acqd.service.supervisor import Supervisor
@@ -237,6 +237,21 @@ def console_router(sup: Supervisor, closing: threading.Event) -> APIRouter:
                 "master": str(folder / master) if master else None, "qc_dir": str(qc_dir),
                 "index_url": f"{base}/index.html" if (qc_dir / "index.html").is_file() else None,
                 "plots": [{"stream": p.stem, "url": f"{base}/{p.name}"} for p in sorted(qc_dir.glob("*.png"))]}
+
+    @router.get("/sessions/{session}/log")
+    def session_log(session: str, tail: int = 200) -> dict:
+        """The last ``tail`` lines (at most 2000) of what the daemon logged while the session recorded."""
+        path = _session_folder(sup, session) / LOG_FILE
+        if path.is_symlink() or not path.is_file():
+            return {"session": session, "lines": [], "total": 0}
+        lines = path.read_bytes().splitlines()
+        shown = []
+        for raw in lines[-max(1, min(tail, 2000)):]:
+            try:
+                shown.append(json.loads(raw))
+            except ValueError:
+                shown.append({"level": "unreadable", "message": raw[:200].decode(errors="replace")})
+        return {"session": session, "lines": shown, "total": len(lines)}
 
     @router.get("/sessions/{session}/qc/{name}", response_class=FileResponse)
     def qc_file(session: str, name: str) -> FileResponse:

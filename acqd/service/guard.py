@@ -19,11 +19,20 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Iterable
 
+from acqd.service.commands import CALLER
+
 MAX_BODY_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 _BEARER = re.compile(r"Bearer ([A-Za-z0-9\-._~+/]+=*)")  # RFC 6750 b64token, nothing around it
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def caller(client: tuple[str, int] | None, headers: dict[str, str]) -> str:
+    """Who sent a request, for the logs: the peer address, and the operator the client names (``X-Acqd-Operator``,
+    sent by acqd's own client) or else its User-Agent (an Open Ephys script, a browser)."""
+    who = (headers.get("x-acqd-operator") or headers.get("user-agent") or "unknown client")[:80]
+    return f"{client[0] if client else 'unknown address'} ({who.encode('ascii', 'replace').decode()})"
 
 
 def host_name(host_header: str) -> str:
@@ -124,6 +133,7 @@ class Guard:
         if scope["path"] not in self.open_paths and not bearer_ok(headers.get("authorization"), self.token):
             return await _error(send, 401, "missing or wrong token (Authorization: Bearer <token>)",
                                 [(b"www-authenticate", b"Bearer")])
+        CALLER.set(caller(scope.get("client"), headers))  # this request's context: its route and threadpool
         if method not in _BODY_METHODS:
             return await self.app(scope, receive, send)
         length = headers.get("content-length")

@@ -53,6 +53,7 @@ from acqd.record.preview import is_message as is_preview
 from acqd.service.previews import PreviewHub
 from acqd.service.snapshot import EventBus, Snapshot
 from acqd.service.lslbridges import LslBridges
+from acqd.service.sessionlog import SessionLog
 
 IDLE, ACQUIRE, RECORD = "IDLE", "ACQUIRE", "RECORD"
 MAX_INCIDENTS = 1000
@@ -161,6 +162,8 @@ class Supervisor:
         self.jobs: dict[tuple[str, str], Job] = {}  # (kind, session id) -> the latest run
         self.previews = PreviewHub()  # the console's live preview: writers decimate only while someone watches
         self.hashers = Hashers()  # closed parts are hashed in the background (acqd.finalize.digests)
+        self.session_log = SessionLog()  # the daemon's lines while a session records, into its folder
+        log.addHandler(self.session_log)
         self._calls: queue.Queue = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -331,7 +334,8 @@ class Supervisor:
 
     def _incident(self, stream: str | None, kind: str, detail: str, incomplete: bool = False) -> None:
         log.log(logging.WARNING if incomplete or kind not in ("connected",) else logging.INFO,
-                "%s: %s: %s", stream or "session", kind, detail)
+                "%s: %s: %s", stream or "session", kind, detail,
+                extra={"fields": {"incident": kind, "stream": stream, "incomplete": incomplete}})
         self.events.publish("incident", {"stream": stream, "kind": kind, "detail": detail, "incomplete": incomplete,
                                          "session": self.session["session_id"] if self.session else None})
         self.live.changed = True
@@ -490,6 +494,7 @@ class Supervisor:
         folder = create_session_dir(self.data_root, session_id)
         register_stimulus_images(folder, self.cfg)  # once per session, so finalize never needs the rig's folders
         self.session_dir = folder
+        self.session_log.open(folder)
         self.session = {
             "session_id": session_id, "state": RECORDING, "created": now_iso(), "stopped": None,
             "incomplete": False, "metadata": meta, "reference": self.cfg.reference,
@@ -616,6 +621,7 @@ class Supervisor:
             for job in self.jobs.values():  # finalize and export are resumable: a rerun completes them
                 stop_quietly(job.proc)
             self.hashers.stop()
+            log.removeHandler(self.session_log)
             self.router.close(linger=0)
             self.ctx.term()
             release(self._endpoint_locks)
@@ -673,6 +679,7 @@ class Supervisor:
             self._unsaved = True
             return
         self._unsaved = not _write_session(self.session_dir, self.session)
+        self.session_log.sync()
         self._saved_at = time.monotonic()
 
     def _close_session(self, state: str) -> None:
@@ -681,6 +688,8 @@ class Supervisor:
                 self.session["incomplete"] = True
                 self.session["streams"][name]["stopped_reason"] = h.reason
         self.session["state"], self.session["stopped"] = state, now_iso()
+        log.info("session %s %s", self.session["session_id"], state)
+        self.session_log.close()
         if not _write_session(self.session_dir, self.session):  # e.g. a full disk: retried until it succeeds
             self._closed_unsaved.append((self.session_dir, self.session))
         self._unsaved = False

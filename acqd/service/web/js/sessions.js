@@ -25,6 +25,7 @@ export function createSessions({ bus, info, onError }) {
       out.push(el("button", { type: "button", class: "finalize", disabled: running, onclick: () => start("finalize", s) },
         "Finalize"));
     }
+    out.push(el("button", { type: "button", class: "log", onclick: () => showLog(s.session_id) }, "Log"));
     if (s.state === "finalized") {
       out.push(el("button", { type: "button", class: "qc", onclick: () => showQc(s.session_id) }, "QC report"));
       out.push(el("button", { type: "button", class: "export", disabled: running, onclick: () => start("export", s) },
@@ -108,6 +109,23 @@ export function createSessions({ bus, info, onError }) {
           qc.index_url ? el("dd", {}, el("a", { href: qc.index_url, target: "_blank" }, "qc/index.html")) : null),
         el("div", { class: "qc-plots" }, ...imgs)));
       if (scroll) detail.scrollIntoView({ block: "nearest" });
+    } catch (err) { onError(err); }
+  }
+
+  /** What the daemon logged while the session recorded (log.jsonl): the last lines, warnings in red. */
+  async function showLog(sessionId) {
+    shown = null;
+    try {
+      const log = await request("GET", `/api/console/sessions/${encodeURIComponent(sessionId)}/log?tail=300`);
+      const items = log.lines.map((l) => el("li", { class: `log-line ${l.level}` },
+        el("time", {}, (l.time || "").replace("T", " ").slice(11, 23)), " ", el("span", { class: "level" }, l.level),
+        " ", l.message));
+      detail.replaceChildren(el("div", { class: "card session-log", "data-session": sessionId },
+        el("h3", {}, `Session log: ${sessionId}`),
+        el("p", { class: "info" }, log.total > log.lines.length ? `last ${log.lines.length} of ${log.total} lines`
+          : `${log.total} lines`),
+        el("ul", { class: "feed" }, ...items)));
+      detail.scrollIntoView({ block: "nearest" });
     } catch (err) { onError(err); }
   }
 
