@@ -64,3 +64,13 @@ def test_the_session_log_holds_modes_commands_incidents_and_is_sealed(tmp_path, 
     assert "session log (log.jsonl)" in (folder / "qc" / "index.html").read_text()
     shown = httpx.get(f"{daemon.url}/api/console/sessions/logged/log", params={"tail": 3}, timeout=30).json()
     assert shown["total"] == len(lines) and [x["message"] for x in shown["lines"]] == messages[-3:]
+
+
+def test_kill9_of_the_daemon_keeps_every_line_logged_before_it(tmp_path, rig_file, daemon_factory):
+    daemon = daemon_factory(rig_file)
+    with recording(daemon, rig_file, "cut", seed=12) as (_, folder):
+        daemon.command("annotate", text="just before the crash")
+        os.kill(daemon.pid, signal.SIGKILL)
+        daemon.proc.wait(30)
+    lines = [json.loads(x) for x in (folder / LOG_FILE).read_text().splitlines()]  # every line whole
+    assert lines[-1].get("command") == "annotate" and "just before the crash" in lines[-1]["message"]
