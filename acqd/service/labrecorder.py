@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from acqd.config import LabRecorderConfig, check_name
-from acqd.errors import AcqdError
+from acqd.errors import AcqdError, SessionError
 from acqd.service.commands import COMMANDS, RecordRequest, confined, data_roots
 from acqd.service.compat import Incidents, bids_label, folder_name, unique_session
 from acqd.service.supervisor import RECORD, Supervisor
@@ -279,6 +279,10 @@ class LabRecorderServer:
 def start_listener(sup: Supervisor, cfg: LabRecorderConfig) -> LabRecorderServer:
     """Serve LabRecorder's remote control as ``cfg`` says, on its own thread; ``shutdown()`` it when done."""
     server = LabRecorderServer(sup, cfg)
-    server.start()
+    try:
+        server.start()
+    except OSError as e:
+        raise SessionError(f"LabRecorder's port {cfg.host}:{cfg.port} cannot listen ({e.strerror or e}): change "
+                           f"daemon.labrecorder.port, or stop what holds it") from None
     log.info("LabRecorder remote control on %s:%d%s", cfg.host, server.port, " (token required)" if cfg.token else "")
     return server
