@@ -140,7 +140,9 @@ class LabRecorderControl:
         if self.sup.mode == RECORD:
             return OK  # LabRecorder: start while recording changes nothing
         previous = self.sup.data_root
-        root = Path(self.options["root"]) if self.options.get("root") else previous
+        root = previous
+        if self.options.get("root"):  # checked again: a folder may have been swapped for a link since
+            root = confined(self.options["root"], data_roots(self.sup), "root")
         created = _absent(root)
         if root != previous:
             self.sup.set_data_root(root)
