@@ -10,6 +10,7 @@ written from LabRecorder's README ("Remote Control").
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 from pathlib import Path
@@ -17,8 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 from open_ephys.control import OpenEphysHTTPServer
+from rich.console import Console
 
 from acqd.service.procs import Simulator, wait_until
+from acqd.service.status import status_renderable
 from acqd.session import read_annotations
 from tests.conftest import write_rig
 
@@ -31,6 +34,13 @@ def incidents(daemon, kind: str) -> list[dict]:
 def wait_incident(daemon, kind: str, text: str) -> dict:
     return wait_until(lambda: next((i for i in incidents(daemon, kind) if text in i["detail"]), None),
                       f"a {kind} incident saying {text!r}", 20)
+
+
+def acqd_status_text(daemon) -> str:
+    """What `acqd status` prints (80 columns)."""
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(status_renderable(daemon.command("status")))
+    return console.export_text()
 
 
 def session_json(folder: Path) -> dict:
@@ -72,6 +82,7 @@ def test_row41_open_ephys_client_records_under_a_unique_name_and_its_refusals_ke
     assert gui.record() == "ACQUIRE"
     refused = wait_incident(daemon, "openephys_refused", "RECORD refused")
     assert "silent" in refused["detail"]
+    assert "openephys_refused: Open Ephys: RECORD refused" in acqd_status_text(daemon)
     assert not (data / "m1_day3_3").exists()
 
 
@@ -94,6 +105,7 @@ def test_row41_labrecorder_script_records_every_start_it_sends(tmp_path, daemon_
         # Before any driver runs: recording is impossible (silent streams): an error reply and an incident.
         assert _say(lr, "start").startswith(b"error: ")
         assert "silent" in wait_incident(daemon, "labrecorder_start_refused", "'start'")["detail"]
+        assert "labrecorder_start_refused: LabRecorder: 'start'" in acqd_status_text(daemon)
         sim = Simulator(cfg, 60, seed=42)
         try:
             wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
