@@ -11,8 +11,9 @@ docs/lsl.md "LabRecorder compatibility"):
   an existing session, which may be finalized, sealed and shipped, so the new one takes the new name.
 - ``folder_name`` and ``bids_label`` turn text a lab typed (spaces, accents) into a usable folder name, as
   the originals use any text in their file names; the metadata keep the text as typed.
-- ``Incidents`` reports a refusal or a rename as an incident (log, console, ``acqd status``), summarising a
-  flood of the same kind (a client that loops) instead of recording each.
+- ``Incidents`` reports a refusal or a rename as an incident (log, console, ``acqd status``); a flood of the
+  same kind and reason (a client that loops) is one incident per ``INCIDENT_SUMMARY_S``, the next one carrying
+  the count of those held back.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class Incidents:
 
     Each goes through the supervisor's own incident mechanism (log line, ``incident`` event for the console,
     ``recent_incidents`` in the status, ``session.json`` while recording). The first of a kind is recorded at
-    once; more of the same kind within ``INCIDENT_SUMMARY_S`` are counted and recorded as one summary.
+    once; more of the same kind within ``INCIDENT_SUMMARY_S`` are counted, and the count is recorded with the
+    next one after that.
     """
 
     def __init__(self, sup: Supervisor, surface: str):
