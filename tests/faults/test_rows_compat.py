@@ -157,15 +157,19 @@ def test_labrecorder_root_is_confined_and_a_web_page_cannot_start_a_recording(tm
     assert daemon.command("recording")["parent_directory"] == str(data.resolve())
 
 
-def test_labrecorder_token_is_the_first_line_when_configured(tmp_path, daemon_factory):
+def test_labrecorder_token_is_the_first_line_when_configured_and_a_silent_client_is_closed(tmp_path,
+                                                                                           daemon_factory):
     daemon = daemon_factory(_lr_rig(tmp_path, token="a-long-labrecorder-secret"))
     port = daemon.info["labrecorder_port"]
+    silent = socket.create_connection(("127.0.0.1", port), timeout=30)  # holds a slot, says nothing
     with socket.create_connection(("127.0.0.1", port), timeout=30) as lr:
         assert _say(lr, "update").startswith(b"error: a token is required")
         assert lr.recv(10) == b""  # closed
     with socket.create_connection(("127.0.0.1", port), timeout=30) as lr:
         assert _say(lr, "token a-long-labrecorder-secret") == b"OK"
         assert _say(lr, "update") == b"OK"
+    with silent:
+        assert silent.recv(10) == b""  # closed after FIRST_LINE_TIMEOUT_S (10 s)
 
 
 def _rss_threads(pid: int) -> tuple[int, int]:
