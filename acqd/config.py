@@ -339,6 +339,16 @@ class LabRecorderConfig(_Frozen):
     """Address to listen on; LabRecorder listens on every address, acqd on loopback unless told otherwise."""
     port: int = Field(22345, ge=0, le=65535)
     """LabRecorder's port (0: any free port, written to the ready file)."""
+    token: str | None = Field(None, min_length=16)
+    """Secret a client sends as its first line (``token <secret>``) before any command; mandatory off loopback."""
+    max_connections: int = Field(8, ge=1, le=256)
+    """Clients connected at once; more are answered ``error: too many connections`` and closed."""
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> LabRecorderConfig:
+        if not is_loopback(self.host) and not self.token:
+            raise ValueError(f"labrecorder.host {self.host!r} is not loopback: set labrecorder.token")
+        return self
 
 
 class DaemonConfig(_Frozen):

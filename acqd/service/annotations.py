@@ -4,8 +4,8 @@
 progress is written at once, with the time it was asked for. It is placed by host time and by the reference
 stream's sample counter at that moment (extrapolated at the nominal rate from the last chunk the reference
 writer reported: within a chunk's length of the true sample), appended to ``<session>/annotations.jsonl`` and
-fsynced before the call returns. In ACQUIRE, with no session open, the note goes to
-``<data_root>/annotations.jsonl``. Finalize turns a session's notes into the NWB ``annotations`` events table.
+fsynced before the call returns. In ACQUIRE (and in IDLE for Open Ephys ``message``), with no session open, the
+note goes to ``<data_root>/annotations.jsonl``. Finalize turns a session's notes into the NWB ``annotations`` events table.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ def reference_sample(last_chunk: list | None, rate: float, mono_ns: int) -> int 
     return first + round((mono_ns - at_ns) * rate / 1e9)
 
 
-def annotate(sup: Supervisor, text: str, source: str = "api") -> dict:
-    """Record ``text`` now; return the stored record. Refused (SessionError) in IDLE."""
+def annotate(sup: Supervisor, text: str, source: str = "api", in_idle: bool = False) -> dict:
+    """Record ``text`` now; return the stored record. Refused (SessionError) in IDLE unless ``in_idle`` (Open
+    Ephys scripts send messages whatever the mode: kept in the data root's file, as in ACQUIRE)."""
     mode, session = sup.mode, sup.session  # plain reads: the supervisor swaps these, never mutates in place
-    if mode == "IDLE":
+    if mode == "IDLE" and not in_idle:
         raise SessionError("not acquiring: annotations are taken in ACQUIRE or RECORD (start with `acqd acquire`)")
     wall_ns, mono_ns = time.time_ns(), time.monotonic_ns()
     ref = sup.cfg.reference

@@ -55,8 +55,13 @@ def error(status: int, message: str, **extra: Any) -> JSONResponse:
 
 def answer(sup: Supervisor, name: str, body: Any) -> Any:
     """Run a command and map acqd's errors onto HTTP: invalid 422, refused 409, a bug 500."""
+    return respond(lambda: run_command(sup, name, body), name)
+
+
+def respond(fn: Callable[[], Any], name: str) -> Any:
+    """``fn()``, with acqd's errors mapped onto HTTP as ``answer`` does (``name`` names it in errors)."""
     try:
-        return run_command(sup, name, body)
+        return fn()
     except (ValidationError, ConfigError, ValueError) as e:  # metadata: each problem's field and check too
         return error(422, str(e), **({"problems": e.problems} if getattr(e, "problems", None) else {}))
     except AcqdError as e:
@@ -193,7 +198,7 @@ def serve(cfg: RigConfig, ready_file: str | None = None, acquire: bool = False, 
     if cfg.daemon.labrecorder is not None:  # LabRecorder's remote control socket (docs/lsl.md)
         from acqd.service.labrecorder import start_listener
 
-        _, ready["labrecorder_port"] = start_listener(sup, cfg.daemon.labrecorder.host, cfg.daemon.labrecorder.port)
+        ready["labrecorder_port"] = start_listener(sup, cfg.daemon.labrecorder).port
     if acquire:
         sup.acquire()  # before READY: a unit that starts acquiring is ready once its writers are
     sup.on_tick = systemd.Watchdog(systemd.watchdog_interval_s()).ping

@@ -5,22 +5,34 @@ for acqd: status and mode changes, recording folder naming, messages (annotation
 streams), their parameters (read-only), CPU usage and the configuration. Calls that have no meaning for acqd
 (signal-chain editing, audio devices, load/save/undo, latency) answer 409 with the reason, as JSON, which is
 what that client returns to its caller. ``quit`` stops the daemon only when ``control.enable_quit`` is set.
+
+Those scripts never read replies, so the rules of acqd.service.compat apply: RECORD records unless recording
+is impossible (a taken session name becomes the next free ``<name>_<n>``, said in the reply, the log and the
+console, as the GUI records into an existing folder as its next recording); ``message`` is kept whatever the
+mode (the GUI takes it in any mode); every refusal carries ``mode`` (the GUI's reply is always the status, and
+the client reads ``["mode"]`` of it) and a refused change is an incident.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Body
+from fastapi.responses import JSONResponse
 
 from acqd.config import RigConfig
-from acqd.service.api import answer, error
-from acqd.service.commands import (AnnotateRequest, AnnotationResponse, ModeRequest, RecordingRequest,
-                                   RecordingResponse, StatusResponse, recording_info)
-from acqd.service.supervisor import Supervisor
+from acqd.metadata import to_acqd
+from acqd.service.annotations import annotate
+from acqd.service.api import answer, error, respond
+from acqd.service.commands import (COMMANDS, AnnotateRequest, AnnotationResponse, ModeRequest, RecordingRequest,
+                                   RecordingResponse, RecordRequest, StatusResponse, recording_info)
+from acqd.service.compat import Incidents, unique_session
+from acqd.service.supervisor import RECORD, Supervisor
+from acqd.session import session_name
 
 PROCESSOR_ID_BASE = 100
 """Open Ephys processor ids are 3 digits: stream i of the config is processor 100 + i."""
@@ -77,20 +89,49 @@ def cpu_usage(pids: list[int], interval_s: float = 0.2) -> float:
     return (ticks() - c0) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - t0)
 
 
-def _refusal(reason: str) -> Callable[[], Any]:
+def _refusal(sup: Supervisor, reason: str) -> Callable[[], Any]:
     async def refuse() -> Any:
-        return error(409, reason)
+        return error(409, reason, mode=sup.mode)
     return refuse
+
+
+def record_unique(sup: Supervisor) -> dict:
+    """On the supervisor thread: Open Ephys RECORD. The session is named as the GUI names its folder
+    (prepend + base or a timestamp + append); a name already taken gets the next free ``<name>_<n>``."""
+    if sup.mode == RECORD:
+        return COMMANDS["set_mode"].handler(sup, ModeRequest(mode="RECORD"))  # keeps the session (idempotent)
+    wanted = to_acqd(sup.cfg.metadata, "config metadata").get("session_id") or session_name(**sup.recording)
+    name = unique_session(sup.data_root, wanted)
+    status = COMMANDS["record"].handler(sup, RecordRequest(session=name))
+    if name == wanted:
+        return status
+    return {**status, "renamed_from": wanted,
+            "note": f"session {wanted!r} exists in {sup.data_root}: recording as {name!r}"}
+
+
+def visible(sup: Supervisor, incidents: Incidents, what: str, reply: Any) -> Any:
+    """A reply as the Open Ephys client needs it: a refusal carries ``mode`` and is an incident; a session
+    recorded under another name than asked is an incident too (the console and the log say so)."""
+    if isinstance(reply, JSONResponse) and reply.status_code >= 400:
+        body = json.loads(reply.body)
+        incidents.report("openephys_refused", f"{what} refused: {body['error']}")
+        return JSONResponse({**body, "mode": sup.mode}, status_code=reply.status_code)
+    if isinstance(reply, dict) and reply.get("renamed_from"):
+        incidents.report("session_renamed", reply["note"], summarise=False)
+    return reply
 
 
 def openephys_router(sup: Supervisor, cfg: RigConfig, request_stop: Callable[[], None]) -> APIRouter:
     router = APIRouter(tags=["open ephys"])
+    incidents = Incidents(sup, "Open Ephys")
     public = cfg.model_dump(mode="json")
     public["daemon"]["control"]["token"] = "***" if public["daemon"]["control"]["token"] else None
 
     @router.put("/api/status", response_model=StatusResponse, summary="change mode (IDLE, ACQUIRE, RECORD)")
     def put_status(req: ModeRequest) -> Any:
-        return answer(sup, "set_mode", req)
+        if req.mode.upper() == RECORD:
+            return visible(sup, incidents, "RECORD", respond(lambda: sup.call(record_unique, sup), "record"))
+        return visible(sup, incidents, req.mode.upper(), answer(sup, "set_mode", req))
 
     @router.get("/api/recording", response_model=RecordingResponse, summary="where and how sessions are named")
     def get_recording() -> Any:
@@ -98,21 +139,22 @@ def openephys_router(sup: Supervisor, cfg: RigConfig, request_stop: Callable[[],
 
     @router.put("/api/recording", response_model=RecordingResponse, summary="set parent_directory, texts")
     def put_recording(req: RecordingRequest) -> Any:
-        return answer(sup, "recording", req)
+        return visible(sup, incidents, "PUT /api/recording", answer(sup, "recording", req))
 
     @router.put("/api/recording/{node_id}", response_model=RecordingResponse,
                 summary="Open Ephys set_record_path: acqd has one data root for every stream")
     def put_record_node(node_id: int, req: RecordingRequest) -> Any:
-        return answer(sup, "recording", req)
+        return visible(sup, incidents, f"PUT /api/recording/{node_id}", answer(sup, "recording", req))
 
     @router.get("/api/sessions", summary="sessions under the data root")
     def sessions() -> Any:
         return answer(sup, "sessions", None)
 
     @router.put("/api/message", response_model=AnnotationResponse,
-                summary="an annotation in the recording (ACQUIRE or RECORD), fsynced before the reply")
+                summary="an annotation, fsynced before the reply (in IDLE or ACQUIRE: in the data root's file)")
     def message(req: AnnotateRequest) -> Any:
-        return answer(sup, "annotate", req)
+        note = respond(lambda: annotate(sup, req.text, "openephys", in_idle=True), "annotate")
+        return visible(sup, incidents, "message", note)
 
     @router.get("/api/processors", summary="acqd's streams as processors")
     async def get_processors() -> dict:
@@ -133,7 +175,8 @@ def openephys_router(sup: Supervisor, cfg: RigConfig, request_stop: Callable[[],
     @router.put("/api/processors/{processor_id}/streams/{stream_index}/parameters/{name}", include_in_schema=False)
     @router.put("/api/processors/{processor_id}/config", include_in_schema=False)
     async def set_parameter(processor_id: int, body: Any = Body(None)) -> Any:
-        return error(409, "acqd's stream settings are read-only while it runs: edit the rig YAML and restart")
+        return error(409, "acqd's stream settings are read-only while it runs: edit the rig YAML and restart",
+                     mode=sup.mode)
 
     @router.get("/api/cpu", summary="CPU used by the daemon and its writers (fraction of one core)")
     def cpu() -> dict:
@@ -145,12 +188,13 @@ def openephys_router(sup: Supervisor, cfg: RigConfig, request_stop: Callable[[],
         return {"config": public}
 
     for path, reason in NOT_FOR_ACQD.items():
-        router.add_api_route(path, _refusal(reason), methods=["GET", "PUT"], include_in_schema=False)
+        router.add_api_route(path, _refusal(sup, reason), methods=["GET", "PUT"], include_in_schema=False)
 
     @router.put("/api/quit", summary="stop the daemon (only with control.enable_quit)")
     async def quit_() -> Any:
         if not cfg.daemon.control.enable_quit:
-            return error(409, "quit is disabled: set control.enable_quit, or stop the service (systemctl stop acqd)")
+            return error(409, "quit is disabled: set control.enable_quit, or stop the service (systemctl stop acqd)",
+                         mode=sup.mode)
         request_stop()
         return {"message": "stopping: the session is closed and every file closes cleanly"}
     return router

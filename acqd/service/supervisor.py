@@ -182,6 +182,11 @@ class Supervisor:
         os.write(self._wake_w, b"x")
         return fut.result(timeout)
 
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn(*args)`` for the supervisor thread without waiting for it (an incident from a listener)."""
+        self._calls.put((fn, args, Future()))
+        os.write(self._wake_w, b"x")
+
     def serve(self, stop: threading.Event) -> None:
         """The supervisor thread: pump writer messages, run submitted calls, watch processes."""
         try:

@@ -42,7 +42,7 @@ def test_open_ephys_client_drives_acqd(rig_file, daemon_factory, tmp_path):
     refused = gui.set_parent_dir("/etc")["error"]
     assert "outside the allowed folders" in refused and "daemon.control.data_roots" in refused  # what to do about it
 
-    assert "not acquiring" in gui.message("too early")["error"]
+    assert gui.message("before acquiring")["mode"] == "IDLE"  # kept in the data root, as in ACQUIRE
     assert gui.acquire() == "ACQUIRE"
     note = gui.message("baseline")  # in ACQUIRE: kept in the data root, no session yet
     assert note["session"] is None and note["text"] == "baseline"
@@ -59,7 +59,7 @@ def test_open_ephys_client_drives_acqd(rig_file, daemon_factory, tmp_path):
         sim.stop()
     folder = tmp_path / "data" / "rigA" / "m1_day3_a"
     assert [a["text"] for a in read_annotations(folder)] == ["drug on"]
-    assert [a["text"] for a in read_annotations(tmp_path / "data" / "rigA")] == ["baseline"]
+    assert [a["text"] for a in read_annotations(tmp_path / "data" / "rigA")] == ["before acquiring", "baseline"]
     assert json.loads((folder / "session.json").read_text())["state"] == "closed"
 
     for refused in (gui.get_latencies(), gui.load("/x.xml"), gui.save("/x.xml"), gui.undo(), gui.redo(),

@@ -77,10 +77,13 @@ def test_labrecorder_filename_becomes_a_session_name():
     legacy = parse_filename("filename {template:exp%n/block_%b.xdf} {task:T} {run:3}")
     assert session_name(legacy) == "exp3_block_T"
     assert session_name({}) is None
-    with pytest.raises(ValueError, match="unknown filename option"):
-        parse_filename("filename {colour:red}")
-    with pytest.raises(ValueError, match="invalid session name"):
-        session_name({"participant": "../../etc"})
+    # Options LabRecorder ignores are ignored (its own pattern, e.g. a Windows path in braces); any text names a
+    # usable folder, never one outside the data root.
+    assert parse_filename("filename {colour:red} {C:\\Data\\} {participant:P2}") == {"participant": "P2"}
+    assert session_name({"participant": "../../etc"}) == "sub-etc"
+    assert session_name({"participant": "Jörg M", "task": "go/no go"}) == "sub-JorgM_task-gonogo"
+    assert session_name({"template": "../../%p", "participant": "x"}) == "x"
+    assert session_name({"participant": "日本"}) is None
 
 
 def test_the_discovery_snippet_is_a_valid_stream_config():
