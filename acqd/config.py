@@ -308,6 +308,15 @@ class ControlConfig(_Frozen):
     """Folders exports may be written under; default: the folder that holds daemon.data_root."""
     enable_quit: bool = False
     """Let Open Ephys ``PUT /api/quit`` stop the daemon."""
+    request_timeout_s: float = Field(10.0, gt=0, le=3600)
+    """A connection that has not sent a whole request's headers this long after opening (or after its last
+    response) is closed: idle or trickling sockets cannot hold the server's connections."""
+    stall_timeout_s: float = Field(10.0, gt=0, le=3600)
+    """A connection that reads nothing of what it is sent for this long is dropped (e.g. an event stream whose
+    client stopped reading)."""
+    max_connections_per_client: int = Field(400, ge=1, le=448)
+    """Connections from one address at once; beyond it (or beyond 448 in all) the connection idle longest is
+    closed to make room."""
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> ControlConfig:
