@@ -340,8 +340,8 @@ class ControlConfig(_Frozen):
     enable_quit: bool = False
     """Let Open Ephys ``PUT /api/quit`` stop the daemon."""
     request_timeout_s: float = Field(10.0, gt=0, le=3600)
-    """A connection that has not sent a whole request's headers this long after opening (or after its last
-    response) is closed: idle or trickling sockets cannot hold the server's connections."""
+    """A connection that has not sent a whole request (headers and body) this long after opening (or after its
+    last response) is closed: idle or trickling sockets cannot hold the server's connections."""
     stall_timeout_s: float = Field(10.0, gt=0, le=3600)
     """A connection that reads nothing of what it is sent for this long is dropped (e.g. an event stream whose
     client stopped reading)."""

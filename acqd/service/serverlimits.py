@@ -5,8 +5,8 @@ before a connection's first request: 520 sockets that connect and send nothing l
 as they stayed (issue 22.7). An ASGI middleware never sees such a socket (no request ever reaches the app), so
 the limits live in uvicorn's own HTTP protocol, subclassed here:
 
-- **request timeout**: a connection must complete a request's headers within ``request_timeout_s`` of opening
-  or of its last response, however slowly it trickles bytes; otherwise it is closed.
+- **request timeout**: a connection must complete a request (headers and body) within ``request_timeout_s`` of
+  opening or of its last response, however slowly it trickles bytes; otherwise it is closed.
 - **stall timeout**: a connection that reads nothing of what it is sent (its writes stay paused) for
   ``stall_timeout_s`` is aborted; this frees event streams whose client stopped reading.
 - **per-client and total caps**: beyond ``max_connections_per_client`` from one address, or ``MAX_CONNECTIONS``
@@ -25,6 +25,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from acqd.config import ControlConfig
@@ -135,9 +136,11 @@ class LimitedProtocol(H11Protocol):
         if self.transport.is_closing():
             return
         timeout = self.registry.limits.request_timeout_s
-        left = timeout if self.busy() else self.idle_since + timeout - self.loop.time()
+        # IDLE: its request's headers are not (all) here; SEND_BODY: its body is not. Otherwise we are the slow end.
+        waiting = self.conn.their_state in (h11.IDLE, h11.SEND_BODY)
+        left = self.idle_since + timeout - self.loop.time() if waiting else timeout
         if left <= 0:
-            self.registry.close(self, f"closed: no request within {timeout:g} s")
+            self.registry.close(self, f"closed: no whole request within {timeout:g} s")
             return
         self._deadline = self.loop.call_later(left, self._check_request)
 

@@ -78,6 +78,9 @@ def test_row46_600_idle_sockets_do_not_lock_out_the_console(tmp_path, daemon_fac
     idle = [_connect(addr) for _ in range(600)]  # was: 503 for everyone from the 512th on, for as long as they stay
     for s in idle[:100]:
         s.sendall(b"GET /api/status HTTP/1.1\r\nHost: 127")  # a trickle: headers never completed
+    for s in idle[100:150]:  # a body that never completes: the request is in flight, yet the client is the slow end
+        s.sendall(b"POST /api/commands/annotate HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{" % (addr[0].encode(), addr[1]))
     try:
         _console_reachable(daemon.url)
         t0 = time.monotonic()
