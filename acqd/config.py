@@ -94,6 +94,32 @@ class VideoConfig(_Frozen):
     """Start a new video file after this many frames (a crash loses at most the open file's tail)."""
 
 
+class CurveKeys(_Frozen):
+    """ZeroMQ CURVE on a stream acqd binds on tcp: encrypted, and only drivers whose public key is listed may send
+    (docs/protocol.md "Authenticated drivers"). Make keys with ``zmq.auth.create_certificates(folder, name)``."""
+
+    secret_key_file: Path = Field(description="acqd's secret certificate for this stream (a .key_secret file)")
+    """acqd's certificate for this stream: the ``.key_secret`` file ``zmq.auth.create_certificates`` writes (its
+    ``.key`` twin is what drivers need)."""
+    client_keys_dir: Path = Field(description="folder of the public certificates (.key) of the drivers allowed")
+    """Folder of the public certificates (``.key`` files) of the drivers allowed to send; any other key is
+    refused, counted and logged (``peer_refused``)."""
+
+    @model_validator(mode="after")
+    def _readable(self) -> CurveKeys:
+        from zmq.auth import load_certificate
+
+        try:
+            public, secret = load_certificate(self.secret_key_file)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"secret_key_file {str(self.secret_key_file)!r}: {e}") from e
+        if not secret:
+            raise ValueError(f"secret_key_file {str(self.secret_key_file)!r} holds no secret key (the .key_secret file)")
+        if not self.client_keys_dir.is_dir():
+            raise ValueError(f"client_keys_dir {str(self.client_keys_dir)!r} is not a folder")
+        return self
+
+
 class LslSource(_Frozen):
     """The stream comes from a Lab Streaming Layer outlet, bridged by acqd (docs/lsl.md).
 
@@ -208,6 +234,9 @@ class StreamConfig(_Frozen):
     """Cameras: encode frames to video files instead of HDF5 frames."""
     allow_from: tuple[str, ...] = ("127.0.0.1", "::1")
     """With ``bind: true`` on tcp: the only peer IP addresses acqd takes data from (ZAP); others are refused."""
+    curve: CurveKeys | None = Field(None, description="bind: true on tcp: drivers must hold a listed CURVE key")
+    """With ``bind: true`` on tcp: encrypt, and take data only from drivers whose CURVE key is listed (besides
+    ``allow_from``); without it any process that can reach the port (every local one) can send."""
     description: str = ""
     """Free text, written into the stream file and the NWB file."""
     lsl: LslSource | None = Field(None, description="the stream is an LSL outlet bridged onto `endpoint`")
@@ -245,6 +274,8 @@ class StreamConfig(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> StreamConfig:
+        if self.curve is not None and (not self.bind or not self.endpoint.startswith("tcp://") or self.lsl is not None):
+            raise ValueError("curve keys go with a tcp endpoint that acqd binds (bind: true), and not with lsl")
         if self.channel_names is not None and len(self.channel_names) != self.shape[0]:
             raise ValueError(f"{len(self.channel_names)} channel_names for {self.shape[0]} channels")
         if self.video is not None and (self.kind != "video" or self.dtype != "|u1" or len(self.shape) != 2):
@@ -308,6 +339,15 @@ class ControlConfig(_Frozen):
     """Folders exports may be written under; default: the folder that holds daemon.data_root."""
     enable_quit: bool = False
     """Let Open Ephys ``PUT /api/quit`` stop the daemon."""
+    request_timeout_s: float = Field(10.0, gt=0, le=3600)
+    """A connection that has not sent a whole request (headers and body) this long after opening (or after its
+    last response) is closed: idle or trickling sockets cannot hold the server's connections."""
+    stall_timeout_s: float = Field(10.0, gt=0, le=3600)
+    """A connection that reads nothing of what it is sent for this long is dropped (e.g. an event stream whose
+    client stopped reading)."""
+    max_connections_per_client: int = Field(400, ge=1, le=448)
+    """Connections from one address at once; beyond it (or beyond 448 in all) the connection idle longest is
+    closed to make room."""
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> ControlConfig:

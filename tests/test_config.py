@@ -44,7 +44,7 @@ def broken(tmp_path: Path, edit) -> Path:
     (lambda r: r["streams"][2]["sync"].update(stream="ghost"), "strobe stream 'ghost'"),
     (lambda r: r["streams"][0].update(rate=-1), r"streams\[0\] 'probe'.rate: .*greater than 0"),
     (lambda r: r["streams"][0].update(colour="blue"),
-     r"streams\[0\] 'probe'.colour: unknown key 'colour'; allowed keys: conversion, "),
+     r"streams\[0\] 'probe'.colour: unknown key 'colour'; allowed keys: curve, conversion, "),
     (lambda r: r["streams"][0]["sync"].update(bitt=1), r"'probe'.sync.bitt: unknown key 'bitt'; allowed keys: bit, "),
     (lambda r: r["streams"][0].update(name="p" * 33), r"'ppp.*'.name: stream name 'p+' is 33 bytes; the wire header's"),
 ])

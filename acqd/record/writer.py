@@ -17,19 +17,17 @@ While the console watches (the ``preview`` command) it also sends ``preview`` me
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import signal
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from acqd.config import ChannelSync, EdgeLine, FrameSync, StreamConfig
@@ -37,6 +35,7 @@ from acqd.errors import DiskFullError, ProtocolError, WriterError
 from acqd.record.faults import FAULT_ENV, Faults
 from acqd.record.ingest import (Cursor, Reject, Verdict, advance, check_continuity, check_edges, check_format,
                                 rising_edges, wall_step_ns)
+from acqd.record.peerauth import authenticate
 from acqd.record.preview import Preview, encode_message
 from acqd.wire.protocol import Chunk, Header, decode, peek_seq
 from acqd.record.streamfile import UNKNOWN_SEQ, StreamFile, io_errors, last_committed, part_filename
@@ -137,12 +136,13 @@ class Writer:
             # Exact-topic filtering: ZeroMQ matches prefixes, so "probe" would also take "probe2";
             # the header check below rejects those as WRONG_STREAM.
             self.data.setsockopt(zmq.SUBSCRIBE, self.cfg.name.encode())
-        self.refused: deque[str] = deque(maxlen=1000)  # peer addresses the authenticator denied, not yet reported
         self.refused_total = self.refused_unmatched = 0
-        self.auth = self.allow_listed() if self.cfg.bind and self.cfg.endpoint.startswith("tcp://") else None
+        self.auth, self.refusals = (authenticate(self.ctx, self.data, self.cfg) if self.cfg.bind
+                                    and self.cfg.endpoint.startswith("tcp://") else (None, None))
         # With an allow-list a peer counts once its handshake succeeded (a refused one is accepted first).
         connected = zmq.EVENT_HANDSHAKE_SUCCEEDED if self.auth else zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED
-        self.monitor = self.data.get_monitor_socket(connected | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        self.monitor = self.data.get_monitor_socket(connected | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         (self.data.bind if self.cfg.bind else self.data.connect)(self.cfg.endpoint)
         if self.cfg.bind:
             endpoint = self.data.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -413,18 +413,6 @@ class Writer:
             case other:
                 self.event("error", f"unknown command {other!r}")
 
-    def allow_listed(self) -> ThreadAuthenticator:
-        """A ZAP handler that admits only ``allow_from`` peers on this bound tcp socket (else: any host can send)."""
-        log = logging.getLogger(f"acqd.zap.{self.cfg.name}")
-        log.setLevel(logging.DEBUG)
-        log.propagate = False
-        log.addHandler(_Denied(self.refused))
-        auth = ThreadAuthenticator(self.ctx, log=log)
-        auth.start()
-        auth.allow(*self.cfg.allow_from)
-        self.data.setsockopt(zmq.ZAP_DOMAIN, b"acqd")  # NULL-mechanism peers go through ZAP only with a domain
-        return auth
-
     def on_monitor(self) -> None:
         evt = recv_monitor_message(self.monitor)
         if evt["event"] in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED, zmq.EVENT_HANDSHAKE_SUCCEEDED):
@@ -433,9 +421,13 @@ class Writer:
         elif evt["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             self.refused_total += 1
             self.refused_unmatched += 1
-            who = self.refused.popleft() if self.refused else "an unknown address"
-            self.event("peer_refused", f"refused a driver connection from {who}: not in allow_from "
-                                       f"{list(self.cfg.allow_from)}", address=who)
+            who, why = self.refusals.next()
+            self.event("peer_refused", f"refused a driver connection from {who}: {why}", address=who)
+        elif evt["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:  # e.g. no CURVE keys where CURVE is required
+            self.refused_total += 1
+            self.refused_unmatched += 1
+            self.event("peer_refused", "refused a driver connection: its handshake failed"
+                                       f"{' (it does not speak CURVE?)' if self.cfg.curve else ''}", address="")
         elif evt["event"] == zmq.EVENT_DISCONNECTED and self.refused_unmatched:
             self.refused_unmatched -= 1  # the refused peer's connection closing: it never counted as a peer
         elif evt["event"] == zmq.EVENT_DISCONNECTED:
@@ -566,18 +558,6 @@ def _seq_or_unknown(frames: list[zmq.Frame]) -> int:
     except Exception:  # noqa: BLE001 - labelling a rejected message must never fail, whatever the frames
         return UNKNOWN_SEQ
     return UNKNOWN_SEQ if seq is None else seq
-
-
-class _Denied(logging.Handler):
-    """Collects the addresses pyzmq's authenticator denies (it logs them from its own thread; deque is safe)."""
-
-    def __init__(self, into: deque):
-        super().__init__(logging.DEBUG)
-        self.into = into
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if str(record.msg).startswith("DENIED") and record.args:
-            self.into.append(str(record.args[0]))
 
 
 def main(argv: list[str] | None = None) -> int:

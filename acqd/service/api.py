@@ -38,6 +38,7 @@ from acqd.service.logs import setup_logging
 from acqd.service.console import mount_console, public_paths
 from acqd.service.commands import COMMANDS, Command, StatusResponse, StreamsResponse, run_command
 from acqd.service.guard import Guard
+from acqd.service.serverlimits import server_protocol
 from acqd.service.supervisor import Supervisor
 
 log = logging.getLogger("acqd")
@@ -179,7 +180,8 @@ def serve(cfg: RigConfig, ready_file: str | None = None, acquire: bool = False, 
     app = create_app(sup, ctl, cfg, request_stop)
     server = uvicorn.Server(uvicorn.Config(
         app, host=ctl.host, port=ctl.port, limit_concurrency=LIMIT_CONCURRENCY, backlog=BACKLOG, lifespan="off",
-        log_config=None, access_log=False, timeout_keep_alive=5, timeout_graceful_shutdown=3, server_header=False))
+        log_config=None, access_log=False, timeout_keep_alive=5, timeout_graceful_shutdown=3, server_header=False,
+        http=server_protocol(ctl)))
     http = threading.Thread(target=server.run, name="acqd-http", daemon=True)
     http.start()
     deadline = time.monotonic() + 30

@@ -8,9 +8,13 @@ the inlet's time_correction() in the offsets frame. So the writer, its checks, g
 any driver.
 
 A string (marker) outlet is sent as ``uint8`` rows of ``[channels, max_bytes]``: each value UTF-8 encoded,
-NUL-padded; a longer value is cut at a character boundary and reported. A regular outlet whose timestamps
-jump by more than ``gap_threshold_s`` (it vanished and came back: the inlet recovers by itself) skips the
-sample counter by the samples the jump spans, so the writer records a SAMPLES gap of that duration.
+NUL-padded; a longer value is cut at a character boundary and reported. The inlet never recovers by itself
+(liblsl's recovery reconnects to any outlet with the same source_id and would record a replacement at another
+rate under the old header, or nothing at all for another channel count or format): an outlet that is lost is
+resolved again and checked against the config like the first one, and a mismatch is reported and never
+recorded. A regular outlet whose timestamps jump by more than ``gap_threshold_s`` (it vanished and came
+back, or was replaced) skips the sample counter by the samples the jump spans, so the writer records a
+SAMPLES gap of that duration.
 
 It reports to the supervisor over a DEALER socket (identity ``lsl:<stream>``, JSON): ``state`` messages
 (resolving, not_found, mismatch, streaming) and ``event`` messages (truncated markers, outages).
@@ -211,20 +215,20 @@ class Bridge:
         info = self.resolve()
         if info is None:
             return 0
-        inlet = pylsl.StreamInlet(info, max_buflen=360, recover=True)
-        inlet.open_stream(timeout=10.0)
+        inlet = self.open(info)
         string = self.cfg.dtype == "|u1"
         while not self.stop_requested:
             time.sleep(PULL_INTERVAL_S)
             self.sample_clock(inlet)
             try:
                 data, ts = inlet.pull_chunk(timeout=0.0, max_samples=MAX_CHUNK, as_numpy=True)
-            except LostError:  # only for outlets without source_id: look for it again
+            except LostError:  # gone, or replaced: whatever answers next is checked against the config again
                 self.report("event", kind="lsl_lost", detail="the LSL outlet was lost; looking for it again")
+                inlet.close_stream()
                 info = self.resolve()
                 if info is None:
-                    break
-                inlet = pylsl.StreamInlet(info, max_buflen=360, recover=True)
+                    return 0
+                inlet = self.open(info)
                 continue
             if len(ts) == 0:
                 continue
@@ -236,6 +240,15 @@ class Bridge:
             self.publish(np.ascontiguousarray(data, dtype=self.cfg.dtype), np.asarray(ts, dtype=np.float64))
         inlet.close_stream()
         return 0
+
+    @staticmethod
+    def open(info):
+        """An inlet on the outlet ``resolve`` checked; it raises LostError instead of reconnecting by itself."""
+        import pylsl
+
+        inlet = pylsl.StreamInlet(info, max_buflen=360, recover=False)
+        inlet.open_stream(timeout=10.0)
+        return inlet
 
     def sample_clock(self, inlet) -> None:
         """Every ``clock_interval_s``: the inlet's offset (outlet clock -> this host's), at this host's clock."""

@@ -549,3 +549,60 @@ def test_row27_a_bound_tcp_stream_takes_data_only_from_allow_listed_peers(live):
     friend.close(0)
     assert_stored_exactly(w.folder / "s.h5", sent)  # nothing from the rogue
     assert w.close() == 0  # the authenticator thread does not hold the writer up
+
+
+def test_row27_a_bound_tcp_stream_with_curve_keys_takes_data_only_from_listed_keys(tmp_path, live):
+    # Issue 22: allow_from is loopback by default, so any local process could send into a bound stream.
+    import zmq
+    from zmq.auth import create_certificates, load_certificate
+    keys, listed = tmp_path / "keys", tmp_path / "drivers"
+    listed.mkdir()
+    keys.mkdir()
+    create_certificates(keys, "acqd")
+    create_certificates(keys, "friend")
+    create_certificates(keys, "rogue")
+    (listed / "friend.key").write_bytes((keys / "friend.key").read_bytes())  # only the friend's public key
+    server_public, _ = load_certificate(keys / "acqd.key")
+    w = live(driver="none", socket="pull", bind=True, endpoint="tcp://127.0.0.1:*",
+             curve={"secret_key_file": str(keys / "acqd.key_secret"), "client_keys_dir": str(listed)})
+    port = w.wait_for(lambda m: m["type"] == "event" and m["kind"] == "bound", "the bound endpoint")["endpoint"]
+    port = port.rsplit(":", 1)[1]
+    w.record()
+    ctx = zmq.Context.instance()
+
+    def driver(name: str | None) -> zmq.Socket:
+        s = ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, 0)
+        if name:
+            s.curve_publickey, s.curve_secretkey = load_certificate(keys / f"{name}.key_secret")
+            s.curve_serverkey = server_public
+        s.connect(f"tcp://127.0.0.1:{port}")
+        return s
+
+    def refused(what: str, text: str) -> dict:
+        return w.wait_for(lambda m: m["type"] == "event" and m["kind"] == "peer_refused" and text in m["detail"], what)
+
+    rogue = driver("rogue")  # a local process with a key of its own: loopback is allowed, its key is not
+    rogue_public = (keys / "rogue.key").read_text().split('public-key = "')[1].split('"')[0]
+    r = refused("the rogue's key to be refused", rogue_public)
+    assert r["address"] == "127.0.0.1" and "is not in client_keys_dir" in r["detail"], r
+    plain = driver(None)  # no CURVE at all: its handshake fails (counted when libzmq reports it)
+    for seq in range(3):
+        for s in (rogue, plain):
+            try:
+                s.send_multipart(message(seq, 10 * seq)[0], zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+    friend = driver("friend")
+    w.connected()
+    sent = {}
+    for seq in range(100, 103):
+        frames, sent[seq] = message(seq, 10 * seq, epoch=9)
+        friend.send_multipart(frames)
+    st = w.wait_handled(3)
+    assert st["refused_peers"] >= 1 and st["total"]["messages"] == 3, st
+    w.stop()
+    for s in (rogue, plain, friend):
+        s.close(0)
+    assert_stored_exactly(w.folder / "s.h5", sent)  # nothing from the rogue or the keyless driver
+    assert w.close() == 0
