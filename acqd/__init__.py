@@ -4,7 +4,7 @@ The public API, for drivers, scripts and analysis; the rest of the package is in
 
     Publisher, edge_records                 acqd.wire.publisher: send chunks to acqd (docs/protocol.md)
     load_config, RigConfig                  acqd.config: read and validate a rig file
-    Client                                  acqd.service.api: drive a running daemon (docs/control-api.md)
+    Client                                  acqd.client: drive a running daemon (docs/control-api.md)
     finalize_session                        acqd.finalize: align clocks, build and seal the master NWB
     export_session                          acqd.share.export: one self-contained NWB for DANDI
     new_analysis, open_analysis             acqd.share.analysis: analysis files that link sealed raw data
@@ -21,7 +21,7 @@ from typing import Any
 _EXPORTS = {
     "Publisher": "acqd.wire.publisher", "edge_records": "acqd.wire.publisher",
     "load_config": "acqd.config", "RigConfig": "acqd.config",
-    "Client": "acqd.service.api",
+    "Client": "acqd.client",
     "finalize_session": "acqd.finalize",
     "export_session": "acqd.share.export",
     "new_analysis": "acqd.share.analysis", "open_analysis": "acqd.share.analysis",

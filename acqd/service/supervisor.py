@@ -38,8 +38,8 @@ from typing import Any
 
 import zmq
 
-from acqd.config import RigConfig, SessionMetadata, check_name
-from acqd.metadata import merge, to_acqd
+from acqd.config import RigConfig, check_name
+from acqd.metadata import SessionMetadata, merge, to_acqd
 from acqd.errors import SessionError
 from acqd.service.runtime import lock_endpoints, make_daemon_dir, release, runtime_base
 from acqd.images import check_stimulus_images, register_stimulus_images

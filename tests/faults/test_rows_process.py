@@ -18,7 +18,7 @@ import h5py
 import pytest
 
 from acqd.record.streamfile import committed_rows, open_for_read
-from acqd.service.api import ApiError
+from acqd.client import ApiError
 from acqd.service.procs import Daemon, Simulator, pid_alive, stop_process, wait_until
 from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from acqd.service.api import ApiError
+from acqd.client import ApiError
 from acqd.service.procs import Simulator, wait_until
 from acqd.service.status import status_renderable
 from tests.conftest import write_rig

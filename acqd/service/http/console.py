@@ -1,6 +1,6 @@
 """The rig console: the web page at ``/`` and the few read paths only it needs (``/api/console/...``).
 
-This module owns the page's static files (``acqd/service/web/``: HTML, CSS, one JS module per panel, uPlot
+This module owns the page's static files (``acqd/service/http/web/``: HTML, CSS, one JS module per panel, uPlot
 vendored) and the console's own routes: the rig's description for the page, live form checks with the same
 models the ``record`` command uses, the sessions list with size, duration and QC, a session's QC files, the
 current session's incidents and annotations, and the live preview stream. Everything else the page does goes
@@ -28,7 +28,8 @@ from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from acqd.config import SessionMetadata, check_name
+from acqd.config import check_name
+from acqd.metadata import SessionMetadata
 from acqd.errors import SessionError
 from acqd.finalize.nwb import metadata_problems
 from acqd.finalize.layout import QC_DIR

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Body
 
 from acqd.config import RigConfig
-from acqd.service.api import answer, error
+from acqd.service.http.commands import answer, error
 from acqd.service.commands import (AnnotateRequest, AnnotationResponse, ModeRequest, RecordingRequest,
                                    RecordingResponse, StatusResponse, recording_info)
 from acqd.service.supervisor import Supervisor

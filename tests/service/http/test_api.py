@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from acqd.service.api import ApiError, Client
+from acqd.client import ApiError, Client
 from acqd.service.procs import Simulator, wait_until
 from tests.conftest import write_rig
 
