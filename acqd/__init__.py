@@ -11,6 +11,14 @@ The public API, for drivers, scripts and analysis; the rest of the package is in
     AcqdError and its subclasses            acqd.errors
 
 Names are imported on first use, so a writer process never pays for pynwb.
+
+The package follows the data path: ``wire`` (the protocol, drivers' side) -> ``record`` (one stream to its file)
+-> ``finalize`` (the master NWB, sealing) -> ``share`` (what leaves the rig); ``service`` (the daemon and its
+protocols) sits on top, ``sim`` (the simulated rig) aside. The root is shared by all and imports none of them:
+``config/`` (the rig config), ``metadata/`` (session metadata, probe layouts; below the config), ``errors``,
+``session`` (the session folder), ``images`` (image files of a session), ``client`` (the control API's client);
+``cli`` and ``demo`` are the entry points. Each sub-package's docstring says what it owns and may import;
+tests/test_layout.py holds the lines.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def markdown(example: Path | None = EXAMPLE_RIG) -> str:
     out = [
         "# Rig config reference",
         "",
-        "<!-- Generated from acqd/config.py by `acqd config-schema --markdown > docs/config.md`; do not edit. -->",
+        "<!-- Generated from acqd/config/ and acqd/metadata/ by `acqd config-schema --markdown > docs/config.md`; do not edit. -->",
         "",
         "A rig config is one YAML file: the daemon's settings, the streams, the reference clock and default",
         "session metadata. `acqd check-config FILE` reports every problem in it at once, each with its line",
