@@ -61,7 +61,7 @@ class Supervisor:
         self._closed_unsaved: list[tuple[Path, dict]] = []  # closed sessions whose last write failed
         self.lsl = LslBridges(cfg, self.control_endpoint)
         self.mode = IDLE
-        self.record_: SessionRecord | None = None
+        self.session_record: SessionRecord | None = None
         self.last_session: dict | None = None
         self.recording = {"prepend_text": "", "base_text": "", "append_text": ""}
         self.previews = PreviewHub()  # the console's live preview: writers decimate only while someone watches
@@ -78,11 +78,11 @@ class Supervisor:
     @property
     def session(self) -> dict | None:
         """The open session's record (session.json as a dict), or None."""
-        return self.record_.data if self.record_ else None
+        return self.session_record.data if self.session_record else None
 
     @property
     def session_dir(self) -> Path | None:
-        return self.record_.folder if self.record_ else None
+        return self.session_record.folder if self.session_record else None
 
     # -- threading -----------------------------------------------------------------------------
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 120.0) -> Any:
@@ -115,8 +115,8 @@ class Supervisor:
         self._check_disk()
         self.previews.sync(self.writers, self.writers.send)
         self.hashers.poll()
-        if self.record_ is not None and self.record_.unsaved:
-            self.record_.save(now=False)
+        if self.session_record is not None and self.session_record.unsaved:
+            self.session_record.save(now=False)
         for folder, session in list(self._closed_unsaved):
             if write_session(folder, session):
                 self._closed_unsaved.remove((folder, session))
@@ -135,12 +135,12 @@ class Supervisor:
     def _on_writer_message(self, name: str, msg: dict) -> None:
         if self.lsl.owns(name):
             return self._lsl_incidents([self.lsl.on_message(name, msg)])
-        if self.writers.on_message(name, msg, self.record_, self.mode == RECORD, self._part_closed) \
+        if self.writers.on_message(name, msg, self.session_record, self.mode == RECORD, self._part_closed) \
                 and msg.get("type") == "stats":
             self.live.changed = True
 
     def _part_closed(self, stream: str, path: Path) -> None:
-        self.hashers.queue(self.record_.folder, stream, path)
+        self.hashers.queue(self.session_record.folder, stream, path)
 
     def incident(self, stream: str | None, kind: str, detail: str, incomplete: bool = False) -> None:
         """Log it, publish it (the ``incident`` event) and, while a session is open, record it there."""
@@ -149,8 +149,8 @@ class Supervisor:
         self.events.publish("incident", {"stream": stream, "kind": kind, "detail": detail, "incomplete": incomplete,
                                          "session": self.session["session_id"] if self.session else None})
         self.live.changed = True
-        if self.record_ is not None:
-            self.record_.add_incident(stream, kind, detail, incomplete)
+        if self.session_record is not None:
+            self.session_record.add_incident(stream, kind, detail, incomplete)
 
     def _lsl_incidents(self, found: list[tuple[str, str, str] | None]) -> None:
         for stream, kind, detail in filter(None, found):
@@ -195,12 +195,12 @@ class Supervisor:
         problems = self.preflight()
         if problems:
             raise SessionError("refusing to record: " + "; ".join(problems))
-        self.record_ = SessionRecord.create(self.data_root, session_id, self.cfg, meta)
+        self.session_record = SessionRecord.create(self.data_root, session_id, self.cfg, meta)
         self.disk.low = False
         for name, h in self.writers.items():
             h.part = 0
             if h.state in ("acquiring", "recording"):  # "recording" may be stale; the writer closes any open file
-                self.writers.send(name, **self.record_.record_command(0))
+                self.writers.send(name, **self.session_record.record_command(0))
             elif h.state == "starting":  # a restarted writer records as soon as it is ready
                 h.record_on_ready = 0
         self.mode = RECORD
@@ -277,7 +277,7 @@ class Supervisor:
         self.writers.stop_all()
 
     def _close_session(self, state: str) -> None:
-        record, self.record_ = self.record_, None
+        record, self.session_record = self.session_record, None
         if not record.close(state, {name: h.reason for name, h in self.writers.items() if h.failed}):
             self._closed_unsaved.append((record.folder, record.data))  # e.g. a full disk: retried until it succeeds
         self.hashers.finish(record.folder)
@@ -326,7 +326,7 @@ class Supervisor:
     # -- status --------------------------------------------------------------------------------
     def status(self) -> dict:
         streams = {s.name: {**self.writers.stream_status(s), "lsl": self.lsl.status(s.name)} for s in self.cfg.streams}
-        session = self.record_.summary() if self.record_ is not None else None
+        session = self.session_record.summary() if self.session_record is not None else None
         return {"mode": self.mode, "session": session, "streams": streams,
                 "last_session": self.last_session,
                 "data_root": str(self.data_root), "disk_free_bytes": shutil.disk_usage(self.data_root).free,
