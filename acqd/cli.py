@@ -54,14 +54,14 @@ def _config(args: argparse.Namespace, settings=None):
 
 
 def _client(args: argparse.Namespace):
-    from acqd.service.api import Client
+    from acqd.client import Client
 
     return Client(args.url or os.environ.get("ACQD_URL", DEFAULT_URL), args.token or os.environ.get("ACQD_TOKEN"))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from acqd.ports import check_ports_free
-    from acqd.service.api import serve
+    from acqd.config.ports import check_ports_free
+    from acqd.service.daemon import serve
     from acqd.service.settings import ServiceSettings
 
     settings = ServiceSettings.load()
@@ -85,7 +85,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_config_schema(args: argparse.Namespace) -> int:
-    from acqd.configdoc import markdown, schema_text
+    from acqd.config.doc import markdown, schema_text
 
     sys.stdout.write(markdown() if args.markdown else schema_text())
     return 0
@@ -131,7 +131,7 @@ def _metadata_args(args: argparse.Namespace) -> dict | None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import signal
 
-    from acqd.ports import check_ports_free
+    from acqd.config.ports import check_ports_free
     from acqd.sim.simulate import Fault, Rig, SimParams, run, write_truth
 
     cfg = _load(args.config)

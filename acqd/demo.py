@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from acqd.config import load_config
-from acqd.ports import check_ports_free
+from acqd.config.ports import check_ports_free
 from acqd.service.procs import Daemon, Simulator, wait_until
 from acqd.finalize.qc import summary_lines
 from acqd.service.status import print_session_summary

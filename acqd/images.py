@@ -5,6 +5,10 @@ This module owns reading an image file into the array NWB stores (Pillow: 2-D gr
 order), the copy of each set into the session folder (``stimuli/<stream>/``) so a session finalizes without the
 rig's folders, and the attachments (``attachments/<name>`` + ``attachments/<name>.json``: description,
 resolution, who, when). Finalize reads both back (``acqd.finalize.plan``); the CLI and the control API attach.
+
+It sits at the package root, beside its callers rather than under ``acqd.metadata``: it needs the rig config and
+the session folder (which metadata may not import), and three stages call it (``sim`` lists an image set's files,
+``service`` registers and attaches, ``finalize`` reads them back), so the root is the one place all may import.
 """
 
 from __future__ import annotations

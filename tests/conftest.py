@@ -72,19 +72,27 @@ def assert_bit_exact(f, rig: Rig, stream: str) -> int:
 
 
 @contextmanager
-def recording(daemon: Daemon, rig_file: Path, session: str, seed: int, **sim: object) -> Iterator[tuple[dict, Path]]:
-    """ACQUIRE, start the simulated rig, RECORD once every stream flows; yields (status, session folder).
-
-    The simulator is stopped on the way out; the body decides when to stop recording.
-    """
+def acquiring(daemon: Daemon, rig_file: Path, seed: int, **sim: object) -> Iterator[Simulator]:
+    """ACQUIRE, start the simulated rig, and wait until every stream flows (RECORD's preflight passes); yields the
+    simulator, stopped on the way out."""
     daemon.command("acquire")
     simulator = Simulator(rig_file, SIM_SECONDS, seed=seed, **sim)
     try:
         wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
-        status = daemon.command("record", session=session)
-        yield status, Path(status["session"]["path"])
+        yield simulator
     finally:
         simulator.stop()
+
+
+@contextmanager
+def recording(daemon: Daemon, rig_file: Path, session: str, seed: int, **sim: object) -> Iterator[tuple[dict, Path]]:
+    """``acquiring``, then RECORD; yields (status, session folder).
+
+    The simulator is stopped on the way out; the body decides when to stop recording.
+    """
+    with acquiring(daemon, rig_file, seed, **sim):
+        status = daemon.command("record", session=session)
+        yield status, Path(status["session"]["path"])
 
 
 def rig_for(config: Path, seconds: float = SIM_SECONDS, seed: int = 0) -> tuple[RigConfig, Rig]:

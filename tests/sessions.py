@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from acqd.config import FrameSync, RigConfig, SessionMetadata, VideoConfig, load_config
+from acqd.config import FrameSync, RigConfig, VideoConfig, load_config
+from acqd.metadata import SessionMetadata
 from acqd.record.ingest import Cursor, advance, check_continuity, check_format, rising_edges
 from acqd.wire.protocol import Header
 from acqd.session import CLOSED, RECORDING, SESSION_FILE, STREAMS_DIR, create_session_dir, write_json_atomic

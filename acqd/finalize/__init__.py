@@ -38,9 +38,9 @@ from pathlib import Path
 from acqd.finalize import nwb, qc
 from acqd.config import QcConfig, StreamConfig
 from acqd.errors import FinalizeError
-from acqd.finalize.digests import DIGESTS, Entry, lock_for_finalize, trusted
+from acqd.finalize.digests import Entry, lock_for_finalize, trusted
 from acqd.finalize.integrity import Integrity, folder_problems, scan_folder, verify_chunks
-from acqd.finalize.layout import MANIFEST, PARTIAL, QC_DIR, RECOVERED_DIR, VDS_DIR, partial_then_rename, rel
+from acqd.finalize.layout import DIGESTS, MANIFEST, PARTIAL, QC_DIR, RECOVERED_DIR, VDS_DIR, partial_then_rename, rel
 from acqd.finalize.plan import plan_master
 from acqd.finalize.report import (QC_SUMMARY, FinalizeReport, StreamReport, incident_times, qc_plot, qc_summary,
                                   stream_qc)

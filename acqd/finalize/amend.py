@@ -25,13 +25,12 @@ from pathlib import Path
 import h5py
 from pydantic import ValidationError
 
-from acqd.config import SessionMetadata
 from acqd.errors import FinalizeError, SessionError
 from acqd.finalize import _exclusive, nwb
 from acqd.finalize.layout import MANIFEST, PARTIAL
 from acqd.finalize.seal import _sha256 as sha256_file  # the one sha256 reader of finalize
 from acqd.finalize.seal import seal_paths, unseal, verify_manifest
-from acqd.metadata import MetadataError, changes, merge, validation_message
+from acqd.metadata import MetadataError, SessionMetadata, changes, merge, validation_message
 from acqd.session import (CLOSED, FINALIZED, INTERRUPTED, SESSION_FILE, fsync_dir, json_bytes, now_iso, read_session,
                           write_bytes_atomic, write_json_atomic)
 

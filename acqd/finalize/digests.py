@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DIGESTS = "digests.jsonl"
+from acqd.finalize.layout import DIGESTS, rel
+
 LOCK_WAIT_S = 30.0
 """How long finalize waits for the hasher to finish appending a line (milliseconds, normally) before refusing."""
 Stamp = tuple[int, int, int, int]
@@ -77,8 +78,6 @@ def read_entries(folder: Path) -> dict[str, Entry]:
 def trusted(folder: Path, paths: list[Path]) -> tuple[dict[Path, Entry], list[str]]:
     """The entries of ``paths`` that still describe the file (same size, mtime, ctime and inode), and a line for
     each file whose entry does not (it is hashed again)."""
-    from acqd.finalize.layout import rel
-
     entries, ok, changed = read_entries(folder), {}, []
     for p in paths:
         e = entries.get(rel(p, folder))

@@ -1,4 +1,4 @@
-"""An ephys stream's device and electrodes table rows: its probe layout (acqd.probes) joined with the session's
+"""An ephys stream's device and electrodes table rows: its probe layout (acqd.metadata.probes) joined with the session's
 ``metadata.ecephys`` (brain areas, device), for ``acqd.finalize.nwb`` to write.
 
 Contact positions go in NWB's ``rel_x``/``rel_y`` (``rel_z`` for 3D layouts), in micrometres relative to the probe
@@ -15,7 +15,7 @@ import math
 from acqd.config import ChannelSync, StreamConfig, electrode_columns
 from acqd.errors import FinalizeError
 from acqd.finalize import nwb
-from acqd.probes import contact_columns, is_mouse, read_layout, unknown_areas
+from acqd.metadata.probes import contact_columns, is_mouse, read_layout, unknown_areas
 
 UNKNOWN = "unknown"
 

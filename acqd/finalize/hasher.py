@@ -27,7 +27,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from acqd.finalize.digests import DIGESTS, Entry, stamp
+from acqd.finalize.digests import Entry, stamp
+from acqd.finalize.layout import DIGESTS
 from acqd.finalize.integrity import verify_part
 from acqd.finalize.seal import _sha256 as sha256_file  # the one sha256 reader of finalize
 from acqd.record.launch import EXIT_ORPHANED, die_with_parent

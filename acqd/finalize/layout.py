@@ -16,12 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from acqd.finalize.digests import DIGESTS
 from acqd.images import ATTACHMENTS_DIR, IMAGE_SUFFIXES, STIMULI_DIR
 from acqd.record.video import CONTAINERS, VIDEO_DIR
 from acqd.session import ANNOTATIONS_FILE, LOG_FILE, SESSION_FILE, STREAMS_DIR
 
 MANIFEST = "manifest.sha256"
+DIGESTS = "digests.jsonl"  # parts hashed while recording (acqd.finalize.digests)
 QC_DIR = "qc"
 VDS_DIR = "vds"  # virtual datasets joining the parts of a stream written by several writers
 RECOVERED_DIR = "recovered"  # clean copies of the committed rows of parts a killed writer left open

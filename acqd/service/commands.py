@@ -405,7 +405,7 @@ class Command:
 READS = frozenset({"status", "sessions", "preflight", "finalize_status", "export_status"})
 """Commands that only read: not logged (a status poll every second would drown what matters)."""
 CALLER: ContextVar[str] = ContextVar("acqd_caller", default="the daemon itself")
-"""Who sent the command being run: set per HTTP request by the guard (acqd.service.guard.caller)."""
+"""Who sent the command being run: set per HTTP request by the guard (acqd.service.http.guard.caller)."""
 
 COMMANDS: dict[str, Command] = {
     "status": Command(Empty, StatusResponse, lambda sup, req: status_now(sup), "mode, session and per-stream health",

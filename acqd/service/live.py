@@ -13,15 +13,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from acqd.config import RigConfig
+from acqd.service.jobs import Jobs
 from acqd.service.snapshot import SNAPSHOT_INTERVAL_S, EventBus, Snapshot
-
-if TYPE_CHECKING:
-    from acqd.service.supervisor import Job, Supervisor
+from acqd.service.writers import WriterHandle, liveness
 
 log = logging.getLogger("acqd")
 MIN_SPACING_S = 0.05
@@ -30,7 +30,6 @@ REJECT_SUMMARY_S = 1.0
 DISK_LOW_S = 600.0
 """Recording with less than this many seconds of disk left at the current rate raises ``disk_low``."""
 RECENT_INCIDENTS = 20
-JOB_EVENT_SPACING_S = 0.25
 
 
 @dataclass
@@ -53,7 +52,26 @@ class Live:
         self.rejects[(stream, reason)] += 1
 
 
-def publish(sup: Supervisor, force: bool = False) -> Snapshot:
+class Supervised(Protocol):
+    """What the live view reads from the supervisor (``acqd.service.supervisor.Supervisor``), and the one thing
+    it does there: report an incident. A protocol, so that this module never imports the supervisor."""
+
+    cfg: RigConfig
+    live: Live
+    events: EventBus
+    snapshot: Snapshot
+    writers: Mapping[str, WriterHandle]
+    jobs: Jobs
+
+    @property
+    def session(self) -> dict | None: ...
+
+    def status(self) -> dict: ...
+
+    def incident(self, stream: str | None, kind: str, detail: str, incomplete: bool = False) -> None: ...
+
+
+def publish(sup: Supervised, force: bool = False) -> Snapshot:
     """Swap in a new snapshot if something changed (or it is due); emit the events derived from it."""
     lv, now = sup.live, time.monotonic()
     if now - lv.rejects_at >= REJECT_SUMMARY_S:
@@ -76,7 +94,7 @@ def publish(sup: Supervisor, force: bool = False) -> Snapshot:
     return snap
 
 
-def build_status(sup: Supervisor) -> dict:
+def build_status(sup: Supervised) -> dict:
     """``Supervisor.status()`` plus the operator's view (the snapshot's documented fields)."""
     status = sup.status()
     now = time.time()
@@ -96,7 +114,7 @@ def build_status(sup: Supervisor) -> dict:
         reference=sup.cfg.reference, write_bytes_per_s=round(write_rate),
         disk_time_left_s=round(status["disk_free_bytes"] / write_rate) if write_rate > 0 else None,
         recent_incidents=incidents, incident_count=sup.events.counts["incident"],
-        jobs=[{"kind": k, "session": sid, **job.as_dict(with_report=False)} for (k, sid), job in sup.jobs.items()],
+        jobs=sup.jobs.listed(),
     )
     status["verdict"] = verdict(status, sup.cfg.daemon.silent_after_s)
     return status
@@ -107,11 +125,12 @@ def verdict(status: dict, silent_after_s: float) -> dict:
     problems: list[str] = []
     acquiring = status["mode"] != "IDLE"
     for name, s in status["streams"].items():
-        if s["state"] in ("failed", "stopped_failed", "hung"):
+        alive = liveness(s["state"] == "hung", s["silent_s"], silent_after_s)  # as RECORD's preflight judges
+        if s["state"] in ("failed", "stopped_failed") or alive == "hung":
             problems.append(f"{name}: {s['state']}" + (f" ({s['reason']})" if s.get("reason") else ""))
         elif acquiring and s["required"] and not s["connected"]:
             problems.append(f"{name}: no driver connected")
-        elif acquiring and s["required"] and (s["silent_s"] is None or s["silent_s"] > silent_after_s):
+        elif acquiring and s["required"] and alive == "silent":
             problems.append(f"{name}: silent" + (f" for {s['silent_s']:.0f} s" if s["silent_s"] else ""))
     for name, s in status["streams"].items():
         if s["gaps"] or s["rejected"]:
@@ -126,7 +145,7 @@ def verdict(status: dict, silent_after_s: float) -> dict:
             + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")}
 
 
-def _summarise_rejects(sup: Supervisor, now: float) -> None:
+def _summarise_rejects(sup: Supervised, now: float) -> None:
     lv = sup.live
     window, lv.rejects_at = now - lv.rejects_at, now
     if not lv.rejects:
@@ -138,30 +157,16 @@ def _summarise_rejects(sup: Supervisor, now: float) -> None:
     for stream, reasons in per_stream.items():
         detail = (f"{sum(reasons.values())} messages rejected in the last {window:.1f} s ("
                   + ", ".join(f"{r}: {n}" for r, n in reasons.most_common()) + ")")
-        sup._incident(stream, "rejects", detail)
+        sup.incident(stream, "rejects", detail)
 
 
-def _check_disk(sup: Supervisor, status: dict) -> None:
+def _check_disk(sup: Supervised, status: dict) -> None:
     left = status["disk_time_left_s"]
     low = left is not None and left < DISK_LOW_S
     if low and not sup.live.disk_low:
-        sup._incident(None, "disk_low", f"{status['disk_free_bytes'] / 1e9:.1f} GB free: full in "
+        sup.incident(None, "disk_low", f"{status['disk_free_bytes'] / 1e9:.1f} GB free: full in "
                                         f"{left / 60:.0f} min at {status['write_bytes_per_s'] / 1e6:.1f} MB/s")
     sup.live.disk_low = low
-
-
-def job_reporter(events: EventBus, kind: str, session: str) -> Callable[[Job], None]:
-    """The ``job`` events of one finalize or export run: progress at most 4 a second, and the end."""
-    last = [0.0]
-
-    def report(job: Job) -> None:
-        now = time.monotonic()
-        if job.state == "running" and now - last[0] < JOB_EVENT_SPACING_S:
-            return
-        last[0] = now
-        events.publish("job", {"kind": kind, "session": session, **job.as_dict(with_report=False)})
-
-    return report
 
 
 def _parse(iso: str) -> datetime:

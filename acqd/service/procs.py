@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from acqd.service.api import Client
+from acqd.client import Client
 
 T = TypeVar("T")
 

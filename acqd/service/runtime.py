@@ -7,7 +7,8 @@ control socket lives there as an ``ipc://`` endpoint, so only the daemon's own u
 Beside those folders, ``endpoints/`` holds one lock file per data endpoint (named by a hash of the endpoint).
 A daemon holds an exclusive ``flock`` on each of its streams' endpoints for as long as it runs, so a second
 daemon with the same rig config (on any data root) is refused before it connects to a driver: with PUSH/PULL
-it would otherwise take messages from the first one's streams.
+it would otherwise take messages from the first one's streams. The data root has its own lock
+(``lock_data_root``): a second daemon there would corrupt the first one's session records.
 """
 
 from __future__ import annotations
@@ -111,3 +112,14 @@ def release(held: list[tuple[int, Path]]) -> None:
         path.unlink(missing_ok=True)
         os.close(fd)
     held.clear()
+
+
+def lock_data_root(root: Path) -> int:
+    """One daemon per data root: a second one would corrupt the first one's session records."""
+    fd = os.open(root / ".acqd.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SessionError(f"another acqd is already serving {root}") from None
+    return fd

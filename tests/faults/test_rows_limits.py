@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from acqd.service.events import MAX_LISTENERS
+from acqd.service.http.events import MAX_LISTENERS
 from acqd.service.procs import wait_until
 from tests.conftest import write_rig
 

@@ -18,9 +18,9 @@ import h5py
 import pytest
 
 from acqd.record.streamfile import committed_rows, open_for_read
-from acqd.service.api import ApiError
+from acqd.client import ApiError
 from acqd.service.procs import Daemon, Simulator, pid_alive, stop_process, wait_until
-from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
+from tests.conftest import acquiring, assert_bit_exact, recording, rig_for, write_rig
 
 
 def writers_of(tag: str) -> list[int]:
@@ -241,10 +241,7 @@ def test_row30_stop_against_a_stalled_writer_then_record_never_silently_lacks_th
 def test_row30_record_while_a_writer_is_stalled_says_so_and_records_it_once_it_answers(tmp_path, daemon_factory):
     rig_file = write_rig(tmp_path)
     daemon = daemon_factory(rig_file)
-    daemon.command("acquire")
-    sim = Simulator(rig_file, 60, seed=33)
-    try:
-        wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
+    with acquiring(daemon, rig_file, seed=33):
         pid = daemon.command("status")["streams"]["sensor"]["pid"]
         try:
             os.kill(pid, signal.SIGSTOP)  # stalled, not yet seen hung: preflight passes
@@ -257,8 +254,6 @@ def test_row30_record_while_a_writer_is_stalled_says_so_and_records_it_once_it_a
                           "the writer to handle its record command when it answers")
         assert rows["state"] == "recording" and rows["pid"] == pid
         daemon.command("stop")
-    finally:
-        sim.stop()
     session = json.loads((folder / "session.json").read_text())
     assert session["incomplete"]
     (why,) = [i for i in session["incidents"] if i["kind"] == "record_start_failed"]
@@ -418,21 +413,18 @@ def test_row23_unwritable_data_root_is_refused_with_the_path_and_the_reason(tmp_
         assert daemon.client.request("GET", "/api/recording")["parent_directory"] == str(tmp_path / "data")
     finally:
         chattr("-i", locked)
-    daemon.command("acquire")
-    sim = Simulator(rig_file, 60, seed=23)
-    try:
-        wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
-        chattr("+i", tmp_path / "data")  # made unwritable while the daemon runs
-        with pytest.raises(ApiError) as refused:
-            daemon.command("record", session="later")
-        assert refused.value.status == 409
-        assert str(refused.value) == f"data root {tmp_path / 'data'} cannot be written: Operation not permitted"
-        cli = subprocess.run([sys.executable, "-m", "acqd.cli", "record", "--session", "later", "--url", daemon.url],
-                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
-        assert cli.returncode == 2 and cli.stderr.strip().splitlines() == [f"acqd: error: {refused.value}"]
-    finally:
-        chattr("-i", tmp_path / "data")
-        sim.stop()
+    with acquiring(daemon, rig_file, seed=23):
+        try:
+            chattr("+i", tmp_path / "data")  # made unwritable while the daemon runs
+            with pytest.raises(ApiError) as refused:
+                daemon.command("record", session="later")
+            assert refused.value.status == 409
+            assert str(refused.value) == f"data root {tmp_path / 'data'} cannot be written: Operation not permitted"
+            cli = subprocess.run([sys.executable, "-m", "acqd.cli", "record", "--session", "later", "--url",
+                                  daemon.url], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+            assert cli.returncode == 2 and cli.stderr.strip().splitlines() == [f"acqd: error: {refused.value}"]
+        finally:
+            chattr("-i", tmp_path / "data")
     assert not any(p.is_dir() for p in (tmp_path / "data").iterdir())  # no session folder was left behind
 
 

@@ -22,7 +22,8 @@ from hdmf.backends.warnings import BrokenLinkWarning
 from pynwb import NWBHDF5IO
 
 from acqd.finalize import finalize_session, unseal_session, verify_manifest
-from acqd.finalize.digests import DIGESTS, read_entries, stamp
+from acqd.finalize.digests import read_entries, stamp
+from acqd.finalize.layout import DIGESTS
 from acqd.finalize.hasher import FAULT_ENV, MARKER_ENV, _open_for_append
 from acqd.finalize.seal import unseal
 from acqd.service.procs import pid_alive, wait_until

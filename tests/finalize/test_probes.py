@@ -12,7 +12,8 @@ import pytest
 from pydantic import ValidationError
 from pynwb import NWBHDF5IO
 
-from acqd.config import ProbeConfig, SessionMetadata
+from acqd.config import ProbeConfig
+from acqd.metadata import SessionMetadata
 from acqd.finalize import finalize_session, unseal_session
 from acqd.finalize.nwb import _inspect
 from acqd.sim.simulate import Rig, SimParams

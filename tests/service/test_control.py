@@ -16,10 +16,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from acqd.service.api import ApiError
+from acqd.client import ApiError
 from acqd.service.procs import Simulator, wait_until
 from acqd.service.status import status_renderable
-from tests.conftest import write_rig
+from tests.conftest import acquiring, write_rig
 
 SUBJECT = {"subject_id": "m1", "species": "Mus musculus", "sex": "F", "age": "P90D"}
 
@@ -210,10 +210,7 @@ def test_sd_notify_ready_watchdog_and_stopping(rig_file, daemon_factory, tmp_pat
 @pytest.mark.e2e
 def test_mode_changes_are_idempotent_and_acquire_does_not_end_a_recording(rig_file, daemon_factory):
     daemon = daemon_factory(rig_file)
-    daemon.command("acquire")
-    sim = Simulator(rig_file, 60, seed=5)
-    try:
-        wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
+    with acquiring(daemon, rig_file, seed=5):
         first = daemon.command("record", session="idem")
         again = daemon.command("record")
         assert again["already_recording"] and again["session"]["session_id"] == "idem"
@@ -228,8 +225,6 @@ def test_mode_changes_are_idempotent_and_acquire_does_not_end_a_recording(rig_fi
         daemon.command("stop")
         assert daemon.command("stop", idle=True)["mode"] == "IDLE"
         assert daemon.command("stop", idle=True)["mode"] == "IDLE"
-    finally:
-        sim.stop()
 
 
 def test_cli_without_a_daemon_says_so_in_one_line_with_exit_code_3():

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from pynwb import NWBHDF5IO
 
-from acqd.service.api import ApiError
+from acqd.client import ApiError
 from acqd.service.procs import Simulator, wait_until
 from acqd.sim.simulate import Rig, SimParams
 from acqd.config import load_config

@@ -74,7 +74,7 @@ def test_every_watcher_gets_each_message_and_a_slow_one_loses_the_oldest_counted
 
 
 def test_qc_verdict_prefers_the_reports_own_and_else_lists_the_findings():
-    from acqd.service.console import qc_verdict
+    from acqd.service.http.console import qc_verdict
 
     own = qc_verdict({"verdict": "WARN", "streams": {"cam": {"qc": {"verdict": "WARN", "reasons": ["3 gaps"]}},
                                                      "nidaq": {"qc": {"verdict": "PASS", "reasons": []}}}})

@@ -15,7 +15,7 @@ from pynwb import NWBHDF5IO
 
 from acqd.finalize import unseal_session
 from acqd.record.streamfile import committed_rows, open_for_read
-from acqd.service.api import ApiError
+from acqd.client import ApiError
 from acqd.service.procs import wait_until
 from tests.conftest import recording, write_rig
 

@@ -9,7 +9,7 @@ import pytest
 from acqd.config import StreamConfig
 from acqd.errors import ProtocolError
 from acqd.finalize.lsl import fit_offsets
-from acqd.service.labrecorder import parse_filename, session_name
+from acqd.service.http.labrecorder import parse_filename, session_name
 from acqd.wire.lsl import (OutletInfo, config_snippet, decode_strings, encode_strings, mismatch, skipped_samples,
                            split_outages)
 from acqd.wire.protocol import OFFSET_DTYPE, Header, decode, encode

@@ -1,11 +1,11 @@
-"""acqd.service.serverlimits' registry: who is evicted or refused when a cap is reached (fake connections; the
+"""acqd.service.http.serverlimits' registry: who is evicted or refused when a cap is reached (fake connections; the
 real server is exercised by tests/faults/test_rows_limits.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from acqd.service.serverlimits import Limits, Registry
+from acqd.service.http.serverlimits import Limits, Registry
 
 
 @dataclass

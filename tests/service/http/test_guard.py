@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from acqd.service.guard import MAX_JSON_DEPTH, bearer_ok, host_allowed, host_name, json_depth, media_type_ok
+from acqd.service.http.guard import MAX_JSON_DEPTH, bearer_ok, host_allowed, host_name, json_depth, media_type_ok
 from acqd.service.snapshot import LISTENER_QUEUE, EventBus, Snapshot
 
 

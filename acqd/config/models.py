@@ -1,8 +1,8 @@
-"""Rig configuration: the pydantic models for the daemon, its streams and session metadata.
+"""Rig configuration: the pydantic models for the daemon and its streams (session metadata: acqd.metadata).
 
 This module owns every rule about what a valid config is (names, dtypes, shapes, sync sources,
 the reference clock) and turns a YAML file into a frozen ``RigConfig``, or into a ``ConfigError``
-listing every problem with its line and column (worded and located by ``acqd.configerrors``).
+listing every problem with its line and column (worded and located by ``acqd.config.errors``).
 Nothing here touches sockets or files other than the YAML being read; ``dataset_options`` and
 friends live with the stage that uses them.
 """
@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import functools
 import re
-from datetime import datetime
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from acqd.configerrors import Found, Loc, closest_first
+from acqd.config.errors import Found, Loc, closest_first
 from acqd.errors import ConfigError
-from acqd.probes import is_mouse, unknown_areas
+from acqd.metadata.models import Frozen as _Frozen
+from acqd.metadata.probes import contact_columns, read_layout
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -41,10 +41,6 @@ def check_name(value: str, what: str = "name") -> str:
             f"invalid {what} {value!r}: use 1-64 letters, digits, '_', '.', '-', starting with a letter or digit"
         )
     return value
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
 class ChannelSync(_Frozen):
@@ -434,107 +430,6 @@ class DaemonConfig(_Frozen):
         return self
 
 
-class Subject(_Frozen):
-    """The animal. Checked at RECORD with the nwbinspector rules finalize applies (DANDI config)."""
-
-    subject_id: str = Field(min_length=1)
-    """Identifier of the animal."""
-    species: str = Field(min_length=1, description="Latin binomial, e.g. Mus musculus, or an NCBI taxonomy URI")
-    """Latin binomial, e.g. Mus musculus, or an NCBI taxonomy URI (http://purl.obolibrary.org/obo/NCBITaxon_10090)."""
-    sex: str = Field(min_length=1, description="M, F, U (unknown) or O (other); XX or XO for C. elegans")
-    """M, F, U (unknown) or O (other); XX or XO for C. elegans."""
-    age: str | None = Field(None, description="ISO 8601 duration, e.g. P90D, or a range, e.g. P90D/P120D")
-    """ISO 8601 duration, e.g. P90D, or a range, e.g. P90D/P120D; age or date_of_birth is required."""
-    date_of_birth: datetime | None = None
-    """Date of birth with its time zone, e.g. 2026-01-05T00:00:00+00:00 (instead of, or as well as, age)."""
-    description: str = ""
-    """Free text about the subject."""
-    strain: str | None = None
-    """Strain, e.g. C57BL/6J."""
-    genotype: str | None = None
-    """Genotype, e.g. Pvalb-IRES-Cre."""
-    weight: str | None = None
-    """Weight with its unit, e.g. 25 g."""
-    # The forms of species, sex, age and weight are nwbinspector's checks (acqd.finalize.nwb.metadata_problems),
-    # run at RECORD and amend: the same rules finalize applies, never a second copy of them here.
-
-
-class DeviceMetadata(_Frozen):
-    """The recording device of an ephys stream as NWB describes it (neuroconv's ``Ecephys.Device``)."""
-
-    name: str | None = None
-    """Device name in the NWB file; default: the stream's name."""
-    description: str | None = None
-    """What the device is."""
-    manufacturer: str | None = None
-    """Who made it, e.g. IMEC."""
-
-
-class EcephysMetadata(_Frozen):
-    """Where one ephys stream's electrodes sit in this subject: it changes per session, unlike the probe layout."""
-
-    location: str | None = None
-    """Allen CCF acronym of the area the probe targets, e.g. VISp; applies to every channel without its own."""
-    channel_locations: tuple[str, ...] | None = None
-    """One Allen CCF acronym per channel, in the stream's channel order (overrides location)."""
-    description: str | None = None
-    """The electrode group's description, e.g. the insertion's coordinates and angle."""
-    device: DeviceMetadata | None = None
-    """Overrides the device the rig config describes for this stream."""
-
-
-class SessionMetadata(_Frozen):
-    """Metadata a recording cannot start without; it is written into every stream file at creation."""
-
-    session_description: str = Field(min_length=1)
-    """What this session is."""
-    experimenter: tuple[str, ...] = ()
-    """People who ran the session, "Last, First" or as the lab writes them."""
-    institution: str | None = None
-    """Institution where the session was recorded."""
-    lab: str | None = None
-    """Lab where the session was recorded."""
-    experiment_description: str | None = None
-    """The experiment this session belongs to."""
-    keywords: tuple[str, ...] = ()
-    """Search terms for the dataset."""
-    subject: Subject
-    """The animal recorded."""
-    ecephys: dict[str, EcephysMetadata] = {}
-    """Per ephys stream name: where its electrodes are in this subject."""
-    session_id: str | None = None
-    """Session folder name (and NWB session_id) when the record request names none."""
-    related_publications: tuple[str, ...] = ()
-    """Publications about this data, as DOIs, e.g. doi:10.1016/j.neuron.2016.12.011."""
-    protocol: str | None = None
-    """Experimental protocol (e.g. the IACUC protocol number)."""
-    notes: str | None = None
-    """Notes about the session, written before acqd's own notes in the NWB file."""
-    surgery: str | None = None
-    """Surgeries performed on the subject."""
-    pharmacology: str | None = None
-    """Drugs and other pharmacology used in the session."""
-    virus: str | None = None
-    """Viruses injected: name, source, titer, coordinates."""
-    stimulus_notes: str | None = None
-    """What stimuli were used (NWB /general/stimulus)."""
-    data_collection: str | None = None
-    """How the data were collected."""
-    bids: dict[str, str] | None = None
-    """BIDS entities of the session (sub, ses, task, acq, run): they name the session folder and the export."""
-
-    @model_validator(mode="after")
-    def _allen_ccf(self) -> SessionMetadata:
-        if not self.ecephys or not is_mouse(self.subject.species):  # nwbinspector checks mice only
-            return self
-        for stream, e in self.ecephys.items():
-            bad = unknown_areas([*([e.location] if e.location else []), *(e.channel_locations or ())])
-            if bad:
-                raise ValueError(f"ecephys.{stream}: {', '.join(map(repr, bad))} not in the Allen Mouse Brain CCF "
-                                 "ontology (use an acronym such as VISp or CA1, or the full name)")
-        return self
-
-
 class QcConfig(_Frozen):
     """Thresholds of the verdict in the QC report that finalize writes (qc/index.html, qc/qc.json)."""
 
@@ -670,7 +565,7 @@ def _same_endpoint(a: tuple, b: tuple) -> bool:
     return len(a) == len(b) == 2 and a[1] == b[1] and "*" in (a[0], b[0]) and {a[0], b[0]} <= local
 
 
-# -- loading, with every problem located in the YAML (acqd.configerrors) -------------------------------------------
+# -- loading, with every problem located in the YAML (acqd.config.errors) -------------------------------------------
 
 
 def parse_config(raw: object, source: str = "config", node: yaml.Node | None = None) -> RigConfig:
@@ -743,8 +638,6 @@ def _resolve_images(s: StreamConfig, base: Path) -> StreamConfig:
 
 def _resolve_probe_files(cfg: RigConfig, folder: Path) -> RigConfig:
     """Probe files relative to the config's folder become absolute, and each is read once to refuse a bad one."""
-    from acqd.probes import contact_columns, read_layout
-
     streams, problems = [], []
     for s in cfg.streams:
         if s.probe is not None:

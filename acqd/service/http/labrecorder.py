@@ -11,7 +11,7 @@ compatibility"), read from LabRecorder's own source (src/tcpinterface.cpp, src/m
 - ``filename {option:value} ...``: the options LabRecorder knows are remembered, any other ``{x:...}`` is
   ignored as LabRecorder ignores it; ``root`` must lie in ``daemon.data_root`` or ``control.data_roots``
   (a refused root is an ``error:`` reply and an incident, and the data root does not move).
-- a start records unless recording is impossible (acqd.service.compat): a taken name gets the next free
+- a start records unless recording is impossible (acqd.service.http.compat): a taken name gets the next free
   ``<name>_<n>``, a participant with spaces or accents names the folder in plain letters and is the subject id
   as typed. LabRecorder answers ``OK`` (no line end) to every line; acqd answers ``OK`` when it did what was
   asked (``OK <note>`` and a line end when it named the session differently), and ``error: <reason>`` and a
@@ -36,7 +36,7 @@ from pathlib import Path
 from acqd.config import LabRecorderConfig, check_name
 from acqd.errors import AcqdError, SessionError
 from acqd.service.commands import COMMANDS, RecordRequest, confined, data_roots
-from acqd.service.compat import Incidents, bids_label, folder_name, unique_session
+from acqd.service.http.compat import Incidents, bids_label, folder_name, unique_session
 from acqd.service.supervisor import RECORD, Supervisor
 from acqd.session import session_name as timestamp_name
 
@@ -77,7 +77,7 @@ def session_name(opts: dict[str, str]) -> str | None:
     (``sub-<participant>_ses-<session>_task-<task>_acq-<acquisition>_run-<run>``, labels in letters and digits),
     or its legacy ``template`` (lower-cased, as LabRecorder does) with its %p %s %b %n/%r %a %m placeholders
     (path separators become ``_``, ``.xdf`` is dropped); any text becomes a usable folder name
-    (acqd.service.compat.folder_name). None: nothing to name it by."""
+    (acqd.service.http.compat.folder_name). None: nothing to name it by."""
     if opts.get("template"):
         name = opts["template"].lower()
         for key, option in _TEMPLATE.items():

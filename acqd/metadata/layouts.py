@@ -2,7 +2,7 @@
 
 This module owns turning what a user hands acqd (a YAML file, a record request's ``metadata``, ``--set
 subject.species="Mus musculus"``, ``--bids sub=M12,ses=3``) into acqd's layout (the fields of
-``acqd.config.SessionMetadata``), and the differences between two metadata records (what an amendment
+``acqd.metadata.SessionMetadata``), and the differences between two metadata records (what an amendment
 changed). Unknown keys are errors naming their path, in both layouts: nothing is silently dropped.
 Pure functions; the nwbinspector checks of the result live in ``acqd.finalize.nwb.metadata_problems``.
 
@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from acqd.config import SessionMetadata
+from acqd.metadata.models import SessionMetadata
 
 NEUROCONV_SECTIONS = ("NWBFile", "Subject", "Ecephys")
 _SET_FIXED = {"session_start_time": "acqd sets it from the reference clock's first sample",

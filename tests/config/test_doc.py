@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 import acqd.config
-from acqd.configdoc import json_schema, markdown, schema_text
+import acqd.metadata
+from acqd.config.doc import json_schema, markdown, schema_text
 from tests.conftest import ROOT
 
 SCHEMA_FILE = ROOT / "configs" / "rig.schema.json"
@@ -30,7 +31,8 @@ def test_the_config_page_is_current():
 
 
 def test_every_config_field_has_a_meaning():
-    models = [m for m in vars(acqd.config).values() if isinstance(m, type) and issubclass(m, acqd.config._Frozen)]
+    models = [m for package in (acqd.config, acqd.metadata) for m in vars(package).values()
+              if isinstance(m, type) and issubclass(m, acqd.metadata.Frozen) and m is not acqd.metadata.Frozen]
     undocumented = [f"{m.__name__}.{name}" for m in models for name, f in m.model_fields.items()
                     if not (f.description or "").strip()]
     assert len(models) >= 10 and undocumented == [], \
@@ -40,7 +42,7 @@ def test_every_config_field_has_a_meaning():
 def test_every_field_is_on_the_page():
     page = PAGE.read_text()
     for model in (acqd.config.RigConfig, acqd.config.StreamConfig, acqd.config.DaemonConfig,
-                  acqd.config.SessionMetadata, acqd.config.Subject, acqd.config.VideoConfig):
+                  acqd.metadata.SessionMetadata, acqd.metadata.Subject, acqd.config.VideoConfig):
         section = page.split(f'<a id="{model.__name__.lower()}"></a>', 1)[1].split("<a id=", 1)[0]
         rows = [ln for ln in section.splitlines() if ln.startswith("| `")]
         assert [r.split("`")[1] for r in rows] == list(model.model_fields)

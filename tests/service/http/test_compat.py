@@ -1,11 +1,11 @@
-"""The compatibility surfaces' shared rules (acqd.service.compat): unique session names, folder names from any
+"""The compatibility surfaces' shared rules (acqd.service.http.compat): unique session names, folder names from any
 text, incidents summarised per kind and reason."""
 
 from __future__ import annotations
 
 import pytest
 
-from acqd.service.compat import Incidents, folder_name, unique_session
+from acqd.service.http.compat import Incidents, folder_name, unique_session
 
 
 def test_a_taken_name_gets_the_next_free_suffix_and_stays_valid(tmp_path):

@@ -3,7 +3,7 @@
 ``acqd config-schema`` prints the schema (committed as configs/rig.schema.json, which the example configs
 name for editors); ``acqd config-schema --markdown`` prints docs/config.md. A field's meaning is its
 docstring (or ``description=``); a field added to a model is covered by regenerating both, and
-tests/test_configdoc.py fails while either committed copy is stale.
+tests/config/test_doc.py fails while either committed copy is stale.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from acqd.config import RigConfig, SessionMetadata, load_config
+from acqd.config import RigConfig, load_config
+from acqd.metadata import SessionMetadata
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
-EXAMPLE_RIG = Path(__file__).resolve().parents[1] / "configs" / "rig.yaml"
+EXAMPLE_RIG = Path(__file__).resolve().parents[2] / "configs" / "rig.yaml"
 """Where the page's examples come from (a field the example rig does not set shows its default)."""
 
 EXTRA_EXAMPLES: dict[tuple[str, str], object] = {
@@ -89,7 +90,7 @@ def markdown(example: Path | None = EXAMPLE_RIG) -> str:
     out = [
         "# Rig config reference",
         "",
-        "<!-- Generated from acqd/config.py by `acqd config-schema --markdown > docs/config.md`; do not edit. -->",
+        "<!-- Generated from acqd/config/ and acqd/metadata/ by `acqd config-schema --markdown > docs/config.md`; do not edit. -->",
         "",
         "A rig config is one YAML file: the daemon's settings, the streams, the reference clock and default",
         "session metadata. `acqd check-config FILE` reports every problem in it at once, each with its line",

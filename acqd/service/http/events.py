@@ -6,7 +6,7 @@ when they changed). A client that reconnects with ``Last-Event-ID`` first gets t
 last few hundred); an id that is not a plain decimal number is treated as no id. A comment line every
 ``KEEPALIVE_S`` keeps proxies from closing an idle stream. A client too slow to read loses its own oldest
 events, never anyone else's, and is told with a ``dropped`` event; one that reads nothing for the control
-API's ``stall_timeout_s`` is disconnected by the server (acqd.service.serverlimits) and the others get an
+API's ``stall_timeout_s`` is disconnected by the server (acqd.service.http.serverlimits) and the others get an
 ``incident`` of kind ``event_stream_dropped``.
 
 At most ``MAX_LISTENERS`` streams are served at once: a slot is taken when the request is answered, before

@@ -1,7 +1,8 @@
 """The rig console: the web page at ``/`` and the few read paths only it needs (``/api/console/...``).
 
-This module owns the page's static files (``acqd/service/web/``: HTML, CSS, one JS module per panel, uPlot
-vendored), the API reference page ``/docs`` (Swagger UI vendored too, so that it works offline), and the console's own routes: the rig's description for the page, live form checks with the same
+This module owns the page's static files (``acqd/service/http/web/``: HTML, CSS, one JS module per panel, uPlot
+vendored), the API reference page ``/docs`` (Swagger UI vendored too, so that it works offline), and the
+console's own routes: the rig's description for the page, live form checks with the same
 models the ``record`` command uses, the sessions list with size, duration and QC, a session's QC files, the
 current session's incidents and annotations, and the live preview stream. Everything else the page does goes
 through the control API itself (commands, ``/api/status``, ``/api/events``, ``/api/message``).
@@ -29,7 +30,8 @@ from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from acqd.config import SessionMetadata, check_name
+from acqd.config import check_name
+from acqd.metadata import SessionMetadata
 from acqd.errors import SessionError
 from acqd.finalize.nwb import metadata_problems
 from acqd.finalize.layout import QC_DIR
@@ -138,8 +140,8 @@ def _jobs(sup: Supervisor) -> dict[str, dict[str, dict]]:
     reloads the list on that event would draw the finished job as still running (its Export button disabled).
     """
     out: dict[str, dict[str, dict]] = {}
-    for (kind, session), job in list(sup.jobs.items()):  # list(): one atomic copy while start_job may add one
-        out.setdefault(session, {})[kind] = {"kind": kind, "session": session, **job.as_dict(with_report=False)}
+    for job in sup.jobs.listed():
+        out.setdefault(job["session"], {})[job["kind"]] = job
     return out
 
 

@@ -6,7 +6,7 @@ streams), their parameters (read-only), CPU usage and the configuration. Calls t
 (signal-chain editing, audio devices, load/save/undo, latency) answer 409 with the reason, as JSON, which is
 what that client returns to its caller. ``quit`` stops the daemon only when ``control.enable_quit`` is set.
 
-Those scripts never read replies, so the rules of acqd.service.compat apply: RECORD records unless recording
+Those scripts never read replies, so the rules of acqd.service.http.compat apply: RECORD records unless recording
 is impossible (a taken session name becomes the next free ``<name>_<n>``, said in the reply, the log and the
 console, as the GUI records into an existing folder as its next recording); ``message`` is kept whatever the
 mode (the GUI takes it in any mode); every refusal carries ``mode`` (the GUI's reply is always the status, and
@@ -27,10 +27,10 @@ from fastapi.responses import JSONResponse
 from acqd.config import RigConfig
 from acqd.metadata import to_acqd
 from acqd.service.annotations import annotate
-from acqd.service.api import answer, error, respond
 from acqd.service.commands import (COMMANDS, AnnotateRequest, AnnotationResponse, ModeRequest, RecordingRequest,
                                    RecordingResponse, RecordRequest, StatusResponse, recording_info)
-from acqd.service.compat import Incidents, unique_session
+from acqd.service.http.compat import Incidents, unique_session
+from acqd.service.http.commands import answer, error, respond
 from acqd.service.supervisor import RECORD, Supervisor
 from acqd.session import session_name
 

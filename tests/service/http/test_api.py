@@ -10,9 +10,8 @@ import sys
 import httpx
 import pytest
 
-from acqd.service.api import ApiError, Client
-from acqd.service.procs import Simulator, wait_until
-from tests.conftest import write_rig
+from acqd.client import ApiError, Client
+from tests.conftest import acquiring, write_rig
 
 
 def test_open_ephys_routes_and_refusals_without_drivers(rig_file, daemon_factory, tmp_path):
@@ -46,10 +45,7 @@ def test_open_ephys_routes_and_refusals_without_drivers(rig_file, daemon_factory
 @pytest.mark.e2e
 def test_record_refuses_hostile_names_and_missing_metadata(rig_file, daemon_factory, tmp_path):
     daemon = daemon_factory(rig_file)
-    daemon.command("acquire")
-    sim = Simulator(rig_file, 60, seed=2)
-    try:
-        wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
+    with acquiring(daemon, rig_file, seed=2):
         before = sorted(str(p) for p in tmp_path.rglob("*"))
         for name in ("../x", "/abs", "", "a\u0000b", "a/b"):
             with pytest.raises(ApiError, match="invalid session name"):
@@ -93,8 +89,6 @@ def test_record_refuses_hostile_names_and_missing_metadata(rig_file, daemon_fact
         r = httpx.post(f"{daemon.url}/api/commands/amend", timeout=30,
                        json={"session": "taken", "metadata": {"subject": {"species": "mouse"}}})
         assert r.status_code == 422 and r.json()["problems"][0]["check"] == "check_subject_species_form"
-    finally:
-        sim.stop()
     sessions = daemon.client.request("GET", "/api/sessions")["sessions"]
     assert [(s["session_id"], s["state"]) for s in sessions] == [(bids, "closed"), ("taken", "closed")]
 

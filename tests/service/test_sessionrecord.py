@@ -1,0 +1,70 @@
+"""The open session's record (unit): parts and incidents reach session.json, routine incidents at most once a
+second, a capped incident list, and a part closed after its session closed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from acqd.config import load_config
+from acqd.errors import SessionError
+from acqd.service.sessionrecord import MAX_INCIDENTS, SessionRecord, record_late_close, session_metadata
+from acqd.session import CLOSED
+from tests.conftest import write_rig
+
+META = {"session_description": "unit", "subject": {"subject_id": "m1", "species": "Mus musculus", "sex": "F",
+                                                   "age": "P90D"}}
+
+
+@pytest.fixture
+def record(tmp_path):
+    cfg = load_config(write_rig(tmp_path))
+    (tmp_path / "data").mkdir(exist_ok=True)
+    return SessionRecord.create(tmp_path / "data", "s1", cfg, session_metadata(cfg, META))
+
+
+def _saved(record: SessionRecord) -> dict:
+    return json.loads((record.folder / "session.json").read_text())
+
+
+def test_parts_reach_session_json_at_once(record):
+    path = str(record.streams_dir / "probe.h5")
+    record.add_part("probe", 0, path)
+    assert _saved(record)["streams"]["probe"]["parts"] == [{"part": 0, "path": "streams/probe.h5", "rows": None}]
+    record.close_part("probe", {"path": path, "rows": 10, "counts": {"gaps": 0}, "suspect": "torn"})
+    assert _saved(record)["streams"]["probe"]["parts"] == [{"part": 0, "path": "streams/probe.h5", "rows": 10,
+                                                             "counts": {"gaps": 0}, "suspect": "torn"}]
+
+
+def test_routine_incidents_are_written_at_most_once_a_second(record):
+    record.saved_at -= 1.0  # its creation was written a second ago
+    record.add_incident("probe", "gap", "first", incomplete=False)
+    record.add_incident("probe", "gap", "second", incomplete=False)  # within the second: kept, not yet written
+    assert record.unsaved and [i["detail"] for i in _saved(record)["incidents"]] == ["first"]
+    record.add_incident(None, "disk_full", "now", incomplete=True)  # what makes it incomplete is written at once
+    saved = _saved(record)
+    assert not record.unsaved and saved["incomplete"] and len(saved["incidents"]) == 3
+
+
+def test_incidents_are_capped_and_the_rest_counted(record):
+    for i in range(MAX_INCIDENTS + 5):
+        record.add_incident("probe", "gap", str(i), incomplete=False)
+    assert len(record.data["incidents"]) == MAX_INCIDENTS and record.data["incidents_omitted"] == 5
+
+
+def test_a_part_closed_after_its_session_closed_gets_its_rows(record):
+    path = str(record.streams_dir / "sensor.h5")
+    record.add_part("sensor", 0, path)
+    assert record.close(CLOSED, {"camera": "writer died"})
+    saved = _saved(record)
+    assert saved["state"] == CLOSED and saved["incomplete"] and saved["streams"]["camera"]["stopped_reason"]
+    record_late_close("sensor", {"path": path, "rows": 7, "counts": {}})
+    saved = _saved(record)
+    assert saved["streams"]["sensor"]["parts"][0]["rows"] == 7 and saved["incidents"][-1]["kind"] == "late_close"
+
+
+def test_metadata_that_dandi_refuses_is_refused(tmp_path):
+    cfg = load_config(write_rig(tmp_path))
+    with pytest.raises(SessionError, match="DANDI needs subject_id"):
+        session_metadata(cfg, {"subject": {"subject_id": None}})
