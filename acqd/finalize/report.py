@@ -85,6 +85,12 @@ class FinalizeReport:
     warnings: list[str] = field(default_factory=list)
     integrity: dict = field(default_factory=dict)
     """``integrity.Integrity.to_dict()``: chunks checked against their checksums, the corrupt ones, parts without."""
+    trusted_from_recording: list[str] = field(default_factory=list)
+    """Files (relative paths) whose sha256, and for parts whose chunk checks, finalize took from ``digests.jsonl``
+    (read by the hasher while recording) without reading them again: the scrub after the seal re-reads them."""
+    verification: str = "pending"
+    """``acqd.finalize.scrub.verification``: 'pending' until the scrub has read every sealed byte, then
+    'verified' or 'failed'."""
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -95,7 +101,8 @@ def qc_summary(report: FinalizeReport, limits: QcConfig = QcConfig()) -> dict:
     """The content of ``qc/qc.json``; ``finalize_session`` rebuilds an already-finalized session's report from it."""
     return {"session_id": report.session_id, "master": report.master, "timebase": report.timebase,
             "streams": {n: asdict(r) for n, r in report.streams.items()}, "validation": report.check,
-            "warnings": report.warnings, "integrity": report.integrity, "verdict": session_verdict(report.streams),
+            "warnings": report.warnings, "integrity": report.integrity,
+            "trusted_from_recording": report.trusted_from_recording, "verdict": session_verdict(report.streams),
             "thresholds": limits.model_dump()}
 
 

@@ -48,7 +48,7 @@ from acqd.session import (CLOSED, INTERRUPTED, RECORDING, SESSION_FILE, STREAMS_
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.record.writer import EXIT_DISK_FULL, EXIT_WRITE_ERROR, WriterSpec
 from acqd.service import live
-from acqd.service.hashing import Hashers
+from acqd.service.hashing import Hashers, Scrubs
 from acqd.record.preview import is_message as is_preview
 from acqd.service.previews import PreviewHub
 from acqd.service.snapshot import EventBus, Snapshot
@@ -165,6 +165,7 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self.events = EventBus()
+        self.scrubs = Scrubs(self.events.publish)  # finalized sessions are read again (acqd.finalize.scrub)
         self.live = live.Live()
         self.on_tick: Callable[[], None] | None = None
         """Called from the supervisor loop (and while a command waits): the systemd watchdog ping."""
@@ -235,6 +236,7 @@ class Supervisor:
         self._check_disk()
         self.previews.sync(self.writers, self._send)
         self.hashers.poll()
+        self.scrubs.poll(self.jobs)
         if self._unsaved:
             self._save_session(now=False)
         for folder, session in list(self._closed_unsaved):
@@ -616,6 +618,7 @@ class Supervisor:
             for job in self.jobs.values():  # finalize and export are resumable: a rerun completes them
                 stop_quietly(job.proc)
             self.hashers.stop()
+            self.scrubs.stop()
             self.router.close(linger=0)
             self.ctx.term()
             release(self._endpoint_locks)
@@ -740,7 +743,8 @@ class Supervisor:
                 "last_session": self.last_session,
                 "data_root": str(self.data_root), "disk_free_bytes": shutil.disk_usage(self.data_root).free,
                 "disk_reserve_bytes": self.cfg.daemon.disk_reserve_bytes, "recovered": self.recovered,
-                "control_junk_messages": self.junk_messages, "hash_backlog_bytes": self.hashers.backlog_bytes()}
+                "control_junk_messages": self.junk_messages, "hash_backlog_bytes": self.hashers.backlog_bytes(),
+                "scrubs": dict(self.scrubs.states)}
 
 
 def stop_quietly(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
