@@ -127,8 +127,8 @@ def _manifest_bytes(folder: Path) -> bytes:
 
 def verification(folder: Path) -> dict:
     """The session's verification for status and the console: ``state`` is ``verified``, ``failed``,
-    ``running``, ``pending`` (finalized, not scrubbed yet), ``stale`` (the manifest changed since the scrub) or
-    ``not finalized``; with the scrub's ``finished`` time and its incidents' details."""
+    ``running``, ``interrupted`` (its process is gone), ``pending`` (finalized, not scrubbed yet), ``stale`` (the
+    manifest changed since the scrub) or ``not finalized``; with the scrub's ``finished`` time and its incidents' details."""
     folder = Path(folder)
     try:
         finalized = read_session(folder).get("state") == FINALIZED
@@ -147,8 +147,22 @@ def verification(folder: Path) -> dict:
         current = None
     if state in (VERIFIED, FAILED) and current != record.get("manifest_sha256"):
         state = "stale"
+    elif state == RUNNING and not _alive(record.get("pid")):
+        state = "interrupted"  # the daemon (or acqd verify) was stopped mid-scrub
     return {"state": state, "finished": record.get("finished"),
             "incidents": [i.get("detail", "") for i in record.get("incidents", [])]}
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def is_verified(folder: Path) -> bool:

@@ -138,6 +138,10 @@ def test_row34_a_clean_session_is_verified_only_after_the_scrub_and_not_after_it
     with open(session / MANIFEST, "a") as f:
         f.write(f"{'0' * 64}  extra\n")
     assert verification(session)["state"] == "stale" and not is_verified(session)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          timeout=TIMEOUT_S).stdout.strip()  # a scrub killed mid-way leaves 'running' and its pid
+    (session / "scrub.json").write_text(json.dumps({**record, "state": "running", "pid": int(gone)}))
+    assert verification(session)["state"] == "interrupted" and not is_verified(session)
 
 
 # -- row 38: digest lines that lie ----------------------------------------------------------------------------------
@@ -277,7 +281,7 @@ def test_row38_bytes_flipped_on_the_block_device_after_hashing_are_found_by_the_
 @pytest.mark.e2e
 def test_row38_the_daemon_scrubs_a_finalized_session_and_raises_an_incident_naming_file_and_chunk(tmp_path,
                                                                                                   daemon_factory):
-    rig_file = write_rig(tmp_path)
+    rig_file = write_rig(tmp_path, stream_overrides={"camera": {"shape": [48, 64]}})  # small frames: a quick finalize
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "rot", seed=8) as (_, folder):
         wait_until(lambda: daemon.command("status")["session"]["elapsed_s"] > 0.5, "0.5 s of recording", 60)
