@@ -207,6 +207,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print("\n".join(problems) if problems else
           f"{args.session_dir}: verified: {record['files']} files ({record['bytes'] / 1e6:.1f} MB) read again, "
           f"{record['chunks_checked']} chunks checked, nothing changed")
+    if record["not_recorded"]:
+        print(f"acqd: warning: {record['not_recorded']}: the session is not marked verified", file=sys.stderr)
     return 1 if problems else 0
 
 

@@ -49,7 +49,8 @@ Report = Callable[[dict], None]
 
 def scrub_session(folder: Path, on_incident: Report | None = None) -> dict:
     """Read every file of a finalized session's manifest from the disk, check its sha256 and its chunks; record and
-    return the result (``scrub.json``). Raises ``FinalizeError`` if the session is not finalized."""
+    return the result (``scrub.json``; ``not_recorded`` says why if it could not be written). Raises
+    ``FinalizeError`` if the session is not finalized."""
     folder = Path(folder).resolve()
     session = read_session(folder)
     if session.get("state") != FINALIZED:
@@ -59,7 +60,7 @@ def scrub_session(folder: Path, on_incident: Report | None = None) -> dict:
     record = {"state": RUNNING, "manifest_sha256": hashlib.sha256(manifest).hexdigest(), "started": now_iso(),
               "finished": None, "pid": os.getpid(), "files": 0, "bytes": 0, "chunks_checked": 0,
               "accepted_corrupt": 0, "incidents": []}
-    write_json_atomic(folder / SCRUB_FILE, record)
+    unrecorded = _write(folder, record)
     try:
         streams = {rel(p, folder): name for name, ps in stream_parts(folder, session).items() for p in ps}
     except FinalizeError:  # a part is missing: the manifest's check below names it
@@ -95,8 +96,17 @@ def scrub_session(folder: Path, on_incident: Report | None = None) -> dict:
     if hashlib.sha256(_manifest_bytes(folder)).hexdigest() != record["manifest_sha256"]:
         incident(f"{MANIFEST}: rewritten while the scrub ran (an amend?); scrub again")
     record.update(state=FAILED if record["incidents"] else VERIFIED, finished=now_iso(), pid=None)
-    write_json_atomic(folder / SCRUB_FILE, record)
-    return record
+    return {**record, "not_recorded": unrecorded or _write(folder, record)}
+
+
+def _write(folder: Path, record: dict) -> str | None:
+    """Write ``scrub.json``; None, or why it could not be written (a user who may not write the folder: the
+    result is still returned and printed, but the session is not marked)."""
+    try:
+        write_json_atomic(folder / SCRUB_FILE, record)
+    except OSError as e:
+        return f"{SCRUB_FILE} not written: {e.strerror or e}"
+    return None
 
 
 def _scrub_chunks(stream: str, path: Path, name: str, accepted: set[str], record: dict,

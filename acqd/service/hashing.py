@@ -165,6 +165,8 @@ class Scrubs:
                     self._incident(sid, line["incident"])
                 elif "scrub" in line:
                     self.states[sid] = line["scrub"]["state"]
+                    if line["scrub"].get("not_recorded"):
+                        log.warning("the scrub of %s: %s", sid, line["scrub"]["not_recorded"])
                 elif "error" in line:
                     self.states[sid] = "error"
                     log.warning("the scrub of %s: %s", sid, line["error"])
