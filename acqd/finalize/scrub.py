@@ -16,7 +16,7 @@ finalized session is only *sealed*; this module owns the step that makes it *ver
   shipping: a session is verified only while the manifest is the one the scrub checked (an amend that rewrites it
   makes the session unverified until the next scrub).
 - ``python -m acqd.finalize.scrub SESSION_FOLDER DAEMON_PID``: the daemon's background scrub after a finalize
-  (``acqd.service.hashing``), at the hasher's priorities (nice 19, idle I/O class) and dying with the daemon; it
+  (``acqd.service.scrubs``), at the hasher's priorities (nice 19, idle I/O class) and dying with the daemon; it
   prints each incident and then the record as JSON lines. ``acqd verify`` runs ``scrub_session`` in the foreground.
 """
 

@@ -5,11 +5,6 @@ The hasher itself (``python -m acqd.finalize.hasher``: low CPU and idle I/O prio
 first part closes, hands it every part a writer closes (one JSON line on its stdin), tells it that no more will come
 when the session closes (its stdin is closed: it finishes the queue and exits), and counts what it has still to hash
 (``backlog_bytes``, in status as ``hash_backlog_bytes``) from the ``done`` lines it prints.
-
-After a finalize job has sealed a session, ``Scrubs`` starts its scrub (``python -m acqd.finalize.scrub``, same
-priorities) and turns every mismatch it prints into an incident (log and event, naming the file and the chunk: the
-sealed session.json cannot take it; the scrub's own record, ``scrub.json``, keeps it); status shows each scrub's
-state (``scrubs``).
 """
 
 from __future__ import annotations
@@ -19,7 +14,6 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("acqd")
@@ -70,7 +64,7 @@ class Hasher:
     def poll(self) -> bool:
         """Hand over what is queued, take its ``done`` lines; False once it has exited (and been reaped)."""
         self._send()
-        lines, self._inbox = _read_lines(self.proc, self._inbox)
+        lines, self._inbox = read_json_lines(self.proc, self._inbox)
         for line in lines:
             try:
                 self.pending.pop(line["done"], None)
@@ -123,7 +117,7 @@ class Hashers:
         self.running.clear()
 
 
-def _read_lines(proc: subprocess.Popen, inbox: bytes) -> tuple[list, bytes]:
+def read_json_lines(proc: subprocess.Popen, inbox: bytes) -> tuple[list, bytes]:
     """The JSON lines a child with a non-blocking stdout has printed since, and what is left of a partial line."""
     try:
         while chunk := os.read(proc.stdout.fileno(), 65536):
@@ -138,69 +132,3 @@ def _read_lines(proc: subprocess.Popen, inbox: bytes) -> tuple[list, bytes]:
         except ValueError:
             continue
     return out, inbox
-
-
-class Scrubs:
-    """The scrub of every session a finalize job of this daemon sealed: one low-priority process each, started
-    when the job is done; ``states`` (session id -> running | verified | failed | error) is shown in status."""
-
-    def __init__(self, publish: Callable[[str, dict], None]):
-        self.publish = publish
-        """The daemon's event publisher (``events.publish``): each mismatch goes out as an ``incident`` event."""
-        self.running: dict[str, tuple[subprocess.Popen, bytes]] = {}
-        self.states: dict[str, str] = {}
-        self._seen: set[int] = set()
-
-    def poll(self, jobs: dict) -> None:
-        """Start the scrub of each finalize job that has just succeeded; read what the running ones print."""
-        for (kind, sid), job in jobs.items():
-            if kind == "finalize" and job.state == "done" and id(job) not in self._seen:
-                self._seen.add(id(job))
-                self._start(sid, Path(job.report["folder"]))
-        for sid, (proc, inbox) in list(self.running.items()):
-            lines, inbox = _read_lines(proc, inbox)
-            self.running[sid] = proc, inbox
-            for line in lines:
-                if "incident" in line:
-                    self._incident(sid, line["incident"])
-                elif "scrub" in line:
-                    self.states[sid] = line["scrub"]["state"]
-                    if line["scrub"].get("not_recorded"):
-                        log.warning("the scrub of %s: %s", sid, line["scrub"]["not_recorded"])
-                elif "error" in line:
-                    self.states[sid] = "error"
-                    log.warning("the scrub of %s: %s", sid, line["error"])
-            if proc.poll() is not None:
-                proc.stdout.close()
-                del self.running[sid]
-                if self.states[sid] == "running":
-                    self.states[sid] = "error"
-                    log.warning("the scrub of %s exited with code %s; `acqd verify` scrubs it", sid, proc.returncode)
-
-    def _incident(self, sid: str, found: dict) -> None:
-        log.warning("session %s: %s: %s", sid, found["kind"], found["detail"])
-        self.publish("incident", {"stream": (found.get("chunk") or {}).get("stream"), "kind": found["kind"],
-                                  "detail": found["detail"], "incomplete": False, "session": sid,
-                                  "file": found["file"], "chunk": found.get("chunk")})
-
-    def _start(self, sid: str, folder: Path) -> None:
-        if sid in self.running:  # a finalize rerun on a session being scrubbed: the running scrub covers it
-            return
-        proc = subprocess.Popen([sys.executable, "-m", "acqd.finalize.scrub", str(folder), str(os.getpid())],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
-        os.set_blocking(proc.stdout.fileno(), False)
-        self.running[sid] = proc, b""
-        self.states[sid] = "running"
-
-    def stop(self) -> None:
-        """The daemon leaves: scrubs stop (the session stays unverified until ``acqd verify``)."""
-        for proc, _ in self.running.values():
-            if proc.poll() is None:
-                proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()
-        self.running.clear()

@@ -48,7 +48,8 @@ from acqd.session import (CLOSED, INTERRUPTED, RECORDING, SESSION_FILE, STREAMS_
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.record.writer import EXIT_DISK_FULL, EXIT_WRITE_ERROR, WriterSpec
 from acqd.service import live
-from acqd.service.hashing import Hashers, Scrubs
+from acqd.service.hashing import Hashers
+from acqd.service.scrubs import Scrubs
 from acqd.record.preview import is_message as is_preview
 from acqd.service.previews import PreviewHub
 from acqd.service.snapshot import EventBus, Snapshot
