@@ -38,21 +38,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from acqd.finalize import nwb, qc
+from acqd.finalize import qc
 from acqd.config import QcConfig, StreamConfig
 from acqd.errors import FinalizeError
 from acqd.finalize.digests import DIGESTS, Entry, lock_for_finalize, trusted
 from acqd.finalize.integrity import Integrity, folder_problems, scan_folder, verify_chunks
 from acqd.finalize.layout import (MANIFEST, PARTIAL, QC_DIR, RECOVERED_DIR, SCRUB_FILE, VDS_DIR, partial_then_rename,
                                   rel)
-from acqd.finalize.plan import plan_master
 from acqd.finalize.report import (QC_SUMMARY, FinalizeReport, StreamReport, incident_times, qc_plot, qc_summary,
                                   stream_qc)
 from acqd.finalize.scrub import is_verified, verification
 from acqd.finalize.seal import (Digests, is_immutable, manifest_files, merge_seal, seal_paths, unseal,
                                 unseal_session, verify_manifest, write_manifest)
 from acqd.finalize.streams import Stream, linked_file, read_stream, stream_parts
-from acqd.finalize.timing import align_all, pair_frames, zero_sample
 from acqd.session import (CLOSED, FINALIZED, FINALIZING, INTERRUPTED, RECORDING, SESSION_FILE, fsync_dir,
                           json_bytes, read_session, write_bytes_atomic, write_json_atomic)
 from acqd.record.video import VIDEO_DIR
@@ -61,6 +59,14 @@ __all__ = ["FinalizeReport", "StreamReport", "finalize_session", "is_immutable",
            "unseal_session", "verification", "verify_manifest"]
 
 Progress = Callable[[str, float], None]
+
+
+def __getattr__(name: str) -> object:
+    """``pair_frames`` (``acqd.finalize.timing``), imported when asked for: see ``_run``."""
+    if name == "pair_frames":
+        from acqd.finalize.timing import pair_frames
+        return pair_frames
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # Tests: pause at a step (read, partial, qc, sealed, manifest) after writing our pid to the marker file.
 PAUSE_ENV = "ACQD_FINALIZE_PAUSE_AT"
@@ -146,6 +152,12 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
     _checkpoint("read")
 
     progress("align", 0.0)
+    # timing, plan and nwb (pynwb, hdmf, pandas) are imported here, not with the package: the hasher and the scrub
+    # (``python -m acqd.finalize.hasher``, ``.scrub``) import this package and start ~0.75 s of CPU faster without.
+    from acqd.finalize import nwb
+    from acqd.finalize.plan import plan_master
+    from acqd.finalize.timing import align_all, zero_sample
+
     ref = streams[ref_name]
     if ref.n_segments > 1:
         raise FinalizeError(f"the reference stream {ref_name!r} counter was reset: it cannot define one timebase")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,9 +18,11 @@ from acqd.finalize import qc
 from acqd.finalize.clock import envelope_residuals
 from acqd.finalize.layout import MANIFEST, QC_DIR
 from acqd.finalize.streams import Stream
-from acqd.finalize.timing import Alignment, edge_segments, to_reference
 from acqd.record.ingest import Reject
 from acqd.record.streamfile import open_for_read
+
+if TYPE_CHECKING:  # timing imports nwb (pynwb): not at import time, so the hasher and the scrub start fast
+    from acqd.finalize.timing import Alignment
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 
@@ -176,6 +179,8 @@ def qc_plot(s: Stream, a: Alignment, zero_s: float, report: StreamReport, incide
             limits: QcConfig = QcConfig()) -> qc.StreamPlot:
     """One stream's QC panels: fit residuals (sync pairs, or host receive latency), offset from the nominal rate,
     the timeline (gaps, incidents), arrival rate, and for cameras the frame intervals and dropped frames."""
+    from acqd.finalize.timing import edge_segments, to_reference
+
     fit = a.fit
     pair_t = res = np.empty(0)
     if fit.source == "host":  # the host pairs: each chunk's receive time above the fitted envelope
