@@ -204,11 +204,17 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Check a finalized session against its manifest (session.json included); exit 1 listing what differs."""
-    from acqd.finalize import verify_manifest
+    """Scrub a finalized session: every sealed byte read again against the manifest (session.json included) and
+    every chunk against its checksum; the session is then marked verified, or exit 1 listing what differs."""
+    from acqd.finalize.scrub import scrub_session
 
-    problems = verify_manifest(Path(args.session_dir))
-    print("\n".join(problems) if problems else f"{args.session_dir}: manifest verified, nothing changed")
+    record = scrub_session(Path(args.session_dir))
+    problems = [i["detail"] for i in record["incidents"]]
+    print("\n".join(problems) if problems else
+          f"{args.session_dir}: verified: {record['files']} files ({record['bytes'] / 1e6:.1f} MB) read again, "
+          f"{record['chunks_checked']} chunks checked, nothing changed")
+    if record["not_recorded"]:
+        print(f"acqd: warning: {record['not_recorded']}: the session is not marked verified", file=sys.stderr)
     return 1 if problems else 0
 
 
@@ -324,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seal even if chunks fail their checksum (they are listed in the report and qc.json)")
     f.set_defaults(fn=cmd_finalize)
 
-    v = sub.add_parser("verify", help="check a finalized session against its manifest (session.json included)")
+    v = sub.add_parser("verify", help="read a finalized session again against its manifest (session.json included) "
+                                      "and its chunk checksums; mark it verified")
     v.add_argument("session_dir")
     v.set_defaults(fn=cmd_verify)
 

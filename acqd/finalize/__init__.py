@@ -14,6 +14,9 @@ state changes in ``session.json``. The stages live in:
 - ``report``: ``FinalizeReport``, ``StreamReport`` and the QC summary and plots (written by ``qc``);
 - ``integrity``: what the folder may hold (no links, no unknown files) and every chunk's checksum;
 - ``seal``: read-only, immutable, ``manifest.sha256`` (``session.json`` included) and its verification;
+- ``digests`` and ``hasher``: parts hashed (and their chunks checked) while the session records, which finalize
+  trusts while their stamp is unchanged (the report lists them: ``trusted_from_recording``);
+- ``scrub``: after the seal, every sealed byte read again; only then is a session ``verified`` (``is_verified``);
 - ``layout``: the names of the outputs and the write-then-rename rule they follow.
 
 Idempotent and resumable: every output is rebuilt deterministically from the stream files, the master is
@@ -35,27 +38,35 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from acqd.finalize import nwb, qc
+from acqd.finalize import qc
 from acqd.config import QcConfig, StreamConfig
 from acqd.errors import FinalizeError
 from acqd.finalize.digests import Entry, lock_for_finalize, trusted
 from acqd.finalize.integrity import Integrity, folder_problems, scan_folder, verify_chunks
-from acqd.finalize.layout import DIGESTS, MANIFEST, PARTIAL, QC_DIR, RECOVERED_DIR, VDS_DIR, partial_then_rename, rel
-from acqd.finalize.plan import plan_master
+from acqd.finalize.layout import (DIGESTS, MANIFEST, PARTIAL, QC_DIR, RECOVERED_DIR, SCRUB_FILE, VDS_DIR,
+                                  partial_then_rename, rel)
 from acqd.finalize.report import (QC_SUMMARY, FinalizeReport, StreamReport, incident_times, qc_plot, qc_summary,
                                   stream_qc)
+from acqd.finalize.scrub import is_verified, verification
 from acqd.finalize.seal import (Digests, is_immutable, manifest_files, merge_seal, seal_paths, unseal,
                                 unseal_session, verify_manifest, write_manifest)
 from acqd.finalize.streams import Stream, linked_file, read_stream, stream_parts
-from acqd.finalize.timing import align_all, pair_frames, zero_sample
 from acqd.session import (CLOSED, FINALIZED, FINALIZING, INTERRUPTED, RECORDING, SESSION_FILE, fsync_dir,
                           json_bytes, read_session, summarise_log, write_bytes_atomic, write_json_atomic)
 from acqd.record.video import VIDEO_DIR
 
-__all__ = ["FinalizeReport", "StreamReport", "finalize_session", "is_immutable", "pair_frames", "unseal_session",
-           "verify_manifest"]
+__all__ = ["FinalizeReport", "StreamReport", "finalize_session", "is_immutable", "is_verified", "pair_frames",
+           "unseal_session", "verification", "verify_manifest"]
 
 Progress = Callable[[str, float], None]
+
+
+def __getattr__(name: str) -> object:
+    """``pair_frames`` (``acqd.finalize.timing``), imported when asked for: see ``_run``."""
+    if name == "pair_frames":
+        from acqd.finalize.timing import pair_frames
+        return pair_frames
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # Tests: pause at a step (read, partial, qc, sealed, manifest) after writing our pid to the marker file.
 PAUSE_ENV = "ACQD_FINALIZE_PAUSE_AT"
@@ -141,6 +152,12 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
     _checkpoint("read")
 
     progress("align", 0.0)
+    # timing, plan and nwb (pynwb, hdmf, pandas) are imported here, not with the package: the hasher and the scrub
+    # (``python -m acqd.finalize.hasher``, ``.scrub``) import this package and start ~0.75 s of CPU faster without.
+    from acqd.finalize import nwb
+    from acqd.finalize.plan import plan_master
+    from acqd.finalize.timing import align_all, zero_sample
+
     ref = streams[ref_name]
     if ref.n_segments > 1:
         raise FinalizeError(f"the reference stream {ref_name!r} counter was reset: it cannot define one timebase")
@@ -174,7 +191,8 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
     report = FinalizeReport(session_id=sid, folder=str(folder), state=FINALIZING, changed=True,
                             message=message, master=master.name, timebase=timebase, streams=stream_reports,
                             check=check.to_dict(), warnings=warnings, integrity=integrity.to_dict(),
-                            session_log=summarise_log(folder))
+                            session_log=summarise_log(folder),
+                            trusted_from_recording=sorted(rel(p, folder) for p in early[0]))
     progress("qc", 0.0)
     limits = QcConfig.model_validate(session["config"].get("qc", {}))
     for n, r in stream_reports.items():
@@ -256,7 +274,8 @@ def _already_finalized(folder: Path, session: dict, master: Path, started: float
                           sealed={"files": len(listed) + 1 + bool(old), "read_only": True,
                                   "immutable": is_immutable(folder / MANIFEST)},
                           warnings=summary["warnings"] + old, integrity=summary.get("integrity", {}),
-                          seconds=round(time.monotonic() - started, 3))
+                          trusted_from_recording=summary.get("trusted_from_recording", []),
+                          verification=verification(folder)["state"], seconds=round(time.monotonic() - started, 3))
 
 
 def _progress(progress: Progress | None) -> Progress:
@@ -380,7 +399,7 @@ def _open_for_writing(pid: str, fd: str) -> bool:
 
 def _clear_outputs(folder: Path, master: Path) -> None:
     """Remove what finalize writes (master, partials, qc, vds, recovered copies, manifest) so a run starts clean."""
-    files = [master, master.with_name(master.name + PARTIAL), folder / MANIFEST]
+    files = [master, master.with_name(master.name + PARTIAL), folder / MANIFEST, folder / SCRUB_FILE]
     dirs = [folder / d for d in (QC_DIR, VDS_DIR, RECOVERED_DIR)]
     for d in dirs:
         if d.is_dir():

@@ -6,8 +6,12 @@ This module owns the record of that early work (the process that does it is ``ac
 
 - ``digests.jsonl``: one JSON object per line and per file: ``path`` (relative to the session folder), ``size``,
   ``mtime_ns``, ``ctime_ns``, ``inode``, ``sha256``, and ``chunks`` (the part's chunk checksums checked against
-  its ``/index``, as ``acqd.finalize.integrity`` does at finalize). Each line is appended and fsynced whole; a line
-  that does not parse (a torn last line after a kill) is ignored, and a new writer ends it with a newline first.
+  its ``/index``, as ``acqd.finalize.integrity`` does at finalize), and ``check``: the sha256 of the line's other
+  fields (``entry_line``). Each line is appended and fsynced whole; a line that does not parse or whose ``check``
+  does not match (torn by a kill, edited, written by hand, or by an acqd older than the field) is ignored and its
+  file hashed again by finalize, and a new writer ends a torn last line with a newline first. The check catches
+  accidents and hand edits, not a forger who recomputes it: such a line, or one that is stale (the bytes changed
+  under an unchanged stamp: bit rot), is what the scrub after the seal finds (``acqd.finalize.scrub``).
 - ``trusted``: the entries finalize may use: the file's size, mtime, ctime and inode now are those recorded
   (stat taken before the file was read, and checked again after). Writing a file changes its ctime, which no
   user call can set back (``os.utime`` restores mtime only), so a file changed after it was hashed is hashed again.
@@ -20,10 +24,11 @@ This module owns the record of that early work (the process that does it is ``ac
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from acqd.finalize.layout import DIGESTS, rel
@@ -58,27 +63,60 @@ def stamp(path: Path) -> Stamp:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
-def read_entries(folder: Path) -> dict[str, Entry]:
-    """Every complete entry of ``folder``'s digests.jsonl (the latest per path); torn or foreign lines ignored."""
+def _canonical(fields: dict) -> bytes:
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+def entry_line(entry: Entry) -> bytes:
+    """The line of ``entry`` in digests.jsonl: its fields and ``check``, the sha256 of them (canonical JSON)."""
+    fields = asdict(entry)
+    return json.dumps({**fields, "check": hashlib.sha256(_canonical(fields)).hexdigest()}, sort_keys=True
+                      ).encode() + b"\n"
+
+
+def _parse(line: str) -> Entry | None:
+    """The entry of one line, or None if it does not parse or fails its check."""
+    try:
+        fields = json.loads(line)
+        check = fields.pop("check")
+        if check != hashlib.sha256(_canonical(fields)).hexdigest():
+            return None
+        e = Entry(**fields)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return e if isinstance(e.sha256, str) and len(e.sha256) == 64 and all(type(v) is int for v in e.stamp) else None
+
+
+def read_lines(folder: Path) -> tuple[dict[str, Entry], int]:
+    """Every entry of ``folder``'s digests.jsonl that passes its check (the latest per path), and how many non-empty
+    lines were ignored (torn, edited, forged without the check, or older than it)."""
     try:
         text = (Path(folder) / DIGESTS).read_bytes().decode(errors="replace")
     except FileNotFoundError:
-        return {}
-    out = {}
-    for line in text.split("\n"):
-        try:
-            e = Entry(**json.loads(line))
-        except (ValueError, TypeError):
-            continue
-        if len(e.sha256) == 64 and all(isinstance(v, int) for v in e.stamp):
+        return {}, 0
+    out, ignored = {}, 0
+    for line in filter(None, text.split("\n")):
+        e = _parse(line)
+        if e is None:
+            ignored += 1
+        else:
             out[e.path] = e
-    return out
+    return out, ignored
+
+
+def read_entries(folder: Path) -> dict[str, Entry]:
+    """Every entry of ``folder``'s digests.jsonl that passes its check (the latest per path)."""
+    return read_lines(folder)[0]
 
 
 def trusted(folder: Path, paths: list[Path]) -> tuple[dict[Path, Entry], list[str]]:
     """The entries of ``paths`` that still describe the file (same size, mtime, ctime and inode), and a line for
-    each file whose entry does not (it is hashed again)."""
-    entries, ok, changed = read_entries(folder), {}, []
+    each file whose entry does not (it is hashed again) and for the lines ignored (their files are hashed again)."""
+    entries, ignored = read_lines(folder)
+    ok, changed = {}, []
+    if ignored:
+        changed.append(f"{DIGESTS}: {ignored} line(s) ignored (torn, edited, or without a valid check); "
+                       "the files they describe are hashed again")
     for p in paths:
         e = entries.get(rel(p, folder))
         if e is None:

@@ -24,10 +24,9 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-from acqd.finalize.digests import Entry, stamp
+from acqd.finalize.digests import Entry, entry_line, stamp
 from acqd.finalize.layout import DIGESTS
 from acqd.finalize.integrity import verify_part
 from acqd.finalize.seal import _sha256 as sha256_file  # the one sha256 reader of finalize
@@ -69,14 +68,14 @@ def digest_part(folder: Path, rel_path: str, stream: str | None, stop: _Finalize
     before = stamp(path)
     sha = sha256_file(path, stop)
     chunks = verify_part(stream, path, rel_path).to_dict() if stream is not None and path.suffix == ".h5" else None
-    _drop_from_cache(path)
+    drop_from_cache(path)
     if stamp(path) != before:
         return None
     size, mtime_ns, ctime_ns, inode = before
     return Entry(rel_path, size, mtime_ns, ctime_ns, inode, sha, chunks)
 
 
-def _drop_from_cache(path: Path) -> None:
+def drop_from_cache(path: Path) -> None:
     """Read once, not needed again: leave memory to others, as the writers do (acqd.record.streamfile.flush)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
@@ -93,7 +92,7 @@ def append_entry(fd: int, folder: Path, entry: Entry, fault: int | None = None) 
     try:
         if _session_state(folder) not in _STATES_TO_HASH:
             return False
-        line = json.dumps(asdict(entry), sort_keys=True).encode() + b"\n"
+        line = entry_line(entry)
         if fault is not None:  # test hook: a torn line, then wait to be killed
             os.write(fd, line[:len(line) // 2])
             os.fsync(fd)

@@ -226,6 +226,7 @@ def index_html(summary: dict, plots: list[str]) -> str:
              f"{e(str(summary.get('timebase', {}).get('session_start_time', '')))}.</p>",
              f"<table><tr>{head}</tr>{''.join(rows)}</table>"]
     parts += [f"<p class='small'>warning: {e(w)}</p>" for w in summary.get("warnings", [])]
+    parts += [f"<p class='small'>{e(line)}</p>" for line in trusted_lines(summary)]
     parts += [f"<p class='small'>{e(line)}</p>" for line in log_lines(summary.get("session_log") or {})]
     for name in plots:
         s = summary["streams"].get(name, {})
@@ -296,8 +297,18 @@ def summary_lines(report: dict) -> list[str]:
                 if m["importance"] not in ("BEST_PRACTICE_SUGGESTION",)]
     lines += [f"  nwbinspector {m['importance']}: {m['check']}: {m['message']}" for m in findings]
     lines += [f"  warning: {w}" for w in report.get("warnings", [])]
+    lines += [f"  {line}" for line in trusted_lines(report)]
     lines += [f"  {line}" for line in log_lines(report.get("session_log") or {})]
     return lines
+
+
+def trusted_lines(summary: dict) -> list[str]:
+    """What finalize did not read itself (``FinalizeReport.trusted_from_recording``), and what makes it verified."""
+    trusted = summary.get("trusted_from_recording", [])
+    if not trusted:
+        return []
+    return [f"trusted from the digests taken while recording (not read again by finalize): {', '.join(trusted)}; "
+            "the session is verified once the scrub has read every sealed byte (acqd verify)"]
 
 
 def log_lines(summary: dict) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,9 +18,11 @@ from acqd.finalize import qc
 from acqd.finalize.clock import envelope_residuals
 from acqd.finalize.layout import MANIFEST, QC_DIR
 from acqd.finalize.streams import Stream
-from acqd.finalize.timing import Alignment, edge_segments, to_reference
 from acqd.record.ingest import Reject
 from acqd.record.streamfile import open_for_read
+
+if TYPE_CHECKING:  # timing imports nwb (pynwb): not at import time, so the hasher and the scrub start fast
+    from acqd.finalize.timing import Alignment
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 
@@ -87,6 +90,12 @@ class FinalizeReport:
     """``integrity.Integrity.to_dict()``: chunks checked against their checksums, the corrupt ones, parts without."""
     session_log: dict = field(default_factory=dict)
     """``session.summarise_log``: what the daemon logged while the session recorded, in numbers."""
+    trusted_from_recording: list[str] = field(default_factory=list)
+    """Files (relative paths) whose sha256, and for parts whose chunk checks, finalize took from ``digests.jsonl``
+    (read by the hasher while recording) without reading them again: the scrub after the seal re-reads them."""
+    verification: str = "pending"
+    """``acqd.finalize.scrub.verification``: 'pending' until the scrub has read every sealed byte, then
+    'verified' or 'failed'."""
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -98,7 +107,7 @@ def qc_summary(report: FinalizeReport, limits: QcConfig = QcConfig()) -> dict:
     return {"session_id": report.session_id, "master": report.master, "timebase": report.timebase,
             "streams": {n: asdict(r) for n, r in report.streams.items()}, "validation": report.check,
             "warnings": report.warnings, "integrity": report.integrity, "session_log": report.session_log,
-            "verdict": session_verdict(report.streams),
+            "trusted_from_recording": report.trusted_from_recording, "verdict": session_verdict(report.streams),
             "thresholds": limits.model_dump()}
 
 
@@ -172,6 +181,8 @@ def qc_plot(s: Stream, a: Alignment, zero_s: float, report: StreamReport, incide
             limits: QcConfig = QcConfig()) -> qc.StreamPlot:
     """One stream's QC panels: fit residuals (sync pairs, or host receive latency), offset from the nominal rate,
     the timeline (gaps, incidents), arrival rate, and for cameras the frame intervals and dropped frames."""
+    from acqd.finalize.timing import edge_segments, to_reference
+
     fit = a.fit
     pair_t = res = np.empty(0)
     if fit.source == "host":  # the host pairs: each chunk's receive time above the fitted envelope

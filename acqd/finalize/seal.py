@@ -25,7 +25,7 @@ from pathlib import Path
 
 from acqd.finalize.digests import Stamp
 from acqd.finalize.digests import stamp as _stamp
-from acqd.finalize.layout import MANIFEST, rel
+from acqd.finalize.layout import MANIFEST, SCRUB_FILE, rel
 from acqd.session import SESSION_FILE, write_bytes_atomic
 
 # chattr +i through the ioctl chattr(1) uses (linux/fs.h): root can still write a 0444 file, not an immutable one.
@@ -152,10 +152,11 @@ def _get_flags(fd: int) -> int:
 
 def manifest_files(folder: Path) -> list[Path]:
     """The files finalize seals and hashes: every regular file (never a link) but the manifest itself,
-    ``session.json`` (written last, at the commit point; its digest is given to ``write_manifest``) and the
-    temporary files of an atomic write."""
+    ``session.json`` (written last, at the commit point; its digest is given to ``write_manifest``), the scrub's
+    record (written after the seal) and the temporary files of an atomic write."""
+    own = (SESSION_FILE, MANIFEST, SCRUB_FILE)
     return [p for p in _regular_files(folder) if p.parent != folder or (
-        p.name not in (SESSION_FILE, MANIFEST) and not p.name.startswith((f".{SESSION_FILE}.", f".{MANIFEST}.")))]
+        p.name not in own and not p.name.startswith(tuple(f".{name}." for name in own)))]
 
 
 def write_manifest(folder: Path, paths: list[Path], digests: Digests, progress: Callable[[int, int], None],
@@ -178,31 +179,51 @@ def verify_manifest(folder: Path) -> list[str]:
     """Problems found checking the session against its manifest (empty: every file there and unchanged)."""
     folder = Path(folder)
     try:
-        text = (folder / MANIFEST).read_text()
+        listed = read_manifest(folder)
     except OSError as e:
         return [f"{MANIFEST}: {e.strerror}"]
-    listed = {}
-    for line in text.splitlines():
-        digest, _, name = line.partition("  ")
-        listed[name] = digest
-    problems = [f"{name}: a symbolic link (verify never follows links)" for name in sorted(listed)
-                if (folder / name).is_symlink()]
-    present = {name: folder / name for name in sorted(listed)
-               if (folder / name).is_file() and not (folder / name).is_symlink()}
+    problems, present = listed_problems(folder, listed)
     with Digests(present.values()) as digests:
-        for name, digest in sorted(listed.items()):
-            if (folder / name).is_symlink():
-                continue
-            if name not in present:
-                problems.append(f"{name}: missing")
-            elif digests.get(present[name]) != digest:
-                problems.append(f"{name}: contents changed")
+        problems += [f"{name}: contents changed" for name, path in present.items() if digests.get(path) != listed[name]]
+    return sorted(problems, key=lambda line: line.split(": ", 1)[0]) + unlisted_problems(folder, listed)
+
+
+def read_manifest(folder: Path) -> dict[str, str]:
+    """``manifest.sha256`` as {relative path: sha256}; raises OSError if it cannot be read (never through a link)."""
+    return parse_manifest(manifest_bytes(folder))
+
+
+def manifest_bytes(folder: Path) -> bytes:
+    with open(os.open(Path(folder) / MANIFEST, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+        return f.read()
+
+
+def parse_manifest(data: bytes) -> dict[str, str]:
+    return {name: digest for digest, _, name in (line.partition("  ") for line in data.decode(errors="replace")
+                                                 .splitlines())}
+
+
+def listed_problems(folder: Path, listed: dict[str, str]) -> tuple[list[str], dict[str, Path]]:
+    """Files of the manifest that are links or missing (a problem each), and the regular files present, by name."""
+    problems, present = [], {}
+    for name in sorted(listed):
+        path = folder / name
+        if path.is_symlink():
+            problems.append(f"{name}: a symbolic link (verify never follows links)")
+        elif path.is_file():
+            present[name] = path
+        else:
+            problems.append(f"{name}: missing")
+    return problems, present
+
+
+def unlisted_problems(folder: Path, listed: dict[str, str]) -> list[str]:
+    """Files and links in the session that the manifest does not list."""
     extra = sorted(name for name in (rel(p, folder) for p in manifest_files(folder)) if name not in listed)
-    problems += [f"{name}: not in the manifest" for name in extra]
     links = [rel(Path(d) / n, folder) for d, dirs, names in os.walk(folder) for n in dirs + names
              if (Path(d) / n).is_symlink()]
-    problems += [f"{name}: a symbolic link, not in the manifest" for name in links if name not in listed]
-    return problems
+    return [f"{name}: not in the manifest" for name in extra] + [
+        f"{name}: a symbolic link, not in the manifest" for name in links if name not in listed]
 
 
 class Digests:

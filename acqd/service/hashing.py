@@ -64,16 +64,11 @@ class Hasher:
     def poll(self) -> bool:
         """Hand over what is queued, take its ``done`` lines; False once it has exited (and been reaped)."""
         self._send()
-        try:
-            while chunk := os.read(self.proc.stdout.fileno(), 65536):
-                self._inbox += chunk
-        except BlockingIOError:
-            pass
-        *lines, self._inbox = self._inbox.split(b"\n")
+        lines, self._inbox = read_json_lines(self.proc, self._inbox)
         for line in lines:
             try:
-                self.pending.pop(json.loads(line)["done"], None)
-            except (ValueError, KeyError, TypeError):
+                self.pending.pop(line["done"], None)
+            except (KeyError, TypeError):
                 continue
         if self.proc.poll() is None:
             return True
@@ -120,3 +115,20 @@ class Hashers:
                 h.proc.wait()
             h.poll()
         self.running.clear()
+
+
+def read_json_lines(proc: subprocess.Popen, inbox: bytes) -> tuple[list, bytes]:
+    """The JSON lines a child with a non-blocking stdout has printed since, and what is left of a partial line."""
+    try:
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            inbox += chunk
+    except BlockingIOError:
+        pass
+    *lines, inbox = inbox.split(b"\n")
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out, inbox

@@ -32,6 +32,7 @@ from acqd.service.calls import Calls
 from acqd.service.disk import DiskReserve
 from acqd.service.hashing import Hashers
 from acqd.service.jobs import Jobs
+from acqd.service.scrubs import Scrubs
 from acqd.service.lslbridges import LslBridges
 from acqd.service.previews import PreviewHub
 from acqd.service.runtime import lock_data_root, lock_endpoints, make_daemon_dir, release, runtime_base
@@ -72,6 +73,7 @@ class Supervisor:
         self._calls = Calls()
         self.events = EventBus()
         self.jobs = Jobs(self.events)  # (kind, session id) -> the latest finalize or export run
+        self.scrubs = Scrubs(self.events.publish)  # finalized sessions are read again (acqd.finalize.scrub)
         self.live = live.Live()
         self.on_tick: Callable[[], None] | None = None
         """Called from the supervisor loop (and while a command waits): the systemd watchdog ping."""
@@ -122,6 +124,7 @@ class Supervisor:
         self._check_disk()
         self.previews.sync(self.writers, self.writers.send)
         self.hashers.poll()
+        self.scrubs.poll(self.jobs)
         if self.session_record is not None and self.session_record.unsaved:
             self.session_record.save(now=False)
         for folder, session in list(self._closed_unsaved):
@@ -299,6 +302,7 @@ class Supervisor:
         finally:
             self.jobs.stop()  # finalize and export are resumable: a rerun completes them
             self.hashers.stop()
+            self.scrubs.stop()
             log.removeHandler(self.session_log)
             self.writers.close()
             release(self._endpoint_locks)
@@ -340,4 +344,5 @@ class Supervisor:
                 "last_session": self.last_session,
                 "data_root": str(self.data_root), "disk_free_bytes": shutil.disk_usage(self.data_root).free,
                 "disk_reserve_bytes": self.cfg.daemon.disk_reserve_bytes, "recovered": self.recovered,
-                "control_junk_messages": self.writers.junk_messages, "hash_backlog_bytes": self.hashers.backlog_bytes()}
+                "control_junk_messages": self.writers.junk_messages, "hash_backlog_bytes": self.hashers.backlog_bytes(),
+                "scrubs": dict(self.scrubs.states)}

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import warnings
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import h5py
@@ -22,7 +23,7 @@ from hdmf.backends.warnings import BrokenLinkWarning
 from pynwb import NWBHDF5IO
 
 from acqd.finalize import finalize_session, unseal_session, verify_manifest
-from acqd.finalize.digests import read_entries, stamp
+from acqd.finalize.digests import Entry, entry_line, read_entries, read_lines, stamp
 from acqd.finalize.layout import DIGESTS
 from acqd.finalize.hasher import FAULT_ENV, MARKER_ENV, _open_for_append
 from acqd.finalize.seal import unseal
@@ -179,16 +180,23 @@ def test_a_rolled_back_finalize_leaves_unsealed_parts_as_they_were_hashed(tmp_pa
 
 
 def test_a_torn_line_is_ignored_and_ended_before_the_next_entry(tmp_path):
-    good = {"path": "streams/a.h5", "size": 1, "mtime_ns": 2, "ctime_ns": 3, "inode": 4, "sha256": "0" * 64,
-            "chunks": None}
-    (tmp_path / DIGESTS).write_text(json.dumps(good) + "\n" + json.dumps({**good, "path": "streams/b.h5"})[:40])
+    good = Entry("streams/a.h5", 1, 2, 3, 4, "0" * 64)
+    (tmp_path / DIGESTS).write_bytes(entry_line(good) + entry_line(replace(good, path="streams/b.h5"))[:40])
     assert list(read_entries(tmp_path)) == ["streams/a.h5"]
     fd = _open_for_append(tmp_path)  # what a restarted hasher does first
     try:
-        os.write(fd, (json.dumps({**good, "path": "streams/c.h5"}) + "\n").encode())
+        os.write(fd, entry_line(replace(good, path="streams/c.h5")))
     finally:
         os.close(fd)
     assert list(read_entries(tmp_path)) == ["streams/a.h5", "streams/c.h5"]
+
+
+def test_a_line_is_trusted_only_with_its_own_check_and_old_lines_without_one_are_hashed_again(tmp_path):
+    good = Entry("streams/a.h5", 1, 2, 3, 4, "0" * 64, {"chunks_checked": 1})
+    old = json.dumps(asdict(good))  # as acqd wrote it before lines had a check
+    edited = entry_line(good).decode().replace('"size": 1', '"size": 2')
+    (tmp_path / DIGESTS).write_text(old + "\n" + edited + entry_line(replace(good, path="streams/b.h5")).decode())
+    assert read_lines(tmp_path) == ({"streams/b.h5": replace(good, path="streams/b.h5")}, 2)
 
 
 @pytest.mark.e2e

@@ -35,6 +35,7 @@ from acqd.metadata import SessionMetadata
 from acqd.errors import SessionError
 from acqd.finalize.nwb import metadata_problems
 from acqd.finalize.layout import QC_DIR
+from acqd.finalize.scrub import verification
 from acqd.metadata import MetadataError, merge, to_acqd
 from acqd.session import LOG_FILE, SESSION_FILE, list_sessions, read_annotations, read_session, session_name
 from acqd.service.commands import export_roots
@@ -157,7 +158,7 @@ def session_row(info: dict, jobs: dict[str, dict]) -> dict:
         state = "exported"
     return {**info, "state": state, "stopped": s.get("stopped"), "size_bytes": folder_bytes(folder),
             "duration_s": _seconds_between(s.get("created"), s.get("stopped")), "jobs": jobs,
-            "metadata": s.get("metadata")}
+            "metadata": s.get("metadata"), "verification": verification(folder)["state"]}
 
 
 def _session_folder(sup: Supervisor, session: str) -> Path:

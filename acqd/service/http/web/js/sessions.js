@@ -38,7 +38,11 @@ export function createSessions({ bus, info, onError }) {
     rows.clear();
     body.replaceChildren(...[...sessions].reverse().map((s) => {
       const jobCell = el("td", { class: "jobs" }, ...Object.values(s.jobs || {}).map(progress));
-      const stateCell = el("td", { class: `state ${s.incomplete ? "bad" : ""}` }, s.state + (s.incomplete ? " (incomplete)" : ""));
+      // A finalized session is sealed; it is verified only once the scrub has read every sealed byte again.
+      const scrub = ["finalized", "exported"].includes(s.state) && s.verification ? `, ${s.verification}` : "";
+      const bad = s.incomplete || ["failed", "stale"].includes(s.verification);
+      const stateCell = el("td", { class: `state ${bad ? "bad" : ""}` },
+        s.state + scrub + (s.incomplete ? " (incomplete)" : ""));
       const tr = el("tr", { "data-session": s.session_id },
         el("td", {}, s.session_id), stateCell, el("td", {}, fmtBytes(s.size_bytes)),
         el("td", {}, fmtDuration(s.duration_s)), el("td", {}, (s.created || "").replace("T", " ").slice(0, 19)),
