@@ -97,9 +97,10 @@ class ClockFit:
     """Mean rate error against nominal, measured on the reference clock; positive: the device runs fast."""
     residual_rms_s: float
     """RMS of the fit residuals: sync, paired reference time minus map (mostly latch quantisation); host,
-    receive time minus the fitted envelope (latency jitter)."""
+    receive time minus the fitted envelope (latency jitter). With several counter segments, only those timed by
+    their edges when there are any (``host_segments`` bring their bounds, not their latencies)."""
     residual_max_s: float
-    """Largest absolute fit residual."""
+    """Largest absolute fit residual (of the edge-timed segments, as ``residual_rms_s``)."""
     error_bound_s: float
     """Bound on the map's error between the end knots. Sync: the largest error predicting pairs held out of the
     fit, and never less than half a sample of each clock. Host: how far the two fitted envelopes sit above the
@@ -777,19 +778,25 @@ def _single_fit(knots: np.ndarray, values: np.ndarray, model: str, source: str, 
 
 
 def _combine(fits: list[ClockFit]) -> ClockFit:
-    """One fit of several counter segments; the report pools them (sums, weighted means, worst cases)."""
+    """One fit of several counter segments; the report pools them (sums, weighted means, worst cases).
+
+    Drift and residuals describe the segments timed by their edges when there are any: a host-timed segment's
+    residuals are receive latencies (milliseconds, thousands of samples), not the scatter of an edge fit, and its
+    drift over a few seconds of host times is noise. Its share of the map's error is its bound, which
+    ``error_bound_s`` (the worst segment's) and ``segment_bounds_s`` keep."""
     if len(fits) == 1:
         return fits[0]
-    n = np.array([f.n_pairs for f in fits], dtype=np.float64)
     synced = [f for f in fits if f.source == "sync"]
+    pooled = synced or fits
+    n = np.array([f.n_pairs for f in pooled], dtype=np.float64)
     return ClockFit(
         knots=tuple(k for f in fits for k in f.knots), seconds=tuple(s for f in fits for s in f.seconds),
         model="piecewise" if any(f.model == "piecewise" for f in fits) else "affine",
         source="sync" if synced else fits[0].source, dev_rate=fits[0].dev_rate, n_pairs=int(n.sum()),
         unmatched_dev=sum(f.unmatched_dev for f in fits), unmatched_ref=sum(f.unmatched_ref for f in fits),
-        drift_ppm=float(np.average([f.drift_ppm for f in fits], weights=n)),
-        residual_rms_s=float(np.sqrt(np.average([f.residual_rms_s**2 for f in fits], weights=n))),
-        residual_max_s=max(f.residual_max_s for f in fits), error_bound_s=max(f.error_bound_s for f in fits),
+        drift_ppm=float(np.average([f.drift_ppm for f in pooled], weights=n)),
+        residual_rms_s=float(np.sqrt(np.average([f.residual_rms_s**2 for f in pooled], weights=n))),
+        residual_max_s=max(f.residual_max_s for f in pooled), error_bound_s=max(f.error_bound_s for f in fits),
         rejected_pairs=sum(f.rejected_pairs for f in fits),
         extrapolation_ppm=max(f.extrapolation_ppm for f in fits), pairing=synced[0].pairing if synced else "",
         segment_bounds_s=tuple(f.error_bound_s for f in fits),

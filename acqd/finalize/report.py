@@ -126,8 +126,13 @@ def stream_qc(s: Stream, r: StreamReport, incidents: list[dict], limits: QcConfi
         fails.append(f"residual {c['residual_max_samples']:.2f} > {limits.max_residual_samples:g} samples")
     if c["source"] != "reference" and abs(c["drift_ppm"]) > limits.max_drift_ppm:
         fails.append(f"drift {c['drift_ppm']:+.1f} ppm beyond +-{limits.max_drift_ppm:g}")
-    if c["source"] == "host" or row["host_segments"]:
-        warns.append("timed by host receive times (~1 ms)")
+    if c["source"] == "host":
+        warns.append(f"timed by host receive times (bound {c['error_bound_s'] * 1e3:.2f} ms)")
+    bounds = c.get("segment_bounds_s") or []
+    for k in row["host_segments"]:  # the edge-timed segments are judged above; these only by their bound
+        bound = bounds[k] if k < len(bounds) else c["error_bound_s"]
+        warns.append(f"counter segment {k} timed by host receive times (bound {bound * 1e3:.2f} ms, "
+                     f"{bound * s.rate:.0f} samples)")
     for key, what in (("gaps", "gaps"), ("writer_restarts", "writer restarts"), ("disconnects", "disconnects"),
                       ("dropped_frames", "dropped frames")):
         if row[key]:

@@ -174,3 +174,30 @@ def test_frames_pair_with_their_strobes_when_the_host_prior_is_tilted():
     prior = true_s + 1e-3 + 600e-6 * (true_s - true_s.mean()) + jitter
     fi, sj, offset = pair_frames(frames, prior, true_s + 1e-5, period)
     assert np.array_equal(fi, np.arange(len(frames))) and np.array_equal(sj, fi)
+
+
+def _qc_row(fit, name: str = "probe", rate: float = 30000.0, flags: list[str] | None = None) -> dict:
+    """``stream_qc`` of a clock fit alone (no parts, no gaps, no incidents): the verdict the fit earns."""
+    from types import SimpleNamespace
+
+    from acqd.config import QcConfig
+    from acqd.finalize.report import stream_qc
+    stream = SimpleNamespace(name=name, parts=[], rate=rate)
+    report = SimpleNamespace(clock=fit.to_dict(), gaps=[], frames=None, flags=flags or [])
+    return stream_qc(stream, report, [], QcConfig())
+
+
+def test_host_timed_counter_segment_warns_with_its_bound_never_fails_on_its_latency():
+    """Issue 24.4: a counter reset 8 s before the end of 2 h; the last segment (too few edges) is host-timed. The
+    report pooled that segment's receive latencies into residual_max (hundreds of samples), and QC said FAIL
+    "residual ... > 2.5 samples" although every edge-timed row is within half a sample."""
+    from groundtruth import align, evaluate, make_case
+    case = make_case(7, "random", 7200.0, ppm=30.0, reset_at=1 - 8.0 / 7200)
+    fit = align(case)
+    assert fit.host_segments == (1,)
+    assert evaluate(case, fit).max_error_samples <= 0.5
+    assert fit.residual_max_samples <= 2.0  # the edge-timed segment's scatter, not the host segment's latency
+    row = _qc_row(fit)
+    assert row["verdict"] == "WARN", row["reasons"]
+    host = [r for r in row["reasons"] if "counter segment 1" in r]
+    assert host and f"bound {fit.segment_bounds_s[1] * 1e3:.2f} ms" in host[0]
