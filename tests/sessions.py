@@ -90,6 +90,11 @@ class Recording:
     """Seed of the host-latency draws."""
     backlog: dict[str, float] = field(default_factory=dict)
     """Per stream, seconds of receive latency added per second recorded (a writer falling behind)."""
+    drained: dict[str, float] = field(default_factory=dict)
+    """Per stream, the period (s) of the timer at which a writer drains its queue (``Writer.drains_at_deadlines``):
+    the receive time recorded is that of the next drain, ``recorded_arrival`` False (acqd before issue 24.4), or
+    the message's own arrival, True (the writer's receiver thread)."""
+    recorded_arrival: bool = True
 
 
 def session_metadata(cfg: RigConfig) -> dict:
@@ -166,6 +171,9 @@ def _write_part(cfg: RigConfig, rig: Rig, name: str, path: Path, attrs: dict, pa
     for seq, (first, n, end) in enumerate(_chunks(rig, name, rec.chunk_factor, *window)):
         latency = rng.uniform(1e-4, 3e-3) + (0.02 if rng.random() < 0.02 else 0.0)
         latency += rec.backlog.get(name, 0.0) * (end - window[0])
+        if name in rec.drained and not rec.recorded_arrival:  # read at the next timer, up to its period late
+            tick = rec.drained[name]
+            latency = np.ceil((end + latency) / tick) * tick + rng.uniform(0, 2e-4) - end
         if any(a <= end < b for a, b in drops):
             continue  # lost between publisher and acqd: the next chunk shows a seq gap
         wall_ns = WALL_EPOCH_NS + round((end + latency) * 1e9)

@@ -150,6 +150,18 @@ class ClockFit:
         """``error_bound_s`` in device samples."""
         return self.error_bound_s * self.dev_rate
 
+    @property
+    def span_s(self) -> float:
+        """Device seconds between the end knots of the longest counter segment: what the drift is measured over."""
+        return max(float(k[-1] - k[0]) for k in self.knots) / self.dev_rate
+
+    @property
+    def drift_uncertainty_ppm(self) -> float:
+        """How far ``drift_ppm`` may be off: the map is known to ``error_bound_s`` at both ends of ``span_s``, so
+        its mean rate to twice that over the span (host timing over 8 s: thousands of ppm; sync edges over
+        minutes: a fraction of one)."""
+        return 2e6 * self.error_bound_s / self.span_s if self.span_s > 0 else float("inf")
+
     def to_reference(self, samples: np.ndarray, segment: int | None = None) -> np.ndarray:
         """Reference seconds of (possibly fractional) device sample positions of one counter segment.
 
@@ -187,7 +199,8 @@ class ClockFit:
             "error_bound_s": self.error_bound_s, "error_bound_samples": self.error_bound_samples,
             "rejected_pairs": self.rejected_pairs, "extrapolation_ppm": self.extrapolation_ppm,
             "pairing": self.pairing, "host_segments": list(self.host_segments),
-            "segment_bounds_s": list(self.segment_bounds_s),
+            "segment_bounds_s": list(self.segment_bounds_s), "span_s": self.span_s,
+            "drift_uncertainty_ppm": self.drift_uncertainty_ppm,
         }
 
 
