@@ -167,8 +167,9 @@ class ClockFit:
 
         ``segment`` is required when the counter was reset: the same sample index then occurs in several
         segments, so only the caller knows which one a sample belongs to. The map is fitted between the
-        first and last paired edges (the end knots); beyond them it extends the end pieces, and ``error_bound_s``
-        does not cover that extrapolation.
+        first and last paired edges (the end knots); beyond them it extends the end pieces. ``error_bound_s`` of a
+        fit returned by ``with_extrapolation`` (as finalize reports it) covers those extrapolated rows too: it grows
+        by ``extrapolation_ppm`` of the distance beyond the end knots.
         """
         if segment is None:
             if len(self.knots) > 1:
