@@ -144,7 +144,8 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
     ref = streams[ref_name]
     if ref.n_segments > 1:
         raise FinalizeError(f"the reference stream {ref_name!r} counter was reset: it cannot define one timebase")
-    aligned = align_all(streams, ref)
+    limits = QcConfig.model_validate(session["config"].get("qc", {}))
+    aligned = align_all(streams, ref, limits.max_pairing_ppm)
     zero = zero_sample(streams, aligned, ref)
     zero_s = zero / ref.rate
     progress("align", 1.0)
@@ -175,7 +176,6 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
                             message=message, master=master.name, timebase=timebase, streams=stream_reports,
                             check=check.to_dict(), warnings=warnings, integrity=integrity.to_dict())
     progress("qc", 0.0)
-    limits = QcConfig.model_validate(session["config"].get("qc", {}))
     for n, r in stream_reports.items():
         r.qc = stream_qc(streams[n], r, session.get("incidents", []), limits)
     events = incident_times(session.get("incidents", []), plan.session_start_time)

@@ -31,6 +31,7 @@ _AGREE_S = 0.02  # anchors of one pairing agree on the offset within this (+ lat
 #                  half for the slope grid's step, half for thermal wander; far below the 0.5 s
 #                  minimum sync interval, so different pairings never merge.
 _ROUNDS = 4  # assign-and-refit rounds: the first uses the loose anchor tolerance, the rest tighten it
+_WIDE_PPM = 5000.0  # a pairing refused within max_ppm is tried again this wide, to tell why (acqd.config.QcConfig)
 
 # Fitting.
 _MIN_PAIRS = 10
@@ -226,11 +227,36 @@ def pair_edges(dev_edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, re
     if min(len(d), len(r)) <= _PATTERN:
         return _no_pairs(False, f"too few sync edges ({len(d)} device, {len(r)} reference)")
     quant = 1 / dev_rate + 1 / ref_rate  # each device latches an edge up to one of its samples late
-    slope_max = max_ppm * 1e-6
     period = _regular_period(d)
     if prior_s is not None and period and prior_tol_s + quant >= period / 2:
         return _no_pairs(True, f"sync intervals are not distinctive (a regular train, period {period:.4g} s) and the "
                                f"prior, good to {1e3 * prior_tol_s:.1f} ms, does not resolve the period")
+    p = _pair_within(d, r, quant, max_ppm * 1e-6, prior_s, prior_tol_s)
+    if p.reason and max_ppm < _WIDE_PPM:  # refused within max_ppm: is the device simply further off than that?
+        return _beyond_max_ppm(dev_edges, dev_rate, ref_edges, ref_rate, prior_s, prior_tol_s, max_ppm) or p
+    return p
+
+
+def _beyond_max_ppm(dev_edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, ref_rate: float,
+                    prior_s: np.ndarray | None, prior_tol_s: float, max_ppm: float) -> Pairing | None:
+    """The true reason for a refused pairing when the edges pair unambiguously over ``_WIDE_PPM`` at a rate
+    difference beyond ``max_ppm``; None when they do not (the first reason stands)."""
+    wide = pair_edges(dev_edges, dev_rate, ref_edges, ref_rate, max_ppm=_WIDE_PPM, prior_s=prior_s,
+                      prior_tol_s=prior_tol_s)
+    if wide.ambiguous or len(wide.dev_index) < _MIN_PAIRS:
+        return None
+    d = np.asarray(dev_edges, np.float64)[wide.dev_index] / dev_rate
+    r = np.asarray(ref_edges, np.float64)[wide.ref_index] / ref_rate
+    ppm = ((d[-1] - d[0]) / (r[-1] - r[0]) - 1) * 1e6
+    if abs(ppm) <= max_ppm:
+        return None
+    return _no_pairs(False, f"the device clock runs {ppm:+.0f} ppm off the reference, beyond the {max_ppm:g} ppm the "
+                            f"pairing searches (qc.max_pairing_ppm in the rig config: raise it for such a crystal)")
+
+
+def _pair_within(d: np.ndarray, r: np.ndarray, quant: float, slope_max: float, prior_s: np.ndarray | None,
+                 prior_tol_s: float) -> Pairing:
+    """``pair_edges`` on device and reference times (s) at rate differences up to ``slope_max``."""
     ia, ja, n_vague = _anchor_matches(d, r, quant, slope_max, prior_s, prior_tol_s + quant)
     if n_vague > len(np.unique(ia)):
         prior = ("" if prior_s is None else f" (the prior, good to {1e3 * prior_tol_s:.1f} ms, does not resolve "

@@ -46,8 +46,9 @@ class Alignment:
     """LSL streams timed by their timestamps: time-correction residuals and timestamp jitter (acqd.finalize.lsl)."""
 
 
-def align_all(streams: dict[str, Stream], ref: Stream) -> dict[str, Alignment]:
-    """Fit every stream to the reference; strobe-timed streams last, since they go through another's fit."""
+def align_all(streams: dict[str, Stream], ref: Stream, max_ppm: float = 200.0) -> dict[str, Alignment]:
+    """Fit every stream to the reference; strobe-timed streams last, since they go through another's fit.
+    ``max_ppm``: the largest rate difference the sync pairing searches (the rig config's qc.max_pairing_ppm)."""
     out = {ref.name: Alignment(_identity(ref), [])}
     order = sorted((n for n in streams if n != ref.name), key=lambda n: isinstance(streams[n].cfg.sync, StrobeSync))
     for name in order:
@@ -56,7 +57,7 @@ def align_all(streams: dict[str, Stream], ref: Stream) -> dict[str, Alignment]:
         if isinstance(sync, StrobeSync) and sync.stream in out:
             out[name] = _align_strobe(s, streams[sync.stream], out[sync.stream].fit, ref)
         elif isinstance(sync, (ChannelSync, FrameSync)):
-            out[name] = _align_sync(s, ref)
+            out[name] = _align_sync(s, ref, max_ppm)
         elif lsl.is_lsl_timed(s.cfg):
             fit, flags, qc = lsl.align_lsl(s, ref)
             out[name] = Alignment(fit, flags, lsl=qc)
@@ -75,7 +76,7 @@ def _identity(ref: Stream) -> ClockFit:
                     residual_rms_s=0.0, residual_max_s=0.0, error_bound_s=0.0)
 
 
-def _align_sync(s: Stream, ref: Stream) -> Alignment:
+def _align_sync(s: Stream, ref: Stream, max_ppm: float) -> Alignment:
     """Pair the stream's sync edges with the reference's, the host-time fit as the prior (which lets a regular
     train pair when host timing resolves its period); a counter segment whose edges cannot be fitted is timed by
     host receive times alone, flagged; the whole stream only if no segment can be fitted."""
@@ -86,7 +87,7 @@ def _align_sync(s: Stream, ref: Stream) -> Alignment:
         host = None
     prior = host if host is not None and host.segments == len(split_counter_resets(dev)) else None
     try:
-        fit = align_stream(dev, s.rate, refe, ref.rate, prior=prior)
+        fit = align_stream(dev, s.rate, refe, ref.rate, max_ppm=max_ppm, prior=prior)
         if fit.segments != s.n_segments:
             raise ClockFitError(f"sync edges show {fit.segments} counter segments, the chunk index {s.n_segments}")
     except ClockFitError as e:

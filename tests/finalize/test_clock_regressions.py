@@ -127,3 +127,23 @@ def test_fit_time_is_bounded_whatever_the_blas_threading(monkeypatch):
     y = t * (1 + 30e-6) + 1e-4 * np.sin(2 * np.pi * t / 1800) + rng.uniform(-1, 1, len(x)) / REF_RATE
     fit = fit_clock(x, y, 30000.0)
     assert fit.model == "piecewise"
+
+
+def test_a_device_400_ppm_off_is_refused_for_its_rate_not_a_repeating_pattern():
+    """Issue 24.4: above 200 ppm pairing was refused as "two pairings fit ... (repeating pulse pattern?)" (or "no
+    consistent interval pattern"), while the cause was the hard-wired max_ppm=200 of align_stream. The reason now
+    says how far off the device runs and which config key searches further; with that key raised it pairs."""
+    from acqd.config import QcConfig
+    from acqd.errors import ClockFitError
+    case = make_case(3, "random", 600.0, ppm=400.0)
+    with pytest.raises(ClockFitError) as refused:
+        align(case)  # align_stream's default, as QcConfig's: 200 ppm
+    why = str(refused.value)
+    assert "repeating pulse pattern" not in why and "ppm off the reference" in why, why
+    assert "qc.max_pairing_ppm" in why and f"{case.drift_ppm:+.0f}"[:3] in why
+    from acqd.finalize.clock import align_stream, fit_host_clock
+    prior = fit_host_clock(*case.dev_host, *case.ref_host, case.dev.osc.rate, REF_RATE)
+    fit = align_stream(case.dev_edges.samples, case.dev.osc.rate, case.ref_edges.samples, REF_RATE,
+                       max_ppm=QcConfig(max_pairing_ppm=600.0).max_pairing_ppm, prior=prior)
+    out = evaluate(case, fit)
+    assert out.wrong_pairs == 0 and out.covered and fit.drift_ppm == pytest.approx(case.drift_ppm, abs=0.5)

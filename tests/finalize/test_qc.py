@@ -80,7 +80,8 @@ def test_index_html_gives_a_verdict_per_stream_that_qc_json_and_the_terminal_tab
     assert by_stream["probe"]["verdict"] == "WARN" and by_stream["probe"]["gaps"] == "1"
     assert float(by_stream["probe"]["gap time (s)"]) == pytest.approx(0.2, abs=0.01)  # two 100 ms messages
     assert by_stream["sensor"]["verdict"] == "WARN" and by_stream["sensor"]["writer restarts"] == "1"
-    assert qc["verdict"] == "WARN" and qc["thresholds"] == {"max_residual_samples": 2.5, "max_drift_ppm": 150.0}
+    assert qc["verdict"] == "WARN" and qc["thresholds"] == {"max_residual_samples": 2.5, "max_drift_ppm": 150.0,
+                                                          "max_pairing_ppm": 200.0}
     # The plots sit beside the page (it opens from the file system), one per stream.
     assert sorted(page.images) == sorted(f"{n}.png" for n in by_stream)
     assert all((session / "qc" / src).stat().st_size > 1000 for src in page.images)
