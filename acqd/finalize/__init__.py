@@ -177,7 +177,7 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
                             check=check.to_dict(), warnings=warnings, integrity=integrity.to_dict())
     progress("qc", 0.0)
     for n, r in stream_reports.items():
-        r.qc = stream_qc(streams[n], r, session.get("incidents", []), limits)
+        r.qc = stream_qc(streams[n], r, session.get("incidents", []), limits, zero_s)
     events = incident_times(session.get("incidents", []), plan.session_start_time)
     qc.write_report(folder / QC_DIR, qc_summary(report, limits),
                     [qc_plot(streams[n], aligned[n], zero_s, stream_reports[n],

@@ -46,6 +46,11 @@ _PIECEWISE_GAIN = 0.9  # piecewise must cut the held-out RMS error by 10 % to re
 #                        clocks: within 1 %; wander worth a sample: by 15 % or more)...
 _LATCH_MARGIN = 1.1  # ...and affine must miss held-out pairs by more than this x the latch's RMS error (0.41
 #                     sample at equal rates): a margin that wander worth a fifth of a sample already exceeds
+_EDGE_GAP_S = 10.0  # a stretch without sync pairs longer than this (and than twice the 99th-percentile interval:
+#                     barcodes come every 30 s) is an edge gap: the map interpolates across it, and QC lists it
+_EDGE_GAP_FACTOR = 2.0
+_RATE_WINDOW_S = 60.0  # the device's rate is measured in windows at least this long (a quarter of the gap)...
+_RATE_MIN_PAIRS = 5  # ...holding at least this many pairs
 _ENVELOPE_QUANTILE = 0.2  # host fit: the line's slope follows the fastest fifth of the deliveries...
 _ENVELOPE_FLOOR = 0.01  # ...and the line is lowered to this quantile of them (the fastest, but not one outlier)
 
@@ -125,6 +130,10 @@ class ClockFit:
     pairs: tuple[np.ndarray, ...] = ()
     """Per counter segment fitted from edges: (2, n) indices of the paired (device edge within the segment,
     reference edge) that the final fit rests on; empty for a host-timed segment."""
+    edge_gaps: tuple[tuple[int, float, float, float], ...] = ()
+    """(counter segment, device sample of the last pair before, of the first pair after, error bound inside) of
+    each stretch without sync pairs longer than ``_EDGE_GAP_S`` (a sync cable unplugged): the map interpolates
+    across it, and the bound there grows with the device's rate changes seen elsewhere (``_edge_gaps``)."""
 
     @property
     def segments(self) -> int:
@@ -181,7 +190,7 @@ class ClockFit:
     def segment(self, s: int) -> ClockFit:
         """The map of counter segment ``s`` alone (the report's statistics are the whole fit's)."""
         return replace(self, knots=(self.knots[s],), seconds=(self.seconds[s],), host_segments=(), notes=(),
-                       segment_bounds_s=(), pairs=())
+                       segment_bounds_s=(), pairs=(), edge_gaps=tuple((0, *g[1:]) for g in self.edge_gaps if g[0] == s))
 
     def with_extrapolation(self, first: list[float], last: list[float]) -> ClockFit:
         """This fit with ``error_bound_s`` covering rows beyond the end knots too: ``first`` and ``last`` are the
@@ -202,6 +211,10 @@ class ClockFit:
             "rejected_pairs": self.rejected_pairs, "extrapolation_ppm": self.extrapolation_ppm,
             "pairing": self.pairing, "host_segments": list(self.host_segments),
             "segment_bounds_s": list(self.segment_bounds_s), "span_s": self.span_s,
+            "edge_gaps": [{"segment": k, "sample_from": a, "sample_to": b, "seconds": (b - a) / self.dev_rate,
+                           "reference_from_s": float(self.to_reference(np.array([a]), k)[0]),
+                           "reference_to_s": float(self.to_reference(np.array([b]), k)[0]), "bound_s": bound}
+                          for k, a, b, bound in self.edge_gaps],
             "drift_uncertainty_ppm": self.drift_uncertainty_ppm,
         }
 
@@ -348,8 +361,41 @@ def _sync_fit(x: np.ndarray, y: np.ndarray, knots: np.ndarray, values: np.ndarra
               heldout: np.ndarray) -> ClockFit:
     """The ClockFit of a map through sync pairs (x, y), its bound the largest held-out error."""
     residuals = y - _evaluate(knots, values, x)
-    fit = _single_fit(knots, values, model, "sync", dev_rate, len(x), residuals, float(np.abs(heldout).max()))
-    return replace(fit, extrapolation_ppm=_extrapolation_ppm(x, residuals, knots, values, dev_rate))
+    base = float(np.abs(heldout).max())
+    gaps = _edge_gaps(x, y, dev_rate, base)
+    fit = _single_fit(knots, values, model, "sync", dev_rate, len(x), residuals, max([base, *(g[2] for g in gaps)]))
+    return replace(fit, extrapolation_ppm=_extrapolation_ppm(x, residuals, knots, values, dev_rate),
+                   edge_gaps=tuple((0, *g) for g in gaps))
+
+
+def _edge_gaps(x: np.ndarray, y: np.ndarray, dev_rate: float, base: float) -> list[tuple[float, float, float]]:
+    """(device sample before, after, error bound) of each edge gap between pairs at device samples ``x``
+    (reference seconds ``y``): a stretch without pairs longer than ``_EDGE_GAP_S`` and ``_EDGE_GAP_FACTOR`` times
+    the 99th percentile of the intervals between pairs (barcodes come every 30 s).
+
+    Held-out blocks of at most ``_BLOCK_S`` never test an interpolation across minutes, so the bound there comes
+    from the device's rate changes instead: across a gap of length L the map is a straight line between pairs on
+    either side, and a rate that stays within a range R (the spread of the rates measured in windows of L/4, at
+    least ``_RATE_WINDOW_S``, wherever there are pairs) leaves the truth at most R * L / 4 off that line (a rate
+    R/2 above the mean for the first half of the gap, below it for the second). Plus the bound elsewhere."""
+    t = x / dev_rate
+    iv = np.diff(t)
+    at = np.flatnonzero(iv > max(_EDGE_GAP_S, _EDGE_GAP_FACTOR * float(np.quantile(iv, 0.99)))) if len(iv) else iv
+    if len(at) == 0:
+        return []
+    spread = _rate_spread(t, y, max(_RATE_WINDOW_S, float(iv[at].max()) / 4))
+    return [(float(x[i]), float(x[i + 1]), base + spread * float(iv[i]) / 4) for i in at]
+
+
+def _rate_spread(t: np.ndarray, y: np.ndarray, window: float) -> float:
+    """Largest minus smallest rate (reference seconds per device second) of lines fitted to the pairs in windows of
+    ``window`` seconds, overlapping by half, that hold at least ``_RATE_MIN_PAIRS`` pairs over half a window."""
+    rates = []
+    for a in np.arange(t[0], t[-1], window / 2):
+        m = (t >= a) & (t < a + window)
+        if m.sum() >= _RATE_MIN_PAIRS and np.ptp(t[m]) >= window / 2:
+            rates.append(_line(t[m], y[m])[0])
+    return float(np.ptp(rates)) if len(rates) >= 2 else 0.0
 
 
 def align_stream(dev_edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, ref_rate: float, *,
@@ -431,7 +477,7 @@ def _share_rate(fits: list[ClockFit], pos: list[np.ndarray], ref_s: np.ndarray, 
         out[s] = replace(fits[s], knots=fit.knots, seconds=fit.seconds, model=fit.model, drift_ppm=fit.drift_ppm,
                          residual_rms_s=fit.residual_rms_s, residual_max_s=fit.residual_max_s,
                          error_bound_s=max(fit.error_bound_s, 0.5 / dev_rate + 0.5 / ref_rate),
-                         extrapolation_ppm=fit.extrapolation_ppm)
+                         extrapolation_ppm=fit.extrapolation_ppm, edge_gaps=fit.edge_gaps)
     return out
 
 
@@ -840,4 +886,5 @@ def _combine(fits: list[ClockFit]) -> ClockFit:
         rejected_pairs=sum(f.rejected_pairs for f in fits),
         extrapolation_ppm=max(f.extrapolation_ppm for f in fits), pairing=synced[0].pairing if synced else "",
         segment_bounds_s=tuple(f.error_bound_s for f in fits),
+        edge_gaps=tuple((k, *g[1:]) for k, f in enumerate(fits) for g in f.edge_gaps),
         pairs=tuple(f.pairs[0] if f.pairs else np.empty((2, 0), np.int64) for f in fits))

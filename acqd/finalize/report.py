@@ -105,10 +105,13 @@ def session_verdict(streams: dict[str, StreamReport]) -> str:
     return FAIL if FAIL in verdicts else WARN if WARN in verdicts else PASS
 
 
-def stream_qc(s: Stream, r: StreamReport, incidents: list[dict], limits: QcConfig) -> dict:
+def stream_qc(s: Stream, r: StreamReport, incidents: list[dict], limits: QcConfig, zero_s: float = 0.0) -> dict:
     """One stream's QC row and its verdict: FAIL when its clock is off the thresholds (residual, drift), WARN
-    when anything an analyst must know happened (host timing, lost data, rejects, restarts, flags)."""
+    when anything an analyst must know happened (host timing, lost data, rejects, restarts, edge gaps, flags).
+    ``zero_s``: the reference seconds of session time zero (edge gaps are listed in session time)."""
     c = r.clock
+    edge_gaps = [{"start_time": g["reference_from_s"] - zero_s, "stop_time": g["reference_to_s"] - zero_s,
+                  "seconds": g["seconds"], "bound_samples": g["bound_s"] * s.rate} for g in c.get("edge_gaps", [])]
     mine = [i for i in incidents if i.get("stream") == s.name]
     row = {
         "source": c["source"], "model": c["model"], "pairing": c.get("pairing", ""), "pairs": c["n_pairs"],
@@ -118,7 +121,7 @@ def stream_qc(s: Stream, r: StreamReport, incidents: list[dict], limits: QcConfi
         "gap_seconds": float(sum(g["stop_time"] - g["start_time"] for g in r.gaps)),
         "rejects": rejects_by_reason(s), "writer_restarts": sum(i["kind"] == "writer_died" for i in mine),
         "disconnects": sum(i["kind"] == "disconnected" for i in mine),
-        "dropped_frames": (r.frames or {}).get("dropped", 0),
+        "dropped_frames": (r.frames or {}).get("dropped", 0), "edge_gaps": edge_gaps,
     }
     fails, warns = [], []
     timed_by_edges = c["source"] in ("sync", "strobe")
@@ -143,6 +146,9 @@ def stream_qc(s: Stream, r: StreamReport, incidents: list[dict], limits: QcConfi
                       ("dropped_frames", "dropped frames")):
         if row[key]:
             warns.append(f"{row[key]} {what}")
+    for g in edge_gaps:  # the sync line carried no edge (cable out): the map interpolates, its bound grows
+        warns.append(f"no sync edges for {g['seconds']:.1f} s from session time {g['start_time']:.1f} s (bound "
+                     f"there {g['bound_samples']:.2f} samples)")
     if row["rejects"]:
         warns.append(f"{sum(row['rejects'].values())} messages rejected")
     if r.flags and not warns:

@@ -13,7 +13,7 @@ import pytest
 from acqd.finalize import finalize_session, unseal_session
 from acqd.finalize.clock import fit_clock
 from acqd.sim.simulate import Rig, SimParams
-from groundtruth import REF_RATE, Edges, align, evaluate, make_case
+from groundtruth import REF_RATE, Edges, align, evaluate, make_case, qc_row
 from sessions import Recording, record_session, small_config
 
 
@@ -147,3 +147,29 @@ def test_a_device_400_ppm_off_is_refused_for_its_rate_not_a_repeating_pattern():
                        max_ppm=QcConfig(max_pairing_ppm=600.0).max_pairing_ppm, prior=prior)
     out = evaluate(case, fit)
     assert out.wrong_pairs == 0 and out.covered and fit.drift_ppm == pytest.approx(case.drift_ppm, abs=0.5)
+
+
+def _error_in(case, fit, window: tuple[float, float]) -> float:
+    """Largest |map - truth| (device samples) over the device samples of a true-time window (segment 0)."""
+    k = np.linspace(*case.dev.sample(np.array(window), 0), 2001)
+    truth = case.ref.osc.count(case.dev.true_time(k, 0)) - case.ref.osc.count(0.0) + case.ref.segments[0][2]
+    return float(np.max(np.abs(fit.to_reference(k) * REF_RATE - truth)) / REF_RATE * case.dev.osc.rate)
+
+
+@pytest.mark.parametrize("wander,ppm,seed", [("sine", 0.5, 3), ("sine", 0.5, 4), ("walk", 3.0, 0), ("walk", 3.0, 3)])
+def test_sync_cable_unplugged_10_minutes_the_bound_covers_the_gap_and_qc_names_it(wander, ppm, seed):
+    """Issue 24.4: a sync cable out for 10 minutes of an hour, under wander (a 0.5 ppm sine of 300 s, a 3 ppm random
+    walk): the map interpolated across the gap 1.4-14 samples off against bounds of 1.1-2.8 from 20 s held-out
+    blocks, and QC said PASS without a word. The bound now grows over the gap with the rate changes seen
+    elsewhere, and QC lists the gap."""
+    gap = (1500.0, 2100.0)
+    case = make_case(seed, "random", 3600.0, ppm=30.0, wander_ppm=ppm, wander=wander, unplugged=gap)
+    fit = align(case)
+    out = evaluate(case, fit)
+    assert out.wrong_pairs == 0 and out.covered, out
+    [(segment, a, b, bound)] = fit.edge_gaps
+    assert segment == 0 and (b - a) / case.dev.osc.rate == pytest.approx(600, abs=4)
+    assert _error_in(case, fit, gap) <= bound * case.dev.osc.rate <= fit.error_bound_samples
+    row = qc_row(fit)
+    assert row["verdict"] == "WARN" and [g["seconds"] for g in row["edge_gaps"]] == [pytest.approx(600, abs=4)]
+    assert any(r.startswith("no sync edges for 6") for r in row["reasons"]), row["reasons"]

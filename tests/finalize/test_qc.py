@@ -14,6 +14,7 @@ from acqd.finalize import finalize_session, unseal_session
 from acqd.finalize.qc import COLUMNS, _arrival_rate, summary_lines
 from acqd.session import SESSION_FILE, read_session, write_json_atomic
 from acqd.sim.simulate import Rig, SimParams
+from groundtruth import qc_row
 from sessions import Recording, Restart, record_session, small_config
 
 
@@ -177,17 +178,6 @@ def test_frames_pair_with_their_strobes_when_the_host_prior_is_tilted():
     assert np.array_equal(fi, np.arange(len(frames))) and np.array_equal(sj, fi)
 
 
-def _qc_row(fit, name: str = "probe", rate: float = 30000.0, flags: list[str] | None = None) -> dict:
-    """``stream_qc`` of a clock fit alone (no parts, no gaps, no incidents): the verdict the fit earns."""
-    from types import SimpleNamespace
-
-    from acqd.config import QcConfig
-    from acqd.finalize.report import stream_qc
-    stream = SimpleNamespace(name=name, parts=[], rate=rate)
-    report = SimpleNamespace(clock=fit.to_dict(), gaps=[], frames=None, flags=flags or [])
-    return stream_qc(stream, report, [], QcConfig())
-
-
 def test_host_timed_counter_segment_warns_with_its_bound_never_fails_on_its_latency():
     """Issue 24.4: a counter reset 8 s before the end of 2 h; the last segment (too few edges) is host-timed. The
     report pooled that segment's receive latencies into residual_max (hundreds of samples), and QC said FAIL
@@ -198,7 +188,7 @@ def test_host_timed_counter_segment_warns_with_its_bound_never_fails_on_its_late
     assert fit.host_segments == (1,)
     assert evaluate(case, fit).max_error_samples <= 0.5
     assert fit.residual_max_samples <= 2.0  # the edge-timed segment's scatter, not the host segment's latency
-    row = _qc_row(fit)
+    row = qc_row(fit)
     assert row["verdict"] == "WARN", row["reasons"]
     host = [r for r in row["reasons"] if "counter segment 1" in r]
     assert host and f"bound {fit.segment_bounds_s[1] * 1e3:.2f} ms" in host[0]
@@ -225,4 +215,4 @@ def test_an_8_second_recording_is_too_short_to_verify_not_a_fail(tmp_path):
     # A drift that is measured well still fails (the same rule, on 10 min of edges: +-0.1 ppm).
     from groundtruth import align, make_case
     fast = align(make_case(3, "random", 600.0, ppm=180.0))
-    assert _qc_row(fast)["verdict"] == "FAIL"
+    assert qc_row(fast)["verdict"] == "FAIL"
