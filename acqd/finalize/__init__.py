@@ -47,7 +47,7 @@ from acqd.finalize.report import (QC_SUMMARY, FinalizeReport, StreamReport, inci
 from acqd.finalize.seal import (Digests, is_immutable, manifest_files, merge_seal, seal_paths, unseal,
                                 unseal_session, verify_manifest, write_manifest)
 from acqd.finalize.streams import Stream, linked_file, read_stream, stream_parts
-from acqd.finalize.timing import align_all, pair_frames, zero_sample
+from acqd.finalize.timing import align_all, pair_frames, timebase_of, zero_sample
 from acqd.session import (CLOSED, FINALIZED, FINALIZING, INTERRUPTED, RECORDING, SESSION_FILE, fsync_dir,
                           json_bytes, read_session, write_bytes_atomic, write_json_atomic)
 from acqd.record.video import VIDEO_DIR
@@ -141,11 +141,12 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
     _checkpoint("read")
 
     progress("align", 0.0)
-    ref = streams[ref_name]
-    if ref.n_segments > 1:
-        raise FinalizeError(f"the reference stream {ref_name!r} counter was reset: it cannot define one timebase")
+    ref, moved = timebase_of(streams, streams[ref_name])  # a reference whose counter was reset gives way
     limits = QcConfig.model_validate(session["config"].get("qc", {}))
     aligned = align_all(streams, ref, limits.max_pairing_ppm)
+    if moved:
+        aligned[ref_name].flags.insert(0, moved)
+        warnings.append(moved)
     zero = zero_sample(streams, aligned, ref)
     zero_s = zero / ref.rate
     progress("align", 1.0)
@@ -166,7 +167,7 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
     fsync_dir(folder)
     progress("validate", 1.0)
 
-    timebase = {"reference": ref_name, "reference_rate": ref.rate, "zero_sample": zero,
+    timebase = {"reference": ref.name, "configured_reference": ref_name, "reference_rate": ref.rate, "zero_sample": zero,
                 "zero_reference_s": zero_s, "session_start_time": plan.session_start_time.isoformat(),
                 "definition": "session time = reference seconds (reference sample / nominal reference rate) "
                               "- zero_reference_s; zero = the earliest first recorded sample of any stream"}

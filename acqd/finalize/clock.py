@@ -408,10 +408,13 @@ def align_stream(dev_edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, 
     ``fit_host_clock``, one segment per counter segment) narrows the pairing to edges it agrees with, within its
     error bound: the only way a regular pulse train pairs; a segment whose edges cannot be paired or fitted is
     then timed by the prior (listed in ``host_segments``). Raises ClockFitError when no segment can be fitted
-    from its edges (or, without a prior, when any cannot).
+    from its edges (or, without a prior, when any cannot), and when the reference's edges do not increase.
     """
     dev_edges = np.asarray(dev_edges, dtype=np.int64)
     ref_edges = np.asarray(ref_edges, dtype=np.int64)
+    if np.any(np.diff(ref_edges) <= 0):  # bad data, not a bad call: a ClockFitError, as for the device's edges
+        raise ClockFitError("the reference's sync edges do not increase (its counter was reset?): it cannot be the "
+                            "timebase; finalize picks another (acqd.finalize.timing.timebase_of)")
     segments = split_counter_resets(dev_edges)
     if prior is not None and prior.segments != len(segments):
         raise ClockFitError(f"the prior has {prior.segments} counter segments, the sync edges {len(segments)}")

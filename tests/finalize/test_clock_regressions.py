@@ -173,3 +173,15 @@ def test_sync_cable_unplugged_10_minutes_the_bound_covers_the_gap_and_qc_names_i
     row = qc_row(fit)
     assert row["verdict"] == "WARN" and [g["seconds"] for g in row["edge_gaps"]] == [pytest.approx(600, abs=4)]
     assert any(r.startswith("no sync edges for 6") for r in row["reasons"]), row["reasons"]
+
+
+def test_reference_edges_that_go_backwards_are_a_clock_fit_error_not_a_value_error():
+    """Issue 24.4: align_stream raised ValueError ("ref_edges must be a strictly increasing 1-D array") for a reference
+    whose counter was reset, which no caller expected from bad data."""
+    from acqd.errors import ClockFitError
+    from acqd.finalize.clock import align_stream
+    case = make_case(2, "random", 300.0)
+    ref = case.ref_edges.samples.copy()
+    ref[len(ref) // 2:] -= ref[len(ref) // 2] - 100  # the reference restarted at its middle edge
+    with pytest.raises(ClockFitError, match="reference's sync edges do not increase"):
+        align_stream(case.dev_edges.samples, case.dev.osc.rate, ref, REF_RATE)
