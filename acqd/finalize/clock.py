@@ -838,7 +838,7 @@ def _lower_envelope(x: np.ndarray, host: np.ndarray) -> tuple[float, float, np.n
         res = host - icpt - slope * x
         keep = res <= np.quantile(res, _ENVELOPE_QUANTILE)
     floor = float(np.quantile(res, _ENVELOPE_FLOOR))
-    return slope, icpt + floor, res - floor, float(-res.min())
+    return slope, icpt + floor, res - floor, float(floor - res.min())  # the lowered line above the fastest
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

@@ -185,3 +185,28 @@ def test_reference_edges_that_go_backwards_are_a_clock_fit_error_not_a_value_err
     ref[len(ref) // 2:] -= ref[len(ref) // 2] - 100  # the reference restarted at its middle edge
     with pytest.raises(ClockFitError, match="reference's sync edges do not increase"):
         align_stream(case.dev_edges.samples, case.dev.osc.rate, ref, REF_RATE)
+
+
+def test_lsl_times_land_on_the_reference_s_fastest_delivery_when_it_is_read_in_batches():
+    """Issue 24.4: every LSL stream was ~5 ms late (mean +4.6 to +5.2 ms) against what its outlet pushed. The map
+    from the host clock to the reference is moved onto the reference's fastest delivery, by how far the fitted line
+    sits above it; that height was measured from the line through the fastest fifth, not from the lowered line the
+    map uses, so with a reference read every 50 ms (a synced writer's wake-up) it overshot by ~5 ms."""
+    from types import SimpleNamespace
+
+    from acqd.finalize.lsl import host_to_reference
+    rng = np.random.default_rng(4)
+    rate, chunk = 30000.0, 300  # 10 ms messages
+    true_s = 100.0 + np.arange(1, 1201) * chunk / rate  # when each message's last sample was taken (12 s)
+    sent = true_s + rng.uniform(5e-5, 2e-3, len(true_s))  # the driver's send jitter
+    wakes = 100.0 + np.cumsum(0.05 + rng.uniform(1e-4, 2e-3, 400))  # the writer wakes 50 ms after its last wake-up
+    read = wakes[np.searchsorted(wakes, sent)] + 2e-5  # and takes what queued
+    ref = SimpleNamespace(index={"host_mono_ns": np.round(read * 1e9)}, chunk_end=np.arange(1, 1201) * chunk,
+                          rate=rate)
+    host = host_to_reference(ref)
+    probe = np.linspace(true_s[10], true_s[-10], 50)  # LSL timestamps on the host clock, at these true times
+    mapped = host.to_reference(probe * 1e9) + host.error_bound_s
+    truth = (probe - 100.0) * 1.0  # the reference sample counter started at true time 100 s
+    late = mapped - truth  # before: +2.8 to +3.9 ms; now early by about the fastest delivery's latency (0.58 ms),
+    #                        which no host-time method observes, plus the tilt of a line through batched reads
+    assert np.abs(late).mean() < 1.5e-3 and np.abs(late).max() < 2.5e-3, late
