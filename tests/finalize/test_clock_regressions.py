@@ -210,3 +210,11 @@ def test_lsl_times_land_on_the_reference_s_fastest_delivery_when_it_is_read_in_b
     late = mapped - truth  # before: +2.8 to +3.9 ms; now 0.1 to 1.3 ms early: the fastest delivery's latency (0.58 ms),
     #                        which no host-time method observes, plus the tilt of a line through batched reads
     assert np.abs(late).mean() < 1.5e-3 and np.abs(late).max() < 2.5e-3, late
+
+
+def test_to_reference_documents_that_the_bound_covers_extrapolated_rows():
+    """Issue 24.4: ``ClockFit.to_reference`` said the bound does not cover extrapolated rows; ``with_extrapolation``
+    (finalize's bound) has covered them since issue 13 (``test_barcodes_do_not_fool_model_selection...``)."""
+    from acqd.finalize.clock import ClockFit
+    doc = " ".join(ClockFit.to_reference.__doc__.split())
+    assert "does not cover" not in doc and "covers those extrapolated rows" in doc

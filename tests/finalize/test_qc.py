@@ -211,6 +211,9 @@ def test_an_8_second_recording_is_too_short_to_verify_not_a_fail(tmp_path):
     assert sensor["source"] == "host" and abs(sensor["drift_ppm"]) > 150  # the situation of the bug
     assert sensor["verdict"] == "WARN", sensor["reasons"]
     assert any(r.startswith("too short to verify") for r in sensor["reasons"])
+    # Captioned with the bound its receive times measured, never a nominal "~1 ms" (issue 23.6).
+    flags = report.streams["sensor"].flags
+    assert flags and all("~1 ms" not in f for f in flags) and "measured bound" in flags[-1], flags
     assert json.loads((folder / "qc" / "qc.json").read_text())["verdict"] == "WARN"
     # A drift that is measured well still fails (the same rule, on 10 min of edges: +-0.1 ppm).
     from groundtruth import align, make_case
