@@ -167,7 +167,8 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
     fsync_dir(folder)
     progress("validate", 1.0)
 
-    timebase = {"reference": ref.name, "configured_reference": ref_name, "reference_rate": ref.rate, "zero_sample": zero,
+    timebase = {"reference": ref.name, "configured_reference": ref_name, "reference_rate": ref.rate,
+                "zero_sample": zero,
                 "zero_reference_s": zero_s, "session_start_time": plan.session_start_time.isoformat(),
                 "definition": "session time = reference seconds (reference sample / nominal reference rate) "
                               "- zero_reference_s; zero = the earliest first recorded sample of any stream"}

@@ -32,6 +32,7 @@ def host_caption(bound_s: float) -> str:
     accuracy."""
     return f"timed by host receive times (measured bound {bound_s * 1e3:.2f} ms)"
 
+MIN_TIMEBASE_EDGES = 10  # a stream that replaces a reset reference needs edges to pair (clock._MIN_PAIRS)
 MIN_PAIRED_FRACTION = 0.9  # of the frames recorded while the strobe line was recorded
 MAX_PLAUSIBLE_PPM = 1000.0  # crystal clocks are off by tens of ppm; more means frames slipped against strobes
 MAX_PRIOR_TREND_PPM = 2000.0  # a camera's receive latency may creep this fast (a tilted host-time prior)
@@ -86,8 +87,8 @@ def timebase_of(streams: dict[str, Stream], ref: Stream) -> tuple[Stream, str]:
     """
     if ref.n_segments == 1:
         return ref, ""
-    others = [s for n, s in streams.items() if n != ref.name and s.n_segments == 1 and len(s.edges.get("sync", ())) >= 10
-              and isinstance(s.cfg.sync, (ChannelSync, FrameSync))]
+    others = [s for n, s in streams.items() if n != ref.name and s.n_segments == 1
+              and len(s.edges.get("sync", ())) >= MIN_TIMEBASE_EDGES and isinstance(s.cfg.sync, (ChannelSync, FrameSync))]
     why = f"the reference stream {ref.name!r} counter was reset ({ref.n_segments} counter segments)"
     if others:
         best = max(others, key=lambda s: (s.rows / s.rate, len(s.edges["sync"])))
