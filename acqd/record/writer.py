@@ -548,23 +548,19 @@ class Writer:
         with its receive time, into ``inbox`` (at most BATCH_LIMIT: beyond, ZeroMQ holds the rest and a PULL driver
         feels the back-pressure as before). It owns ``data`` until ``stop_receiver``; the decode, the checks and
         the HDF5 appends stay in the main thread, at its timers."""
-        poller = zmq.Poller()
-        poller.register(self.data, zmq.POLLIN)
-        while self.receiving.is_set():
+        self.data.setsockopt(zmq.RCVTIMEO, 100)  # a blocking receive (one call per message); the timeout only lets
+        while self.receiving.is_set():          # it see ``receiving`` cleared
             if self.reconnect_wanted:
                 self.reconnect_wanted = False
                 self.reconnect_socket()
             if len(self.inbox) >= BATCH_LIMIT:
                 time.sleep(0.01)
                 continue
-            if not poller.poll(100):  # the timeout only lets it see receiving cleared
+            try:
+                frames = self.data.recv_multipart(copy=False)
+            except zmq.Again:
                 continue
-            while len(self.inbox) < BATCH_LIMIT:
-                try:
-                    frames = self.data.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                self.inbox.append((time.time_ns(), time.monotonic_ns(), frames))
+            self.inbox.append((time.time_ns(), time.monotonic_ns(), frames))
 
     def stop_receiver(self) -> None:
         """End the receiver thread; the main thread owns the data socket again (``drain`` reads it directly)."""
