@@ -24,6 +24,10 @@ from acqd.finalize.streams import Stream
 from acqd.record.ingest import Gap
 
 REGULAR_TOL_SAMPLES = 0.1  # starting_time + rate only if the map is that close to one straight line
+MIN_TIMEBASE_EDGES = 10  # a stream that replaces a reset reference needs edges to pair (clock._MIN_PAIRS)
+MIN_PAIRED_FRACTION = 0.9  # of the frames recorded while the strobe line was recorded
+MAX_PLAUSIBLE_PPM = 1000.0  # crystal clocks are off by tens of ppm; more means frames slipped against strobes
+MAX_PRIOR_TREND_PPM = 2000.0  # a camera's receive latency may creep this fast (a tilted host-time prior)
 
 
 def host_caption(bound_s: float) -> str:
@@ -31,11 +35,6 @@ def host_caption(bound_s: float) -> str:
     per message is good to a fraction of a millisecond, one read late or in batches to far less), never a nominal
     accuracy."""
     return f"timed by host receive times (measured bound {bound_s * 1e3:.2f} ms)"
-
-MIN_TIMEBASE_EDGES = 10  # a stream that replaces a reset reference needs edges to pair (clock._MIN_PAIRS)
-MIN_PAIRED_FRACTION = 0.9  # of the frames recorded while the strobe line was recorded
-MAX_PLAUSIBLE_PPM = 1000.0  # crystal clocks are off by tens of ppm; more means frames slipped against strobes
-MAX_PRIOR_TREND_PPM = 2000.0  # a camera's receive latency may creep this fast (a tilted host-time prior)
 
 
 # -- clock alignment -----------------------------------------------------------------------------------------------
@@ -94,7 +93,7 @@ def timebase_of(streams: dict[str, Stream], ref: Stream) -> tuple[Stream, str]:
         best = max(others, key=lambda s: (s.rows / s.rate, len(s.edges["sync"])))
         return best, (f"{why}: the timebase is the clock of {best.name!r} instead, and {ref.name!r} is aligned to it "
                       "by its sync edges, segment by segment")
-    k = int(np.argmax(np.bincount(ref.segment, weights=ref.index["n_samples"])))
+    k = _longest_segment(ref)
     inside = ref.segment == k
     edges = {label: e[edge_segments(e) == k] for label, e in ref.edges.items()}
     one = replace(ref, index=ref.index[inside], edges=edges, rows=int(ref.index["n_samples"][inside].sum()))
@@ -106,7 +105,7 @@ def align_reference(ref: Stream, timebase: Stream) -> Alignment:
     """The configured reference's map when its longest counter segment is the timebase (``timebase_of``): that
     segment exactly, the others through host receive times, listed in ``host_segments`` with their bounds."""
     host = _host_fit(ref, timebase)
-    own = int(np.argmax(np.bincount(ref.segment, weights=ref.index["n_samples"])))
+    own = _longest_segment(ref)
     exact = _identity(timebase)
     knots, seconds = list(host.knots), list(host.seconds)
     knots[own], seconds[own] = exact.knots[0], exact.seconds[0]
@@ -117,6 +116,11 @@ def align_reference(ref: Stream, timebase: Stream) -> Alignment:
                   residual_rms_s=0.0, residual_max_s=0.0, error_bound_s=max(bounds), segment_bounds_s=tuple(bounds),
                   host_segments=others, notes=tuple(f"counter segment {k}" for k in others))
     return Alignment(fit, [f"counter segment {k}: {host_caption(bounds[k])}" for k in others])
+
+
+def _longest_segment(s: Stream) -> int:
+    """The counter segment holding the most samples."""
+    return int(np.argmax(np.bincount(s.segment, weights=s.index["n_samples"])))
 
 
 def _identity(ref: Stream) -> ClockFit:
