@@ -91,6 +91,13 @@ class Recording:
     """Seed of the host-latency draws."""
     backlog: dict[str, float] = field(default_factory=dict)
     """Per stream, seconds of receive latency added per second recorded (a writer falling behind)."""
+    drained: dict[str, float] = field(default_factory=dict)
+    """Per stream, the period (s) of the timer at which a writer drains its queue (``Writer.drains_at_deadlines``):
+    the receive time recorded is that of the next drain, ``recorded_arrival`` False (acqd before issue 24.4), or
+    the message's own arrival, True (the writer's receiver thread)."""
+    recorded_arrival: bool = True
+    counter_reset: dict[str, float] = field(default_factory=dict)
+    """Per stream, the true time at which the device restarts its sample counter (the next message starts at 0)."""
 
 
 def session_metadata(cfg: RigConfig) -> dict:
@@ -164,14 +171,21 @@ def _write_part(cfg: RigConfig, rig: Rig, name: str, path: Path, attrs: dict, pa
     epoch = 1000 + part
     counts = {"messages": 0, "samples": 0, "bytes": 0, "gaps": 0, "rejected": {}, "rejected_total": 0}
     drops = rec.drops.get(name, [])
+    reset_at, shift = rec.counter_reset.get(name, np.inf), 0
     for seq, (first, n, end) in enumerate(_chunks(rig, name, rec.chunk_factor, *window)):
+        if end - n / s.rate >= reset_at and not shift:
+            shift = first  # the device restarted: its counter reads 0 at this message
+        counter = first - shift
         latency = rng.uniform(1e-4, 3e-3) + (0.02 if rng.random() < 0.02 else 0.0)
         latency += rec.backlog.get(name, 0.0) * (end - window[0])
+        if name in rec.drained and not rec.recorded_arrival:  # read at the next timer, up to its period late
+            tick = rec.drained[name]
+            latency = np.ceil((end + latency) / tick) * tick + rng.uniform(0, 2e-4) - end
         if any(a <= end < b for a, b in drops):
             continue  # lost between publisher and acqd: the next chunk shows a seq gap
         wall_ns = WALL_EPOCH_NS + round((end + latency) * 1e9)
         mono_ns = MONO_EPOCH_NS + round((end + latency) * 1e9)
-        h = Header(name, seq, epoch, first, n, s.dtype, s.shape)
+        h = Header(name, seq, epoch, counter, n, s.dtype, s.shape)
         verdict = check_format(h, name, s.dtype, s.shape)
         if verdict.accepted:
             verdict = check_continuity(cursor, h)
@@ -181,18 +195,18 @@ def _write_part(cfg: RigConfig, rig: Rig, name: str, path: Path, attrs: dict, pa
         if verdict.gap is not None:
             f.add_gap(verdict.gap, wall_ns)
             counts["gaps"] += 1
-        f.append(data, (seq, epoch, n, first, wall_ns, mono_ns, 0))
+        f.append(data, (seq, epoch, n, counter, wall_ns, mono_ns, 0))
         rows = []
         for i, line in enumerate(lines):
             idx, levels[i] = rising_edges(data[:, line.channel], line.bit, levels[i])
-            rows.extend((first + int(k), i, 1) for k in idx)
+            rows.extend((counter + int(k), i, 1) for k in idx)
         if isinstance(s.sync, FrameSync):
             e = dev.pulse_edges
-            rows.extend((int(k), 0, 1) for k in e[(e >= first) & (e < first + n)])
+            rows.extend((int(k) - shift, 0, 1) for k in e[(e >= first) & (e < first + n)])
         if rows:
             f.add("sync/edges", rows)
         if seq % 4 == 0:
-            f.add("sync/clock", [(first, mono_ns, wall_ns)])
+            f.add("sync/clock", [(counter, mono_ns, wall_ns)])
         counts["messages"] += 1
         counts["samples"] += n
         counts["bytes"] += data.nbytes

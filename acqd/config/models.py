@@ -437,6 +437,9 @@ class QcConfig(_Frozen):
     """A stream whose largest clock-fit residual exceeds this many of its own samples fails QC (IBL's practice)."""
     max_drift_ppm: float = Field(150.0, gt=0)
     """A stream whose clock runs further than this off its nominal rate fails QC (IBL's practice)."""
+    max_pairing_ppm: float = Field(200.0, gt=0, le=5000)
+    """The largest rate difference (ppm) between a device and the reference that finalize's sync pairing searches;
+    a device further off is refused with its measured rate, and host-timed (raise it for such a crystal)."""
 
 
 class RigConfig(_Frozen):

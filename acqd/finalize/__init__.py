@@ -156,12 +156,14 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
     # (``python -m acqd.finalize.hasher``, ``.scrub``) import this package and start ~0.75 s of CPU faster without.
     from acqd.finalize import nwb
     from acqd.finalize.plan import plan_master
-    from acqd.finalize.timing import align_all, zero_sample
+    from acqd.finalize.timing import align_all, timebase_of, zero_sample
 
-    ref = streams[ref_name]
-    if ref.n_segments > 1:
-        raise FinalizeError(f"the reference stream {ref_name!r} counter was reset: it cannot define one timebase")
-    aligned = align_all(streams, ref)
+    ref, moved = timebase_of(streams, streams[ref_name])  # a reference whose counter was reset gives way
+    limits = QcConfig.model_validate(session["config"].get("qc", {}))
+    aligned = align_all(streams, ref, limits.max_pairing_ppm)
+    if moved:
+        aligned[ref_name].flags.insert(0, moved)
+        warnings.append(moved)
     zero = zero_sample(streams, aligned, ref)
     zero_s = zero / ref.rate
     progress("align", 1.0)
@@ -182,7 +184,8 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
     fsync_dir(folder)
     progress("validate", 1.0)
 
-    timebase = {"reference": ref_name, "reference_rate": ref.rate, "zero_sample": zero,
+    timebase = {"reference": ref.name, "configured_reference": ref_name, "reference_rate": ref.rate,
+                "zero_sample": zero,
                 "zero_reference_s": zero_s, "session_start_time": plan.session_start_time.isoformat(),
                 "definition": "session time = reference seconds (reference sample / nominal reference rate) "
                               "- zero_reference_s; zero = the earliest first recorded sample of any stream"}
@@ -194,9 +197,8 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
                             session_log=summarise_log(folder),
                             trusted_from_recording=sorted(rel(p, folder) for p in early[0]))
     progress("qc", 0.0)
-    limits = QcConfig.model_validate(session["config"].get("qc", {}))
     for n, r in stream_reports.items():
-        r.qc = stream_qc(streams[n], r, session.get("incidents", []), limits)
+        r.qc = stream_qc(streams[n], r, session.get("incidents", []), limits, zero_s)
     events = incident_times(session.get("incidents", []), plan.session_start_time)
     qc.write_report(folder / QC_DIR, qc_summary(report, limits),
                     [qc_plot(streams[n], aligned[n], zero_s, stream_reports[n],

@@ -31,6 +31,7 @@ _AGREE_S = 0.02  # anchors of one pairing agree on the offset within this (+ lat
 #                  half for the slope grid's step, half for thermal wander; far below the 0.5 s
 #                  minimum sync interval, so different pairings never merge.
 _ROUNDS = 4  # assign-and-refit rounds: the first uses the loose anchor tolerance, the rest tighten it
+_WIDE_PPM = 5000.0  # a pairing refused within max_ppm is tried again this wide, to tell why (acqd.config.QcConfig)
 
 # Fitting.
 _MIN_PAIRS = 10
@@ -45,6 +46,11 @@ _PIECEWISE_GAIN = 0.9  # piecewise must cut the held-out RMS error by 10 % to re
 #                        clocks: within 1 %; wander worth a sample: by 15 % or more)...
 _LATCH_MARGIN = 1.1  # ...and affine must miss held-out pairs by more than this x the latch's RMS error (0.41
 #                     sample at equal rates): a margin that wander worth a fifth of a sample already exceeds
+_EDGE_GAP_S = 10.0  # a stretch without sync pairs longer than this (and than twice the 99th-percentile interval:
+#                     barcodes come every 30 s) is an edge gap: the map interpolates across it, and QC lists it
+_EDGE_GAP_FACTOR = 2.0
+_RATE_WINDOW_S = 60.0  # the device's rate is measured in windows at least this long (a quarter of the gap)...
+_RATE_MIN_PAIRS = 5  # ...holding at least this many pairs
 _ENVELOPE_QUANTILE = 0.2  # host fit: the line's slope follows the fastest fifth of the deliveries...
 _ENVELOPE_FLOOR = 0.01  # ...and the line is lowered to this quantile of them (the fastest, but not one outlier)
 
@@ -97,9 +103,10 @@ class ClockFit:
     """Mean rate error against nominal, measured on the reference clock; positive: the device runs fast."""
     residual_rms_s: float
     """RMS of the fit residuals: sync, paired reference time minus map (mostly latch quantisation); host,
-    receive time minus the fitted envelope (latency jitter)."""
+    receive time minus the fitted envelope (latency jitter). With several counter segments, only those timed by
+    their edges when there are any (``host_segments`` bring their bounds, not their latencies)."""
     residual_max_s: float
-    """Largest absolute fit residual."""
+    """Largest absolute fit residual (of the edge-timed segments, as ``residual_rms_s``)."""
     error_bound_s: float
     """Bound on the map's error between the end knots. Sync: the largest error predicting pairs held out of the
     fit, and never less than half a sample of each clock. Host: how far the two fitted envelopes sit above the
@@ -123,6 +130,10 @@ class ClockFit:
     pairs: tuple[np.ndarray, ...] = ()
     """Per counter segment fitted from edges: (2, n) indices of the paired (device edge within the segment,
     reference edge) that the final fit rests on; empty for a host-timed segment."""
+    edge_gaps: tuple[tuple[int, float, float, float], ...] = ()
+    """(counter segment, device sample of the last pair before, of the first pair after, error bound inside) of
+    each stretch without sync pairs longer than ``_EDGE_GAP_S`` (a sync cable unplugged): the map interpolates
+    across it, and the bound there grows with the device's rate changes seen elsewhere (``_edge_gaps``)."""
 
     @property
     def segments(self) -> int:
@@ -149,13 +160,26 @@ class ClockFit:
         """``error_bound_s`` in device samples."""
         return self.error_bound_s * self.dev_rate
 
+    @property
+    def span_s(self) -> float:
+        """Device seconds between the end knots of the longest counter segment: what the drift is measured over."""
+        return max(float(k[-1] - k[0]) for k in self.knots) / self.dev_rate
+
+    @property
+    def drift_uncertainty_ppm(self) -> float:
+        """How far ``drift_ppm`` may be off: the map is known to ``error_bound_s`` at both ends of ``span_s``, so
+        its mean rate to twice that over the span (host timing over 8 s: thousands of ppm; sync edges over
+        minutes: a fraction of one)."""
+        return 2e6 * self.error_bound_s / self.span_s if self.span_s > 0 else float("inf")
+
     def to_reference(self, samples: np.ndarray, segment: int | None = None) -> np.ndarray:
         """Reference seconds of (possibly fractional) device sample positions of one counter segment.
 
         ``segment`` is required when the counter was reset: the same sample index then occurs in several
         segments, so only the caller knows which one a sample belongs to. The map is fitted between the
-        first and last paired edges (the end knots); beyond them it extends the end pieces, and ``error_bound_s``
-        does not cover that extrapolation.
+        first and last paired edges (the end knots); beyond them it extends the end pieces. ``error_bound_s`` of a
+        fit returned by ``with_extrapolation`` (as finalize reports it) covers those extrapolated rows too: it grows
+        by ``extrapolation_ppm`` of the distance beyond the end knots.
         """
         if segment is None:
             if len(self.knots) > 1:
@@ -166,7 +190,7 @@ class ClockFit:
     def segment(self, s: int) -> ClockFit:
         """The map of counter segment ``s`` alone (the report's statistics are the whole fit's)."""
         return replace(self, knots=(self.knots[s],), seconds=(self.seconds[s],), host_segments=(), notes=(),
-                       segment_bounds_s=(), pairs=())
+                       segment_bounds_s=(), pairs=(), edge_gaps=tuple((0, *g[1:]) for g in self.edge_gaps if g[0] == s))
 
     def with_extrapolation(self, first: list[float], last: list[float]) -> ClockFit:
         """This fit with ``error_bound_s`` covering rows beyond the end knots too: ``first`` and ``last`` are the
@@ -186,7 +210,12 @@ class ClockFit:
             "error_bound_s": self.error_bound_s, "error_bound_samples": self.error_bound_samples,
             "rejected_pairs": self.rejected_pairs, "extrapolation_ppm": self.extrapolation_ppm,
             "pairing": self.pairing, "host_segments": list(self.host_segments),
-            "segment_bounds_s": list(self.segment_bounds_s),
+            "segment_bounds_s": list(self.segment_bounds_s), "span_s": self.span_s,
+            "edge_gaps": [{"segment": k, "sample_from": a, "sample_to": b, "seconds": (b - a) / self.dev_rate,
+                           "reference_from_s": float(self.to_reference(np.array([a]), k)[0]),
+                           "reference_to_s": float(self.to_reference(np.array([b]), k)[0]), "bound_s": bound}
+                          for k, a, b, bound in self.edge_gaps],
+            "drift_uncertainty_ppm": self.drift_uncertainty_ppm,
         }
 
 
@@ -211,11 +240,36 @@ def pair_edges(dev_edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, re
     if min(len(d), len(r)) <= _PATTERN:
         return _no_pairs(False, f"too few sync edges ({len(d)} device, {len(r)} reference)")
     quant = 1 / dev_rate + 1 / ref_rate  # each device latches an edge up to one of its samples late
-    slope_max = max_ppm * 1e-6
     period = _regular_period(d)
     if prior_s is not None and period and prior_tol_s + quant >= period / 2:
         return _no_pairs(True, f"sync intervals are not distinctive (a regular train, period {period:.4g} s) and the "
                                f"prior, good to {1e3 * prior_tol_s:.1f} ms, does not resolve the period")
+    p = _pair_within(d, r, quant, max_ppm * 1e-6, prior_s, prior_tol_s)
+    if p.reason and max_ppm < _WIDE_PPM:  # refused within max_ppm: is the device simply further off than that?
+        return _beyond_max_ppm(dev_edges, dev_rate, ref_edges, ref_rate, prior_s, prior_tol_s, max_ppm) or p
+    return p
+
+
+def _beyond_max_ppm(dev_edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, ref_rate: float,
+                    prior_s: np.ndarray | None, prior_tol_s: float, max_ppm: float) -> Pairing | None:
+    """The true reason for a refused pairing when the edges pair unambiguously over ``_WIDE_PPM`` at a rate
+    difference beyond ``max_ppm``; None when they do not (the first reason stands)."""
+    wide = pair_edges(dev_edges, dev_rate, ref_edges, ref_rate, max_ppm=_WIDE_PPM, prior_s=prior_s,
+                      prior_tol_s=prior_tol_s)
+    if wide.ambiguous or len(wide.dev_index) < _MIN_PAIRS:
+        return None
+    d = np.asarray(dev_edges, np.float64)[wide.dev_index] / dev_rate
+    r = np.asarray(ref_edges, np.float64)[wide.ref_index] / ref_rate
+    ppm = ((d[-1] - d[0]) / (r[-1] - r[0]) - 1) * 1e6
+    if abs(ppm) <= max_ppm:
+        return None
+    return _no_pairs(False, f"the device clock runs {ppm:+.0f} ppm off the reference, beyond the {max_ppm:g} ppm the "
+                            f"pairing searches (qc.max_pairing_ppm in the rig config: raise it for such a crystal)")
+
+
+def _pair_within(d: np.ndarray, r: np.ndarray, quant: float, slope_max: float, prior_s: np.ndarray | None,
+                 prior_tol_s: float) -> Pairing:
+    """``pair_edges`` on device and reference times (s) at rate differences up to ``slope_max``."""
     ia, ja, n_vague = _anchor_matches(d, r, quant, slope_max, prior_s, prior_tol_s + quant)
     if n_vague > len(np.unique(ia)):
         prior = ("" if prior_s is None else f" (the prior, good to {1e3 * prior_tol_s:.1f} ms, does not resolve "
@@ -307,8 +361,41 @@ def _sync_fit(x: np.ndarray, y: np.ndarray, knots: np.ndarray, values: np.ndarra
               heldout: np.ndarray) -> ClockFit:
     """The ClockFit of a map through sync pairs (x, y), its bound the largest held-out error."""
     residuals = y - _evaluate(knots, values, x)
-    fit = _single_fit(knots, values, model, "sync", dev_rate, len(x), residuals, float(np.abs(heldout).max()))
-    return replace(fit, extrapolation_ppm=_extrapolation_ppm(x, residuals, knots, values, dev_rate))
+    base = float(np.abs(heldout).max())
+    gaps = _edge_gaps(x, y, dev_rate, base)
+    fit = _single_fit(knots, values, model, "sync", dev_rate, len(x), residuals, max([base, *(g[2] for g in gaps)]))
+    return replace(fit, extrapolation_ppm=_extrapolation_ppm(x, residuals, knots, values, dev_rate),
+                   edge_gaps=tuple((0, *g) for g in gaps))
+
+
+def _edge_gaps(x: np.ndarray, y: np.ndarray, dev_rate: float, base: float) -> list[tuple[float, float, float]]:
+    """(device sample before, after, error bound) of each edge gap between pairs at device samples ``x``
+    (reference seconds ``y``): a stretch without pairs longer than ``_EDGE_GAP_S`` and ``_EDGE_GAP_FACTOR`` times
+    the 99th percentile of the intervals between pairs (barcodes come every 30 s).
+
+    Held-out blocks of at most ``_BLOCK_S`` never test an interpolation across minutes, so the bound there comes
+    from the device's rate changes instead: across a gap of length L the map is a straight line between pairs on
+    either side, and a rate that stays within a range R (the spread of the rates measured in windows of L/4, at
+    least ``_RATE_WINDOW_S``, wherever there are pairs) leaves the truth at most R * L / 4 off that line (a rate
+    R/2 above the mean for the first half of the gap, below it for the second). Plus the bound elsewhere."""
+    t = x / dev_rate
+    iv = np.diff(t)
+    at = np.flatnonzero(iv > max(_EDGE_GAP_S, _EDGE_GAP_FACTOR * float(np.quantile(iv, 0.99)))) if len(iv) else iv
+    if len(at) == 0:
+        return []
+    spread = _rate_spread(t, y, max(_RATE_WINDOW_S, float(iv[at].max()) / 4))
+    return [(float(x[i]), float(x[i + 1]), base + spread * float(iv[i]) / 4) for i in at]
+
+
+def _rate_spread(t: np.ndarray, y: np.ndarray, window: float) -> float:
+    """Largest minus smallest rate (reference seconds per device second) of lines fitted to the pairs in windows of
+    ``window`` seconds, overlapping by half, that hold at least ``_RATE_MIN_PAIRS`` pairs over half a window."""
+    rates = []
+    for a in np.arange(t[0], t[-1], window / 2):
+        m = (t >= a) & (t < a + window)
+        if m.sum() >= _RATE_MIN_PAIRS and np.ptp(t[m]) >= window / 2:
+            rates.append(_line(t[m], y[m])[0])
+    return float(np.ptp(rates)) if len(rates) >= 2 else 0.0
 
 
 def align_stream(dev_edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, ref_rate: float, *,
@@ -321,10 +408,13 @@ def align_stream(dev_edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, 
     ``fit_host_clock``, one segment per counter segment) narrows the pairing to edges it agrees with, within its
     error bound: the only way a regular pulse train pairs; a segment whose edges cannot be paired or fitted is
     then timed by the prior (listed in ``host_segments``). Raises ClockFitError when no segment can be fitted
-    from its edges (or, without a prior, when any cannot).
+    from its edges (or, without a prior, when any cannot), and when the reference's edges do not increase.
     """
     dev_edges = np.asarray(dev_edges, dtype=np.int64)
     ref_edges = np.asarray(ref_edges, dtype=np.int64)
+    if np.any(np.diff(ref_edges) <= 0):  # bad data, not a bad call: a ClockFitError, as for the device's edges
+        raise ClockFitError("the reference's sync edges do not increase (its counter was reset?): it cannot be the "
+                            "timebase; finalize picks another (acqd.finalize.timing.timebase_of)")
     segments = split_counter_resets(dev_edges)
     if prior is not None and prior.segments != len(segments):
         raise ClockFitError(f"the prior has {prior.segments} counter segments, the sync edges {len(segments)}")
@@ -390,7 +480,7 @@ def _share_rate(fits: list[ClockFit], pos: list[np.ndarray], ref_s: np.ndarray, 
         out[s] = replace(fits[s], knots=fit.knots, seconds=fit.seconds, model=fit.model, drift_ppm=fit.drift_ppm,
                          residual_rms_s=fit.residual_rms_s, residual_max_s=fit.residual_max_s,
                          error_bound_s=max(fit.error_bound_s, 0.5 / dev_rate + 0.5 / ref_rate),
-                         extrapolation_ppm=fit.extrapolation_ppm)
+                         extrapolation_ppm=fit.extrapolation_ppm, edge_gaps=fit.edge_gaps)
     return out
 
 
@@ -748,7 +838,7 @@ def _lower_envelope(x: np.ndarray, host: np.ndarray) -> tuple[float, float, np.n
         res = host - icpt - slope * x
         keep = res <= np.quantile(res, _ENVELOPE_QUANTILE)
     floor = float(np.quantile(res, _ENVELOPE_FLOOR))
-    return slope, icpt + floor, res - floor, float(-res.min())
+    return slope, icpt + floor, res - floor, float(floor - res.min())  # the lowered line above the fastest
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -777,20 +867,27 @@ def _single_fit(knots: np.ndarray, values: np.ndarray, model: str, source: str, 
 
 
 def _combine(fits: list[ClockFit]) -> ClockFit:
-    """One fit of several counter segments; the report pools them (sums, weighted means, worst cases)."""
+    """One fit of several counter segments; the report pools them (sums, weighted means, worst cases).
+
+    Drift and residuals describe the segments timed by their edges when there are any: a host-timed segment's
+    residuals are receive latencies (milliseconds, thousands of samples), not the scatter of an edge fit, and its
+    drift over a few seconds of host times is noise. Its share of the map's error is its bound, which
+    ``error_bound_s`` (the worst segment's) and ``segment_bounds_s`` keep."""
     if len(fits) == 1:
         return fits[0]
-    n = np.array([f.n_pairs for f in fits], dtype=np.float64)
     synced = [f for f in fits if f.source == "sync"]
+    pooled = synced or fits
+    n = np.array([f.n_pairs for f in pooled], dtype=np.float64)
     return ClockFit(
         knots=tuple(k for f in fits for k in f.knots), seconds=tuple(s for f in fits for s in f.seconds),
         model="piecewise" if any(f.model == "piecewise" for f in fits) else "affine",
         source="sync" if synced else fits[0].source, dev_rate=fits[0].dev_rate, n_pairs=int(n.sum()),
         unmatched_dev=sum(f.unmatched_dev for f in fits), unmatched_ref=sum(f.unmatched_ref for f in fits),
-        drift_ppm=float(np.average([f.drift_ppm for f in fits], weights=n)),
-        residual_rms_s=float(np.sqrt(np.average([f.residual_rms_s**2 for f in fits], weights=n))),
-        residual_max_s=max(f.residual_max_s for f in fits), error_bound_s=max(f.error_bound_s for f in fits),
+        drift_ppm=float(np.average([f.drift_ppm for f in pooled], weights=n)),
+        residual_rms_s=float(np.sqrt(np.average([f.residual_rms_s**2 for f in pooled], weights=n))),
+        residual_max_s=max(f.residual_max_s for f in pooled), error_bound_s=max(f.error_bound_s for f in fits),
         rejected_pairs=sum(f.rejected_pairs for f in fits),
         extrapolation_ppm=max(f.extrapolation_ppm for f in fits), pairing=synced[0].pairing if synced else "",
         segment_bounds_s=tuple(f.error_bound_s for f in fits),
+        edge_gaps=tuple((k, *g[1:]) for k, f in enumerate(fits) for g in f.edge_gaps),
         pairs=tuple(f.pairs[0] if f.pairs else np.empty((2, 0), np.int64) for f in fits))

@@ -74,7 +74,8 @@ def plan_master(folder: Path, session: dict, streams: dict[str, Stream], aligned
         general=nwb.nwbfile_fields(meta), series=series, events=events,
         gaps=_gap_table(gaps) if gaps else None,
         sync_tables=_sync_tables(streams, aligned, reports, ref, zero_sample),
-        annotations=_annotations(read_annotations(folder), ref, zero_sample, start_time),
+        annotations=_annotations(read_annotations(folder), ref, zero_sample, start_time,
+                                 session.get("reference") == ref.name and streams[ref.name].n_segments == 1),
         attachments=_attachments(folder))
     return plan, reports
 
@@ -107,14 +108,16 @@ def _attachments(folder: Path) -> tuple[nwb.ImagePlan, ...]:
                  for m, px in found)
 
 
-def _annotations(notes: list[dict], ref: Stream, zero_sample: int, start_time: datetime) -> nwb.AnnotationsPlan | None:
-    """Notes on the session timebase: by the reference sample counter, or by host time when it had no data yet."""
+def _annotations(notes: list[dict], ref: Stream, zero_sample: int, start_time: datetime, by_sample: bool = True
+                 ) -> nwb.AnnotationsPlan | None:
+    """Notes on the session timebase: by the reference sample counter, or by host time when it had no data yet, or
+    when that counter is not the timebase's (``by_sample`` False: the configured reference's counter was reset)."""
     if not notes:
         return None
     times, samples = [], []
     for n in notes:
         sample = n.get("reference_sample")
-        if sample is None:
+        if sample is None or not by_sample:
             times.append(n["host_time_ns"] / 1e9 - start_time.timestamp())
             samples.append(-1)
         else:

@@ -24,10 +24,17 @@ from acqd.finalize.streams import Stream
 from acqd.record.ingest import Gap
 
 REGULAR_TOL_SAMPLES = 0.1  # starting_time + rate only if the map is that close to one straight line
-HOST_TIMED = "timed by host receive times (~1 ms accuracy)"
+MIN_TIMEBASE_EDGES = 10  # a stream that replaces a reset reference needs edges to pair (clock._MIN_PAIRS)
 MIN_PAIRED_FRACTION = 0.9  # of the frames recorded while the strobe line was recorded
 MAX_PLAUSIBLE_PPM = 1000.0  # crystal clocks are off by tens of ppm; more means frames slipped against strobes
 MAX_PRIOR_TREND_PPM = 2000.0  # a camera's receive latency may creep this fast (a tilted host-time prior)
+
+
+def host_caption(bound_s: float) -> str:
+    """How a host-timed stream or segment is flagged: with the bound its own receive times measured (a stream read
+    per message is good to a fraction of a millisecond, one read late or in batches to far less), never a nominal
+    accuracy."""
+    return f"timed by host receive times (measured bound {bound_s * 1e3:.2f} ms)"
 
 
 # -- clock alignment -----------------------------------------------------------------------------------------------
@@ -46,9 +53,11 @@ class Alignment:
     """LSL streams timed by their timestamps: time-correction residuals and timestamp jitter (acqd.finalize.lsl)."""
 
 
-def align_all(streams: dict[str, Stream], ref: Stream) -> dict[str, Alignment]:
-    """Fit every stream to the reference; strobe-timed streams last, since they go through another's fit."""
-    out = {ref.name: Alignment(_identity(ref), [])}
+def align_all(streams: dict[str, Stream], ref: Stream, max_ppm: float = 200.0) -> dict[str, Alignment]:
+    """Fit every stream to the timebase ``ref`` (``timebase_of``); strobe-timed streams last, since they go through
+    another's fit. ``max_ppm``: the largest rate difference the sync pairing searches (qc.max_pairing_ppm)."""
+    whole = streams.get(ref.name, ref)
+    out = {ref.name: Alignment(_identity(ref), []) if whole.n_segments == 1 else align_reference(whole, ref)}
     order = sorted((n for n in streams if n != ref.name), key=lambda n: isinstance(streams[n].cfg.sync, StrobeSync))
     for name in order:
         s = streams[name]
@@ -56,14 +65,62 @@ def align_all(streams: dict[str, Stream], ref: Stream) -> dict[str, Alignment]:
         if isinstance(sync, StrobeSync) and sync.stream in out:
             out[name] = _align_strobe(s, streams[sync.stream], out[sync.stream].fit, ref)
         elif isinstance(sync, (ChannelSync, FrameSync)):
-            out[name] = _align_sync(s, ref)
+            out[name] = _align_sync(s, ref, max_ppm)
         elif lsl.is_lsl_timed(s.cfg):
             fit, flags, qc = lsl.align_lsl(s, ref)
             out[name] = Alignment(fit, flags, lsl=qc)
         else:
             why = ("no sync source" if sync is None else f"its strobe stream {sync.stream!r} did not record")
-            out[name] = Alignment(_host_fit(s, ref), [f"{why}: {HOST_TIMED}"])
+            host = _host_fit(s, ref)
+            out[name] = Alignment(host, [f"{why}: {host_caption(host.error_bound_s)}"])
     return out
+
+
+def timebase_of(streams: dict[str, Stream], ref: Stream) -> tuple[Stream, str]:
+    """The stream whose clock is the session timebase, and a flag when it is not simply the reference.
+
+    A reference whose counter was reset (the device restarted) cannot define one timebase. Another stream with its
+    own sync edges recorded in one counter segment takes its place, the longest recorded one: the reference is then
+    aligned to it like any device, each counter segment by its own edges. Without one, the reference's longest
+    counter segment is the timebase and its other segments are timed by host receive times (``align_reference``).
+    """
+    if ref.n_segments == 1:
+        return ref, ""
+    others = [s for n, s in streams.items() if n != ref.name and s.n_segments == 1
+              and len(s.edges.get("sync", ())) >= MIN_TIMEBASE_EDGES and isinstance(s.cfg.sync, (ChannelSync, FrameSync))]
+    why = f"the reference stream {ref.name!r} counter was reset ({ref.n_segments} counter segments)"
+    if others:
+        best = max(others, key=lambda s: (s.rows / s.rate, len(s.edges["sync"])))
+        return best, (f"{why}: the timebase is the clock of {best.name!r} instead, and {ref.name!r} is aligned to it "
+                      "by its sync edges, segment by segment")
+    k = _longest_segment(ref)
+    inside = ref.segment == k
+    edges = {label: e[edge_segments(e) == k] for label, e in ref.edges.items()}
+    one = replace(ref, index=ref.index[inside], edges=edges, rows=int(ref.index["n_samples"][inside].sum()))
+    return one, (f"{why}, and no other stream with sync edges recorded in one counter segment: the timebase is its "
+                 f"counter segment {k}; its other segments are timed by host receive times")
+
+
+def align_reference(ref: Stream, timebase: Stream) -> Alignment:
+    """The configured reference's map when its longest counter segment is the timebase (``timebase_of``): that
+    segment exactly, the others through host receive times, listed in ``host_segments`` with their bounds."""
+    host = _host_fit(ref, timebase)
+    own = _longest_segment(ref)
+    exact = _identity(timebase)
+    knots, seconds = list(host.knots), list(host.seconds)
+    knots[own], seconds[own] = exact.knots[0], exact.seconds[0]
+    bounds = list(host.segment_bounds_s or (host.error_bound_s,) * host.segments)
+    bounds[own] = 0.0
+    others = tuple(k for k in range(host.segments) if k != own)
+    fit = replace(host, knots=tuple(knots), seconds=tuple(seconds), source="reference", drift_ppm=0.0,
+                  residual_rms_s=0.0, residual_max_s=0.0, error_bound_s=max(bounds), segment_bounds_s=tuple(bounds),
+                  host_segments=others, notes=tuple(f"counter segment {k}" for k in others))
+    return Alignment(fit, [f"counter segment {k}: {host_caption(bounds[k])}" for k in others])
+
+
+def _longest_segment(s: Stream) -> int:
+    """The counter segment holding the most samples."""
+    return int(np.argmax(np.bincount(s.segment, weights=s.index["n_samples"])))
 
 
 def _identity(ref: Stream) -> ClockFit:
@@ -75,7 +132,7 @@ def _identity(ref: Stream) -> ClockFit:
                     residual_rms_s=0.0, residual_max_s=0.0, error_bound_s=0.0)
 
 
-def _align_sync(s: Stream, ref: Stream) -> Alignment:
+def _align_sync(s: Stream, ref: Stream, max_ppm: float) -> Alignment:
     """Pair the stream's sync edges with the reference's, the host-time fit as the prior (which lets a regular
     train pair when host timing resolves its period); a counter segment whose edges cannot be fitted is timed by
     host receive times alone, flagged; the whole stream only if no segment can be fitted."""
@@ -86,12 +143,13 @@ def _align_sync(s: Stream, ref: Stream) -> Alignment:
         host = None
     prior = host if host is not None and host.segments == len(split_counter_resets(dev)) else None
     try:
-        fit = align_stream(dev, s.rate, refe, ref.rate, prior=prior)
+        fit = align_stream(dev, s.rate, refe, ref.rate, max_ppm=max_ppm, prior=prior)
         if fit.segments != s.n_segments:
             raise ClockFitError(f"sync edges show {fit.segments} counter segments, the chunk index {s.n_segments}")
     except ClockFitError as e:
-        return Alignment(host or _host_fit(s, ref), [f"sync fit failed ({e}): {HOST_TIMED}"])
-    flags = [f"{note}: {HOST_TIMED}" for note in fit.notes]
+        host = host or _host_fit(s, ref)
+        return Alignment(host, [f"sync fit failed ({e}): {host_caption(host.error_bound_s)}"])
+    flags = [f"{note}: {host_caption(fit.segment_bounds_s[k])}" for k, note in zip(fit.host_segments, fit.notes)]
     return Alignment(_covering_rows(fit, s), flags, pairs=_nearest_pairs(dev, fit, refe / ref.rate - 0.5 / ref.rate))
 
 
@@ -138,16 +196,16 @@ def _align_strobe(s: Stream, target: Stream, target_fit: ClockFit, ref: Stream) 
         fi, sj, offset = pair_frames(frames, host.to_reference(frames.astype(np.float64)), strobe_s, period)
         fit = fit_clock(frames[fi].astype(np.float64), strobe_s[sj], s.rate)
     except ClockFitError as e:
-        return Alignment(host, [f"strobe fit failed ({e}): {HOST_TIMED}"])
+        return Alignment(host, [f"strobe fit failed ({e}): {host_caption(host.error_bound_s)}"])
     t = fit.to_reference(frames.astype(np.float64))
-    lo, hi = target_fit.to_reference(np.array([target.index["first_sample"][0],
-                                               target.chunk_end[-1]], dtype=np.float64))
+    lo, hi = to_reference(target_fit, np.array([target.index["first_sample"][0], target.chunk_end[-1]], np.float64),
+                          target.segment[[0, -1]])
     covered = (t >= lo) & (t <= hi)
     # A regular strobe train pairs only as well as the host-time prior: when the prior drifted (a writer
     # that fell behind), frames slip against strobes. Refuse what no real camera clock could do.
     if len(fi) < MIN_PAIRED_FRACTION * covered.sum() or abs(fit.drift_ppm) > MAX_PLAUSIBLE_PPM:
         return Alignment(host, [f"strobe pairing implausible ({len(fi)} of {int(covered.sum())} frames paired, "
-                                f"drift {fit.drift_ppm:+.0f} ppm): {HOST_TIMED}"])
+                                f"drift {fit.drift_ppm:+.0f} ppm): {host_caption(host.error_bound_s)}"])
     in_span = (strobe_s >= t[0] - period / 2) & (strobe_s <= t[-1] + period / 2)
     span = int(frames[-1] - frames[0] + 1)
     frames_report = {

@@ -27,14 +27,24 @@ class Oscillator:
     grid_count: np.ndarray
 
     @classmethod
-    def make(cls, rng: np.random.Generator, rate: float, ppm: float, wander_ppm: float, t0: float, t1: float
-             ) -> Oscillator:
+    def make(cls, rng: np.random.Generator, rate: float, ppm: float, wander_ppm: float, t0: float, t1: float,
+             wander: str = "sines") -> Oscillator:
+        """``wander``: 'sines' (four random sinusoids of 300-3600 s), 'sine' (one of 300 s) or 'walk' (a random walk
+        of the frequency), each scaled to a peak of ``wander_ppm``."""
         t = np.arange(t0 - 5.0, t1 + 5.0 + GRID_S, GRID_S)
         freq = np.full(len(t), 1 + ppm * 1e-6)
         if wander_ppm:
             w = np.zeros(len(t))
-            for _ in range(4):
-                w += np.sin(2 * np.pi * t / rng.uniform(300, 3600) + rng.uniform(0, 2 * np.pi))
+            if wander == "sines":
+                for _ in range(4):
+                    w += np.sin(2 * np.pi * t / rng.uniform(300, 3600) + rng.uniform(0, 2 * np.pi))
+            elif wander == "sine":
+                w = np.sin(2 * np.pi * t / 300.0 + rng.uniform(0, 2 * np.pi))
+            elif wander == "walk":
+                w = np.cumsum(rng.normal(0, 1, len(t)))
+                w -= w.mean()
+            else:
+                raise ValueError(wander)
             freq += wander_ppm * 1e-6 * w / max(np.abs(w).max(), 1e-12)
         count = np.concatenate([[0.0], np.cumsum(0.5 * (freq[1:] + freq[:-1]) * GRID_S)]) * rate
         return cls(rate, t, count + rng.uniform(0, 1e6))
@@ -160,13 +170,16 @@ class Case:
 
 def make_case(seed: int, scheme: str, seconds: float, *, dev_rate: float = 30000.0, ppm: float = 30.0,
               wander_ppm: float = 0.0, missing: float = 0.0, extra: float = 0.0, reset_at: float | None = None,
-              late_periods: int = 0, period_s: float = 1.0) -> Case:
+              late_periods: int = 0, period_s: float = 1.0, wander: str = "sines",
+              unplugged: tuple[float, float] | None = None) -> Case:
     """The reference records [0, seconds); the device starts ``late_periods`` whole periods (+ a fraction of a
-    second) later and stops a little before the end, its counter reset at ``reset_at`` (fraction of the run)."""
+    second) later and stops a little before the end, its counter reset at ``reset_at`` (fraction of the run).
+    ``wander``: the kind of frequency wander (``Oscillator.make``). ``unplugged``: a window of true time in which
+    the device's sync cable was out (it latched no edge; the reference did)."""
     rng = np.random.default_rng(seed)
     ref_ppm = rng.uniform(-20, 20)
-    ref_osc = Oscillator.make(rng, REF_RATE, ref_ppm, wander_ppm, -1, seconds + 1)
-    dev_osc = Oscillator.make(rng, dev_rate, ppm, wander_ppm, -1, seconds + 1)
+    ref_osc = Oscillator.make(rng, REF_RATE, ref_ppm, wander_ppm, -1, seconds + 1, wander)
+    dev_osc = Oscillator.make(rng, dev_rate, ppm, wander_ppm, -1, seconds + 1, wander)
     ref = Recording(ref_osc, [(0.0, seconds, int(rng.integers(0, 10**7)))])
     start = late_periods * period_s + rng.uniform(0.05, 0.5)
     stop = seconds - rng.uniform(0.05, 0.5)
@@ -185,7 +198,12 @@ def make_case(seed: int, scheme: str, seconds: float, *, dev_rate: float = 30000
         period_s = 30.0
     else:
         raise ValueError(scheme)
-    return Case(ref, dev, latch(rng, ref, pulses, missing, extra), latch(rng, dev, pulses, missing, extra),
+    dev_edges = latch(rng, dev, pulses, missing, extra)
+    if unplugged is not None:
+        t = np.where(dev_edges.pulse >= 0, pulses[np.maximum(dev_edges.pulse, 0)], np.nan)
+        out = (t >= unplugged[0]) & (t < unplugged[1])
+        dev_edges = Edges(dev_edges.samples[~out], dev_edges.pulse[~out])
+    return Case(ref, dev, latch(rng, ref, pulses, missing, extra), dev_edges,
                 host_points(rng, ref), host_points(rng, dev), period_s,
                 ((1 + ppm * 1e-6) / (1 + ref_ppm * 1e-6) - 1) * 1e6)
 
@@ -247,3 +265,15 @@ def align(case: Case, with_prior: bool = True):
     if with_prior:
         prior = fit_host_clock(*case.dev_host, *case.ref_host, case.dev.osc.rate, REF_RATE)
     return align_stream(case.dev_edges.samples, case.dev.osc.rate, case.ref_edges.samples, REF_RATE, prior=prior)
+
+
+def qc_row(fit, name: str = "probe", rate: float = 30000.0, flags: list[str] | None = None) -> dict:
+    """``stream_qc`` of a clock fit alone (no parts, no gaps, no incidents): the verdict the fit earns."""
+    from types import SimpleNamespace
+
+    from acqd.config import QcConfig
+    from acqd.finalize.report import stream_qc
+    stream = SimpleNamespace(name=name, parts=[], rate=rate)
+    report = SimpleNamespace(clock=fit.to_dict(), gaps=[], frames=None, flags=flags or [])
+    return stream_qc(stream, report, [], QcConfig())
+

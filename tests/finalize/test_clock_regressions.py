@@ -13,7 +13,7 @@ import pytest
 from acqd.finalize import finalize_session, unseal_session
 from acqd.finalize.clock import fit_clock
 from acqd.sim.simulate import Rig, SimParams
-from groundtruth import REF_RATE, Edges, align, evaluate, make_case
+from groundtruth import REF_RATE, Edges, align, evaluate, make_case, qc_row
 from sessions import Recording, record_session, small_config
 
 
@@ -127,3 +127,94 @@ def test_fit_time_is_bounded_whatever_the_blas_threading(monkeypatch):
     y = t * (1 + 30e-6) + 1e-4 * np.sin(2 * np.pi * t / 1800) + rng.uniform(-1, 1, len(x)) / REF_RATE
     fit = fit_clock(x, y, 30000.0)
     assert fit.model == "piecewise"
+
+
+def test_a_device_400_ppm_off_is_refused_for_its_rate_not_a_repeating_pattern():
+    """Issue 24.4: above 200 ppm pairing was refused as "two pairings fit ... (repeating pulse pattern?)" (or "no
+    consistent interval pattern"), while the cause was the hard-wired max_ppm=200 of align_stream. The reason now
+    says how far off the device runs and which config key searches further; with that key raised it pairs."""
+    from acqd.config import QcConfig
+    from acqd.errors import ClockFitError
+    case = make_case(3, "random", 600.0, ppm=400.0)
+    with pytest.raises(ClockFitError) as refused:
+        align(case)  # align_stream's default, as QcConfig's: 200 ppm
+    why = str(refused.value)
+    assert "repeating pulse pattern" not in why and "ppm off the reference" in why, why
+    assert "qc.max_pairing_ppm" in why and f"{case.drift_ppm:+.0f}"[:3] in why
+    from acqd.finalize.clock import align_stream, fit_host_clock
+    prior = fit_host_clock(*case.dev_host, *case.ref_host, case.dev.osc.rate, REF_RATE)
+    fit = align_stream(case.dev_edges.samples, case.dev.osc.rate, case.ref_edges.samples, REF_RATE,
+                       max_ppm=QcConfig(max_pairing_ppm=600.0).max_pairing_ppm, prior=prior)
+    out = evaluate(case, fit)
+    assert out.wrong_pairs == 0 and out.covered and fit.drift_ppm == pytest.approx(case.drift_ppm, abs=0.5)
+
+
+def _error_in(case, fit, window: tuple[float, float]) -> float:
+    """Largest |map - truth| (device samples) over the device samples of a true-time window (segment 0)."""
+    k = np.linspace(*case.dev.sample(np.array(window), 0), 2001)
+    truth = case.ref.osc.count(case.dev.true_time(k, 0)) - case.ref.osc.count(0.0) + case.ref.segments[0][2]
+    return float(np.max(np.abs(fit.to_reference(k) * REF_RATE - truth)) / REF_RATE * case.dev.osc.rate)
+
+
+@pytest.mark.parametrize("wander,ppm,seed", [("sine", 0.5, 3), ("sine", 0.5, 4), ("walk", 3.0, 0), ("walk", 3.0, 3)])
+def test_sync_cable_unplugged_10_minutes_the_bound_covers_the_gap_and_qc_names_it(wander, ppm, seed):
+    """Issue 24.4: a sync cable out for 10 minutes of an hour, under wander (a 0.5 ppm sine of 300 s, a 3 ppm random
+    walk): the map interpolated across the gap 1.4-14 samples off against bounds of 1.1-2.8 from 20 s held-out
+    blocks, and QC said PASS without a word. The bound now grows over the gap with the rate changes seen
+    elsewhere, and QC lists the gap."""
+    gap = (1500.0, 2100.0)
+    case = make_case(seed, "random", 3600.0, ppm=30.0, wander_ppm=ppm, wander=wander, unplugged=gap)
+    fit = align(case)
+    out = evaluate(case, fit)
+    assert out.wrong_pairs == 0 and out.covered, out
+    [(segment, a, b, bound)] = fit.edge_gaps
+    assert segment == 0 and (b - a) / case.dev.osc.rate == pytest.approx(600, abs=4)
+    assert _error_in(case, fit, gap) <= bound * case.dev.osc.rate <= fit.error_bound_samples
+    row = qc_row(fit)
+    assert row["verdict"] == "WARN" and [g["seconds"] for g in row["edge_gaps"]] == [pytest.approx(600, abs=4)]
+    assert any(r.startswith("no sync edges for 6") for r in row["reasons"]), row["reasons"]
+
+
+def test_reference_edges_that_go_backwards_are_a_clock_fit_error_not_a_value_error():
+    """Issue 24.4: align_stream raised ValueError ("ref_edges must be a strictly increasing 1-D array") for a reference
+    whose counter was reset, which no caller expected from bad data."""
+    from acqd.errors import ClockFitError
+    from acqd.finalize.clock import align_stream
+    case = make_case(2, "random", 300.0)
+    ref = case.ref_edges.samples.copy()
+    ref[len(ref) // 2:] -= ref[len(ref) // 2] - 100  # the reference restarted at its middle edge
+    with pytest.raises(ClockFitError, match="reference's sync edges do not increase"):
+        align_stream(case.dev_edges.samples, case.dev.osc.rate, ref, REF_RATE)
+
+
+def test_lsl_times_land_on_the_reference_s_fastest_delivery_when_it_is_read_in_batches():
+    """Issue 24.4: every LSL stream was ~5 ms late (mean +4.6 to +5.2 ms) against what its outlet pushed. The map
+    from the host clock to the reference is moved onto the reference's fastest delivery, by how far the fitted line
+    sits above it; that height was measured from the line through the fastest fifth, not from the lowered line the
+    map uses, so with a reference read every 50 ms (a synced writer's wake-up) it overshot by ~5 ms."""
+    from types import SimpleNamespace
+
+    from acqd.finalize.lsl import host_to_reference
+    rng = np.random.default_rng(4)
+    rate, chunk = 30000.0, 300  # 10 ms messages
+    true_s = 100.0 + np.arange(1, 1201) * chunk / rate  # when each message's last sample was taken (12 s)
+    sent = true_s + rng.uniform(5e-5, 2e-3, len(true_s))  # the driver's send jitter
+    wakes = 100.0 + np.cumsum(0.05 + rng.uniform(1e-4, 2e-3, 400))  # the writer wakes 50 ms after its last wake-up
+    read = wakes[np.searchsorted(wakes, sent)] + 2e-5  # and takes what queued
+    ref = SimpleNamespace(index={"host_mono_ns": np.round(read * 1e9)}, chunk_end=np.arange(1, 1201) * chunk,
+                          rate=rate)
+    host = host_to_reference(ref)
+    probe = np.linspace(true_s[10], true_s[-10], 50)  # LSL timestamps on the host clock, at these true times
+    mapped = host.to_reference(probe * 1e9) + host.error_bound_s
+    truth = (probe - 100.0) * 1.0  # the reference sample counter started at true time 100 s
+    late = mapped - truth  # before: +2.8 to +3.9 ms; now 0.1 to 1.3 ms early: the fastest delivery's latency (0.58 ms),
+    #                        which no host-time method observes, plus the tilt of a line through batched reads
+    assert np.abs(late).mean() < 1.5e-3 and np.abs(late).max() < 2.5e-3, late
+
+
+def test_to_reference_documents_that_the_bound_covers_extrapolated_rows():
+    """Issue 24.4: ``ClockFit.to_reference`` said the bound does not cover extrapolated rows; ``with_extrapolation``
+    (finalize's bound) has covered them since issue 13 (``test_barcodes_do_not_fool_model_selection...``)."""
+    from acqd.finalize.clock import ClockFit
+    doc = " ".join(ClockFit.to_reference.__doc__.split())
+    assert "does not cover" not in doc and "covers those extrapolated rows" in doc

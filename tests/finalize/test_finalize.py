@@ -419,3 +419,35 @@ def test_pair_frames_finds_each_frames_strobe(offset, jitter, drop, seed):
     assert np.array_equal(fi, np.flatnonzero(has_strobe))
     assert np.array_equal(sj, np.arange(has_strobe.sum()))
     assert abs(found + offset * period) < 0.15 * period
+
+
+@pytest.mark.parametrize("alone", [False, True])
+def test_a_counter_reset_of_the_reference_finalizes_on_another_timebase_flagged(tmp_path, alone):
+    """Issue 24.4: the NIDAQ (the reference) restarted mid-session: finalize refused the whole session ("the reference
+    stream 'nidaq' counter was reset"; align_stream would have raised ValueError on its edges). Now another synced
+    stream recorded in one counter segment (the probe) is the timebase and the NIDAQ is aligned to it segment by
+    segment; with no such stream (``alone``) the NIDAQ's longest segment is, its other one host-timed. Flagged,
+    with a verdict, and never a lost session."""
+    cfg = small_config(tmp_path / "data", no_sync=("probe", "sensor") if alone else ())
+    rig = Rig(cfg, SimParams(seed=4, seconds=60))
+    folder = record_session(cfg, rig, "refreset", Recording(seconds=30.0, counter_reset={"nidaq": 17.0}))
+    try:
+        report = finalize_session(folder)
+    finally:
+        unseal_session(folder)
+    nidaq = report.streams["nidaq"]
+    assert nidaq.clock["segments"] == 2 and "counter was reset" in nidaq.flags[0], nidaq.flags
+    assert any("counter was reset" in w for w in report.warnings)
+    assert report.timebase["configured_reference"] == "nidaq"
+    assert nidaq.qc["verdict"] == "WARN" and report.streams["camera"].clock["source"] == "strobe"
+    if alone:
+        assert report.timebase["reference"] == "nidaq" and len(nidaq.clock["host_segments"]) == 1
+        k = nidaq.clock["host_segments"][0]
+        assert any(r.startswith(f"counter segment {k} timed by host") for r in nidaq.qc["reasons"])
+    else:
+        assert report.timebase["reference"] == "probe" and nidaq.clock["source"] == "sync"
+        assert nidaq.clock["host_segments"] == [] and nidaq.clock["error_bound_samples"] <= 1.5
+    # The NIDAQ's samples on either side of the reset land where they were recorded: 30 s of session, in order.
+    with NWBHDF5IO(str(folder / report.master), "r") as io:
+        t = io.read().acquisition["nidaq"].get_timestamps()[:]
+    assert np.all(np.diff(t) > 0) and 29.5 < t[-1] - t[0] < 30.5

@@ -14,6 +14,7 @@ from acqd.finalize import finalize_session, unseal_session
 from acqd.finalize.qc import COLUMNS, _arrival_rate, summary_lines
 from acqd.session import SESSION_FILE, read_session, write_json_atomic
 from acqd.sim.simulate import Rig, SimParams
+from groundtruth import qc_row
 from sessions import Recording, Restart, record_session, small_config
 
 
@@ -80,7 +81,8 @@ def test_index_html_gives_a_verdict_per_stream_that_qc_json_and_the_terminal_tab
     assert by_stream["probe"]["verdict"] == "WARN" and by_stream["probe"]["gaps"] == "1"
     assert float(by_stream["probe"]["gap time (s)"]) == pytest.approx(0.2, abs=0.01)  # two 100 ms messages
     assert by_stream["sensor"]["verdict"] == "WARN" and by_stream["sensor"]["writer restarts"] == "1"
-    assert qc["verdict"] == "WARN" and qc["thresholds"] == {"max_residual_samples": 2.5, "max_drift_ppm": 150.0}
+    assert qc["verdict"] == "WARN" and qc["thresholds"] == {"max_residual_samples": 2.5, "max_drift_ppm": 150.0,
+                                                          "max_pairing_ppm": 200.0}
     # The plots sit beside the page (it opens from the file system), one per stream.
     assert sorted(page.images) == sorted(f"{n}.png" for n in by_stream)
     assert all((session / "qc" / src).stat().st_size > 1000 for src in page.images)
@@ -174,3 +176,46 @@ def test_frames_pair_with_their_strobes_when_the_host_prior_is_tilted():
     prior = true_s + 1e-3 + 600e-6 * (true_s - true_s.mean()) + jitter
     fi, sj, offset = pair_frames(frames, prior, true_s + 1e-5, period)
     assert np.array_equal(fi, np.arange(len(frames))) and np.array_equal(sj, fi)
+
+
+def test_host_timed_counter_segment_warns_with_its_bound_never_fails_on_its_latency():
+    """Issue 24.4: a counter reset 8 s before the end of 2 h; the last segment (too few edges) is host-timed. The
+    report pooled that segment's receive latencies into residual_max (hundreds of samples), and QC said FAIL
+    "residual ... > 2.5 samples" although every edge-timed row is within half a sample."""
+    from groundtruth import align, evaluate, make_case
+    case = make_case(7, "random", 7200.0, ppm=30.0, reset_at=1 - 8.0 / 7200)
+    fit = align(case)
+    assert fit.host_segments == (1,)
+    assert evaluate(case, fit).max_error_samples <= 0.5
+    assert fit.residual_max_samples <= 2.0  # the edge-timed segment's scatter, not the host segment's latency
+    row = qc_row(fit)
+    assert row["verdict"] == "WARN", row["reasons"]
+    host = [r for r in row["reasons"] if "counter segment 1" in r]
+    assert host and f"bound {fit.segment_bounds_s[1] * 1e3:.2f} ms" in host[0]
+
+
+def test_an_8_second_recording_is_too_short_to_verify_not_a_fail(tmp_path):
+    """Issue 23.6: an 8-second test recording of the example rig got FAIL. Eight random pulses are too few to fit,
+    so the sensor fell back to its host receive times (read at the writer's timers, up to 0.5 s late), and the drift
+    of 8 s of those (+254 ppm here) failed the 150 ppm threshold. Known to +-thousands of ppm, it proves nothing:
+    WARN, saying why."""
+    cfg = small_config(tmp_path / "data")
+    folder = record_session(cfg, Rig(cfg, SimParams(seed=1, seconds=60)), "short8s",
+                            Recording(seconds=8.0, seed=1, chunk_factor=1, drained={"sensor": 0.5},
+                                      recorded_arrival=False))
+    try:
+        report = finalize_session(folder)
+    finally:
+        unseal_session(folder)
+    sensor = report.streams["sensor"].qc
+    assert sensor["source"] == "host" and abs(sensor["drift_ppm"]) > 150  # the situation of the bug
+    assert sensor["verdict"] == "WARN", sensor["reasons"]
+    assert any(r.startswith("too short to verify") for r in sensor["reasons"])
+    # Captioned with the bound its receive times measured, never a nominal "~1 ms" (issue 23.6).
+    flags = report.streams["sensor"].flags
+    assert flags and all("~1 ms" not in f for f in flags) and "measured bound" in flags[-1], flags
+    assert json.loads((folder / "qc" / "qc.json").read_text())["verdict"] == "WARN"
+    # A drift that is measured well still fails (the same rule, on 10 min of edges: +-0.1 ppm).
+    from groundtruth import align, make_case
+    fast = align(make_case(3, "random", 600.0, ppm=180.0))
+    assert qc_row(fast)["verdict"] == "FAIL"

@@ -181,3 +181,32 @@ def test_a_slow_stream_a_camera_strobes_is_woken_per_message(tmp_path):
     assert drained(1000.0, [sync])
     assert not drained(1000.0, [sync, EdgeLine(label="strobe:cam", channel=3, bit=2)])
     assert not drained(200_000.0, [sync])  # 1.6 MB/s: not a slow stream
+
+
+def test_a_drained_stream_keeps_each_message_s_true_receive_time(tmp_path):
+    """Issue 24.4: a slow stream with its own sync is drained at timers, and its index recorded the drain's read
+    time as every message's receive time: up to 0.5 s late (median ~0.2 s). A host-time fallback of such a stream
+    inherited that (4.8 ms off, a residual of 14,980 samples, drift +71.9 ppm for +30). The receiver thread stamps
+    each message as it arrives; the main thread still wakes only at its timers."""
+    w = LiveWriter(tmp_path, sync={"source": "frame"}, timing=DAEMON_TIMING)
+    try:
+        w.connected()
+        w.record()
+        w.stats()
+        sent = []
+        start = time.monotonic()
+        for seq in range(40):  # a driver at 50 messages/s for 0.8 s: paced by its clock, as a device would be
+            while time.monotonic() < start + seq * 0.02:
+                time.sleep(0.002)
+            frames, _ = message(seq, seq * 10)
+            sent.append(time.monotonic_ns())
+            w.driver.send_multipart(frames)
+        w.wait_handled(40)
+        w.stop()
+        with open_for_read(w.folder / "s.h5") as f:
+            received = f["index"]["host_mono_ns"][:]
+        late_ms = (received - np.array(sent)) / 1e6
+        print(f"receive time after send: median {np.median(late_ms):.2f} ms, max {late_ms.max():.2f} ms")
+        assert late_ms.min() >= 0 and np.median(late_ms) < 5 and late_ms.max() < 50, late_ms
+    finally:
+        assert w.close() == 0
