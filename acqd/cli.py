@@ -27,7 +27,7 @@ from typing import Any
 
 from acqd.config import load_config
 from acqd.errors import AcqdError, ConfigError
-from acqd.metadata import MetadataError, load_file, merge, parse_bids, parse_set, to_acqd
+from acqd.metadata import MetadataError, load_path, merge, parse_bids, parse_set, to_acqd
 
 DEFAULT_URL = "http://127.0.0.1:8600"
 
@@ -113,7 +113,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def _metadata_args(args: argparse.Namespace) -> dict | None:
-    meta = load_file(Path(args.metadata).read_text(), args.metadata) if args.metadata else {}
+    meta = load_path(args.metadata) if args.metadata else {}
     subject = {k: v for k in ("subject_id", "species", "sex", "age") if (v := getattr(args, k)) is not None}
     if subject:
         meta.setdefault("subject", {}).update(subject)
@@ -210,7 +210,7 @@ def cmd_amend(args: argparse.Namespace) -> int:
     """Merge --metadata FILE and --set edits over a recorded session's metadata; print what changed."""
     from acqd.finalize.amend import amend_session, default_who
 
-    update = load_file(Path(args.metadata).read_text(), args.metadata) if args.metadata else {}
+    update = load_path(args.metadata) if args.metadata else {}
     update = merge(update, to_acqd(parse_set(args.set), "--set"))
     if not update:
         raise ConfigError("nothing to amend: give --metadata FILE and/or --set FIELD=VALUE")

@@ -375,6 +375,8 @@ class DaemonConfig(_Frozen):
     """Free space on the data root below which recording stops cleanly (a warning at twice this)."""
     annotation_buttons: tuple[str, ...] = ("drug on", "animal moved", "stimulus start", "stimulus end")
     """Quick annotation buttons of the console (one click sends the text as an annotation)."""
+    max_image_pixels: int = Field(50_000_000, gt=0)
+    """Largest image (width x height) an attachment or a stimulus image set may have; checked before decoding."""
 
     @model_validator(mode="after")
     def _heartbeat_after_stats(self) -> DaemonConfig:
