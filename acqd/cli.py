@@ -198,10 +198,13 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Check a finalized session against its manifest (session.json included); exit 1 listing what differs."""
-    from acqd.finalize import verify_manifest
+    """Check a finalized session against its manifest (session.json included); exit 1 listing what differs. An
+    amend that was killed is finished first (rolled forward or back), and said so."""
+    from acqd.finalize import verify_session
 
-    problems = verify_manifest(Path(args.session_dir))
+    recovered, problems = verify_session(Path(args.session_dir))
+    if recovered:
+        print(f"{args.session_dir}: {recovered}")
     print("\n".join(problems) if problems else f"{args.session_dir}: manifest verified, nothing changed")
     return 1 if problems else 0
 

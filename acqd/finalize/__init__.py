@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from acqd.finalize import nwb, qc
+from acqd.finalize import journal, nwb, qc
 from acqd.config import QcConfig, StreamConfig
 from acqd.errors import FinalizeError
 from acqd.finalize.digests import DIGESTS, Entry, lock_for_finalize, trusted
@@ -53,7 +53,7 @@ from acqd.session import (CLOSED, FINALIZED, FINALIZING, INTERRUPTED, RECORDING,
 from acqd.record.video import VIDEO_DIR
 
 __all__ = ["FinalizeReport", "StreamReport", "finalize_session", "is_immutable", "pair_frames", "unseal_session",
-           "verify_manifest"]
+           "verify_manifest", "verify_session"]
 
 Progress = Callable[[str, float], None]
 
@@ -80,6 +80,7 @@ def finalize_session(folder: Path, progress: Progress | None = None, *, accept_c
     report_progress = _progress(progress)
     with _exclusive(folder):
         _refuse(folder, scan_folder(folder)[2])  # links first: not even session.json is read through one
+        journal.recover(folder)  # an amend killed after finalize is rolled forward or back first
         session = read_session(folder)
         sid = session.get("session_id") or folder.name
         master = folder / f"{sid}.nwb"
@@ -239,6 +240,14 @@ def _read_streams(folder: Path, configs: dict[str, StreamConfig], parts: dict[st
     return streams, warnings
 
 
+def verify_session(folder: Path) -> tuple[str | None, list[str]]:
+    """``acqd verify``: finish an amend that was killed (``journal.recover``), then check the folder against its
+    manifest. Returns what the recovery did (None: nothing to do) and the problems found (empty: verified)."""
+    folder = Path(folder).resolve()
+    with _exclusive(folder):
+        return journal.recover(folder), verify_manifest(folder)
+
+
 def _already_finalized(folder: Path, session: dict, master: Path, started: float) -> FinalizeReport:
     """Verify the manifest; the report's details come from the QC summary the finalizing run wrote."""
     problems = verify_manifest(folder)
@@ -253,7 +262,8 @@ def _already_finalized(folder: Path, session: dict, master: Path, started: float
                           master=master.name, timebase=summary["timebase"], check=summary["validation"],
                           streams={n: StreamReport(**r) for n, r in summary["streams"].items()},
                           sealed={"files": len(listed) + 1 + bool(old), "read_only": True,
-                                  "immutable": is_immutable(folder / MANIFEST)},
+                                  "immutable": (immutable := is_immutable(folder / MANIFEST)),
+                                  "immutable_error": None if immutable else "the manifest has no immutable flag"},
                           warnings=summary["warnings"] + old, integrity=summary.get("integrity", {}),
                           seconds=round(time.monotonic() - started, 3))
 

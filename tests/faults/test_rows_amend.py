@@ -170,3 +170,102 @@ def test_row45_a_50_mb_metadata_file_is_refused_at_once(closed, tmp_path):
     started = time.monotonic()
     _one_line_refusal(_cli("amend", str(closed), "--metadata", str(path)), "big.yaml", "at most 262144 are accepted")
     assert time.monotonic() - started < 10
+
+
+# -- kill -9 at every step of an amend of a finalized session ---------------------------------------------------
+
+# (step the amend is killed at, whether it had committed). The steps are acqd.finalize.amend's checkpoints in order.
+KILL_STEPS = [("amend_journal", False), ("amend_partial", False), ("amend_commit", True), ("amend_replaced", True),
+              ("amend_session", True), ("amend_manifest", True), ("amend_sealed", True)]
+RECOVERERS = ("verify", "finalize", "amend")
+
+
+@pytest.fixture(scope="module")
+def finalized(tmp_path_factory) -> Path:
+    """A small finalized session (subject sex F), copied by each test."""
+    from acqd.finalize import finalize_session
+    from acqd.sim.simulate import Rig, SimParams
+    from sessions import Recording, record_session, small_config
+
+    cfg = small_config(tmp_path_factory.mktemp("rows-amend") / "data", probe_channels=4)
+    folder = record_session(cfg, Rig(cfg, SimParams(seed=5, seconds=20)), "K1", Recording(seconds=3.0))
+    assert finalize_session(folder).state == "finalized"
+    yield folder
+    from acqd.finalize import unseal_session
+    unseal_session(folder)
+
+
+def _sexes(folder: Path) -> tuple[str, str]:
+    """The subject's sex in session.json and in the master."""
+    import h5py
+
+    with h5py.File(folder / "K1.nwb", "r") as f:
+        in_master = f["general/subject/sex"][()].decode()
+    return json.loads((folder / SESSION_FILE).read_text())["metadata"]["subject"]["sex"], in_master
+
+
+def _kill_amend_at(folder: Path, step: str, tmp_path: Path) -> None:
+    """Run ``acqd amend --set subject.sex=M`` in a subprocess, SIGKILL it when it reaches ``step``."""
+    marker = tmp_path / "paused"
+    env = {**os.environ, "ACQD_FINALIZE_PAUSE_AT": step, "ACQD_FINALIZE_PAUSE_MARKER": str(marker)}
+    proc = subprocess.Popen([*CLI, "amend", str(folder), "--set", "subject.sex=M"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (marker.exists() and marker.read_text()) and proc.poll() is None:
+            assert time.monotonic() < deadline, f"amend never reached {step}"
+            time.sleep(0.05)
+        assert proc.poll() is None, f"amend ended before {step}: {proc.stderr.read().decode()}"
+        os.kill(int(marker.read_text()), 9)
+        proc.wait(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=TIMEOUT_S)
+        proc.stderr.close()
+    assert proc.returncode == -9
+
+
+@pytest.mark.parametrize("i", range(len(KILL_STEPS)), ids=[s for s, _ in KILL_STEPS])
+def test_row45_kill9_at_every_amend_step_is_rolled_forward_or_back(finalized, tmp_path, i):
+    import shutil
+
+    from acqd.finalize import is_immutable, unseal_session, verify_manifest
+    from acqd.finalize.journal import JOURNAL
+
+    step, committed = KILL_STEPS[i]
+    recoverer = RECOVERERS[i % len(RECOVERERS)]
+    folder = tmp_path / "data" / "K1"
+    shutil.copytree(finalized, folder, symlinks=True)
+    streams = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (folder / "streams").glob("*.h5")}
+    try:
+        assert _sexes(folder) == ("F", "F")
+        _kill_amend_at(folder, step, tmp_path)
+        assert (folder / JOURNAL).exists()
+        if recoverer == "verify":
+            out = _cli("verify", str(folder))
+            assert out.returncode == 0 and ("completed an amend" if committed else "rolled back") in out.stdout, out
+        elif recoverer == "finalize":
+            out = _cli("finalize", str(folder))
+            assert out.returncode == 0 and "already finalized" in out.stdout + out.stderr, out
+        else:
+            out = _cli("amend", str(folder), "--set", "protocol=IACUC 7")
+            assert out.returncode == 0 and "protocol: None -> 'IACUC 7'" in out.stdout, out
+        assert verify_manifest(folder) == []
+        assert not (folder / JOURNAL).exists() and not (folder / "K1.nwb.partial").exists()
+        assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
+        sex = "M" if committed else "F"
+        assert _sexes(folder) == (sex, sex)
+        amendments = json.loads((folder / SESSION_FILE).read_text()).get("amendments", [])
+        assert [a["what"] for a in amendments][:1] == ([["subject.sex: 'F' -> 'M'"]] if committed else
+                                                       ([["protocol: None -> 'IACUC 7'"]] if recoverer == "amend"
+                                                        else []))
+        assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (folder / "streams").glob("*.h5")} \
+            == streams  # the sealed stream files were never touched
+        assert is_immutable(folder / "K1.nwb") == is_immutable(folder / "manifest.sha256") \
+            == is_immutable(folder / SESSION_FILE)
+        # and a later amend works (before the fix every later amend refused)
+        assert _cli("amend", str(folder), "--set", "subject.sex=U").returncode == 0
+        assert _sexes(folder) == ("U", "U") and verify_manifest(folder) == []
+    finally:
+        unseal_session(folder)
