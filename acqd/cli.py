@@ -226,6 +226,7 @@ def cmd_amend(args: argparse.Namespace) -> int:
     if result.get("master_sha256"):
         print(f"  master rewritten: sha256 {result['previous_master_sha256'][:12]}... -> "
               f"{result['master_sha256'][:12]}... (manifest updated)")
+        print("  exports made before this amendment are stale: `acqd export` into the same folder rebuilds them")
     return 0
 
 
@@ -243,8 +244,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from acqd.share.export import export_session
 
     def summary(r: dict) -> list[str]:
-        return [f"exported {r['session_id']} to {Path(r['out']) / r['nwb']} ({r['bytes'] / 1e6:.1f} MB, "
-                f"{len(r['videos'])} video files) in {r['seconds']:.1f} s",
+        return [f"{'rebuilt the stale export of' if r.get('replaced') else 'exported'} {r['session_id']} to "
+                f"{Path(r['out']) / r['nwb']} ({r['bytes'] / 1e6:.1f} MB, {len(r['videos'])} video files) in "
+                f"{r['seconds']:.1f} s",
                 *(f"  {m['importance']}: {m['check']}: {m['message']}" for m in r["check"]["inspector"])]
 
     return _run_job(args, "export", lambda progress: export_session(

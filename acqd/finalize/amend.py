@@ -127,6 +127,7 @@ def _amend_finalized(folder: Path, session: dict, sid: str, new: dict, amendment
         journal.recover(folder)  # rolls back
         raise
     _checkpoint("amend_partial")
+    amendment["exports_stale"] = True  # exports made before hold the old metadata: `acqd export` rebuilds them
     record = json_bytes(_amended(session, new, amendment))
     journal.commit(folder, amendment["master_sha256"], record, _manifest(
         folder, {master.name: amendment["master_sha256"], SESSION_FILE: hashlib.sha256(record).hexdigest()}))

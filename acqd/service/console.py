@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from acqd.config import SessionMetadata, check_name
-from acqd.errors import SessionError
+from acqd.errors import ExportError, SessionError
 from acqd.finalize.nwb import metadata_problems
 from acqd.finalize.layout import QC_DIR
 from acqd.metadata import MetadataError, merge, to_acqd
@@ -37,6 +37,7 @@ from acqd.session import SESSION_FILE, list_sessions, read_annotations, read_ses
 from acqd.service.commands import export_roots
 from acqd.service.previews import FLUSH_S
 from acqd.service.supervisor import Supervisor
+from acqd.share.export import master_digest
 
 WEB_DIR = Path(__file__).with_name("web")
 QC_FILES = (".png", ".html", ".json", ".svg", ".css", ".js")
@@ -145,11 +146,20 @@ def session_row(info: dict, jobs: dict[str, dict]) -> dict:
     except SessionError:
         s = {}
     state = info["state"]
-    if state == "finalized" and jobs.get("export", {}).get("state") == "done":
-        state = "exported"
+    export = jobs.get("export", {})
+    if state == "finalized" and export.get("state") == "done":  # stale: amended since (rebuilt by a new export)
+        state = "exported" if export.get("master_sha256") == _master_digest(folder, s) else "export stale"
     return {**info, "state": state, "stopped": s.get("stopped"), "size_bytes": folder_bytes(folder),
             "duration_s": _seconds_between(s.get("created"), s.get("stopped")), "jobs": jobs,
             "metadata": s.get("metadata")}
+
+
+def _master_digest(folder: Path, session: dict) -> str | None:
+    """The current master's sha256 of a finalized session (its manifest's line), None if it cannot be read."""
+    try:
+        return master_digest(folder, (session.get("finalize") or {}).get("master") or f"{folder.name}.nwb")
+    except (OSError, ExportError):
+        return None
 
 
 def _session_folder(sup: Supervisor, session: str) -> Path:

@@ -96,7 +96,9 @@ def build_status(sup: Supervisor) -> dict:
         reference=sup.cfg.reference, write_bytes_per_s=round(write_rate),
         disk_time_left_s=round(status["disk_free_bytes"] / write_rate) if write_rate > 0 else None,
         recent_incidents=incidents, incident_count=sup.events.counts["incident"],
-        jobs=[{"kind": k, "session": sid, **job.as_dict(with_report=False)} for (k, sid), job in sup.jobs.items()],
+        jobs=[{"kind": k, "session": sid, **job.as_dict(with_report=False),
+               "master_sha256": (job.report or {}).get("master_sha256")}  # an export is stale once amended
+              for (k, sid), job in sup.jobs.items()],
     )
     status["verdict"] = verdict(status, sup.cfg.daemon.silent_after_s)
     return status

@@ -311,3 +311,43 @@ def test_a_bids_named_session_exports_under_its_bids_name(tmp_path):
     assert (tmp_path / "dandiset" / report.nwb).is_file()
     assert dandi_path("M12", "x", ["ecephys"], {"sub": "M12", "acq": "np", "run": "2"}) == \
         "sub-M12/sub-M12_acq-np_run-2_ecephys.nwb"
+
+
+def test_amend_after_export_marks_it_stale_and_export_rebuilds_it(sessions, tmp_path):
+    """Issue 23.3: the export said sex F after the session was amended to M. Now the amendment marks exports stale,
+    the console shows it, and exporting again into the same folder rebuilds the export with the amended metadata."""
+    from acqd.finalize.amend import amend_session
+    from acqd.service.console import session_row
+    from acqd.session import read_session
+
+    _, finalized = sessions
+    folder = tmp_path / SID
+    shutil.copytree(finalized, folder)
+    out = tmp_path / "dandiset"
+    try:
+        first = export_session(folder, out)
+        info = {"session_id": SID, "state": "finalized", "path": str(folder)}
+        done = {"export": {"state": "done", "master_sha256": first.master_sha256}}
+        assert session_row(info, done)["state"] == "exported"
+        with pytest.raises(ExportError, match="already exists and is current"):
+            export_session(folder, out)
+        with h5py.File(out / first.nwb, "r") as f:
+            sex = f["general/subject/sex"][()].decode()
+        new_sex = "M" if sex != "M" else "F"
+        amendment = amend_session(folder, {"subject": {"sex": new_sex}}, who="x")
+        assert amendment["exports_stale"] is True
+        assert read_session(folder)["amendments"][-1]["exports_stale"] is True
+        assert session_row(info, done)["state"] == "export stale"
+        out_cli = subprocess.run([sys.executable, "-m", "acqd.cli", "export", str(folder), "--out", str(out)],
+                                 capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+        assert out_cli.returncode == 0 and "rebuilt the stale export" in out_cli.stdout, out_cli.stderr
+        with h5py.File(out / first.nwb, "r") as f:
+            assert f["general/subject/sex"][()].decode() == new_sex
+            assert f.attrs["acqd_master_sha256"] == amendment["master_sha256"] != first.master_sha256
+        assert sorted(p.name for p in out.iterdir()) == [first.nwb.split("/")[0]]  # no staging left behind
+        assert sorted(p.relative_to(out).as_posix() for p in (out / first.nwb).parent.iterdir()) == sorted(
+            [first.nwb, first.nwb.removesuffix(".nwb")])
+        done["export"]["master_sha256"] = amendment["master_sha256"]
+        assert session_row(info, done)["state"] == "exported"
+    finally:
+        unseal_session(folder)

@@ -24,10 +24,11 @@ export function createSessions({ bus, info, onError }) {
       out.push(el("button", { type: "button", class: "finalize", disabled: running, onclick: () => start("finalize", s) },
         "Finalize"));
     }
-    if (s.state === "finalized") {
+    if (s.state === "finalized" || s.state === "export stale") {
       out.push(el("button", { type: "button", class: "qc", onclick: () => showQc(s.session_id) }, "QC report"));
+      // "export stale": amended after its export; exporting again rebuilds it with the amended metadata.
       out.push(el("button", { type: "button", class: "export", disabled: running, onclick: () => start("export", s) },
-        "Export"));
+        s.state === "export stale" ? "Rebuild export" : "Export"));
     }
     return out;
   }
@@ -36,7 +37,9 @@ export function createSessions({ bus, info, onError }) {
     rows.clear();
     body.replaceChildren(...[...sessions].reverse().map((s) => {
       const jobCell = el("td", { class: "jobs" }, ...Object.values(s.jobs || {}).map(progress));
-      const stateCell = el("td", { class: `state ${s.incomplete ? "bad" : ""}` }, s.state + (s.incomplete ? " (incomplete)" : ""));
+      const stateCell = el("td", { class: `state ${s.incomplete || s.state === "export stale" ? "bad" : ""}`,
+        title: s.state === "export stale" ? "amended after it was exported: the export holds the old metadata" : "" },
+        s.state + (s.incomplete ? " (incomplete)" : ""));
       const tr = el("tr", { "data-session": s.session_id },
         el("td", {}, s.session_id), stateCell, el("td", {}, fmtBytes(s.size_bytes)),
         el("td", {}, fmtDuration(s.duration_s)), el("td", {}, (s.created || "").replace("T", " ").slice(0, 19)),
