@@ -487,6 +487,10 @@ class SessionMetadata(_Frozen):
         return self
 
 
+SESSION_ONLY = ("subject", "Subject", "session_id", "bids")
+"""Metadata keys a rig config may not hold: they describe one session (the animal, the session's name)."""
+
+
 class QcConfig(_Frozen):
     """Thresholds of the verdict in the QC report that finalize writes (qc/index.html, qc/qc.json)."""
 
@@ -505,10 +509,24 @@ class RigConfig(_Frozen):
     """Name of the stream whose clock is the session timebase; it needs a sync source."""
     streams: tuple[StreamConfig, ...] = Field(min_length=1)
     """The hardware streams, one writer process and one stream file each."""
-    metadata: dict = Field(default_factory=dict, description="defaults merged under a record request's metadata")
-    """Defaults merged under a record request's metadata (see SessionMetadata)."""
+    metadata: dict = Field(default_factory=dict, description="rig-level defaults of every session's metadata "
+                           "(lab, institution, experimenters, devices; never a subject)")
+    """Rig-level defaults of every session's metadata (lab, institution, experimenters, devices; never a subject):
+    a record request's metadata replaces each block it contains (see SessionMetadata)."""
     qc: QcConfig = QcConfig()
     """Thresholds of the QC verdict (residual, drift) that finalize applies."""
+
+    @field_validator("metadata")
+    @classmethod
+    def _rig_level_only(cls, v: dict) -> dict:
+        per_session = [k for k in SESSION_ONLY if k in v] + [f"NWBFile.{k}" for k in SESSION_ONLY
+                                                              if k in (v.get("NWBFile") or {})]
+        if per_session:  # a subject here was recorded into every session, whichever animal was on the rig
+            raise ValueError(f"{', '.join(per_session)}: the rig config holds rig-level metadata only (lab, "
+                             "institution, experimenters, devices); the subject and the session's identity come "
+                             "with each session (acqd record --subject-id/--species/--sex/--age, --metadata FILE, "
+                             "the console's record form): remove it from the config")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> RigConfig:

@@ -154,6 +154,22 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
+def with_rig_defaults(rig: dict, session: dict) -> dict:
+    """A session's metadata over the rig config's defaults (both in acqd's layout): each top-level block the
+    session gives (``subject``, ``ecephys``, ``experimenter``...) replaces the rig's whole, so a metadata file never
+    merges into a block it does not describe. The rig config holds no subject (``RigConfig.metadata``)."""
+    return {**rig, **session}
+
+
+def require_subject(meta: dict) -> None:
+    """RECORD's first rule: the session names its animal (the rig config never does)."""
+    if not meta.get("subject"):
+        raise MetadataError("subject: missing: every recording needs its animal (subject.subject_id, subject.species, "
+                            "subject.sex, and subject.age or subject.date_of_birth), given with the session: "
+                            "acqd record --subject-id M12 --species 'Mus musculus' --sex F --age P90D, --metadata "
+                            "FILE, or the console's record form")
+
+
 def merge(base: dict, over: dict) -> dict:
     """``over`` merged into ``base``, mappings key by key."""
     out = dict(base)

@@ -13,6 +13,7 @@ import yaml
 from acqd.config import RigConfig, load_config
 from acqd.service.procs import Daemon, Simulator, wait_until
 from acqd.sim.simulate import Rig, SimParams
+from tests.sessions import SUBJECT
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "configs" / "rig.yaml"
@@ -81,7 +82,7 @@ def recording(daemon: Daemon, rig_file: Path, session: str, seed: int, **sim: ob
     simulator = Simulator(rig_file, SIM_SECONDS, seed=seed, **sim)
     try:
         wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
-        status = daemon.command("record", session=session)
+        status = daemon.command("record", session=session, metadata={"subject": SUBJECT})
         yield status, Path(status["session"]["path"])
     finally:
         simulator.stop()

@@ -32,7 +32,7 @@ from acqd.config import SessionMetadata, check_name
 from acqd.errors import ExportError, SessionError
 from acqd.finalize.nwb import metadata_problems
 from acqd.finalize.layout import QC_DIR
-from acqd.metadata import MetadataError, merge, to_acqd
+from acqd.metadata import MetadataError, to_acqd, with_rig_defaults
 from acqd.session import SESSION_FILE, list_sessions, read_annotations, read_session, session_name
 from acqd.service.commands import export_roots
 from acqd.service.previews import FLUSH_S
@@ -70,16 +70,18 @@ def metadata_errors(defaults: dict, metadata: dict, session: str = "session") ->
     """What ``record`` would refuse in ``metadata`` (merged over the config's defaults, as ``record`` merges it),
     per field path: the models' errors, then finalize's nwbinspector checks (message and check name)."""
     try:
-        meta = merge(to_acqd(defaults, "config metadata"), to_acqd(metadata))
+        meta = with_rig_defaults(to_acqd(defaults, "config metadata"), to_acqd(metadata))
     except MetadataError as e:
         return {"metadata": str(e)}
     out: dict[str, str] = {}
-    try:
-        SessionMetadata.model_validate(meta)
+    try:  # no subject at all: each of its required fields is reported beside its own input
+        SessionMetadata.model_validate({"subject": {}, **meta})
     except ValidationError as e:
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
-            out.setdefault(key, err["msg"].removeprefix("Value error, "))
+            msg = err["msg"].removeprefix("Value error, ")
+            out.setdefault(key, "required: the animal of this session" if key.startswith("subject.")
+                           and err["type"] == "missing" else msg)
     for p in metadata_problems(meta, session):
         out.setdefault(p["field"], f"{p['message']} ({p['check']})")
     return out

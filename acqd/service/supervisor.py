@@ -39,7 +39,7 @@ from typing import Any
 import zmq
 
 from acqd.config import RigConfig, SessionMetadata, check_name
-from acqd.metadata import merge, to_acqd
+from acqd.metadata import to_acqd, with_rig_defaults
 from acqd.errors import SessionError
 from acqd.service.runtime import lock_endpoints, make_daemon_dir, release, runtime_base
 from acqd.images import check_stimulus_images, register_stimulus_images
@@ -469,7 +469,7 @@ class Supervisor:
         """ACQUIRE -> RECORD: preflight, create the session folder, tell every writer to open its file."""
         if self.mode == RECORD:
             raise SessionError(f"already recording session {self.session['session_id']!r}")
-        meta = merge(to_acqd(self.cfg.metadata), metadata or {})  # the config may use neuroconv's layout
+        meta = with_rig_defaults(to_acqd(self.cfg.metadata), metadata or {})  # the config may use neuroconv's layout
         try:
             meta = SessionMetadata.model_validate(meta).model_dump(mode="json")
         except ValueError as e:

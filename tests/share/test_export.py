@@ -27,6 +27,7 @@ from pynwb import NWBHDF5IO, validate
 from acqd.share.export import ExportError, dandi_path, export_session, external_file_name, sanitize
 from acqd.finalize import finalize_session, unseal_session, verify_manifest
 from acqd.sim.simulate import Rig, SimParams
+from sessions import SUBJECT as TEST_SUBJECT
 from sessions import Recording, Restart, record_session, small_config
 
 SID = "2023-11-14_22.13"
@@ -42,11 +43,11 @@ def sessions(tmp_path_factory):
     """(recorded, never finalized; finalized copy) of the session; the copy is unsealed after the module."""
     root = tmp_path_factory.mktemp("export")
     cfg = small_config(root / "recorded", camera_video={"codec": "ffv1", "frames_per_file": 200})
-    subject = {**cfg.metadata["subject"], "subject_id": SUBJECT}
     streams = tuple(s.model_copy(update={"compression": "blosc-lz4"}) if s.name == "probe" else s
                     for s in cfg.streams)
-    cfg = cfg.model_copy(update={"metadata": {**cfg.metadata, "subject": subject}, "streams": streams})
-    recorded = record_session(cfg, Rig(cfg, SimParams(seed=3, seconds=30)), SID, RECORDING)
+    cfg = cfg.model_copy(update={"streams": streams})
+    recorded = record_session(cfg, Rig(cfg, SimParams(seed=3, seconds=30)), SID, RECORDING,
+                              {"subject": {**TEST_SUBJECT, "subject_id": SUBJECT}})
     folder = root / "finalized" / SID
     shutil.copytree(recorded, folder)
     try:
@@ -298,10 +299,8 @@ def test_a_bids_named_session_exports_under_its_bids_name(tmp_path):
     metadata; the export is named from them (not from the sanitised folder name)."""
     cfg = small_config(tmp_path / "data", probe_channels=4)
     bids = {"sub": "M12", "ses": "3", "task": "gonogo", "run": "1"}
-    cfg = cfg.model_copy(update={"metadata": {**cfg.metadata, "bids": bids,
-                                              "subject": {**cfg.metadata["subject"], "subject_id": "M12"}}})
     folder = record_session(cfg, Rig(cfg, SimParams(seed=4, seconds=20)), "sub-M12_ses-3_task-gonogo_run-1",
-                            Recording(seconds=4.0))
+                            Recording(seconds=4.0), {"bids": bids, "subject": {**TEST_SUBJECT, "subject_id": "M12"}})
     try:
         finalize_session(folder)
         report = export_session(folder, tmp_path / "dandiset")
