@@ -32,7 +32,7 @@ from acqd.finalize import _checkpoint, _exclusive, journal, nwb
 from acqd.finalize.layout import MANIFEST, PARTIAL
 from acqd.finalize.seal import _sha256 as sha256_file  # the one sha256 reader of finalize
 from acqd.finalize.seal import verify_manifest
-from acqd.metadata import MetadataError, changes, merge, validation_message
+from acqd.metadata import MetadataError, changes, merge, require_subject, validation_message
 from acqd.session import (CLOSED, FINALIZED, INTERRUPTED, SESSION_FILE, json_bytes, now_iso, read_session,
                           write_json_atomic)
 
@@ -56,6 +56,7 @@ def default_who() -> str:
 def check_metadata(meta: dict, session_id: str) -> dict:
     """``meta`` (acqd's layout) as JSON if it may be recorded and finalized; else ``MetadataError`` naming each
     field and the rule (the nwbinspector check) it breaks, with the problems in ``.problems``."""
+    require_subject(meta)  # first, and in one line: every path that records (API, CLI, LabRecorder) says it so
     try:
         dumped = SessionMetadata.model_validate(meta).model_dump(mode="json")
     except ValidationError as e:

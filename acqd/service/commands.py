@@ -23,8 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from acqd.config import check_name
 from acqd.errors import ConfigError, SessionError
 from acqd.finalize.amend import amend_session, check_metadata
-from acqd.metadata import (MetadataError, bids_name, check_layout, merge, require_subject, to_acqd,
-                           with_rig_defaults)
+from acqd.metadata import MetadataError, bids_name, check_layout, merge, to_acqd, with_rig_defaults
 from acqd.service import live
 from acqd.service.annotations import annotate
 from acqd.service.supervisor import ACQUIRE, RECORD, Supervisor
@@ -278,7 +277,6 @@ def _record(sup: Supervisor, req: RecordRequest) -> dict:
     if req.bids:  # before the config's defaults: a default subject_id gives way to the BIDS subject
         request = _with_bids(request, req.bids)
     meta = with_rig_defaults(to_acqd(sup.cfg.metadata, "config metadata"), request)
-    require_subject(meta)
     check_layout(meta)
     name = req.session or (bids_name(req.bids) if req.bids else None) or meta.get("session_id") \
         or session_name(**sup.recording)
