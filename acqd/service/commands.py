@@ -40,7 +40,8 @@ class Empty(Request):
 
 
 class RecordRequest(Request):
-    """Start recording. Metadata is merged over the config's defaults; subject fields are required."""
+    """Start recording. Metadata replaces the config's rig-level defaults block by block; the subject (subject_id,
+    species, sex, age) comes with every request (the config holds none)."""
 
     session: str | None = None
     """Session folder name; default: prepend_text + (base_text or a timestamp) + append_text."""
