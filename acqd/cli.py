@@ -27,7 +27,7 @@ from typing import Any
 
 from acqd.config import load_config
 from acqd.errors import AcqdError, ConfigError
-from acqd.metadata import MetadataError, load_file, merge, parse_bids, parse_set, to_acqd
+from acqd.metadata import MetadataError, load_path, merge, parse_bids, parse_set, to_acqd
 from acqd.service.logs import FORMATS
 
 DEFAULT_URL = "http://127.0.0.1:8600"
@@ -119,7 +119,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def _metadata_args(args: argparse.Namespace) -> dict | None:
-    meta = load_file(Path(args.metadata).read_text(), args.metadata) if args.metadata else {}
+    meta = load_path(args.metadata) if args.metadata else {}
     subject = {k: v for k in ("subject_id", "species", "sex", "age") if (v := getattr(args, k)) is not None}
     if subject:
         meta.setdefault("subject", {}).update(subject)
@@ -205,9 +205,14 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Scrub a finalized session: every sealed byte read again against the manifest (session.json included) and
-    every chunk against its checksum; the session is then marked verified, or exit 1 listing what differs."""
+    every chunk against its checksum; the session is then marked verified, or exit 1 listing what differs. An
+    amend that was killed is finished first (rolled forward or back), and said so."""
+    from acqd.finalize import recover_amend
     from acqd.finalize.scrub import scrub_session
 
+    recovered = recover_amend(Path(args.session_dir))
+    if recovered:
+        print(f"{args.session_dir}: {recovered}")
     record = scrub_session(Path(args.session_dir))
     problems = [i["detail"] for i in record["incidents"]]
     print("\n".join(problems) if problems else
@@ -222,7 +227,7 @@ def cmd_amend(args: argparse.Namespace) -> int:
     """Merge --metadata FILE and --set edits over a recorded session's metadata; print what changed."""
     from acqd.finalize.amend import amend_session, default_who
 
-    update = load_file(Path(args.metadata).read_text(), args.metadata) if args.metadata else {}
+    update = load_path(args.metadata) if args.metadata else {}
     update = merge(update, to_acqd(parse_set(args.set), "--set"))
     if not update:
         raise ConfigError("nothing to amend: give --metadata FILE and/or --set FIELD=VALUE")
@@ -235,6 +240,7 @@ def cmd_amend(args: argparse.Namespace) -> int:
     if result.get("master_sha256"):
         print(f"  master rewritten: sha256 {result['previous_master_sha256'][:12]}... -> "
               f"{result['master_sha256'][:12]}... (manifest updated)")
+        print("  exports made before this amendment are stale: `acqd export` into the same folder rebuilds them")
     return 0
 
 
@@ -252,8 +258,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from acqd.share.export import export_session
 
     def summary(r: dict) -> list[str]:
-        return [f"exported {r['session_id']} to {Path(r['out']) / r['nwb']} ({r['bytes'] / 1e6:.1f} MB, "
-                f"{len(r['videos'])} video files) in {r['seconds']:.1f} s",
+        return [f"{'rebuilt the stale export of' if r.get('replaced') else 'exported'} {r['session_id']} to "
+                f"{Path(r['out']) / r['nwb']} ({r['bytes'] / 1e6:.1f} MB, {len(r['videos'])} video files) in "
+                f"{r['seconds']:.1f} s",
                 *(f"  {m['importance']}: {m['check']}: {m['message']}" for m in r["check"]["inspector"])]
 
     return _run_job(args, "export", lambda progress: export_session(

@@ -19,6 +19,8 @@ from acqd.finalize.qc import summary_lines
 from acqd.service.status import print_session_summary
 
 console = Console()
+DEMO_SUBJECT = {"subject_id": "demo", "species": "Mus musculus", "sex": "U", "age": "P90D",
+                "description": "simulated subject of the acqd demo (no animal was recorded)"}
 
 
 def demo(config: Path, data_root: Path, seconds: float) -> int:
@@ -33,7 +35,9 @@ def demo(config: Path, data_root: Path, seconds: float) -> int:
             daemon.command("acquire")
             sim = Simulator(config, seconds + 60, truth=Path(tmp) / "truth.json")
             wait_until(lambda: not daemon.command("preflight")["problems"], "every stream to deliver data")
-            session = daemon.command("record", metadata={"session_description": "acqd demo session"})["session"]
+            # The subject comes with every session, never from the rig config: the demo names its own.
+            session = daemon.command("record", metadata={"session_description": "acqd demo session",
+                                                         "subject": DEMO_SUBJECT})["session"]
             console.print(f"[bold]record[/bold]: session {session['session_id']} for {seconds:.0f} s")
             end = time.monotonic() + seconds
             while time.monotonic() < end:

@@ -24,6 +24,8 @@ import yaml
 
 from acqd.service.procs import Daemon, Simulator, wait_until
 
+SUBJECT = {"subject": {"subject_id": "bench", "species": "Mus musculus", "sex": "U", "age": "P90D"}}
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -78,7 +80,7 @@ def main() -> None:
             t0 = time.monotonic()
             try:
                 for i in range(args.cycles):  # from IDLE: writers start, data flows, files open; then all stop
-                    daemon.command("record", session=f"bench{i:03d}")
+                    daemon.command("record", session=f"bench{i:03d}", metadata=SUBJECT)
                     daemon.command("stop", idle=True)
             finally:
                 done.set()

@@ -13,6 +13,7 @@ import yaml
 from acqd.config import RigConfig, load_config
 from acqd.service.procs import Daemon, Simulator, wait_until
 from acqd.sim.simulate import Rig, SimParams
+from tests.sessions import SUBJECT
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "configs" / "rig.yaml"
@@ -91,7 +92,7 @@ def recording(daemon: Daemon, rig_file: Path, session: str, seed: int, **sim: ob
     The simulator is stopped on the way out; the body decides when to stop recording.
     """
     with acquiring(daemon, rig_file, seed, **sim):
-        status = daemon.command("record", session=session)
+        status = daemon.command("record", session=session, metadata={"subject": SUBJECT})
         yield status, Path(status["session"]["path"])
 
 

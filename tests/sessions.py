@@ -100,17 +100,26 @@ class Recording:
     """Per stream, the true time at which the device restarts its sample counter (the next message starts at 0)."""
 
 
-def session_metadata(cfg: RigConfig) -> dict:
-    return SessionMetadata.model_validate(cfg.metadata).model_dump(mode="json")
+SUBJECT = {"subject_id": "mouse001", "species": "Mus musculus", "sex": "F", "age": "P90D",
+           "description": "simulated subject of the acqd tests (no animal was recorded)"}
+"""The animal every test session records: the rig config holds none, each session names its own."""
 
 
-def record_session(cfg: RigConfig, rig: Rig, session_id: str, rec: Recording = Recording()) -> Path:
-    """Write a closed session folder under ``cfg.daemon.data_root``; returns its path."""
+def session_metadata(cfg: RigConfig, session: dict | None = None) -> dict:
+    """The rig's defaults, then the session's own blocks (``SUBJECT`` unless ``session`` gives a subject)."""
+    meta = {**cfg.metadata, "subject": SUBJECT, **(session or {})}
+    return SessionMetadata.model_validate(meta).model_dump(mode="json")
+
+
+def record_session(cfg: RigConfig, rig: Rig, session_id: str, rec: Recording = Recording(),
+                   metadata: dict | None = None) -> Path:
+    """Write a closed session folder under ``cfg.daemon.data_root``; returns its path. ``metadata``: the session's
+    own blocks over the rig's defaults (the subject is ``SUBJECT`` unless it gives one)."""
     folder = create_session_dir(cfg.daemon.data_root, session_id)
     created = (START + timedelta(seconds=rec.start_s)).isoformat(timespec="milliseconds")
     session = {
         "session_id": session_id, "state": RECORDING, "created": created, "stopped": None, "incomplete": False,
-        "metadata": session_metadata(cfg), "reference": cfg.reference, "config": cfg.model_dump(mode="json"),
+        "metadata": session_metadata(cfg, metadata), "reference": cfg.reference, "config": cfg.model_dump(mode="json"),
         "incidents": [], "streams": {s.name: {"parts": []} for s in cfg.streams},
     }
     write_json_atomic(folder / SESSION_FILE, session)

@@ -22,6 +22,9 @@ SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 EXAMPLE_RIG = Path(__file__).resolve().parents[2] / "configs" / "rig.yaml"
 """Where the page's examples come from (a field the example rig does not set shows its default)."""
 
+EXAMPLE_SUBJECT = {"subject_id": "M12", "species": "Mus musculus", "sex": "F", "age": "P90D"}
+"""The subject the page's examples show (a session's, never the rig config's)."""
+
 EXTRA_EXAMPLES: dict[tuple[str, str], object] = {
     ("RigConfig", "metadata"): {"session_description": "example rig session", "lab": "Example Lab"},
     ("ControlConfig", "token"): "change-me-to-a-long-random-string",
@@ -112,8 +115,11 @@ def markdown(example: Path | None = EXAMPLE_RIG) -> str:
         if model.get("description"):
             out += [" ".join(model["description"].split()), ""]
         if path == "metadata":
-            out += ["Checked when a recording starts, after a record request's metadata is merged over these "
-                    "defaults.", ""]
+            out += ["The rig config's `metadata:` holds rig-level defaults only (lab, institution, experimenters, "
+                    "devices): a config with `subject`, `session_id` or `bids` is refused. Each session brings its "
+                    "subject (record request, `acqd record --subject-id ...`, `--metadata FILE`, the console's "
+                    "form); a session's metadata replaces each block of the defaults it gives, and is checked "
+                    "when the recording starts.", ""]
         out += ["| key | type | default | constraints | meaning | example |", "|---|---|---|---|---|---|"]
         for key, prop in model.get("properties", {}).items():
             required = key in model.get("required", [])
@@ -227,7 +233,8 @@ def _examples(cfg: RigConfig, raw: dict) -> dict[tuple[str, str], object]:
                     walk(item, raw_item)
 
     walk(cfg, raw)
-    walk(SessionMetadata.model_validate(cfg.metadata), raw.get("metadata"))
+    session = {**(raw.get("metadata") or {}), "subject": EXAMPLE_SUBJECT}  # a session's: the rig config has none
+    walk(SessionMetadata.model_validate(session), session)
     return found
 
 

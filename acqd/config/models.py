@@ -421,6 +421,8 @@ class DaemonConfig(_Frozen):
     """Free space on the data root below which recording stops cleanly (a warning at twice this)."""
     annotation_buttons: tuple[str, ...] = ("drug on", "animal moved", "stimulus start", "stimulus end")
     """Quick annotation buttons of the console (one click sends the text as an annotation)."""
+    max_image_pixels: int = Field(50_000_000, gt=0)
+    """Largest image (width x height) an attachment or a stimulus image set may have; checked before decoding."""
 
     @model_validator(mode="after")
     def _heartbeat_after_stats(self) -> DaemonConfig:
@@ -428,6 +430,10 @@ class DaemonConfig(_Frozen):
             raise ValueError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s:g}) must exceed twice "
                              f"stats_interval_s ({self.stats_interval_s:g})")
         return self
+
+
+SESSION_ONLY = ("subject", "Subject", "session_id", "bids")
+"""Metadata keys a rig config may not hold: they describe one session (the animal, the session's name)."""
 
 
 class QcConfig(_Frozen):
@@ -451,10 +457,24 @@ class RigConfig(_Frozen):
     """Name of the stream whose clock is the session timebase; it needs a sync source."""
     streams: tuple[StreamConfig, ...] = Field(min_length=1)
     """The hardware streams, one writer process and one stream file each."""
-    metadata: dict = Field(default_factory=dict, description="defaults merged under a record request's metadata")
-    """Defaults merged under a record request's metadata (see SessionMetadata)."""
+    metadata: dict = Field(default_factory=dict, description="rig-level defaults of every session's metadata "
+                           "(lab, institution, experimenters, devices; never a subject)")
+    """Rig-level defaults of every session's metadata (lab, institution, experimenters, devices; never a subject):
+    a record request's metadata replaces each block it contains (see SessionMetadata)."""
     qc: QcConfig = QcConfig()
     """Thresholds of the QC verdict (residual, drift) that finalize applies."""
+
+    @field_validator("metadata")
+    @classmethod
+    def _rig_level_only(cls, v: dict) -> dict:
+        per_session = [k for k in SESSION_ONLY if k in v] + [f"NWBFile.{k}" for k in SESSION_ONLY
+                                                              if k in (v.get("NWBFile") or {})]
+        if per_session:  # a subject here was recorded into every session, whichever animal was on the rig
+            raise ValueError(f"{', '.join(per_session)}: the rig config holds rig-level metadata only (lab, "
+                             "institution, experimenters, devices); the subject and the session's identity come "
+                             "with each session (acqd record --subject-id/--species/--sex/--age, --metadata FILE, "
+                             "the console's record form): remove it from the config")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> RigConfig:

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from acqd.finalize import qc
+from acqd.finalize import journal, qc
 from acqd.config import QcConfig, StreamConfig
 from acqd.errors import FinalizeError
 from acqd.finalize.digests import Entry, lock_for_finalize, trusted
@@ -56,7 +56,7 @@ from acqd.session import (CLOSED, FINALIZED, FINALIZING, INTERRUPTED, RECORDING,
 from acqd.record.video import VIDEO_DIR
 
 __all__ = ["FinalizeReport", "StreamReport", "finalize_session", "is_immutable", "is_verified", "pair_frames",
-           "unseal_session", "verification", "verify_manifest"]
+           "recover_amend", "unseal_session", "verification", "verify_manifest"]
 
 Progress = Callable[[str, float], None]
 
@@ -91,6 +91,7 @@ def finalize_session(folder: Path, progress: Progress | None = None, *, accept_c
     report_progress = _progress(progress)
     with _exclusive(folder):
         _refuse(folder, scan_folder(folder)[2])  # links first: not even session.json is read through one
+        journal.recover(folder)  # an amend killed after finalize is rolled forward or back first
         session = read_session(folder)
         sid = session.get("session_id") or folder.name
         master = folder / f"{sid}.nwb"
@@ -260,6 +261,14 @@ def _read_streams(folder: Path, configs: dict[str, StreamConfig], parts: dict[st
     return streams, warnings
 
 
+def recover_amend(folder: Path) -> str | None:
+    """Finish an amend that was killed (``journal.recover``: rolled forward or back), under finalize's lock; what
+    it did (None: nothing to do). ``acqd verify`` runs it before its scrub, as amend and finalize do first."""
+    folder = Path(folder).resolve()
+    with _exclusive(folder):
+        return journal.recover(folder)
+
+
 def _already_finalized(folder: Path, session: dict, master: Path, started: float) -> FinalizeReport:
     """Verify the manifest; the report's details come from the QC summary the finalizing run wrote."""
     problems = verify_manifest(folder)
@@ -274,7 +283,8 @@ def _already_finalized(folder: Path, session: dict, master: Path, started: float
                           master=master.name, timebase=summary["timebase"], check=summary["validation"],
                           streams={n: StreamReport(**r) for n, r in summary["streams"].items()},
                           sealed={"files": len(listed) + 1 + bool(old), "read_only": True,
-                                  "immutable": is_immutable(folder / MANIFEST)},
+                                  "immutable": (immutable := is_immutable(folder / MANIFEST)),
+                                  "immutable_error": None if immutable else "the manifest has no immutable flag"},
                           warnings=summary["warnings"] + old, integrity=summary.get("integrity", {}),
                           trusted_from_recording=summary.get("trusted_from_recording", []),
                           verification=verification(folder)["state"], seconds=round(time.monotonic() - started, 3))

@@ -8,7 +8,8 @@ This module owns the two rules about metadata that outlive RECORD:
 - ``amend_session``: new metadata merged over a closed or interrupted session's (``session.json`` only: finalize
   reads its metadata from there), or over a finalized one's, where the master NWB is rewritten: a copy of the
   previous master whose metadata datasets are replaced, validated like finalize validates, then swapped in with
-  the manifest and ``session.json`` updated and sealed again. The stream files are never opened for writing.
+  the manifest and ``session.json`` updated and sealed again, under a journal (``acqd.finalize.journal``) so
+  that a kill at any step is rolled forward or back. The stream files are never opened for writing.
   Every amendment is appended to ``session.json["amendments"]``: who, when, what (``field: old -> new``), and
   after finalize the previous and the new master's sha256.
 """
@@ -26,13 +27,13 @@ import h5py
 from pydantic import ValidationError
 
 from acqd.errors import FinalizeError, SessionError
-from acqd.finalize import _exclusive, nwb
+from acqd.finalize import _checkpoint, _exclusive, journal, nwb
 from acqd.finalize.layout import MANIFEST, PARTIAL
 from acqd.finalize.seal import _sha256 as sha256_file  # the one sha256 reader of finalize
-from acqd.finalize.seal import seal_paths, unseal, verify_manifest
-from acqd.metadata import MetadataError, SessionMetadata, changes, merge, validation_message
-from acqd.session import (CLOSED, FINALIZED, INTERRUPTED, SESSION_FILE, fsync_dir, json_bytes, now_iso, read_session,
-                          write_bytes_atomic, write_json_atomic)
+from acqd.finalize.seal import verify_manifest
+from acqd.metadata import MetadataError, SessionMetadata, changes, merge, require_subject, validation_message
+from acqd.session import (CLOSED, FINALIZED, INTERRUPTED, SESSION_FILE, json_bytes, now_iso, read_session,
+                          write_json_atomic)
 
 __all__ = ["amend_session", "check_metadata", "default_who"]
 
@@ -54,6 +55,7 @@ def default_who() -> str:
 def check_metadata(meta: dict, session_id: str) -> dict:
     """``meta`` (acqd's layout) as JSON if it may be recorded and finalized; else ``MetadataError`` naming each
     field and the rule (the nwbinspector check) it breaks, with the problems in ``.problems``."""
+    require_subject(meta)  # first, and in one line: every path that records (API, CLI, LabRecorder) says it so
     try:
         dumped = SessionMetadata.model_validate(meta).model_dump(mode="json")
     except ValidationError as e:
@@ -79,6 +81,7 @@ def amend_session(folder: Path, update: dict, who: str) -> dict:
     ``FinalizeError`` for a finalized session that no longer matches its manifest."""
     folder = Path(folder).resolve()
     with _exclusive(folder):
+        journal.recover(folder)  # an amend killed earlier is rolled forward or back first
         session = read_session(folder)
         sid = session.get("session_id") or folder.name
         state = session.get("state")
@@ -92,17 +95,21 @@ def amend_session(folder: Path, update: dict, who: str) -> dict:
         if not what:
             return amendment
         if state == FINALIZED:
-            amendment |= _rewrite_master(folder, session, sid, old, new, what)
-        record = {**session, "metadata": new, "amendments": [*session.get("amendments", []), amendment]}
-        if state == FINALIZED:
-            _commit_finalized(folder, sid, record)
+            _amend_finalized(folder, session, sid, new, amendment)
         else:
-            write_json_atomic(folder / SESSION_FILE, record)
+            write_json_atomic(folder / SESSION_FILE, _amended(session, new, amendment))
         return amendment
 
 
-def _rewrite_master(folder: Path, session: dict, sid: str, old: dict, new: dict, what: list[str]) -> dict:
-    """Write ``<id>.nwb.partial``: the master with the changed metadata, validated; returns the digests."""
+def _amended(session: dict, new: dict, amendment: dict) -> dict:
+    return {**session, "metadata": new, "amendments": [*session.get("amendments", []), amendment]}
+
+
+def _amend_finalized(folder: Path, session: dict, sid: str, new: dict, amendment: dict) -> None:
+    """Rewrite the master and commit it with session.json and the manifest, journaled (``acqd.finalize.journal``):
+    a kill at any step leaves a session that the next amend, finalize or verify rolls forward or back.
+    ``amendment`` gains the digests of the previous and the new master."""
+    old, what = session.get("metadata") or {}, amendment["what"]
     fixed = sorted({line.split(":", 1)[0] for line in what} - set(_MASTER_PATHS))
     if fixed:
         raise MetadataError(f"{sid} is finalized: {', '.join(fixed)} cannot change after finalize (the master "
@@ -112,42 +119,53 @@ def _rewrite_master(folder: Path, session: dict, sid: str, old: dict, new: dict,
         raise FinalizeError(f"{sid} does not match its manifest, nothing amended:\n  " + "\n  ".join(problems))
     master = folder / f"{sid}.nwb"
     partial = master.with_name(master.name + PARTIAL)
+    journal.begin(folder, master, partial)  # the intent first: until commit, recovery removes the partial
+    _checkpoint("amend_journal")
+    try:
+        amendment |= _rewrite_master(master, partial, old, new, what)
+    except BaseException:
+        journal.recover(folder)  # rolls back
+        raise
+    _checkpoint("amend_partial")
+    amendment["exports_stale"] = True  # exports made before hold the old metadata: `acqd export` rebuilds them
+    record = json_bytes(_amended(session, new, amendment))
+    journal.commit(folder, amendment["master_sha256"], record, _manifest(
+        folder, {master.name: amendment["master_sha256"], SESSION_FILE: hashlib.sha256(record).hexdigest()}))
+    _checkpoint("amend_commit")
+    journal.recover(folder, _checkpoint)  # rolls forward: the partial replaces the master, then the records
+
+
+def _rewrite_master(master: Path, partial: Path, old: dict, new: dict, what: list[str]) -> dict:
+    """Write ``partial``: the master with the changed metadata, validated and fsynced; returns the digests."""
     partial.unlink(missing_ok=True)
     shutil.copyfile(master, partial)  # external links are relative to the folder: the copy links the same files
+    os.chmod(partial, 0o644)
+    with h5py.File(partial, "r+") as f:  # opening never opens an external link's target
+        for line in what:
+            field = line.split(":", 1)[0]
+            _replace(f, field, _get(old, field), _get(new, field))
+    check = nwb.check_master(partial, {n: rows for n, (rows, _) in nwb.series_lengths(master).items()})
+    if not check.ok:
+        raise MetadataError(f"the amended master failed validation, nothing amended:\n  "
+                            + "\n  ".join(check.blocking))
+    fd = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        os.chmod(partial, 0o644)
-        with h5py.File(partial, "r+") as f:  # opening never opens an external link's target
-            for line in what:
-                field = line.split(":", 1)[0]
-                _replace(f, field, _get(old, field), _get(new, field))
-        check = nwb.check_master(partial, {n: rows for n, (rows, _) in nwb.series_lengths(master).items()})
-        if not check.ok:
-            raise MetadataError(f"the amended master failed validation, nothing amended:\n  "
-                                + "\n  ".join(check.blocking))
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+        os.fsync(fd)  # complete on disk before the journal commits to it (HDF5 never fsyncs)
+    finally:
+        os.close(fd)
     counts: dict[str, int] = {}
     for m in check.inspector:
         counts[m["importance"]] = counts.get(m["importance"], 0) + 1
     return {"previous_master_sha256": sha256_file(master), "master_sha256": sha256_file(partial), "inspector": counts}
 
 
-def _commit_finalized(folder: Path, sid: str, record: dict) -> None:
-    """Swap the validated partial in, then session.json and the manifest (their new digests), and seal them."""
-    master, manifest, session_file = folder / f"{sid}.nwb", folder / MANIFEST, folder / SESSION_FILE
-    data = json_bytes(record)
-    digests = {master.name: record["amendments"][-1]["master_sha256"], SESSION_FILE: hashlib.sha256(data).hexdigest()}
+def _manifest(folder: Path, digests: dict[str, str]) -> bytes:
+    """The session's manifest with the digests of the files in ``digests`` replaced."""
     lines = []
-    for line in manifest.read_text().splitlines():
+    for line in (folder / MANIFEST).read_text().splitlines():
         digest, _, name = line.partition("  ")
         lines.append(f"{digests.get(name, digest)}  {name}\n")
-    unseal([master, manifest, session_file])
-    os.replace(master.with_name(master.name + PARTIAL), master)
-    fsync_dir(folder)
-    write_bytes_atomic(session_file, data)
-    write_bytes_atomic(manifest, "".join(lines).encode())
-    seal_paths([master, session_file, manifest])
+    return "".join(lines).encode()
 
 
 def _get(meta: dict, field: str) -> object:

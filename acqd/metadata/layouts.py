@@ -15,12 +15,14 @@ acqd stream name) becomes ``ecephys[name]`` with ``location`` and ``description`
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
 from acqd.metadata.models import SessionMetadata
+from acqd.session import read_bounded
 
 NEUROCONV_SECTIONS = ("NWBFile", "Subject", "Ecephys")
 _SET_FIXED = {"session_start_time": "acqd sets it from the reference clock's first sample",
@@ -28,6 +30,12 @@ _SET_FIXED = {"session_start_time": "acqd sets it from the reference clock's fir
 BIDS_ENTITIES = {"sub": "subject", "ses": "session", "task": "task", "acq": "acquisition", "run": "run"}
 """BIDS entity keys, in the order BIDS puts them in a name, and their long names."""
 _BIDS_LABEL = re.compile(r"[A-Za-z0-9]{1,32}")
+MAX_FILE_BYTES = 256 << 10
+"""A metadata file larger than this is refused before it is parsed (a lab's file is a few kB; PyYAML parses
+about 1 MB a second, so a 50 MB file would hold the CLI for minutes)."""
+MAX_DEPTH = 16
+"""Mappings and lists nested deeper than this are refused (acqd's deepest field is 4 levels down; PyYAML's
+composer recurses per level, so deep nesting would end in a RecursionError)."""
 
 
 class MetadataError(ValueError):
@@ -76,12 +84,58 @@ def validation_message(e: ValidationError) -> str:
 
 def load_file(text: str, where: str) -> dict:
     """A metadata YAML file (either layout) as acqd's layout, unknown keys refused."""
-    raw = yaml.safe_load(text) or {}
+    raw = safe_yaml(text, where) or {}
     if not isinstance(raw, dict):
         raise MetadataError(f"{where}: expected a mapping of metadata fields, got {type(raw).__name__}")
     meta = to_acqd(raw, where)
     check_layout(meta, where)
     return meta
+
+
+def load_path(path: str | Path) -> dict:
+    """``load_file`` of the file at ``path``, refused (one line) if it is larger than ``MAX_FILE_BYTES``, is not a
+    regular file, or is not UTF-8."""
+    data = read_bounded(path, MAX_FILE_BYTES)
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise MetadataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    return load_file(text, str(path))
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` bounded: nesting deeper than ``MAX_DEPTH`` and aliases (``*name``: a few lines of them
+    expand to gigabytes) are refused, and every YAML error becomes one ``MetadataError`` line with line:column."""
+    try:
+        return yaml.load(text, _BoundedLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise MetadataError(f"{where}{at}: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise MetadataError(f"{where}: not YAML ({str(e).splitlines()[0]})") from None
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with a nesting limit and without aliases (see ``safe_yaml``)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not accepted in metadata "
+                                              "(write the value out)", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def parse_set(items: list[str]) -> dict:
@@ -96,8 +150,24 @@ def parse_set(items: list[str]) -> dict:
         *parents, leaf = path.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value) if value.lstrip().startswith(("[", "{")) else value
+        node[leaf] = safe_yaml(value, f"--set {path}") if value.lstrip().startswith(("[", "{")) else value
     return out
+
+
+def with_rig_defaults(rig: dict, session: dict) -> dict:
+    """A session's metadata over the rig config's defaults (both in acqd's layout): each top-level block the
+    session gives (``subject``, ``ecephys``, ``experimenter``...) replaces the rig's whole, so a metadata file never
+    merges into a block it does not describe. The rig config holds no subject (``RigConfig.metadata``)."""
+    return {**rig, **session}
+
+
+def require_subject(meta: dict) -> None:
+    """RECORD's first rule: the session names its animal (the rig config never does)."""
+    if not meta.get("subject"):
+        raise MetadataError("subject: missing: every recording needs its animal (subject.subject_id, subject.species, "
+                            "subject.sex, and subject.age or subject.date_of_birth), given with the session: "
+                            "acqd record --subject-id M12 --species 'Mus musculus' --sex F --age P90D, --metadata "
+                            "FILE, or the console's record form")
 
 
 def merge(base: dict, over: dict) -> dict:

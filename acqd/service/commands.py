@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from acqd.config import check_name
 from acqd.errors import ConfigError, SessionError
 from acqd.finalize.amend import amend_session, check_metadata
-from acqd.metadata import MetadataError, bids_name, check_layout, merge, to_acqd
+from acqd.metadata import MetadataError, bids_name, check_layout, merge, to_acqd, with_rig_defaults
 from acqd.service import live
 from acqd.service.annotations import annotate
 from acqd.service.supervisor import ACQUIRE, RECORD, Supervisor
@@ -45,7 +45,8 @@ class Empty(Request):
 
 
 class RecordRequest(Request):
-    """Start recording. Metadata is merged over the config's defaults; subject fields are required."""
+    """Start recording. Metadata replaces the config's rig-level defaults block by block; the subject (subject_id,
+    species, sex, age) comes with every request (the config holds none)."""
 
     session: str | None = None
     """Session folder name; default: prepend_text + (base_text or a timestamp) + append_text."""
@@ -281,7 +282,7 @@ def _record(sup: Supervisor, req: RecordRequest) -> dict:
     request = to_acqd(req.metadata, "metadata")
     if req.bids:  # before the config's defaults: a default subject_id gives way to the BIDS subject
         request = _with_bids(request, req.bids)
-    meta = merge(to_acqd(sup.cfg.metadata, "config metadata"), request)
+    meta = with_rig_defaults(to_acqd(sup.cfg.metadata, "config metadata"), request)
     check_layout(meta)
     name = req.session or (bids_name(req.bids) if req.bids else None) or meta.get("session_id") \
         or session_name(**sup.recording)

@@ -93,7 +93,9 @@ class Jobs(dict[tuple[str, str], Job]):
     def listed(self) -> list[dict]:
         """Every run, for the status snapshot and the console (any thread: list() copies the runs at once, while
         the supervisor thread may add one)."""
-        return [{"kind": k, "session": sid, **job.as_dict(with_report=False)} for (k, sid), job in list(self.items())]
+        return [{"kind": k, "session": sid, **job.as_dict(with_report=False),
+                 "master_sha256": (job.report or {}).get("master_sha256")}  # an export is stale once amended
+                for (k, sid), job in list(self.items())]
 
     def stop(self) -> None:
         for job in self.values():

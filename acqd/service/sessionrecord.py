@@ -18,7 +18,7 @@ from pathlib import Path
 from acqd.config import RigConfig
 from acqd.errors import SessionError
 from acqd.images import check_stimulus_images, register_stimulus_images
-from acqd.metadata import SessionMetadata, merge, to_acqd
+from acqd.metadata import SessionMetadata, to_acqd, with_rig_defaults
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.service.sessionlog import SessionLog
 from acqd.session import (CLOSED, INTERRUPTED, RECORDING, SESSION_FILE, STREAMS_DIR, create_session_dir,
@@ -131,9 +131,9 @@ class SessionRecord:
 
 
 def session_metadata(cfg: RigConfig, metadata: dict | None) -> dict:
-    """A record request's metadata over the config's (which may use neuroconv's layout), checked: SessionError if
-    incomplete or invalid."""
-    meta = merge(to_acqd(cfg.metadata), metadata or {})
+    """A record request's metadata over the config's rig-level defaults (which may use neuroconv's layout; each
+    block the request gives replaces the config's), checked: SessionError if incomplete or invalid."""
+    meta = with_rig_defaults(to_acqd(cfg.metadata), metadata or {})
     try:
         return SessionMetadata.model_validate(meta).model_dump(mode="json")
     except ValueError as e:

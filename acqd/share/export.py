@@ -52,6 +52,7 @@ from pynwb import NWBHDF5IO, TimeSeries
 from acqd.finalize import nwb
 from acqd.errors import ExportError
 from acqd.finalize import verify_manifest
+from acqd.finalize.layout import MANIFEST
 from acqd.session import FINALIZED, fsync_dir, read_session
 
 __all__ = ["ExportError", "ExportReport", "dandi_path", "export_session", "external_file_name", "modalities",
@@ -66,6 +67,8 @@ GZIP_LEVEL = 4  # hdmf's and most NWB converters' default: ~2x slower than level
 CHUNK_BYTES = 8 << 20  # full-width row chunks of ~8 MiB: few HDF5 chunk lookups, cheap ranged reads from S3
 BUFFER_CHUNKS = 8  # chunks read and compressed per step (bounds memory at ~64 MiB)
 STAGING_PREFIX = ".acqd-export-"
+MASTER_ATTR = "acqd_master_sha256"
+"""Root attribute of an export: the sha256 of the master it was made from (stale once an amend changes it)."""
 SERIES_GROUPS = ("acquisition", "stimulus/presentation")  # where the master's series (and their sync links) are
 VIDEO_MODULES = ("acquisition", "processing")  # dandi-cli consts.VIDEO_FILE_MODULES: where ImageSeries are renamed
 TRIVIAL_MODALITIES = {"base", "device", "file", "misc"}  # dandi organize leaves these out of file names
@@ -90,6 +93,11 @@ class ExportReport:
     bytes: int = 0
     """Size of the NWB file and the videos."""
     seconds: float = 0.0
+    master_sha256: str = ""
+    """The master the export was made from (its manifest digest), also in the export's ``acqd_master_sha256``
+    root attribute: an amend after the export changes the master, and the export is then stale."""
+    replaced: bool = False
+    """A stale export of the same session (made from an earlier master) was rebuilt in its place."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,21 +184,24 @@ def export_session(folder: Path, out: Path, progress: Progress | None = None, *,
     folder, out = Path(folder).resolve(), Path(out).resolve()
     report_progress("check", 0.0)
     master, sid = _check_session(folder, out)
+    master_sha256 = master_digest(folder, master.name)
     expected = {name: int(rows) for name, (rows, _) in nwb.series_lengths(master).items()}
     report_progress("check", _at("check", 0.5))
     bids = read_session(folder).get("metadata", {}).get("bids")
-    _refuse_existing(out, _name_of(master, bids))  # fail fast: the export's name is known from the master already
+    _refuse_existing(out, _name_of(master, bids), master_sha256)  # fail fast: the name is known from the master
     out.mkdir(parents=True, exist_ok=True)
     with _staging(out, sid) as staging:
         exported = staging / "export.nwb"
         _export_nwb(master, exported, gzip_level, report_progress)
         rel = _name_of(exported, bids)
-        _refuse_existing(out, rel)
+        replace = _refuse_existing(out, rel, master_sha256)
         target = staging / rel
         target.parent.mkdir(parents=True)
         os.rename(exported, target)
         report_progress("sync", STAGES["sync"][0])
         synced = _copy_sync(master, target)
+        with h5py.File(target, "r+") as f:
+            f.attrs[MASTER_ATTR] = master_sha256
         report_progress("video", STAGES["video"][0])
         renamed = _rename_external_files(target, rel)
         videos = _copy_videos(master.parent, staging / Path(rel).parent, renamed, report_progress)
@@ -200,7 +211,7 @@ def export_session(folder: Path, out: Path, progress: Progress | None = None, *,
         if problems:
             raise ExportError(f"the export of {sid} failed validation:\n  " + "\n  ".join(problems))
         report_progress("rename", STAGES["rename"][0])
-        _publish(staging, out, rel, videos)
+        _publish(staging, out, rel, videos, replace)
     nwb_dir = (out / rel).parent
     report = ExportReport(
         session_id=sid, out=str(out), nwb=rel, videos=[_join(Path(rel).parent, v) for v in videos],
@@ -208,7 +219,7 @@ def export_session(folder: Path, out: Path, progress: Progress | None = None, *,
                        "external_file": [n for _, n in renamed.get(name, [])]}
                 for name, rows in expected.items()},
         check=check.to_dict(), bytes=(out / rel).stat().st_size + sum((nwb_dir / v).stat().st_size for v in videos),
-        seconds=round(time.monotonic() - started, 3))
+        seconds=round(time.monotonic() - started, 3), master_sha256=master_sha256, replaced=replace)
     report_progress("rename", 1.0)
     return report
 
@@ -272,10 +283,39 @@ def _name_of(path: Path, bids: dict[str, str] | None = None) -> str:
     return dandi_path(subject, session, modalities(path), bids)
 
 
-def _refuse_existing(out: Path, rel: str) -> None:
-    for p in (out / rel, (out / rel).with_suffix("")):
+def _refuse_existing(out: Path, rel: str, master_sha256: str) -> bool:
+    """Refuse an export that exists already, unless it is stale (made from an earlier master: an amend changed
+    the metadata since); returns whether one is there to be replaced."""
+    nwb_file = out / rel
+    if nwb_file.is_file() and not nwb_file.is_symlink():
+        made_from = export_master(nwb_file)
+        if made_from is not None and made_from != master_sha256:
+            return True
+        if made_from == master_sha256:
+            raise ExportError(f"{nwb_file} already exists and is current (made from this master): nothing to do")
+    for p in (nwb_file, nwb_file.with_suffix("")):
         if p.exists() or p.is_symlink():
             raise ExportError(f"{p} already exists: remove it (or export into another folder) to export again")
+    return False
+
+
+def master_digest(folder: Path, master: str) -> str:
+    """The sha256 of a finalized session's master, as its (verified) manifest lists it."""
+    for line in (Path(folder) / MANIFEST).read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        if name == master:
+            return digest
+    raise ExportError(f"{folder.name}: {MANIFEST} does not list {master}")
+
+
+def export_master(path: Path) -> str | None:
+    """The master an export was made from (``acqd_master_sha256``), None for one made by an older acqd."""
+    try:
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get(MASTER_ATTR)
+    except OSError:
+        return None
+    return _text(value) if value is not None else None
 
 
 class _Rows(GenericDataChunkIterator):
@@ -429,14 +469,22 @@ def _sync_problems(master: Path, export: Path, synced: list[str]) -> list[str]:
     return problems
 
 
-def _publish(staging: Path, out: Path, rel: str, videos: list[str]) -> None:
-    """Move the validated export into place: videos first, the NWB file last (its appearance is the commit)."""
+def _publish(staging: Path, out: Path, rel: str, videos: list[str], replace: bool = False) -> None:
+    """Move the validated export into place: videos first, the NWB file last (its appearance is the commit). With
+    ``replace``, the stale export there is first moved into the staging folder (which the caller removes)."""
     nwb_file = staging / rel
     for p in [nwb_file, *(nwb_file.parent / v for v in videos)]:
         with open(p, "rb") as f:
             os.fsync(f.fileno())
     target = out / rel
     target.parent.mkdir(parents=True, exist_ok=True)
+    if replace:
+        stale = staging / "stale"
+        stale.mkdir()
+        os.rename(target, stale / target.name)
+        if target.with_suffix("").is_dir() and not target.with_suffix("").is_symlink():
+            os.rename(target.with_suffix(""), stale / target.with_suffix("").name)
+        fsync_dir(target.parent)
     video_dir = nwb_file.with_suffix("")
     if videos:
         fsync_dir(video_dir)

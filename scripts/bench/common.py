@@ -15,6 +15,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_baselines as baselines  # noqa: E402,F401 - scripts/bench_baselines.py, re-exported for the scenarios
 
 BENCH_RIG = ROOT / "configs" / "bench-rig.yaml"
+BENCH_METADATA = {"subject": {"subject_id": "bench", "species": "Mus musculus", "sex": "U", "age": "P90D"}}
+"""What every benchmark session records under (the rig config holds no subject)."""
 DOC = ROOT / "docs" / "performance.md"
 SCENARIOS = ("reference", "ramp", "naive", "disk", "pynwb", "finalize", "preview", "slow")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from acqd.service.procs import Daemon, Simulator, wait_until
-from bench.common import BENCH_RIG, log, med
+from bench.common import BENCH_METADATA, BENCH_RIG, log, med
 from bench.procwatch import ProcWatch, is_acqd, wait_quiet
 from bench.session import SETTLE_S, read_session, rig_file, summarize_streams
 
@@ -68,7 +68,8 @@ def scenario_preview(args: argparse.Namespace, workdir: Path) -> dict:
         daemon.command("acquire")
         sim = Simulator(config, n_windows * (window_s + 10) + 900, timeout_s=300)
         wait_until(lambda: not daemon.command("preflight")["problems"], "every stream to deliver data", 120, 0.5)
-        started = daemon.command("record", session=f"bench-preview-{time.strftime('%H%M%S')}")
+        started = daemon.command("record", session=f"bench-preview-{time.strftime('%H%M%S')}",
+                                 metadata=BENCH_METADATA)
         folder = Path(started["session"]["path"])
         pids = {"supervisor": daemon.pid, "simulator": sim.proc.pid,
                 **{f"writer:{n}": s["pid"] for n, s in started["streams"].items() if s["pid"]}}

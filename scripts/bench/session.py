@@ -15,7 +15,7 @@ import yaml
 
 from acqd.record.streamfile import open_for_read
 from acqd.service.procs import Daemon, Simulator, wait_until
-from bench.common import BENCH_RIG
+from bench.common import BENCH_METADATA, BENCH_RIG
 from bench.procwatch import CLK_TCK, RSS_LIMIT_MB, ProcWatch, children_running, cpu_ticks, is_acqd, wait_quiet
 
 SIM_BEHIND_LIMIT_S = 0.25
@@ -144,7 +144,7 @@ def record(config: Path, workdir: Path, seconds: float, sample_s: float, quiet_w
         daemon.command("acquire")
         sim = Simulator(sim_config or config, seconds + 900, timeout_s=300)
         wait_until(lambda: not daemon.command("preflight")["problems"], "every stream to deliver data", 120, 0.5)
-        started = daemon.command("record", session=f"bench-{time.strftime('%H%M%S')}")
+        started = daemon.command("record", session=f"bench-{time.strftime('%H%M%S')}", metadata=BENCH_METADATA)
         folder = Path(started["session"]["path"])
         writers = {f"writer:{n}": s["pid"] for n, s in started["streams"].items() if s["pid"]}
         time.sleep(SETTLE_S)

@@ -47,6 +47,11 @@ def broken(tmp_path: Path, edit) -> Path:
      r"streams\[0\] 'probe'.colour: unknown key 'colour'; allowed keys: curve, conversion, "),
     (lambda r: r["streams"][0]["sync"].update(bitt=1), r"'probe'.sync.bitt: unknown key 'bitt'; allowed keys: bit, "),
     (lambda r: r["streams"][0].update(name="p" * 33), r"'ppp.*'.name: stream name 'p+' is 33 bytes; the wire header's"),
+    # Issue 23.2: a subject in the rig config was recorded into every session, whichever animal was on the rig.
+    (lambda r: r["metadata"].update(subject={"subject_id": "mouse001"}),
+     r"metadata: subject: the rig config holds rig-level metadata only \(lab, institution, experimenters, devices\)"),
+    (lambda r: r["metadata"].update(Subject={"subject_id": "mouse001"}), r"metadata: Subject: the rig config holds"),
+    (lambda r: r.update(metadata={"NWBFile": {"lab": "x", "session_id": "s1"}}), r"metadata: NWBFile.session_id: "),
 ])
 def test_bad_config_errors_name_the_place(tmp_path, edit, message):
     with pytest.raises(ConfigError, match=message):

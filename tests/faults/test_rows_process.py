@@ -21,6 +21,7 @@ from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.client import ApiError
 from acqd.service.procs import Daemon, Simulator, pid_alive, stop_process, wait_until
 from tests.conftest import acquiring, assert_bit_exact, recording, rig_for, write_rig
+from tests.sessions import SUBJECT
 
 
 def writers_of(tag: str) -> list[int]:
@@ -207,14 +208,14 @@ def test_row30_stop_against_a_stalled_writer_then_record_never_silently_lacks_th
             daemon.command("stop")  # the writer cannot answer: stop gives up on it once it is seen hung
             stop_s = time.monotonic() - t0
             with pytest.raises(ApiError, match="stream 'sensor' has a hung writer") as refused:
-                daemon.command("record", session="b")
+                daemon.command("record", session="b", metadata={"subject": SUBJECT})
             assert refused.value.status == 409 and not (tmp_path / "data" / "b").exists()
         finally:
             os.kill(pid, signal.SIGCONT)
         # It resumes, handles the stale `stop` (closing a's file), and is reconciled to acquiring.
         wait_until(lambda: daemon.command("status")["streams"]["sensor"]["state"] == "acquiring", "the writer back")
         wait_until(lambda: not daemon.command("preflight")["problems"], "every stream to flow")
-        third = Path(daemon.command("record", session="c")["session"]["path"])
+        third = Path(daemon.command("record", session="c", metadata={"subject": SUBJECT})["session"]["path"])
         rows = wait_until(lambda: (s := daemon.command("status")["streams"])["sensor"]["rows"] > 500 and s,
                           "the sensor to record in the next session")
         assert all(s["state"] == "recording" and s["pid"] for s in rows.values())
@@ -245,7 +246,7 @@ def test_row30_record_while_a_writer_is_stalled_says_so_and_records_it_once_it_a
         pid = daemon.command("status")["streams"]["sensor"]["pid"]
         try:
             os.kill(pid, signal.SIGSTOP)  # stalled, not yet seen hung: preflight passes
-            status = daemon.command("record", session="late")
+            status = daemon.command("record", session="late", metadata={"subject": SUBJECT})
         finally:
             os.kill(pid, signal.SIGCONT)
         folder = Path(status["session"]["path"])
@@ -290,7 +291,7 @@ def test_row30_a_lost_writer_report_is_reconciled_from_its_stats(tmp_path):
         sim = Simulator(rig_file, 60, seed=34)
         sup._wait_for(lambda: not sup.preflight(), "all streams to flow")
         t0 = time.monotonic()
-        status = sup.record(None, "lossy")
+        status = sup.record({"subject": SUBJECT}, "lossy")
         record_s = time.monotonic() - t0
         assert dropped and status["streams"]["sensor"]["state"] == "recording"
         folder = Path(status["session"]["path"])
@@ -417,11 +418,13 @@ def test_row23_unwritable_data_root_is_refused_with_the_path_and_the_reason(tmp_
         try:
             chattr("+i", tmp_path / "data")  # made unwritable while the daemon runs
             with pytest.raises(ApiError) as refused:
-                daemon.command("record", session="later")
+                daemon.command("record", session="later", metadata={"subject": SUBJECT})
             assert refused.value.status == 409
             assert str(refused.value) == f"data root {tmp_path / 'data'} cannot be written: Operation not permitted"
             cli = subprocess.run([sys.executable, "-m", "acqd.cli", "record", "--session", "later", "--url",
-                                  daemon.url], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+                                  daemon.url, "--subject-id", "m1", "--species", "Mus musculus", "--sex", "F",
+                                  "--age", "P90D"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                 timeout=60)
             assert cli.returncode == 2 and cli.stderr.strip().splitlines() == [f"acqd: error: {refused.value}"]
         finally:
             chattr("-i", tmp_path / "data")

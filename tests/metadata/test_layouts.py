@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from acqd.finalize.amend import check_metadata
-from acqd.metadata import MetadataError, bids_name, changes, load_file, parse_bids, parse_set
+from acqd.metadata import (MetadataError, bids_name, changes, load_file, parse_bids, parse_set, require_subject,
+                           with_rig_defaults)
 
 GOOD = {"session_description": "go/no-go, day 3", "experimenter": ["Doe, Jane"],
         "subject": {"subject_id": "M12", "species": "Mus musculus", "sex": "F", "age": "P90D"}}
@@ -122,3 +123,18 @@ def test_bids_names():
         bids_name({"ses": "1"})
     with pytest.raises(MetadataError, match="KEY one of"):
         parse_bids("subj=M12")
+
+
+def test_a_session_block_replaces_the_rig_default_whole_and_the_subject_is_required():
+    """Issue 23.2: a metadata file for M12 got the demo subject's description merged in. A session's block now
+    replaces the rig's whole (nothing of another block leaks in), and a session without a subject is refused."""
+    rig = {"lab": "Example Lab", "experimenter": ["Doe, Jane"], "ecephys": {"probe": {"location": "VISp"}}}
+    session = {"subject": {"subject_id": "M12"}, "ecephys": {"probe": {"description": "AP -3.5"}}}
+    meta = with_rig_defaults(rig, session)
+    assert meta == {"lab": "Example Lab", "experimenter": ["Doe, Jane"], "subject": {"subject_id": "M12"},
+                    "ecephys": {"probe": {"description": "AP -3.5"}}}
+    require_subject(meta)
+    for missing in (rig, {**rig, "subject": {}}, {**rig, "subject": None}):
+        with pytest.raises(MetadataError, match=r"^subject: missing: every recording needs its animal "
+                                                 r"\(subject.subject_id, subject.species, subject.sex"):
+            require_subject(missing)

@@ -48,8 +48,8 @@ def test_status_answers_while_a_record_command_runs(rig_file, daemon_factory):
     sim = Simulator(rig_file, 60, seed=3, extra=("--wait-peers", "0"))  # publishing before any writer connects
     try:
         result: dict = {}
-        record = threading.Thread(target=lambda: result.update(
-            daemon.client.request("PUT", "/api/status", {"mode": "RECORD"})))
+        record = threading.Thread(target=lambda: result.update(  # RECORD from IDLE (the subject comes with it)
+            daemon.command("record", metadata={"subject": SUBJECT})))
         record.start()  # from IDLE: start every writer, wait for data, open the files: seconds of work
         latencies, modes = [], set()
         with httpx.Client(base_url=daemon.url, timeout=30) as http:
@@ -160,7 +160,7 @@ def test_hostile_requests_are_refused_before_anything_runs(tmp_path, daemon_fact
                                f"Content-Length: {length}\r\n\r\n{{}}") in (400, 413), length
         assert post("record", b'{"session": "../x"}', **{"Content-Type": "application/json"}).status_code == 422
         # An invalid record in IDLE starts nothing: no writer, no folder.
-        r = post("record", b'{"session": "ok1", "metadata": {"subject": {"age": "90 days"}}}',
+        r = post("record", json.dumps({"session": "ok1", "metadata": {"subject": {**SUBJECT, "age": "90 days"}}}).encode(),
                  **{"Content-Type": "application/json"})
         assert r.status_code == 422 and "age" in r.json()["error"]
         outside = tmp_path / "elsewhere"
@@ -211,7 +211,7 @@ def test_sd_notify_ready_watchdog_and_stopping(rig_file, daemon_factory, tmp_pat
 def test_mode_changes_are_idempotent_and_acquire_does_not_end_a_recording(rig_file, daemon_factory):
     daemon = daemon_factory(rig_file)
     with acquiring(daemon, rig_file, seed=5):
-        first = daemon.command("record", session="idem")
+        first = daemon.command("record", session="idem", metadata={"subject": SUBJECT})
         again = daemon.command("record")
         assert again["already_recording"] and again["session"]["session_id"] == "idem"
         assert daemon.client.request("PUT", "/api/status", {"mode": "RECORD"})["session"]["session_id"] == "idem"
@@ -219,7 +219,7 @@ def test_mode_changes_are_idempotent_and_acquire_does_not_end_a_recording(rig_fi
             daemon.command("acquire")
         assert e.value.status == 409
         with pytest.raises(ApiError, match="already recording session 'idem'") as e:
-            daemon.command("record", session="other")
+            daemon.command("record", session="other", metadata={"subject": SUBJECT})
         assert e.value.status == 409 and first["session"]["session_id"] == "idem"
         assert daemon.command("status")["mode"] == "RECORD"
         daemon.command("stop")

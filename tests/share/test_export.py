@@ -27,6 +27,7 @@ from pynwb import NWBHDF5IO, validate
 from acqd.share.export import ExportError, dandi_path, export_session, external_file_name, sanitize
 from acqd.finalize import finalize_session, unseal_session, verify_manifest
 from acqd.sim.simulate import Rig, SimParams
+from sessions import SUBJECT as TEST_SUBJECT
 from sessions import Recording, Restart, record_session, small_config
 
 SID = "2023-11-14_22.13"
@@ -42,11 +43,11 @@ def sessions(tmp_path_factory):
     """(recorded, never finalized; finalized copy) of the session; the copy is unsealed after the module."""
     root = tmp_path_factory.mktemp("export")
     cfg = small_config(root / "recorded", camera_video={"codec": "ffv1", "frames_per_file": 200})
-    subject = {**cfg.metadata["subject"], "subject_id": SUBJECT}
     streams = tuple(s.model_copy(update={"compression": "blosc-lz4"}) if s.name == "probe" else s
                     for s in cfg.streams)
-    cfg = cfg.model_copy(update={"metadata": {**cfg.metadata, "subject": subject}, "streams": streams})
-    recorded = record_session(cfg, Rig(cfg, SimParams(seed=3, seconds=30)), SID, RECORDING)
+    cfg = cfg.model_copy(update={"streams": streams})
+    recorded = record_session(cfg, Rig(cfg, SimParams(seed=3, seconds=30)), SID, RECORDING,
+                              {"subject": {**TEST_SUBJECT, "subject_id": SUBJECT}})
     folder = root / "finalized" / SID
     shutil.copytree(recorded, folder)
     try:
@@ -298,10 +299,8 @@ def test_a_bids_named_session_exports_under_its_bids_name(tmp_path):
     metadata; the export is named from them (not from the sanitised folder name)."""
     cfg = small_config(tmp_path / "data", probe_channels=4)
     bids = {"sub": "M12", "ses": "3", "task": "gonogo", "run": "1"}
-    cfg = cfg.model_copy(update={"metadata": {**cfg.metadata, "bids": bids,
-                                              "subject": {**cfg.metadata["subject"], "subject_id": "M12"}}})
     folder = record_session(cfg, Rig(cfg, SimParams(seed=4, seconds=20)), "sub-M12_ses-3_task-gonogo_run-1",
-                            Recording(seconds=4.0))
+                            Recording(seconds=4.0), {"bids": bids, "subject": {**TEST_SUBJECT, "subject_id": "M12"}})
     try:
         finalize_session(folder)
         report = export_session(folder, tmp_path / "dandiset")
@@ -311,3 +310,43 @@ def test_a_bids_named_session_exports_under_its_bids_name(tmp_path):
     assert (tmp_path / "dandiset" / report.nwb).is_file()
     assert dandi_path("M12", "x", ["ecephys"], {"sub": "M12", "acq": "np", "run": "2"}) == \
         "sub-M12/sub-M12_acq-np_run-2_ecephys.nwb"
+
+
+def test_amend_after_export_marks_it_stale_and_export_rebuilds_it(sessions, tmp_path):
+    """Issue 23.3: the export said sex F after the session was amended to M. Now the amendment marks exports stale,
+    the console shows it, and exporting again into the same folder rebuilds the export with the amended metadata."""
+    from acqd.finalize.amend import amend_session
+    from acqd.service.console import session_row
+    from acqd.session import read_session
+
+    _, finalized = sessions
+    folder = tmp_path / SID
+    shutil.copytree(finalized, folder)
+    out = tmp_path / "dandiset"
+    try:
+        first = export_session(folder, out)
+        info = {"session_id": SID, "state": "finalized", "path": str(folder)}
+        done = {"export": {"state": "done", "master_sha256": first.master_sha256}}
+        assert session_row(info, done)["state"] == "exported"
+        with pytest.raises(ExportError, match="already exists and is current"):
+            export_session(folder, out)
+        with h5py.File(out / first.nwb, "r") as f:
+            sex = f["general/subject/sex"][()].decode()
+        new_sex = "M" if sex != "M" else "F"
+        amendment = amend_session(folder, {"subject": {"sex": new_sex}}, who="x")
+        assert amendment["exports_stale"] is True
+        assert read_session(folder)["amendments"][-1]["exports_stale"] is True
+        assert session_row(info, done)["state"] == "export stale"
+        out_cli = subprocess.run([sys.executable, "-m", "acqd.cli", "export", str(folder), "--out", str(out)],
+                                 capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+        assert out_cli.returncode == 0 and "rebuilt the stale export" in out_cli.stdout, out_cli.stderr
+        with h5py.File(out / first.nwb, "r") as f:
+            assert f["general/subject/sex"][()].decode() == new_sex
+            assert f.attrs["acqd_master_sha256"] == amendment["master_sha256"] != first.master_sha256
+        assert sorted(p.name for p in out.iterdir()) == [first.nwb.split("/")[0]]  # no staging left behind
+        assert sorted(p.relative_to(out).as_posix() for p in (out / first.nwb).parent.iterdir()) == sorted(
+            [first.nwb, first.nwb.removesuffix(".nwb")])
+        done["export"]["master_sha256"] = amendment["master_sha256"]
+        assert session_row(info, done)["state"] == "exported"
+    finally:
+        unseal_session(folder)

@@ -105,4 +105,4 @@ class Incidents:
     def _post(self, kind: str, detail: str) -> None:
         # The supervisor thread owns incidents: queued there, never waited for (it may be busy starting a
         # recording for the very client being answered).
-        self.sup.post(self.sup._incident, None, kind, detail)
+        self.sup.post(self.sup.incident, None, kind, detail)

@@ -31,16 +31,16 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from acqd.config import check_name
-from acqd.metadata import SessionMetadata
-from acqd.errors import SessionError
+from acqd.errors import ExportError, SessionError
 from acqd.finalize.nwb import metadata_problems
 from acqd.finalize.layout import QC_DIR
 from acqd.finalize.scrub import verification
-from acqd.metadata import MetadataError, merge, to_acqd
+from acqd.metadata import MetadataError, SessionMetadata, to_acqd, with_rig_defaults
 from acqd.session import LOG_FILE, SESSION_FILE, list_sessions, read_annotations, read_session, session_name
 from acqd.service.commands import export_roots
 from acqd.service.previews import FLUSH_S
 from acqd.service.supervisor import Supervisor
+from acqd.share.export import master_digest
 
 WEB_DIR = Path(__file__).with_name("web")
 SWAGGER = "/console/vendor/swagger-ui"  # Swagger UI for /docs, from the package: a rig PC may have no internet
@@ -74,16 +74,18 @@ def metadata_errors(defaults: dict, metadata: dict, session: str = "session") ->
     """What ``record`` would refuse in ``metadata`` (merged over the config's defaults, as ``record`` merges it),
     per field path: the models' errors, then finalize's nwbinspector checks (message and check name)."""
     try:
-        meta = merge(to_acqd(defaults, "config metadata"), to_acqd(metadata))
+        meta = with_rig_defaults(to_acqd(defaults, "config metadata"), to_acqd(metadata))
     except MetadataError as e:
         return {"metadata": str(e)}
     out: dict[str, str] = {}
-    try:
-        SessionMetadata.model_validate(meta)
+    try:  # no subject at all: each of its required fields is reported beside its own input
+        SessionMetadata.model_validate({"subject": {}, **meta})
     except ValidationError as e:
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
-            out.setdefault(key, err["msg"].removeprefix("Value error, "))
+            msg = err["msg"].removeprefix("Value error, ")
+            out.setdefault(key, "required: the animal of this session" if key.startswith("subject.")
+                           and err["type"] == "missing" else msg)
     for p in metadata_problems(meta, session):
         out.setdefault(p["field"], f"{p['message']} ({p['check']})")
     return out
@@ -154,11 +156,20 @@ def session_row(info: dict, jobs: dict[str, dict]) -> dict:
     except SessionError:
         s = {}
     state = info["state"]
-    if state == "finalized" and jobs.get("export", {}).get("state") == "done":
-        state = "exported"
+    export = jobs.get("export", {})
+    if state == "finalized" and export.get("state") == "done":  # stale: amended since (rebuilt by a new export)
+        state = "exported" if export.get("master_sha256") == _master_digest(folder, s) else "export stale"
     return {**info, "state": state, "stopped": s.get("stopped"), "size_bytes": folder_bytes(folder),
             "duration_s": _seconds_between(s.get("created"), s.get("stopped")), "jobs": jobs,
             "metadata": s.get("metadata"), "verification": verification(folder)["state"]}
+
+
+def _master_digest(folder: Path, session: dict) -> str | None:
+    """The current master's sha256 of a finalized session (its manifest's line), None if it cannot be read."""
+    try:
+        return master_digest(folder, (session.get("finalize") or {}).get("master") or f"{folder.name}.nwb")
+    except (OSError, ExportError):
+        return None
 
 
 def _session_folder(sup: Supervisor, session: str) -> Path:

@@ -11,7 +11,12 @@ import httpx
 import pytest
 
 from acqd.client import ApiError, Client
+from acqd.service.procs import Simulator, wait_until
 from tests.conftest import acquiring, write_rig
+from tests.sessions import SUBJECT
+
+SUBJECT_ARGS = ("--subject-id", SUBJECT["subject_id"], "--species", SUBJECT["species"], "--sex", SUBJECT["sex"],
+                "--age", SUBJECT["age"])
 
 
 def test_open_ephys_routes_and_refusals_without_drivers(rig_file, daemon_factory, tmp_path):
@@ -23,9 +28,13 @@ def test_open_ephys_routes_and_refusals_without_drivers(rig_file, daemon_factory
     assert set(streams) == {"probe", "nidaq", "camera", "sensor"}
     assert all(s["pid"] and not s["connected"] for s in streams.values())
 
-    # No driver is publishing: RECORD is refused with the reason, and nothing is created.
-    with pytest.raises(ApiError, match="refusing to record: stream 'probe' is silent") as e:
+    # No subject: RECORD is refused naming it (422); with one, but no driver publishing, it is refused with the
+    # reason (409); nothing is created either way.
+    with pytest.raises(ApiError, match="subject: missing") as e:
         c.request("PUT", "/api/status", {"mode": "RECORD"})
+    assert e.value.status == 422
+    with pytest.raises(ApiError, match="refusing to record: stream 'probe' is silent") as e:
+        daemon.command("record", metadata={"subject": SUBJECT})
     assert e.value.status == 409
     assert not any(p.is_dir() for p in (tmp_path / "data").iterdir())
 
@@ -56,23 +65,32 @@ def test_record_refuses_hostile_names_and_missing_metadata(rig_file, daemon_fact
                                     ("subject_id", "m/1", "check_subject_id_no_slashes"),
                                     ("weight", "25", "check_subject_weight")):
             r = httpx.post(f"{daemon.url}/api/commands/record", timeout=30,
-                           json={"session": "badmeta", "metadata": {"subject": {field: value}}})
+                           json={"session": "badmeta", "metadata": {"subject": {**SUBJECT, field: value}}})
             assert r.status_code == 422, r.text
             assert f"subject.{field}: {value!r}: " in r.json()["error"] and f"({check})" in r.json()["error"]
             assert [(p["field"], p["check"]) for p in r.json()["problems"]] == [(f"subject.{field}", check)]
         out = subprocess.run([sys.executable, "-m", "acqd.cli", "record", "--url", daemon.url, "--session", "cli",
-                              "--species", "mouse"], capture_output=True, text=True, timeout=60)
+                              *SUBJECT_ARGS, "--species", "mouse"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and "subject.species: 'mouse': " in out.stderr, out.stderr
         assert "(check_subject_species_form)" in out.stderr
         with pytest.raises(ApiError, match="subject.sex"):
-            daemon.command("record", session="nosex", metadata={"subject": {"sex": None}})
+            daemon.command("record", session="nosex", metadata={"subject": {**SUBJECT, "sex": None}})
         with pytest.raises(ApiError, match=r"metadata.Subject.colour: unknown key"):
             daemon.command("record", session="unknown", metadata={"Subject": {"colour": "brown"}})
+        # No subject: the rig config holds none, and RECORD names what is missing (API and CLI, one line).
+        with pytest.raises(ApiError, match=r"^subject: missing: every recording needs its animal \(subject.subject_id"):
+            daemon.command("record", session="nobody")
+        with pytest.raises(ApiError, match=r"subject.species: Field required.*subject.sex: Field required"):
+            daemon.command("record", session="half", metadata={"subject": {"subject_id": "M3"}})
+        out = subprocess.run([sys.executable, "-m", "acqd.cli", "record", "--url", daemon.url, "--session", "x"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and out.stderr.startswith("acqd: error: subject: missing: every recording"), out
+        assert len(out.stderr.strip().splitlines()) == 1 and "--subject-id" in out.stderr
         assert sorted(str(p) for p in tmp_path.rglob("*")) == before
-        daemon.command("record", session="taken")
+        daemon.command("record", session="taken", metadata={"subject": SUBJECT})
         daemon.command("stop")
         with pytest.raises(ApiError, match="already exists"):
-            daemon.command("record", session="taken")
+            daemon.command("record", session="taken", metadata={"subject": SUBJECT})
         assert daemon.command("status")["mode"] == "ACQUIRE"
         # BIDS entities name the folder (sub is the subject_id); neuroconv's layout is accepted as acqd's own.
         bids = "sub-M12_ses-3_task-gonogo_run-1"
@@ -112,7 +130,7 @@ def test_cli_client_uses_the_same_commands(rig_file, daemon_factory):
     assert out.returncode == 0 and json.loads(out.stdout)["mode"] == "ACQUIRE"
     out = run("status")
     assert out.returncode == 0 and "ACQUIRE" in out.stdout and "probe" in out.stdout
-    out = run("record", "--session", "x")
+    out = run("record", "--session", "x", *SUBJECT_ARGS)
     assert out.returncode == 2 and "silent" in out.stderr
     out = run("stop")
     assert out.returncode == 0 and daemon.command("status")["mode"] == "IDLE"

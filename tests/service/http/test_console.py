@@ -19,6 +19,7 @@ import yaml
 
 from acqd.service.procs import Simulator, wait_until
 from tests.conftest import write_rig
+from tests.sessions import SUBJECT
 
 CHROMIUM = os.environ.get("ACQD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -111,6 +112,11 @@ class Console:
     def field_error(self, field: str):
         return self.page.locator(f"#record-form [data-error-for='{field}']")
 
+    def fill_subject(self, subject: dict) -> None:
+        for key in ("subject_id", "species", "age"):
+            self.fill(f"subject.{key}", subject[key])
+        self.page.locator("#record-form [name='subject.sex']").select_option(subject["sex"])
+
     def start_recording(self) -> None:
         self.page.locator("#record-button").click()
 
@@ -162,9 +168,13 @@ def test_operator_records_annotates_and_finalizes_from_the_console(browser, tmp_
         ui.expect_thumbnail("camera")
         ui.shot("live-preview")
 
-        # Prefilled from the config; one invalid field first: finalize's nwbinspector check says why, beside it.
-        ui.expect(ui.page.locator("#f-subject")).to_have_value("mouse001")
+        # The subject starts empty (the config holds none), and says so beside it; one invalid field then:
+        # finalize's nwbinspector check says why, beside it.
+        ui.expect(ui.page.locator("#f-subject")).to_have_value("")
+        ui.expect(ui.page.locator("#last-subject")).to_be_hidden()  # no earlier session: nothing to offer
         ui.fill("session", "console_run")
+        ui.expect(ui.field_error("subject.subject_id")).to_have_text("required: the animal of this session")
+        ui.fill_subject(SUBJECT)
         ui.fill("subject.age", "ninety days")
         ui.expect(ui.field_error("subject.age")).to_contain_text("does not follow ISO 8601 duration format, e.g. 'P2Y'")
         ui.expect(ui.field_error("subject.age")).to_contain_text("(check_subject_age)")
@@ -335,14 +345,55 @@ def test_console_routes_check_the_form_with_the_record_models_and_open_only_the_
     with httpx.Client(base_url=daemon.url, timeout=30.0, headers={"Authorization": "Bearer t0ken"}) as http:
         info = http.get("/api/console/info").json()
         assert [s["name"] for s in info["streams"]] == ["probe", "nidaq", "camera", "sensor"]
-        assert info["metadata_defaults"]["subject"]["subject_id"] == "mouse001" and info["last_metadata"] is None
+        assert "subject" not in info["metadata_defaults"] and info["last_metadata"] is None
         bad = http.post("/api/console/validate", json={"session": "../x", "metadata": {
-            "subject": {"age": "ninety days", "sex": "X"}, "session_description": ""}}).json()
+            "subject": {**SUBJECT, "age": "ninety days", "sex": "X"}, "session_description": ""}}).json()
         assert set(bad["errors"]) == {"session", "subject.age", "subject.sex", "session_description"}
         assert "ISO 8601" in bad["errors"]["subject.age"] and "invalid session name" in bad["errors"]["session"]
-        good = http.post("/api/console/validate", json={"metadata": {"subject": {"age": "P12W"}}}).json()
+        empty = http.post("/api/console/validate", json={"metadata": {}}).json()["errors"]
+        assert {k: v for k, v in empty.items() if k.startswith("subject")} == {
+            **{f"subject.{k}": "required: the animal of this session" for k in ("subject_id", "species", "sex")},
+            "subject.age": "Subject is missing age and date_of_birth. Please specify at least one of these fields. "
+                           "(check_subject_age)"}
+        good = http.post("/api/console/validate", json={"metadata": {"subject": {**SUBJECT, "age": "P12W"}}}).json()
         assert good["errors"] == {} and good["session"]
         assert http.get("/api/console/sessions").json()["sessions"] == []
         assert http.get("/api/console/sessions/nope/qc").status_code == 404
         assert http.put("/api/console/preview/nope", json={"channels": [1]}).status_code == 404
         assert http.put("/api/console/preview/probe", json={"channels": []}).status_code == 422
+
+
+@pytest.mark.e2e
+def test_record_form_starts_without_a_subject_and_offers_the_last_one_as_a_labelled_click(browser, tmp_path,
+                                                                                          daemon_factory):
+    """Issue 23.2: the form was prefilled with the config's (or the last session's) subject, so the next animal
+    was recorded under the last one's id unless the operator noticed. Now it starts empty and says so; the last
+    subject is one labelled click away."""
+    from acqd.session import SESSION_FILE, write_json_atomic
+
+    last = tmp_path / "data" / "day1"
+    last.mkdir(parents=True)
+    m12 = {"subject_id": "M12", "species": "Mus musculus", "sex": "M", "age": "P60D", "description": "left V1"}
+    write_json_atomic(last / SESSION_FILE, {"session_id": "day1", "state": "closed", "created": "2026-01-01T00:00:00",
+                                            "metadata": {"session_description": "day 1", "subject": m12}})
+    daemon = daemon_factory(write_rig(tmp_path))
+    ui = Console(browser, daemon.url + "/", tmp_path / "screens")
+    ui.expect_mode("IDLE")
+    for key in ("subject_id", "species", "sex", "age"):
+        ui.expect(ui.page.locator(f"#record-form [name='subject.{key}']")).to_have_value("")
+    ui.expect(ui.page.locator("#f-description")).to_have_value("day 1")  # the rest still comes from the last session
+    ui.fill("session", "day2")
+    for key in ("subject_id", "species", "sex"):
+        ui.expect(ui.field_error(f"subject.{key}")).to_have_text("required: the animal of this session")
+    button = ui.page.locator("#last-subject")
+    ui.expect(button).to_have_text("Same animal as the last session: M12 (Mus musculus, M, P60D)")
+    ui.expect(ui.page.locator("#record-form .last-subject .note")).to_contain_text("the animal of this session")
+    ui.shot("subject-empty")
+    button.click()
+    ui.expect(ui.page.locator("#f-subject")).to_have_value("M12")
+    ui.expect(ui.page.locator("#f-sex")).to_have_value("M")
+    ui.expect(ui.page.locator("#f-age")).to_have_value("P60D")
+    for key in ("subject_id", "species", "sex", "age"):
+        ui.expect(ui.field_error(f"subject.{key}")).to_have_text("")
+    ui.shot("last-subject-chosen")
+    assert ui.errors == []

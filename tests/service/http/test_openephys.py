@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 from open_ephys.control import OpenEphysHTTPServer
 
 from acqd.service.procs import Simulator, wait_until
 from acqd.session import read_annotations
+from tests.sessions import SUBJECT
 
 
 @pytest.mark.e2e
@@ -49,7 +51,12 @@ def test_open_ephys_client_drives_acqd(rig_file, daemon_factory, tmp_path):
     sim = Simulator(rig_file, 60, seed=6)
     try:
         wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
-        assert gui.record() == "RECORD"
+        # The rig config holds no subject: a RECORD that brings none is refused, naming it (the subject comes with
+        # the session; an Open Ephys script gives it through acqd's record command, as here).
+        refused = httpx.put(f"{daemon.url}/api/status", json={"mode": "RECORD"}, timeout=30)
+        assert refused.status_code == 422 and refused.json()["error"].startswith("subject: missing"), refused.text
+        assert gui.status() == "ACQUIRE"
+        daemon.command("record", metadata={"subject": SUBJECT})
         assert gui.status() == "RECORD"
         note = gui.message("drug on")
         assert note["session"] == "m1_day3_a" and note["reference"] == "nidaq" and note["reference_sample"] > 0

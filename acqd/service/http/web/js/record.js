@@ -1,5 +1,6 @@
-// Record form: session name and metadata, prefilled from the config and the last session, checked by the
-// daemon's own models as you type (errors beside each field), preflight problems shown before the button.
+// Record form: session name and metadata, prefilled from the config and the last session (the subject excepted:
+// it starts empty, the last subject one labelled click away), checked by the daemon's own models as you type
+// (errors beside each field), preflight problems shown before the button.
 
 import { ApiError, command, el, request } from "./api.js";
 
@@ -26,16 +27,38 @@ export function createRecordForm({ bus, info, onError }) {
   let lastPreflight = 0;
   let checking = null;
 
-  // Prefill: the config's defaults, then what the last session used (the same animal is usually recorded again).
+  const lastSubjectButton = document.getElementById("last-subject");
+  const isSubject = (input) => input.name.startsWith("subject.");
+
+  // Prefill the session's fields from the config's defaults, then what the last session used. The subject is never
+  // prefilled: a recording of another animal must not inherit the last one's. The last subject is offered as one
+  // labelled click instead.
   const prefill = info.last_metadata || info.metadata_defaults || {};
   for (const input of inputs) {
-    if (input.name === "session") continue;
+    if (input.name === "session" || isSubject(input)) continue;
     const v = getPath(prefill, input.name) ?? getPath(info.metadata_defaults || {}, input.name);
     if (v != null) input.value = Array.isArray(v) ? v.join("; ") : v;
   }
+  let last = null;
+  function offerLast(subject) {
+    last = subject && subject.subject_id ? subject : null;
+    lastSubjectButton.hidden = !last;
+    if (!last) return;
+    const details = [last.species, last.sex, last.age].filter(Boolean).join(", ");
+    lastSubjectButton.textContent = `Same animal as the last session: ${last.subject_id}` + (details ? ` (${details})` : "");
+  }
+  lastSubjectButton.addEventListener("click", () => {
+    for (const input of inputs.filter(isSubject)) {
+      const v = last ? getPath({ subject: last }, input.name) : null;
+      input.value = v == null ? "" : v;
+    }
+    form.dispatchEvent(new Event("input"));
+  });
+  offerLast((info.last_metadata || {}).subject);
 
   function body() {
-    // An empty field is left out: the config's default for it applies, as it does for the record command.
+    // An empty field is left out: the config's default for it applies, as it does for the record command (the
+    // config has no subject: an empty subject is reported beside its fields).
     const metadata = {};
     for (const input of inputs) {
       const v = input.value.trim();
@@ -87,8 +110,11 @@ export function createRecordForm({ bus, info, onError }) {
     try {
       if (!(await validate())) return;
       button.textContent = "Starting…";
-      const status = await command("record", body());
+      const sent = body();
+      const status = await command("record", sent);
       form.elements.session.value = "";
+      for (const input of inputs.filter(isSubject)) input.value = "";  // the next session names its own animal
+      offerLast(sent.metadata.subject);
       showErrors({});
       bus.emit("status", status);
     } catch (err) {

@@ -26,10 +26,11 @@ export function createSessions({ bus, info, onError }) {
         "Finalize"));
     }
     out.push(el("button", { type: "button", class: "log", onclick: () => showLog(s.session_id) }, "Log"));
-    if (s.state === "finalized") {
+    if (s.state === "finalized" || s.state === "export stale") {
       out.push(el("button", { type: "button", class: "qc", onclick: () => showQc(s.session_id) }, "QC report"));
+      // "export stale": amended after its export; exporting again rebuilds it with the amended metadata.
       out.push(el("button", { type: "button", class: "export", disabled: running, onclick: () => start("export", s) },
-        "Export"));
+        s.state === "export stale" ? "Rebuild export" : "Export"));
     }
     return out;
   }
@@ -39,9 +40,11 @@ export function createSessions({ bus, info, onError }) {
     body.replaceChildren(...[...sessions].reverse().map((s) => {
       const jobCell = el("td", { class: "jobs" }, ...Object.values(s.jobs || {}).map(progress));
       // A finalized session is sealed; it is verified only once the scrub has read every sealed byte again.
-      const scrub = ["finalized", "exported"].includes(s.state) && s.verification ? `, ${s.verification}` : "";
-      const bad = s.incomplete || ["failed", "stale"].includes(s.verification);
-      const stateCell = el("td", { class: `state ${bad ? "bad" : ""}` },
+      const scrub = ["finalized", "exported", "export stale"].includes(s.state) && s.verification
+        ? `, ${s.verification}` : "";
+      const bad = s.incomplete || s.state === "export stale" || ["failed", "stale"].includes(s.verification);
+      const stateCell = el("td", { class: `state ${bad ? "bad" : ""}`,
+        title: s.state === "export stale" ? "amended after it was exported: the export holds the old metadata" : "" },
         s.state + scrub + (s.incomplete ? " (incomplete)" : ""));
       const tr = el("tr", { "data-session": s.session_id },
         el("td", {}, s.session_id), stateCell, el("td", {}, fmtBytes(s.size_bytes)),
