@@ -96,6 +96,11 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     client = _client(args)
     body: dict = {}
+    if args.command == "record" and args.prepare:  # for the next start from a script (Open Ephys, LabRecorder)
+        result = client.command("recording", metadata=_metadata_args(args) or {})
+        print(json.dumps(result, indent=2) if args.json else f"the next session started by a script (Open Ephys, "
+              f"LabRecorder) records with: {json.dumps(result['metadata'])}")
+        return 0
     if args.command == "record":
         body = {"session": args.session, "metadata": _metadata_args(args),
                 "bids": parse_bids(args.bids) if args.bids else None}
@@ -290,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--json", action="store_true", help="print the raw JSON reply")
         if name == "record":
             c.add_argument("--session", help="session folder name (default: a timestamp)")
+            c.add_argument("--prepare", action="store_true", help="do not start: keep this metadata for the next "
+                           "session a script starts (Open Ephys RECORD, LabRecorder start)")
             c.add_argument("--metadata", help="YAML file of session metadata")
             c.add_argument("--description", help="session description")
             c.add_argument("--bids", metavar="sub=M12,ses=3,...",

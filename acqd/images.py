@@ -26,8 +26,8 @@ import numpy as np
 
 from acqd.config import DaemonConfig, RigConfig
 from acqd.errors import ConfigError, SessionError
-from acqd.session import (CLOSED, INTERRUPTED, RECORDING, create_file, now_iso, open_folder, read_bounded,
-                          read_session)
+from acqd.files import create_file, open_folder, read_bounded
+from acqd.session import CLOSED, INTERRUPTED, RECORDING, now_iso, read_session
 
 STIMULI_DIR = "stimuli"
 ATTACHMENTS_DIR = "attachments"

@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "acqd"
 TOP = {"cli", "demo"}  # the entry points: they may import everything, nothing imports them
-ROOT = "root"  # config/, metadata/, errors, session, client, __init__: shared by all stages
+ROOT = "root"  # config/, metadata/, errors, files, session, client, __init__: shared by all stages
 ALLOWED = {
     ROOT: {ROOT},
     "wire": {ROOT, "wire"},
@@ -32,8 +32,8 @@ def layer(module: str) -> str:
 
 
 ROOT_PACKAGES = {
-    "acqd.metadata": {"acqd.errors", "acqd.metadata"},  # below the config: never imports it
-    "acqd.config": {"acqd.errors", "acqd.metadata", "acqd.config"},
+    "acqd.metadata": {"acqd.errors", "acqd.files", "acqd.metadata"},  # below the config: never imports it
+    "acqd.config": {"acqd.errors", "acqd.files", "acqd.metadata", "acqd.config"},
 }
 """What the root's packages may import: nothing above the root, and metadata not even the config."""
 HTTP = "acqd.service.http"

@@ -4,7 +4,7 @@
 amend; ``layouts`` turns what labs write (acqd's layout, neuroconv's, ``--set`` edits, BIDS names) into acqd's
 layout and diffs two records; ``probes`` reads probe layouts and checks brain areas against the Allen CCF.
 The public names are re-exported here (``from acqd.metadata import SessionMetadata, merge``).
-Imports: ``acqd.errors`` and ``acqd.session`` (bounded file reads) at most; never ``acqd.config`` (the config imports this package, not the reverse).
+Imports: ``acqd.errors`` and ``acqd.files`` (bounded file reads) at most; never ``acqd.config`` (the config imports this package, not the reverse).
 """
 
 from acqd.metadata.layouts import (BIDS_ENTITIES, NEUROCONV_SECTIONS, MetadataError, bids_name, changes, check_layout,

@@ -22,7 +22,7 @@ import yaml
 from pydantic import ValidationError
 
 from acqd.metadata.models import SessionMetadata
-from acqd.session import read_bounded
+from acqd.files import read_bounded
 
 NEUROCONV_SECTIONS = ("NWBFile", "Subject", "Ecephys")
 _SET_FIXED = {"session_start_time": "acqd sets it from the reference clock's first sample",

@@ -85,6 +85,9 @@ class RecordingRequest(Request):
     append_text: str | None = Field(None, max_length=64)
     start_new_directory: bool | Literal["true", "false"] | None = None
     """Open Ephys: acqd always starts a new folder per recording, so this is accepted and has no effect."""
+    metadata: dict | None = None
+    """acqd: the next session's metadata (acqd's or neuroconv's layout), for starts that carry none: an Open
+    Ephys script's RECORD, LabRecorder's start. ``{}`` clears it. Checked when the session starts."""
 
 
 class FinalizeRequest(Request):
@@ -353,6 +356,12 @@ def export_roots(sup: Supervisor) -> list[Path]:
 def _recording(sup: Supervisor, req: RecordingRequest) -> dict:
     changes = req.model_dump(exclude_none=True, exclude={"start_new_directory"})
     parent = changes.pop("parent_directory", None)
+    metadata = changes.pop("metadata", None)
+    if metadata is not None:
+        try:
+            sup.next_metadata = to_acqd(metadata, "next session's metadata")
+        except MetadataError as e:
+            raise ConfigError(str(e)) from None
     if changes and sup.mode == RECORD:
         raise SessionError("cannot rename the session being recorded: set these before RECORD")
     if changes:
@@ -371,7 +380,8 @@ def _recording(sup: Supervisor, req: RecordingRequest) -> dict:
 def recording_info(sup: Supervisor) -> dict:
     """The Open Ephys shape of GET /api/recording."""
     status = sup.snapshot.status
-    return {"parent_directory": str(sup.data_root), **sup.recording, "default_record_engine": "acqd-hdf5",
+    return {"parent_directory": str(sup.data_root), **sup.recording, "metadata": sup.next_metadata,
+            "default_record_engine": "acqd-hdf5",
             "record_nodes": [], "current_session": status["session"], "last_session": status["last_session"]}
 
 

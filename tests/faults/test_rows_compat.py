@@ -24,6 +24,7 @@ from acqd.service.procs import Simulator, wait_until
 from acqd.service.status import status_renderable
 from acqd.session import read_annotations
 from tests.conftest import write_rig
+from tests.sessions import SUBJECT
 
 
 def incidents(daemon, kind: str) -> list[dict]:
@@ -60,6 +61,7 @@ def test_row41_open_ephys_client_records_under_a_unique_name_and_its_refusals_ke
     assert [a["text"] for a in read_annotations(data)] == ["animal in the rig"]
 
     gui.set_base_text("m1_day3")
+    daemon.command("recording", metadata={"subject": SUBJECT})  # the operator names the animal (acqd record --prepare)
     assert gui.acquire() == "ACQUIRE"
     sim = Simulator(rig_file, 60, seed=41)
     try:
@@ -100,6 +102,8 @@ def test_row41_labrecorder_script_records_every_start_it_sends(tmp_path, daemon_
     cfg = _lr_rig(tmp_path)
     daemon = daemon_factory(cfg)
     study = tmp_path / "study"
+    # The operator prepares what the participants share; each start's participant is its subject's id.
+    daemon.command("recording", metadata={"subject": {k: v for k, v in SUBJECT.items() if k != "subject_id"}})
     daemon.command("acquire")
     with socket.create_connection(("127.0.0.1", daemon.info["labrecorder_port"]), timeout=60) as lr:
         # Before any driver runs: recording is impossible (silent streams): an error reply and an incident.

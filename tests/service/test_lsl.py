@@ -243,7 +243,10 @@ def test_labrecorder_remote_control_records_a_session_named_from_its_commands(tm
                        "{session:S1} {acquisition:fast} {modality:eeg}") == b"OK"
             assert say("bogus command").startswith(b"error: unknown command 'bogus command'")
             assert say("filename {colour:red}") == b"OK"  # LabRecorder ignores options it does not know
-            assert say("start") == b"OK"
+            refused = say("start")  # nothing says what P001 is: refused, naming what is missing, never mislabeled
+            assert refused.startswith(b"error: ") and b"subject" in refused and d.command("status")["mode"] == "ACQUIRE"
+            d.command("recording", metadata={"subject": {"species": "Homo sapiens", "sex": "F", "age": "P30Y"}})
+            assert say("start") == b"OK"  # the participant is the prepared subject's id
             assert d.command("status")["session"]["session_id"] == "sub-P001_ses-S1_task-oddball_acq-fast_run-2"
             time.sleep(0.5)
             assert say("stop") == b"OK"

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from acqd.config import check_name
+from acqd.errors import SessionError
 
 if TYPE_CHECKING:
     from acqd.service.supervisor import Supervisor
@@ -54,6 +55,20 @@ def folder_name(text: str) -> str:
     name = re.sub(r"\.{2,}", ".", _NOT_NAME.sub("-", ascii_fold(text)))
     name = name.lstrip("-_.")[:NAME_MAX].rstrip("-_.")
     return name
+
+
+def start_metadata(prepared: dict, participant: str | None) -> dict:
+    """The metadata of a start from a script: what the operator prepared for the next session (``acqd record
+    --prepare``, ``PUT /api/recording {"metadata"}``), with LabRecorder's participant as the subject's id. A
+    participant that is not the prepared subject is refused: the session would carry another animal's fields."""
+    subject = dict(prepared.get("subject") or {})
+    if participant:
+        if subject.get("subject_id") not in (None, participant):
+            raise SessionError(f"participant {participant!r} is not the subject prepared for the next session "
+                               f"({subject['subject_id']!r}): prepare this animal first (acqd record --prepare "
+                               f"--subject-id ...), so it is never recorded under another animal's fields")
+        subject["subject_id"] = participant
+    return {**prepared, "subject": subject} if subject else dict(prepared)
 
 
 def unique_session(root: Path, name: str) -> str:

@@ -36,7 +36,7 @@ from pathlib import Path
 from acqd.config import LabRecorderConfig, check_name
 from acqd.errors import AcqdError, SessionError
 from acqd.service.commands import COMMANDS, RecordRequest, confined, data_roots
-from acqd.service.http.compat import Incidents, bids_label, folder_name, unique_session
+from acqd.service.http.compat import Incidents, bids_label, folder_name, start_metadata, unique_session
 from acqd.service.supervisor import RECORD, Supervisor
 from acqd.session import session_name as timestamp_name
 
@@ -149,9 +149,8 @@ class LabRecorderControl:
         try:
             wanted = session_name(self.options) or timestamp_name()
             name = unique_session(self.sup.data_root, wanted)
-            participant = self.options.get("participant")
-            meta = {"subject": {"subject_id": participant}} if participant else None
-            COMMANDS["record"].handler(self.sup, RecordRequest(session=name, metadata=meta))
+            meta = start_metadata(self.sup.next_metadata, self.options.get("participant"))
+            COMMANDS["record"].handler(self.sup, RecordRequest(session=name, metadata=meta or None))
         except BaseException:
             if self.sup.data_root != previous and self.sup.mode != RECORD:
                 self.sup.set_data_root(previous)  # a refused start leaves the data root where it was,

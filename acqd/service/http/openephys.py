@@ -102,7 +102,7 @@ def record_unique(sup: Supervisor) -> dict:
         return COMMANDS["set_mode"].handler(sup, ModeRequest(mode="RECORD"))  # keeps the session (idempotent)
     wanted = to_acqd(sup.cfg.metadata, "config metadata").get("session_id") or session_name(**sup.recording)
     name = unique_session(sup.data_root, wanted)
-    status = COMMANDS["record"].handler(sup, RecordRequest(session=name))
+    status = COMMANDS["record"].handler(sup, RecordRequest(session=name, metadata=sup.next_metadata or None))
     if name == wanted:
         return status
     return {**status, "renamed_from": wanted,

@@ -51,13 +51,13 @@ def test_open_ephys_client_drives_acqd(rig_file, daemon_factory, tmp_path):
     sim = Simulator(rig_file, 60, seed=6)
     try:
         wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
-        # The rig config holds no subject: a RECORD that brings none is refused, naming it (the subject comes with
-        # the session; an Open Ephys script gives it through acqd's record command, as here).
+        # The rig config holds no subject: a RECORD that brings none is refused, naming it, with Open Ephys' reply
+        # shape. The operator prepares the animal for the script's next start (acqd record --prepare ...).
         refused = httpx.put(f"{daemon.url}/api/status", json={"mode": "RECORD"}, timeout=30)
         assert refused.status_code == 422 and refused.json()["error"].startswith("subject: missing"), refused.text
-        assert gui.status() == "ACQUIRE"
-        daemon.command("record", metadata={"subject": SUBJECT})
-        assert gui.status() == "RECORD"
+        assert refused.json()["mode"] == "ACQUIRE" and gui.status() == "ACQUIRE"
+        assert daemon.command("recording", metadata={"subject": SUBJECT})["metadata"]["subject"] == SUBJECT
+        assert gui.record() == "RECORD"
         note = gui.message("drug on")
         assert note["session"] == "m1_day3_a" and note["reference"] == "nidaq" and note["reference_sample"] > 0
         assert gui.record() == "RECORD"  # RECORD again keeps the session (idempotent)
