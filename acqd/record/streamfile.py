@@ -44,6 +44,7 @@ import numpy as np
 from acqd.config import EdgeLine, StreamConfig
 from acqd.errors import DiskFullError, WriterError
 from acqd.record.ingest import Gap, GapRecord, Reject
+from acqd.record.partread import UnreadablePart, open_for_read  # noqa: F401 - re-exported: readers import them here
 from acqd.record.video import VIDEO_DIR, VideoSink
 from acqd.wire.protocol import OFFSET_DTYPE
 
@@ -355,14 +356,6 @@ class io_errors:
         ):
             raise DiskFullError(f"{self.path}: disk full or file size limit reached ({text})") from exc
         raise WriterError(f"{self.path}: write failed: {text}") from exc
-
-
-def open_for_read(path: Path) -> h5py.File:
-    """Open a stream file read-only, whether it was closed cleanly or is still/was being written (SWMR)."""
-    try:
-        return h5py.File(path, "r")
-    except OSError:
-        return h5py.File(path, "r", swmr=True)
 
 
 def rows_crc32(rows: np.ndarray) -> int:
