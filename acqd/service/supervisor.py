@@ -45,7 +45,7 @@ from acqd.service.runtime import lock_endpoints, make_daemon_dir, release, runti
 from acqd.images import check_stimulus_images, register_stimulus_images
 from acqd.session import (CLOSED, INTERRUPTED, RECORDING, SESSION_FILE, STREAMS_DIR, create_session_dir,
                           ensure_data_root, list_sessions, now_iso, read_session, session_name, write_json_atomic)
-from acqd.record.streamfile import committed_rows, open_for_read
+from acqd.record.partread import probe_parts
 from acqd.record.writer import EXIT_DISK_FULL, EXIT_WRITE_ERROR, WriterSpec
 from acqd.service import live
 from acqd.service.hashing import Hashers
@@ -696,13 +696,8 @@ class Supervisor:
                 continue
             folder = Path(info["path"])
             s = read_session(folder)
-            files = {}
-            for path in sorted((folder / STREAMS_DIR).glob("*.h5")):
-                try:
-                    with open_for_read(path) as f:
-                        files[path.name] = {"readable": True, "rows": committed_rows(f)}
-                except OSError as e:
-                    files[path.name] = {"readable": False, "error": str(e)}
+            # Each part read in a child with a deadline: a truncated part never keeps the daemon from starting.
+            files = {p.name: h.as_dict() for p, h in probe_parts(sorted((folder / STREAMS_DIR).glob("*.h5"))).items()}
             s["state"], s["incomplete"] = INTERRUPTED, True
             s.setdefault("incidents", []).append({"time": now_iso(), "stream": None, "kind": "daemon_interrupted",
                                                   "detail": "the daemon stopped while recording; files checked",
