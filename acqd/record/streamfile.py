@@ -27,9 +27,12 @@ last partial chunk is committed at the first flush after it fills, or at close.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import resource
+import shutil
 import time
 import zlib
 from collections.abc import Callable
@@ -71,6 +74,7 @@ TABLES = {"index": INDEX_DTYPE, "gaps": GAP_DTYPE, "rejects": REJECT_DTYPE,
           "sync/edges": EDGE_DTYPE, "sync/clock": CLOCK_DTYPE, "timestamps": TIMESTAMP_DTYPE,
           "sync/offsets": OFFSET_DTYPE, "suspect": SUSPECT_DTYPE}
 
+HEADER_RESERVE_BYTES = 1 << 20  # room a new part needs before it is created (its header is ~8 KiB, its first chunk more)
 CHUNK_TARGET_BYTES = 2 << 20
 CHUNK_MAX_S = 0.1  # a chunk is also the most a writer holds back before handing rows to HDF5
 
@@ -110,13 +114,39 @@ def dataset_options(cfg: StreamConfig) -> dict:
     return opts
 
 
+def reserve_header(folder: Path) -> None:
+    """Refuse (``DiskFullError``) to create a part where its header might not fit: less than HEADER_RESERVE_BYTES
+    free, or a smaller file-size limit. A part created on a full disk stayed 0 bytes, and finalize then failed on
+    it (issue 22 defect 6); the writer now stops with the reason instead, the previous part closed cleanly."""
+    free = shutil.disk_usage(folder).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if free < HEADER_RESERVE_BYTES or limit != resource.RLIM_INFINITY and limit < HEADER_RESERVE_BYTES:
+        raise DiskFullError(f"{folder}: disk full or file size limit reached: {free} bytes free, file size limit "
+                            f"{'none' if limit == resource.RLIM_INFINITY else limit}; a new part needs "
+                            f"{HEADER_RESERVE_BYTES} for its header")
+
+
 def open_stream_file(path: Path, cfg: StreamConfig) -> h5py.File:
-    """Create a new stream file exclusively (never truncates, never follows a planted symlink).
+    """Create a new stream file exclusively (never truncates, never follows a planted symlink), once there is room
+    for its header (``reserve_header``).
 
     The chunk cache holds several chunks so that appends that fill a chunk piecewise stay fast.
     """
+    reserve_header(path.parent)
     cache = max(4 << 20, 4 * chunk_rows(cfg) * cfg.sample_bytes)
     return h5py.File(path, "x", libver="latest", rdcc_nbytes=cache, rdcc_nslots=100_003)
+
+
+def _close_and_drop_if_empty(f: h5py.File, path: Path) -> None:
+    """After a failed creation: close the file, and remove it if nothing reached it. It is ours to remove: mode
+    'x' created it (O_EXCL) a moment ago. A file that holds some bytes is kept (finalize skips it with a note)."""
+    try:
+        f.close()
+    except Exception:  # noqa: BLE001 - a close after a failed write may fail too; the size below decides
+        pass
+    with contextlib.suppress(OSError):
+        if os.lstat(path).st_size == 0:
+            os.unlink(path)
 
 
 @dataclass
@@ -186,7 +216,7 @@ class StreamFile:
                 data.attrs["external_video"] = f"../{VIDEO_DIR}/ (see /video)"
             f.swmr_mode = True
         except BaseException:
-            f.close()
+            _close_and_drop_if_empty(f, path)
             raise
         if cfg.video is not None:
             return cls(path, f, VideoSink(path.parent.parent / VIDEO_DIR, cfg.name, part, cfg.video, cfg.rate))

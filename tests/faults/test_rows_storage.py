@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import pytest
+import zmq
 
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.service.procs import pid_alive, wait_until
@@ -92,3 +94,89 @@ def test_row37_a_cut_reference_part_is_refused_by_name_within_the_deadline(tmp_p
     assert "reference stream 'nidaq' has no part that can be read" in done.stderr
     assert "streams/nidaq.h5 (1024 bytes) cannot be read" in done.stderr and "Traceback" not in done.stderr
     assert json.loads((folder / "session.json").read_text())["state"] == "interrupted"  # as it was found
+
+
+# -- row 6: a full disk at a part rollover (issue 22 defect 6) ------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A 4 MiB tmpfs at ``tmp_path/streams`` (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "streams"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True, timeout=30)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=30)
+
+
+def _fill(folder: Path, leave: int) -> None:
+    """Take every free byte of ``folder``'s filesystem but ``leave``."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    with open(folder / "ballast", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def test_row06_a_full_disk_at_a_rollover_stops_the_stream_and_never_leaves_an_empty_part(tmp_path, small_tmpfs):
+    # Issue 22 defect 6: the next part was created on the full disk and stayed 0 bytes; finalize then failed on it.
+    from tests.record.livewriter import LiveWriter, message
+
+    w = LiveWriter(tmp_path, shape=(1024,), max_file_bytes=1 << 20, chunk_rows=64)
+    try:
+        _fill(small_tmpfs, leave=(1 << 20) + (700 << 10))  # room for the first part, not for a second one's reserve
+        w.connected()
+        w.record()
+        deadline, seq = time.monotonic() + 30, 0
+        while w.proc.poll() is None and time.monotonic() < deadline:  # 20 KiB each: the first part fills 1 MiB
+            try:
+                w.driver.send_multipart(message(seq, 10 * seq, shape=(1024,))[0], zmq.NOBLOCK)
+                seq += 1
+            except zmq.Again:  # the writer is busy (or gone): look again
+                w.pump(50)
+        w.wait_for(lambda m: m["type"] == "event" and m["kind"] == "disk_full", "the full disk to stop the stream")
+        assert w.proc.wait(30) != 0
+        (event,) = w.events("disk_full")
+    finally:
+        w.close()
+    assert "a new part needs" in event["detail"]
+    assert sorted(p.name for p in small_tmpfs.glob("*.h5")) == ["s.h5"]  # no part created on the full disk
+    with h5py.File(small_tmpfs / "s.h5", "r") as f:  # closed cleanly before the rollover: no SWMR flag
+        assert committed_rows(f) == f["data"].shape[0] > 0
+
+
+def test_row06_a_file_size_limit_below_a_header_refuses_the_part_before_creating_it(tmp_path):
+    # The no-root variant (RLIMIT_FSIZE gives EFBIG): the creation is refused, nothing is left behind.
+    code = ("import resource, signal, sys\nfrom pathlib import Path\nfrom acqd.config import StreamConfig\n"
+            "from acqd.errors import DiskFullError\nfrom acqd.record.streamfile import StreamFile\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            "cfg = StreamConfig(name='s', endpoint='ipc:///x', dtype='int16', shape=(4,), rate=1000.0)\n"
+            "try:\n    StreamFile.create(Path(sys.argv[1]), cfg, session={}, lines=[])\n"
+            "except DiskFullError as e:\n    print('refused:', e)\n")
+    path = tmp_path / "s.part001.h5"
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert "refused:" in done.stdout and "file size limit 4096" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert not path.exists()
+
+
+@pytest.mark.e2e
+def test_row06_an_empty_or_headerless_part_is_skipped_with_a_note_by_finalize(tmp_path, daemon_factory):
+    # What a full disk at a rollover left before the fix: finalize failed with an OSError, or refused with
+    # "the reference stream's counter was reset".
+    rig_file = write_rig(tmp_path)
+    daemon = daemon_factory(rig_file)
+    with recording(daemon, rig_file, "fullroll", seed=6) as (_, folder):
+        wait_until(lambda: daemon.command("status")["streams"]["nidaq"]["rows"] > 30000, "1 s recorded")
+        daemon.command("stop")
+    (folder / "streams" / "nidaq.part001.h5").write_bytes(b"")
+    (folder / "streams" / "sensor.part001.h5").write_bytes(b"\x89HDF\r\n")  # cut inside the signature
+    done, _ = _finalize(folder)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert any("streams/nidaq.part001.h5 (0 bytes) is empty and skipped" in w for w in report["warnings"])
+    assert any("streams/sensor.part001.h5 (6 bytes) is empty and skipped" in w for w in report["warnings"])
+    assert set(report["streams"]) == {"probe", "nidaq", "camera", "sensor"} and report["state"] == "finalized"
+    assert not json.loads((folder / "session.json").read_text())["incomplete"]  # nothing committed was lost
