@@ -180,3 +180,59 @@ def test_row06_an_empty_or_headerless_part_is_skipped_with_a_note_by_finalize(tm
     assert any("streams/sensor.part001.h5 (6 bytes) is empty and skipped" in w for w in report["warnings"])
     assert set(report["streams"]) == {"probe", "nidaq", "camera", "sensor"} and report["state"] == "finalized"
     assert not json.loads((folder / "session.json").read_text())["incomplete"]  # nothing committed was lost
+
+
+# -- row 7: a disk that fails every write (issue 22 defect 14) ------------------------------------------------
+
+
+def test_row07_a_disk_that_fails_every_write_stops_the_stream_cleanly_never_a_segfault(tmp_path):
+    # Issue 22 defect 14: HDF5 could not close a part after its own write failed; creating the next part (or HDF5's
+    # exit handlers) then crashed the writer with SIGSEGV, which the supervisor restarted as a crash.
+    from acqd.record.writer import EXIT_WRITE_ERROR
+    from tests.record.livewriter import LiveWriter, message
+
+    w = LiveWriter(tmp_path, env={"ACQD_FAULT": "s:dead_disk:21"}, chunk_rows=10)
+    try:
+        w.connected()
+        w.record()
+        for seq in range(20):
+            w.driver.send_multipart(message(seq, 10 * seq)[0])
+        w.wait_handled(20)
+        wait_until(lambda: w.stats()["rows"] == 200 and _committed(w.folder / "s.h5") == 200, "20 messages committed")
+        for seq in range(20, 30):
+            w.driver.send_multipart(message(seq, 10 * seq)[0], zmq.NOBLOCK)
+        assert w.proc.wait(30) == EXIT_WRITE_ERROR  # not -11
+        w.pump(0)
+        (error,) = w.events("write_error")
+        suspects = [m for m in w.msgs if m["type"] == "closed" and m.get("suspect")]
+    finally:
+        w.close()
+    assert "s.part001.h5: write failed" in error["detail"]
+    assert [Path(m["path"]).name for m in suspects] == ["s.h5", "s.part001.h5"]
+    assert suspects[0]["rows"] == 200 and suspects[0]["final"] is False and suspects[1]["final"] is True
+    assert _committed(w.folder / "s.h5") == 200  # what the index proved before the failure stays readable
+    assert _committed(w.folder / "s.part001.h5") == 0
+
+
+def _committed(path: Path) -> int:
+    with open_for_read(path) as f:
+        return committed_rows(f)
+
+
+@pytest.mark.e2e
+def test_row07_a_dead_disk_under_the_daemon_is_a_stopped_stream_not_a_crash_loop(tmp_path, daemon_factory):
+    rig_file = write_rig(tmp_path)
+    daemon = daemon_factory(rig_file, env={"ACQD_FAULT": "sensor:dead_disk:200"})  # ~2 s into the recording
+    with recording(daemon, rig_file, "deaddisk", seed=7) as (_, folder):
+        stopped = wait_until(lambda: (s := daemon.command("status")["streams"])["sensor"]["state"] == "stopped_failed"
+                             and s, "the sensor stream to stop on its write error", 60)
+        assert stopped["sensor"]["restarts"] == 0 and "fail" in stopped["sensor"]["reason"]  # never restarted
+        rows = {n: s["rows"] for n, s in stopped.items() if n != "sensor"}
+        wait_until(lambda: all(daemon.command("status")["streams"][n]["rows"] > r for n, r in rows.items()),
+                   "the other streams to keep recording")
+        daemon.command("stop")
+    session = json.loads((folder / "session.json").read_text())
+    kinds = [(i["kind"], i["stream"]) for i in session["incidents"]]
+    assert ("write_error", "sensor") in kinds and ("suspect_part", "sensor") in kinds
+    assert not [k for k in kinds if k[0] == "writer_died"] and session["incomplete"]
+    assert _committed(folder / "streams" / "sensor.h5") > 0
