@@ -62,15 +62,32 @@ def superblock_eof(head: bytes) -> int | None:
     return None
 
 
+def left_open(head: bytes) -> bool:
+    """Whether the superblock in ``head`` still carries a writer's file-consistency flags (versions 2 and 3: byte 11;
+    bit 0 write access, bit 2 SWMR write): its writer never closed it, and readers must open it in SWMR mode. A
+    file without a readable superblock counts as left open (nobody vouches for it)."""
+    at = 0
+    while at + len(SIGNATURE) <= len(head):
+        if head[at:at + len(SIGNATURE)] == SIGNATURE:
+            version, flags = _uint(head, at + 8, 1), _uint(head, at + 11, 1)
+            return version not in (0, 1) and (flags is None or bool(flags & 0b101))
+        at = 512 if at == 0 else at * 2
+    return True
+
+
+def read_head(path: Path) -> tuple[int, bytes]:
+    """(size, first HEAD_BYTES bytes) of ``path``, opened without following a link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        return os.fstat(fd).st_size, os.pread(fd, HEAD_BYTES, 0)
+    finally:
+        os.close(fd)
+
+
 def part_problem(path: Path) -> str | None:
     """None if ``path`` is at least as long as its superblock says; else why it cannot be read safely: empty,
     headerless, or truncated (with both sizes). Raises OSError if it cannot be opened at all."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        size = os.fstat(fd).st_size
-        head = os.pread(fd, HEAD_BYTES, 0)
-    finally:
-        os.close(fd)
+    size, head = read_head(path)
     if size == 0:
         return "empty (0 bytes): no HDF5 header was ever written"
     eof = superblock_eof(head)

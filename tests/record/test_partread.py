@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from acqd.config import StreamConfig
 from acqd.record.partread import UnreadablePart, open_for_read, probe_parts
-from acqd.record.superblock import SIGNATURE, part_problem, superblock_eof
+from acqd.record.superblock import SIGNATURE, left_open, part_problem, read_head, superblock_eof
 
 CFG = StreamConfig(name="s", endpoint="ipc:///x", dtype="int16", shape=(4,), rate=1000.0, chunk_rows=100)
 HERE = Path(__file__).resolve().parents[2]
@@ -127,3 +127,10 @@ def _children() -> list[str]:
             out.append(cmd)
     return out
 
+
+
+def test_left_open_tells_a_killed_writers_part_from_a_closed_one(tmp_path):
+    closed = _part(tmp_path / "closed.h5")
+    killed = _part(tmp_path / "killed.h5", close=False)
+    assert not left_open(read_head(closed)[1]) and left_open(read_head(killed)[1])
+    assert left_open(b"") and left_open(b"\0" * 600)  # no superblock: nobody vouches for it
