@@ -36,6 +36,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from acqd.finalize import journal, qc
@@ -53,6 +54,7 @@ from acqd.finalize.seal import (Digests, is_immutable, manifest_files, merge_sea
 from acqd.finalize.streams import Stream, linked_file, read_stream, stream_parts
 from acqd.session import (CLOSED, FINALIZED, FINALIZING, INTERRUPTED, RECORDING, SESSION_FILE, fsync_dir,
                           json_bytes, read_session, summarise_log, write_bytes_atomic, write_json_atomic)
+from acqd.record.partread import probe_parts
 from acqd.record.video import VIDEO_DIR
 
 __all__ = ["FinalizeReport", "StreamReport", "finalize_session", "is_immutable", "is_verified", "pair_frames",
@@ -112,7 +114,7 @@ def finalize_session(folder: Path, progress: Progress | None = None, *, accept_c
             early = trusted(folder, recorded)
             with Digests(recorded, known={p: (e.sha256, e.stamp) for p, e in early[0].items()}) as digests:
                 report, record = _run(folder, session, previous, parts, master, digests, report_progress,
-                                      accept_corrupt, early)
+                                      accept_corrupt, early, _readable(folder, parts))
         except BaseException:
             _clear_outputs(folder, master)
             unseal(sorted(p for ps in parts.values() for p in ps) + [folder / DIGESTS])
@@ -132,22 +134,30 @@ def finalize_session(folder: Path, progress: Progress | None = None, *, accept_c
 
 def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]], master: Path,
          digests: Digests, progress: Progress, accept_corrupt: bool,
-         early: tuple[dict[Path, Entry], list[str]]) -> tuple[FinalizeReport, bytes]:
+         early: tuple[dict[Path, Entry], list[str]],
+         readable: tuple[dict[str, list[Path]], list[LostPart]]) -> tuple[FinalizeReport, bytes]:
     """Everything between the checks and the commit point; raises on any failure (the caller rolls back).
     ``early``: the digests (and chunk checks) taken while recording that still hold, and a line per file that
-    changed since. Returns the report and the finalized ``session.json`` (its digest is in the manifest) to write."""
+    changed since; ``readable``: the parts that can be read, and those that cannot (``_readable``). Returns the
+    report and the finalized ``session.json`` (its digest is in the manifest) to write."""
     sid = session.get("session_id") or folder.name
+    parts, lost = readable
     configs = {s["name"]: StreamConfig.model_validate(s) for s in session["config"]["streams"]}
     ref_name = session["reference"]
     if ref_name not in configs:
         raise FinalizeError(f"reference stream {ref_name!r} is not in the session's config")
     missing = [n for n in configs if not parts.get(n)]
     if ref_name in missing:
-        raise FinalizeError(f"the reference stream {ref_name!r} recorded nothing: there is no timebase")
+        unread = [str(x) for x in lost if x.stream == ref_name]
+        raise FinalizeError(f"the reference stream {ref_name!r} " + (
+            "has no part that can be read: there is no timebase:\n  " + "\n  ".join(unread) if unread
+            else "recorded nothing: there is no timebase"))
     progress("read", 0.0)
     integrity = _verify_chunks(folder, parts, accept_corrupt, {p: e.chunks for p, e in early[0].items() if e.chunks})
+    integrity.lost = [asdict(x) for x in lost]
     streams, empty = _read_streams(folder, configs, parts, ref_name, progress)
-    warnings = [f"stream {n!r} has no file (it never recorded)" for n in missing] + empty + early[1]
+    warnings = [f"stream {n!r} has no file (it never recorded)" for n in missing
+                if not any(x.stream == n for x in lost)] + [str(x) for x in lost] + empty + early[1]
     warnings += [f"corrupt chunk sealed (--accept-corrupt): {c}" for c in integrity.corrupt]
     warnings += [f"{p}: written without chunk checksums (not checksummed)" for p in integrity.not_checksummed]
     _checkpoint("read")
@@ -217,6 +227,8 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
     final = {**session, "state": FINALIZED,
              "finalize": {"previous_state": previous, "master": report.master, "manifest": MANIFEST,
                           "qc": report.qc, "integrity": _integrity_record(integrity)}}
+    if any(not x.empty for x in lost):  # data the index of a lost part proved is gone
+        final["incomplete"] = True
     record = json_bytes(final)
     write_manifest(folder, outputs, digests, lambda done, total: progress("seal", 0.95 * done / total), record)
     merge_seal(report.sealed, seal_paths([folder / MANIFEST]))
@@ -240,7 +252,35 @@ def _verify_chunks(folder: Path, parts: dict[str, list[Path]], accept_corrupt: b
 def _integrity_record(integrity: Integrity) -> dict:
     """What ``session.json`` keeps of the chunk checks (the details are in the QC report)."""
     return {"chunks_checked": integrity.chunks_checked, "corrupt": [str(c) for c in integrity.corrupt],
-            "not_checksummed": integrity.not_checksummed, "accepted": integrity.accepted}
+            "not_checksummed": integrity.not_checksummed, "accepted": integrity.accepted, "lost": integrity.lost}
+
+
+@dataclass(frozen=True)
+class LostPart:
+    """A part file no reader may open: empty or headerless (nothing was committed to it, e.g. created on a full
+    disk), truncated below its superblock's end of file, or unreadable within the deadline. It is kept and sealed
+    as it is, and left out of the master."""
+
+    stream: str
+    part: str
+    """Relative to the session folder."""
+    bytes: int
+    empty: bool
+    problem: str
+
+    def __str__(self) -> str:
+        if self.empty:
+            return f"{self.part} ({self.bytes} bytes) is empty and skipped: {self.problem}"
+        return f"{self.part} ({self.bytes} bytes) cannot be read and is listed as lost: {self.problem}"
+
+
+def _readable(folder: Path, parts: dict[str, list[Path]]) -> tuple[dict[str, list[Path]], list[LostPart]]:
+    """The parts every reader of this run may open, and the others. Each part is first read in a child process
+    with a deadline (``acqd.record.partread.probe_parts``): a part HDF5 cannot read never hangs finalize."""
+    health = probe_parts([p for ps in parts.values() for p in ps])
+    lost = [LostPart(s, rel(p, folder), health[p].bytes, health[p].empty, health[p].problem)
+            for s, ps in parts.items() for p in ps if health[p].problem is not None]
+    return {s: [p for p in ps if health[p].problem is None] for s, ps in parts.items()}, lost
 
 
 def _read_streams(folder: Path, configs: dict[str, StreamConfig], parts: dict[str, list[Path]], ref_name: str,

@@ -15,6 +15,7 @@ This module owns two refusals (docs/finalize.md, "What finalize refuses"):
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from acqd.finalize.layout import known_dir, known_file, rel
+from acqd.record.partread import UnreadablePart, probe_parts
 from acqd.record.streamfile import open_for_read, rows_crc32
+from acqd.record.superblock import left_open, read_head
 
 _READ_BLOCK_BYTES = 64 << 20  # rows are read back this many bytes at a time (one HDF5 read per block)
 
@@ -94,6 +97,9 @@ class Integrity:
     """Parts of cameras encoded to video: their frames are in the video files, not checked here."""
     accepted: bool = False
     """Corrupt chunks were sealed anyway (``accept_corrupt``); they are listed above."""
+    lost: list[dict] = field(default_factory=list)
+    """Parts that cannot be read (empty, headerless, truncated, or no answer within the deadline), with their size
+    and why (``acqd.finalize.LostPart``): left out of the checks and of the master."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,7 +119,14 @@ def verify_chunks(folder: Path, parts: dict[str, list[Path]], known: dict[Path, 
 
 
 def verify_part(stream: str, path: Path, name: str) -> Integrity:
-    """The chunk checks of one part (``name``: its path relative to the session folder)."""
+    """The chunk checks of one part (``name``: its path relative to the session folder). A part its writer never
+    closed (read in SWMR mode, where HDF5 retries failed reads for ever) is first read in a child with a deadline
+    (the hasher calls this on parts nobody has vouched for yet): one that cannot be read raises ``UnreadablePart`` at
+    once instead of hanging the caller. A closed part is opened plainly, and HDF5 then fails fast by itself."""
+    if left_open(read_head(path)[1]):
+        health = probe_parts([path])[path]
+        if health.problem is not None:
+            raise UnreadablePart(errno.EIO, f"{name}: {health.problem}")
     out = Integrity()
     _verify_part(stream, path, name, out)
     return out

@@ -4,13 +4,16 @@
 
 - ``eio_on_write:N``  the Nth append (counted across parts) fails with EIO, as a failing disk does;
 - ``eio_on_fsync:N``  the Nth fsync fails with EIO;
+- ``dead_disk:N``  from the Nth append on, the disk fails every write for good: the descriptor HDF5 writes the
+  part through is replaced by a read-only one of the same file, so HDF5's own writes fail at the OS level
+  (EBADF), and so do those of every part opened afterwards (reads still work, as on a disk that fails writes);
 - ``crash_after_write:N``  the process ends with ``os._exit(137)`` right after the Nth append (a crash at
   the Nth write, SQLite style: nothing is closed or flushed), only while recording part 0: the writer the
   supervisor restarts (part 1 on) inherits the variable and must run clean, as after a one-off crash;
 - ``wall_step:N``  from the Nth message on, the host wall clock reads one hour later (a wall-clock step;
   CLOCK_MONOTONIC is untouched).
 
-Each fault fires once. Nothing reads the variable outside ``Faults.from_env``, which only the writer's
+Each fault fires once (``dead_disk`` stays). Nothing reads the variable outside ``Faults.from_env``, which only the writer's
 ``main`` calls: users cannot trip these paths by accident, tests set the variable on the daemon they start.
 """
 
@@ -22,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 FAULT_ENV = "ACQD_FAULT"
-KINDS = ("eio_on_write", "eio_on_fsync", "crash_after_write", "wall_step")
+KINDS = ("eio_on_write", "eio_on_fsync", "dead_disk", "crash_after_write", "wall_step")
 WALL_STEP_NS = 3600 * 10**9
 CRASH_EXIT = 137
 
@@ -62,6 +65,12 @@ class Faults:
         if self._count("eio_on_write"):
             raise OSError(errno.EIO, "Input/output error (write; injected by ACQD_FAULT)")
 
+    def disk_dead(self, append: bool) -> bool:
+        """``dead_disk``: whether the disk fails writes now (``append``: this call counts as an append)."""
+        if append:
+            self._count("dead_disk")
+        return self.seen.get("dead_disk", 0) >= self.at.get("dead_disk", 0) > 0
+
     def after_append(self, part: int) -> None:
         if part == 0 and self._count("crash_after_write"):
             os._exit(CRASH_EXIT)
@@ -78,3 +87,13 @@ class Faults:
                 raise OSError(errno.EIO, "Input/output error (fsync; injected by ACQD_FAULT)")
             os.fsync(fd)
         return fsync
+
+
+def fail_writes(path: str | os.PathLike, fd: int) -> None:
+    """Make every later write through ``fd`` (a part's HDF5 descriptor) fail: it becomes a read-only descriptor of
+    the same file (``dead_disk``)."""
+    ro = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.dup2(ro, fd)
+    finally:
+        os.close(ro)

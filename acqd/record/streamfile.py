@@ -27,9 +27,12 @@ last partial chunk is committed at the first flush after it fills, or at close.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import resource
+import shutil
 import time
 import zlib
 from collections.abc import Callable
@@ -44,6 +47,7 @@ import numpy as np
 from acqd.config import EdgeLine, StreamConfig
 from acqd.errors import DiskFullError, WriterError
 from acqd.record.ingest import Gap, GapRecord, Reject
+from acqd.record.partread import UnreadablePart, open_for_read  # noqa: F401 - re-exported: readers import them here
 from acqd.record.video import VIDEO_DIR, VideoSink
 from acqd.wire.protocol import OFFSET_DTYPE
 
@@ -70,6 +74,7 @@ TABLES = {"index": INDEX_DTYPE, "gaps": GAP_DTYPE, "rejects": REJECT_DTYPE,
           "sync/edges": EDGE_DTYPE, "sync/clock": CLOCK_DTYPE, "timestamps": TIMESTAMP_DTYPE,
           "sync/offsets": OFFSET_DTYPE, "suspect": SUSPECT_DTYPE}
 
+HEADER_RESERVE_BYTES = 1 << 20  # room a new part needs before it is created (its header is ~8 KiB, its first chunk more)
 CHUNK_TARGET_BYTES = 2 << 20
 CHUNK_MAX_S = 0.1  # a chunk is also the most a writer holds back before handing rows to HDF5
 
@@ -109,13 +114,39 @@ def dataset_options(cfg: StreamConfig) -> dict:
     return opts
 
 
+def reserve_header(folder: Path) -> None:
+    """Refuse (``DiskFullError``) to create a part where its header might not fit: less than HEADER_RESERVE_BYTES
+    free, or a smaller file-size limit. A part created on a full disk stayed 0 bytes, and finalize then failed on
+    it (issue 22 defect 6); the writer now stops with the reason instead, the previous part closed cleanly."""
+    free = shutil.disk_usage(folder).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if free < HEADER_RESERVE_BYTES or limit != resource.RLIM_INFINITY and limit < HEADER_RESERVE_BYTES:
+        raise DiskFullError(f"{folder}: disk full or file size limit reached: {free} bytes free, file size limit "
+                            f"{'none' if limit == resource.RLIM_INFINITY else limit}; a new part needs "
+                            f"{HEADER_RESERVE_BYTES} for its header")
+
+
 def open_stream_file(path: Path, cfg: StreamConfig) -> h5py.File:
-    """Create a new stream file exclusively (never truncates, never follows a planted symlink).
+    """Create a new stream file exclusively (never truncates, never follows a planted symlink), once there is room
+    for its header (``reserve_header``).
 
     The chunk cache holds several chunks so that appends that fill a chunk piecewise stay fast.
     """
+    reserve_header(Path(path).parent)
     cache = max(4 << 20, 4 * chunk_rows(cfg) * cfg.sample_bytes)
     return h5py.File(path, "x", libver="latest", rdcc_nbytes=cache, rdcc_nslots=100_003)
+
+
+def _close_and_drop_if_empty(f: h5py.File, path: Path) -> None:
+    """After a failed creation: close the file, and remove it if nothing reached it. It is ours to remove: mode
+    'x' created it (O_EXCL) a moment ago. A file that holds some bytes is kept (finalize skips it with a note)."""
+    try:
+        f.close()
+    except Exception:  # noqa: BLE001 - a close after a failed write may fail too; the size below decides
+        pass
+    with contextlib.suppress(OSError):
+        if os.lstat(path).st_size == 0:
+            os.unlink(path)
 
 
 @dataclass
@@ -144,6 +175,9 @@ class StreamFile:
     queued: dict[str, list] = field(default_factory=dict)
     """Small-table rows held until the next flush (``queue``): one HDF5 resize and write per table per flush
     instead of one per message, which cost more than the message itself on a slow stream."""
+    hdf5_failed: bool = False
+    """One of HDF5's own writes or flushes failed: its state for this file is then broken for good (a flush again
+    breaks it further, and a close fails), so the file can only be released (``release``)."""
     fsync: Callable[[int], None] = field(default=lambda fd: os.fsync(fd))
     """How the file descriptor is fsynced (a seam for the ACQD_FAULT hook; see acqd.record.faults)."""
     _open: dict[str, h5py.Dataset] = field(default_factory=dict)
@@ -185,7 +219,7 @@ class StreamFile:
                 data.attrs["external_video"] = f"../{VIDEO_DIR}/ (see /video)"
             f.swmr_mode = True
         except BaseException:
-            f.close()
+            _close_and_drop_if_empty(f, path)
             raise
         if cfg.video is not None:
             return cls(path, f, VideoSink(path.parent.parent / VIDEO_DIR, cfg.name, part, cfg.video, cfg.rate))
@@ -201,7 +235,7 @@ class StreamFile:
         self.rows += len(data)
         self.changed = True
         self.pending_index.append(index_row[:4] + (first,) + index_row[4:] + (rows_crc32(data),))
-        with io_errors(self.path):
+        with io_errors(self.path, self):
             if self.video is not None:
                 self.video.append(data)
                 return first
@@ -234,7 +268,7 @@ class StreamFile:
         rows = np.asarray(rows, dtype=dset.dtype) if not isinstance(rows, np.ndarray) else rows.astype(dset.dtype)
         if len(rows):
             self.changed = True
-            with io_errors(self.path):
+            with io_errors(self.path, self):
                 n = dset.shape[0]
                 dset.resize(n + len(rows), axis=0)
                 dset[n:] = rows
@@ -275,7 +309,7 @@ class StreamFile:
             return  # an idle stream: nothing to write, nothing to sync
         self.unsynced = self.unsynced or self.changed
         self.write_queued()
-        with io_errors(self.path):
+        with io_errors(self.path, self):
             if self.video is not None:  # the index lists only frames in finished (closed) video files
                 self._video_files(self.video.take_finished())
                 self.written = self.video.committed
@@ -288,25 +322,26 @@ class StreamFile:
                 self.last_index = done[-1]
                 self.f.flush()
             self.changed = self.video is not None  # a video encoder finishes files on its own: look each time
-            if fsync:
-                fd = self.f.id.get_vfd_handle()
+        if fsync:
+            fd = self.f.id.get_vfd_handle()
+            with io_errors(self.path):  # a failed fsync is the kernel's: HDF5 itself wrote everything
                 self.fsync(fd)
                 self.unsynced = False
-                # What is on disk need not stay in the page cache: a rig writing 130 MB/s would fill all of
-                # memory in minutes, evicting everyone else's, and the writers cost 1.5x more CPU while it
-                # fills (measured, docs/performance.md). Only clean pages are dropped; nothing is lost.
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            # What is on disk need not stay in the page cache: a rig writing 130 MB/s would fill all of
+            # memory in minutes, evicting everyone else's, and the writers cost 1.5x more CPU while it
+            # fills (measured, docs/performance.md). Only clean pages are dropped; nothing is lost.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self, fsync: bool = True) -> None:
         if self.f.id.valid:
             try:
                 if self.video is not None:
-                    with io_errors(self.path):
+                    with io_errors(self.path, self):
                         self.video.close()
                     self._video_files(self.video.take_finished())
                     self.written = self.video.committed
                 if self.chunk is not None and self.rows > self.written:  # the last, partial chunk
-                    with io_errors(self.path):
+                    with io_errors(self.path, self):
                         self._write(self.rows - self.written)
                 self.flush(fsync)
             finally:
@@ -319,17 +354,41 @@ class StreamFile:
         Never fsync again (after a failed fsync the kernel may have dropped the dirty pages and a retry
         reports success for data that is gone). The index still says what was committed before the failure.
         """
-        try:
+        if self.hdf5_failed:  # a failed HDF5 write: another flush would leave the file impossible to close
+            return self.release()
+        try:  # the failure was outside HDF5 (an fsync): HDF5 can still write the note
             self.add("suspect", [(time.time_ns(), reason.encode()[:SUSPECT_DTYPE["reason"].itemsize])])
             self.f.flush()
         except Exception:  # noqa: BLE001 - the file is already known bad; the note is best effort
-            pass
-        finally:
+            self.release()
+        else:  # the disk took the note: the file can close as usual
             self._open.clear()
             try:
                 self.f.close()
-            except Exception:  # noqa: BLE001 - as above
-                pass
+            except Exception:  # noqa: BLE001 - it failed after all
+                self.release()
+
+    def release(self) -> None:
+        """Close the file after a write HDF5 could not make, whatever the disk does now.
+
+        HDF5 cannot close a file whose metadata it cannot write: the close fails, the file stays open inside the
+        library, and the next file created in SWMR mode (the next part), or HDF5's exit handlers, then crashed the
+        writer with a segfault, which the supervisor counted as a crash and restarted (issue 22 defect 14,
+        measured). So before closing, the descriptor HDF5 holds is pointed at an anonymous in-memory file: what
+        HDF5 could not write goes there and is dropped, the close succeeds, and the part on disk keeps what its
+        last good flush wrote (its index says what that is; it reads like a killed writer's part, through SWMR).
+        """
+        if self.f.id.valid:
+            with contextlib.suppress(Exception):
+                fd = self.f.id.get_vfd_handle()
+                sink = os.memfd_create("acqd-abandoned-part")
+                try:
+                    os.dup2(sink, fd)  # HDF5 still owns fd (the file is open): nothing else uses that number
+                finally:
+                    os.close(sink)
+        self._open.clear()  # after the swap: closing a dataset writes out its chunk cache
+        with contextlib.suppress(Exception):
+            self.f.close()
 
     @property
     def size_bytes(self) -> int:
@@ -338,10 +397,11 @@ class StreamFile:
 
 
 class io_errors:
-    """Turn HDF5 I/O failures into WriterError, and a full disk or file-size limit into DiskFullError."""
+    """Turn HDF5 I/O failures into WriterError, and a full disk or file-size limit into DiskFullError; a failure
+    inside HDF5's own calls on ``owner`` marks it ``hdf5_failed`` (see ``StreamFile.abandon``)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, owner: StreamFile | None = None):
+        self.path, self.owner = path, owner
 
     def __enter__(self) -> None:
         return None
@@ -349,20 +409,14 @@ class io_errors:
     def __exit__(self, etype, exc, tb) -> bool:
         if exc is None or not isinstance(exc, (OSError, RuntimeError)):
             return False
+        if self.owner is not None:
+            self.owner.hdf5_failed = True
         text = str(exc)
         if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EFBIG) or any(
             s in text for s in ("No space left", "File too large", "errno = 28", "errno = 27")
         ):
             raise DiskFullError(f"{self.path}: disk full or file size limit reached ({text})") from exc
         raise WriterError(f"{self.path}: write failed: {text}") from exc
-
-
-def open_for_read(path: Path) -> h5py.File:
-    """Open a stream file read-only, whether it was closed cleanly or is still/was being written (SWMR)."""
-    try:
-        return h5py.File(path, "r")
-    except OSError:
-        return h5py.File(path, "r", swmr=True)
 
 
 def rows_crc32(rows: np.ndarray) -> int:

@@ -33,7 +33,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from acqd.config import ChannelSync, EdgeLine, FrameSync, StreamConfig
 from acqd.errors import DiskFullError, ProtocolError, WriterError
-from acqd.record.faults import FAULT_ENV, Faults
+from acqd.record.faults import FAULT_ENV, Faults, fail_writes
 from acqd.record.ingest import (Cursor, Reject, Verdict, advance, check_continuity, check_edges, check_format,
                                 rising_edges, wall_step_ns)
 from acqd.record.peerauth import authenticate
@@ -169,6 +169,7 @@ class Writer:
         self.faults = Faults()
         self.held: Cursor | None = None  # after the last LATE / SEQ_JUMP reject: what would continue it
         self.part_cursor: Cursor | None = None  # the cursor when the current part was opened
+        self.retry_part: int | None = None  # the part opened after a write failure (row 7)
         self.preview: Preview | None = None  # only while the console watches (the ``preview`` command)
         self._window = (time.monotonic(), 0, 0)
         # A stream drained at timers: messages stamped on arrival by the receiver thread, which then owns self.data.
@@ -216,6 +217,7 @@ class Writer:
         self.cursor = self.previous_part_cursor(part) if part else None
         self.held = None
         self.levels = [None] * len(self.spec.lines)
+        self.retry_part = None
         self.open_part(part)
 
     def previous_part_cursor(self, part: int) -> Cursor | None:
@@ -245,6 +247,8 @@ class Writer:
         else:
             raise WriterError(f"{self.folder}: part names {part}..{n} of {self.cfg.name} are all taken")
         self.file.fsync = self.faults.fsync()
+        if self.faults.disk_dead(append=False):
+            fail_writes(path, self.file.f.id.get_vfd_handle())
         self.part, self.part_cursor = n, self.cursor
         if self.last_offset is not None:  # the clock offset in force when the part opens (LSL: docs/lsl.md)
             self.file.add("sync/offsets", self.last_offset)
@@ -297,6 +301,10 @@ class Writer:
         is a gap in the new part, with exact seqs.
         """
         f = self.file
+        if self.retry_part == self.part and f.last_index is None:
+            # The part opened after the last failure failed too before it committed anything: the disk fails every
+            # write. The stream stops with the reason (``run``: write_error) rather than open a part per flush.
+            raise failure
         self.close_file(final=False, failure=failure)
         # Index rows are (seq, epoch, n_samples, first_sample, ...). Resume just before the first message the
         # suspect part did not commit, else after the last one it did.
@@ -310,6 +318,7 @@ class Writer:
             self.cursor = self.part_cursor
         self.held = None
         self.open_part(self.part + 1)
+        self.retry_part = self.part
 
     # -- the data path -------------------------------------------------------------------------
     def reject(self, reason: Reject, detail: str, seq: int, nbytes: int) -> None:
@@ -386,6 +395,8 @@ class Writer:
             self.file.add("sync/clock", clock_pairs)
         with io_errors(self.file.path):
             self.faults.before_append()
+        if self.faults.disk_dead(append=True):
+            fail_writes(self.file.path, self.file.f.id.get_vfd_handle())
         self.file.append(chunk.data, (h.seq, h.epoch, h.n_samples, h.first_sample, wall_ns, mono_ns,
                                       h.device_time_ns))
         self.faults.after_append(self.part)
@@ -525,7 +536,7 @@ class Writer:
             return self.abandon(EXIT_DISK_FULL)
         except WriterError as e:
             self.event("write_error", str(e))
-            return self.abandon(EXIT_WRITE_ERROR)
+            return self.abandon(EXIT_WRITE_ERROR, e)
 
     def drains_at_deadlines(self) -> bool:
         """Whether this stream's queue is drained only when a timer is due: a slow stream with its own sync edges,
@@ -601,11 +612,15 @@ class Writer:
         except WriterError as e:
             self.part_failed(e)
 
-    def abandon(self, code: int) -> int:
-        """After a failed write: close what can be closed, then leave without HDF5's exit handlers."""
+    def abandon(self, code: int, failure: WriterError | None = None) -> int:
+        """After a write failure the stream cannot go on with (a full disk; a write error in the part opened after
+        one, as on a disk that fails every write): the part is closed (as suspect, reported with what its index
+        proves, after a write error), then the process leaves without HDF5's exit handlers."""
         try:
-            if self.file is not None:
-                self.file.f.close()
+            if failure is not None:
+                self.close_file(failure=failure)
+            elif self.file is not None:
+                self.file.release()
         except Exception:  # noqa: BLE001 - the file is already known bad; the index says what is valid
             pass
         self.ctx.destroy(linger=1000)  # deliver the queued reason before leaving

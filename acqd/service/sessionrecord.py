@@ -19,7 +19,7 @@ from acqd.config import RigConfig
 from acqd.errors import SessionError
 from acqd.images import check_stimulus_images, register_stimulus_images
 from acqd.metadata import SessionMetadata, to_acqd, with_rig_defaults
-from acqd.record.streamfile import committed_rows, open_for_read
+from acqd.record.partread import probe_parts
 from acqd.service.sessionlog import SessionLog
 from acqd.session import (CLOSED, INTERRUPTED, RECORDING, SESSION_FILE, STREAMS_DIR, create_session_dir,
                           list_sessions, now_iso, read_session, write_json_atomic)
@@ -177,13 +177,8 @@ def recover_interrupted(data_root: Path) -> list[dict]:
             continue
         folder = Path(info["path"])
         s = read_session(folder)
-        files = {}
-        for path in sorted((folder / STREAMS_DIR).glob("*.h5")):
-            try:
-                with open_for_read(path) as f:
-                    files[path.name] = {"readable": True, "rows": committed_rows(f)}
-            except OSError as e:
-                files[path.name] = {"readable": False, "error": str(e)}
+        # Each part read in a child with a deadline: a truncated part never keeps the daemon from starting.
+        files = {p.name: h.as_dict() for p, h in probe_parts(sorted((folder / STREAMS_DIR).glob("*.h5"))).items()}
         s["state"], s["incomplete"] = INTERRUPTED, True
         s.setdefault("incidents", []).append({"time": now_iso(), "stream": None, "kind": "daemon_interrupted",
                                               "detail": "the daemon stopped while recording; files checked",
