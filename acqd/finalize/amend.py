@@ -146,7 +146,7 @@ def _rewrite_master(master: Path, partial: Path, old: dict, new: dict, what: lis
             _replace(f, field, _get(old, field), _get(new, field))
     check = nwb.check_master(partial, {n: rows for n, (rows, _) in nwb.series_lengths(master).items()})
     if not check.ok:
-        raise MetadataError(f"the amended master failed validation, nothing amended:\n  "
+        raise MetadataError("the amended master failed validation, nothing amended:\n  "
                             + "\n  ".join(check.blocking))
     fd = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW)
     try:

@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from acqd.config import ChannelSync, EdgeLine, FrameSync, StreamConfig
 from acqd.errors import DiskFullError, ProtocolError, WriterError
-from acqd.record.faults import FAULT_ENV, Faults, fail_writes
+from acqd.record.faults import Faults, fail_writes
 from acqd.record.ingest import (Cursor, Reject, Verdict, advance, check_continuity, check_edges, check_format,
                                 rising_edges, wall_step_ns)
 from acqd.record.peerauth import authenticate

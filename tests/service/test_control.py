@@ -17,7 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from acqd.client import ApiError
-from acqd.service.procs import Simulator, wait_until
+from acqd.service.procs import Simulator
 from acqd.service.status import status_renderable
 from tests.conftest import acquiring, write_rig
 

@@ -11,7 +11,6 @@ import httpx
 import pytest
 
 from acqd.client import ApiError, Client
-from acqd.service.procs import Simulator, wait_until
 from tests.conftest import acquiring, write_rig
 from tests.sessions import SUBJECT
 

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from acqd.service.procs import Simulator, wait_until
 from tests.conftest import write_rig
