@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from acqd.configerrors import Found, Loc, closest_first
 from acqd.errors import ConfigError
 from acqd.probes import is_mouse, unknown_areas
+from acqd.shipconfig import ShipList
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -507,6 +508,8 @@ class RigConfig(_Frozen):
     """Defaults merged under a record request's metadata (see SessionMetadata)."""
     qc: QcConfig = QcConfig()
     """Thresholds of the QC verdict (residual, drift) that finalize applies."""
+    ship: ShipList = ()
+    """Destinations sealed sessions are copied to and verified at (docs/shipping.md); none by default."""
 
     @model_validator(mode="after")
     def _consistent(self) -> RigConfig:

@@ -22,6 +22,8 @@ from acqd.record.video import CONTAINERS, VIDEO_DIR
 from acqd.session import ANNOTATIONS_FILE, SESSION_FILE, STREAMS_DIR
 
 MANIFEST = "manifest.sha256"
+SHIPPING = "shipping.json"
+"""Verified copies of a sealed session (acqd.share.ship): beside session.json, never part of the sealed set."""
 QC_DIR = "qc"
 VDS_DIR = "vds"  # virtual datasets joining the parts of a stream written by several writers
 RECOVERED_DIR = "recovered"  # clean copies of the committed rows of parts a killed writer left open
@@ -64,6 +66,7 @@ def _known_patterns(session_id: str, streams: list[str]) -> list[str]:
     videos = "|".join(re.escape(ext) for ext, _ in CONTAINERS.values())
     return [re.escape(SESSION_FILE), atomic.format(re.escape(SESSION_FILE)), re.escape(ANNOTATIONS_FILE),
             re.escape(MANIFEST), atomic.format(re.escape(MANIFEST)), rf"{re.escape(session_id)}\.nwb(?:{PARTIAL})?",
+            re.escape(SHIPPING), atomic.format(re.escape(SHIPPING)),
             rf"{STREAMS_DIR}/{part}", rf"{VIDEO_DIR}/{s}_\d{{3,}}_\d{{4,}}\.(?:{videos})",  # video.video_filename
             rf"{QC_DIR}/(?:qc\.json|index\.html|{s}\.png)(?:{PARTIAL})?", rf"{VDS_DIR}/{s}\.h5(?:{PARTIAL})?",
             rf"{RECOVERED_DIR}/{part}(?:{PARTIAL})?", re.escape(DIGESTS), *_image_patterns(s)]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from acqd.finalize.digests import Stamp
 from acqd.finalize.digests import stamp as _stamp
-from acqd.finalize.layout import MANIFEST, rel
+from acqd.finalize.layout import MANIFEST, SHIPPING, rel
 from acqd.session import SESSION_FILE, write_bytes_atomic
 
 # chattr +i through the ioctl chattr(1) uses (linux/fs.h): root can still write a 0444 file, not an immutable one.
@@ -134,10 +134,11 @@ def _get_flags(fd: int) -> int:
 
 def manifest_files(folder: Path) -> list[Path]:
     """The files finalize seals and hashes: every regular file (never a link) but the manifest itself,
-    ``session.json`` (written last, at the commit point; its digest is given to ``write_manifest``) and the
-    temporary files of an atomic write."""
+    ``session.json`` (written last, at the commit point; its digest is given to ``write_manifest``), the record of
+    shipped copies (written after the seal) and the temporary files of an atomic write."""
+    own = (SESSION_FILE, MANIFEST, SHIPPING)
     return [p for p in _regular_files(folder) if p.parent != folder or (
-        p.name not in (SESSION_FILE, MANIFEST) and not p.name.startswith((f".{SESSION_FILE}.", f".{MANIFEST}.")))]
+        p.name not in own and not p.name.startswith(tuple(f".{name}." for name in own)))]
 
 
 def write_manifest(folder: Path, paths: list[Path], digests: Digests, progress: Callable[[int, int], None],
@@ -156,17 +157,22 @@ def write_manifest(folder: Path, paths: list[Path], digests: Digests, progress: 
     write_bytes_atomic(folder / MANIFEST, "".join(sorted(lines, key=lambda line: line.split("  ", 1)[1])).encode())
 
 
+def read_manifest(folder: Path) -> dict[str, str]:
+    """``manifest.sha256`` as {file name relative to the folder: sha256}; OSError when it cannot be read."""
+    listed = {}
+    for line in (Path(folder) / MANIFEST).read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        listed[name] = digest
+    return listed
+
+
 def verify_manifest(folder: Path) -> list[str]:
     """Problems found checking the session against its manifest (empty: every file there and unchanged)."""
     folder = Path(folder)
     try:
-        text = (folder / MANIFEST).read_text()
+        listed = read_manifest(folder)
     except OSError as e:
         return [f"{MANIFEST}: {e.strerror}"]
-    listed = {}
-    for line in text.splitlines():
-        digest, _, name = line.partition("  ")
-        listed[name] = digest
     problems = [f"{name}: a symbolic link (verify never follows links)" for name in sorted(listed)
                 if (folder / name).is_symlink()]
     present = {name: folder / name for name in sorted(listed)

@@ -1,0 +1,341 @@
+"""The shipper: runs the queue's jobs, one at a time per destination, and proves each one arrived.
+
+A job's run: refuse a session that is not finalized or no longer matches its manifest (failed at once, reported);
+remove READY.json at the destination (a watcher must never see it over a changing copy); ``rclone copy`` exactly
+the manifest's files; hash them at the destination; re-send what differs, once, and hash again (still different:
+the job fails naming the files); write READY.json last; record the copy in shipping.json; then ``verified``.
+A failed attempt (rclone's reason in one line) waits ``backoff_s`` (capped) and runs again, up to max_attempts.
+
+While a session records, a ``pause`` destination's copy is stopped and waits; a ``throttle`` one is restarted at
+its throttle bandwidth (rclone skips what already arrived). Events (``on_event(kind, payload)``): ship_queued,
+ship_progress, shipped, ship_failed (``final``: no further attempt), ship_refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from acqd.finalize.layout import MANIFEST
+from acqd.share.ship import rclone
+from acqd.share.ship.queue import ACTIVE, FAILED, QUEUE_FILE, VERIFIED, Job, Queue, backoff_s
+from acqd.share.ship.verify import describe, expected, forget_copy, mismatches, record_copy, refusal
+from acqd.shipconfig import ShipDestination
+
+log = logging.getLogger("acqd")
+READY = "READY.json"
+PROGRESS_INTERVAL_S = 1.0
+
+Event = Callable[[str, dict], None]
+
+
+class AttemptFailed(Exception):
+    """One attempt failed for a reason retrying may cure (network, destination, a killed rclone)."""
+
+
+class JobFailed(Exception):
+    """The job cannot succeed by retrying (a file still differs after being re-sent)."""
+
+
+class Shipper:
+    """The queue's worker threads (one per destination) and the operations on jobs."""
+
+    def __init__(self, data_root: Path, destinations: tuple[ShipDestination, ...], on_event: Event | None = None):
+        self.data_root = Path(data_root)
+        self.dests = {d.name: d for d in destinations}
+        self.queue = Queue(self.data_root / QUEUE_FILE)
+        self._emit = on_event or (lambda kind, payload: None)
+        self._recording = False
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._runs: dict[str, tuple[rclone.Run, str | None]] = {}  # dest -> (running rclone, its bwlimit)
+        self._stop_reason: dict[str, str] = {}
+        self._speed: dict[int, tuple[float, float | None]] = {}  # job id -> (bytes/s, eta s)
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Jobs a kill left copying or verifying are queued again; one worker thread per destination."""
+        for job_id in self.queue.recover():
+            log.info("ship job %d resumes after an interruption", job_id)
+        for name in self.dests:
+            t = threading.Thread(target=self._worker, args=(name,), name=f"ship-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the running copies (their jobs are queued again, not counted as failed) and the workers."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        for name in list(self._runs):
+            self._interrupt(name, "the daemon stopped")
+        for t in self._threads:
+            t.join(timeout_s)
+        self.queue.close()
+
+    def set_recording(self, recording: bool) -> None:
+        """A session started or stopped recording: pause or throttle the destinations that say so."""
+        with self._wake:
+            self._recording = recording
+            self._wake.notify_all()
+        for name, (_, bwlimit) in list(self._runs.items()):
+            dest = self.dests[name]
+            if self._paused(dest):
+                self._interrupt(name, "paused while a session records")
+            elif bwlimit != self._bwlimit(dest):
+                self._interrupt(name, "bandwidth limit changed")
+
+    # -- operations (CLI and API) ------------------------------------------------------------------------------------
+
+    def ship(self, folder: Path, to: str | None = None) -> list[Job]:
+        """Queue the session ``folder`` for ``to`` (default: every destination); already queued or verified jobs
+        are returned as they are."""
+        folder = Path(folder)
+        names = [to] if to else list(self.dests)
+        unknown = [n for n in names if n not in self.dests]
+        if unknown:
+            raise KeyError(f"no ship destination {unknown[0]!r}; configured: {', '.join(self.dests) or 'none'}")
+        jobs = [self.queue.add(folder.name, folder, n, "session") for n in names]
+        for job in jobs:
+            if job.state == "queued" and job.attempts == 0:
+                self._emit("ship_queued", _payload(job))
+        self._notify()
+        return jobs
+
+    def retry(self, job_id: int) -> Job:
+        job = self.queue.get(job_id)
+        if job.state in ACTIVE:
+            return job
+        job = self.queue.requeue(job_id)
+        self._notify()
+        return job
+
+    def reverify(self, job_id: int) -> Job:
+        """Hash a verified copy at its destination again (a file changed there after verification fails the job)."""
+        job = self.queue.get(job_id)
+        if job.state != VERIFIED:
+            raise ValueError(f"ship job {job_id} is {job.state}: only a verified copy can be re-verified")
+        job = self.queue.requeue(job_id, reverify=True)
+        self._notify()
+        return job
+
+    def status(self) -> dict:
+        """The queue with progress, and per destination whether it waits for a recording to end."""
+        jobs = self.queue.jobs()
+        now = time.time()
+        unverified = [j.created for j in jobs if j.state in ACTIVE]
+        out = []
+        for j in jobs:
+            speed, eta = self._speed.get(j.id, (0.0, None)) if j.state in ACTIVE else (0.0, None)
+            out.append({**j.as_dict(), "speed_bytes_s": speed, "eta_s": eta})
+        return {"jobs": out,
+                "destinations": [{"name": d.name, "remote": d.remote, "paused": self._paused(d),
+                                  "bwlimit": self._bwlimit(d)} for d in self.dests.values()],
+                "queued_bytes": sum(max(j.bytes_total - j.bytes_done, 0) for j in jobs if j.state in ACTIVE),
+                "oldest_unverified_age_s": now - min(unverified) if unverified else 0.0,
+                "failed": sum(j.state == FAILED for j in jobs), "verified": sum(j.state == VERIFIED for j in jobs)}
+
+    # -- the worker --------------------------------------------------------------------------------------------------
+
+    def _worker(self, name: str) -> None:
+        dest = self.dests[name]
+        while True:
+            with self._wake:
+                if self._stopping:
+                    return
+                job = None if self._paused(dest) else self.queue.next_due(name)
+                if job is None:
+                    self._wake.wait(self._idle_wait(name))
+                    continue
+            try:
+                self.run(job, dest)
+            except Exception as e:  # noqa: BLE001 - a bug in one job must not stop the destination's queue
+                log.exception("ship job %d", job.id)
+                self._attempt_failed(self.queue.get(job.id), dest, f"internal error: {e}")
+
+    def _idle_wait(self, name: str) -> float:
+        due = [j.next_try for j in self.queue.jobs() if j.dest == name and j.state == "queued"]
+        return max(0.05, min(min(due) - time.time(), 60.0)) if due else 60.0
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def run(self, job: Job, dest: ShipDestination) -> Job:
+        """One attempt at ``job``; the job as it stands after it."""
+        folder = Path(job.folder)
+        if why := refusal(folder):
+            job = self.queue.fail(job.id, why)
+            log.error("ship %s -> %s refused: %s", job.session, dest.name, why)
+            self._emit("ship_refused", _payload(job))
+            return job
+        want = expected(folder)
+        total = sum((folder / n).stat().st_size for n in want)
+        job = self.queue.start(job.id, total)
+        where = rclone.remote_path(dest, job.session)
+        try:
+            with tempfile.TemporaryDirectory(prefix="acqd-ship-") as tmp:
+                if job.reverify:
+                    return self._reverify(job, dest, want, where, Path(tmp))
+                self._rclone(dest, rclone.deletefile_args(dest, f"{where}/{READY}"), tolerate_missing=True)
+                self._copy(job, dest, want, where, Path(tmp))
+                job = self.queue.verifying(job.id)
+                self._verify(job, dest, want, where, Path(tmp))
+                self._rclone(dest, rclone.rcat_args(dest, f"{where}/{READY}"), stdin=_ready(job, dest, where, want))
+        except _Interrupted as e:
+            return self.queue.interrupted(job.id, str(e))
+        except AttemptFailed as e:
+            return self._attempt_failed(self.queue.get(job.id), dest, str(e))
+        except JobFailed as e:
+            return self._final_failure(job, dest, str(e))
+        digest = want[MANIFEST]
+        record_copy(folder, dest.name, where, digest)
+        job = self.queue.verified(job.id, digest)
+        log.info("ship %s -> %s verified (%d files, %d bytes)", job.session, dest.name, len(want), total)
+        self._emit("shipped", {**_payload(job), "path": where, "files": len(want)})
+        return job
+
+    def _copy(self, job: Job, dest: ShipDestination, want: dict[str, str], where: str, tmp: Path) -> None:
+        files = _files_from(tmp / "copy.txt", want)
+        self._rclone(dest, rclone.copy_args(dest, Path(job.folder), where, files, self._bwlimit(dest)), job=job)
+
+    def _verify(self, job: Job, dest: ShipDestination, want: dict[str, str], where: str, tmp: Path) -> None:
+        """Every file hashes right at the destination; what does not is re-sent once, then hashed again."""
+        found = self._hash(dest, where, want, tmp)
+        if bad := mismatches(want, found):
+            log.warning("ship %s -> %s: %s differ at the destination, re-sending once", job.session, dest.name,
+                        describe(bad, found))
+            again = {n: want[n] for n in bad}
+            self._copy(job, dest, again, where, tmp)
+            found = self._hash(dest, where, again, tmp)
+            if still := mismatches(again, found):
+                raise JobFailed(f"verification failed after re-sending: {describe(still, found)}")
+
+    def _reverify(self, job: Job, dest: ShipDestination, want: dict[str, str], where: str, tmp: Path) -> Job:
+        found = self._hash(dest, where, want, tmp)
+        if bad := mismatches(want, found):
+            forget_copy(Path(job.folder), dest.name)
+            self._rclone(dest, rclone.deletefile_args(dest, f"{where}/{READY}"), tolerate_missing=True)
+            return self._final_failure(job, dest, f"changed at the destination after verification: "
+                                                  f"{describe(bad, found)}")
+        job = self.queue.verified(job.id, want[MANIFEST])
+        self._emit("shipped", {**_payload(job), "path": where, "files": len(want), "reverified": True})
+        return job
+
+    def _hash(self, dest: ShipDestination, where: str, want: dict[str, str], tmp: Path) -> dict[str, str]:
+        """sha256 of ``want``'s files at the destination: from the backend, or read back where it has none."""
+        files = _files_from(tmp / "hash.txt", want)
+        download = bool(dest.download_check)
+        found = self._hashsum(dest, where, files, download)
+        if dest.download_check is None and not download and len(found) < len(want):
+            found = self._hashsum(dest, where, files, True)  # the backend may not hash sha256: read back
+        return found
+
+    def _hashsum(self, dest: ShipDestination, where: str, files: Path, download: bool) -> dict[str, str]:
+        errors: list[str] = []
+        run = rclone.Run(rclone.hashsum_args(dest, where, files, download))
+        rc, out = self._wait(dest, run, lambda line: errors.append(rclone.parse_log_line(line)[1] or ""))
+        found = rclone.parse_hashsum(out)
+        if rc != 0 and not all(_is_not_found(e) for e in errors if e):
+            raise AttemptFailed(f"hashing at the destination: {rclone.reason(errors, rc)}")
+        return found
+
+    def _rclone(self, dest: ShipDestination, args: list[str], job: Job | None = None, stdin: bytes | None = None,
+                tolerate_missing: bool = False) -> None:
+        """Run rclone to its end; a failure raises AttemptFailed with its reason. With ``job``, its stats are the
+        job's progress."""
+        errors: list[str] = []
+        last = [0.0]
+
+        def on_line(line: str) -> None:
+            stats, error = rclone.parse_log_line(line)
+            if error:
+                errors.append(error)
+            if stats and job is not None:
+                self._speed[job.id] = (stats.speed, stats.eta_s)
+                if time.monotonic() - last[0] >= PROGRESS_INTERVAL_S:
+                    last[0] = time.monotonic()
+                    self.queue.progress(job.id, stats.bytes)
+                    self._emit("ship_progress", {"id": job.id, "session": job.session, "destination": job.dest,
+                                                 "bytes": stats.bytes, "total": stats.total_bytes,
+                                                 "speed_bytes_s": stats.speed, "eta_s": stats.eta_s})
+
+        run = rclone.Run(args)
+        rc, _ = self._wait(dest, run, on_line, stdin)
+        if rc != 0 and not (tolerate_missing and all(_is_not_found(e) for e in errors if e)):
+            raise AttemptFailed(rclone.reason(errors, rc))
+
+    def _wait(self, dest: ShipDestination, run: rclone.Run, on_line: Callable[[str], None],
+              stdin: bytes | None = None) -> tuple[int, str]:
+        self._stop_reason.pop(dest.name, None)
+        run.start(stdin)
+        self._runs[dest.name] = (run, self._bwlimit(dest))
+        try:
+            rc, out = run.wait(on_line, dest.timeout_s)
+        finally:
+            self._runs.pop(dest.name, None)
+        if (why := self._stop_reason.pop(dest.name, None)) is not None:
+            raise _Interrupted(why)
+        return rc, out
+
+    def _interrupt(self, name: str, why: str) -> None:
+        if (entry := self._runs.get(name)) is not None:
+            self._stop_reason[name] = why
+            entry[0].stop()
+
+    # -- decisions ---------------------------------------------------------------------------------------------------
+
+    def _paused(self, dest: ShipDestination) -> bool:
+        return self._recording and dest.while_recording == "pause"
+
+    def _bwlimit(self, dest: ShipDestination) -> str | None:
+        return dest.throttle_bwlimit if self._recording and dest.while_recording == "throttle" else dest.bwlimit
+
+    def _attempt_failed(self, job: Job, dest: ShipDestination, why: str) -> Job:
+        if job.attempts >= dest.max_attempts:
+            return self._final_failure(job, dest, f"{why} (after {job.attempts} attempts)")
+        wait = backoff_s(job.attempts, dest.backoff_s, dest.max_backoff_s)
+        job = self.queue.retry_later(job.id, why, wait)
+        log.warning("ship %s -> %s, attempt %d failed: %s; next in %.0f s", job.session, dest.name, job.attempts,
+                    why, wait)
+        self._emit("ship_failed", {**_payload(job), "final": False, "retry_in_s": wait})
+        return job
+
+    def _final_failure(self, job: Job, dest: ShipDestination, why: str) -> Job:
+        job = self.queue.fail(job.id, why)
+        log.error("ship %s -> %s failed: %s", job.session, dest.name, why)
+        self._emit("ship_failed", {**_payload(job), "final": True})
+        return job
+
+
+class _Interrupted(Exception):
+    """acqd stopped rclone itself (recording started, bandwidth changed, daemon stopping)."""
+
+
+def _files_from(path: Path, want: dict[str, str]) -> Path:
+    path.write_text("".join(f"{name}\n" for name in sorted(want)))
+    return path
+
+
+def _is_not_found(error: str) -> bool:
+    low = error.lower()
+    return "not found" in low or "no such file" in low or "doesn't exist" in low
+
+
+def _ready(job: Job, dest: ShipDestination, where: str, want: dict[str, str]) -> bytes:
+    """READY.json: written last, so a watcher that sees it knows every file below hashed right."""
+    return json.dumps({"session": job.session, "destination": dest.name, "path": where,
+                       "manifest_sha256": want[MANIFEST], "files": len(want),
+                       "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1).encode()
+
+
+def _payload(job: Job) -> dict:
+    return {"id": job.id, "session": job.session, "destination": job.dest, "what": job.what, "state": job.state,
+            "attempts": job.attempts, "error": job.error}
