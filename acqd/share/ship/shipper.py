@@ -57,6 +57,7 @@ class Shipper:
         self._stop_reason: dict[str, str] = {}
         self._speed: dict[int, tuple[float, float | None]] = {}  # job id -> (bytes/s, eta s)
         self._threads: list[threading.Thread] = []
+        self._no_sha256: set[str] = set()  # destinations whose backend cannot hash sha256: read back at once
 
     # -- lifecycle ---------------------------------------------------------------------------------------------------
 
@@ -232,10 +233,12 @@ class Shipper:
     def _hash(self, dest: ShipDestination, where: str, want: dict[str, str], tmp: Path) -> dict[str, str]:
         """sha256 of ``want``'s files at the destination: from the backend, or read back where it has none."""
         files = _files_from(tmp / "hash.txt", want)
-        download = bool(dest.download_check)
+        download = bool(dest.download_check) or dest.name in self._no_sha256
         found = self._hashsum(dest, where, files, download)
         if dest.download_check is None and not download and len(found) < len(want):
             found = self._hashsum(dest, where, files, True)  # the backend may not hash sha256: read back
+            if len(found) == len(want):
+                self._no_sha256.add(dest.name)
         return found
 
     def _hashsum(self, dest: ShipDestination, where: str, files: Path, download: bool) -> dict[str, str]:
@@ -243,7 +246,7 @@ class Shipper:
         run = rclone.Run(rclone.hashsum_args(dest, where, files, download))
         rc, out = self._wait(dest, run, lambda line: errors.append(rclone.parse_log_line(line)[1] or ""))
         found = rclone.parse_hashsum(out)
-        if rc != 0 and not all(_is_not_found(e) for e in errors if e):
+        if rc != 0 and not all(_is_not_found(e) or "hash type not supported" in e for e in errors if e):
             raise AttemptFailed(f"hashing at the destination: {rclone.reason(errors, rc)}")
         return found
 
