@@ -167,6 +167,8 @@ def serve(cfg: RigConfig, ready_file: str | None = None, acquire: bool = False) 
     """Run the daemon until SIGTERM or SIGINT: supervisor on the main thread, uvicorn on another."""
     import uvicorn
 
+    from acqd.service.shipping import start_shipping
+
     setup_logging()
     sup = Supervisor(cfg)
     ctl = cfg.daemon.control
@@ -210,9 +212,12 @@ def serve(cfg: RigConfig, ready_file: str | None = None, acquire: bool = False) 
         os.replace(ready_file + ".tmp", ready_file)
     log.info("serving %s (data root %s)", url, sup.data_root)
     systemd.notify(f"READY=1\nSTATUS=serving {url}")
+    sup.shipping = start_shipping(sup)  # the ship queue, when the rig config has ship: destinations
     try:
         sup.serve(stop)
     finally:
+        if sup.shipping is not None:
+            sup.shipping.stop()
         app.state.closing.set()
         server.should_exit = True
         http.join(10)

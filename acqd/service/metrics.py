@@ -18,6 +18,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from acqd.service.shipping import ShipCollector
 from acqd.service.supervisor import Supervisor
 
 MODES = ("IDLE", "ACQUIRE", "RECORD")
@@ -74,6 +75,7 @@ def metrics_router(sup: Supervisor) -> APIRouter:
     router = APIRouter(tags=["metrics"])
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(sup))
+    registry.register(ShipCollector(sup))
 
     @router.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=Response)
     async def metrics() -> Response:

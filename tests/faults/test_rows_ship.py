@@ -69,7 +69,7 @@ def _destination_state(copy: Path, want: dict[str, str]) -> tuple[int, int]:
 
 
 def ship_with_kills(tmp_path: Path, runs: int, kills: int, sizes: tuple[int, ...], bwlimit: str | None,
-                    seed: int, outage_s: tuple[float, float] = (1.0, 3.0)) -> dict:
+                    seed: int, outage_s: tuple[float, float] = (1.0, 3.0), verbose: bool = False) -> dict:
     """Ship ``runs`` sessions one after the other, each killed ``kills`` times at random moments (the kinds in
     turn), and count what went wrong."""
     rng = random.Random(seed)
@@ -131,6 +131,10 @@ def ship_with_kills(tmp_path: Path, runs: int, kills: int, sizes: tuple[int, ...
                 "manifest.sha256"}
             figures["early_ready"] += not (nas / name / READY).exists()
             figures["runs"] += 1
+            if verbose:
+                print(f"row 42 run {run + 1}: {figures['seconds'][-1]:.1f} s; "
+                      f"{json.dumps({k: v for k, v in figures.items() if k != 'seconds'})}", file=sys.stderr,
+                      flush=True)
     finally:
         server.kill()
     return figures
@@ -152,7 +156,7 @@ def test_row42_ship_killed_five_times_resumes_and_every_job_ends_verified(tmp_pa
 @pytest.mark.slow
 def test_row42_ship_of_200_mb_killed_100_times_resumes_and_every_job_ends_verified(tmp_path):
     figures = ship_with_kills(tmp_path, runs=100, kills=1, sizes=(120 << 20, 60 << 20, 20 << 20, 4096), bwlimit=None,
-                              seed=4242)
+                              seed=4242, verbose=True)
     seconds = sorted(figures["seconds"])
     print(f"\nrow 42 slow: {json.dumps({k: v for k, v in figures.items() if k != 'seconds'})}; "
           f"seconds per run: median {seconds[len(seconds) // 2]:.1f}, max {seconds[-1]:.1f}")

@@ -168,3 +168,32 @@ def test_a_read_only_destination_fails_the_job_saying_so(tmp_path, tmpfs):
     job = shipper.run(shipper.ship(folder)[0], dest)
     assert (job.state, job.error) == (FAILED, "destination is read-only (after 1 attempts)")
     shipper.queue.close()
+
+
+def test_a_recording_pauses_a_pause_destination_and_throttles_a_throttle_one(tmp_path):
+    """While a session records: the pause destination's copy is stopped (its attempt not counted) and waits; the
+    throttle one is restarted at its throttle bandwidth; both end verified once the recording stops."""
+    folder = sealed_session(tmp_path / "data", sizes=(1 << 20,) * 16)
+    paused = local_destination(tmp_path / "a", name="a", bwlimit="2M")
+    throttled = local_destination(tmp_path / "b", name="b", bwlimit="2M", while_recording="throttle",
+                                  throttle_bwlimit="1M")
+    events = []
+    shipper = Shipper(tmp_path / "data", (paused, throttled), lambda kind, payload: events.append((kind, payload)))
+    shipper.start()
+    try:
+        a, b = shipper.ship(folder)
+        wait_for(shipper, a.id, ("copying",))
+        wait_for(shipper, b.id, ("copying",))
+        shipper.set_recording(True)
+        job = wait_for(shipper, a.id, ("queued",))
+        assert (job.error, job.attempts) == ("paused while a session records", 0)
+        status = shipper.status()
+        assert [(d["name"], d["paused"], d["bwlimit"]) for d in status["destinations"]] == [
+            ("a", True, "2M"), ("b", False, "1M")]
+        assert shipper.queue.get(a.id).state == "queued"  # it waits
+        shipper.set_recording(False)
+        assert wait_for(shipper, a.id, (VERIFIED, FAILED)).state == VERIFIED
+        assert wait_for(shipper, b.id, (VERIFIED, FAILED)).state == VERIFIED
+    finally:
+        shipper.stop()
+    assert tree(tmp_path / "a" / folder.name).keys() == tree(tmp_path / "b" / folder.name).keys()

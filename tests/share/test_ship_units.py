@@ -87,3 +87,28 @@ def test_destination_config_refuses_bad_names_and_bandwidths():
         ShipDestination(name="x", remote="/x", bwlimit="fast")
     with pytest.raises(ValidationError, match="used twice"):
         TypeAdapter(ShipList).validate_python([{"name": "a", "remote": "/x"}, {"name": "a", "remote": "/y"}])
+
+
+def test_delete_after_deletes_only_proven_old_finalized_sessions_and_says_why():
+    from acqd.share.ship.cleanup import DAY_S, verdict
+    from acqd.shipconfig import DeleteAfter
+
+    nas = ShipDestination(name="nas", remote="/n", delete_after=DeleteAfter(verified_copies=2, min_age_days=7,
+                                                                             free_below_bytes=100))
+    s3 = ShipDestination(name="s3", remote="s3:x")
+    digest, now = "d" * 64, 100 * DAY_S
+    copies = [{"destination": "nas", "manifest_sha256": digest}, {"destination": "s3", "manifest_sha256": digest}]
+
+    def v(state="finalized", d=digest, c=copies, queue=frozenset({"nas", "s3"}), age_d=8.0, free=50):
+        return verdict("m1", state, d, c, set(queue), now - age_d * DAY_S, [nas, s3], now, free)
+
+    assert v().delete and v().reason.startswith("verified at nas, s3 (manifest sha256 dddddddddddd...), 8.0 days old")
+    assert v(state="recording").reason == "session is recording, not finalized"
+    assert v(state="finalizing").reason == "session is finalizing, not finalized"
+    assert v(d=None).reason == "no manifest: not sealed"
+    assert v(queue={"nas"}).reason == "nas: 1 of 2 verified copies"  # shipping.json alone is not proof
+    assert v(c=[{"destination": "nas", "manifest_sha256": "e" * 64}, copies[1]]).reason == "nas: not verified there"
+    assert v(age_d=3).reason == "nas: 3.0 of 7 days old"
+    assert v(free=200).reason == "nas: free space 0.0 GB is not below 0.0 GB"
+    assert verdict("m1", "finalized", digest, copies, {"nas", "s3"}, 0, [s3], now, 0).reason == \
+        "no destination has delete_after"

@@ -8,7 +8,9 @@ A failed attempt (rclone's reason in one line) waits ``backoff_s`` (capped) and 
 
 While a session records, a ``pause`` destination's copy is stopped and waits; a ``throttle`` one is restarted at
 its throttle bandwidth (rclone skips what already arrived). Events (``on_event(kind, payload)``): ship_queued,
-ship_progress, shipped, ship_failed (``final``: no further attempt), ship_refused.
+ship_progress, shipped, ship_failed (``final``: no further attempt), ship_refused, ship_webhook (the POST to the
+lab's pipeline after a verified copy, and whether it was taken), ship_deleted (``delete_after``, acqd.share.ship
+.cleanup, with its proof).
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
+
 from acqd.finalize.layout import MANIFEST
-from acqd.share.ship import rclone
+from acqd.session import read_session
+from acqd.share.ship import cleanup, rclone
 from acqd.share.ship.queue import ACTIVE, FAILED, QUEUE_FILE, VERIFIED, Job, Queue, backoff_s
 from acqd.share.ship.verify import describe, expected, forget_copy, mismatches, record_copy, refusal
 from acqd.shipconfig import ShipDestination
@@ -58,6 +63,7 @@ class Shipper:
         self._speed: dict[int, tuple[float, float | None]] = {}  # job id -> (bytes/s, eta s)
         self._threads: list[threading.Thread] = []
         self._no_sha256: set[str] = set()  # destinations whose backend cannot hash sha256: read back at once
+        self._sweeping = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------------------------------
 
@@ -75,23 +81,23 @@ class Shipper:
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
-        for name in list(self._runs):
-            self._interrupt(name, "the daemon stopped")
+            for name in list(self._runs):
+                self._interrupt(name, "the daemon stopped")
         for t in self._threads:
             t.join(timeout_s)
         self.queue.close()
 
     def set_recording(self, recording: bool) -> None:
         """A session started or stopped recording: pause or throttle the destinations that say so."""
-        with self._wake:
+        with self._wake:  # the lock _wait starts rclone under: a run starts either before this (and is stopped) or after
             self._recording = recording
             self._wake.notify_all()
-        for name, (_, bwlimit) in list(self._runs.items()):
-            dest = self.dests[name]
-            if self._paused(dest):
-                self._interrupt(name, "paused while a session records")
-            elif bwlimit != self._bwlimit(dest):
-                self._interrupt(name, "bandwidth limit changed")
+            for name, (_, bwlimit) in list(self._runs.items()):
+                dest = self.dests[name]
+                if self._paused(dest):
+                    self._interrupt(name, "paused while a session records")
+                elif bwlimit is not None and bwlimit != self._bwlimit(dest):
+                    self._interrupt(name, "bandwidth limit changed")
 
     # -- operations (CLI and API) ------------------------------------------------------------------------------------
 
@@ -141,7 +147,9 @@ class Shipper:
                                   "bwlimit": self._bwlimit(d)} for d in self.dests.values()],
                 "queued_bytes": sum(max(j.bytes_total - j.bytes_done, 0) for j in jobs if j.state in ACTIVE),
                 "oldest_unverified_age_s": now - min(unverified) if unverified else 0.0,
-                "failed": sum(j.state == FAILED for j in jobs), "verified": sum(j.state == VERIFIED for j in jobs)}
+                "failed": sum(j.state == FAILED for j in jobs), "verified": sum(j.state == VERIFIED for j in jobs),
+                "deletions": [{"session": v.session, "delete": v.delete, "reason": v.reason, "dry_run": v.dry_run}
+                              for v in self.deletions()] if any(d.delete_after for d in self.dests.values()) else []}
 
     # -- the worker --------------------------------------------------------------------------------------------------
 
@@ -201,11 +209,71 @@ class Shipper:
         job = self.queue.verified(job.id, digest)
         log.info("ship %s -> %s verified (%d files, %d bytes)", job.session, dest.name, len(want), total)
         self._emit("shipped", {**_payload(job), "path": where, "files": len(want)})
+        if dest.webhook is not None:
+            threading.Thread(target=self._webhook, args=(dest, job, where), name=f"webhook-{job.id}",
+                             daemon=True).start()
+        self.sweep()
         return job
+
+    # -- hand-off and freeing the rig ----------------------------------------------------------------------------
+
+    def _webhook(self, dest: ShipDestination, job: Job, where: str) -> bool:
+        """POST the verified session to the lab's pipeline; retried with doubling waits; the outcome is an event."""
+        hook = dest.webhook
+        try:
+            qc = read_session(Path(job.folder)).get("finalize", {}).get("qc")
+        except Exception:  # noqa: BLE001 - the hand-off goes out without QC rather than not at all
+            qc = None
+        body = {"session": job.session, "destination": dest.name, "manifest_sha256": job.manifest_sha256,
+                "qc": qc, "path": where, "ready": f"{where}/{READY}", "local_path": job.folder}
+        error = ""
+        for attempt in range(hook.retries + 1):
+            if attempt:
+                time.sleep(min(2.0 ** (attempt - 1), 60.0))
+            try:
+                resp = httpx.post(hook.url, json=body, timeout=hook.timeout_s)
+                if resp.status_code < 300:
+                    self._emit("ship_webhook", {"id": job.id, "session": job.session, "destination": dest.name,
+                                                "ok": True, "attempts": attempt + 1})
+                    return True
+                error = f"HTTP {resp.status_code}"
+            except httpx.HTTPError as e:
+                error = f"{type(e).__name__}: {e}"
+        log.error("webhook %s for %s -> %s failed after %d attempts: %s", hook.url, job.session, dest.name,
+                  hook.retries + 1, error)
+        self._emit("ship_webhook", {"id": job.id, "session": job.session, "destination": dest.name, "ok": False,
+                                    "attempts": hook.retries + 1, "error": error})
+        return False
+
+    def deletions(self) -> list[cleanup.Verdict]:
+        """What ``delete_after`` would do with each local session now, and why."""
+        verified: dict[str, set[str]] = {}
+        for j in self.queue.jobs():
+            if j.state == VERIFIED:
+                verified.setdefault(j.session, set()).add(j.dest)
+        return cleanup.verdicts(self.data_root, list(self.dests.values()), verified)
+
+    def sweep(self) -> list[cleanup.Verdict]:
+        """Delete the sessions ``delete_after`` lets go (a dry-run policy only logs them); what was deleted."""
+        if not any(d.delete_after for d in self.dests.values()):
+            return []
+        gone = []
+        with self._sweeping:
+            for v in self.deletions():
+                if not v.delete:
+                    continue
+                if v.dry_run:
+                    log.info("delete_after (dry run) would delete %s: %s", v.session, v.reason)
+                    continue
+                cleanup.delete(self.data_root, v)
+                self._emit("ship_deleted", {"session": v.session, "proof": v.reason})
+                gone.append(v)
+        return gone
 
     def _copy(self, job: Job, dest: ShipDestination, want: dict[str, str], where: str, tmp: Path) -> None:
         files = _files_from(tmp / "copy.txt", want)
-        self._rclone(dest, rclone.copy_args(dest, Path(job.folder), where, files, self._bwlimit(dest)), job=job)
+        bwlimit = self._bwlimit(dest)
+        self._rclone(dest, rclone.copy_args(dest, Path(job.folder), where, files, bwlimit), job=job, bwlimit=bwlimit)
 
     def _verify(self, job: Job, dest: ShipDestination, want: dict[str, str], where: str, tmp: Path) -> None:
         """Every file hashes right at the destination; what does not is re-sent once, then hashed again."""
@@ -251,7 +319,7 @@ class Shipper:
         return found
 
     def _rclone(self, dest: ShipDestination, args: list[str], job: Job | None = None, stdin: bytes | None = None,
-                tolerate_missing: bool = False) -> None:
+                tolerate_missing: bool = False, bwlimit: str | None = None) -> None:
         """Run rclone to its end; a failure raises AttemptFailed with its reason. With ``job``, its stats are the
         job's progress."""
         errors: list[str] = []
@@ -270,16 +338,24 @@ class Shipper:
                                                  "bytes": stats.bytes, "total": stats.total_bytes,
                                                  "speed_bytes_s": stats.speed, "eta_s": stats.eta_s})
 
-        run = rclone.Run(args)
-        rc, _ = self._wait(dest, run, on_line, stdin)
+        rc, _ = self._wait(dest, rclone.Run(args), on_line, stdin, bwlimit)
         if rc != 0 and not (tolerate_missing and all(_is_not_found(e) for e in errors if e)):
             raise AttemptFailed(rclone.reason(errors, rc))
 
     def _wait(self, dest: ShipDestination, run: rclone.Run, on_line: Callable[[str], None],
-              stdin: bytes | None = None) -> tuple[int, str]:
-        self._stop_reason.pop(dest.name, None)
-        run.start(stdin)
-        self._runs[dest.name] = (run, self._bwlimit(dest))
+              stdin: bytes | None = None, bwlimit: str | None = None) -> tuple[int, str]:
+        """Run ``run`` to its end; _Interrupted if acqd stops it (or would have: a recording started, the bandwidth
+        ``bwlimit`` it was built with is no longer the one to use, the daemon stops)."""
+        with self._wake:
+            if self._stopping:
+                raise _Interrupted("the daemon stopped")
+            if self._paused(dest):
+                raise _Interrupted("paused while a session records")
+            if bwlimit is not None and bwlimit != self._bwlimit(dest):
+                raise _Interrupted("bandwidth limit changed")
+            self._stop_reason.pop(dest.name, None)
+            run.start(stdin)
+            self._runs[dest.name] = (run, bwlimit)
         try:
             rc, out = run.wait(on_line, dest.timeout_s)
         finally:
@@ -298,8 +374,10 @@ class Shipper:
     def _paused(self, dest: ShipDestination) -> bool:
         return self._recording and dest.while_recording == "pause"
 
-    def _bwlimit(self, dest: ShipDestination) -> str | None:
-        return dest.throttle_bwlimit if self._recording and dest.while_recording == "throttle" else dest.bwlimit
+    def _bwlimit(self, dest: ShipDestination) -> str:
+        """rclone's --bwlimit now ("off": none)."""
+        return (dest.throttle_bwlimit if self._recording and dest.while_recording == "throttle" else dest.bwlimit) \
+            or "off"
 
     def _attempt_failed(self, job: Job, dest: ShipDestination, why: str) -> Job:
         if job.attempts >= dest.max_attempts:
@@ -341,4 +419,4 @@ def _ready(job: Job, dest: ShipDestination, where: str, want: dict[str, str]) ->
 
 def _payload(job: Job) -> dict:
     return {"id": job.id, "session": job.session, "destination": job.dest, "what": job.what, "state": job.state,
-            "attempts": job.attempts, "error": job.error}
+            "attempts": job.attempts, "error": job.error, "manifest_sha256": job.manifest_sha256}
