@@ -154,6 +154,7 @@ def test_row42_ship_killed_five_times_resumes_and_every_job_ends_verified(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(4 * 3600)
 def test_row42_ship_of_200_mb_killed_100_times_resumes_and_every_job_ends_verified(tmp_path):
     figures = ship_with_kills(tmp_path, runs=100, kills=1, sizes=(120 << 20, 60 << 20, 20 << 20, 4096), bwlimit=None,
                               seed=4242, verbose=True)

@@ -166,7 +166,7 @@ def test_a_read_only_destination_fails_the_job_saying_so(tmp_path, tmpfs):
     dest = local_destination(nas, max_attempts=1, retries=1, low_level_retries=1)
     shipper = Shipper(tmp_path / "data", (dest,))
     job = shipper.run(shipper.ship(folder)[0], dest)
-    assert (job.state, job.error) == (FAILED, "destination is read-only (after 1 attempts)")
+    assert (job.state, job.error) == (FAILED, "destination is read-only (after 1 attempt)")
     shipper.queue.close()
 
 

@@ -44,7 +44,7 @@ def test_wrong_credentials_fail_the_job_with_a_clear_error(tmp_path, sftp):
     shipper = Shipper(tmp_path / "data", (dest,))
     job = shipper.run(shipper.ship(folder)[0], dest)
     assert job.state == FAILED
-    assert job.error in ("wrong credentials for the destination (ssh authentication failed) (after 1 attempts)",
-                         "ssh handshake with the destination failed (credentials or host key) (after 1 attempts)")
+    assert job.error in ("wrong credentials for the destination (ssh authentication failed) (after 1 attempt)",
+                         "ssh handshake with the destination failed (credentials or host key) (after 1 attempt)")
     assert not (tmp_path / "nas").exists()
     shipper.queue.close()

@@ -381,7 +381,8 @@ class Shipper:
 
     def _attempt_failed(self, job: Job, dest: ShipDestination, why: str) -> Job:
         if job.attempts >= dest.max_attempts:
-            return self._final_failure(job, dest, f"{why} (after {job.attempts} attempts)")
+            plural = "" if job.attempts == 1 else "s"
+            return self._final_failure(job, dest, f"{why} (after {job.attempts} attempt{plural})")
         wait = backoff_s(job.attempts, dest.backoff_s, dest.max_backoff_s)
         job = self.queue.retry_later(job.id, why, wait)
         log.warning("ship %s -> %s, attempt %d failed: %s; next in %.0f s", job.session, dest.name, job.attempts,
