@@ -201,8 +201,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Check a finalized session against its manifest (session.json included); exit 1 listing what differs."""
     from acqd.finalize import verify_manifest
 
+    from acqd.share.ship.verify import shipped_copies
+
     problems = verify_manifest(Path(args.session_dir))
     print("\n".join(problems) if problems else f"{args.session_dir}: manifest verified, nothing changed")
+    for c in shipped_copies(Path(args.session_dir)):  # shipping.json: verified copies elsewhere (docs/shipping.md)
+        print(f"verified copy at {c['destination']}: {c['path']} ({c['verified_at']}, manifest sha256 "
+              f"{c['manifest_sha256'][:12]}...)")
     return 1 if problems else 0
 
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -64,6 +65,9 @@ def test_a_session_ships_verified_with_ready_json_and_shipping_json(tmp_path):
     assert (record["destination"], record["path"], record["manifest_sha256"]) == ("nas", str(copy), ready[
         "manifest_sha256"])
     assert verify_manifest(folder) == []  # shipping.json sits beside the sealed set, not in it
+    out = subprocess.run([sys.executable, "-m", "acqd.cli", "verify", str(folder)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and f"verified copy at nas: {copy} (" in out.stdout  # acqd verify reports the copy
     assert [k for k, _ in events if k != "ship_progress"] == ["ship_queued", "shipped"]
     assert shipper.ship(folder)[0].id == job.id  # shipping a verified copy again is a no-op
     shipper.queue.close()
