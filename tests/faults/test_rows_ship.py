@@ -162,3 +162,43 @@ def test_row42_ship_of_200_mb_killed_100_times_resumes_and_every_job_ends_verifi
     print(f"\nrow 42 slow: {json.dumps({k: v for k, v in figures.items() if k != 'seconds'})}; "
           f"seconds per run: median {seconds[len(seconds) // 2]:.1f}, max {seconds[-1]:.1f}")
     _check(figures, 100)
+
+
+def test_row42_daemon_killed_mid_ship_takes_its_rclone_along_and_the_restarted_daemon_resumes(tmp_path,
+                                                                                              daemon_factory):
+    """The real daemon (acqd serve) killed -9 while its rclone copies: the rclone dies with it (no orphan keeps
+    writing; PR_SET_PDEATHSIG, and failing that the SIGPIPE of its next stats line), nothing is called verified,
+    and the next daemon resumes the job to a verified copy."""
+    import yaml
+
+    from tests.conftest import write_rig
+
+    rig = write_rig(tmp_path)
+    raw = yaml.safe_load(rig.read_text())
+    raw["ship"] = [{"name": "nas", "remote": str(tmp_path / "nas"), "after": "manual", "bwlimit": "2M"}]
+    rig.write_text(yaml.safe_dump(raw, sort_keys=False))
+    folder = sealed_session(tmp_path / "data", "m1_day3", sizes=(1 << 20,) * 8)
+    want = expected(folder)
+    daemon = daemon_factory(rig)
+    [job] = daemon.command("ship", session="m1_day3")["jobs"]
+    deadline = time.monotonic() + 20
+    while (rclone_pid := _rclone_of(daemon.proc)) is None or not (tmp_path / "nas" / "m1_day3").exists():
+        assert time.monotonic() < deadline, "the daemon's rclone never started copying"
+        time.sleep(0.01)
+    daemon.proc.kill()
+    daemon.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{rclone_pid}").exists() and "Z" not in Path(f"/proc/{rclone_pid}/stat").read_text().split()[2]:
+        assert time.monotonic() < deadline, "rclone outlived the daemon"
+        time.sleep(0.01)
+    q = Queue(tmp_path / "data" / QUEUE_FILE)
+    assert q.get(job["id"]).state in ("copying", "verifying")  # as the kill left it: not verified
+    q.close()
+    assert not (tmp_path / "nas" / "m1_day3" / READY).exists()
+    daemon = daemon_factory(rig)  # restarted: the job resumes
+    deadline = time.monotonic() + 25
+    while (state := daemon.command("ship_status")["jobs"][0])["state"] != "verified":
+        assert state["state"] != "failed" and time.monotonic() < deadline, state
+        time.sleep(0.05)
+    assert _destination_state(tmp_path / "nas" / "m1_day3", want) == (0, 0)
+    assert verify_manifest(folder) == []
