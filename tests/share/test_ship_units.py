@@ -103,6 +103,8 @@ def test_delete_after_deletes_only_proven_old_finalized_sessions_and_says_why():
         return verdict("m1", state, d, c, set(queue), now - age_d * DAY_S, [nas, s3], now, free)
 
     assert v().delete and v().reason.startswith("verified at nas, s3 (manifest sha256 dddddddddddd...), 8.0 days old")
+    assert verdict("m1", "finalized", digest, copies, {"nas", "s3"}, 0, [nas, s3], now, 50, frozenset({"s3"})).reason \
+        == "still shipping to s3"  # a re-verify or a new copy of it is running
     assert v(state="recording").reason == "session is recording, not finalized"
     assert v(state="finalizing").reason == "session is finalizing, not finalized"
     assert v(d=None).reason == "no manifest: not sealed"

@@ -39,11 +39,15 @@ class Verdict:
 
 
 def verdict(session: str, state: str | None, digest: str | None, copies: list[dict], verified_in_queue: set[str],
-            sealed_at: float | None, dests: list[ShipDestination], now: float, free_bytes: int) -> Verdict:
-    """Whether ``session`` may be deleted now, and why (or why not)."""
+            sealed_at: float | None, dests: list[ShipDestination], now: float, free_bytes: int,
+            shipping_to: frozenset[str] = frozenset()) -> Verdict:
+    """Whether ``session`` may be deleted now, and why (or why not); ``shipping_to``: destinations with a job of
+    this session still queued, copying or verifying (never deleted under rclone's feet)."""
     policies = [d for d in dests if d.delete_after is not None]
     if not policies:
         return Verdict(session, False, "no destination has delete_after")
+    if shipping_to:
+        return Verdict(session, False, f"still shipping to {', '.join(sorted(shipping_to))}")
     if state != FINALIZED:
         return Verdict(session, False, f"session is {state}, not finalized")
     if digest is None or sealed_at is None:
@@ -71,9 +75,9 @@ def verdict(session: str, state: str | None, digest: str | None, copies: list[di
 
 
 def verdicts(data_root: Path, dests: list[ShipDestination], verified: dict[str, set[str]],
-             now: float | None = None) -> list[Verdict]:
+             active: dict[str, set[str]], now: float | None = None) -> list[Verdict]:
     """The verdict of every session under ``data_root`` (``verified``: session -> destinations the queue says hold a
-    verified copy)."""
+    verified copy; ``active``: session -> destinations it is still being shipped to)."""
     now = time.time() if now is None else now
     free = shutil.disk_usage(data_root).free
     out = []
@@ -87,7 +91,7 @@ def verdicts(data_root: Path, dests: list[ShipDestination], verified: dict[str, 
         except OSError:
             digest = sealed_at = None
         out.append(verdict(folder.name, state, digest, shipped_copies(folder), verified.get(folder.name, set()),
-                           sealed_at, dests, now, free))
+                           sealed_at, dests, now, free, frozenset(active.get(folder.name, ()))))
     return out
 
 

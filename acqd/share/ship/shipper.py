@@ -248,10 +248,11 @@ class Shipper:
     def deletions(self) -> list[cleanup.Verdict]:
         """What ``delete_after`` would do with each local session now, and why."""
         verified: dict[str, set[str]] = {}
+        active: dict[str, set[str]] = {}
         for j in self.queue.jobs():
-            if j.state == VERIFIED:
-                verified.setdefault(j.session, set()).add(j.dest)
-        return cleanup.verdicts(self.data_root, list(self.dests.values()), verified)
+            if j.state in (VERIFIED, *ACTIVE):
+                (verified if j.state == VERIFIED else active).setdefault(j.session, set()).add(j.dest)
+        return cleanup.verdicts(self.data_root, list(self.dests.values()), verified, active)
 
     def sweep(self) -> list[cleanup.Verdict]:
         """Delete the sessions ``delete_after`` lets go (a dry-run policy only logs them); what was deleted."""
