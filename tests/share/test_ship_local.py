@@ -201,3 +201,15 @@ def test_a_recording_pauses_a_pause_destination_and_throttles_a_throttle_one(tmp
     finally:
         shipper.stop()
     assert tree(tmp_path / "a" / folder.name).keys() == tree(tmp_path / "b" / folder.name).keys()
+
+
+def test_reverify_without_the_local_session_is_refused_and_keeps_the_copy_verified(tmp_path):
+    folder = sealed_session(tmp_path / "data", sizes=(1000,))
+    dest = local_destination(tmp_path / "nas")
+    shipper = Shipper(tmp_path / "data", (dest,))
+    job = shipper.run(shipper.ship(folder)[0], dest)
+    shutil.rmtree(folder)  # as delete_after does
+    with pytest.raises(ValueError, match="the local session .* is gone"):
+        shipper.reverify(job.id)
+    assert shipper.queue.get(job.id).state == VERIFIED
+    shipper.queue.close()

@@ -129,6 +129,9 @@ class Shipper:
         job = self.queue.get(job_id)
         if job.state != VERIFIED:
             raise ValueError(f"ship job {job_id} is {job.state}: only a verified copy can be re-verified")
+        if not (Path(job.folder) / MANIFEST).is_file():
+            raise ValueError(f"ship job {job_id}: the local session {job.folder} is gone (delete_after?): there is no "
+                             f"manifest to check the copy against")
         job = self.queue.requeue(job_id, reverify=True)
         self._notify()
         return job
