@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -82,10 +83,14 @@ class Shipping:
         if kind == "mode":
             self.shipper.set_recording(data.get("mode") == "RECORD")
         elif kind == "job" and data.get("state") == "done" and data.get("kind") in ("finalize", "export"):
-            after = data["kind"]
+            after, session = data["kind"], data["session"]
             for dest in self.shipper.dests.values():
-                if dest.after == after:
-                    self.shipper.ship(self.sup.data_root / data["session"], to=dest.name)
+                if dest.after == after and dest.what in ("session", "both"):
+                    self.shipper.ship(self.sup.data_root / session, to=dest.name)
+            exports = [d.name for d in self.shipper.dests.values() if d.what in ("export", "both")]
+            if after == "export" and exports:  # the export exists only now, whatever after: says
+                report = self.sup.jobs[("export", session)].report
+                self.shipper.ship_export(session, Path(report["out"]), [report["nwb"], *report["videos"]], exports)
 
 
 def shipping_of(sup: Any) -> Shipping:

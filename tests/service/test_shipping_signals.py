@@ -24,7 +24,13 @@ def test_mode_and_job_events_drive_the_shipper(tmp_path):
     dests = (local_destination(tmp_path / "a", name="on-finalize", after="finalize"),
              local_destination(tmp_path / "b", name="on-export", after="export"),
              local_destination(tmp_path / "c", name="by-hand", after="manual"))
-    sup = SimpleNamespace(data_root=tmp_path / "data", cfg=SimpleNamespace(ship=dests), events=EventBus())
+    dests += (local_destination(tmp_path / "d", name="exports", what="export", after="manual"),)
+    out = tmp_path / "share"
+    (out / "sub-m1").mkdir(parents=True)
+    (out / "sub-m1" / "sub-m1_ses-m1.nwb").write_bytes(b"nwb")
+    report = {"out": str(out), "nwb": "sub-m1/sub-m1_ses-m1.nwb", "videos": []}
+    sup = SimpleNamespace(data_root=tmp_path / "data", cfg=SimpleNamespace(ship=dests), events=EventBus(),
+                          jobs={("export", "m1"): SimpleNamespace(report=report)})
     shipping = Shipping(sup)
     shipping.shipper.start = lambda: None  # no worker threads: only the queue is looked at
     shipping.start()
@@ -35,9 +41,11 @@ def test_mode_and_job_events_drive_the_shipper(tmp_path):
         sup.events.publish("job", {"kind": "finalize", "session": "m1", "state": "done"})
         _until(lambda: shipping.shipper.queue.jobs(), "the finalized session to be queued")
         sup.events.publish("job", {"kind": "export", "session": "m1", "state": "done"})
-        _until(lambda: len(shipping.shipper.queue.jobs()) == 2, "the exported session to be queued")
-        assert [j.dest for j in shipping.shipper.queue.jobs()] == ["on-finalize", "on-export"]
-        assert [e.type for e in sup.events.recent("ship_queued")] == ["ship_queued", "ship_queued"]
+        _until(lambda: len(shipping.shipper.queue.jobs()) == 3, "the exported session and its export to be queued")
+        assert [(j.dest, j.what) for j in shipping.shipper.queue.jobs()] == [
+            ("on-finalize", "session"), ("on-export", "session"), ("exports", "export")]
+        assert shipping.shipper.queue.jobs()[2].folder == str(out)
+        assert len(sup.events.recent("ship_queued")) == 3
         sup.events.publish("mode", {"mode": "ACQUIRE"})
         _until(lambda: not shipping.shipper.status()["destinations"][0]["paused"], "ACQUIRE to resume")
     finally:

@@ -213,3 +213,29 @@ def test_reverify_without_the_local_session_is_refused_and_keeps_the_copy_verifi
         shipper.reverify(job.id)
     assert shipper.queue.get(job.id).state == VERIFIED
     shipper.queue.close()
+
+
+def test_an_export_ships_verified_beside_the_session_and_a_changed_one_is_refused(tmp_path):
+    folder = sealed_session(tmp_path / "data", sizes=(1000,))
+    out = tmp_path / "share"
+    (out / "sub-m1" / "sub-m1_ses-day3").mkdir(parents=True)
+    (out / "sub-m1" / "sub-m1_ses-day3.nwb").write_bytes(b"the export" * 1000)
+    (out / "sub-m1" / "sub-m1_ses-day3" / "cam_external_file_0.mkv").write_bytes(b"video" * 1000)
+    names = ["sub-m1/sub-m1_ses-day3.nwb", "sub-m1/sub-m1_ses-day3/cam_external_file_0.mkv"]
+    dest = local_destination(tmp_path / "nas", what="export")
+    shipper = Shipper(tmp_path / "data", (dest,))
+    [job] = shipper.ship_export(folder.name, out, names, ["nas"])
+    job = shipper.run(job, dest)
+    assert (job.state, job.error) == (VERIFIED, None)
+    copy = tmp_path / "nas" / folder.name / "export"
+    shipped = tree(copy)
+    ready = json.loads(shipped.pop(READY))
+    assert shipped == {n: (out / n).read_bytes() for n in names}
+    assert (ready["what"], ready["files"], ready["manifest_sha256"]) == ("export", 2, job.manifest_sha256)
+    assert [(c["destination"], c["what"]) for c in shipped_copies(folder)] == [("nas", "export")]
+    (out / names[0]).write_bytes(b"changed")
+    [again] = shipper.ship_export(folder.name, out, names, ["nas"])
+    assert again.id == job.id  # verified already
+    job = shipper.run(shipper.retry(shipper.queue.fail(job.id, "x").id), dest)
+    assert job.state == FAILED and job.error.startswith("export changed since it was queued, refused: sub-m1/")
+    shipper.queue.close()

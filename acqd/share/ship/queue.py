@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     next_try REAL NOT NULL DEFAULT 0,
     manifest_sha256 TEXT,
-    reverify INTEGER NOT NULL DEFAULT 0
+    reverify INTEGER NOT NULL DEFAULT 0,
+    files TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_try);
 """
@@ -74,6 +75,9 @@ class Job:
     manifest_sha256: str | None
     reverify: int
     """1: the next run only hashes the destination again (``acqd ship --reverify``), it copies nothing."""
+    files: str | None
+    """An export's files as JSON {path relative to ``folder``: sha256}, hashed when it was queued (a session's
+    files are its manifest's)."""
 
     def as_dict(self) -> dict:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -102,7 +106,7 @@ class Queue:
     def close(self) -> None:
         self._db.close()
 
-    def add(self, session: str, folder: Path, dest: str, what: str, manifest_sha256: str | None = None) -> Job:
+    def add(self, session: str, folder: Path, dest: str, what: str, files: str | None = None) -> Job:
         """Queue ``folder`` for ``dest``; an active or verified job of the same (session, dest, what) is returned
         instead (shipping twice is asking for a re-verify, see ``reverify``)."""
         with self._tx():
@@ -112,8 +116,8 @@ class Queue:
                 return _job(row)
             now = time.time()
             cur = self._db.execute(
-                "INSERT INTO jobs (session, folder, dest, what, state, created, updated, manifest_sha256) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (session, str(folder), dest, what, QUEUED, now, now, manifest_sha256))
+                "INSERT INTO jobs (session, folder, dest, what, state, created, updated, files) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (session, str(folder), dest, what, QUEUED, now, now, files))
             return self.get(cur.lastrowid)
 
     def get(self, job_id: int) -> Job:

@@ -29,7 +29,8 @@ from acqd.finalize.layout import MANIFEST
 from acqd.session import read_session
 from acqd.share.ship import cleanup, rclone
 from acqd.share.ship.queue import ACTIVE, FAILED, QUEUE_FILE, VERIFIED, Job, Queue, backoff_s
-from acqd.share.ship.verify import describe, expected, forget_copy, mismatches, record_copy, refusal
+from acqd.share.ship.verify import (describe, expected, export_files, forget_copy, listing_sha256, mismatches,
+                                    record_copy, refusal)
 from acqd.shipconfig import ShipDestination
 
 log = logging.getLogger("acqd")
@@ -116,6 +117,17 @@ class Shipper:
         self._notify()
         return jobs
 
+    def ship_export(self, session: str, out: Path, names: list[str], to: list[str]) -> list[Job]:
+        """Queue the export of ``session`` (its files ``names``, relative to the export folder ``out``, hashed now:
+        the copy is verified against these) for the destinations ``to``."""
+        files = json.dumps(export_files(Path(out), names), sort_keys=True)
+        jobs = [self.queue.add(session, Path(out), name, "export", files) for name in to]
+        for job in jobs:
+            if job.state == "queued" and job.attempts == 0:
+                self._emit("ship_queued", _payload(job))
+        self._notify()
+        return jobs
+
     def retry(self, job_id: int) -> Job:
         job = self.queue.get(job_id)
         if job.state in ACTIVE:
@@ -129,7 +141,7 @@ class Shipper:
         job = self.queue.get(job_id)
         if job.state != VERIFIED:
             raise ValueError(f"ship job {job_id} is {job.state}: only a verified copy can be re-verified")
-        if not (Path(job.folder) / MANIFEST).is_file():
+        if not (Path(job.folder) / MANIFEST).is_file() and not (job.what == "export" and Path(job.folder).is_dir()):
             raise ValueError(f"ship job {job_id}: the local session {job.folder} is gone (delete_after?): there is no "
                              f"manifest to check the copy against")
         job = self.queue.requeue(job_id, reverify=True)
@@ -183,15 +195,15 @@ class Shipper:
     def run(self, job: Job, dest: ShipDestination) -> Job:
         """One attempt at ``job``; the job as it stands after it."""
         folder = Path(job.folder)
-        if why := refusal(folder):
+        if why := _refusal(job):
             job = self.queue.fail(job.id, why)
             log.error("ship %s -> %s refused: %s", job.session, dest.name, why)
             self._emit("ship_refused", _payload(job))
             return job
-        want = expected(folder)
+        want, digest = _wanted(job)
         total = sum((folder / n).stat().st_size for n in want)
         job = self.queue.start(job.id, total)
-        where = rclone.remote_path(dest, job.session)
+        where = rclone.remote_path(dest, *([job.session, "export"] if job.what == "export" else [job.session]))
         try:
             with tempfile.TemporaryDirectory(prefix="acqd-ship-") as tmp:
                 if job.reverify:
@@ -200,15 +212,15 @@ class Shipper:
                 self._copy(job, dest, want, where, Path(tmp))
                 job = self.queue.verifying(job.id)
                 self._verify(job, dest, want, where, Path(tmp))
-                self._rclone(dest, rclone.rcat_args(dest, f"{where}/{READY}"), stdin=_ready(job, dest, where, want))
+                self._rclone(dest, rclone.rcat_args(dest, f"{where}/{READY}"),
+                             stdin=_ready(job, dest, where, digest, len(want)))
         except _Interrupted as e:
             return self.queue.interrupted(job.id, str(e))
         except AttemptFailed as e:
             return self._attempt_failed(self.queue.get(job.id), dest, str(e))
         except JobFailed as e:
             return self._final_failure(job, dest, str(e))
-        digest = want[MANIFEST]
-        record_copy(folder, dest.name, where, digest)
+        record_copy(self.data_root / job.session, dest.name, where, digest, job.what)
         job = self.queue.verified(job.id, digest)
         log.info("ship %s -> %s verified (%d files, %d bytes)", job.session, dest.name, len(want), total)
         self._emit("shipped", {**_payload(job), "path": where, "files": len(want)})
@@ -294,11 +306,11 @@ class Shipper:
     def _reverify(self, job: Job, dest: ShipDestination, want: dict[str, str], where: str, tmp: Path) -> Job:
         found = self._hash(dest, where, want, tmp)
         if bad := mismatches(want, found):
-            forget_copy(Path(job.folder), dest.name)
+            forget_copy(self.data_root / job.session, dest.name, job.what)
             self._rclone(dest, rclone.deletefile_args(dest, f"{where}/{READY}"), tolerate_missing=True)
             return self._final_failure(job, dest, f"changed at the destination after verification: "
                                                   f"{describe(bad, found)}")
-        job = self.queue.verified(job.id, want[MANIFEST])
+        job = self.queue.verified(job.id, _wanted(job)[1])
         self._emit("shipped", {**_payload(job), "path": where, "files": len(want), "reverified": True})
         return job
 
@@ -415,10 +427,34 @@ def _is_not_found(error: str) -> bool:
     return "not found" in low or "no such file" in low or "doesn't exist" in low
 
 
-def _ready(job: Job, dest: ShipDestination, where: str, want: dict[str, str]) -> bytes:
+def _refusal(job: Job) -> str | None:
+    """Why ``job``'s files must not leave the rig: a session not finalized or changed since its seal, an export
+    changed since it was queued."""
+    if job.what != "export":
+        return refusal(Path(job.folder))
+    want = json.loads(job.files or "{}")
+    try:
+        found = export_files(Path(job.folder), list(want))
+    except OSError as e:
+        return f"export unreadable: {e}"
+    if bad := mismatches(want, found):
+        return f"export changed since it was queued, refused: {describe(bad, found)}"
+    return None
+
+
+def _wanted(job: Job) -> tuple[dict[str, str], str]:
+    """({file: sha256} the destination must hold, the digest READY.json and shipping.json name)."""
+    if job.what == "export":
+        want = json.loads(job.files or "{}")
+        return want, listing_sha256(want)
+    want = expected(Path(job.folder))
+    return want, want[MANIFEST]
+
+
+def _ready(job: Job, dest: ShipDestination, where: str, digest: str, files: int) -> bytes:
     """READY.json: written last, so a watcher that sees it knows every file below hashed right."""
-    return json.dumps({"session": job.session, "destination": dest.name, "path": where,
-                       "manifest_sha256": want[MANIFEST], "files": len(want),
+    return json.dumps({"session": job.session, "what": job.what, "destination": dest.name, "path": where,
+                       "manifest_sha256": digest, "files": files,
                        "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1).encode()
 
 

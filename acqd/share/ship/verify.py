@@ -14,7 +14,7 @@ from pathlib import Path
 
 from acqd.errors import SessionError
 from acqd.finalize.layout import MANIFEST, SHIPPING
-from acqd.finalize.seal import read_manifest, verify_manifest
+from acqd.finalize.seal import Digests, read_manifest, verify_manifest
 from acqd.session import FINALIZED, now_iso, read_session, write_json_atomic
 
 
@@ -61,15 +61,29 @@ def shipped_copies(folder: Path) -> list[dict]:
         return []
 
 
-def record_copy(folder: Path, dest: str, where: str, digest: str) -> None:
-    """Add (or refresh) the verified copy at ``dest`` in shipping.json (atomically)."""
-    copies = [c for c in shipped_copies(folder) if c.get("destination") != dest]
-    copies.append({"destination": dest, "path": where, "verified_at": now_iso(), "manifest_sha256": digest})
-    write_json_atomic(Path(folder) / SHIPPING, {"copies": sorted(copies, key=lambda c: c["destination"])})
+def record_copy(folder: Path, dest: str, where: str, digest: str, what: str = "session") -> None:
+    """Add (or refresh) the verified copy of ``what`` (session | export) at ``dest`` in shipping.json (atomically);
+    an export's digest is its listing's (``listing_sha256``), so it never proves the session's manifest."""
+    copies = [c for c in shipped_copies(folder) if (c.get("destination"), c.get("what", "session")) != (dest, what)]
+    copies.append({"destination": dest, "what": what, "path": where, "verified_at": now_iso(), "manifest_sha256": digest})
+    write_json_atomic(Path(folder) / SHIPPING, {"copies": sorted(copies, key=lambda c: (c["destination"], c["what"]))})
 
 
-def forget_copy(folder: Path, dest: str) -> None:
+def export_files(out: Path, names: list[str]) -> dict[str, str]:
+    """{name: sha256} of an export's files (its NWB file and videos, relative to the export folder ``out``)."""
+    paths = {n: Path(out) / n for n in names}
+    with Digests(paths.values()) as digests:
+        return {n: digests.get(p) for n, p in paths.items()}
+
+
+def listing_sha256(files: dict[str, str]) -> str:
+    """The sha256 of ``files`` written as a manifest (sorted sha256sum lines): what READY.json names for an export."""
+    return hashlib.sha256("".join(f"{d}  {n}\n" for n, d in sorted(files.items())).encode()).hexdigest()
+
+
+def forget_copy(folder: Path, dest: str, what: str = "session") -> None:
     """A copy found changed by a re-verification is no longer a verified copy."""
     copies = shipped_copies(folder)
-    if any(c.get("destination") == dest for c in copies):
-        write_json_atomic(Path(folder) / SHIPPING, {"copies": [c for c in copies if c.get("destination") != dest]})
+    keep = [c for c in copies if (c.get("destination"), c.get("what", "session")) != (dest, what)]
+    if keep != copies:
+        write_json_atomic(Path(folder) / SHIPPING, {"copies": keep})
