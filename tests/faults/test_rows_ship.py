@@ -185,6 +185,9 @@ def test_row42_daemon_killed_mid_ship_takes_its_rclone_along_and_the_restarted_d
     while (rclone_pid := _rclone_of(daemon.proc)) is None or not (tmp_path / "nas" / "m1_day3").exists():
         assert time.monotonic() < deadline, "the daemon's rclone never started copying"
         time.sleep(0.01)
+    nice = int(Path(f"/proc/{rclone_pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    ioprio = subprocess.run(["ionice", "-p", str(rclone_pid)], capture_output=True, text=True, timeout=10).stdout
+    assert (nice, ioprio.strip()) == (19, "idle")  # shipping never competes with a recording for CPU or disk
     daemon.proc.kill()
     daemon.proc.wait(10)
     deadline = time.monotonic() + 10
