@@ -26,6 +26,7 @@ from acqd.config import check_name
 from acqd.errors import SessionError
 from acqd.session import SESSION_FILE
 from acqd.share.ship import Shipper
+from acqd.share.ship.shipper import what_to_ship
 
 log = logging.getLogger("acqd")
 SHIP_EVENTS = ("ship_queued", "ship_progress", "shipped", "ship_failed", "ship_refused", "ship_webhook", "ship_deleted")
@@ -83,12 +84,11 @@ class Shipping:
         if kind == "mode":
             self.shipper.set_recording(data.get("mode") == "RECORD")
         elif kind == "job" and data.get("state") == "done" and data.get("kind") in ("finalize", "export"):
-            after, session = data["kind"], data["session"]
-            for dest in self.shipper.dests.values():
-                if dest.after == after and dest.what in ("session", "both"):
-                    self.shipper.ship(self.sup.data_root / session, to=dest.name)
-            exports = [d.name for d in self.shipper.dests.values() if d.what in ("export", "both")]
-            if after == "export" and exports:  # the export exists only now, whatever after: says
+            session = data["session"]
+            sessions, exports = what_to_ship(list(self.shipper.dests.values()), data["kind"])
+            for name in sessions:
+                self.shipper.ship(self.sup.data_root / session, to=name)
+            if exports:
                 report = self.sup.jobs[("export", session)].report
                 self.shipper.ship_export(session, Path(report["out"]), [report["nwb"], *report["videos"]], exports)
 

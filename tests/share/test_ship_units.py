@@ -114,3 +114,13 @@ def test_delete_after_deletes_only_proven_old_finalized_sessions_and_says_why():
     assert v(free=200).reason == "nas: free space 0.0 GB is not below 0.0 GB"
     assert verdict("m1", "finalized", digest, copies, {"nas", "s3"}, 0, [s3], now, 0).reason == \
         "no destination has delete_after"
+
+
+def test_what_to_ship_follows_after_and_what():
+    from acqd.share.ship.shipper import what_to_ship
+
+    d = [ShipDestination(name="a", remote="/a"), ShipDestination(name="b", remote="/b", after="export"),
+         ShipDestination(name="c", remote="/c", what="both"), ShipDestination(name="d", remote="/d", what="export"),
+         ShipDestination(name="e", remote="/e", after="manual")]
+    assert what_to_ship(d, "finalize") == (["a", "c"], [])
+    assert what_to_ship(d, "export") == (["b"], ["c", "d"])

@@ -427,6 +427,15 @@ def _is_not_found(error: str) -> bool:
     return "not found" in low or "no such file" in low or "doesn't exist" in low
 
 
+def what_to_ship(dests: list[ShipDestination], done: str) -> tuple[list[str], list[str]]:
+    """When a finalize or an export run of the daemon ends (``done``): the destinations the session goes to (their
+    ``after:`` is that step, their ``what:`` includes the session) and those its export goes to (``what:`` export
+    or both, once there is an export, whatever ``after:`` says)."""
+    sessions = [d.name for d in dests if d.after == done and d.what in ("session", "both")]
+    exports = [d.name for d in dests if d.what in ("export", "both")] if done == "export" else []
+    return sessions, exports
+
+
 def _refusal(job: Job) -> str | None:
     """Why ``job``'s files must not leave the rig: a session not finalized or changed since its seal, an export
     changed since it was queued."""
