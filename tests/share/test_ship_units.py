@@ -124,3 +124,23 @@ def test_what_to_ship_follows_after_and_what():
          ShipDestination(name="e", remote="/e", after="manual")]
     assert what_to_ship(d, "finalize") == (["a", "c"], [])
     assert what_to_ship(d, "export") == (["b"], ["c", "d"])
+
+
+def test_a_queue_file_of_the_first_schema_gains_the_new_columns_and_keeps_its_jobs(tmp_path):
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "q.sqlite")
+    old.executescript("""CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, session TEXT NOT NULL,
+        folder TEXT NOT NULL, dest TEXT NOT NULL, what TEXT NOT NULL, state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0, bytes_total INTEGER NOT NULL DEFAULT 0,
+        bytes_done INTEGER NOT NULL DEFAULT 0, error TEXT, created REAL NOT NULL, updated REAL NOT NULL,
+        started REAL, finished REAL, next_try REAL NOT NULL DEFAULT 0, manifest_sha256 TEXT);
+        INSERT INTO jobs (session, folder, dest, what, state, created, updated) VALUES ('s1', '/x', 'nas', 'session',
+        'verified', 1, 1);""")
+    old.commit()
+    old.close()
+    q = Queue(tmp_path / "q.sqlite")
+    [job] = q.jobs()
+    assert (job.session, job.state, job.reverify, job.files) == ("s1", VERIFIED, 0, None)
+    assert q.add("s2", tmp_path, "nas", "export", files="{}").files == "{}"
+    q.close()

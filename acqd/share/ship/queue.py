@@ -48,6 +48,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_try);
 """
+_ADDED_COLUMNS = (("reverify", "INTEGER NOT NULL DEFAULT 0"), ("files", "TEXT"))
+"""Columns added after the first schema, in order: ``Queue`` adds them to an older file."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,14 @@ class Queue:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a verified job must stay verified after a power cut
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A queue file written by an earlier acqd gains the columns added since (with their defaults)."""
+        have = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, decl in _ADDED_COLUMNS:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         self._db.close()
