@@ -215,6 +215,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from acqd.finalize import recover_amend
     from acqd.finalize.scrub import scrub_session
 
+    from acqd.share.ship.verify import shipped_copies
+
     recovered = recover_amend(Path(args.session_dir))
     if recovered:
         print(f"{args.session_dir}: {recovered}")
@@ -225,6 +227,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
           f"{record['chunks_checked']} chunks checked, nothing changed")
     if record["not_recorded"]:
         print(f"acqd: warning: {record['not_recorded']}: the session is not marked verified", file=sys.stderr)
+    for c in shipped_copies(Path(args.session_dir)):  # shipping.json: verified copies elsewhere (docs/shipping.md)
+        print(f"verified copy at {c['destination']}: {c['path']} ({c['verified_at']}, manifest sha256 "
+              f"{c['manifest_sha256'][:12]}...)")
     return 1 if problems else 0
 
 
@@ -272,6 +277,28 @@ def cmd_export(args: argparse.Namespace) -> int:
         Path(args.session_dir), Path(args.out), progress, gzip_level=args.gzip_level), summary)
 
 
+def cmd_ship(args: argparse.Namespace) -> int:
+    """Queue a session for shipping, or show, retry or re-verify the ship queue's jobs (through the daemon)."""
+    from acqd.service.shipping import status_lines
+
+    client = _client(args)
+    if args.retry is not None or args.reverify is not None:
+        op, job_id = ("ship_retry", args.retry) if args.retry is not None else ("ship_reverify", args.reverify)
+        result = client.command(op, id=job_id)
+    elif args.session and not (args.status or args.dry_run):
+        result = client.command("ship", session=Path(args.session).name, to=args.to)
+    else:
+        result = client.command("ship_status")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif "destinations" in result:
+        print("\n".join(status_lines(result, deletions=args.dry_run)))
+    else:
+        print("\n".join(status_lines({"jobs": result["jobs"], "destinations": [], "verified": 0, "failed": 0,
+                                       "queued_bytes": 0})[:-1]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="acqd", description="streaming acquisition daemon for neuroscience rigs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -311,6 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
                            help="refresh every SECONDS (default 1) until Ctrl-C")
         c.set_defaults(fn=cmd_client)
+
+    c = sub.add_parser("ship", help="ship a finalized session to the rig config's destinations (docs/shipping.md)")
+    c.add_argument("session", nargs="?", help="session folder or name to queue")
+    c.add_argument("--to", metavar="NAME", help="only this destination (default: every one)")
+    c.add_argument("--status", action="store_true", help="show the queue: jobs, progress, rates, ETA, failures")
+    c.add_argument("--retry", type=int, metavar="ID", help="queue a failed job again")
+    c.add_argument("--reverify", type=int, metavar="ID", help="hash a verified copy at its destination again")
+    c.add_argument("--dry-run", action="store_true", help="list which sessions delete_after would delete, and why")
+    c.add_argument("--url", help=f"daemon URL (default $ACQD_URL or {DEFAULT_URL})")
+    c.add_argument("--token", help="API token (default $ACQD_TOKEN)")
+    c.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    c.set_defaults(fn=cmd_ship)
 
     c = sub.add_parser("check-config", help="validate a rig config file")
     c.add_argument("file")

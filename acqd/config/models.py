@@ -23,6 +23,7 @@ from acqd.config.errors import Found, Loc, closest_first
 from acqd.errors import ConfigError
 from acqd.metadata.models import Frozen as _Frozen
 from acqd.metadata.probes import contact_columns, read_layout
+from acqd.config.ship import ShipList
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -463,6 +464,8 @@ class RigConfig(_Frozen):
     a record request's metadata replaces each block it contains (see SessionMetadata)."""
     qc: QcConfig = QcConfig()
     """Thresholds of the QC verdict (residual, drift) that finalize applies."""
+    ship: ShipList = ()
+    """Destinations sealed sessions are copied to and verified at (docs/shipping.md); none by default."""
 
     @field_validator("metadata")
     @classmethod

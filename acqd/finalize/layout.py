@@ -24,6 +24,8 @@ MANIFEST = "manifest.sha256"
 DIGESTS = "digests.jsonl"  # parts hashed while recording (acqd.finalize.digests)
 SCRUB_FILE = "scrub.json"
 """The scrub's record (``acqd.finalize.scrub``): written after the seal, so it is neither sealed nor in the manifest."""
+SHIPPING = "shipping.json"
+"""Verified copies of a sealed session (acqd.share.ship): beside session.json, never part of the sealed set."""
 QC_DIR = "qc"
 VDS_DIR = "vds"  # virtual datasets joining the parts of a stream written by several writers
 RECOVERED_DIR = "recovered"  # clean copies of the committed rows of parts a killed writer left open
@@ -68,6 +70,7 @@ def _known_patterns(session_id: str, streams: list[str]) -> list[str]:
             re.escape(LOG_FILE),
             re.escape(MANIFEST), atomic.format(re.escape(MANIFEST)), re.escape(SCRUB_FILE),
             atomic.format(re.escape(SCRUB_FILE)), rf"{re.escape(session_id)}\.nwb(?:{PARTIAL})?",
+            re.escape(SHIPPING), atomic.format(re.escape(SHIPPING)),
             rf"{STREAMS_DIR}/{part}", rf"{VIDEO_DIR}/{s}_\d{{3,}}_\d{{4,}}\.(?:{videos})",  # video.video_filename
             rf"{QC_DIR}/(?:qc\.json|index\.html|{s}\.png)(?:{PARTIAL})?", rf"{VDS_DIR}/{s}\.h5(?:{PARTIAL})?",
             rf"{RECOVERED_DIR}/{part}(?:{PARTIAL})?", re.escape(DIGESTS), *_image_patterns(s)]

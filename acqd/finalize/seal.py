@@ -25,7 +25,7 @@ from pathlib import Path
 
 from acqd.finalize.digests import Stamp
 from acqd.finalize.digests import stamp as _stamp
-from acqd.finalize.layout import MANIFEST, SCRUB_FILE, rel
+from acqd.finalize.layout import MANIFEST, SCRUB_FILE, SHIPPING, rel
 from acqd.session import SESSION_FILE, write_bytes_atomic
 
 # chattr +i through the ioctl chattr(1) uses (linux/fs.h): root can still write a 0444 file, not an immutable one.
@@ -153,8 +153,9 @@ def _get_flags(fd: int) -> int:
 def manifest_files(folder: Path) -> list[Path]:
     """The files finalize seals and hashes: every regular file (never a link) but the manifest itself,
     ``session.json`` (written last, at the commit point; its digest is given to ``write_manifest``), the scrub's
-    record (written after the seal) and the temporary files of an atomic write."""
-    own = (SESSION_FILE, MANIFEST, SCRUB_FILE)
+    record and the record of shipped copies (both written after the seal) and the temporary files of an atomic
+    write."""
+    own = (SESSION_FILE, MANIFEST, SCRUB_FILE, SHIPPING)
     return [p for p in _regular_files(folder) if p.parent != folder or (
         p.name not in own and not p.name.startswith(tuple(f".{name}." for name in own)))]
 

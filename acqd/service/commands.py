@@ -29,6 +29,7 @@ from acqd.finalize.amend import amend_session, check_metadata
 from acqd.metadata import MetadataError, bids_name, check_layout, merge, to_acqd, with_rig_defaults
 from acqd.service import live
 from acqd.service.annotations import annotate
+from acqd.service.shipping import SHIP_COMMANDS
 from acqd.service.supervisor import ACQUIRE, RECORD, Supervisor
 from acqd.images import attach
 from acqd.session import SESSION_FILE, list_sessions, session_name
@@ -444,6 +445,7 @@ COMMANDS: dict[str, Command] = {
     "export_status": Command(JobStatusRequest, JobResponse, lambda sup, req: sup.job_status("export", req.session),
                              "progress and result of export runs"),
 }
+COMMANDS.update({name: Command(*spec) for name, spec in SHIP_COMMANDS.items()})  # acqd.service.shipping
 
 
 def run_command(sup: Supervisor, name: str, body: dict | Request | None) -> dict:

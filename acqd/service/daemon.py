@@ -24,6 +24,7 @@ from acqd.service.http.app import create_app
 from acqd.service.http.labrecorder import start_listener
 from acqd.service.http.serverlimits import server_protocol
 from acqd.service.logs import setup_logging
+from acqd.service.shipping import start_shipping
 from acqd.service.supervisor import Supervisor
 
 log = logging.getLogger("acqd")
@@ -76,9 +77,12 @@ def serve(cfg: RigConfig, ready_file: str | None = None, acquire: bool = False, 
         os.replace(ready_file + ".tmp", ready_file)
     log.info("serving %s (data root %s)", url, sup.data_root)
     systemd.notify(f"READY=1\nSTATUS=serving {url}")
+    sup.shipping = start_shipping(sup)  # the ship queue, when the rig config has ship: destinations
     try:
         sup.serve(stop)
     finally:
+        if sup.shipping is not None:
+            sup.shipping.stop()
         app.state.closing.set()
         server.should_exit = True
         http.join(10)

@@ -66,6 +66,7 @@ class Supervisor:
         self.session_record: SessionRecord | None = None
         self.last_session: dict | None = None
         self.recording = {"prepend_text": "", "base_text": "", "append_text": ""}
+        self.shipping: Any = None  # acqd.service.shipping.Shipping, set by the daemon when ship: names destinations
         self.next_metadata: dict = {}  # for starts that carry none (Open Ephys, LabRecorder): `recording` sets it
         self.previews = PreviewHub()  # the console's live preview: writers decimate only while someone watches
         self.hashers = Hashers()  # closed parts are hashed in the background (acqd.finalize.digests)

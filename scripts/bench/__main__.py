@@ -17,6 +17,7 @@ Scenarios (``--scenarios``, comma-separated; default all):
   finalize   time ``acqd finalize`` on a short session and one with 10x the data (skipped if absent).
   preview    what an open console page costs the reference rig (bench/preview.py).
   slow       slow streams only (NIDAQ, 1 kHz sensors, an idle stream): CPU per writer (bench/slow.py).
+  ship       shipping with while_recording: throttle during RECORD: CPU and messages lost (bench/ship.py).
 
 A ramp step "keeps up" when no message is lost or rejected, the simulator stayed on its real-time
 schedule, and the receiver has no growing backlog (p99 publish->receive under BACKLOG_LIMIT_MS).
@@ -54,6 +55,7 @@ from bench.preview import scenario_preview  # noqa: E402
 from bench.pynwb import scenario_pynwb  # noqa: E402
 from bench.ramp import scenario_ramp  # noqa: E402
 from bench.reference import scenario_reference  # noqa: E402
+from bench.ship import scenario_ship  # noqa: E402
 from bench.slow import scenario_slow  # noqa: E402
 from bench.report import code_fingerprint, machine_info, markdown, targets, write_doc  # noqa: E402
 
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         res["updates"] = [*res.get("updates", []), update]
     runners = {"reference": scenario_reference, "ramp": scenario_ramp, "naive": scenario_naive,
                "disk": scenario_disk, "pynwb": scenario_pynwb, "finalize": scenario_finalize,
-               "preview": scenario_preview, "slow": scenario_slow}
+               "preview": scenario_preview, "slow": scenario_slow, "ship": scenario_ship}
     try:
         for name in SCENARIOS:
             if name in args.scenarios:

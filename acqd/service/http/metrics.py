@@ -24,6 +24,7 @@ import h5py
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
+from acqd.service.shipping import ShipCollector
 from acqd.service.supervisor import Supervisor
 
 MODES = ("IDLE", "ACQUIRE", "RECORD")
@@ -87,6 +88,7 @@ def metrics_router(sup: Supervisor) -> APIRouter:
     router = APIRouter(tags=["metrics"])
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(sup))
+    registry.register(ShipCollector(sup))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
 

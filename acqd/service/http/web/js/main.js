@@ -7,6 +7,7 @@ import { createOverview } from "./overview.js";
 import { createPreview } from "./preview.js";
 import { createRecordForm } from "./record.js";
 import { createSessions } from "./sessions.js";
+import { createShipping } from "./shipping.js";
 
 function showError(err) {
   console.error(err);
@@ -31,6 +32,7 @@ async function main() {
   createIncidents(ctx);
   createSessions(ctx);
   createPreview(ctx);
+  createShipping(ctx);
 
   // Session boundaries, from the snapshots, for the panels that list sessions and incidents.
   let session;
