@@ -252,4 +252,9 @@ def test_labrecorder_remote_control_records_a_session_named_from_its_commands(tm
             assert say("stop") == b"OK"
     finally:
         sim.stop()
-    assert not (tmp_path / "data" / "sub-P001_ses-S1_task-oddball_acq-fast_run-2").exists()
+    folder = tmp_path / "data" / "sub-P001_ses-S1_task-oddball_acq-fast_run-2"
+    session = json.loads((folder / "session.json").read_text())
+    assert session["state"] == "closed" and session["metadata"]["subject"] == {
+        "subject_id": "P001", "species": "Homo sapiens", "sex": "F", "age": "P30Y", **{
+            k: v for k, v in session["metadata"]["subject"].items() if k not in ("subject_id", "species", "sex", "age")}}
+    assert (folder / "streams" / "nidaq.h5").is_file()
