@@ -53,6 +53,7 @@ from acqd.record.preview import is_message as is_preview
 from acqd.service.previews import PreviewHub
 from acqd.service.snapshot import EventBus, Snapshot
 from acqd.service.lslbridges import LslBridges
+from acqd.service.overload import overload_status
 from acqd.service.sessionlog import SessionLog
 
 IDLE, ACQUIRE, RECORD = "IDLE", "ACQUIRE", "RECORD"
@@ -88,6 +89,8 @@ class WriterHandle:
     """Id of the last command sent to this writer."""
     acked: int = 0
     """Id of the last command the writer reports it has handled."""
+    closing: dict = field(default_factory=dict)
+    """While it closes a camera's file: its encoder's progress (``closing`` messages), which a stop waits on."""
 
 
 @dataclass
@@ -247,9 +250,13 @@ class Supervisor:
         if self.on_tick is not None:
             self.on_tick()
 
-    def _wait_for(self, cond: Callable[[], bool], what: str, timeout_s: float = COMMAND_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
+    def _wait_for(self, cond: Callable[[], bool], what: str, timeout_s: float = COMMAND_TIMEOUT_S,
+                  progress: Callable[[], object] | None = None) -> None:
+        """Pump until ``cond``; ``timeout_s`` runs from the last change of ``progress()`` (if given)."""
+        deadline, seen = time.monotonic() + timeout_s, progress() if progress else None
         while not cond():
+            if progress is not None and (now := progress()) != seen:
+                deadline, seen = time.monotonic() + timeout_s, now
             if time.monotonic() > deadline:
                 raise SessionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
             self._pump(0.05)
@@ -301,6 +308,7 @@ class Supervisor:
                     parts.append({"part": msg["part"], "path": _rel(msg["path"], self.session_dir), "rows": None})
                     self._save_session()
             case "closed":
+                h.closing = {}
                 if msg.get("final", True):  # not a size rollover: the writer is back to acquiring
                     h.state = "acquiring"
                 if self.session is not None and Path(msg["path"]).parent == self.session_dir / STREAMS_DIR:
@@ -315,6 +323,9 @@ class Supervisor:
                     _record_late_close(name, msg)
             case "event":
                 self._on_event(name, msg)
+            case "closing":  # a camera's encoder finishing its backlog: progress a stop waits on
+                h.closing = {"encoder_backlog": msg.get("encoder_backlog"), "encoded": msg.get("encoded")}
+                self.live.changed = True
 
     def _on_event(self, name: str, msg: dict) -> None:
         kind = msg.get("kind")
@@ -325,7 +336,7 @@ class Supervisor:
             if h.state != "stopped_failed":  # else its exit code was seen first and recorded
                 h.state = "failed"
                 self._incident(name, kind, h.reason, incomplete=True)
-        elif kind in ("suspect_part", "clock_step", "part_name_taken", "peer_refused"):
+        elif kind in ("suspect_part", "clock_step", "part_name_taken", "peer_refused", "overload", "overload_cleared"):
             self._incident(name, kind, msg.get("detail", ""), incomplete=kind == "suspect_part")
         elif kind in ("gap", "disconnected", "connected"):  # outside RECORD: an event and a log line only
             self._incident(name, kind, msg.get("detail", ""))
@@ -561,7 +572,8 @@ class Supervisor:
         self.mode = ACQUIRE  # from here on, a restarted writer is not sent back to recording
         try:
             self._wait_for(lambda: all(h.state != "recording" or h.hung_since is not None
-                                       for h in self.writers.values()), "writers to close their files")
+                                       for h in self.writers.values()), "writers to close their files",
+                           progress=lambda: [h.closing.get("encoded") for h in self.writers.values()])
         except SessionError as e:
             self._incident(None, "stop_timeout", str(e), incomplete=True)
         still_open = [name for name, h in self.writers.items() if h.state == "recording" and h.hung_since is not None]
@@ -739,6 +751,7 @@ class Supervisor:
                 "gaps": rec.get("gaps", 0), "rejected": rec.get("rejected_total", 0),
                 "rows": st.get("rows", 0), "bytes_written": st.get("file_bytes", 0),
                 "total": st.get("total", {}), "required": s.required, "lsl": self.lsl.status(s.name),
+                **overload_status(st, rec, h.closing if h else {}),
             }
         session = None
         if self.session is not None:
