@@ -4,8 +4,8 @@ ZeroMQ does not say how many messages wait in a socket, so the writer measures w
 of its data socket ended with the socket empty. While it does not, the writer is working through a backlog;
 ``backlog_messages`` counts the messages handled since the socket was last found empty (a lower bound of
 what was queued then) and ``behind_s`` how long ago that was. A writer is *behind* when that lasts longer
-than BEHIND_AFTER_S, when a flush takes longer than the flush interval, or when its camera's encoder holds
-more than half of what it may hold. While behind (and until it has caught up for CAUGHT_UP_S) it is
+than BEHIND_AFTER_S, when SLOW_FLUSHES flushes in a row each took longer than the flush interval (one slow
+fsync on a busy disk is not), or when its camera's encoder holds more than half of what it may hold. While behind (and until it has caught up for CAUGHT_UP_S) it is
 *overloaded*: a seq gap it finds then is recorded with reason ``overload``, and it sheds non-data work in
 SHED_ORDER (never a raw sample while the disk keeps up): previews at once, then the live sync computation
 (a flag the supervisor reads), then the stats cadence.
@@ -15,8 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-BEHIND_AFTER_S = 1.0
-"""The data socket never found empty for this long: the writer cannot keep up (a second of 2x overload)."""
+BEHIND_AFTER_S = 2.0
+"""The data socket never found empty for this long: the writer cannot keep up. A writer keeping up finds it empty
+at every wake-up (at most WAKE_INTERVAL_S apart); a CPU-starved one that misses a few still catches up in time."""
+SLOW_FLUSHES = 3
+"""Flushes in a row longer than the flush interval that make a writer behind."""
 CAUGHT_UP_S = 2.0
 """Not behind for this long ends an overload (hysteresis: a writer on the edge does not flap)."""
 SHED_ORDER = (("previews", 0.0), ("live_sync", 2.0), ("stats", 5.0))
@@ -37,6 +40,8 @@ class Load:
     """When the data socket was last found empty, while it has not been since (None: it was, last drain)."""
     backlog_messages: int = 0
     flush_s: float = 0.0
+    slow_flushes: int = 0
+    """Flushes in a row that took longer than the flush interval."""
     flush_max_s: float = 0.0
     """The longest flush since the last stats report."""
     encoder_backlog: int = 0
@@ -58,6 +63,7 @@ class Load:
 
     def flushed(self, seconds: float) -> None:
         self.flush_s = seconds
+        self.slow_flushes = self.slow_flushes + 1 if seconds > self.flush_interval_s else 0
         self.flush_max_s = max(self.flush_max_s, seconds)
 
     def encoder(self, backlog: int, limit: int) -> None:
@@ -67,7 +73,7 @@ class Load:
         return 0.0 if self.busy_since is None else now - self.busy_since
 
     def behind(self, now: float) -> bool:
-        return (self.behind_s(now) > BEHIND_AFTER_S or self.flush_s > self.flush_interval_s
+        return (self.behind_s(now) > BEHIND_AFTER_S or self.slow_flushes >= SLOW_FLUSHES
                 or bool(self.encoder_limit) and self.encoder_backlog > ENCODER_BEHIND * self.encoder_limit)
 
     def update(self, now: float) -> str | None:
@@ -109,8 +115,9 @@ class Load:
         if self.behind_s(now) > BEHIND_AFTER_S:
             why.append(f"its socket has not been empty for {self.behind_s(now):.1f} s "
                        f"({self.backlog_messages} messages handled since)")
-        if self.flush_s > self.flush_interval_s:
-            why.append(f"a flush took {self.flush_s:.2f} s (flush interval {self.flush_interval_s:g} s)")
+        if self.slow_flushes >= SLOW_FLUSHES:
+            why.append(f"{self.slow_flushes} flushes in a row took longer than the flush interval "
+                       f"{self.flush_interval_s:g} s (the last {self.flush_s:.2f} s)")
         if self.encoder_limit and self.encoder_backlog > ENCODER_BEHIND * self.encoder_limit:
             why.append(f"its video encoder is {self.encoder_backlog} frames behind (holds at most {self.encoder_limit})")
         return "; ".join(why) or "behind"

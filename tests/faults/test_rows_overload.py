@@ -7,16 +7,19 @@ Every message sent is either stored bit-exact or inside a gap row that says why 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 import zmq
 
-from acqd.record.ingest import Loss
 from acqd.record.streamfile import gap_reasons, open_for_read
 from acqd.record.video import VIDEO_DIR
+from acqd.service.procs import wait_until
+from tests.conftest import recording, write_rig
 from tests.record.livewriter import LiveWriter, message
 
 ROWS = 32
@@ -142,3 +145,29 @@ def test_row39_a_slow_video_encoder_never_holds_the_receive_path(tmp_path: Path)
         assert np.array_equal(frames[int(row["file_row"])], sent[int(row["seq"])][0])
     print(f"row39 camera: {len(stored)} frames encoded, {len(lost)} lost with reason encoder in {len(gaps)} gap rows")
     w.close()
+
+
+@pytest.mark.slow
+def test_row39_camera_encoder_behind_in_the_daemon_is_never_hung_and_qc_lists_its_losses(tmp_path: Path,
+                                                                                         daemon_factory):
+    # The case in the whole daemon: the camera's encoder cannot keep up (40 ms more per 640x480 frame at
+    # 60 fps). The stream says so in status, is never reported hung, stop waits for the encoder, and finalize's QC
+    # lists the frames lost by reason.
+    video = {"codec": "ffv1", "frames_per_file": 120, "max_backlog_s": 1.0}
+    rig_file = write_rig(tmp_path, stream_overrides={"camera": {"video": video}})
+    daemon = daemon_factory(rig_file, env={"ACQD_FAULT": "camera:slow_encode:40"})
+    with recording(daemon, rig_file, "overload", seed=7) as (_, folder):
+        cam = wait_until(lambda: (s := daemon.command("status")["streams"]["camera"])["lost"].get("encoder") and s,
+                         "frames lost by the encoder", 60)
+        assert cam["state"] == "recording" and cam["load"]["encoder_limit"] == 60 and "previews" in cam["shedding"]
+        daemon.command("stop")
+    session = json.loads((folder / "session.json").read_text())
+    kinds = [i["kind"] for i in session["incidents"] if i["stream"] == "camera"]
+    assert "overload" in kinds and "writer_hung" not in kinds and "stop_timeout" not in kinds, kinds
+    assert any(i["kind"] == "gap" and "(encoder)" in i["detail"] for i in session["incidents"])
+    daemon.command("finalize", session="overload")
+    job = wait_until(lambda: (j := daemon.command("finalize_status", session="overload"))["state"] != "running"
+                     and j, "finalize to finish", 300, every_s=0.25)
+    assert job["state"] == "done", job["error"]
+    qc = job["report"]["streams"]["camera"]["qc"]
+    assert qc["gaps_by_reason"].get("encoder", 0) >= 1 and any("encoder" in r for r in qc["reasons"]), qc
