@@ -179,6 +179,7 @@ class Writer:
         self.next_gap_reason: Loss | None = None  # the cause of the next seq gap, when the writer knows it (EIO, restart)
         self.link_dropped = False  # a driver disconnected since the last message: a seq gap then is the link's
         self.dropped: GapRecord | None = None  # messages received but not stored (encoder behind), not yet recorded
+        self.lost_before_overload: Counter = Counter()  # total.lost when the current overload started
         self._window = (time.monotonic(), 0, 0)
 
     # -- messages to the supervisor ------------------------------------------------------------
@@ -425,8 +426,9 @@ class Writer:
     def record_dropped(self) -> None:
         gap, self.dropped = self.dropped, None
         self.file.add_gap(gap, time.time_ns())
-        self.rec.lost[gap.reason] += gap.seq_to - gap.seq_from
-        self.total.lost[gap.reason] += gap.seq_to - gap.seq_from
+        for counts in (self.total, self.rec):
+            counts.gaps += 1
+            counts.lost[gap.reason] += gap.seq_to - gap.seq_from
         self.gap_event(gap)
 
     def store(self, h: Header, chunk: Chunk, verdict: Verdict, wall_ns: int, mono_ns: int, clock_pairs: list) -> None:
@@ -603,12 +605,13 @@ class Writer:
         self.load.encoder(video.backlog if video else 0, video.max_backlog if video else 0)
         match self.load.update(now):
             case "started":
+                self.lost_before_overload = self.total.lost.copy()
                 self.event("overload", f"writer behind: {self.load.describe(now)}; shedding previews first, then "
                                        f"live sync, then stats cadence; any message lost is a gap with its reason")
             case "ended":
-                lost = sum(self.total.lost.values())
-                self.event("overload_cleared", f"writer caught up; {lost} message(s) lost in gaps since it started "
-                                               f"(by reason: {dict((r.name.lower(), n) for r, n in self.total.lost.items())})")
+                lost = {r.name.lower(): n for r, n in (self.total.lost - self.lost_before_overload).items()}
+                self.event("overload_cleared", f"writer caught up; {sum(lost.values())} message(s) lost in gaps while "
+                                               f"it was behind (by reason: {lost})", lost=lost)
 
     def drain(self, limit: int, budget_s: float = DRAIN_BUDGET_S) -> None:
         """Handle what is queued on the data socket, but bounded in count and time, so control, flushing and stats

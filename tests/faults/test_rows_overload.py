@@ -86,7 +86,7 @@ def test_row39_a_writer_at_twice_its_speed_loses_only_what_its_gaps_record(tmp_p
     assert max(m["load"]["backlog_messages"] for m in behind) > 100
     assert any(m["shedding"][:2] == ["previews", "live_sync"] for m in behind), "non-data work was not shed in order"
     assert [e["kind"] for e in w.events("overload")], "no overload incident"
-    assert message_gaps(w.msgs) < 1.0, "the writer went quiet for a second (a daemon would report it hung)"
+    assert message_gaps(w.msgs) < 1.5, "the writer went quiet (the daemon reports it hung after 2 s)"
     with open_for_read(w.folder / "s.h5") as f:
         index, gaps, data = f["index"][:], f["gaps"][:], f["data"]
         for row in index:  # everything stored is exactly what was sent
@@ -129,7 +129,7 @@ def test_row39_a_slow_video_encoder_never_holds_the_receive_path(tmp_path: Path)
     print(f"row39 camera: stop took {time.monotonic() - t_stop:.1f} s, {len(w.msgs)} reports")
     assert w.events("overload"), "the encoder's backlog was not reported"
     assert any(m["type"] == "closing" for m in w.msgs), "no progress while the stop waited for the encoder"
-    assert message_gaps(w.msgs) < 1.0, "the writer went quiet (a daemon would report it hung)"
+    assert message_gaps(w.msgs) < 1.5, "the writer went quiet (the daemon reports it hung after 2 s)"
     with open_for_read(w.folder / "cam.h5") as f:
         index, gaps, video = f["index"][:], f["gaps"][:], f["video"][:]
     lost = lost_by_reason(gaps)
