@@ -171,3 +171,24 @@ def test_row39_camera_encoder_behind_in_the_daemon_is_never_hung_and_qc_lists_it
     assert job["state"] == "done", job["error"]
     qc = job["report"]["streams"]["camera"]["qc"]
     assert qc["gaps_by_reason"].get("encoder", 0) >= 1 and any("encoder" in r for r in qc["reasons"]), qc
+
+
+def test_row39_a_stop_waits_as_long_as_the_writers_make_progress(tmp_path: Path):
+    # stop_recording waits for writers to close with a timeout that runs from their last progress (a camera's
+    # encoder finishing its backlog reports ``closing``): progress for 3x the timeout is waited for; none is not.
+    from acqd.config import load_config
+    from acqd.errors import SessionError
+    from acqd.service.supervisor import Supervisor
+
+    sup = Supervisor(load_config(write_rig(tmp_path)))
+    try:
+        t0 = time.monotonic()
+        sup._wait_for(lambda: time.monotonic() - t0 > 1.5, "the encoder", timeout_s=0.5,
+                      progress=lambda: int((time.monotonic() - t0) / 0.2))
+        assert time.monotonic() - t0 > 1.5
+        t0 = time.monotonic()
+        with pytest.raises(SessionError, match="timed out after"):
+            sup._wait_for(lambda: False, "a stuck encoder", timeout_s=0.5, progress=lambda: 7)
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        sup.shutdown()
