@@ -58,9 +58,8 @@ class VideoSink:
 
     def has_room(self, n: int) -> bool:
         """Whether ``n`` more frames fit the backlog; if not, the caller records them as lost (reason ``encoder``)."""
-        if self._queue.qsize() + n > self.max_backlog:
-            return False
-        return True
+        queued = self._queue.qsize()
+        return queued == 0 or queued + n <= self.max_backlog  # a message larger than the bound fits an empty queue
 
     def append(self, frames: np.ndarray) -> None:
         """Queue frames (height, width) for encoding; never blocks (``has_room`` bounds the backlog)."""
