@@ -89,6 +89,10 @@ class VideoConfig(_Frozen):
     """libx264 quality (lower is better; 18 is visually lossless)."""
     frames_per_file: int = Field(3600, gt=0, description="start a new file after this many frames")
     """Start a new video file after this many frames (a crash loses at most the open file's tail)."""
+    max_backlog_s: float = Field(10.0, gt=0, description="seconds of frames held for a slow encoder; beyond, "
+                                                         "frames are lost as gaps with reason encoder")
+    """Frames waiting for the encoder, in seconds of video (memory: this x rate x frame bytes); a frame beyond it is
+    not stored, and recorded as a gap with reason ``encoder`` (the receive path never waits for the encoder)."""
 
 
 class CurveKeys(_Frozen):

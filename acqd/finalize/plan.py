@@ -162,11 +162,14 @@ def _gap_table(gaps: list[dict]) -> nwb.TablePlan:
     desc = {"start_time": "session time where the missing samples would have started",
             "stop_time": "session time of the first sample after the gap",
             "stream": "stream with the gap", "kind": "seq (messages lost), samples (device skipped), restart "
-            "(publisher restarted), counter_reset, writer_restart (a new part file), unrecorded",
+            "(publisher restarted), counter_reset, resync, dropped (received, not stored: see reason), writer_restart (a new "
+            "part file), unrecorded",
             "row": "file row of the first sample after the gap in the stream's data",
             "sample_from": "device sample where the gap starts", "sample_to": "device sample after the gap",
             "samples_lost": "samples missing (-1: unknown, the counter was reset)",
-            "seq_from": "first missing message seq (-1: not recorded)", "seq_to": "seq after the gap (-1: not recorded)"}
+            "seq_from": "first missing message seq (-1: not recorded)", "seq_to": "seq after the gap (-1: not recorded)",
+            "reason": "why: source (device/driver), transport, hwm (ZeroMQ high-water mark), overload (the writer "
+                      "was behind), disk, encoder (a camera's encoder was behind), writer (restart), unknown"}
     gaps = sorted(gaps, key=lambda g: (g["start_time"], g["stream"]))
     return nwb.TablePlan("gaps", "every discontinuity in a stream's data, proven by its chunk index: the samples "
                          "between start_time and stop_time were never recorded",

@@ -7,6 +7,7 @@ reads back), and the per-stream plot data handed to ``acqd.finalize.qc``, which 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -131,6 +132,7 @@ def stream_qc(s: Stream, r: StreamReport, incidents: list[dict], limits: QcConfi
         "residual_max_samples": c["residual_max_samples"], "error_bound_samples": c["error_bound_samples"],
         "host_segments": c.get("host_segments", []), "gaps": len(r.gaps),
         "gap_seconds": float(sum(g["stop_time"] - g["start_time"] for g in r.gaps)),
+        "gaps_by_reason": dict(Counter(g.get("reason", "unknown") for g in r.gaps)),
         "rejects": rejects_by_reason(s), "writer_restarts": sum(i["kind"] == "writer_died" for i in mine),
         "disconnects": sum(i["kind"] == "disconnected" for i in mine),
         "dropped_frames": (r.frames or {}).get("dropped", 0), "edge_gaps": edge_gaps,
@@ -157,7 +159,8 @@ def stream_qc(s: Stream, r: StreamReport, incidents: list[dict], limits: QcConfi
     for key, what in (("gaps", "gaps"), ("writer_restarts", "writer restarts"), ("disconnects", "disconnects"),
                       ("dropped_frames", "dropped frames")):
         if row[key]:
-            warns.append(f"{row[key]} {what}")
+            by_reason = ", ".join(f"{n} {why}" for why, n in row["gaps_by_reason"].items()) if key == "gaps" else ""
+            warns.append(f"{row[key]} {what}" + (f" ({by_reason})" if by_reason else ""))
     for g in edge_gaps:  # the sync line carried no edge (cable out): the map interpolates, its bound grows
         warns.append(f"no sync edges for {g['seconds']:.1f} s from session time {g['start_time']:.1f} s (bound "
                      f"there {g['bound_samples']:.2f} samples)")

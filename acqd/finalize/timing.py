@@ -22,6 +22,7 @@ from acqd.config import ChannelSync, FrameSync, StrobeSync
 from acqd.errors import ClockFitError, FinalizeError
 from acqd.finalize.streams import Stream
 from acqd.record.ingest import Gap
+from acqd.record.streamfile import gap_reasons
 
 REGULAR_TOL_SAMPLES = 0.1  # starting_time + rate only if the map is that close to one straight line
 MIN_TIMEBASE_EDGES = 10  # a stream that replaces a reset reference needs edges to pair (clock._MIN_PAIRS)
@@ -386,13 +387,14 @@ def extrapolated_rows(s: Stream, fit: ClockFit) -> int:
 def stream_gaps(s: Stream, fit: ClockFit, zero_s: float) -> list[dict]:
     """Every discontinuity the chunk index proves, with what the writer recorded about it."""
     kinds = {g.value: g.name.lower() for g in Gap}
-    recorded = {int(g["file_row"]): g for g in s.recorded_gaps}
+    reasons = gap_reasons(s.recorded_gaps)
+    recorded = {int(g["file_row"]): (g, why) for g, why in zip(s.recorded_gaps, reasons)}
     part_starts = set(s.part_start_chunks[1:])
     seg = s.segment
     out = []
     for i in s.breaks.tolist():
         row = int(s.index["file_row"][i])
-        g = recorded.get(row)
+        g, reason = recorded.get(row, (None, "writer" if i in part_starts else "unknown"))
         kind = kinds.get(int(g["kind"]), "unknown") if g is not None else (
             "writer_restart" if i in part_starts else "unrecorded")
         prev_end, first = int(s.chunk_end[i - 1]), int(s.index["first_sample"][i])
@@ -402,7 +404,24 @@ def stream_gaps(s: Stream, fit: ClockFit, zero_s: float) -> list[dict]:
                     "stop_time": float(max(stop, start)), "sample_from": prev_end, "sample_to": first,
                     "samples_lost": first - prev_end if seg[i] == seg[i - 1] else -1,
                     "seq_from": int(g["seq_from"]) if g is not None else -1,
-                    "seq_to": int(g["seq_to"]) if g is not None else -1})
+                    "seq_to": int(g["seq_to"]) if g is not None else -1, "reason": reason})
+    return out + _trailing_gaps(s, fit, zero_s, kinds, reasons)
+
+
+def _trailing_gaps(s: Stream, fit: ClockFit, zero_s: float, kinds: dict[int, str], reasons: list[str]) -> list[dict]:
+    """Gaps the writer recorded after the last stored chunk (messages lost at the very end, e.g. by a camera's
+    encoder): no later chunk proves them, the gap row does."""
+    out = []
+    for g, reason in zip(s.recorded_gaps, reasons):
+        if int(g["file_row"]) < s.rows or not len(s.index):
+            continue
+        seg = int(s.segment[-1])
+        start, stop = fit.to_reference(np.array([float(g["sample_from"]), float(g["sample_to"])]), seg) - zero_s
+        out.append({"stream": s.name, "kind": kinds.get(int(g["kind"]), "unknown"), "row": int(g["file_row"]),
+                    "start_time": float(start), "stop_time": float(max(stop, start)),
+                    "sample_from": int(g["sample_from"]), "sample_to": int(g["sample_to"]),
+                    "samples_lost": int(g["sample_to"]) - int(g["sample_from"]), "seq_from": int(g["seq_from"]),
+                    "seq_to": int(g["seq_to"]), "reason": reason})
     return out
 
 

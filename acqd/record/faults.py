@@ -11,9 +11,11 @@
   the Nth write, SQLite style: nothing is closed or flushed), only while recording part 0: the writer the
   supervisor restarts (part 1 on) inherits the variable and must run clean, as after a one-off crash;
 - ``wall_step:N``  from the Nth message on, the host wall clock reads one hour later (a wall-clock step;
-  CLOCK_MONOTONIC is untouched).
+  CLOCK_MONOTONIC is untouched);
+- ``slow_write:N``  every append takes N ms longer (a slow disk or a starved CPU: the writer falls behind);
+- ``slow_encode:N``  a camera's video encoder takes N ms longer per frame (an encoder that cannot keep up).
 
-Each fault fires once (``dead_disk`` stays). Nothing reads the variable outside ``Faults.from_env``, which only the writer's
+Each fault fires once, except ``dead_disk`` (it stays) and the two ``slow_`` ones, which slow every call. Nothing reads the variable outside ``Faults.from_env``, which only the writer's
 ``main`` calls: users cannot trip these paths by accident, tests set the variable on the daemon they start.
 """
 
@@ -21,11 +23,12 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 FAULT_ENV = "ACQD_FAULT"
-KINDS = ("eio_on_write", "eio_on_fsync", "dead_disk", "crash_after_write", "wall_step")
+KINDS = ("eio_on_write", "eio_on_fsync", "dead_disk", "crash_after_write", "wall_step", "slow_write", "slow_encode")
 WALL_STEP_NS = 3600 * 10**9
 CRASH_EXIT = 137
 
@@ -62,6 +65,8 @@ class Faults:
         return self.seen[kind] == self.at[kind]
 
     def before_append(self) -> None:
+        if "slow_write" in self.at:
+            time.sleep(self.at["slow_write"] / 1000)
         if self._count("eio_on_write"):
             raise OSError(errno.EIO, "Input/output error (write; injected by ACQD_FAULT)")
 
@@ -74,6 +79,10 @@ class Faults:
     def after_append(self, part: int) -> None:
         if part == 0 and self._count("crash_after_write"):
             os._exit(CRASH_EXIT)
+
+    def encode_delay_s(self) -> float:
+        """Seconds added to each frame a camera's encoder encodes (``slow_encode``)."""
+        return self.at.get("slow_encode", 0) / 1000
 
     def wall_offset_ns(self) -> int:
         """Added to the host wall clock from the armed message on."""

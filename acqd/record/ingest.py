@@ -39,6 +39,25 @@ class Gap(IntEnum):
     RESTART = 3  # the publisher restarted (new epoch)
     COUNTER_RESET = 4  # the device sample counter went backwards
     RESYNC = 5  # two messages in a row continued a seq the cursor did not expect: the cursor follows the sender
+    DROPPED = 6  # received by the writer but not stored: it could not keep up (the reason says what: the encoder)
+
+
+class Loss(IntEnum):
+    """Why a gap's data is missing: the ``reason`` column of ``/gaps`` (docs/file-format.md). 0 in files written
+    before the column existed, which read it as ``unknown``."""
+
+    UNKNOWN = 0  # not recorded (a file from before this column)
+    SOURCE = 1  # the device or driver: skipped samples, a restart, a counter reset, a resync
+    TRANSPORT = 2  # lost between driver and writer while the writer kept up (a reconnect, a driver-side drop)
+    HWM = 3  # a SUB socket's high-water mark overflowed (ZeroMQ drops silently; the seq gap proves it)
+    OVERLOAD = 4  # lost while this writer was behind (its receive backlog above the threshold): it could not keep up
+    DISK = 5  # a write or fsync failed (EIO): what the suspect part may not hold
+    ENCODER = 6  # a camera's video encoder fell too far behind: frames received but never encoded
+    WRITER = 7  # the writer process died and was restarted: what it held was lost
+
+
+SOURCE_GAPS = (Gap.SAMPLES, Gap.RESTART, Gap.COUNTER_RESET, Gap.RESYNC)
+"""Gap kinds whose cause lies with the device or driver, whatever the writer's load."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +78,7 @@ class GapRecord:
     seq_to: int
     sample_from: int
     sample_to: int
+    reason: Loss = Loss.UNKNOWN
 
 
 @dataclass(frozen=True, slots=True)

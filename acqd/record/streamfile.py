@@ -7,7 +7,7 @@ This module is the only place that turns stream config into HDF5 calls (``datase
     /data        (rows, *shape) declared dtype, chunked, resizable on axis 0, NWB attrs
     /index       one row per accepted message: seq, epoch, first_sample, n_samples, file_row, host times,
                  crc32 of the message's samples as stored (verified by finalize before it seals)
-    /gaps        one row per discontinuity (ingest.Gap), exact seq and sample ranges
+    /gaps        one row per discontinuity (ingest.Gap), exact seq and sample ranges, and why (ingest.Loss)
     /rejects     one row per rejected message (ingest.Reject), with the rule's detail
     /suspect     a row if a write or fsync failed (EIO): the part is suspect and the stream went on in the next
     /sync/edges  raw edge sample indices in the device counter, per line (labels in attrs)
@@ -46,19 +46,20 @@ import numpy as np
 
 from acqd.config import EdgeLine, StreamConfig
 from acqd.errors import DiskFullError, WriterError
-from acqd.record.ingest import Gap, GapRecord, Reject
+from acqd.record.ingest import Gap, GapRecord, Loss, Reject
 from acqd.record.partread import UnreadablePart, open_for_read  # noqa: F401 - re-exported: readers import them here
 from acqd.record.video import VIDEO_DIR, VideoSink
 from acqd.wire.protocol import OFFSET_DTYPE
 
 FORMAT = "acqd-stream"
-FORMAT_VERSION = 2  # 2: /index has crc32
+FORMAT_VERSION = 3  # 2: /index has crc32; 3: /gaps has reason
 
 INDEX_DTYPE = np.dtype([("seq", "<u8"), ("epoch", "<u4"), ("n_samples", "<u4"), ("first_sample", "<u8"),
                         ("file_row", "<u8"), ("host_wall_ns", "<i8"), ("host_mono_ns", "<i8"),
                         ("device_time_ns", "<i8"), ("crc32", "<u4"), ("committed_wall_ns", "<i8")])
 GAP_DTYPE = np.dtype([("kind", "u1"), ("seq_from", "<u8"), ("seq_to", "<u8"), ("sample_from", "<u8"),
-                      ("sample_to", "<u8"), ("file_row", "<u8"), ("host_wall_ns", "<i8")])
+                      ("sample_to", "<u8"), ("file_row", "<u8"), ("host_wall_ns", "<i8"), ("reason", "u1")])
+"""``reason`` (ingest.Loss) was added in format 3; ``gap_reasons`` reads older files as ``unknown``."""
 REJECT_DTYPE = np.dtype([("reason", "u1"), ("seq", "<u8"), ("nbytes", "<u8"), ("host_wall_ns", "<i8"),
                          ("detail", "S160")])
 """``detail`` (which rule, with the values; UTF-8, truncated) was added after the first files: readers go by name."""
@@ -191,9 +192,10 @@ class StreamFile:
         return d
 
     @classmethod
-    def create(cls, path: Path, cfg: StreamConfig, *, session: dict, lines: list[EdgeLine], part: int = 0
-               ) -> StreamFile:
-        """Create the file with every dataset and all metadata, then switch to SWMR."""
+    def create(cls, path: Path, cfg: StreamConfig, *, session: dict, lines: list[EdgeLine], part: int = 0,
+               encode_delay_s: float = 0.0) -> StreamFile:
+        """Create the file with every dataset and all metadata, then switch to SWMR. ``encode_delay_s``: the
+        ``slow_encode`` test hook (acqd.record.faults), passed to a camera's encoder."""
         f = open_stream_file(path, cfg)
         try:
             f.attrs.update({
@@ -212,6 +214,7 @@ class StreamFile:
             for name, dtype in tables.items():
                 f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
             f["gaps"].attrs["kinds"] = json.dumps({g.name: g.value for g in Gap})
+            f["gaps"].attrs["reasons"] = json.dumps({r.name: r.value for r in Loss})
             f["rejects"].attrs["reasons"] = json.dumps({r.name: r.value for r in Reject})
             f["sync/edges"].attrs["lines"] = json.dumps([ln.model_dump() for ln in lines])
             f["sync"].attrs["description"] = "raw, uncorrected: edge sample indices and host-time pairs"
@@ -222,12 +225,17 @@ class StreamFile:
             _close_and_drop_if_empty(f, path)
             raise
         if cfg.video is not None:
-            return cls(path, f, VideoSink(path.parent.parent / VIDEO_DIR, cfg.name, part, cfg.video, cfg.rate))
+            return cls(path, f, VideoSink(path.parent.parent / VIDEO_DIR, cfg.name, part, cfg.video, cfg.rate,
+                                          encode_delay_s))
         # A compressed chunk written half full is compressed again, and stored anew, when it fills: the
         # file grows by the old copy each time. Whole chunks keep files small, and batching the writes
         # saves HDF5's fixed cost per call (~0.1 ms) on every message.
         chunk = np.empty((chunk_rows(cfg), *cfg.shape), dtype=cfg.np_dtype)
         return cls(path, f, chunk=chunk, direct=cfg.compression == "none")
+
+    def has_room(self, n: int) -> bool:
+        """Whether ``n`` more rows can be taken now: False only while a camera's encoder is too far behind."""
+        return self.video is None or self.video.has_room(n)
 
     def append(self, data: np.ndarray, index_row: tuple) -> int:
         """Append samples; returns the file row of the first. The index row is written at a later flush."""
@@ -301,7 +309,7 @@ class StreamFile:
 
     def add_gap(self, gap: GapRecord, host_wall_ns: int) -> None:
         self.add("gaps", [(gap.kind, gap.seq_from, gap.seq_to, gap.sample_from, gap.sample_to, self.rows,
-                           host_wall_ns)])
+                           host_wall_ns, gap.reason)])
 
     def flush(self, fsync: bool) -> None:
         """Data first, then the index rows describing it; fsync makes it survive a power cut."""
@@ -332,12 +340,13 @@ class StreamFile:
             # fills (measured, docs/performance.md). Only clean pages are dropped; nothing is lost.
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
-    def close(self, fsync: bool = True) -> None:
+    def close(self, fsync: bool = True, progress: Callable[[int, int], None] | None = None) -> None:
+        """Close the file; a camera's encoder first finishes its backlog, calling ``progress`` while it does."""
         if self.f.id.valid:
             try:
                 if self.video is not None:
                     with io_errors(self.path, self):
-                        self.video.close()
+                        self.video.close(progress)
                     self._video_files(self.video.take_finished())
                     self.written = self.video.committed
                 if self.chunk is not None and self.rows > self.written:  # the last, partial chunk
@@ -436,6 +445,14 @@ def last_committed(path: Path, stream: str, session_id: str | None) -> tuple[int
             return None
         last = index[-1]
         return int(last["epoch"]), int(last["seq"]), int(last["first_sample"]) + int(last["n_samples"])
+
+
+def gap_reasons(gaps: np.ndarray) -> list[str]:
+    """The reason of each /gaps row, by name (``unknown`` for files written before the column existed)."""
+    if gaps.dtype.names is None or "reason" not in gaps.dtype.names:
+        return ["unknown"] * len(gaps)
+    names = {r.value: r.name.lower() for r in Loss}
+    return [names.get(int(v), "unknown") for v in gaps["reason"]]
 
 
 def committed_rows(f: h5py.File) -> int:

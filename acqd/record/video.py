@@ -2,10 +2,13 @@
 
 A ``VideoSink`` encodes the frames of one stream part into a sequence of files
 ``<session>/video/<stream>_<part>_<n>.<ext>``, starting a new file every ``frames_per_file`` frames so
-that a crash can only leave the last file short. Encoding runs on a thread of its own (PyAV
-releases the GIL while encoding): the writer's socket loop never waits for the encoder (unless it
-falls MAX_BACKLOG frames behind), so its receive timestamps stay true arrival times, which finalize
-needs to pair frames with strobes. Only frames in finished files count as committed. FFV1 in Matroska is lossless (bit-exact); H.264
+that a crash can only leave the last file short. Encoding runs on a thread of its own (PyAV 18 releases
+the GIL in ``avcodec_send_frame`` / ``avcodec_receive_packet``, where FFV1 spends its time): the writer's
+socket loop never waits for the encoder, so its receive timestamps stay true arrival times, which finalize
+needs to pair frames with strobes, and it keeps answering the supervisor. The encoder's queue holds at most
+``VideoConfig.max_backlog_s`` of frames; a frame beyond that is refused (``has_room`` is False)
+and the writer records it as a gap with reason ``encoder``: never a silent loss, never a stalled receive
+path (issue 24; docs/file-format.md). Only frames in finished files count as committed. FFV1 in Matroska is lossless (bit-exact); H.264
 goes into fragmented MP4, which stays readable if the writer dies mid-file. Codecs come from PyAV's
 own FFmpeg build. The stream file's ``/video`` table lists each finished file with its frames.
 """
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -25,7 +30,8 @@ from acqd.errors import WriterError
 
 CONTAINERS = {"ffv1": ("mkv", {}), "libx264": ("mp4", {"movflags": "frag_keyframe+empty_moov"})}
 VIDEO_DIR = "video"
-MAX_BACKLOG = 120  # frames queued for the encoder before the writer loop waits (back-pressure)
+PROGRESS_S = 0.25
+"""While ``close`` waits for the encoder, it reports progress this often (the writer's heartbeat meanwhile)."""
 
 
 def video_filename(stream: str, part: int, n: int, codec: str) -> str:
@@ -35,23 +41,36 @@ def video_filename(stream: str, part: int, n: int, codec: str) -> str:
 class VideoSink:
     """Encodes gray8 frames (height, width) of one stream part; not thread-safe."""
 
-    def __init__(self, folder: Path, stream: str, part: int, cfg: VideoConfig, rate: float):
+    def __init__(self, folder: Path, stream: str, part: int, cfg: VideoConfig, rate: float,
+                 delay_s: float = 0.0):
         self.folder, self.stream, self.part, self.cfg = folder, stream, part, cfg
         self.rate = Fraction(rate).limit_denominator(1000)
         self.finished: list[tuple[str, int, int]] = []  # (file name, first frame, frames), all files so far
         self.frames = 0  # frames encoded (encoder thread)
+        self.max_backlog = max(1, round(cfg.max_backlog_s * rate))
+        self.delay_s = delay_s  # the ``slow_encode`` test hook (acqd.record.faults): seconds added per frame
         self._file: tuple[av.container.OutputContainer, av.video.stream.VideoStream, str, int] | None = None
-        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(MAX_BACKLOG)
+        self._queue: queue.Queue[np.ndarray | None] = queue.Queue()  # bounded by ``offer``, never blocks a put
         self._reported = 0
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._encode_loop, name=f"video-{stream}", daemon=True)
         self._thread.start()
 
+    def has_room(self, n: int) -> bool:
+        """Whether ``n`` more frames fit the backlog; if not, the caller records them as lost (reason ``encoder``)."""
+        queued = self._queue.qsize()
+        return queued == 0 or queued + n <= self.max_backlog  # a message larger than the bound fits an empty queue
+
     def append(self, frames: np.ndarray) -> None:
-        """Queue frames (height, width) for encoding; blocks only when the encoder is MAX_BACKLOG behind."""
+        """Queue frames (height, width) for encoding; never blocks (``has_room`` bounds the backlog)."""
         self._raise()
         for frame in frames:
             self._queue.put(frame)
+
+    @property
+    def backlog(self) -> int:
+        """Frames waiting for the encoder."""
+        return self._queue.qsize()
 
     def take_finished(self) -> list[tuple[str, int, int]]:
         """The files finished since the last call (the encoder thread appends, this reads: no waiting)."""
@@ -68,10 +87,14 @@ class VideoSink:
         _, first, n = self.finished[self._reported - 1]
         return first + n
 
-    def close(self) -> None:
-        """Encode what is queued and finish the open file; then ``take_finished`` returns it."""
+    def close(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Encode what is queued and finish the open file; then ``take_finished`` returns it. However long the
+        backlog takes, ``progress(backlog, frames encoded)`` is called every PROGRESS_S meanwhile."""
         self._queue.put(None)
-        self._thread.join()
+        while self._thread.is_alive():
+            self._thread.join(PROGRESS_S)
+            if progress is not None and self._thread.is_alive():
+                progress(self.backlog, self.frames)
         self._raise()
 
     def _raise(self) -> None:
@@ -101,6 +124,8 @@ class VideoSink:
         if self._file is None:
             self._open(*frame.shape)
         container, stream, _, first = self._file
+        if self.delay_s:
+            time.sleep(self.delay_s)
         vf = av.VideoFrame.from_ndarray(frame, format="gray")
         vf.pts = self.frames - first
         for packet in stream.encode(vf):

@@ -12,6 +12,9 @@ stats also say whether and where it records, so the supervisor can reconcile its
 supervisor's death, closes the file cleanly. A full disk stops the stream with a reason and an exit
 code of ``EXIT_DISK_FULL``; committed data (per the chunk index) stays readable.
 While the console watches (the ``preview`` command) it also sends ``preview`` messages (acqd.record.preview).
+How far behind it is (acqd.record.load) is in its stats (``load``, ``shedding``); every message it loses is a
+gap row with its reason (ingest.Loss) and an event. While a camera's encoder finishes its backlog at a stop it
+sends ``closing`` messages with its progress.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +37,9 @@ from zmq.utils.monitor import recv_monitor_message
 from acqd.config import ChannelSync, EdgeLine, FrameSync, StreamConfig
 from acqd.errors import DiskFullError, ProtocolError, WriterError
 from acqd.record.faults import Faults, fail_writes
-from acqd.record.ingest import (Cursor, Reject, Verdict, advance, check_continuity, check_edges, check_format,
-                                rising_edges, wall_step_ns)
+from acqd.record.ingest import (SOURCE_GAPS, Cursor, Gap, GapRecord, Loss, Reject, Verdict, advance,
+                                check_continuity, check_edges, check_format, rising_edges, wall_step_ns)
+from acqd.record.load import STATS_SHED_FACTOR, Load
 from acqd.record.peerauth import authenticate
 from acqd.record.preview import Preview, encode_message
 from acqd.wire.protocol import Chunk, Header, decode, peek_seq
@@ -59,6 +63,8 @@ arrives and stamps it, which costs a thread wake-up and a recv, not the decode a
 time, up to 0.5 s late, made a host-timed fallback of such a stream 4.8 ms off with a residual of 14,980 samples."""
 DRAIN_LIMIT = 256
 """Messages handled per wake-up before control and timers get their turn."""
+DRAIN_BUDGET_S = 0.1
+"""Nor longer than this: a writer that cannot keep up still flushes, reports and obeys on time."""
 BATCH_LIMIT = 4096
 """The same for a stream drained only when a timer is due (~50 messages queue between two at 100/s)."""
 EXIT_DISK_FULL = 3
@@ -110,9 +116,12 @@ class Counts:
     bytes: int = 0
     gaps: int = 0
     rejected: Counter = field(default_factory=Counter)
+    lost: Counter = field(default_factory=Counter)
+    """Messages lost in gaps, by reason (ingest.Loss), where the gap's seqs say how many."""
 
     def as_dict(self) -> dict:
         return {"messages": self.messages, "samples": self.samples, "bytes": self.bytes, "gaps": self.gaps,
+                "lost": {r.name.lower(): n for r, n in self.lost.items()},
                 "rejected": {r.name.lower(): n for r, n in self.rejected.items()},
                 "rejected_total": sum(self.rejected.values())}
 
@@ -171,6 +180,11 @@ class Writer:
         self.part_cursor: Cursor | None = None  # the cursor when the current part was opened
         self.retry_part: int | None = None  # the part opened after a write failure (row 7)
         self.preview: Preview | None = None  # only while the console watches (the ``preview`` command)
+        self.load = Load(spec.flush_interval_s)
+        self.next_gap_reason: Loss | None = None  # the cause of the next seq gap, when the writer knows it (EIO, restart)
+        self.link_dropped = False  # a driver disconnected since the last message: a seq gap then is the link's
+        self.dropped: GapRecord | None = None  # messages received but not stored (encoder behind), not yet recorded
+        self.lost_before_overload: Counter = Counter()  # total.lost when the current overload started
         self._window = (time.monotonic(), 0, 0)
         # A stream drained at timers: messages stamped on arrival by the receiver thread, which then owns self.data.
         self.inbox: deque[tuple[int, int, list[zmq.Frame]]] = deque()
@@ -205,7 +219,10 @@ class Writer:
                 "last_chunk": self.last_chunk,  # (first_sample, mono_ns, wall_ns): where annotations are placed
                 "rows": self.file.rows if self.file else 0,
                 "file": str(self.file.path) if self.file else None,
-                "file_bytes": self.file.size_bytes if self.file else 0}
+                "file_bytes": self.file.size_bytes if self.file else 0,
+                "load": {**self.load.stats(now), "rcvhwm": self.data.getsockopt(zmq.RCVHWM),
+                         "pending_messages": len(self.file.pending_index) if self.file else 0},
+                "shedding": self.load.shedding(now)}
 
     # -- recording -----------------------------------------------------------------------------
     def start_recording(self, folder: str, session: dict, part: int) -> None:
@@ -215,6 +232,8 @@ class Writer:
         # The recording starts at the next accepted chunk, with no gap before it; a restarted writer continues
         # after the last message its predecessor committed, so what the restart lost is a gap with both seqs.
         self.cursor = self.previous_part_cursor(part) if part else None
+        self.next_gap_reason = Loss.WRITER if self.cursor is not None else None  # what the dead writer held
+        self.dropped = None
         self.held = None
         self.levels = [None] * len(self.spec.lines)
         self.retry_part = None
@@ -238,7 +257,7 @@ class Writer:
             try:
                 with io_errors(path):  # a full disk stops the stream with its reason
                     self.file = StreamFile.create(path, self.cfg, session=self.session, lines=self.spec.lines,
-                                                  part=n)
+                                                  part=n, encode_delay_s=self.faults.encode_delay_s())
                 break
             except WriterError as e:
                 if not isinstance(e.__cause__, FileExistsError):
@@ -275,11 +294,15 @@ class Writer:
         """
         if self.file is None:
             return
+        if failure is None and self.dropped is not None:  # frames lost at the very end: their gap closes the part
+            self.guarded(self.record_dropped)
+            if self.file is None:
+                return
         f, self.file = self.file, None
         suspect = str(failure) if failure is not None else None
         if failure is None:
             try:
-                f.close(fsync=self.spec.fsync_interval_s is not None)
+                f.close(fsync=self.spec.fsync_interval_s is not None, progress=self.closing)
             except DiskFullError:
                 raise
             except WriterError as e:
@@ -317,8 +340,13 @@ class Writer:
         else:
             self.cursor = self.part_cursor
         self.held = None
+        self.next_gap_reason = Loss.DISK
         self.open_part(self.part + 1)
         self.retry_part = self.part
+
+    def closing(self, backlog: int, encoded: int) -> None:
+        """While a stop waits for the camera's encoder: progress, which the supervisor waits on (and a heartbeat)."""
+        self.send("closing", encoder_backlog=backlog, encoded=encoded)
 
     # -- the data path -------------------------------------------------------------------------
     def reject(self, reason: Reject, detail: str, seq: int, nbytes: int) -> None:
@@ -362,8 +390,9 @@ class Writer:
             self.event("clock_step", f"host wall clock stepped {step / 1e9:+.3f} s against CLOCK_MONOTONIC "
                                      f"(seq {h.seq}); sample times do not use it", step_ns=step)
         if verdict.gap is not None:
-            self.event("gap", f"{verdict.gap.kind.name.lower()}: seq [{verdict.gap.seq_from}, {verdict.gap.seq_to}) "
-                       f"samples [{verdict.gap.sample_from}, {verdict.gap.sample_to})", gap=verdict.gap.kind.name)
+            verdict = replace(verdict, gap=replace(verdict.gap, reason=self.loss_reason(verdict.gap)))
+            self.gap_event(verdict.gap)
+        self.next_gap_reason, self.link_dropped = None, False
         if self.file is not None:
             try:
                 self.store(h, chunk, verdict, wall_ns, mono_ns, clock_pairs)
@@ -376,18 +405,58 @@ class Writer:
             counts.samples += h.n_samples
             counts.bytes += nbytes
             counts.gaps += verdict.gap is not None
+            if verdict.gap is not None and verdict.gap.kind == Gap.SEQ:
+                counts.lost[verdict.gap.reason] += verdict.gap.seq_to - verdict.gap.seq_from
         if chunk.offsets is not None and len(chunk.offsets):
             self.last_offset = chunk.offsets[-1:].copy()
-        if self.preview is not None and (shown := self.preview.take(chunk.data, h.first_sample, mono_ns / 1e9)):
+        if self.preview is not None and not self.load.overloaded and (
+                shown := self.preview.take(chunk.data, h.first_sample, mono_ns / 1e9)):  # shed first when behind
             try:  # encoded once here; the supervisor forwards it to the page unparsed
                 self.ctrl.send(encode_message(self.cfg.name, shown), zmq.NOBLOCK)
             except zmq.Again:
                 self.unsent_reports += 1
 
+    def loss_reason(self, gap: GapRecord) -> Loss:
+        """Why the messages of a gap are missing, as far as this writer can tell."""
+        if gap.kind in SOURCE_GAPS:
+            return Loss.SOURCE
+        if self.next_gap_reason is not None:
+            return self.next_gap_reason
+        if self.load.overloaded:
+            return Loss.OVERLOAD
+        if self.link_dropped or self.cfg.socket != "sub":
+            return Loss.TRANSPORT
+        return Loss.HWM  # a SUB socket with its driver connected and this writer keeping up: a high-water mark
+
+    def gap_event(self, gap: GapRecord) -> None:
+        self.event("gap", f"{gap.kind.name.lower()} ({gap.reason.name.lower()}): seq [{gap.seq_from}, {gap.seq_to}) "
+                          f"samples [{gap.sample_from}, {gap.sample_to})", gap=gap.kind.name,
+                   reason=gap.reason.name.lower())
+
+    def drop(self, h: Header) -> None:
+        """A message received but not stored (the camera's encoder is too far behind): one gap row per run of them,
+        written before the next message that is stored (``record_dropped``), so its file row is where they are missing."""
+        d = self.dropped
+        if d is None:
+            self.dropped = GapRecord(Gap.DROPPED, h.seq, h.seq + 1, h.first_sample, h.first_sample + h.n_samples,
+                                     Loss.ENCODER)
+        else:
+            self.dropped = replace(d, seq_to=h.seq + 1, sample_to=h.first_sample + h.n_samples)
+
+    def record_dropped(self) -> None:
+        gap, self.dropped = self.dropped, None
+        self.file.add_gap(gap, time.time_ns())
+        for counts in (self.total, self.rec):
+            counts.gaps += 1
+            counts.lost[gap.reason] += gap.seq_to - gap.seq_from
+        self.gap_event(gap)
+
     def store(self, h: Header, chunk: Chunk, verdict: Verdict, wall_ns: int, mono_ns: int, clock_pairs: list) -> None:
         """Write an accepted chunk, its gap, its edges and any clock-step pairs to the current part."""
         if self.part_full():
             self.roll_over()
+        if verdict.gap is not None and self.dropped is not None:
+            self.record_dropped()
         if verdict.gap is not None:
             self.file.add_gap(verdict.gap, wall_ns)
             self.levels = [None] * len(self.levels)  # the line's level before the gap says nothing after it
@@ -397,6 +466,10 @@ class Writer:
             self.faults.before_append()
         if self.faults.disk_dead(append=True):
             fail_writes(self.file.path, self.file.f.id.get_vfd_handle())
+        if not self.file.has_room(h.n_samples):
+            return self.drop(h)
+        if self.dropped is not None:  # the first message stored after a run of lost ones: their gap ends here
+            self.record_dropped()
         self.file.append(chunk.data, (h.seq, h.epoch, h.n_samples, h.first_sample, wall_ns, mono_ns,
                                       h.device_time_ns))
         self.faults.after_append(self.part)
@@ -454,6 +527,7 @@ class Writer:
             self.refused_unmatched -= 1  # the refused peer's connection closing: it never counted as a peer
         elif evt["event"] == zmq.EVENT_DISCONNECTED:
             self.peers = max(0, self.peers - 1)
+            self.link_dropped = True
             self.event("disconnected", "driver disconnected (it went away, or sent a frame larger than "
                                        f"max_message_bytes {self.cfg.max_message_bytes}: a gap follows if data was lost)")
             if not self.cfg.bind:
@@ -519,15 +593,19 @@ class Writer:
                     fsync_due = self.spec.fsync_interval_s is not None and now - last_fsync >= self.spec.fsync_interval_s
                     self.guarded(self.file.flush, fsync_due)
                     last_fsync = now if fsync_due else last_fsync
+                    self.load.flushed(time.monotonic() - now)
+                    now = time.monotonic()
                     next_flush = now + self.spec.flush_interval_s
+                self.check_load(now)
                 if now >= next_stats:
                     self.send("stats", **self.stats())
-                    next_stats = now + self.spec.stats_interval_s
+                    shed = "stats" in self.load.shedding(now)
+                    next_stats = now + self.spec.stats_interval_s * (STATS_SHED_FACTOR if shed else 1.0)
                 if os.getppid() != parent:
                     break  # the supervisor died; PR_SET_PDEATHSIG normally got here first
             if batched:
                 self.stop_receiver()
-                self.drain(BATCH_LIMIT)  # SIGTERM: what had arrived goes into the file it closes
+                self.drain(BATCH_LIMIT, math.inf)  # SIGTERM: what had arrived goes into the file it closes
             self.close_file()
             self.send("stats", **self.stats())
             return 0
@@ -585,11 +663,32 @@ class Writer:
         except zmq.Again:
             return None
 
-    def drain(self, limit: int) -> None:
-        """Handle what is queued on the data socket, but bounded, so control and flushing are never starved."""
-        for _ in range(limit):
+    def check_load(self, now: float) -> None:
+        """Follow the overload state (acqd.record.load) and say when it starts and ends."""
+        video = self.file.video if self.file is not None else None
+        self.load.encoder(video.backlog if video else 0, video.max_backlog if video else 0)
+        match self.load.update(now):
+            case "started":
+                self.lost_before_overload = self.total.lost.copy()
+                self.event("overload", f"writer behind: {self.load.describe(now)}; shedding previews first, then "
+                                       f"live sync, then stats cadence; any message lost is a gap with its reason")
+            case "ended":
+                lost = {r.name.lower(): n for r, n in (self.total.lost - self.lost_before_overload).items()}
+                self.event("overload_cleared", f"writer caught up; {sum(lost.values())} message(s) lost in gaps while "
+                                               f"it was behind (by reason: {lost})", lost=lost)
+
+    def drain(self, limit: int, budget_s: float = DRAIN_BUDGET_S) -> None:
+        """Handle what is queued (the receiver's inbox, or the data socket), but bounded in count and time, so
+        control, flushing and stats are never starved; tells ``self.load`` whether the queue ran empty (else the
+        writer is working a backlog)."""
+        started = time.monotonic()
+        deadline = started + budget_s
+        for handled in range(limit):
+            if handled and time.monotonic() > deadline:
+                break
             got = self.next_message()
             if got is None:
+                self.load.drained(started, True, handled)
                 return
             frames, arrived = got
             try:
@@ -602,6 +701,9 @@ class Writer:
             except Exception as e:  # noqa: BLE001 - a message must never end a recording
                 self.reject(Reject.MALFORMED, f"could not be handled: {e!r}", _seq_or_unknown(frames),
                             sum(len(f.buffer) for f in frames))
+        else:
+            handled = limit
+        self.load.drained(started, False, handled)
 
     def guarded(self, write, *args) -> None:
         """A periodic write; if it fails with EIO, the part becomes suspect and recording continues in the next."""

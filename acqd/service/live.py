@@ -132,6 +132,8 @@ def verdict(status: dict, silent_after_s: float) -> dict:
             problems.append(f"{name}: no driver connected")
         elif acquiring and s["required"] and alive == "silent":
             problems.append(f"{name}: silent" + (f" for {s['silent_s']:.0f} s" if s["silent_s"] else ""))
+        elif (s.get("load") or {}).get("overloaded"):
+            problems.append(f"{name}: writer behind (shedding {', '.join(s.get('shedding') or []) or 'nothing yet'})")
     for name, s in status["streams"].items():
         if s["gaps"] or s["rejected"]:
             problems.append(f"{name}: {s['gaps']} gaps, {s['rejected']} rejected")

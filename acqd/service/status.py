@@ -15,6 +15,7 @@ from rich.text import Text
 
 from acqd.session import STREAMS_DIR, read_session
 from acqd.record.streamfile import summarize
+from acqd.service.overload import load_cell, load_lines
 
 console = Console()
 
@@ -45,7 +46,7 @@ def status_renderable(status: dict, width: int = 80) -> Group:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, width=min(width, 80), show_edge=False)
     for col, w, justify in (("stream", 10, "left"), ("state", 11, "left"), ("drv", 3, "left"), ("msg/s", 6, "right"),
                             ("MB/s", 6, "right"), ("silent", 6, "right"), ("gaps", 5, "right"),
-                            ("rej", 5, "right"), ("rst", 3, "right")):
+                            ("rej", 5, "right"), ("rst", 3, "right"), ("load", 5, "right")):
         table.add_column(col, max_width=w, no_wrap=True, overflow="ellipsis", justify=justify)
     for name, s in status["streams"].items():
         bad = s["state"] in ("failed", "stopped_failed", "hung")
@@ -53,8 +54,9 @@ def status_renderable(status: dict, width: int = 80) -> Group:
                       Text("yes", style="green") if s["connected"] else Text("no", style="red"),
                       f"{s['messages_per_s']:.0f}", f"{s['mb_per_s']:.2f}",
                       "-" if s["silent_s"] is None else f"{s['silent_s']:.1f}", str(s["gaps"]), str(s["rejected"]),
-                      str(s["restarts"]))
+                      str(s["restarts"]), load_cell(s))
     parts: list = [head, table]
+    parts += [Text(_fit(line, width, lines=2), style="yellow") for line in load_lines(status["streams"])]
     incidents = status.get("recent_incidents") or []
     if incidents:
         parts.append(Text(f"incidents: {status.get('incident_count', len(incidents))} (latest last)"))

@@ -136,9 +136,13 @@ class Supervisor:
         if self.on_tick is not None:
             self.on_tick()
 
-    def _wait_for(self, cond: Callable[[], bool], what: str, timeout_s: float = COMMAND_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
+    def _wait_for(self, cond: Callable[[], bool], what: str, timeout_s: float = COMMAND_TIMEOUT_S,
+                  progress: Callable[[], object] | None = None) -> None:
+        """Pump until ``cond``; ``timeout_s`` runs from the last change of ``progress()`` (if given)."""
+        deadline, seen = time.monotonic() + timeout_s, progress() if progress else None
         while not cond():
+            if progress is not None and (now := progress()) != seen:
+                deadline, seen = time.monotonic() + timeout_s, now
             if time.monotonic() > deadline:
                 raise SessionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
             self._pump(0.05)
@@ -148,7 +152,7 @@ class Supervisor:
         if self.lsl.owns(name):
             return self._lsl_incidents([self.lsl.on_message(name, msg)])
         if self.writers.on_message(name, msg, self.session_record, self.mode == RECORD, self._part_closed) \
-                and msg.get("type") == "stats":
+                and msg.get("type") in ("stats", "closing"):
             self.live.changed = True
 
     def _part_closed(self, stream: str, path: Path) -> None:
@@ -251,7 +255,8 @@ class Supervisor:
         self.mode = ACQUIRE  # from here on, a restarted writer is not sent back to recording
         try:
             self._wait_for(lambda: all(h.state != "recording" or h.hung_since is not None
-                                       for h in self.writers.values()), "writers to close their files")
+                                       for h in self.writers.values()), "writers to close their files",
+                           progress=lambda: [h.closing.get("encoded") for h in self.writers.values()])
         except SessionError as e:
             self.incident(None, "stop_timeout", str(e), incomplete=True)
         still_open = [name for name, h in self.writers.items() if h.state == "recording" and h.hung_since is not None]

@@ -29,6 +29,7 @@ import zmq
 from acqd.config import RigConfig, StreamConfig
 from acqd.record.preview import is_message as is_preview
 from acqd.record.writer import EXIT_DISK_FULL, EXIT_WRITE_ERROR, WriterSpec
+from acqd.service.overload import overload_status
 from acqd.service.procs import stop_process
 from acqd.service.sessionrecord import SessionRecord, record_late_close
 
@@ -68,6 +69,8 @@ class WriterHandle:
     """Id of the last command sent to this writer."""
     acked: int = 0
     """Id of the last command the writer reports it has handled."""
+    closing: dict = field(default_factory=dict)
+    """While it closes a camera's file: its encoder's progress (``closing`` messages), which a stop waits on."""
 
     @property
     def failed(self) -> bool:
@@ -199,6 +202,7 @@ class Writers(dict[str, WriterHandle]):
                 if session is not None:
                     session.add_part(name, msg["part"], msg["path"])
             case "closed":
+                h.closing = {}
                 if msg.get("final", True):  # not a size rollover: the writer is back to acquiring
                     h.state = "acquiring"
                 if session is not None and session.holds(msg["path"]):
@@ -208,6 +212,8 @@ class Writers(dict[str, WriterHandle]):
                     record_late_close(name, msg)
             case "event":
                 self.on_event(name, msg)
+            case "closing":  # a camera's encoder finishing its backlog: progress a stop waits on
+                h.closing = {"encoder_backlog": msg.get("encoder_backlog"), "encoded": msg.get("encoded")}
         return h
 
     def on_event(self, name: str, msg: dict) -> None:
@@ -219,7 +225,7 @@ class Writers(dict[str, WriterHandle]):
             if h.state != "stopped_failed":  # else its exit code was seen first and recorded
                 h.state = "failed"
                 self.incident(name, kind, h.reason, incomplete=True)
-        elif kind in ("suspect_part", "clock_step", "part_name_taken", "peer_refused"):
+        elif kind in ("suspect_part", "clock_step", "part_name_taken", "peer_refused", "overload", "overload_cleared"):
             self.incident(name, kind, msg.get("detail", ""), incomplete=kind == "suspect_part")
         elif kind in ("gap", "disconnected", "connected"):  # outside RECORD: an event and a log line only
             self.incident(name, kind, msg.get("detail", ""))
@@ -332,4 +338,5 @@ class Writers(dict[str, WriterHandle]):
             "gaps": rec.get("gaps", 0), "rejected": rec.get("rejected_total", 0),
             "rows": st.get("rows", 0), "bytes_written": st.get("file_bytes", 0),
             "total": st.get("total", {}), "required": s.required,
+            **overload_status(st, rec, h.closing if h else {}),
         }

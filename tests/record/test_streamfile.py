@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from acqd.config import StreamConfig
-from acqd.record.streamfile import FILTER_NOTES, StreamFile, chunk_rows, committed_rows, dataset_options, open_for_read
+from acqd.record.ingest import Gap, GapRecord, Loss
+from acqd.record.streamfile import (FILTER_NOTES, GAP_DTYPE, StreamFile, chunk_rows, committed_rows, dataset_options,
+                                    gap_reasons, open_for_read)
 
 CFG = StreamConfig(name="s", endpoint="ipc:///x", dtype="int16", shape=(4,), rate=1000.0)
 
@@ -39,6 +42,21 @@ def test_metadata_is_in_the_file_from_creation(tmp_path):
         assert '"abc"' in f.attrs["session"] and f["data"].attrs["unit"] == "a.u."
         assert set(f) == {"data", "index", "gaps", "rejects", "sync", "timestamps", "suspect"}
     sf.close()
+
+
+def test_gap_reasons_are_stored_and_files_without_the_column_read_as_unknown(tmp_path):
+    sf = StreamFile.create(tmp_path / "s.h5", CFG, session={}, lines=[])
+    sf.add_gap(GapRecord(Gap.SEQ, 3, 9, 30, 90, Loss.OVERLOAD), 0)
+    sf.add_gap(GapRecord(Gap.DROPPED, 12, 13, 120, 130, Loss.ENCODER), 0)
+    sf.close()
+    with open_for_read(tmp_path / "s.h5") as f:
+        assert gap_reasons(f["gaps"][:]) == ["overload", "encoder"]
+        assert json.loads(f["gaps"].attrs["reasons"])["HWM"] == Loss.HWM
+    old = np.dtype([(n, GAP_DTYPE[n]) for n in GAP_DTYPE.names if n != "reason"])  # format 2 and before
+    with h5py.File(tmp_path / "old.h5", "w") as f:
+        f.create_dataset("gaps", data=np.zeros(2, old))
+    with open_for_read(tmp_path / "old.h5") as f:
+        assert gap_reasons(f["gaps"][:]) == ["unknown", "unknown"]
 
 
 KILL_AFTER_FLUSHES = textwrap.dedent("""

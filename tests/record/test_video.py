@@ -98,3 +98,21 @@ def test_finalized_session_with_split_probe_and_video_camera_reads_from_anywhere
     finally:
         os.rename(moved, folder)
         unseal_session(folder)
+
+
+def test_the_encoder_backlog_is_bounded_without_ever_blocking(tmp_path: Path):
+    # A frame beyond video.max_backlog_s is refused (the writer records it as a gap with reason encoder); a message
+    # larger than the whole bound still goes into an empty queue (else it could never be stored).
+    from acqd.config import VideoConfig
+    from acqd.record.video import VideoSink
+
+    sink = VideoSink(tmp_path / "video", "cam", 0, VideoConfig(max_backlog_s=0.05), rate=100.0, delay_s=0.2)
+    frames = np.zeros((8, 16, 16), np.uint8)
+    assert sink.max_backlog == 5 and sink.has_room(8)
+    sink.append(frames)  # the encoder holds the first frame for 0.2 s: the queue cannot drain meanwhile
+    assert not sink.has_room(1) and sink.backlog >= 5
+    seen = []
+    sink.close(lambda backlog, encoded: seen.append((backlog, encoded)))
+    assert sink.frames == 8 and seen and seen[0][0] > seen[-1][0]  # close reported its progress while it waited
+    (name, first, n), = sink.take_finished()
+    assert (first, n) == (0, 8) and decode(tmp_path / "video" / name).shape == (8, 16, 16)

@@ -133,6 +133,11 @@ def test_metrics_are_prometheus_text(rig_file, daemon_factory):
     assert build.name == "acqd_build_info" and build.value == 1 and {"version", "hdf5", "pynwb"} <= build.labels.keys()
     assert families["process_resident_memory_bytes"].samples[0].value > 0  # the daemon process itself
     assert families["process_cpu_seconds"].type == "counter"
+    for name in ("acqd_stream_overloaded", "acqd_stream_behind_seconds", "acqd_stream_flush_max_seconds",
+                 "acqd_stream_encoder_backlog_frames"):  # the writers' load (README "Overload")
+        assert families[name].type == "gauge"
+        assert {s.labels["stream"] for s in families[name].samples} == {"probe", "nidaq", "camera", "sensor"}
+    assert families["acqd_stream_lost_messages"].type == "counter"
 
 
 def test_hostile_requests_are_refused_before_anything_runs(tmp_path, daemon_factory):
@@ -268,6 +273,29 @@ def test_status_rendering_of_a_recording_names_elapsed_time_silence_and_time_lef
     assert max(len(x) for x in text.splitlines()) <= 80
     assert "1:02:03" in text and "2.0 h left" in text and "12.5" in text and "incidents: 7" in text
     assert text.splitlines()[-1].startswith("PROBLEM: neuropixels_probe_a")
+
+
+def test_status_shows_a_writer_behind_what_it_sheds_and_what_it_lost_in_80_columns():
+    base = {"state": "recording", "reason": None, "connected": True, "silent_s": 0.1, "messages_per_s": 100.0,
+            "mb_per_s": 23.04, "gaps": 0, "rejected": 0, "restarts": 0, "required": True, "pid": 1}
+    load = {"overloaded": True, "behind_s": 4.2, "backlog_messages": 420, "flush_s": 0.3, "flush_max_s": 0.61,
+            "encoder_backlog": 0, "encoder_limit": 0}
+    status = {"mode": "RECORD", "session": None, "disk_free_bytes": 5e11, "streams": {
+        "probe": {**base, "gaps": 3, "load": load, "shedding": ["previews", "live_sync"], "lost": {"overload": 120}},
+        "camera": {**base, "load": {**load, "overloaded": False, "behind_s": 0, "encoder_limit": 600}, "shedding": [],
+                   "lost": {}, "closing": {"encoder_backlog": 40, "encoded": 900}},
+        "sensor": {**base, "load": {**load, "overloaded": False, "behind_s": 0}, "shedding": [], "lost": {}}}}
+    from rich.console import Console
+
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))
+    console.print(status_renderable(status, 80))
+    lines = console.export_text().splitlines()
+    assert max(len(x) for x in lines) <= 80, lines
+    row = {x.split()[0]: x.split()[-1] for x in lines if x.split() and x.split()[0] in status["streams"]}
+    assert row == {"probe": "4s", "camera": "enc40", "sensor": "ok"}, lines
+    text = " ".join(" ".join(lines).split())  # a long line is broken between words over two
+    assert "probe: behind 4.2 s, 420 msgs, flush 0.61 s; shedding previews, live_sync; lost 120 overload" in text
+    assert "camera: encoder 0/600 frames; closing: encoder 40 frames to go" in text
 
 
 def test_status_shortens_incidents_between_words_over_at_most_two_lines():

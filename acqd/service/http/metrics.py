@@ -6,7 +6,9 @@ restarts, which Prometheus' ``rate()`` handles. Names (docs/control-api.md "Metr
 ``acqd_mode``, ``acqd_disk_free_bytes``, ``acqd_disk_time_left_seconds``, ``acqd_write_bytes_per_second``,
 ``acqd_stream_{samples,bytes,messages,gaps,rejects}_total``, ``acqd_stream_last_message_age_seconds``,
 ``acqd_stream_writer_restarts_total``, ``acqd_stream_connected``, ``acqd_stream_up``, ``acqd_snapshot_age_seconds``,
-``acqd_incidents_total``, ``acqd_build_info``; and prometheus_client's own ``process_*`` (the daemon process:
+``acqd_incidents_total``, ``acqd_build_info``, the load gauges of acqd.service.overload
+(``acqd_stream_{behind,flush,flush_max}_seconds``, ``acqd_stream_{backlog,pending}_messages``,
+``acqd_stream_encoder_backlog_frames``, ``acqd_stream_overloaded``, ``acqd_stream_lost_messages_total``); and prometheus_client's own ``process_*`` (the daemon process:
 CPU seconds, resident memory, open files) and ``python_info``.
 """
 
@@ -24,6 +26,7 @@ import h5py
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
+from acqd.service.overload import load_metrics
 from acqd.service.shipping import ShipCollector
 from acqd.service.supervisor import Supervisor
 
@@ -82,6 +85,7 @@ class SnapshotCollector:
             connected.add_metric([name], 1.0 if s["connected"] else 0.0)
             up.add_metric([name], 0.0 if s["state"] in DOWN_STATES else 1.0)
         yield from (*families.values(), rejects, restarts, age, connected, up)
+        yield from load_metrics(st["streams"])
 
 
 def metrics_router(sup: Supervisor) -> APIRouter:

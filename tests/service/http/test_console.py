@@ -88,6 +88,7 @@ class Console:
         for s in streams:
             self.expect(self.card(s).locator(".driver")).to_have_text("driver connected")
             self.expect(self.card(s).locator(".problems li")).to_have_count(0)
+            self.expect(self.card(s).locator(".load")).to_have_text(_re(r"^ok · flush \d+ ms$"))  # the writer's load
         self.expect(self.page.locator("#verdict")).to_have_text("all streams OK")
 
     # -- preview -------------------------------------------------------------------------------------------

@@ -9,6 +9,18 @@ const BUTTONS = {
   RECORD: [["Stop recording", "stop", {}], ["Stop and go idle", "stop", { idle: true }]],
 };
 
+/** The writer's load, in words: "ok", or how far behind it is and what it sheds (issue 24; acqd.record.load). */
+export function loadText(s) {
+  const load = s.load || {};
+  if (s.closing) return `closing: encoder ${s.closing.encoder_backlog ?? 0} frames to go`;
+  if (!Object.keys(load).length) return "–";
+  const parts = [];
+  if (load.overloaded) parts.push(`behind ${(load.behind_s ?? 0).toFixed(1)} s, ${load.backlog_messages ?? 0} msgs`);
+  if (load.encoder_limit) parts.push(`encoder ${load.encoder_backlog ?? 0}/${load.encoder_limit}`);
+  parts.push(`flush ${((load.flush_max_s ?? 0) * 1000).toFixed(0)} ms`);
+  return (load.overloaded ? "" : "ok · ") + parts.join(" · ");
+}
+
 /** What is wrong with a stream, in words (an empty list: nothing). */
 export function streamProblems(s, silentAfter, mode) {
   const out = [];
@@ -18,7 +30,9 @@ export function streamProblems(s, silentAfter, mode) {
     if (s.silent_s == null) out.push("no message received yet");
     else if (s.silent_s > silentAfter) out.push(`silent for ${s.silent_s.toFixed(1)} s`);
   }
-  if (s.gaps) out.push(`${s.gaps} gap${s.gaps > 1 ? "s" : ""}`);
+  if ((s.load || {}).overloaded) out.push(`writer behind; shedding ${(s.shedding || []).join(", ") || "nothing yet"}`);
+  const lost = Object.entries(s.lost || {}).filter(([, n]) => n);
+  if (s.gaps) out.push(`${s.gaps} gap${s.gaps > 1 ? "s" : ""}` + (lost.length ? ` (lost ${lost.map(([why, n]) => `${n} ${why}`).join(", ")})` : ""));
   if (s.rejected) out.push(`${s.rejected} rejected`);
   if (s.restarts) out.push(`writer restarted ${s.restarts}×`);
   return out;
@@ -45,6 +59,7 @@ export function createOverview({ bus, info, onError }) {
       fields.driver = el("div", { class: "driver" }, "…"),
       row("msg/s", "msgs"), row("MB/s", "mbs"), row("last message", "age"),
       row("gaps", "gaps"), row("rejected", "rejected"), row("restarts", "restarts"), row("state", "state"),
+      row("load", "load"),
       fields.problems = el("ul", { class: "problems" }));
     cards.set(s.name, fields);
     cardsEl.append(card);
@@ -78,6 +93,8 @@ export function createOverview({ bus, info, onError }) {
     fields.rejected.textContent = s.rejected ?? 0;
     fields.restarts.textContent = s.restarts ?? 0;
     fields.state.textContent = s.state;
+    fields.load.textContent = loadText(s);
+    fields.load.classList.toggle("bad", !!(s.load || {}).overloaded);
     fields.problems.replaceChildren(...problems.map((p) => el("li", {}, p)));
     fields.driver.closest(".card").classList.toggle("has-problems", problems.length > 0);
     return problems;
