@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from acqd.service.api import ApiError
+from acqd.client import ApiError
 from acqd.service.procs import wait_until
 from tests.conftest import write_rig
 from tests.share.shipping import sealed_session
