@@ -341,6 +341,21 @@ class LabRecorderConfig(_Frozen):
     """LabRecorder's port (0: any free port, written to the ready file)."""
 
 
+class SyncLockConfig(_Frozen):
+    """The live sync lock: while recording, the daemon pairs each synced stream's recent sync edges with the
+    reference's (finalize's pairing) and alarms when a stream is not locked (docs/clock-alignment.md)."""
+
+    enabled: bool = True
+    """Compute the live sync lock (off: no sync state in status, no sync alarms; the edges are recorded anyway)."""
+    window_s: float = Field(30.0, ge=5, le=600)
+    """Edges of the last this many seconds are paired and fitted (drift, offset)."""
+    edge_timeout_s: float = Field(5.0, gt=0, le=600)
+    """A synced stream with no sync edge for this long is `no edges`; set it above the longest interval between
+    pulses of your sync scheme (random 0.5-1.5 s, a 1 s square wave: 5 s; barcodes every 30 s: 40 s)."""
+    interval_s: float = Field(1.0, gt=0, le=60)
+    """How often the lock is computed (seconds); skipped while the daemon's loop is behind (shed before data)."""
+
+
 class DaemonConfig(_Frozen):
     """Settings of the acqd service itself."""
 
@@ -375,6 +390,8 @@ class DaemonConfig(_Frozen):
     """Free space on the data root below which recording stops cleanly (a warning at twice this)."""
     annotation_buttons: tuple[str, ...] = ("drug on", "animal moved", "stimulus start", "stimulus end")
     """Quick annotation buttons of the console (one click sends the text as an annotation)."""
+    sync_lock: SyncLockConfig = SyncLockConfig()
+    """The live sync lock per synced stream while recording (edges, pairs, drift, offset; an alarm when lost)."""
 
     @model_validator(mode="after")
     def _heartbeat_after_stats(self) -> DaemonConfig:

@@ -18,7 +18,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from acqd.errors import ClockFitError
 
-__all__ = ["ClockFit", "ClockFitError", "Pairing", "align_stream", "envelope_residuals", "fit_clock", "fit_host_clock",
+__all__ = ["MIN_PAIRS", "ClockFit", "ClockFitError", "Pairing", "align_stream", "envelope_residuals", "fit_clock", "fit_host_clock",
            "pair_edges", "split_counter_resets"]
 
 # Pairing. Random 0.5-1.5 s intervals latched at 60 Hz agree by chance with p ~ 0.035 each, so a
@@ -33,7 +33,7 @@ _AGREE_S = 0.02  # anchors of one pairing agree on the offset within this (+ lat
 _ROUNDS = 4  # assign-and-refit rounds: the first uses the loose anchor tolerance, the rest tighten it
 
 # Fitting.
-_MIN_PAIRS = 10
+MIN_PAIRS = 10  # a fit needs this many pairs (public: the live sync lock waits for as many edges)
 _FOLDS = 5  # fold f holds out every block of time whose index is f modulo _FOLDS
 _BLOCK_S = 20.0  # held-out blocks are at most this long (and at least a tenth of the span per fold)...
 _MAX_BLOCKS = 1000  # ...and at most this many, which bounds the cost on day-long recordings
@@ -267,8 +267,8 @@ def fit_clock(dev_samples: np.ndarray, ref_seconds: np.ndarray, dev_rate: float,
     """
     x = _increasing(dev_samples, "dev_samples")
     y = np.asarray(ref_seconds, dtype=np.float64)
-    if len(x) < _MIN_PAIRS:
-        raise ClockFitError(f"only {len(x)} sync pairs; need at least {_MIN_PAIRS}")
+    if len(x) < MIN_PAIRS:
+        raise ClockFitError(f"only {len(x)} sync pairs; need at least {MIN_PAIRS}")
     n, heldout = _choose_pieces(x, y, dev_rate, latch_rms_s)
     knots = _knots(x, n)
     values = _solve(x, y, knots)
@@ -410,7 +410,7 @@ def _align_segment(edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, re
     tol_s = 0.0 if prior is None else prior.error_bound_s + _PRIOR_MARGIN_S
     p = pair_edges(edges, dev_rate, ref_edges, ref_rate, max_ppm=max_ppm,
                    prior_s=None if prior is None else prior.to_reference(edges), prior_tol_s=tol_s)
-    if p.ambiguous or len(p.dev_index) < _MIN_PAIRS:
+    if p.ambiguous or len(p.dev_index) < MIN_PAIRS:
         raise ClockFitError(p.reason or f"only {len(p.dev_index)} sync edges paired")
     # A latched index k means the edge fell in (k-1, k] of that counter: on average at k - 1/2. That
     # average holds only if the pulses' phase against the sample clocks varies; pulses locked to a clock
@@ -480,8 +480,8 @@ def fit_host_clock(dev_samples: np.ndarray, dev_host_s: np.ndarray, ref_samples:
     fits = []
     for seg in split_counter_resets(dev_samples):
         x = dev_samples[seg]
-        if len(x) < _MIN_PAIRS:
-            raise ClockFitError(f"only {len(x)} host-time points in a counter segment; need {_MIN_PAIRS}")
+        if len(x) < MIN_PAIRS:
+            raise ClockFitError(f"only {len(x)} host-time points in a counter segment; need {MIN_PAIRS}")
         slope, icpt, res, height = _lower_envelope(x, dev_host_s[seg])
         knots = x[[0, -1]]
         # Host time -> reference sample via the reference line; subtract the large host times first.

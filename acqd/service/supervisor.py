@@ -54,6 +54,7 @@ from acqd.service.previews import PreviewHub
 from acqd.service.snapshot import EventBus, Snapshot
 from acqd.service.lslbridges import LslBridges
 from acqd.service.sessionlog import SessionLog
+from acqd.service.synclock import SyncLock
 
 IDLE, ACQUIRE, RECORD = "IDLE", "ACQUIRE", "RECORD"
 MAX_INCIDENTS = 1000
@@ -169,6 +170,7 @@ class Supervisor:
         os.set_blocking(self._wake_r, False)
         self.events = EventBus()
         self.live = live.Live()
+        self.synclock = SyncLock(cfg)  # the live sync lock, fed with the writers' stats (acqd.service.synclock)
         self.on_tick: Callable[[], None] | None = None
         """Called from the supervisor loop (and while a command waits): the systemd watchdog ping."""
         self.recovered = self.recover_interrupted()
@@ -292,6 +294,7 @@ class Supervisor:
                     h.record_on_ready = None
             case "stats":
                 h.stats, h.stats_at = msg, h.heard
+                self.synclock.feed(name, msg, h.heard)
                 self._reconcile(name, h)
                 self.live.changed = True
             case "recording":
