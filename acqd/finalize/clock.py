@@ -18,8 +18,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from acqd.errors import ClockFitError
 
-__all__ = ["MIN_PAIRS", "ClockFit", "ClockFitError", "Pairing", "align_stream", "envelope_residuals", "fit_clock", "fit_host_clock",
-           "pair_edges", "split_counter_resets"]
+__all__ = ["MIN_PAIRS", "ClockFit", "ClockFitError", "Pairing", "align_stream", "envelope_residuals", "fit_clock",
+           "fit_host_clock", "pair_edges", "split_counter_resets"]
 
 # Pairing. Random 0.5-1.5 s intervals latched at 60 Hz agree by chance with p ~ 0.035 each, so a
 # pattern of four consecutive intervals matches a wrong place with p ~ 1e-6.

@@ -220,7 +220,8 @@ def index_html(summary: dict, plots: list[str]) -> str:
              f"<h1>QC: {e(summary['session_id'])} <span class='{e(verdict)}'>&nbsp;{e(verdict)}&nbsp;</span></h1>",
              f"<p class='small'>Thresholds (rig config <code>qc:</code>): residual max &le; "
              f"{limits.get('max_residual_samples', '')} samples, |drift| &le; {limits.get('max_drift_ppm', '')} ppm "
-             "(FAIL beyond); WARN: host-timed, gaps, rejects, writer restarts, disconnects, dropped frames, flags. "
+             "(FAIL beyond); WARN: host-timed, gaps, rejects, writer restarts, disconnects, dropped frames, "
+             "live sync losses, flags. "
              f"Master: <code>{e(summary.get('master', ''))}</code>. Timebase: "
              f"{e(str(summary.get('timebase', {}).get('reference', '')))}, zero at "
              f"{e(str(summary.get('timebase', {}).get('session_start_time', '')))}.</p>",

@@ -59,7 +59,7 @@ class StreamReport:
     """LSL streams: time-correction residuals, host-clock bound and timestamp jitter (docs/lsl.md)."""
     qc: dict | None = None
     """The QC row (``stream_qc``): verdict and why, timing source, pairs, drift, residual vs bound, gaps,
-    rejects by reason, writer restarts, disconnects, dropped frames."""
+    rejects by reason, writer restarts, disconnects, dropped frames, live sync losses."""
 
 
 @dataclass
@@ -121,6 +121,7 @@ def stream_qc(s: Stream, r: StreamReport, incidents: list[dict], limits: QcConfi
         "gap_seconds": float(sum(g["stop_time"] - g["start_time"] for g in r.gaps)),
         "rejects": rejects_by_reason(s), "writer_restarts": sum(i["kind"] == "writer_died" for i in mine),
         "disconnects": sum(i["kind"] == "disconnected" for i in mine),
+        "sync_losses": sum(i["kind"] == "sync_lost" for i in mine),  # the live sync lock (acqd.service.synclock)
         "dropped_frames": (r.frames or {}).get("dropped", 0),
     }
     fails, warns = [], []
@@ -132,7 +133,7 @@ def stream_qc(s: Stream, r: StreamReport, incidents: list[dict], limits: QcConfi
     if c["source"] == "host" or row["host_segments"]:
         warns.append("timed by host receive times (~1 ms)")
     for key, what in (("gaps", "gaps"), ("writer_restarts", "writer restarts"), ("disconnects", "disconnects"),
-                      ("dropped_frames", "dropped frames")):
+                      ("dropped_frames", "dropped frames"), ("sync_losses", "live sync losses")):
         if row[key]:
             warns.append(f"{row[key]} {what}")
     if row["rejects"]:

@@ -8,9 +8,10 @@ never disagree on what pairs. ``SyncLock`` is fed by the supervisor (``feed``) a
 per ``daemon.sync_lock.interval_s`` (``update``); it never touches a socket or a file.
 
 States (docs/clock-alignment.md "Live sync lock"): ``locked``; ``searching`` (fewer edges than a fit needs: after
-RECORD, or while edges come back after a gap; for a whole window after RECORD whatever pairs); ``no edges`` (none for ``edge_timeout_s``: cable pulled, line not wired); ``not
-pairing`` (edges, but not with the reference's: a regular train, another line, the reference silent);
-``drift out of range`` (paired, but the clock runs further off nominal than ``qc.max_drift_ppm``).
+RECORD, or while edges come back after a gap; for a whole window after RECORD whatever pairs); ``no edges`` (none
+for ``edge_timeout_s``: cable pulled, line not wired); ``not pairing`` (edges, but not with the reference's: a
+regular train, another line, the reference silent); ``drift out of range`` (paired, but the clock runs further off
+nominal than ``qc.max_drift_ppm``).
 """
 
 from __future__ import annotations
@@ -200,7 +201,8 @@ class SyncLock:
                     else Lock(LOCKED, len(dev), len(dev), 0.0, 0.0, "the reference clock") if len(dev)
                     else Lock(SEARCHING, 0, 0))
         else:
-            lock = judge(dev, self.rates[name], ref.samples(w.oldest(now) - ARRIVAL_SLACK_S), self.rates[self.reference],
+            ref_edges = ref.samples(w.oldest(now) - ARRIVAL_SLACK_S)
+            lock = judge(dev, self.rates[name], ref_edges, self.rates[self.reference],
                          dev_silent_s=self._silent(w, now), ref_silent_s=self._silent(ref, now),
                          searching=now - self.started < s.window_s, edge_timeout_s=s.edge_timeout_s,
                          max_drift_ppm=self.max_drift_ppm)
