@@ -241,4 +241,4 @@ class SyncLock:
         """The snapshot's ``sync_lock``: whether it runs, and whether it was shed because the loop was behind."""
         return {"enabled": self.settings.enabled, "active": self.session is not None, "shed": self.shed,
                 "shed_total": self.shed_total, "cost_ms": round(1e3 * self.cost_s, 3),
-                "window_s": self.settings.window_s}
+                "window_s": self.settings.window_s, "interval_s": self.settings.interval_s}

@@ -16,7 +16,7 @@ import bench_baselines as baselines  # noqa: E402,F401 - scripts/bench_baselines
 
 BENCH_RIG = ROOT / "configs" / "bench-rig.yaml"
 DOC = ROOT / "docs" / "performance.md"
-SCENARIOS = ("reference", "ramp", "naive", "disk", "pynwb", "finalize", "preview", "slow")
+SCENARIOS = ("reference", "ramp", "naive", "disk", "pynwb", "finalize", "preview", "slow", "synclock")
 
 
 def log(msg: str) -> None:

@@ -12,7 +12,7 @@ NOT_AUTOMATED = {5}  # power loss: needs LazyFS/FUSE mounts (docs/faults.md name
 def test_every_row_has_a_test_and_every_named_test_exists():
     page = (ROOT / "docs" / "faults.md").read_text()
     rows = {int(n) for n in re.findall(r"^\| (\d+) \|", page, flags=re.M)}
-    assert rows == set(range(1, 37))
+    assert set(range(1, 37)) <= rows  # rows 37-45 are added as their tests land (row 40: the live sync lock)
     defined = {(str(p.relative_to(ROOT)), m) for p in (ROOT / "tests").rglob("test_*.py")
                for m in re.findall(r"^def (test_\w+)", p.read_text(), flags=re.M)}
     named = set(re.findall(r"`(tests/[\w/]+\.py)::(test_\w+)`", page))
