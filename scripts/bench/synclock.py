@@ -24,7 +24,7 @@ import yaml
 from acqd.service.procs import Daemon, Simulator, wait_until
 from bench.common import BENCH_RIG, log, med
 from bench.procwatch import ProcWatch, is_acqd, wait_quiet
-from bench.session import SETTLE_S, read_session, rig_file, summarize_streams
+from bench.session import SETTLE_S, lost_and_rejected, read_session, rig_file, summarize_streams
 
 WINDOW_S = 60.0
 BUDGET_PCT = 1.0
@@ -93,8 +93,7 @@ def _window(config: Path, workdir: Path, window_s: float, args: argparse.Namespa
             "computation_pct": round(100 * statistics.mean(costs) / interval_ms, 3) if costs else None,
             "states": {n: (s["sync"] or {}).get("state") for n, s in status["streams"].items() if s["sync"]},
             "shed_total": status["sync_lock"]["shed_total"],
-            "lost": max(files["lost"], sum(s["gaps"] for s in status["streams"].values())),
-            "rejected": max(files["rejected"], sum(s["rejected"] for s in status["streams"].values()))}
+            **lost_and_rejected(files, status)}
 
 
 def synclock_targets(res: dict, row) -> list[dict]:
