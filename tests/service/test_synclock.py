@@ -168,3 +168,20 @@ def test_disabled_computes_nothing(tmp_path):
     for k in range(100):
         assert lock.update("s1", k * 0.1) == []
     assert lock.status("probe") is None and lock.summary()["enabled"] is False
+
+
+def test_a_writer_sends_at_most_live_edges_max_per_stats_message_and_counts_the_rest(rig):
+    from acqd.record.writer import LIVE_EDGES_MAX, Writer
+
+    w = Writer.__new__(Writer)  # only its live-edge bookkeeping: no sockets
+    w.live_edges, w.live_edges_cut = [], 0
+    w.keep_live_edges(list(range(LIVE_EDGES_MAX - 10)))
+    w.keep_live_edges(list(range(1000, 1100)))
+    sent = w.take_live_edges()
+    assert len(sent["sync_edges"]) == LIVE_EDGES_MAX and sent["sync_edges_cut"] == 90
+    assert w.take_live_edges() == {"sync_edges": [], "sync_edges_cut": 0}  # forgotten once sent
+    lock = SyncLock(rig)
+    lock.update("s1", 0.0)
+    lock.feed("probe", sent, 0.05)
+    lock.update("s1", 0.1)
+    assert lock.status("probe")["edges_cut"] == 90 and lock.status("probe")["edges"] == LIVE_EDGES_MAX
