@@ -352,8 +352,9 @@ class SyncLockConfig(_Frozen):
     edge_timeout_s: float = Field(5.0, gt=0, le=600)
     """A synced stream with no sync edge for this long is `no edges`; set it above the longest interval between
     pulses of your sync scheme (random 0.5-1.5 s, a 1 s square wave: 5 s; barcodes every 30 s: 40 s)."""
-    interval_s: float = Field(1.0, gt=0, le=60)
-    """How often the lock is computed (seconds); skipped while the daemon's loop is behind (shed before data)."""
+    interval_s: float = Field(2.0, gt=0, le=60)
+    """How often the edges are paired and fitted (seconds; silence is checked every 0.5 s whatever this says);
+    skipped while the daemon's loop is behind (shed before data)."""
 
 
 class DaemonConfig(_Frozen):

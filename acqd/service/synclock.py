@@ -42,8 +42,12 @@ KEEP_WINDOWS = 3
 ARRIVAL_SLACK_S = 2.0
 """Edges of two streams latched at the same pulse reach the daemon this far apart at most (stats cadence, a slow
 stream's drain): the reference's edges are taken from this much before a stream's oldest."""
-HISTORY = 120
-"""Drift values kept per stream for the console's sparkline (one per computation: two minutes at 1 s)."""
+HISTORY = 60
+"""Drift values kept per stream for the console's sparkline (one per pairing: two minutes at 2 s). Every snapshot
+carries them, so they are few and short (0.01 ppm)."""
+SILENCE_CHECK_S = 0.5
+"""How often the lines' silence is checked: cheap, and what a pulled cable needs to be reported in seconds, while
+the pairing (the cost) runs every ``interval_s``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +71,9 @@ def judge(dev: np.ndarray, dev_rate: float, ref: np.ndarray, ref_rate: float, *,
     """The verdict on one synced stream's window of edges (strictly increasing device and reference sample
     indices), given how long each line has shown no edge and whether the lock may still be ``searching``."""
     n = len(dev)
-    if dev_silent_s >= edge_timeout_s:
-        return Lock(NO_EDGES, n, 0, reason=f"no sync edge for {dev_silent_s:.0f} s")
-    if ref_silent_s >= edge_timeout_s:
-        return Lock(NOT_PAIRING, n, 0, reason=f"the reference shows no sync edge for {ref_silent_s:.0f} s")
+    quiet = silence(n, dev_silent_s, ref_silent_s, edge_timeout_s)
+    if quiet is not None:
+        return quiet
     p = pair_edges(dev, dev_rate, ref, ref_rate, max_ppm=PAIR_MAX_PPM)
     if p.ambiguous:
         return Lock(NOT_PAIRING, n, 0, reason=p.reason)
@@ -81,7 +84,7 @@ def judge(dev: np.ndarray, dev_rate: float, ref: np.ndarray, ref_rate: float, *,
         return Lock(SEARCHING if few else NOT_PAIRING, n, len(p.dev_index), reason=p.reason or str(e))
     newest = dev[p.dev_index[-1]] - 0.5
     offset = float(fit.to_reference(np.array([newest]))[0] - newest / dev_rate)
-    lock = Lock(LOCKED, n, len(p.dev_index), round(fit.drift_ppm, 3), round(offset, 6))
+    lock = Lock(LOCKED, n, len(p.dev_index), round(fit.drift_ppm, 2), round(offset, 6))
     if abs(fit.drift_ppm) > max_drift_ppm:
         return Lock(DRIFT, lock.edges, lock.paired, lock.drift_ppm, lock.offset_s,
                     f"drift {fit.drift_ppm:+.1f} ppm beyond qc.max_drift_ppm {max_drift_ppm:g}")
@@ -89,6 +92,16 @@ def judge(dev: np.ndarray, dev_rate: float, ref: np.ndarray, ref_rate: float, *,
         return Lock(NOT_PAIRING, lock.edges, lock.paired, lock.drift_ppm, lock.offset_s,
                     f"{p.unmatched_dev} of the stream's edges have no reference partner, {len(p.dev_index)} paired")
     return lock
+
+
+def silence(n: int, dev_silent_s: float, ref_silent_s: float, edge_timeout_s: float) -> Lock | None:
+    """The verdict when the stream's line (``no edges``) or the reference's has shown no edge for
+    ``edge_timeout_s``; None when both carry edges (the pairing decides)."""
+    if dev_silent_s >= edge_timeout_s:
+        return Lock(NO_EDGES, n, 0, reason=f"no sync edge for {dev_silent_s:.0f} s")
+    if ref_silent_s >= edge_timeout_s:
+        return Lock(NOT_PAIRING, n, 0, reason=f"the reference shows no sync edge for {ref_silent_s:.0f} s")
+    return None
 
 
 @dataclass
@@ -142,12 +155,14 @@ class SyncLock:
         self.since: dict[str, float] = {}
         self.alarmed: dict[str, str] = {}
         self.history: dict[str, deque] = {}
-        self.next_at = 0.0
+        self.next_at = self.next_pairing = 0.0
+        self.quiet: set[str] = set()
+        """Streams whose lock was last set by ``silence``: edges coming back need a pairing at once."""
         self.last_call = 0.0
         self.shed_total = 0
         self.shed = False
         self.cost_s = 0.0
-        """CPU seconds of the last computation (all streams)."""
+        """CPU seconds the lock has cost the supervisor thread since the daemon started (all streams)."""
 
     def feed(self, stream: str, stats: dict, now: float) -> None:
         """A writer's stats message: its sync edges since the previous one."""
@@ -166,12 +181,21 @@ class SyncLock:
             return []
         if session is None or now < self.next_at:
             return []
-        self.next_at = now + self.settings.interval_s
+        self.next_at = now + SILENCE_CHECK_S
         self.shed = bool(behind)
         if self.shed:  # the loop is late: data first, the lock at the next round
             self.shed_total += 1
             return []
-        t0 = time.process_time()
+        t0 = time.thread_time()  # this thread's CPU only: what the lock costs the supervisor
+        pairing = now >= self.next_pairing
+        if pairing:
+            self.next_pairing = now + self.settings.interval_s
+            self._prune(now)
+        alarms = [a for name in self.rates for a in self._judge(name, now, pairing)]
+        self.cost_s += time.thread_time() - t0
+        return alarms
+
+    def _prune(self, now: float) -> None:
         horizon, floor = now - self.settings.window_s, now - KEEP_WINDOWS * self.settings.window_s
         for name, w in self.windows.items():
             if name != self.reference:
@@ -179,33 +203,35 @@ class SyncLock:
         # The reference keeps what every stream's window needs to pair with.
         needed = min((w.oldest(now) for n, w in self.windows.items() if n != self.reference), default=now)
         self.windows[self.reference].prune(min(horizon, needed - ARRIVAL_SLACK_S), floor - ARRIVAL_SLACK_S)
-        alarms = [a for name in self.rates for a in self._judge(name, now)]
-        self.cost_s = time.process_time() - t0
-        return alarms
 
     def _restart(self, session: str | None, now: float) -> None:
         self.session, self.started, self.next_at = session, now, now
         self.windows = {n: Window() for n in self.rates} if session else {}
         self.locks, self.since, self.alarmed, self.history = {}, {}, {}, {n: deque(maxlen=HISTORY) for n in self.rates}
+        self.next_pairing, self.quiet = now, set()
 
     def _silent(self, w: Window, now: float) -> float:
         return now - (w.last_edge_at if w.last_edge_at is not None else self.started)
 
-    def _judge(self, name: str, now: float) -> list[tuple[str, str, str]]:
+    def _judge(self, name: str, now: float, pairing: bool) -> list[tuple[str, str, str]]:
+        """Check the lines' silence; pair too when ``pairing`` is due (or edges came back after a silence)."""
         s = self.settings
         w, ref = self.windows[name], self.windows[self.reference]
-        dev = w.samples()
+        n, silent = len(w.edges), self._silent(w, now)
+        quiet = silence(n, silent, self._silent(ref, now), s.edge_timeout_s)
         if name == self.reference:
-            silent = self._silent(w, now)
-            lock = (Lock(NO_EDGES, len(dev), 0, reason=f"no sync edge for {silent:.0f} s") if silent >= s.edge_timeout_s
-                    else Lock(LOCKED, len(dev), len(dev), 0.0, 0.0, "the reference clock") if len(dev)
-                    else Lock(SEARCHING, 0, 0))
-        else:
-            ref_edges = ref.samples(w.oldest(now) - ARRIVAL_SLACK_S)
-            lock = judge(dev, self.rates[name], ref_edges, self.rates[self.reference],
-                         dev_silent_s=self._silent(w, now), ref_silent_s=self._silent(ref, now),
+            lock = quiet if silent >= s.edge_timeout_s else (
+                Lock(LOCKED, n, n, 0.0, 0.0, "the reference clock") if n else Lock(SEARCHING, 0, 0))
+        elif quiet is not None:
+            lock = quiet
+        elif pairing or name in self.quiet or name not in self.locks:
+            lock = judge(w.samples(), self.rates[name], ref.samples(w.oldest(now) - ARRIVAL_SLACK_S),
+                         self.rates[self.reference], dev_silent_s=silent, ref_silent_s=self._silent(ref, now),
                          searching=now - self.started < s.window_s, edge_timeout_s=s.edge_timeout_s,
                          max_drift_ppm=self.max_drift_ppm)
+        else:
+            return []  # the last pairing stands until the next one
+        (self.quiet.add if quiet is not None else self.quiet.discard)(name)
         previous = self.locks.get(name)
         self.locks[name] = lock
         if previous is None or previous.state != lock.state:
@@ -240,5 +266,5 @@ class SyncLock:
     def summary(self) -> dict:
         """The snapshot's ``sync_lock``: whether it runs, and whether it was shed because the loop was behind."""
         return {"enabled": self.settings.enabled, "active": self.session is not None, "shed": self.shed,
-                "shed_total": self.shed_total, "cost_ms": round(1e3 * self.cost_s, 3),
+                "shed_total": self.shed_total, "cpu_s": round(self.cost_s, 4),
                 "window_s": self.settings.window_s, "interval_s": self.settings.interval_s}

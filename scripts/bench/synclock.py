@@ -4,8 +4,8 @@ configs/bench-rig.yaml recorded in windows of ``--synclock-window`` seconds (def
 off and on alternately (off first), ``--repeat`` pairs, each window a daemon of its own (the lock is a config key);
 acqd's CPU (supervisor + writers) is measured in each, and the supervisor's separately: the lock runs on the
 supervisor's thread, its edges ride on the writers' stats either way. In the windows with the lock on, the daemon's
-own figure is sampled too: the CPU time of each computation (``sync_lock.cost_ms`` in status) over its interval,
-a figure the neighbours' noise does not reach.
+own figure is read too: the CPU time of the supervisor thread spent on the lock (``sync_lock.cpu_s`` in status,
+``time.thread_time``) over the window, a figure the neighbours' noise hardly reaches.
 
 Registered in ``bench.common.SCENARIOS``, ``__main__``'s runners and ``bench.report.targets``
 (``synclock_targets``).
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import time
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def scenario_synclock(args: argparse.Namespace, workdir: Path) -> dict:
 def _window(config: Path, workdir: Path, window_s: float, args: argparse.Namespace, session: str) -> dict:
     """One recording: ``window_s`` measured after the lock's first window has passed (it computes from then on)."""
     daemon = Daemon(config, workdir / "data", workdir)
-    sim, folder, costs = None, None, []
+    sim, folder = None, None
     try:
         daemon.command("acquire")
         sim = Simulator(config, window_s + 600, timeout_s=300)
@@ -69,11 +68,9 @@ def _window(config: Path, workdir: Path, window_s: float, args: argparse.Namespa
         pids = {"supervisor": daemon.pid, "simulator": sim.proc.pid,
                 **{f"writer:{n}": s["pid"] for n, s in started["streams"].items() if s["pid"]}}
         time.sleep(SETTLE_S)
+        cpu_before = daemon.command("status")["sync_lock"]["cpu_s"]
         with ProcWatch(pids, args.sample_s) as watch:
-            deadline = time.monotonic() + window_s
-            while time.monotonic() < deadline:
-                costs.append(daemon.command("status")["sync_lock"]["cost_ms"])
-                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            watch.sleep(window_s)
         status = daemon.command("status")
         daemon.command("stop", idle=True)
     finally:
@@ -86,11 +83,10 @@ def _window(config: Path, workdir: Path, window_s: float, args: argparse.Namespa
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
     cpu = watch.cpu_pct()
-    interval_ms = 1e3 * status["sync_lock"]["interval_s"]
     return {"seconds": round(watch.seconds, 1),
             "acqd_cpu_pct": round(sum(v or 0.0 for k, v in cpu.items() if is_acqd(k)), 2),
             "supervisor_cpu_pct": cpu["supervisor"], "others_cpu_pct": watch.others_pct(),
-            "computation_pct": round(100 * statistics.mean(costs) / interval_ms, 3) if costs else None,
+            "computation_pct": round(100 * (status["sync_lock"]["cpu_s"] - cpu_before) / watch.seconds, 3),
             "states": {n: (s["sync"] or {}).get("state") for n, s in status["streams"].items() if s["sync"]},
             "shed_total": status["sync_lock"]["shed_total"],
             **lost_and_rejected(files, status)}
