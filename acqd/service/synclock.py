@@ -111,6 +111,8 @@ class Window:
 
     edges: deque = field(default_factory=deque)
     last_edge_at: float | None = None
+    heard_at: float | None = None
+    """When the writer's last stats arrived: a line is silent only for as long as its writer says so."""
     cut: int = 0
     """Edges the writer could not send (over its per-message bound), since RECORD."""
     resets: int = 0
@@ -171,6 +173,7 @@ class SyncLock:
             return
         w.add(stats.get("sync_edges") or [], now)
         w.cut += int(stats.get("sync_edges_cut") or 0)
+        w.heard_at = now
 
     def update(self, session: str | None, now: float | None = None) -> list[tuple[str, str, str]]:
         """Recompute when due; returns the alarms to raise, as (stream, incident kind, detail)."""
@@ -211,7 +214,10 @@ class SyncLock:
         self.next_pairing, self.quiet = now, set()
 
     def _silent(self, w: Window, now: float) -> float:
-        return now - (w.last_edge_at if w.last_edge_at is not None else self.started)
+        """Seconds the line has shown no edge, up to its writer's last report: a writer that stops reporting
+        (hung, overloaded) is the heartbeat's incident (writer_hung), not a pulled cable."""
+        heard = w.heard_at if w.heard_at is not None else self.started
+        return max(0.0, heard - (w.last_edge_at if w.last_edge_at is not None else self.started))
 
     def _judge(self, name: str, now: float, pairing: bool) -> list[tuple[str, str, str]]:
         """Check the lines' silence; pair too when ``pairing`` is due (or edges came back after a silence)."""

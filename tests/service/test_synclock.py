@@ -147,9 +147,24 @@ def test_a_stream_without_edges_is_no_edges_within_the_timeout(rig):
     alarms = []
     for k in range(0, 100):
         now = 1000 + k * 0.1
+        if k % 5 == 1:  # the writers report, with no edge
+            for name in ("probe", "nidaq", "sensor"):
+                lock.feed(name, {"sync_edges": []}, now)
         alarms += [(now, *a) for a in lock.update("s1", now)]
     assert {a[1] for a in alarms} == {"probe", "nidaq", "sensor"}
     assert all(a[0] - 1000 <= 6.0 and "no edges" in a[3] for a in alarms)
+
+
+def test_a_writer_that_stops_reporting_is_not_a_pulled_cable(rig):
+    lock = SyncLock(rig)
+    t = pulses(seconds=60.0, seed=6)
+    sent, alarms = {}, []
+    for k in range(0, 400):
+        now = k * 0.1
+        if k % 5 == 0 and not 200 <= k < 300:  # every writer silent (SIGSTOP, overload) from 20 to 30 s
+            feed_all(lock, t, now, sent)
+        alarms += lock.update("s1", now)
+    assert alarms == [] and lock.status("probe")["state"] == LOCKED
 
 
 def test_a_late_loop_sheds_the_computation(rig):
