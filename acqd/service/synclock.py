@@ -113,6 +113,8 @@ class Window:
     last_edge_at: float | None = None
     heard_at: float | None = None
     """When the writer's last stats arrived: a line is silent only for as long as its writer says so."""
+    pid: int | None = None
+    """The writer's process: a restarted writer's line is silent from its restart, not from before it died."""
     cut: int = 0
     """Edges the writer could not send (over its per-message bound), since RECORD."""
     resets: int = 0
@@ -171,6 +173,10 @@ class SyncLock:
         w = self.windows.get(stream)
         if w is None or self.session is None:
             return
+        pid = stats.get("pid")
+        if w.pid is not None and pid != w.pid and w.last_edge_at is not None:
+            w.last_edge_at = now  # a new writer: the time it was down is the restart's gap, not a silent line
+        w.pid = pid
         w.add(stats.get("sync_edges") or [], now)
         w.cut += int(stats.get("sync_edges_cut") or 0)
         w.heard_at = now

@@ -108,13 +108,18 @@ def rig(tmp_path: Path):
     return load_config(write_rig(tmp_path))
 
 
-def feed_all(lock: SyncLock, t: np.ndarray, now: float, sent: dict, skip: tuple[float, float] = (0.0, 0.0)) -> None:
-    """Stats as the writers send them: each synced stream's edges of the pulses before ``now`` not yet sent."""
+def feed_all(lock: SyncLock, t: np.ndarray, now: float, sent: dict, skip: tuple[float, float] = (0.0, 0.0),
+             pids: dict | None = None, only: tuple[str, ...] = ("probe", "nidaq", "sensor")) -> None:
+    """Stats as the writers send them: each synced stream's edges of the pulses before ``now`` not yet sent (a
+    writer that does not report, not in ``only``, loses the pulses meanwhile, as a dead writer does)."""
     for name, ppm in (("probe", 20.0), ("nidaq", 0.0), ("sensor", -15.0)):
+        if name not in only:
+            sent[name] = now
+            continue
         due = t[(t >= sent.get(name, -1.0)) & (t < now) & ~((name == "probe") & (t >= skip[0]) & (t < skip[1]))]
         sent[name] = now
         samples = DeviceClock(rate=lock.rates[name], offset_s=-50.0, ppm=ppm).sample_at(due)
-        lock.feed(name, {"sync_edges": samples.tolist()}, now)
+        lock.feed(name, {"sync_edges": samples.tolist(), "pid": (pids or {}).get(name, 1)}, now)
 
 
 def test_alarm_when_the_cable_is_pulled_and_restored_when_edges_return(rig):
@@ -163,6 +168,20 @@ def test_a_writer_that_stops_reporting_is_not_a_pulled_cable(rig):
         now = k * 0.1
         if k % 5 == 0 and not 200 <= k < 300:  # every writer silent (SIGSTOP, overload) from 20 to 30 s
             feed_all(lock, t, now, sent)
+        alarms += lock.update("s1", now)
+    assert alarms == [] and lock.status("probe")["state"] == LOCKED
+
+
+def test_a_restarted_writer_is_not_a_pulled_cable(rig):
+    lock = SyncLock(rig)
+    t = pulses(seconds=60.0, seed=7)
+    sent, alarms = {}, []
+    for k in range(0, 400):
+        now = k * 0.1
+        if k % 5 == 0 and not 200 <= k < 280:  # the probe's writer dies at 20 s; its successor reports from 28 s
+            feed_all(lock, t, now, sent, pids={"probe": 1 if k < 200 else 2})
+        elif k % 5 == 0:
+            feed_all(lock, t, now, sent, only=("nidaq", "sensor"))
         alarms += lock.update("s1", now)
     assert alarms == [] and lock.status("probe")["state"] == LOCKED
 
