@@ -137,7 +137,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     import signal
 
     from acqd.config.ports import check_ports_free
-    from acqd.sim.simulate import Fault, Rig, SimParams, run, write_truth
+    from acqd.sim.simulate import Rig, SimParams, parse_fault, run, write_truth
 
     cfg = _load(args.config)
     check_ports_free(cfg, ("drivers",), control=False)
@@ -145,7 +145,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                              sync=args.sync, sync_period_s=args.sync_period))
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    faults = [Fault.parse(f) for f in args.fault]
+    try:
+        faults = [parse_fault(f) for f in args.fault]
+        for f in faults:
+            rig.check_fault(f)
+    except ValueError as e:
+        raise ConfigError(f"--fault: {e}") from None
     result = run(rig, args.seconds, faults, wait_for_peers_s=args.wait_peers,
                  on_ready=lambda: print("simulate: publishing", flush=True), should_stop=lambda: bool(stop))
     if args.truth:
@@ -370,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--sync-period", type=float, default=1.0, help="period of the regular square wave (s)")
     m.add_argument("--fault", action="append", default=[], metavar="STREAM:KIND:SEQ",
                    help="inject a fault (drop, duplicate, reorder, malformed, oversized, wrong_dtype, wrong_shape, "
-                        "size_mismatch, wrong_frames, restart)")
+                        "size_mismatch, wrong_frames, restart); or sync_off:STREAM:START_S:DURATION_S: the stream "
+                        "latches no sync edge for that long (a pulled cable)")
     m.add_argument("--wait-peers", type=float, default=30.0, help="wait this long for acqd to connect")
     m.add_argument("--truth", help="write the ground truth (clocks, pulses, faults) to this JSON file")
     m.set_defaults(fn=cmd_simulate)

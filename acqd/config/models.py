@@ -392,6 +392,22 @@ class LabRecorderConfig(_Frozen):
         return self
 
 
+class SyncLockConfig(_Frozen):
+    """The live sync lock: while recording, the daemon pairs each synced stream's recent sync edges with the
+    reference's (finalize's pairing) and alarms when a stream is not locked (docs/clock-alignment.md)."""
+
+    enabled: bool = True
+    """Compute the live sync lock (off: no sync state in status, no sync alarms; the edges are recorded anyway)."""
+    window_s: float = Field(30.0, ge=5, le=600)
+    """Edges of the last this many seconds are paired and fitted (drift, offset)."""
+    edge_timeout_s: float = Field(5.0, gt=0, le=600)
+    """A synced stream with no sync edge for this long is `no edges`; set it above the longest interval between
+    pulses of your sync scheme (random 0.5-1.5 s, a 1 s square wave: 5 s; barcodes every 30 s: 40 s)."""
+    interval_s: float = Field(2.0, gt=0, le=60)
+    """How often the edges are paired and fitted (seconds; silence is checked every 0.5 s whatever this says);
+    skipped while the daemon's loop is behind (shed before data)."""
+
+
 class DaemonConfig(_Frozen):
     """Settings of the acqd service itself."""
 
@@ -428,6 +444,8 @@ class DaemonConfig(_Frozen):
     """Quick annotation buttons of the console (one click sends the text as an annotation)."""
     max_image_pixels: int = Field(50_000_000, gt=0)
     """Largest image (width x height) an attachment or a stimulus image set may have; checked before decoding."""
+    sync_lock: SyncLockConfig = SyncLockConfig()
+    """The live sync lock per synced stream while recording (edges, pairs, drift, offset; an alarm when lost)."""
 
     @model_validator(mode="after")
     def _heartbeat_after_stats(self) -> DaemonConfig:

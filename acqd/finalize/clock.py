@@ -18,8 +18,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from acqd.errors import ClockFitError
 
-__all__ = ["ClockFit", "ClockFitError", "Pairing", "align_stream", "envelope_residuals", "fit_clock", "fit_host_clock",
-           "pair_edges", "split_counter_resets"]
+__all__ = ["MIN_PAIRS", "ClockFit", "ClockFitError", "Pairing", "align_stream", "envelope_residuals", "fit_clock",
+           "fit_host_clock", "pair_edges", "split_counter_resets"]
 
 # Pairing. Random 0.5-1.5 s intervals latched at 60 Hz agree by chance with p ~ 0.035 each, so a
 # pattern of four consecutive intervals matches a wrong place with p ~ 1e-6.
@@ -34,7 +34,7 @@ _ROUNDS = 4  # assign-and-refit rounds: the first uses the loose anchor toleranc
 _WIDE_PPM = 5000.0  # a pairing refused within max_ppm is tried again this wide, to tell why (acqd.config.QcConfig)
 
 # Fitting.
-_MIN_PAIRS = 10
+MIN_PAIRS = 10  # a fit needs this many pairs (public: the live sync lock waits for as many edges)
 _FOLDS = 5  # fold f holds out every block of time whose index is f modulo _FOLDS
 _BLOCK_S = 20.0  # held-out blocks are at most this long (and at least a tenth of the span per fold)...
 _MAX_BLOCKS = 1000  # ...and at most this many, which bounds the cost on day-long recordings
@@ -256,7 +256,7 @@ def _beyond_max_ppm(dev_edges: np.ndarray, dev_rate: float, ref_edges: np.ndarra
     difference beyond ``max_ppm``; None when they do not (the first reason stands)."""
     wide = pair_edges(dev_edges, dev_rate, ref_edges, ref_rate, max_ppm=_WIDE_PPM, prior_s=prior_s,
                       prior_tol_s=prior_tol_s)
-    if wide.ambiguous or len(wide.dev_index) < _MIN_PAIRS:
+    if wide.ambiguous or len(wide.dev_index) < MIN_PAIRS:
         return None
     d = np.asarray(dev_edges, np.float64)[wide.dev_index] / dev_rate
     r = np.asarray(ref_edges, np.float64)[wide.ref_index] / ref_rate
@@ -321,8 +321,8 @@ def fit_clock(dev_samples: np.ndarray, ref_seconds: np.ndarray, dev_rate: float,
     """
     x = _increasing(dev_samples, "dev_samples")
     y = np.asarray(ref_seconds, dtype=np.float64)
-    if len(x) < _MIN_PAIRS:
-        raise ClockFitError(f"only {len(x)} sync pairs; need at least {_MIN_PAIRS}")
+    if len(x) < MIN_PAIRS:
+        raise ClockFitError(f"only {len(x)} sync pairs; need at least {MIN_PAIRS}")
     n, heldout = _choose_pieces(x, y, dev_rate, latch_rms_s)
     knots = _knots(x, n)
     values = _solve(x, y, knots)
@@ -500,7 +500,7 @@ def _align_segment(edges: np.ndarray, dev_rate: float, ref_edges: np.ndarray, re
     tol_s = 0.0 if prior is None else prior.error_bound_s + _PRIOR_MARGIN_S
     p = pair_edges(edges, dev_rate, ref_edges, ref_rate, max_ppm=max_ppm,
                    prior_s=None if prior is None else prior.to_reference(edges), prior_tol_s=tol_s)
-    if p.ambiguous or len(p.dev_index) < _MIN_PAIRS:
+    if p.ambiguous or len(p.dev_index) < MIN_PAIRS:
         raise ClockFitError(p.reason or f"only {len(p.dev_index)} sync edges paired")
     # A latched index k means the edge fell in (k-1, k] of that counter: on average at k - 1/2. That
     # average holds only if the pulses' phase against the sample clocks varies; pulses locked to a clock
@@ -570,8 +570,8 @@ def fit_host_clock(dev_samples: np.ndarray, dev_host_s: np.ndarray, ref_samples:
     fits = []
     for seg in split_counter_resets(dev_samples):
         x = dev_samples[seg]
-        if len(x) < _MIN_PAIRS:
-            raise ClockFitError(f"only {len(x)} host-time points in a counter segment; need {_MIN_PAIRS}")
+        if len(x) < MIN_PAIRS:
+            raise ClockFitError(f"only {len(x)} host-time points in a counter segment; need {MIN_PAIRS}")
         slope, icpt, res, height = _lower_envelope(x, dev_host_s[seg])
         knots = x[[0, -1]]
         # Host time -> reference sample via the reference line; subtract the large host times first.

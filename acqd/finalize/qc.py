@@ -221,7 +221,7 @@ def index_html(summary: dict, plots: list[str]) -> str:
              f"<p class='small'>Thresholds (rig config <code>qc:</code>): residual max &le; "
              f"{limits.get('max_residual_samples', '')} samples, |drift| &le; {limits.get('max_drift_ppm', '')} ppm "
              "(FAIL beyond); WARN: host-timed, sync edge gaps, gaps, rejects, writer restarts, disconnects, "
-             "dropped frames, flags. "
+             "dropped frames, live sync losses, flags. "
              f"Master: <code>{e(summary.get('master', ''))}</code>. Timebase: "
              f"{e(str(summary.get('timebase', {}).get('reference', '')))}, zero at "
              f"{e(str(summary.get('timebase', {}).get('session_start_time', '')))}.</p>",

@@ -63,7 +63,7 @@ class StreamReport:
     """LSL streams: time-correction residuals, host-clock bound and timestamp jitter (docs/lsl.md)."""
     qc: dict | None = None
     """The QC row (``stream_qc``): verdict and why, timing source, pairs, drift, residual vs bound, gaps,
-    rejects by reason, writer restarts, disconnects, dropped frames."""
+    rejects by reason, writer restarts, disconnects, dropped frames, live sync losses."""
 
 
 @dataclass
@@ -135,6 +135,7 @@ def stream_qc(s: Stream, r: StreamReport, incidents: list[dict], limits: QcConfi
         "gaps_by_reason": dict(Counter(g.get("reason", "unknown") for g in r.gaps)),
         "rejects": rejects_by_reason(s), "writer_restarts": sum(i["kind"] == "writer_died" for i in mine),
         "disconnects": sum(i["kind"] == "disconnected" for i in mine),
+        "sync_losses": sum(i["kind"] == "sync_lost" for i in mine),  # the live sync lock (acqd.service.synclock)
         "dropped_frames": (r.frames or {}).get("dropped", 0), "edge_gaps": edge_gaps,
     }
     fails, warns = [], []
@@ -157,7 +158,7 @@ def stream_qc(s: Stream, r: StreamReport, incidents: list[dict], limits: QcConfi
         warns.append(f"counter segment {k} timed by host receive times (bound {bound * 1e3:.2f} ms, "
                      f"{bound * s.rate:.0f} samples)")
     for key, what in (("gaps", "gaps"), ("writer_restarts", "writer restarts"), ("disconnects", "disconnects"),
-                      ("dropped_frames", "dropped frames")):
+                      ("dropped_frames", "dropped frames"), ("sync_losses", "live sync losses")):
         if row[key]:
             by_reason = ", ".join(f"{n} {why}" for why, n in row["gaps_by_reason"].items()) if key == "gaps" else ""
             warns.append(f"{row[key]} {what}" + (f" ({by_reason})" if by_reason else ""))

@@ -77,6 +77,9 @@ OVERSIZE_ALLOWANCE = 1 << 20
 """Bytes a frame may exceed max_message_bytes by and still be received (then rejected as oversized, counted with
 its seq); larger frames are dropped by ZeroMQ (ZMQ_MAXMSGSIZE) unbuffered: a link event, and a gap."""
 PART_SEARCH = 1000
+LIVE_EDGES_MAX = 500
+"""Own-sync-line edges sent with one stats message (the live sync lock: acqd.service.synclock); more are counted
+as cut. One stats interval holds a handful at any sane pulse rate; the bound keeps a wild line cheap."""
 """Part numbers tried past a name that is taken (EEXIST, e.g. a planted file or link) before the stream stops."""
 
 
@@ -191,6 +194,8 @@ class Writer:
         self.receiving = threading.Event()
         self.receiver: threading.Thread | None = None
         self.reconnect_wanted = False
+        self.live_edges: list[int] = []  # own sync line edges (device samples) since the last stats message
+        self.live_edges_cut = 0
 
     # -- messages to the supervisor ------------------------------------------------------------
     def send(self, msg_type: str, **body) -> None:
@@ -222,7 +227,18 @@ class Writer:
                 "file_bytes": self.file.size_bytes if self.file else 0,
                 "load": {**self.load.stats(now), "rcvhwm": self.data.getsockopt(zmq.RCVHWM),
                          "pending_messages": len(self.file.pending_index) if self.file else 0},
-                "shedding": self.load.shedding(now)}
+                "shedding": self.load.shedding(now), **self.take_live_edges()}
+
+    def take_live_edges(self) -> dict:
+        """The sync edges since the last stats message, for the supervisor's live sync lock (then forgotten)."""
+        edges, cut = self.live_edges, self.live_edges_cut
+        self.live_edges, self.live_edges_cut = [], 0
+        return {"sync_edges": edges, "sync_edges_cut": cut}
+
+    def keep_live_edges(self, samples: list[int]) -> None:
+        room = LIVE_EDGES_MAX - len(self.live_edges)
+        self.live_edges.extend(samples[:max(room, 0)])
+        self.live_edges_cut += max(len(samples) - max(room, 0), 0)
 
     # -- recording -----------------------------------------------------------------------------
     def start_recording(self, folder: str, session: dict, part: int) -> None:
@@ -484,12 +500,17 @@ class Writer:
         for i, line in enumerate(self.spec.lines):
             idx, self.levels[i] = rising_edges(data[:, line.channel], line.bit, self.levels[i])
             rows.extend((first_sample + int(k), i, 1) for k in idx)
+            if line.label == "sync" and len(idx):
+                self.keep_live_edges([first_sample + int(k) for k in idx])
         if driver_edges is not None and isinstance(self.cfg.sync, FrameSync):
             driver_edges, bad = check_edges(driver_edges)
             for v in bad:  # only the edges that cannot be stored are dropped, each counted with its rule
                 self.reject(v.reject, v.detail, seq, 0)
             rows.extend(zip(driver_edges["sample"].tolist(), driver_edges["line"].tolist(),
                             driver_edges["rising"].tolist()))
+            own = (driver_edges["line"] == 0) & (driver_edges["rising"] == 1)  # what finalize pairs (streams.py)
+            if own.any():
+                self.keep_live_edges(driver_edges["sample"][own].tolist())
         if rows:  # appended at the next flush with every message's edges since: one HDF5 append, not one per message
             self.file.queue("sync/edges", rows)
 

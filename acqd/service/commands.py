@@ -162,6 +162,9 @@ class StreamStatus(Response):
     rejected_by_reason: dict[str, int] = {}
     restarts: int
     required: bool
+    sync: dict | None = None
+    """The live sync lock while recording, null otherwise (docs/control-api.md): state, edges, paired, drift_ppm,
+    offset_s, since, reason."""
 
 
 class SessionInfo(Response):

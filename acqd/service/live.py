@@ -5,7 +5,8 @@ snapshot's shape (docs/control-api.md "Status snapshot"): the supervisor's ``sta
 page needs and the supervisor does not keep itself (elapsed time, disk time left, silent time, rejects by
 reason, recent incidents, one verdict). It also emits the ``mode`` events (on a change of mode or session),
 summarises rejected messages once a second (one ``rejects`` incident and one log line, never one per message)
-and raises ``disk_low`` when the disk would fill within ``DISK_LOW_S`` at the current write rate.
+and raises ``disk_low`` when the disk would fill within ``DISK_LOW_S`` at the current write rate. It asks the live
+sync lock (acqd.service.synclock) for its alarms and puts each stream's lock in the snapshot.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Protocol
 from acqd.config import RigConfig
 from acqd.service.jobs import Jobs
 from acqd.service.snapshot import SNAPSHOT_INTERVAL_S, EventBus, Snapshot
+from acqd.service.synclock import BAD as BAD_SYNC
+from acqd.service.synclock import SyncLock
 from acqd.service.writers import WriterHandle, liveness
 
 log = logging.getLogger("acqd")
@@ -62,6 +65,7 @@ class Supervised(Protocol):
     snapshot: Snapshot
     writers: Mapping[str, WriterHandle]
     jobs: Jobs
+    synclock: SyncLock
 
     @property
     def session(self) -> dict | None: ...
@@ -76,6 +80,8 @@ def publish(sup: Supervised, force: bool = False) -> Snapshot:
     lv, now = sup.live, time.monotonic()
     if now - lv.rejects_at >= REJECT_SUMMARY_S:
         _summarise_rejects(sup, now)
+    for stream, kind, detail in sup.synclock.update(sup.session["session_id"] if sup.session else None, now):
+        sup.incident(stream, kind, detail)
     due = now - lv.published_at >= SNAPSHOT_INTERVAL_S
     if not (force or due or (lv.changed and now - lv.published_at >= MIN_SPACING_S)):
         return sup.snapshot
@@ -107,13 +113,14 @@ def build_status(sup: Supervised) -> dict:
     for name, s in status["streams"].items():
         h = sup.writers.get(name)
         s["rejected_by_reason"] = (h.stats.get("recording_counts") or {}).get("rejected", {}) if h else {}
+        s["sync"] = sup.synclock.status(name)
         write_rate += s["mb_per_s"] * 1e6 if s["state"] == "recording" else 0.0
     incidents = [e.data for e in sup.events.recent("incident")][-RECENT_INCIDENTS:]
     status.update(
         time=round(now, 3), uptime_s=round(time.monotonic() - sup.live.started, 1),
         reference=sup.cfg.reference, write_bytes_per_s=round(write_rate),
         disk_time_left_s=round(status["disk_free_bytes"] / write_rate) if write_rate > 0 else None,
-        recent_incidents=incidents, incident_count=sup.events.counts["incident"],
+        recent_incidents=incidents, incident_count=sup.events.counts["incident"], sync_lock=sup.synclock.summary(),
         jobs=sup.jobs.listed(),
     )
     status["verdict"] = verdict(status, sup.cfg.daemon.silent_after_s)
@@ -134,6 +141,10 @@ def verdict(status: dict, silent_after_s: float) -> dict:
             problems.append(f"{name}: silent" + (f" for {s['silent_s']:.0f} s" if s["silent_s"] else ""))
         elif (s.get("load") or {}).get("overloaded"):
             problems.append(f"{name}: writer behind (shedding {', '.join(s.get('shedding') or []) or 'nothing yet'})")
+    for name, s in status["streams"].items():
+        sync = s.get("sync")
+        if sync and sync["state"] in BAD_SYNC:
+            problems.append(f"{name}: sync {sync['state']}" + (f" ({sync['reason']})" if sync["reason"] else ""))
     for name, s in status["streams"].items():
         if s["gaps"] or s["rejected"]:
             problems.append(f"{name}: {s['gaps']} gaps, {s['rejected']} rejected")

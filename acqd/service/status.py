@@ -18,6 +18,9 @@ from acqd.record.streamfile import summarize
 from acqd.service.overload import load_cell, load_lines
 
 console = Console()
+SYNC_SHORT = {"locked": "locked", "searching": "search", "no edges": "NO EDGE", "not pairing": "NO PAIR",
+              "drift out of range": "DRIFT"}
+"""The live sync lock's states (acqd.service.synclock) in the status table's 7-column ``sync`` column."""
 
 
 def _duration(seconds: float | None) -> str:
@@ -43,10 +46,10 @@ def status_renderable(status: dict, width: int = 80) -> Group:
         head.append(f"  {session['session_id']}  {_duration(session.get('elapsed_s'))}")
     free = status["disk_free_bytes"] / 1e9
     head.append(f"  disk {free:.0f} GB, {_left(status.get('disk_time_left_s'))}")
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, width=min(width, 80), show_edge=False)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, width=min(width, 80), show_edge=False, padding=(0, 1, 0, 0))
     for col, w, justify in (("stream", 10, "left"), ("state", 11, "left"), ("drv", 3, "left"), ("msg/s", 6, "right"),
                             ("MB/s", 6, "right"), ("silent", 6, "right"), ("gaps", 5, "right"),
-                            ("rej", 5, "right"), ("rst", 3, "right"), ("load", 5, "right")):
+                            ("rej", 5, "right"), ("rst", 3, "right"), ("load", 5, "right"), ("sync", 7, "left")):
         table.add_column(col, max_width=w, no_wrap=True, overflow="ellipsis", justify=justify)
     for name, s in status["streams"].items():
         bad = s["state"] in ("failed", "stopped_failed", "hung")
@@ -54,7 +57,7 @@ def status_renderable(status: dict, width: int = 80) -> Group:
                       Text("yes", style="green") if s["connected"] else Text("no", style="red"),
                       f"{s['messages_per_s']:.0f}", f"{s['mb_per_s']:.2f}",
                       "-" if s["silent_s"] is None else f"{s['silent_s']:.1f}", str(s["gaps"]), str(s["rejected"]),
-                      str(s["restarts"]), load_cell(s))
+                      str(s["restarts"]), load_cell(s), _sync_cell(s.get("sync")))
     parts: list = [head, table]
     parts += [Text(_fit(line, width, lines=2), style="yellow") for line in load_lines(status["streams"])]
     incidents = status.get("recent_incidents") or []
@@ -70,6 +73,15 @@ def status_renderable(status: dict, width: int = 80) -> Group:
     if verdict:
         parts.append(Text(_fit(verdict["line"], width), style="bold green" if verdict["ok"] else "bold red"))
     return Group(*parts)
+
+
+def _sync_cell(sync: dict | None) -> Text:
+    """The stream's live sync lock in a word: green when locked, red when it should be and is not."""
+    if not sync:
+        return Text("-")
+    state = sync["state"]
+    return Text(SYNC_SHORT.get(state, state), style="green" if state == "locked" else "" if state == "searching"
+                else "red")
 
 
 def _fit(line: str, width: int, lines: int = 1) -> str:

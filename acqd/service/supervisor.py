@@ -39,6 +39,7 @@ from acqd.service.runtime import lock_data_root, lock_endpoints, make_daemon_dir
 from acqd.service.sessionlog import SessionLog
 from acqd.service.sessionrecord import SessionRecord, recover_interrupted, session_metadata, write_session
 from acqd.service.snapshot import EventBus, Snapshot
+from acqd.service.synclock import SyncLock
 from acqd.service.writers import COMMAND_TIMEOUT_S, Writers
 from acqd.session import CLOSED, SESSION_FILE, ensure_data_root, session_name
 
@@ -77,6 +78,7 @@ class Supervisor:
         self.jobs = Jobs(self.events)  # (kind, session id) -> the latest finalize or export run
         self.scrubs = Scrubs(self.events.publish)  # finalized sessions are read again (acqd.finalize.scrub)
         self.live = live.Live()
+        self.synclock = SyncLock(cfg)  # the live sync lock, fed with the writers' stats (acqd.service.synclock)
         self.on_tick: Callable[[], None] | None = None
         """Called from the supervisor loop (and while a command waits): the systemd watchdog ping."""
         self.recovered = recover_interrupted(self.data_root)
@@ -151,8 +153,10 @@ class Supervisor:
     def _on_writer_message(self, name: str, msg: dict) -> None:
         if self.lsl.owns(name):
             return self._lsl_incidents([self.lsl.on_message(name, msg)])
-        if self.writers.on_message(name, msg, self.session_record, self.mode == RECORD, self._part_closed) \
-                and msg.get("type") in ("stats", "closing"):
+        h = self.writers.on_message(name, msg, self.session_record, self.mode == RECORD, self._part_closed)
+        if h is not None and msg.get("type") in ("stats", "closing"):
+            if msg["type"] == "stats":
+                self.synclock.feed(name, msg, h.heard)
             self.live.changed = True
 
     def _part_closed(self, stream: str, path: Path) -> None:

@@ -72,6 +72,30 @@ class Fault:
         return cls(stream, kind, int(seq))
 
 
+@dataclass(frozen=True, slots=True)
+class SyncOff:
+    """``stream`` latches no sync edge from ``start_s`` for ``duration_s`` (seconds of the run, from when it starts
+    publishing): a pulled sync cable. Only its sync line goes quiet; its data and every other line are unchanged.
+    On the command line ``sync_off:stream:start_s:duration_s``."""
+
+    stream: str
+    start_s: float
+    duration_s: float
+
+
+def parse_fault(text: str) -> Fault | SyncOff:
+    """A ``--fault`` argument: ``stream:kind:seq`` or ``sync_off:stream:start_s:duration_s``."""
+    try:
+        if text.startswith("sync_off:"):
+            _, stream, start, duration = text.split(":")
+            return SyncOff(stream, float(start), float(duration))
+        return Fault.parse(text)
+    except ValueError as e:
+        if "fault kind" in str(e):
+            raise
+        raise ValueError(f"{text!r}: use STREAM:KIND:SEQ or sync_off:STREAM:START_S:DURATION_S") from None
+
+
 def signal_pool(cfg: StreamConfig, rng: np.random.Generator, seconds: float = 1.0) -> np.ndarray:
     """A pool of realistic samples: band-limited noise with spikes (or textured frames for video)."""
     n = max(8, int(cfg.rate * seconds))
@@ -189,6 +213,25 @@ class Rig:
                 target.lines[(sync.channel, sync.bit)] = (target.clock.sample_at(t),
                                                           target.clock.sample_at(t + STROBE_WIDTH_S))
 
+    def check_fault(self, f: Fault | SyncOff) -> None:
+        """Raise ValueError, in words, if ``f`` names no simulated stream (or, sync_off, one without a sync line)."""
+        if f.stream not in self.devices:
+            raise ValueError(f"no simulated stream {f.stream!r} (streams: {', '.join(self.devices)})")
+        if isinstance(f, SyncOff) and not isinstance(self.devices[f.stream].cfg.sync, (ChannelSync, FrameSync)):
+            raise ValueError(f"sync_off: stream {f.stream!r} has no sync line of its own")
+
+    def sync_off(self, f: SyncOff) -> int:
+        """Apply ``f`` to the device's sync pulses (before ``run``); returns how many edges it will not latch."""
+        self.check_fault(f)
+        dev = self.devices[f.stream]
+        sync = dev.cfg.sync
+        keep = ~((self.pulses >= f.start_s) & (self.pulses < f.start_s + f.duration_s))
+        dev.pulse_edges = dev.clock.sample_at(self.pulses[keep])
+        if isinstance(sync, ChannelSync):
+            dev.lines[(sync.channel, sync.bit)] = (dev.pulse_edges,
+                                                   dev.clock.sample_at(self.pulses[keep] + self.widths[keep]))
+        return int((~keep).sum())
+
     def samples(self, stream: str, first: int, n: int) -> np.ndarray:
         return self.devices[stream].samples(first, n)
 
@@ -226,15 +269,16 @@ def sync_pulses(params: SimParams, rng: np.random.Generator) -> tuple[np.ndarray
     raise ValueError(f"sync scheme {params.sync!r} is not one of random, regular, barcode")
 
 
-def run(rig: Rig, seconds: float, faults: list[Fault] = (), *, wait_for_peers_s: float = 30.0,
+def run(rig: Rig, seconds: float, faults: list[Fault | SyncOff] = (), *, wait_for_peers_s: float = 30.0,
         on_ready: Callable[[], None] | None = None, should_stop: Callable[[], bool] = lambda: False) -> dict:
     """Publish every device in real time for ``seconds``; returns what was sent and injected."""
     ctx = zmq.Context()
     rng = np.random.default_rng(rig.params.seed + 1)
     pubs = {n: _publisher(d.cfg, ctx) for n, d in rig.devices.items()}
     sent = {n: {"messages": 0, "first_sample": None, "last_sample": None} for n in rig.devices}
-    injected: list[dict] = []
-    pending = {(f.stream, f.seq): f for f in faults}
+    injected = [{"stream": f.stream, "kind": "sync_off", "start_s": f.start_s, "duration_s": f.duration_s,
+                 "edges_not_latched": rig.sync_off(f)} for f in faults if isinstance(f, SyncOff)]
+    pending = {(f.stream, f.seq): f for f in faults if isinstance(f, Fault)}
     for pub in pubs.values():
         pub.wait_for_peers(1, wait_for_peers_s)
     if on_ready:

@@ -18,6 +18,7 @@ Scenarios (``--scenarios``, comma-separated; default all):
   preview    what an open console page costs the reference rig (bench/preview.py).
   slow       slow streams only (NIDAQ, 1 kHz sensors, an idle stream): CPU per writer (bench/slow.py).
   ship       shipping with while_recording: throttle during RECORD: CPU and messages lost (bench/ship.py).
+  synclock   the live sync lock on vs off, the reference rig in alternate windows (bench/synclock.py).
 
 A ramp step "keeps up" when no message is lost or rejected, the simulator stayed on its real-time
 schedule, and the receiver has no growing backlog (p99 publish->receive under BACKLOG_LIMIT_MS).
@@ -57,6 +58,7 @@ from bench.ramp import scenario_ramp  # noqa: E402
 from bench.reference import scenario_reference  # noqa: E402
 from bench.ship import scenario_ship  # noqa: E402
 from bench.slow import scenario_slow  # noqa: E402
+from bench.synclock import scenario_synclock  # noqa: E402
 from bench.report import code_fingerprint, machine_info, markdown, targets, write_doc  # noqa: E402
 
 
@@ -82,6 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slow-seconds", type=float, help="recording length of each slow-stream run (default 60, quick 30)")
     p.add_argument("--slow-baseline", help="an acqd package folder measured alternately with the current code "
                                           "in the slow scenario (before vs after)")
+    p.add_argument("--synclock-window", type=float, help="seconds measured per synclock window (default 60, quick 20)")
     p.add_argument("--sample-s", type=float, default=2.0, help="RSS sampling period")
     p.add_argument("--rss-limit-mb", type=int, default=RSS_LIMIT_MB,
                    help="cut a run short when a process (e.g. the simulator's send queues) grows past this")
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         res["updates"] = [*res.get("updates", []), update]
     runners = {"reference": scenario_reference, "ramp": scenario_ramp, "naive": scenario_naive,
                "disk": scenario_disk, "pynwb": scenario_pynwb, "finalize": scenario_finalize,
-               "preview": scenario_preview, "slow": scenario_slow, "ship": scenario_ship}
+               "preview": scenario_preview, "slow": scenario_slow, "ship": scenario_ship, "synclock": scenario_synclock}
     try:
         for name in SCENARIOS:
             if name in args.scenarios:

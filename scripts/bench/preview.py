@@ -23,7 +23,7 @@ import yaml
 from acqd.service.procs import Daemon, Simulator, wait_until
 from bench.common import BENCH_METADATA, BENCH_RIG, log, med
 from bench.procwatch import ProcWatch, is_acqd, wait_quiet
-from bench.session import SETTLE_S, read_session, rig_file, summarize_streams
+from bench.session import SETTLE_S, lost_and_rejected, read_session, rig_file, summarize_streams
 
 WINDOW_S = 60.0
 BUDGET_PCT = 3.0
@@ -106,8 +106,7 @@ def scenario_preview(args: argparse.Namespace, workdir: Path) -> dict:
     return {"window_s": window_s, "quiet_before": quiet, "windows": windows,
             "closed_cpu_pct": closed, "open_cpu_pct": opened,
             "delta_cpu_pct": None if closed is None or opened is None else round(opened - closed, 1),
-            "lost": max(files["lost"], sum(s["gaps"] for s in status["streams"].values())),
-            "rejected": max(files["rejected"], sum(s["rejected"] for s in status["streams"].values()))}
+            **lost_and_rejected(files, status)}
 
 
 def preview_targets(res: dict, row) -> list[dict]:

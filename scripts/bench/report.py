@@ -14,6 +14,7 @@ import numpy as np
 
 from bench.common import med
 from bench.preview import preview_targets
+from bench.synclock import synclock_targets
 from bench.slow import slow_markdown, slow_targets
 
 
@@ -124,6 +125,7 @@ def targets(res: dict) -> list[dict]:
                             lambda v: v <= 30))
     rows += preview_targets(res, row)
     rows += slow_targets(res, row)
+    rows += synclock_targets(res, row)
     return rows
 
 

@@ -106,6 +106,12 @@ def pct(a: np.ndarray, q: float) -> float | None:
     return round(float(np.percentile(a, q)), 1) if len(a) else None
 
 
+def lost_and_rejected(files: dict, status: dict) -> dict:
+    """Messages lost and rejected in a recording: what its files say or what the daemon counted, the larger."""
+    return {"lost": max(files["lost"], sum(s["gaps"] for s in status["streams"].values())),
+            "rejected": max(files["rejected"], sum(s["rejected"] for s in status["streams"].values()))}
+
+
 def summarize_streams(streams: dict[str, dict], window_s: float) -> dict:
     """Totals over every stream, plus a row per stream."""
     per, recv, commit = {}, [], []

@@ -326,3 +326,23 @@ def test_the_service_units_documentation_exists_where_its_install_steps_put_it()
     assert docs and all(d.startswith("docs/") and (root / d).is_file() for d in docs), docs
     assert "cp -r /path/to/acqd/docs /opt/acqd/docs" in unit
     assert "COPY docs ./docs" in (root / "Dockerfile").read_text() and "WORKDIR /opt/acqd" in (root / "Dockerfile").read_text()
+
+
+def test_status_shows_each_streams_sync_lock_in_80_columns():
+    def stream(sync: dict | None) -> dict:
+        return {"state": "recording", "reason": None, "connected": True, "silent_s": 0.01, "messages_per_s": 100.0,
+                "mb_per_s": 23.04, "gaps": 12345, "rejected": 12345, "restarts": 1, "required": True, "sync": sync}
+    locks = {"neuropixels_probe_a": "no edges", "nidaq": "locked", "sensor": "drift out of range",
+             "probe2": "not pairing", "probe3": "searching", "camera": None}
+    status = {"mode": "RECORD", "session": None, "disk_free_bytes": 5e11, "incident_count": 0,
+              "streams": {n: stream(st and {"state": st, "drift_ppm": 1.0}) for n, st in locks.items()}}
+    from rich.console import Console
+
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))
+    console.print(status_renderable(status, 80))
+    lines = console.export_text().splitlines()
+    assert max(len(x) for x in lines) <= 80, "\n".join(lines)
+    row = {x.split()[0]: x[-7:].strip() for x in lines if x.split() and x.split()[0][:5] in
+           ("neuro", "nidaq", "senso", "probe", "camer")}
+    assert row == {"neuropixel…": "NO EDGE", "nidaq": "locked", "sensor": "DRIFT", "probe2": "NO PAIR",
+                   "probe3": "search", "camera": "-"}, "\n".join(lines)

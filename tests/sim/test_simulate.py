@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from acqd.config import load_config
-from acqd.sim.simulate import Rig, SimParams
+from acqd.sim.simulate import Rig, SimParams, parse_fault
 
 RIG = Path(__file__).parents[2] / "configs" / "rig.yaml"
 
@@ -33,3 +33,36 @@ def test_every_message_is_the_rigs_samples_whether_prebuilt_or_built(sync):
             assert (frame is None) == (high or first % pool + n > pool), (name, k)
             built += frame is None
         assert built < k, (name, built)
+
+
+def test_sync_off_silences_only_that_streams_sync_line():
+    cfg = load_config(RIG)
+    rig, twin = Rig(cfg, SimParams(seed=5, seconds=30)), Rig(cfg, SimParams(seed=5, seconds=30))
+    off = parse_fault("sync_off:probe:10:8")
+    removed = rig.sync_off(off)
+    gone = (rig.pulses >= 10) & (rig.pulses < 18)
+    assert removed == gone.sum() > 0
+    assert np.array_equal(rig.expected_edges("probe"), twin.expected_edges("probe")[~gone])
+    assert np.array_equal(rig.expected_edges("nidaq"), twin.expected_edges("nidaq"))
+    probe, sync = rig.devices["probe"], cfg.stream("probe").sync
+    first = int(probe.clock.sample_at(9.0))
+    data, want = rig.samples("probe", first, 300_000), twin.samples("probe", first, 300_000)
+    line = (want[:, sync.channel] >> sync.bit) & 1
+    kept = np.array([int(t) for t in probe.clock.phase(np.array([10.0, 18.0]))]) - first
+    assert line[kept[0]:kept[1]].any() and not ((data[:, sync.channel] >> sync.bit) & 1)[kept[0]:kept[1]].any()
+    others = np.delete(np.arange(data.shape[1]), sync.channel)
+    assert np.array_equal(data[:, others], want[:, others])  # the data itself is untouched
+    assert np.array_equal(data[:kept[0]], want[:kept[0]])
+
+
+@pytest.mark.parametrize("text", ["sync_off:probe:ten:5", "sync_off:probe:1", "probe:drop"])
+def test_a_bad_fault_says_how_to_write_one(text):
+    with pytest.raises(ValueError, match="sync_off:STREAM:START_S:DURATION_S"):
+        parse_fault(text)
+
+
+def test_sync_off_needs_a_stream_with_its_own_sync_line():
+    rig = Rig(load_config(RIG), SimParams(seed=5, seconds=5))
+    for text, why in (("sync_off:camera:1:2", "no sync line"), ("sync_off:nope:1:2", "no simulated stream")):
+        with pytest.raises(ValueError, match=why):
+            rig.check_fault(parse_fault(text))

@@ -5,7 +5,8 @@ and no counter is kept twice. Counters count since the writers started (ACQUIRE)
 restarts, which Prometheus' ``rate()`` handles. Names (docs/control-api.md "Metrics"):
 ``acqd_mode``, ``acqd_disk_free_bytes``, ``acqd_disk_time_left_seconds``, ``acqd_write_bytes_per_second``,
 ``acqd_stream_{samples,bytes,messages,gaps,rejects}_total``, ``acqd_stream_last_message_age_seconds``,
-``acqd_stream_writer_restarts_total``, ``acqd_stream_connected``, ``acqd_stream_up``, ``acqd_snapshot_age_seconds``,
+``acqd_stream_writer_restarts_total``, ``acqd_stream_connected``, ``acqd_stream_up``, ``acqd_stream_sync_locked`` and
+``acqd_stream_sync_drift_ppm`` (synced streams while recording: acqd.service.synclock), ``acqd_snapshot_age_seconds``,
 ``acqd_incidents_total``, ``acqd_build_info``, the load gauges of acqd.service.overload
 (``acqd_stream_{behind,flush,flush_max}_seconds``, ``acqd_stream_{backlog,pending}_messages``,
 ``acqd_stream_encoder_backlog_frames``, ``acqd_stream_overloaded``, ``acqd_stream_lost_messages_total``); and prometheus_client's own ``process_*`` (the daemon process:
@@ -74,6 +75,10 @@ class SnapshotCollector:
                                 labels=["stream"])
         connected = GaugeMetricFamily("acqd_stream_connected", "1 while a driver is connected", labels=["stream"])
         up = GaugeMetricFamily("acqd_stream_up", "1 while the stream's writer runs", labels=["stream"])
+        locked = GaugeMetricFamily("acqd_stream_sync_locked", "1 while the live sync lock holds, 0 when not (synced "
+                                   "streams while recording)", labels=["stream", "state"])
+        drift = GaugeMetricFamily("acqd_stream_sync_drift_ppm", "clock drift against the reference, live (ppm)",
+                                  labels=["stream"])
         for name, s in st["streams"].items():
             total = s.get("total") or {}
             for key, fam in families.items():
@@ -84,7 +89,11 @@ class SnapshotCollector:
             age.add_metric([name], float("inf") if s["silent_s"] is None else s["silent_s"])
             connected.add_metric([name], 1.0 if s["connected"] else 0.0)
             up.add_metric([name], 0.0 if s["state"] in DOWN_STATES else 1.0)
-        yield from (*families.values(), rejects, restarts, age, connected, up)
+            if sync := s.get("sync"):
+                locked.add_metric([name, sync["state"]], 1.0 if sync["state"] == "locked" else 0.0)
+                if sync["drift_ppm"] is not None:
+                    drift.add_metric([name], sync["drift_ppm"])
+        yield from (*families.values(), rejects, restarts, age, connected, up, locked, drift)
         yield from load_metrics(st["streams"])
 
 

@@ -396,4 +396,35 @@ def test_record_form_starts_without_a_subject_and_offers_the_last_one_as_a_label
     for key in ("subject_id", "species", "sex", "age"):
         ui.expect(ui.field_error(f"subject.{key}")).to_have_text("")
     ui.shot("last-subject-chosen")
+def test_the_lock_indicator_turns_from_locked_to_not_locked_and_back(browser, tmp_path, daemon_factory):
+    """Row 40 in the console: the probe's sync cable is pulled for 8 s, 20 s into the simulation (after its lock)."""
+    rig = write_rig(tmp_path)
+    daemon = daemon_factory(rig)
+    ui = Console(browser, daemon.url + "/", tmp_path / "screens")
+    daemon.command("acquire")
+    sim = Simulator(rig, 90, seed=5, faults=("sync_off:probe:20:8",))
+    try:
+        ui.expect_connected(["probe", "nidaq", "camera", "sensor"])
+        lock = ui.card("probe").locator(".lock")
+        ui.expect(lock).to_have_text("sync –")  # not recording: no lock computed
+        wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
+        daemon.command("record", session="lock_run", metadata={"subject": SUBJECT})
+        ui.expect(lock).to_have_text(_re(r"^sync locked [+-]\d+\.\d ppm$"), timeout=19_000)
+        ui.expect(lock).to_have_class(_re(r"\bok\b"))
+        ui.expect(ui.card("probe").locator("svg.drift polyline")).to_have_attribute("points", _re(r"^\S+ \S+"))
+        ui.expect(ui.card("camera").locator(".lock")).to_have_text("sync –")  # strobe-timed: no line of its own
+        ui.shot("sync-locked")
+        ui.expect(lock).to_have_text("sync no edges", timeout=20_000)  # pulled at 20 s: within 10 s
+        ui.expect(lock).to_have_class(_re(r"\bbad\b"))
+        ui.expect(ui.card("probe")).to_have_class(_re(r"\bhas-problems\b"))
+        ui.expect(ui.card("probe").locator(".problems")).to_contain_text("sync no edges: no sync edge for")
+        ui.expect(ui.page.locator("#incidents li.kind-sync_lost")).to_contain_text("probe sync no edges")
+        ui.expect(ui.card("nidaq").locator(".lock")).to_have_class(_re(r"\bok\b"))
+        ui.shot("sync-lost")
+        ui.expect(lock).to_have_text(_re(r"^sync locked"), timeout=20_000)  # the edges are back at 28 s
+        ui.expect(ui.page.locator("#incidents li.kind-sync_restored")).to_contain_text("probe sync locked again")
+        ui.shot("sync-restored")
+        daemon.command("stop")
+    finally:
+        sim.stop()
     assert ui.errors == []

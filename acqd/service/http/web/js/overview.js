@@ -1,5 +1,6 @@
 // Rig overview: the mode and the buttons that make sense in it, the session and its elapsed time, disk free
-// and time left, and one card per stream. Drawn from the pushed status snapshots (no polling).
+// and time left, and one card per stream, with its live sync lock and drift sparkline. Drawn from the pushed
+// status snapshots (no polling).
 
 import { command, el, fmtBytes, fmtDuration } from "./api.js";
 
@@ -35,7 +36,41 @@ export function streamProblems(s, silentAfter, mode) {
   if (s.gaps) out.push(`${s.gaps} gap${s.gaps > 1 ? "s" : ""}` + (lost.length ? ` (lost ${lost.map(([why, n]) => `${n} ${why}`).join(", ")})` : ""));
   if (s.rejected) out.push(`${s.rejected} rejected`);
   if (s.restarts) out.push(`writer restarted ${s.restarts}×`);
+  if (s.sync && BAD_SYNC.includes(s.sync.state)) out.push(`sync ${s.sync.state}` + (s.sync.reason ? `: ${s.sync.reason}` : ""));
   return out;
+}
+
+// The live sync lock's states (acqd/service/synclock.py): the ones that alarm, and each one's look.
+const BAD_SYNC = ["no edges", "not pairing", "drift out of range"];
+const SVG = "http://www.w3.org/2000/svg";
+
+/** The lock indicator's text and class for a stream's ``sync`` (null: no sync line of its own, or not recording). */
+export function syncLook(sync) {
+  if (!sync) return ["sync –", "off"];
+  const drift = sync.drift_ppm == null ? "" : ` ${sync.drift_ppm >= 0 ? "+" : ""}${sync.drift_ppm.toFixed(1)} ppm`;
+  if (sync.state === "locked") return [`sync locked${drift}`, "ok"];
+  if (sync.state === "searching") return ["sync searching…", "wait"];
+  return [`sync ${sync.state}`, "bad"];
+}
+
+/** A tiny inline SVG line of the drift values (ppm), scaled to their own range; empty with fewer than 2. */
+function drawSparkline(svg, values) {
+  const w = 120, h = 18;
+  const line = svg.firstChild;
+  if (!values || values.length < 2) { line.setAttribute("points", ""); return; }
+  const lo = Math.min(...values), hi = Math.max(...values), span = hi - lo || 1;
+  line.setAttribute("points", values.map((v, i) =>
+    `${(i * w / (values.length - 1)).toFixed(1)},${(h - 1 - (v - lo) * (h - 2) / span).toFixed(1)}`).join(" "));
+  svg.querySelector("title").textContent = `drift ${lo.toFixed(2)} … ${hi.toFixed(2)} ppm over the last ${values.length} s`;
+}
+
+function sparkline() {
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("class", "drift");
+  svg.setAttribute("viewBox", "0 0 120 18");
+  svg.setAttribute("preserveAspectRatio", "none");
+  svg.append(document.createElementNS(SVG, "polyline"), document.createElementNS(SVG, "title"));
+  return svg;
 }
 
 export function createOverview({ bus, info, onError }) {
@@ -60,6 +95,8 @@ export function createOverview({ bus, info, onError }) {
       row("msg/s", "msgs"), row("MB/s", "mbs"), row("last message", "age"),
       row("gaps", "gaps"), row("rejected", "rejected"), row("restarts", "restarts"), row("state", "state"),
       row("load", "load"),
+      el("div", { class: "sync" }, fields.lock = el("span", { class: "lock off" }, "sync –"),
+        fields.drift = sparkline()),
       fields.problems = el("ul", { class: "problems" }));
     cards.set(s.name, fields);
     cardsEl.append(card);
@@ -95,6 +132,12 @@ export function createOverview({ bus, info, onError }) {
     fields.state.textContent = s.state;
     fields.load.textContent = loadText(s);
     fields.load.classList.toggle("bad", !!(s.load || {}).overloaded);
+    const [lockText, lockClass] = syncLook(s.sync);
+    fields.lock.textContent = lockText;
+    fields.lock.className = `lock ${lockClass}`;
+    fields.lock.title = s.sync ? [s.sync.reason, `${s.sync.paired}/${s.sync.edges} edges paired`,
+      s.sync.offset_s == null ? "" : `offset ${s.sync.offset_s.toFixed(6)} s`].filter(Boolean).join(" · ") : "";
+    drawSparkline(fields.drift, s.sync && s.sync.drift_history);
     fields.problems.replaceChildren(...problems.map((p) => el("li", {}, p)));
     fields.driver.closest(".card").classList.toggle("has-problems", problems.length > 0);
     return problems;
