@@ -63,8 +63,8 @@ def scrub_session(folder: Path, on_incident: Report | None = None) -> dict:
     unrecorded = _write(folder, record)
     try:
         streams = {rel(p, folder): name for name, ps in stream_parts(folder, session).items() for p in ps}
-    except FinalizeError:  # a part is missing: the manifest's check below names it
-        streams = {}
+    except (FinalizeError, KeyError):  # a part is missing (the manifest's check below names it), or a session.json
+        streams = {}                   # without its config (made by hand): every file's sha256 is still checked
     accepted = set(session.get("finalize", {}).get("integrity", {}).get("corrupt", []))
 
     def incident(detail: str, file: str | None = None, **more: object) -> None:

@@ -46,8 +46,8 @@ def status_renderable(status: dict, width: int = 80) -> Group:
         head.append(f"  {session['session_id']}  {_duration(session.get('elapsed_s'))}")
     free = status["disk_free_bytes"] / 1e9
     head.append(f"  disk {free:.0f} GB, {_left(status.get('disk_time_left_s'))}")
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, width=min(width, 80), show_edge=False, padding=(0, 1, 0, 0))
-    for col, w, justify in (("stream", 10, "left"), ("state", 11, "left"), ("drv", 3, "left"), ("msg/s", 6, "right"),
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 0, 0, 0))  # the box separates columns by one space: 77 in all
+    for col, w, justify in (("stream", 11, "left"), ("state", 11, "left"), ("drv", 3, "left"), ("msg/s", 6, "right"),
                             ("MB/s", 6, "right"), ("silent", 6, "right"), ("gaps", 5, "right"),
                             ("rej", 5, "right"), ("rst", 3, "right"), ("load", 5, "right"), ("sync", 7, "left")):
         table.add_column(col, max_width=w, no_wrap=True, overflow="ellipsis", justify=justify)

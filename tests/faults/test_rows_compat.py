@@ -107,6 +107,7 @@ def test_row41_labrecorder_script_records_every_start_it_sends(tmp_path, daemon_
     daemon.command("acquire")
     with socket.create_connection(("127.0.0.1", daemon.info["labrecorder_port"]), timeout=60) as lr:
         # Before any driver runs: recording is impossible (silent streams): an error reply and an incident.
+        assert _say(lr, "filename {participant:P000}") == b"OK"
         assert _say(lr, "start").startswith(b"error: ")
         assert "silent" in wait_incident(daemon, "labrecorder_start_refused", "'start'")["detail"]
         assert "labrecorder_start_refused: LabRecorder: 'start'" in acqd_status_text(daemon)
@@ -157,7 +158,7 @@ def test_labrecorder_root_is_confined_and_a_web_page_cannot_start_a_recording(tm
         assert _say(lr, "start").startswith(b"error: ")  # nothing flows: refused, and the root did not move
     assert not elsewhere.exists() and not (tmp_path / "study").exists()
     status = daemon.command("status")
-    assert status["mode"] == "ACQUIRE" and status["session"] is None
+    assert status["mode"] == "IDLE" and status["session"] is None  # refused before acquiring: no subject prepared
     assert daemon.command("recording")["parent_directory"] == str(data.resolve())
 
 

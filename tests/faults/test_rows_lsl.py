@@ -16,8 +16,9 @@ from acqd.service.procs import Simulator, wait_until
 
 pylsl = pytest.importorskip("pylsl")
 from tests.service.test_lsl import Pusher, lsl_rig  # noqa: E402  (needs pylsl)
+from tests.sessions import SUBJECT
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("lsl")]  # LSL discovery sees every outlet on the host
 
 
 class Impostor(Pusher):
@@ -48,7 +49,7 @@ def test_row44_a_replaced_lsl_outlet_of_another_format_is_a_mismatch_and_a_gap_n
 
     try:
         wait_until(lambda: (real.pump(), not d.command("preflight")["problems"])[-1], "every stream to flow", 30, 0.01)
-        folder = Path(d.command("record", session="r44")["session"]["path"])
+        folder = Path(d.command("record", session="r44", metadata={"subject": SUBJECT})["session"]["path"])
         pump_for(real, 1.0)
         real.kill()
         # same source_id: 200 Hz (was recorded under the 100 Hz header), 8 channels and double64 (were: nothing,

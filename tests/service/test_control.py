@@ -291,7 +291,7 @@ def test_status_shows_a_writer_behind_what_it_sheds_and_what_it_lost_in_80_colum
     console.print(status_renderable(status, 80))
     lines = console.export_text().splitlines()
     assert max(len(x) for x in lines) <= 80, lines
-    row = {x.split()[0]: x.split()[-1] for x in lines if x.split() and x.split()[0] in status["streams"]}
+    row = {x.split()[0]: x.split()[-2] for x in lines if x.split() and x.split()[0] in status["streams"]}
     assert row == {"probe": "4s", "camera": "enc40", "sensor": "ok"}, lines
     text = " ".join(" ".join(lines).split())  # a long line is broken between words over two
     assert "probe: behind 4.2 s, 420 msgs, flush 0.61 s; shedding previews, live_sync; lost 120 overload" in text

@@ -46,6 +46,7 @@ def test_jobs_answer_for_one_run_or_all_of_a_kind():
     assert jobs.status("finalize", "b") == {"session": "b", "kind": "finalize", "state": "unknown"}
     assert jobs.status("finalize") == {"jobs": {"a": done.as_dict(with_report=False)}}
     assert jobs.status("export") == {"jobs": {}}
-    assert jobs.listed() == [{"kind": "finalize", "session": "a", **done.as_dict(with_report=False)}]
+    assert jobs.listed() == [{"kind": "finalize", "session": "a", **done.as_dict(with_report=False),
+                             "master_sha256": None}]  # an export run reports the master it was built from
     jobs.stop()  # every run is reaped
     assert done.proc.returncode == 0

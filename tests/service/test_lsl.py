@@ -26,7 +26,7 @@ from tests.sessions import SUBJECT
 
 pylsl = pytest.importorskip("pylsl")
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("lsl")]  # LSL discovery sees every outlet on the host
 
 
 def lsl_rig(tmp_path: Path, extra: list[dict], daemon: dict | None = None) -> Path:

@@ -316,7 +316,7 @@ def test_amend_after_export_marks_it_stale_and_export_rebuilds_it(sessions, tmp_
     """Issue 23.3: the export said sex F after the session was amended to M. Now the amendment marks exports stale,
     the console shows it, and exporting again into the same folder rebuilds the export with the amended metadata."""
     from acqd.finalize.amend import amend_session
-    from acqd.service.console import session_row
+    from acqd.service.http.console import session_row
     from acqd.session import read_session
 
     _, finalized = sessions

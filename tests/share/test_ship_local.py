@@ -112,7 +112,7 @@ def test_a_file_that_arrives_corrupt_is_resent_once_then_the_job_fails_naming_it
     target = tmp_path / "nas" / "m1_day3" / "streams" / "s0.h5"
     wrapper.write_text(f"""#!/bin/sh
 {shutil.which("rclone")} "$@"; rc=$?
-if [ "$1" = copy ] && [ -f {target} ]; then printf 'X' | dd of={target} bs=1 seek=10 conv=notrunc 2>/dev/null; fi
+case " $* " in *" copy "*) [ -f {target} ] && printf 'X' | dd of={target} bs=1 seek=10 conv=notrunc 2>/dev/null;; esac
 exit $rc
 """)
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)

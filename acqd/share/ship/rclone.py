@@ -62,13 +62,8 @@ def remote_path(dest: ShipDestination, *parts: str) -> str:
     return "/".join([dest.remote.rstrip("/") or "/", *parts]) if parts else dest.remote
 
 
-IO_TIMEOUT = ("--contimeout", "15s", "--timeout", "60s")
-"""A connection or a transfer that stalls this long fails (the queue retries it with backoff): rclone's own default
-of 5 minutes held a job that long after an SFTP server came back half-alive."""
-
-
 def base_args(dest: ShipDestination) -> list[str]:
-    args = [RCLONE, *IO_TIMEOUT]
+    args = [RCLONE]
     if dest.rclone_config is not None:
         args += ["--config", str(dest.rclone_config)]
     return args

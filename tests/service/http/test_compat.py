@@ -32,7 +32,7 @@ class _Sup:
     def __init__(self):
         self.posted = []
 
-    def _incident(self, *args):
+    def incident(self, *args):
         pass
 
     def post(self, fn, *args):
