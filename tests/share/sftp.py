@@ -86,7 +86,8 @@ port = {self.port}
 user = root
 key_file = {key or self.client_key}
 known_hosts_file = {self.folder / "known_hosts"}
-""")
+shell_type = none
+""")  # shell_type none: rclone runs no remote shell (root's login shell files are the host's, not the test's)
         return conf
 
 
