@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -252,3 +254,14 @@ def _run_killed(job: tuple) -> None:
         raise RuntimeError("the killed-writer child did not die")
     assert proc.exitcode == -signal.SIGKILL, proc.exitcode
     return None
+
+
+def working_copy(recorded: Path, tmp_path: Path) -> Iterator[Path]:
+    """A fixture body: a copy of the module's ``recorded`` session to finalize, corrupt or seal, unsealed after the
+    test so that pytest can remove it."""
+    from acqd.finalize import unseal_session
+
+    folder = tmp_path / "s" / recorded.name
+    shutil.copytree(recorded, folder, symlinks=True)
+    yield folder
+    unseal_session(folder)

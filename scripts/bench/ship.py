@@ -25,7 +25,7 @@ from acqd.service.procs import Daemon, Simulator, wait_until
 from acqd.session import FINALIZED, SESSION_FILE, json_bytes, write_bytes_atomic
 from bench.common import BENCH_RIG, log, med
 from bench.procwatch import ProcWatch, is_acqd, wait_quiet
-from bench.session import SETTLE_S, read_session, rig_file, summarize_streams
+from bench.session import SETTLE_S, lost_and_rejected, read_session, rig_file, summarize_streams
 
 WINDOW_S = 60.0
 THROTTLE = "4M"
@@ -108,5 +108,4 @@ def scenario_ship(args: argparse.Namespace, workdir: Path) -> dict:
     return {"window_s": window_s, "throttle": THROTTLE, "quiet_before": quiet, "windows": windows,
             "idle_cpu_pct": idle, "shipping_cpu_pct": busy,
             "delta_cpu_pct": None if idle is None or busy is None else round(busy - idle, 1),
-            "lost": max(files["lost"], sum(s["gaps"] for s in status["streams"].values())),
-            "rejected": max(files["rejected"], sum(s["rejected"] for s in status["streams"].values()))}
+            **lost_and_rejected(files, status)}

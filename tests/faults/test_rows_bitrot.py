@@ -18,10 +18,10 @@ import json
 import mmap
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -32,9 +32,9 @@ from acqd.finalize.digests import entry_line, read_entries, stamp
 from acqd.finalize.layout import DIGESTS
 from acqd.finalize.scrub import scrub_session
 from acqd.service.procs import wait_until
-from acqd.session import SESSION_FILE, read_session
+from acqd.session import read_session
 from acqd.sim.simulate import Rig, SimParams
-from sessions import Recording, record_session, small_config
+from sessions import Recording, record_session, small_config, working_copy
 from tests.conftest import recording, write_rig
 from tests.faults.test_rows_finalize import index_row, overwrite, stored_row_bytes
 
@@ -50,11 +50,8 @@ def recorded(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def session(recorded, tmp_path) -> Path:
-    folder = tmp_path / "s" / SID
-    shutil.copytree(recorded, folder, symlinks=True)
-    yield folder
-    unseal_session(folder)
+def session(recorded, tmp_path) -> Iterator[Path]:
+    yield from working_copy(recorded, tmp_path)
 
 
 def hash_parts(folder: Path) -> dict:

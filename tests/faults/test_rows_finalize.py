@@ -22,6 +22,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -35,7 +36,7 @@ from acqd.finalize.streams import read_stream
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.session import SESSION_FILE, write_json_atomic
 from acqd.sim.simulate import Rig, SimParams
-from sessions import Recording, record_session, small_config
+from sessions import Recording, record_session, small_config, working_copy
 
 SID = "F1"
 TIMEOUT_S = 60
@@ -51,11 +52,8 @@ def recorded(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def session(recorded, tmp_path) -> Path:
-    folder = tmp_path / "s" / SID
-    shutil.copytree(recorded, folder, symlinks=True)
-    yield folder
-    unseal_session(folder)
+def session(recorded, tmp_path) -> Iterator[Path]:
+    yield from working_copy(recorded, tmp_path)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int, bool]]:
