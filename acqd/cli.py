@@ -142,7 +142,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     check_ports_free(cfg, ("drivers",), control=False)
     rig = Rig(cfg, SimParams(seed=args.seed, seconds=args.seconds, max_ppm=args.max_ppm, wander_ppm=args.wander_ppm,
-                             sync=args.sync, sync_period_s=args.sync_period))
+                             sync=args.sync, sync_period_s=args.sync_period, ppm=args.ppm,
+                             t0_monotonic=args.t0_monotonic))
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
@@ -373,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--sync", choices=("random", "regular", "barcode"), default="random",
                    help="sync scheme: random intervals, a regular square wave, or barcodes")
     m.add_argument("--sync-period", type=float, default=1.0, help="period of the regular square wave (s)")
+    m.add_argument("--ppm", type=float, help="every device's crystal error (ppm) instead of a draw")
+    m.add_argument("--t0-monotonic", type=float, metavar="SECONDS",
+                   help="true time 0 on CLOCK_MONOTONIC, shared by the simulators of a multi-PC rig (with one "
+                        "--seed they latch one sync line); --seconds counts from it")
     m.add_argument("--fault", action="append", default=[], metavar="STREAM:KIND:SEQ",
                    help="inject a fault (drop, duplicate, reorder, malformed, oversized, wrong_dtype, wrong_shape, "
                         "size_mismatch, wrong_frames, restart); or sync_off:STREAM:START_S:DURATION_S: the stream "

@@ -54,6 +54,12 @@ class SimParams:
     50 % duty: SpikeGLX's default), or 'barcode' (32-bit barcodes of 30 ms bits every 30 s)."""
     sync_period_s: float = 1.0
     """Period of the regular square wave."""
+    ppm: float | None = None
+    """Every device's crystal error in ppm instead of a draw (one PC of a multi-PC rig: its known drift)."""
+    t0_monotonic: float | None = None
+    """True time 0 on the host's CLOCK_MONOTONIC, shared by the simulators of several PCs of one rig (every
+    network namespace of a machine has the same CLOCK_MONOTONIC): with one ``seed`` they latch one sync line.
+    None: the moment ``run`` starts publishing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,8 +199,9 @@ class Rig:
         self.pulses, self.widths = sync_pulses(params, rng)
         self.devices: dict[str, Device] = {}
         for s in (s for s in cfg.streams if s.lsl is None):  # LSL streams come from their outlets
+            ppm = float(rng.uniform(-params.max_ppm, params.max_ppm))  # drawn even when overridden: same pools
             clock = DeviceClock(rate=s.rate, offset_s=-float(rng.uniform(1, params.max_offset_s)),
-                                ppm=float(rng.uniform(-params.max_ppm, params.max_ppm)),
+                                ppm=ppm if params.ppm is None else params.ppm,
                                 wander_ppm=params.wander_ppm, wander_period_s=float(rng.uniform(300, 1800)))
             chunk = 1 if len(s.shape) > 1 else max(1, round(s.rate * CHUNK_S))
             first = int(np.ceil(clock.phase(0.0)))
@@ -283,7 +290,8 @@ def run(rig: Rig, seconds: float, faults: list[Fault | SyncOff] = (), *, wait_fo
         pub.wait_for_peers(1, wait_for_peers_s)
     if on_ready:
         on_ready()
-    t0 = time.monotonic()
+    t0 = time.monotonic() if rig.params.t0_monotonic is None else rig.params.t0_monotonic
+    skip_to(rig, time.monotonic() - t0)
     held: dict[str, list] = {}
     try:
         while not should_stop():
@@ -323,6 +331,13 @@ def run(rig: Rig, seconds: float, faults: list[Fault | SyncOff] = (), *, wait_fo
         ctx.term()
     # True time 0 on the host's CLOCK_MONOTONIC: what maps a host instant (an LSL timestamp) to each device's clock.
     return {"sent": sent, "faults": injected, "t0_monotonic_s": t0}
+
+
+def skip_to(rig: Rig, elapsed_s: float) -> None:
+    """Devices start publishing at true time ``elapsed_s`` (a simulator joining a shared sync line late): what
+    they would have sent before is never sent, rather than sent at once as a burst."""
+    for dev in rig.devices.values():
+        dev.next_sample = max(dev.next_sample, int(np.ceil(dev.clock.phase(elapsed_s))))
 
 
 def _publisher(cfg: StreamConfig, ctx: zmq.Context) -> Publisher:
