@@ -57,13 +57,16 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 60.0, sig: int = sig
 class Daemon:
     """``acqd serve`` on a free port, with a client once its API is up."""
 
-    def __init__(self, config: Path, data_root: Path, workdir: Path, env: dict | None = None, log: Path | None = None):
+    def __init__(self, config: Path, data_root: Path, workdir: Path, env: dict | None = None, log: Path | None = None,
+                 *, port: int = 0, token: str | None = None, wrap: tuple[str, ...] = ()):
+        """``wrap``: a command the daemon runs under (``ip netns exec NS`` for a PC of a multi-PC test rig); it must
+        exec the daemon, so that ``pid`` is the daemon's own."""
         ready = workdir / f"daemon-{time.monotonic_ns()}.json"
         err = open(log, "ab") if log else None  # its stderr goes to ``log`` if given
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "acqd.cli", "serve", "--config", str(config), "--data-root", str(data_root),
-                 "--port", "0", "--ready-file", str(ready)],
+                [*wrap, sys.executable, "-m", "acqd.cli", "serve", "--config", str(config), "--data-root",
+                 str(data_root), "--port", str(port), "--ready-file", str(ready)],
                 stdin=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})})
         finally:
             if err:
@@ -73,7 +76,7 @@ class Daemon:
             raise RuntimeError(f"the daemon exited with code {self.proc.returncode}")
         info = json.loads(ready.read_text())
         self.url, self.pid, self.info = info["url"], info["pid"], info
-        self.client = Client(self.url)
+        self.client = Client(self.url, token)
 
     def command(self, name: str, **body: object) -> dict:
         return self.client.command(name, **body)
@@ -86,8 +89,9 @@ class Simulator:
     """``acqd simulate`` as a subprocess; ready once it has printed that it is publishing."""
 
     def __init__(self, config: Path, seconds: float, *, seed: int = 0, faults: tuple[str, ...] = (),
-                 truth: Path | None = None, timeout_s: float = 60.0, extra: tuple[str, ...] = ()):
-        args = [sys.executable, "-m", "acqd.cli", "simulate", "--config", str(config), "--seconds", str(seconds),
+                 truth: Path | None = None, timeout_s: float = 60.0, extra: tuple[str, ...] = (),
+                 wrap: tuple[str, ...] = ()):
+        args = [*wrap, sys.executable, "-m", "acqd.cli", "simulate", "--config", str(config), "--seconds", str(seconds),
                 "--seed", str(seed), *extra]
         for f in faults:
             args += ["--fault", f]
