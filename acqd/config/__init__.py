@@ -12,8 +12,9 @@ from acqd.config.models import (NAME_PATTERN, STREAM_NAME_BYTES, ChannelSync, Co
                                 QcConfig, RigConfig, StimulusConfig, StreamConfig, StrobeSync, SyncSource,
                                 VideoConfig, check_name, electrode_columns, is_loopback, load_config, parse_config,
                                 rig_problems, stimulus_problem)
+from acqd.config.nodes import Follower
 
 __all__ = ["NAME_PATTERN", "STREAM_NAME_BYTES", "ChannelSync", "Compression", "ControlConfig", "DaemonConfig",
-           "EdgeLine", "FrameSync", "LabRecorderConfig", "LslSource", "ProbeConfig", "QcConfig", "RigConfig",
+           "EdgeLine", "Follower", "FrameSync", "LabRecorderConfig", "LslSource", "ProbeConfig", "QcConfig", "RigConfig",
            "StimulusConfig", "StreamConfig", "StrobeSync", "SyncSource", "VideoConfig", "check_name",
            "electrode_columns", "is_loopback", "load_config", "parse_config", "rig_problems", "stimulus_problem"]

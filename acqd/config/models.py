@@ -17,13 +17,14 @@ from typing import Annotated, Literal
 
 import numpy as np
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from acqd.config.errors import Found, Loc, closest_first
 from acqd.errors import ConfigError
 from acqd.metadata.models import Frozen as _Frozen
 from acqd.metadata.probes import contact_columns, read_layout
 from acqd.config.ship import ShipList
+from acqd.config.nodes import FollowerList, NodeName, follower_problem, resolve_token_files
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -488,6 +489,10 @@ class RigConfig(_Frozen):
     """Thresholds of the QC verdict (residual, drift) that finalize applies."""
     ship: ShipList = ()
     """Destinations sealed sessions are copied to and verified at (docs/shipping.md); none by default."""
+    node: NodeName = "main"
+    """This PC's name in a rig of several PCs (1-32 letters, digits, '_', '-'); every session.json records it."""
+    followers: FollowerList = ()
+    """The leader's config only: the other PCs of the rig, started and stopped with this one (docs/multi-pc.md)."""
 
     @field_validator("metadata")
     @classmethod
@@ -499,6 +504,13 @@ class RigConfig(_Frozen):
                              "institution, experimenters, devices); the subject and the session's identity come "
                              "with each session (acqd record --subject-id/--species/--sex/--age, --metadata FILE, "
                              "the console's record form): remove it from the config")
+        return v
+
+    @field_validator("followers")
+    @classmethod
+    def _not_self(cls, v: tuple, info: ValidationInfo) -> tuple:
+        if problem := follower_problem(info.data.get("node", "main"), v):
+            raise ValueError(problem)
         return v
 
     @model_validator(mode="after")
@@ -672,6 +684,8 @@ def load_config(path: str | Path, data_root: str | Path | None = None) -> RigCon
         daemon = cfg.daemon.model_copy(update={"data_root": (path.parent / root).resolve()})
         cfg = cfg.model_copy(update={"daemon": daemon})
     cfg = _resolve_probe_files(cfg, path.parent)
+    if cfg.followers:
+        cfg = cfg.model_copy(update={"followers": resolve_token_files(cfg.followers, path.parent)})
     streams = tuple(_resolve_images(s, path.parent) for s in cfg.streams)
     return cfg.model_copy(update={"streams": streams}) if streams != cfg.streams else cfg
 
