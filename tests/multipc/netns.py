@@ -148,13 +148,14 @@ class MultiPC:
     def followers(self) -> tuple[Node, ...]:
         return tuple(self.nodes[n] for n in self.net.nodes if n != LEADER)
 
-    def start(self, name: str, env: dict | None = None, timeout_s: float = 30.0) -> Client:
-        """Write ``name``'s config and start its daemon; ready once its API answers over the rig network."""
+    def start(self, name: str, env: dict | None = None, timeout_s: float = 30.0, ship: bool = True) -> Client:
+        """Write ``name``'s config (a follower ships its sessions to the leader's data root unless not ``ship``) and
+        start its daemon; ready once its API answers over the rig network."""
         node = self.nodes[name]
         if name == LEADER:
             node_yaml(node, followers=self.followers)
         else:
-            node_yaml(node, ship_to=self.leader)
+            node_yaml(node, ship_to=self.leader if ship else None)
         self.daemons[name] = Daemon(node.config, node.data_root, node.home, env=env, log=node.home / "daemon.log",
                                     port=PORT,
                                     token=node.token, wrap=self.net.wrap(name))
