@@ -18,13 +18,11 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from hdmf.backends.warnings import BrokenLinkWarning
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pynwb import NWBHDF5IO, validate
@@ -35,8 +33,9 @@ from acqd.finalize import (MANIFEST, PAUSE_ENV, PAUSE_MARKER_ENV, finalize_sessi
                            unseal_session, verify_manifest)
 from acqd.session import SESSION_FILE, write_json_atomic
 from acqd.sim.simulate import Rig, SimParams
-from acqd.record.streamfile import StreamFile, committed_rows, open_for_read
+from acqd.record.streamfile import StreamFile
 from sessions import Recording, Restart, record_session, small_config
+from nwbread import read_master, series_times, stream_data
 
 SEED = 3
 SID = "S1"
@@ -84,36 +83,6 @@ def finalized(recorded, tmp_path_factory):
         yield folder, report, stages
     finally:
         unseal_session(folder)
-
-
-# -- helpers -----------------------------------------------------------------------------------------------
-
-
-def stream_data(folder: Path, parts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(committed rows of /data, device sample of each row) of a stream's part files, in order."""
-    data, samples = [], []
-    for rel in parts:
-        with open_for_read(folder / rel) as f:
-            n = committed_rows(f)
-            data.append(f["data"][:n])
-            for r in f["index"][:]:
-                samples.append(np.arange(r["first_sample"], r["first_sample"] + r["n_samples"], dtype=np.int64))
-    return np.concatenate(data), np.concatenate(samples)
-
-
-def series_times(ts) -> np.ndarray:
-    if ts.timestamps is not None:
-        return ts.timestamps[:]
-    n = ts.num_samples if getattr(ts, "external_file", None) is not None else ts.data.shape[0]
-    return ts.starting_time + np.arange(n) / ts.rate
-
-
-def read_master(path: Path):
-    """Open like an analyst, but with a broken link an error instead of silently empty data."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", BrokenLinkWarning)
-        io = NWBHDF5IO(str(path), "r")
-        return io, io.read()
 
 
 # -- the master file -----------------------------------------------------------------------------------------
