@@ -27,7 +27,9 @@ from pathlib import Path
 
 from acqd.client import Client, DaemonUnreachable
 from acqd.service.procs import Daemon, Simulator, stop_process, wait_until
+from acqd.session import FINALIZED, SESSION_FILE
 from tests.multipc.rigs import FOLLOWERS, LEADER, PORT, SEED, Node, node_yaml, sim_args
+from tests.sessions import SUBJECT
 
 IP_TIMEOUT_S = 10
 _count = itertools.count()
@@ -132,9 +134,10 @@ def network(nodes: tuple[str, ...]) -> Iterator[Network]:
 class MultiPC:
     """The leader and its followers, each a PC of ``net`` with its own folder under ``root``."""
 
-    def __init__(self, net: Network, root: Path, sim_seconds: float):
+    def __init__(self, net: Network, root: Path, sim_seconds: float, carries: dict[str, tuple[str, ...]]):
         self.net, self.sim_seconds = net, sim_seconds
-        self.nodes = {n: Node(n, net.address(n), f"token-of-{n}-{os.getpid()}", root / n) for n in net.nodes}
+        self.nodes = {n: Node(n, net.address(n), f"token-of-{n}-{os.getpid()}", root / n, carries.get(n, ()))
+                      for n in net.nodes}
         self.t0 = time.monotonic()  # the sync line's true time 0: one CLOCK_MONOTONIC in every namespace
         self.daemons: dict[str, Daemon] = {}
         self.sims: dict[str, Simulator] = {}
@@ -177,6 +180,24 @@ class MultiPC:
         self.simulate(name)
         wait_until(lambda: not client.command("preflight")["problems"], f"{name}'s streams to flow", timeout_s)
 
+    def start_all(self) -> None:
+        """Every node started (followers first: the leader's preflight reaches them) and acquiring."""
+        for name in (*(f.name for f in self.followers), LEADER):
+            self.start(name)
+        for name in self.nodes:
+            self.acquire(name)
+
+    def record(self, session: str) -> Path:
+        """RECORD from the leader's API; returns the leader's session folder."""
+        status = self.clients[LEADER].command("record", session=session, metadata={"subject": SUBJECT})
+        return Path(status["session"]["path"])
+
+    def wait_recorded(self, seconds: float, names: tuple[str, ...] | None = None) -> None:
+        """Until every node of ``names`` (default all) has recorded ``seconds`` of its session."""
+        clients = [self.clients[n] for n in names or tuple(self.clients)]
+        wait_until(lambda: all((c.command("status")["session"] or {}).get("elapsed_s", 0) >= seconds
+                               for c in clients), f"{seconds} s recorded", seconds + 30, 0.25)
+
     def kill(self, name: str) -> None:
         """kill -9 ``name``'s daemon (by its pid) and reap it."""
         daemon = self.daemons.pop(name)
@@ -192,6 +213,17 @@ class MultiPC:
             client.close()
 
 
+def session_json(folder: Path) -> dict:
+    try:
+        return json.loads((folder / SESSION_FILE).read_text())
+    except (OSError, ValueError):  # not there yet, or being replaced
+        return {}
+
+
+def wait_finalized(folder: Path, timeout_s: float = 240.0) -> None:
+    wait_until(lambda: session_json(folder).get("state") == FINALIZED, f"{folder.name} finalized", timeout_s, 0.5)
+
+
 def _answers(client: Client) -> bool:
     try:
         client.command("status")
@@ -201,10 +233,12 @@ def _answers(client: Client) -> bool:
 
 
 @contextmanager
-def multipc(tmp_path: Path, sim_seconds: float, nodes: tuple[str, ...] = (LEADER, *FOLLOWERS)) -> Iterator[MultiPC]:
-    """A network of ``nodes`` and their processes (none started yet); everything is torn down on the way out."""
+def multipc(tmp_path: Path, sim_seconds: float, nodes: tuple[str, ...] = (LEADER, *FOLLOWERS),
+            carries: dict[str, tuple[str, ...]] | None = None) -> Iterator[MultiPC]:
+    """A network of ``nodes`` and their processes (none started yet); everything is torn down on the way out.
+    ``carries``: a node that records other nodes' streams too (``Node.carries``)."""
     with ExitStack() as stack:
         net = stack.enter_context(network(nodes))
-        rig = MultiPC(net, tmp_path, sim_seconds)
+        rig = MultiPC(net, tmp_path, sim_seconds, carries or {})
         stack.callback(rig.close)
         yield rig

@@ -32,6 +32,8 @@ class Node:
     token: str
     home: Path
     """The node's own folder: config, data root, ipc endpoints."""
+    carries: tuple[str, ...] = ()
+    """The nodes whose streams this one records (default: its own): one PC with the whole rig's streams."""
 
     @property
     def data_root(self) -> Path:
@@ -51,7 +53,7 @@ PORT = 8600  # every node has its own network namespace, so all of them can list
 
 def daq(node: str, ipc: Path) -> dict:
     return {"name": f"{node}_daq", "kind": "analog", "description": f"{node}'s DAQ, the node's reference clock",
-            "endpoint": f"ipc://{ipc}/daq", "dtype": "int16", "shape": [9], "rate": 30000.0, "units": "volts",
+            "endpoint": f"ipc://{ipc}/{node}_daq", "dtype": "int16", "shape": [9], "rate": 30000.0, "units": "volts",
             "conversion": 3.0517578125e-4, "sync": {"source": "channel", "channel": 8, "bit": 0}}
 
 
@@ -59,13 +61,13 @@ def extra_stream(node: str, ipc: Path) -> dict:
     """The node's second stream: frame-synced (leader), sync in its data (f1) or host-timed (f2)."""
     if node == "f1":
         return {"name": "f1_probe", "kind": "ephys", "description": "probe on f1, 32 channels + sync word",
-                "endpoint": f"ipc://{ipc}/probe", "dtype": "int16", "shape": [33], "rate": 30000.0,
+                "endpoint": f"ipc://{ipc}/f1_probe", "dtype": "int16", "shape": [33], "rate": 30000.0,
                 "units": "volts", "conversion": 1.95e-6, "sync": {"source": "channel", "channel": 32, "bit": 0}}
     if node == "f2":
         return {"name": "f2_wheel", "kind": "analog", "description": "wheel on f2, no sync line",
-                "endpoint": f"ipc://{ipc}/wheel", "dtype": "float32", "shape": [1], "rate": 1000.0, "units": "a.u."}
+                "endpoint": f"ipc://{ipc}/f2_wheel", "dtype": "float32", "shape": [1], "rate": 1000.0, "units": "a.u."}
     return {"name": f"{node}_sensor", "kind": "analog", "description": "behaviour sensor on the leader",
-            "endpoint": f"ipc://{ipc}/sensor", "dtype": "float32", "shape": [3], "rate": 1000.0, "units": "a.u.",
+            "endpoint": f"ipc://{ipc}/{node}_sensor", "dtype": "float32", "shape": [3], "rate": 1000.0, "units": "a.u.",
             "sync": {"source": "frame"}}
 
 
@@ -73,11 +75,11 @@ def node_raw(node: Node) -> dict:
     """The node's rig config as a mapping, without the multi-PC keys (``node_yaml`` adds them)."""
     example = yaml.safe_load(EXAMPLE.read_text())
     ipc = node.home / "ipc"
-    return {"daemon": {"data_root": str(node.data_root), "flush_interval_s": 0.25,
+    return {"daemon": {"data_root": str(node.data_root), "flush_interval_s": 0.25, "finalize_on_stop": True,
                        "control": {"host": node.address, "port": PORT, "token": node.token,
                                    "allowed_hosts": [node.address]}},
             "reference": f"{node.name}_daq", "metadata": {k: v for k, v in example["metadata"].items() if k != "ecephys"},
-            "streams": [daq(node.name, ipc), extra_stream(node.name, ipc)]}
+            "streams": [s for n in node.carries or (node.name,) for s in (daq(n, ipc), extra_stream(n, ipc))]}
 
 
 def node_yaml(node: Node, followers: tuple[Node, ...] = (), ship_to: Node | None = None) -> Path:
