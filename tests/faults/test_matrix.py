@@ -12,7 +12,7 @@ NOT_AUTOMATED = {5}  # power loss: needs LazyFS/FUSE mounts (docs/faults.md name
 def test_every_row_has_a_test_and_every_named_test_exists():
     page = (ROOT / "docs" / "faults.md").read_text()
     rows = {int(n) for n in re.findall(r"^\| (\d+) \|", page, flags=re.M)}
-    assert set(range(1, 41)) <= rows <= set(range(1, 47))  # rows 43 (several PCs) and 47+ join as their tests land
+    assert set(range(1, 41)) <= rows <= set(range(1, 47))  # rows 47+ join as their tests land
     defined = {(str(p.relative_to(ROOT)), m) for p in (ROOT / "tests").rglob("test_*.py")
                for m in re.findall(r"^def (test_\w+)", p.read_text(), flags=re.M)}
     named = set(re.findall(r"`(tests/[\w/]+\.py)::(test_\w+)`", page))

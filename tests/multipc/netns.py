@@ -162,6 +162,8 @@ class MultiPC:
         self.daemons[name] = Daemon(node.config, node.data_root, node.home, env=env, log=node.home / "daemon.log",
                                     port=PORT,
                                     token=node.token, wrap=self.net.wrap(name))
+        if name in self.clients:  # a restarted node
+            self.clients[name].close()
         self.clients[name] = client = Client(node.url, node.token, timeout=30.0)
         wait_until(lambda: _answers(client), f"{name}'s API at {node.url}", timeout_s)
         return client
