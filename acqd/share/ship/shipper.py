@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from acqd.finalize.layout import MANIFEST
+from acqd.finalize.layout import MANIFEST, READY
 from acqd.session import read_session
 from acqd.share.ship import cleanup, rclone
 from acqd.share.ship.queue import ACTIVE, FAILED, QUEUE_FILE, VERIFIED, Job, Queue, backoff_s
@@ -34,7 +34,6 @@ from acqd.share.ship.verify import (describe, expected, export_files, forget_cop
 from acqd.config.ship import ShipDestination
 
 log = logging.getLogger("acqd")
-READY = "READY.json"
 DEFAULT_NODE = "main"  # the node name of a session that does not say (one-PC rig; acqd.config's ``node`` default)
 PROGRESS_INTERVAL_S = 1.0
 
