@@ -211,7 +211,8 @@ def cmd_finalize(args: argparse.Namespace) -> int:
     from acqd.finalize.qc import summary_lines
 
     return _run_job(args, "finalize", lambda progress: finalize_session(
-        Path(args.session_dir), progress, accept_corrupt=args.accept_corrupt), summary_lines)
+        Path(args.session_dir), progress, accept_corrupt=args.accept_corrupt, wait_nodes_s=args.wait_nodes),
+        summary_lines)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -392,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--progress-jsonl", action="store_true", help="print progress and the report as JSON lines")
     f.add_argument("--accept-corrupt", action="store_true",
                    help="seal even if chunks fail their checksum (they are listed in the report and qc.json)")
+    f.add_argument("--wait-nodes", type=float, default=None, metavar="SECONDS",
+                   help="a multi-PC session: wait this long for the other PCs' parts (default: the session config's "
+                        "daemon.nodes_timeout_s); missing ones are listed, finalize again once they arrive")
     f.set_defaults(fn=cmd_finalize)
 
     v = sub.add_parser("verify", help="read a finalized session again against its manifest (session.json included) "

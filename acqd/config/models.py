@@ -435,6 +435,9 @@ class DaemonConfig(_Frozen):
     """Window over which writer restarts are counted (seconds)."""
     finalize_on_stop: bool = False
     """Finalize each session as soon as its recording stops."""
+    nodes_timeout_s: float = Field(600.0, ge=0)
+    """A leader's finalize waits this long for the other PCs' parts of a session (nodes/<node>/); then it goes on
+    without the missing ones, listed as missing (`acqd finalize` again once they arrive)."""
     labrecorder: LabRecorderConfig | None = None
     """Serve LabRecorder's remote control commands (start, stop, filename ...); off when absent."""
     heartbeat_timeout_s: float = Field(2.0, gt=0)

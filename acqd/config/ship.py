@@ -7,6 +7,7 @@ imports them into ``RigConfig.ship``. Only validation lives here: ``acqd.share.s
 from __future__ import annotations
 
 import re
+import string
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -17,6 +18,8 @@ from acqd.metadata.models import Frozen as _Frozen
 # rclone's --bwlimit: a size with an optional suffix, or "off" (a timetable is not accepted: it hides the limit).
 _BWLIMIT = re.compile(r"^(off|\d+(\.\d+)?[BKMGTP]?(:\d+(\.\d+)?[BKMGTP]?)?)$", re.I)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PATH_FIELDS = ("session", "node")
+"""The placeholders a destination's ``path`` may hold."""
 
 
 class DeleteAfter(_Frozen):
@@ -51,6 +54,13 @@ class ShipDestination(_Frozen):
     """Name of the destination (`acqd ship SESSION --to NAME`)."""
     remote: str = Field(min_length=1)
     """rclone remote path: a local folder or mount (/mnt/nas/acqd) or remote:path (lab-sftp:data/rig1)."""
+    path: str = "{session}"
+    """Where a session lands below remote: a relative path with the placeholders {session} (the session id) and
+    {node} (the PC's node name from session.json; "main" on a one-PC rig). A follower shipping to the leader:
+    "{session}/nodes/{node}"."""
+    sessions: Literal["all", "led", "own"] = "all"
+    """Which sessions go here: all, led (only those a leader started: session.json has "leader"; a follower's
+    destination "leader"), or own (only those without a leader)."""
     rclone_config: Path | None = None
     """rclone config file naming the remote; default: rclone's own (~/.config/rclone/rclone.conf)."""
     what: Literal["session", "export", "both"] = "session"
@@ -89,6 +99,32 @@ class ShipDestination(_Frozen):
         if not _NAME.fullmatch(v) or ".." in v:
             raise ValueError(f"invalid destination name {v!r}: use 1-64 letters, digits, '_', '.', '-'")
         return v
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        try:
+            fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(v) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"invalid path {v!r}: {e}") from None
+        if bad := [f for f, spec, conv in fields if f not in PATH_FIELDS or spec or conv]:
+            raise ValueError(f"invalid path {v!r}: unknown placeholder {{{bad[0]}}}; use {{session}} and {{node}}")
+        fields = [f for f, _, _ in fields]
+        parts = v.split("/")
+        if v.startswith("/") or "\\" in v or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"invalid path {v!r}: a relative path below remote without '.', '..', '//' or a "
+                             "leading or trailing '/'")
+        if "session" not in fields:
+            raise ValueError(f"invalid path {v!r}: it must hold {{session}}, or every session lands in one folder")
+        return v
+
+    def where(self, session: str, node: str) -> str:
+        """``path`` with its placeholders filled: the session's folder below ``remote``."""
+        return self.path.format(session=session, node=node)
+
+    def takes(self, led: bool) -> bool:
+        """Whether a session goes here by ``sessions``: ``led`` says whether a leader started it."""
+        return self.sessions == "all" or (self.sessions == "led") == led
 
     @field_validator("bwlimit", "throttle_bwlimit")
     @classmethod

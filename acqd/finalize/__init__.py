@@ -17,7 +17,9 @@ state changes in ``session.json``. The stages live in:
 - ``digests`` and ``hasher``: parts hashed (and their chunks checked) while the session records, which finalize
   trusts while their stamp is unchanged (the report lists them: ``trusted_from_recording``);
 - ``scrub``: after the seal, every sealed byte read again; only then is a session ``verified`` (``is_verified``);
-- ``layout``: the names of the outputs and the write-then-rename rule they follow.
+- ``layout``: the names of the outputs and the write-then-rename rule they follow;
+- ``nodes``: a session recorded by several PCs, on the leader: the other nodes' parts (``nodes/<node>/``) waited
+  for, verified against their own manifests, aligned on the leader's reference, and listed when missing.
 
 Idempotent and resumable: every output is rebuilt deterministically from the stream files, the master is
 written as ``<id>.nwb.partial`` and renamed only once it validates, and ``session.json`` turns 'finalized'
@@ -39,8 +41,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from acqd.finalize import journal, qc
-from acqd.config import QcConfig, StreamConfig
+from acqd.finalize import journal, nodes, qc
+from acqd.config import DaemonConfig, QcConfig, StreamConfig
 from acqd.errors import FinalizeError
 from acqd.finalize.digests import Entry, lock_for_finalize, trusted
 from acqd.finalize.integrity import Integrity, folder_problems, scan_folder, verify_chunks
@@ -79,14 +81,18 @@ STAGES = {"check": (0.0, 0.02), "read": (0.02, 0.1), "align": (0.1, 0.2), "write
           "validate": (0.45, 0.7), "qc": (0.7, 0.8), "seal": (0.8, 1.0)}
 
 
-def finalize_session(folder: Path, progress: Progress | None = None, *, accept_corrupt: bool = False
-                     ) -> FinalizeReport:
+def finalize_session(folder: Path, progress: Progress | None = None, *, accept_corrupt: bool = False,
+                     wait_nodes_s: float | None = None) -> FinalizeReport:
     """Finalize the session in ``folder``: clock fits, master NWB, validation, QC, seal. See the module docstring.
 
     Raises ``FinalizeError`` (nothing sealed, state unchanged) if the folder holds a symbolic link or a file acqd
     does not write, the session is not quiescent, a chunk fails its checksum (unless ``accept_corrupt``: then the
     corrupt chunks are sealed and listed in the report, ``qc.json`` and ``session.json``), a stream cannot be
     placed on the timebase, or the master fails validation (the message lists every blocking finding).
+
+    A multi-PC session on its leader (``acqd.finalize.nodes``) first waits up to ``wait_nodes_s`` (default: the
+    session config's ``daemon.nodes_timeout_s``) for every other node's part; a finalized one whose missing node
+    has arrived since is finalized again, with it.
     """
     started = time.monotonic()
     folder = Path(folder).resolve()
@@ -98,10 +104,15 @@ def finalize_session(folder: Path, progress: Progress | None = None, *, accept_c
         sid = session.get("session_id") or folder.name
         master = folder / f"{sid}.nwb"
         if session.get("state") == FINALIZED:
-            return _already_finalized(folder, session, master, started)
+            if not nodes.late_arrivals(folder, session):
+                return _already_finalized(folder, session, master, started)
+            unseal_session(folder)  # a node arrived after this finalize: again, with it
+            session = {**session, "state": session["finalize"]["previous_state"]}
         report_progress("check", 0.0)
-        _refuse(folder, folder_problems(folder, sid, [s["name"] for s in session["config"]["streams"]]))
+        _refuse(folder, folder_problems(folder, sid, [s["name"] for s in session["config"]["streams"]]
+                                        + nodes.stream_names(folder, session)))  # their QC plots are ours
         parts = _check_quiescent(folder, session)
+        absent = nodes.wait_for_nodes(folder, session, _nodes_timeout(session, wait_nodes_s), report_progress)
         previous = session.get("finalize", {}).get("previous_state") or session["state"]
         _clear_outputs(folder, master)  # a killed earlier run may have left any of them
         hasher_lock, created = _lock_digests(folder)  # held to the end: the hasher appends nothing meanwhile
@@ -114,10 +125,10 @@ def finalize_session(folder: Path, progress: Progress | None = None, *, accept_c
             early = trusted(folder, recorded)
             with Digests(recorded, known={p: (e.sha256, e.stamp) for p, e in early[0].items()}) as digests:
                 report, record = _run(folder, session, previous, parts, master, digests, report_progress,
-                                      accept_corrupt, early, _readable(folder, parts))
+                                      accept_corrupt, early, _readable(folder, parts), absent)
         except BaseException:
             _clear_outputs(folder, master)
-            unseal(sorted(p for ps in parts.values() for p in ps) + [folder / DIGESTS])
+            unseal(sorted(p for ps in parts.values() for p in ps) + [folder / DIGESTS] + nodes.node_files(folder))
             write_json_atomic(folder / SESSION_FILE, session)
             if created and not (folder / DIGESTS).stat().st_size:  # leave the folder as it was found
                 (folder / DIGESTS).unlink()
@@ -135,10 +146,12 @@ def finalize_session(folder: Path, progress: Progress | None = None, *, accept_c
 def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]], master: Path,
          digests: Digests, progress: Progress, accept_corrupt: bool,
          early: tuple[dict[Path, Entry], list[str]],
-         readable: tuple[dict[str, list[Path]], list[LostPart]]) -> tuple[FinalizeReport, bytes]:
+         readable: tuple[dict[str, list[Path]], list[LostPart]], absent: dict[str, str]
+         ) -> tuple[FinalizeReport, bytes]:
     """Everything between the checks and the commit point; raises on any failure (the caller rolls back).
     ``early``: the digests (and chunk checks) taken while recording that still hold, and a line per file that
-    changed since; ``readable``: the parts that can be read, and those that cannot (``_readable``). Returns the
+    changed since; ``readable``: the parts that can be read, and those that cannot (``_readable``); ``absent``:
+    the other nodes of a multi-PC session that did not arrive, and why (``nodes.wait_for_nodes``). Returns the
     report and the finalized ``session.json`` (its digest is in the manifest) to write."""
     sid = session.get("session_id") or folder.name
     parts, lost = readable
@@ -156,6 +169,7 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
     integrity = _verify_chunks(folder, parts, accept_corrupt, {p: e.chunks for p, e in early[0].items() if e.chunks})
     integrity.lost = [asdict(x) for x in lost]
     streams, empty = _read_streams(folder, configs, parts, ref_name, progress)
+    rig = nodes.gather(folder, session, digests, absent, set(streams))  # the other PCs' parts, if any
     warnings = [f"stream {n!r} has no file (it never recorded)" for n in missing
                 if not any(x.stream == n for x in lost)] + [str(x) for x in lost] + empty + early[1]
     warnings += [f"corrupt chunk sealed (--accept-corrupt): {c}" for c in integrity.corrupt]
@@ -175,12 +189,15 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
     if moved:
         aligned[ref_name].flags.insert(0, moved)
         warnings.append(moved)
+    aligned.update(rig.align(ref, limits.max_pairing_ppm))
+    streams = {**streams, **rig.streams}
+    warnings += rig.warnings
     zero = zero_sample(streams, aligned, ref)
     zero_s = zero / ref.rate
     progress("align", 1.0)
 
     progress("write", 0.0)
-    linked = {name: linked_file(folder, s) for name, s in streams.items()}
+    linked = {**{name: linked_file(folder, s) for name, s in streams.items() if name not in rig.linked}, **rig.linked}
     plan, stream_reports = plan_master(folder, session, streams, aligned, ref, zero, linked)
     with partial_then_rename(master) as partial:  # under its final name only once it has validated
         nwb.write_master(partial, plan)
@@ -209,7 +226,9 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
                             trusted_from_recording=sorted(rel(p, folder) for p in early[0]))
     progress("qc", 0.0)
     for n, r in stream_reports.items():
-        r.qc = stream_qc(streams[n], r, session.get("incidents", []), limits, zero_s)
+        r.qc = stream_qc(streams[n], r, rig.incidents(n, session.get("incidents", [])), limits, zero_s)
+    rig.label(stream_reports)
+    report.nodes = nodes.node_summary(session, {n: r for n, r in stream_reports.items() if r.node is None}, rig)
     events = incident_times(session.get("incidents", []), plan.session_start_time)
     qc.write_report(folder / QC_DIR, qc_summary(report, limits),
                     [qc_plot(streams[n], aligned[n], zero_s, stream_reports[n],
@@ -226,7 +245,8 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
     _checkpoint("sealed")
     final = {**session, "state": FINALIZED,
              "finalize": {"previous_state": previous, "master": report.master, "manifest": MANIFEST,
-                          "qc": report.qc, "integrity": _integrity_record(integrity)}}
+                          "qc": report.qc, "integrity": _integrity_record(integrity),
+                          **({"nodes": report.nodes} if report.nodes else {})}}
     if any(not x.empty for x in lost):  # data the index of a lost part proved is gone
         final["incomplete"] = True
     record = json_bytes(final)
@@ -327,7 +347,16 @@ def _already_finalized(folder: Path, session: dict, master: Path, started: float
                                   "immutable_error": None if immutable else "the manifest has no immutable flag"},
                           warnings=summary["warnings"] + old, integrity=summary.get("integrity", {}),
                           trusted_from_recording=summary.get("trusted_from_recording", []),
+                          nodes=summary.get("nodes", {}),
                           verification=verification(folder)["state"], seconds=round(time.monotonic() - started, 3))
+
+
+def _nodes_timeout(session: dict, wait_s: float | None) -> float:
+    """How long to wait for the other nodes of a multi-PC session: ``wait_s``, else the session config's."""
+    if wait_s is not None:
+        return wait_s
+    default = DaemonConfig.model_fields["nodes_timeout_s"].default
+    return float((session["config"].get("daemon") or {}).get("nodes_timeout_s", default))
 
 
 def _progress(progress: Progress | None) -> Progress:

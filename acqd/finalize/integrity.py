@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from acqd.finalize.layout import known_dir, known_file, rel
+from acqd.finalize.layout import NODES_DIR, known_dir, known_file, rel
 from acqd.record.partread import UnreadablePart, probe_parts
 from acqd.record.streamfile import open_for_read, rows_crc32
 from acqd.record.superblock import left_open, read_head
@@ -57,6 +57,9 @@ def scan_folder(folder: Path) -> tuple[list[Path], list[str], list[str]]:
 def folder_problems(folder: Path, session_id: str, streams: list[str]) -> list[str]:
     """Links, special files, and every file or folder acqd does not write (``layout.known_file``)."""
     files, dirs, problems = scan_folder(folder)
+    # Other PCs' parts (nodes/<node>/) are checked against their own manifests by acqd.finalize.nodes.
+    files = [p for p in files if not rel(p, folder).startswith(f"{NODES_DIR}/")]
+    dirs = [d for d in dirs if d != NODES_DIR and not d.startswith(f"{NODES_DIR}/")]
     problems += [f"{rel(p, folder)}: not a file acqd writes (move it out of the session folder)" for p in files
                  if not known_file(rel(p, folder), session_id, streams)]
     problems += [f"{d}/: not a folder acqd writes" for d in dirs if not known_dir(d, streams)]

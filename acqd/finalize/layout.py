@@ -30,6 +30,11 @@ QC_DIR = "qc"
 VDS_DIR = "vds"  # virtual datasets joining the parts of a stream written by several writers
 RECOVERED_DIR = "recovered"  # clean copies of the committed rows of parts a killed writer left open
 PARTIAL = ".partial"
+NODES_DIR = "nodes"
+"""The other PCs' parts of a multi-PC session on the leader: ``nodes/<node>/``, each checked against its own
+manifest (acqd.finalize.nodes), not against ``known_file``."""
+READY = "READY.json"
+"""Written last by the ship queue where a verified copy landed (acqd.share.ship): a node's part has arrived."""
 KNOWN_DIRS = (STREAMS_DIR, VIDEO_DIR, QC_DIR, VDS_DIR, RECOVERED_DIR, STIMULI_DIR, ATTACHMENTS_DIR)
 
 

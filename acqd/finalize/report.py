@@ -64,6 +64,8 @@ class StreamReport:
     qc: dict | None = None
     """The QC row (``stream_qc``): verdict and why, timing source, pairs, drift, residual vs bound, gaps,
     rejects by reason, writer restarts, disconnects, dropped frames, live sync losses."""
+    node: str | None = None
+    """The PC that recorded the stream, when another node of a multi-PC session did (acqd.finalize.nodes)."""
 
 
 @dataclass
@@ -94,6 +96,9 @@ class FinalizeReport:
     trusted_from_recording: list[str] = field(default_factory=list)
     """Files (relative paths) whose sha256, and for parts whose chunk checks, finalize took from ``digests.jsonl``
     (read by the hasher while recording) without reading them again: the scrub after the seal re-reads them."""
+    nodes: dict = field(default_factory=dict)
+    """A multi-PC session: every node (this one included) with its state (leader, arrived, missing, unverified,
+    unusable), verdict, streams and the problem (acqd.finalize.nodes); empty on a one-PC session."""
     verification: str = "pending"
     """``acqd.finalize.scrub.verification``: 'pending' until the scrub has read every sealed byte, then
     'verified' or 'failed'."""
@@ -108,13 +113,15 @@ def qc_summary(report: FinalizeReport, limits: QcConfig = QcConfig()) -> dict:
     return {"session_id": report.session_id, "master": report.master, "timebase": report.timebase,
             "streams": {n: asdict(r) for n, r in report.streams.items()}, "validation": report.check,
             "warnings": report.warnings, "integrity": report.integrity, "session_log": report.session_log,
-            "trusted_from_recording": report.trusted_from_recording, "verdict": session_verdict(report.streams),
+            "trusted_from_recording": report.trusted_from_recording, "nodes": report.nodes,
+            "verdict": session_verdict(report.streams, report.nodes),
             "thresholds": limits.model_dump()}
 
 
-def session_verdict(streams: dict[str, StreamReport]) -> str:
-    """The worst stream verdict."""
+def session_verdict(streams: dict[str, StreamReport], nodes: dict | None = None) -> str:
+    """The worst stream verdict, or node verdict (a node of a multi-PC session that never arrived: WARN)."""
     verdicts = {(r.qc or {}).get("verdict", PASS) for r in streams.values()}
+    verdicts |= {n.get("verdict", PASS) for n in (nodes or {}).values()}
     return FAIL if FAIL in verdicts else WARN if WARN in verdicts else PASS
 
 

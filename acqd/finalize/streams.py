@@ -96,6 +96,9 @@ class Stream:
     recorded_gaps: np.ndarray
     """The gap tables of every part; ``file_row`` made global."""
     rows: int
+    home: str = ""
+    """Where the stream's session folder is, relative to the master's: '' (its own), 'nodes/<node>/' (another PC's
+    part of a multi-PC session)."""
 
     @property
     def name(self) -> str:
@@ -158,7 +161,7 @@ class Stream:
                 if take < n:
                     problems.append(f"{name}: {n - take} frame(s) have no committed index row and are left out")
                 if take:
-                    files.append(f"{VIDEO_DIR}/{name}")
+                    files.append(f"{self.home}{VIDEO_DIR}/{name}")
                     starts.append(sum(len(r) for r in rows))
                     rows.append(np.arange(offset + first, offset + first + take, dtype=np.int64))
                 held = max(held, first + take)

@@ -66,7 +66,7 @@ def align_all(streams: dict[str, Stream], ref: Stream, max_ppm: float = 200.0) -
         if isinstance(sync, StrobeSync) and sync.stream in out:
             out[name] = _align_strobe(s, streams[sync.stream], out[sync.stream].fit, ref)
         elif isinstance(sync, (ChannelSync, FrameSync)):
-            out[name] = _align_sync(s, ref, max_ppm)
+            out[name] = align_sync(s, ref, max_ppm)
         elif lsl.is_lsl_timed(s.cfg):
             fit, flags, qc = lsl.align_lsl(s, ref)
             out[name] = Alignment(fit, flags, lsl=qc)
@@ -133,13 +133,14 @@ def _identity(ref: Stream) -> ClockFit:
                     residual_rms_s=0.0, residual_max_s=0.0, error_bound_s=0.0)
 
 
-def _align_sync(s: Stream, ref: Stream, max_ppm: float) -> Alignment:
+def align_sync(s: Stream, ref: Stream, max_ppm: float, host: ClockFit | None = None) -> Alignment:
     """Pair the stream's sync edges with the reference's, the host-time fit as the prior (which lets a regular
     train pair when host timing resolves its period); a counter segment whose edges cannot be fitted is timed by
-    host receive times alone, flagged; the whole stream only if no segment can be fitted."""
+    host receive times alone, flagged; the whole stream only if no segment can be fitted. ``host``: that fit when
+    the stream's host clock is not the reference's (another PC's stream: acqd.finalize.nodes composes it)."""
     dev, refe = s.edges.get("sync", np.empty(0, np.int64)), ref.edges.get("sync", np.empty(0, np.int64))
     try:
-        host: ClockFit | None = _host_fit(s, ref)
+        host = host or _host_fit(s, ref)
     except FinalizeError:  # too few host points: the edges alone may still do
         host = None
     prior = host if host is not None and host.segments == len(split_counter_resets(dev)) else None
@@ -151,10 +152,10 @@ def _align_sync(s: Stream, ref: Stream, max_ppm: float) -> Alignment:
         host = host or _host_fit(s, ref)
         return Alignment(host, [f"sync fit failed ({e}): {host_caption(host.error_bound_s)}"])
     flags = [f"{note}: {host_caption(fit.segment_bounds_s[k])}" for k, note in zip(fit.host_segments, fit.notes)]
-    return Alignment(_covering_rows(fit, s), flags, pairs=_nearest_pairs(dev, fit, refe / ref.rate - 0.5 / ref.rate))
+    return Alignment(covering_rows(fit, s), flags, pairs=_nearest_pairs(dev, fit, refe / ref.rate - 0.5 / ref.rate))
 
 
-def _covering_rows(fit: ClockFit, s: Stream) -> ClockFit:
+def covering_rows(fit: ClockFit, s: Stream) -> ClockFit:
     """The fit with its error bound grown to cover the stream's rows beyond the end knots (extrapolated)."""
     seg, first, last = s.segment, s.first_sample, s.chunk_end - 1
     return fit.with_extrapolation([float(first[seg == k].min()) for k in range(fit.segments)],
@@ -227,7 +228,7 @@ def _align_strobe(s: Stream, target: Stream, target_fit: ClockFit, ref: Stream) 
     fit = replace(fit, source="strobe", unmatched_dev=frames_report["frames_without_strobe"],
                   unmatched_ref=frames_report["strobes_without_frame"], error_bound_s=bound,
                   pairing="frames by host time")
-    fit = _covering_rows(fit, s)
+    fit = covering_rows(fit, s)
     return Alignment(fit, flags, frames_report, (frames[fi].astype(np.float64), strobe_s[sj]))
 
 

@@ -26,7 +26,7 @@ from acqd.config import check_name
 from acqd.errors import SessionError
 from acqd.session import SESSION_FILE
 from acqd.share.ship import Shipper
-from acqd.share.ship.shipper import what_to_ship
+from acqd.share.ship.shipper import is_led, what_to_ship
 
 log = logging.getLogger("acqd")
 SHIP_EVENTS = ("ship_queued", "ship_progress", "shipped", "ship_failed", "ship_refused", "ship_webhook", "ship_deleted")
@@ -85,7 +85,8 @@ class Shipping:
             self.shipper.set_recording(data.get("mode") == "RECORD")
         elif kind == "job" and data.get("state") == "done" and data.get("kind") in ("finalize", "export"):
             session = data["session"]
-            sessions, exports = what_to_ship(list(self.shipper.dests.values()), data["kind"])
+            sessions, exports = what_to_ship(list(self.shipper.dests.values()), data["kind"],
+                                             is_led(self.sup.data_root / session))
             for name in sessions:
                 self.shipper.ship(self.sup.data_root / session, to=name)
             if exports:
@@ -158,6 +159,8 @@ def _ship(sup: Any, req: ShipRequest) -> dict:
         jobs = shipping_of(sup).shipper.ship(folder, req.to)
     except KeyError as e:
         raise SessionError(e.args[0]) from None
+    except ValueError as e:  # the destination's sessions: filter does not take this session
+        raise SessionError(str(e)) from None
     return {"jobs": [j.as_dict() for j in jobs]}
 
 

@@ -16,7 +16,8 @@ from acqd.config.ship import ShipDestination
 
 
 def sealed_session(data_root: Path, name: str = "m1_day3", sizes: tuple[int, ...] = (3 << 20, 200_000, 1),
-                   seed: int = 0) -> Path:
+                   seed: int = 0, **record: object) -> Path:
+    """``record``: more session.json fields (a follower's part: ``node``, ``leader``)."""
     folder = Path(data_root) / name
     (folder / "streams").mkdir(parents=True)
     rng = __import__("random").Random(seed)
@@ -24,7 +25,8 @@ def sealed_session(data_root: Path, name: str = "m1_day3", sizes: tuple[int, ...
         (folder / "streams" / f"s{i}.h5").write_bytes(rng.randbytes(size))
     (folder / "qc").mkdir()
     (folder / "qc" / "qc.json").write_text('{"verdict": "PASS"}')
-    record = json_bytes({"session_id": name, "state": FINALIZED, "finalized_at": "2026-01-01T00:00:00+00:00"})
+    record = json_bytes({"session_id": name, "state": FINALIZED, "finalized_at": "2026-01-01T00:00:00+00:00",
+                         **record})
     with Digests() as digests:
         write_manifest(folder, manifest_files(folder), digests, lambda done, total: None, record)
     write_bytes_atomic(folder / SESSION_FILE, record)

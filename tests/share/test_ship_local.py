@@ -73,6 +73,27 @@ def test_a_session_ships_verified_with_ready_json_and_shipping_json(tmp_path):
     shipper.queue.close()
 
 
+def test_a_followers_session_lands_in_the_leaders_session_under_nodes_and_own_sessions_stay(tmp_path):
+    led = sealed_session(tmp_path / "data", "m1_day3", node="rig-b", leader={"node": "rig-a", "session": "m1_day3"})
+    own = sealed_session(tmp_path / "data", "m1_day4", seed=1, node="rig-b")
+    dest = local_destination(tmp_path / "leader", name="leader", sessions="led").model_copy(
+        update={"path": "{session}/nodes/{node}"})
+    shipper = Shipper(tmp_path / "data", (dest,))
+    [job] = shipper.ship(led)
+    job = shipper.run(job, dest)
+    assert (job.state, job.error) == (VERIFIED, None)
+    landed = tmp_path / "leader" / "m1_day3" / "nodes" / "rig-b"
+    shipped = tree(landed)
+    assert json.loads(shipped.pop(READY))["path"] == str(landed)
+    assert shipped == {n: d for n, d in tree(led).items() if n != "shipping.json"}
+    assert shipped_copies(led)[0]["path"] == str(landed)
+    assert shipper.ship(own) == []  # a session no leader started never goes to a 'led' destination...
+    with pytest.raises(ValueError, match="takes only sessions a leader started"):
+        shipper.ship(own, to="leader")  # ...not even when asked by name
+    assert not (tmp_path / "leader" / "m1_day4").exists()
+    shipper.queue.close()
+
+
 def test_a_session_changed_after_its_seal_is_refused_and_nothing_leaves(tmp_path):
     folder = sealed_session(tmp_path / "data")
     (folder / "streams" / "s1.h5").write_bytes(b"tampered")

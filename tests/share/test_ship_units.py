@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -124,6 +125,24 @@ def test_what_to_ship_follows_after_and_what():
          ShipDestination(name="e", remote="/e", after="manual")]
     assert what_to_ship(d, "finalize") == (["a", "c"], [])
     assert what_to_ship(d, "export") == (["b"], ["c", "d"])
+
+
+def test_destination_path_and_sessions_filter_are_checked_and_applied():
+    from pydantic import ValidationError
+
+    from acqd.share.ship.shipper import what_to_ship
+
+    leader = ShipDestination(name="leader", remote="/data", path="{session}/nodes/{node}", sessions="led")
+    assert leader.where("m1_day3", "rig-b") == "m1_day3/nodes/rig-b"
+    assert ShipDestination(name="nas", remote="/n").where("m1_day3", "main") == "m1_day3"
+    for bad, why in (("{subject}/x", "unknown placeholder {subject}"), ("/{session}", "a relative path"),
+                     ("{session}/../x", "a relative path"), ("{session}//x", "a relative path"),
+                     ("rig", "it must hold {session}"), ("{session", "invalid path"), ("{session!r}", "placeholder")):
+        with pytest.raises(ValidationError, match=re.escape(why)):
+            ShipDestination(name="x", remote="/x", path=bad)
+    d = [leader, ShipDestination(name="nas", remote="/n", sessions="own"), ShipDestination(name="all", remote="/a")]
+    assert what_to_ship(d, "finalize", led=True) == (["leader", "all"], [])
+    assert what_to_ship(d, "finalize", led=False) == (["nas", "all"], [])
 
 
 def test_a_queue_file_of_the_first_schema_gains_the_new_columns_and_keeps_its_jobs(tmp_path):

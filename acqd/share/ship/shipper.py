@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from acqd.finalize.layout import MANIFEST
+from acqd.finalize.layout import MANIFEST, READY
 from acqd.session import read_session
 from acqd.share.ship import cleanup, rclone
 from acqd.share.ship.queue import ACTIVE, FAILED, QUEUE_FILE, VERIFIED, Job, Queue, backoff_s
@@ -34,7 +34,7 @@ from acqd.share.ship.verify import (describe, expected, export_files, forget_cop
 from acqd.config.ship import ShipDestination
 
 log = logging.getLogger("acqd")
-READY = "READY.json"
+DEFAULT_NODE = "main"  # the node name of a session that does not say (one-PC rig; acqd.config's ``node`` default)
 PROGRESS_INTERVAL_S = 1.0
 
 Event = Callable[[str, dict], None]
@@ -110,6 +110,11 @@ class Shipper:
         unknown = [n for n in names if n not in self.dests]
         if unknown:
             raise KeyError(f"no ship destination {unknown[0]!r}; configured: {', '.join(self.dests) or 'none'}")
+        led = is_led(folder)
+        if to and not self.dests[to].takes(led):
+            raise ValueError(f"ship destination {to!r} takes only sessions {_TAKES[self.dests[to].sessions]}; "
+                             f"{folder.name} {'was' if led else 'was not'} started by a leader")
+        names = [n for n in names if self.dests[n].takes(led)]
         jobs = [self.queue.add(folder.name, folder, n, "session") for n in names]
         for job in jobs:
             if job.state == "queued" and job.attempts == 0:
@@ -121,7 +126,8 @@ class Shipper:
         """Queue the export of ``session`` (its files ``names``, relative to the export folder ``out``, hashed now:
         the copy is verified against these) for the destinations ``to``."""
         files = json.dumps(export_files(Path(out), names), sort_keys=True)
-        jobs = [self.queue.add(session, Path(out), name, "export", files) for name in to]
+        led = is_led(self.data_root / session)
+        jobs = [self.queue.add(session, Path(out), name, "export", files) for name in to if self.dests[name].takes(led)]
         for job in jobs:
             if job.state == "queued" and job.attempts == 0:
                 self._emit("ship_queued", _payload(job))
@@ -203,7 +209,7 @@ class Shipper:
         want, digest = _wanted(job)
         total = sum((folder / n).stat().st_size for n in want)
         job = self.queue.start(job.id, total)
-        where = rclone.remote_path(dest, *([job.session, "export"] if job.what == "export" else [job.session]))
+        where = rclone.remote_path(dest, *destination_path(dest, job, self.data_root / job.session).split("/"))
         try:
             with tempfile.TemporaryDirectory(prefix="acqd-ship-") as tmp:
                 if job.reverify:
@@ -427,10 +433,34 @@ def _is_not_found(error: str) -> bool:
     return "not found" in low or "no such file" in low or "doesn't exist" in low
 
 
-def what_to_ship(dests: list[ShipDestination], done: str) -> tuple[list[str], list[str]]:
+_TAKES = {"led": "a leader started (session.json has \"leader\")", "own": "no leader started"}
+
+
+def is_led(folder: Path) -> bool:
+    """Whether a leader started the session in ``folder`` (session.json has "leader": a follower's part)."""
+    try:
+        return "leader" in read_session(folder)
+    except Exception:  # noqa: BLE001 - unreadable: refused by the run, which names the problem
+        return False
+
+
+def destination_path(dest: ShipDestination, job: Job, session: Path) -> str:
+    """Where ``job`` lands below ``dest.remote``: ``dest.path`` filled from the session folder ``session`` (an
+    export lands in ``export/`` below it)."""
+    try:
+        node = read_session(session).get("node")
+    except Exception:  # noqa: BLE001 - no readable session.json (a moved export): the one-PC default
+        node = None
+    where = dest.where(job.session, node or DEFAULT_NODE)
+    return f"{where}/export" if job.what == "export" else where
+
+
+def what_to_ship(dests: list[ShipDestination], done: str, led: bool = False) -> tuple[list[str], list[str]]:
     """When a finalize or an export run of the daemon ends (``done``): the destinations the session goes to (their
     ``after:`` is that step, their ``what:`` includes the session) and those its export goes to (``what:`` export
-    or both, once there is an export, whatever ``after:`` says)."""
+    or both, once there is an export, whatever ``after:`` says); only destinations whose ``sessions:`` takes it
+    (``led``: a leader started the session)."""
+    dests = [d for d in dests if d.takes(led)]
     sessions = [d.name for d in dests if d.after == done and d.what in ("session", "both")]
     exports = [d.name for d in dests if d.what in ("export", "both")] if done == "export" else []
     return sessions, exports

@@ -1,0 +1,226 @@
+"""A session recorded by three PCs, finalized on the leader (acqd.finalize.nodes), checked with plain pynwb.
+
+Three simulated rigs share one sync line (one ``seed``: the pulse train is drawn first) and one true time; every
+device has its own crystal drift. Each PC records its own part (tests/sessions.py: the writer's code paths, real
+HDF5): rig-a, the leader, the example rig; rig-b a renamed copy whose sensor has no sync line (host-timed) and
+whose host clocks are an hour off rig-a's (another PC); rig-c a NIDAQ and a frame-synced sensor. The followers
+finalize their own parts and ship them with the real ship queue (rclone) to ``<leader session>/nodes/<node>/``.
+Truth: device sample k of stream s happened at leader reference seconds ``ref.phase(dev.time_of(k)) / ref.rate``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hdmf.backends.warnings import BrokenLinkWarning
+from pynwb import NWBHDF5IO
+
+import sessions
+from acqd.config import RigConfig, StrobeSync
+from acqd.finalize import finalize_session, unseal_session, verify_manifest
+from acqd.session import SESSION_FILE, read_session, write_json_atomic
+from acqd.share.ship import Shipper
+from acqd.config.ship import ShipDestination
+from acqd.sim.simulate import Rig, SimParams
+from sessions import Recording, record_session, small_config
+
+pytestmark = pytest.mark.skipif(shutil.which("rclone") is None, reason="rclone is not installed (.ci/run installs it)")
+
+SEED = 11
+SID = "R1"
+RECORDING = Recording(seconds=20.0)
+LEADER, FOLLOWER, LATE = "rig-a", "rig-b", "rig-c"
+OTHER_PC_MONO_NS = 3600 * 10**9  # rig-b's host clocks: an hour off the leader's
+
+
+def renamed(cfg: RigConfig, suffix: str, keep: tuple[str, ...] | None = None, no_sync: tuple[str, ...] = ()
+            ) -> RigConfig:
+    """``cfg`` with every stream named ``<name><suffix>`` (nodes never share stream names), in another order (so
+    that each device draws another drift from the shared seed), and only the streams in ``keep``."""
+    streams = []
+    for s in reversed(cfg.streams):
+        if keep is not None and s.name not in keep:
+            continue
+        sync = None if s.name in no_sync else s.sync
+        if isinstance(sync, StrobeSync):
+            sync = sync.model_copy(update={"stream": sync.stream + suffix})
+        streams.append(s.model_copy(update={"name": s.name + suffix, "sync": sync}))
+    meta = {k: v for k, v in cfg.metadata.items() if k != "ecephys"}
+    return cfg.model_copy(update={"streams": tuple(streams), "reference": cfg.reference + suffix, "metadata": meta})
+
+
+def mark(folder: Path, **fields: object) -> None:
+    """What the control plane writes into each node's session.json (acqd.service.rig)."""
+    write_json_atomic(folder / SESSION_FILE, {**read_session(folder), **fields})
+
+
+def ship_to_leader(part: Path, leader_root: Path) -> None:
+    """The follower's ship queue with the destination its config gives for the leader."""
+    dest = ShipDestination(name="leader", remote=str(leader_root), path="{session}/nodes/{node}", sessions="led")
+    shipper = Shipper(part.parent, (dest,))
+    try:
+        [job] = shipper.ship(part)
+        assert shipper.run(job, dest).state == "verified"
+    finally:
+        shipper.queue.close()
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    """The three parts as recorded (the followers' finalized), their rigs, and the one-PC session of the same
+    streams (for the timing comparison)."""
+    root = tmp_path_factory.mktemp("rig")
+    cfgs = {LEADER: small_config(root / LEADER)}
+    cfgs[FOLLOWER] = renamed(small_config(root / FOLLOWER), "_b", no_sync=("sensor",))
+    cfgs[LATE] = renamed(small_config(root / LATE), "_c", keep=("nidaq", "sensor"))
+    rigs = {n: Rig(c, SimParams(seed=SEED, seconds=60)) for n, c in cfgs.items()}
+    assert np.array_equal(rigs[LEADER].pulses, rigs[FOLLOWER].pulses)  # one sync line
+    folders = {}
+    mp = pytest.MonkeyPatch()
+    try:
+        for n, cfg in cfgs.items():
+            mp.setattr(sessions, "MONO_EPOCH_NS", sessions.MONO_EPOCH_NS + (OTHER_PC_MONO_NS if n == FOLLOWER else 0))
+            folders[n] = record_session(cfg, rigs[n], SID, RECORDING)
+    finally:
+        mp.undo()
+    nodes = {n: {"url": f"http://{n}:8600", "state": "closed"} for n in cfgs}
+    mark(folders[LEADER], node=LEADER, nodes=nodes)
+    for n in (FOLLOWER, LATE):
+        mark(folders[n], node=n, leader={"node": LEADER, "session": SID})
+        finalize_session(folders[n])
+    one = cfgs[LEADER].model_copy(update={"streams": cfgs[LEADER].streams + cfgs[FOLLOWER].streams})
+    one = one.model_copy(update={"daemon": one.daemon.model_copy(update={"data_root": root / "one"})})
+    single = record_session(one, Rig(one, SimParams(seed=SEED, seconds=60)), SID, RECORDING)
+    yield folders, rigs, single
+    for f in folders.values():
+        unseal_session(f)
+
+
+@pytest.fixture
+def leader(rig, tmp_path):
+    """A copy of the leader's data root with rig-b's part shipped into it; unsealed at teardown."""
+    folders, _, _ = rig
+    root = tmp_path / "leader"
+    shutil.copytree(folders[LEADER], root / SID)
+    ship_to_leader(folders[FOLLOWER], root)
+    yield root / SID
+    unseal_session(root / SID)
+
+
+def read_master(path: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BrokenLinkWarning)  # a broken link is an error, never empty data
+        io = NWBHDF5IO(str(path), "r")
+        return io, io.read()
+
+
+def series_times(ts) -> np.ndarray:
+    if ts.timestamps is not None:
+        return ts.timestamps[:]
+    return ts.starting_time + np.arange(ts.data.shape[0]) / ts.rate
+
+
+def rows_sent(stream_file: Path, rig: Rig, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(what the simulated device sent for every committed row, the device sample of each row)."""
+    with h5py.File(stream_file, "r") as f:
+        index = f["index"][:]
+    data = [rig.samples(name, int(r["first_sample"]), int(r["n_samples"])) for r in index]
+    samples = [np.arange(r["first_sample"], r["first_sample"] + r["n_samples"]) for r in index]
+    return np.concatenate(data), np.concatenate(samples).astype(np.float64)
+
+
+def check_master(folder: Path, rigs: dict[str, Rig], expect: dict[str, list[str]]) -> dict:
+    """Every stream of every node in ``expect`` in the master, bit-exact, timed within its bound of the truth
+    (synced 30 kHz streams within one sample); returns qc.json."""
+    qc = json.loads((folder / "qc" / "qc.json").read_text())
+    zero_s = qc["timebase"]["zero_reference_s"]
+    ref = rigs[LEADER].devices[qc["timebase"]["reference"]].clock
+    io, nwbfile = read_master(folder / f"{SID}.nwb")
+    with io:
+        assert sorted(nwbfile.acquisition) == sorted(s for names in expect.values() for s in names)
+        for node, names in expect.items():
+            for name in names:
+                ts = nwbfile.acquisition[name]
+                r = qc["streams"][name]
+                assert r["node"] == (None if node == LEADER else node)
+                assert r["linked"].startswith("" if node == LEADER else f"nodes/{node}/")
+                sent, samples = rows_sent(folder / r["linked"], rigs[node], name)
+                assert np.array_equal(ts.data[:], sent), name  # bit-exact, through the relative link
+                truth = ref.phase(rigs[node].devices[name].clock.time_of(samples)) / ref.rate
+                error = np.abs(series_times(ts) + zero_s - truth)
+                assert error.max() <= r["clock"]["error_bound_s"] + 1e-9, (name, error.max(), r["clock"])
+                if r["clock"]["source"] == "sync" and rigs[node].devices[name].clock.rate == 30000.0:
+                    assert error.max() * 30000.0 <= 1.0, (name, error.max() * 30000.0)
+                assert r["qc"]["verdict"] in ("PASS", "WARN", "FAIL")
+    return qc
+
+
+def test_the_master_holds_every_node_on_the_leaders_timebase_and_a_missing_node_is_a_warning(rig, leader):
+    folders, rigs, single = rig
+    started = time.monotonic()
+    report = finalize_session(leader, wait_nodes_s=0)
+    seconds = time.monotonic() - started
+    names = {n: [s["name"] for s in read_session(folders[n])["config"]["streams"]] for n in (LEADER, FOLLOWER)}
+    qc = check_master(leader, rigs, names)
+    streams = qc["streams"]
+    assert streams["probe_b"]["clock"]["source"] == "sync" and streams["nidaq_b"]["clock"]["source"] == "sync"
+    assert streams["camera_b"]["clock"]["source"] == "strobe"
+    # host-timed on another PC: its own host fit composed with its reference's fit to the leader's
+    sensor = streams["sensor_b"]
+    assert sensor["clock"]["source"] == "host" and sensor["qc"]["verdict"] == "WARN"
+    bridge = qc["nodes"][FOLLOWER]["bridge"]["error_bound_s"]
+    assert any(f"+ {bridge * 1e3:.3g} ms" in flag for flag in sensor["flags"])
+    assert len(streams) == len(names[LEADER]) + len(names[FOLLOWER])  # one verdict per stream
+    assert qc["nodes"][LATE]["state"] == "missing" and qc["nodes"][LATE]["verdict"] == "WARN"
+    assert qc["nodes"][FOLLOWER]["state"] == "arrived" and qc["nodes"][LEADER]["state"] == "leader"
+    assert qc["verdict"] in ("WARN", "FAIL") and any(w.startswith(f"node {LATE!r} missing") for w in report.warnings)
+    assert read_session(leader)["finalize"]["nodes"][LATE]["state"] == "missing"
+    assert verify_manifest(leader) == []  # the leader's manifest covers the nodes' files too
+    started = time.monotonic()
+    finalize_session(single)
+    one_pc = time.monotonic() - started
+    unseal_session(single)
+    print(f"\nfinalize: two-node session {seconds:.2f} s, one-PC session of the same streams {one_pc:.2f} s")
+
+
+def test_a_node_that_arrives_after_finalize_is_taken_by_finalizing_again(rig, leader):
+    folders, rigs, _ = rig
+    finalize_session(leader, wait_nodes_s=0)
+    assert finalize_session(leader, wait_nodes_s=0).changed is False  # nothing arrived: nothing changes
+    ship_to_leader(folders[LATE], leader.parent)
+    report = finalize_session(leader, wait_nodes_s=0)
+    assert report.changed and report.nodes[LATE]["state"] == "arrived"
+    names = {n: [s["name"] for s in read_session(folders[n])["config"]["streams"]] for n in folders}
+    qc = check_master(leader, rigs, names)
+    assert {n: s["state"] for n, s in qc["nodes"].items()} == {LEADER: "leader", FOLLOWER: "arrived", LATE: "arrived"}
+    assert verify_manifest(leader) == []
+
+
+def test_a_node_changed_after_its_seal_is_left_out_and_fails(rig, leader):
+    folders, rigs, _ = rig
+    (leader / "nodes" / FOLLOWER / "streams" / "sensor_b.h5").write_bytes(b"tampered")
+    report = finalize_session(leader, wait_nodes_s=0)
+    state = report.nodes[FOLLOWER]
+    assert state["state"] == "unverified" and state["verdict"] == "FAIL"
+    assert "streams/sensor_b.h5: contents changed" in state["problem"]
+    check_master(leader, rigs, {LEADER: [s["name"] for s in read_session(folders[LEADER])["config"]["streams"]]})
+
+
+def test_finalize_waits_for_a_node_still_arriving(rig, leader):
+    folders, _, _ = rig
+    import threading
+
+    late = threading.Timer(1.0, ship_to_leader, (folders[LATE], leader.parent))
+    late.start()
+    try:
+        report = finalize_session(leader, wait_nodes_s=60)
+    finally:
+        late.join()
+    assert report.nodes[LATE]["state"] == "arrived"
