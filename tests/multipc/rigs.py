@@ -75,7 +75,8 @@ def node_raw(node: Node) -> dict:
     """The node's rig config as a mapping, without the multi-PC keys (``node_yaml`` adds them)."""
     example = yaml.safe_load(EXAMPLE.read_text())
     ipc = node.home / "ipc"
-    return {"daemon": {"data_root": str(node.data_root), "flush_interval_s": 0.25, "finalize_on_stop": True, "nodes_timeout_s": 120,
+    return {"daemon": {"data_root": str(node.data_root), "flush_interval_s": 0.25, "finalize_on_stop": True,
+                       "nodes_timeout_s": 120,
                        "control": {"host": node.address, "port": PORT, "token": node.token,
                                    "allowed_hosts": [node.address]}},
             "reference": f"{node.name}_daq", "metadata": {k: v for k, v in example["metadata"].items() if k != "ecephys"},
