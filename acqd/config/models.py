@@ -245,6 +245,11 @@ class StreamConfig(_Frozen):
     """Ephys streams: the probe layout (positions, shanks) for the NWB electrodes table; none: positions unknown."""
     stimulus: StimulusConfig | None = None
     """``kind: stimulus``: the image set its indices point into, or how its frames were presented."""
+    writer_group: str | None = Field(None, description="writer process: a group name shared with other streams, "
+                                                       "'own', or none: grouped if slow (docs/writers.md)")
+    """Which writer process hosts the stream: streams given the same name share one process; ``own`` gives it a
+    process of its own; none: a stream of at most ``daemon.group_below_bytes_per_s`` (and not a camera encoded to
+    video) joins the group ``slow``, any other has its own (acqd.record.group, docs/writers.md)."""
 
     @field_validator("name")
     @classmethod
@@ -254,6 +259,11 @@ class StreamConfig(_Frozen):
             raise ValueError(f"stream name {v!r} is {len(v.encode())} bytes; the wire header's stream field holds "
                              f"{STREAM_NAME_BYTES} (docs/protocol.md)")
         return v
+
+    @field_validator("writer_group")
+    @classmethod
+    def _group(cls, v: str | None) -> str | None:
+        return v if v is None else check_name(v, "writer_group")
 
     @field_validator("dtype")
     @classmethod
@@ -445,6 +455,9 @@ class DaemonConfig(_Frozen):
     max_image_pixels: int = Field(50_000_000, gt=0)
     """Largest image (width x height) an attachment or a stimulus image set may have; checked before decoding."""
     sync_lock: SyncLockConfig = SyncLockConfig()
+    group_below_bytes_per_s: float = Field(100_000, ge=0)
+    """Streams whose configured data rate (rate x sample bytes) is at most this share one writer process, the
+    group ``slow`` (0: none do); a stream's ``writer_group`` overrides it (docs/writers.md)."""
     """The live sync lock per synced stream while recording (edges, pairs, drift, offset; an alarm when lost)."""
 
     @model_validator(mode="after")
