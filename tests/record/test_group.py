@@ -3,16 +3,23 @@ its own (its data bit-exact, its own gaps and rejects), none disturbed by anothe
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from acqd.config import RigConfig, StreamConfig
 from acqd.record.group import SLOW_GROUP, writer_groups
-from acqd.record.ingest import Gap, Reject
+from acqd.record.ingest import Gap, Loss, Reject
 from acqd.record.streamfile import open_for_read
+from acqd.service.procs import wait_until
 from acqd.wire.protocol import Header, encode
+from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
 from tests.record.livegroup import LiveGroup
 from tests.record.livewriter import message
 
@@ -124,3 +131,54 @@ def test_slow_streams_are_grouped_unless_the_config_says_otherwise(group, expect
     assert writer_groups(cfg) == {"probe": None, "lick": expected}
     below = RigConfig(daemon={"data_root": "/tmp", "group_below_bytes_per_s": 0}, reference="probe", streams=streams)
     assert writer_groups(below)["lick"] == (None if group is None else expected)
+
+
+def grouped_rig(tmp_path: Path, flush_interval_s: float) -> Path:
+    """The example rig plus three more slow streams like its sensor (a mix of SUB and PULL, with and without sync):
+    with the sensor, a group of four."""
+    path = write_rig(tmp_path, flush_interval_s=flush_interval_s)
+    raw = yaml.safe_load(path.read_text())
+    sensor = next(s for s in raw["streams"] if s["name"] == "sensor")
+    for name, socket, sync in (("wheel", "pull", {"source": "frame"}), ("lick", "sub", None), ("temp", "pull", None)):
+        raw["streams"].append({**sensor, "name": name, "socket": socket, "sync": sync,
+                               "endpoint": f"ipc://{tmp_path}/ipc/{name}"})
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.mark.e2e
+def test_kill_9_of_a_group_writer_loses_at_most_the_flush_interval_and_records_a_gap_on_each_stream(
+        tmp_path, daemon_factory):
+    flush_s, slow = 0.25, ("sensor", "wheel", "lick", "temp")
+    rig_file = grouped_rig(tmp_path, flush_s)
+    daemon = daemon_factory(rig_file)
+    with recording(daemon, rig_file, "groupkill", seed=4) as (status, folder):
+        pids = {n: s["pid"] for n, s in status["streams"].items()}
+        assert len({pids[n] for n in slow}) == 1 and pids["probe"] != pids["sensor"]  # one process for the four
+        streams = lambda: daemon.command("status")["streams"]  # noqa: E731
+        wait_until(lambda: all(streams()[n]["rows"] > 500 for n in slow), "every slow stream to record")
+        killed_ns = time.time_ns()
+        os.kill(pids["sensor"], signal.SIGKILL)
+        wait_until(lambda: all((s := streams()[n])["restarts"] == 1 and s["state"] == "recording" and s["rows"] > 0
+                               for n in slow), "the group to be restarted, recording", timeout_s=30)
+        after = streams()
+        assert len({after[n]["pid"] for n in slow}) == 1 and after["probe"]["restarts"] == 0
+        daemon.command("stop")
+    cfg, rig = rig_for(rig_file, seed=4)
+    session = json.loads((folder / "session.json").read_text())
+    for n in slow:
+        with open_for_read(folder / "streams" / f"{n}.h5") as f:
+            index = f["index"][:]
+            assert_bit_exact(f, rig, n)
+        with open_for_read(folder / "streams" / f"{n}.part001.h5") as f:
+            gaps = f["gaps"][:]
+            assert_bit_exact(f, rig, n)
+        # What the kill lost: at most what arrived within the flush interval before it (plus scheduling slack on a
+        # shared machine); then a gap with reason `writer`, right after the last message the dead process committed.
+        lost_s = (killed_ns - int(index["host_wall_ns"][-1])) / 1e9
+        print(f"{n}: the kill lost what arrived in the last {lost_s:.3f} s")
+        assert lost_s <= flush_s + 0.5, (n, lost_s)
+        first = gaps[0]
+        assert (Gap(int(first["kind"])), Loss(int(first["reason"])), int(first["seq_from"])) == (
+            Gap.SEQ, Loss.WRITER, int(index["seq"][-1]) + 1), (n, gaps)
+        assert any(i["kind"] == "writer_died" and i["stream"] == n for i in session["incidents"]), n
