@@ -455,10 +455,10 @@ class DaemonConfig(_Frozen):
     max_image_pixels: int = Field(50_000_000, gt=0)
     """Largest image (width x height) an attachment or a stimulus image set may have; checked before decoding."""
     sync_lock: SyncLockConfig = SyncLockConfig()
+    """The live sync lock per synced stream while recording (edges, pairs, drift, offset; an alarm when lost)."""
     group_below_bytes_per_s: float = Field(100_000, ge=0)
     """Streams whose configured data rate (rate x sample bytes) is at most this share one writer process, the
     group ``slow`` (0: none do); a stream's ``writer_group`` overrides it (docs/writers.md)."""
-    """The live sync lock per synced stream while recording (edges, pairs, drift, offset; an alarm when lost)."""
 
     @model_validator(mode="after")
     def _heartbeat_after_stats(self) -> DaemonConfig:
@@ -492,7 +492,8 @@ class RigConfig(_Frozen):
     reference: str = Field(description="name of the stream whose clock is the session timebase")
     """Name of the stream whose clock is the session timebase; it needs a sync source."""
     streams: tuple[StreamConfig, ...] = Field(min_length=1)
-    """The hardware streams, one writer process and one stream file each."""
+    """The hardware streams, one stream file each; a writer process each, except slow ones, which share one per group
+    (``writer_group``)."""
     metadata: dict = Field(default_factory=dict, description="rig-level defaults of every session's metadata "
                            "(lab, institution, experimenters, devices; never a subject)")
     """Rig-level defaults of every session's metadata (lab, institution, experimenters, devices; never a subject):
