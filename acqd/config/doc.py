@@ -61,6 +61,7 @@ EXTRA_EXAMPLES: dict[tuple[str, str], object] = {
     ("ShipDestination", "webhook"): {"url": "https://pipeline.example.org/acqd"},
     ("DeleteAfter", "free_below_bytes"): 500_000_000_000,
     ("Webhook", "url"): "https://pipeline.example.org/acqd",
+    ("StreamConfig", "writer_group"): "valves",
     ("DaemonConfig", "labrecorder"): {"host": "127.0.0.1", "port": 22345},
     ("LslSource", "name"): "BioSemi",
     ("LslSource", "type"): "Markers",

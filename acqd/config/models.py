@@ -246,6 +246,11 @@ class StreamConfig(_Frozen):
     """Ephys streams: the probe layout (positions, shanks) for the NWB electrodes table; none: positions unknown."""
     stimulus: StimulusConfig | None = None
     """``kind: stimulus``: the image set its indices point into, or how its frames were presented."""
+    writer_group: str | None = Field(None, description="writer process: a group name shared with other streams, "
+                                                       "'own', or none: grouped if slow (docs/writers.md)")
+    """Which writer process hosts the stream: streams given the same name share one process; ``own`` gives it a
+    process of its own; none: a stream of at most ``daemon.group_below_bytes_per_s`` (and not a camera encoded to
+    video) joins the group ``slow``, any other has its own (acqd.record.group, docs/writers.md)."""
 
     @field_validator("name")
     @classmethod
@@ -255,6 +260,11 @@ class StreamConfig(_Frozen):
             raise ValueError(f"stream name {v!r} is {len(v.encode())} bytes; the wire header's stream field holds "
                              f"{STREAM_NAME_BYTES} (docs/protocol.md)")
         return v
+
+    @field_validator("writer_group")
+    @classmethod
+    def _group(cls, v: str | None) -> str | None:
+        return v if v is None else check_name(v, "writer_group")
 
     @field_validator("dtype")
     @classmethod
@@ -450,6 +460,9 @@ class DaemonConfig(_Frozen):
     """Largest image (width x height) an attachment or a stimulus image set may have; checked before decoding."""
     sync_lock: SyncLockConfig = SyncLockConfig()
     """The live sync lock per synced stream while recording (edges, pairs, drift, offset; an alarm when lost)."""
+    group_below_bytes_per_s: float = Field(100_000, ge=0)
+    """Streams whose configured data rate (rate x sample bytes) is at most this share one writer process, the
+    group ``slow`` (0: none do); a stream's ``writer_group`` overrides it (docs/writers.md)."""
 
     @model_validator(mode="after")
     def _heartbeat_after_stats(self) -> DaemonConfig:
@@ -483,7 +496,8 @@ class RigConfig(_Frozen):
     reference: str = Field(description="name of the stream whose clock is the session timebase")
     """Name of the stream whose clock is the session timebase; it needs a sync source."""
     streams: tuple[StreamConfig, ...] = Field(min_length=1)
-    """The hardware streams, one writer process and one stream file each."""
+    """The hardware streams, one stream file each; a writer process each, except slow ones, which share one per group
+    (``writer_group``)."""
     metadata: dict = Field(default_factory=dict, description="rig-level defaults of every session's metadata "
                            "(lab, institution, experimenters, devices; never a subject)")
     """Rig-level defaults of every session's metadata (lab, institution, experimenters, devices; never a subject):

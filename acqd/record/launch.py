@@ -1,6 +1,7 @@
 """The writer process's entry point: tie its life to the daemon's before anything else runs.
 
-``python -m acqd.record.launch SPEC_JSON`` is how the supervisor starts a writer. Before the heavy imports (numpy,
+``python -m acqd.record.launch SPEC_JSON`` is how the supervisor starts a writer (or a group writer, when the spec
+names a ``group_file``: acqd.record.group). Before the heavy imports (numpy,
 h5py, zmq) and before any driver connection, it asks Linux to send SIGTERM when the daemon dies
 (``PR_SET_PDEATHSIG``), then compares its parent with the daemon's pid written in the spec: a daemon that died
 before the prctl has already handed the writer to another parent, the signal will never come, and the writer
@@ -31,10 +32,15 @@ def die_with_parent() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     die_with_parent()
-    parent = json.loads(args[0]).get("parent_pid")
+    spec = json.loads(args[0])
+    parent = spec.get("parent_pid")
     if parent and os.getppid() != parent:
         print(f"acqd writer: the daemon (pid {parent}) is gone; exiting", file=sys.stderr, flush=True)
         return EXIT_ORPHANED
+    if "group_file" in spec:  # several streams in one process (acqd.record.group)
+        from acqd.record.group import main as group_main
+
+        return group_main(args)
     from acqd.record.writer import main as writer_main
 
     return writer_main(args)

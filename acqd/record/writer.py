@@ -39,9 +39,10 @@ from acqd.errors import DiskFullError, ProtocolError, WriterError
 from acqd.record.faults import Faults, fail_writes
 from acqd.record.ingest import (SOURCE_GAPS, Cursor, Gap, GapRecord, Loss, Reject, Verdict, advance,
                                 check_continuity, check_edges, check_format, rising_edges, wall_step_ns)
-from acqd.record.load import STATS_SHED_FACTOR, Load
+from acqd.record.load import Load
 from acqd.record.peerauth import authenticate
 from acqd.record.preview import Preview, encode_message
+from acqd.record.schedule import Due, Schedule
 from acqd.wire.protocol import Chunk, Header, decode, peek_seq
 from acqd.record.streamfile import UNKNOWN_SEQ, StreamFile, io_errors, last_committed, part_filename
 
@@ -132,11 +133,11 @@ class Counts:
 class Writer:
     """The state of one writer process; ``run`` is its event loop."""
 
-    def __init__(self, spec: WriterSpec):
+    def __init__(self, spec: WriterSpec, ctx: zmq.Context | None = None):
         self.spec = spec
         self.cfg = spec.stream
         self.acked = 0  # id of the last supervisor command handled; reported with every message (from the first)
-        self.ctx = zmq.Context()
+        self.ctx = ctx or zmq.Context()  # a group writer (acqd.record.group) shares one among its streams
         self.ctrl = self.ctx.socket(zmq.DEALER)
         self.ctrl.setsockopt(zmq.IDENTITY, self.cfg.name.encode())
         self.ctrl.setsockopt(zmq.LINGER, 1000)
@@ -529,6 +530,15 @@ class Writer:
             case other:
                 self.event("error", f"unknown command {other!r}")
 
+    def on_control(self, events: dict) -> None:
+        """The commands and the data socket's monitor events that ``events`` (of a poll) say are waiting."""
+        if self.ctrl in events:
+            while self.ctrl.poll(0):
+                self.on_command(self.ctrl.recv_json())
+        if self.monitor in events:
+            while self.monitor.poll(0):
+                self.on_monitor()
+
     def on_monitor(self) -> None:
         evt = recv_monitor_message(self.monitor)
         if evt["event"] in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED, zmq.EVENT_HANDSHAKE_SUCCEEDED):
@@ -582,9 +592,7 @@ class Writer:
         for s in (self.ctrl, self.monitor) if batched else (self.data, self.ctrl, self.monitor):
             poller.register(s, zmq.POLLIN)
         parent = self.spec.parent_pid or os.getppid()
-        now = time.monotonic()
-        next_flush = next_stats = next_pair = now
-        last_fsync = now
+        schedule = self.schedule()
         last_wake = 0.0
         wake_interval_s = WAKE_INTERVAL_S if isinstance(self.cfg.sync, (ChannelSync, FrameSync)) else 0.0
         self.send("ready", pid=os.getpid())
@@ -593,35 +601,17 @@ class Writer:
                 pause = 0.0 if batched else last_wake + wake_interval_s - time.monotonic()
                 if pause > 0:
                     time.sleep(pause)
-                timers = (next_flush, next_pair if self.last_chunk is not None else next_flush) if self.file else ()
-                due = min((next_stats, *timers))
+                due = schedule.wake_at(self.file is not None, self.last_chunk is not None)
                 events = dict(poller.poll(max(0, math.ceil((due - time.monotonic()) * 1000))))
                 last_wake = now = time.monotonic()
                 # A command (stop, record) applies after what arrived before it, as for a stream woken per message.
                 if self.data in events or (batched and (now >= due or self.ctrl in events)):
                     self.drain(BATCH_LIMIT if batched else DRAIN_LIMIT)
-                if self.ctrl in events:
-                    while self.ctrl.poll(0):
-                        self.on_command(self.ctrl.recv_json())
-                if self.monitor in events:
-                    while self.monitor.poll(0):
-                        self.on_monitor()
+                self.on_control(events)
                 now = time.monotonic()
-                if self.file is not None and now >= next_pair and self.last_chunk is not None:
-                    self.guarded(self.file.add, "sync/clock", [self.last_chunk])
-                    next_pair = now + self.spec.clock_pair_interval_s
-                if self.file is not None and now >= next_flush:
-                    fsync_due = self.spec.fsync_interval_s is not None and now - last_fsync >= self.spec.fsync_interval_s
-                    self.guarded(self.file.flush, fsync_due)
-                    last_fsync = now if fsync_due else last_fsync
-                    self.load.flushed(time.monotonic() - now)
-                    now = time.monotonic()
-                    next_flush = now + self.spec.flush_interval_s
-                self.check_load(now)
-                if now >= next_stats:
-                    self.send("stats", **self.stats())
-                    shed = "stats" in self.load.shedding(now)
-                    next_stats = now + self.spec.stats_interval_s * (STATS_SHED_FACTOR if shed else 1.0)
+                due_now = schedule.due(now, self.file is not None, self.last_chunk is not None)
+                self.on_due(due_now)
+                schedule.advance(due_now, now, self.sheds_stats())
                 if os.getppid() != parent:
                     break  # the supervisor died; PR_SET_PDEATHSIG normally got here first
             if batched:
@@ -636,6 +626,27 @@ class Writer:
         except WriterError as e:
             self.event("write_error", str(e))
             return self.abandon(EXIT_WRITE_ERROR, e)
+
+    def schedule(self) -> Schedule:
+        """This writer's timers, from now (a group writer keeps one for all its streams)."""
+        s = self.spec
+        return Schedule.start(s.flush_interval_s, s.fsync_interval_s, s.stats_interval_s, s.clock_pair_interval_s,
+                              time.monotonic())
+
+    def on_due(self, due: Due) -> None:
+        """The periodic work of one wake-up: a clock pair, the flush (and fsync), the load, the stats."""
+        if self.file is not None and due.pair and self.last_chunk is not None:
+            self.guarded(self.file.add, "sync/clock", [self.last_chunk])
+        if self.file is not None and due.flush:
+            started = time.monotonic()
+            self.guarded(self.file.flush, due.fsync)
+            self.load.flushed(time.monotonic() - started)
+        self.check_load(time.monotonic())
+        if due.stats:
+            self.send("stats", **self.stats())
+
+    def sheds_stats(self) -> bool:
+        return "stats" in self.load.shedding(time.monotonic())
 
     def drains_at_deadlines(self) -> bool:
         """Whether this stream's queue is drained only when a timer is due: a slow stream with its own sync edges,
@@ -759,15 +770,20 @@ def _seq_or_unknown(frames: list[zmq.Frame]) -> int:
     return UNKNOWN_SEQ if seq is None else seq
 
 
-def main(argv: list[str] | None = None) -> int:
-    spec = WriterSpec.from_json((argv or sys.argv[1:])[0])
+def limit_file_size(streams: list[str]) -> None:
+    """The FSIZE_LIMIT_ENV test hook: RLIMIT_FSIZE for this process, the smallest given for any of ``streams``."""
     limits = dict(item.split("=") for item in os.environ.get(FSIZE_LIMIT_ENV, "").split(",") if item)
-    if spec.stream.name in limits:
+    mine = [int(limits[n]) for n in streams if n in limits]
+    if mine:
         import resource
 
-        limit = int(limits[spec.stream.name])
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (min(mine), min(mine)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec = WriterSpec.from_json((argv or sys.argv[1:])[0])
+    limit_file_size([spec.stream.name])
     writer = Writer(spec)
     writer.faults = Faults.from_env(spec.stream.name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle

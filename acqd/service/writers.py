@@ -1,6 +1,7 @@
 """The writer processes as the supervisor sees them: spawn, command, hear, restart, reconcile, stop.
 
-One writer process per stream (``acqd.record.launch``) talks to the daemon over one ZeroMQ ROUTER socket, the
+One writer process per stream, or per group of slow streams (acqd.record.group: one handle per stream, sharing the
+process and its pid), (``acqd.record.launch``) talks to the daemon over one ZeroMQ ROUTER socket, the
 control socket this module binds. Every writer message carries the writer's pid and the id of the last command it
 handled (``acked``); its stats say whether (and where) it is recording. A writer that sends nothing for
 ``heartbeat_timeout_s`` is ``hung`` (an incident; RECORD is refused); once it has handled every command sent to
@@ -27,6 +28,7 @@ from typing import Any, Literal, Protocol
 import zmq
 
 from acqd.config import RigConfig, StreamConfig
+from acqd.record.group import GroupSpec, writer_groups
 from acqd.record.preview import is_message as is_preview
 from acqd.record.writer import EXIT_DISK_FULL, EXIT_WRITE_ERROR, WriterSpec
 from acqd.service.overload import overload_status
@@ -107,20 +109,28 @@ class Writers(dict[str, WriterHandle]):
         self.control_endpoint = f"ipc://{runtime_dir}/control"
         self.router.bind(self.control_endpoint)
         self.junk_messages = 0
+        self.runtime_dir = runtime_dir
+        self.groups = writer_groups(cfg)  # stream -> the group writer hosting it (None: a process of its own)
 
     # -- processes and commands ------------------------------------------------------------------
-    def spawn(self, name: str) -> WriterHandle:
-        d = self.cfg.daemon
-        spec = WriterSpec(stream=self.cfg.stream(name), lines=self.cfg.edge_lines(name),
-                          control=self.control_endpoint, flush_interval_s=d.flush_interval_s,
-                          fsync_interval_s=d.fsync_interval_s, stats_interval_s=d.stats_interval_s,
-                          clock_pair_interval_s=d.clock_pair_interval_s, parent_pid=os.getpid())
-        proc = subprocess.Popen([sys.executable, "-m", "acqd.record.launch", spec.to_json()], stdin=subprocess.DEVNULL)
-        return WriterHandle(name, proc)
+    def spawn(self, name: str) -> dict[str, WriterHandle]:
+        """Start the writer process of ``name``: its own, or its group's (acqd.record.group), which hosts every stream
+        of the group; one handle per stream, sharing the process."""
+        d, group = self.cfg.daemon, self.groups.get(name)
+        names = [n for n, g in self.groups.items() if g == group] if group else [name]
+        specs = [WriterSpec(stream=self.cfg.stream(n), lines=self.cfg.edge_lines(n),
+                            control=self.control_endpoint, flush_interval_s=d.flush_interval_s,
+                            fsync_interval_s=d.fsync_interval_s, stats_interval_s=d.stats_interval_s,
+                            clock_pair_interval_s=d.clock_pair_interval_s, parent_pid=os.getpid()) for n in names]
+        arg = (GroupSpec(group, specs, os.getpid()).write(self.runtime_dir / f"group-{group}.json")
+               if len(specs) > 1 else specs[0].to_json())  # a group of one is a plain writer
+        proc = subprocess.Popen([sys.executable, "-m", "acqd.record.launch", arg], stdin=subprocess.DEVNULL)
+        return {n: WriterHandle(n, proc) for n in names}
 
     def start(self) -> None:
         for s in self.cfg.streams:
-            self[s.name] = self.spawn(s.name)
+            if s.name not in self:
+                self.update(self.spawn(s.name))
 
     def send(self, name: str, **cmd: Any) -> int:
         """Send a command to a writer; returns its id (the writer reports the last id it handled as ``acked``)."""
@@ -260,8 +270,8 @@ class Writers(dict[str, WriterHandle]):
         """Report writers that exited; restart them (into a new part while ``recording``) unless they crash-loop."""
         for name, h in list(self.items()):
             rc = h.proc.poll()
-            if rc is None or h.state in ("stopping", "stopped", "stopped_failed"):
-                continue
+            if rc is None or h.state in ("stopping", "stopped", "stopped_failed") or self.get(name) is not h:
+                continue  # (or restarted with its group already)
             if h.state == "failed":  # it reported its write failure, then exited
                 h.state = "stopped_failed"
                 continue
@@ -270,7 +280,6 @@ class Writers(dict[str, WriterHandle]):
                 h.state = "stopped_failed"
                 self.incident(name, kind, h.reason, incomplete=True)
                 continue
-            was_recording = h.state == "recording" or h.record_on_ready is not None
             how = f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
             d, now = self.cfg.daemon, time.monotonic()
             if sum(now - t < d.restart_window_s for t in h.restarts) >= d.max_writer_restarts:
@@ -278,16 +287,23 @@ class Writers(dict[str, WriterHandle]):
                                                        f"{d.max_writer_restarts} time(s) within {d.restart_window_s:g} s")
                 self.incident(name, "writer_died", h.reason, incomplete=True)
                 continue
-            new = self.spawn(name)
-            new.restarts = (*h.restarts, now)
-            new.part = h.part + 1 if was_recording else h.part
-            if was_recording and recording:
-                new.record_on_ready = new.part
-            self[name] = new
-            detail = f"writer (pid {h.proc.pid}) {how}; restarted as pid {new.proc.pid}"
-            if new.record_on_ready is not None:
-                detail += f", recording into part {new.part}"
-            self.incident(name, "writer_died", detail, incomplete=was_recording)
+            for n, new in self.spawn(name).items():  # a group writer: every stream it hosted, each with its gap
+                old = self[n]
+                if old is h or (old.proc is h.proc and old.state not in ENDED):
+                    self.restarted(n, old, new, how, now, recording)
+
+    def restarted(self, name: str, h: WriterHandle, new: WriterHandle, how: str, now: float, recording: bool) -> None:
+        """``new`` replaces the dead writer ``h`` of stream ``name``: it records into the next part while recording."""
+        was_recording = h.state == "recording" or h.record_on_ready is not None
+        new.restarts = (*h.restarts, now)
+        new.part = h.part + 1 if was_recording else h.part
+        if was_recording and recording:
+            new.record_on_ready = new.part
+        self[name] = new
+        detail = f"writer (pid {h.proc.pid}) {how}; restarted as pid {new.proc.pid}"
+        if new.record_on_ready is not None:
+            detail += f", recording into part {new.part}"
+        self.incident(name, "writer_died", detail, incomplete=was_recording)
 
     def check_heartbeats(self) -> None:
         """A live writer that has said nothing (stats come every stats_interval_s) for heartbeat_timeout_s is hung:

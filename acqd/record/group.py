@@ -1,0 +1,234 @@
+"""A group writer: one process hosting several streams' writers (issue 27), and which streams share one.
+
+A slow stream (a lick sensor, a wheel, a valve: kB/s) costs a writer process ~100 MB of memory and a few wake-ups
+per message; dozens of them would take a core and gigabytes to record kB/s. Streams whose configured data rate is
+at most ``daemon.group_below_bytes_per_s`` (or that the config assigns a ``writer_group``) are hosted by one
+process per group instead (``writer_groups``). Each stream keeps everything it had in a process of its own: its
+``Writer`` (acqd.record.writer) with its data socket, checks, stream file, index, gaps, sync, previews, and its
+own control socket (so the supervisor talks to each stream exactly as before; messages carry the group's pid).
+What the group shares: one ZeroMQ context, one receiver thread that takes every stream's messages off their
+sockets with one poller and stamps their receive times (``Receiver``), one loop that handles them in batches per
+stream when a timer is due, and one flush timer (acqd.record.schedule). Fat streams keep a process each (h5py
+serialises every call through one global lock, so streams in one process never write in parallel).
+
+The trade-off: a crash of the group writer (a bug, kill -9) stops all its streams until it is restarted; each
+then records a gap with reason ``writer`` (what the dead process held, at most the flush interval). A stream that
+must not share that fate gets ``writer_group: own``. A write failure of one stream (a full disk, EIO twice) stops
+that stream only, with its reason; the others go on.
+
+Started as ``python -m acqd.record.launch '{"group_file": PATH, "parent_pid": PID}'``: the group's spec is a JSON
+file (``GroupSpec``; a hundred stream configs exceed what one command-line argument may hold).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from acqd.config import RigConfig, StreamConfig
+from acqd.errors import DiskFullError, WriterError
+from acqd.record.faults import Faults
+from acqd.record.schedule import Due
+from acqd.record.writer import BATCH_LIMIT, Writer, WriterSpec, limit_file_size
+
+SLOW_GROUP = "slow"
+"""The group a slow stream joins unless its config names another (or ``own``)."""
+OWN = "own"
+RECEIVE_INTERVAL_S = 0.002
+"""The receiver thread sleeps this long after each batch it took: the group's sockets are polled at most ~500 times
+a second, however many streams send 100 messages a second each. A message that arrives during the sleep is stamped
+up to this late; a host-timed stream's fit follows its earliest deliveries (acqd.finalize.clock), which this
+does not delay."""
+
+
+def writer_groups(cfg: RigConfig) -> dict[str, str | None]:
+    """Stream name -> the group whose process hosts it, or None for a process of its own."""
+    limit = cfg.daemon.group_below_bytes_per_s
+    out: dict[str, str | None] = {}
+    for s in cfg.streams:
+        if s.writer_group is not None:
+            out[s.name] = None if s.writer_group == OWN else s.writer_group
+        else:
+            slow = s.video is None and s.rate * s.sample_bytes <= limit
+            out[s.name] = SLOW_GROUP if slow else None
+    return out
+
+
+def own_context(cfg: StreamConfig) -> bool:
+    """A stream acqd binds on tcp has a ZAP authenticator, which is one per ZeroMQ context: it keeps its own."""
+    return cfg.bind and cfg.endpoint.startswith("tcp://")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSpec:
+    """Everything a group writer process needs: its name and one WriterSpec per stream."""
+
+    name: str
+    writers: list[WriterSpec]
+    parent_pid: int = 0
+
+    def write(self, path: Path) -> str:
+        """Write the spec to ``path``; returns the launch argument that points to it."""
+        path.write_text(json.dumps({"name": self.name, "parent_pid": self.parent_pid,
+                                    "writers": [w.to_json() for w in self.writers]}))
+        return json.dumps({"group_file": str(path), "parent_pid": self.parent_pid})
+
+    @classmethod
+    def read(cls, path: Path) -> GroupSpec:
+        d = json.loads(Path(path).read_text())
+        return cls(d["name"], [WriterSpec.from_json(w) for w in d["writers"]], d["parent_pid"])
+
+
+class Receiver:
+    """The group's receiver thread: one poller over every stream's data socket; each message is taken off as it
+    arrives, stamped with its receive time and queued in its stream's ``inbox`` (at most BATCH_LIMIT per stream:
+    beyond, ZeroMQ holds the rest, and a PULL driver feels the back-pressure). It owns the data sockets while it
+    runs, as a single stream's receiver thread does (``Writer.receive``)."""
+
+    def __init__(self, writers: list[Writer]):
+        self.writers = writers
+        self.running = threading.Event()
+        self.gone: set[str] = set()  # streams stopped by a write failure: no longer read
+        self.thread = threading.Thread(target=self.run, name="receiver", daemon=True)
+
+    def start(self) -> None:
+        self.running.set()
+        self.thread.start()
+        for w in self.writers:
+            w.receiver = self.thread  # its drain takes the inbox; a reconnect is left to this thread
+
+    def stop(self) -> None:
+        """End the thread; each stream's main-thread drain reads its socket directly again."""
+        self.running.clear()
+        self.thread.join()
+        for w in self.writers:
+            w.receiver = None
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        by_socket = {w.data: w for w in self.writers}
+        for s in by_socket:
+            poller.register(s, zmq.POLLIN)
+        while self.running.is_set():
+            for w in self.writers:
+                if w.reconnect_wanted:
+                    w.reconnect_wanted = False
+                    w.reconnect_socket()
+                if w.cfg.name in self.gone and w.data in by_socket:
+                    poller.unregister(w.data)
+                    del by_socket[w.data]
+            ready = poller.poll(100)
+            for sock, _ in ready:
+                self.take(by_socket[sock])
+            if ready:
+                time.sleep(RECEIVE_INTERVAL_S)
+
+    @staticmethod
+    def take(w: Writer) -> None:
+        for _ in range(BATCH_LIMIT - len(w.inbox)):
+            try:
+                frames = w.data.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            w.inbox.append((time.time_ns(), time.monotonic_ns(), frames))
+
+
+class Group:
+    """The loop of a group writer process: every stream's commands, monitor events, batches and timers."""
+
+    def __init__(self, spec: GroupSpec):
+        self.spec = spec
+        self.ctx = zmq.Context()
+        self.writers = [Writer(s, None if own_context(s.stream) else self.ctx) for s in spec.writers]
+        self.live = list(self.writers)
+        self.receiver = Receiver(self.writers)
+        self.poller = zmq.Poller()  # every stream's control and monitor sockets
+
+    def run(self) -> int:
+        owner: dict[zmq.Socket, Writer] = {}
+        for w in self.writers:
+            for s in (w.ctrl, w.monitor):
+                self.poller.register(s, zmq.POLLIN)
+                owner[s] = w
+        self.receiver.start()
+        parent = self.spec.parent_pid or os.getppid()
+        schedule = self.writers[0].schedule()
+        for w in self.writers:
+            w.send("ready", pid=os.getpid())
+        while self.live and not all(w.stop_requested for w in self.live):
+            recording = any(w.file is not None for w in self.live)
+            paired = any(w.last_chunk is not None for w in self.live if w.file is not None)
+            wake = schedule.wake_at(recording, paired)
+            events = dict(self.poller.poll(max(0, math.ceil((wake - time.monotonic()) * 1000))))
+            woken = {owner[s] for s in events}
+            # A command (stop, record) applies after what arrived before it: every stream's batch is handled first.
+            if time.monotonic() >= wake or any(w.ctrl in events for w in woken):
+                self.each(lambda w: w.drain(BATCH_LIMIT))
+            self.each(lambda w: w.on_control(events), woken)  # a record command opens a file: it may fail
+            now = time.monotonic()
+            due = schedule.due(now, recording, paired)
+            self.each(lambda w: w.on_due(due))
+            schedule.advance(due, now, any(w.sheds_stats() for w in self.live))
+            if os.getppid() != parent:
+                break  # the supervisor died; PR_SET_PDEATHSIG normally got here first
+        self.receiver.stop()
+        self.each(lambda w: w.drain(BATCH_LIMIT, math.inf))  # SIGTERM: what had arrived goes into the file it closes
+        self.each(lambda w: w.close_file())
+        self.each(lambda w: w.on_due(Due(stats=True)))
+        return 0
+
+    def each(self, act: Callable[[Writer], None], among: set[Writer] | None = None) -> None:
+        """``act`` on every live stream (``among`` those); one whose writes fail stops alone, with its reason."""
+        for w in [w for w in self.live if among is None or w in among]:
+            try:
+                act(w)
+            except DiskFullError as e:
+                self.fail(w, "disk_full", e)
+            except WriterError as e:
+                self.fail(w, "write_error", e)
+
+    def fail(self, w: Writer, kind: str, e: WriterError) -> None:
+        """What ``Writer.abandon`` does for a process of its own, without ending the others' process."""
+        w.event(kind, str(e))
+        try:
+            if kind == "write_error":
+                w.close_file(failure=e)
+            elif w.file is not None:
+                w.file.release()
+        except Exception:  # noqa: BLE001 - the file is already known bad; the index says what is valid
+            pass
+        w.file = None
+        self.live.remove(w)
+        for s in (w.ctrl, w.monitor):  # it obeys no more commands: the supervisor sees it failed, with the reason
+            self.poller.unregister(s)
+        self.receiver.gone.add(w.cfg.name)
+
+    def stop(self) -> None:
+        for w in self.writers:
+            w.stop_requested = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    launch = json.loads((argv or sys.argv[1:])[0])
+    spec = GroupSpec.read(Path(launch["group_file"]))
+    limit_file_size([w.stream.name for w in spec.writers])  # a test hook: for the whole process
+    group = Group(spec)
+    for w in group.writers:
+        w.faults = Faults.from_env(w.cfg.name)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    signal.signal(signal.SIGTERM, lambda *_: group.stop())
+    return group.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

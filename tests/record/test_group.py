@@ -1,0 +1,184 @@
+"""A group writer (acqd.record.group): many slow streams in one process, each recorded exactly as in a process of
+its own (its data bit-exact, its own gaps and rejects), none disturbed by another's hostile traffic."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from acqd.config import RigConfig, StreamConfig
+from acqd.record.group import SLOW_GROUP, writer_groups
+from acqd.record.ingest import Gap, Loss, Reject
+from acqd.record.streamfile import open_for_read
+from acqd.service.procs import wait_until
+from acqd.wire.protocol import Header, encode
+from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
+from tests.record.livegroup import LiveGroup
+from tests.record.livewriter import message
+
+
+def timed_message(name: str, seq: int) -> tuple[list, np.ndarray]:
+    """A valid 10-sample message whose device_time_ns is the host wall time it is sent at."""
+    data = (np.arange(seq * 40, seq * 40 + 40) % 30011).astype("<i2").reshape(10, 4)
+    return encode(Header(name, seq, 7, seq * 10, 10, "<i2", (4,), device_time_ns=time.time_ns()), data), data
+
+
+def read(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    with open_for_read(path) as f:
+        return f["data"][:], f["index"][:], f["gaps"][:], f["rejects"][:]
+
+
+def test_twenty_streams_in_one_group_are_each_bit_exact_with_their_own_gaps_and_rejects(tmp_path):
+    names = [f"s{i:02d}" for i in range(20)]
+    g = LiveGroup(tmp_path, names)
+    try:
+        assert len({m.get("pid") for _, m in g.msgs if m["type"] == "ready"}) == 1  # one process for all
+        for n in names:
+            g.wait_for(n, lambda m: m["type"] == "event" and m["kind"] == "connected", "its driver")
+        g.record_all()
+        sent: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        expected_rejects: dict[str, list[Reject]] = {n: [] for n in names}
+        for i, n in enumerate(names):
+            skipped = 3 + i % 7  # each stream loses a different message: its own gap
+            for seq in range(30):
+                if seq == skipped:
+                    continue
+                frames, data = message(seq, seq * 10, stream=n)
+                g.drivers[n].send_multipart(frames)
+                sent[n].append(data)
+                if seq == 10 and i % 3 == 0:
+                    g.drivers[n].send_multipart(frames)  # sent twice: rejected as a duplicate
+                    expected_rejects[n].append(Reject.DUPLICATE)
+                if seq == 12 and i % 4 == 1:  # another stream's dtype: rejected, never coerced
+                    bad, _ = message(seq + 1, seq * 10 + 10, stream=n, dtype="<f4")
+                    g.drivers[n].send_multipart(bad)
+                    expected_rejects[n].append(Reject.DTYPE)
+        for n in names:
+            g.wait_handled(n, 29 + len(expected_rejects[n]))
+        g.stop_all()
+        for i, n in enumerate(names):
+            data, index, gaps, rejects = read(g.folder / f"{n}.h5")
+            assert np.array_equal(data, np.concatenate(sent[n])), n
+            assert len(index) == 29
+            skipped = 3 + i % 7
+            assert [(int(r["kind"]), int(r["seq_from"]), int(r["seq_to"])) for r in gaps] == [
+                (Gap.SEQ, skipped, skipped + 1)], n
+            assert [Reject(int(r["reason"])) for r in rejects] == expected_rejects[n], n
+    finally:
+        assert g.close() == 0
+
+
+def test_a_malformed_flood_on_one_stream_leaves_the_others_data_and_latency_intact(tmp_path):
+    good = [f"ok{i}" for i in range(4)]
+    g = LiveGroup(tmp_path, ["bad", *good])
+    try:
+        for n in ["bad", *good]:
+            g.wait_for(n, lambda m: m["type"] == "event" and m["kind"] == "connected", "its driver")
+        g.record_all()
+        rng = np.random.default_rng(3)
+        valid, _ = message(0, 0, stream="bad")
+        junk = [[rng.bytes(int(k))] for k in rng.integers(0, 300, 2000)]  # random frames
+        junk += [[valid[0], rng.bytes(len(valid[1])), valid[2]] for _ in range(2000)]  # a garbled header
+        junk += [[valid[0], valid[1], valid[2][:-2]] for _ in range(2000)]  # a short payload
+        junk += [[valid[0], valid[1]] for _ in range(2000)] + [[b""] for _ in range(2000)]
+        sent: dict[str, list[np.ndarray]] = {n: [] for n in good}
+        flood = iter(junk)
+        for seq in range(150):  # 1.5 s of 100 messages/s per good stream, the flood interleaved
+            for n in good:
+                frames, data = timed_message(n, seq)
+                g.drivers[n].send_multipart(frames)
+                sent[n].append(data)
+            for _ in range(len(junk) // 150 + 1):
+                if (frames := next(flood, None)) is not None:
+                    g.drivers["bad"].send_multipart(frames)
+            time.sleep(0.01)
+        for n in good:
+            g.wait_handled(n, 150)
+        g.wait_handled("bad", len(junk), timeout_s=30)
+        g.stop_all()
+        for n in good:
+            data, index, gaps, rejects = read(g.folder / f"{n}.h5")
+            assert np.array_equal(data, np.concatenate(sent[n])) and len(gaps) == 0 and len(rejects) == 0, n
+            received_ms = (index["host_wall_ns"] - index["device_time_ns"]) / 1e6
+            committed_ms = (index["committed_wall_ns"] - index["device_time_ns"]) / 1e6
+            # Receive times stay true (stamped as messages arrive), and every message reached the file within the
+            # flush interval (0.1 s) plus a drain: the flood never held a good stream back.
+            assert np.percentile(received_ms, 99) < 50, (n, np.percentile(received_ms, [50, 99]))
+            assert np.percentile(committed_ms, 99) < 1000, (n, np.percentile(committed_ms, [50, 99]))
+        _, index, _, rejects = read(g.folder / "bad.h5")
+        assert len(index) == 0 and len(rejects) == len(junk)  # every hostile message counted, with its reason
+        assert set(Reject(int(r)) for r in rejects["reason"]) <= {Reject.MALFORMED, Reject.WRONG_STREAM}
+        assert g.stats("bad")["recording_counts"]["rejected_total"] == len(junk)
+    finally:
+        assert g.close() == 0
+
+
+@pytest.mark.parametrize("group, expected", [(None, SLOW_GROUP), ("own", None), ("valves", "valves")])
+def test_slow_streams_are_grouped_unless_the_config_says_otherwise(group, expected):
+    base = {"endpoint": "ipc:///tmp/x", "dtype": "float32", "sync": {"source": "frame"}}
+    streams = [StreamConfig(name="probe", shape=(385,), rate=30000.0, dtype="int16", endpoint="ipc:///tmp/p",
+                            sync={"source": "channel", "channel": 384}),
+               StreamConfig.model_validate({**base, "name": "lick", "shape": (4,), "rate": 1000.0,
+                                            **({"writer_group": group} if group else {})})]
+    cfg = RigConfig(daemon={"data_root": "/tmp"}, reference="probe", streams=streams)
+    assert writer_groups(cfg) == {"probe": None, "lick": expected}
+    below = RigConfig(daemon={"data_root": "/tmp", "group_below_bytes_per_s": 0}, reference="probe", streams=streams)
+    assert writer_groups(below)["lick"] == (None if group is None else expected)
+
+
+def grouped_rig(tmp_path: Path, flush_interval_s: float) -> Path:
+    """The example rig plus three more slow streams like its sensor (a mix of SUB and PULL, with and without sync):
+    with the sensor, a group of four."""
+    path = write_rig(tmp_path, flush_interval_s=flush_interval_s)
+    raw = yaml.safe_load(path.read_text())
+    sensor = next(s for s in raw["streams"] if s["name"] == "sensor")
+    for name, socket, sync in (("wheel", "pull", {"source": "frame"}), ("lick", "sub", None), ("temp", "pull", None)):
+        raw["streams"].append({**sensor, "name": name, "socket": socket, "sync": sync,
+                               "endpoint": f"ipc://{tmp_path}/ipc/{name}"})
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.mark.e2e
+def test_kill_9_of_a_group_writer_loses_at_most_the_flush_interval_and_records_a_gap_on_each_stream(
+        tmp_path, daemon_factory):
+    flush_s, slow = 0.25, ("sensor", "wheel", "lick", "temp")
+    rig_file = grouped_rig(tmp_path, flush_s)
+    daemon = daemon_factory(rig_file)
+    with recording(daemon, rig_file, "groupkill", seed=4) as (status, folder):
+        pids = {n: s["pid"] for n, s in status["streams"].items()}
+        assert len({pids[n] for n in slow}) == 1 and pids["probe"] != pids["sensor"]  # one process for the four
+        streams = lambda: daemon.command("status")["streams"]  # noqa: E731
+        wait_until(lambda: all(streams()[n]["rows"] > 500 for n in slow), "every slow stream to record")
+        killed_ns = time.time_ns()
+        os.kill(pids["sensor"], signal.SIGKILL)
+        wait_until(lambda: all((s := streams()[n])["restarts"] == 1 and s["state"] == "recording" and s["rows"] > 0
+                               for n in slow), "the group to be restarted, recording", timeout_s=30)
+        after = streams()
+        assert len({after[n]["pid"] for n in slow}) == 1 and after["probe"]["restarts"] == 0
+        daemon.command("stop")
+    cfg, rig = rig_for(rig_file, seed=4)
+    session = json.loads((folder / "session.json").read_text())
+    for n in slow:
+        with open_for_read(folder / "streams" / f"{n}.h5") as f:
+            index = f["index"][:]
+            assert_bit_exact(f, rig, n)
+        with open_for_read(folder / "streams" / f"{n}.part001.h5") as f:
+            gaps = f["gaps"][:]
+            assert_bit_exact(f, rig, n)
+        # What the kill lost: at most what arrived within the flush interval before it (plus scheduling slack on a
+        # shared machine); then a gap with reason `writer`, right after the last message the dead process committed.
+        lost_s = (killed_ns - int(index["host_wall_ns"][-1])) / 1e9
+        print(f"{n}: the kill lost what arrived in the last {lost_s:.3f} s")
+        assert lost_s <= flush_s + 0.5, (n, lost_s)
+        first = gaps[0]
+        assert (Gap(int(first["kind"])), Loss(int(first["reason"])), int(first["seq_from"])) == (
+            Gap.SEQ, Loss.WRITER, int(index["seq"][-1]) + 1), (n, gaps)
+        assert any(i["kind"] == "writer_died" and i["stream"] == n for i in session["incidents"]), n
