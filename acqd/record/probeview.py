@@ -40,7 +40,7 @@ AP_PERIOD_S = 1.3
 WARMUP_S = 0.003
 THRESHOLD_MAD = 4.5
 THRESHOLD_REFRESH_S = 5.0
-REFRACTORY_S = 0.001
+REFRACTORY_S = 0.002
 """A channel's crossings closer than this count once (one spike's trough may recross the threshold)."""
 WINDOW_S = 10.0
 """Crossings and analysed seconds are kept this long (the raster's and the rates' window)."""
@@ -161,6 +161,8 @@ class ProbeFeatures:
     crossings_dropped: int = 0
     block_rows: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
     """(sample of the first row, sample step, rows) of the trace block since the last message."""
+    ap_rms: list | None = None
+    """The AP-band RMS of the last message that had AP rows."""
 
     @classmethod
     def start(cls, rate: float, n_channels: int, skip: int | None, block: dict | None) -> ProbeFeatures:
@@ -289,8 +291,10 @@ class ProbeFeatures:
         self._filter_lfp()
         samples, chans, seconds = self.window(now_sample)
         counts = np.bincount(chans, minlength=self.n_channels)
+        # A message between two AP segments repeats the last segment's RMS (null until the first one)
+        self.ap_rms = self._rms(self.ap_ss, self.ap_n) or self.ap_rms
         out = {
-            "ap_rms": self._rms(self.ap_ss, self.ap_n), "lfp_rms": self._rms(self.lfp_ss, self.lfp_n),
+            "ap_rms": self.ap_rms, "lfp_rms": self._rms(self.lfp_ss, self.lfp_n),
             "threshold": self._plain(self.threshold), "analysed_s": round(seconds, 4),
             "rates": self._plain(counts / seconds if seconds > 0 else None, 3),
             "crossings": {"samples": samples.tolist(), "channels": chans.tolist(), "dropped": self.crossings_dropped},

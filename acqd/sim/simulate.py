@@ -157,9 +157,9 @@ def probe_truth(cfg: StreamConfig) -> dict | None:
 
 def unit_times(rate_hz: float, n: int, pool_rate: float, rng: np.random.Generator) -> np.ndarray:
     """A unit's spike rows in a pool of ``n`` rows: exactly ``rate_hz`` per second of pool, near-regular (interval
-    jittered by +-20 %), so any stretch of the pool holds about its share (the pool repeats every second)."""
+    jittered by +-5 %), so any stretch of the pool holds its share (the pool repeats every second)."""
     count = max(1, round(rate_hz * n / pool_rate))
-    grid = (np.arange(count) + 0.5 + rng.uniform(-0.2, 0.2, count)) * n / count
+    grid = (np.arange(count) + 0.5 + rng.uniform(-0.05, 0.05, count)) * n / count
     return np.clip(grid.astype(np.int64), 0, n - 31)
 
 
