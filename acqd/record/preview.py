@@ -22,6 +22,7 @@ from io import BytesIO
 import numpy as np
 
 from acqd.config import ChannelSync, StreamConfig
+from acqd.record.probeview import ProbeFeatures
 
 TRACE_POINTS_PER_S = 200
 """Trace points kept per second and channel (a 5 s window is 1000 points: enough to see spikes and noise)."""
@@ -37,6 +38,8 @@ DEFAULT_TRACES = 4
 MAX_TRACES = 8
 MAX_LAST_VALUES = 16
 MESSAGE_PREFIX = b'{"type":"preview",'
+CLOCK_WINDOW_S = 10.0
+"""The host clock keeps the least-delayed chunk of about this long (device crystals drift: tens of ppm)."""
 """How every preview message on a writer's control channel starts: the supervisor forwards those unparsed."""
 
 
@@ -117,6 +120,32 @@ def jpeg_data_url(img: np.ndarray, quality: int = 70) -> str:
 
 
 @dataclass
+class HostClock:
+    """Device samples -> host monotonic seconds, from when chunks arrived: the chunk that arrived soonest after its
+    last sample (least delayed) sets ``offset`` (host seconds of device sample 0 at the nominal rate), renewed each
+    ``CLOCK_WINDOW_S`` so that a drifting crystal is followed. Within a few ms: a display clock, not the
+    finalizer's sync-edge fit."""
+
+    rate: float
+    best: float = math.inf
+    candidate: float = math.inf
+    since: float | None = None
+
+    def see(self, end_sample: int, now_s: float) -> None:
+        """Chunk ending before ``end_sample`` arrived at host time ``now_s``."""
+        self.candidate = min(self.candidate, now_s - end_sample / self.rate)
+        if self.since is None:
+            self.since = now_s
+        elif now_s - self.since >= CLOCK_WINDOW_S:
+            self.best, self.candidate, self.since = self.candidate, math.inf, now_s
+
+    @property
+    def offset(self) -> float | None:
+        o = min(self.best, self.candidate)
+        return o if math.isfinite(o) else None
+
+
+@dataclass
 class Preview:
     """One writer's preview state while someone watches; ``take`` per accepted chunk."""
 
@@ -136,11 +165,20 @@ class Preview:
     next_send: float = 0.0
     next_rms: float = 0.0
     next_thumbnail: float = 0.0
+    clock: HostClock | None = None
+    origin: float | None = None
+    """Host monotonic seconds of the session timebase's zero (RECORD's start, or ACQUIRE's before), if told."""
+    probe: ProbeFeatures | None = None
+    """The probe view's features (ephys streams only, acqd.record.probeview)."""
 
     @classmethod
-    def start(cls, cfg: StreamConfig, channels: list[int] | tuple[int, ...] | None, now_s: float) -> Preview:
+    def start(cls, cfg: StreamConfig, channels: list[int] | tuple[int, ...] | None, now_s: float,
+              origin: float | None = None, block: dict | None = None) -> Preview:
         stride = max(1, round(cfg.rate / TRACE_POINTS_PER_S))
-        return cls(cfg, valid_channels(cfg, channels), stride, window=(now_s, 0), next_send=now_s + SEND_INTERVAL_S)
+        skip = cfg.sync.channel if isinstance(cfg.sync, ChannelSync) else None
+        probe = ProbeFeatures.start(cfg.rate, cfg.shape[0], skip, block) if cfg.kind == "ephys" else None
+        return cls(cfg, valid_channels(cfg, channels), stride, window=(now_s, 0), next_send=now_s + SEND_INTERVAL_S,
+                   clock=HostClock(cfg.rate), origin=origin, probe=probe)
 
     def take(self, data: np.ndarray, first_sample: int, now_s: float) -> dict | None:
         """Keep a few rows of an accepted chunk; every ``SEND_INTERVAL_S``, return a preview message."""
@@ -150,6 +188,10 @@ class Preview:
         self.expected = first_sample + n
         self.samples += n
         self.last = data
+        if self.clock is not None:
+            self.clock.see(first_sample + n, now_s)
+        if self.probe is not None:
+            self.probe.take(data, first_sample)
         if self.channels:
             start = grid_start(first_sample, self.stride)
             if start < n:  # a strided view, then a small copy of the shown channels (take: no fancy-index cost)
@@ -165,9 +207,14 @@ class Preview:
                      "nominal_rate": self.cfg.rate, "dropped": self.dropped, "units": self.cfg.units,
                      "scale": self.cfg.conversion, "offset": self.cfg.offset}
         self.window, self.next_send = (now_s, self.samples), now_s + SEND_INTERVAL_S
+        offset = self.clock.offset if self.clock is not None else None
+        if offset is not None and self.origin is not None:  # session seconds = device sample / rate + t_offset
+            msg["t_offset"] = round(offset - self.origin, 6)
         last = self.last
         if last is None:
             return msg
+        if self.probe is not None:
+            msg["probe"] = self.probe.flush(self.expected)
         if is_image(self.cfg):
             if now_s >= self.next_thumbnail:
                 self.next_thumbnail = now_s + THUMBNAIL_INTERVAL_S

@@ -526,7 +526,8 @@ class Writer:
             case "shutdown":
                 self.stop_requested = True
             case "preview":  # someone watches the console (or stopped): a few rows per message, see acqd.record.preview
-                self.preview = Preview.start(self.cfg, msg.get("channels"), time.monotonic()) if msg.get("on") else None
+                self.preview = Preview.start(self.cfg, msg.get("channels"), time.monotonic(), msg.get("origin"),
+                                             msg.get("probe")) if msg.get("on") else None
             case other:
                 self.event("error", f"unknown command {other!r}")
 

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from acqd.config import RigConfig
 from acqd.service.jobs import Jobs
+from acqd.service.previews import PreviewHub
 from acqd.service.snapshot import SNAPSHOT_INTERVAL_S, EventBus, Snapshot
 from acqd.service.synclock import BAD as BAD_SYNC
 from acqd.service.synclock import SyncLock
@@ -66,6 +67,7 @@ class Supervised(Protocol):
     writers: Mapping[str, WriterHandle]
     jobs: Jobs
     synclock: SyncLock
+    previews: PreviewHub
 
     @property
     def session(self) -> dict | None: ...
@@ -92,12 +94,23 @@ def publish(sup: Supervised, force: bool = False) -> Snapshot:
                                     "last_session": status["last_session"]})
         log.info("mode %s%s", status["mode"], f" (session {session_id})" if session_id else "")
         lv.mode, lv.session_id = status["mode"], session_id
+        sup.previews.origin = timebase_origin(status)
     _check_disk(sup, status)
     lv.seq += 1
     snap = Snapshot.of(lv.seq, {"snapshot_seq": lv.seq, **status})
     sup.snapshot = snap  # one reference assignment: readers see the old or the new snapshot, whole
     lv.published_at, lv.changed = now, False
     return snap
+
+
+def timebase_origin(status: dict) -> float | None:
+    """Host monotonic seconds of the live session timebase's zero: the session's start in RECORD (its ``created``
+    time, within a few tens of ms of the NWB's zero, the reference's first recorded sample), now on entering
+    ACQUIRE (the live view's "seconds since ACQUIRE"), none in IDLE."""
+    now_mono, now_wall = time.monotonic(), time.time()
+    if status["session"] is not None and status["session"].get("started"):
+        return now_mono - (now_wall - _parse(status["session"]["started"]).timestamp())
+    return now_mono if status["mode"] == "ACQUIRE" else None
 
 
 def build_status(sup: Supervised) -> dict:

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from acqd.record.preview import MESSAGE_PREFIX
 
 MAX_QUEUED = 256
 """Preview messages queued per watcher; older ones are dropped for a browser that does not keep up."""
@@ -60,6 +63,11 @@ class PreviewHub:
         self._ids = itertools.count()
         self._watchers: dict[int, Watcher] = {}
         self._channels: dict[str, tuple[int, ...]] = {}
+        self._blocks: dict[str, dict] = {}  # stream -> the probe view's trace block {"channels", "band"}
+        self._last: dict[str, tuple[float, bytes]] = {}  # stream -> (host monotonic s, its latest message)
+        self.origin: float | None = None
+        """Host monotonic seconds of the session timebase's zero (RECORD's start; ACQUIRE's before), set by the live
+        view on each change of mode; writers put their previews' times on it (``t_offset``)."""
         self._told: dict[str, tuple] = {}  # stream -> (writer pid, on, channels) last sent
         # stream -> (writer pid, id of the "preview off" command it has not acknowledged yet): until it does, previews
         # it sent before handling it may still be on their way (they share its control socket, so they come first)
@@ -87,6 +95,18 @@ class PreviewHub:
         with self._lock:
             self._channels[stream] = tuple(channels)
 
+    def select_block(self, stream: str, channels: list[int], band: str) -> None:
+        """The probe view's trace block of ``stream`` (at most 64 channels, one band; the latest choice wins)."""
+        with self._lock:
+            self._blocks[stream] = {"channels": list(channels), "band": band}
+
+    def block(self, stream: str) -> dict | None:
+        return self._blocks.get(stream)
+
+    def latest(self, stream: str) -> tuple[float, bytes] | None:
+        """(host monotonic seconds it came, the message) of ``stream``'s latest preview, unparsed."""
+        return self._last.get(stream)
+
     def state(self) -> dict:
         """Who watches, which writers were told to preview, how many messages came: for the page and for tests."""
         told, stopping = dict(self._told), set(self._stopping)
@@ -99,6 +119,8 @@ class PreviewHub:
     def publish(self, item: bytes) -> None:
         """Supervisor thread: hand a writer's preview message (JSON, as the writer encoded it) to every watcher."""
         self.received += 1
+        start = len(MESSAGE_PREFIX) + len(b'"stream":"')  # the writer encodes the stream's name first
+        self._last[item[start:item.index(b'"', start)].decode()] = (time.monotonic(), item)
         with self._lock:
             watchers = list(self._watchers.values())
         for w in watchers:
@@ -112,10 +134,11 @@ class PreviewHub:
         for name, h in writers.items():
             if not h.ready:
                 continue
-            want = (h.proc.pid, on, self.channels(name) if on else ())
+            want = (h.proc.pid, on, self.channels(name) if on else (), self.block(name) if on else None,
+                     self.origin if on else None)
             told = self._told.get(name)
             if told != want and (on or (told is not None and told[0] == want[0])):  # a new writer starts off
-                cmd_id = send(name, cmd="preview", on=on, channels=list(want[2]))
+                cmd_id = send(name, cmd="preview", on=on, channels=list(want[2]), probe=want[3], origin=want[4])
                 if on:
                     self._stopping.pop(name, None)
                 else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,16 @@ from acqd.wire.publisher import Publisher, edge_records
 PULSE_WIDTH_S = 0.010
 STROBE_WIDTH_S = 0.002
 CHUNK_S = 0.010  # one message per 10 ms of samples (one frame per message for cameras)
+PROBE_MIN_CHANNELS = 32
+"""An ephys stream with at least this many electrode channels is a probe: it gets units, a dead and a noisy site."""
+UNIT_PLACES = ((0.15, 20.0), (0.4, 30.0), (0.65, 50.0), (0.88, 25.0))
+"""Units as (fraction of the electrode channels, rate in Hz): sites along the shank and rates the probe view
+must show (rates a few tens of Hz: the view analyses a share of the data, see acqd.record.probeview)."""
+UNIT_SPREAD = (1.0, 0.6, 0.25)
+"""A unit's amplitude on its site and on the channels 1 and 2 away (it is seen by its neighbours)."""
+UNIT_AMPLITUDE = 25.0
+"""Times the template of ``signal_pool`` (trough -12): a trough of -300 raw units, ~15 x the noise."""
+DEAD_AT, NOISY_AT, NOISY_GAIN = 0.28, 0.52, 8.0
 FAULT_KINDS = ("drop", "duplicate", "reorder", "malformed", "oversized", "wrong_dtype", "wrong_shape",
                "size_mismatch", "wrong_frames", "restart")
 
@@ -126,10 +137,54 @@ def signal_pool(cfg: StreamConfig, rng: np.random.Generator, seconds: float = 1.
         c = rng.integers(0, ch)
         spikes[t:t + 30, max(0, c - 2):c + 3] += template[:, None]
     x = 20 * noise + 15 * spikes
+    if cfg.kind == "ephys" and len(electrode_channels(cfg)) >= PROBE_MIN_CHANNELS:
+        x = probe_sites(cfg, x, template)
     if dt.kind == "f":
         return (x / 100).astype(dt)
     info = np.iinfo(dt)
     return np.clip(x + (0 if info.min < 0 else info.max // 2), info.min, info.max).astype(dt)
+
+
+def electrode_channels(cfg: StreamConfig) -> list[int]:
+    skip = cfg.sync.channel if isinstance(cfg.sync, ChannelSync) else -1
+    return [c for c in range(cfg.shape[0]) if c != skip]
+
+
+def probe_truth(cfg: StreamConfig) -> dict | None:
+    """Where a simulated probe's units, dead and noisy sites are (stream columns) and the units' rates; None for a
+    stream that is no probe (``PROBE_MIN_CHANNELS``)."""
+    el = electrode_channels(cfg)
+    if cfg.kind != "ephys" or len(el) < PROBE_MIN_CHANNELS:
+        return None
+    at = lambda f: el[int(f * (len(el) - 1))]  # noqa: E731
+    return {"units": [{"channel": at(f), "rate_hz": r} for f, r in UNIT_PLACES], "dead": [at(DEAD_AT)],
+            "noisy": [at(NOISY_AT)]}
+
+
+def unit_times(rate_hz: float, n: int, pool_rate: float, rng: np.random.Generator) -> np.ndarray:
+    """A unit's spike rows in a pool of ``n`` rows: exactly ``rate_hz`` per second of pool, near-regular (interval
+    jittered by +-5 %), so any stretch of the pool holds its share (the pool repeats every second)."""
+    count = max(1, round(rate_hz * n / pool_rate))
+    grid = (np.arange(count) + 0.5 + rng.uniform(-0.05, 0.05, count)) * n / count
+    return np.clip(grid.astype(np.int64), 0, n - 31)
+
+
+def probe_sites(cfg: StreamConfig, x: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """``x`` with the units of ``probe_truth`` added (on their site and neighbours), the dead site flat and the
+    noisy site's noise ``NOISY_GAIN`` times louder. Draws from a generator of its own (seeded by the stream's
+    name), so every other stream's samples are as they were."""
+    truth = probe_truth(cfg)
+    rng = np.random.default_rng(zlib.crc32(cfg.name.encode()))
+    el = electrode_channels(cfg)
+    for unit in truth["units"]:
+        k = el.index(unit["channel"])
+        for t in unit_times(unit["rate_hz"], len(x), cfg.rate, rng):
+            for d, a in enumerate(UNIT_SPREAD):
+                for c in {k - d, k + d} & set(range(len(el))):
+                    x[t:t + 30, el[c]] += UNIT_AMPLITUDE * a * template
+    x[:, truth["noisy"][0]] *= NOISY_GAIN
+    x[:, truth["dead"][0]] = 0.0
+    return x
 
 
 def stimulus_indices(cfg: StreamConfig, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -256,6 +311,7 @@ class Rig:
     def truth(self) -> dict:
         return {"seed": self.params.seed, "params": {k: getattr(self.params, k) for k in SimParams.__slots__},
                 "pulse_times_s": self.pulses.tolist(),
+                "probes": {n: t for n, d in self.devices.items() if (t := probe_truth(d.cfg)) is not None},
                 "devices": {n: {"rate": d.clock.rate, "offset_s": d.clock.offset_s, "ppm": d.clock.ppm,
                                 "wander_ppm": d.clock.wander_ppm, "wander_period_s": d.clock.wander_period_s,
                                 "first_sample": int(d.next_sample)} for n, d in self.devices.items()}}

@@ -66,3 +66,25 @@ def test_sync_off_needs_a_stream_with_its_own_sync_line():
     for text, why in (("sync_off:camera:1:2", "no sync line"), ("sync_off:nope:1:2", "no simulated stream")):
         with pytest.raises(ValueError, match=why):
             rig.check_fault(parse_fault(text))
+
+
+def test_the_probe_has_units_at_known_sites_and_rates_a_dead_and_a_noisy_site():
+    """The probe view's own features (acqd.record.probeview) on the simulated probe's samples find what the truth
+    says: each unit's rate on its site (within 20 %), the dead site flat, the noisy site the loudest."""
+    from acqd.record import probeview as pv
+
+    rig = Rig(load_config(RIG), SimParams(seed=3, seconds=20))
+    truth = rig.truth()["probes"]["probe"]
+    dev = rig.devices["probe"]
+    skip = dev.cfg.sync.channel
+    f = pv.ProbeFeatures.start(dev.cfg.rate, dev.cfg.shape[0], skip, None)
+    first = dev.next_sample
+    for k in range(int(pv.WINDOW_S * 1.2 / 0.01)):
+        f.take(rig.samples("probe", first + 300 * k, 300), first + 300 * k)
+    out = f.flush(first + 300 * (k + 1))
+    background = np.median([r for r in out["rates"] if r is not None])  # the pool's scattered spikes
+    for unit in truth["units"]:
+        assert out["rates"][unit["channel"]] - background == pytest.approx(unit["rate_hz"], rel=0.2)
+    ap = np.array([np.nan if v is None else v for v in out["ap_rms"]])
+    (dead,), (noisy,) = truth["dead"], truth["noisy"]
+    assert ap[dead] == 0 and np.nanargmax(ap) == noisy and ap[noisy] > 4 * np.nanmedian(ap)

@@ -37,6 +37,7 @@ from acqd.finalize.scrub import verification
 from acqd.metadata import MetadataError, SessionMetadata, to_acqd, with_rig_defaults
 from acqd.session import LOG_FILE, SESSION_FILE, list_sessions, read_annotations, read_session, session_name
 from acqd.service.commands import export_roots
+from acqd.service.http.probes import probes_router
 from acqd.service.previews import FLUSH_S
 from acqd.service.supervisor import Supervisor
 from acqd.share.export import master_digest
@@ -341,6 +342,7 @@ def public_paths() -> tuple[str, ...]:
 def mount_console(app: FastAPI, sup: Supervisor, closing: threading.Event) -> None:
     """Serve the page at ``/`` (its files under ``/console/``) and the console's routes, on ``app``."""
     app.include_router(console_router(sup, closing))
+    app.include_router(probes_router(sup))  # the probe view (acqd.service.http.probes)
     app.mount("/console", StaticFiles(directory=WEB_DIR, html=True), name="console")
 
     @app.get("/", include_in_schema=False)

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from acqd.config import load_config
 from acqd.service.procs import Simulator, wait_until
+from acqd.sim.simulate import probe_truth
 from tests.conftest import write_rig
 from tests.sessions import SUBJECT
 
@@ -324,7 +326,8 @@ def test_preview_stream_shows_each_kind_of_stream_decimated_by_its_writer(tmp_pa
         sim.stop()
     probe = seen["probe"]
     assert probe["traces"]["names"] == ["ch007", "ch009"] and len(probe["rms"]) == 385
-    assert probe["rms"][384] is None and all(v > 0 for v in probe["rms"][:384])  # the sync word is not a signal
+    (dead,) = probe_truth(load_config(rig).stream("probe"))["dead"]  # the simulated probe's dead site is flat, the others are not
+    assert probe["rms"][384] is None and [c for c, v in enumerate(probe["rms"][:384]) if v == 0] == [dead]
     assert probe["rms_scale"] == pytest.approx(1.95e-7) and all(isinstance(v, int) for v in probe["traces"]["y"][0])
     assert seen["nidaq"]["last"]["digital"] == 8 and seen["nidaq"]["traces"]["names"][0] == "ai0"
     assert seen["camera"]["thumbnail"]["src"].startswith("data:image/jpeg;base64,")

@@ -1,0 +1,174 @@
+"""The probe view's writer-side features (acqd.record.probeview) against scipy/numpy references on synthetic data:
+the AP and LFP filters are continuous across chunk boundaries of any size, crossings are exactly the reference's,
+RMS per band is the band's, the AP segments cover the share of the data they claim."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import signal
+
+from acqd.record import probeview as pv
+from acqd.record.preview import HostClock, Preview
+from acqd.config import StreamConfig
+
+RATE = 30000.0
+
+
+def _chunks(x: np.ndarray, sizes: list[int]):
+    """``x`` cut into chunks of ``sizes`` (cycled), with each chunk's first sample index."""
+    first, i = 0, 0
+    while first < len(x):
+        n = sizes[i % len(sizes)]
+        yield x[first:first + n], first
+        first, i = first + n, i + 1
+
+
+def _every_sample(monkeypatch) -> None:
+    """AP features on all the data (one segment as long as the test) and the trace block at full rate."""
+    monkeypatch.setattr(pv, "AP_SEGMENT_S", 1e6)
+    monkeypatch.setattr(pv, "AP_PERIOD_S", 2e6)
+    monkeypatch.setattr(pv, "TRACE_RATE_HZ", RATE)
+
+
+def _reference_ap(x: np.ndarray) -> np.ndarray:
+    sos = pv.ap_sos(RATE)
+    zi = signal.sosfilt_zi(sos)[:, :, None] * x[0].astype(np.float64)
+    return signal.sosfilt(sos, x.astype(np.float64), axis=0, zi=zi)[0]
+
+
+def _noise(n: int, ch: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.normal(0, 20, (n, ch)) + 500 * np.sin(np.arange(n) / RATE * 2 * np.pi * 7)[:, None]).astype(np.int16)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(1, 900), min_size=1, max_size=8))
+def test_ap_band_is_continuous_across_chunks_of_any_size(sizes):
+    with pytest.MonkeyPatch.context() as mp:
+        _every_sample(mp)
+        x = _noise(6000, 5)
+        f = pv.ProbeFeatures.start(RATE, 5, None, {"channels": [0, 1, 2, 3, 4], "band": "ap"})
+        for chunk, first in _chunks(x, sizes):
+            f.take(chunk, first)
+        block = f.flush(len(x))["block"]
+    got = np.concatenate([np.array(y).T for y in block["y"]])
+    starts = np.concatenate([s + st_ * np.arange(np.array(y).shape[1]) for s, st_, y in
+                             zip(block["starts"], block["steps"], block["y"])])
+    assert np.array_equal(starts, np.arange(len(x)))  # every sample once, in order
+    assert np.abs(got - _reference_ap(x)).max() <= 0.51  # rounding to whole raw units (and float32): nothing else
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(1, 900), min_size=1, max_size=8))
+def test_lfp_band_is_continuous_across_chunks_of_any_size(sizes):
+    x = _noise(9000, 3, seed=1)
+    f = pv.ProbeFeatures.start(RATE, 3, None, {"channels": [0, 1, 2], "band": "lfp"})
+    for chunk, first in _chunks(x, sizes):
+        f.take(chunk, first)
+    block = f.flush(len(x))["block"]
+    got = np.concatenate([np.array(y).T for y in block["y"]])
+    q = pv.lfp_factor(RATE)
+    binned = x.reshape(-1, q, 3).mean(axis=1)
+    sos = pv.lfp_sos(RATE)
+    ref = signal.sosfilt(sos, binned, axis=0, zi=signal.sosfilt_zi(sos)[:, :, None] * binned[0])[0]
+    assert np.array_equal(np.concatenate([s + st_ * np.arange(np.array(y).shape[1]) for s, st_, y in
+                                          zip(block["starts"], block["steps"], block["y"])]), np.arange(0, len(x), q))
+    assert np.abs(got - ref).max() <= 0.5 + 1e-9
+
+
+def test_crossings_are_the_references_and_the_sync_word_has_none(monkeypatch):
+    _every_sample(monkeypatch)
+    n, ch = 60000, 6
+    x = _noise(n, ch, seed=2).astype(np.float64)
+    rng = np.random.default_rng(3)
+    truth = sorted({(int(t), int(c)) for t, c in zip(rng.integers(2000, n - 100, 80), rng.integers(0, 5, 80))})
+    template = -np.exp(-((np.arange(30) - 8) ** 2) / 8.0) * 300
+    for t, c in truth:
+        x[t:t + 30, c] += template
+    x[:, 5] = (np.arange(n) // 3000) % 2  # a sync word: bits, no signal
+    x = x.astype(np.int16)
+    f = pv.ProbeFeatures.start(RATE, ch, 5, None)
+    for chunk, first in _chunks(x, [300]):
+        f.take(chunk, first)
+    out = f.flush(n)
+    got = sorted(zip(out["crossings"]["samples"], out["crossings"]["channels"]))
+    # The reference: the whole signal filtered at once; per chunk (after the warm-up) the threshold, refreshed every
+    # THRESHOLD_REFRESH_S from that chunk; downward crossings (the row before judged by its own chunk's threshold);
+    # one per REFRACTORY_S.
+    y = _reference_ap(x)
+    warm, gap = round(pv.WARMUP_S * RATE), round(pv.REFRACTORY_S * RATE)
+    ref, thr, thr_at, prev = [], None, None, np.zeros(5, bool)
+    last = np.full(5, -10**9)
+    for start in range(0, n, 300):
+        a = max(start, warm)
+        seg = y[a:start + 300, :5]
+        if thr is None or a - thr_at >= pv.THRESHOLD_REFRESH_S * RATE:
+            med = np.median(seg, axis=0)
+            thr, thr_at = -pv.THRESHOLD_MAD * np.median(np.abs(seg - med), axis=0) / pv.MAD_TO_SIGMA, a
+        below = seg < thr
+        onset = below & ~np.vstack([prev[None], below[:-1]])
+        for k, c in zip(*np.nonzero(onset)):
+            if a + k - last[c] >= gap:
+                ref.append((int(a + k), int(c)))
+                last[c] = a + k
+        prev = below[-1]
+    assert sorted(ref) == got
+    assert {(t, c) for t, c in truth} <= {(s - d, c) for s, c in got for d in range(0, 12)}  # every spike found
+    assert out["rates"][5] is None and out["threshold"][5] is None and out["ap_rms"][5] is None
+
+
+def test_rms_per_band_is_the_bands_own():
+    """1 kHz of amplitude 100 (AP band) plus 20 Hz of amplitude 400 (LFP band): each band's RMS sees its own."""
+    t = np.arange(int(RATE * 2.2)) / RATE
+    x = (100 * np.sin(2 * np.pi * 1000 * t) + 400 * np.sin(2 * np.pi * 20 * t))[:, None] * np.ones(2)
+    f = pv.ProbeFeatures.start(RATE, 2, None, None)
+    for chunk, first in _chunks(x.astype(np.int16), [300]):
+        f.take(chunk, first)
+    out = f.flush(len(t))
+    _, h_ap = signal.sosfreqz(pv.ap_sos(RATE), worN=[1000.0], fs=RATE)
+    assert out["ap_rms"] == pytest.approx([100 / np.sqrt(2) * abs(h_ap[0])] * 2, rel=0.03)
+    assert out["lfp_rms"] == pytest.approx([400 / np.sqrt(2)] * 2, rel=0.05)  # 1 kHz is averaged away
+
+
+def test_segments_cover_the_share_they_claim_and_rates_count_per_analysed_second():
+    """Default segments: AP_SEGMENT_S of every AP_PERIOD_S, minus warm-ups; a channel spiking at 50 Hz on a regular
+    grid reads 50 Hz whatever the segments' phase."""
+    n = int(RATE * 12)
+    x = _noise(n, 2, seed=4).astype(np.float64)
+    for t in range(100, n - 40, int(RATE / 50)):
+        x[t:t + 30, 1] += -np.exp(-((np.arange(30) - 8) ** 2) / 8.0) * 300
+    f = pv.ProbeFeatures.start(RATE, 2, None, None)
+    for chunk, first in _chunks(x.astype(np.int16), [300]):
+        f.take(chunk, first)
+    out = f.flush(n)
+    share = (pv.AP_SEGMENT_S - pv.WARMUP_S) / pv.AP_PERIOD_S
+    assert out["analysed_s"] == pytest.approx(pv.WINDOW_S * share, rel=0.1)
+    assert out["rates"][1] == pytest.approx(50, rel=0.2) and out["rates"][0] < 5
+
+
+def test_block_request_is_bounded_and_skips_the_sync_word():
+    b = pv.BlockRequest.of({"channels": list(range(100)), "band": "nope"}, 385, 3)
+    assert len(b.channels) == pv.MAX_BLOCK and 3 not in b.channels and b.band == "ap"
+    assert pv.BlockRequest.of({"channels": [999, 2], "band": "lfp"}, 385, None) == pv.BlockRequest((2,), "lfp")
+
+
+def test_host_clock_keeps_the_least_delayed_chunk():
+    c = HostClock(1000.0)
+    for k, delay in enumerate([0.004, 0.001, 0.009, 0.002]):
+        c.see((k + 1) * 10, 100.0 + (k + 1) * 0.01 + delay)
+    assert c.offset == pytest.approx(100.001)
+
+
+def test_ephys_previews_carry_probe_features_on_the_session_timebase():
+    cfg = StreamConfig(name="probe", kind="ephys", endpoint="ipc:///tmp/p", dtype="int16", shape=(4,), rate=RATE)
+    p = Preview.start(cfg, None, 50.0, origin=40.0)
+    x = _noise(3000, 4)
+    msg = None
+    for chunk, first in _chunks(x, [300]):
+        msg = p.take(chunk, first + 30000, 50.0 + (first + 300) / RATE) or msg
+    msg = p.flush(60.0)
+    assert msg["t_offset"] == pytest.approx(50.0 - 40.0 - 1.0, abs=1e-6)  # sample 30000 arrived at host 50.0 + 0.01
+    assert set(msg["probe"]) >= {"ap_rms", "lfp_rms", "rates", "crossings", "block", "threshold", "analysed_s"}
