@@ -49,6 +49,7 @@ from acqd.errors import DiskFullError, WriterError
 from acqd.record.ingest import Gap, GapRecord, Loss, Reject
 from acqd.record.partread import UnreadablePart, open_for_read  # noqa: F401 - re-exported: readers import them here
 from acqd.record.video import VIDEO_DIR, VideoSink
+from acqd.session import fsync_dir
 from acqd.wire.protocol import OFFSET_DTYPE
 
 FORMAT = "acqd-stream"
@@ -193,9 +194,12 @@ class StreamFile:
 
     @classmethod
     def create(cls, path: Path, cfg: StreamConfig, *, session: dict, lines: list[EdgeLine], part: int = 0,
-               encode_delay_s: float = 0.0) -> StreamFile:
+               encode_delay_s: float = 0.0, durable: bool = False) -> StreamFile:
         """Create the file with every dataset and all metadata, then switch to SWMR. ``encode_delay_s``: the
-        ``slow_encode`` test hook (acqd.record.faults), passed to a camera's encoder."""
+        ``slow_encode`` test hook (acqd.record.faults), passed to a camera's encoder. ``durable``: fsync the new
+        file and its folder before returning (the writer's policy when it fsyncs at all): the daemon lists a part
+        in session.json as soon as it exists, and a power cut before the part's first periodic fsync left
+        session.json naming a file that never reached the disk, which finalize refused (row 5, on powerfs)."""
         f = open_stream_file(path, cfg)
         try:
             f.attrs.update({
@@ -221,6 +225,10 @@ class StreamFile:
             if cfg.video is not None:
                 data.attrs["external_video"] = f"../{VIDEO_DIR}/ (see /video)"
             f.swmr_mode = True
+            if durable:
+                f.flush()
+                os.fsync(f.id.get_vfd_handle())
+                fsync_dir(path.parent)
         except BaseException:
             _close_and_drop_if_empty(f, path)
             raise

@@ -274,7 +274,8 @@ class Writer:
             try:
                 with io_errors(path):  # a full disk stops the stream with its reason
                     self.file = StreamFile.create(path, self.cfg, session=self.session, lines=self.spec.lines,
-                                                  part=n, encode_delay_s=self.faults.encode_delay_s())
+                                                  part=n, encode_delay_s=self.faults.encode_delay_s(),
+                                                  durable=self.spec.fsync_interval_s is not None)
                 break
             except WriterError as e:
                 if not isinstance(e.__cause__, FileExistsError):
