@@ -136,6 +136,8 @@ def ship_with_kills(tmp_path: Path, runs: int, kills: int, sizes: tuple[int, ...
                 "manifest.sha256"}
             figures["early_ready"] += not (nas / name / READY).exists()
             figures["runs"] += 1
+            shutil.rmtree(folder)  # counted: 100 sessions of 200 MB, twice over, would fill a shared disk
+            shutil.rmtree(nas / name, ignore_errors=True)
             if verbose:
                 print(f"row 42 run {run + 1}: {figures['seconds'][-1]:.1f} s; "
                       f"{json.dumps({k: v for k, v in figures.items() if k != 'seconds'})}", file=sys.stderr,
