@@ -85,6 +85,9 @@ class ShipDestination(_Frozen):
     """Cap of that wait."""
     timeout_s: float = Field(6 * 3600.0, gt=0)
     """An rclone run still going after this long is stopped and the attempt counted as failed."""
+    stall_timeout_s: float = Field(120.0, ge=5)
+    """An rclone run that moves no byte for this long (time it waited for a CPU not counted) is stopped and the
+    attempt counted as failed: a destination that stops answering never holds a job for rclone's own 5 minutes."""
     download_check: bool | None = None
     """Hash at the destination by reading files back (rclone hashsum --download); default: only when the backend
     cannot hash sha256 itself."""

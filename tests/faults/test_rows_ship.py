@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from acqd.finalize.seal import read_manifest, verify_manifest
-from acqd.share.ship import READY, Queue
-from acqd.share.ship.queue import QUEUE_FILE
+from acqd.config.ship import ShipDestination
+from acqd.share.ship import READY, Queue, Shipper
+from acqd.share.ship.queue import COPYING, QUEUE_FILE
 from acqd.share.ship.verify import expected
 from tests.share.sftp import SSHD, SftpServer, descendants
 from tests.share.shipping import sealed_session
@@ -69,7 +70,8 @@ def _destination_state(copy: Path, want: dict[str, str]) -> tuple[int, int]:
 
 
 def ship_with_kills(tmp_path: Path, runs: int, kills: int, sizes: tuple[int, ...], bwlimit: str | None,
-                    seed: int, outage_s: tuple[float, float] = (1.0, 3.0), verbose: bool = False) -> dict:
+                    seed: int, outage_s: tuple[float, float] = (1.0, 3.0), verbose: bool = False,
+                    stall_timeout_s: float = 30.0) -> dict:
     """Ship ``runs`` sessions one after the other, each killed ``kills`` times at random moments (the kinds in
     turn), and count what went wrong."""
     rng = random.Random(seed)
@@ -79,9 +81,9 @@ def ship_with_kills(tmp_path: Path, runs: int, kills: int, sizes: tuple[int, ...
     dests = tmp_path / "dests.json"
     dests.write_text(json.dumps([{"name": "lab", "remote": f"lab:{nas}", "rclone_config": str(server.rclone_conf()),
                                   "bwlimit": bwlimit, "backoff_s": 0.1, "max_backoff_s": 0.5, "max_attempts": 50,
-                                  "retries": 1, "low_level_retries": 2}]))
+                                  "retries": 1, "low_level_retries": 2, "stall_timeout_s": stall_timeout_s}]))
     figures = {"runs": 0, "kills": dict.fromkeys(KINDS, 0), "missing": 0, "corrupt": 0, "early_ready": 0,
-               "local_changed": 0, "not_verified": 0, "seconds": []}
+               "local_changed": 0, "not_verified": 0, "hung": 0, "seconds": []}
     n = 0
     try:
         for run in range(runs):
@@ -114,7 +116,10 @@ def ship_with_kills(tmp_path: Path, runs: int, kills: int, sizes: tuple[int, ...
                         server.start()
                     if kind == "daemon":
                         proc = _runner(data_root, dests, name)  # the daemon restarts: the job resumes
-                assert proc.wait(max(1.0, deadline - time.monotonic())) == 0
+                try:
+                    assert proc.wait(max(1.0, deadline - time.monotonic())) == 0
+                except subprocess.TimeoutExpired:
+                    figures["hung"] += 1  # counted (and failed by _check), and the sweep goes on
             finally:
                 if proc.poll() is None:
                     proc.kill()
@@ -131,6 +136,8 @@ def ship_with_kills(tmp_path: Path, runs: int, kills: int, sizes: tuple[int, ...
                 "manifest.sha256"}
             figures["early_ready"] += not (nas / name / READY).exists()
             figures["runs"] += 1
+            shutil.rmtree(folder)  # counted: 100 sessions of 200 MB, twice over, would fill a shared disk
+            shutil.rmtree(nas / name, ignore_errors=True)
             if verbose:
                 print(f"row 42 run {run + 1}: {figures['seconds'][-1]:.1f} s; "
                       f"{json.dumps({k: v for k, v in figures.items() if k != 'seconds'})}", file=sys.stderr,
@@ -143,7 +150,7 @@ def ship_with_kills(tmp_path: Path, runs: int, kills: int, sizes: tuple[int, ...
 def _check(figures: dict, runs: int) -> None:
     assert figures["runs"] == runs
     assert (figures["missing"], figures["corrupt"], figures["early_ready"], figures["local_changed"],
-            figures["not_verified"]) == (0, 0, 0, 0, 0), figures
+            figures["not_verified"], figures["hung"]) == (0, 0, 0, 0, 0, 0), figures
 
 
 def test_row42_ship_killed_five_times_resumes_and_every_job_ends_verified(tmp_path):
@@ -205,3 +212,43 @@ def test_row42_daemon_killed_mid_ship_takes_its_rclone_along_and_the_restarted_d
         time.sleep(0.05)
     assert _destination_state(tmp_path / "nas" / "m1_day3", want) == (0, 0)
     assert verify_manifest(folder) == []
+
+
+def test_row42_a_destination_that_goes_silent_mid_file_is_given_up_on_and_the_job_resumes_to_verified(tmp_path):
+    """The SFTP server frozen (SIGSTOP) mid-copy: its connection stays open and says nothing, as over a network that
+    drops packets without a reset. rclone alone waits out its 5-minute I/O timeout; acqd stops it once it moved
+    nothing for the destination's stall_timeout_s, says why (the job's error, the ship_failed event, the log), and
+    retries; once the server answers again the job ends verified with every file intact."""
+    server = SftpServer(tmp_path / "sshd")
+    server.start()
+    events: list[tuple[str, dict]] = []
+    folder = sealed_session(tmp_path / "data", "m1_day3", sizes=(1 << 20,) * 4)
+    want = expected(folder)
+    dest = ShipDestination(name="lab", remote=f"lab:{tmp_path / 'nas'}", rclone_config=server.rclone_conf(),
+                           bwlimit="1M", stall_timeout_s=5, backoff_s=0.1, max_backoff_s=0.5, max_attempts=50,
+                           retries=1, low_level_retries=2)
+    shipper = Shipper(tmp_path / "data", (dest,), lambda kind, payload: events.append((kind, payload)))
+    shipper.start()
+    try:
+        [job] = shipper.ship(folder)
+        deadline = time.monotonic() + 20
+        while (j := shipper.queue.get(job.id)).state != COPYING or j.bytes_done == 0:
+            assert time.monotonic() < deadline and j.state not in ("verified", "failed"), j
+            time.sleep(0.02)
+        server.freeze()
+        deadline = time.monotonic() + 60  # 5 s of stall, stretched by any time rclone waits for a CPU
+        while not (stalls := [p for k, p in events if k == "ship_failed" and "stalled" in (p["error"] or "")]):
+            assert time.monotonic() < deadline, "rclone was left waiting on a silent destination"
+            time.sleep(0.05)
+        assert stalls[0]["error"].startswith("rclone stalled: nothing moved for 5 s") and not stalls[0]["final"]
+        server.thaw()
+        deadline = time.monotonic() + 60
+        while (j := shipper.queue.get(job.id)).state != "verified":
+            assert time.monotonic() < deadline and j.state != "failed", j
+            time.sleep(0.05)
+    finally:
+        shipper.stop()
+        server.thaw()
+        server.kill()
+    assert _destination_state(tmp_path / "nas" / "m1_day3", want) == (0, 0)
+    assert (tmp_path / "nas" / "m1_day3" / READY).exists() and verify_manifest(folder) == []

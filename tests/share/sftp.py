@@ -3,7 +3,8 @@ authorized key and pid file, in the foreground (``-D -e``); no system sshd or sy
 
 ``SftpServer.rclone_conf`` writes the rclone config a rig would have (``type = sftp``, ``key_file``,
 ``known_hosts_file``) for a remote named ``lab``; ``kill`` stops the server and every session it forked, as a
-destination that goes away does, and ``start`` brings it back on the same port.
+destination that goes away does, and ``start`` brings it back on the same port; ``freeze`` stops them answering
+(SIGSTOP: a link that went silent), ``thaw`` lets them go on.
 """
 from __future__ import annotations
 
@@ -76,6 +77,18 @@ Subsystem sftp internal-sftp
                 pass
         self.proc.wait(10)
         self.proc = None
+
+    def freeze(self, sig: int = signal.SIGSTOP) -> None:
+        """SIGSTOP the listener and every connection it forked: connections stay open and say nothing, as over a
+        network that drops packets without a reset (``thaw``: SIGCONT)."""
+        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def thaw(self) -> None:
+        self.freeze(signal.SIGCONT)
 
     def rclone_conf(self, key: Path | None = None) -> Path:
         conf = self.folder / f"rclone-{(key or self.client_key).name}.conf"

@@ -163,3 +163,27 @@ def test_a_queue_file_of_the_first_schema_gains_the_new_columns_and_keeps_its_jo
     assert (job.session, job.state, job.reverify, job.files) == ("s1", VERIFIED, 0, None)
     assert q.add("s2", tmp_path, "nas", "export", files="{}").files == "{}"
     q.close()
+
+
+def test_a_stall_is_time_rclone_could_run_without_reading_a_step():
+    from acqd.share.ship.stall import MOVED_STEP, Sample, StallClock
+
+    clock = StallClock(stall_s=5)
+    assert not clock.feed(0.0, Sample(1000, {1: 0.0, 2: 0.0}))
+    for t in range(1, 5):  # a byte now and then (the Go runtime) is no progress
+        assert not clock.feed(float(t), Sample(1000 + t, {1: 0.0, 2: 0.0}))
+    assert clock.feed(5.0, Sample(1005, {1: 0.0, 2: 0.0}))
+    assert not clock.feed(6.0, Sample(1000 + MOVED_STEP, {1: 0.0, 2: 0.0}))  # a step read: moving again
+    assert clock.stalled_s == 0.0
+    # starved of CPU: the seconds a thread waited on a run queue do not count
+    for t in range(7, 30):
+        assert not clock.feed(float(t), Sample(1000 + MOVED_STEP, {1: 0.9 * (t - 6), 3: 0.1 * (t - 6)}))
+    assert 2.0 < clock.stalled_s < 2.5
+
+
+def test_a_stalled_rclone_is_stopped_and_said_so(tmp_path):
+    """The watchdog on a real process that reads nothing (a sleep standing in for rclone on a silent link)."""
+    run = rclone.Run(["sleep", "60"])
+    run.start()
+    rc, _ = run.wait(lambda line: None, timeout_s=30, stall_s=1)
+    assert rc != 0 and run.stalled.startswith("rclone stalled: nothing moved for 1 s")

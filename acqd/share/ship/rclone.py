@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
@@ -23,8 +24,13 @@ from pathlib import Path
 from acqd.finalize.hasher import lower_priority
 from acqd.record.launch import die_with_parent
 from acqd.config.ship import ShipDestination
+from acqd.share.ship import stall
 
 RCLONE = os.environ.get("ACQD_RCLONE", "rclone")
+STALL_CHECK_S = 1.0
+"""How often a running rclone is looked at for a stall."""
+STALL_KILL_S = 10.0
+"""A stalled rclone that a SIGTERM did not end within this long is killed."""
 
 # rclone's error texts -> what the operator should do (first match wins; rclone wording of 1.60).
 _REASONS = (
@@ -165,6 +171,8 @@ class Run:
 
     args: list[str]
     proc: subprocess.Popen | None = None
+    stalled: str | None = None
+    """Why the watchdog stopped it (``stall``), if it did."""
 
     def start(self, stdin: bytes | None = None) -> None:
         self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
@@ -173,21 +181,40 @@ class Run:
             self.proc.stdin.write(stdin)
             self.proc.stdin.close()
 
-    def wait(self, on_line: Callable[[str], None], timeout_s: float) -> tuple[int, str]:
-        """Read stderr lines until rclone exits (killed after ``timeout_s``); (returncode, stdout)."""
+    def wait(self, on_line: Callable[[str], None], timeout_s: float, stall_s: float | None = None) -> tuple[int, str]:
+        """Read stderr lines until rclone exits (stopped after ``timeout_s``, or once it moved nothing for
+        ``stall_s``: ``stalled`` says so); (returncode, stdout)."""
         out: list[bytes] = []
         reader = threading.Thread(target=lambda: out.append(self.proc.stdout.read()), daemon=True)
         reader.start()
         timer = threading.Timer(timeout_s, self.stop)
         timer.start()
+        done = threading.Event()
+        if stall_s is not None:
+            threading.Thread(target=self._watch, args=(stall_s, done), name="rclone-watch", daemon=True).start()
         try:
             for raw in self.proc.stderr:
                 on_line(raw.decode(errors="replace"))
             rc = self.proc.wait()
         finally:
             timer.cancel()
+            done.set()
         reader.join(10)
         return rc, (out[0] if out else b"").decode(errors="replace")
+
+    def _watch(self, stall_s: float, done: threading.Event) -> None:
+        """Stop rclone once it stalled (``stall.StallClock``); kill it if SIGTERM does not end it."""
+        clock = stall.StallClock(stall_s)
+        while not done.wait(STALL_CHECK_S):
+            if (now := stall.sample(self.proc.pid)) is None:
+                return  # exited, or no /proc: rclone's own --timeout is all there is
+            if clock.feed(time.monotonic(), now):
+                self.stalled = (f"rclone stalled: nothing moved for {stall_s:.0f} s while it could run "
+                                f"(the destination stopped answering?)")
+                self.stop()
+                if not done.wait(STALL_KILL_S):
+                    self.proc.kill()
+                return
 
     def stop(self) -> None:
         """SIGTERM: rclone stops where it is; the next run copies only what is still missing or different."""

@@ -367,7 +367,8 @@ class Shipper:
     def _wait(self, dest: ShipDestination, run: rclone.Run, on_line: Callable[[str], None],
               stdin: bytes | None = None, bwlimit: str | None = None) -> tuple[int, str]:
         """Run ``run`` to its end; _Interrupted if acqd stops it (or would have: a recording started, the bandwidth
-        ``bwlimit`` it was built with is no longer the one to use, the daemon stops)."""
+        ``bwlimit`` it was built with is no longer the one to use, the daemon stops); AttemptFailed if it stalled
+        (moved nothing for the destination's ``stall_timeout_s``: it is stopped, the attempt retried)."""
         with self._wake:
             if self._stopping:
                 raise _Interrupted("the daemon stopped")
@@ -379,11 +380,13 @@ class Shipper:
             run.start(stdin)
             self._runs[dest.name] = (run, bwlimit)
         try:
-            rc, out = run.wait(on_line, dest.timeout_s)
+            rc, out = run.wait(on_line, dest.timeout_s, dest.stall_timeout_s)
         finally:
             self._runs.pop(dest.name, None)
         if (why := self._stop_reason.pop(dest.name, None)) is not None:
             raise _Interrupted(why)
+        if run.stalled:
+            raise AttemptFailed(run.stalled)
         return rc, out
 
     def _interrupt(self, name: str, why: str) -> None:
