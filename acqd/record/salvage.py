@@ -37,10 +37,10 @@ import numpy as np
 
 from acqd.config import StreamConfig
 from acqd.record.partread import PROBE_TIMEOUT_S, open_for_read
-from acqd.record.streamfile import dataset_options, rows_crc32
+from acqd.record.streamfile import TABLES, dataset_options, rows_crc32
 from acqd.record.superblock import read_head, superblock_eof
 
-TABLE_NAMES = ("index", "gaps", "rejects", "suspect", "sync/edges", "sync/clock", "sync/offsets", "video", "timestamps")
+TABLE_NAMES = (*TABLES, "video")  # every table a part may hold (``video``: cameras encoded to video files)
 _BLOCK_BYTES = 64 << 20  # /data rows are read (and copied) this many bytes at a time
 SALVAGE_BYTES_PER_S = 20e6
 """The deadline of a salvage grows with the part: copy, read back, checksum and write (a slow disk's pace)."""
