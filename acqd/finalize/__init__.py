@@ -38,7 +38,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from acqd.finalize import journal, nodes, qc
@@ -57,6 +57,7 @@ from acqd.finalize.streams import Stream, linked_file, read_stream, stream_parts
 from acqd.session import (CLOSED, FINALIZED, FINALIZING, INTERRUPTED, RECORDING, SESSION_FILE, fsync_dir,
                           json_bytes, read_session, summarise_log, write_bytes_atomic, write_json_atomic)
 from acqd.record.partread import probe_parts
+from acqd.record.salvage import salvage_part
 from acqd.record.video import VIDEO_DIR
 
 __all__ = ["FinalizeReport", "StreamReport", "finalize_session", "is_immutable", "is_verified", "pair_frames",
@@ -279,7 +280,8 @@ def _integrity_record(integrity: Integrity) -> dict:
 class LostPart:
     """A part file no reader may open: empty or headerless (nothing was committed to it, e.g. created on a full
     disk), truncated below its superblock's end of file, or unreadable within the deadline. It is kept and sealed
-    as it is, and left out of the master."""
+    as it is, and left out of the master; of a truncated part, the rows its index proves are salvaged into a clean
+    copy under ``recovered/`` (``acqd.record.salvage``), which the master links instead."""
 
     stream: str
     part: str
@@ -287,20 +289,64 @@ class LostPart:
     bytes: int
     empty: bool
     problem: str
+    expected_bytes: int | None = None
+    """A truncated part: the size its superblock records (``expected_bytes - bytes`` were cut off)."""
+    salvaged_rows: int = 0
+    """Rows of ``/data`` its index proves, copied to ``salvaged_to``."""
+    salvaged_index_rows: int = 0
+    listed_index_rows: int = 0
+    """Index rows found below the cut (those beyond ``salvaged_index_rows`` failed their proof)."""
+    salvaged_bytes: int = 0
+    """Bytes of the rows salvaged."""
+    salvaged_to: str | None = None
+    salvage_problem: str | None = None
+    """Why nothing could be salvaged, when HDF5 could not read what is left."""
 
     def __str__(self) -> str:
         if self.empty:
             return f"{self.part} ({self.bytes} bytes) is empty and skipped: {self.problem}"
+        if self.salvaged_to:
+            return (f"{self.part} ({self.bytes} bytes) is truncated ({self.expected_bytes - self.bytes} bytes of the "
+                    f"{self.expected_bytes} its superblock records are cut off): the {self.salvaged_rows} rows "
+                    f"({self.salvaged_index_rows} messages, {self.salvaged_bytes} bytes) its index proves are "
+                    f"salvaged into {self.salvaged_to}; the rest is lost")
         return f"{self.part} ({self.bytes} bytes) cannot be read and is listed as lost: {self.problem}"
 
 
 def _readable(folder: Path, parts: dict[str, list[Path]]) -> tuple[dict[str, list[Path]], list[LostPart]]:
     """The parts every reader of this run may open, and the others. Each part is first read in a child process
-    with a deadline (``acqd.record.partread.probe_parts``): a part HDF5 cannot read never hangs finalize."""
+    with a deadline (``acqd.record.partread.probe_parts``): a part HDF5 cannot read never hangs finalize. A
+    truncated part's proven rows are salvaged (``_salvage``): its clean copy takes its place."""
     health = probe_parts([p for ps in parts.values() for p in ps])
-    lost = [LostPart(s, rel(p, folder), health[p].bytes, health[p].empty, health[p].problem)
-            for s, ps in parts.items() for p in ps if health[p].problem is not None]
-    return {s: [p for p in ps if health[p].problem is None] for s, ps in parts.items()}, lost
+    lost, readable = [], {}
+    for s, ps in parts.items():
+        readable[s] = []
+        for p in ps:
+            h = health[p]
+            if h.problem is None:
+                readable[s].append(p)
+                continue
+            found = LostPart(s, rel(p, folder), h.bytes, h.empty, h.problem)
+            if h.problem.startswith("truncated"):
+                found = _salvage(folder, p, found)
+                if found.salvaged_to:
+                    readable[s].append(folder / found.salvaged_to)
+            lost.append(found)
+    return readable, lost
+
+
+def _salvage(folder: Path, path: Path, lost: LostPart) -> LostPart:
+    """Copy what the truncated part ``path`` proves to ``recovered/`` (the padded scratch copy goes beside the
+    session folder, never inside it); ``lost`` with what was salvaged."""
+    dest = folder / RECOVERED_DIR / path.name
+    dest.parent.mkdir(exist_ok=True)
+    got = salvage_part(path, dest.with_name(dest.name + PARTIAL), folder.parent / f".salvage-{folder.name}-{path.name}")
+    if got.index_rows:
+        os.replace(dest.with_name(dest.name + PARTIAL), dest)
+    return replace(lost, expected_bytes=got.expected_bytes, salvaged_rows=got.rows,
+                   salvaged_index_rows=got.index_rows, listed_index_rows=got.listed_index_rows,
+                   salvaged_bytes=got.data_bytes, salvage_problem=got.problem,
+                   salvaged_to=rel(dest, folder) if got.index_rows else None)
 
 
 def _read_streams(folder: Path, configs: dict[str, StreamConfig], parts: dict[str, list[Path]], ref_name: str,

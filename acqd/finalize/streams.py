@@ -23,7 +23,8 @@ from acqd.config import FrameSync, StreamConfig
 from acqd.errors import FinalizeError
 from acqd.finalize.layout import RECOVERED_DIR, VDS_DIR, partial_then_rename
 from acqd.session import STREAMS_DIR
-from acqd.record.streamfile import committed_rows, dataset_options, open_for_read, part_filename
+from acqd.record.salvage import write_clean_copy
+from acqd.record.streamfile import committed_rows, open_for_read, part_filename
 from acqd.record.video import VIDEO_DIR
 
 NWB_DATA_ATTRS = ("unit", "conversion", "offset", "resolution")
@@ -254,24 +255,9 @@ def _recover(folder: Path, path: Path, cfg: StreamConfig, rows: int) -> Path:
     extent may claim rows never committed. Recovery always works on a copy (design.md §4).
     """
     dest = folder / RECOVERED_DIR / path.name
-    with partial_then_rename(dest) as tmp, open_for_read(path) as src, h5py.File(tmp, "x", libver="latest") as out:
-        out.attrs.update(dict(src.attrs))
-        out.attrs["recovered_from"] = os.path.relpath(path, dest.parent)
-        out.attrs["recovered_rows"] = rows
-        data = src["data"]
-        n = 0 if cfg.video is not None else rows  # video-encoded: frames are in video/, /data stays empty
-        dst = out.create_dataset("data", shape=(n, *data.shape[1:]), dtype=data.dtype, **dataset_options(cfg))
-        dst.attrs.update(dict(data.attrs))
-        step = max(1, (64 << 20) // max(1, cfg.sample_bytes))
-        for a in range(0, n, step):
-            dst[a:min(n, a + step)] = data[a:min(n, a + step)]
-        for name in ("index", "gaps", "rejects", "suspect", "sync/edges", "sync/clock", "sync/offsets", "video",
-                     "timestamps"):
-            if name not in src:
-                continue
-            table = out.create_dataset(name, data=src[name][:], maxshape=(None,), chunks=(4096,))
-            table.attrs.update(dict(src[name].attrs))
-        out["sync"].attrs.update(dict(src["sync"].attrs))
+    with partial_then_rename(dest) as tmp, open_for_read(path) as src:
+        write_clean_copy(src, tmp, cfg, rows, {"recovered_from": os.path.relpath(path, dest.parent),
+                                               "recovered_rows": rows})
     return dest
 
 

@@ -16,7 +16,7 @@ import zmq
 
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.service.procs import pid_alive, wait_until
-from tests.conftest import recording, write_rig
+from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
 
 RESTART_DEADLINE_S = 30.0
 FINALIZE_DEADLINE_S = 240.0  # a healthy finalize of this rig takes ~20 s on the shared 2-core machine
@@ -94,6 +94,36 @@ def test_row37_a_cut_reference_part_is_refused_by_name_within_the_deadline(tmp_p
     assert "reference stream 'nidaq' has no part that can be read" in done.stderr
     assert "streams/nidaq.h5 (1024 bytes) cannot be read" in done.stderr and "Traceback" not in done.stderr
     assert json.loads((folder / "session.json").read_text())["state"] == "interrupted"  # as it was found
+
+
+@pytest.mark.e2e
+def test_row37_a_truncated_part_keeps_the_rows_its_index_proves_through_finalize(tmp_path, daemon_factory):
+    # Issue 22 defect 1, "recovery copies what the index proves and reports the rest": a part cut short was lost whole.
+    rig_file = write_rig(tmp_path)
+    folder = _interrupted_session(daemon_factory, rig_file, "salvage", seed=40)
+    daemon_factory(rig_file).command("status")  # marks the session interrupted
+    probe = folder / "streams" / "probe.h5"
+    with open_for_read(probe) as f:
+        committed = committed_rows(f)
+    size = probe.stat().st_size
+    os.truncate(probe, size * 2 // 3)  # the superblock and the early index intact, the last third gone
+    done, took = _finalize(folder)
+    assert done.returncode == 0 and took < FINALIZE_DEADLINE_S, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    (lost,) = report["integrity"]["lost"]
+    assert lost["part"] == "streams/probe.h5" and lost["salvaged_to"] == "recovered/probe.h5"
+    assert lost["bytes"] == size * 2 // 3 and lost["expected_bytes"] == size and not lost["empty"]
+    assert 0 < lost["salvaged_rows"] < committed and lost["salvaged_index_rows"] <= lost["listed_index_rows"]
+    assert lost["salvaged_bytes"] == lost["salvaged_rows"] * 385 * 2
+    assert any(f"{size - size * 2 // 3} bytes of the {size} its superblock records are cut off" in w
+               and "its index proves are salvaged into recovered/probe.h5; the rest is lost" in w
+               for w in report["warnings"])
+    assert report["streams"]["probe"]["rows"] == lost["salvaged_rows"]  # the master holds what was proven
+    cfg, rig = rig_for(rig_file, seed=40)
+    with h5py.File(folder / "recovered" / "probe.h5", "r") as f:  # a clean part: no SWMR flag, exact extent
+        assert assert_bit_exact(f, rig, "probe") == f["data"].shape[0] == lost["salvaged_rows"]
+    session = json.loads((folder / "session.json").read_text())
+    assert session["state"] == "finalized" and session["incomplete"]
 
 
 # -- row 6: a full disk at a part rollover (issue 22 defect 6) ------------------------------------------------
