@@ -57,13 +57,14 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 60.0, sig: int = sig
 class Daemon:
     """``acqd serve`` on a free port, with a client once its API is up."""
 
-    def __init__(self, config: Path, data_root: Path, workdir: Path, env: dict | None = None, log: Path | None = None):
+    def __init__(self, config: Path, data_root: Path, workdir: Path, env: dict | None = None, log: Path | None = None,
+                 port: int = 0):
         ready = workdir / f"daemon-{time.monotonic_ns()}.json"
         err = open(log, "ab") if log else None  # its stderr goes to ``log`` if given
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "acqd.cli", "serve", "--config", str(config), "--data-root", str(data_root),
-                 "--port", "0", "--ready-file", str(ready)],
+                 "--port", str(port), "--ready-file", str(ready)],
                 stdin=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})})
         finally:
             if err:
