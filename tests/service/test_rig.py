@@ -15,7 +15,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -51,10 +51,10 @@ def node_rig(tmp_path: Path, node: str, *, prefix: str | None = None, required: 
     return path
 
 
-@pytest.fixture
-def nodes(tmp_path: Path):
+@contextmanager
+def start_nodes() -> Iterator[Callable[..., list[Daemon]]]:
     """Start ``acqd serve`` for each node's config at once (its data root beside it), with a client holding the
-    token; every one stopped at teardown. ``configs``: paths, or (path, env) pairs."""
+    token; every one stopped on the way out. ``configs``: paths, or (path, env) pairs."""
     started: list[Daemon] = []
 
     def one(config: Path | tuple[Path, dict]) -> Daemon:
@@ -69,9 +69,17 @@ def nodes(tmp_path: Path):
         with ThreadPoolExecutor(len(configs)) as pool:  # each start is mostly waiting: start them together
             return list(pool.map(one, configs))
 
-    yield start
-    with ThreadPoolExecutor(max(len(started), 1)) as pool:
-        list(pool.map(lambda d: d.stop(timeout_s=30), started))
+    try:
+        yield start
+    finally:
+        with ThreadPoolExecutor(max(len(started), 1)) as pool:
+            list(pool.map(lambda d: d.stop(timeout_s=30), started))
+
+
+@pytest.fixture
+def nodes() -> Iterator[Callable[..., list[Daemon]]]:
+    with start_nodes() as start:
+        yield start
 
 
 def follower_entry(name: str, d: Daemon | str, token: str = TOKEN) -> dict:
