@@ -352,10 +352,13 @@ class Rig:
         if not nodes:
             return
         own = start_host_ns(self.sup.mode, {n: h.stats for n, h in self.sup.writers.items()})
+        if own is not None and nodes.get(self.sup.cfg.node, {}).get("start_host_ns"):
+            own = min(own, nodes[self.sup.cfg.node]["start_host_ns"])
         starts = {self.sup.cfg.node: own, **{n: v.start_host_ns for n, v in self.views.items()}}
         changed = False
-        for name, ns in starts.items():
-            if name in nodes and ns is not None and nodes[name]["start_host_ns"] != ns:
+        for name, ns in starts.items():  # the earliest seen: a writer restarted later reports its own first message
+            old = nodes[name]["start_host_ns"] if name in nodes else None
+            if name in nodes and ns is not None and (old is None or ns < old):
                 nodes[name]["start_host_ns"], changed = ns, True
         skew = self.skew_s(own)
         if changed or skew != session.get("start_skew_s"):
@@ -393,7 +396,7 @@ class Rig:
             v.reachable, v.error, v.info, v.clock_offset_s, v.round_trip_s = True, None, info, round(offset, 6), rtt
             recording = v.in_session is not None and info.get("mode") == RECORD and info.get("session") == v.in_session
             if recording and info.get("start_host_ns"):
-                v.start_host_ns = int(info["start_host_ns"])
+                v.start_host_ns = min(int(info["start_host_ns"]), v.start_host_ns or int(info["start_host_ns"]))
             astray = v.in_session is not None and not recording and not v.warned
             v.warned = v.warned or astray
             session = v.in_session
