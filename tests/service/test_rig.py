@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -158,7 +159,8 @@ def test_preflight_refuses_each_problem_with_one_line_naming_the_node(tmp_path, 
     assert "good" not in by_node, message
     assert by_node["busy"] == ["already recording session 'other'"]
     [clock] = by_node["offset"]
-    assert clock.startswith("its clock is +7200.") and "bound 1 s" in clock
+    assert re.fullmatch(r"its clock is \+72\d\d\.\d{3} s \(± \d+\.\d{3} s\) off the leader's \(bound 1 s\): "
+                        r"synchronise the PCs' clocks \(NTP or PTP\)", clock), clock
     assert sorted(by_node["silent"]) == [
         "preflight failed: stream 'main_nidaq' is silent (no message received yet); stream 'main_sensor' is silent "
         "(no message received yet)",
@@ -209,7 +211,8 @@ def test_a_rig_records_annotates_and_stops_together(tmp_path, nodes):
         st = leader.command("status")
         assert list(st["nodes"]) == ["ephys", "video"] and st["node"] == "ephys"
         video = st["nodes"]["video"]
-        assert video["reachable"] is True and abs(video["clock_offset_s"] - 0.4) < 0.25, video["clock_offset_s"]
+        assert video["reachable"] is True and abs(video["clock_offset_s"] - 0.4) <= video["round_trip_s"] / 2 + 1e-3, \
+            video  # the estimate's bound: the follower read its clock within the round trip
         assert set(video["streams"]) == {"video_nidaq", "video_sensor"} and video["disk"]["free_bytes"] > 0
         assert set(st["nodes"]["ephys"]["streams"]) == {"ephys_nidaq", "ephys_sensor"}
         assert 0 <= st["start_skew_s"] < 5, st["start_skew_s"]
