@@ -107,9 +107,11 @@ def wait_for_nodes(folder: Path, session: dict, timeout_s: float, progress: Prog
 
 
 def late_arrivals(folder: Path, session: dict) -> list[str]:
-    """Nodes a finalized session lists as not used whose part has arrived since (finalize again to take them)."""
+    """Nodes a finalized session lists as missing whose part has arrived since (finalize again to take them). A
+    node that arrived but was left out (unverified, unusable) was sealed with the session as it was: finalizing
+    again would only find the same."""
     states = (session.get("finalize") or {}).get("nodes") or {}
-    return [n for n in other_nodes(session) if states.get(n, {}).get("state") != ARRIVED
+    return [n for n in other_nodes(session) if states.get(n, {}).get("state", MISSING) == MISSING
             and arrival(folder, n) is None]
 
 

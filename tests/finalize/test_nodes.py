@@ -20,11 +20,15 @@ import h5py
 import numpy as np
 import pytest
 from hdmf.backends.warnings import BrokenLinkWarning
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pynwb import NWBHDF5IO
 
 import sessions
 from acqd.config import RigConfig, StrobeSync
 from acqd.finalize import finalize_session, unseal_session, verify_manifest
+from acqd.finalize.clock import ClockFit
+from acqd.finalize.nodes import compose
 from acqd.session import SESSION_FILE, read_session, write_json_atomic
 from acqd.share.ship import Shipper
 from acqd.config.ship import ShipDestination
@@ -138,7 +142,8 @@ def rows_sent(stream_file: Path, rig: Rig, name: str) -> tuple[np.ndarray, np.nd
 
 def check_master(folder: Path, rigs: dict[str, Rig], expect: dict[str, list[str]]) -> dict:
     """Every stream of every node in ``expect`` in the master, bit-exact, timed within its bound of the truth
-    (synced 30 kHz streams within one sample); returns qc.json."""
+    (synced 30 kHz streams within one sample); returns qc.json, with each stream's largest error against the
+    truth (s) under "measured_error_s"."""
     qc = json.loads((folder / "qc" / "qc.json").read_text())
     zero_s = qc["timebase"]["zero_reference_s"]
     ref = rigs[LEADER].devices[qc["timebase"]["reference"]].clock
@@ -155,6 +160,7 @@ def check_master(folder: Path, rigs: dict[str, Rig], expect: dict[str, list[str]
                 assert np.array_equal(ts.data[:], sent), name  # bit-exact, through the relative link
                 truth = ref.phase(rigs[node].devices[name].clock.time_of(samples)) / ref.rate
                 error = np.abs(series_times(ts) + zero_s - truth)
+                qc.setdefault("measured_error_s", {})[name] = float(error.max())
                 assert error.max() <= r["clock"]["error_bound_s"] + 1e-9, (name, error.max(), r["clock"])
                 if r["clock"]["source"] == "sync" and rigs[node].devices[name].clock.rate == 30000.0:
                     assert error.max() * 30000.0 <= 1.0, (name, error.max() * 30000.0)
@@ -188,6 +194,9 @@ def test_the_master_holds_every_node_on_the_leaders_timebase_and_a_missing_node_
     one_pc = time.monotonic() - started
     unseal_session(single)
     print(f"\nfinalize: two-node session {seconds:.2f} s, one-PC session of the same streams {one_pc:.2f} s")
+    for name, error in qc["measured_error_s"].items():
+        print(f"  {streams[name]['node'] or LEADER}/{name}: {streams[name]['clock']['source']}, error vs truth "
+              f"{error * 1e6:.2f} us (bound {streams[name]['clock']['error_bound_s'] * 1e6:.2f} us)")
 
 
 def test_a_node_that_arrives_after_finalize_is_taken_by_finalizing_again(rig, leader):
@@ -211,6 +220,34 @@ def test_a_node_changed_after_its_seal_is_left_out_and_fails(rig, leader):
     assert state["state"] == "unverified" and state["verdict"] == "FAIL"
     assert "streams/sensor_b.h5: contents changed" in state["problem"]
     check_master(leader, rigs, {LEADER: [s["name"] for s in read_session(folders[LEADER])["config"]["streams"]]})
+    assert finalize_session(leader, wait_nodes_s=0).changed is False  # sealed as it was: nothing to take again
+    page = (leader / "qc" / "index.html").read_text()
+    assert "node rig-b: unverified, FAIL: does not match its own manifest.sha256" in page
+    assert "node rig-c: missing, WARN: nothing arrived in nodes/rig-c/" in page
+
+
+@given(st.floats(-100, 100), st.floats(-100, 100), st.floats(-2.0, 2.0), st.integers(2, 6))
+@settings(max_examples=50, deadline=None)
+def test_composing_a_nodes_fit_with_its_bridge_is_exact_and_adds_the_bounds(ppm_dev, ppm_ref, offset_s, pieces):
+    """A device clock -> node reference (affine), node reference -> leader reference (piecewise, ``pieces``
+    knots): the composition is the exact composed map at every device sample, its bound the sum."""
+    dev_rate, ref_rate = 1000.0, 30000.0
+    x = np.array([0.0, 600_000.0])
+    fit = ClockFit(knots=(x,), seconds=(x / dev_rate * (1 - ppm_dev * 1e-6) + offset_s,), model="affine",
+                   source="host", dev_rate=dev_rate, n_pairs=100, unmatched_dev=0, unmatched_ref=0,
+                   drift_ppm=ppm_dev, residual_rms_s=1e-4, residual_max_s=3e-4, error_bound_s=1e-3)
+    k = np.linspace(-ref_rate * 10, ref_rate * 700, pieces)
+    wobble = np.resize([0.0, 2e-5, -1e-5], pieces)
+    bridge = ClockFit(knots=(k,), seconds=(k / ref_rate * (1 - ppm_ref * 1e-6) + 5.0 + wobble,), model="piecewise",
+                      source="sync", dev_rate=ref_rate, n_pairs=50, unmatched_dev=0, unmatched_ref=0,
+                      drift_ppm=ppm_ref, residual_rms_s=1e-5, residual_max_s=2e-5, error_bound_s=3e-5)
+    via = compose(fit, bridge, ref_rate)
+    samples = np.linspace(-1000.0, 700_000.0, 5001)
+    truth = bridge.to_reference(fit.to_reference(samples) * ref_rate)
+    assert np.max(np.abs(via.to_reference(samples) - truth)) < 1e-9
+    assert via.error_bound_s == pytest.approx(1e-3 + 3e-5) and via.source == "host"
+    a, b = via.to_reference(np.array([0.0, 600_000.0]))
+    assert via.drift_ppm == pytest.approx((600.0 / (b - a) - 1) * 1e6, abs=0.1)  # fast: fewer reference seconds
 
 
 def test_finalize_waits_for_a_node_still_arriving(rig, leader):
