@@ -220,9 +220,9 @@ def index_html(summary: dict, plots: list[str]) -> str:
     limits = summary.get("thresholds", {})
     rows = []
     for name, s in summary["streams"].items():
-        q = s.get("qc") or {}
+        q, label = s.get("qc") or {}, stream_label(name, s)
         cells = "".join(f'<td class="{"l" if k in ("stream", "source", "model", "rejects") else ""}">'
-                        f"{e(cell(k, q, stream_label(name, s)))}</td>" if k != "verdict" else f'<td class="{e(q.get(k, ""))}">'
+                        f"{e(cell(k, q, label))}</td>" if k != "verdict" else f'<td class="{e(q.get(k, ""))}">'
                         f"{e(q.get(k, ''))}</td>" for k, _ in COLUMNS)
         rows.append(f"<tr>{cells}</tr>")
     head = "".join(f"<th>{e(label)}</th>" for _, label in COLUMNS)
@@ -290,8 +290,8 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"  master: {report['master']}   qc: {report['qc']} (+ qc/index.html)   manifest: "
                      f"{report['manifest']}")
     streams = report.get("streams", {})
-    table = [[label for _, label in COLUMNS]] + [[cell(k, s.get("qc") or {}, stream_label(n, s)) for k, _ in COLUMNS]
-                                                 for n, s in streams.items()]
+    table = [[label for _, label in COLUMNS]] + [[cell(k, s.get("qc") or {}, stream_label(n, s))
+                                                  for k, _ in COLUMNS] for n, s in streams.items()]
     widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
     lines += ["  " + "  ".join(c.rjust(w) if i > 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
               for r in table]

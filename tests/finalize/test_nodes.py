@@ -29,6 +29,7 @@ from acqd.config import RigConfig, StrobeSync
 from acqd.finalize import finalize_session, unseal_session, verify_manifest
 from acqd.finalize.clock import ClockFit
 from acqd.finalize.nodes import compose
+from acqd.finalize.scrub import scrub_session
 from acqd.session import SESSION_FILE, read_session, write_json_atomic
 from acqd.share.ship import Shipper
 from acqd.config.ship import ShipDestination
@@ -189,6 +190,7 @@ def test_the_master_holds_every_node_on_the_leaders_timebase_and_a_missing_node_
     assert qc["verdict"] in ("WARN", "FAIL") and any(w.startswith(f"node {LATE!r} missing") for w in report.warnings)
     assert read_session(leader)["finalize"]["nodes"][LATE]["state"] == "missing"
     assert verify_manifest(leader) == []  # the leader's manifest covers the nodes' files too
+    assert scrub_session(leader)["state"] == "verified"  # and the scrub reads them again
     started = time.monotonic()
     finalize_session(single)
     one_pc = time.monotonic() - started
@@ -261,3 +263,16 @@ def test_finalize_waits_for_a_node_still_arriving(rig, leader):
     finally:
         late.join()
     assert report.nodes[LATE]["state"] == "arrived"
+
+
+def test_the_master_of_several_pcs_exports_to_one_self_contained_file(rig, leader, tmp_path):
+    from acqd.share.export import export_session
+
+    folders, _, _ = rig
+    finalize_session(leader, wait_nodes_s=0)
+    report = export_session(leader, tmp_path / "export")
+    io, nwbfile = read_master(tmp_path / "export" / report.nwb)
+    with io:
+        names = [s["name"] for n in (LEADER, FOLLOWER) for s in read_session(folders[n])["config"]["streams"]]
+        assert sorted(nwbfile.acquisition) == sorted(names)
+        assert nwbfile.acquisition["probe_b"].data.shape[0] > 0

@@ -115,6 +115,9 @@ class Shipper:
             raise ValueError(f"ship destination {to!r} takes only sessions {_TAKES[self.dests[to].sessions]}; "
                              f"{folder.name} {'was' if led else 'was not'} started by a leader")
         names = [n for n in names if self.dests[n].takes(led)]
+        if not names:
+            raise ValueError(f"no ship destination takes {folder.name}: " + ", ".join(
+                f"{d.name} takes only sessions {_TAKES[d.sessions]}" for d in self.dests.values()))
         jobs = [self.queue.add(folder.name, folder, n, "session") for n in names]
         for job in jobs:
             if job.state == "queued" and job.attempts == 0:
