@@ -26,7 +26,7 @@ from pynwb import NWBHDF5IO
 
 import sessions
 from acqd.config import RigConfig, StrobeSync
-from acqd.finalize import finalize_session, unseal_session, verify_manifest
+from acqd.finalize import finalize_session, is_immutable, unseal_session, verify_manifest
 from acqd.finalize.clock import ClockFit
 from acqd.finalize.nodes import compose
 from acqd.finalize.scrub import scrub_session
@@ -203,8 +203,13 @@ def test_the_master_holds_every_node_on_the_leaders_timebase_and_a_missing_node_
 
 def test_a_node_that_arrives_after_finalize_is_taken_by_finalizing_again(rig, leader):
     folders, rigs, _ = rig
-    finalize_session(leader, wait_nodes_s=0)
-    assert finalize_session(leader, wait_nodes_s=0).changed is False  # nothing arrived: nothing changes
+    arriving = leader / "nodes" / LATE / "streams"  # its copy had only begun when the leader finalized
+    shutil.copytree(folders[LATE] / "streams", arriving)
+    report = finalize_session(leader, wait_nodes_s=0)
+    assert report.nodes[LATE]["state"] == "missing" and "no manifest.sha256" in report.nodes[LATE]["problem"]
+    assert not any(is_immutable(p) for p in arriving.iterdir())  # never sealed under the copy's feet
+    assert verify_manifest(leader) == [] and scrub_session(leader)["state"] == "verified"
+    assert finalize_session(leader, wait_nodes_s=0).changed is False  # nothing more arrived: nothing changes
     ship_to_leader(folders[LATE], leader.parent)
     report = finalize_session(leader, wait_nodes_s=0)
     assert report.changed and report.nodes[LATE]["state"] == "arrived"
@@ -222,10 +227,13 @@ def test_a_node_changed_after_its_seal_is_left_out_and_fails(rig, leader):
     assert state["state"] == "unverified" and state["verdict"] == "FAIL"
     assert "streams/sensor_b.h5: contents changed" in state["problem"]
     check_master(leader, rigs, {LEADER: [s["name"] for s in read_session(folders[LEADER])["config"]["streams"]]})
-    assert finalize_session(leader, wait_nodes_s=0).changed is False  # sealed as it was: nothing to take again
+    assert verify_manifest(leader) == [] and not is_immutable(leader / "nodes" / FOLLOWER / "session.json")
+    assert finalize_session(leader, wait_nodes_s=0).changed is False  # unchanged since: nothing to take again
     page = (leader / "qc" / "index.html").read_text()
     assert "node rig-b: unverified, FAIL: does not match its own manifest.sha256" in page
     assert "node rig-c: missing, WARN: nothing arrived in nodes/rig-c/" in page
+    ship_to_leader(folders[FOLLOWER], leader.parent)  # shipped again, whole: taken by finalizing again
+    assert finalize_session(leader, wait_nodes_s=0).nodes[FOLLOWER]["state"] == "arrived"
 
 
 @given(st.floats(-100, 100), st.floats(-100, 100), st.floats(-2.0, 2.0), st.integers(2, 6))
