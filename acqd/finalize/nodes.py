@@ -50,7 +50,8 @@ Progress = Callable[[str, float], None]
 
 
 def node_name(session: dict) -> str:
-    return session.get("node") or DEFAULT_NODE
+    """The PC that recorded ``session``: its ``node``, else its config's (the rig config's ``node``)."""
+    return session.get("node") or (session.get("config") or {}).get("node") or DEFAULT_NODE
 
 
 def other_nodes(session: dict) -> list[str]:
