@@ -284,3 +284,12 @@ def test_the_master_of_several_pcs_exports_to_one_self_contained_file(rig, leade
         names = [s["name"] for n in (LEADER, FOLLOWER) for s in read_session(folders[n])["config"]["streams"]]
         assert sorted(nwbfile.acquisition) == sorted(names)
         assert nwbfile.acquisition["probe_b"].data.shape[0] > 0
+
+
+def test_the_leader_knows_its_own_node_from_its_config_when_session_json_does_not_say():
+    from acqd.finalize.nodes import other_nodes
+
+    nodes = {"rig-a": {}, "rig-b": {}, "rig-c": {}}
+    assert other_nodes({"node": "rig-a", "nodes": nodes}) == ["rig-b", "rig-c"]
+    assert other_nodes({"config": {"node": "rig-a"}, "nodes": nodes}) == ["rig-b", "rig-c"]
+    assert other_nodes({"config": {}}) == []  # a one-PC session
