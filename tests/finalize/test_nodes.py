@@ -19,6 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import yaml
 from hdmf.backends.warnings import BrokenLinkWarning
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -141,14 +142,15 @@ def rows_sent(stream_file: Path, rig: Rig, name: str) -> tuple[np.ndarray, np.nd
     return np.concatenate(data), np.concatenate(samples).astype(np.float64)
 
 
-def check_master(folder: Path, rigs: dict[str, Rig], expect: dict[str, list[str]]) -> dict:
+def check_master(folder: Path, rigs: dict[str, Rig], expect: dict[str, list[str]], sid: str = SID,
+                 host_margin_s: float = 0.0) -> dict:
     """Every stream of every node in ``expect`` in the master, bit-exact, timed within its bound of the truth
-    (synced 30 kHz streams within one sample); returns qc.json, with each stream's largest error against the
-    truth (s) under "measured_error_s"."""
+    (synced 30 kHz streams within one sample; host-timed ones within their bound + ``host_margin_s``); returns
+    qc.json, with each stream's largest error against the truth (s) under "measured_error_s"."""
     qc = json.loads((folder / "qc" / "qc.json").read_text())
     zero_s = qc["timebase"]["zero_reference_s"]
     ref = rigs[LEADER].devices[qc["timebase"]["reference"]].clock
-    io, nwbfile = read_master(folder / f"{SID}.nwb")
+    io, nwbfile = read_master(folder / f"{sid}.nwb")
     with io:
         assert sorted(nwbfile.acquisition) == sorted(s for names in expect.values() for s in names)
         for node, names in expect.items():
@@ -162,7 +164,8 @@ def check_master(folder: Path, rigs: dict[str, Rig], expect: dict[str, list[str]
                 truth = ref.phase(rigs[node].devices[name].clock.time_of(samples)) / ref.rate
                 error = np.abs(series_times(ts) + zero_s - truth)
                 qc.setdefault("measured_error_s", {})[name] = float(error.max())
-                assert error.max() <= r["clock"]["error_bound_s"] + 1e-9, (name, error.max(), r["clock"])
+                margin = host_margin_s if r["clock"]["source"] == "host" else 0.0
+                assert error.max() <= r["clock"]["error_bound_s"] + margin + 1e-9, (name, error.max(), r["clock"])
                 if r["clock"]["source"] == "sync" and rigs[node].devices[name].clock.rate == 30000.0:
                     assert error.max() * 30000.0 <= 1.0, (name, error.max() * 30000.0)
                 assert r["qc"]["verdict"] in ("PASS", "WARN", "FAIL")
@@ -293,3 +296,85 @@ def test_the_leader_knows_its_own_node_from_its_config_when_session_json_does_no
     assert other_nodes({"node": "rig-a", "nodes": nodes}) == ["rig-b", "rig-c"]
     assert other_nodes({"config": {"node": "rig-a"}, "nodes": nodes}) == ["rig-b", "rig-c"]
     assert other_nodes({"config": {}}) == []  # a one-PC session
+
+
+def node_rig(tmp_path: Path, suffix: str, reverse: bool, no_sync: tuple[str, ...] = ()) -> Path:
+    """The example rig (a 8-channel probe, a small camera) for one PC, its streams named ``<name><suffix>`` and, with
+    ``reverse``, in reverse order (each device draws another drift from the shared seed)."""
+    from conftest import write_rig
+
+    small = {"probe": {"shape": [9], "sync": {"source": "channel", "channel": 8, "bit": 0}},
+             "camera": {"shape": [48, 64]}}
+    tmp_path.mkdir()
+    path = write_rig(tmp_path, stream_overrides=small)
+    raw = yaml.safe_load(path.read_text())
+    raw["metadata"].pop("ecephys", None)
+    for s in raw["streams"]:
+        s["name"] += suffix
+        if s["name"] in (n + suffix for n in no_sync):
+            s["sync"] = None
+        elif s["sync"].get("stream"):
+            s["sync"]["stream"] += suffix
+    raw["reference"] += suffix
+    raw["streams"] = raw["streams"][::-1] if reverse else raw["streams"]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.mark.e2e
+@pytest.mark.slow  # two daemons and simulators recording 20 s: about 2 minutes on the shared 2-core machine
+def test_two_daemons_record_one_session_and_the_leader_finalizes_both_parts(tmp_path):
+    """Real daemons, writers and simulators (one per PC, one sync line: one seed) record the same session; the
+    follower finalizes and ships its part; the leader's master holds both, on its timebase, within one sample.
+
+    The simulators are started together but each takes its own true-time origin (acqd simulate's shared origin,
+    ``t0_monotonic``, is on another branch): their sync lines are the same pulse train shifted by the difference,
+    which the alignment cannot tell from one line (each device's truth is in its own simulator's true time), so the
+    truth check holds; 20 s leave well over the 10 shared pulses a fit needs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from acqd.service.procs import Daemon, Simulator, wait_until
+    from conftest import SIM_SECONDS, rig_for
+    from sessions import SUBJECT
+
+    seed, sid = 21, "R2"
+    configs = {LEADER: node_rig(tmp_path / LEADER, "", False), FOLLOWER: node_rig(tmp_path / FOLLOWER, "_b", True,
+                                                                                   no_sync=("sensor",))}
+    daemons = {n: Daemon(c, tmp_path / n / "data", tmp_path / n) for n, c in configs.items()}
+    sims, folders = {}, {}
+    try:
+        for d in daemons.values():
+            d.command("acquire")
+        with ThreadPoolExecutor(2) as pool:  # started together: their true-time origins differ by little
+            sims = dict(zip(configs, pool.map(lambda c: Simulator(c, SIM_SECONDS, seed=seed), configs.values())))
+        for n, d in daemons.items():
+            wait_until(lambda: not d.command("preflight")["problems"], f"{n}'s streams to flow")
+        for n, d in daemons.items():
+            folders[n] = Path(d.command("record", session=sid, metadata={"subject": SUBJECT})["session"]["path"])
+        ref = {LEADER: "nidaq", FOLLOWER: "nidaq_b"}
+        for n, d in daemons.items():  # 20 s of the shared sync line: random pulses every 0.5-1.5 s
+            wait_until(lambda: d.command("status")["streams"][ref[n]]["rows"] > 20 * 30000, f"20 s on {n}")
+        for d in daemons.values():
+            d.command("stop")
+    finally:
+        for s in sims.values():
+            s.stop()
+        for d in daemons.values():
+            d.stop(timeout_s=30)
+    mark(folders[LEADER], node=LEADER, nodes={n: {"url": d.url, "state": "closed"} for n, d in daemons.items()})
+    mark(folders[FOLLOWER], node=FOLLOWER, leader={"node": LEADER, "session": sid})
+    try:
+        finalize_session(folders[FOLLOWER])
+        ship_to_leader(folders[FOLLOWER], folders[LEADER].parent)
+        finalize_session(folders[LEADER], wait_nodes_s=0)
+        rigs = {n: rig_for(c, seed=seed)[1] for n, c in configs.items()}
+        names = {n: [s["name"] for s in read_session(f)["config"]["streams"]] for n, f in folders.items()}
+        # Real receive latencies: the difference between two streams' minimum latencies is not observable and not
+        # in a host fit's bound (docs/clock-alignment.md, host-time fallback); a loaded machine makes it ~0.2 ms.
+        qc = check_master(folders[LEADER], rigs, names, sid, host_margin_s=1e-3)
+        assert {n: s["state"] for n, s in qc["nodes"].items()} == {LEADER: "leader", FOLLOWER: "arrived"}
+        assert qc["streams"]["probe_b"]["clock"]["source"] == "sync"
+        assert qc["streams"]["sensor_b"]["clock"]["source"] == "host"
+    finally:
+        for f in folders.values():
+            unseal_session(f)
