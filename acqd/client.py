@@ -38,9 +38,11 @@ def _login() -> str:
 class Client:
     """A small client for the control API (used by the CLI, the demo and tests)."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 150.0):
+    def __init__(self, url: str, token: str | None = None, timeout: float | httpx.Timeout = 150.0,
+                 operator: str | None = None):
+        """``operator``: who the daemon logs as sending the commands (default: this login name)."""
         self.url = url.rstrip("/")
-        headers = {"X-Acqd-Operator": _login(), **({"Authorization": f"Bearer {token}"} if token else {})}
+        headers = {"X-Acqd-Operator": operator or _login(), **({"Authorization": f"Bearer {token}"} if token else {})}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def request(self, method: str, path: str, body: dict | None = None) -> dict:

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, field_serializer, model_validator
 
 from acqd.metadata.models import Frozen as _Frozen
 
@@ -50,6 +50,11 @@ class Follower(_Frozen):
     """RECORD is refused while the follower's clock is further than this from the leader's (seconds)."""
     timeout_s: float = Field(5.0, gt=0, le=120)
     """Timeout of one request to the follower (seconds); a follower that does not answer is unreachable."""
+
+    @field_serializer("token")
+    def _hidden(self, v: str | None) -> str | None:
+        """Dumps (session.json's config, the Open Ephys config route) never carry a follower's secret."""
+        return None if v is None else "***"
 
     @model_validator(mode="after")
     def _one_token(self) -> Follower:

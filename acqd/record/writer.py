@@ -175,6 +175,7 @@ class Writer:
         self.last_seq: int | None = None
         self.last_message_mono = 0.0
         self.last_chunk: tuple[int, int, int] | None = None  # (first_sample, mono_ns, wall_ns)
+        self.first_recorded_ns: int | None = None  # host wall time of this session's first stored message (rig skew)
         self.last_offset: np.ndarray | None = None  # the driver's latest clock offset, stored first in a new file
         self.stop_requested = False
         self.unsent_reports = 0
@@ -222,6 +223,7 @@ class Writer:
                 "mb_per_s": round((self.total.bytes - b0) / dt / 1e6, 3),
                 "total": self.total.as_dict(), "recording_counts": self.rec.as_dict(),
                 "last_chunk": self.last_chunk,  # (first_sample, mono_ns, wall_ns): where annotations are placed
+                "first_recorded_ns": self.first_recorded_ns,
                 "rows": self.file.rows if self.file else 0,
                 "file": str(self.file.path) if self.file else None,
                 "file_bytes": self.file.size_bytes if self.file else 0,
@@ -245,6 +247,7 @@ class Writer:
         self.close_file()
         self.folder, self.session = Path(folder), session
         self.rec = Counts()
+        self.first_recorded_ns = None
         # The recording starts at the next accepted chunk, with no gap before it; a restarted writer continues
         # after the last message its predecessor committed, so what the restart lost is a gap with both seqs.
         self.cursor = self.previous_part_cursor(part) if part else None
@@ -488,6 +491,8 @@ class Writer:
             self.record_dropped()
         self.file.append(chunk.data, (h.seq, h.epoch, h.n_samples, h.first_sample, wall_ns, mono_ns,
                                       h.device_time_ns))
+        if self.first_recorded_ns is None:
+            self.first_recorded_ns = wall_ns
         self.faults.after_append(self.part)
         self.store_edges(chunk.data, chunk.edges, h.first_sample, h.seq)
         if chunk.timestamps is not None:

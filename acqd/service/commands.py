@@ -29,6 +29,7 @@ from acqd.finalize.amend import amend_session, check_metadata
 from acqd.metadata import MetadataError, bids_name, check_layout, merge, to_acqd, with_rig_defaults
 from acqd.service import live
 from acqd.service.annotations import annotate
+from acqd.service.rig import FANNED_OUT, LeaderRef
 from acqd.service.shipping import SHIP_COMMANDS
 from acqd.service.supervisor import ACQUIRE, RECORD, Supervisor
 from acqd.images import attach
@@ -57,6 +58,8 @@ class RecordRequest(Request):
     bids: dict[str, str] | None = None
     """BIDS entities {sub, ses, task, acq, run}: the session folder is named sub-<sub>[_ses-<ses>]... and so is
     the export; sub is the subject_id."""
+    leader: LeaderRef | None = None
+    """Set by a rig's leader starting this follower (docs/multi-pc.md): stored as session.json's ``leader``."""
 
     @field_validator("session")
     @classmethod
@@ -296,7 +299,7 @@ def _record(sup: Supervisor, req: RecordRequest) -> dict:
     meta = check_metadata(meta, check_name(name, "session name"))
     if (sup.data_root / name).exists():
         raise SessionError(f"session {name!r} already exists in {sup.data_root}")
-    sup.record(meta, name)
+    sup.record(meta, name, req.leader.model_dump() if req.leader else None)
     return _fresh(sup)
 
 
@@ -462,8 +465,10 @@ def run_command(sup: Supervisor, name: str, body: dict | Request | None) -> dict
         args = req.model_dump(exclude_none=True, exclude_defaults=True)
         log.info("command %s by %s%s", name, CALLER.get(), f" {json.dumps(args, default=str)}" if args else "",
                  extra={"fields": {"command": name, "by": CALLER.get()}})
-    if not cmd.on_supervisor:
-        return cmd.handler(sup, req)
-    return sup.call(cmd.handler, sup, req)
+    def local() -> dict:
+        return cmd.handler(sup, req) if not cmd.on_supervisor else sup.call(cmd.handler, sup, req)
+    if getattr(sup, "rig", None) is not None and name in FANNED_OUT:  # a leader: its followers too (acqd.service.rig)
+        return sup.rig.run(name, req.model_dump(mode="json", exclude_defaults=True), local)
+    return local()
 
 

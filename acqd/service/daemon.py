@@ -24,6 +24,7 @@ from acqd.service.http.app import create_app
 from acqd.service.http.labrecorder import start_listener
 from acqd.service.http.serverlimits import server_protocol
 from acqd.service.logs import setup_logging
+from acqd.service.rig import start_rig
 from acqd.service.shipping import start_shipping
 from acqd.service.supervisor import Supervisor
 
@@ -78,9 +79,12 @@ def serve(cfg: RigConfig, ready_file: str | None = None, acquire: bool = False, 
     log.info("serving %s (data root %s)", url, sup.data_root)
     systemd.notify(f"READY=1\nSTATUS=serving {url}")
     sup.shipping = start_shipping(sup)  # the ship queue, when the rig config has ship: destinations
+    sup.rig = start_rig(sup, url)  # a leader watches and drives its followers (acqd.service.rig)
     try:
         sup.serve(stop)
     finally:
+        if sup.rig is not None:
+            sup.rig.stop()
         if sup.shipping is not None:
             sup.shipping.stop()
         app.state.closing.set()

@@ -148,6 +148,8 @@ def verdict(status: dict, silent_after_s: float) -> dict:
     for name, s in status["streams"].items():
         if s["gaps"] or s["rejected"]:
             problems.append(f"{name}: {s['gaps']} gaps, {s['rejected']} rejected")
+    problems.extend(f"node {name}: unreachable" for name, n in (status.get("nodes") or {}).items()
+                    if n["reachable"] is False)  # a rig's leader (acqd.service.rig)
     left = status.get("disk_time_left_s")
     if left is not None and left < DISK_LOW_S:
         problems.insert(0, f"disk full in {left / 60:.0f} min")

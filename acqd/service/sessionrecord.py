@@ -41,15 +41,18 @@ class SessionRecord:
 
     @classmethod
     def create(cls, data_root: Path, session_id: str, cfg: RigConfig, metadata: dict,
-               session_log: SessionLog | None = None) -> SessionRecord:
-        """Make the session folder (refused cleanly first if a stimulus image set is missing) and its record."""
+               session_log: SessionLog | None = None, leader: dict | None = None) -> SessionRecord:
+        """Make the session folder (refused cleanly first if a stimulus image set is missing) and its record.
+
+        ``node`` names this PC in a rig of several; ``leader`` ({node, session}) is set when a leader started it."""
         check_stimulus_images(cfg)  # before the folder exists: a missing image set refuses RECORD cleanly
         folder = create_session_dir(data_root, session_id)
         register_stimulus_images(folder, cfg)  # once per session, so finalize never needs the rig's folders
         if session_log is not None:
             session_log.open(folder)
         record = cls(folder, {
-            "session_id": session_id, "state": RECORDING, "created": now_iso(), "stopped": None,
+            "session_id": session_id, "node": cfg.node, **({"leader": leader} if leader else {}),
+            "state": RECORDING, "created": now_iso(), "stopped": None,
             "incomplete": False, "metadata": metadata, "reference": cfg.reference,
             "config": cfg.model_dump(mode="json"), "incidents": [],
             "streams": {s.name: {"parts": []} for s in cfg.streams},

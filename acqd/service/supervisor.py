@@ -35,6 +35,7 @@ from acqd.service.jobs import Jobs
 from acqd.service.scrubs import Scrubs
 from acqd.service.lslbridges import LslBridges
 from acqd.service.previews import PreviewHub
+from acqd.service.rig import rig_status
 from acqd.service.runtime import lock_data_root, lock_endpoints, make_daemon_dir, release, runtime_base
 from acqd.service.sessionlog import SessionLog
 from acqd.service.sessionrecord import SessionRecord, recover_interrupted, session_metadata, write_session
@@ -68,6 +69,7 @@ class Supervisor:
         self.last_session: dict | None = None
         self.recording = {"prepend_text": "", "base_text": "", "append_text": ""}
         self.shipping: Any = None  # acqd.service.shipping.Shipping, set by the daemon when ship: names destinations
+        self.rig: Any = None  # acqd.service.rig.Rig, set by the daemon when the config names followers (a leader)
         self.next_metadata: dict = {}  # for starts that carry none (Open Ephys, LabRecorder): `recording` sets it
         self.previews = PreviewHub()  # the console's live preview: writers decimate only while someone watches
         self.hashers = Hashers()  # closed parts are hashed in the background (acqd.finalize.digests)
@@ -200,8 +202,9 @@ class Supervisor:
         self.mode = ACQUIRE
         return self.status()
 
-    def record(self, metadata: dict | None = None, session: str | None = None) -> dict:
-        """ACQUIRE -> RECORD: preflight, create the session folder, tell every writer to open its file."""
+    def record(self, metadata: dict | None = None, session: str | None = None, leader: dict | None = None) -> dict:
+        """ACQUIRE -> RECORD: preflight, create the session folder, tell every writer to open its file.
+        ``leader``: {node, session} of the rig's leader that started this follower (acqd.service.rig)."""
         if self.mode == RECORD:
             raise SessionError(f"already recording session {self.session['session_id']!r}")
         meta = session_metadata(self.cfg, metadata)
@@ -216,7 +219,7 @@ class Supervisor:
         problems = self.preflight()
         if problems:
             raise SessionError("refusing to record: " + "; ".join(problems))
-        self.session_record = SessionRecord.create(self.data_root, session_id, self.cfg, meta, self.session_log)
+        self.session_record = SessionRecord.create(self.data_root, session_id, self.cfg, meta, self.session_log, leader)
         self.disk.low = False
         for name, h in self.writers.items():
             h.part = 0
@@ -356,4 +359,4 @@ class Supervisor:
                 "data_root": str(self.data_root), "disk_free_bytes": shutil.disk_usage(self.data_root).free,
                 "disk_reserve_bytes": self.cfg.daemon.disk_reserve_bytes, "recovered": self.recovered,
                 "control_junk_messages": self.writers.junk_messages, "hash_backlog_bytes": self.hashers.backlog_bytes(),
-                "scrubs": dict(self.scrubs.states)}
+                "scrubs": dict(self.scrubs.states), **rig_status(self, streams)}

@@ -337,6 +337,6 @@ class Writers(dict[str, WriterHandle]):
             "mb_per_s": 0.0 if hung else st.get("mb_per_s", 0.0), "last_seq": st.get("last_seq"),
             "gaps": rec.get("gaps", 0), "rejected": rec.get("rejected_total", 0),
             "rows": st.get("rows", 0), "bytes_written": st.get("file_bytes", 0),
-            "total": st.get("total", {}), "required": s.required,
+            "total": st.get("total", {}), "required": s.required, "first_recorded_ns": st.get("first_recorded_ns"),
             **overload_status(st, rec, h.closing if h else {}),
         }

@@ -30,6 +30,7 @@ def test_a_leader_config_names_its_followers_and_a_token_file_is_relative_to_the
     assert cfg.followers[1].token_file == tmp_path / "video.token"
     assert [f.read_token() for f in cfg.followers] == ["s3cret", "from-a-file"]
     assert cfg.followers[0].max_clock_offset_s == 1.0
+    assert cfg.model_dump(mode="json")["followers"][0]["token"] == "***", "a dump (session.json) holds no secret"
 
 
 def test_every_config_has_a_node_name_by_default(tmp_path):

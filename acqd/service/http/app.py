@@ -30,6 +30,7 @@ from acqd.service.http.events import events_router
 from acqd.service.http.guard import Guard
 from acqd.service.http.metrics import metrics_router
 from acqd.service.http.openephys import openephys_router
+from acqd.service.http.rig import rig_router
 from acqd.service.supervisor import Supervisor
 
 
@@ -47,6 +48,7 @@ def create_app(sup: Supervisor, ctl: ControlConfig, cfg: RigConfig, request_stop
     app.include_router(openephys_router(sup, cfg, request_stop))
     app.include_router(events_router(sup, app.state.closing))
     app.include_router(metrics_router(sup))
+    app.include_router(rig_router(sup))  # GET /api/rig: this node, for a rig's leader (acqd.service.rig)
     mount_console(app, sup, app.state.closing)  # the web page at / (acqd.service.http.console)
 
     @app.exception_handler(RequestValidationError)

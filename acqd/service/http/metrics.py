@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, PlatformCo
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 from acqd.service.overload import load_metrics
+from acqd.service.rig import NodeLabelled, NodesCollector
 from acqd.service.shipping import ShipCollector
 from acqd.service.supervisor import Supervisor
 
@@ -100,8 +101,9 @@ class SnapshotCollector:
 def metrics_router(sup: Supervisor) -> APIRouter:
     router = APIRouter(tags=["metrics"])
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(sup))
-    registry.register(ShipCollector(sup))
+    registry.register(NodeLabelled(SnapshotCollector(sup), sup.cfg.node))  # node: this PC in a rig of several
+    registry.register(NodeLabelled(ShipCollector(sup), sup.cfg.node))
+    registry.register(NodesCollector(sup))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
 

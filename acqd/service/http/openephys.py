@@ -129,8 +129,11 @@ def openephys_router(sup: Supervisor, cfg: RigConfig, request_stop: Callable[[],
 
     @router.put("/api/status", response_model=StatusResponse, summary="change mode (IDLE, ACQUIRE, RECORD)")
     def put_status(req: ModeRequest) -> Any:
-        if req.mode.upper() == RECORD:
-            return visible(sup, incidents, "RECORD", respond(lambda: sup.call(record_unique, sup), "record"))
+        if req.mode.upper() == RECORD:  # a rig's leader starts its followers too (acqd.service.rig)
+            def local() -> Any:
+                return sup.call(record_unique, sup)
+            return visible(sup, incidents, "RECORD", respond(
+                lambda: local() if sup.rig is None else sup.rig.run("record", {}, local), "record"))
         return visible(sup, incidents, req.mode.upper(), answer(sup, "set_mode", req))
 
     @router.get("/api/recording", response_model=RecordingResponse, summary="where and how sessions are named")

@@ -429,3 +429,31 @@ def test_the_lock_indicator_turns_from_locked_to_not_locked_and_back(browser, tm
     finally:
         sim.stop()
     assert ui.errors == []
+
+
+@pytest.mark.e2e
+def test_a_leader_shows_every_node_of_the_rig_grouped_with_its_reachability(browser, tmp_path):
+    """A real second daemon on loopback is the leader's follower: its streams show under its node's heading, with
+    its reachability, clock offset and disk; killed, it shows unreachable."""
+    from tests.service.test_rig import TOKEN, follower_entry, node_rig, start_nodes
+
+    with start_nodes() as nodes:
+        [follower] = nodes(node_rig(tmp_path, "video", required=False))
+        [leader] = nodes(node_rig(tmp_path, "ephys", required=False, followers=[follower_entry("video", follower)]))
+        ui = Console(browser, leader.url + "/", tmp_path / "screens")
+        ui.page.locator("#login-token").fill(TOKEN)
+        ui.page.locator("#login-form button").click()
+        ui.expect_mode("IDLE")
+        ui.expect(ui.page.locator("#streams-panel h3.node[data-node='ephys']")).to_have_text(
+            _re(r"^ephys \(this PC\) · reachable · disk [\d.]+ [kMGT]?B free · IDLE$"))
+        video = ui.page.locator("#streams-panel h3.node[data-node='video']")
+        ui.expect(video).to_have_text(_re(r"^video · reachable · clock [+-]\d\.\d{3} s · disk [\d.]+ [kMGT]?B free · IDLE$"))
+        for stream in ("video_nidaq", "video_sensor"):
+            ui.expect(ui.page.locator(f".cards[data-node='video'] [data-stream='{stream}'] .kind")).to_have_text("stopped")
+        ui.expect(ui.card("ephys_nidaq")).to_be_visible()
+        ui.shot("rig")
+        os.kill(follower.pid, signal.SIGKILL)
+        ui.expect(video).to_have_text(_re(r"^video · unreachable"))
+        ui.expect(video).to_have_class(_re(r"\bbad\b"))
+        ui.shot("follower-unreachable")
+        assert ui.errors == []

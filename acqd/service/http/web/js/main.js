@@ -3,6 +3,7 @@
 import { Bus, el, follow, request, setToken } from "./api.js";
 import { createAnnotate } from "./annotate.js";
 import { createIncidents } from "./incidents.js";
+import { createNodes } from "./nodes.js";
 import { createOverview } from "./overview.js";
 import { createPreview } from "./preview.js";
 import { createRecordForm } from "./record.js";
@@ -27,6 +28,7 @@ async function main() {
   const bus = new Bus();
   const ctx = { bus, info, onError: showError };
   createOverview(ctx);
+  createNodes(ctx);  // a rig's leader: the streams grouped by node
   createRecordForm(ctx);
   createAnnotate(ctx);
   createIncidents(ctx);

@@ -1,0 +1,257 @@
+"""A rig of several PCs on loopback: a real leader daemon driving real follower daemons (acqd.service.rig).
+
+Each node is its own ``acqd serve`` with its own config, data root, token and streams; the network-namespace rig
+and the gather/finalize end-to-end tests are tests/multipc/. Here: preflight refusals (one line per problem,
+naming the node), rollback when a follower refuses to start, record/annotate/stop fanned out with the session
+and ``leader`` blocks each node writes, the leader's ``nodes`` status and start skew, and a follower killed
+mid-record (an incident on the leader, then back).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from acqd.client import ApiError, Client
+from acqd.service.procs import Daemon, Simulator, wait_until
+from acqd.session import read_session
+from tests.conftest import SIM_SECONDS, write_rig
+from tests.sessions import SUBJECT
+
+TOKEN = "follower-token-0123456789"
+
+
+def node_rig(tmp_path: Path, node: str, *, prefix: str | None = None, required: bool = True,
+             followers: list[dict] = (), port: int = 0) -> Path:
+    """A small rig (the example's NIDAQ and behaviour sensor) for node ``node`` in its own folder: stream names
+    prefixed with ``prefix`` (default: the node's name, so nodes' streams never clash), its own token."""
+    folder = tmp_path / node
+    folder.mkdir()
+    path = write_rig(folder, daemon_overrides={"control": {"token": TOKEN, "port": port}})
+    raw = yaml.safe_load(path.read_text())
+    pre = f"{node if prefix is None else prefix}_" if prefix != "" else ""
+    raw["streams"] = [{**s, "name": pre + s["name"], "required": required}
+                      for s in raw["streams"] if s["name"] in ("nidaq", "sensor")]
+    raw.update(reference=pre + "nidaq", node=node, followers=list(followers))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@contextmanager
+def start_nodes() -> Iterator[Callable[..., list[Daemon]]]:
+    """Start ``acqd serve`` for each node's config at once (its data root beside it), with a client holding the
+    token; every one stopped on the way out. ``configs``: paths, or (path, env) pairs."""
+    started: list[Daemon] = []
+
+    def one(config: Path | tuple[Path, dict]) -> Daemon:
+        config, env = config if isinstance(config, tuple) else (config, None)
+        port = yaml.safe_load(config.read_text())["daemon"]["control"]["port"]
+        d = Daemon(config, config.parent / "data", config.parent, env=env, port=port)
+        d.client = Client(d.url, TOKEN)
+        started.append(d)
+        return d
+
+    def start(*configs: Path | tuple[Path, dict]) -> list[Daemon]:
+        with ThreadPoolExecutor(len(configs)) as pool:  # each start is mostly waiting: start them together
+            return list(pool.map(one, configs))
+
+    try:
+        yield start
+    finally:
+        with ThreadPoolExecutor(max(len(started), 1)) as pool:
+            list(pool.map(lambda d: d.stop(timeout_s=30), started))
+
+
+@pytest.fixture
+def nodes() -> Iterator[Callable[..., list[Daemon]]]:
+    with start_nodes() as start:
+        yield start
+
+
+def follower_entry(name: str, d: Daemon | str, token: str = TOKEN) -> dict:
+    return {"name": name, "url": d if isinstance(d, str) else d.url, "token": token}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def simulated(*configs: Path) -> Iterator[None]:
+    sims = [Simulator(c, SIM_SECONDS, seed=i) for i, c in enumerate(configs)]
+    try:
+        yield
+    finally:
+        for s in sims:
+            s.stop()
+
+
+@contextmanager
+def other_acqd(answer: dict) -> Iterator[str]:
+    """An HTTP server answering ``GET /api/rig`` with ``answer``: a node running another acqd release (one
+    machine runs one acqd, so the other version is played by its answer)."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({**answer, "time_ns": time.time_ns()}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def refusal(d: Daemon, **body: object) -> str:
+    with pytest.raises(ApiError) as e:
+        d.command("record", metadata={"subject": SUBJECT}, **body)
+    assert e.value.status == 409
+    return str(e.value)
+
+
+def test_preflight_refuses_each_problem_with_one_line_naming_the_node(tmp_path, nodes):
+    good, busy, offset, silent = nodes(
+        node_rig(tmp_path, "good", required=False), node_rig(tmp_path, "busy", required=False),
+        (node_rig(tmp_path, "offset", required=False), {"ACQD_TEST_CLOCK_OFFSET_S": "7200"}),
+        node_rig(tmp_path, "silent", prefix="main"))  # no driver, and the leader's stream names
+    busy.command("record", session="other", metadata={"subject": SUBJECT})
+    old = {**httpx.get(f"{good.url}/api/rig", headers={"Authorization": f"Bearer {TOKEN}"}).json(),
+           "node": "old", "rig_protocol": 0, "streams": {"old_nidaq": {}}}
+    with other_acqd(old) as old_url:
+        [leader] = nodes(node_rig(tmp_path, "main", followers=[
+            follower_entry("good", good), follower_entry("busy", busy), follower_entry("offset", offset),
+            follower_entry("silent", silent), follower_entry("nobody", good),
+            follower_entry("wrongtoken", good, token="not-the-token"), follower_entry("old", old_url),
+            follower_entry("gone", f"http://127.0.0.1:{free_port()}")]))
+        message = refusal(leader, session="s1")
+    lines = message.removeprefix("refusing to record: node ").split("; node ")
+    by_node: dict[str, list[str]] = {}
+    for ln in lines:
+        by_node.setdefault(ln.split(":", 1)[0], []).append(ln.split(":", 1)[1].strip())
+    assert "good" not in by_node, message
+    assert by_node["busy"] == ["already recording session 'other'"]
+    [clock] = by_node["offset"]
+    assert clock.startswith("its clock is +7200.") and "bound 1 s" in clock
+    assert sorted(by_node["silent"]) == [
+        "preflight failed: stream 'main_nidaq' is silent (no message received yet); stream 'main_sensor' is silent "
+        "(no message received yet)",
+        "stream name 'main_nidaq' is also a stream of node main (stream names must be unique across the rig)",
+        "stream name 'main_sensor' is also a stream of node main (stream names must be unique across the rig)"], message
+    assert by_node["nobody"] == [f"the daemon at {good.url} is node 'good' (its config's node)"]
+    assert by_node["wrongtoken"] == [f"wrong token (refused by {good.url}: give the follower's control.token)"]
+    [old_line] = by_node["old"]
+    assert old_line.startswith("its acqd rig protocol 0 differs from the leader's 1")
+    [gone] = by_node["gone"]
+    assert gone.startswith("unreachable at http://127.0.0.1:")
+    assert "Traceback" not in message
+    assert not (tmp_path / "main" / "data" / "s1").exists(), "a refused record creates no session"
+    for d in (good, silent):
+        assert d.command("status")["mode"] != "RECORD"
+
+
+def test_a_follower_that_refuses_to_start_stops_the_started_ones_and_aborts_the_session(tmp_path, nodes):
+    ok, refuses = nodes(node_rig(tmp_path, "ok", required=False), node_rig(tmp_path, "refuses", required=False))
+    (tmp_path / "refuses" / "data" / "s1").mkdir(parents=True)  # its start is refused: the folder exists
+    [leader] = nodes(node_rig(tmp_path, "main", required=False, followers=[
+        follower_entry("ok", ok), follower_entry("refuses", refuses)]))
+    message = refusal(leader, session="s1")
+    assert "node refuses: session 's1' already exists" in message and "aborted" in message, message
+    assert leader.command("status")["mode"] != "RECORD"
+    assert ok.command("status")["mode"] != "RECORD", "the follower that started is stopped again"
+    ours = read_session(tmp_path / "main" / "data" / "s1")
+    assert ours["state"] == "closed" and "node refuses: session 's1' already exists" in ours["aborted"]
+    assert any(i["kind"] == "rig_start_failed" for i in ours["incidents"])
+    theirs = read_session(tmp_path / "ok" / "data" / "s1")
+    assert theirs["state"] == "closed" and theirs["leader"] == {"node": "main", "session": "s1"}
+
+
+def test_a_rig_records_annotates_and_stops_together(tmp_path, nodes):
+    follower_cfg = node_rig(tmp_path, "video")
+    [follower] = nodes(follower_cfg)
+    leader_cfg = node_rig(tmp_path, "ephys", followers=[follower_entry("video", follower)])
+    [leader] = nodes(leader_cfg)
+    leader.command("acquire")
+    assert follower.command("status")["mode"] == "ACQUIRE", "acquire fans out"
+    with simulated(leader_cfg, follower_cfg):
+        wait_until(lambda: not leader.command("preflight")["problems"], "the leader's streams to flow")
+        status = leader.command("record", session="rig1", metadata={"subject": SUBJECT})
+        assert status["mode"] == "RECORD" and follower.command("status")["mode"] == "RECORD"
+        wait_until(lambda: leader.command("status").get("start_skew_s") is not None, "the start skew")
+        st = leader.command("status")
+        assert list(st["nodes"]) == ["ephys", "video"] and st["node"] == "ephys"
+        video = st["nodes"]["video"]
+        assert video["reachable"] is True and abs(video["clock_offset_s"]) < 0.5
+        assert set(video["streams"]) == {"video_nidaq", "video_sensor"} and video["disk"]["free_bytes"] > 0
+        assert set(st["nodes"]["ephys"]["streams"]) == {"ephys_nidaq", "ephys_sensor"}
+        assert 0 <= st["start_skew_s"] < 5, st["start_skew_s"]
+        leader.command("annotate", text="drug on")
+        notes = tmp_path / "video" / "data" / "rig1" / "annotations.jsonl"
+        wait_until(lambda: notes.exists() and "drug on" in notes.read_text(), "the note on the follower")
+        metrics = httpx.get(f"{leader.url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+        mode = next(f for f in text_string_to_metric_families(metrics) if f.name == "acqd_mode")
+        assert {s.labels["node"] for s in mode.samples} == {"ephys"}
+        reach = next(f for f in text_string_to_metric_families(metrics) if f.name == "acqd_node_reachable")
+        assert {s.labels["node"]: s.value for s in reach.samples} == {"ephys": 1.0, "video": 1.0}
+        leader.command("stop")
+    assert follower.command("status")["mode"] == "ACQUIRE", "stop fans out"
+    ours, theirs = (read_session(tmp_path / n / "data" / "rig1") for n in ("ephys", "video"))
+    assert theirs["state"] == "closed" and theirs["node"] == "video"
+    assert theirs["leader"] == {"node": "ephys", "session": "rig1"} and "leader" not in ours
+    assert theirs["metadata"]["subject"] == ours["metadata"]["subject"]
+    assert ours["node"] == "ephys" and set(ours["nodes"]) == {"ephys", "video"}
+    assert ours["nodes"]["video"]["state"] == "stopped" and ours["nodes"]["video"]["url"] == follower.url
+    assert all(n["start_host_ns"] for n in ours["nodes"].values()) and ours["start_skew_s"] is not None
+
+
+def test_a_follower_killed_mid_record_is_an_incident_on_the_leader_and_shows_again(tmp_path, nodes):
+    port = free_port()
+    follower_cfg = node_rig(tmp_path, "video", required=False, port=port)
+    [follower] = nodes(follower_cfg)
+    [leader] = nodes(node_rig(tmp_path, "ephys", required=False, followers=[follower_entry("video", follower)]))
+    leader.command("record", session="rig2", metadata={"subject": SUBJECT})
+    os.kill(follower.pid, signal.SIGKILL)
+    follower.proc.wait(10)
+
+    def incidents(kind: str) -> list[dict]:
+        return [i for i in leader.command("status")["recent_incidents"] if i["kind"] == kind]
+    wait_until(lambda: incidents("node_unreachable"), "the leader's incident")
+    st = leader.command("status")
+    assert st["mode"] == "RECORD" and st["nodes"]["video"]["reachable"] is False
+    assert "node video: unreachable" in incidents("node_unreachable")[0]["detail"]
+    assert "node video: unreachable" in st["verdict"]["line"] or any("node video" in p for p in
+                                                                    st["verdict"]["problems"])
+    nodes(follower_cfg)  # back on the same port: its session was interrupted, it is IDLE
+    wait_until(lambda: incidents("node_reachable"), "the follower to show again")
+    wait_until(lambda: incidents("node_not_recording"), "the leader to see it no longer records the session")
+    assert leader.command("status")["nodes"]["video"]["reachable"] is True
+    leader.command("stop")
+    ours = read_session(tmp_path / "ephys" / "data" / "rig2")
+    kinds = [i["kind"] for i in ours["incidents"]]
+    assert kinds.index("node_unreachable") < kinds.index("node_reachable")
+    assert read_session(tmp_path / "video" / "data" / "rig2")["state"] == "interrupted"
