@@ -176,12 +176,20 @@ class MultiPC:
                                           extra=sim_args(name, self.t0), wrap=self.net.wrap(name))
         return sim
 
-    def acquire(self, name: str, timeout_s: float = 30.0) -> None:
+    def acquire(self, name: str, timeout_s: float = 60.0) -> None:
         """``name`` acquiring with its simulator publishing, every stream flowing (RECORD's preflight passes)."""
         client = self.clients[name]
         client.command("acquire")
         self.simulate(name)
-        wait_until(lambda: not client.command("preflight")["problems"], f"{name}'s streams to flow", timeout_s)
+        problems: list[str] = []
+
+        def flowing() -> bool:
+            problems[:] = client.command("preflight")["problems"]
+            return not problems
+        try:
+            wait_until(flowing, f"{name}'s streams to flow", timeout_s)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}: {'; '.join(problems)}") from None
 
     def start_all(self) -> None:
         """Every node started and acquiring, all at once (each PC starts on its own; on a loaded test machine
