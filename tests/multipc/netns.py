@@ -22,6 +22,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -175,19 +176,29 @@ class MultiPC:
                                           extra=sim_args(name, self.t0), wrap=self.net.wrap(name))
         return sim
 
-    def acquire(self, name: str, timeout_s: float = 30.0) -> None:
+    def acquire(self, name: str, timeout_s: float = 60.0) -> None:
         """``name`` acquiring with its simulator publishing, every stream flowing (RECORD's preflight passes)."""
         client = self.clients[name]
         client.command("acquire")
         self.simulate(name)
-        wait_until(lambda: not client.command("preflight")["problems"], f"{name}'s streams to flow", timeout_s)
+        problems: list[str] = []
+
+        def flowing() -> bool:
+            problems[:] = client.command("preflight")["problems"]
+            return not problems
+        try:
+            wait_until(flowing, f"{name}'s streams to flow", timeout_s)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}: {'; '.join(problems)}") from None
 
     def start_all(self) -> None:
-        """Every node started (followers first: the leader's preflight reaches them) and acquiring."""
-        for name in (*(f.name for f in self.followers), LEADER):
-            self.start(name)
-        for name in self.nodes:
-            self.acquire(name)
+        """Every node started and acquiring, all at once (each PC starts on its own; on a loaded test machine
+        one at a time triples the wait)."""
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            for done in [pool.submit(self.start, name) for name in self.nodes]:
+                done.result()
+            for done in [pool.submit(self.acquire, name) for name in self.nodes]:
+                done.result()
 
     def record(self, session: str) -> Path:
         """RECORD from the leader's API; returns the leader's session folder."""
@@ -206,11 +217,14 @@ class MultiPC:
         stop_process(daemon.proc, timeout_s=10, sig=signal.SIGKILL)
 
     def close(self) -> None:
-        """Stop every simulator and daemon by pid (SIGTERM, then SIGKILL after a deadline)."""
-        for sim in self.sims.values():
-            stop_process(sim.proc, timeout_s=10)
-        for daemon in self.daemons.values():
-            daemon.stop(timeout_s=30)
+        """Stop every simulator and daemon by pid: SIGTERM to all at once, then each waited for (SIGKILL after a
+        deadline)."""
+        procs = [sim.proc for sim in self.sims.values()] + [d.proc for d in self.daemons.values()]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            stop_process(proc, timeout_s=30)
         for client in self.clients.values():
             client.close()
 

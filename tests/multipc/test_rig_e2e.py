@@ -78,6 +78,8 @@ def check_master(rig: MultiPC, folder: Path, seconds: float) -> dict:
                 if node != LEADER and dev.cfg.sync is not None:
                     assert error.max() <= SAMPLE_30K_S, (stream, error.max() * 30000, "samples")
                 assert error.max() <= report["clock"]["error_bound_s"] + 1e-9, (stream, error.max(), report["clock"])
+    assert {n: v["state"] for n, v in qc["nodes"].items()} == {n: "leader" if n == LEADER else "arrived"
+                                                                for n in rig.nodes}
     assert set(meta["nodes"]) == set(rig.nodes) and all(n.get("start_host_ns") for n in meta["nodes"].values())
     assert 0 <= meta["start_skew_s"] < 5.0
     return {"start_skew_s": meta["start_skew_s"], "max_error_samples_30k": {s: e * 30000 for s, e in errors.items()}}
