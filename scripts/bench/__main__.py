@@ -19,6 +19,8 @@ Scenarios (``--scenarios``, comma-separated; default all):
   slow       slow streams only (NIDAQ, 1 kHz sensors, an idle stream): CPU per writer (bench/slow.py).
   ship       shipping with while_recording: throttle during RECORD: CPU and messages lost (bench/ship.py).
   synclock   the live sync lock on vs off, the reference rig in alternate windows (bench/synclock.py).
+  many       the reference rig plus 8, 32, 96 slow streams: marginal cost per slow stream, mode-change times,
+             status latency (bench/many.py).
 
 A ramp step "keeps up" when no message is lost or rejected, the simulator stayed on its real-time
 schedule, and the receiver has no growing backlog (p99 publish->receive under BACKLOG_LIMIT_MS).
@@ -50,6 +52,7 @@ from datetime import datetime, timezone  # noqa: E402
 from bench.common import DOC, ROOT, SCENARIOS, log, to_json  # noqa: E402
 from bench.disk import scenario_disk  # noqa: E402
 from bench.finalize import scenario_finalize  # noqa: E402
+from bench.many import scenario_many  # noqa: E402
 from bench.naive import scenario_naive  # noqa: E402
 from bench.procwatch import RSS_LIMIT_MB  # noqa: E402
 from bench.preview import scenario_preview  # noqa: E402
@@ -84,6 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slow-seconds", type=float, help="recording length of each slow-stream run (default 60, quick 30)")
     p.add_argument("--slow-baseline", help="an acqd package folder measured alternately with the current code "
                                           "in the slow scenario (before vs after)")
+    p.add_argument("--many-seconds", type=float, help="RECORD window of each many-streams run (default 60, quick 20)")
     p.add_argument("--synclock-window", type=float, help="seconds measured per synclock window (default 60, quick 20)")
     p.add_argument("--sample-s", type=float, default=2.0, help="RSS sampling period")
     p.add_argument("--rss-limit-mb", type=int, default=RSS_LIMIT_MB,
@@ -109,6 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.seconds = a.seconds or (30.0 if q else 300.0)
     a.step_seconds = a.step_seconds or (10.0 if q else 20.0)
     a.slow_seconds = a.slow_seconds or (30.0 if q else 60.0)
+    a.many_seconds = a.many_seconds or (20.0 if q else 60.0)
     a.pynwb_gib = a.pynwb_gib or (0.5 if q else 2.0)
     a.finalize_seconds = a.finalize_seconds or (5.0 if q else 10.0)
     a.ramp_compression = [c for c in a.ramp_compression.split(",") if c]
@@ -145,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         res["updates"] = [*res.get("updates", []), update]
     runners = {"reference": scenario_reference, "ramp": scenario_ramp, "naive": scenario_naive,
                "disk": scenario_disk, "pynwb": scenario_pynwb, "finalize": scenario_finalize,
-               "preview": scenario_preview, "slow": scenario_slow, "ship": scenario_ship, "synclock": scenario_synclock}
+               "preview": scenario_preview, "slow": scenario_slow, "ship": scenario_ship, "synclock": scenario_synclock,
+               "many": scenario_many}
     try:
         for name in SCENARIOS:
             if name in args.scenarios:

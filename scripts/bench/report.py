@@ -15,6 +15,7 @@ import numpy as np
 from bench.common import med
 from bench.preview import preview_targets
 from bench.synclock import synclock_targets
+from bench.many import many_markdown, many_targets
 from bench.slow import slow_markdown, slow_targets
 
 
@@ -125,6 +126,7 @@ def targets(res: dict) -> list[dict]:
                             lambda v: v <= 30))
     rows += preview_targets(res, row)
     rows += slow_targets(res, row)
+    rows += many_targets(res, row)
     rows += synclock_targets(res, row)
     return rows
 
@@ -171,6 +173,7 @@ def markdown(res: dict) -> str:
                 for s in run["steps"])
             lines.append(f"- run {i + 1}: {steps}")
     lines += slow_markdown(res)
+    lines += many_markdown(res)
     lines += finalize_markdown(res.get("finalize", {}))
     return "\n".join(lines)
 

@@ -152,7 +152,7 @@ def record(config: Path, workdir: Path, seconds: float, sample_s: float, quiet_w
         wait_until(lambda: not daemon.command("preflight")["problems"], "every stream to deliver data", 120, 0.5)
         started = daemon.command("record", session=f"bench-{time.strftime('%H%M%S')}", metadata=BENCH_METADATA)
         folder = Path(started["session"]["path"])
-        writers = {f"writer:{n}": s["pid"] for n, s in started["streams"].items() if s["pid"]}
+        writers = writer_pids(started["streams"])
         time.sleep(SETTLE_S)
         pids = {"supervisor": daemon.pid, **writers, "simulator": sim.proc.pid}
         with ProcWatch(pids, sample_s, rss_limit_mb) as watch:
@@ -176,6 +176,17 @@ def record(config: Path, workdir: Path, seconds: float, sample_s: float, quiet_w
             "error": watch.overflow, "status_gaps": sum(s["gaps"] for s in status["streams"].values()),
             "status_rejected": sum(s["rejected"] for s in status["streams"].values()),
             "writers_failed": [n for n, s in status["streams"].items() if s["state"] != "recording"]}
+
+
+def writer_pids(streams: dict[str, dict]) -> dict[str, int]:
+    """Each writer process once, labelled ``writer:<stream>`` (a group writer: ``writer:<first>+<others>``), so a
+    process hosting several streams (acqd.record.group) is not counted once per stream."""
+    by_pid: dict[int, list[str]] = {}
+    for name, s in streams.items():
+        if s["pid"]:
+            by_pid.setdefault(s["pid"], []).append(name)
+    return {f"writer:{names[0]}" + (f"+{len(names) - 1}" if len(names) > 1 else ""): pid
+            for pid, names in by_pid.items()}
 
 
 def measure_session(config: Path, workdir: Path, seconds: float, args: argparse.Namespace,

@@ -1,0 +1,86 @@
+"""What one group writer costs per slow stream, alone: no daemon, no simulator, no reference rig.
+
+    PYTHONPATH=. .venv/bin/python scripts/bench_group.py 8 32 --seconds 10
+
+For each N: a real group writer process (acqd.record.group, through tests/record/livegroup.py) hosting N slow
+streams (4 x float32 at 1 kHz, 100 messages/s each, PUSH drivers in this process), recording for ``--seconds``;
+prints its CPU (% of one core, /proc/<pid>/stat) and PSS (smaps_rollup) at the end, then the marginal cost per
+stream between the smallest and the largest N. The drivers run in this process, on the same cores: on a loaded
+machine compare runs taken in the same minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from acqd.wire.protocol import Header, encode  # noqa: E402
+from tests.record.livegroup import LiveGroup  # noqa: E402
+
+
+def ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def pss_mb(pid: int) -> float:
+    line = next(x for x in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines() if x.startswith("Pss:"))
+    return int(line.split()[1]) / 1024
+
+
+def one(n: int, seconds: float, folder: Path) -> dict:
+    names = [f"s{i:03d}" for i in range(n)]
+    g = LiveGroup(folder, names, dtype="float32")
+    try:
+        for name in names:
+            g.wait_for(name, lambda m: m["type"] == "event" and m["kind"] == "connected", "its driver")
+        g.record_all()
+        data = np.zeros((10, 4), "<f4")
+        t0, c0, seq = time.monotonic(), ticks(g.proc.pid), 0
+        while time.monotonic() - t0 < seconds:
+            for name in names:
+                h = Header(name, seq, 1, seq * 10, 10, "<f4", (4,), device_time_ns=time.time_ns())
+                g.drivers[name].send_multipart(encode(h, data))
+            seq += 1
+            g.pump(0)
+            time.sleep(max(0.0, t0 + seq * 0.01 - time.monotonic()))
+        dt, cpu = time.monotonic() - t0, ticks(g.proc.pid) - c0
+        pss = pss_mb(g.proc.pid)
+        for name in names:
+            g.wait_handled(name, seq, 60)
+        g.stop_all()
+    finally:
+        g.close()
+    return {"streams": n, "cpu_pct": round(100 * cpu / os.sysconf("SC_CLK_TCK") / dt, 1), "pss_mb": round(pss, 1),
+            "messages_per_s": round(seq / dt), "load": round(os.getloadavg()[0], 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("counts", type=int, nargs="+")
+    p.add_argument("--seconds", type=float, default=10.0)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="acqd-bg-", dir="/tmp") as tmp:
+        runs = []
+        for n in args.counts:
+            folder = Path(tmp) / str(n)
+            folder.mkdir()
+            runs.append(one(n, args.seconds, folder))
+            print(runs[-1], flush=True)
+    lo, hi = runs[0], runs[-1]
+    if hi["streams"] > lo["streams"]:
+        k = hi["streams"] - lo["streams"]
+        print({"per_stream_cpu_pct": round((hi["cpu_pct"] - lo["cpu_pct"]) / k, 3),
+               "per_stream_pss_mb": round((hi["pss_mb"] - lo["pss_mb"]) / k, 2)})
+
+
+if __name__ == "__main__":
+    main()
