@@ -5,6 +5,7 @@ import { createAnnotate } from "./annotate.js";
 import { createIncidents } from "./incidents.js";
 import { createOverview } from "./overview.js";
 import { createPreview } from "./preview.js";
+import { createProbes } from "./probe.js";
 import { createRecordForm } from "./record.js";
 import { createSessions } from "./sessions.js";
 import { createShipping } from "./shipping.js";
@@ -32,6 +33,7 @@ async function main() {
   createIncidents(ctx);
   createSessions(ctx);
   createPreview(ctx);
+  createProbes(ctx);
   createShipping(ctx);
 
   // Session boundaries, from the snapshots, for the panels that list sessions and incidents.
