@@ -4,8 +4,6 @@ per step (``screens/``). The simulated probe has units at known sites and rates,
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import pytest
 
@@ -71,9 +69,9 @@ def test_probe_view_shows_units_dead_and_noisy_sites_and_64_dragged_channels_on_
         ui.expect(full.locator(".uv-scale")).to_have_attribute("data-px", _re(r"^[1-9]\d*(\.\d)?$"))
         ui.shot("64-channels-dragged")
         # A note: on the session timebase it falls inside the probe's, the NIDAQ's and the camera's recent windows.
-        ui.annotate("probe check")
+        note = daemon.command("annotate", text="probe check")  # the stored record: its host monotonic time
+        ui.expect(page.locator("#annotations li").first).to_contain_text("probe check")
         with httpx.Client(base_url=daemon.url, timeout=30) as http:
-            note = http.get("/api/console/annotations").json()["annotations"][-1]
             origin = http.get("/api/console/probes/probe").json()["origin_s"]
         t_note = note["monotonic_ns"] / 1e9 - origin
 
@@ -91,7 +89,7 @@ def test_probe_view_shows_units_dead_and_noisy_sites_and_64_dragged_channels_on_
         # The data stops: the view goes stale, greyed, with its age.
         sim.stop()
         ui.expect(full.locator(".probe-state")).to_have_text(_re(r"^stale: no data for \d+ s"), timeout=15_000)
-        ui.expect(page.locator("#probe-tiles [data-stream='probe']")).to_have_class(_re(r"\bstale\b"))
+        ui.expect(page.locator("#probe-tiles article[data-stream='probe']")).to_have_class(_re(r"\bstale\b"))
         ui.shot("stale")
     finally:
         sim.stop()

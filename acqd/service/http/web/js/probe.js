@@ -15,6 +15,7 @@ const TRACE_WINDOW_S = 2;
 const MEASURES = { ap: "AP RMS", lfp: "LFP RMS", rate: "spike rate" };
 const GAINS = [0.25, 0.5, 1, 2, 4, 8];
 const SCALE_UV = 100;  // the scale bar's height in µV
+const UNIT_MIN_HZ = 8;  // a depth is listed as a unit when it fires this much above the background (or more)
 
 function svg(tag, attrs = {}) {
   const node = document.createElementNS(SVG, tag);
@@ -53,9 +54,11 @@ function measureOf(f, m) {
   return m === "ap" ? f.ap_rms : m === "lfp" ? f.lfp_rms : f.rates;
 }
 
-/** Rate by depth: the mean rate of the sites at each depth (µm), and the units it shows: runs of depths above
- * half of their local peak and clearly above the probe's background (the median), each at the run's centre. */
-export function rateProfile(sites, rates) {
+/** Rate by depth: the mean rate of the sites at each depth (µm), and the units it shows: runs of depths clearly
+ * above the probe's background (the median: at least UNIT_MIN_HZ, 3x the background, and 5 crossings' worth of the
+ * analysed seconds, so that a few coincident background crossings are no unit), each at the centre of the run's
+ * depths above half its peak. */
+export function rateProfile(sites, rates, analysedS = 1) {
   const byDepth = new Map();
   for (const s of sites) {
     const r = rates[s.channel];
@@ -69,7 +72,7 @@ export function rateProfile(sites, rates) {
   const sorted = [...mean].sort((a, b) => a - b);
   const background = sorted[sorted.length >> 1] || 0;
   const units = [];
-  const floor = background + Math.max(3, 3 * background);
+  const floor = background + Math.max(UNIT_MIN_HZ, 3 * background, 5 / Math.max(analysedS, 1e-3));
   let i = 0;
   while (i < depths.length) {
     if (mean[i] <= floor) { i++; continue; }
@@ -331,7 +334,8 @@ function settingsText(s) {
   return `AP: Butterworth order ${s.ap_order} high-pass ${s.ap_hz} Hz on ${(s.ap_segment_s * 1000).toFixed(0)} ms of every ` +
     `${s.ap_period_s.toFixed(1)} s (${((100 * s.ap_segment_s) / s.ap_period_s).toFixed(0)} % of the data) · ` +
     `LFP: ${s.lfp_hz[0]}–${s.lfp_hz[1]} Hz at ${s.lfp_rate_hz.toFixed(0)} Hz · crossings below −${s.threshold_mad} × MAD ` +
-    `(refreshed every ${s.threshold_refresh_s} s, ${s.refractory_s * 1000} ms dead time) over the last ${s.window_s} s · ` +
+    `(refreshed every ${s.threshold_refresh_s} s, ${s.refractory_s * 1000} ms dead time): raster of the last ${s.window_s} s, ` +
+    `rates over the last ${s.rate_window_s} s · ` +
     `traces at ${s.trace_rate_hz.toFixed(0)} Hz (AP: each bin's largest excursion)`;
 }
 
@@ -407,7 +411,7 @@ export function createProbes({ bus, info }) {
         el("div", { class: "probe-col" }, el("div", { class: "col-title" }, "map"), map.node),
         el("div", { class: "probe-col" }, el("div", { class: "col-title" }, "rate by depth"), prof),
         el("div", { class: "probe-col wide" }, el("div", { class: "col-title raster-title" }, "crossings by depth, last 10 s"), raster),
-        el("div", { class: "probe-side" }, bad, el("div", { class: "col-title" }, "units (rate above background)"), unitsBox)),
+        el("div", { class: "probe-side" }, bad, el("div", { class: "col-title" }, `units (> ${UNIT_MIN_HZ} Hz above background)`), unitsBox)),
       el("div", { class: "trace-head" }, selText, traces.axisNote, traces.scale), traceBox,
       el("p", { class: "settings" }));
     current = { name, probe, map, prof, raster, traces, measure, dead, noisy, state, bad, unitsBox, selected: new Set(), full };
@@ -426,7 +430,7 @@ export function createProbes({ bus, info }) {
     v.state.classList.toggle("bad", reply.stale);
     v.map.paint(measureOf(f, v.measure.value), reply, v.selected);
     if (f) {
-      const profile = rateProfile(v.map.layout.sites, f.rates || []);
+      const profile = rateProfile(v.map.layout.sites, f.rates || [], f.analysed_s);
       drawProfile(v.prof, v.map, profile);
       v.unitsBox.replaceChildren(...profile.units.map((u) => el("li", { class: "unit", "data-depth": u.depth.toFixed(1),
         "data-rate": u.rate.toFixed(2) }, `${u.depth.toFixed(0)} µm: ${u.rate.toFixed(1)} Hz`)));
@@ -453,7 +457,7 @@ export function createProbes({ bus, info }) {
         origin = reply.origin_s;
         const t = tiles.get(p.stream);
         t.map.paint(reply.features && reply.features.rates, reply, new Set());
-        if (reply.features) drawProfile(t.prof, t.map, rateProfile(t.map.layout.sites, reply.features.rates || []));
+        if (reply.features) drawProfile(t.prof, t.map, rateProfile(t.map.layout.sites, reply.features.rates || [], reply.features.analysed_s));
         t.card.classList.toggle("stale", reply.stale);
         t.age.hidden = !reply.stale;
         t.age.textContent = `stale: ${ageText(reply.age_s)}`;
