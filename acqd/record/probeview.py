@@ -41,8 +41,8 @@ WARMUP_S = 0.003
 THRESHOLD_MAD = 4.5
 THRESHOLD_REFRESH_S = 5.0
 NOISE_STEP = 4
-NOISE_ROWS = 750
-"""The threshold's noise is measured on every ``NOISE_STEP``-th AP row until ``NOISE_ROWS`` are in (0.1 s: one
+NOISE_ROWS = 1500
+"""The threshold's noise is measured on every ``NOISE_STEP``-th AP row until ``NOISE_ROWS`` are in (0.2 s of AP rows: one
 chunk's few hundred correlated rows put the threshold anywhere from -55 to -100 on the same noise, measured)."""
 REFRACTORY_S = 0.002
 """A channel's crossings closer than this count once (one spike's trough may recross the threshold)."""

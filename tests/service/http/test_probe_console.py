@@ -4,6 +4,9 @@ per step (``screens/``). The simulated probe has units at known sites and rates,
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import httpx
 import pytest
 
@@ -16,6 +19,7 @@ from tests.conftest import write_rig
 from tests.service.http.test_console import Console, _re, browser  # noqa: F401 - the fixture
 
 PITCH_UM = 20.0
+SCREENSHOT_ENV = "ACQD_PROBE_SCREENSHOT"
 
 
 def _site_y(cfg) -> dict[int, float]:
@@ -67,7 +71,9 @@ def test_probe_view_shows_units_dead_and_noisy_sites_and_64_dragged_channels_on_
         ui.expect(full.locator(".trace-note")).to_have_text(_re(r"^64 channels · ap band"))
         ui.expect(full.locator(".uv-scale")).to_have_text("100 µV")
         ui.expect(full.locator(".uv-scale")).to_have_attribute("data-px", _re(r"^[1-9]\d*(\.\d)?$"))
-        ui.shot("64-channels-dragged")
+        shot = ui.shot("64-channels-dragged")
+        if os.environ.get(SCREENSHOT_ENV):  # how docs/probe-view.png is made
+            shutil.copyfile(shot, os.environ[SCREENSHOT_ENV])
         # A note: on the session timebase it falls inside the probe's, the NIDAQ's and the camera's recent windows.
         note = daemon.command("annotate", text="probe check")  # the stored record: its host monotonic time
         ui.expect(page.locator("#annotations li").first).to_contain_text("probe check")
