@@ -40,12 +40,19 @@ AP_PERIOD_S = 1.3
 WARMUP_S = 0.003
 THRESHOLD_MAD = 4.5
 THRESHOLD_REFRESH_S = 5.0
+NOISE_STEP = 4
+NOISE_ROWS = 1500
+"""The threshold's noise is measured on every ``NOISE_STEP``-th AP row until ``NOISE_ROWS`` are in (0.2 s of AP rows: one
+chunk's few hundred correlated rows put the threshold anywhere from -55 to -100 on the same noise, measured)."""
 REFRACTORY_S = 0.002
 """A channel's crossings closer than this count once (one spike's trough may recross the threshold)."""
 WINDOW_S = 10.0
-"""Crossings and analysed seconds are kept this long (the raster's and the rates' window)."""
+"""The crossings sent cover this long (the raster's window)."""
+RATE_WINDOW_S = 20.0
+"""Rates count the crossings of this long (twice the raster's: the AP segments analyse a share of the data, and a
+20 Hz unit then shows ~30 crossings rather than ~15)."""
 MAX_CROSSINGS = 20000
-"""Crossings kept in the window at most (the oldest go first; counted in ``crossings_dropped``)."""
+"""Crossings kept in the rates' window at most (the oldest go first; counted in ``crossings_dropped``)."""
 MAX_BLOCK = 64
 TRACE_RATE_HZ = 2500.0
 """Trace block rows per second for raw and ap (ap keeps each bin's largest excursion, so spikes survive)."""
@@ -143,6 +150,8 @@ class ProbeFeatures:
     last_cross: np.ndarray | None = None
     threshold: np.ndarray | None = None
     threshold_at: int | None = None
+    noise: list[np.ndarray] = field(default_factory=list)
+    """AP rows gathered for the next threshold."""
     lfp_zi: np.ndarray | None = None
     lfp_next: int | None = None
     lfp_rest: np.ndarray | None = None
@@ -209,9 +218,7 @@ class ProbeFeatures:
             self.analysed[-1] = (self.analysed[-1][0], start + len(y_used))
         else:
             self.analysed.append((start, start + len(y_used)))
-        if self.threshold is None or start - self.threshold_at >= THRESHOLD_REFRESH_S * self.rate:
-            if len(y_used) >= 100:  # at least a few ms of noise to measure
-                self.threshold, self.threshold_at = robust_threshold(y_used), start
+        self._measure_noise(y_used, start)
         if self.threshold is not None:
             rows, chans = crossings(y_used, self.threshold, self.below if skip == 0 else np.zeros(self.n_channels, bool))
             if self.skip is not None:
@@ -224,6 +231,18 @@ class ProbeFeatures:
                 self.cross_samples.append(samples[keep])
                 self.cross_chans.append(chans[keep].astype(np.int32))
         self.below = y[-1] < self.threshold if self.threshold is not None else np.zeros(self.n_channels, bool)
+
+    def _measure_noise(self, y: np.ndarray, start: int) -> None:
+        """Renew the threshold every ``THRESHOLD_REFRESH_S`` from ``NOISE_ROWS`` rows; the very first one at once from
+        what there is (then refined when the rows are in)."""
+        if self.threshold is not None and not self.noise and start - self.threshold_at < THRESHOLD_REFRESH_S * self.rate:
+            return
+        self.noise.append(y[::NOISE_STEP])
+        rows = sum(len(a) for a in self.noise)
+        if rows >= NOISE_ROWS or (self.threshold is None and rows >= 25):
+            self.threshold, self.threshold_at = robust_threshold(np.concatenate(self.noise)), start
+            if rows >= NOISE_ROWS:
+                self.noise = []
 
     def _take_lfp(self, data: np.ndarray, first: int) -> None:
         """Block-average ``data`` into LFP rows (kept until the next message, filtered then: one filter call per
@@ -269,8 +288,8 @@ class ProbeFeatures:
             self.block_rows.append((first, q, kept))
 
     def window(self, now_sample: int) -> tuple[np.ndarray, np.ndarray, float]:
-        """Crossings (samples, channels) and analysed seconds of the last ``WINDOW_S`` before ``now_sample``."""
-        oldest = now_sample - round(WINDOW_S * self.rate)
+        """Crossings (samples, channels) and analysed seconds of the last ``RATE_WINDOW_S`` before ``now_sample``."""
+        oldest = now_sample - round(RATE_WINDOW_S * self.rate)
         self.analysed = [(max(a, oldest), b) for a, b in self.analysed if b > oldest]
         if self.cross_samples:
             s, c = np.concatenate(self.cross_samples), np.concatenate(self.cross_chans)
@@ -291,6 +310,8 @@ class ProbeFeatures:
         self._filter_lfp()
         samples, chans, seconds = self.window(now_sample)
         counts = np.bincount(chans, minlength=self.n_channels)
+        shown = samples >= now_sample - round(WINDOW_S * self.rate)
+        samples, chans = samples[shown], chans[shown]
         # A message between two AP segments repeats the last segment's RMS (null until the first one)
         self.ap_rms = self._rms(self.ap_ss, self.ap_n) or self.ap_rms
         out = {
@@ -332,5 +353,5 @@ def settings(rate: float) -> dict:
     return {"ap_hz": AP_HZ, "ap_order": AP_ORDER, "lfp_hz": [LFP_LOW_HZ, LFP_HZ], "lfp_order": LFP_ORDER, "lfp_rate_hz": rate / q,
             "threshold_mad": THRESHOLD_MAD, "threshold_refresh_s": THRESHOLD_REFRESH_S,
             "ap_segment_s": round(AP_SEGMENT_S * rate) / rate, "ap_period_s": round(AP_PERIOD_S * rate) / rate,
-            "window_s": WINDOW_S, "trace_rate_hz": rate / max(1, round(rate / TRACE_RATE_HZ)),
+            "window_s": WINDOW_S, "rate_window_s": RATE_WINDOW_S, "trace_rate_hz": rate / max(1, round(rate / TRACE_RATE_HZ)),
             "refractory_s": REFRACTORY_S, "max_block": MAX_BLOCK}

@@ -133,11 +133,14 @@ def signal_pool(cfg: StreamConfig, rng: np.random.Generator, seconds: float = 1.
     noise = (noise[8:] - noise[:-8]) / np.sqrt(8)  # moving sum: a low-pass, band-limited noise
     spikes = np.zeros((n, ch))
     template = -np.exp(-((np.arange(30) - 8) ** 2) / 8.0) * 12 + np.exp(-((np.arange(30) - 16) ** 2) / 30.0) * 4
+    probe = probe_truth(cfg)  # a simulated probe's unit sites get no scattered spikes: their rate is the unit's
+    quiet = {u["channel"] + d for u in probe["units"] for d in range(-4, 5)} if probe else set()
     for t in rng.integers(0, n - 30, size=max(1, n // 300)):
         c = rng.integers(0, ch)
-        spikes[t:t + 30, max(0, c - 2):c + 3] += template[:, None]
+        if c not in quiet:  # drawn all the same: every other stream's samples stay as they were
+            spikes[t:t + 30, max(0, c - 2):c + 3] += template[:, None]
     x = 20 * noise + 15 * spikes
-    if cfg.kind == "ephys" and len(electrode_channels(cfg)) >= PROBE_MIN_CHANNELS:
+    if probe:
         x = probe_sites(cfg, x, template)
     if dt.kind == "f":
         return (x / 100).astype(dt)

@@ -88,6 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slow-baseline", help="an acqd package folder measured alternately with the current code "
                                           "in the slow scenario (before vs after)")
     p.add_argument("--many-seconds", type=float, help="RECORD window of each many-streams run (default 60, quick 20)")
+    p.add_argument("--preview-window", type=float, help="seconds measured per preview window (default 60, quick 20)")
+    p.add_argument("--preview-acquire", action="store_true",
+                   help="preview scenario in ACQUIRE (nothing stored): the same writers' work without ~150 MB/s to disk")
     p.add_argument("--synclock-window", type=float, help="seconds measured per synclock window (default 60, quick 20)")
     p.add_argument("--sample-s", type=float, default=2.0, help="RSS sampling period")
     p.add_argument("--rss-limit-mb", type=int, default=RSS_LIMIT_MB,

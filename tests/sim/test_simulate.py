@@ -79,7 +79,7 @@ def test_the_probe_has_units_at_known_sites_and_rates_a_dead_and_a_noisy_site():
     skip = dev.cfg.sync.channel
     f = pv.ProbeFeatures.start(dev.cfg.rate, dev.cfg.shape[0], skip, None)
     first = dev.next_sample
-    for k in range(int(pv.WINDOW_S * 1.2 / 0.01)):
+    for k in range(int(pv.RATE_WINDOW_S * 1.1 / 0.01)):
         f.take(rig.samples("probe", first + 300 * k, 300), first + 300 * k)
     out = f.flush(first + 300 * (k + 1))
     background = np.median([r for r in out["rates"] if r is not None])  # the pool's scattered spikes

@@ -92,9 +92,11 @@ def classify(ap_rms: list, dead_below: float, noisy_above: float) -> tuple[list[
 
 
 def features(s: StreamConfig, latest: tuple[float, bytes] | None, dead_below: float, noisy_above: float,
-             now: float) -> dict:
-    """The probe view's numbers of ``s`` from its latest preview (``latest``: when it came, the raw message)."""
-    out = {"stream": s.name, "units": s.units, "uv_per_unit": abs(s.conversion) * 1e6 if s.units in ("V", "volts")
+             now: float, origin: float | None = None) -> dict:
+    """The probe view's numbers of ``s`` from its latest preview (``latest``: when it came, the raw message);
+    ``origin``: the session timebase's zero in host monotonic seconds (``now_s`` and ``origin_s`` of the reply let a
+    page put anything timed by ``monotonic_ns``, an annotation, on the same axis)."""
+    out = {"stream": s.name, "origin_s": origin, "now_s": None if origin is None else round(now - origin, 3), "units": s.units, "uv_per_unit": abs(s.conversion) * 1e6 if s.units in ("V", "volts")
            else None, "settings": settings(s.rate), "thresholds": {"dead_below": dead_below, "noisy_above": noisy_above},
            "stale": True, "age_s": None, "features": None}
     if latest is None:
@@ -151,7 +153,8 @@ def probes_router(sup: Supervisor) -> APIRouter:
               noisy_above: float = Query(NOISY_ABOVE, ge=1, le=100)) -> dict:
         """The latest features of ``name`` (while a page watches the preview): RMS per band and channel, rates,
         the crossings of the window on the session timebase, dead and noisy sites, stale flag and age."""
-        return features(stream(name), sup.previews.latest(name), dead_below, noisy_above, time.monotonic())
+        return features(stream(name), sup.previews.latest(name), dead_below, noisy_above, time.monotonic(),
+                        sup.previews.origin)
 
     @router.put("/{name}/block")
     def block(name: str, req: BlockRequest) -> dict:

@@ -6,6 +6,7 @@ import { createIncidents } from "./incidents.js";
 import { createNodes } from "./nodes.js";
 import { createOverview } from "./overview.js";
 import { createPreview } from "./preview.js";
+import { createProbes } from "./probe.js";
 import { createRecordForm } from "./record.js";
 import { createSessions } from "./sessions.js";
 import { createShipping } from "./shipping.js";
@@ -34,6 +35,7 @@ async function main() {
   createIncidents(ctx);
   createSessions(ctx);
   createPreview(ctx);
+  createProbes(ctx);
   createShipping(ctx);
 
   // Session boundaries, from the snapshots, for the panels that list sessions and incidents.

@@ -71,7 +71,7 @@ class TraceView {
     this.plot = new uPlot({
       width, height: 120, legend: { show: false }, cursor: { show: false },
       scales: { x: { time: false } },
-      axes: [{ size: 24, values: (u, ticks) => ticks.map((v) => `${v.toFixed(1)}s`) }, { show: false }],
+      axes: [{ size: 24, values: (u, ticks) => ticks.map((v) => `${v.toFixed(1)}s`) }, { show: false }],  // session s
       series: [{}, ...names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], width: 1 }))],
     }, [[], ...names.map(() => [])], this.plotBox);
   }
@@ -79,8 +79,8 @@ class TraceView {
   update(msg) {
     const tr = msg.traces;
     if (tr) {
-      // Device sample index -> seconds, raw -> the stream's units (the writer sends samples as they came).
-      const t = tr.samples.map((s) => s / msg.nominal_rate);
+      // Device sample index -> session seconds (t_offset: acqd.record.preview.HostClock), raw -> the stream's units.
+      const t = tr.samples.map((s) => s / msg.nominal_rate + (msg.t_offset ?? 0));
       const y = tr.y.map((vals) => vals.map((v) => (v === null ? null : v * msg.scale + msg.offset)));
       const key = tr.channels.join(",");
       if (key !== this.channels.join(",") || (this.t.length && t[0] < this.t[this.t.length - 1])) {
@@ -118,6 +118,8 @@ class TraceView {
     const n = centred.length;
     const data = [this.t, ...centred.map((a, i) => a.map((v) => (v === null ? null : v + (n - 1 - i) * 2.2 * spread)))];
     this.plot.setData(data);
+    this.plotBox.dataset.t0 = this.t[0].toFixed(3);  // the window shown, in session seconds
+    this.plotBox.dataset.t1 = this.t[this.t.length - 1].toFixed(3);
     this.plotBox.title = `each channel about its mean, spacing ${siValue(2.2 * spread, units)}`;
   }
 
@@ -153,8 +155,11 @@ class CameraView {
       this.img.src = msg.thumbnail.src;
       this.img.dataset.frame = msg.thumbnail.frame;
       this.img.hidden = false;
+      if (msg.t_offset != null) this.at = msg.thumbnail.frame / msg.nominal_rate + msg.t_offset;  // session seconds
     }
-    this.text.textContent = `${msg.rate.toFixed(1)} fps (nominal ${msg.nominal_rate}) · ${msg.dropped} dropped`;
+    this.text.textContent = `${msg.rate.toFixed(1)} fps (nominal ${msg.nominal_rate}) · ${msg.dropped} dropped` +
+      (this.at != null ? ` · frame at ${this.at.toFixed(2)} s` : "");
+    this.text.dataset.t = this.at ?? "";
     this.text.classList.toggle("bad", msg.dropped > 0);
   }
 }
@@ -173,7 +178,7 @@ class ValuesView {
   }
 }
 
-export function createPreview({ info }) {
+export function createPreview({ info, bus }) {
   const box = document.getElementById("previews");
   const state = document.getElementById("preview-state");
   const views = new Map();
@@ -212,6 +217,7 @@ export function createPreview({ info }) {
     if (stop) return;
     stop = follow("/api/console/preview", (type, msg) => {
       if (type !== "preview") return;
+      bus.emit("preview", msg);  // the probe view takes its trace block from here (probe.js)
       for (const v of views.get(msg.stream) || []) v.update(msg);
       const card = cards.get(msg.stream);
       if (card) card.at = Date.now();
