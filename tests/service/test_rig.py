@@ -286,3 +286,23 @@ def test_acqd_status_names_each_other_node_in_one_line():
     assert "node video: reachable, clock +0.003 s, disk 1200 GB free, RECORD, 2 streams" in text
     assert "node behaviour: unreachable at http://10.0.0.13:8600" in text
     assert "node ephys" not in text
+
+
+def test_the_start_skew_puts_each_follower_on_the_leader_clock_first():
+    """Unit: a follower whose clock runs 0.4 s ahead and whose first message came 0.05 s after the leader's has a
+    skew of 0.05 s, not 0.45; until every started node has a first message there is none."""
+    from types import SimpleNamespace
+
+    from acqd.config import Follower
+    from acqd.service.rig import Rig
+
+    followers = tuple(Follower(name=n, url=f"http://{n}:8600", token="t") for n in ("video", "behaviour"))
+    rig = Rig(SimpleNamespace(cfg=SimpleNamespace(followers=followers, node="ephys")))
+    rig.started = ("video", "behaviour")
+    leader_ns = 1_000_000_000_000
+    rig.views["video"].start_host_ns, rig.views["video"].clock_offset_s = leader_ns + 450_000_000, 0.4
+    assert rig.skew_s(leader_ns) is None, "behaviour has not recorded yet"
+    rig.views["behaviour"].start_host_ns, rig.views["behaviour"].clock_offset_s = leader_ns - 20_000_000, 0.0
+    assert rig.skew_s(leader_ns) == pytest.approx(0.07)  # from behaviour (-0.02 s) to video (+0.05 s)
+    rig.started = ("video",)
+    assert rig.skew_s(leader_ns) == pytest.approx(0.05)
