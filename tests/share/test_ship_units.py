@@ -40,6 +40,8 @@ def test_rclone_stats_errors_and_hashsum_are_read():
     (["ssh: handshake failed: ssh: unable to authenticate, attempted methods [none publickey]"], 1,
      "wrong credentials for the destination (ssh authentication failed)"),
     (["dial tcp 127.0.0.1:1: connect: connection refused"], 1, "the destination refuses connections (server down?)"),
+    (['Failed to create file system for "lab:x/READY.json": stat failed: connection lost'], 1,
+     "the connection to the destination was lost"),
     ([], -9, "rclone was killed (SIGKILL)"),
     (["something new"], 3, "rclone exited 3: something new"),
 ])

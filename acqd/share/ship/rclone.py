@@ -47,6 +47,7 @@ _REASONS = (
     ("no route to host", "no route to the destination (network down?)"),
     ("i/o timeout", "the destination does not answer (network down?)"),
     ("connection reset", "the connection to the destination was reset"),
+    ("connection lost", "the connection to the destination was lost"),
     ("directory not found", "a folder was not found at the destination or locally"),
 )
 
