@@ -41,6 +41,8 @@ def test_rclone_stats_errors_and_hashsum_are_read():
     (["ssh: handshake failed: ssh: unable to authenticate, attempted methods [none publickey]"], 1,
      "wrong credentials for the destination (ssh authentication failed)"),
     (["dial tcp 127.0.0.1:1: connect: connection refused"], 1, "the destination refuses connections (server down?)"),
+    (['Failed to create file system for "lab:x/READY.json": stat failed: connection lost'], 1,
+     "the connection to the destination was lost"),
     ([], -9, "rclone was killed (SIGKILL)"),
     (["something new"], 3, "rclone exited 3: something new"),
 ])
@@ -53,9 +55,12 @@ def test_copy_sends_exactly_the_listed_files_by_checksum_at_the_given_bandwidth(
     args = rclone.copy_args(dest, tmp_path / "s", rclone.remote_path(dest, "s"), tmp_path / "f.txt", "1M")
     assert args[:6] == ["rclone", "--config", str(tmp_path / "r.conf"), "copy", str(tmp_path / "s"), "lab:rig1/s"]
     for flag in (["--files-from-raw", str(tmp_path / "f.txt")], ["--checksum"], ["--retries", "2"],
-                 ["--bwlimit", "1M"], ["--use-json-log"]):
+                 ["--bwlimit", "1M"], ["--use-json-log"], ["--ignore-checksum"]):
         assert any(args[i:i + len(flag)] == flag for i in range(len(args))), flag
     assert "--bwlimit" not in rclone.copy_args(dest, tmp_path, "x", tmp_path / "f", None)
+    # a re-send sends the listed files whatever the destination holds (SFTP: --checksum compares sizes only)
+    assert "--ignore-times" not in args
+    assert "--ignore-times" in rclone.copy_args(dest, tmp_path, "x", tmp_path / "f", None, resend=True)
 
 
 def test_queue_transitions_survive_reopening_and_recover_requeues_interrupted_jobs(tmp_path):
@@ -166,19 +171,26 @@ def test_a_queue_file_of_the_first_schema_gains_the_new_columns_and_keeps_its_jo
 
 
 def test_a_stall_is_time_rclone_could_run_without_reading_a_step():
-    from acqd.share.ship.stall import MOVED_STEP, Sample, StallClock
+    from acqd.share.ship.stall import MOVED_STEP, StallClock
+
+    asked = []
+
+    def waits(t: float, starved: float = 0.0):  # run-queue waits of two threads at t (starved: share waited)
+        return lambda: asked.append(t) or {1: starved * t, 2: 0.0}
 
     clock = StallClock(stall_s=5)
-    assert not clock.feed(0.0, Sample(1000, {1: 0.0, 2: 0.0}))
-    for t in range(1, 5):  # a byte now and then (the Go runtime) is no progress
-        assert not clock.feed(float(t), Sample(1000 + t, {1: 0.0, 2: 0.0}))
-    assert clock.feed(5.0, Sample(1005, {1: 0.0, 2: 0.0}))
-    assert not clock.feed(6.0, Sample(1000 + MOVED_STEP, {1: 0.0, 2: 0.0}))  # a step read: moving again
-    assert clock.stalled_s == 0.0
-    # starved of CPU: the seconds a thread waited on a run queue do not count
-    for t in range(7, 30):
-        assert not clock.feed(float(t), Sample(1000 + MOVED_STEP, {1: 0.9 * (t - 6), 3: 0.1 * (t - 6)}))
-    assert 2.0 < clock.stalled_s < 2.5
+    assert not clock.feed(0.0, 1000, waits(0))
+    for t in range(1, 6):  # the first still check is the waits' baseline; a byte now and then is no progress
+        assert not clock.feed(float(t), 1000 + t, waits(t))
+    assert clock.feed(6.0, 1006, waits(6))
+    asked.clear()
+    for t in range(7, 10):  # moving (a step read each check): stall time is 0, the waits are not even read
+        assert not clock.feed(float(t), 1000 + (t - 6) * MOVED_STEP, waits(t))
+    assert clock.stalled_s == 0.0 and asked == []
+    # still again, but starved of CPU: the seconds a thread waited on a run queue do not count
+    for t in range(10, 32):
+        assert not clock.feed(float(t), 1000 + 3 * MOVED_STEP, waits(t, starved=0.9))
+    assert 2.0 <= clock.stalled_s <= 2.2
 
 
 def test_a_stalled_rclone_is_stopped_and_said_so(tmp_path):

@@ -295,10 +295,12 @@ class Shipper:
                 gone.append(v)
         return gone
 
-    def _copy(self, job: Job, dest: ShipDestination, want: dict[str, str], where: str, tmp: Path) -> None:
+    def _copy(self, job: Job, dest: ShipDestination, want: dict[str, str], where: str, tmp: Path,
+              resend: bool = False) -> None:
         files = _files_from(tmp / "copy.txt", want)
         bwlimit = self._bwlimit(dest)
-        self._rclone(dest, rclone.copy_args(dest, Path(job.folder), where, files, bwlimit), job=job, bwlimit=bwlimit)
+        self._rclone(dest, rclone.copy_args(dest, Path(job.folder), where, files, bwlimit, resend), job=job,
+                     bwlimit=bwlimit)
 
     def _verify(self, job: Job, dest: ShipDestination, want: dict[str, str], where: str, tmp: Path) -> None:
         """Every file hashes right at the destination; what does not is re-sent once, then hashed again."""
@@ -307,7 +309,7 @@ class Shipper:
             log.warning("ship %s -> %s: %s differ at the destination, re-sending once", job.session, dest.name,
                         describe(bad, found))
             again = {n: want[n] for n in bad}
-            self._copy(job, dest, again, where, tmp)
+            self._copy(job, dest, again, where, tmp, resend=True)
             found = self._hash(dest, where, again, tmp)
             if still := mismatches(again, found):
                 raise JobFailed(f"verification failed after re-sending: {describe(still, found)}")
