@@ -237,7 +237,7 @@ def _run(folder: Path, session: dict, previous: str, parts: dict[str, list[Path]
     _checkpoint("qc")
 
     progress("seal", 0.0)
-    outputs = manifest_files(folder)
+    outputs = [p for p in manifest_files(folder) if rig.sealed(p, folder)]
     rehashed = digests.recheck()  # a file changed since it was queued; before the seal changes every ctime
     report.sealed = seal_paths(outputs)
     report.sealed["digests"] = {"hashed_while_recording": digests.reused, "changed_after_hashing": early[1],

@@ -25,6 +25,7 @@ A node that arrives after the leader finalized is picked up by finalizing again 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -49,7 +50,8 @@ Progress = Callable[[str, float], None]
 
 
 def node_name(session: dict) -> str:
-    return session.get("node") or DEFAULT_NODE
+    """The PC that recorded ``session``: its ``node``, else its config's (the rig config's ``node``)."""
+    return session.get("node") or (session.get("config") or {}).get("node") or DEFAULT_NODE
 
 
 def other_nodes(session: dict) -> list[str]:
@@ -107,10 +109,19 @@ def wait_for_nodes(folder: Path, session: dict, timeout_s: float, progress: Prog
 
 
 def late_arrivals(folder: Path, session: dict) -> list[str]:
-    """Nodes a finalized session lists as not used whose part has arrived since (finalize again to take them)."""
+    """Nodes a finalized session left out (missing, unverified, unusable) whose part has arrived, or changed, since
+    (finalize again to take them); a part left out as it still is would only be left out again."""
     states = (session.get("finalize") or {}).get("nodes") or {}
     return [n for n in other_nodes(session) if states.get(n, {}).get("state") != ARRIVED
-            and arrival(folder, n) is None]
+            and arrival(folder, n) is None and fingerprint(folder, n) != states.get(n, {}).get("fingerprint")]
+
+
+def fingerprint(folder: Path, name: str) -> str:
+    """What node ``name``'s folder holds now (names, sizes, modification times), to tell a changed part."""
+    root = Path(folder) / NODES_DIR / name
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    listing = "".join(f"{rel(p, root)} {(st := p.stat()).st_size} {st.st_mtime_ns}\n" for p in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 # -- gathering -------------------------------------------------------------------------------------------------
@@ -148,6 +159,13 @@ class NodeParts:
     def warnings(self) -> list[str]:
         return [f"node {n!r} {s['state']}: {s['problem']}" for n, s in self.states.items() if s.get("problem")]
 
+    def sealed(self, path: Path, folder: Path) -> bool:
+        """Whether the leader seals ``path``: its own files, and those of the nodes used. A part left out (still
+        arriving, failing its manifest) is neither sealed nor listed: it may still be completed and taken by
+        finalizing again."""
+        parts = Path(rel(path, folder)).parts
+        return len(parts) < 2 or parts[0] != NODES_DIR or parts[1] in self.parts
+
     def node_of(self, stream: str) -> str | None:
         return next((p.name for p in self.parts.values() if stream in p.streams), None)
 
@@ -165,7 +183,8 @@ class NodeParts:
                 aligned, bridge = align_node(part, ref, max_ppm)
             except ClockFitError as e:
                 del self.parts[name]
-                self.states[name].update(state=UNUSABLE, verdict=FAIL, problem=(
+                self.states[name].update(state=UNUSABLE, verdict=FAIL, fingerprint=fingerprint(part.folder.parents[1],
+                                                                                                name), problem=(
                     f"its reference {part.reference!r} cannot be paired with {ref.name!r} by the shared sync line "
                     f"({e}); is it wired to the rig's sync line? Its streams are left out of the master"))
                 continue
@@ -191,13 +210,15 @@ def gather(folder: Path, session: dict, digests: Digests, missing: dict[str, str
     for name in other_nodes(session):
         if name in missing:
             out.states[name] = {"state": MISSING, "verdict": WARN, "streams": [], "problem": (
-                f"{missing[name]}; the session is finalized without it (`acqd finalize` again once it arrives)")}
+                f"{missing[name]}; the session is finalized without it (`acqd finalize` again once it arrives)"),
+                "fingerprint": fingerprint(folder, name)}
             continue
         part_folder = Path(folder) / NODES_DIR / name
         try:
             part = _read_part(name, part_folder, digests, taken)
         except (FinalizeError, SessionError) as e:
-            out.states[name] = {"state": UNVERIFIED, "verdict": FAIL, "streams": [], "problem": str(e)}
+            out.states[name] = {"state": UNVERIFIED, "verdict": FAIL, "streams": [], "problem": str(e),
+                                "fingerprint": fingerprint(folder, name)}
             continue
         taken |= set(part.streams)
         out.parts[name] = part

@@ -202,6 +202,17 @@ def cell(key: str, row: dict, name: str) -> str:
     return str(v)
 
 
+def stream_label(name: str, report: dict) -> str:
+    """A stream as the QC table names it: ``<node>/<stream>`` when another PC of the rig recorded it."""
+    return f"{report['node']}/{name}" if report.get("node") else name
+
+
+def node_lines(summary: dict) -> list[str]:
+    """One line per PC of a multi-PC session: its state, verdict and what is wrong (none on a one-PC session)."""
+    return [f"node {n}: {v['state']}, {v['verdict']}" + (f" ({', '.join(v['streams'])})" if v.get("streams") else "")
+            + (f": {v['problem']}" if v.get("problem") else "") for n, v in (summary.get("nodes") or {}).items()]
+
+
 def index_html(summary: dict, plots: list[str]) -> str:
     """The QC page: the verdict and thresholds, one row per stream, each stream's reasons, flags and plots."""
     e = html.escape
@@ -209,9 +220,9 @@ def index_html(summary: dict, plots: list[str]) -> str:
     limits = summary.get("thresholds", {})
     rows = []
     for name, s in summary["streams"].items():
-        q = s.get("qc") or {}
+        q, label = s.get("qc") or {}, stream_label(name, s)
         cells = "".join(f'<td class="{"l" if k in ("stream", "source", "model", "rejects") else ""}">'
-                        f"{e(cell(k, q, name))}</td>" if k != "verdict" else f'<td class="{e(q.get(k, ""))}">'
+                        f"{e(cell(k, q, label))}</td>" if k != "verdict" else f'<td class="{e(q.get(k, ""))}">'
                         f"{e(q.get(k, ''))}</td>" for k, _ in COLUMNS)
         rows.append(f"<tr>{cells}</tr>")
     head = "".join(f"<th>{e(label)}</th>" for _, label in COLUMNS)
@@ -226,6 +237,7 @@ def index_html(summary: dict, plots: list[str]) -> str:
              f"{e(str(summary.get('timebase', {}).get('reference', '')))}, zero at "
              f"{e(str(summary.get('timebase', {}).get('session_start_time', '')))}.</p>",
              f"<table><tr>{head}</tr>{''.join(rows)}</table>"]
+    parts += [f"<p class='small'>{e(line)}</p>" for line in node_lines(summary)]
     parts += [f"<p class='small'>warning: {e(w)}</p>" for w in summary.get("warnings", [])]
     parts += [f"<p class='small'>{e(line)}</p>" for line in trusted_lines(summary)]
     parts += [f"<p class='small'>{e(line)}</p>" for line in log_lines(summary.get("session_log") or {})]
@@ -278,8 +290,8 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"  master: {report['master']}   qc: {report['qc']} (+ qc/index.html)   manifest: "
                      f"{report['manifest']}")
     streams = report.get("streams", {})
-    table = [[label for _, label in COLUMNS]] + [[cell(k, s.get("qc") or {}, n) for k, _ in COLUMNS]
-                                                 for n, s in streams.items()]
+    table = [[label for _, label in COLUMNS]] + [[cell(k, s.get("qc") or {}, stream_label(n, s))
+                                                  for k, _ in COLUMNS] for n, s in streams.items()]
     widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
     lines += ["  " + "  ".join(c.rjust(w) if i > 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
               for r in table]
@@ -297,6 +309,7 @@ def summary_lines(report: dict) -> list[str]:
     findings = [m for m in (report.get("check") or {}).get("inspector", [])
                 if m["importance"] not in ("BEST_PRACTICE_SUGGESTION",)]
     lines += [f"  nwbinspector {m['importance']}: {m['check']}: {m['message']}" for m in findings]
+    lines += [f"  {line}" for line in node_lines(report)]
     lines += [f"  warning: {w}" for w in report.get("warnings", [])]
     lines += [f"  {line}" for line in trusted_lines(report)]
     lines += [f"  {line}" for line in log_lines(report.get("session_log") or {})]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from acqd.finalize.digests import Stamp
 from acqd.finalize.digests import stamp as _stamp
-from acqd.finalize.layout import MANIFEST, SCRUB_FILE, SHIPPING, rel
+from acqd.finalize.layout import MANIFEST, NODES_DIR, SCRUB_FILE, SHIPPING, rel
 from acqd.session import SESSION_FILE, write_bytes_atomic
 
 # chattr +i through the ioctl chattr(1) uses (linux/fs.h): root can still write a 0444 file, not an immutable one.
@@ -219,8 +219,12 @@ def listed_problems(folder: Path, listed: dict[str, str]) -> tuple[list[str], di
 
 
 def unlisted_problems(folder: Path, listed: dict[str, str]) -> list[str]:
-    """Files and links in the session that the manifest does not list."""
-    extra = sorted(name for name in (rel(p, folder) for p in manifest_files(folder)) if name not in listed)
+    """Files and links in the session that the manifest does not list. Another PC's part of a multi-PC session
+    that the manifest lists nothing of (``nodes/<node>/``: still arriving, or left out) is not part of the sealed
+    session (acqd.finalize.nodes)."""
+    sealed_nodes = {Path(n).parts[1] for n in listed if n.startswith(f"{NODES_DIR}/") and len(Path(n).parts) > 2}
+    extra = sorted(name for name in (rel(p, folder) for p in manifest_files(folder)) if name not in listed
+                   and not (name.startswith(f"{NODES_DIR}/") and Path(name).parts[1] not in sealed_nodes))
     links = [rel(Path(d) / n, folder) for d, dirs, names in os.walk(folder) for n in dirs + names
              if (Path(d) / n).is_symlink()]
     return [f"{name}: not in the manifest" for name in extra] + [

@@ -87,7 +87,8 @@ def test_a_followers_session_lands_in_the_leaders_session_under_nodes_and_own_se
     assert json.loads(shipped.pop(READY))["path"] == str(landed)
     assert shipped == {n: d for n, d in tree(led).items() if n != "shipping.json"}
     assert shipped_copies(led)[0]["path"] == str(landed)
-    assert shipper.ship(own) == []  # a session no leader started never goes to a 'led' destination...
+    with pytest.raises(ValueError, match="no ship destination takes m1_day4: leader takes only sessions a leader"):
+        shipper.ship(own)  # a session no leader started never goes to a 'led' destination...
     with pytest.raises(ValueError, match="takes only sessions a leader started"):
         shipper.ship(own, to="leader")  # ...not even when asked by name
     assert not (tmp_path / "leader" / "m1_day4").exists()

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from acqd.finalize.layout import MANIFEST, READY
+from acqd.finalize.nodes import DEFAULT_NODE, node_name
 from acqd.session import read_session
 from acqd.share.ship import cleanup, rclone
 from acqd.share.ship.queue import ACTIVE, FAILED, QUEUE_FILE, VERIFIED, Job, Queue, backoff_s
@@ -34,7 +35,6 @@ from acqd.share.ship.verify import (describe, expected, export_files, forget_cop
 from acqd.config.ship import ShipDestination
 
 log = logging.getLogger("acqd")
-DEFAULT_NODE = "main"  # the node name of a session that does not say (one-PC rig; acqd.config's ``node`` default)
 PROGRESS_INTERVAL_S = 1.0
 
 Event = Callable[[str, dict], None]
@@ -115,6 +115,9 @@ class Shipper:
             raise ValueError(f"ship destination {to!r} takes only sessions {_TAKES[self.dests[to].sessions]}; "
                              f"{folder.name} {'was' if led else 'was not'} started by a leader")
         names = [n for n in names if self.dests[n].takes(led)]
+        if not names:
+            raise ValueError(f"no ship destination takes {folder.name}: " + ", ".join(
+                f"{d.name} takes only sessions {_TAKES[d.sessions]}" for d in self.dests.values()))
         jobs = [self.queue.add(folder.name, folder, n, "session") for n in names]
         for job in jobs:
             if job.state == "queued" and job.attempts == 0:
@@ -448,10 +451,10 @@ def destination_path(dest: ShipDestination, job: Job, session: Path) -> str:
     """Where ``job`` lands below ``dest.remote``: ``dest.path`` filled from the session folder ``session`` (an
     export lands in ``export/`` below it)."""
     try:
-        node = read_session(session).get("node")
+        node = node_name(read_session(session))
     except Exception:  # noqa: BLE001 - no readable session.json (a moved export): the one-PC default
-        node = None
-    where = dest.where(job.session, node or DEFAULT_NODE)
+        node = DEFAULT_NODE
+    where = dest.where(job.session, node)
     return f"{where}/export" if job.what == "export" else where
 
 
