@@ -27,6 +27,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from acqd.client import Client, DaemonUnreachable
+from acqd.finalize import unseal_session
 from acqd.service.procs import Daemon, Simulator, stop_process, wait_until
 from acqd.session import FINALIZED, SESSION_FILE
 from tests.multipc.rigs import FOLLOWERS, LEADER, PORT, SEED, Node, node_yaml, sim_args
@@ -256,5 +257,13 @@ def multipc(tmp_path: Path, sim_seconds: float, nodes: tuple[str, ...] = (LEADER
     with ExitStack() as stack:
         net = stack.enter_context(network(nodes))
         rig = MultiPC(net, tmp_path, sim_seconds, carries or {})
+        stack.callback(unseal_all, rig)  # after the processes stopped (callbacks run last first)
         stack.callback(rig.close)
         yield rig
+
+
+def unseal_all(rig: MultiPC) -> None:
+    """Finalized sessions are immutable (chattr +i): unseal them so that pytest can delete the test's folder."""
+    for node in rig.nodes.values():
+        for folder in node.data_root.glob("*/"):
+            unseal_session(folder)
