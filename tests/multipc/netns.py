@@ -28,7 +28,7 @@ from pathlib import Path
 
 from acqd.client import Client, DaemonUnreachable
 from acqd.finalize import unseal_session
-from acqd.service.procs import Daemon, Simulator, stop_process, wait_until
+from acqd.service.procs import Daemon, Simulator, pid_alive, stop_process, wait_until
 from acqd.session import FINALIZED, SESSION_FILE
 from tests.multipc.rigs import FOLLOWERS, LEADER, PORT, SEED, Node, node_yaml, sim_args
 from tests.sessions import SUBJECT
@@ -81,6 +81,7 @@ class Network:
         return ("ip", "netns", "exec", self.ns(node))
 
     def create(self) -> None:
+        sweep_stale()
         switch = self.ns("sw")
         for ns in (switch, *map(self.ns, self.nodes)):
             ip("netns", "add", ns)
@@ -121,6 +122,16 @@ class Network:
         for ns in reversed(self.made):
             ip("netns", "del", ns, check=False)
         self.made.clear()
+
+
+def sweep_stale() -> None:
+    """Delete the namespaces of test runs that were killed before their teardown (named ``acqd-<pid>-...`` by a
+    process that is gone): a SIGKILLed pytest cannot clean up, the next run does."""
+    for line in ip("netns", "list").stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        parts = name.split("-")
+        if len(parts) >= 4 and parts[0] == "acqd" and parts[1].isdigit() and not pid_alive(int(parts[1])):
+            ip("netns", "del", name, check=False)
 
 
 @contextmanager
