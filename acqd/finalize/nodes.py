@@ -7,8 +7,9 @@ node seals its own part of the session and hands it over (the ship queue, a dest
 ``manifest.sha256``, ``session.json``, stream files and its own finalize outputs. Here:
 
 - ``wait_for_nodes``: a node has *arrived* once its manifest is there and either ``READY.json`` (the ship queue
-  writes it last, after verifying) or every file the manifest lists; finalize waits for every node up to a
-  timeout, then goes on without the rest;
+  writes it last, after verifying) or every file the manifest lists, unchanged from one poll to the next (a copy
+  fills each file under its final name); finalize waits for every node up to a timeout, then goes on without
+  the rest;
 - ``gather``: every arrived node is verified against its own manifest (sha256, with the finalize run's
   ``Digests``, so the leader's manifest reuses the hashes), its streams read from its files (never written: its
   recovered copies and virtual datasets are its own finalize's), and the nodes that are missing, fail their
@@ -26,6 +27,7 @@ A node that arrives after the leader finalized is picked up by finalizing again 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -99,13 +101,32 @@ def wait_for_nodes(folder: Path, session: dict, timeout_s: float, progress: Prog
     """Wait up to ``timeout_s`` for every other node's part; returns why each node still missing is missing."""
     deadline = time.monotonic() + timeout_s
     names = other_nodes(session)
-    while True:
-        missing = {n: why for n in names if (why := arrival(folder, n)) is not None}
-        if not missing or time.monotonic() >= deadline:
+    seen: dict[str, tuple] = {}
+    for poll in itertools.count(1):
+        missing = {n: why for n in names if (why := arrival(folder, n) or _unsettled(folder, n, seen)) is not None}
+        # a part first seen complete is looked at once more even past the deadline: it may have settled
+        if not missing or (time.monotonic() >= deadline and (poll > 1 or not set(missing) & set(seen))):
             return missing
         if progress is not None:
             progress("check", (len(names) - len(missing)) / max(1, len(names)))
         time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+
+
+def _unsettled(folder: Path, name: str, seen: dict[str, tuple]) -> str | None:
+    """Why a part without READY.json whose listed files are all there may still be arriving: a copy (rclone's
+    local backend, cp) creates each file under its final name and then fills it, so the part counts only once its
+    files' sizes and times stayed the same from one poll to the next. None with READY.json (written last by the
+    ship queue, after it verified the copy)."""
+    part = Path(folder) / NODES_DIR / name
+    if (part / READY).is_file():
+        return None
+    try:
+        stats = [(n, (st := (part / n).stat()).st_size, st.st_mtime_ns, st.st_ctime_ns)
+                 for n in sorted(read_manifest(part))]
+    except OSError:
+        return f"still arriving in {NODES_DIR}/{name}/"
+    previous, seen[name] = seen.get(name), tuple(stats)
+    return None if previous == seen[name] else f"still arriving: files of {NODES_DIR}/{name}/ are changing"
 
 
 def late_arrivals(folder: Path, session: dict) -> list[str]:

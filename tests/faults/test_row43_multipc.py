@@ -22,8 +22,8 @@ from acqd.client import Client
 from acqd.service.procs import pid_alive, wait_until
 from acqd.session import SESSION_FILE
 from tests.multipc.netns import MultiPC, multipc, session_json, skip_reason, wait_finalized
-from tests.multipc.rigs import LEADER, node_rig
-from tests.nwbread import read_master, stream_data
+from tests.multipc.rigs import LEADER, leader_seconds, node_rig
+from tests.nwbread import read_master, series_times, stream_data
 
 pytestmark = pytest.mark.skipif(bool(skip_reason()), reason=skip_reason() or "")
 
@@ -51,9 +51,11 @@ def arrived(rig: MultiPC, node: str) -> Path:
 
 
 def check_follower_part(rig: MultiPC, folder: Path, at_least_s: float) -> dict[str, int]:
-    """The master holds the follower's streams, bit-exact with what its simulator sent and at least
-    ``at_least_s`` long; returns the rows per stream."""
+    """The master holds the follower's streams, bit-exact with what its simulator sent, at least ``at_least_s``
+    long, and on the leader's timebase within their error bound of the truth (extrapolated rows included: the
+    follower may have recorded on after the leader died); returns the rows per stream."""
     _, truth = node_rig(rig.nodes["f1"], rig.sim_seconds)
+    _, lead_truth = node_rig(rig.leader, rig.sim_seconds)
     qc = json.loads((folder / "qc" / "qc.json").read_text())
     rows = {}
     io, nwbfile = read_master(folder / f"{SESSION}.nwb")
@@ -61,7 +63,11 @@ def check_follower_part(rig: MultiPC, folder: Path, at_least_s: float) -> dict[s
         names = {n.rsplit("/", 1)[-1]: n for n in nwbfile.acquisition}
         for stream in FOLLOWER_STREAMS:
             data, samples = stream_data(folder, qc["streams"][stream]["parts"])
-            assert np.array_equal(nwbfile.acquisition[names[stream]].data[:], data), stream
+            ts = nwbfile.acquisition[names[stream]]
+            assert np.array_equal(ts.data[:], data), stream
+            error = np.abs(series_times(ts) + qc["timebase"]["zero_reference_s"]
+                           - leader_seconds(lead_truth, truth, stream, samples))
+            assert error.max() <= qc["streams"][stream]["clock"]["error_bound_s"] + 1e-9, (stream, error.max())
             starts = np.flatnonzero(np.diff(samples, prepend=samples[0] - 1) != 1)
             for a, b in zip(starts, [*starts[1:], len(samples)]):
                 assert np.array_equal(data[a:b], truth.samples(stream, int(samples[a]), int(b - a))), stream
@@ -96,6 +102,8 @@ def test_row43_a_follower_killed_9_mid_record_is_a_leader_incident_and_its_data_
         lead.command("stop")
         wait_finalized(folder)
         check_follower_part(rig, folder, at_least_s=killed_after_s * 0.9)
+        assert session_json(folder)["incomplete"] is True  # the master says a part of it ended early
+        assert session_json(arrived(rig, "f1"))["incomplete"] is True
 
 
 def test_row43_a_follower_cut_off_the_network_for_10_s_loses_nothing_and_the_leader_shows_it_gone_then_back(tmp_path):

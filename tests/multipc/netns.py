@@ -27,7 +27,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from acqd.client import Client, DaemonUnreachable
-from acqd.service.procs import Daemon, Simulator, stop_process, wait_until
+from acqd.finalize import unseal_session
+from acqd.service.procs import Daemon, Simulator, pid_alive, stop_process, wait_until
 from acqd.session import FINALIZED, SESSION_FILE
 from tests.multipc.rigs import FOLLOWERS, LEADER, PORT, SEED, Node, node_yaml, sim_args
 from tests.sessions import SUBJECT
@@ -80,6 +81,7 @@ class Network:
         return ("ip", "netns", "exec", self.ns(node))
 
     def create(self) -> None:
+        sweep_stale()
         switch = self.ns("sw")
         for ns in (switch, *map(self.ns, self.nodes)):
             ip("netns", "add", ns)
@@ -120,6 +122,16 @@ class Network:
         for ns in reversed(self.made):
             ip("netns", "del", ns, check=False)
         self.made.clear()
+
+
+def sweep_stale() -> None:
+    """Delete the namespaces of test runs that were killed before their teardown (named ``acqd-<pid>-...`` by a
+    process that is gone): a SIGKILLed pytest cannot clean up, the next run does."""
+    for line in ip("netns", "list").stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        parts = name.split("-")
+        if len(parts) >= 4 and parts[0] == "acqd" and parts[1].isdigit() and not pid_alive(int(parts[1])):
+            ip("netns", "del", name, check=False)
 
 
 @contextmanager
@@ -256,5 +268,13 @@ def multipc(tmp_path: Path, sim_seconds: float, nodes: tuple[str, ...] = (LEADER
     with ExitStack() as stack:
         net = stack.enter_context(network(nodes))
         rig = MultiPC(net, tmp_path, sim_seconds, carries or {})
+        stack.callback(unseal_all, rig)  # after the processes stopped (callbacks run last first)
         stack.callback(rig.close)
         yield rig
+
+
+def unseal_all(rig: MultiPC) -> None:
+    """Finalized sessions are immutable (chattr +i): unseal them so that pytest can delete the test's folder."""
+    for node in rig.nodes.values():
+        for folder in node.data_root.glob("*/"):
+            unseal_session(folder)

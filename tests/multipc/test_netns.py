@@ -70,3 +70,16 @@ def test_a_network_that_fails_halfway_is_deleted(monkeypatch):
         with network(("lead",)):
             pass
     assert net_tags and net_tags[0] not in ip("netns", "list").stdout
+
+
+def test_namespaces_left_by_a_killed_test_run_are_swept_by_the_next(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that is gone (a test run killed with -9 before its teardown)
+    stale = f"acqd-{dead.pid}-0-lead"
+    ip("netns", "add", stale)
+    try:
+        with network(("lead",)) as net:
+            listed = ip("netns", "list").stdout
+            assert stale not in listed and net.ns("lead") in listed
+    finally:
+        ip("netns", "del", stale, check=False)

@@ -1,0 +1,55 @@
+"""A node's part that is still being copied (every file the manifest lists already there, but not complete, and
+no READY.json yet) has not arrived: the leader's finalize must not take it mid-copy and leave it out as
+"contents changed". Found by tests/multipc/test_rig_e2e.py: rclone (1.60, local backend) creates each file under
+its final name and fills it, so "every listed file is there" came true while the stream files were half written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import pytest
+
+from acqd.finalize.layout import MANIFEST, NODES_DIR
+from acqd.finalize.nodes import wait_for_nodes
+
+SESSION = {"session_id": "s", "node": "lead", "nodes": {"lead": {}, "f1": {}}}
+CHUNK, CHUNKS = b"x" * 65536, 40
+
+
+def test_a_part_whose_listed_files_are_still_growing_has_not_arrived(tmp_path):
+    part = tmp_path / NODES_DIR / "f1"
+    (part / "streams").mkdir(parents=True)
+    digest = hashlib.sha256(CHUNK * CHUNKS).hexdigest()
+    (part / MANIFEST).write_text(f"{digest}  streams/f1_daq.h5\n")
+    target = part / "streams" / "f1_daq.h5"
+    target.write_bytes(b"")  # the copy has started: the file exists under its final name
+
+    def copy() -> None:  # the rest of the file arrives over ~2 s, as a copy over a slow link would
+        with open(target, "ab") as f:
+            for _ in range(CHUNKS):
+                f.write(CHUNK)
+                f.flush()
+                time.sleep(0.05)
+
+    copier = threading.Thread(target=copy)
+    copier.start()
+    try:
+        missing = wait_for_nodes(tmp_path, SESSION, timeout_s=30)
+        complete = hashlib.sha256(target.read_bytes()).hexdigest() == digest
+    finally:
+        copier.join()
+    assert missing == {} and complete, "finalize took the part before its copy was complete"
+
+
+@pytest.mark.parametrize("timeout_s", [30, 0])
+def test_a_complete_part_without_ready_json_arrives_within_a_few_polls(tmp_path, timeout_s):
+    # (a shared mount: nothing writes READY.json); with no time to wait, it is still looked at twice
+    part = tmp_path / NODES_DIR / "f1"
+    part.mkdir(parents=True)
+    (part / "a.h5").write_bytes(CHUNK)
+    (part / MANIFEST).write_text(f"{hashlib.sha256(CHUNK).hexdigest()}  a.h5\n")
+    started = time.monotonic()
+    assert wait_for_nodes(tmp_path, SESSION, timeout_s=timeout_s) == {}
+    assert time.monotonic() - started < 5
