@@ -44,7 +44,7 @@ class LiveGroup:
         self.folder = tmp / "streams"
         self.folder.mkdir(exist_ok=True)
         for n in names:
-            self.wait_for(n, lambda m: m["type"] == "ready", "the stream to start")
+            self.wait_for(n, lambda m: m["type"] == "ready", "the stream to start", timeout_s=60)
 
     def pump(self, timeout_ms: int = 20) -> None:
         while self.router.poll(timeout_ms):
