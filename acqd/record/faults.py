@@ -16,7 +16,7 @@
 - ``slow_encode:N``  a camera's video encoder takes N ms longer per frame (an encoder that cannot keep up).
 
 Each fault fires once, except ``dead_disk`` (it stays) and the two ``slow_`` ones, which slow every call. Nothing reads the variable outside ``Faults.from_env``, which only the writer's
-``main`` calls: users cannot trip these paths by accident, tests set the variable on the daemon they start.
+(and the group writer's) ``main`` calls: users cannot trip these paths by accident, tests set the variable on the daemon they start.
 """
 
 from __future__ import annotations

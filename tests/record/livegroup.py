@@ -7,6 +7,7 @@ every stream reports, by stream. Waits poll with a deadline; the process is alwa
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -24,7 +25,8 @@ from acqd.service.procs import stop_process
 class LiveGroup:
     """One group writer process hosting ``names``, its control channel and a driver socket per stream."""
 
-    def __init__(self, tmp: Path, names: list[str], *, driver: str = "push", **stream: object):
+    def __init__(self, tmp: Path, names: list[str], *, driver: str = "push", env: dict | None = None,
+                 **stream: object):
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.bind(f"ipc://{tmp}/c")
@@ -39,12 +41,13 @@ class LiveGroup:
         specs = [WriterSpec(stream=cfg, lines=[], control=f"ipc://{tmp}/c", flush_interval_s=0.1, fsync_interval_s=None,
                             stats_interval_s=0.1, clock_pair_interval_s=0.5) for cfg in self.cfgs.values()]
         arg = GroupSpec("g", specs).write(tmp / "group.json")
-        self.proc = subprocess.Popen([sys.executable, "-m", "acqd.record.launch", arg], stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([sys.executable, "-m", "acqd.record.launch", arg], stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **(env or {})})
         self.msgs: list[tuple[str, dict]] = []
         self.folder = tmp / "streams"
         self.folder.mkdir(exist_ok=True)
         for n in names:
-            self.wait_for(n, lambda m: m["type"] == "ready", "the stream to start")
+            self.wait_for(n, lambda m: m["type"] == "ready", "the stream to start", timeout_s=60)
 
     def pump(self, timeout_ms: int = 20) -> None:
         while self.router.poll(timeout_ms):

@@ -182,3 +182,33 @@ def test_kill_9_of_a_group_writer_loses_at_most_the_flush_interval_and_records_a
         assert (Gap(int(first["kind"])), Loss(int(first["reason"])), int(first["seq_from"])) == (
             Gap.SEQ, Loss.WRITER, int(index["seq"][-1]) + 1), (n, gaps)
         assert any(i["kind"] == "writer_died" and i["stream"] == n for i in session["incidents"]), n
+
+
+def test_a_stream_whose_disk_fails_stops_alone_with_its_reason_and_the_group_goes_on(tmp_path):
+    names = ["bad", "ok0", "ok1"]
+    g = LiveGroup(tmp_path, names, env={"ACQD_FAULT": "bad:dead_disk:5"})  # from bad's 5th append, writes fail
+    try:
+        for n in names:
+            g.wait_for(n, lambda m: m["type"] == "event" and m["kind"] == "connected", "its driver")
+        g.record_all()
+        sent: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for seq in range(40):
+            for n in names:
+                frames, data = message(seq, seq * 10, stream=n)
+                g.drivers[n].send_multipart(frames)
+                sent[n].append(data)
+        failed = g.wait_for("bad", lambda m: m["type"] == "event" and m["kind"] == "write_error", "its write error")
+        assert failed["detail"]
+        for n in ("ok0", "ok1"):
+            g.wait_handled(n, 40)
+        pid = g.proc.pid
+        g.pump(0)
+        n_msgs = len(g.msgs)
+        for n in ("ok0", "ok1"):
+            g.command(n, cmd="stop")
+            g.wait_for(n, lambda m: m["type"] == "closed", "the file to close", since=n_msgs)
+            data, index, gaps, rejects = read(g.folder / f"{n}.h5")
+            assert np.array_equal(data, np.concatenate(sent[n])) and len(gaps) == len(rejects) == 0, n
+        assert g.proc.poll() is None and g.stats("ok0")["pid"] == pid  # the process, and its other streams, go on
+    finally:
+        assert g.close() == 0
