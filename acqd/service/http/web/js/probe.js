@@ -459,7 +459,11 @@ export function createProbes({ bus, info }) {
     if (f) {
       const profile = rateProfile(v.map.layout.sites, f.rates || [], f.analysed_s);
       drawProfile(v.prof, v.map, profile);
-      v.unitsBox.replaceChildren(...profile.units.map((u) => el("li", { class: "unit", "data-depth": u.depth.toFixed(1),
+      const st = reply.settings, full = (st.rate_window_s * st.ap_segment_s) / st.ap_period_s;
+      v.unitsBox.dataset.analysed = f.analysed_s;
+      if (f.analysed_s < 0.8 * full) {  // too few analysed seconds yet: a few background crossings would pass for units
+        v.unitsBox.replaceChildren(el("li", { class: "gathering" }, `gathering: ${f.analysed_s.toFixed(2)} of ${full.toFixed(2)} s analysed`));
+      } else v.unitsBox.replaceChildren(...profile.units.map((u) => el("li", { class: "unit", "data-depth": u.depth.toFixed(1),
         "data-rate": u.rate.toFixed(2) }, `${u.depth.toFixed(0)} µm: ${u.rate.toFixed(1)} Hz`)));
       const siteOf = new Map(v.map.layout.sites.map((s) => [s.channel, s]));
       const list = (cls, chans, what) => el("div", { class: cls }, `${what} (${chans.length}): `,
