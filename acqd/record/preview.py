@@ -34,6 +34,8 @@ RMS_MAX_ROWS = 64
 THUMBNAIL_INTERVAL_S = 0.5
 """Cameras: a thumbnail about twice a second."""
 THUMBNAIL_MAX_SIDE = 160
+PROBE_INTERVAL_S = 1.0
+"""Ephys streams: the probe view's features (acqd.record.probeview) in a preview message about once a second."""
 DEFAULT_TRACES = 4
 MAX_TRACES = 8
 MAX_LAST_VALUES = 16
@@ -165,6 +167,7 @@ class Preview:
     next_send: float = 0.0
     next_rms: float = 0.0
     next_thumbnail: float = 0.0
+    next_probe: float = 0.0
     clock: HostClock | None = None
     origin: float | None = None
     """Host monotonic seconds of the session timebase's zero (RECORD's start, or ACQUIRE's before), if told."""
@@ -210,10 +213,12 @@ class Preview:
         offset = self.clock.offset if self.clock is not None else None
         if offset is not None and self.origin is not None:  # session seconds = device sample / rate + t_offset
             msg["t_offset"] = round(offset - self.origin, 6)
+            msg["origin"] = self.origin  # host monotonic s of the timebase's zero: where a note (monotonic_ns) falls
         last = self.last
         if last is None:
             return msg
-        if self.probe is not None:
+        if self.probe is not None and now_s >= self.next_probe:  # once a second: its lists cost more to encode
+            self.next_probe = now_s + PROBE_INTERVAL_S
             msg["probe"] = self.probe.flush(self.expected)
         if is_image(self.cfg):
             if now_s >= self.next_thumbnail:

@@ -2,8 +2,8 @@
 
 This module owns what the console's probe view shows of an ephys stream, computed inside its writer while a page
 watches (``acqd.record.preview`` holds one ``ProbeFeatures`` for an ``ephys`` stream): per channel the RMS in the
-AP band (Butterworth high-pass at ``AP_HZ``) and in the LFP band (block-averaged to ``LFP_RATE_HZ``, then a
-Butterworth band-pass from ``LFP_LOW_HZ`` to ``LFP_HZ``), negative threshold crossings at ``THRESHOLD_MAD`` x the robust noise
+AP band (Butterworth high-pass at ``AP_HZ``) and in the LFP band (decimated to ``LFP_RATE_HZ`` by a mean of
+``LFP_TAPS`` rows per bin, then a Butterworth band-pass from ``LFP_LOW_HZ`` to ``LFP_HZ``), negative threshold crossings at ``THRESHOLD_MAD`` x the robust noise
 (median absolute deviation / 0.6745, refreshed every ``THRESHOLD_REFRESH_S``) with their sample indices, and a
 decimated trace window of a requested block of at most ``MAX_BLOCK`` channels in one band (raw, ap, lfp).
 Filters are ``scipy.signal`` second-order sections whose state (``zi``) is carried from chunk to chunk, so a
@@ -11,10 +11,10 @@ chunk boundary leaves no trace in the output.
 
 Budget: filtering all 384 channels at 30 kHz costs about 7 % of a core per probe (measured, docs/performance.md),
 far over what a watching page may cost the data path. So the AP band (RMS, crossings, AP traces) is computed on
-contiguous segments of ``AP_SEGMENT_S`` of every ``AP_PERIOD_S`` of device samples (about 9 % of the data; a
+contiguous segments of ``AP_SEGMENT_S`` of every ``AP_PERIOD_S`` of device samples (about 4 % of the data; a
 period that is no multiple of a second walks the segments through any once-a-second pattern), and each message
 says how many seconds were analysed: rates are crossings per analysed second. The LFP path runs on every chunk
-(its filter works on 1/30 of the rows). The first ``WARMUP_S`` of a segment after a discontinuity count no
+(on 3 rows of every 30, filtered once per message). The first ``WARMUP_S`` of a segment after a discontinuity count no
 crossing and no RMS: the filter starts from its steady state for the first row, but noise still rings briefly.
 """
 
@@ -30,13 +30,16 @@ AP_HZ = 300.0
 """AP band: high-pass corner (Hz)."""
 AP_ORDER = 2
 LFP_HZ = 300.0
-"""LFP band: upper corner (Hz), applied after block-averaging to ``LFP_RATE_HZ``."""
+"""LFP band: upper corner (Hz), applied after decimating to ``LFP_RATE_HZ``."""
 LFP_LOW_HZ = 1.0
 """LFP band: lower corner (Hz): the electrode's DC offset is no field potential."""
-LFP_ORDER = 3
+LFP_ORDER = 1
+LFP_TAPS = 3
+"""An LFP row is the mean of this many rows evenly spaced in its bin (a comb with nulls at multiples of
+``LFP_RATE_HZ``: most of the anti-aliasing of a full block mean for a tenth of its cost, measured)."""
 LFP_RATE_HZ = 1000.0
 AP_SEGMENT_S = 0.1
-AP_PERIOD_S = 1.3
+AP_PERIOD_S = 2.3
 WARMUP_S = 0.003
 THRESHOLD_MAD = 4.5
 THRESHOLD_REFRESH_S = 5.0
@@ -48,9 +51,9 @@ REFRACTORY_S = 0.002
 """A channel's crossings closer than this count once (one spike's trough may recross the threshold)."""
 WINDOW_S = 10.0
 """The crossings sent cover this long (the raster's window)."""
-RATE_WINDOW_S = 20.0
-"""Rates count the crossings of this long (twice the raster's: the AP segments analyse a share of the data, and a
-20 Hz unit then shows ~30 crossings rather than ~15)."""
+RATE_WINDOW_S = 30.0
+"""Rates count the crossings of this long (three times the raster's: the AP segments analyse a share of the data,
+and a 20 Hz unit then shows ~25 crossings rather than ~8)."""
 MAX_CROSSINGS = 20000
 """Crossings kept in the rates' window at most (the oldest go first; counted in ``crossings_dropped``)."""
 MAX_BLOCK = 64
@@ -72,6 +75,16 @@ def lfp_factor(rate: float) -> int:
 def lfp_sos(rate: float) -> np.ndarray:
     fs = rate / lfp_factor(rate)
     return signal.butter(LFP_ORDER, [LFP_LOW_HZ, min(LFP_HZ, 0.45 * fs)], "bandpass", fs=fs, output="sos")
+
+
+def lfp_bins(x: np.ndarray, q: int) -> np.ndarray:
+    """Sums of ``LFP_TAPS`` rows evenly spaced in each bin of ``q`` rows of ``x`` (len(x) a multiple of q)."""
+    taps = min(LFP_TAPS, q)
+    acc = np.int32 if x.dtype.kind in "iu" and x.dtype.itemsize <= 2 else np.float64
+    out = x[0::q].astype(acc)
+    for k in range(1, taps):
+        out += x[k * q // taps::q]
+    return out
 
 
 def robust_threshold(ap: np.ndarray) -> np.ndarray:
@@ -256,17 +269,16 @@ class ProbeFeatures:
         self.lfp_next = first + len(data)
         n = len(x) // q * q
         self.lfp_rest = x[n:].copy() if n < len(x) else None
-        if n:  # sums in int32 for integer samples: several times faster than a float mean, exact
-            acc = np.int32 if x.dtype.kind in "iu" and x.dtype.itemsize <= 2 else np.float64
+        if n:  # a few strided rows per bin (int32 sums for integer samples: exact)
             if not self.lfp_bins:
                 self.lfp_first = x0
-            self.lfp_bins.append(x[:n].reshape(n // q, q, -1).sum(axis=1, dtype=acc))
+            self.lfp_bins.append(lfp_bins(x[:n], q))
 
     def _filter_lfp(self) -> None:
         """Filter the LFP rows kept since the last call (float64: a 1 Hz corner at 1 kHz needs it; few rows)."""
         if not self.lfp_bins:
             return
-        binned = np.concatenate(self.lfp_bins).astype(np.float64) / self.q_lfp
+        binned = np.concatenate(self.lfp_bins).astype(np.float64) / min(LFP_TAPS, self.q_lfp)
         self.lfp_bins = []
         if self.lfp_zi is None:
             self.lfp_zi = signal.sosfilt_zi(self.lfp)[:, :, None] * binned[0]
@@ -316,7 +328,7 @@ class ProbeFeatures:
         self.ap_rms = self._rms(self.ap_ss, self.ap_n) or self.ap_rms
         out = {
             "ap_rms": self.ap_rms, "lfp_rms": self._rms(self.lfp_ss, self.lfp_n),
-            "threshold": self._plain(self.threshold), "analysed_s": round(seconds, 4),
+            "threshold": self._plain(self.threshold), "analysed_s": round(seconds, 4), "end": now_sample,
             "rates": self._plain(counts / seconds if seconds > 0 else None, 3),
             "crossings": {"samples": samples.tolist(), "channels": chans.tolist(), "dropped": self.crossings_dropped},
             "block": self._block(),

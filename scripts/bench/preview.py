@@ -3,9 +3,9 @@
 One recording of configs/bench-rig.yaml; windows of ``--preview-window`` seconds (default 60) alternate with the
 page closed and open, closed first, ``--repeat`` pairs; acqd's CPU (supervisor + writers) is measured in each.
 "Open" reads what the page reads: ``GET /api/events`` and ``GET /api/console/preview`` (every writer then
-decimates its data for the preview), and with every probe view live (issue 28): a 64-channel AP trace block set on
-each probe and ``GET /api/console/probes/<probe>`` once a second per probe, as js/probe.js polls. The browser's own
-drawing is not acqd's CPU and is left out. Windows of
+decimates its data for the preview), with every probe view live (issue 28): a 64-channel AP trace block set on
+each probe (js/probe.js draws the rest from the preview messages). The browser's own drawing is not acqd's CPU and
+is left out. Windows of
 one run see the same files growing and the same neighbours, so the difference is the page's.
 
 Registered in ``bench.common.SCENARIOS``, ``__main__``'s runners and ``bench.report.targets``
@@ -30,7 +30,6 @@ from bench.session import SETTLE_S, lost_and_rejected, read_session, rig_file, s
 WINDOW_S = 60.0
 BUDGET_PCT = 5.0
 """Issue 28: every view open on all 4 probes (features, raster, traces) within +5 % of a core (3 % before them)."""
-PROBE_POLL_S = 1.0
 
 
 class ConsoleReader:
@@ -40,13 +39,12 @@ class ConsoleReader:
         import httpx
 
         self.client = httpx.Client(base_url=url, timeout=httpx.Timeout(10.0, read=None))
-        self.counts = {"/api/events": 0, "/api/console/preview": 0, "probe polls": 0}
+        self.counts = {"/api/events": 0, "/api/console/preview": 0}
         self._stop = threading.Event()
         self.probes = [p["stream"] for p in self.client.get("/api/console/probes").json()["probes"]]
         for name in self.probes:  # the full view's trace block on every probe: 64 channels, AP band
             self.client.put(f"/api/console/probes/{name}/block", json={"channels": list(range(64)), "band": "ap"})
-        self._threads = [threading.Thread(target=self._read, args=(p,), daemon=True) for p in list(self.counts)[:2]]
-        self._threads.append(threading.Thread(target=self._poll, daemon=True))
+        self._threads = [threading.Thread(target=self._read, args=(p,), daemon=True) for p in self.counts]
         for t in self._threads:
             t.start()
 
@@ -56,12 +54,6 @@ class ConsoleReader:
                 if self._stop.is_set():
                     return
                 self.counts[path] += line.startswith("event:")
-
-    def _poll(self) -> None:
-        while not self._stop.wait(PROBE_POLL_S):
-            for name in self.probes:
-                self.client.get(f"/api/console/probes/{name}").raise_for_status()
-                self.counts["probe polls"] += 1
 
     def close(self) -> None:
         self._stop.set()  # each stream has a message at least every second: its reader sees the flag

@@ -71,7 +71,8 @@ def test_lfp_band_is_continuous_across_chunks_of_any_size(sizes):
     block = f.flush(len(x))["block"]
     got = np.concatenate([np.array(y).T for y in block["y"]])
     q = pv.lfp_factor(RATE)
-    binned = x.reshape(-1, q, 3).mean(axis=1)
+    taps = [k * q // pv.LFP_TAPS for k in range(pv.LFP_TAPS)]
+    binned = x.reshape(-1, q, 3)[:, taps].mean(axis=1)  # LFP_TAPS rows evenly spaced in each bin
     sos = pv.lfp_sos(RATE)
     ref = signal.sosfilt(sos, binned, axis=0, zi=signal.sosfilt_zi(sos)[:, :, None] * binned[0])[0]
     assert np.array_equal(np.concatenate([s + st_ * np.arange(np.array(y).shape[1]) for s, st_, y in
@@ -138,7 +139,7 @@ def test_rms_per_band_is_the_bands_own():
 def test_segments_cover_the_share_they_claim_and_rates_count_per_analysed_second():
     """Default segments: AP_SEGMENT_S of every AP_PERIOD_S, minus warm-ups; a channel spiking at 50 Hz on a regular
     grid reads 50 Hz whatever the segments' phase."""
-    n = int(RATE * 22)
+    n = int(RATE * 32)
     x = _noise(n, 2, seed=4).astype(np.float64)
     for t in range(100, n - 40, int(RATE / 50)):
         x[t:t + 30, 1] += -np.exp(-((np.arange(30) - 8) ** 2) / 8.0) * 300
@@ -182,7 +183,7 @@ def test_the_threshold_is_steady_on_steady_noise():
     noise ranged from -55 to -100 on the same channel, so some segments counted noise as spikes. Measured on
     NOISE_ROWS rows it stays within 15 % of the whole signal's (one chunk's: 30 % off)."""
     rng = np.random.default_rng(7)
-    n, ch = int(RATE * 60), 4
+    n, ch = int(RATE * 120), 4
     white = rng.normal(0, 1, (n + 8, ch))
     walk = np.cumsum(white, axis=0)
     x = (20 * (walk[8:] - walk[:-8]) / np.sqrt(8)).astype(np.int16)  # as acqd.sim.simulate.signal_pool's noise

@@ -73,7 +73,7 @@ def test_the_probe_has_units_at_known_sites_and_rates_a_dead_and_a_noisy_site():
     says: each unit's rate on its site (within 20 %), the dead site flat, the noisy site the loudest."""
     from acqd.record import probeview as pv
 
-    rig = Rig(load_config(RIG), SimParams(seed=3, seconds=20))
+    rig = Rig(load_config(RIG), SimParams(seed=3, seconds=40))
     truth = rig.truth()["probes"]["probe"]
     dev = rig.devices["probe"]
     skip = dev.cfg.sync.channel

@@ -91,13 +91,19 @@ def classify(ap_rms: list, dead_below: float, noisy_above: float) -> tuple[list[
     return dead, noisy, med
 
 
+def uv_per_unit(s: StreamConfig) -> float | None:
+    """µV per raw unit of a stream in volts (None in other units)."""
+    return abs(s.conversion) * 1e6 if s.units in ("V", "volts") else None
+
+
 def features(s: StreamConfig, latest: tuple[float, bytes] | None, dead_below: float, noisy_above: float,
              now: float, origin: float | None = None) -> dict:
     """The probe view's numbers of ``s`` from its latest preview (``latest``: when it came, the raw message);
     ``origin``: the session timebase's zero in host monotonic seconds (``now_s`` and ``origin_s`` of the reply let a
     page put anything timed by ``monotonic_ns``, an annotation, on the same axis)."""
-    out = {"stream": s.name, "origin_s": origin, "now_s": None if origin is None else round(now - origin, 3), "units": s.units, "uv_per_unit": abs(s.conversion) * 1e6 if s.units in ("V", "volts")
-           else None, "settings": settings(s.rate), "thresholds": {"dead_below": dead_below, "noisy_above": noisy_above},
+    out = {"stream": s.name, "origin_s": origin, "now_s": None if origin is None else round(now - origin, 3),
+           "units": s.units, "uv_per_unit": uv_per_unit(s), "settings": settings(s.rate),
+           "thresholds": {"dead_below": dead_below, "noisy_above": noisy_above},
            "stale": True, "age_s": None, "features": None}
     if latest is None:
         return out
@@ -144,7 +150,8 @@ def probes_router(sup: Supervisor) -> APIRouter:
     @router.get("")
     def probes() -> dict:
         """Every ephys stream's sites (positions in um, shanks, areas) and the view's settings."""
-        return {"probes": [{"stream": n, "rate": s.rate, "sync_channel": s.sync.channel if isinstance(
+        return {"probes": [{"stream": n, "rate": s.rate, "uv_per_unit": uv_per_unit(s),
+                            "sync_channel": s.sync.channel if isinstance(
             s.sync, ChannelSync) else None, **layout(n), "settings": settings(s.rate)} for n, s in streams.items()],
             "stale_s": STALE_S, "dead_below": DEAD_BELOW, "noisy_above": NOISY_ABOVE}
 

@@ -58,8 +58,8 @@ def test_probe_view_shows_the_simulated_units_dead_and_noisy_sites_on_the_sessio
             def full() -> dict | None:  # a whole window analysed: rates over the view's 10 s
                 r = http.get("/api/console/probes/probe").json()
                 f = r["features"]
-                return r if f and f["analysed_s"] >= 0.9 * 20 * 0.097 / 1.3 else None
-            reply = wait_until(full, "a full window of probe features", 50, every_s=0.5)
+                return r if f and f["analysed_s"] >= 0.9 * 30 * 0.097 / 2.3 else None
+            reply = wait_until(full, "a full window of probe features", 60, every_s=0.5)
             status = http.get("/api/status").json()
     finally:
         stop.set()

@@ -2,15 +2,17 @@
 // positions (shanks side by side, to scale, zoomable along the shank) coloured by a measure, dead and noisy sites
 // outlined and listed, a raster of the last ~10 s of threshold crossings by depth with the rate-by-depth profile,
 // and up to 64 channels of traces (chosen by clicking or dragging on the map) in one band with a µV scale bar.
-// The writers compute the features (acqd.record.probeview) while the preview stream is open; this module polls
-// /api/console/probes/<stream> for them and takes the trace block from the preview messages. Every time is on the
-// session timebase (seconds since RECORD's start, or since ACQUIRE's before), like the annotations.
+// The writers compute the features (acqd.record.probeview) while the preview stream is open; this module takes them
+// and the trace block from the preview messages the console already reads (no polling: parsing them in the daemon
+// for a page would cost the data path), and the sites from /api/console/probes once. Every time is on the session
+// timebase (seconds since RECORD's start, or since ACQUIRE's before), like the annotations.
 
 import uPlot from "../vendor/uplot/uPlot.esm.js";
 import { el, request } from "./api.js";
 
 const SVG = "http://www.w3.org/2000/svg";
-const POLL_MS = 1000;
+const DRAW_MS = 1000;
+const STALE_S = 2;  // four preview periods without a message (as the preview cards)
 const TRACE_WINDOW_S = 2;
 const MEASURES = { ap: "AP RMS", lfp: "LFP RMS", rate: "spike rate" };
 const GAINS = [0.25, 0.5, 1, 2, 4, 8];
@@ -46,6 +48,31 @@ function placeSites(probe) {
   return {
     sites: probe.sites.map((s) => ({ ...s, px: s.x + offsets.get(s.shank) })),
     width: x, yMin: Math.min(...ys) - pitch, yMax: Math.max(...ys) + pitch, size: Math.min(12, pitch * 0.8),
+  };
+}
+
+/** Dead and noisy sites: AP RMS below ``deadBelow`` x / above ``noisyAbove`` x the probe's median (null: no site);
+ * the same rule as acqd.service.http.probes.classify, which the API answers with. */
+export function classify(ap, deadBelow, noisyAbove) {
+  const vals = (ap || []).map((v, c) => [v, c]).filter(([v]) => v != null);
+  if (!vals.length) return { dead: [], noisy: [], median: null };
+  const sorted = vals.map(([v]) => v).sort((a, b) => a - b);
+  const n = sorted.length;
+  const median = n % 2 ? sorted[n >> 1] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2;
+  return { dead: vals.filter(([v]) => v < deadBelow * median).map(([, c]) => c),
+    noisy: vals.filter(([v]) => v > noisyAbove * median).map(([, c]) => c), median };
+}
+
+/** What the views draw, from a preview message's ``probe`` part: times on the session timebase. */
+function fromMessage(probe, msg, deadBelow, noisyAbove) {
+  const f = msg.probe, off = msg.t_offset ?? 0, rate = msg.nominal_rate;
+  const { dead, noisy, median } = classify(f.ap_rms, deadBelow, noisyAbove);
+  return {
+    stream: probe.stream, uv_per_unit: probe.uv_per_unit, settings: probe.settings,
+    timebase: msg.t_offset != null ? "session" : "device", origin_s: msg.origin ?? null, now_s: f.end / rate + off,
+    features: { ap_rms: f.ap_rms, lfp_rms: f.lfp_rms, rates: f.rates, threshold: f.threshold, analysed_s: f.analysed_s,
+      median_ap_rms: median, dead, noisy, crossings: { t: f.crossings.samples.map((s) => s / rate + off),
+        channels: f.crossings.channels, dropped: f.crossings.dropped } },
   };
 }
 
@@ -423,7 +450,7 @@ export function createProbes({ bus, info }) {
 
   function draw(v) {
     const reply = replies.get(v.name);
-    if (!reply) return;
+    if (!reply) { v.state.textContent = "waiting for data"; return; }
     const f = reply.features;
     v.full.classList.toggle("stale", reply.stale);
     v.state.textContent = reply.stale ? `stale: no data for ${ageText(reply.age_s)}` : `live · ${reply.timebase === "session" ? "session time" : "device time"}`;
@@ -432,7 +459,11 @@ export function createProbes({ bus, info }) {
     if (f) {
       const profile = rateProfile(v.map.layout.sites, f.rates || [], f.analysed_s);
       drawProfile(v.prof, v.map, profile);
-      v.unitsBox.replaceChildren(...profile.units.map((u) => el("li", { class: "unit", "data-depth": u.depth.toFixed(1),
+      const st = reply.settings, full = (st.rate_window_s * st.ap_segment_s) / st.ap_period_s;
+      v.unitsBox.dataset.analysed = f.analysed_s;
+      if (f.analysed_s < 0.8 * full) {  // too few analysed seconds yet: a few background crossings would pass for units
+        v.unitsBox.replaceChildren(el("li", { class: "gathering" }, `gathering: ${f.analysed_s.toFixed(2)} of ${full.toFixed(2)} s analysed`));
+      } else v.unitsBox.replaceChildren(...profile.units.map((u) => el("li", { class: "unit", "data-depth": u.depth.toFixed(1),
         "data-rate": u.rate.toFixed(2) }, `${u.depth.toFixed(0)} µm: ${u.rate.toFixed(1)} Hz`)));
       const siteOf = new Map(v.map.layout.sites.map((s) => [s.channel, s]));
       const list = (cls, chans, what) => el("div", { class: cls }, `${what} (${chans.length}): `,
@@ -448,24 +479,33 @@ export function createProbes({ bus, info }) {
   }
 
   const tiles = new Map();
-  async function poll() {
+  const last = new Map();  // stream -> { msg, at (ms) } of its latest preview with probe features
+  function refresh() {
     for (const p of probes) {
-      const q = current && current.name === p.stream ? `?dead_below=${current.dead.value}&noisy_above=${current.noisy.value}` : "";
-      try {
-        const reply = await request("GET", `/api/console/probes/${p.stream}${q}`);
+      const got = last.get(p.stream);
+      const t = tiles.get(p.stream);
+      const age = got ? (Date.now() - got.at) / 1000 : null;
+      const stale = age === null || age > STALE_S;
+      if (got) {
+        const open = current && current.name === p.stream;
+        const reply = fromMessage(p, got.msg, open ? Number(current.dead.value) : 0.2, open ? Number(current.noisy.value) : 3);
+        reply.stale = stale;
+        reply.age_s = age;
         replies.set(p.stream, reply);
-        origin = reply.origin_s;
-        const t = tiles.get(p.stream);
-        t.map.paint(reply.features && reply.features.rates, reply, new Set());
-        if (reply.features) drawProfile(t.prof, t.map, rateProfile(t.map.layout.sites, reply.features.rates || [], reply.features.analysed_s));
-        t.card.classList.toggle("stale", reply.stale);
-        t.age.hidden = !reply.stale;
-        t.age.textContent = `stale: ${ageText(reply.age_s)}`;
-      } catch (err) { /* the next poll tries again; the tile shows its age */ }
+        if (reply.origin_s != null) origin = reply.origin_s;
+        t.map.paint(reply.features.rates, reply, new Set());
+        drawProfile(t.prof, t.map, rateProfile(t.map.layout.sites, reply.features.rates || [], reply.features.analysed_s));
+      }
+      t.card.classList.toggle("stale", stale);
+      t.age.hidden = !stale;
+      t.age.textContent = `stale: ${ageText(age)}`;
     }
     if (current) draw(current);
   }
 
+  bus.on("preview", (msg) => {
+    if (msg.probe && tiles.has(msg.stream)) last.set(msg.stream, { msg, at: Date.now() });
+  });
   bus.on("preview", (msg) => { if (current && msg.stream === current.name) current.traces.take(msg); });
 
   (async () => {
@@ -473,6 +513,6 @@ export function createProbes({ bus, info }) {
     panel.hidden = !probes.length;
     for (const p of probes) tiles.set(p.stream, tile(p));
     if (probes.length) open(probes[0].stream);
-    setInterval(poll, POLL_MS);
+    setInterval(refresh, DRAW_MS);
   })();
 }
