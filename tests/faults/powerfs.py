@@ -14,7 +14,8 @@ no more generous):
 
 The power cut: ``mkdir MOUNTPOINT/.power-cut``, which fails with ECANCELED once the cut is made (synchronous:
 no fsync after it counts; nothing is created). After the unmount, the durable state is written as a new folder tree to OUT (every file with its last
-fsynced content), and one JSON line is printed: ``{"cut": bool, "files": n, "fsyncs": n}``. Before that, the
+fsynced content; SIGHUP ends the loop if the kernel keeps the connection after the unmount), and one JSON line
+is printed: ``{"cut": bool, "files": n, "fsyncs": n}``. Before that, the
 line ``mounted`` is printed once the mount answers. Durable contents are kept as copies under STATE.
 """
 
@@ -257,8 +258,15 @@ def main(argv: list[str]) -> int:
         os._exit(1)
     # Single-threaded: one operation at a time, so the cut and the fsyncs are totally ordered. No attribute or
     # entry caching in the kernel: every process sees every size and name as it is.
-    FUSE(fs, str(mount), foreground=True, nothreads=True, attr_timeout=0, entry_timeout=0, negative_timeout=0,
-         fsname="powerfs")
+    # SIGHUP ends the loop (libfuse's own handler): the caller sends it when the kernel keeps the connection after
+    # the unmount, which a copy of the mount in another mount namespace (made by any program while it was mounted)
+    # does. Once the loop is over, SIGHUP must not end the restore.
+    try:
+        FUSE(fs, str(mount), foreground=True, nothreads=True, attr_timeout=0, entry_timeout=0, negative_timeout=0,
+             fsname="powerfs")
+    except RuntimeError:  # after SIGHUP, libfuse's own unmount of what is already unmounted fails: the loop is over
+        pass
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     os.waitpid(pid, 0)
     files = fs.restore(out)
     print(json.dumps({"cut": fs.cut, "files": files, "fsyncs": fs.fsyncs}), flush=True)
