@@ -7,7 +7,8 @@ AP band (Butterworth high-pass at ``AP_HZ``) and in the LFP band (decimated to `
 (median absolute deviation / 0.6745, refreshed every ``THRESHOLD_REFRESH_S``) with their sample indices, and a
 decimated trace window of a requested block of at most ``MAX_BLOCK`` channels in one band (raw, ap, lfp).
 Filters are ``scipy.signal`` second-order sections whose state (``zi``) is carried from chunk to chunk, so a
-chunk boundary leaves no trace in the output.
+chunk boundary leaves no trace in the output. scipy is imported where it is used, never at module import: every
+writer imports this module, and scipy.signal doubled a writer's start-up (2.4 of 4.4 s on a loaded machine).
 
 Budget: filtering all 384 channels at 30 kHz costs about 7 % of a core per probe (measured, docs/performance.md),
 far over what a watching page may cost the data path. So the AP band (RMS, crossings, AP traces) is computed on
@@ -24,7 +25,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import signal
 
 AP_HZ = 300.0
 """AP band: high-pass corner (Hz)."""
@@ -64,6 +64,8 @@ MAD_TO_SIGMA = 0.6745
 
 
 def ap_sos(rate: float) -> np.ndarray:
+    from scipy import signal
+
     return signal.butter(AP_ORDER, AP_HZ, "highpass", fs=rate, output="sos")
 
 
@@ -73,6 +75,8 @@ def lfp_factor(rate: float) -> int:
 
 
 def lfp_sos(rate: float) -> np.ndarray:
+    from scipy import signal
+
     fs = rate / lfp_factor(rate)
     return signal.butter(LFP_ORDER, [LFP_LOW_HZ, min(LFP_HZ, 0.45 * fs)], "bandpass", fs=fs, output="sos")
 
@@ -211,6 +215,8 @@ class ProbeFeatures:
             self._take_ap(data, first)
 
     def _take_ap(self, data: np.ndarray, first: int) -> None:
+        from scipy import signal  # loaded since start(): a cached lookup
+
         x = data.astype(np.float32)
         if self.ap_next != first:  # a new segment (or a gap): the filter starts in the steady state of this row
             self.ap_zi = signal.sosfilt_zi(self.ap)[:, :, None].astype(np.float32) * x[0]
@@ -278,6 +284,8 @@ class ProbeFeatures:
         """Filter the LFP rows kept since the last call (float64: a 1 Hz corner at 1 kHz needs it; few rows)."""
         if not self.lfp_bins:
             return
+        from scipy import signal
+
         binned = np.concatenate(self.lfp_bins).astype(np.float64) / min(LFP_TAPS, self.q_lfp)
         self.lfp_bins = []
         if self.lfp_zi is None:

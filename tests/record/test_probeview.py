@@ -196,3 +196,14 @@ def test_the_threshold_is_steady_on_steady_noise():
     ref = pv.robust_threshold(_reference_ap(x)[round(pv.WARMUP_S * RATE):])
     thresholds = np.array([t for _, t in seen[1:]])  # after the first (taken at once from what there is)
     assert len(thresholds) >= 5 and np.abs(thresholds / ref - 1).max() < 0.15
+
+
+def test_a_writer_nobody_watches_never_loads_scipy():
+    """Regression: importing scipy.signal with this module doubled every writer's start-up (2.4 of 4.4 s on a loaded
+    machine: ACQUIRE then timed out in the console tests). It loads when a page first watches a probe."""
+    import subprocess
+    import sys
+
+    code = "import sys, acqd.record.writer; print('scipy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
