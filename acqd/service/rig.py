@@ -30,6 +30,7 @@ import os
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,6 +57,10 @@ RIG_PROTOCOL = 1
 CLOCK_OFFSET_ENV = "ACQD_TEST_CLOCK_OFFSET_S"
 """Tests only: this node reports its clock shifted by this many seconds (a follower whose clock is off)."""
 WATCH_INTERVAL_S = 1.0
+CLOCK_SAMPLES = 3
+CLOCK_WINDOW = 10
+"""The watcher's clock offset is the best (shortest round trip) of this many recent exchanges."""
+"""Exchanges per follower at preflight; the shortest round trip gives the clock offset."""
 COMMAND_TIMEOUT_S = 150.0
 """A follower's command (acquire, record, stop) may take this long: as long as the CLI waits for one."""
 FANNED_OUT = frozenset({"record", "stop", "acquire", "set_mode", "annotate"})
@@ -134,8 +139,11 @@ class NodeView:
     """None until first asked."""
     error: str | None = None
     clock_offset_s: float | None = None
-    """The follower's clock minus the leader's, from its reported time and the request's round trip."""
+    """The follower's clock minus the leader's, from its reported time and the request's round trip: of the last
+    ``CLOCK_WINDOW`` exchanges, the one with the shortest round trip (its error is at most half of it)."""
     round_trip_s: float | None = None
+    samples: deque = field(default_factory=lambda: deque(maxlen=CLOCK_WINDOW))
+    """(offset, round trip) of the last exchanges."""
     info: dict = field(default_factory=dict)
     """Its last ``GET /api/rig`` answer."""
     in_session: str | None = None
@@ -153,6 +161,8 @@ class Rig:
         self.sup, self.url = sup, url
         self.followers: tuple[Follower, ...] = sup.cfg.followers
         self.views = {f.name: NodeView() for f in self.followers}
+        self.started: tuple[str, ...] = ()
+        """The followers started with the leader's last session (its start skew is over them)."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._watch, args=(f,), name=f"acqd-rig-{f.name}", daemon=True)
@@ -198,7 +208,10 @@ class Rig:
         t0 = time.time_ns()
         info = self.ask(f, "GET", "/api/rig")
         t1 = time.time_ns()
-        return info, (int(info["time_ns"]) - (t0 + t1) // 2) / 1e9, (t1 - t0) / 1e9
+        try:
+            return info, (int(info["time_ns"]) - (t0 + t1) // 2) / 1e9, (t1 - t0) / 1e9
+        except (KeyError, TypeError, ValueError):
+            raise RigProblem(f"node {f.name}: {f.url} answered GET /api/rig without its time (not acqd?)") from None
 
     def _fan_out(self, fn: Callable[[Follower], Any], followers: tuple[Follower, ...] | None = None
                  ) -> dict[str, Any]:
@@ -233,7 +246,8 @@ class Rig:
 
     def _preflight_one(self, f: Follower) -> tuple[dict, list[str]]:
         """Follower ``f``'s answer and its problems (all of them, each one line naming it)."""
-        info, offset, rtt = self.hello(f)
+        # NTP's way: of a few exchanges, the one with the shortest round trip bounds the offset best.
+        info, offset, rtt = min((self.hello(f) for _ in range(CLOCK_SAMPLES)), key=lambda h: h[2])
         self._seen(f, info, offset, rtt)
         problems = []
         if info.get("node") != f.name:
@@ -242,9 +256,9 @@ class Rig:
                      f"{info.get('acqd')} there, {version('acqd')} here): run the same acqd on every PC"
                      for key, ours in (("rig_protocol", RIG_PROTOCOL), ("wire_protocol", WIRE_PROTOCOL),
                                        ("config_version", config_version())) if info.get(key) != ours]
-        if abs(offset) > f.max_clock_offset_s:
-            problems.append(f"its clock is {offset:+.3f} s off the leader's (bound {f.max_clock_offset_s:g} s; round "
-                            f"trip {rtt * 1e3:.0f} ms): synchronise the PCs' clocks (NTP or PTP)")
+        if abs(offset) - rtt / 2 > f.max_clock_offset_s:  # surely beyond: the estimate is within half a round trip
+            problems.append(f"its clock is {offset:+.3f} s (± {rtt / 2:.3f} s) off the leader's (bound "
+                            f"{f.max_clock_offset_s:g} s): synchronise the PCs' clocks (NTP or PTP)")
         if info.get("mode") == RECORD:
             problems.append(f"already recording session {info.get('session')!r}")
         if not problems:
@@ -288,6 +302,7 @@ class Rig:
         with self._lock:
             for v in self.views.values():
                 v.in_session, v.start_host_ns, v.warned = sid, None, False
+            self.started = tuple(self.views)
         self.sup.call(self._note_nodes, "recording")
         return {**status, "nodes": self.status(None, status["streams"])["nodes"]}
 
@@ -306,11 +321,11 @@ class Rig:
         if name == "record" or (name == "set_mode" and str(body.get("mode", "")).upper() == RECORD):
             return self.record(local)
         if name == "stop" and self.sup.mode == RECORD:  # followers first, so the session records how they stopped
-            results = self._fan_out(lambda f: self.ask(f, "POST", "/api/commands/stop", body))
-            self.sup.call(self._note_stops, results)
-            with self._lock:
+            with self._lock:  # (before: a watcher seeing a stopped follower must not call it astray)
                 for v in self.views.values():
                     v.in_session = None
+            results = self._fan_out(lambda f: self.ask(f, "POST", "/api/commands/stop", body))
+            self.sup.call(self._note_stops, results)
             return {**local(), "nodes_failed": self._incidents(name, results)}
         status = local()
         if name == "annotate":  # the note is timed on the leader; the followers' copies must not delay it
@@ -368,7 +383,7 @@ class Rig:
     def skew_s(self, own_start_ns: int | None) -> float | None:
         """The spread of the nodes' first recorded messages, each on the leader's clock (None until all are in)."""
         with self._lock:
-            views = [v for v in self.views.values() if v.in_session]
+            views = [self.views[name] for name in self.started]
             starts = [v.start_host_ns - round((v.clock_offset_s or 0.0) * 1e9) for v in views
                       if v.start_host_ns is not None]
         if own_start_ns is None or len(starts) < len(views):
@@ -393,7 +408,10 @@ class Rig:
         with self._lock:
             v = self.views[f.name]
             back = v.reachable is False
-            v.reachable, v.error, v.info, v.clock_offset_s, v.round_trip_s = True, None, info, round(offset, 6), rtt
+            v.samples.append((offset, rtt))
+            best = min(v.samples, key=lambda s: s[1])
+            v.reachable, v.error, v.info = True, None, info
+            v.clock_offset_s, v.round_trip_s = round(best[0], 6), round(best[1], 6)
             recording = v.in_session is not None and info.get("mode") == RECORD and info.get("session") == v.in_session
             if recording and info.get("start_host_ns"):
                 v.start_host_ns = min(int(info["start_host_ns"]), v.start_host_ns or int(info["start_host_ns"]))
@@ -433,6 +451,23 @@ class Rig:
                                  "in_session": v.in_session, "start_host_ns": v.start_host_ns,
                                  "disk": v.info.get("disk"), "streams": v.info.get("streams", {})}
         return {"nodes": nodes, "start_skew_s": self.skew_s(own_start_ns) if self.sup.mode == RECORD else None}
+
+
+def node_lines(status: dict) -> list[str]:
+    """A leader's other nodes in words, one line each (``acqd status``): "node video: reachable, clock +0.003 s,
+    disk 1200 GB free, RECORD, 2 streams" or "node video: unreachable at <url> (...)"."""
+    lines = []
+    for name, n in (status.get("nodes") or {}).items():
+        if name == status.get("node"):
+            continue
+        if n["reachable"] is False:
+            lines.append(n.get("error") or f"node {name}: unreachable")  # the error names the node
+            continue
+        clock = "" if n["clock_offset_s"] is None else f", clock {n['clock_offset_s']:+.3f} s"
+        disk = f", disk {n['disk']['free_bytes'] / 1e9:.0f} GB free" if n.get("disk") else ""
+        lines.append(f"node {name}: {'reachable' if n['reachable'] else 'asking'}{clock}{disk}, {n.get('mode')}, "
+                     f"{len(n.get('streams') or {})} streams")
+    return lines
 
 
 # -- metrics ---------------------------------------------------------------------------------------------------------

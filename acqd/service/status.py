@@ -16,6 +16,7 @@ from rich.text import Text
 from acqd.session import STREAMS_DIR, read_session
 from acqd.record.streamfile import summarize
 from acqd.service.overload import load_cell, load_lines
+from acqd.service.rig import node_lines
 
 console = Console()
 SYNC_SHORT = {"locked": "locked", "searching": "search", "no edges": "NO EDGE", "not pairing": "NO PAIR",
@@ -67,6 +68,8 @@ def status_renderable(status: dict, width: int = 80) -> Group:
             when = time.strftime("%H:%M:%S", time.localtime(inc["time"]))
             parts.append(Text(_fit(f"  {when} {inc['stream'] or 'session'} {inc['kind']}: {inc['detail']}", width,
                                    lines=2)))
+    for line in node_lines(status):  # a rig's leader: its other nodes (acqd.service.rig)
+        parts.append(Text(_fit(line, width), style="red" if "unreachable" in line else ""))
     for r in status.get("recovered") or []:
         parts.append(Text(_fit(f"interrupted session found: {r['session_id']}", width), style="yellow"))
     verdict = status.get("verdict")
