@@ -298,9 +298,10 @@ def test_the_leader_knows_its_own_node_from_its_config_when_session_json_does_no
     assert other_nodes({"config": {}}) == []  # a one-PC session
 
 
-def node_rig(tmp_path: Path, suffix: str, reverse: bool, no_sync: tuple[str, ...] = ()) -> Path:
+def node_rig(tmp_path: Path, suffix: str, reverse: bool, no_sync: tuple[str, ...] = (), ship: list | None = None
+             ) -> Path:
     """The example rig (a 8-channel probe, a small camera) for one PC, its streams named ``<name><suffix>`` and, with
-    ``reverse``, in reverse order (each device draws another drift from the shared seed)."""
+    ``reverse``, in reverse order (each device draws another drift from the shared seed); ``ship``: its ship list."""
     from conftest import write_rig
 
     small = {"probe": {"shape": [9], "sync": {"source": "channel", "channel": 8, "bit": 0}},
@@ -317,6 +318,8 @@ def node_rig(tmp_path: Path, suffix: str, reverse: bool, no_sync: tuple[str, ...
             s["sync"]["stream"] += suffix
     raw["reference"] += suffix
     raw["streams"] = raw["streams"][::-1] if reverse else raw["streams"]
+    if ship:
+        raw["ship"] = ship
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
@@ -325,7 +328,8 @@ def node_rig(tmp_path: Path, suffix: str, reverse: bool, no_sync: tuple[str, ...
 @pytest.mark.slow  # two daemons and simulators recording 20 s: about 2 minutes on the shared 2-core machine
 def test_two_daemons_record_one_session_and_the_leader_finalizes_both_parts(tmp_path):
     """Real daemons, writers and simulators (one per PC, one sync line: one seed) record the same session; the
-    follower finalizes and ships its part; the leader's master holds both, on its timebase, within one sample.
+    follower's daemon finalizes its part and ships it to the leader's data root (its ship: destination, sessions
+    led), while the leader's daemon finalizes, waiting for it; the master holds both, within one sample.
 
     The simulators are started together but each takes its own true-time origin (acqd simulate's shared origin,
     ``t0_monotonic``, is on another branch): their sync lines are the same pulse train shifted by the difference,
@@ -338,8 +342,10 @@ def test_two_daemons_record_one_session_and_the_leader_finalizes_both_parts(tmp_
     from sessions import SUBJECT
 
     seed, sid = 21, "R2"
-    configs = {LEADER: node_rig(tmp_path / LEADER, "", False), FOLLOWER: node_rig(tmp_path / FOLLOWER, "_b", True,
-                                                                                   no_sync=("sensor",))}
+    to_leader = {"name": "leader", "remote": str(tmp_path / LEADER / "data"), "path": "{session}/nodes/{node}",
+                 "sessions": "led", "backoff_s": 0.2}
+    configs = {LEADER: node_rig(tmp_path / LEADER, "", False),
+               FOLLOWER: node_rig(tmp_path / FOLLOWER, "_b", True, no_sync=("sensor",), ship=[to_leader])}
     daemons = {n: Daemon(c, tmp_path / n / "data", tmp_path / n) for n, c in configs.items()}
     sims, folders = {}, {}
     try:
@@ -356,17 +362,22 @@ def test_two_daemons_record_one_session_and_the_leader_finalizes_both_parts(tmp_
             wait_until(lambda: d.command("status")["streams"][ref[n]]["rows"] > 20 * 30000, f"20 s on {n}")
         for d in daemons.values():
             d.command("stop")
+        for s in sims.values():
+            s.stop()
+        mark(folders[LEADER], node=LEADER, nodes={n: {"url": d.url, "state": "closed"} for n, d in daemons.items()})
+        mark(folders[FOLLOWER], node=FOLLOWER, leader={"node": LEADER, "session": sid})
+        daemons[LEADER].command("finalize", session=sid)  # waits for the follower's part (daemon.nodes_timeout_s)
+        daemons[FOLLOWER].command("finalize", session=sid)  # then ships it (after: finalize)
+        wait_until(lambda: read_session(folders[LEADER])["state"] == "finalized"
+                   or daemons[LEADER].command("finalize_status", session=sid).get("error"), "the leader's finalize",
+                   timeout_s=300)
+        assert (folders[LEADER] / "nodes" / FOLLOWER / "READY.json").is_file()
     finally:
         for s in sims.values():
             s.stop()
         for d in daemons.values():
             d.stop(timeout_s=30)
-    mark(folders[LEADER], node=LEADER, nodes={n: {"url": d.url, "state": "closed"} for n, d in daemons.items()})
-    mark(folders[FOLLOWER], node=FOLLOWER, leader={"node": LEADER, "session": sid})
     try:
-        finalize_session(folders[FOLLOWER])
-        ship_to_leader(folders[FOLLOWER], folders[LEADER].parent)
-        finalize_session(folders[LEADER], wait_nodes_s=0)
         rigs = {n: rig_for(c, seed=seed)[1] for n, c in configs.items()}
         names = {n: [s["name"] for s in read_session(f)["config"]["streams"]] for n, f in folders.items()}
         # Real receive latencies: the difference between two streams' minimum latencies is not observable and not
