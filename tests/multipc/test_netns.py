@@ -12,7 +12,7 @@ from acqd.client import DaemonUnreachable
 from acqd.service.procs import pid_alive, wait_until
 from tests.multipc.netns import ip, multipc, network, skip_reason
 
-pytestmark = pytest.mark.skipif(bool(skip_reason()), reason=skip_reason() or "")
+pytestmark = [pytest.mark.skipif(bool(skip_reason()), reason=skip_reason() or ""), pytest.mark.e2e]
 
 
 def reachable(client) -> bool:
