@@ -180,7 +180,7 @@ KILL_STEPS = [("amend_journal", False), ("amend_partial", False), ("amend_commit
 RECOVERERS = ("verify", "finalize", "amend")
 
 
-pytestmark = pytest.mark.xdist_group("rows_amend")  # one xdist worker runs the module: its recorded session is built once
+pytestmark = pytest.mark.xdist_group("rows_amend")  # one xdist worker: the module-scoped session is built once
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ TIMEOUT_S = 60
 PROBE = "streams/probe.h5"
 
 
-pytestmark = pytest.mark.xdist_group("rows_bitrot")  # one xdist worker runs the module: its recorded session is built once
+pytestmark = pytest.mark.xdist_group("rows_bitrot")  # one xdist worker: the module-scoped session is built once
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ SID = "F1"
 TIMEOUT_S = 60
 
 
-pytestmark = pytest.mark.xdist_group("rows_finalize")  # one xdist worker runs the module: its recorded session is built once
+pytestmark = pytest.mark.xdist_group("rows_finalize")  # one xdist worker: the module-scoped session is built once
 
 
 @pytest.fixture(scope="module")

@@ -174,7 +174,7 @@ class Fuzz:
         assert stats["recording_counts"]["rejected_total"] == sum(plan.rules.values())
 
 
-pytestmark = pytest.mark.xdist_group("wire_fuzz")  # one xdist worker runs the module: its recorded session is built once
+pytestmark = pytest.mark.xdist_group("wire_fuzz")  # one xdist worker: the module-scoped session is built once
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ SUBPROCESS_TIMEOUT_S = 120
 real_sha256 = seal._sha256
 
 
-pytestmark = pytest.mark.xdist_group("finalize")  # one xdist worker runs the module: its recorded session is built once
+pytestmark = pytest.mark.xdist_group("finalize")  # one xdist worker: the module-scoped session is built once
 
 
 @pytest.fixture(scope="module")

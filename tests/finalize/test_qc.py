@@ -50,7 +50,7 @@ class Table(HTMLParser):
             self._cell.append(data)
 
 
-pytestmark = pytest.mark.xdist_group("qc")  # one xdist worker runs the module: its recorded session is built once
+pytestmark = pytest.mark.xdist_group("qc")  # one xdist worker: the module-scoped session is built once
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,7 @@ def stimulus_config(root: Path, images: Path) -> RigConfig:
     return RigConfig.model_validate(raw)
 
 
-pytestmark = pytest.mark.xdist_group("stimuli")  # one xdist worker runs the module: its recorded session is built once
+pytestmark = pytest.mark.xdist_group("stimuli")  # one xdist worker: the module-scoped session is built once
 
 
 @pytest.fixture(scope="module")

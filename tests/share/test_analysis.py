@@ -29,7 +29,7 @@ SID = "S1"
 RECORDING = Recording(seconds=10.0, restart=Restart("sensor", 6.0, crash=True))
 
 
-pytestmark = pytest.mark.xdist_group("analysis")  # one xdist worker runs the module: its recorded session is built once
+pytestmark = pytest.mark.xdist_group("analysis")  # one xdist worker: the module-scoped session is built once
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ SUBPROCESS_TIMEOUT_S = 120
 GZIP, SHUFFLE = 1, 2  # HDF5's built-in filter ids: every reader has them
 
 
-pytestmark = pytest.mark.xdist_group("export")  # one xdist worker runs the module: its recorded session is built once
+pytestmark = pytest.mark.xdist_group("export")  # one xdist worker: the module-scoped session is built once
 
 
 @pytest.fixture(scope="module")
