@@ -46,6 +46,17 @@ def rig_file(tmp_path: Path) -> Path:
     return write_rig(tmp_path)
 
 
+SMALL_PROBE = {"probe": {"shape": [33], "sync": {"source": "channel", "channel": 32, "bit": 0}}}
+"""A 32-channel probe (and its sync word) at the example's 30 kHz, for tests whose subject is not the probe's width
+(lifecycle, logs, annotations, finalize and export through the daemon): finalize and export take seconds instead of
+a minute. Tests of the real data rate keep the example's 385 channels (``rig_file``)."""
+
+
+@pytest.fixture
+def small_rig_file(tmp_path: Path) -> Path:
+    return write_rig(tmp_path, stream_overrides=SMALL_PROBE)
+
+
 @pytest.fixture
 def daemon_factory(tmp_path: Path):
     """Start daemons on the test's data root; every one is stopped (or killed) at teardown."""

@@ -21,12 +21,15 @@ import time
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 
 from acqd.config import VideoConfig
 from acqd.errors import WriterError
+
+if TYPE_CHECKING:
+    import av
 
 CONTAINERS = {"ffv1": ("mkv", {}), "libx264": ("mp4", {"movflags": "frag_keyframe+empty_moov"})}
 VIDEO_DIR = "video"
@@ -121,6 +124,8 @@ class VideoSink:
                 return
 
     def _encode(self, frame: np.ndarray) -> None:
+        import av  # here, not at the top: every writer imports this module, few encode video (PyAV takes ~0.3 s)
+
         if self._file is None:
             self._open(*frame.shape)
         container, stream, _, first = self._file
@@ -141,6 +146,8 @@ class VideoSink:
         path = self.folder / name
         if path.exists():  # never overwrite a recording
             raise FileExistsError(path)
+        import av
+
         container = av.open(str(path), "w", options=options)
         codec_options = {"crf": str(self.cfg.crf), "preset": "veryfast"} if self.cfg.codec == "libx264" else {}
         stream = container.add_stream(self.cfg.codec, rate=self.rate, options=codec_options)

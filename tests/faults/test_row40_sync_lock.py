@@ -16,12 +16,11 @@ from acqd.finalize import finalize_session
 from acqd.record.streamfile import open_for_read
 from acqd.service.procs import Daemon, Simulator, wait_until
 from acqd.sim.simulate import SyncOff
-from tests.conftest import SIM_SECONDS, assert_bit_exact, rig_for, write_rig
+from tests.conftest import SIM_SECONDS, SMALL_PROBE, assert_bit_exact, rig_for, write_rig
 from tests.sessions import SUBJECT
 
 ALARM_S = 10.0  # the promise: the alarm within 10 s of RECORD or of the cable being pulled
 PULL_AT_S, PULL_S = 20.0, 8.0  # seconds of the simulation: after the lock (~10 pulses after RECORD), then 8 s out
-SMALL_PROBE = {"probe": {"shape": [33], "sync": {"source": "channel", "channel": 32, "bit": 0}}}  # finalize in seconds
 
 
 class Incidents:

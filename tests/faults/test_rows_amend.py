@@ -180,6 +180,9 @@ KILL_STEPS = [("amend_journal", False), ("amend_partial", False), ("amend_commit
 RECOVERERS = ("verify", "finalize", "amend")
 
 
+pytestmark = pytest.mark.xdist_group("rows_amend")  # one xdist worker: the module-scoped session is built once
+
+
 @pytest.fixture(scope="module")
 def finalized(tmp_path_factory) -> Path:
     """A small finalized session (subject sex F), copied by each test."""

@@ -43,6 +43,9 @@ TIMEOUT_S = 60
 PROBE = "streams/probe.h5"
 
 
+pytestmark = pytest.mark.xdist_group("rows_bitrot")  # one xdist worker: the module-scoped session is built once
+
+
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory) -> Path:
     cfg = small_config(tmp_path_factory.mktemp("rows-bitrot"))

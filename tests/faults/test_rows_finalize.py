@@ -42,6 +42,9 @@ SID = "F1"
 TIMEOUT_S = 60
 
 
+pytestmark = pytest.mark.xdist_group("rows_finalize")  # one xdist worker: the module-scoped session is built once
+
+
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory) -> Path:
     """A closed session: probe, nidaq (reference), camera, sensor (gzip)."""

@@ -25,7 +25,7 @@ from acqd.finalize import PAUSE_ENV, PAUSE_MARKER_ENV
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.service.procs import wait_until
 from acqd.wire.protocol import HEADER
-from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
+from tests.conftest import SMALL_PROBE, assert_bit_exact, recording, rig_for, write_rig
 from tests.faults.test_rows_process import kill_daemon_during_acquire, seqs_accounted_for
 
 FINALIZE_TIMEOUT_S = 240.0
@@ -58,7 +58,7 @@ def _kill_finalize_at(folder: Path, step: str, tmp: Path) -> None:
 @pytest.mark.e2e
 @pytest.mark.parametrize("n", [1, 150], ids=["first_append", "after_flushes"])
 def test_row02_crash_at_the_nth_write_then_a_crash_of_finalize_loses_only_the_gap(tmp_path, daemon_factory, n):
-    rig_file = write_rig(tmp_path)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)  # the sensor's crash is the subject
     daemon = daemon_factory(rig_file, env={"ACQD_FAULT": f"sensor:crash_after_write:{n}"})
     with recording(daemon, rig_file, f"crash{n}", seed=2) as (_, folder):
         wait_until(lambda: (s := daemon.command("status")["streams"]["sensor"])["part"] == 1
@@ -131,7 +131,7 @@ def _sensor_header(seq: int, first: int = 0, n: int = 10, ndim: int = 1, shape=(
 
 @pytest.mark.e2e
 def test_row33_hostile_values_in_a_live_recording_then_finalize_gives_a_clear_report(tmp_path, daemon_factory):
-    rig_file = write_rig(tmp_path, stream_overrides={"sensor": {"bind": True, "socket": "pull"}})
+    rig_file = write_rig(tmp_path, stream_overrides={"sensor": {"bind": True, "socket": "pull"}, **SMALL_PROBE})
     daemon = daemon_factory(rig_file)
     payload = bytes(10 * 3 * 4)
     ctx = zmq.Context()

@@ -16,7 +16,7 @@ import zmq
 
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.service.procs import pid_alive, wait_until
-from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
+from tests.conftest import SMALL_PROBE, assert_bit_exact, recording, rig_for, write_rig
 
 RESTART_DEADLINE_S = 30.0
 FINALIZE_DEADLINE_S = 240.0  # a healthy finalize of this rig takes ~20 s on the shared 2-core machine
@@ -44,7 +44,7 @@ def _finalize(folder: Path) -> tuple[subprocess.CompletedProcess, float]:
 @pytest.mark.e2e
 def test_row37_truncated_and_empty_parts_never_block_restart_finalize_or_the_next_session(tmp_path, daemon_factory):
     # Issue 22 defect 1: a part cut to 1024 bytes hung the restarted daemon (recover_interrupted) and finalize.
-    rig_file = write_rig(tmp_path)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)  # the cut parts are the sensor's and the camera's
     folder = _interrupted_session(daemon_factory, rig_file, "cut", seed=37)
     streams = folder / "streams"
     with open_for_read(streams / "sensor.h5") as f:

@@ -174,6 +174,9 @@ class Fuzz:
         assert stats["recording_counts"]["rejected_total"] == sum(plan.rules.values())
 
 
+pytestmark = pytest.mark.xdist_group("wire_fuzz")  # one xdist worker: the module-scoped session is built once
+
+
 @pytest.fixture(scope="module")
 def fuzz(tmp_path_factory):
     f = Fuzz(tmp_path_factory.mktemp("fz"))

@@ -44,6 +44,9 @@ SUBPROCESS_TIMEOUT_S = 120
 real_sha256 = seal._sha256
 
 
+pytestmark = pytest.mark.xdist_group("finalize")  # one xdist worker: the module-scoped session is built once
+
+
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory) -> tuple[Path, Rig]:
     """The closed session (never finalized itself: tests finalize copies) and the rig that produced it."""

@@ -50,6 +50,9 @@ class Table(HTMLParser):
             self._cell.append(data)
 
 
+pytestmark = pytest.mark.xdist_group("qc")  # one xdist worker: the module-scoped session is built once
+
+
 @pytest.fixture(scope="module")
 def finalized(tmp_path_factory):
     """A finalized session with a dropped probe chunk and a sensor writer killed with -9; and its report."""

@@ -61,6 +61,9 @@ def stimulus_config(root: Path, images: Path) -> RigConfig:
     return RigConfig.model_validate(raw)
 
 
+pytestmark = pytest.mark.xdist_group("stimuli")  # one xdist worker: the module-scoped session is built once
+
+
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
     """(finalized folder, report, rig, image set, photo pixels, export path); unsealed after the module."""

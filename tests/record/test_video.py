@@ -116,3 +116,10 @@ def test_the_encoder_backlog_is_bounded_without_ever_blocking(tmp_path: Path):
     assert sink.frames == 8 and seen and seen[0][0] > seen[-1][0]  # close reported its progress while it waited
     (name, first, n), = sink.take_finished()
     assert (first, n) == (0, 8) and decode(tmp_path / "video" / name).shape == (8, 16, 16)
+
+
+def test_a_writer_imports_pyav_only_when_it_encodes_video():
+    """Every writer imports acqd.record.video; PyAV's import (~0.35 s) was paid by all four writers of each ACQUIRE."""
+    code = "import sys, acqd.record.writer; print('av' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "False", run.stderr

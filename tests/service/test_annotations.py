@@ -31,7 +31,8 @@ def _job(daemon, kind: str, session: str) -> dict:
 
 
 @pytest.mark.e2e
-def test_annotation_survives_kill9_and_reaches_the_finalized_and_exported_nwb(rig_file, daemon_factory, tmp_path):
+def test_annotation_survives_kill9_and_reaches_the_finalized_and_exported_nwb(small_rig_file, daemon_factory, tmp_path):
+    rig_file = small_rig_file
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "notes", seed=61) as (_, folder):
         wait_until(lambda: daemon.command("status")["streams"]["nidaq"]["rows"] > 30000, "1 s of data")

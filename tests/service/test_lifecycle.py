@@ -13,12 +13,12 @@ from pynwb import NWBHDF5IO
 from acqd.finalize import unseal_session
 from acqd.service.procs import wait_until
 from acqd.record.streamfile import committed_rows, open_for_read
-from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
+from tests.conftest import SMALL_PROBE, assert_bit_exact, recording, rig_for, write_rig
 
 
 @pytest.mark.e2e
 def test_record_stop_finalize_on_stop_then_read_the_master(tmp_path: Path, daemon_factory):
-    rig_file = write_rig(tmp_path)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)
     raw = yaml.safe_load(rig_file.read_text())
     raw["daemon"]["finalize_on_stop"] = True
     rig_file.write_text(yaml.safe_dump(raw))
@@ -63,8 +63,9 @@ def test_record_stop_finalize_on_stop_then_read_the_master(tmp_path: Path, daemo
 
 
 @pytest.mark.e2e
-def test_two_recordings_in_one_daemon_run_both_hold_their_data(rig_file: Path, daemon_factory):
+def test_two_recordings_in_one_daemon_run_both_hold_their_data(small_rig_file: Path, daemon_factory):
     """Regression: after a first stop, writers kept state 'recording' and a second RECORD opened no files."""
+    rig_file = small_rig_file
     daemon = daemon_factory(rig_file)
     folders = []
     for n, seed in enumerate((51, 52)):

@@ -36,9 +36,9 @@ def test_log_lines_are_json_with_fields_and_bounded(tmp_path):
     assert not (tmp_path / "victim").exists()
 
 
-def test_the_session_log_holds_modes_commands_incidents_and_is_sealed(tmp_path, rig_file, daemon_factory):
-    daemon = daemon_factory(rig_file)
-    with recording(daemon, rig_file, "logged", seed=11) as (_, folder):
+def test_the_session_log_holds_modes_commands_incidents_and_is_sealed(tmp_path, small_rig_file, daemon_factory):
+    daemon = daemon_factory(small_rig_file)
+    with recording(daemon, small_rig_file, "logged", seed=11) as (_, folder):
         daemon.command("annotate", text="drug on")
         os.kill(daemon.command("status")["streams"]["sensor"]["pid"], signal.SIGKILL)
         wait_until(lambda: daemon.command("status")["streams"]["sensor"]["restarts"] == 1, "the writer's restart")

@@ -17,7 +17,7 @@ from acqd.finalize import unseal_session
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.client import ApiError
 from acqd.service.procs import wait_until
-from tests.conftest import recording, write_rig
+from tests.conftest import SMALL_PROBE, recording, write_rig
 
 CLI_TIMEOUT_S = 60
 
@@ -25,7 +25,7 @@ CLI_TIMEOUT_S = 60
 def stimulus_rig(tmp_path: Path) -> Path:
     """The example rig plus a stimulus program (20 Hz, strobing the NIDAQ's bit 2) over three PNGs in a folder
     named relative to the config file."""
-    rig_file = write_rig(tmp_path)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)
     images = tmp_path / "images"
     images.mkdir()
     for i, px in enumerate([np.full((8, 8), 5, np.uint8), np.zeros((6, 9, 3), np.uint8),

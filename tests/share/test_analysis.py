@@ -29,6 +29,9 @@ SID = "S1"
 RECORDING = Recording(seconds=10.0, restart=Restart("sensor", 6.0, crash=True))
 
 
+pytestmark = pytest.mark.xdist_group("analysis")  # one xdist worker: the module-scoped session is built once
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """``<root>/data/S1``, recorded and finalized; one raw-recorded copy ``<root>/raw/S1`` never finalized."""

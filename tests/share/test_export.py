@@ -38,6 +38,9 @@ SUBPROCESS_TIMEOUT_S = 120
 GZIP, SHUFFLE = 1, 2  # HDF5's built-in filter ids: every reader has them
 
 
+pytestmark = pytest.mark.xdist_group("export")  # one xdist worker: the module-scoped session is built once
+
+
 @pytest.fixture(scope="module")
 def sessions(tmp_path_factory):
     """(recorded, never finalized; finalized copy) of the session; the copy is unsealed after the module."""

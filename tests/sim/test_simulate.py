@@ -9,6 +9,7 @@ import pytest
 
 from acqd.config import load_config
 from acqd.sim.simulate import Rig, SimParams, parse_fault
+from tests.sessions import small_config
 
 RIG = Path(__file__).parents[2] / "configs" / "rig.yaml"
 
@@ -35,8 +36,8 @@ def test_every_message_is_the_rigs_samples_whether_prebuilt_or_built(sync):
         assert built < k, (name, built)
 
 
-def test_sync_off_silences_only_that_streams_sync_line():
-    cfg = load_config(RIG)
+def test_sync_off_silences_only_that_streams_sync_line(tmp_path):
+    cfg = small_config(tmp_path)  # 32 probe channels and the sync word: the width is not what is tested
     rig, twin = Rig(cfg, SimParams(seed=5, seconds=30)), Rig(cfg, SimParams(seed=5, seconds=30))
     off = parse_fault("sync_off:probe:10:8")
     removed = rig.sync_off(off)

@@ -19,7 +19,7 @@ import pytest
 from acqd.config import load_config
 from acqd.service.procs import Simulator, wait_until
 from acqd.sim.simulate import probe_truth
-from tests.conftest import write_rig
+from tests.conftest import SMALL_PROBE, write_rig
 from tests.sessions import SUBJECT
 
 CHROMIUM = os.environ.get("ACQD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -147,7 +147,8 @@ def _re(pattern: str):
 
 @pytest.mark.e2e
 def test_operator_records_annotates_and_finalizes_from_the_console(browser, tmp_path, daemon_factory):
-    rig = write_rig(tmp_path)
+    # The small probe makes finalize and export seconds of work; the docs' screenshot shows the example rig's probe.
+    rig = write_rig(tmp_path, stream_overrides=None if os.environ.get(SCREENSHOT_ENV) else SMALL_PROBE)
     daemon = daemon_factory(rig)
     ui = Console(browser, daemon.url + "/", tmp_path / "screens")
     ui.expect_mode("IDLE")
