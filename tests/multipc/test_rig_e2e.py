@@ -38,7 +38,11 @@ def record_rig(rig: MultiPC, seconds: float, session: str = SESSION) -> tuple[Pa
     rig.wait_recorded(seconds)
     stopped = time.monotonic()
     rig.clients[LEADER].command("stop")
-    wait_finalized(folder)
+    try:
+        wait_finalized(folder)
+    except TimeoutError as e:  # say where it stuck: each node's session state
+        states = {n: session_json(node.data_root / session).get("state") for n, node in rig.nodes.items()}
+        raise TimeoutError(f"{e}; session states by node: {states}") from None
     return folder, time.monotonic() - stopped
 
 
