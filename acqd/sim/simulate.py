@@ -257,9 +257,9 @@ class Rig:
         self.pulses, self.widths = sync_pulses(params, rng)
         self.devices: dict[str, Device] = {}
         for s in (s for s in cfg.streams if s.lsl is None):  # LSL streams come from their outlets
+            offset_s = -float(rng.uniform(1, params.max_offset_s))  # the draws' order is the seeds' meaning
             ppm = float(rng.uniform(-params.max_ppm, params.max_ppm))  # drawn even when overridden: same pools
-            clock = DeviceClock(rate=s.rate, offset_s=-float(rng.uniform(1, params.max_offset_s)),
-                                ppm=ppm if params.ppm is None else params.ppm,
+            clock = DeviceClock(rate=s.rate, offset_s=offset_s, ppm=ppm if params.ppm is None else params.ppm,
                                 wander_ppm=params.wander_ppm, wander_period_s=float(rng.uniform(300, 1800)))
             chunk = 1 if len(s.shape) > 1 else max(1, round(s.rate * CHUNK_S))
             first = int(np.ceil(clock.phase(0.0)))

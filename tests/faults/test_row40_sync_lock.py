@@ -94,8 +94,8 @@ def test_row40_cable_pulled_mid_record_alarms_within_10_s_and_clears_when_edges_
         assert st["streams"]["camera"]["sync"] is None  # strobe-timed: no sync line of its own
         assert st["sync_lock"]["enabled"] and st["sync_lock"]["active"]
         metrics = httpx.get(daemon.url + "/metrics", timeout=30).text
-        assert 'acqd_stream_sync_locked{state="no edges",stream="probe"} 0.0' in metrics
-        assert 'acqd_stream_sync_locked{state="locked",stream="nidaq"} 1.0' in metrics
+        assert 'acqd_stream_sync_locked{node="main",state="no edges",stream="probe"} 0.0' in metrics
+        assert 'acqd_stream_sync_locked{node="main",state="locked",stream="nidaq"} 1.0' in metrics
         returned = sim_t0 + PULL_AT_S + PULL_S
         back_at, back = events.wait("probe", "sync_restored", after=returned - 1.0, timeout_s=PULL_S + ALARM_S + 5)
         assert back_at - returned <= ALARM_S and "after no edges" in back["detail"]

@@ -100,7 +100,7 @@ def test_acqd_ship_verifies_posts_the_webhook_counts_it_and_frees_the_rig(tmp_pa
     out = cli("--status")
     assert out.returncode == 0 and "verified" in out.stdout and "1 verified, 0 failed" in out.stdout
     metrics = httpx.get(f"{daemon.url}/metrics").text
-    assert "acqd_ship_verified_total 1.0" in metrics and "acqd_ship_queued_bytes 0.0" in metrics
+    assert 'acqd_ship_verified_total{node="main"} 1.0' in metrics and 'acqd_ship_queued_bytes{node="main"} 0.0' in metrics
 
 
 def test_ship_commands_refuse_what_they_cannot_do_with_one_line(tmp_path, daemon_factory):
