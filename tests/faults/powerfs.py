@@ -262,8 +262,10 @@ def main(argv: list[str]) -> int:
     # the unmount, which a copy of the mount in another mount namespace (made by any program while it was mounted)
     # does. Once the loop is over, SIGHUP must not end the restore.
     try:
+        # hard_remove: an unlinked file that is still open goes away at once, as on a disk (libfuse would rename it
+        # to .fuse_hidden*, which a folder fsync then made durable and finalize refused as a file acqd never wrote).
         FUSE(fs, str(mount), foreground=True, nothreads=True, attr_timeout=0, entry_timeout=0, negative_timeout=0,
-             fsname="powerfs")
+             hard_remove=True, fsname="powerfs")
     except RuntimeError:  # after SIGHUP, libfuse's own unmount of what is already unmounted fails: the loop is over
         pass
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

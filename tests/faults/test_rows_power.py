@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from acqd.errors import FinalizeError
 from acqd.finalize import finalize_session, unseal_session
 from acqd.finalize.streams import stream_parts
 from acqd.record.partread import probe_parts
@@ -229,7 +230,11 @@ def record_and_cut(tmp_path: Path, cuts: int, seed: int) -> list[Cut]:
                 log.write(json.dumps({"seed": seed, **asdict(done[-1])}) + "\n")
     assert recovered(rig_file, backing / "data", tmp_path) == [done[-1].session]  # the last cut, then finalize all
     for c in done:
-        finalizes(backing / "data" / c.session)
+        if c.rows["nidaq"]:
+            finalizes(backing / "data" / c.session)
+        else:  # cut before the reference's first fsync: nothing of it was committed, and finalize says so
+            with pytest.raises(FinalizeError, match="reference stream 'nidaq' committed no data"):
+                finalize_session(backing / "data" / c.session)
     return done
 
 
