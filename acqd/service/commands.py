@@ -193,7 +193,7 @@ class StatusResponse(Response):
     mode: Literal["IDLE", "ACQUIRE", "RECORD"]
     session: SessionInfo | None
     streams: dict[str, StreamStatus]
-    disk_free_bytes: int
+    disk_free_bytes: int | None
     disk_time_left_s: float | None = None
     verdict: Verdict | None = None
 

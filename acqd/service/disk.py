@@ -12,6 +12,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def free_bytes(root: Path) -> int | None:
+    """Free bytes under ``root``, or None when it cannot be read (the data root vanished or its disk went away):
+    status and preflight say so rather than fail with a traceback."""
+    try:
+        return shutil.disk_usage(root).free
+    except OSError:
+        return None
+
+
 class DiskReserve:
     """The reserve of one recording: ``incident(stream, kind, detail, incomplete=...)`` reports what it sees."""
 
@@ -21,9 +30,7 @@ class DiskReserve:
 
     def reached(self, root: Path) -> bool:
         """Check the free space under ``root``: True once it is below the reserve (stop recording now)."""
-        try:
-            free = shutil.disk_usage(root).free
-        except OSError:
+        if (free := free_bytes(root)) is None:
             return False  # the data root vanished: the writers' own write errors say so
         if free < self.reserve:
             self.incident(None, "disk_full", f"{free} bytes free on {root}, below daemon.disk_reserve_bytes "

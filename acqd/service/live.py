@@ -132,7 +132,8 @@ def build_status(sup: Supervised) -> dict:
     status.update(
         time=round(now, 3), uptime_s=round(time.monotonic() - sup.live.started, 1),
         reference=sup.cfg.reference, write_bytes_per_s=round(write_rate),
-        disk_time_left_s=round(status["disk_free_bytes"] / write_rate) if write_rate > 0 else None,
+        disk_time_left_s=(round(status["disk_free_bytes"] / write_rate)
+                          if write_rate > 0 and status["disk_free_bytes"] is not None else None),
         recent_incidents=incidents, incident_count=sup.events.counts["incident"], sync_lock=sup.synclock.summary(),
         jobs=sup.jobs.listed(),
     )

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from collections import deque
@@ -45,6 +44,7 @@ from acqd.client import ApiError, Client, DaemonUnreachable
 from acqd.config import Follower, RigConfig
 from acqd.config.nodes import NODE_PATTERN
 from acqd.errors import SessionError
+from acqd.service.disk import free_bytes
 from acqd.wire.protocol import VERSION as WIRE_PROTOCOL
 
 Supervisor = Any
@@ -440,7 +440,7 @@ class Rig:
         """The leader's ``nodes`` block (its own node first) and ``start_skew_s``."""
         own = {"url": self.url, "reachable": True, "clock_offset_s": 0.0, "mode": self.sup.mode,
                "session": (self.sup.session or {}).get("session_id"), "start_host_ns": own_start_ns,
-               "disk": {"free_bytes": shutil.disk_usage(self.sup.data_root).free}, "streams": streams}
+               "disk": {"free_bytes": free_bytes(self.sup.data_root)}, "streams": streams}
         nodes = {self.sup.cfg.node: own}
         with self._lock:
             for f in self.followers:
@@ -464,7 +464,7 @@ def node_lines(status: dict) -> list[str]:
             lines.append(n.get("error") or f"node {name}: unreachable")  # the error names the node
             continue
         clock = "" if n["clock_offset_s"] is None else f", clock {n['clock_offset_s']:+.3f} s"
-        disk = f", disk {n['disk']['free_bytes'] / 1e9:.0f} GB free" if n.get("disk") else ""
+        disk = f", disk {n['disk']['free_bytes'] / 1e9:.0f} GB free" if (n.get("disk") or {}).get("free_bytes") is not None else ""
         lines.append(f"node {name}: {'reachable' if n['reachable'] else 'asking'}{clock}{disk}, {n.get('mode')}, "
                      f"{len(n.get('streams') or {})} streams")
     return lines

@@ -45,8 +45,9 @@ def status_renderable(status: dict, width: int = 80) -> Group:
     head = Text(status["mode"], style="bold")
     if session:
         head.append(f"  {session['session_id']}  {_duration(session.get('elapsed_s'))}")
-    free = status["disk_free_bytes"] / 1e9
-    head.append(f"  disk {free:.0f} GB, {_left(status.get('disk_time_left_s'))}")
+    free = status["disk_free_bytes"]
+    head.append(f"  disk {free / 1e9:.0f} GB, {_left(status.get('disk_time_left_s'))}" if free is not None
+                else "  data root unreadable")
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 0, 0, 0))  # the box separates columns by one space: 77 in all
     for col, w, justify in (("stream", 11, "left"), ("state", 11, "left"), ("drv", 3, "left"), ("msg/s", 6, "right"),
                             ("MB/s", 6, "right"), ("silent", 6, "right"), ("gaps", 5, "right"),

@@ -29,7 +29,7 @@ from acqd.config import RigConfig, check_name
 from acqd.errors import SessionError
 from acqd.service import live
 from acqd.service.calls import Calls
-from acqd.service.disk import DiskReserve
+from acqd.service.disk import DiskReserve, free_bytes
 from acqd.service.hashing import Hashers
 from acqd.service.jobs import Jobs
 from acqd.service.scrubs import Scrubs
@@ -245,8 +245,10 @@ class Supervisor:
     def preflight(self) -> list[str]:
         """Why RECORD would be refused now: hung writers, required streams that are down or silent, a low disk."""
         problems = self.writers.problems()
-        if self.cfg.daemon.disk_reserve_bytes and (free := shutil.disk_usage(self.data_root).free) < \
-                self.cfg.daemon.disk_reserve_bytes:
+        free = free_bytes(self.data_root)
+        if free is None:
+            problems.append(f"data root {self.data_root} cannot be read (gone, or its disk unmounted)")
+        elif self.cfg.daemon.disk_reserve_bytes and free < self.cfg.daemon.disk_reserve_bytes:
             problems.append(f"{self.data_root} has {free} bytes free, below daemon.disk_reserve_bytes "
                             f"({self.cfg.daemon.disk_reserve_bytes})")
         return problems + self.lsl.problems()
@@ -356,7 +358,7 @@ class Supervisor:
         session = self.session_record.summary() if self.session_record is not None else None
         return {"mode": self.mode, "session": session, "streams": streams,
                 "last_session": self.last_session,
-                "data_root": str(self.data_root), "disk_free_bytes": shutil.disk_usage(self.data_root).free,
+                "data_root": str(self.data_root), "disk_free_bytes": free_bytes(self.data_root),
                 "disk_reserve_bytes": self.cfg.daemon.disk_reserve_bytes, "recovered": self.recovered,
                 "control_junk_messages": self.writers.junk_messages, "hash_backlog_bytes": self.hashers.backlog_bytes(),
                 "scrubs": dict(self.scrubs.states), **rig_status(self, streams)}

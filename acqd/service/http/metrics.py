@@ -52,7 +52,7 @@ class SnapshotCollector:
             mode.add_metric([m], 1.0 if st["mode"] == m else 0.0)
         yield mode
         yield GaugeMetricFamily("acqd_disk_free_bytes", "free bytes on the data root's file system",
-                                value=st["disk_free_bytes"])
+                                value=st["disk_free_bytes"] if st["disk_free_bytes"] is not None else float("nan"))
         left = st.get("disk_time_left_s")
         yield GaugeMetricFamily("acqd_disk_time_left_seconds", "time until the disk is full at the current write "
                                 "rate (+Inf when not writing)", value=float("inf") if left is None else left)

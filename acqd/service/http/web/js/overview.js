@@ -162,6 +162,7 @@ export function createOverview({ bus, info, onError }) {
     const free = status.disk_free_bytes;
     const rate = Object.values(status.streams || {}).reduce((a, s) => a + (s.mb_per_s || 0), 0) * 1e6;
     const left = status.disk_time_left_s ?? (rate > 0 ? free / rate : null);
+    if (free == null) { diskEl.textContent = "data root unreadable"; diskEl.classList.add("bad"); return; }
     diskEl.textContent = `disk free ${fmtBytes(free)}` + (left != null && status.mode !== "IDLE" ? ` · ${fmtDuration(left)} left at ${fmtBytes(rate)}/s` : "");
     diskEl.classList.toggle("bad", left != null && left < 3600 && status.mode !== "IDLE");
   }
