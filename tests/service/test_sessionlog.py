@@ -42,6 +42,10 @@ def test_the_session_log_holds_modes_commands_incidents_and_is_sealed(tmp_path, 
         daemon.command("annotate", text="drug on")
         os.kill(daemon.command("status")["streams"]["sensor"]["pid"], signal.SIGKILL)
         wait_until(lambda: daemon.command("status")["streams"]["sensor"]["restarts"] == 1, "the writer's restart")
+        # Record on for 3 s of camera frames after the restart: a host-timed stream needs 10 receive times to be
+        # placed on the timebase, and the small rig records quickly enough to stop before that.
+        frames = daemon.command("status")["streams"]["camera"]["rows"]
+        wait_until(lambda: daemon.command("status")["streams"]["camera"]["rows"] >= frames + 90, "3 s of frames", 30)
         daemon.command("stop")
     lines = [json.loads(x) for x in (folder / LOG_FILE).read_text().splitlines()]
     messages = [x["message"] for x in lines]
@@ -56,7 +60,8 @@ def test_the_session_log_holds_modes_commands_incidents_and_is_sealed(tmp_path, 
 
     job = daemon.command("finalize", session="logged")
     wait_until(lambda: daemon.command("finalize_status", session="logged")["state"] != "running", "finalize", 180)
-    assert daemon.command("finalize_status", session="logged")["state"] == "done", job
+    done = daemon.command("finalize_status", session="logged")
+    assert done["state"] == "done", json.dumps(done)
     assert any(line.endswith(f"  {LOG_FILE}") for line in (folder / "manifest.sha256").read_text().splitlines())
     summary = json.loads((folder / "qc" / "qc.json").read_text())["session_log"]
     assert summary["lines"] == len(lines) and summary["incidents"]["writer_died"] == 1
