@@ -25,7 +25,7 @@ import yaml
 from acqd.service.procs import Daemon, Simulator, wait_until
 from bench.common import BENCH_METADATA, BENCH_RIG, log, med
 from bench.procwatch import ProcWatch, is_acqd, wait_quiet
-from bench.session import SETTLE_S, lost_and_rejected, read_session, rig_file, summarize_streams
+from bench.session import SETTLE_S, lost_and_rejected, read_session, rig_file, summarize_streams, writer_pids
 
 WINDOW_S = 60.0
 BUDGET_PCT = 5.0
@@ -80,8 +80,7 @@ def scenario_preview(args: argparse.Namespace, workdir: Path) -> dict:
             started = daemon.command("record", session=f"bench-preview-{time.strftime('%H%M%S')}",
                                      metadata=BENCH_METADATA)
             folder = Path(started["session"]["path"])
-        pids = {"supervisor": daemon.pid, "simulator": sim.proc.pid,
-                **{f"writer:{n}": s["pid"] for n, s in started["streams"].items() if s["pid"]}}
+        pids = {"supervisor": daemon.pid, "simulator": sim.proc.pid, **writer_pids(started["streams"])}
         time.sleep(SETTLE_S)
         for i in range(n_windows):
             page = ConsoleReader(daemon.url) if i % 2 else None

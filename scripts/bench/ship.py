@@ -28,7 +28,7 @@ from acqd.service.procs import Daemon, Simulator, wait_until
 from acqd.session import FINALIZED, SESSION_FILE, json_bytes, write_bytes_atomic
 from bench.common import BENCH_METADATA, BENCH_RIG, log, med
 from bench.procwatch import CLK_TCK, ProcWatch, cpu_ticks, is_acqd, wait_quiet
-from bench.session import SETTLE_S, lost_and_rejected, read_session, rig_file, summarize_streams
+from bench.session import SETTLE_S, lost_and_rejected, read_session, rig_file, summarize_streams, writer_pids
 
 WINDOW_S = 40.0
 """A throttled job of SESSION_BYTES at THROTTLE takes about 28 s to verified: the shipping window holds all of it
@@ -87,8 +87,7 @@ def scenario_ship(args: argparse.Namespace, workdir: Path) -> dict:
         wait_until(lambda: not daemon.command("preflight")["problems"], "every stream to deliver data", 120, 0.5)
         started = daemon.command("record", session=f"bench-ship-{time.strftime('%H%M%S')}", metadata=BENCH_METADATA)
         folder = Path(started["session"]["path"])
-        pids = {"supervisor": daemon.pid, "simulator": sim.proc.pid,
-                **{f"writer:{n}": s["pid"] for n, s in started["streams"].items() if s["pid"]}}
+        pids = {"supervisor": daemon.pid, "simulator": sim.proc.pid, **writer_pids(started["streams"])}
         writers = {p for k, p in pids.items() if k.startswith("writer:")}
         time.sleep(SETTLE_S)
         for i in range(n_windows):

@@ -23,7 +23,7 @@ import yaml
 from acqd.service.procs import Daemon, Simulator, wait_until
 from bench.common import BENCH_RIG, log, med
 from bench.procwatch import ProcWatch, is_acqd, wait_quiet
-from bench.session import SETTLE_S, lost_and_rejected, read_session, rig_file, summarize_streams
+from bench.session import SETTLE_S, lost_and_rejected, read_session, rig_file, summarize_streams, writer_pids
 
 WINDOW_S = 60.0
 BUDGET_PCT = 1.0
@@ -71,8 +71,7 @@ def _window(config: Path, workdir: Path, window_s: float, args: argparse.Namespa
         wait_until(lambda: not daemon.command("preflight")["problems"], "every stream to deliver data", 120, 0.5)
         started = daemon.command("record", session=session)
         folder = Path(started["session"]["path"])
-        pids = {"supervisor": daemon.pid, "simulator": sim.proc.pid,
-                **{f"writer:{n}": s["pid"] for n, s in started["streams"].items() if s["pid"]}}
+        pids = {"supervisor": daemon.pid, "simulator": sim.proc.pid, **writer_pids(started["streams"])}
         time.sleep(SETTLE_S)
         cpu_before = daemon.command("status")["sync_lock"]["cpu_s"]
         with ProcWatch(pids, args.sample_s) as watch:
