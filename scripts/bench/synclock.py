@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from acqd.service.procs import Daemon, Simulator, wait_until
-from bench.common import BENCH_RIG, log, med
+from bench.common import BENCH_METADATA, BENCH_RIG, log, med
 from bench.procwatch import ProcWatch, is_acqd, wait_quiet
 from bench.session import SETTLE_S, lost_and_rejected, read_session, rig_file, summarize_streams, writer_pids
 
@@ -69,7 +69,7 @@ def _window(config: Path, workdir: Path, window_s: float, args: argparse.Namespa
         daemon.command("acquire")
         sim = Simulator(config, window_s + 600, timeout_s=300)
         wait_until(lambda: not daemon.command("preflight")["problems"], "every stream to deliver data", 120, 0.5)
-        started = daemon.command("record", session=session)
+        started = daemon.command("record", session=session, metadata=BENCH_METADATA)
         folder = Path(started["session"]["path"])
         pids = {"supervisor": daemon.pid, "simulator": sim.proc.pid, **writer_pids(started["streams"])}
         time.sleep(SETTLE_S)
