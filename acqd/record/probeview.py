@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -38,6 +39,14 @@ LFP_TAPS = 3
 """An LFP row is the mean of this many rows evenly spaced in its bin (a comb with nulls at multiples of
 ``LFP_RATE_HZ``: most of the anti-aliasing of a full block mean for a tenth of its cost, measured)."""
 LFP_RATE_HZ = 1000.0
+LFP_SEGMENT_S = 1.4
+LFP_PERIOD_S = 4.6
+"""The LFP band is analysed on ``LFP_SEGMENT_S`` of every ``LFP_PERIOD_S`` (30 % of the data): its filter costs as
+much per row as the AP band's (scipy's loop is bound by each sample's dependency on the last, ~5 ns a sample), and
+LFP power moves slowly. A multiple of ``AP_PERIOD_S``: both bands' segments start together."""
+LFP_WARMUP_S = 0.4
+"""The first rows of an LFP segment count in no RMS: the filter starts in the steady state of the first bin, and its
+1 Hz high-pass forgets that start with a time constant of 0.16 s (e^-2.5 = 8 % of the first bin's deviation left)."""
 AP_SEGMENT_S = 0.1
 AP_PERIOD_S = 2.3
 WARMUP_S = 0.003
@@ -81,31 +90,46 @@ def lfp_sos(rate: float) -> np.ndarray:
     return signal.butter(LFP_ORDER, [LFP_LOW_HZ, min(LFP_HZ, 0.45 * fs)], "bandpass", fs=fs, output="sos")
 
 
-def lfp_bins(x: np.ndarray, q: int) -> np.ndarray:
-    """Sums of ``LFP_TAPS`` rows evenly spaced in each bin of ``q`` rows of ``x`` (len(x) a multiple of q)."""
+@lru_cache(maxsize=64)
+def tap_rows(rel: int, n: int, q: int) -> np.ndarray:
+    """Which of a chunk's ``n`` rows are LFP taps (``LFP_TAPS`` rows evenly spaced in each bin of ``q``), its first row
+    ``rel`` rows into a bin. Chunks mostly have one size and phase: cached (do not modify the result)."""
     taps = min(LFP_TAPS, q)
-    acc = np.int32 if x.dtype.kind in "iu" and x.dtype.itemsize <= 2 else np.float64
-    out = x[0::q].astype(acc)
-    for k in range(1, taps):
-        out += x[k * q // taps::q]
-    return out
+    return np.flatnonzero(np.isin((rel + np.arange(n)) % q, [k * q // taps for k in range(taps)]))
 
 
-def robust_threshold(ap: np.ndarray) -> np.ndarray:
-    """Per channel: -THRESHOLD_MAD x the noise of the AP-band rows ``ap`` (MAD / 0.6745, robust to the spikes)."""
-    med = np.median(ap, axis=0)
-    return -THRESHOLD_MAD * np.median(np.abs(ap - med), axis=0) / MAD_TO_SIGMA
+def median(a: np.ndarray) -> np.ndarray:
+    """``np.median`` along the last axis, by one ``np.partition``: numpy's median also partitions for its NaN check
+    (several kth), which made it 10x slower on (385, 1500) float32 (11 ms against 1.2 ms, measured). A NaN sample
+    makes its channel's value meaningless here rather than NaN."""
+    n = a.shape[-1]
+    k = n // 2
+    part = np.partition(a, k, axis=-1)
+    mid = part[..., k]
+    return mid if n % 2 else (mid + part[..., :k].max(axis=-1)) / 2
+
+
+def robust_threshold(ap: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Per channel: -THRESHOLD_MAD x the noise of the AP-band samples ``ap`` along ``axis`` (time; MAD / 0.6745,
+    robust to the spikes)."""
+    ap = np.moveaxis(ap, axis, -1)
+    return -THRESHOLD_MAD * median(np.abs(ap - median(ap)[..., None])) / MAD_TO_SIGMA
 
 
 def crossings(ap: np.ndarray, threshold: np.ndarray, below_before: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(row, channel) of each downward crossing of ``threshold`` in ``ap``; ``below_before``: each channel's state on
-    the row before ``ap`` (a crossing that began in the previous chunk is not counted again)."""
-    below = ap < threshold
+    """(row, channel) of each downward crossing of ``threshold`` in ``ap`` (channels x rows, contiguous rows), in
+    time order; ``below_before``: each channel's state on the row before ``ap`` (a crossing that began in the previous
+    chunk is not counted again). Only channels whose minimum is below their threshold are looked at: at -4.5 sigma
+    that is the few with a spike, and one pass of ``min`` over the rest costs a fifth of the comparisons."""
+    cand = np.flatnonzero(ap.min(axis=1) < threshold)
+    sub = ap[cand]
+    below = sub < threshold[cand, None]
     onset = below.copy()
-    onset[0] &= ~below_before
-    onset[1:] &= ~below[:-1]
-    rows, chans = np.nonzero(onset)
-    return rows, chans
+    onset[:, 0] &= ~below_before[cand]
+    onset[:, 1:] &= ~below[:, :-1]
+    idx, rows = np.nonzero(onset)
+    order = np.argsort(rows, kind="stable")  # by row, then channel (nonzero gives them by channel)
+    return rows[order], cand[idx[order]]
 
 
 def refractory(samples: np.ndarray, chans: np.ndarray, last: np.ndarray, gap: int) -> np.ndarray:
@@ -171,11 +195,12 @@ class ProbeFeatures:
     """AP rows gathered for the next threshold."""
     lfp_zi: np.ndarray | None = None
     lfp_next: int | None = None
-    lfp_rest: np.ndarray | None = None
-    """Rows left over from the last chunk, not yet a whole LFP bin."""
-    lfp_bins: list[np.ndarray] = field(default_factory=list)
-    """Block sums not filtered yet, from sample ``lfp_first`` on."""
+    lfp_origin: int = 0
+    """The sample the LFP bins are counted from (the last start or gap)."""
+    lfp_taps: list[np.ndarray] = field(default_factory=list)
+    """Tap rows (``tap_rows``) not filtered yet, the first being the first tap of the bin starting at ``lfp_first``."""
     lfp_first: int = 0
+    lfp_warm_until: int = 0
     ap_ss: np.ndarray | None = None
     ap_n: int = 0
     lfp_ss: np.ndarray | None = None
@@ -189,11 +214,18 @@ class ProbeFeatures:
     """(sample of the first row, sample step, rows) of the trace block since the last message."""
     ap_rms: list | None = None
     """The AP-band RMS of the last message that had AP rows."""
+    lfp_rms: list | None = None
+    """The LFP-band RMS of the last message that had LFP rows."""
 
     @classmethod
     def start(cls, rate: float, n_channels: int, skip: int | None, block: dict | None) -> ProbeFeatures:
         return cls(rate, n_channels, skip, BlockRequest.of(block, n_channels, skip), ap_sos(rate), lfp_sos(rate),
                    lfp_factor(rate))
+
+    @property
+    def ap32(self) -> np.ndarray:
+        """The AP sections in float32: sosfilt then filters in float32 (half the memory traffic; the test's bound)."""
+        return self.ap.astype(np.float32)
 
     @property
     def segment(self) -> tuple[int, int]:
@@ -204,11 +236,15 @@ class ProbeFeatures:
         length, period = self.segment
         return first % period < length
 
+    def in_lfp_segment(self, first: int) -> bool:
+        return first % max(1, round(LFP_PERIOD_S * self.rate)) < max(1, round(LFP_SEGMENT_S * self.rate))
+
     def take(self, data: np.ndarray, first: int) -> None:
         """Feed one accepted chunk (rows = samples, columns = channels) starting at device sample ``first``."""
         if len(data) == 0:
             return
-        self._take_lfp(data, first)
+        if self.in_lfp_segment(first):
+            self._take_lfp(data, first)
         if self.block.band == "raw":
             self._keep_block(data, first, "raw")
         if self.in_segment(first):
@@ -217,29 +253,30 @@ class ProbeFeatures:
     def _take_ap(self, data: np.ndarray, first: int) -> None:
         from scipy import signal  # loaded since start(): a cached lookup
 
-        x = data.astype(np.float32)
         if self.ap_next != first:  # a new segment (or a gap): the filter starts in the steady state of this row
-            self.ap_zi = signal.sosfilt_zi(self.ap)[:, :, None].astype(np.float32) * x[0]
+            self.ap_zi = signal.sosfilt_zi(self.ap)[:, :, None].astype(np.float32) * data[0].astype(np.float32)
             self.warm_until = first + round(WARMUP_S * self.rate)
             self.below = np.zeros(self.n_channels, bool)
-        y, self.ap_zi = signal.sosfilt(self.ap.astype(np.float32), x, axis=0, zi=self.ap_zi)
-        self.ap_next = first + len(x)
+        # float32 sections: sosfilt's one copy of its input converts the samples to float32 and moves time last (its
+        # loop runs along contiguous rows), so ``y.T`` is channel-major and contiguous: every step below reads rows
+        y, self.ap_zi = signal.sosfilt(self.ap32, data, axis=0, zi=self.ap_zi)
+        self.ap_next = first + len(y)
         if self.block.band == "ap":
             self._keep_block(y, first, "ap")
         skip = max(0, min(len(y), self.warm_until - first))
-        y_used = y[skip:]
-        if len(y_used) == 0:
+        used = y.T[:, skip:]
+        if used.shape[1] == 0:
             return
-        self.ap_ss = (0.0 if self.ap_ss is None else self.ap_ss) + np.einsum("ij,ij->j", y_used, y_used, dtype=np.float64)
-        self.ap_n += len(y_used)
+        self.ap_ss = (0.0 if self.ap_ss is None else self.ap_ss) + np.einsum("ij,ij->i", used, used, dtype=np.float64)
+        self.ap_n += used.shape[1]
         start = first + skip
         if self.analysed and self.analysed[-1][1] == start:
-            self.analysed[-1] = (self.analysed[-1][0], start + len(y_used))
+            self.analysed[-1] = (self.analysed[-1][0], start + used.shape[1])
         else:
-            self.analysed.append((start, start + len(y_used)))
-        self._measure_noise(y_used, start)
+            self.analysed.append((start, start + used.shape[1]))
+        self._measure_noise(used, start)
         if self.threshold is not None:
-            rows, chans = crossings(y_used, self.threshold, self.below if skip == 0 else np.zeros(self.n_channels, bool))
+            rows, chans = crossings(used, self.threshold, self.below if skip == 0 else np.zeros(self.n_channels, bool))
             if self.skip is not None:
                 rows, chans = rows[chans != self.skip], chans[chans != self.skip]
             samples = start + rows
@@ -252,49 +289,51 @@ class ProbeFeatures:
         self.below = y[-1] < self.threshold if self.threshold is not None else np.zeros(self.n_channels, bool)
 
     def _measure_noise(self, y: np.ndarray, start: int) -> None:
-        """Renew the threshold every ``THRESHOLD_REFRESH_S`` from ``NOISE_ROWS`` rows; the very first one at once from
-        what there is (then refined when the rows are in)."""
+        """Renew the threshold every ``THRESHOLD_REFRESH_S`` from ``NOISE_ROWS`` rows of ``y`` (AP band, channels x
+        rows); the very first one at once from what there is (then refined when the rows are in)."""
         if self.threshold is not None and not self.noise and start - self.threshold_at < THRESHOLD_REFRESH_S * self.rate:
             return
-        self.noise.append(y[::NOISE_STEP])
-        rows = sum(len(a) for a in self.noise)
+        self.noise.append(y[:, ::NOISE_STEP])
+        rows = sum(a.shape[1] for a in self.noise)
         if rows >= NOISE_ROWS or (self.threshold is None and rows >= 25):
-            self.threshold, self.threshold_at = robust_threshold(np.concatenate(self.noise)), start
+            self.threshold, self.threshold_at = robust_threshold(np.concatenate(self.noise, axis=1), axis=1), start
             if rows >= NOISE_ROWS:
                 self.noise = []
 
     def _take_lfp(self, data: np.ndarray, first: int) -> None:
-        """Block-average ``data`` into LFP rows (kept until the next message, filtered then: one filter call per
-        message rather than per chunk)."""
-        q = self.q_lfp
+        """Keep ``data``'s LFP tap rows (one ``take`` per chunk); they are summed into bins and filtered at the next
+        message: one filter call per message rather than per chunk."""
         if self.lfp_next != first:  # start (or a gap): drop a partial bin and the filter state, start afresh
             self._filter_lfp()
-            self.lfp_rest, self.lfp_zi = None, None
-        x = data if self.lfp_rest is None else np.concatenate([self.lfp_rest, data])
-        x0 = first - (0 if self.lfp_rest is None else len(self.lfp_rest))
+            self.lfp_taps, self.lfp_zi, self.lfp_origin, self.lfp_first = [], None, first, first
+            self.lfp_warm_until = first + round(LFP_WARMUP_S * self.rate)
         self.lfp_next = first + len(data)
-        n = len(x) // q * q
-        self.lfp_rest = x[n:].copy() if n < len(x) else None
-        if n:  # a few strided rows per bin (int32 sums for integer samples: exact)
-            if not self.lfp_bins:
-                self.lfp_first = x0
-            self.lfp_bins.append(lfp_bins(x[:n], q))
+        idx = tap_rows((first - self.lfp_origin) % self.q_lfp, len(data), self.q_lfp)
+        if len(idx):
+            self.lfp_taps.append(data.take(idx, axis=0))
 
     def _filter_lfp(self) -> None:
-        """Filter the LFP rows kept since the last call (float64: a 1 Hz corner at 1 kHz needs it; few rows)."""
-        if not self.lfp_bins:
+        """Filter the whole LFP bins kept since the last call (float64: a 1 Hz corner at 1 kHz; few rows)."""
+        taps = min(LFP_TAPS, self.q_lfp)
+        rows = np.concatenate(self.lfp_taps) if len(self.lfp_taps) > 1 else (self.lfp_taps or [None])[0]
+        n = 0 if rows is None else len(rows) // taps * taps
+        if n == 0:
             return
         from scipy import signal
 
-        binned = np.concatenate(self.lfp_bins).astype(np.float64) / min(LFP_TAPS, self.q_lfp)
-        self.lfp_bins = []
+        self.lfp_taps = [rows[n:]] if n < len(rows) else []
+        binned = rows[:n].reshape(n // taps, taps, -1).sum(axis=1, dtype=np.float64) / taps
+        first, self.lfp_first = self.lfp_first, self.lfp_first + len(binned) * self.q_lfp
         if self.lfp_zi is None:
             self.lfp_zi = signal.sosfilt_zi(self.lfp)[:, :, None] * binned[0]
         y, self.lfp_zi = signal.sosfilt(self.lfp, binned, axis=0, zi=self.lfp_zi)
-        self.lfp_ss = (0.0 if self.lfp_ss is None else self.lfp_ss) + np.einsum("ij,ij->j", y, y, dtype=np.float64)
-        self.lfp_n += len(y)
+        used = y[max(0, -((first - self.lfp_warm_until) // self.q_lfp)):]  # bins from lfp_warm_until on
+        if len(used):
+            self.lfp_ss = (0.0 if self.lfp_ss is None else self.lfp_ss) + np.einsum("ij,ij->j", used, used,
+                                                                                    dtype=np.float64)
+            self.lfp_n += len(used)
         if self.block.band == "lfp":
-            self.block_rows.append((self.lfp_first, self.q_lfp, y[:, list(self.block.channels)]))
+            self.block_rows.append((first, self.q_lfp, y[:, list(self.block.channels)]))
 
     def _keep_block(self, rows: np.ndarray, first: int, band: str) -> None:
         q = max(1, round(self.rate / TRACE_RATE_HZ))
@@ -332,10 +371,11 @@ class ProbeFeatures:
         counts = np.bincount(chans, minlength=self.n_channels)
         shown = samples >= now_sample - round(WINDOW_S * self.rate)
         samples, chans = samples[shown], chans[shown]
-        # A message between two AP segments repeats the last segment's RMS (null until the first one)
+        # A message between two segments repeats the last segment's RMS (null until the first one)
         self.ap_rms = self._rms(self.ap_ss, self.ap_n) or self.ap_rms
+        self.lfp_rms = self._rms(self.lfp_ss, self.lfp_n) or self.lfp_rms
         out = {
-            "ap_rms": self.ap_rms, "lfp_rms": self._rms(self.lfp_ss, self.lfp_n),
+            "ap_rms": self.ap_rms, "lfp_rms": self.lfp_rms,
             "threshold": self._plain(self.threshold), "analysed_s": round(seconds, 4), "end": now_sample,
             "rates": self._plain(counts / seconds if seconds > 0 else None, 3),
             "crossings": {"samples": samples.tolist(), "channels": chans.tolist(), "dropped": self.crossings_dropped},
@@ -370,7 +410,9 @@ class ProbeFeatures:
 def settings(rate: float) -> dict:
     """What the view states about how its numbers were made, for a stream sampled at ``rate``."""
     q = lfp_factor(rate)
-    return {"ap_hz": AP_HZ, "ap_order": AP_ORDER, "lfp_hz": [LFP_LOW_HZ, LFP_HZ], "lfp_order": LFP_ORDER, "lfp_rate_hz": rate / q,
+    return {"ap_hz": AP_HZ, "ap_order": AP_ORDER, "lfp_hz": [LFP_LOW_HZ, min(LFP_HZ, 0.45 * rate / q)],
+            "lfp_order": LFP_ORDER, "lfp_rate_hz": rate / q,
+            "lfp_segment_s": round(LFP_SEGMENT_S * rate) / rate, "lfp_period_s": round(LFP_PERIOD_S * rate) / rate,
             "threshold_mad": THRESHOLD_MAD, "threshold_refresh_s": THRESHOLD_REFRESH_S,
             "ap_segment_s": round(AP_SEGMENT_S * rate) / rate, "ap_period_s": round(AP_PERIOD_S * rate) / rate,
             "window_s": WINDOW_S, "rate_window_s": RATE_WINDOW_S, "trace_rate_hz": rate / max(1, round(rate / TRACE_RATE_HZ)),

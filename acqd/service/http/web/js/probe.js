@@ -360,10 +360,11 @@ class Traces {
 function settingsText(s) {
   return `AP: Butterworth order ${s.ap_order} high-pass ${s.ap_hz} Hz on ${(s.ap_segment_s * 1000).toFixed(0)} ms of every ` +
     `${s.ap_period_s.toFixed(1)} s (${((100 * s.ap_segment_s) / s.ap_period_s).toFixed(0)} % of the data) · ` +
-    `LFP: ${s.lfp_hz[0]}–${s.lfp_hz[1]} Hz at ${s.lfp_rate_hz.toFixed(0)} Hz · crossings below −${s.threshold_mad} × MAD ` +
+    `LFP: ${s.lfp_hz[0]}–${s.lfp_hz[1]} Hz at ${s.lfp_rate_hz.toFixed(0)} Hz on ${s.lfp_segment_s.toFixed(1)} s of every ` +
+    `${s.lfp_period_s.toFixed(1)} s · crossings below −${s.threshold_mad} × MAD ` +
     `(refreshed every ${s.threshold_refresh_s} s, ${s.refractory_s * 1000} ms dead time): raster of the last ${s.window_s} s, ` +
     `rates over the last ${s.rate_window_s} s · ` +
-    `traces at ${s.trace_rate_hz.toFixed(0)} Hz (AP: each bin's largest excursion)`;
+    `traces at ${s.trace_rate_hz.toFixed(0)} Hz (AP: each bin's largest excursion), AP and LFP: the last analysed segment`;
 }
 
 function ageText(age) { return age == null ? "no data yet" : age < 90 ? `${age.toFixed(0)} s` : `${(age / 60).toFixed(0)} min`; }
