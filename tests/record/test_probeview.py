@@ -207,3 +207,52 @@ def test_a_writer_nobody_watches_never_loads_scipy():
     code = "import sys, acqd.record.writer; print('scipy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 7), st.sampled_from([np.float32, np.float64]), st.integers(0, 10**6))
+def test_median_by_one_partition_is_numpys(n, ch, dtype, seed):
+    """``median`` (one np.partition, no NaN pass) gives np.median's value for odd and even counts, and
+    ``robust_threshold`` is the same along either layout (time x channels, channels x time)."""
+    a = np.random.default_rng(seed).normal(0, 30, (ch, n)).astype(dtype)
+    assert np.allclose(pv.median(a), np.median(a, axis=-1), rtol=1e-6, atol=0)
+    assert np.array_equal(pv.robust_threshold(a, axis=1), pv.robust_threshold(a.T.copy(), axis=0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 80), st.integers(1, 9), st.integers(0, 10**6))
+def test_crossings_on_channel_rows_are_the_time_major_reference(n, ch, seed):
+    """Crossings found on channel-major rows (only channels whose minimum crosses) are the plain reference's on
+    time-major rows, in time order, with each channel's state before the chunk honoured."""
+    rng = np.random.default_rng(seed)
+    y = rng.normal(0, 1, (n, ch)).astype(np.float32)
+    thr = rng.normal(-1.5, 0.5, ch).astype(np.float32)
+    before = rng.random(ch) < 0.5
+    below = y < thr
+    onset = below & ~np.vstack([before[None], below[:-1]])
+    ref_rows, ref_chans = np.nonzero(onset)  # row-major: by row, then channel
+    rows, chans = pv.crossings(np.ascontiguousarray(y.T), thr, before)
+    assert np.array_equal(rows, ref_rows) and np.array_equal(chans, ref_chans)
+
+
+def test_lfp_is_the_references_on_its_segments_only():
+    """Default LFP segments: the LFP-band RMS is the reference's (the segment's taps binned, filtered from the steady
+    state of its first bin, RMS from LFP_WARMUP_S on), chunks outside the segments are not looked at, and a message
+    after the segment repeats its RMS."""
+    q, seg = pv.lfp_factor(RATE), round(pv.LFP_SEGMENT_S * RATE)
+    n = round(pv.LFP_PERIOD_S * RATE) + 3000
+    x = _noise(n, 3, seed=5)
+    x[seg:, 1] += 5000  # a step after the first segment: its RMS must not see it
+    f = pv.ProbeFeatures.start(RATE, 3, None, {"channels": [0, 1, 2], "band": "lfp"})
+    for chunk, first in _chunks(x, [300]):
+        f.take(chunk, first)
+    out = f.flush(n)
+    taps = [k * q // pv.LFP_TAPS for k in range(pv.LFP_TAPS)]
+    binned = x[:seg].reshape(-1, q, 3)[:, taps].mean(axis=1)
+    sos = pv.lfp_sos(RATE)
+    y = signal.sosfilt(sos, binned, axis=0, zi=signal.sosfilt_zi(sos)[:, :, None] * binned[0])[0]
+    used = y[round(pv.LFP_WARMUP_S * RATE) // q:]
+    assert out["lfp_rms"] == pytest.approx(np.sqrt((used ** 2).mean(axis=0)).tolist(), rel=1e-3)
+    period = round(pv.LFP_PERIOD_S * RATE)  # the second segment's first 0.1 s: filtered, all in its warm-up
+    assert out["block"]["starts"] == [0, period] and [len(y[0]) for y in out["block"]["y"]] == [seg // q, 3000 // q]
+    assert f.flush(n + 3000)["lfp_rms"] == out["lfp_rms"]
