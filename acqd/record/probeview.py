@@ -12,11 +12,14 @@ writer imports this module, and scipy.signal doubled a writer's start-up (2.4 of
 
 Budget: filtering all 384 channels at 30 kHz costs about 7 % of a core per probe (measured, docs/performance.md),
 far over what a watching page may cost the data path. So the AP band (RMS, crossings, AP traces) is computed on
-contiguous segments of ``AP_SEGMENT_S`` of every ``AP_PERIOD_S`` of device samples (about 4 % of the data; a
+contiguous segments of ``AP_SEGMENT_S`` of every ``AP_PERIOD_S`` of device samples (about 3 % of the data; a
 period that is no multiple of a second walks the segments through any once-a-second pattern), and each message
-says how many seconds were analysed: rates are crossings per analysed second. The LFP path runs on every chunk
-(on 3 rows of every 30, filtered once per message). The first ``WARMUP_S`` of a segment after a discontinuity count no
-crossing and no RMS: the filter starts from its steady state for the first row, but noise still rings briefly.
+says how many seconds were analysed: rates are crossings per analysed second. The LFP band likewise runs on
+``LFP_SEGMENT_S`` of every ``LFP_PERIOD_S`` (on 3 rows of every 30, filtered once per message). The first ``WARMUP_S``
+(``LFP_WARMUP_S``) of a segment count no crossing and no RMS: the filter starts from its steady state for the first
+row, but noise still rings briefly. Between segments a message repeats the last RMS; the trace block is the last
+analysed segment. scipy's ``sosfilt`` runs along the last axis, one sample after the other (~5 ns a sample and
+section here, bound by each output's dependency on the last, not by its copy): the samples filtered are the cost.
 """
 
 from __future__ import annotations
@@ -40,15 +43,15 @@ LFP_TAPS = 3
 ``LFP_RATE_HZ``: most of the anti-aliasing of a full block mean for a tenth of its cost, measured)."""
 LFP_RATE_HZ = 1000.0
 LFP_SEGMENT_S = 1.4
-LFP_PERIOD_S = 4.6
-"""The LFP band is analysed on ``LFP_SEGMENT_S`` of every ``LFP_PERIOD_S`` (30 % of the data): its filter costs as
+LFP_PERIOD_S = 6.9
+"""The LFP band is analysed on ``LFP_SEGMENT_S`` of every ``LFP_PERIOD_S`` (20 % of the data): its filter costs as
 much per row as the AP band's (scipy's loop is bound by each sample's dependency on the last, ~5 ns a sample), and
 LFP power moves slowly. A multiple of ``AP_PERIOD_S``: both bands' segments start together."""
 LFP_WARMUP_S = 0.4
 """The first rows of an LFP segment count in no RMS: the filter starts in the steady state of the first bin, and its
 1 Hz high-pass forgets that start with a time constant of 0.16 s (e^-2.5 = 8 % of the first bin's deviation left)."""
 AP_SEGMENT_S = 0.1
-AP_PERIOD_S = 2.3
+AP_PERIOD_S = 3.45
 WARMUP_S = 0.003
 THRESHOLD_MAD = 4.5
 THRESHOLD_REFRESH_S = 5.0
@@ -60,9 +63,9 @@ REFRACTORY_S = 0.002
 """A channel's crossings closer than this count once (one spike's trough may recross the threshold)."""
 WINDOW_S = 10.0
 """The crossings sent cover this long (the raster's window)."""
-RATE_WINDOW_S = 30.0
-"""Rates count the crossings of this long (three times the raster's: the AP segments analyse a share of the data,
-and a 20 Hz unit then shows ~25 crossings rather than ~8)."""
+RATE_WINDOW_S = 45.0
+"""Rates count the crossings of this long (4.5 times the raster's: the AP segments analyse 3 % of the data, and a
+20 Hz unit then shows ~26 crossings, a Poisson spread of 20 %, rather than ~6)."""
 MAX_CROSSINGS = 20000
 """Crossings kept in the rates' window at most (the oldest go first; counted in ``crossings_dropped``)."""
 MAX_BLOCK = 64

@@ -139,7 +139,7 @@ def test_rms_per_band_is_the_bands_own():
 def test_segments_cover_the_share_they_claim_and_rates_count_per_analysed_second():
     """Default segments: AP_SEGMENT_S of every AP_PERIOD_S, minus warm-ups; a channel spiking at 50 Hz on a regular
     grid reads 50 Hz whatever the segments' phase."""
-    n = int(RATE * 32)
+    n = int(RATE * (pv.RATE_WINDOW_S + 2))
     x = _noise(n, 2, seed=4).astype(np.float64)
     for t in range(100, n - 40, int(RATE / 50)):
         x[t:t + 30, 1] += -np.exp(-((np.arange(30) - 8) ** 2) / 8.0) * 300

@@ -55,10 +55,10 @@ def test_probe_view_shows_the_simulated_units_dead_and_noisy_sites_on_the_sessio
             assert bad.status_code == 422 and "no electrode channel" in bad.text
             assert http.put("/api/console/probes/probe/block", json={"channels": [1], "band": "x"}).status_code == 422
 
-            def full() -> dict | None:  # a whole window analysed: rates over the view's 10 s
+            def full() -> dict | None:  # 30 s of the data analysed (the AP segments' share of it)
                 r = http.get("/api/console/probes/probe").json()
-                f = r["features"]
-                return r if f and f["analysed_s"] >= 0.9 * 30 * 0.097 / 2.3 else None
+                f, s = r["features"], r["settings"]
+                return r if f and f["analysed_s"] >= 0.9 * 30 * (s["ap_segment_s"] - 0.003) / s["ap_period_s"] else None
             reply = wait_until(full, "a full window of probe features", 60, every_s=0.5)
             status = http.get("/api/status").json()
     finally:
