@@ -53,7 +53,7 @@ def test_probe_view_shows_units_dead_and_noisy_sites_and_64_dragged_channels_on_
         ui.shot("dead-and-noisy-sites")
         # Units: the raster's rate-by-depth profile finds each at its depth (one site pitch) and rate (20 %).
         units = full.locator(".units li.unit")
-        ui.expect(units).to_have_count(len(truth["units"]), timeout=60_000)  # once the 30 s rates window is in
+        ui.expect(units).to_have_count(len(truth["units"]), timeout=60_000)  # once 80 % of the 45 s rates window is in
         seen = sorted((float(u.get_attribute("data-depth")), float(u.get_attribute("data-rate"))) for u in units.all())
         want = sorted((site_y[u["channel"]], u["rate_hz"]) for u in truth["units"])
         for (depth, rate), (y, hz) in zip(seen, want):
