@@ -22,7 +22,7 @@ from io import BytesIO
 import numpy as np
 
 from acqd.config import ChannelSync, StreamConfig
-from acqd.record.probeview import ProbeFeatures
+from acqd.record.probeview import ProbeFeatures, signal_loaded
 
 TRACE_POINTS_PER_S = 200
 """Trace points kept per second and channel (a 5 s window is 1000 points: enough to see spikes and noise)."""
@@ -173,15 +173,17 @@ class Preview:
     """Host monotonic seconds of the session timebase's zero (RECORD's start, or ACQUIRE's before), if told."""
     probe: ProbeFeatures | None = None
     """The probe view's features (ephys streams only, acqd.record.probeview)."""
+    probe_args: tuple | None = None
+    """``ProbeFeatures.start``'s arguments until scipy.signal is loaded (on a thread: ``signal_loaded``)."""
 
     @classmethod
     def start(cls, cfg: StreamConfig, channels: list[int] | tuple[int, ...] | None, now_s: float,
               origin: float | None = None, block: dict | None = None) -> Preview:
         stride = max(1, round(cfg.rate / TRACE_POINTS_PER_S))
         skip = cfg.sync.channel if isinstance(cfg.sync, ChannelSync) else None
-        probe = ProbeFeatures.start(cfg.rate, cfg.shape[0], skip, block) if cfg.kind == "ephys" else None
+        probe_args = (cfg.rate, cfg.shape[0], skip, block) if cfg.kind == "ephys" else None
         return cls(cfg, valid_channels(cfg, channels), stride, window=(now_s, 0), next_send=now_s + SEND_INTERVAL_S,
-                   clock=HostClock(cfg.rate), origin=origin, probe=probe)
+                   clock=HostClock(cfg.rate), origin=origin, probe_args=probe_args)
 
     def take(self, data: np.ndarray, first_sample: int, now_s: float) -> dict | None:
         """Keep a few rows of an accepted chunk; every ``SEND_INTERVAL_S``, return a preview message."""
@@ -193,6 +195,8 @@ class Preview:
         self.last = data
         if self.clock is not None:
             self.clock.see(first_sample + n, now_s)
+        if self.probe_args is not None and signal_loaded():
+            self.probe, self.probe_args = ProbeFeatures.start(*self.probe_args), None
         if self.probe is not None:
             self.probe.take(data, first_sample)
         if self.channels:

@@ -25,6 +25,9 @@ section here, bound by each output's dependency on the last, not by its copy): t
 from __future__ import annotations
 
 import math
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -73,6 +76,37 @@ TRACE_RATE_HZ = 2500.0
 """Trace block rows per second for raw and ap (ap keeps each bin's largest excursion, so spikes survive)."""
 BANDS = ("raw", "ap", "lfp")
 MAD_TO_SIGMA = 0.6745
+
+
+_signal_loaded = threading.Event()
+_signal_loader: threading.Thread | None = None
+signal_import_s: float | None = None
+"""How long importing scipy.signal took on its thread (None until it is done)."""
+
+
+def _load_signal() -> None:
+    global signal_import_s
+    t0 = time.monotonic()
+    import scipy.signal  # noqa: F401
+
+    signal_import_s = time.monotonic() - t0
+    _signal_loaded.set()
+
+
+def signal_loaded() -> bool:
+    """Whether scipy.signal is imported; the first call starts importing it on a thread. Importing it takes 1-2 s on
+    a loaded machine, and a writer that imported it in its loop when a page opened went silent that long: the daemon
+    reported it hung, then recovered (every probe, every time a page opened). A process that has it already gets
+    True at once."""
+    global _signal_loader
+    if _signal_loaded.is_set():
+        return True
+    if _signal_loader is None:
+        _signal_loader = threading.Thread(target=_load_signal, name="import-scipy-signal", daemon=True)
+        _signal_loader.start()
+        if "scipy.signal" in sys.modules:  # loaded by someone else: done in a moment
+            _signal_loader.join(timeout=1.0)
+    return _signal_loaded.is_set()
 
 
 def ap_sos(rate: float) -> np.ndarray:

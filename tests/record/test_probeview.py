@@ -209,6 +209,42 @@ def test_a_writer_nobody_watches_never_loads_scipy():
     assert out.stdout.strip() == "False"
 
 
+WATCH_A_PROBE = """
+import json, time
+import numpy as np
+from acqd.config import StreamConfig
+from acqd.record import probeview
+from acqd.record.preview import Preview
+
+cfg = StreamConfig(name="probe", kind="ephys", endpoint="ipc:///tmp/p", dtype="int16", shape=(4,), rate=30000.0)
+chunk = np.zeros((300, 4), np.int16)
+t0 = time.monotonic()
+p = Preview.start(cfg, None, 0.0)
+p.take(chunk, 0, 0.0)
+blocked = time.monotonic() - t0
+first, deadline = 300, time.monotonic() + 60
+while p.probe is None and time.monotonic() < deadline:
+    p.take(chunk, first, 0.0)
+    first += 300
+    time.sleep(0.01)
+print(json.dumps({"blocked_s": blocked, "import_s": probeview.signal_import_s, "features": p.probe is not None}))
+"""
+
+
+def test_a_page_opening_never_stalls_the_writer_while_scipy_loads():
+    """Regression: a writer imported scipy.signal in its loop when a page first watched its probe, and went silent for
+    as long (1-2 s on a loaded machine): the daemon logged writer_hung then writer_recovered for every probe, every
+    time a page opened. It now loads on a thread while the writer goes on; the features start once it is loaded."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", WATCH_A_PROBE], capture_output=True, text=True, timeout=90, check=True)
+    r = json.loads(out.stdout)
+    assert r["features"] and r["import_s"] is not None
+    assert r["blocked_s"] < r["import_s"] / 2, r
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 60), st.integers(1, 7), st.sampled_from([np.float32, np.float64]), st.integers(0, 10**6))
 def test_median_by_one_partition_is_numpys(n, ch, dtype, seed):
