@@ -23,13 +23,13 @@ import functools
 import hashlib
 import mmap
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from acqd.finalize.integrity import CorruptChunk, Integrity
+from acqd.record.checksum import crc32
 from acqd.record.streamfile import open_for_read
 from acqd.record.superblock import left_open, read_head
 
@@ -140,7 +140,7 @@ def read_once(path: Path, p: Plan | None, stop) -> tuple[str, list[int] | None]:
             stop_at = pos + n
             while j < len(starts) and starts[j] < stop_at:
                 a, b = max(starts[j], pos), min(ends[j], stop_at)
-                crcs[owners[j]] = zlib.crc32(block[a - pos:b - pos], crcs[owners[j]])
+                crcs[owners[j]] = crc32(block[a - pos:b - pos], crcs[owners[j]])
                 if ends[j] > stop_at:
                     break  # the range goes on in the next block
                 j += 1
