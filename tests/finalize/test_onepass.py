@@ -4,7 +4,6 @@ or with bytes flipped, and a part that grows or shrinks while it is read is left
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
