@@ -4,6 +4,7 @@ or with bytes flipped, and a part that grows or shrinks while it is read is left
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def test_a_flipped_byte_is_named_by_the_same_chunk_as_through_hdf5(session, k):
 def test_ranges_that_cross_blocks_and_chunks_give_the_same_crcs(session, monkeypatch):
     """Blocks much smaller than a chunk: every index row's crc is fed from several reads."""
     monkeypatch.setattr(onepass, "BLOCK_BYTES", 8192)
-    monkeypatch.setattr(onepass, "_buffer", lambda: __import__("mmap").mmap(-1, 8192))
+    monkeypatch.setattr(onepass, "_buffer", lambda: mmap.mmap(-1, 8192))
     probe = session / PROBE
     a, b, seq = index_row(probe, 3)
     offset, _ = stored_row_bytes(probe, a)
@@ -107,7 +108,7 @@ def test_ranges_that_cross_blocks_and_chunks_give_the_same_crcs(session, monkeyp
 @pytest.mark.parametrize("how", ["grow", "shrink"])
 def test_a_part_that_changes_while_it_is_read_is_left_to_finalize(session, monkeypatch, how):
     monkeypatch.setattr(onepass, "BLOCK_BYTES", 65536)
-    monkeypatch.setattr(onepass, "_buffer", lambda: __import__("mmap").mmap(-1, 65536))
+    monkeypatch.setattr(onepass, "_buffer", lambda: mmap.mmap(-1, 65536))
     meddler = Meddler(session / PROBE, how)
     assert digest_part(session, PROBE, "probe", meddler) is None
     assert meddler.calls >= 1
