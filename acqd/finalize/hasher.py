@@ -2,7 +2,8 @@
 
 ``python -m acqd.finalize.hasher SESSION_FOLDER DAEMON_PID``, one per recorded session, started by the daemon
 (``acqd.service.hashing``). It reads jobs (``{"path": ..., "stream": ...}``, one JSON line each) from stdin, and for
-each file takes its sha256 and checks its chunk checksums (``acqd.finalize.integrity.verify_part``), then appends
+each file takes its sha256 and checks its chunk checksums from one read of it (``acqd.finalize.onepass``; through HDF5,
+``acqd.finalize.integrity.verify_part``, for parts of another layout), then appends
 an entry to ``digests.jsonl`` (``acqd.finalize.digests``) and reports ``{"done": path, "bytes": n}`` on stdout;
 the end of stdin means no more parts. It runs at the lowest CPU priority and in the idle I/O class (it gets the
 disk when nothing else asks for it), drops what it read from the page cache, dies with the daemon
@@ -26,10 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+from acqd.finalize import onepass
 from acqd.finalize.digests import Entry, entry_line, stamp
 from acqd.finalize.layout import DIGESTS
 from acqd.finalize.integrity import verify_part
-from acqd.finalize.seal import _sha256 as sha256_file  # the one sha256 reader of finalize
 from acqd.record.launch import EXIT_ORPHANED, die_with_parent
 from acqd.record.streamfile import open_for_read
 from acqd.record.video import VIDEO_DIR
@@ -66,8 +67,13 @@ def digest_part(folder: Path, rel_path: str, stream: str | None, stop: _Finalize
     """Hash one file and check its chunks; None if it changed while it was read (it is left to finalize)."""
     path = Path(folder) / rel_path
     before = stamp(path)
-    sha = sha256_file(path, stop)
-    chunks = verify_part(stream, path, rel_path).to_dict() if stream is not None and path.suffix == ".h5" else None
+    checked = stream is not None and path.suffix == ".h5"
+    layout = onepass.plan(stream, path, rel_path) if checked else None
+    sha, crcs = onepass.read_once(path, layout, stop)  # sha256 and chunk crc32s from one read (acqd.finalize.onepass)
+    if layout is not None and crcs is not None:
+        chunks = onepass.verdicts(layout, crcs).to_dict()
+    else:  # another layout (or the file shrank under the read: then the stamp below differs): through HDF5
+        chunks = verify_part(stream, path, rel_path).to_dict() if checked and stamp(path) == before else None
     drop_from_cache(path)
     if stamp(path) != before:
         return None

@@ -34,7 +34,6 @@ import os
 import resource
 import shutil
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -46,6 +45,7 @@ import numpy as np
 
 from acqd.config import EdgeLine, StreamConfig
 from acqd.errors import DiskFullError, WriterError
+from acqd.record.checksum import crc32
 from acqd.record.ingest import Gap, GapRecord, Loss, Reject
 from acqd.record.partread import UnreadablePart, open_for_read  # noqa: F401 - re-exported: readers import them here
 from acqd.record.video import VIDEO_DIR, VideoSink
@@ -448,7 +448,7 @@ class io_errors:
 
 def rows_crc32(rows: np.ndarray) -> int:
     """The /index checksum of a message: crc32 of its samples' bytes as stored (C order, the declared dtype)."""
-    return zlib.crc32(np.ascontiguousarray(rows).data)
+    return crc32(np.ascontiguousarray(rows).data)
 
 
 def last_committed(path: Path, stream: str, session_id: str | None) -> tuple[int, int, int] | None:
