@@ -24,6 +24,7 @@ section here, bound by each output's dependency on the last, not by its copy): t
 
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 import threading
@@ -87,7 +88,7 @@ signal_import_s: float | None = None
 def _load_signal() -> None:
     global signal_import_s
     t0 = time.monotonic()
-    import scipy.signal  # noqa: F401
+    importlib.import_module("scipy.signal")
 
     signal_import_s = time.monotonic() - t0
     _signal_loaded.set()
