@@ -147,6 +147,8 @@ def read_once(path: Path, p: Plan | None, stop) -> tuple[str, list[int] | None]:
             pos = stop_at
             if n < BLOCK_BYTES:
                 break  # the end of the file (reading on from an odd offset is refused with O_DIRECT)
+        if pos != os.fstat(fd).st_size:  # a short read before the end (a network or FUSE file system may give one):
+            raise OSError(errno.EIO, f"{path}: read {pos} of {os.fstat(fd).st_size} bytes")  # never a prefix's sha
     finally:
         view.release()
         os.close(fd)

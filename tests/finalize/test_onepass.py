@@ -114,6 +114,17 @@ def test_a_part_that_changes_while_it_is_read_is_left_to_finalize(session, monke
     assert meddler.calls >= 1
 
 
+def test_a_short_read_before_the_end_is_an_error_never_a_prefix_digest(session, monkeypatch):
+    """A file system may return fewer bytes than asked before the end of the file (network, FUSE): the loop's end test
+    would then take a prefix's sha256 as the part's, and the scrub would later call the sealed part rotten."""
+    monkeypatch.setattr(onepass, "BLOCK_BYTES", 65536)
+    monkeypatch.setattr(onepass, "_buffer", lambda: mmap.mmap(-1, 65536))
+    real = onepass.os.preadv
+    monkeypatch.setattr(onepass.os, "preadv", lambda fd, bufs, pos: min(real(fd, bufs, pos), 4096))
+    with pytest.raises(OSError, match="read 4096 of"):
+        onepass.read_once(session / PROBE, None, Never())
+
+
 def test_a_part_of_another_layout_is_checked_through_hdf5(tmp_path):
     """A compressed part (and a part its writer never closed) has no one-pass plan; the verdicts stay HDF5's."""
     cfg = small_config(tmp_path / "data")
