@@ -93,6 +93,7 @@ def main() -> int:
     ap.add_argument("--channels", type=int, default=384)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--keep", type=Path)
+    ap.add_argument("--out", type=Path, help="write the JSON result here too")
     args = ap.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-hasher-"))
     cfg = small_config(root / "data", probe_channels=args.channels)
@@ -161,6 +162,8 @@ def main() -> int:
         out[f"digest_part_over_sha256sum_{cache}"] = round(
             out["in_process_median"][f"digest_part_{cache}_cpu_s"] / med[f"sha256sum_{cache}_cpu_s"], 2)
     print(json.dumps(out, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=2))
     if not args.keep:
         shutil.rmtree(root)
     return 0

@@ -21,6 +21,7 @@ Scenarios (``--scenarios``, comma-separated; default all):
   synclock   the live sync lock on vs off, the reference rig in alternate windows (bench/synclock.py).
   many       the reference rig plus 8, 32, 96 slow streams: marginal cost per slow stream, mode-change times,
              status latency (bench/many.py).
+  hasher     the daemon's hasher process against sha256sum of the same bytes, cold and hot (bench/hasher.py).
 
 A ramp step "keeps up" when no message is lost or rejected, the simulator stayed on its real-time
 schedule, and the receiver has no growing backlog (p99 publish->receive under BACKLOG_LIMIT_MS).
@@ -52,6 +53,7 @@ from datetime import datetime, timezone  # noqa: E402
 from bench.common import DOC, ROOT, SCENARIOS, log, to_json  # noqa: E402
 from bench.disk import scenario_disk  # noqa: E402
 from bench.finalize import scenario_finalize  # noqa: E402
+from bench.hasher import scenario_hasher  # noqa: E402
 from bench.many import scenario_many  # noqa: E402
 from bench.naive import scenario_naive  # noqa: E402
 from bench.procwatch import RSS_LIMIT_MB  # noqa: E402
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     runners = {"reference": scenario_reference, "ramp": scenario_ramp, "naive": scenario_naive,
                "disk": scenario_disk, "pynwb": scenario_pynwb, "finalize": scenario_finalize,
                "preview": scenario_preview, "slow": scenario_slow, "ship": scenario_ship, "synclock": scenario_synclock,
-               "many": scenario_many}
+               "many": scenario_many, "hasher": scenario_hasher}
     try:
         for name in SCENARIOS:
             if name in args.scenarios:

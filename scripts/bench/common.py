@@ -18,7 +18,8 @@ BENCH_RIG = ROOT / "configs" / "bench-rig.yaml"
 BENCH_METADATA = {"subject": {"subject_id": "bench", "species": "Mus musculus", "sex": "U", "age": "P90D"}}
 """What every benchmark session records under (the rig config holds no subject)."""
 DOC = ROOT / "docs" / "performance.md"
-SCENARIOS = ("reference", "ramp", "naive", "disk", "pynwb", "finalize", "preview", "slow", "ship", "synclock", "many")
+SCENARIOS = ("reference", "ramp", "naive", "disk", "pynwb", "finalize", "preview", "slow", "ship", "synclock", "many",
+             "hasher")
 
 
 def log(msg: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import med
+from bench.hasher import hasher_targets
 from bench.preview import preview_targets
 from bench.synclock import synclock_targets
 from bench.many import many_markdown, many_targets
@@ -128,6 +129,7 @@ def targets(res: dict) -> list[dict]:
     rows += slow_targets(res, row)
     rows += many_targets(res, row)
     rows += synclock_targets(res, row)
+    rows += hasher_targets(res, row)
     return rows
 
 
