@@ -37,6 +37,7 @@ import zmq
 
 from acqd.config import RigConfig, StreamConfig
 from acqd.errors import DiskFullError, WriterError
+from acqd.record.batch import drain_batch
 from acqd.record.faults import Faults
 from acqd.record.schedule import Due
 from acqd.record.writer import BATCH_LIMIT, Writer, WriterSpec, limit_file_size
@@ -173,7 +174,7 @@ class Group:
             woken = {owner[s] for s in events}
             # A command (stop, record) applies after what arrived before it: every stream's batch is handled first.
             if time.monotonic() >= wake or any(w.ctrl in events for w in woken):
-                self.each(lambda w: w.drain(BATCH_LIMIT))
+                self.each(lambda w: drain_batch(w, BATCH_LIMIT))
             self.each(lambda w: w.on_control(events), woken)  # a record command opens a file: it may fail
             now = time.monotonic()
             due = schedule.due(now, recording, paired)
