@@ -96,9 +96,14 @@ def handle_batch(w: Writer, items: list[tuple[int, int, list[zmq.Frame]]]) -> No
             end = int(breaks[b]) if b < len(breaks) else k
             i = _run(w, items, i, end, heads, payloads, edge_bufs, nbytes)
         else:
-            wall_ns, mono_ns, frames = items[i]
-            w.handle(frames, (wall_ns, mono_ns))
+            _one(w, items[i])
             i += 1
+
+
+def _one(w: Writer, item: tuple[int, int, list]) -> None:
+    """One message through ``Writer.handle``, which reads zmq.Frames (the receiver queues bytes)."""
+    wall_ns, mono_ns, frames = item
+    w.handle([zmq.Frame(f) if isinstance(f, bytes) else f for f in frames], (wall_ns, mono_ns))
 
 
 def _wall_step(last_chunk: tuple[int, int, int] | None, mono_ns: int, wall_ns: int) -> bool:
@@ -110,25 +115,29 @@ def _inspect(w: Writer, items: list) -> tuple[np.ndarray, np.ndarray, list, list
     k = len(items)
     cfg = w.cfg
     name = cfg.name.encode()
-    heads_raw, payloads, edge_bufs, sizes, shape_ok = [], [], [], [], []
+    heads_raw, payloads, edge_bufs, sizes, shape_ok, n_frames = [], [], [], [], [], []
     for _, _, frames in items:
-        bufs = [f.buffer for f in frames]
-        size = 0
-        for b in bufs:
-            size += len(b)
-        sizes.append(size)
-        ok = (len(bufs) in (3, 4) and len(bufs[1]) == HEADER.size and bytes(bufs[0]) == name)
-        heads_raw.append(bufs[1] if ok else _BLANK)
-        payloads.append(bufs[2] if ok else b"")
-        edge_bufs.append(bufs[3] if ok and len(bufs) == 4 else None)
-        shape_ok.append(ok and (len(bufs) == 3 or len(bufs[3]) % EDGE_DTYPE.itemsize == 0))
+        bufs = frames if type(frames[0]) is bytes else [f.buffer for f in frames]
+        nf = len(bufs)
+        sizes.append(sum(map(len, bufs)))
+        n_frames.append(nf)
+        if (nf == 3 or nf == 4) and len(bufs[1]) == HEADER.size and bufs[0] == name:
+            heads_raw.append(bufs[1])
+            payloads.append(bufs[2])
+            edge_bufs.append(bufs[3] if nf == 4 else None)
+            shape_ok.append(nf == 3 or len(bufs[3]) % EDGE_DTYPE.itemsize == 0)
+        else:
+            heads_raw.append(_BLANK)
+            payloads.append(b"")
+            edge_bufs.append(None)
+            shape_ok.append(False)
     raw = np.frombuffer(b"".join(heads_raw), np.uint8).reshape(k, HEADER.size)
     heads = raw.view(HEADER_DTYPE).reshape(k)
     template, fixed = _template(cfg.name, cfg.dtype, tuple(cfg.shape))
     nbytes = np.array(sizes, np.int64)
     n = heads["n_samples"].astype(np.int64)
     flags = heads["flags"]
-    n_frames = np.array([len(it[2]) for it in items])
+    n_frames = np.array(n_frames)
     plain = (np.array(shape_ok) & (raw[:, fixed] == template).all(axis=1)
              & ((flags == 0) & (n_frames == 3) | (flags == FLAG_EDGES) & (n_frames == 4))
              & (n > 0) & (heads["seq"] < COUNTER_LIMIT) & (heads["first_sample"] <= COUNTER_LIMIT - n.astype(np.uint64))
@@ -160,8 +169,8 @@ def _run(w: Writer, items: list, i: int, end: int, heads: np.ndarray, payloads: 
             raise
         except WriterError as e:  # EIO: as Writer.handle does, the part is suspect and the messages go to the next
             w.part_failed(e)
-            for wall_ns, mono_ns, frames in items[i:end]:
-                w.handle(frames, (wall_ns, mono_ns))
+            for item in items[i:end]:
+                _one(w, item)
             return end
         i = stop
     return end

@@ -51,6 +51,10 @@ a second, however many streams send 100 messages a second each. A message that a
 up to this late; a host-timed stream's fit follows its earliest deliveries (acqd.finalize.clock), which this
 does not delay."""
 
+POLLIN = int(zmq.POLLIN)  # a plain int: the flag's enum arithmetic cost more than the query itself
+LOOK_INTERVAL_S = 0.05
+"""How often the receiver thread looks for a stream to reconnect or to stop reading."""
+
 
 def writer_groups(cfg: RigConfig) -> dict[str, str | None]:
     """Stream name -> the group whose process hosts it, or None for a process of its own."""
@@ -120,14 +124,17 @@ class Receiver:
         by_socket = {w.data: w for w in self.writers}
         for s in by_socket:
             poller.register(s, zmq.POLLIN)
+        look_at = 0.0
         while self.running.is_set():
-            for w in self.writers:
-                if w.reconnect_wanted:
-                    w.reconnect_wanted = False
-                    w.reconnect_socket()
-                if w.cfg.name in self.gone and w.data in by_socket:
-                    poller.unregister(w.data)
-                    del by_socket[w.data]
+            if time.monotonic() >= look_at:  # not at every poll: a look at a hundred streams costs more than a poll
+                look_at = time.monotonic() + LOOK_INTERVAL_S
+                for w in self.writers:
+                    if w.reconnect_wanted:
+                        w.reconnect_wanted = False
+                        w.reconnect_socket()
+                    if w.cfg.name in self.gone and w.data in by_socket:
+                        poller.unregister(w.data)
+                        del by_socket[w.data]
             ready = poller.poll(100)
             for sock, _ in ready:
                 self.take(by_socket[sock])
@@ -136,12 +143,17 @@ class Receiver:
 
     @staticmethod
     def take(w: Writer) -> None:
+        """What ``w``'s socket holds, each message as a list of bytes: for a slow stream's small frames a copy is
+        cheaper than a zmq.Frame each (acqd.record.batch reads either); asking whether more is waiting is cheaper
+        than the exception of a receive that finds nothing."""
         for _ in range(BATCH_LIMIT - len(w.inbox)):
             try:
-                frames = w.data.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = w.data.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             w.inbox.append((time.time_ns(), time.monotonic_ns(), frames))
+            if not w.data.get(zmq.EVENTS) & POLLIN:
+                return
 
 
 class Group:
@@ -183,7 +195,8 @@ class Group:
             if os.getppid() != parent:
                 break  # the supervisor died; PR_SET_PDEATHSIG normally got here first
         self.receiver.stop()
-        self.each(lambda w: w.drain(BATCH_LIMIT, math.inf))  # SIGTERM: what had arrived goes into the file it closes
+        self.each(lambda w: drain_batch(w, BATCH_LIMIT, math.inf))  # SIGTERM: what had arrived goes into the file
+        self.each(lambda w: w.drain(BATCH_LIMIT, math.inf))  # it closes, then what ZeroMQ still held
         self.each(lambda w: w.close_file())
         self.each(lambda w: w.on_due(Due(stats=True)))
         return 0

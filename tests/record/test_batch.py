@@ -131,7 +131,8 @@ def test_a_batch_records_exactly_what_message_by_message_handling_records(tmp_pa
         sizes = [1, 7, 50, 3, 64, 11, 1000]
         at = 0
         for size in sizes:
-            handle_batch(batch.w, [(wall, mono, frames_of(p)) for wall, mono, p in items[at:at + size]])
+            handle_batch(batch.w, [(wall, mono, [bytes(f.buffer) for f in frames_of(p)])  # as the receiver queues
+                                   for wall, mono, p in items[at:at + size]])
             at += size
         assert at >= len(items)
         for r in (one, batch):
