@@ -184,13 +184,14 @@ class Group:
             wake = schedule.wake_at(recording, paired)
             events = dict(self.poller.poll(max(0, math.ceil((wake - time.monotonic()) * 1000))))
             woken = {owner[s] for s in events}
-            # A command (stop, record) applies after what arrived before it: every stream's batch is handled first.
-            if time.monotonic() >= wake or any(w.ctrl in events for w in woken):
-                self.each(lambda w: drain_batch(w, BATCH_LIMIT))
-            self.each(lambda w: w.on_control(events), woken)  # a record command opens a file: it may fail
             now = time.monotonic()
             due = schedule.due(now, recording, paired)
-            self.each(lambda w: w.on_due(due))
+            # A command (stop, record) applies after what arrived before it: every stream's batch is handled first.
+            # Each stream's flush (when due) follows its own batch at once: a message waits for its stream's batch,
+            # not for every stream's batch and then every file's flush before its own (p99 publish -> flushed).
+            if now >= wake or any(w.ctrl in events for w in woken):
+                self.each(lambda w: self.turn(w, due))
+            self.each(lambda w: w.on_control(events), woken)  # a record command opens a file: it may fail
             schedule.advance(due, now, any(w.sheds_stats() for w in self.live))
             if os.getppid() != parent:
                 break  # the supervisor died; PR_SET_PDEATHSIG normally got here first
@@ -200,6 +201,12 @@ class Group:
         self.each(lambda w: w.close_file())
         self.each(lambda w: w.on_due(Due(stats=True)))
         return 0
+
+    @staticmethod
+    def turn(w: Writer, due: Due) -> None:
+        """One stream's part of a wake-up: its batch, then its timers' work (the flush, the stats)."""
+        drain_batch(w, BATCH_LIMIT)
+        w.on_due(due)
 
     def each(self, act: Callable[[Writer], None], among: set[Writer] | None = None) -> None:
         """``act`` on every live stream (``among`` those); one whose writes fail stops alone, with its reason."""
