@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from acqd.config import DaemonConfig  # noqa: E402
 from acqd.wire.protocol import Header, encode  # noqa: E402
 from tests.record.livegroup import LiveGroup  # noqa: E402
 
@@ -38,9 +39,16 @@ def pss_mb(pid: int) -> float:
     return int(line.split()[1]) / 1024
 
 
-def one(n: int, seconds: float, folder: Path) -> dict:
+def daemon_timing() -> dict:
+    """The daemon's default flush, fsync, stats and clock-pair intervals (acqd.config), as a rig without them runs."""
+    d = DaemonConfig(data_root="/tmp")
+    return {k: getattr(d, k) for k in ("flush_interval_s", "fsync_interval_s", "stats_interval_s",
+                                       "clock_pair_interval_s")}
+
+
+def one(n: int, seconds: float, folder: Path, timing: dict | None = None) -> dict:
     names = [f"s{i:03d}" for i in range(n)]
-    g = LiveGroup(folder, names, dtype="float32")
+    g = LiveGroup(folder, names, dtype="float32", timing=timing)
     try:
         for name in names:
             g.wait_for(name, lambda m: m["type"] == "event" and m["kind"] == "connected", "its driver")
@@ -84,13 +92,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("counts", type=int, nargs="+")
     p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--daemon-timing", action="store_true",
+                   help="the daemon's default intervals (flush and stats every 0.5 s, fsync every 1 s) instead of the "
+                        "tests' (flush and stats every 0.1 s, no fsync)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="acqd-bg-", dir="/tmp") as tmp:
         runs = []
         for n in args.counts:
             folder = Path(tmp) / str(n)
             folder.mkdir()
-            runs.append(one(n, args.seconds, folder))
+            runs.append(one(n, args.seconds, folder, daemon_timing() if args.daemon_timing else None))
             print(runs[-1], flush=True)
     lo, hi = runs[0], runs[-1]
     if hi["streams"] > lo["streams"]:
