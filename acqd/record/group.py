@@ -37,6 +37,7 @@ import zmq
 
 from acqd.config import RigConfig, StreamConfig
 from acqd.errors import DiskFullError, WriterError
+from acqd.record.batch import drain_batch
 from acqd.record.faults import Faults
 from acqd.record.schedule import Due
 from acqd.record.writer import BATCH_LIMIT, Writer, WriterSpec, limit_file_size
@@ -49,6 +50,10 @@ RECEIVE_INTERVAL_S = 0.002
 a second, however many streams send 100 messages a second each. A message that arrives during the sleep is stamped
 up to this late; a host-timed stream's fit follows its earliest deliveries (acqd.finalize.clock), which this
 does not delay."""
+
+POLLIN = int(zmq.POLLIN)  # a plain int: the flag's enum arithmetic cost more than the query itself
+LOOK_INTERVAL_S = 0.05
+"""How often the receiver thread looks for a stream to reconnect or to stop reading."""
 
 
 def writer_groups(cfg: RigConfig) -> dict[str, str | None]:
@@ -119,14 +124,17 @@ class Receiver:
         by_socket = {w.data: w for w in self.writers}
         for s in by_socket:
             poller.register(s, zmq.POLLIN)
+        look_at = 0.0
         while self.running.is_set():
-            for w in self.writers:
-                if w.reconnect_wanted:
-                    w.reconnect_wanted = False
-                    w.reconnect_socket()
-                if w.cfg.name in self.gone and w.data in by_socket:
-                    poller.unregister(w.data)
-                    del by_socket[w.data]
+            if time.monotonic() >= look_at:  # not at every poll: a look at a hundred streams costs more than a poll
+                look_at = time.monotonic() + LOOK_INTERVAL_S
+                for w in self.writers:
+                    if w.reconnect_wanted:
+                        w.reconnect_wanted = False
+                        w.reconnect_socket()
+                    if w.cfg.name in self.gone and w.data in by_socket:
+                        poller.unregister(w.data)
+                        del by_socket[w.data]
             ready = poller.poll(100)
             for sock, _ in ready:
                 self.take(by_socket[sock])
@@ -135,12 +143,17 @@ class Receiver:
 
     @staticmethod
     def take(w: Writer) -> None:
+        """What ``w``'s socket holds, each message as a list of bytes: for a slow stream's small frames a copy is
+        cheaper than a zmq.Frame each (acqd.record.batch reads either); asking whether more is waiting is cheaper
+        than the exception of a receive that finds nothing."""
         for _ in range(BATCH_LIMIT - len(w.inbox)):
             try:
-                frames = w.data.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = w.data.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             w.inbox.append((time.time_ns(), time.monotonic_ns(), frames))
+            if not w.data.get(zmq.EVENTS) & POLLIN:
+                return
 
 
 class Group:
@@ -171,21 +184,29 @@ class Group:
             wake = schedule.wake_at(recording, paired)
             events = dict(self.poller.poll(max(0, math.ceil((wake - time.monotonic()) * 1000))))
             woken = {owner[s] for s in events}
-            # A command (stop, record) applies after what arrived before it: every stream's batch is handled first.
-            if time.monotonic() >= wake or any(w.ctrl in events for w in woken):
-                self.each(lambda w: w.drain(BATCH_LIMIT))
-            self.each(lambda w: w.on_control(events), woken)  # a record command opens a file: it may fail
             now = time.monotonic()
             due = schedule.due(now, recording, paired)
-            self.each(lambda w: w.on_due(due))
+            # A command (stop, record) applies after what arrived before it: every stream's batch is handled first.
+            # Each stream's flush (when due) follows its own batch at once: a message waits for its stream's batch,
+            # not for every stream's batch and then every file's flush before its own (p99 publish -> flushed).
+            if now >= wake or any(w.ctrl in events for w in woken):
+                self.each(lambda w: self.turn(w, due))
+            self.each(lambda w: w.on_control(events), woken)  # a record command opens a file: it may fail
             schedule.advance(due, now, any(w.sheds_stats() for w in self.live))
             if os.getppid() != parent:
                 break  # the supervisor died; PR_SET_PDEATHSIG normally got here first
         self.receiver.stop()
-        self.each(lambda w: w.drain(BATCH_LIMIT, math.inf))  # SIGTERM: what had arrived goes into the file it closes
+        self.each(lambda w: drain_batch(w, BATCH_LIMIT, math.inf))  # SIGTERM: what had arrived goes into the file
+        self.each(lambda w: w.drain(BATCH_LIMIT, math.inf))  # it closes, then what ZeroMQ still held
         self.each(lambda w: w.close_file())
         self.each(lambda w: w.on_due(Due(stats=True)))
         return 0
+
+    @staticmethod
+    def turn(w: Writer, due: Due) -> None:
+        """One stream's part of a wake-up: its batch, then its timers' work (the flush, the stats)."""
+        drain_batch(w, BATCH_LIMIT)
+        w.on_due(due)
 
     def each(self, act: Callable[[Writer], None], among: set[Writer] | None = None) -> None:
         """``act`` on every live stream (``among`` those); one whose writes fail stops alone, with its reason."""

@@ -151,12 +151,17 @@ def check_continuity(prev: Cursor | None, h: Header, held: Cursor | None = None)
 
 def check_edges(edges: np.ndarray) -> tuple[np.ndarray, list[Verdict]]:
     """Driver edges that can be stored, and one EDGE verdict per edge that cannot (the others are kept)."""
-    bad = (edges["line"] > 0xFFFF) | (edges["rising"] > 0xFF) | (edges["sample"] >= COUNTER_LIMIT)
+    bad = unstorable_edges(edges)
     if not bad.any():
         return edges, []
     rejects = [Verdict(Reject.EDGE, f"edge sample {int(e['sample'])} line {int(e['line'])} rising {int(e['rising'])}: "
                                     f"line must be <= 65535, rising <= 255, sample < 2^63") for e in edges[bad]]
     return edges[~bad], rejects
+
+
+def unstorable_edges(edges: np.ndarray) -> np.ndarray:
+    """Which driver edges ``check_edges`` rejects (EDGE): a line or rising value or sample beyond what is stored."""
+    return (edges["line"] > 0xFFFF) | (edges["rising"] > 0xFF) | (edges["sample"] >= COUNTER_LIMIT)
 
 
 def _sample_gap(kind: Gap, prev: Cursor, h: Header, seq_from: int, seq_to: int) -> GapRecord:

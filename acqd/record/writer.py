@@ -741,20 +741,23 @@ class Writer:
             if got is None:
                 self.load.drained(started, True, handled)
                 return
-            frames, arrived = got
-            try:
-                self.on_message(frames, arrived)
-            except DiskFullError:
-                raise
-            except WriterError as e:  # EIO: this part is suspect; the message goes to the next one
-                self.part_failed(e)
-                self.on_message(frames, arrived)
-            except Exception as e:  # noqa: BLE001 - a message must never end a recording
-                self.reject(Reject.MALFORMED, f"could not be handled: {e!r}", _seq_or_unknown(frames),
-                            sum(len(f.buffer) for f in frames))
+            self.handle(*got)
         else:
             handled = limit
         self.load.drained(started, False, handled)
+
+    def handle(self, frames: list[zmq.Frame], arrived: tuple[int, int] | None) -> None:
+        """``on_message``, where a failed write moves to the next part and anything else is a MALFORMED reject."""
+        try:
+            self.on_message(frames, arrived)
+        except DiskFullError:
+            raise
+        except WriterError as e:  # EIO: this part is suspect; the message goes to the next one
+            self.part_failed(e)
+            self.on_message(frames, arrived)
+        except Exception as e:  # noqa: BLE001 - a message must never end a recording
+            self.reject(Reject.MALFORMED, f"could not be handled: {e!r}", _seq_or_unknown(frames),
+                        sum(len(f.buffer) for f in frames))
 
     def guarded(self, write, *args) -> None:
         """A periodic write; if it fails with EIO, the part becomes suspect and recording continues in the next."""

@@ -26,6 +26,12 @@ MAGIC = b"ACQD"
 # magic, version, header_len, flags, epoch, seq, first_sample, n_samples, ndim, shape[4], dtype, device_time_ns, stream
 HEADER = struct.Struct("<4sHHIIQQII4I8sq32s")
 assert HEADER.size == 104
+HEADER_DTYPE = np.dtype([("magic", "S4"), ("version", "<u2"), ("header_len", "<u2"), ("flags", "<u4"),
+                         ("epoch", "<u4"), ("seq", "<u8"), ("first_sample", "<u8"), ("n_samples", "<u4"),
+                         ("ndim", "<u4"), ("shape", "<u4", (4,)), ("dtype", "S8"), ("device_time_ns", "<i8"),
+                         ("stream", "S32")])
+"""HEADER as a numpy record: many header frames decoded at once (a group writer's batch, acqd.record.batch)."""
+assert HEADER_DTYPE.itemsize == HEADER.size
 
 FLAG_TIMESTAMPS = 1 << 0  # a frame of n_samples int64 device timestamps (ns) follows the payload
 FLAG_EDGES = 1 << 1  # a frame of EDGE_DTYPE records follows (after the timestamps frame, if any)

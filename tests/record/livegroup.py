@@ -26,7 +26,7 @@ class LiveGroup:
     """One group writer process hosting ``names``, its control channel and a driver socket per stream."""
 
     def __init__(self, tmp: Path, names: list[str], *, driver: str = "push", env: dict | None = None,
-                 **stream: object):
+                 timing: dict | None = None, **stream: object):
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.bind(f"ipc://{tmp}/c")
@@ -38,8 +38,9 @@ class LiveGroup:
             self.drivers[n] = self.ctx.socket(zmq.PUSH if driver == "push" else zmq.PUB)
             self.drivers[n].setsockopt(zmq.LINGER, 0)
             self.drivers[n].bind(cfg.endpoint)
-        specs = [WriterSpec(stream=cfg, lines=[], control=f"ipc://{tmp}/c", flush_interval_s=0.1, fsync_interval_s=None,
-                            stats_interval_s=0.1, clock_pair_interval_s=0.5) for cfg in self.cfgs.values()]
+        timing = {"flush_interval_s": 0.1, "fsync_interval_s": None, "stats_interval_s": 0.1,
+                  "clock_pair_interval_s": 0.5, **(timing or {})}  # ``timing``: e.g. the daemon's defaults
+        specs = [WriterSpec(stream=cfg, lines=[], control=f"ipc://{tmp}/c", **timing) for cfg in self.cfgs.values()]
         arg = GroupSpec("g", specs).write(tmp / "group.json")
         self.proc = subprocess.Popen([sys.executable, "-m", "acqd.record.launch", arg], stdin=subprocess.DEVNULL,
                                      env={**os.environ, **(env or {})})
