@@ -280,7 +280,7 @@ class StreamFile:
         index["file_row"] = first + np.cumsum(n) - n
         ends = np.cumsum(n) * (data.itemsize * int(np.prod(data.shape[1:])))
         raw = data.reshape(-1).view(np.uint8)
-        index["crc32"] = [zlib.crc32(raw[a:b]) for a, b in zip(np.concatenate(([0], ends[:-1])).tolist(),
+        index["crc32"] = [crc32(raw[a:b]) for a, b in zip(np.concatenate(([0], ends[:-1])).tolist(),
                                                                ends.tolist())]
         self.rows += len(data)
         self.changed = True
@@ -381,14 +381,24 @@ class StreamFile:
                 self.f.flush()
             self.changed = self.video is not None  # a video encoder finishes files on its own: look each time
         if fsync:
-            fd = self.f.id.get_vfd_handle()
-            with io_errors(self.path):  # a failed fsync is the kernel's: HDF5 itself wrote everything
+            self.sync()
+
+    def sync(self, done: Callable[[int], OSError | None] | None = None) -> None:
+        """fsync what ``flush`` wrote since the last fsync, if anything. ``done(fd)``: the outcome of an fsync already
+        run (a group writer fsyncs its files on threads at once, ``acqd.record.group``), else ``self.fsync`` here."""
+        if not self.unsynced:
+            return
+        fd = self.f.id.get_vfd_handle()
+        with io_errors(self.path):  # a failed fsync is the kernel's: HDF5 itself wrote everything
+            if done is None:
                 self.fsync(fd)
-                self.unsynced = False
-            # What is on disk need not stay in the page cache: a rig writing 130 MB/s would fill all of
-            # memory in minutes, evicting everyone else's, and the writers cost 1.5x more CPU while it
-            # fills (measured, docs/performance.md). Only clean pages are dropped; nothing is lost.
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            elif (error := done(fd)) is not None:
+                raise error
+            self.unsynced = False
+        # What is on disk need not stay in the page cache: a rig writing 130 MB/s would fill all of
+        # memory in minutes, evicting everyone else's, and the writers cost 1.5x more CPU while it
+        # fills (measured, docs/performance.md). Only clean pages are dropped; nothing is lost.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self, fsync: bool = True, progress: Callable[[int, int], None] | None = None) -> None:
         """Close the file; a camera's encoder first finishes its backlog, calling ``progress`` while it does."""

@@ -212,3 +212,37 @@ def test_a_stream_whose_disk_fails_stops_alone_with_its_reason_and_the_group_goe
         assert g.proc.poll() is None and g.stats("ok0")["pid"] == pid  # the process, and its other streams, go on
     finally:
         assert g.close() == 0
+
+
+def test_a_failed_fsync_among_the_groups_concurrent_fsyncs_is_its_streams_alone(tmp_path):
+    """A group fsyncs its files at once on threads (acqd.record.group.Group.sync). The one whose fsync fails keeps
+    that part as suspect, never fsynced again, and goes on in its next part, as a writer of its own does (row 7);
+    the others' fsyncs, data and parts are untouched."""
+    names = ["bad", "ok0", "ok1"]
+    g = LiveGroup(tmp_path, names, env={"ACQD_FAULT": "bad:eio_on_fsync:1"}, timing={"fsync_interval_s": 0.1})
+    try:
+        for n in names:
+            g.wait_for(n, lambda m: m["type"] == "event" and m["kind"] == "connected", "its driver")
+        g.record_all()
+        g.wait_for("bad", lambda m: m["type"] == "recording" and m["part"] == 1, "its next part")
+        sent: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for seq in range(20):
+            for n in names:
+                frames, data = message(seq, seq * 10, stream=n)
+                g.drivers[n].send_multipart(frames)
+                sent[n].append(data)
+        for n in names:
+            g.wait_handled(n, 20)
+        g.stop_all()
+        bad = sorted(g.folder.glob("bad*.h5"))
+        assert len(bad) == 2, bad
+        with open_for_read(bad[0]) as f:
+            assert f["index"].shape[0] == 0 and b"Input/output error (fsync" in f["suspect"]["reason"][0]
+        data, index, gaps, rejects = read(bad[1])
+        assert np.array_equal(data, np.concatenate(sent["bad"]))
+        for n in ("ok0", "ok1"):
+            assert [p.name for p in g.folder.glob(f"{n}*.h5")] == [f"{n}.h5"]
+            data, index, gaps, rejects = read(g.folder / f"{n}.h5")
+            assert np.array_equal(data, np.concatenate(sent[n])) and len(gaps) == len(rejects) == 0, n
+    finally:
+        assert g.close() == 0
