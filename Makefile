@@ -17,7 +17,7 @@ demo: $(STAMP)
 	@echo "acqd is installed in $(VENV)/, not on PATH: '. $(VENV)/bin/activate' (or $(BIN)/acqd) to run it yourself"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 4 --dist loadgroup
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench

@@ -60,9 +60,12 @@ def _client(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from acqd.config.ports import check_ports_free
-    from acqd.service.daemon import serve
-    from acqd.service.settings import ServiceSettings
+    from acqd.startup import importing
+
+    with importing():  # the daemon's imports are most of its start-up (acqd.startup)
+        from acqd.config.ports import check_ports_free
+        from acqd.service.daemon import serve
+        from acqd.service.settings import ServiceSettings
 
     settings = ServiceSettings.load()
     args.config = args.config or settings.config

@@ -37,13 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     if parent and os.getppid() != parent:
         print(f"acqd writer: the daemon (pid {parent}) is gone; exiting", file=sys.stderr, flush=True)
         return EXIT_ORPHANED
-    if "group_file" in spec:  # several streams in one process (acqd.record.group)
-        from acqd.record.group import main as group_main
+    from acqd.startup import importing
 
-        return group_main(args)
-    from acqd.record.writer import main as writer_main
-
-    return writer_main(args)
+    with importing():  # numpy, h5py, zmq and the config models: most of a writer's start-up (acqd.startup)
+        if "group_file" in spec:  # several streams in one process (acqd.record.group)
+            from acqd.record.group import main as run
+        else:
+            from acqd.record.writer import main as run
+    return run(args)
 
 
 if __name__ == "__main__":

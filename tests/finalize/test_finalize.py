@@ -236,7 +236,7 @@ def test_kill_9_during_finalize_then_rerun_gives_the_same_result(recorded, final
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
-        while not marker.exists():
+        while not (marker.exists() and marker.read_text()):  # the hook creates the file, then writes its pid
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "finalize never reached the pause point"
             time.sleep(0.05)

@@ -37,8 +37,9 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture
-def browser() -> Iterator[object]:
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[object]:
+    """One headless Chromium per module (its start costs seconds); each test's pages come from ``browser``."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -51,6 +52,15 @@ def browser() -> Iterator[object]:
             yield b
         finally:
             b.close()
+
+
+@pytest.fixture
+def browser(chromium) -> Iterator[object]:
+    """The module's Chromium; every page a test opened (each in a context of its own: ``new_page``) is closed after
+    it, so no page of a finished test keeps polling its stopped daemon."""
+    yield chromium
+    for context in chromium.contexts:
+        context.close()
 
 
 class Console:

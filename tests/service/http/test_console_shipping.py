@@ -10,7 +10,7 @@ import yaml
 from acqd.service.procs import wait_until
 
 from tests.conftest import write_rig
-from tests.service.http.test_console import Console, _re, browser  # noqa: F401 - the browser fixture
+from tests.service.http.test_console import Console, _re, browser, chromium  # noqa: F401 - the browser fixture
 from tests.share.shipping import sealed_session
 
 

@@ -16,7 +16,7 @@ from acqd.config import electrode_columns
 from acqd.service.procs import Simulator, wait_until
 from acqd.sim.simulate import probe_truth
 from tests.conftest import write_rig
-from tests.service.http.test_console import Console, _re, browser  # noqa: F401 - the fixture
+from tests.service.http.test_console import Console, _re, browser, chromium  # noqa: F401 - the fixture
 
 PITCH_UM = 20.0
 SCREENSHOT_ENV = "ACQD_PROBE_SCREENSHOT"
