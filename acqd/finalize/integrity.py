@@ -36,12 +36,17 @@ _READ_BLOCK_BYTES = 64 << 20  # rows are read back this many bytes at a time (on
 
 def scan_folder(folder: Path) -> tuple[list[Path], list[str], list[str]]:
     """Every regular file under ``folder`` (sorted), every folder below it (relative paths), and a problem for
-    each entry that is neither: symbolic links (never followed, whatever they point at), devices, FIFOs, sockets."""
+    each entry that is neither: symbolic links (never followed, whatever they point at), devices, FIFOs, sockets.
+    An entry gone between the listing and its ``lstat`` is skipped: the temporary file of an atomic write (the
+    daemon's scrub writes ``scrub.json`` while a second finalize may scan) is renamed away at any moment."""
     files, dirs, problems = [], [], []
     for dirpath, dirnames, filenames in os.walk(folder):  # os.walk lists a linked folder but never enters it
         for name in sorted(dirnames + filenames):
             path = Path(dirpath) / name
-            mode = os.lstat(path).st_mode
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
             if stat.S_ISLNK(mode):
                 problems.append(f"{rel(path, folder)}: a symbolic link (to {os.readlink(path)}); "
                                 "finalize never follows links")

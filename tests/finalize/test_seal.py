@@ -30,3 +30,26 @@ def test_ioctl_numbers_follow_each_architectures_headers(machine, long_size, num
 
 def test_this_machine_uses_its_own_numbers():
     assert (_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS) == ioc_flags_numbers(os.uname().machine, struct.calcsize("l"))
+
+
+def test_a_file_renamed_away_while_the_folder_is_scanned_is_skipped(tmp_path, monkeypatch):
+    """Regression: a second finalize scanned the session folder while the daemon's scrub wrote scrub.json through a
+    temporary file; the temporary file was renamed between the listing and its lstat, and finalize died with
+    FileNotFoundError (seen in the lifecycle test under load)."""
+    from acqd.finalize import integrity
+
+    (tmp_path / "session.json").write_text("{}")
+    tmp = tmp_path / ".scrub.json.abc123"
+    tmp.write_text("{}")
+    real_walk = os.walk
+
+    def walk_then_rename(top, *a, **k):
+        for entry in real_walk(top, *a, **k):
+            if tmp.exists():
+                tmp.rename(tmp_path / "scrub.json")  # the atomic write's rename, after the listing
+            yield entry
+
+    monkeypatch.setattr(integrity.os, "walk", walk_then_rename)
+    files, dirs, problems = integrity.scan_folder(tmp_path)
+    assert [p.name for p in files] == ["session.json"]  # listed before the rename: neither name is there after
+    assert problems == []
