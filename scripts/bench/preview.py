@@ -15,6 +15,7 @@ Registered in ``bench.common.SCENARIOS``, ``__main__``'s runners and ``bench.rep
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import threading
 import time
@@ -40,6 +41,8 @@ class ConsoleReader:
 
         self.client = httpx.Client(base_url=url, timeout=httpx.Timeout(10.0, read=None))
         self.counts = {"/api/events": 0, "/api/console/preview": 0}
+        self.featured: set[str] = set()
+        """Probes whose previews carry the probe view's features (they start once the writer has scipy.signal)."""
         self._stop = threading.Event()
         self.probes = [p["stream"] for p in self.client.get("/api/console/probes").json()["probes"]]
         for name in self.probes:  # the full view's trace block on every probe: 64 channels, AP band
@@ -54,6 +57,8 @@ class ConsoleReader:
                 if self._stop.is_set():
                     return
                 self.counts[path] += line.startswith("event:")
+                if line.startswith("data:") and '"probe":' in line:
+                    self.featured.add(json.loads(line[5:])["stream"])
 
     def close(self) -> None:
         self._stop.set()  # each stream has a message at least every second: its reader sees the flag
@@ -84,8 +89,11 @@ def scenario_preview(args: argparse.Namespace, workdir: Path) -> dict:
         time.sleep(SETTLE_S)
         for i in range(n_windows):
             page = ConsoleReader(daemon.url) if i % 2 else None
-            if page is not None:  # measure once every writer previews (about 4 messages a second each)
-                wait_until(lambda: page.counts["/api/console/preview"] >= 4 * len(raw["streams"]), "previews", 60)
+            if page is not None:  # measure once every writer previews (about 4 messages a second each) and every
+                # probe sends its features: a writer loads scipy.signal on a thread when a page first watches (~1 s of
+                # CPU each, once per process), the page's start-up, not what watching costs
+                wait_until(lambda: page.counts["/api/console/preview"] >= 4 * len(raw["streams"])
+                           and page.featured >= set(page.probes), "previews with the probes' features", 120)
             with ProcWatch(pids, args.sample_s) as watch:
                 watch.sleep(window_s)
             if page is not None:
