@@ -103,9 +103,11 @@ def signal_loaded() -> bool:
     if _signal_loaded.is_set():
         return True
     if _signal_loader is None:
+        # Looked at before the thread starts: the thread puts a half-imported scipy.signal there as it begins.
+        loaded = "scipy.signal" in sys.modules
         _signal_loader = threading.Thread(target=_load_signal, name="import-scipy-signal", daemon=True)
         _signal_loader.start()
-        if "scipy.signal" in sys.modules:  # loaded by someone else: done in a moment
+        if loaded:  # imported by someone else already: done in a moment
             _signal_loader.join(timeout=1.0)
     return _signal_loaded.is_set()
 

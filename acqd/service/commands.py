@@ -299,7 +299,11 @@ def _record(sup: Supervisor, req: RecordRequest) -> dict:
     meta = check_metadata(meta, check_name(name, "session name"))
     if (sup.data_root / name).exists():
         raise SessionError(f"session {name!r} already exists in {sup.data_root}")
-    sup.record(meta, name, req.leader.model_dump() if req.leader else None)
+    try:
+        sup.record(meta, name, req.leader.model_dump() if req.leader else None)
+    except Exception:
+        _fresh(sup)  # a start undone (a follower refused) may have published RECORD meanwhile: readers see it undone
+        raise
     return _fresh(sup)
 
 
