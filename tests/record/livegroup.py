@@ -71,6 +71,11 @@ class LiveGroup:
                 raise AssertionError(f"the group writer exited ({self.proc.returncode}) while waiting for {what}")
             self.pump(50)
 
+    def wait_connected(self) -> None:
+        """Until every stream's driver is connected."""
+        for name in self.cfgs:
+            self.wait_for(name, lambda m: m["type"] == "event" and m["kind"] == "connected", "its driver")
+
     def command(self, name: str, **cmd: object) -> None:
         self.router.send_multipart([name.encode(), zmq.utils.jsonapi.dumps(cmd)])
 

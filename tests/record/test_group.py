@@ -40,8 +40,7 @@ def test_twenty_streams_in_one_group_are_each_bit_exact_with_their_own_gaps_and_
     g = LiveGroup(tmp_path, names)
     try:
         assert len({m.get("pid") for _, m in g.msgs if m["type"] == "ready"}) == 1  # one process for all
-        for n in names:
-            g.wait_for(n, lambda m: m["type"] == "event" and m["kind"] == "connected", "its driver")
+        g.wait_connected()
         g.record_all()
         sent: dict[str, list[np.ndarray]] = {n: [] for n in names}
         expected_rejects: dict[str, list[Reject]] = {n: [] for n in names}
@@ -79,8 +78,7 @@ def test_a_malformed_flood_on_one_stream_leaves_the_others_data_and_latency_inta
     good = [f"ok{i}" for i in range(4)]
     g = LiveGroup(tmp_path, ["bad", *good])
     try:
-        for n in ["bad", *good]:
-            g.wait_for(n, lambda m: m["type"] == "event" and m["kind"] == "connected", "its driver")
+        g.wait_connected()
         g.record_all()
         rng = np.random.default_rng(3)
         valid, _ = message(0, 0, stream="bad")
@@ -184,19 +182,24 @@ def test_kill_9_of_a_group_writer_loses_at_most_the_flush_interval_and_records_a
         assert any(i["kind"] == "writer_died" and i["stream"] == n for i in session["incidents"]), n
 
 
+def send_valid(g: LiveGroup, names: list[str], count: int) -> dict[str, list[np.ndarray]]:
+    """``count`` valid messages to each stream, round robin; what each was sent."""
+    sent: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for seq in range(count):
+        for n in names:
+            frames, data = message(seq, seq * 10, stream=n)
+            g.drivers[n].send_multipart(frames)
+            sent[n].append(data)
+    return sent
+
+
 def test_a_stream_whose_disk_fails_stops_alone_with_its_reason_and_the_group_goes_on(tmp_path):
     names = ["bad", "ok0", "ok1"]
     g = LiveGroup(tmp_path, names, env={"ACQD_FAULT": "bad:dead_disk:5"})  # from bad's 5th append, writes fail
     try:
-        for n in names:
-            g.wait_for(n, lambda m: m["type"] == "event" and m["kind"] == "connected", "its driver")
+        g.wait_connected()
         g.record_all()
-        sent: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        for seq in range(40):
-            for n in names:
-                frames, data = message(seq, seq * 10, stream=n)
-                g.drivers[n].send_multipart(frames)
-                sent[n].append(data)
+        sent = send_valid(g, names, 40)
         failed = g.wait_for("bad", lambda m: m["type"] == "event" and m["kind"] == "write_error", "its write error")
         assert failed["detail"]
         for n in ("ok0", "ok1"):
@@ -221,16 +224,10 @@ def test_a_failed_fsync_among_the_groups_concurrent_fsyncs_is_its_streams_alone(
     names = ["bad", "ok0", "ok1"]
     g = LiveGroup(tmp_path, names, env={"ACQD_FAULT": "bad:eio_on_fsync:1"}, timing={"fsync_interval_s": 0.1})
     try:
-        for n in names:
-            g.wait_for(n, lambda m: m["type"] == "event" and m["kind"] == "connected", "its driver")
+        g.wait_connected()
         g.record_all()
         g.wait_for("bad", lambda m: m["type"] == "recording" and m["part"] == 1, "its next part")
-        sent: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        for seq in range(20):
-            for n in names:
-                frames, data = message(seq, seq * 10, stream=n)
-                g.drivers[n].send_multipart(frames)
-                sent[n].append(data)
+        sent = send_valid(g, names, 20)
         for n in names:
             g.wait_handled(n, 20)
         g.stop_all()
