@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
 from acqd.config import DaemonConfig  # noqa: E402
@@ -70,8 +71,22 @@ def one(n: int, seconds: float, folder: Path, timing: dict | None = None) -> dic
     finally:
         g.close()
     hz = os.sysconf("SC_CLK_TCK")
+    flushed = flushed_ms(g.folder)
     return {"streams": n, "cpu_pct": round(100 * cpu / hz / dt, 1), "cpu_done_pct": round(100 * done / hz / dt, 1),
-            "pss_mb": round(pss, 1), "messages_per_s": round(seq / dt), "load": round(os.getloadavg()[0], 1)}
+            "pss_mb": round(pss, 1), "messages_per_s": round(seq / dt), "load": round(os.getloadavg()[0], 1),
+            "flushed_p50_ms": round(float(np.percentile(flushed, 50))),
+            "flushed_p99_ms": round(float(np.percentile(flushed, 99)))}
+
+
+def flushed_ms(folder: Path) -> np.ndarray:
+    """publish -> flushed of every message, ms: each index row's ``committed_wall_ns - device_time_ns`` (the drivers
+    stamp each message with its send time), as the daemon benchmark reads it."""
+    out = []
+    for path in folder.rglob("*.h5"):
+        with h5py.File(path, "r") as f:
+            index = f["index"][:]
+        out.append((index["committed_wall_ns"] - index["device_time_ns"]) / 1e6)
+    return np.concatenate(out)
 
 
 def handled_all(g: LiveGroup, names: list[str], n: int, timeout_s: float = 60.0) -> None:

@@ -13,9 +13,10 @@
 - ``wall_step:N``  from the Nth message on, the host wall clock reads one hour later (a wall-clock step;
   CLOCK_MONOTONIC is untouched);
 - ``slow_write:N``  every append takes N ms longer (a slow disk or a starved CPU: the writer falls behind);
-- ``slow_encode:N``  a camera's video encoder takes N ms longer per frame (an encoder that cannot keep up).
+- ``slow_encode:N``  a camera's video encoder takes N ms longer per frame (an encoder that cannot keep up);
+- ``slow_fsync:N``  every fsync takes N ms longer (a disk whose journal is busy with a fat rig's writes).
 
-Each fault fires once, except ``dead_disk`` (it stays) and the two ``slow_`` ones, which slow every call. Nothing reads the variable outside ``Faults.from_env``, which only the writer's
+Each fault fires once, except ``dead_disk`` (it stays) and the ``slow_`` ones, which slow every call. Nothing reads the variable outside ``Faults.from_env``, which only the writer's
 (and the group writer's) ``main`` calls: users cannot trip these paths by accident, tests set the variable on the daemon they start.
 """
 
@@ -28,7 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 FAULT_ENV = "ACQD_FAULT"
-KINDS = ("eio_on_write", "eio_on_fsync", "dead_disk", "crash_after_write", "wall_step", "slow_write", "slow_encode")
+KINDS = ("eio_on_write", "eio_on_fsync", "dead_disk", "crash_after_write", "wall_step", "slow_write", "slow_encode",
+         "slow_fsync")
 WALL_STEP_NS = 3600 * 10**9
 CRASH_EXIT = 137
 
@@ -90,8 +92,9 @@ class Faults:
         return WALL_STEP_NS if self.seen.get("wall_step", 0) >= self.at.get("wall_step", 0) > 0 else 0
 
     def fsync(self) -> Callable[[int], None]:
-        """``os.fsync``, failing with EIO on the armed call."""
+        """``os.fsync``, failing with EIO on the armed call, each call ``slow_fsync`` ms longer."""
         def fsync(fd: int) -> None:
+            time.sleep(self.at.get("slow_fsync", 0) / 1000)
             if self._count("eio_on_fsync"):
                 raise OSError(errno.EIO, "Input/output error (fsync; injected by ACQD_FAULT)")
             os.fsync(fd)

@@ -160,15 +160,6 @@ class Receiver:
                 return
 
 
-def attempt(fsync: Callable[[int], None], fd: int) -> OSError | None:
-    """``fsync(fd)``'s failure, if any (on a pool thread: raised later on the group's own)."""
-    try:
-        fsync(fd)
-    except OSError as e:
-        return e
-    return None
-
-
 class Group:
     """The loop of a group writer process: every stream's commands, monitor events, batches and timers."""
 
@@ -220,20 +211,20 @@ class Group:
         return 0
 
     def sync(self) -> None:
-        """fsync every stream's file at once, on threads (``os.fsync`` releases the GIL): one after the other, 96 small
-        files took 0.3 s of every second on this disk, in the one thread every message of the group waits for; on 16
-        threads, 16 ms (measured). A failed fsync is its stream's alone, handled as in its own process."""
-        files = [w for w in self.live if w.file is not None and w.file.unsynced]
-        if not files:
-            return
-        fds = [w.file.f.id.get_vfd_handle() for w in files]  # h5py stays on this thread
-        outcomes = dict(zip(fds, self.pool.map(attempt, [w.file.fsync for w in files], fds)))
-        self.each(lambda w: w.guarded(w.file.sync, outcomes.get), set(files))
+        """Start the fsync of every stream's file at once, on threads (``os.fsync`` releases the GIL), and go on: one
+        after the other, 96 small files took 0.3 s of every second on this disk; waiting for them at once, the group
+        still waited for the slowest, and under a fat rig's writes that held every stream's messages for up to a
+        second (p99 publish -> flushed). Each outcome is taken at a later wake-up (``turn``); a failed fsync is its
+        stream's alone, handled as in its own process."""
+        self.each(lambda w: w.guarded(w.file.sync_later, self.pool), {w for w in self.live if w.file is not None})
 
     @staticmethod
     def turn(w: Writer, due: Due) -> None:
-        """One stream's part of a wake-up: its batch, then its timers' work (the flush, the stats)."""
+        """One stream's part of a wake-up: its batch, then its timers' work (the flush, the stats), after the outcome
+        of an fsync started earlier (a failed one moves the stream to its next part first)."""
         drain_batch(w, BATCH_LIMIT)
+        if w.file is not None:
+            w.guarded(w.file.synced)
         w.on_due(due)
 
     def each(self, act: Callable[[Writer], None], among: set[Writer] | None = None) -> None:

@@ -36,6 +36,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -195,6 +196,10 @@ class StreamFile:
     breaks it further, and a close fails), so the file can only be released (``release``)."""
     fsync: Callable[[int], None] = field(default=lambda fd: os.fsync(fd))
     """How the file descriptor is fsynced (a seam for the ACQD_FAULT hook; see acqd.record.faults)."""
+    dropped: int = 0
+    """Rows of /data whose chunks were dropped from the page cache after their fsync (``new_chunks``)."""
+    syncing: Future | None = None
+    """An fsync started by ``sync_later`` and not yet taken by ``synced``: its outcome, an OSError or None."""
     _open: dict[str, h5py.Dataset] = field(default_factory=dict)
     """Datasets stay open: ``f[name]`` opens a new handle each time, and closing the last handle of a
     chunked dataset writes out its partial chunks and drops its chunk cache (a write and a read per call)."""
@@ -383,22 +388,48 @@ class StreamFile:
         if fsync:
             self.sync()
 
-    def sync(self, done: Callable[[int], OSError | None] | None = None) -> None:
-        """fsync what ``flush`` wrote since the last fsync, if anything. ``done(fd)``: the outcome of an fsync already
-        run (a group writer fsyncs its files on threads at once, ``acqd.record.group``), else ``self.fsync`` here."""
+    def sync(self) -> None:
+        """fsync what ``flush`` wrote since the last fsync, if anything."""
+        self.synced(wait=True)
         if not self.unsynced:
             return
-        fd = self.f.id.get_vfd_handle()
         with io_errors(self.path):  # a failed fsync is the kernel's: HDF5 itself wrote everything
-            if done is None:
-                self.fsync(fd)
-            elif (error := done(fd)) is not None:
-                raise error
+            _raise(durable(self.fsync, self.f.id.get_vfd_handle(), self.new_chunks()))
             self.unsynced = False
-        # What is on disk need not stay in the page cache: a rig writing 130 MB/s would fill all of
-        # memory in minutes, evicting everyone else's, and the writers cost 1.5x more CPU while it
-        # fills (measured, docs/performance.md). Only clean pages are dropped; nothing is lost.
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def new_chunks(self) -> list[tuple[int, int]]:
+        """(offset, length) in the file of each whole chunk of /data written since the last call: what the fsync that
+        follows makes clean, for ``durable`` to drop from the page cache. Only those: dropping the whole file also
+        dropped the pages HDF5 writes again at every flush (the superblock, object headers, chunk indexes, the
+        tables' last chunks), and each small write into a dropped page first read it back from the disk, in the
+        writer's thread (a group writer of 96 slow streams read 2.6 MB/s to write 1.5 MB/s of data, measured)."""
+        if self.chunk is None:
+            return []
+        rows, dset, tail = len(self.chunk), self.dset("data"), (0,) * (self.chunk.ndim - 1)
+        end = self.written // rows * rows
+        chunks = [dset.id.get_chunk_info_by_coord((row, *tail)) for row in range(self.dropped, end, rows)]
+        self.dropped = max(self.dropped, end)
+        return [(c.byte_offset, c.size) for c in chunks if c.byte_offset is not None]
+
+    def sync_later(self, pool: Executor) -> None:
+        """Start the fsync of what ``flush`` wrote since the last one on ``pool``, if none is running; ``synced``
+        takes its outcome. A group writer's thread waits for no disk: while a hundred small files were fsynced,
+        every stream of the group waited in its queue (p99 publish -> flushed). The fsync runs on a duplicate of
+        the descriptor, which stays valid if the part is closed meanwhile (a close waits for it: ``synced``)."""
+        if not self.unsynced or self.syncing is not None:
+            return
+        fd = os.dup(self.f.id.get_vfd_handle())
+        self.unsynced = False  # what is flushed from now on is the next fsync's
+        self.syncing = pool.submit(durable, self.fsync, fd, self.new_chunks(), close=True)
+
+    def synced(self, wait: bool = False) -> None:
+        """The outcome of the fsync ``sync_later`` started, once it is done (``wait``: until it is): a failure raises
+        here, on the writer's own thread, as a failed fsync of ``sync`` does."""
+        if self.syncing is None or not (wait or self.syncing.done()):
+            return
+        error, self.syncing = self.syncing.result(), None
+        with io_errors(self.path):
+            _raise(error)
 
     def close(self, fsync: bool = True, progress: Callable[[int, int], None] | None = None) -> None:
         """Close the file; a camera's encoder first finishes its backlog, calling ``progress`` while it does."""
@@ -482,6 +513,31 @@ def _memory_type(dtype: np.dtype) -> h5py.h5t.TypeID:
     """The HDF5 type of ``dtype``, made once: h5py builds it anew for every write otherwise, which for a table's
     compound rows cost more than the write (122 -> 51 µs per append of 5 index rows, measured)."""
     return h5py.h5t.py_create(dtype)
+
+
+def durable(fsync: Callable[[int], None], fd: int, clean: list[tuple[int, int]],
+            close: bool = False) -> OSError | None:
+    """fsync ``fd``, then drop the ``clean`` (offset, length) ranges from the page cache; the fsync's failure, if any
+    (returned: it may run on a pool thread, and is raised on the writer's own). ``close``: ``fd`` is a duplicate,
+    closed after."""
+    try:
+        fsync(fd)
+        # What is on disk need not stay in the page cache: a rig writing 130 MB/s would fill all of
+        # memory in minutes, evicting everyone else's, and the writers cost 1.5x more CPU while it
+        # fills (measured, docs/performance.md). Only clean pages are dropped; nothing is lost.
+        for offset, length in clean:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError as e:
+        return e
+    finally:
+        if close:
+            os.close(fd)
+    return None
+
+
+def _raise(error: OSError | None) -> None:
+    if error is not None:
+        raise error
 
 
 class io_errors:

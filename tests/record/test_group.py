@@ -243,3 +243,33 @@ def test_a_failed_fsync_among_the_groups_concurrent_fsyncs_is_its_streams_alone(
             assert np.array_equal(data, np.concatenate(sent[n])) and len(gaps) == len(rejects) == 0, n
     finally:
         assert g.close() == 0
+
+
+def test_a_stream_whose_fsyncs_take_seconds_holds_no_other_stream_of_the_group(tmp_path):
+    """The group starts its fsyncs on threads and goes on (``StreamFile.sync_later``): a disk that takes 3 s per fsync
+    for one stream (``slow_fsync``, as a journal busy with a fat rig's writes) delays no other stream's flush. Before,
+    the group waited for every fsync of a round, and each message of every stream waited with it (p99 publish ->
+    flushed ~3 s here). The slow stream's own data are all there, its last fsync awaited at close."""
+    names = ["slowdisk", "ok0", "ok1"]
+    g = LiveGroup(tmp_path, names, env={"ACQD_FAULT": "slowdisk:slow_fsync:3000"}, timing={"fsync_interval_s": 0.2})
+    try:
+        g.wait_connected()
+        g.record_all()
+        sent: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for seq in range(300):  # 3 s of 100 messages/s per stream: at least one slow fsync round in it
+            for n in names:
+                frames, data = timed_message(n, seq)
+                g.drivers[n].send_multipart(frames)
+                sent[n].append(data)
+            time.sleep(0.01)
+        for n in names:
+            g.wait_handled(n, 300)
+        g.stop_all()
+        for n in names:
+            data, index, gaps, rejects = read(g.folder / f"{n}.h5")
+            assert np.array_equal(data, np.concatenate(sent[n])) and len(gaps) == len(rejects) == 0, n
+            if n != "slowdisk":
+                committed_ms = (index["committed_wall_ns"] - index["device_time_ns"]) / 1e6
+                assert np.percentile(committed_ms, 99) < 1500, (n, np.percentile(committed_ms, [50, 99]))
+    finally:
+        assert g.close() == 0
