@@ -83,6 +83,10 @@ TABLES = {"index": INDEX_DTYPE, "gaps": GAP_DTYPE, "rejects": REJECT_DTYPE,
 HEADER_RESERVE_BYTES = 1 << 20  # room a new part needs before it is created (its header is ~8 KiB, its first chunk more)
 CHUNK_TARGET_BYTES = 2 << 20
 CHUNK_MAX_S = 0.1  # a chunk is also the most a writer holds back before handing rows to HDF5
+DROP_MIN_BYTES = 64 << 10
+"""Chunks smaller than this stay in the page cache after their fsync: a slow stream's 1.6 KB chunks hold no whole
+page to drop, and looking each up (``get_chunk_info_by_coord``) cost a group writer of 96 slow streams more than
+their pages weigh (1.5 MB/s of clean, reclaimable cache between them)."""
 
 # What a reader needs installed to decompress each filter (also written into the file).
 FILTER_NOTES = {
@@ -403,7 +407,7 @@ class StreamFile:
         dropped the pages HDF5 writes again at every flush (the superblock, object headers, chunk indexes, the
         tables' last chunks), and each small write into a dropped page first read it back from the disk, in the
         writer's thread (a group writer of 96 slow streams read 2.6 MB/s to write 1.5 MB/s of data, measured)."""
-        if self.chunk is None:
+        if self.chunk is None or self.chunk.nbytes < DROP_MIN_BYTES:
             return []
         rows, dset, tail = len(self.chunk), self.dset("data"), (0,) * (self.chunk.ndim - 1)
         end = self.written // rows * rows
