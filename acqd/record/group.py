@@ -55,7 +55,8 @@ a second, however many streams send 100 messages a second each. A message that a
 up to this late; a host-timed stream's fit follows its earliest deliveries (acqd.finalize.clock), which this
 does not delay."""
 
-POLLIN = int(zmq.POLLIN)  # a plain int: the flag's enum arithmetic cost more than the query itself
+# Plain ints: pyzmq's enum arithmetic cost more than the query itself.
+POLLIN, EVENTS, RCVMORE, NOBLOCK = int(zmq.POLLIN), int(zmq.EVENTS), int(zmq.RCVMORE), int(zmq.NOBLOCK)
 LOOK_INTERVAL_S = 0.05
 """How often the receiver thread looks for a stream to reconnect or to stop reading."""
 
@@ -150,13 +151,17 @@ class Receiver:
         """What ``w``'s socket holds, each message as a list of bytes: for a slow stream's small frames a copy is
         cheaper than a zmq.Frame each (acqd.record.batch reads either); asking whether more is waiting is cheaper
         than the exception of a receive that finds nothing."""
+        # Not recv_multipart and get(): they convert enums at every call, 0.85 of the ~4.5 us a message took here.
+        recv, option = w.data.recv, w.data.getsockopt
         for _ in range(BATCH_LIMIT - len(w.inbox)):
             try:
-                frames = w.data.recv_multipart(zmq.NOBLOCK)
+                frames = [recv(NOBLOCK)]
             except zmq.Again:
                 return
+            while option(RCVMORE):
+                frames.append(recv(NOBLOCK))
             w.inbox.append((time.time_ns(), time.monotonic_ns(), frames))
-            if not w.data.get(zmq.EVENTS) & POLLIN:
+            if not option(EVENTS) & POLLIN:
                 return
 
 
