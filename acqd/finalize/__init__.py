@@ -41,7 +41,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from acqd.finalize import journal, nodes, qc
+from acqd.finalize import journal, nodes, qc  # never hasher nor scrub: ``python -m`` runs them, and runpy warns
+# of (and runs twice) a module that its package already imported
 from acqd.config import DaemonConfig, QcConfig, StreamConfig
 from acqd.errors import FinalizeError
 from acqd.finalize.digests import Entry, lock_for_finalize, trusted
@@ -50,7 +51,6 @@ from acqd.finalize.layout import (DIGESTS, MANIFEST, PARTIAL, QC_DIR, RECOVERED_
                                   partial_then_rename, rel)
 from acqd.finalize.report import (QC_SUMMARY, FinalizeReport, StreamReport, incident_times, qc_plot, qc_summary,
                                   stream_qc)
-from acqd.finalize.scrub import is_verified, verification
 from acqd.finalize.seal import (Digests, is_immutable, manifest_files, merge_seal, seal_paths, unseal,
                                 unseal_session, verify_manifest, write_manifest)
 from acqd.finalize.streams import Stream, linked_file, read_stream, stream_parts
@@ -60,8 +60,8 @@ from acqd.record.partread import probe_parts
 from acqd.record.salvage import salvage_part
 from acqd.record.video import VIDEO_DIR
 
-__all__ = ["FinalizeReport", "StreamReport", "finalize_session", "is_immutable", "is_verified", "pair_frames",
-           "recover_amend", "unseal_session", "verification", "verify_manifest"]
+__all__ = ["FinalizeReport", "StreamReport", "finalize_session", "is_immutable", "pair_frames", "recover_amend",
+           "unseal_session", "verify_manifest"]
 
 Progress = Callable[[str, float], None]
 
@@ -377,6 +377,8 @@ def recover_amend(folder: Path) -> str | None:
 
 def _already_finalized(folder: Path, session: dict, master: Path, started: float) -> FinalizeReport:
     """Verify the manifest; the report's details come from the QC summary the finalizing run wrote."""
+    from acqd.finalize import scrub
+
     problems = verify_manifest(folder)
     if problems:
         raise FinalizeError(f"{folder.name} is finalized but does not match its manifest:\n  " + "\n  ".join(problems))
@@ -394,7 +396,8 @@ def _already_finalized(folder: Path, session: dict, master: Path, started: float
                           warnings=summary["warnings"] + old, integrity=summary.get("integrity", {}),
                           trusted_from_recording=summary.get("trusted_from_recording", []),
                           nodes=summary.get("nodes", {}),
-                          verification=verification(folder)["state"], seconds=round(time.monotonic() - started, 3))
+                          verification=scrub.verification(folder)["state"],
+                          seconds=round(time.monotonic() - started, 3))
 
 
 def _nodes_timeout(session: dict, wait_s: float | None) -> float:

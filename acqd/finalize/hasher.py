@@ -15,19 +15,16 @@ it, write its pid to the file named by ``ACQD_HASHER_MARKER`` and wait to be kil
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
 import os
-import platform
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from acqd.finalize import onepass
+from acqd.finalize.background import drop_from_cache, lower_priority
 from acqd.finalize.digests import Entry, entry_line, stamp
 from acqd.finalize.layout import DIGESTS
 from acqd.finalize.integrity import verify_part
@@ -39,8 +36,6 @@ from acqd.session import SESSION_FILE
 FAULT_ENV = "ACQD_HASHER_FAULT"
 MARKER_ENV = "ACQD_HASHER_MARKER"
 _STATES_TO_HASH = ("recording", "closed", "interrupted")
-_IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "i686": 289, "armv7l": 314}  # syscall numbers (asm/unistd.h)
-_IOPRIO_IDLE = 3 << 13  # IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT
 
 
 class _FinalizeStarted:
@@ -79,15 +74,6 @@ def digest_part(folder: Path, rel_path: str, stream: str | None, stop: _Finalize
         return None
     size, mtime_ns, ctime_ns, inode = before
     return Entry(rel_path, size, mtime_ns, ctime_ns, inode, sha, chunks)
-
-
-def drop_from_cache(path: Path) -> None:
-    """Read once, not needed again: leave memory to others, as the writers do (acqd.record.streamfile.flush)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def append_entry(fd: int, folder: Path, entry: Entry, fault: int | None = None) -> bool:
@@ -131,21 +117,6 @@ def _open_for_append(folder: Path) -> int:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
     return fd
-
-
-def lower_priority() -> str | None:
-    """nice 19 and the idle I/O class (ioprio_set, or the ionice binary): None, or why the I/O class is not set."""
-    os.nice(19)
-    nr = _IOPRIO_SET.get(platform.machine())
-    if nr is not None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syscall(nr, 1, 0, _IOPRIO_IDLE) == 0:  # IOPRIO_WHO_PROCESS, this process
-            return None
-    if shutil.which("ionice"):
-        done = subprocess.run(["ionice", "-c3", "-p", str(os.getpid())], capture_output=True, timeout=10)
-        if done.returncode == 0:
-            return None
-    return "idle I/O priority not available (no ioprio_set, no ionice)"
 
 
 def run(folder: Path, jobs, out) -> int:

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from acqd.errors import FinalizeError, SessionError
-from acqd.finalize.hasher import drop_from_cache, lower_priority
+from acqd.finalize.background import drop_from_cache, lower_priority
 from acqd.finalize.integrity import verify_part
 from acqd.finalize.layout import MANIFEST, SCRUB_FILE, rel
 from acqd.finalize.seal import _sha256 as sha256_file

@@ -27,7 +27,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from acqd.finalize import MANIFEST, finalize_session, is_verified, unseal_session, verification
+from acqd.finalize import MANIFEST, finalize_session, unseal_session
+from acqd.finalize.scrub import is_verified, verification
 from acqd.finalize.digests import entry_line, read_entries, stamp
 from acqd.finalize.layout import DIGESTS
 from acqd.finalize.scrub import scrub_session

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -215,3 +216,13 @@ def test_a_camera_part_encoded_to_video_brings_its_video_files_to_the_hasher(tmp
     for name in videos:
         entry = read_entries(folder)[name]
         assert entry.sha256 == hashlib.sha256((folder / name).read_bytes()).hexdigest() and entry.chunks is None
+
+
+@pytest.mark.parametrize("module", ["acqd.finalize.hasher", "acqd.finalize.scrub"])
+def test_the_background_processes_start_without_runpys_double_import_warning(tmp_path, module):
+    """The daemon starts the hasher and the scrub with ``python -m``; had their package imported them first, runpy
+    would warn ("found in sys.modules ... unpredictable behaviour") in the daemon's log at every session, and run
+    the module's code a second time as ``__main__``."""
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", module, str(tmp_path / "none"), "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert "RuntimeWarning" not in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from acqd.finalize.hasher import lower_priority
+from acqd.finalize.background import lower_priority
 from acqd.record.launch import die_with_parent
 from acqd.config.ship import ShipDestination
 from acqd.share.ship import stall
