@@ -2,8 +2,8 @@
 
 The hasher (``acqd.finalize.hasher``) must take the sha256 of every byte of a part and check every ``/index`` row's
 ``crc32`` against the rows the part stores (``acqd.finalize.integrity``). Done separately, the part is read twice
-(once to hash it, once more through HDF5, which copies the rows again), and the writers have already dropped it
-from the page cache (``acqd.record.streamfile.flush``), so the first read is a cold one through the page cache:
+(once to hash it, once more through HDF5, which copies the rows again), and the writers have already dropped its
+data from the page cache (``acqd.record.streamfile.durable``), so the first read is a cold one through the page cache:
 page allocation, a copy, and the pages to drop again afterwards. This module reads the file once, sequentially,
 with ``O_DIRECT`` where the file system allows it (the disk writes straight into one reused buffer, no page cache),
 hashes each block, and feeds the same bytes to the crc32 of the index rows they hold, using the byte address of
