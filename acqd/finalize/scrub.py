@@ -7,8 +7,9 @@ finalized session is only *sealed*; this module owns the step that makes it *ver
 
 - ``scrub_session``: every file of ``manifest.sha256`` is read from the disk (its cached pages are dropped first,
   so the page cache cannot hide a change underneath) and hashed against the manifest, and every stream part's
-  chunks are checked against the ``crc32`` its writer computed (``integrity.verify_part``, which reads the pages the
-  hash just brought in: the disk is read once). A mismatch is an incident naming the file, and for a chunk the
+  chunks are checked against the ``crc32`` its writer computed, from the same read (``acqd.finalize.onepass``,
+  ``O_DIRECT`` where the file system allows it, as the hasher reads; a part of another layout through HDF5,
+  ``integrity.verify_part``, which reads the pages the hash just brought in: the disk is read once). A mismatch is an incident naming the file, and for a chunk the
   part's rows and seq; chunks finalize already sealed as corrupt (``--accept-corrupt``) are counted, not raised.
 - ``scrub.json`` beside ``session.json`` (``layout.SCRUB_FILE``; not sealed, not in the manifest): ``state``
   (``running``, ``verified`` or ``failed``), the sha256 of the manifest it checked, when, what it read, and its
@@ -32,9 +33,9 @@ from pathlib import Path
 
 from acqd.errors import FinalizeError, SessionError
 from acqd.finalize.background import drop_from_cache, lower_priority
-from acqd.finalize.integrity import verify_part
+from acqd.finalize import onepass
+from acqd.finalize.integrity import Integrity, verify_part
 from acqd.finalize.layout import MANIFEST, SCRUB_FILE, rel
-from acqd.finalize.seal import _sha256 as sha256_file
 from acqd.finalize.seal import listed_problems, manifest_bytes, parse_manifest, unlisted_problems
 from acqd.finalize.streams import stream_parts
 from acqd.record.launch import EXIT_ORPHANED, die_with_parent
@@ -80,7 +81,8 @@ def scrub_session(folder: Path, on_incident: Report | None = None) -> dict:
     for name, path in present.items():
         try:
             drop_from_cache(path)  # read the disk, not what the page cache remembers of it
-            actual = sha256_file(path)
+            layout = _layout(streams.get(name), path, name)
+            actual, crcs = onepass.read_once(path, layout, None)  # sha256 and chunk crc32s from one read
         except OSError as e:
             incident(f"{name}: unreadable ({e.strerror or e})")
             continue
@@ -89,7 +91,8 @@ def scrub_session(folder: Path, on_incident: Report | None = None) -> dict:
         if actual != listed[name]:
             incident(f"{name}: contents changed", sha256=actual, manifest_sha256=listed[name])
         if name in streams:
-            _scrub_chunks(streams[name], path, name, accepted, record, incident)
+            _scrub_chunks(streams[name], path, name, accepted, record, incident,
+                          onepass.verdicts(layout, crcs) if layout is not None and crcs is not None else None)
         drop_from_cache(path)
     for line in unlisted_problems(folder, listed):
         incident(line)
@@ -109,11 +112,23 @@ def _write(folder: Path, record: dict) -> str | None:
     return None
 
 
-def _scrub_chunks(stream: str, path: Path, name: str, accepted: set[str], record: dict,
-                  incident: Callable[..., None]) -> None:
-    """A part's chunks against their crc32; chunks finalize sealed as corrupt on purpose are counted apart."""
+def _layout(stream: str | None, path: Path, name: str) -> onepass.Plan | None:
+    """Where a part's index rows sit, to check them in the read that hashes it (``acqd.finalize.onepass``, as the
+    hasher does); None for any other file, or a part to check through HDF5 (which names what it cannot read)."""
+    if stream is None or path.suffix != ".h5":
+        return None
     try:
-        checked = verify_part(stream, path, name)
+        return onepass.plan(stream, path, name)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _scrub_chunks(stream: str, path: Path, name: str, accepted: set[str], record: dict,
+                  incident: Callable[..., None], checked: Integrity | None) -> None:
+    """A part's chunks against their crc32 (``checked``: already, from the hash's read); chunks finalize sealed as
+    corrupt on purpose are counted apart."""
+    try:
+        checked = verify_part(stream, path, name) if checked is None else checked
     except (OSError, ValueError, KeyError) as e:
         incident(f"{name}: chunks unreadable ({e})")
         return
