@@ -159,7 +159,7 @@ class Supervisor:
         if h is not None and msg.get("type") in ("stats", "closing"):
             if msg["type"] == "stats":
                 self.synclock.feed(name, msg, h.heard)
-            self.live.changed = True
+            self.live.note(name, msg, h.state)
 
     def _part_closed(self, stream: str, path: Path) -> None:
         self.hashers.queue(self.session_record.folder, stream, path)

@@ -78,7 +78,7 @@ def judge(dev: np.ndarray, dev_rate: float, ref: np.ndarray, ref_rate: float, *,
     if p.ambiguous:
         return Lock(NOT_PAIRING, n, 0, reason=p.reason)
     try:
-        fit = fit_clock(dev[p.dev_index] - 0.5, (ref[p.ref_index] - 0.5) / ref_rate, dev_rate)
+        fit = fit_clock(dev[p.dev_index] - 0.5, (ref[p.ref_index] - 0.5) / ref_rate, dev_rate, bounds=False)
     except ClockFitError as e:  # too few pairs: normal early in a recording, or while edges come back after a gap
         few = searching or n < MIN_PAIRS  # not enough edges yet (after RECORD, or coming back after a gap)
         return Lock(SEARCHING if few else NOT_PAIRING, n, len(p.dev_index), reason=p.reason or str(e))
