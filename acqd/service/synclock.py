@@ -44,8 +44,8 @@ ARRIVAL_SLACK_S = 2.0
 """Edges of two streams latched at the same pulse reach the daemon this far apart at most (stats cadence, a slow
 stream's drain): the reference's edges are taken from this much before a stream's oldest."""
 HISTORY = 60
-"""Drift values kept per stream for the console's sparkline (one per pairing: two minutes at 2 s). Every snapshot
-carries them, so they are few and short (0.01 ppm)."""
+"""Drift values kept per stream for the console's sparkline (one per pairing: two minutes at 2 s, eight for a stream
+paired every GROUPED_EVERY-th round). Every snapshot carries them, so they are few and short (0.01 ppm)."""
 GROUPED_EVERY = 4
 """A stream hosted by a group writer with others (acqd.record.group: a slow stream) is paired every GROUPED_EVERY-th
 round, a GROUPED_EVERY-th of them each round: with a hundred slow streams the pairing was most of what the lock cost
