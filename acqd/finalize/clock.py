@@ -308,8 +308,8 @@ def _pair_within(d: np.ndarray, r: np.ndarray, quant: float, slope_max: float, p
     return Pairing(di, rj, n_dev - len(di), n_ref - len(di), False, "")
 
 
-def fit_clock(dev_samples: np.ndarray, ref_seconds: np.ndarray, dev_rate: float, *, latch_rms_s: float = 0.0
-              ) -> ClockFit:
+def fit_clock(dev_samples: np.ndarray, ref_seconds: np.ndarray, dev_rate: float, *, latch_rms_s: float = 0.0,
+              bounds: bool = True) -> ClockFit:
     """Fit reference seconds against (strictly increasing, possibly fractional) device sample positions.
 
     Tries an affine map and continuous piecewise-linear maps with knots every 30 s to 10 min, scores each by
@@ -318,11 +318,19 @@ def fit_clock(dev_samples: np.ndarray, ref_seconds: np.ndarray, dev_rate: float,
     is held out whole, and no piece is shorter than half its nominal spacing: clustered edges cannot make a
     short piece look good. ``latch_rms_s`` is the RMS error that latching puts on the pairs (seconds): while the
     affine map predicts held-out pairs that well, the latch explains all of its error and it is kept.
+    ``bounds=False``: the map only (the live sync lock's drift and offset): when the pairs span too little time for
+    any piecewise map, the affine one is returned without the held-out errors it would not be chosen by (its error
+    bound and extrapolation are then nan), at a fraction of the cost; the map is the same.
     """
     x = _increasing(dev_samples, "dev_samples")
     y = np.asarray(ref_seconds, dtype=np.float64)
     if len(x) < MIN_PAIRS:
         raise ClockFitError(f"only {len(x)} sync pairs; need at least {MIN_PAIRS}")
+    if not bounds and not _piece_counts((x[-1] - x[0]) / dev_rate):
+        knots = x[[0, -1]]  # _knots(x, 1), without its search for inner knots (one interval has none)
+        values = _solve(x, y, knots)
+        fit = _single_fit(knots, values, "affine", "sync", dev_rate, len(x), y - _evaluate(knots, values, x), np.nan)
+        return replace(fit, extrapolation_ppm=np.nan)
     n, heldout = _choose_pieces(x, y, dev_rate, latch_rms_s)
     knots = _knots(x, n)
     values = _solve(x, y, knots)
@@ -331,14 +339,18 @@ def fit_clock(dev_samples: np.ndarray, ref_seconds: np.ndarray, dev_rate: float,
 
 def _choose_pieces(x: np.ndarray, y: np.ndarray, dev_rate: float, latch_rms_s: float) -> tuple[int, np.ndarray]:
     """Pieces of the map ``fit_clock`` keeps (1: affine) and that map's held-out error at each pair."""
-    span_s = (x[-1] - x[0]) / dev_rate
-    pieces = sorted({min(_MAX_KNOTS, round(span_s / s)) for s in _SPACINGS_S} - {0, 1})
+    pieces = _piece_counts((x[-1] - x[0]) / dev_rate)
     folds = _time_folds(x / dev_rate)
     heldout = {n: _heldout_errors(x, y, n, folds) for n in [1, *pieces]}
     n = min(pieces, key=lambda n: _rms(heldout[n]), default=1)
     if n > 1 and not _clearly_better(heldout[n], heldout[1], latch_rms_s):
         n = 1
     return n, heldout[n]
+
+
+def _piece_counts(span_s: float) -> list[int]:
+    """The numbers of pieces of the piecewise maps ``fit_clock`` tries over pairs spanning ``span_s`` seconds."""
+    return sorted({min(_MAX_KNOTS, round(span_s / s)) for s in _SPACINGS_S} - {0, 1})
 
 
 def _clearly_better(complex_err: np.ndarray, simple_err: np.ndarray, latch_rms_s: float) -> bool:

@@ -29,7 +29,7 @@ from acqd.service.writers import WriterHandle, liveness
 
 log = logging.getLogger("acqd")
 MIN_SPACING_S = 0.05
-"""Stats arrive several times a second per stream; a change is published at most this often."""
+"""A change (an incident, a stream's state) is published at most this often."""
 REJECT_SUMMARY_S = 1.0
 DISK_LOW_S = 600.0
 """Recording with less than this many seconds of disk left at the current rate raises ``disk_low``."""
@@ -51,9 +51,23 @@ class Live:
     annotations: Counter = field(default_factory=Counter)
     """Annotations per session id (written off the supervisor thread; counted for the snapshot)."""
     started: float = field(default_factory=time.monotonic)
+    headlines: dict[str, tuple] = field(default_factory=dict)
+    """Per stream, what the verdict reads of its last stats message (``headline``)."""
 
     def count_reject(self, stream: str, reason: str) -> None:
         self.rejects[(stream, reason)] += 1
+
+    def note(self, stream: str, msg: dict, state: str) -> None:
+        """A writer's stats or closing message (``state``: its stream's state after it). Stats come from every stream
+        twice a second, unaligned: a snapshot per message would be rebuilt at 1/MIN_SPACING_S with a hundred streams.
+        Their counters (rates, rows, bytes) wait for the periodic snapshot (SNAPSHOT_INTERVAL_S); a change of what the
+        verdict and an operator act on is published at once."""
+        if msg.get("type") != "stats":
+            self.changed = True  # a camera's encoder finishing: progress a stop shows
+            return
+        key = headline(msg, state)
+        if self.headlines.get(stream) != key:
+            self.headlines[stream], self.changed = key, True
 
 
 class Supervised(Protocol):
@@ -101,6 +115,14 @@ def publish(sup: Supervised, force: bool = False) -> Snapshot:
     sup.snapshot = snap  # one reference assignment: readers see the old or the new snapshot, whole
     lv.published_at, lv.changed = now, False
     return snap
+
+
+def headline(stats: dict, state: str) -> tuple:
+    """What a stats message says that the verdict and an operator act on: state, driver connected, gaps and rejects,
+    overload."""
+    counts = stats.get("recording_counts") or {}
+    return (state, stats.get("connected"), stats.get("recording"), counts.get("gaps"), counts.get("rejected_total"),
+            bool((stats.get("load") or {}).get("overloaded")), tuple(stats.get("shedding") or ()))
 
 
 def timebase_origin(status: dict) -> float | None:

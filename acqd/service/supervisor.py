@@ -46,6 +46,9 @@ from acqd.session import CLOSED, SESSION_FILE, ensure_data_root, session_name
 
 IDLE, ACQUIRE, RECORD = "IDLE", "ACQUIRE", "RECORD"
 START_TIMEOUT_S = 60.0
+CHECK_EVERY_S = 0.05
+"""The per-stream checks (processes, heartbeats, disk, previews) run at most this often: the loop wakes for every
+writer message, hundreds a second with a hundred slow streams, and each check costs a little per stream."""
 log = logging.getLogger("acqd")
 
 
@@ -81,6 +84,7 @@ class Supervisor:
         self.scrubs = Scrubs(self.events.publish)  # finalized sessions are read again (acqd.finalize.scrub)
         self.live = live.Live()
         self.synclock = SyncLock(cfg)  # the live sync lock, fed with the writers' stats (acqd.service.synclock)
+        self._checked_at = 0.0
         self.on_tick: Callable[[], None] | None = None
         """Called from the supervisor loop (and while a command waits): the systemd watchdog ping."""
         self.recovered = recover_interrupted(self.data_root)
@@ -124,11 +128,13 @@ class Supervisor:
             self._calls.woken()
         for name, msg in self.writers.receive(lambda n: n in self.writers or self.lsl.owns(n), self.previews.publish):
             self._on_writer_message(name, msg)
-        self._lsl_incidents(self.lsl.check())
-        self.writers.check_processes(self.mode == RECORD)
-        self.writers.check_heartbeats()
-        self._check_disk()
-        self.previews.sync(self.writers, self.writers.send)
+        if (now := time.monotonic()) - self._checked_at >= CHECK_EVERY_S:  # O(streams): not on every message
+            self._checked_at = now
+            self._lsl_incidents(self.lsl.check())
+            self.writers.check_processes(self.mode == RECORD)
+            self.writers.check_heartbeats()
+            self._check_disk()
+            self.previews.sync(self.writers, self.writers.send)
         self.hashers.poll()
         self.scrubs.poll(self.jobs)
         if self.session_record is not None and self.session_record.unsaved:
@@ -159,7 +165,7 @@ class Supervisor:
         if h is not None and msg.get("type") in ("stats", "closing"):
             if msg["type"] == "stats":
                 self.synclock.feed(name, msg, h.heard)
-            self.live.changed = True
+            self.live.note(name, msg, h.state)
 
     def _part_closed(self, stream: str, path: Path) -> None:
         self.hashers.queue(self.session_record.folder, stream, path)

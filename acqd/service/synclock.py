@@ -17,7 +17,7 @@ nominal than ``qc.max_drift_ppm``).
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +25,7 @@ import numpy as np
 from acqd.config import ChannelSync, FrameSync, RigConfig
 from acqd.errors import ClockFitError
 from acqd.finalize.clock import MIN_PAIRS, fit_clock, pair_edges
+from acqd.record.group import writer_groups
 
 LOCKED, SEARCHING, NO_EDGES, NOT_PAIRING, DRIFT = "locked", "searching", "no edges", "not pairing", "drift out of range"
 BAD = (NO_EDGES, NOT_PAIRING, DRIFT)
@@ -43,8 +44,13 @@ ARRIVAL_SLACK_S = 2.0
 """Edges of two streams latched at the same pulse reach the daemon this far apart at most (stats cadence, a slow
 stream's drain): the reference's edges are taken from this much before a stream's oldest."""
 HISTORY = 60
-"""Drift values kept per stream for the console's sparkline (one per pairing: two minutes at 2 s). Every snapshot
-carries them, so they are few and short (0.01 ppm)."""
+"""Drift values kept per stream for the console's sparkline (one per pairing: two minutes at 2 s, eight for a stream
+paired every GROUPED_EVERY-th round). Every snapshot carries them, so they are few and short (0.01 ppm)."""
+GROUPED_EVERY = 4
+"""A stream hosted by a group writer with others (acqd.record.group: a slow stream) is paired every GROUPED_EVERY-th
+round, a GROUPED_EVERY-th of them each round: with a hundred slow streams the pairing was most of what the lock cost
+the supervisor. Its silence is still checked every SILENCE_CHECK_S, and edges coming back after a silence, or a
+stream not judged yet, are paired at once."""
 SILENCE_CHECK_S = 0.5
 """How often the lines' silence is checked: cheap, and what a pulled cable needs to be reported in seconds, while
 the pairing (the cost) runs every ``interval_s``."""
@@ -78,7 +84,7 @@ def judge(dev: np.ndarray, dev_rate: float, ref: np.ndarray, ref_rate: float, *,
     if p.ambiguous:
         return Lock(NOT_PAIRING, n, 0, reason=p.reason)
     try:
-        fit = fit_clock(dev[p.dev_index] - 0.5, (ref[p.ref_index] - 0.5) / ref_rate, dev_rate)
+        fit = fit_clock(dev[p.dev_index] - 0.5, (ref[p.ref_index] - 0.5) / ref_rate, dev_rate, bounds=False)
     except ClockFitError as e:  # too few pairs: normal early in a recording, or while edges come back after a gap
         few = searching or n < MIN_PAIRS  # not enough edges yet (after RECORD, or coming back after a gap)
         return Lock(SEARCHING if few else NOT_PAIRING, n, len(p.dev_index), reason=p.reason or str(e))
@@ -152,6 +158,12 @@ class SyncLock:
         self.max_drift_ppm = cfg.qc.max_drift_ppm
         rates = {s.name: s.rate for s in cfg.streams if isinstance(s.sync, (ChannelSync, FrameSync))}
         self.rates = rates if cfg.reference in rates else {}  # nothing to lock to without the reference's edges
+        groups = writer_groups(cfg)
+        size = Counter(groups.values())
+        grouped = [n for n in self.rates if groups.get(n) is not None and size[groups[n]] > 1 and n != cfg.reference]
+        self.phase = {n: i % GROUPED_EVERY for i, n in enumerate(grouped)}
+        """Grouped streams: the round (modulo GROUPED_EVERY) each is paired in; every other stream pairs each round."""
+        self.rounds = 0
         self.session: str | None = None
         self.started = 0.0
         self.windows: dict[str, Window] = {}
@@ -198,7 +210,7 @@ class SyncLock:
         t0 = time.thread_time()  # this thread's CPU only: what the lock costs the supervisor
         pairing = now >= self.next_pairing
         if pairing:
-            self.next_pairing = now + self.settings.interval_s
+            self.next_pairing, self.rounds = now + self.settings.interval_s, self.rounds + 1
             self._prune(now)
         alarms = [a for name in self.rates for a in self._judge(name, now, pairing)]
         self.cost_s += time.thread_time() - t0
@@ -236,7 +248,8 @@ class SyncLock:
                 Lock(LOCKED, n, n, 0.0, 0.0, "the reference clock") if n else Lock(SEARCHING, 0, 0))
         elif quiet is not None:
             lock = quiet
-        elif pairing or name in self.quiet or name not in self.locks:
+        elif pairing and self.rounds % GROUPED_EVERY == self.phase.get(name, self.rounds % GROUPED_EVERY) \
+                or name in self.quiet or name not in self.locks:
             lock = judge(w.samples(), self.rates[name], ref.samples(w.oldest(now) - ARRIVAL_SLACK_S),
                          self.rates[self.reference], dev_silent_s=silent, ref_silent_s=self._silent(ref, now),
                          searching=now - self.started < s.window_s, edge_timeout_s=s.edge_timeout_s,

@@ -268,8 +268,10 @@ class Writers(dict[str, WriterHandle]):
     # -- watching ----------------------------------------------------------------------------------
     def check_processes(self, recording: bool) -> None:
         """Report writers that exited; restart them (into a new part while ``recording``) unless they crash-loop."""
+        polled: set[int] = set()  # a group writer's streams share its process: one waitpid for them all
         for name, h in list(self.items()):
-            rc = h.proc.poll()
+            rc = h.proc.returncode if id(h.proc) in polled else h.proc.poll()
+            polled.add(id(h.proc))
             if rc is None or h.state in ("stopping", "stopped", "stopped_failed") or self.get(name) is not h:
                 continue  # (or restarted with its group already)
             if h.state == "failed":  # it reported its write failure, then exited
@@ -344,9 +346,10 @@ class Writers(dict[str, WriterHandle]):
         st = h.stats if h else {}
         rec = st.get("recording_counts", {})
         hung = h is not None and h.hung_since is not None
+        # "pid": alive as of the last check_processes (returncode), not a waitpid per stream per snapshot
         return {
             "state": "hung" if hung else h.state if h else "stopped", "reason": h.reason if h else None,
-            "pid": h.proc.pid if h and h.proc.poll() is None else None, "restarts": len(h.restarts) if h else 0,
+            "pid": h.proc.pid if h and h.proc.returncode is None else None, "restarts": len(h.restarts) if h else 0,
             "part": h.part if h else 0, "connected": st.get("connected", False),
             "silent_s": silent_s(h) if h else None, "heard_s": round(time.monotonic() - h.heard, 3) if h else None,
             "messages_per_s": 0.0 if hung else st.get("messages_per_s", 0.0),

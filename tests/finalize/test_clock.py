@@ -274,3 +274,21 @@ def test_low_rate_invariants(seed: int, rate: float, ppm: float, start_s: float,
     fit = align_stream(d.samples, dev.rate, r.samples, REF_RATE)
     error_samples = map_error(fit, dev, covered(span, (0, 4000))) / REF_RATE * rate
     assert error_samples <= 0.25 and error_samples <= fit.error_bound_samples <= 1.0
+
+
+@pytest.mark.parametrize("span_s", [30.0, 44.0, 300.0])
+def test_the_map_without_bounds_is_the_map(span_s: float) -> None:
+    """``bounds=False`` (the live sync lock) gives fit_clock's own map: the affine line, cheaply, over a window too
+    short for a piecewise map (its error bound then unknown); beyond that, the full fit."""
+    dev = DeviceClock(1000.0, offset_s=-100.0, ppm=37.0, wander_ppm=5.0, wander_period_s=120.0)
+    d, r = record(7, dev, (10.0, 10.0 + span_s), (0.0, 20.0 + span_s), extra=0.02)
+    p = pair_edges(d.samples, dev.rate, r.samples, REF_RATE, max_ppm=1000.0)
+    x, y = d.samples[p.dev_index] - 0.5, (r.samples[p.ref_index] - 0.5) / REF_RATE
+    full, quick = fit_clock(x, y, dev.rate), fit_clock(x, y, dev.rate, bounds=False)
+    assert quick.model == full.model and quick.drift_ppm == pytest.approx(full.drift_ppm, abs=1e-9)
+    probe = np.linspace(x[0] - 1000, x[-1] + 1000, 7)
+    assert np.allclose(quick.to_reference(probe), full.to_reference(probe), rtol=0, atol=1e-12)
+    if span_s < 45.0:
+        assert full.model == "affine" and np.isnan(quick.error_bound_s) and np.isfinite(full.error_bound_s)
+    else:
+        assert quick.error_bound_s == full.error_bound_s and quick.extrapolation_ppm == full.extrapolation_ppm

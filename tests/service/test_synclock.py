@@ -7,9 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from acqd.config import load_config
-from acqd.service.synclock import (DRIFT, KEEP_EDGES, LOCKED, NO_EDGES, NOT_PAIRING, SEARCHING, SyncLock, Window, judge)
+from acqd.service import synclock
+from acqd.service.synclock import (DRIFT, GROUPED_EVERY, KEEP_EDGES, LOCKED, NO_EDGES, NOT_PAIRING, SEARCHING, SyncLock,
+                                   Window, judge)
 from acqd.sim.devclock import DeviceClock, random_pulse_times, regular_pulse_times
 from tests.conftest import write_rig
 
@@ -219,3 +222,39 @@ def test_a_writer_sends_at_most_live_edges_max_per_stats_message_and_counts_the_
     lock.feed("probe", sent, 0.05)
     lock.update("s1", 0.1)
     assert lock.status("probe")["edges_cut"] == 90 and lock.status("probe")["edges"] == LIVE_EDGES_MAX
+
+
+def test_streams_sharing_a_group_writer_are_paired_in_turn_and_each_locks(tmp_path, monkeypatch):
+    """Slow streams hosted together (acqd.record.group) are paired every GROUPED_EVERY-th round, a share of them each
+    round; a stream of its own is paired every round; each still locks with its true drift."""
+    path = write_rig(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    sensor = next(s for s in raw["streams"] if s["name"] == "sensor")
+    raw["streams"] += [{**sensor, "name": f"slow{i}", "endpoint": f"ipc://{tmp_path}/ipc/slow{i}", "writer_group": "g"}
+                       for i in range(8)]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    lock = SyncLock(load_config(path))
+    grouped = [f"slow{i}" for i in range(8)]
+    assert sorted(lock.phase) == grouped
+    judged: list[float] = []
+    monkeypatch.setattr(synclock, "judge", lambda dev, rate, *a, **k: judged.append(rate) or judge(dev, rate, *a, **k))
+    t = pulses(seconds=120.0, seed=8)
+    sent: dict[str, float] = {}
+    ppm = {"probe": 20.0, "nidaq": 0.0, "sensor": -15.0, **{n: 3.0 * i for i, n in enumerate(grouped)}}
+    for k in range(0, 900):  # every 0.1 s, as the supervisor loop
+        now = k * 0.1
+        if k % 5 == 0:
+            for name, p in ppm.items():
+                due = t[(t >= sent.get(name, -1.0)) & (t < now)]
+                sent[name] = now
+                samples = DeviceClock(rate=lock.rates[name], offset_s=-50.0, ppm=p).sample_at(due)
+                lock.feed(name, {"sync_edges": samples.tolist(), "pid": 1}, now)
+        judged.clear()
+        rounds = lock.rounds
+        assert lock.update("s1", now) == []
+        if k >= 400 and lock.rounds > rounds:  # a pairing round, once every stream has been judged
+            assert len(judged) == 2 + len(grouped) // GROUPED_EVERY  # probe and sensor, and a share of the group
+    for name, p in ppm.items():
+        if name != "nidaq":
+            tol = 2.0 if lock.rates[name] == RATE else 10.0  # a 1 kHz stream latches to 1 ms: ~6 ppm over 30 s
+            assert lock.status(name)["state"] == LOCKED and lock.status(name)["drift_ppm"] == pytest.approx(p, abs=tol)

@@ -141,3 +141,19 @@ def test_a_path_outside_the_session_is_not_its_part(tmp_path):
     session = SessionRecord.create(tmp_path / "data", "s2", cfg, {"session_description": "x"})
     assert session.holds(str(session.streams_dir / "probe.h5"))
     assert not session.holds(str(Path(tmp_path) / "data" / "other" / "streams" / "probe.h5"))
+
+
+def test_a_group_writer_is_polled_once_per_check_and_the_status_polls_no_process(writers, monkeypatch):
+    """With a hundred streams in one group writer, the supervisor asks the OS about its process once per check, and
+    the status (4 times a second) reads what that check found: no waitpid per stream."""
+    w, proc = writers
+    for s in w.cfg.streams:  # every stream hosted by one process, as in a group writer
+        w[s.name] = _handle(s.name, proc, 0.1, False)
+    polls, poll = [], proc.poll
+    monkeypatch.setattr(proc, "poll", lambda: polls.append(1) or poll())
+    w.check_processes(recording=False)
+    assert len(w.cfg.streams) > 1 and len(polls) == 1
+    assert all(w.stream_status(s)["pid"] == proc.pid for s in w.cfg.streams) and len(polls) == 1
+    proc.kill()
+    proc.wait()  # what check_processes' poll finds once the process is gone
+    assert all(w.stream_status(s)["pid"] is None for s in w.cfg.streams)
