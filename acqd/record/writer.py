@@ -441,8 +441,13 @@ class Writer:
                 counts.lost[verdict.gap.reason] += verdict.gap.seq_to - verdict.gap.seq_from
         if chunk.offsets is not None and len(chunk.offsets):
             self.last_offset = chunk.offsets[-1:].copy()
+        self.show(chunk.data, h.first_sample, mono_ns)
+
+    def show(self, data: np.ndarray, first_sample: int, mono_ns: int) -> None:
+        """Accepted rows (one message's, or a group writer's run of them, acqd.record.batch) to the preview while a
+        page watches, and its message when one is due; shed first when behind."""
         if self.preview is not None and not self.load.overloaded and (
-                shown := self.preview.take(chunk.data, h.first_sample, mono_ns / 1e9)):  # shed first when behind
+                shown := self.preview.take(data, first_sample, mono_ns / 1e9)):
             try:  # encoded once here; the supervisor forwards it to the page unparsed
                 self.ctrl.send(encode_message(self.cfg.name, shown), zmq.NOBLOCK)
             except zmq.Again:

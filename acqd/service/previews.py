@@ -26,6 +26,11 @@ MAX_QUEUED = 256
 """Preview messages queued per watcher; older ones are dropped for a browser that does not keep up."""
 FLUSH_S = 0.25
 """How often an open preview stream writes what queued (the writers send about this often)."""
+ROUNDS_S = 0.1
+"""The supervisor's rounds (processes, heartbeats, disk, snapshot) run after a wake-up that brought previews alone
+at most this often: its poll's own timeout, so an open page does not make them run more often than a closed one.
+They ran per wake-up before: an open page woke the bench rig's supervisor ~12 more times a second (33 against 21,
+measured)."""
 
 
 class _Writer(Protocol):
@@ -74,6 +79,7 @@ class PreviewHub:
         self._stopping: dict[str, tuple[int, int]] = {}
         self.received = 0
         """Preview messages received from writers since the daemon started (watched or not: none, unwatched)."""
+        self._rounds_at = -ROUNDS_S
 
     @property
     def watching(self) -> bool:
@@ -125,6 +131,15 @@ class PreviewHub:
             watchers = list(self._watchers.values())
         for w in watchers:
             w.put(item)
+
+    def rounds_due(self, other: bool) -> bool:
+        """Supervisor thread, after a wake-up: whether its rounds run now; ``other``: it brought more than previews
+        (a writer's report, a call), which is handled at once as before."""
+        now = time.monotonic()
+        if other or now - self._rounds_at >= ROUNDS_S:
+            self._rounds_at = now
+            return True
+        return False
 
     def sync(self, writers: Mapping[str, _Writer], send: Callable[..., int]) -> None:
         """Supervisor thread: tell each ready writer whether to preview, when that changed (or it is new).

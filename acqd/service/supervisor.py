@@ -124,10 +124,14 @@ class Supervisor:
         poller = zmq.Poller()
         poller.register(self.writers.router, zmq.POLLIN)
         poller.register(self._calls.wake_fd, zmq.POLLIN)
-        if self._calls.wake_fd in dict(poller.poll(int(timeout_s * 1000))):
+        other = self._calls.wake_fd in dict(poller.poll(int(timeout_s * 1000)))
+        if other:
             self._calls.woken()
         for name, msg in self.writers.receive(lambda n: n in self.writers or self.lsl.owns(n), self.previews.publish):
             self._on_writer_message(name, msg)
+            other = True
+        if not self.previews.rounds_due(other):  # woken by previews alone: relayed; the rounds below can wait
+            return
         if (now := time.monotonic()) - self._checked_at >= CHECK_EVERY_S:  # O(streams): not on every message
             self._checked_at = now
             self._lsl_incidents(self.lsl.check())

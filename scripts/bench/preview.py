@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import threading
 import time
@@ -102,6 +103,8 @@ def scenario_preview(args: argparse.Namespace, workdir: Path) -> dict:
             windows.append({"page": "open" if page else "closed", "seconds": round(watch.seconds, 1),
                             "acqd_cpu_pct": round(sum(v or 0.0 for k, v in cpu.items() if is_acqd(k)), 1),
                             "supervisor_cpu_pct": cpu["supervisor"], "others_cpu_pct": watch.others_pct(),
+                            "cpu_pct": cpu, "timeline": watch.acqd_cpu_timeline(10.0),  # per process; acqd per 10 s
+                            "load_avg": [round(x, 2) for x in os.getloadavg()],
                             "events_read": dict(page.counts) if page else {}})
             log(f"  preview window {i + 1}/{n_windows}: page {windows[-1]['page']}, acqd CPU "
                 f"{windows[-1]['acqd_cpu_pct']}%, others {windows[-1]['others_cpu_pct']}%")

@@ -292,3 +292,26 @@ def test_lfp_is_the_references_on_its_segments_only():
     period = round(pv.LFP_PERIOD_S * RATE)  # the second segment's first 0.1 s: filtered, all in its warm-up
     assert out["block"]["starts"] == [0, period] and [len(y[0]) for y in out["block"]["y"]] == [seg // q, 3000 // q]
     assert f.flush(n + 3000)["lfp_rms"] == out["lfp_rms"]
+
+
+def test_lfp_in_float32_is_float64s_at_large_offsets():
+    """The LFP band is binned and filtered in float32: with electrode offsets up to 25000 raw units and a 1 Hz corner
+    (poles near 1), its RMS stays within 1e-4 of the float64 reference and its trace within rounding of it."""
+    n = round(pv.LFP_PERIOD_S * RATE)
+    t = np.arange(n) / RATE
+    rng = np.random.default_rng(3)
+    x = (rng.normal(0, 30, (n, 4)) + 200 * np.sin(2 * np.pi * 7 * t)[:, None]
+         + np.array([0, 3000, -12000, 25000])).astype(np.int16)
+    f = pv.ProbeFeatures.start(RATE, 4, None, {"channels": [0, 1, 2, 3], "band": "lfp"})
+    for chunk, first in _chunks(x, [300]):
+        f.take(chunk, first)
+    out = f.flush(n)
+    q, seg = pv.lfp_factor(RATE), round(pv.LFP_SEGMENT_S * RATE)
+    taps = [k * q // pv.LFP_TAPS for k in range(pv.LFP_TAPS)]
+    binned = x[:seg].astype(np.float64).reshape(-1, q, 4)[:, taps].mean(axis=1)
+    sos = pv.lfp_sos(RATE)
+    y = signal.sosfilt(sos, binned, axis=0, zi=signal.sosfilt_zi(sos)[:, :, None] * binned[0])[0]
+    used = y[round(pv.LFP_WARMUP_S * RATE) // q:]
+    assert out["lfp_rms"] == pytest.approx(np.sqrt((used ** 2).mean(axis=0)).tolist(), rel=1e-4)
+    block = np.concatenate([np.array(b).T for b in out["block"]["y"]])[:len(y)]
+    assert np.abs(block - y).max() <= 0.51  # whole raw units: rounding, and float32's few hundredths
