@@ -26,7 +26,8 @@ def flushed_rows(path: Path) -> int:
 @pytest.mark.e2e
 def test_a_crash_loop_is_given_up_but_crashes_spread_out_are_always_restarted(tmp_path, daemon_factory):
     window = 15.0  # one restart allowed per window; long enough for a restart on a loaded machine
-    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE, daemon_overrides={"max_writer_restarts": 1, "restart_window_s": window})
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE,
+                         daemon_overrides={"max_writer_restarts": 1, "restart_window_s": window})
     daemon = daemon_factory(rig_file)
 
     def probe() -> dict:

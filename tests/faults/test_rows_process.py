@@ -176,7 +176,8 @@ def test_row31_daemon_kill_sweep(tmp_path, seed):
 
 @pytest.mark.e2e
 def test_row32_second_daemon_with_the_same_rig_is_refused_and_the_first_loses_nothing(tmp_path, daemon_factory):
-    rig_file = write_rig(tmp_path, stream_overrides={**SMALL_PROBE, "sensor": {"socket": "pull"}, "nidaq": {"socket": "pull"}})
+    pull = {"sensor": {"socket": "pull"}, "nidaq": {"socket": "pull"}}
+    rig_file = write_rig(tmp_path, stream_overrides={**SMALL_PROBE, **pull})
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "first", seed=32) as (_, folder):
         second = subprocess.run([sys.executable, "-m", "acqd.cli", "serve", "--config", str(rig_file), "--data-root",
@@ -404,7 +405,8 @@ def test_row23_unwritable_data_root_is_refused_with_the_path_and_the_reason(tmp_
     locked = tmp_path / "locked"
     locked.mkdir()
     # parent_directory is confined to configured roots (control.data_roots): the locked folder is one of them
-    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE, daemon_overrides={"control": {"data_roots": [str(locked)]}})
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE,
+                         daemon_overrides={"control": {"data_roots": [str(locked)]}})
     chattr("+i", locked)
     try:
         start = serve_briefly(rig_file, locked / "data")  # cannot even be created

@@ -37,8 +37,7 @@ from acqd.config.ship import ShipDestination
 from acqd.sim.simulate import Rig, SimParams
 from sessions import Recording, record_session, small_config
 
-pytestmark = [pytest.mark.skipif(shutil.which("rclone") is None, reason="rclone is not installed (.ci/run installs it)"),
-              pytest.mark.xdist_group("nodes")]  # one xdist worker: the module-scoped rig is recorded once
+pytestmark = pytest.mark.skipif(shutil.which("rclone") is None, reason="rclone is not installed (.ci/run installs it)")
 
 SEED = 11
 SID = "R1"
