@@ -251,7 +251,7 @@ def _committed(path: Path) -> int:
 
 @pytest.mark.e2e
 def test_row07_a_dead_disk_under_the_daemon_is_a_stopped_stream_not_a_crash_loop(tmp_path, daemon_factory):
-    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)
+    rig_file = write_rig(tmp_path)
     daemon = daemon_factory(rig_file, env={"ACQD_FAULT": "sensor:dead_disk:200"})  # ~2 s into the recording
     with recording(daemon, rig_file, "deaddisk", seed=7) as (_, folder):
         stopped = wait_until(lambda: (s := daemon.command("status")["streams"])["sensor"]["state"] == "stopped_failed"
