@@ -245,12 +245,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_amend(args: argparse.Namespace) -> int:
     """Merge --metadata FILE and --set edits over a recorded session's metadata; print what changed."""
-    from acqd.finalize.amend import amend_session, default_who
-
     update = load_path(args.metadata) if args.metadata else {}
     update = merge(update, to_acqd(parse_set(args.set), "--set"))
     if not update:
         raise ConfigError("nothing to amend: give --metadata FILE and/or --set FIELD=VALUE")
+    from acqd.finalize.amend import amend_session, default_who  # after the edits parse: it imports pynwb (~1 s)
+
     result = amend_session(Path(args.session_dir), update, args.who or default_who())
     if args.json:
         print(json.dumps(result, indent=2))

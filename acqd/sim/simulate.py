@@ -123,14 +123,19 @@ def signal_pool(cfg: StreamConfig, rng: np.random.Generator, seconds: float = 1.
         h, w = cfg.shape[:2]
         yy, xx = np.mgrid[0:h, 0:w]
         base = 96 + 64 * np.sin(xx / 37.0) * np.cos(yy / 23.0)
-        frames = np.stack([base + 8 * np.sin(i / 5.0) + rng.normal(0, 4, (h, w)) for i in range(n)])
+        # One draw for every frame (the same numbers, in the same order, as a draw per frame), added in place: the
+        # pool is built at every simulator's start, and its temporaries cost more than its numbers.
+        frames = rng.normal(0, 4, (n, h, w))
+        frames += base + np.array([8 * np.sin(i / 5.0) for i in range(n)])[:, None, None]
         if len(cfg.shape) == 3:  # colour: the same pattern, a little different per channel
             frames = frames[..., None] + np.arange(cfg.shape[2]) * 16
-        return np.clip(frames, 0, 255).astype(dt).reshape((n, *cfg.shape))
+        return np.clip(frames, 0, 255, out=frames).astype(dt).reshape((n, *cfg.shape))
     ch = cfg.shape[0]
-    white = rng.normal(0, 1, (n + 8, ch))
-    noise = np.cumsum(white, axis=0)
-    noise = (noise[8:] - noise[:-8]) / np.sqrt(8)  # moving sum: a low-pass, band-limited noise
+    noise = np.cumsum(rng.normal(0, 1, (n + 8, ch)), axis=0)
+    x = np.subtract(noise[8:], noise[:-8])  # moving sum: a low-pass, band-limited noise
+    del noise
+    x /= np.sqrt(8)
+    x *= 20  # in place from here on: a 385-channel pool is 90 MB a copy
     spikes = np.zeros((n, ch))
     template = -np.exp(-((np.arange(30) - 8) ** 2) / 8.0) * 12 + np.exp(-((np.arange(30) - 16) ** 2) / 30.0) * 4
     probe = probe_truth(cfg)  # a simulated probe's unit sites get no scattered spikes: their rate is the unit's
@@ -139,13 +144,17 @@ def signal_pool(cfg: StreamConfig, rng: np.random.Generator, seconds: float = 1.
         c = rng.integers(0, ch)
         if c not in quiet:  # drawn all the same: every other stream's samples stay as they were
             spikes[t:t + 30, max(0, c - 2):c + 3] += template[:, None]
-    x = 20 * noise + 15 * spikes
+    spikes *= 15
+    x += spikes
+    del spikes
     if probe:
         x = probe_sites(cfg, x, template)
     if dt.kind == "f":
         return (x / 100).astype(dt)
     info = np.iinfo(dt)
-    return np.clip(x + (0 if info.min < 0 else info.max // 2), info.min, info.max).astype(dt)
+    if info.min >= 0:
+        x += info.max // 2
+    return np.clip(x, info.min, info.max, out=x).astype(dt)
 
 
 def electrode_channels(cfg: StreamConfig) -> list[int]:

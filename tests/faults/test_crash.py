@@ -13,7 +13,7 @@ import pytest
 
 from acqd.service.procs import pid_alive, wait_until
 from acqd.record.streamfile import committed_rows, open_for_read
-from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
+from tests.conftest import SMALL_PROBE, assert_bit_exact, recording, rig_for, write_rig
 
 
 
@@ -26,7 +26,8 @@ def flushed_rows(path: Path) -> int:
 @pytest.mark.e2e
 def test_a_crash_loop_is_given_up_but_crashes_spread_out_are_always_restarted(tmp_path, daemon_factory):
     window = 15.0  # one restart allowed per window; long enough for a restart on a loaded machine
-    rig_file = write_rig(tmp_path, daemon_overrides={"max_writer_restarts": 1, "restart_window_s": window})
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE,
+                         daemon_overrides={"max_writer_restarts": 1, "restart_window_s": window})
     daemon = daemon_factory(rig_file)
 
     def probe() -> dict:

@@ -49,9 +49,9 @@ def session_json(folder: Path) -> dict:
 
 
 @pytest.mark.e2e
-def test_row41_open_ephys_client_records_under_a_unique_name_and_its_refusals_keep_mode(rig_file, daemon_factory,
-                                                                                         tmp_path):
-    daemon = daemon_factory(rig_file)
+def test_row41_open_ephys_client_records_under_a_unique_name_and_its_refusals_keep_mode(small_rig_file,
+                                                                                         daemon_factory, tmp_path):
+    daemon = daemon_factory(small_rig_file)
     gui = OpenEphysHTTPServer()
     gui.address = daemon.url
     data = tmp_path / "data"
@@ -63,7 +63,7 @@ def test_row41_open_ephys_client_records_under_a_unique_name_and_its_refusals_ke
     gui.set_base_text("m1_day3")
     daemon.command("recording", metadata={"subject": SUBJECT})  # the operator names the animal (acqd record --prepare)
     assert gui.acquire() == "ACQUIRE"
-    sim = Simulator(rig_file, 60, seed=41)
+    sim = Simulator(small_rig_file, 60, seed=41)
     try:
         wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
         assert gui.record() == "RECORD"

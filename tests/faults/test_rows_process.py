@@ -20,7 +20,7 @@ import pytest
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.client import ApiError
 from acqd.service.procs import Daemon, Simulator, pid_alive, stop_process, wait_until
-from tests.conftest import acquiring, assert_bit_exact, recording, rig_for, write_rig
+from tests.conftest import SMALL_PROBE, acquiring, assert_bit_exact, recording, rig_for, write_rig
 from tests.sessions import SUBJECT
 
 
@@ -55,11 +55,14 @@ def incidents(folder: Path) -> list[dict]:
     return json.loads((folder / "session.json").read_text())["incidents"]
 
 
-def stall_writers(tmp_path: Path, daemon_factory, hung: tuple[str, ...], pull: tuple[str, ...], seed: int) -> dict:
+def stall_writers(tmp_path: Path, daemon_factory, hung: tuple[str, ...], pull: tuple[str, ...], seed: int,
+                  small_probe: bool = False) -> dict:
     """Record; SIGSTOP the writers of ``hung`` until the heartbeat flags them (and 0.5 s more), checking status and
-    preflight meanwhile; SIGCONT; record on; stop. Streams in ``pull`` use PUSH/PULL, the others PUB/SUB.
+    preflight meanwhile; SIGCONT; record on; stop. Streams in ``pull`` use PUSH/PULL, the others PUB/SUB;
+    ``small_probe``: a 32-channel probe (``SMALL_PROBE``) when the probe is not among the stalled.
     Returns the session, the detection time, and per stream (messages stored, messages in recorded gaps)."""
-    rig_file = write_rig(tmp_path, stream_overrides={n: {"socket": "pull"} for n in pull})
+    overrides = {**(SMALL_PROBE if small_probe else {}), **{n: {"socket": "pull"} for n in pull}}
+    rig_file = write_rig(tmp_path, stream_overrides=overrides)
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "stall", seed=seed) as (_, folder):
         pids = {n: s["pid"] for n, s in daemon.command("status")["streams"].items()}
@@ -108,7 +111,8 @@ def stall_writers(tmp_path: Path, daemon_factory, hung: tuple[str, ...], pull: t
 @pytest.mark.e2e
 def test_row29_hung_writer_is_reported_refused_and_recovers_without_silent_loss(tmp_path, daemon_factory):
     # camera: SUB (a hang can only lose what ZeroMQ drops: a recorded gap); sensor: PULL (nothing lost).
-    out = stall_writers(tmp_path, daemon_factory, hung=("camera", "sensor"), pull=("sensor",), seed=29)
+    out = stall_writers(tmp_path, daemon_factory, hung=("camera", "sensor"), pull=("sensor",), seed=29,
+                         small_probe=True)
     assert out["detected_s"] < 8, out["detected_s"]  # heartbeat_timeout_s is 2 s
     print(f"row29: detected in {out['detected_s']:.2f} s; (stored, lost in gaps) {out['counts']}")
 
@@ -172,7 +176,8 @@ def test_row31_daemon_kill_sweep(tmp_path, seed):
 
 @pytest.mark.e2e
 def test_row32_second_daemon_with_the_same_rig_is_refused_and_the_first_loses_nothing(tmp_path, daemon_factory):
-    rig_file = write_rig(tmp_path, stream_overrides={"sensor": {"socket": "pull"}, "nidaq": {"socket": "pull"}})
+    pull = {"sensor": {"socket": "pull"}, "nidaq": {"socket": "pull"}}
+    rig_file = write_rig(tmp_path, stream_overrides={**SMALL_PROBE, **pull})
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "first", seed=32) as (_, folder):
         second = subprocess.run([sys.executable, "-m", "acqd.cli", "serve", "--config", str(rig_file), "--data-root",
@@ -198,7 +203,7 @@ def test_row32_second_daemon_with_the_same_rig_is_refused_and_the_first_loses_no
 
 @pytest.mark.e2e
 def test_row30_stop_against_a_stalled_writer_then_record_never_silently_lacks_the_stream(tmp_path, daemon_factory):
-    rig_file = write_rig(tmp_path)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "a", seed=30) as (_, first):
         pid = daemon.command("status")["streams"]["sensor"]["pid"]
@@ -240,7 +245,7 @@ def test_row30_stop_against_a_stalled_writer_then_record_never_silently_lacks_th
 
 @pytest.mark.e2e
 def test_row30_record_while_a_writer_is_stalled_says_so_and_records_it_once_it_answers(tmp_path, daemon_factory):
-    rig_file = write_rig(tmp_path)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)
     daemon = daemon_factory(rig_file)
     with acquiring(daemon, rig_file, seed=33):
         pid = daemon.command("status")["streams"]["sensor"]["pid"]
@@ -273,7 +278,7 @@ def test_row30_a_lost_writer_report_is_reconciled_from_its_stats(tmp_path):
     from acqd.config import load_config
     from acqd.service.supervisor import Supervisor
 
-    rig_file = write_rig(tmp_path)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)
     sup = Supervisor(load_config(rig_file))
     real = sup._on_writer_message
     dropped = []
@@ -329,7 +334,7 @@ def test_row06_disk_reserve_warns_then_stops_recording_cleanly_and_session_json_
     if not can_chattr(tmp_path):
         pytest.skip("needs chattr +i (root on ext4)")
     reserve = shutil.disk_usage(tmp_path).free - 1_000_000_000  # other processes share this disk: a wide margin
-    rig_file = write_rig(tmp_path, daemon_overrides={"disk_reserve_bytes": reserve})
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE, daemon_overrides={"disk_reserve_bytes": reserve})
     daemon = daemon_factory(rig_file)
     filler = tmp_path / "filler"
     with recording(daemon, rig_file, "reserve", seed=6) as (status, folder):
@@ -371,7 +376,7 @@ def serve_briefly(rig_file: Path, data_root: Path) -> subprocess.CompletedProces
 def test_row24_second_instance_and_endpoint_hijack_are_refused(tmp_path, daemon_factory):
     """Same config and data root: refused by the data root lock. Another config that shares only one endpoint
     (one the first daemon binds: a second bind of an ipc path would silently take it over): refused too."""
-    rig_file = write_rig(tmp_path, stream_overrides={"sensor": {"bind": True}})
+    rig_file = write_rig(tmp_path, stream_overrides={**SMALL_PROBE, "sensor": {"bind": True}})
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "held", seed=24) as (_, folder):
         same = serve_briefly(rig_file, tmp_path / "data")
@@ -400,7 +405,8 @@ def test_row23_unwritable_data_root_is_refused_with_the_path_and_the_reason(tmp_
     locked = tmp_path / "locked"
     locked.mkdir()
     # parent_directory is confined to configured roots (control.data_roots): the locked folder is one of them
-    rig_file = write_rig(tmp_path, daemon_overrides={"control": {"data_roots": [str(locked)]}})
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE,
+                         daemon_overrides={"control": {"data_roots": [str(locked)]}})
     chattr("+i", locked)
     try:
         start = serve_briefly(rig_file, locked / "data")  # cannot even be created
@@ -437,7 +443,7 @@ def test_writer_control_socket_is_private_ipc_removed_on_exit_and_junk_is_counte
 
     run = tmp_path / "run"
     log = tmp_path / "daemon.log"
-    rig_file = write_rig(tmp_path)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)
     daemon = Daemon(rig_file, tmp_path / "data", tmp_path, env={"ACQD_RUNTIME_DIR": str(run)}, log=log)
     ctx = zmq.Context()
     try:

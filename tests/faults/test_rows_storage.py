@@ -85,7 +85,7 @@ def test_row37_truncated_and_empty_parts_never_block_restart_finalize_or_the_nex
 
 @pytest.mark.e2e
 def test_row37_a_cut_reference_part_is_refused_by_name_within_the_deadline(tmp_path, daemon_factory):
-    rig_file = write_rig(tmp_path)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)
     folder = _interrupted_session(daemon_factory, rig_file, "cutref", seed=39)
     daemon_factory(rig_file).command("status")  # marks the session interrupted
     os.truncate(folder / "streams" / "nidaq.h5", 1024)
@@ -196,7 +196,7 @@ def test_row06_a_file_size_limit_below_a_header_refuses_the_part_before_creating
 def test_row06_an_empty_or_headerless_part_is_skipped_with_a_note_by_finalize(tmp_path, daemon_factory):
     # What a full disk at a rollover left before the fix: finalize failed with an OSError, or refused with
     # "the reference stream's counter was reset".
-    rig_file = write_rig(tmp_path)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "fullroll", seed=6) as (_, folder):
         wait_until(lambda: daemon.command("status")["streams"]["nidaq"]["rows"] > 30000, "1 s recorded")

@@ -42,10 +42,10 @@ def _raw_status(url: str, request: str) -> int:
 
 
 @pytest.mark.e2e
-def test_status_answers_while_a_record_command_runs(rig_file, daemon_factory):
+def test_status_answers_while_a_record_command_runs(small_rig_file, daemon_factory):
     """Regression: GET /api/status waited 3.5 s for a PUT RECORD to finish (one supervisor thread for all)."""
-    daemon = daemon_factory(rig_file)
-    sim = Simulator(rig_file, 60, seed=3, extra=("--wait-peers", "0"))  # publishing before any writer connects
+    daemon = daemon_factory(small_rig_file)
+    sim = Simulator(small_rig_file, 60, seed=3, extra=("--wait-peers", "0"))  # publishing before any writer connects
     try:
         result: dict = {}
         record = threading.Thread(target=lambda: result.update(  # RECORD from IDLE (the subject comes with it)
@@ -67,15 +67,15 @@ def test_status_answers_while_a_record_command_runs(rig_file, daemon_factory):
 
 
 @pytest.mark.e2e
-def test_event_stream_delivers_a_gap_incident_from_a_dropped_message(rig_file, daemon_factory):
-    daemon = daemon_factory(rig_file)
+def test_event_stream_delivers_a_gap_incident_from_a_dropped_message(small_rig_file, daemon_factory):
+    daemon = daemon_factory(small_rig_file)
     daemon.command("acquire")
     seen: list[tuple[str, dict]] = []
     with httpx.Client(base_url=daemon.url, timeout=httpx.Timeout(60, read=60)) as http:
         opened = time.monotonic()
         with http.stream("GET", "/api/events") as resp:
             assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
-            sim = Simulator(rig_file, 60, seed=4, faults=("sensor:drop:40", "sensor:malformed:60"))
+            sim = Simulator(small_rig_file, 60, seed=4, faults=("sensor:drop:40", "sensor:malformed:60"))
             try:
                 kind = None
                 deadline = time.monotonic() + 40
@@ -213,9 +213,9 @@ def test_sd_notify_ready_watchdog_and_stopping(rig_file, daemon_factory, tmp_pat
 
 
 @pytest.mark.e2e
-def test_mode_changes_are_idempotent_and_acquire_does_not_end_a_recording(rig_file, daemon_factory):
-    daemon = daemon_factory(rig_file)
-    with acquiring(daemon, rig_file, seed=5):
+def test_mode_changes_are_idempotent_and_acquire_does_not_end_a_recording(small_rig_file, daemon_factory):
+    daemon = daemon_factory(small_rig_file)
+    with acquiring(daemon, small_rig_file, seed=5):
         first = daemon.command("record", session="idem", metadata={"subject": SUBJECT})
         again = daemon.command("record")
         assert again["already_recording"] and again["session"]["session_id"] == "idem"

@@ -71,9 +71,9 @@ def test_the_session_log_holds_modes_commands_incidents_and_is_sealed(tmp_path, 
     assert shown["total"] == len(lines) and [x["message"] for x in shown["lines"]] == messages[-3:]
 
 
-def test_kill9_of_the_daemon_keeps_every_line_logged_before_it(tmp_path, rig_file, daemon_factory):
-    daemon = daemon_factory(rig_file)
-    with recording(daemon, rig_file, "cut", seed=12) as (_, folder):
+def test_kill9_of_the_daemon_keeps_every_line_logged_before_it(tmp_path, small_rig_file, daemon_factory):
+    daemon = daemon_factory(small_rig_file)
+    with recording(daemon, small_rig_file, "cut", seed=12) as (_, folder):
         daemon.command("annotate", text="just before the crash")
         os.kill(daemon.pid, signal.SIGKILL)
         daemon.proc.wait(30)

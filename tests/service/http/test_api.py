@@ -51,9 +51,9 @@ def test_open_ephys_routes_and_refusals_without_drivers(rig_file, daemon_factory
 
 
 @pytest.mark.e2e
-def test_record_refuses_hostile_names_and_missing_metadata(rig_file, daemon_factory, tmp_path):
-    daemon = daemon_factory(rig_file)
-    with acquiring(daemon, rig_file, seed=2):
+def test_record_refuses_hostile_names_and_missing_metadata(small_rig_file, daemon_factory, tmp_path):
+    daemon = daemon_factory(small_rig_file)
+    with acquiring(daemon, small_rig_file, seed=2):
         before = sorted(str(p) for p in tmp_path.rglob("*"))
         for name in ("../x", "/abs", "", "a\u0000b", "a/b"):
             with pytest.raises(ApiError, match="invalid session name"):

@@ -413,7 +413,7 @@ def test_record_form_starts_without_a_subject_and_offers_the_last_one_as_a_label
     ui.shot("last-subject-chosen")
 def test_the_lock_indicator_turns_from_locked_to_not_locked_and_back(browser, tmp_path, daemon_factory):
     """Row 40 in the console: the probe's sync cable is pulled for 8 s, 20 s into the simulation (after its lock)."""
-    rig = write_rig(tmp_path)
+    rig = write_rig(tmp_path, stream_overrides=SMALL_PROBE)
     daemon = daemon_factory(rig)
     ui = Console(browser, daemon.url + "/", tmp_path / "screens")
     daemon.command("acquire")

@@ -15,8 +15,8 @@ from tests.sessions import SUBJECT
 
 
 @pytest.mark.e2e
-def test_open_ephys_client_drives_acqd(rig_file, daemon_factory, tmp_path):
-    daemon = daemon_factory(rig_file)
+def test_open_ephys_client_drives_acqd(small_rig_file, daemon_factory, tmp_path):
+    daemon = daemon_factory(small_rig_file)
     gui = OpenEphysHTTPServer()
     assert gui.address == "http://127.0.0.1:37497"  # its fixed port; acqd serve --port 37497 matches it
     gui.address = daemon.url  # the test daemon listens on a free port instead
@@ -48,7 +48,7 @@ def test_open_ephys_client_drives_acqd(rig_file, daemon_factory, tmp_path):
     assert gui.acquire() == "ACQUIRE"
     note = gui.message("baseline")  # in ACQUIRE: kept in the data root, no session yet
     assert note["session"] is None and note["text"] == "baseline"
-    sim = Simulator(rig_file, 60, seed=6)
+    sim = Simulator(small_rig_file, 60, seed=6)
     try:
         wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
         # The rig config holds no subject: a RECORD that brings none is refused, naming it, with Open Ephys' reply

@@ -1,0 +1,33 @@
+"""A pytest plugin that writes the CPU seconds of every test: where `make test`'s CPU goes.
+
+    ACQD_CPU_LOG=cpu.tsv python -m pytest -p tests.cpuprofile -n 4 --dist loadgroup -q -p no:cacheprovider
+
+appends one line per test: node id, CPU of the pytest worker itself (in-process finalize, recorded sessions,
+imports), CPU of the processes it reaped meanwhile (daemons with their writers, simulators, CLI runs: a child's
+time counts once it is waited for, its own children's with it), and wall seconds. A module-scoped fixture is
+charged to the first test that uses it on each worker. Sum per module with
+``awk -F'\\t' '{split($1,a,"::"); c[a[1]]+=$2+$3} END{for(m in c) print c[m], m}' cpu.tsv | sort -rn``.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+
+import pytest
+
+
+def _cpu() -> tuple[float, float]:
+    own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, reaped.ru_utime + reaped.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    (own0, reaped0), t0 = _cpu(), time.monotonic()
+    yield
+    (own1, reaped1), path = _cpu(), os.environ.get("ACQD_CPU_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{item.nodeid}\t{own1 - own0:.2f}\t{reaped1 - reaped0:.2f}\t{time.monotonic() - t0:.2f}\n")
