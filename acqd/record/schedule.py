@@ -57,13 +57,18 @@ class Schedule:
                    stats=now >= self.next_stats)
 
     def advance(self, due: Due, now: float, shed_stats: bool) -> None:
-        """After the streams acted on ``due`` (at ``now``): the next deadlines, counted from when that work ended."""
+        """After the streams acted on ``due`` (at ``now``): the next deadlines, counted from when that work ended (the
+        flush: from its own deadline)."""
         if due.pair:
             self.next_pair = now + self.pair_interval_s
         if due.fsync:
             self.last_fsync = now
         done = time.monotonic()
         if due.flush:
-            self.next_flush = done + self.flush_interval_s
+            # On the flush's own cadence, not an interval after the work ended: a group writer's work at a flush grows
+            # with its streams (96 slow streams: ~0.3 s on a busy machine), and counted from its end, every period
+            # grew by it, each flush then had more to do, and a message waited up to ~2 s for its flush (p99 publish
+            # -> flushed, measured). At least half an interval after the work, so that a writer behind still drains.
+            self.next_flush = max(self.next_flush + self.flush_interval_s, done + self.flush_interval_s / 2)
         if due.stats:
             self.next_stats = done + self.stats_interval_s * (STATS_SHED_FACTOR if shed_stats else 1.0)
