@@ -23,7 +23,6 @@ from PIL import Image
 
 from acqd.errors import SessionError
 from acqd.images import attach
-from acqd.service.procs import wait_until
 from acqd.session import SESSION_FILE, write_json_atomic
 
 TIMEOUT_S = 30
@@ -34,22 +33,25 @@ def _cli(*args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
 
 
+PEAK_OF = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+"""Runs a command and writes its peak RSS (kB). Forked from this small launcher, not from the pytest worker: Linux
+carries the pre-exec image's high-water mark into a child's ``ru_maxrss``, so a CLI started by a worker that had
+grown to 571 MB reported 571 MB whatever it used itself."""
+
+
 def _cli_peak_mb(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
-    """``_cli``, and the peak resident memory (MB) of that CLI process alone: its own rusage (``wait4``), never the
-    largest of all the children this pytest worker reaped (another test's daemon reaped meanwhile counts there)."""
-    out, err = tmp_path / "cli.out", tmp_path / "cli.err"
-    with open(out, "w") as o, open(err, "w") as e:
-        proc = subprocess.Popen([*CLI, *args], stdout=o, stderr=e)
-    try:
-        _, status, usage = wait_until(lambda: (r := os.wait4(proc.pid, os.WNOHANG))[0] and r, "the CLI to exit",
-                                      TIMEOUT_S)
-    except TimeoutError:
-        proc.kill()
-        proc.wait()
-        raise
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
-    done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(), err.read_text())
-    return done, usage.ru_maxrss / 1024
+    """``_cli``, and the peak resident memory (MB) of that CLI process alone."""
+    peak = tmp_path / "cli.peak"
+    done = subprocess.run([sys.executable, "-c", PEAK_OF, str(peak), *CLI, *args], capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    return done, int(peak.read_text()) / 1024
 
 
 def _one_line_refusal(out: subprocess.CompletedProcess, *words: str) -> None:
