@@ -422,9 +422,10 @@ class StreamFile:
         the descriptor, which stays valid if the part is closed meanwhile (a close waits for it: ``synced``)."""
         if not self.unsynced or self.syncing is not None:
             return
+        clean = self.new_chunks()  # before the dup: an HDF5 error here must not leak the descriptor
         fd = os.dup(self.f.id.get_vfd_handle())
         self.unsynced = False  # what is flushed from now on is the next fsync's
-        self.syncing = pool.submit(durable, self.fsync, fd, self.new_chunks(), close=True)
+        self.syncing = pool.submit(durable, self.fsync, fd, clean, close=True)
 
     def synced(self, wait: bool = False) -> None:
         """The outcome of the fsync ``sync_later`` started, once it is done (``wait``: until it is): a failure raises
