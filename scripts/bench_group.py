@@ -47,9 +47,9 @@ def daemon_timing() -> dict:
                                        "clock_pair_interval_s")}
 
 
-def one(n: int, seconds: float, folder: Path, timing: dict | None = None) -> dict:
+def one(n: int, seconds: float, folder: Path, timing: dict | None = None, part_seconds: float | None = None) -> dict:
     names = [f"s{i:03d}" for i in range(n)]
-    g = LiveGroup(folder, names, dtype="float32", timing=timing)
+    g = LiveGroup(folder, names, dtype="float32", timing=timing, max_file_seconds=part_seconds)
     try:
         for name in names:
             g.wait_for(name, lambda m: m["type"] == "event" and m["kind"] == "connected", "its driver")
@@ -110,13 +110,16 @@ def main() -> None:
     p.add_argument("--daemon-timing", action="store_true",
                    help="the daemon's default intervals (flush and stats every 0.5 s, fsync every 1 s) instead of the "
                         "tests' (flush and stats every 0.1 s, no fsync)")
+    p.add_argument("--part-seconds", type=float, default=None,
+                   help="cut every stream's parts after this many seconds of samples (all roll over together)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="acqd-bg-", dir="/tmp") as tmp:
         runs = []
         for n in args.counts:
             folder = Path(tmp) / str(n)
             folder.mkdir()
-            runs.append(one(n, args.seconds, folder, daemon_timing() if args.daemon_timing else None))
+            timing = daemon_timing() if args.daemon_timing else None
+            runs.append(one(n, args.seconds, folder, timing, args.part_seconds))
             print(runs[-1], flush=True)
     lo, hi = runs[0], runs[-1]
     if hi["streams"] > lo["streams"]:

@@ -45,6 +45,8 @@ from acqd.record.writer import BATCH_LIMIT, Writer, WriterSpec, limit_file_size
 
 FSYNC_THREADS = 16
 """fsyncs a group writer runs at once (the journal commits concurrent fsyncs together)."""
+HELD_REPORTS_MS = 10
+"""How soon reports held behind an fsync (a part closed or opened: ``Writer.after``) are looked at again."""
 
 SLOW_GROUP = "slow"
 """The group a slow stream joins unless its config names another (or ``own``)."""
@@ -176,6 +178,8 @@ class Group:
         self.receiver = Receiver(self.writers)
         self.poller = zmq.Poller()  # every stream's control and monitor sockets
         self.pool = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="fsync")
+        for w in self.writers:  # parts close and open without the group waiting for their fsyncs (``Writer.after``)
+            w.pool = self.pool
 
     def run(self) -> int:
         owner: dict[zmq.Socket, Writer] = {}
@@ -192,7 +196,10 @@ class Group:
             recording = any(w.file is not None for w in self.live)
             paired = any(w.last_chunk is not None for w in self.live if w.file is not None)
             wake = schedule.wake_at(recording, paired)
-            events = dict(self.poller.poll(max(0, math.ceil((wake - time.monotonic()) * 1000))))
+            held = [w for w in self.live if w.outbox]  # reports waiting for an fsync: looked at again soon
+            timeout_ms = max(0, math.ceil((wake - time.monotonic()) * 1000))
+            events = dict(self.poller.poll(min(timeout_ms, HELD_REPORTS_MS) if held else timeout_ms))
+            self.each(Writer.release, set(held))
             woken = {owner[s] for s in events}
             now = time.monotonic()
             due = schedule.due(now, recording, paired)
@@ -212,6 +219,7 @@ class Group:
         self.each(lambda w: w.drain(BATCH_LIMIT, math.inf))  # it closes, then what ZeroMQ still held
         self.each(lambda w: w.close_file())
         self.each(lambda w: w.on_due(Due(stats=True)))
+        self.each(lambda w: w.release(wait=True))
         self.pool.shutdown()
         return 0
 
@@ -253,6 +261,7 @@ class Group:
         except Exception:  # noqa: BLE001 - the file is already known bad; the index says what is valid
             pass
         w.file = None
+        w.release(wait=True)  # its parts' reports held behind fsyncs: it is not looked at again
         self.live.remove(w)
         for s in (w.ctrl, w.monitor):  # it obeys no more commands: the supervisor sees it failed, with the reason
             self.poller.unregister(s)

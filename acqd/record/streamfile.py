@@ -203,7 +203,8 @@ class StreamFile:
     dropped: int = 0
     """Rows of /data whose chunks were dropped from the page cache after their fsync (``new_chunks``)."""
     syncing: Future | None = None
-    """An fsync started by ``sync_later`` and not yet taken by ``synced``: its outcome, an OSError or None."""
+    """An fsync started by ``sync_later`` (or by ``create`` on a pool) and not yet taken by ``synced``: its outcome,
+    an OSError or None."""
     _open: dict[str, h5py.Dataset] = field(default_factory=dict)
     """Datasets stay open: ``f[name]`` opens a new handle each time, and closing the last handle of a
     chunked dataset writes out its partial chunks and drops its chunk cache (a write and a read per call)."""
@@ -216,12 +217,14 @@ class StreamFile:
 
     @classmethod
     def create(cls, path: Path, cfg: StreamConfig, *, session: dict, lines: list[EdgeLine], part: int = 0,
-               encode_delay_s: float = 0.0, durable: bool = False) -> StreamFile:
+               encode_delay_s: float = 0.0, durable: bool = False, pool: Executor | None = None) -> StreamFile:
         """Create the file with every dataset and all metadata, then switch to SWMR. ``encode_delay_s``: the
         ``slow_encode`` test hook (acqd.record.faults), passed to a camera's encoder. ``durable``: fsync the new
-        file and its folder before returning (the writer's policy when it fsyncs at all): the daemon lists a part
-        in session.json as soon as it exists, and a power cut before the part's first periodic fsync left
-        session.json naming a file that never reached the disk, which finalize refused (row 5, on powerfs)."""
+        file and its folder (the writer's policy when it fsyncs at all): the daemon lists a part in session.json
+        as soon as the writer reports it, and a power cut before the part's first periodic fsync left session.json
+        naming a file that never reached the disk, which finalize refused (row 5, on powerfs). Before returning,
+        or with ``pool``, there: the returned file's ``syncing`` is that fsync, which the writer waits for before
+        it reports the part (``Writer.after``)."""
         f = open_stream_file(path, cfg)
         try:
             f.attrs.update({
@@ -249,19 +252,23 @@ class StreamFile:
             f.swmr_mode = True
             if durable:
                 f.flush()
-                os.fsync(f.id.get_vfd_handle())
-                fsync_dir(path.parent)
+                if pool is None:
+                    raise_if(created(os.fsync, os.dup(f.id.get_vfd_handle()), path.parent))
         except BaseException:
             _close_and_drop_if_empty(f, path)
             raise
         if cfg.video is not None:
-            return cls(path, f, VideoSink(path.parent.parent / VIDEO_DIR, cfg.name, part, cfg.video, cfg.rate,
-                                          encode_delay_s))
-        # A compressed chunk written half full is compressed again, and stored anew, when it fills: the
-        # file grows by the old copy each time. Whole chunks keep files small, and batching the writes
-        # saves HDF5's fixed cost per call (~0.1 ms) on every message.
-        chunk = np.empty((chunk_rows(cfg), *cfg.shape), dtype=cfg.np_dtype)
-        return cls(path, f, chunk=chunk, direct=cfg.compression == "none")
+            new = cls(path, f, VideoSink(path.parent.parent / VIDEO_DIR, cfg.name, part, cfg.video, cfg.rate,
+                                         encode_delay_s))
+        else:
+            # A compressed chunk written half full is compressed again, and stored anew, when it fills: the
+            # file grows by the old copy each time. Whole chunks keep files small, and batching the writes
+            # saves HDF5's fixed cost per call (~0.1 ms) on every message.
+            chunk = np.empty((chunk_rows(cfg), *cfg.shape), dtype=cfg.np_dtype)
+            new = cls(path, f, chunk=chunk, direct=cfg.compression == "none")
+        if durable and pool is not None:
+            new.syncing = pool.submit(created, os.fsync, os.dup(f.id.get_vfd_handle()), path.parent)
+        return new
 
     def has_room(self, n: int) -> bool:
         """Whether ``n`` more rows can be taken now: False only while a camera's encoder is too far behind."""
@@ -398,7 +405,7 @@ class StreamFile:
         if not self.unsynced:
             return
         with io_errors(self.path):  # a failed fsync is the kernel's: HDF5 itself wrote everything
-            _raise(durable(self.fsync, self.f.id.get_vfd_handle(), self.new_chunks()))
+            raise_if(durable(self.fsync, self.f.id.get_vfd_handle(), self.new_chunks()))
             self.unsynced = False
 
     def new_chunks(self) -> list[tuple[int, int]]:
@@ -434,24 +441,44 @@ class StreamFile:
             return
         error, self.syncing = self.syncing.result(), None
         with io_errors(self.path):
-            _raise(error)
+            raise_if(error)
 
-    def close(self, fsync: bool = True, progress: Callable[[int, int], None] | None = None) -> None:
-        """Close the file; a camera's encoder first finishes its backlog, calling ``progress`` while it does."""
-        if self.f.id.valid:
+    def close(self, fsync: bool = True, progress: Callable[[int, int], None] | None = None,
+              pool: Executor | None = None) -> Future | None:
+        """Close the file; a camera's encoder first finishes its backlog, calling ``progress`` while it does.
+
+        ``fsync`` with ``pool``: the fsync runs there once HDF5 has closed the file (after any still running), and
+        its outcome (an OSError or None) is the returned future's. A group writer's parts all roll over at once:
+        96 closes fsyncing one after the other held every stream's messages for a second (p99 publish -> flushed).
+        """
+        if not self.f.id.valid:
+            return None
+        fd = None
+        try:
+            if self.video is not None:
+                with io_errors(self.path, self):
+                    self.video.close(progress)
+                self._video_files(self.video.take_finished())
+                self.written = self.video.committed
+            if self.chunk is not None and self.rows > self.written:  # the last, partial chunk
+                with io_errors(self.path, self):
+                    self._write(self.rows - self.written)
+            self.flush(fsync and pool is None)
+            if fsync and pool is not None:
+                clean = self.new_chunks()
+                fd = os.dup(self.f.id.get_vfd_handle())  # valid after the close, for the fsync of what it wrote
+        finally:
+            self._open.clear()
             try:
-                if self.video is not None:
-                    with io_errors(self.path, self):
-                        self.video.close(progress)
-                    self._video_files(self.video.take_finished())
-                    self.written = self.video.committed
-                if self.chunk is not None and self.rows > self.written:  # the last, partial chunk
-                    with io_errors(self.path, self):
-                        self._write(self.rows - self.written)
-                self.flush(fsync)
-            finally:
-                self._open.clear()
                 self.f.close()
+            except BaseException:
+                if fd is not None:
+                    os.close(fd)
+                raise
+        if fd is None:
+            return None
+        earlier, self.syncing = self.syncing, None
+        return pool.submit(durable_after, earlier, self.fsync, fd, clean)
 
     def abandon(self, reason: str) -> None:
         """After a failed write or fsync: note why in ``/suspect`` if the file still takes it, and close it.
@@ -540,7 +567,30 @@ def durable(fsync: Callable[[int], None], fd: int, clean: list[tuple[int, int]],
     return None
 
 
-def _raise(error: OSError | None) -> None:
+def durable_after(earlier: Future | None, fsync: Callable[[int], None], fd: int,
+                  clean: list[tuple[int, int]]) -> OSError | None:
+    """``durable`` once the fsync ``earlier`` (if any) is done; not at all if it failed (after a failed fsync the
+    kernel may have dropped the dirty pages: a retry would report success for data that is gone)."""
+    error = earlier.result() if earlier is not None else None
+    if error is not None:
+        os.close(fd)
+        return error
+    return durable(fsync, fd, clean, close=True)
+
+
+def created(fsync: Callable[[int], None], fd: int, folder: Path) -> OSError | None:
+    """fsync a new file (``fd``, a duplicate, closed after) and then its folder's entry for it."""
+    try:
+        fsync(fd)
+        fsync_dir(folder)
+    except OSError as e:
+        return e
+    finally:
+        os.close(fd)
+    return None
+
+
+def raise_if(error: OSError | None) -> None:
     if error is not None:
         raise error
 

@@ -27,6 +27,8 @@ import sys
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -44,7 +46,8 @@ from acqd.record.peerauth import authenticate
 from acqd.record.preview import Preview, encode_message
 from acqd.record.schedule import Due, Schedule
 from acqd.wire.protocol import Chunk, Header, decode, peek_seq
-from acqd.record.streamfile import UNKNOWN_SEQ, StreamFile, io_errors, last_committed, part_filename
+from acqd.record.streamfile import (UNKNOWN_SEQ, StreamFile, io_errors, last_committed, part_filename,
+                                   raise_if)
 
 WAKE_INTERVAL_S = 0.05
 """Wake at most this often and take what has queued: one wake-up per message (~100/s per stream) costs
@@ -137,6 +140,8 @@ class Writer:
         self.spec = spec
         self.cfg = spec.stream
         self.acked = 0  # id of the last supervisor command handled; reported with every message (from the first)
+        self.pool: Executor | None = None  # a group writer's fsync threads: parts close and open without waiting
+        self.outbox: deque[dict | tuple[Future, Callable[[OSError | None], None]]] = deque()  # reports held (after)
         self.ctx = ctx or zmq.Context()  # a group writer (acqd.record.group) shares one among its streams
         self.ctrl = self.ctx.socket(zmq.DEALER)
         self.ctrl.setsockopt(zmq.IDENTITY, self.cfg.name.encode())
@@ -204,12 +209,43 @@ class Writer:
 
     # -- messages to the supervisor ------------------------------------------------------------
     def send(self, msg_type: str, **body) -> None:
-        """Report to the supervisor without ever blocking the data path (a flood is counted, not queued)."""
+        """Report to the supervisor without ever blocking the data path (a flood is counted, not queued); after the
+        reports ``after`` holds, in order."""
+        msg = {"type": msg_type, "stream": self.cfg.name, "pid": os.getpid(), "acked": self.acked, **body}
+        if self.outbox:
+            self.outbox.append(msg)
+        else:
+            self.deliver(msg)
+
+    def deliver(self, msg: dict) -> None:
         try:
-            self.ctrl.send_json({"type": msg_type, "stream": self.cfg.name, "pid": os.getpid(), "acked": self.acked,
-                                 **body}, zmq.NOBLOCK)
+            self.ctrl.send_json(msg, zmq.NOBLOCK)
         except zmq.Again:
             self.unsent_reports += 1
+
+    def after(self, fsync: Future | None, then: Callable[[OSError | None], None]) -> None:
+        """``then(outcome)`` once the ``fsync`` running on the pool is done (at once without one), and every report
+        from now on after it: a part is reported open, or closed, only once it is durable, and the supervisor hears
+        of a stream's parts in their order (``release``)."""
+        if fsync is None and not self.outbox:
+            then(None)
+        else:
+            self.outbox.append((fsync, then))
+
+    def release(self, wait: bool = False) -> None:
+        """Send the reports held behind fsyncs that are done (``wait``: behind all of them, waiting)."""
+        while self.outbox:
+            item = self.outbox[0]
+            if isinstance(item, dict):
+                self.deliver(self.outbox.popleft())
+                continue
+            fsync, then = item
+            if fsync is not None and not (wait or fsync.done()):
+                return
+            self.outbox.popleft()
+            held, self.outbox = self.outbox, deque()  # what ``then`` reports comes before what waited behind it
+            then(fsync.result() if fsync is not None else None)
+            self.outbox.extend(held)
 
     def event(self, kind: str, detail: str, **extra) -> None:
         self.send("event", kind=kind, detail=detail, **extra)
@@ -281,7 +317,7 @@ class Writer:
                 with io_errors(path):  # a full disk stops the stream with its reason
                     self.file = StreamFile.create(path, self.cfg, session=self.session, lines=self.spec.lines,
                                                   part=n, encode_delay_s=self.faults.encode_delay_s(),
-                                                  durable=self.spec.fsync_interval_s is not None)
+                                                  durable=self.spec.fsync_interval_s is not None, pool=self.pool)
                 break
             except WriterError as e:
                 if not isinstance(e.__cause__, FileExistsError):
@@ -295,7 +331,8 @@ class Writer:
         self.part, self.part_cursor = n, self.cursor
         if self.last_offset is not None:  # the clock offset in force when the part opens (LSL: docs/lsl.md)
             self.file.add("sync/offsets", self.last_offset)
-        self.send("recording", path=str(path), part=n)
+        # Reported once on disk; if its fsync failed, the report of the part's failure (``synced``) follows this one.
+        self.after(self.file.syncing, lambda _: self.send("recording", path=str(path), part=n))
 
     def part_full(self) -> bool:
         """Whether the current part reached ``max_file_bytes`` or ``max_file_seconds``. A part's duration is its rows
@@ -334,18 +371,26 @@ class Writer:
         suspect = str(failure) if failure is not None else None
         if failure is None:
             try:
-                f.close(fsync=self.spec.fsync_interval_s is not None, progress=self.closing)
+                fsync = f.close(fsync=self.spec.fsync_interval_s is not None, progress=self.closing, pool=self.pool)
             except DiskFullError:
                 raise
             except WriterError as e:
                 suspect = str(e)
+            else:  # the counts as the part closed, not as they are when its fsync is done
+                counts = self.rec.as_dict()
+                self.after(fsync, lambda error: self.report_closed(f, final, fsync_failure(f.path, error), counts))
+                return
+        self.report_closed(f, final, suspect, self.rec.as_dict())
+
+    def report_closed(self, f: StreamFile, final: bool, suspect: str | None, counts: dict) -> None:
+        """Report a closed part: a suspect one with what its index proves, its reason, and an event."""
         if suspect is None:
-            self.send("closed", path=str(f.path), rows=f.rows, counts=self.rec.as_dict(), final=final)
+            self.send("closed", path=str(f.path), rows=f.rows, counts=counts, final=final)
             return
         f.abandon(suspect)
         rows = f.last_index[4] + f.last_index[2] if f.last_index else 0
         lost = f"{len(f.pending_index)} message(s) after the last committed one not proven written"
-        self.send("closed", path=str(f.path), rows=rows, counts=self.rec.as_dict(), final=final, suspect=suspect)
+        self.send("closed", path=str(f.path), rows=rows, counts=counts, final=final, suspect=suspect)
         self.event("suspect_part", f"{f.path.name} is suspect ({suspect}); {lost}"
                    + ("" if final else "; recording continues in the next part"), path=str(f.path))
 
@@ -789,6 +834,17 @@ class Writer:
         self.stop_receiver()
         self.ctx.destroy(linger=1000)  # deliver the queued reason before leaving
         os._exit(code)  # h5py's atexit after ENOSPC/EFBIG segfaults; the supervisor has our reason
+
+
+def fsync_failure(path: Path, error: OSError | None) -> str | None:
+    """What a failed fsync of a closed part makes it: suspect, with the reason ``io_errors`` gives (a full disk too:
+    the part is closed, and the next part's creation then stops the stream if the disk is still full)."""
+    try:
+        with io_errors(path):
+            raise_if(error)
+    except WriterError as e:
+        return str(e)
+    return None
 
 
 def _seq_or_unknown(frames: list[zmq.Frame]) -> int:

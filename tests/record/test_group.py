@@ -16,7 +16,7 @@ import yaml
 from acqd.config import RigConfig, StreamConfig
 from acqd.record.group import SLOW_GROUP, writer_groups
 from acqd.record.ingest import Gap, Loss, Reject
-from acqd.record.streamfile import open_for_read
+from acqd.record.streamfile import open_for_read, part_filename
 from acqd.service.procs import wait_until
 from acqd.wire.protocol import Header, encode
 from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
@@ -28,6 +28,20 @@ def timed_message(name: str, seq: int) -> tuple[list, np.ndarray]:
     """A valid 10-sample message whose device_time_ns is the host wall time it is sent at."""
     data = (np.arange(seq * 40, seq * 40 + 40) % 30011).astype("<i2").reshape(10, 4)
     return encode(Header(name, seq, 7, seq * 10, 10, "<i2", (4,), device_time_ns=time.time_ns()), data), data
+
+
+def send_timed(g: LiveGroup, names: list[str], n: int) -> dict[str, list[np.ndarray]]:
+    """``n`` timed messages to each stream at 100 per second, until each was handled; what each stream was sent."""
+    sent: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for seq in range(n):
+        for name in names:
+            frames, data = timed_message(name, seq)
+            g.drivers[name].send_multipart(frames)
+            sent[name].append(data)
+        time.sleep(0.01)
+    for name in names:
+        g.wait_handled(name, n)
+    return sent
 
 
 def read(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -245,6 +259,65 @@ def test_a_failed_fsync_among_the_groups_concurrent_fsyncs_is_its_streams_alone(
         assert g.close() == 0
 
 
+def test_parts_rolling_over_on_a_disk_whose_fsyncs_take_seconds_hold_no_stream_of_the_group(tmp_path):
+    """A part closes, and the next opens, without the group waiting for their fsyncs (``Writer.after``): with every
+    stream's part rolling over each second and one stream's fsyncs taking 3 s, no other stream's messages wait for
+    them. Before, each close fsynced in the group's thread (after the fsync still running): every stream's messages
+    waited ~3 s at each rollover. The supervisor hears of each stream's parts in order, each reported closed once
+    its fsync is done; every part is whole."""
+    names = ["slowdisk", "ok0", "ok1"]
+    g = LiveGroup(tmp_path, names, env={"ACQD_FAULT": "slowdisk:slow_fsync:3000"}, timing={"fsync_interval_s": 0.2},
+                  max_file_seconds=1.0)
+    try:
+        g.wait_connected()
+        g.record_all()
+        sent = send_timed(g, names, 300)  # 3 s of 100 messages/s per stream, 10 samples each: parts of 100 messages
+        g.stop_all()
+        for n in names:
+            reports = [(m["type"], m["part"] if m["type"] == "recording" else Path(m["path"]).name)
+                       for name, m in g.msgs if name == n and m["type"] in ("recording", "closed")]
+            parts = [part_filename(n, p) for p in range(3)]
+            assert reports == [("recording", 0), ("closed", parts[0]), ("recording", 1), ("closed", parts[1]),
+                               ("recording", 2), ("closed", parts[2])], (n, reports)
+            closed = [m["counts"]["messages"] for name, m in g.msgs if name == n and m["type"] == "closed"]
+            assert closed == [100, 200, 300], (n, closed)  # as each part closed, not as its fsync ended
+            held = [read(g.folder / name) for name in parts]
+            assert all(len(gaps) == len(rejects) == 0 and len(index) == 100 for _, index, gaps, rejects in held), n
+            assert np.array_equal(np.concatenate([data for data, *_ in held]), np.concatenate(sent[n])), n
+            if n != "slowdisk":  # the last second's messages may wait for the stop, which closes slowdisk's part
+                index = np.concatenate([index for _, index, *_ in held])
+                committed_ms = (index["committed_wall_ns"] - index["device_time_ns"])[:200] / 1e6
+                assert np.percentile(committed_ms, 99) < 1500, (n, np.percentile(committed_ms, [50, 99]))
+    finally:
+        assert g.close() == 0
+
+
+def test_a_part_whose_fsync_fails_after_it_closed_is_reported_suspect_and_recording_goes_on(tmp_path):
+    """The fsync of a closed part runs on the group's pool (``Writer.after``); when it fails (EIO), the part is reported
+    closed as suspect, with the reason and an event, as when the close fsynced in the group's thread, and the stream
+    goes on in its next part; the other stream sees nothing."""
+    names = ["bad", "ok"]
+    g = LiveGroup(tmp_path, names, env={"ACQD_FAULT": "bad:eio_on_fsync:1"}, timing={"fsync_interval_s": 60.0},
+                  max_file_seconds=1.0)  # no periodic fsync in the test: the first is part 0's close
+    try:
+        g.wait_connected()
+        g.record_all()
+        sent = send_timed(g, names, 150)
+        g.stop_all()
+        closed = {n: [m for name, m in g.msgs if name == n and m["type"] == "closed"] for n in names}
+        assert [Path(m["path"]).name for m in closed["bad"]] == ["bad.h5", "bad.part001.h5"]
+        assert "Input/output error (fsync; injected" in closed["bad"][0]["suspect"]
+        assert "suspect" not in closed["bad"][1] and not any("suspect" in m for m in closed["ok"])
+        events = [m for name, m in g.msgs if name == "bad" and m["type"] == "event" and m["kind"] == "suspect_part"]
+        assert len(events) == 1 and "bad.h5 is suspect" in events[0]["detail"]
+        assert not [m for name, m in g.msgs if name == "ok" and m["type"] == "event" and m["kind"] == "suspect_part"]
+        for n in names:
+            held = [read(g.folder / part_filename(n, p)) for p in range(2)]
+            assert np.array_equal(np.concatenate([data for data, *_ in held]), np.concatenate(sent[n])), n
+    finally:
+        assert g.close() == 0
+
+
 def test_a_stream_whose_fsyncs_take_seconds_holds_no_other_stream_of_the_group(tmp_path):
     """The group starts its fsyncs on threads and goes on (``StreamFile.sync_later``): a disk that takes 3 s per fsync
     for one stream (``slow_fsync``, as a journal busy with a fat rig's writes) delays no other stream's flush. Before,
@@ -255,15 +328,7 @@ def test_a_stream_whose_fsyncs_take_seconds_holds_no_other_stream_of_the_group(t
     try:
         g.wait_connected()
         g.record_all()
-        sent: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        for seq in range(300):  # 3 s of 100 messages/s per stream: at least one slow fsync round in it
-            for n in names:
-                frames, data = timed_message(n, seq)
-                g.drivers[n].send_multipart(frames)
-                sent[n].append(data)
-            time.sleep(0.01)
-        for n in names:
-            g.wait_handled(n, 300)
+        sent = send_timed(g, names, 300)  # 3 s of 100 messages/s per stream: at least one slow fsync round in it
         g.stop_all()
         for n in names:
             data, index, gaps, rejects = read(g.folder / f"{n}.h5")
