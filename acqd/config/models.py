@@ -10,6 +10,7 @@ friends live with the stage that uses them.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -316,7 +317,7 @@ class StreamConfig(_Frozen):
 
     @property
     def sample_bytes(self) -> int:
-        return int(np.prod(self.shape)) * self.np_dtype.itemsize
+        return math.prod(self.shape) * self.np_dtype.itemsize  # per batch in a group writer: np.prod is 10x slower
 
 
 def stimulus_problem(stim: StimulusConfig, shape: tuple[int, ...], dtype: np.dtype) -> None:

@@ -31,6 +31,7 @@ import contextlib
 import errno
 import functools
 import json
+import math
 import os
 import resource
 import shutil
@@ -294,7 +295,7 @@ class StreamFile:
         first = self.rows
         n = index["n_samples"].astype(np.int64)
         index["file_row"] = first + np.cumsum(n) - n
-        ends = np.cumsum(n) * (data.itemsize * int(np.prod(data.shape[1:])))
+        ends = np.cumsum(n) * (data.itemsize * math.prod(data.shape[1:]))
         raw = data.reshape(-1).view(np.uint8)
         index["crc32"] = [crc32(raw[a:b]) for a, b in zip(np.concatenate(([0], ends[:-1])).tolist(),
                                                                ends.tolist())]
@@ -556,9 +557,11 @@ def durable(fsync: Callable[[int], None], fd: int, clean: list[tuple[int, int]],
         fsync(fd)
         # What is on disk need not stay in the page cache: a rig writing 130 MB/s would fill all of
         # memory in minutes, evicting everyone else's, and the writers cost 1.5x more CPU while it
-        # fills (measured, docs/performance.md). Only clean pages are dropped; nothing is lost.
-        for offset, length in clean:
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        # fills (measured, docs/performance.md). Only clean pages are dropped; nothing is lost, and a
+        # filesystem that refuses the hint leaves the part as good as it was (never suspect for it).
+        with contextlib.suppress(OSError):
+            for offset, length in clean:
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
     except OSError as e:
         return e
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from acqd.config import StreamConfig
 from acqd.record.ingest import Gap, GapRecord, Loss
 from acqd.record.streamfile import (FILTER_NOTES, GAP_DTYPE, StreamFile, chunk_rows, committed_rows, dataset_options,
-                                    gap_reasons, open_for_read)
+                                    durable, gap_reasons, open_for_read)
 
 CFG = StreamConfig(name="s", endpoint="ipc:///x", dtype="int16", shape=(4,), rate=1000.0)
 
@@ -199,3 +200,18 @@ def mmap_page() -> int:
     import mmap
 
     return mmap.PAGESIZE
+
+
+def test_a_refused_page_cache_hint_after_a_good_fsync_is_not_a_failed_fsync(tmp_path, monkeypatch):
+    """``durable`` reports the fsync's failure, and only it: a filesystem that refuses ``posix_fadvise`` (EINVAL, or
+    ESPIPE) once the data are on disk must not make the part suspect (it did: the hint's error was returned as the
+    fsync's)."""
+    def refuse(*_):
+        raise OSError(errno.EINVAL, "Invalid argument")
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    synced: list[int] = []
+    with open(tmp_path / "f", "wb") as f:
+        assert durable(synced.append, f.fileno(), [(0, 4096)]) is None
+        assert synced == [f.fileno()]
+        failed = OSError(errno.EIO, "Input/output error")
+        assert durable(lambda fd: (_ for _ in ()).throw(failed), f.fileno(), [(0, 4096)]) is failed
