@@ -46,7 +46,7 @@ from acqd.record.peerauth import authenticate
 from acqd.record.preview import Preview, encode_message
 from acqd.record.schedule import Due, Schedule
 from acqd.wire.protocol import Chunk, Header, decode, peek_seq
-from acqd.record.streamfile import (UNKNOWN_SEQ, StreamFile, io_errors, last_committed, part_filename,
+from acqd.record.streamfile import (UNKNOWN_SEQ, StreamFile, io_errors, last_committed, part_filename, part_image,
                                    raise_if)
 
 WAKE_INTERVAL_S = 0.05
@@ -176,6 +176,7 @@ class Writer:
         self.file: StreamFile | None = None
         self.folder = Path()
         self.session: dict = {}
+        self.image: bytes | None = None  # a new part of this recording, as bytes (streamfile.part_image)
         self.part = 0
         self.levels: list[bool | None] = []
         self.last_seq: int | None = None
@@ -286,6 +287,7 @@ class Writer:
     def start_recording(self, folder: str, session: dict, part: int) -> None:
         self.close_file()
         self.folder, self.session = Path(folder), session
+        self.image = None
         self.rec = Counts()
         self.first_recorded_ns = None
         # The recording starts at the next accepted chunk, with no gap before it; a restarted writer continues
@@ -315,9 +317,11 @@ class Writer:
             path = self.folder / part_filename(self.cfg.name, n)
             try:
                 with io_errors(path):  # a full disk stops the stream with its reason
+                    self.image = self.image or part_image(self.cfg, self.session, self.spec.lines)
                     self.file = StreamFile.create(path, self.cfg, session=self.session, lines=self.spec.lines,
                                                   part=n, encode_delay_s=self.faults.encode_delay_s(),
-                                                  durable=self.spec.fsync_interval_s is not None, pool=self.pool)
+                                                  durable=self.spec.fsync_interval_s is not None, pool=self.pool,
+                                                  image=self.image)
                 break
             except WriterError as e:
                 if not isinstance(e.__cause__, FileExistsError):

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from acqd.config import StreamConfig
+from acqd.config import EdgeLine, StreamConfig
 from acqd.record.ingest import Gap, GapRecord, Loss
 from acqd.record.streamfile import (FILTER_NOTES, GAP_DTYPE, StreamFile, chunk_rows, committed_rows, dataset_options,
-                                    durable, gap_reasons, open_for_read)
+                                    durable, gap_reasons, open_for_read, part_image)
 
 CFG = StreamConfig(name="s", endpoint="ipc:///x", dtype="int16", shape=(4,), rate=1000.0)
 
@@ -45,6 +45,55 @@ def test_metadata_is_in_the_file_from_creation(tmp_path):
     sf.close()
 
 
+def layout(path) -> dict:
+    """Every group's and dataset's attributes, and each dataset's dtype, shape, chunks, filters, by name."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            out[name] = {k: str(v) for k, v in obj.attrs.items()}
+            if isinstance(obj, h5py.Dataset):
+                out[name] |= {"@": (str(obj.dtype), obj.shape, obj.maxshape, obj.chunks, obj.compression,
+                                    sorted(obj.id.get_create_plist().get_filter(i)[0]
+                                           for i in range(obj.id.get_create_plist().get_nfilters())))}
+        out["/"] = {k: str(v) for k, v in f.attrs.items()}
+        f.visititems(visit)
+    return out
+
+
+def test_the_parts_of_a_recording_written_from_one_image_differ_only_in_number_and_creation_time(tmp_path):
+    """A writer lays out a part once per recording (``part_image``) and writes each part from it: the parts are the
+    file a fresh layout makes, each with its own number and creation time, open for SWMR as before."""
+    cfg = CFG.model_copy(update={"compression": "zstd", "channel_names": ("a", "b", "c", "d")})
+    session, lines = {"session_id": "abc"}, [EdgeLine(label="sync", channel=1, bit=0)]
+    image = part_image(cfg, session, lines)
+    fresh = StreamFile.create(tmp_path / "fresh.h5", cfg, session=session, lines=lines, part=0)
+    fresh.close()
+    for part in (1, 2):
+        sf = StreamFile.create(tmp_path / f"p{part}.h5", cfg, session=session, lines=lines, part=part, image=image)
+        with h5py.File(tmp_path / f"p{part}.h5", "r", libver="latest", swmr=True) as f:  # open for writing: SWMR
+            assert f.attrs["part"] == part and set(f) == {"data", "index", "gaps", "rejects", "sync", "timestamps",
+                                                          "suspect"}
+        sf.append(np.ones((10, 4), "int16"), (0, 1, 10, 0, 0, 0, 0))
+        sf.close()
+    parts = [layout(tmp_path / name) for name in ("fresh.h5", "p1.h5", "p2.h5")]
+    assert [p["/"]["part"] for p in parts] == ["0", "1", "2"] and len({p["/"]["created"] for p in parts}) == 3
+    for p in parts:
+        del p["/"]["part"], p["/"]["created"], p["data"]["@"], p["index"]["@"]  # the data written differ
+    assert parts[0] == parts[1] == parts[2] and '"abc"' in parts[0]["/"]["session"]
+    assert "sync" in parts[0]["sync/edges"]["lines"] and parts[0]["data"]["channel_names"]
+
+
+def test_a_part_whose_creation_fails_is_removed(tmp_path, monkeypatch):
+    """``open_stream_file`` created it a moment ago and nothing names it yet: a failure before it is ready (here its
+    switch to SWMR) removes it rather than leave a part with a header only for finalize to skip."""
+    def refuse(self, value):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(h5py.File, "swmr_mode", property(lambda self: False, refuse))
+    with pytest.raises(OSError):
+        StreamFile.create(tmp_path / "s.h5", CFG, session={}, lines=[])
+    assert not (tmp_path / "s.h5").exists()
+
+
 def test_gap_reasons_are_stored_and_files_without_the_column_read_as_unknown(tmp_path):
     sf = StreamFile.create(tmp_path / "s.h5", CFG, session={}, lines=[])
     sf.add_gap(GapRecord(Gap.SEQ, 3, 9, 30, 90, Loss.OVERLOAD), 0)
@@ -62,7 +111,7 @@ def test_gap_reasons_are_stored_and_files_without_the_column_read_as_unknown(tmp
 
 KILL_AFTER_FLUSHES = textwrap.dedent("""
     import os, signal, sys, numpy as np
-    from acqd.config import StreamConfig
+    from acqd.config import EdgeLine, StreamConfig
     from acqd.record.streamfile import StreamFile
     cfg = StreamConfig(name="s", endpoint="ipc:///x", dtype="int16", shape=(4,), rate=1000.0)
     sf = StreamFile.create(sys.argv[1], cfg, session={}, lines=[])
