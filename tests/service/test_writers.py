@@ -14,6 +14,7 @@ import zmq
 
 from acqd.config import load_config
 from acqd.service.live import verdict
+from acqd.service.procs import wait_until
 from acqd.service.sessionrecord import SessionRecord
 from acqd.service.writers import WriterHandle, Writers, liveness
 from tests.conftest import write_rig
@@ -102,6 +103,7 @@ def test_reconcile_corrects_a_writer_whose_command_was_lost(writers, tmp_path):
     h.stats = {**h.stats, "recording": True, "file": file, "part": 0}
     w.reconcile("sensor", h, session)
     assert session.parts("sensor") == [{"part": 0, "path": "streams/sensor.h5", "rows": None}]
+    wait_until(lambda: (session.flush(), session.due == float("inf"))[1], "the part to be written", 5, 0.02)
     assert json.loads((session.folder / "session.json").read_text())["streams"]["sensor"]["parts"][0]["part"] == 0
     # Still recording after the session closed: told to stop.
     n = len(w.incidents)
