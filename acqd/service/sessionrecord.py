@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from acqd.config import RigConfig
@@ -44,6 +45,8 @@ class SessionRecord:
     unsaved: bool = False
     due: float = float("inf")
     """When (monotonic s) the parts listed or closed since the last write must be written (``flush``)."""
+    _listed: set[tuple[str, str]] = field(default_factory=set)
+    """(stream, path as its writer names it) found listed (``listed``)."""
 
     @classmethod
     def create(cls, data_root: Path, session_id: str, cfg: RigConfig, metadata: dict,
@@ -66,7 +69,7 @@ class SessionRecord:
         record.save()
         return record
 
-    @property
+    @cached_property
     def streams_dir(self) -> Path:
         return self.folder / STREAMS_DIR
 
@@ -87,11 +90,19 @@ class SessionRecord:
         return self.data["streams"][stream]["parts"]
 
     def holds(self, path: str) -> bool:
-        """Whether a writer's file is one of this session's."""
-        return Path(path).parent == self.streams_dir
+        """Whether a writer's file is one of this session's (asked at every stats message of every stream: the
+        writers name their files as ``record_command`` told them, so a string comparison answers first)."""
+        return os.path.dirname(path) == str(self.streams_dir) or Path(path).parent == self.streams_dir
 
     def listed(self, stream: str, path: str) -> bool:
-        return any(p["path"] == rel(path, self.folder) for p in self.parts(stream))
+        """Whether ``path`` is listed as a part of ``stream`` (asked at every stats message; a listed part stays
+        listed, so each is looked up once)."""
+        if (stream, path) in self._listed:
+            return True
+        found = any(p["path"] == rel(path, self.folder) for p in self.parts(stream))
+        if found:
+            self._listed.add((stream, path))
+        return found
 
     def add_part(self, stream: str, part: int, path: str) -> None:
         self.parts(stream).append({"part": part, "path": rel(path, self.folder), "rows": None})
