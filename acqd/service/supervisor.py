@@ -141,8 +141,8 @@ class Supervisor:
             self.previews.sync(self.writers, self.writers.send)
         self.hashers.poll()
         self.scrubs.poll(self.jobs)
-        if self.session_record is not None and self.session_record.unsaved:
-            self.session_record.save(now=False)
+        if self.session_record is not None:
+            self.session_record.flush()
         for folder, session in list(self._closed_unsaved):
             if write_session(folder, session):
                 self._closed_unsaved.remove((folder, session))

@@ -31,6 +31,7 @@ from acqd.config import RigConfig, StreamConfig
 from acqd.record.group import GroupSpec, writer_groups
 from acqd.record.preview import is_message as is_preview
 from acqd.record.writer import EXIT_DISK_FULL, EXIT_WRITE_ERROR, WriterSpec
+from acqd.service.hangs import Hangs
 from acqd.service.overload import overload_status
 from acqd.service.procs import stop_process
 from acqd.service.sessionrecord import SessionRecord, record_late_close
@@ -111,6 +112,7 @@ class Writers(dict[str, WriterHandle]):
         self.junk_messages = 0
         self.runtime_dir = runtime_dir
         self.groups = writer_groups(cfg)  # stream -> the group writer hosting it (None: a process of its own)
+        self.hangs = Hangs()  # hung writer processes: one writer_hung / writer_recovered incident each
 
     # -- processes and commands ------------------------------------------------------------------
     def spawn(self, name: str) -> dict[str, WriterHandle]:
@@ -155,6 +157,7 @@ class Writers(dict[str, WriterHandle]):
         while self.router.poll(0):  # drain their last words
             self.router.recv_multipart()
         self.clear()
+        self.hangs.clear()
 
     def close(self) -> None:
         self.router.close(linger=0)
@@ -195,8 +198,9 @@ class Writers(dict[str, WriterHandle]):
         h.heard = time.monotonic()
         h.acked = max(h.acked, int(msg.get("acked") or 0))
         if h.hung_since is not None:
-            self.incident(name, "writer_recovered", f"writer (pid {h.proc.pid}) answers again after "
-                                                    f"{h.heard - h.hung_since:.1f} s")
+            if (hang := self.hangs.answered(h.proc.pid, name)) is not None:  # one incident per process
+                self.incident(hang.stream, "writer_recovered", f"writer (pid {h.proc.pid}) answers again after "
+                                                               f"{h.heard - hang.since:.1f} s")
             h.hung_since = None
         match msg.get("type"):
             case "ready":
@@ -302,6 +306,7 @@ class Writers(dict[str, WriterHandle]):
         if was_recording and recording:
             new.record_on_ready = new.part
         self[name] = new
+        self.hangs.pop(h.proc.pid, None)  # (a later process may get its pid)
         detail = f"writer (pid {h.proc.pid}) {how}; restarted as pid {new.proc.pid}"
         if new.record_on_ready is not None:
             detail += f", recording into part {new.part}"
@@ -315,9 +320,14 @@ class Writers(dict[str, WriterHandle]):
             if h.ready and h.hung_since is None and now - h.heard > limit and h.proc.poll() is None \
                     and h.state not in ENDED:
                 h.hung_since = h.heard
+                if not self.hangs.went_hung(h.proc.pid, name, h.heard):
+                    continue  # its group writer's hang is reported already (acqd.service.hangs)
+                hosts = sum(o.proc is h.proc for o in self.values())
                 self.incident(name, "writer_hung", f"writer (pid {h.proc.pid}) sent nothing for {now - h.heard:.1f} s "
                                                    f"(heartbeat_timeout_s {limit:g}); data it misses meanwhile shows "
-                                                   f"as gaps (sub) or waits in the driver (pull)")
+                                                   f"as gaps (sub) or waits in the driver (pull)"
+                                                   + (f"; it hosts {hosts} streams, each shown hung in the status "
+                                                      f"while it is" if hosts > 1 else ""))
 
     def problems(self) -> list[str]:
         """Why RECORD would be refused now, per stream: a hung writer, or a required stream down or silent."""

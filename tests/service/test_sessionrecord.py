@@ -4,12 +4,14 @@ second, a capped incident list, and a part closed after its session closed."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from acqd.config import load_config
 from acqd.errors import SessionError
-from acqd.service.sessionrecord import MAX_INCIDENTS, SessionRecord, record_late_close, session_metadata
+from acqd.service.procs import wait_until
+from acqd.service.sessionrecord import MAX_INCIDENTS, PART_SAVE_S, SessionRecord, record_late_close, session_metadata
 from acqd.session import CLOSED
 from tests.conftest import write_rig
 
@@ -28,13 +30,39 @@ def _saved(record: SessionRecord) -> dict:
     return json.loads((record.folder / "session.json").read_text())
 
 
-def test_parts_reach_session_json_at_once(record):
+def _flushed(record: SessionRecord) -> dict:
+    """session.json once the parts waiting in ``record`` are due and the supervisor's round has flushed them."""
+    wait_until(lambda: (record.flush(), record.due == float("inf"))[1], "the parts to be written", 5, 0.02)
+    return _saved(record)
+
+
+def test_parts_reach_session_json_within_part_save_s(record):
     path = str(record.streams_dir / "probe.h5")
+    t = time.monotonic()
     record.add_part("probe", 0, path)
-    assert _saved(record)["streams"]["probe"]["parts"] == [{"part": 0, "path": "streams/probe.h5", "rows": None}]
+    assert _flushed(record)["streams"]["probe"]["parts"] == [{"part": 0, "path": "streams/probe.h5", "rows": None}]
+    assert time.monotonic() - t < PART_SAVE_S + 1.0
     record.close_part("probe", {"path": path, "rows": 10, "counts": {"gaps": 0}, "suspect": "torn"})
-    assert _saved(record)["streams"]["probe"]["parts"] == [{"part": 0, "path": "streams/probe.h5", "rows": 10,
-                                                             "counts": {"gaps": 0}, "suspect": "torn"}]
+    assert _flushed(record)["streams"]["probe"]["parts"] == [{"part": 0, "path": "streams/probe.h5", "rows": 10,
+                                                              "counts": {"gaps": 0}, "suspect": "torn"}]
+
+
+def test_parts_of_many_streams_rolling_over_together_cost_one_write(record, monkeypatch):
+    """A hundred slow streams close a part and open the next within a round: one write of session.json, not one per
+    part (each rewrote the whole record: the supervisor's largest cost at 96 slow streams with 10 s parts)."""
+    writes = []
+    monkeypatch.setattr("acqd.service.sessionrecord.write_session", lambda f, d: writes.append(f) or True)
+    streams = list(record.data["streams"])
+    for name in streams:
+        record.add_part(name, 0, str(record.streams_dir / f"{name}.h5"))
+    for name in streams:
+        record.close_part(name, {"path": str(record.streams_dir / f"{name}.h5"), "rows": 5, "counts": {}})
+        record.add_part(name, 1, str(record.streams_dir / f"{name}.part001.h5"))
+    record.flush()  # a round right after: not due yet
+    assert writes == []
+    record.due -= PART_SAVE_S  # the round PART_SAVE_S later
+    record.flush()
+    assert len(writes) == 1 and all(len(record.parts(n)) == 2 for n in streams)
 
 
 def test_routine_incidents_are_written_at_most_once_a_second(record):

@@ -14,6 +14,7 @@ import zmq
 
 from acqd.config import load_config
 from acqd.service.live import verdict
+from acqd.service.procs import wait_until
 from acqd.service.sessionrecord import SessionRecord
 from acqd.service.writers import WriterHandle, Writers, liveness
 from tests.conftest import write_rig
@@ -102,6 +103,7 @@ def test_reconcile_corrects_a_writer_whose_command_was_lost(writers, tmp_path):
     h.stats = {**h.stats, "recording": True, "file": file, "part": 0}
     w.reconcile("sensor", h, session)
     assert session.parts("sensor") == [{"part": 0, "path": "streams/sensor.h5", "rows": None}]
+    wait_until(lambda: (session.flush(), session.due == float("inf"))[1], "the part to be written", 5, 0.02)
     assert json.loads((session.folder / "session.json").read_text())["streams"]["sensor"]["parts"][0]["part"] == 0
     # Still recording after the session closed: told to stop.
     n = len(w.incidents)
@@ -157,3 +159,21 @@ def test_a_group_writer_is_polled_once_per_check_and_the_status_polls_no_process
     proc.kill()
     proc.wait()  # what check_processes' poll finds once the process is gone
     assert all(w.stream_status(s)["pid"] is None for s in w.cfg.streams)
+
+
+def test_a_stalled_group_writer_raises_one_hang_and_one_recovery_and_every_stream_shows_hung(writers):
+    """A group writer's stall is one event: one writer_hung when its first stream crosses the heartbeat timeout, one
+    writer_recovered when its last hung stream answers, while each of its streams shows ``hung`` in the status."""
+    w, proc = writers
+    names = [s.name for s in w.cfg.streams]
+    for i, name in enumerate(names):  # every stream hosted by one process, heard last at slightly different times
+        w[name] = h = _handle(name, proc, 0.1, False)
+        h.heard = time.monotonic() - w.cfg.daemon.heartbeat_timeout_s - 0.5 + 0.01 * i
+    w.check_heartbeats()
+    assert len(names) > 1 and [i[:2] for i in w.incidents] == [(names[0], "writer_hung")]
+    assert f"hosts {len(names)} streams" in w.incidents[0][2]
+    assert all(w.stream_status(s)["state"] == "hung" for s in w.cfg.streams)
+    for name in names:
+        assert w.on_message(name, {"type": "stats", "pid": proc.pid}, None, False, lambda *a: None) is not None
+    assert [i[:2] for i in w.incidents] == [(names[0], "writer_hung"), (names[0], "writer_recovered")]
+    assert all(w.stream_status(s)["state"] == "acquiring" for s in w.cfg.streams) and not w.hangs
