@@ -48,10 +48,10 @@ class Snapshot:
 
 
 def encode(status: dict) -> bytes:
-    """The snapshot's JSON, one line (an SSE ``data:`` line carries it as it is). orjson: the status of a hundred streams
-    is ~110 kB, encoded 4 times a second and on every change, ~7x faster than the json module; what it cannot encode
-    is written as it was by ``json.dumps(default=str)`` (a float subclass, numpy's float64, as a number, anything else
-    as its ``str``), NaN as null."""
+    """The snapshot's JSON, one line (an SSE ``data:`` line carries it as it is). orjson: the status of a hundred
+    streams is ~110 kB, encoded 4 times a second and on every change, ~7x faster than the json module; what it cannot
+    encode is written as it was by ``json.dumps(default=str)`` (a float subclass, numpy's float64, as a number,
+    anything else as its ``str``), NaN as null."""
     return orjson.dumps(status, default=_as_json, option=orjson.OPT_NON_STR_KEYS)
 
 
