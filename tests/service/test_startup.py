@@ -1,0 +1,45 @@
+"""What acqd's processes import at start: what they serve with, not what finalize writes with (issue 23, item 5).
+
+Every test that starts a daemon, and every real start, paid ~0.45 s of CPU importing pynwb, hdmf, pandas and scipy
+(and their thousand modules) that a daemon only needs when it checks session metadata with nwbinspector (RECORD,
+the console's form) or amends a session; finalize and export run in their own processes. The real entry point is
+run with ``-X importtime`` (``PYTHONPROFILEIMPORTTIME``), whose log names every module the process imported.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from acqd.service.procs import Daemon
+from tests.sessions import SUBJECT
+
+NWB_STACK = {"pynwb", "hdmf", "pandas", "scipy", "nwbinspector"}
+
+
+def imported(log: Path) -> set[str]:
+    """The top-level packages an ``-X importtime`` log (a process's stderr) says were imported."""
+    return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in log.read_text(errors="replace").splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
+def test_the_daemon_serves_without_the_nwb_stack_and_loads_it_at_the_first_metadata_check(tmp_path, small_rig_file):
+    log = tmp_path / "daemon.log"
+    daemon = Daemon(small_rig_file, tmp_path / "data", tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"}, log=log)
+    try:
+        assert daemon.command("status")["mode"] == "IDLE"
+        assert {"fastapi", "uvicorn", "zmq"} <= imported(log)  # the log is the daemon's: it names what serves
+        assert not imported(log) & NWB_STACK, "acqd serve imports the NWB stack at start"
+        # Two form checks at once: two of the server's worker threads import the stack together, and both get
+        # finalize's verdict (nwbinspector's age check: pynwb and nwbinspector ran).
+        no_age = {"subject": {k: v for k, v in SUBJECT.items() if k != "age"}}
+        with httpx.Client(base_url=daemon.url, timeout=60.0) as http, ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(lambda _: http.post("/api/console/validate", json={"metadata": no_age}), range(2)))
+        errors = [r.json()["errors"] for r in replies]
+        assert [r.status_code for r in replies] == [200, 200] and errors[0] == errors[1]
+        assert errors[0]["subject.age"].endswith("(check_subject_age)"), errors[0]
+        assert {"pynwb", "nwbinspector"} <= imported(log)
+    finally:
+        daemon.stop(timeout_s=30)
