@@ -8,6 +8,9 @@ run with ``-X importtime`` (``PYTHONPROFILEIMPORTTIME``), whose log names every 
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,3 +46,15 @@ def test_the_daemon_serves_without_the_nwb_stack_and_loads_it_at_the_first_metad
         assert {"pynwb", "nwbinspector"} <= imported(log)
     finally:
         daemon.stop(timeout_s=30)
+
+
+def test_a_writer_starts_without_asyncio():
+    """pyzmq's socket-monitor helper and its ZAP authenticator import asyncio and ssl (~15 ms of CPU in each of the
+    ~370 writers of a test run); a writer reads its monitor with ``acqd.wire.monitor`` and loads the authenticator
+    only when it binds on tcp (the row 27 tests in tests/faults/test_rows_wire.py run those)."""
+    code = ("import sys, acqd.record.launch, acqd.record.writer, acqd.record.group; "
+            "print(sorted({m.split('.')[0] for m in sys.modules}))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    loaded = set(ast.literal_eval(run.stdout))
+    assert {"zmq", "h5py", "numpy"} <= loaded and not loaded & {"asyncio", "ssl"}, loaded & {"asyncio", "ssl"}
