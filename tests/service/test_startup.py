@@ -68,3 +68,12 @@ def test_the_cli_parses_its_arguments_before_importing_the_config_models():
                          text=True, timeout=60)
     assert run.returncode == 0 and "simulate" in run.stdout, run.stderr[-2000:]
     assert "argparse" in imported(run.stderr) and not imported(run.stderr) & {"pydantic", "numpy", "yaml"}
+
+
+def test_the_processes_a_test_starts_keep_their_bytecode():
+    """Under ``PYTHONDONTWRITEBYTECODE`` every daemon, writer and CLI run compiled acqd from source again
+    (tests/bytecode.py): a process started by a test finds acqd's bytecode cached, and may cache more."""
+    code = ("import importlib.util, os, sys, acqd.errors; "
+            "print(sys.dont_write_bytecode, os.path.isfile(importlib.util.cache_from_source(acqd.errors.__file__)))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout.split() == ["False", "True"], run.stdout + run.stderr
