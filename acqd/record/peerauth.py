@@ -50,7 +50,7 @@ class Refusals(logging.Handler):
 
 def authenticate(ctx: zmq.Context, sock: zmq.Socket, cfg: StreamConfig) -> tuple[ThreadAuthenticator, Refusals]:
     """Start the ZAP handler for ``sock`` (before it binds) from the stream's ``allow_from`` and ``curve``."""
-    # Imported here: pyzmq's authenticator imports asyncio and ssl (~30 ms of CPU), and only a writer that binds
+    # Imported here: pyzmq's authenticator imports asyncio and ssl (~15 ms of CPU), and only a writer that binds
     # on tcp has one; the others (ipc, or connecting to their driver) start without.
     from zmq.auth import load_certificate
     from zmq.auth.thread import ThreadAuthenticator

@@ -1,7 +1,7 @@
 """ZeroMQ socket monitor events, read without importing asyncio.
 
 pyzmq's ``zmq.utils.monitor.recv_monitor_message`` is what this is; that module imports ``zmq.asyncio`` (asyncio and
-ssl) at its top, ~30 ms of CPU in every writer's start-up and every simulated driver's, which never use asyncio.
+ssl) at its top, ~15 ms of CPU in every writer's start-up and every simulated driver's, which never use asyncio.
 The message format is libzmq's (``zmq_socket_monitor``, libzmq >= 4.0): a first frame of a 16-bit event id and a
 32-bit value, native byte order, no padding, then the endpoint.
 """

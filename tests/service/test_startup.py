@@ -1,8 +1,8 @@
 """What acqd's processes import at start: what they serve with, not what finalize writes with (issue 23, item 5).
 
-Every test that starts a daemon, and every real start, paid ~0.45 s of CPU importing pynwb, hdmf, pandas and scipy
-(and their thousand modules) that a daemon only needs when it checks session metadata with nwbinspector (RECORD,
-the console's form) or amends a session; finalize and export run in their own processes. The real entry point is
+Every test that starts a daemon, and every real start, paid ~0.25 s of CPU (a third of the start) importing pynwb,
+hdmf, pandas and scipy (and their thousand modules) that a daemon only needs when it checks session metadata with
+nwbinspector (RECORD, the console's form) or amends a session; finalize and export run in their own processes. The real entry point is
 run with ``-X importtime`` (``PYTHONPROFILEIMPORTTIME``), whose log names every module the process imported.
 """
 
