@@ -11,12 +11,11 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
-from acqd.service.procs import Daemon
+from acqd.service.procs import Daemon, wait_until
 from tests.sessions import SUBJECT
 
 NWB_STACK = {"pynwb", "hdmf", "pandas", "scipy", "nwbinspector"}
@@ -29,24 +28,55 @@ def imported(log: Path | str) -> set[str]:
             if line.startswith("import time:") and "|" in line}
 
 
-def test_the_daemon_serves_without_the_nwb_stack_and_loads_it_at_the_first_metadata_check(tmp_path, small_rig_file):
+def test_the_daemon_serves_without_the_nwb_stack_and_loads_it_when_it_starts_acquiring(tmp_path, small_rig_file):
     log = tmp_path / "daemon.log"
     daemon = Daemon(small_rig_file, tmp_path / "data", tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"}, log=log)
     try:
         assert daemon.command("status")["mode"] == "IDLE"
         assert {"fastapi", "uvicorn", "zmq"} <= imported(log)  # the log is the daemon's: it names what serves
         assert not imported(log) & NWB_STACK, "acqd serve imports the NWB stack at start"
-        # Two form checks at once: two of the server's worker threads import the stack together, and both get
-        # finalize's verdict (nwbinspector's age check: pynwb and nwbinspector ran).
+        # ACQUIRE loads it on a thread of its own (acqd.service.preload), before any RECORD: the first metadata
+        # check would otherwise import it on the supervisor's thread, which then reads no writer report meanwhile.
+        daemon.command("acquire")
+        wait_until(lambda: {"pynwb", "nwbinspector"} <= imported(log), "ACQUIRE to load pynwb and nwbinspector")
         no_age = {"subject": {k: v for k, v in SUBJECT.items() if k != "age"}}
-        with httpx.Client(base_url=daemon.url, timeout=60.0) as http, ThreadPoolExecutor(2) as pool:
-            replies = list(pool.map(lambda _: http.post("/api/console/validate", json={"metadata": no_age}), range(2)))
-        errors = [r.json()["errors"] for r in replies]
-        assert [r.status_code for r in replies] == [200, 200] and errors[0] == errors[1]
-        assert errors[0]["subject.age"].endswith("(check_subject_age)"), errors[0]
-        assert {"pynwb", "nwbinspector"} <= imported(log)
+        with httpx.Client(base_url=daemon.url, timeout=60.0) as http:
+            errors = http.post("/api/console/validate", json={"metadata": no_age}).json()["errors"]
+        assert errors["subject.age"].endswith("(check_subject_age)"), errors  # nwbinspector's verdict
     finally:
         daemon.stop(timeout_s=30)
+
+
+CHECK_FROM_THREADS = """
+import threading
+from acqd.errors import MetadataError
+from acqd.finalize.amend import check_metadata
+from acqd.service.preload import preload_nwb
+from tests.sessions import SUBJECT
+
+meta = {"subject": {**SUBJECT, "species": "mouse"}, "session_description": "threads"}
+verdicts = []
+
+def check():
+    try:
+        check_metadata(meta, "s1")
+    except MetadataError as e:
+        verdicts.append(sorted(p["check"] for p in e.problems))
+
+preload_nwb()
+threads = [threading.Thread(target=check) for _ in range(3)]
+[t.start() for t in threads]
+[t.join(120) for t in threads]
+print(verdicts)
+"""
+
+
+def test_the_nwb_stack_imports_from_several_threads_at_once():
+    """The preload thread and the first metadata checks (RECORD on the supervisor's thread, the console's form on the
+    server's) may import the stack at the same time: each gets the same verdict."""
+    run = subprocess.run([sys.executable, "-c", CHECK_FROM_THREADS], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert ast.literal_eval(run.stdout) == [["check_subject_species_form"]] * 3, run.stdout
 
 
 def test_a_writer_starts_without_asyncio():
