@@ -25,9 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from acqd.config import load_config
-from acqd.errors import AcqdError, ConfigError
-from acqd.metadata import MetadataError, load_path, merge, parse_bids, parse_set, to_acqd
+from acqd.errors import AcqdError, ConfigError, MetadataError
 from acqd.service.logs import FORMATS
 
 DEFAULT_URL = "http://127.0.0.1:8600"
@@ -35,6 +33,8 @@ DEFAULT_URL = "http://127.0.0.1:8600"
 
 def _load(path: str | Path, data_root: str | None = None):
     """The rig config, its data root from ``--data-root``, else ``ACQD_DATA_ROOT``, else the file."""
+    from acqd.config import load_config  # pydantic models and numpy: not for the client commands nor --help
+
     return load_config(path, data_root or os.environ.get("ACQD_DATA_ROOT") or None)
 
 
@@ -105,6 +105,8 @@ def cmd_client(args: argparse.Namespace) -> int:
               f"LabRecorder) records with: {json.dumps(result['metadata'])}")
         return 0
     if args.command == "record":
+        from acqd.metadata import parse_bids  # the metadata models: only for the command that sends metadata
+
         body = {"session": args.session, "metadata": _metadata_args(args),
                 "bids": parse_bids(args.bids) if args.bids else None}
     elif args.command == "stop":
@@ -127,6 +129,8 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def _metadata_args(args: argparse.Namespace) -> dict | None:
+    from acqd.metadata import load_path
+
     meta = load_path(args.metadata) if args.metadata else {}
     subject = {k: v for k in ("subject_id", "species", "sex", "age") if (v := getattr(args, k)) is not None}
     if subject:
@@ -245,6 +249,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_amend(args: argparse.Namespace) -> int:
     """Merge --metadata FILE and --set edits over a recorded session's metadata; print what changed."""
+    from acqd.metadata import load_path, merge, parse_set, to_acqd
+
     update = load_path(args.metadata) if args.metadata else {}
     update = merge(update, to_acqd(parse_set(args.set), "--set"))
     if not update:

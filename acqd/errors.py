@@ -10,6 +10,8 @@
      │    └── ClockFitError   a stream's clock cannot be aligned (ambiguous pairing, too few edges)
      ├── ExportError          a session cannot be exported (nothing written under its final name)
      └── AnalysisError        an analysis file cannot be created, or read back with every link resolved
+    MetadataError (ValueError)  session metadata that cannot be accepted (acqd.metadata raises it; here so that
+                                the CLI catches it without importing the metadata models)
 
 A sequence gap is a recorded event, not an exception: a dropped message never stops a recording.
 """
@@ -53,3 +55,10 @@ class ExportError(AcqdError):
 
 class AnalysisError(AcqdError):
     """An analysis file cannot be created, or read back with every link resolved."""
+
+
+class MetadataError(ValueError):
+    """Metadata that cannot be accepted; the message names the key path."""
+
+    problems: list[dict] = []
+    """nwbinspector findings (field, check, importance, message) when they are the reason."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from tests.bytecode import cache_bytecode
+
+cache_bytecode()  # first: the modules imported below, and every process the tests start, keep their bytecode
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path

@@ -10,7 +10,8 @@ state changes in ``session.json``. The stages live in:
 - ``clock``: edge pairing and the fit of each device clock to the reference (pure numpy);
 - ``timing``: every stream on the session timebase (``clock`` fits, frame/strobe pairing, time zero,
   row times, gaps and events);
-- ``plan``: the plan of the master NWB file, built from it by ``nwb`` (the only module that imports pynwb);
+- ``plan``: the plan of the master NWB file (``masterplan``'s plain dataclasses), built from it by ``nwb`` (the only
+  module that imports pynwb, imported only where a file is written or checked);
 - ``report``: ``FinalizeReport``, ``StreamReport`` and the QC summary and plots (written by ``qc``);
 - ``integrity``: what the folder may hold (no links, no unknown files) and every chunk's checksum;
 - ``seal``: read-only, immutable, ``manifest.sha256`` (``session.json`` included) and its verification;

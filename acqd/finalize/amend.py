@@ -27,8 +27,9 @@ import h5py
 from pydantic import ValidationError
 
 from acqd.errors import FinalizeError, SessionError
-from acqd.finalize import _checkpoint, _exclusive, journal, nwb
+from acqd.finalize import _checkpoint, _exclusive, journal
 from acqd.finalize.layout import MANIFEST, PARTIAL
+from acqd.finalize.masterplan import GENERAL_FIELDS
 from acqd.finalize.seal import _sha256 as sha256_file  # the one sha256 reader of finalize
 from acqd.finalize.seal import verify_manifest
 from acqd.metadata import MetadataError, SessionMetadata, changes, merge, require_subject, validation_message
@@ -42,7 +43,7 @@ _MASTER_PATHS = {"session_description": ("session_description", False), "experim
                  "institution": ("general/institution", False), "lab": ("general/lab", False),
                  "experiment_description": ("general/experiment_description", False),
                  "keywords": ("general/keywords", True), "notes": ("general/notes", False),
-                 **{k: (f"general/{arg}", k == "related_publications") for k, arg in nwb.GENERAL_FIELDS.items()},
+                 **{k: (f"general/{arg}", k == "related_publications") for k, arg in GENERAL_FIELDS.items()},
                  **{f"subject.{k}": (f"general/subject/{k}", False) for k in SessionMetadata.model_fields[
                      "subject"].annotation.model_fields}}
 
@@ -60,6 +61,8 @@ def check_metadata(meta: dict, session_id: str) -> dict:
         dumped = SessionMetadata.model_validate(meta).model_dump(mode="json")
     except ValidationError as e:
         raise MetadataError(f"session metadata incomplete or invalid: {validation_message(e)}") from None
+    from acqd.finalize import nwb  # pynwb, hdmf, pandas, scipy: at the first check, not at the daemon's start
+
     problems = nwb.metadata_problems(dumped, session_id)
     if problems:
         err = MetadataError("session metadata would not pass finalize's inspection (DANDI config): " + "; ".join(
@@ -144,6 +147,8 @@ def _rewrite_master(master: Path, partial: Path, old: dict, new: dict, what: lis
         for line in what:
             field = line.split(":", 1)[0]
             _replace(f, field, _get(old, field), _get(new, field))
+    from acqd.finalize import nwb  # pynwb: only here, see check_metadata
+
     check = nwb.check_master(partial, {n: rows for n, (rows, _) in nwb.series_lengths(master).items()})
     if not check.ok:
         raise MetadataError("the amended master failed validation, nothing amended:\n  "

@@ -14,14 +14,14 @@ import math
 
 from acqd.config import ChannelSync, StreamConfig, electrode_columns
 from acqd.errors import FinalizeError
-from acqd.finalize import nwb
+from acqd.finalize.masterplan import ElectrodeRow, ElectrodesPlan
 from acqd.metadata.probes import contact_columns, is_mouse, read_layout, unknown_areas
 
 UNKNOWN = "unknown"
 
 
 def electrodes_plan(cfg: StreamConfig, channels: tuple[str, ...], meta: dict, species: str | None
-                    ) -> nwb.ElectrodesPlan:
+                    ) -> ElectrodesPlan:
     """The rows for every column of ``cfg``'s data, and the device, from the layout and ``meta`` (the stream's
     ``metadata.ecephys`` entry, may be empty). Raises ``FinalizeError`` for a layout or area that does not fit."""
     cols = electrode_columns(cfg)
@@ -53,22 +53,22 @@ def electrodes_plan(cfg: StreamConfig, channels: tuple[str, ...], meta: dict, sp
             group = f"{cfg.name}_sync"
             groups[group] = (f"digital sync word recorded as a column of {cfg.name}'s data: not an electrode "
                              "(its location is the probe's)", area)
-            rows.append(nwb.ElectrodeRow(name, group, area, False))
+            rows.append(ElectrodeRow(name, group, area, False))
             continue
         loc = where.get(c, area)
         if layout is None:
             group = cfg.name
             groups[group] = (f"{described}; no probe layout was configured: contact positions unknown", area)
-            rows.append(nwb.ElectrodeRow(name, group, loc, True))
+            rows.append(ElectrodeRow(name, group, loc, True))
             continue
         k = contact[c]
         shank = layout.shanks[k]
         group = cfg.name if len(set(layout.shanks)) == 1 else f"{cfg.name}_shank{shank}"
         groups[group] = (f"{described}; shank {shank or 0} of the probe layout {probe.file.name}", area)
-        rows.append(nwb.ElectrodeRow(name, group, loc, True, layout.x[k], layout.y[k],
+        rows.append(ElectrodeRow(name, group, loc, True, layout.x[k], layout.y[k],
                                      layout.z[k] if layout.z else math.nan, layout.contact_ids[k], shank,
                                      probe.reference or UNKNOWN))
-    return nwb.ElectrodesPlan(
+    return ElectrodesPlan(
         device_name=device.get("name") or cfg.name, device_description=device.get("description") or cfg.description
         or cfg.name, manufacturer=device.get("manufacturer") or (probe and probe.manufacturer)
         or (layout and layout.manufacturer), model=(probe and probe.model) or (layout and layout.model),

@@ -16,7 +16,7 @@ import numpy as np
 
 from acqd.config import StreamConfig
 from acqd.errors import FinalizeError
-from acqd.finalize import nwb
+from acqd.finalize.masterplan import EventsPlan
 from acqd.finalize.clock import ClockFit, fit_host_clock
 from acqd.finalize.streams import Stream
 from acqd.record.streamfile import NO_TIMESTAMP, open_for_read
@@ -135,7 +135,7 @@ def align_lsl(s: Stream, ref: Stream) -> tuple[ClockFit, list[str], dict]:
     return fit, flags, qc
 
 
-def events_plan(s: Stream, fit: ClockFit, zero_s: float, row_times) -> nwb.EventsPlan:
+def events_plan(s: Stream, fit: ClockFit, zero_s: float, row_times) -> EventsPlan:
     """A marker or irregular stream as an events table: session time, the text (or values), the LSL timestamp."""
     ts_ns, _ = read_timing(s)
     parts = []
@@ -150,7 +150,7 @@ def events_plan(s: Stream, fit: ClockFit, zero_s: float, row_times) -> nwb.Event
     else:
         columns = {"value": (f"the sample's {s.cfg.shape[0]} channel value(s)", data)}
     columns["lsl_timestamp"] = ("the outlet's own LSL timestamp (s, its local_clock)", ts_ns / 1e9)
-    return nwb.EventsPlan(
+    return EventsPlan(
         name=s.name, timestamps=row_times(0, s.rows), samples=s.row_samples(0, s.rows)[0],
         resolution=fit.error_bound_s or 1e-3, columns=columns,
         description=f"{s.cfg.description or s.name}: events of LSL outlet {s.cfg.lsl.name or s.cfg.lsl.type!r}; "

@@ -3,7 +3,7 @@
 This module owns what goes into the master (docs/finalize.md "The NWB layout"): one series per stream with
 its timing, description and comments, the events, the gaps table, the ``processing/sync`` tables (clock fits,
 timebase, frame reconciliation), the session metadata and notes, the stimulus streams' image sets and the
-attached photos (``acqd.images``). It makes plain ``acqd.finalize.nwb`` plan
+attached photos (``acqd.images``). It makes plain ``acqd.finalize.masterplan``
 dataclasses; ``acqd.finalize.nwb`` (the only pynwb importer) builds the file from them.
 """
 
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from acqd.finalize import lsl, nwb
+from acqd.finalize import lsl
+from acqd.finalize.masterplan import (AnnotationsPlan, ImagePlan, MasterPlan, SeriesPlan, StimulusPlan, TablePlan, Timing,
+                                      nwbfile_fields)
 from acqd.finalize.clock import ClockFit
 from acqd.finalize.electrodes import electrodes_plan
 from acqd.config import ChannelSync, StreamConfig
@@ -30,7 +32,7 @@ from acqd.finalize.timing import (Alignment, extrapolated_rows, row_times, serie
 
 
 def plan_master(folder: Path, session: dict, streams: dict[str, Stream], aligned: dict[str, Alignment], ref: Stream,
-                zero_sample: int, linked: dict[str, Path]) -> tuple[nwb.MasterPlan, dict[str, StreamReport]]:
+                zero_sample: int, linked: dict[str, Path]) -> tuple[MasterPlan, dict[str, StreamReport]]:
     """The master's plan and each stream's report; ``linked`` is the file each stream's series links."""
     zero_s = zero_sample / ref.rate
     meta = session.get("metadata", {})
@@ -45,7 +47,7 @@ def plan_master(folder: Path, session: dict, streams: dict[str, Stream], aligned
                 raise FinalizeError(f"stream {name!r}: video files missing: {missing or 'no finished file'}")
             video, flags = {"files": files, "starting_frames": starts}, flags + problems
             if len(rows) != s.rows:  # some committed frames are in no file: the series holds the others
-                timing = nwb.Timing(rows=len(rows), timestamps=row_times(s, a.fit, zero_s, rows))
+                timing = Timing(rows=len(rows), timestamps=row_times(s, a.fit, zero_s, rows))
         gaps_of_s = stream_gaps(s, a.fit, zero_s)
         gaps += gaps_of_s
         events += stream_events(s, a.fit, zero_s)
@@ -63,7 +65,7 @@ def plan_master(folder: Path, session: dict, streams: dict[str, Stream], aligned
         series.append(_with_stimulus(_series_plan(s, a.fit, flags, timing, linked[name], gaps_of_s, video, meta),
                                      s.cfg, folder))
     start_time = wall_time(ref, zero_sample)
-    plan = nwb.MasterPlan(
+    plan = MasterPlan(
         identifier=session["session_id"], session_id=session["session_id"],
         session_description=meta.get("session_description") or session["session_id"],
         session_start_time=start_time, file_create_date=_parse_time(session.get("stopped") or session["created"]),
@@ -71,7 +73,7 @@ def plan_master(folder: Path, session: dict, streams: dict[str, Stream], aligned
         institution=meta.get("institution"), lab=meta.get("lab"),
         experiment_description=meta.get("experiment_description"), keywords=tuple(meta.get("keywords") or ()),
         notes="\n\n".join(filter(None, (meta.get("notes"), _notes(ref, zero_sample, session)))),
-        general=nwb.nwbfile_fields(meta), series=series, events=events,
+        general=nwbfile_fields(meta), series=series, events=events,
         gaps=_gap_table(gaps) if gaps else None,
         sync_tables=_sync_tables(streams, aligned, reports, ref, zero_sample),
         annotations=_annotations(read_annotations(folder), ref, zero_sample, start_time,
@@ -80,36 +82,36 @@ def plan_master(folder: Path, session: dict, streams: dict[str, Stream], aligned
     return plan, reports
 
 
-def _with_stimulus(p: nwb.SeriesPlan, cfg: StreamConfig, folder: Path) -> nwb.SeriesPlan:
+def _with_stimulus(p: SeriesPlan, cfg: StreamConfig, folder: Path) -> SeriesPlan:
     """A stimulus stream's plan gets its registered image set (index streams) or its optics (frame streams)."""
     stim = cfg.stimulus
     if stim is None:
         return p
-    images: tuple[nwb.ImagePlan, ...] = ()
+    images: tuple[ImagePlan, ...] = ()
     if stim.images is not None:
         try:
             pixels = session_stimulus_images(folder, cfg.name)
         except ConfigError as e:
             raise FinalizeError(f"stimulus stream {cfg.name!r}: its image set was not registered at RECORD: {e}") from None
-        images = tuple(nwb.ImagePlan(name=f"{i:04d}_{n}", pixels=px, description=f"image {i} of {cfg.name} ({n})")
+        images = tuple(ImagePlan(name=f"{i:04d}_{n}", pixels=px, description=f"image {i} of {cfg.name} ({n})")
                        for i, (n, px) in enumerate(pixels))
-    return replace(p, stimulus=nwb.StimulusPlan(images=images, field_of_view=stim.field_of_view,
+    return replace(p, stimulus=StimulusPlan(images=images, field_of_view=stim.field_of_view,
                                                 distance=stim.distance, orientation=stim.orientation))
 
 
-def _attachments(folder: Path) -> tuple[nwb.ImagePlan, ...]:
+def _attachments(folder: Path) -> tuple[ImagePlan, ...]:
     """The photos attached with ``acqd attach``, described as their sidecars say (who and when included)."""
     try:
         found = attachments(folder)
     except ConfigError as e:
         raise FinalizeError(f"an attachment cannot be read: {e}") from None
-    return tuple(nwb.ImagePlan(name=m["name"], pixels=px, resolution=m.get("resolution"),
+    return tuple(ImagePlan(name=m["name"], pixels=px, resolution=m.get("resolution"),
                                description=f"{m['description']} (attached by {m['attached_by']} at {m['attached_at']})")
                  for m, px in found)
 
 
 def _annotations(notes: list[dict], ref: Stream, zero_sample: int, start_time: datetime, by_sample: bool = True
-                 ) -> nwb.AnnotationsPlan | None:
+                 ) -> AnnotationsPlan | None:
     """Notes on the session timebase: by the reference sample counter, or by host time when it had no data yet, or
     when that counter is not the timebase's (``by_sample`` False: the configured reference's counter was reset)."""
     if not notes:
@@ -124,13 +126,13 @@ def _annotations(notes: list[dict], ref: Stream, zero_sample: int, start_time: d
             times.append((int(sample) - zero_sample) / ref.rate)
             samples.append(int(sample))
     order = np.argsort(times, kind="stable")  # a table of events is read in time order
-    return nwb.AnnotationsPlan(timestamps=np.array(times)[order], texts=[str(notes[i]["text"]) for i in order],
+    return AnnotationsPlan(timestamps=np.array(times)[order], texts=[str(notes[i]["text"]) for i in order],
                                reference_samples=np.array(samples, dtype=np.int64)[order],
                                host_times=[str(notes[i]["taken_at"]) for i in order], resolution=1.0 / ref.rate)
 
 
-def _series_plan(s: Stream, fit: ClockFit, flags: list[str], timing: nwb.Timing, linked: Path, gaps: list[dict],
-                 video: dict | None, meta: dict) -> nwb.SeriesPlan:
+def _series_plan(s: Stream, fit: ClockFit, flags: list[str], timing: Timing, linked: Path, gaps: list[dict],
+                 video: dict | None, meta: dict) -> SeriesPlan:
     cfg = s.cfg
     channels = tuple(cfg.channel_names or (f"ch{i:03d}" for i in range(cfg.shape[0])))
     digital = sorted({cfg.sync.channel} if isinstance(cfg.sync, ChannelSync) else set())
@@ -146,7 +148,7 @@ def _series_plan(s: Stream, fit: ClockFit, flags: list[str], timing: nwb.Timing,
     kind = cfg.kind if not (cfg.kind == "ephys" and cfg.units != "volts") else "analog"
     if video is not None:
         described += f"; frames in external {cfg.video.codec} video files"
-    return nwb.SeriesPlan(name=cfg.name, kind=kind, data_file=None if video else linked, sync_file=linked,
+    return SeriesPlan(name=cfg.name, kind=kind, data_file=None if video else linked, sync_file=linked,
                           unit=cfg.units, conversion=float(cfg.conversion), offset=float(cfg.offset),
                           description=described, comments=comments, timing=timing,
                           channel_names=channels if len(cfg.shape) == 1 else (), sync_channels=tuple(digital),
@@ -158,7 +160,7 @@ def _series_plan(s: Stream, fit: ClockFit, flags: list[str], timing: nwb.Timing,
                           if kind == "ephys" and len(cfg.shape) == 1 else None)
 
 
-def _gap_table(gaps: list[dict]) -> nwb.TablePlan:
+def _gap_table(gaps: list[dict]) -> TablePlan:
     desc = {"start_time": "session time where the missing samples would have started",
             "stop_time": "session time of the first sample after the gap",
             "stream": "stream with the gap", "kind": "seq (messages lost), samples (device skipped), restart "
@@ -171,13 +173,13 @@ def _gap_table(gaps: list[dict]) -> nwb.TablePlan:
             "reason": "why: source (device/driver), transport, hwm (ZeroMQ high-water mark), overload (the writer "
                       "was behind), disk, encoder (a camera's encoder was behind), writer (restart), unknown"}
     gaps = sorted(gaps, key=lambda g: (g["start_time"], g["stream"]))
-    return nwb.TablePlan("gaps", "every discontinuity in a stream's data, proven by its chunk index: the samples "
+    return TablePlan("gaps", "every discontinuity in a stream's data, proven by its chunk index: the samples "
                          "between start_time and stop_time were never recorded",
                          {k: (d, [g[k] for g in gaps]) for k, d in desc.items()})
 
 
 def _sync_tables(streams: dict[str, Stream], aligned: dict[str, Alignment], reports: dict[str, StreamReport],
-                 ref: Stream, zero_sample: int) -> list[nwb.TablePlan]:
+                 ref: Stream, zero_sample: int) -> list[TablePlan]:
     names = list(streams)
     fits = {n: aligned[n].fit.to_dict() for n in names}
     cols = {"stream": ("stream name", names),
@@ -217,7 +219,7 @@ def _sync_tables(streams: dict[str, Stream], aligned: dict[str, Alignment], repo
     cols["zero_sample"] = ("the reference stream (source 'reference'): its sample at session time 0, so session time "
                            "= (sample - zero_sample) / rate; -1 on the other streams, timed by their fit",
                            np.array([zero_sample if n == ref.name else -1 for n in names], dtype=np.int64))
-    return [nwb.TablePlan("clock_fits", "each stream's map from its sample counter to the reference clock, and its "
+    return [TablePlan("clock_fits", "each stream's map from its sample counter to the reference clock, and its "
                           "quality (acqd.finalize.clock; docs/clock-alignment.md)", cols)]
 
 

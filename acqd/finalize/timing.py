@@ -16,7 +16,8 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
-from acqd.finalize import lsl, nwb
+from acqd.finalize import lsl
+from acqd.finalize.masterplan import EventsPlan, Timing
 from acqd.finalize.clock import ClockFit, align_stream, fit_clock, fit_host_clock, split_counter_resets
 from acqd.config import ChannelSync, FrameSync, StrobeSync
 from acqd.errors import ClockFitError, FinalizeError
@@ -356,7 +357,7 @@ def row_times(s: Stream, fit: ClockFit, zero_s: float, rows: np.ndarray | None =
     return times
 
 
-def series_timing(s: Stream, fit: ClockFit, zero_s: float) -> nwb.Timing:
+def series_timing(s: Stream, fit: ClockFit, zero_s: float) -> Timing:
     """starting_time + rate when every row continues the previous one and the map is one straight line over the
     stream within ``REGULAR_TOL_SAMPLES``; otherwise a timestamp per row."""
     if len(s.breaks) == 0 and fit.segments == 1 and s.rows >= 2:
@@ -367,9 +368,9 @@ def series_timing(s: Stream, fit: ClockFit, zero_s: float) -> nwb.Timing:
         line = y0 + (knots - x0) * (y1 - y0) / (x1 - x0)
         if np.all(np.abs(fit.to_reference(knots, 0) - line) * s.rate <= REGULAR_TOL_SAMPLES):
             if fit.source == "reference":  # exact: whole samples from zero, the nominal rate
-                return nwb.Timing(rows=s.rows, starting_time=(x0 - round(zero_s * s.rate)) / s.rate, rate=s.rate)
-            return nwb.Timing(rows=s.rows, starting_time=float(y0 - zero_s), rate=float((x1 - x0) / (y1 - y0)))
-    return nwb.Timing(rows=s.rows, timestamps=row_times(s, fit, zero_s))
+                return Timing(rows=s.rows, starting_time=(x0 - round(zero_s * s.rate)) / s.rate, rate=s.rate)
+            return Timing(rows=s.rows, starting_time=float(y0 - zero_s), rate=float((x1 - x0) / (y1 - y0)))
+    return Timing(rows=s.rows, timestamps=row_times(s, fit, zero_s))
 
 
 def extrapolated_rows(s: Stream, fit: ClockFit) -> int:
@@ -426,7 +427,7 @@ def _trailing_gaps(s: Stream, fit: ClockFit, zero_s: float, kinds: dict[int, str
     return out
 
 
-def stream_events(s: Stream, fit: ClockFit, zero_s: float) -> list[nwb.EventsPlan]:
+def stream_events(s: Stream, fit: ClockFit, zero_s: float) -> list[EventsPlan]:
     """One EventsTable per digital line the stream recorded. A latched sample k means the edge came in (k-1, k]."""
     out = []
     for label, samples in sorted(s.edges.items()):
@@ -434,7 +435,7 @@ def stream_events(s: Stream, fit: ClockFit, zero_s: float) -> list[nwb.EventsPla
             continue
         t = to_reference(fit, samples.astype(np.float64) - 0.5, edge_segments(samples)) - zero_s
         what = "shared sync pulses" if label == "sync" else f"frame strobes of {label.split(':', 1)[1]}"
-        out.append(nwb.EventsPlan(
+        out.append(EventsPlan(
             name=f"{s.name}_{label.replace(':', '_')}", resolution=1.0 / s.rate, timestamps=t, samples=samples,
             description=f"rising edges of the {label!r} line ({what}) latched by {s.name}; time = the stream's clock "
                         f"fit at sample - 0.5",

@@ -21,8 +21,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from acqd.metadata.models import SessionMetadata
+from acqd.errors import MetadataError
 from acqd.files import read_bounded
+from acqd.metadata.models import SessionMetadata
 
 NEUROCONV_SECTIONS = ("NWBFile", "Subject", "Ecephys")
 _SET_FIXED = {"session_start_time": "acqd sets it from the reference clock's first sample",
@@ -36,13 +37,6 @@ about 1 MB a second, so a 50 MB file would hold the CLI for minutes)."""
 MAX_DEPTH = 16
 """Mappings and lists nested deeper than this are refused (acqd's deepest field is 4 levels down; PyYAML's
 composer recurses per level, so deep nesting would end in a RecursionError)."""
-
-
-class MetadataError(ValueError):
-    """Metadata that cannot be accepted; the message names the key path."""
-
-    problems: list[dict] = []
-    """nwbinspector findings (field, check, importance, message) when they are the reason."""
 
 
 def to_acqd(raw: dict | None, where: str = "metadata") -> dict:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from typing import TYPE_CHECKING
 
 import zmq
-from zmq.auth import load_certificate
-from zmq.auth.thread import ThreadAuthenticator
 
 from acqd.config import StreamConfig
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
 
 ZAP_DOMAIN = b"acqd"
 
@@ -48,6 +50,11 @@ class Refusals(logging.Handler):
 
 def authenticate(ctx: zmq.Context, sock: zmq.Socket, cfg: StreamConfig) -> tuple[ThreadAuthenticator, Refusals]:
     """Start the ZAP handler for ``sock`` (before it binds) from the stream's ``allow_from`` and ``curve``."""
+    # Imported here: pyzmq's authenticator imports asyncio and ssl (~15 ms of CPU), and only a writer that binds
+    # on tcp has one; the others (ipc, or connecting to their driver) start without.
+    from zmq.auth import load_certificate
+    from zmq.auth.thread import ThreadAuthenticator
+
     log = logging.getLogger(f"acqd.zap.{cfg.name}")
     log.setLevel(logging.DEBUG)
     log.propagate = False

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from acqd.config import ChannelSync, EdgeLine, FrameSync, StreamConfig
 from acqd.errors import DiskFullError, ProtocolError, WriterError
@@ -45,6 +44,7 @@ from acqd.record.load import Load
 from acqd.record.peerauth import authenticate
 from acqd.record.preview import Preview, encode_message
 from acqd.record.schedule import Due, Schedule
+from acqd.wire.monitor import recv_monitor_message
 from acqd.wire.protocol import Chunk, Header, decode, peek_seq
 from acqd.record.streamfile import (UNKNOWN_SEQ, StreamFile, io_errors, last_committed, part_filename, part_image,
                                    raise_if)

@@ -35,6 +35,7 @@ from acqd.service.jobs import Jobs
 from acqd.service.scrubs import Scrubs
 from acqd.service.lslbridges import LslBridges
 from acqd.service.previews import PreviewHub
+from acqd.service.preload import preload_nwb
 from acqd.service.rig import rig_status
 from acqd.service.runtime import lock_data_root, lock_endpoints, make_daemon_dir, release, runtime_base
 from acqd.service.sessionlog import SessionLog
@@ -204,6 +205,7 @@ class Supervisor:
             return self.status()
         self.writers.start()
         self.lsl.start()
+        preload_nwb()  # pynwb for RECORD's metadata check, imported meanwhile on a thread of its own
         try:
             self._wait_for(lambda: all(h.ready for h in self.writers.values()), "writers to start", START_TIMEOUT_S)
         except SessionError:

@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
+from acqd.wire.monitor import recv_monitor_message
 from acqd.wire.protocol import EDGE_DTYPE, Header, encode
 
 

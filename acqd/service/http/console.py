@@ -30,17 +30,16 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from acqd.config import check_name
-from acqd.errors import ExportError, SessionError
-from acqd.finalize.nwb import metadata_problems
+from acqd.errors import SessionError
 from acqd.finalize.layout import QC_DIR
 from acqd.finalize.scrub import verification
+from acqd.finalize.seal import read_manifest
 from acqd.metadata import MetadataError, SessionMetadata, to_acqd, with_rig_defaults
 from acqd.session import LOG_FILE, SESSION_FILE, list_sessions, read_annotations, read_session, session_name
 from acqd.service.commands import export_roots
 from acqd.service.http.probes import probes_router
 from acqd.service.previews import FLUSH_S
 from acqd.service.supervisor import Supervisor
-from acqd.share.export import master_digest
 
 WEB_DIR = Path(__file__).with_name("web")
 SWAGGER = "/console/vendor/swagger-ui"  # Swagger UI for /docs, from the package: a rig PC may have no internet
@@ -86,6 +85,8 @@ def metadata_errors(defaults: dict, metadata: dict, session: str = "session") ->
             msg = err["msg"].removeprefix("Value error, ")
             out.setdefault(key, "required: the animal of this session" if key.startswith("subject.")
                            and err["type"] == "missing" else msg)
+    from acqd.finalize.nwb import metadata_problems  # pynwb: at the first check, not at the daemon's start
+
     for p in metadata_problems(meta, session):
         out.setdefault(p["field"], f"{p['message']} ({p['check']})")
     return out
@@ -167,8 +168,8 @@ def session_row(info: dict, jobs: dict[str, dict]) -> dict:
 def _master_digest(folder: Path, session: dict) -> str | None:
     """The current master's sha256 of a finalized session (its manifest's line), None if it cannot be read."""
     try:
-        return master_digest(folder, (session.get("finalize") or {}).get("master") or f"{folder.name}.nwb")
-    except (OSError, ExportError):
+        return read_manifest(folder).get((session.get("finalize") or {}).get("master") or f"{folder.name}.nwb")
+    except OSError:
         return None
 
 
