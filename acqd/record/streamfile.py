@@ -1,6 +1,6 @@
 """The per-stream HDF5 file: its layout, how it is created, appended, flushed and read back.
 
-This module is the only place that turns stream config into HDF5 calls (``dataset_options``,
+This module is the only place that turns stream config into HDF5 calls (``dataset_options``, ``part_image``,
 ``open_stream_file``). Layout (docs/file-format.md)::
 
     /            attrs: format, session and stream metadata (JSON), written at creation
