@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from acqd.finalize import lsl
-from acqd.finalize.masterplan import (AnnotationsPlan, ImagePlan, MasterPlan, SeriesPlan, StimulusPlan, TablePlan, Timing,
-                                      nwbfile_fields)
 from acqd.finalize.clock import ClockFit
+from acqd.finalize.masterplan import (AnnotationsPlan, ImagePlan, MasterPlan, SeriesPlan, StimulusPlan, TablePlan,
+                                      Timing, nwbfile_fields)
 from acqd.finalize.electrodes import electrodes_plan
 from acqd.config import ChannelSync, StreamConfig
 from acqd.errors import ConfigError, FinalizeError

@@ -9,8 +9,9 @@ finalized session is only *sealed*; this module owns the step that makes it *ver
   so the page cache cannot hide a change underneath) and hashed against the manifest, and every stream part's
   chunks are checked against the ``crc32`` its writer computed, from the same read (``acqd.finalize.onepass``,
   ``O_DIRECT`` where the file system allows it, as the hasher reads; a part of another layout through HDF5,
-  ``integrity.verify_part``, which reads the pages the hash just brought in: the disk is read once). A mismatch is an incident naming the file, and for a chunk the
-  part's rows and seq; chunks finalize already sealed as corrupt (``--accept-corrupt``) are counted, not raised.
+  ``integrity.verify_part``, which reads the pages the hash just brought in: the disk is read once). A mismatch is
+  an incident naming the file, and for a chunk the part's rows and seq; chunks finalize already sealed as corrupt
+  (``--accept-corrupt``) are counted, not raised.
 - ``scrub.json`` beside ``session.json`` (``layout.SCRUB_FILE``; not sealed, not in the manifest): ``state``
   (``running``, ``verified`` or ``failed``), the sha256 of the manifest it checked, when, what it read, and its
   ``incidents``. ``verification`` and ``is_verified`` read it back for status, the console, ``acqd verify`` and

@@ -355,7 +355,8 @@ class ProbeFeatures:
     def _filter_lfp(self) -> None:
         """Filter the whole LFP bins kept since the last call, in float32 like the AP band: half the cost of float64
         (0.06-0.09 against 0.15-0.17 % of a core per probe, measured), and with the 1 Hz corner at 1 kHz still within
-        1e-4 of float64's RMS and 0.01 raw units of its samples at a 25000-unit offset (tests/record/test_probeview.py)."""
+        1e-4 of float64's RMS and 0.01 raw units of its samples at a 25000-unit offset
+        (tests/record/test_probeview.py)."""
         taps = min(LFP_TAPS, self.q_lfp)
         rows = np.concatenate(self.lfp_taps) if len(self.lfp_taps) > 1 else (self.lfp_taps or [None])[0]
         n = 0 if rows is None else len(rows) // taps * taps

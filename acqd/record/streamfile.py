@@ -273,10 +273,14 @@ class StreamFile:
             f.attrs["part"] = part
             f.attrs["created"] = datetime.now(timezone.utc).isoformat()
             f.swmr_mode = True
+            syncing = None
             if durable:
                 f.flush()
+                fd = os.dup(f.id.get_vfd_handle())
                 if pool is None:
-                    raise_if(created(os.fsync, os.dup(f.id.get_vfd_handle()), path.parent))
+                    raise_if(created(fd, path.parent))
+                else:
+                    syncing = pool.submit(created, fd, path.parent)
         except BaseException:
             _close_and_drop(f, path)
             raise
@@ -289,8 +293,7 @@ class StreamFile:
             # saves HDF5's fixed cost per call (~0.1 ms) on every message.
             chunk = np.empty((chunk_rows(cfg), *cfg.shape), dtype=cfg.np_dtype)
             new = cls(path, f, chunk=chunk, direct=cfg.compression == "none")
-        if durable and pool is not None:
-            new.syncing = pool.submit(created, os.fsync, os.dup(f.id.get_vfd_handle()), path.parent)
+        new.syncing = syncing
         return new
 
     def has_room(self, n: int) -> bool:
@@ -603,10 +606,10 @@ def durable_after(earlier: Future | None, fsync: Callable[[int], None], fd: int,
     return durable(fsync, fd, clean, close=True)
 
 
-def created(fsync: Callable[[int], None], fd: int, folder: Path) -> OSError | None:
+def created(fd: int, folder: Path) -> OSError | None:
     """fsync a new file (``fd``, a duplicate, closed after) and then its folder's entry for it."""
     try:
-        fsync(fd)
+        os.fsync(fd)
         fsync_dir(folder)
     except OSError as e:
         return e

@@ -4,7 +4,8 @@ This module owns the open session's record (``SessionRecord``: its folder, the p
 incidents, written at once for what makes it incomplete, within ``PART_SAVE_S`` for parts listed or closed (a
 hundred slow streams rolling over together cost a few writes, not two hundred, each rewriting the whole record) and
 at most once a second for routine incidents, so a flood of gaps costs one write a second), the rows of a part that a
-hung writer closed after its session was closed, and, at startup, marking the sessions a dead daemon left ``recording`` as ``interrupted`` with their files checked.
+hung writer closed after its session was closed, and, at startup, marking the sessions a dead daemon left
+``recording`` as ``interrupted`` with their files checked.
 A failed write (a full disk) is logged and retried by the caller, never fatal.
 """
 

@@ -2,8 +2,8 @@
 
 Every test that starts a daemon, and every real start, paid ~0.25 s of CPU (a third of the start) importing pynwb,
 hdmf, pandas and scipy (and their thousand modules) that a daemon only needs when it checks session metadata with
-nwbinspector (RECORD, the console's form) or amends a session; finalize and export run in their own processes. The real entry point is
-run with ``-X importtime`` (``PYTHONPROFILEIMPORTTIME``), whose log names every module the process imported.
+nwbinspector (RECORD, the console's form) or amends a session; finalize and export run in their own processes. The
+real entry point is run with ``-X importtime`` (``PYTHONPROFILEIMPORTTIME``), whose log names every module the process imported.
 """
 
 from __future__ import annotations
