@@ -8,10 +8,13 @@ import time
 
 import pytest
 
-from acqd.config import load_config
+from acqd.config import StreamConfig, load_config
 from acqd.errors import SessionError
+from acqd.finalize.streams import stream_parts
+from acqd.record.streamfile import StreamFile, part_filename
 from acqd.service.procs import wait_until
-from acqd.service.sessionrecord import MAX_INCIDENTS, PART_SAVE_S, SessionRecord, record_late_close, session_metadata
+from acqd.service.sessionrecord import (MAX_INCIDENTS, PART_SAVE_S, SessionRecord, record_late_close, recover_interrupted,
+                                        session_metadata)
 from acqd.session import CLOSED
 from tests.conftest import write_rig
 
@@ -63,6 +66,25 @@ def test_parts_of_many_streams_rolling_over_together_cost_one_write(record, monk
     record.due -= PART_SAVE_S  # the round PART_SAVE_S later
     record.flush()
     assert len(writes) == 1 and all(len(record.parts(n)) == 2 for n in streams)
+
+
+def test_a_part_the_daemon_died_before_writing_down_is_still_one_of_the_session(record):
+    """A part reported by its writer reaches session.json only at the next round (``PART_SAVE_S``): a daemon killed
+    in between leaves it unlisted. Finalize takes it all the same (``stream_parts``: the listed parts and the stream's
+    part files on disk), as the recovery of the interrupted session lists it among the files it checked."""
+    name = next(iter(record.data["streams"]))
+    paths = [record.streams_dir / part_filename(name, n) for n in (0, 1)]
+    cfg = StreamConfig.model_validate(record.data["config"]["streams"][0])
+    for n, path in enumerate(paths):
+        StreamFile.create(path, cfg, session={"session_id": "s1"}, lines=[], part=n).close()
+        record.add_part(name, n, str(path))
+        if n == 0:
+            _flushed(record)
+    # killed here: part 1 reported, not yet written down
+    saved = _saved(record)
+    assert [p["part"] for p in saved["streams"][name]["parts"]] == [0]
+    assert stream_parts(record.folder, saved)[name] == paths
+    assert part_filename(name, 1) in recover_interrupted(record.folder.parent)[0]["files"]
 
 
 def test_routine_incidents_are_written_at_most_once_a_second(record):
