@@ -13,8 +13,8 @@ from acqd.errors import SessionError
 from acqd.finalize.streams import stream_parts
 from acqd.record.streamfile import StreamFile, part_filename
 from acqd.service.procs import wait_until
-from acqd.service.sessionrecord import (MAX_INCIDENTS, PART_SAVE_S, SessionRecord, record_late_close, recover_interrupted,
-                                        session_metadata)
+from acqd.service.sessionrecord import (MAX_INCIDENTS, PART_SAVE_S, SessionRecord, record_late_close,
+                                        recover_interrupted, session_metadata)
 from acqd.session import CLOSED
 from tests.conftest import write_rig
 
