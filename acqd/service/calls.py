@@ -39,8 +39,9 @@ class Calls:
             pass
 
     def run_pending(self, after_each: Callable[[], Any]) -> None:
-        """Supervisor thread: run every submitted call, handing its result or error to its caller, then
-        ``after_each()``."""
+        """Supervisor thread: run every submitted call, then ``after_each()`` (the status snapshot), then hand its
+        result or error to its caller. In that order: a caller that reads the status once its command returned must
+        see the command's effect (a client that read it at once still saw RECORD after an aborted rig start)."""
         while True:
             try:
                 fn, args, fut = self._calls.get_nowait()
@@ -48,7 +49,13 @@ class Calls:
                 return
             if fut.set_running_or_notify_cancel():
                 try:
-                    fut.set_result(fn(*args))
+                    result, error = fn(*args), None
                 except BaseException as e:  # noqa: BLE001 - handed to the caller
-                    fut.set_exception(e)
-                after_each()
+                    result, error = None, e
+                try:
+                    after_each()
+                finally:
+                    if error is None:
+                        fut.set_result(result)
+                    else:
+                        fut.set_exception(error)
