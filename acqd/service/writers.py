@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import orjson
 import zmq
 
 from acqd.config import RigConfig, StreamConfig
@@ -174,7 +175,7 @@ class Writers(dict[str, WriterHandle]):
                 if is_preview(raw):
                     preview(raw)
                     continue
-                name, msg = ident.decode(), zmq.utils.jsonapi.loads(raw)
+                name, msg = ident.decode(), orjson.loads(raw)
                 if not isinstance(msg, dict):
                     raise ValueError("not a JSON object")
                 if not known(name):
