@@ -8,8 +8,10 @@ waits for it. ``load_cell`` and ``load_lines`` render it for ``acqd status``; ``
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+if TYPE_CHECKING:  # imported where the metrics are made: ``acqd status`` renders the load without Prometheus
+    from prometheus_client.core import Metric
 
 GAUGES = (("behind_s", "acqd_stream_behind_seconds", "seconds the writer's data socket has not been found empty"),
           ("backlog_messages", "acqd_stream_backlog_messages",
@@ -61,6 +63,8 @@ def load_lines(streams: dict) -> Iterator[str]:
 
 def load_metrics(streams: dict) -> Iterator[Metric]:
     """Per-stream load gauges, the overload flag and messages lost by reason."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     families = {key: GaugeMetricFamily(metric, text, labels=["stream"]) for key, metric, text in GAUGES}
     overloaded = GaugeMetricFamily("acqd_stream_overloaded", "1 while the writer is behind and sheds non-data work",
                                    labels=["stream"])

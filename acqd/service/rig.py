@@ -453,23 +453,6 @@ class Rig:
         return {"nodes": nodes, "start_skew_s": self.skew_s(own_start_ns) if self.sup.mode == RECORD else None}
 
 
-def node_lines(status: dict) -> list[str]:
-    """A leader's other nodes in words, one line each (``acqd status``): "node video: reachable, clock +0.003 s,
-    disk 1200 GB free, RECORD, 2 streams" or "node video: unreachable at <url> (...)"."""
-    lines = []
-    for name, n in (status.get("nodes") or {}).items():
-        if name == status.get("node"):
-            continue
-        if n["reachable"] is False:
-            lines.append(n.get("error") or f"node {name}: unreachable")  # the error names the node
-            continue
-        clock = "" if n["clock_offset_s"] is None else f", clock {n['clock_offset_s']:+.3f} s"
-        disk = f", disk {n['disk']['free_bytes'] / 1e9:.0f} GB free" if (n.get("disk") or {}).get("free_bytes") is not None else ""
-        lines.append(f"node {name}: {'reachable' if n['reachable'] else 'asking'}{clock}{disk}, {n.get('mode')}, "
-                     f"{len(n.get('streams') or {})} streams")
-    return lines
-
-
 # -- metrics ---------------------------------------------------------------------------------------------------------
 
 

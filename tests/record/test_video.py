@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -17,10 +18,8 @@ from hdmf.backends.hdf5.h5tools import BrokenLinkWarning
 from pynwb import NWBHDF5IO
 
 from acqd.finalize import unseal_session
-
-from acqd.service.procs import wait_until
+from acqd.service.procs import Daemon, wait_until
 from tests.conftest import recording, rig_for, write_rig
-
 
 
 def decode(path: Path) -> np.ndarray:
@@ -28,16 +27,37 @@ def decode(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="gray") for f in c.decode(video=0)])
 
 
+SEED = 32
+pytestmark = pytest.mark.xdist_group("video")  # one xdist worker: the module-scoped recording is made once
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> Iterator[tuple[Path, Path]]:
+    """(rig file, session folder): one recording of the example rig (385-channel probe split into 8 MB parts, a
+    camera encoded to FFV1 files of 50 frames, frame 150 dropped) read by both end-to-end tests here; unsealed at
+    teardown (the finalize test seals it)."""
+    tmp = tmp_path_factory.mktemp("video")
+    rig_file = write_rig(tmp, stream_overrides={"probe": {"max_file_bytes": 8_000_000},
+                                                "camera": {"video": {"codec": "ffv1", "frames_per_file": 50}}})
+    daemon = Daemon(rig_file, tmp / "data", tmp)
+    try:
+        with recording(daemon, rig_file, "modular", seed=SEED, faults=("camera:drop:150",)) as (_, folder):
+            wait_until(lambda: (s := daemon.command("status")["streams"])["probe"]["part"] >= 3
+                       and s["camera"]["last_seq"] > 200, "four probe parts and the dropped frame", 60)
+            daemon.command("stop")
+    finally:
+        daemon.stop(timeout_s=30)
+    try:
+        yield rig_file, folder
+    finally:
+        unseal_session(folder)
+
+
 @pytest.mark.e2e
-def test_camera_frames_go_to_lossless_video_files(tmp_path: Path, daemon_factory):
-    video = {"codec": "ffv1", "frames_per_file": 50}
-    rig_file = write_rig(tmp_path, stream_overrides={"camera": {"video": video}})
-    daemon = daemon_factory(rig_file)
-    with recording(daemon, rig_file, "video", seed=31) as (_, folder):
-        wait_until(lambda: daemon.command("status")["streams"]["camera"]["rows"] > 170, "170 frames", 30)
-        daemon.command("stop")
+def test_camera_frames_go_to_lossless_video_files(recorded):
+    rig_file, folder = recorded
     assert not json.loads((folder / "session.json").read_text())["incomplete"]
-    cfg, rig = rig_for(rig_file, seed=31)
+    cfg, rig = rig_for(rig_file, seed=SEED)
     with h5py.File(folder / "streams" / "camera.h5", "r") as f:
         assert f["data"].shape == (0, 480, 640)
         files = f["video"][:]
@@ -53,15 +73,9 @@ def test_camera_frames_go_to_lossless_video_files(tmp_path: Path, daemon_factory
 
 
 @pytest.mark.e2e
-def test_finalized_session_with_split_probe_and_video_camera_reads_from_anywhere(tmp_path: Path, daemon_factory,
+def test_finalized_session_with_split_probe_and_video_camera_reads_from_anywhere(recorded, tmp_path: Path,
                                                                                   monkeypatch):
-    rig_file = write_rig(tmp_path, stream_overrides={"probe": {"max_file_bytes": 8_000_000},
-                                                     "camera": {"video": {"codec": "ffv1", "frames_per_file": 120}}})
-    daemon = daemon_factory(rig_file)
-    with recording(daemon, rig_file, "modular", seed=32, faults=("camera:drop:150",)) as (_, folder):
-        wait_until(lambda: (s := daemon.command("status")["streams"])["probe"]["part"] >= 3
-                   and s["camera"]["last_seq"] > 200, "four probe parts and the dropped frame", 60)
-        daemon.command("stop")
+    rig_file, folder = recorded
     out = subprocess.run([sys.executable, "-m", "acqd.cli", "finalize", str(folder), "--json"], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -71,7 +85,7 @@ def test_finalized_session_with_split_probe_and_video_camera_reads_from_anywhere
     os.rename(folder, moved)
     monkeypatch.chdir(tmp_path)
     try:
-        cfg, rig = rig_for(rig_file, seed=32)
+        cfg, rig = rig_for(rig_file, seed=SEED)
         camera = report["streams"]["camera"]
         assert camera["frames"]["dropped"] == 1, camera["frames"]
         zero_s = report["timebase"]["zero_reference_s"]

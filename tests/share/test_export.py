@@ -315,19 +315,21 @@ def test_a_bids_named_session_exports_under_its_bids_name(tmp_path):
         "sub-M12/sub-M12_acq-np_run-2_ecephys.nwb"
 
 
-def test_amend_after_export_marks_it_stale_and_export_rebuilds_it(sessions, tmp_path):
+def test_amend_after_export_marks_it_stale_and_export_rebuilds_it(exported, tmp_path):
     """Issue 23.3: the export said sex F after the session was amended to M. Now the amendment marks exports stale,
-    the console shows it, and exporting again into the same folder rebuilds the export with the amended metadata."""
+    the console shows it, and exporting again into the same folder rebuilds the export with the amended metadata.
+    The amendment changes the session, so it runs on copies of the module's finalized session and of its export
+    (made by ``export_session`` from the same master: exporting it again would give the same files)."""
     from acqd.finalize.amend import amend_session
     from acqd.service.http.console import session_row
     from acqd.session import read_session
 
-    _, finalized = sessions
+    finalized, exported_out, first, _, _ = exported
     folder = tmp_path / SID
     shutil.copytree(finalized, folder)
     out = tmp_path / "dandiset"
+    shutil.copytree(exported_out, out)
     try:
-        first = export_session(folder, out)
         info = {"session_id": SID, "state": "finalized", "path": str(folder)}
         done = {"export": {"state": "done", "master_sha256": first.master_sha256}}
         assert session_row(info, done)["state"] == "exported"

@@ -30,6 +30,8 @@ SCREENSHOT_ENV = "ACQD_CONSOLE_SCREENSHOT"
 """Set to a path to keep a screenshot of the console while it records (how docs/console.png is made)."""
 STEP_S = 20  # the longest a page state may take to appear (writers starting on a busy 2-core machine)
 
+pytestmark = pytest.mark.xdist_group("console")  # one xdist worker: the module's one Chromium is launched once
+
 
 def _unavailable(reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
