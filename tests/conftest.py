@@ -55,6 +55,11 @@ SMALL_PROBE = {"probe": {"shape": [33], "sync": {"source": "channel", "channel":
 (lifecycle, logs, annotations, finalize and export through the daemon): finalize and export take seconds instead of
 a minute. Tests of the real data rate keep the example's 385 channels (``rig_file``)."""
 
+SMALL_RIG = {**SMALL_PROBE, "camera": {"shape": [48, 64]}}
+"""``SMALL_PROBE`` and a 48x64 camera, for tests whose subject is neither the probe's width nor the frames' size: the
+simulator (and ``rig_for``) draw a 640x480 camera's pool in ~0.3 s of CPU at each start, and its 18 MB/s are
+written, hashed and checked for nothing the test looks at."""
+
 
 @pytest.fixture
 def small_rig_file(tmp_path: Path) -> Path:

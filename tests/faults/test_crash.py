@@ -13,7 +13,7 @@ import pytest
 
 from acqd.service.procs import pid_alive, wait_until
 from acqd.record.streamfile import committed_rows, open_for_read
-from tests.conftest import SMALL_PROBE, assert_bit_exact, recording, rig_for, write_rig
+from tests.conftest import SMALL_RIG, assert_bit_exact, recording, rig_for, write_rig
 
 
 
@@ -26,7 +26,7 @@ def flushed_rows(path: Path) -> int:
 @pytest.mark.e2e
 def test_a_crash_loop_is_given_up_but_crashes_spread_out_are_always_restarted(tmp_path, daemon_factory):
     window = 15.0  # one restart allowed per window; long enough for a restart on a loaded machine
-    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE,
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG,
                          daemon_overrides={"max_writer_restarts": 1, "restart_window_s": window})
     daemon = daemon_factory(rig_file)
 
@@ -134,7 +134,7 @@ def test_row04_sigterm_closes_every_file_cleanly(rig_file, daemon_factory):
 
 @pytest.mark.e2e
 def test_row06_full_disk_stops_the_stream_with_a_reason_and_keeps_committed_data(tmp_path, daemon_factory):
-    rig_file = write_rig(tmp_path)
+    rig_file = write_rig(tmp_path, stream_overrides={"camera": SMALL_RIG["camera"]})  # the probe's rate fills the limit
     daemon = daemon_factory(rig_file, env={"ACQD_WRITER_FSIZE_LIMIT": "probe=40000000"})
     with recording(daemon, rig_file, "diskfull", seed=14) as (_, folder):
         stopped = wait_until(lambda: (s := daemon.command("status")["streams"])["probe"]["state"] == "stopped_failed"

@@ -23,7 +23,7 @@ from rich.console import Console
 from acqd.service.procs import Simulator, wait_until
 from acqd.service.status import status_renderable
 from acqd.session import read_annotations
-from tests.conftest import write_rig
+from tests.conftest import SMALL_RIG, write_rig
 from tests.sessions import SUBJECT
 
 
@@ -49,9 +49,9 @@ def session_json(folder: Path) -> dict:
 
 
 @pytest.mark.e2e
-def test_row41_open_ephys_client_records_under_a_unique_name_and_its_refusals_keep_mode(small_rig_file,
-                                                                                         daemon_factory, tmp_path):
-    daemon = daemon_factory(small_rig_file)
+def test_row41_open_ephys_client_records_under_a_unique_name_and_its_refusals_keep_mode(daemon_factory, tmp_path):
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG)
+    daemon = daemon_factory(rig_file)
     gui = OpenEphysHTTPServer()
     gui.address = daemon.url
     data = tmp_path / "data"
@@ -63,7 +63,7 @@ def test_row41_open_ephys_client_records_under_a_unique_name_and_its_refusals_ke
     gui.set_base_text("m1_day3")
     daemon.command("recording", metadata={"subject": SUBJECT})  # the operator names the animal (acqd record --prepare)
     assert gui.acquire() == "ACQUIRE"
-    sim = Simulator(small_rig_file, 60, seed=41)
+    sim = Simulator(rig_file, 60, seed=41)
     try:
         wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
         assert gui.record() == "RECORD"
@@ -94,8 +94,9 @@ def _say(sock: socket.socket, line: str) -> bytes:
 
 
 def _lr_rig(tmp_path: Path, **labrecorder: object) -> Path:
-    return write_rig(tmp_path, daemon_overrides={"labrecorder": {"port": 0, **labrecorder},
-                                                 "control": {"data_roots": [str(tmp_path / "study")]}})
+    return write_rig(tmp_path, stream_overrides=SMALL_RIG,
+                     daemon_overrides={"labrecorder": {"port": 0, **labrecorder},
+                                       "control": {"data_roots": [str(tmp_path / "study")]}})
 
 
 def test_row41_labrecorder_script_records_every_start_it_sends(tmp_path, daemon_factory):

@@ -20,7 +20,7 @@ import pytest
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.client import ApiError
 from acqd.service.procs import Daemon, Simulator, pid_alive, stop_process, wait_until
-from tests.conftest import SMALL_PROBE, acquiring, assert_bit_exact, recording, rig_for, write_rig
+from tests.conftest import SMALL_PROBE, SMALL_RIG, acquiring, assert_bit_exact, recording, rig_for, write_rig
 from tests.sessions import SUBJECT
 
 
@@ -177,7 +177,7 @@ def test_row31_daemon_kill_sweep(tmp_path, seed):
 @pytest.mark.e2e
 def test_row32_second_daemon_with_the_same_rig_is_refused_and_the_first_loses_nothing(tmp_path, daemon_factory):
     pull = {"sensor": {"socket": "pull"}, "nidaq": {"socket": "pull"}}
-    rig_file = write_rig(tmp_path, stream_overrides={**SMALL_PROBE, **pull})
+    rig_file = write_rig(tmp_path, stream_overrides={**SMALL_RIG, **pull})
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "first", seed=32) as (_, folder):
         second = subprocess.run([sys.executable, "-m", "acqd.cli", "serve", "--config", str(rig_file), "--data-root",
@@ -203,7 +203,7 @@ def test_row32_second_daemon_with_the_same_rig_is_refused_and_the_first_loses_no
 
 @pytest.mark.e2e
 def test_row30_stop_against_a_stalled_writer_then_record_never_silently_lacks_the_stream(tmp_path, daemon_factory):
-    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG)
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "a", seed=30) as (_, first):
         pid = daemon.command("status")["streams"]["sensor"]["pid"]
@@ -245,7 +245,7 @@ def test_row30_stop_against_a_stalled_writer_then_record_never_silently_lacks_th
 
 @pytest.mark.e2e
 def test_row30_record_while_a_writer_is_stalled_says_so_and_records_it_once_it_answers(tmp_path, daemon_factory):
-    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG)
     daemon = daemon_factory(rig_file)
     with acquiring(daemon, rig_file, seed=33):
         pid = daemon.command("status")["streams"]["sensor"]["pid"]
@@ -278,7 +278,7 @@ def test_row30_a_lost_writer_report_is_reconciled_from_its_stats(tmp_path):
     from acqd.config import load_config
     from acqd.service.supervisor import Supervisor
 
-    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG)
     sup = Supervisor(load_config(rig_file))
     real = sup._on_writer_message
     dropped = []
@@ -334,7 +334,7 @@ def test_row06_disk_reserve_warns_then_stops_recording_cleanly_and_session_json_
     if not can_chattr(tmp_path):
         pytest.skip("needs chattr +i (root on ext4)")
     reserve = shutil.disk_usage(tmp_path).free - 1_000_000_000  # other processes share this disk: a wide margin
-    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE, daemon_overrides={"disk_reserve_bytes": reserve})
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG, daemon_overrides={"disk_reserve_bytes": reserve})
     daemon = daemon_factory(rig_file)
     filler = tmp_path / "filler"
     with recording(daemon, rig_file, "reserve", seed=6) as (status, folder):
@@ -376,7 +376,7 @@ def serve_briefly(rig_file: Path, data_root: Path) -> subprocess.CompletedProces
 def test_row24_second_instance_and_endpoint_hijack_are_refused(tmp_path, daemon_factory):
     """Same config and data root: refused by the data root lock. Another config that shares only one endpoint
     (one the first daemon binds: a second bind of an ipc path would silently take it over): refused too."""
-    rig_file = write_rig(tmp_path, stream_overrides={**SMALL_PROBE, "sensor": {"bind": True}})
+    rig_file = write_rig(tmp_path, stream_overrides={**SMALL_RIG, "sensor": {"bind": True}})
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "held", seed=24) as (_, folder):
         same = serve_briefly(rig_file, tmp_path / "data")
@@ -405,7 +405,7 @@ def test_row23_unwritable_data_root_is_refused_with_the_path_and_the_reason(tmp_
     locked = tmp_path / "locked"
     locked.mkdir()
     # parent_directory is confined to configured roots (control.data_roots): the locked folder is one of them
-    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE,
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG,
                          daemon_overrides={"control": {"data_roots": [str(locked)]}})
     chattr("+i", locked)
     try:
@@ -443,7 +443,7 @@ def test_writer_control_socket_is_private_ipc_removed_on_exit_and_junk_is_counte
 
     run = tmp_path / "run"
     log = tmp_path / "daemon.log"
-    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG)
     daemon = Daemon(rig_file, tmp_path / "data", tmp_path, env={"ACQD_RUNTIME_DIR": str(run)}, log=log)
     ctx = zmq.Context()
     try:

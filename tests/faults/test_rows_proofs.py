@@ -25,7 +25,7 @@ from acqd.finalize import PAUSE_ENV, PAUSE_MARKER_ENV
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.service.procs import wait_until
 from acqd.wire.protocol import HEADER
-from tests.conftest import SMALL_PROBE, assert_bit_exact, recording, rig_for, write_rig
+from tests.conftest import SMALL_RIG, assert_bit_exact, recording, rig_for, write_rig
 from tests.faults.test_rows_process import kill_daemon_during_acquire, seqs_accounted_for
 
 FINALIZE_TIMEOUT_S = 240.0
@@ -58,7 +58,7 @@ def _kill_finalize_at(folder: Path, step: str, tmp: Path) -> None:
 @pytest.mark.e2e
 @pytest.mark.parametrize("n", [1, 150], ids=["first_append", "after_flushes"])
 def test_row02_crash_at_the_nth_write_then_a_crash_of_finalize_loses_only_the_gap(tmp_path, daemon_factory, n):
-    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)  # the sensor's crash is the subject
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG)  # the sensor's crash is the subject
     daemon = daemon_factory(rig_file, env={"ACQD_FAULT": f"sensor:crash_after_write:{n}"})
     with recording(daemon, rig_file, f"crash{n}", seed=2) as (_, folder):
         wait_until(lambda: (s := daemon.command("status")["streams"]["sensor"])["part"] == 1
@@ -100,8 +100,8 @@ def test_row31_a_restarted_daemon_loses_no_message_to_an_orphan_writer(tmp_path,
     # PUSH/PULL an orphan still connected to a driver would take every other message (round robin).
     seen, orphans = kill_daemon_during_acquire(tmp_path, seed)
     assert orphans == [], f"writers {orphans} outlived the daemon (seen: {seen})"
-    rig_file = write_rig(tmp_path, stream_overrides={n: {"socket": "pull"} for n in ("probe", "nidaq", "sensor",
-                                                                                      "camera")})
+    pull = {n: {**SMALL_RIG.get(n, {}), "socket": "pull"} for n in ("probe", "nidaq", "sensor", "camera")}
+    rig_file = write_rig(tmp_path, stream_overrides=pull)
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "after", seed=seed) as (_, folder):
         wait_until(lambda: all(s["rows"] > 0 for s in daemon.command("status")["streams"].values())
@@ -131,7 +131,7 @@ def _sensor_header(seq: int, first: int = 0, n: int = 10, ndim: int = 1, shape=(
 
 @pytest.mark.e2e
 def test_row33_hostile_values_in_a_live_recording_then_finalize_gives_a_clear_report(tmp_path, daemon_factory):
-    rig_file = write_rig(tmp_path, stream_overrides={"sensor": {"bind": True, "socket": "pull"}, **SMALL_PROBE})
+    rig_file = write_rig(tmp_path, stream_overrides={"sensor": {"bind": True, "socket": "pull"}, **SMALL_RIG})
     daemon = daemon_factory(rig_file)
     payload = bytes(10 * 3 * 4)
     ctx = zmq.Context()
@@ -177,7 +177,7 @@ def test_row33_hostile_values_in_a_live_recording_then_finalize_gives_a_clear_re
 def test_row34_a_part_truncated_below_its_superblock_eof_is_listed_lost_never_sealed_as_verified(tmp_path,
                                                                                                   daemon_factory):
     # Row 34's tests corrupted bytes in place; none cut a part short, which hung finalize (issue 22 defect 1).
-    rig_file = write_rig(tmp_path)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG)
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "cut34", seed=34) as (_, folder):
         wait_until(lambda: daemon.command("status")["streams"]["nidaq"]["rows"] > 60000, "2 s recorded")

@@ -16,7 +16,7 @@ import zmq
 
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.service.procs import pid_alive, wait_until
-from tests.conftest import SMALL_PROBE, assert_bit_exact, recording, rig_for, write_rig
+from tests.conftest import SMALL_RIG, assert_bit_exact, recording, rig_for, write_rig
 
 RESTART_DEADLINE_S = 30.0
 FINALIZE_DEADLINE_S = 240.0  # a healthy finalize of this rig takes ~20 s on the shared 2-core machine
@@ -44,7 +44,7 @@ def _finalize(folder: Path) -> tuple[subprocess.CompletedProcess, float]:
 @pytest.mark.e2e
 def test_row37_truncated_and_empty_parts_never_block_restart_finalize_or_the_next_session(tmp_path, daemon_factory):
     # Issue 22 defect 1: a part cut to 1024 bytes hung the restarted daemon (recover_interrupted) and finalize.
-    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)  # the cut parts are the sensor's and the camera's
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG)  # the cut parts are the sensor's and the camera's
     folder = _interrupted_session(daemon_factory, rig_file, "cut", seed=37)
     streams = folder / "streams"
     with open_for_read(streams / "sensor.h5") as f:
@@ -85,7 +85,7 @@ def test_row37_truncated_and_empty_parts_never_block_restart_finalize_or_the_nex
 
 @pytest.mark.e2e
 def test_row37_a_cut_reference_part_is_refused_by_name_within_the_deadline(tmp_path, daemon_factory):
-    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG)
     folder = _interrupted_session(daemon_factory, rig_file, "cutref", seed=39)
     daemon_factory(rig_file).command("status")  # marks the session interrupted
     os.truncate(folder / "streams" / "nidaq.h5", 1024)
@@ -99,7 +99,7 @@ def test_row37_a_cut_reference_part_is_refused_by_name_within_the_deadline(tmp_p
 @pytest.mark.e2e
 def test_row37_a_truncated_part_keeps_the_rows_its_index_proves_through_finalize(tmp_path, daemon_factory):
     # Issue 22 defect 1, "recovery copies what the index proves and reports the rest": a part cut short was lost whole.
-    rig_file = write_rig(tmp_path)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG)
     folder = _interrupted_session(daemon_factory, rig_file, "salvage", seed=40)
     daemon_factory(rig_file).command("status")  # marks the session interrupted
     probe = folder / "streams" / "probe.h5"
@@ -114,7 +114,7 @@ def test_row37_a_truncated_part_keeps_the_rows_its_index_proves_through_finalize
     assert lost["part"] == "streams/probe.h5" and lost["salvaged_to"] == "recovered/probe.h5"
     assert lost["bytes"] == size * 2 // 3 and lost["expected_bytes"] == size and not lost["empty"]
     assert 0 < lost["salvaged_rows"] < committed and lost["salvaged_index_rows"] <= lost["listed_index_rows"]
-    assert lost["salvaged_bytes"] == lost["salvaged_rows"] * 385 * 2
+    assert lost["salvaged_bytes"] == lost["salvaged_rows"] * 33 * 2  # int16 rows of SMALL_RIG's probe
     assert any(f"{size - size * 2 // 3} bytes of the {size} its superblock records are cut off" in w
                and "its index proves are salvaged into recovered/probe.h5; the rest is lost" in w
                for w in report["warnings"])
@@ -196,7 +196,7 @@ def test_row06_a_file_size_limit_below_a_header_refuses_the_part_before_creating
 def test_row06_an_empty_or_headerless_part_is_skipped_with_a_note_by_finalize(tmp_path, daemon_factory):
     # What a full disk at a rollover left before the fix: finalize failed with an OSError, or refused with
     # "the reference stream's counter was reset".
-    rig_file = write_rig(tmp_path, stream_overrides=SMALL_PROBE)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG)
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "fullroll", seed=6) as (_, folder):
         wait_until(lambda: daemon.command("status")["streams"]["nidaq"]["rows"] > 30000, "1 s recorded")
@@ -251,7 +251,7 @@ def _committed(path: Path) -> int:
 
 @pytest.mark.e2e
 def test_row07_a_dead_disk_under_the_daemon_is_a_stopped_stream_not_a_crash_loop(tmp_path, daemon_factory):
-    rig_file = write_rig(tmp_path)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG)
     daemon = daemon_factory(rig_file, env={"ACQD_FAULT": "sensor:dead_disk:200"})  # ~2 s into the recording
     with recording(daemon, rig_file, "deaddisk", seed=7) as (_, folder):
         stopped = wait_until(lambda: (s := daemon.command("status")["streams"])["sensor"]["state"] == "stopped_failed"

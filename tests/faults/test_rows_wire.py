@@ -304,9 +304,9 @@ def test_row02_crash_at_nth_write_resumes_in_a_new_part_with_the_loss_as_an_exac
     # Row 2 (crash at the Nth append: os._exit(137), nothing flushed or closed) and issue 10 item 12: a writer
     # restart's loss had no /gaps row; the new writer now continues after the last committed message.
     from acqd.service.procs import wait_until
-    from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
+    from tests.conftest import SMALL_RIG, assert_bit_exact, recording, rig_for, write_rig
 
-    rig_file = write_rig(tmp_path)
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG)  # the sensor's crash is the subject
     daemon = daemon_factory(rig_file, env={"ACQD_FAULT": f"sensor:crash_after_write:{n}"})
     with recording(daemon, rig_file, "crashn", seed=4) as (_, folder):
         wait_until(lambda: (s := daemon.command("status")["streams"]["sensor"])["part"] == 1

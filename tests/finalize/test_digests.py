@@ -29,9 +29,15 @@ from acqd.finalize.layout import DIGESTS
 from acqd.finalize.hasher import FAULT_ENV, MARKER_ENV, _open_for_append
 from acqd.finalize.seal import unseal
 from acqd.service.procs import pid_alive, wait_until
-from tests.conftest import assert_bit_exact, recording, rig_for, write_rig
+from tests.conftest import SMALL_RIG, assert_bit_exact, recording, rig_for, write_rig
 
 PART_S = 0.5  # max_file_seconds of the probe in these tests: 15,000 rows a part
+
+
+def small_rig(tmp_path: Path, **streams: dict) -> Path:
+    """``SMALL_RIG`` (parts split by time whatever their width) with ``streams``' settings over it."""
+    return write_rig(tmp_path, stream_overrides={**SMALL_RIG, **{n: {**SMALL_RIG.get(n, {}), **o}
+                                                                 for n, o in streams.items()}})
 
 
 def _parts(folder: Path) -> dict[str, list[dict]]:
@@ -53,7 +59,7 @@ def _sha256sum_check(folder: Path) -> subprocess.CompletedProcess:
 @pytest.mark.e2e
 def test_time_rollover_parts_are_hashed_while_recording_and_read_through_the_master_bit_exact(tmp_path,
                                                                                               daemon_factory):
-    rig_file = write_rig(tmp_path, stream_overrides={"probe": {"max_file_seconds": PART_S / 2}})
+    rig_file = small_rig(tmp_path, probe={"max_file_seconds": PART_S / 2})
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "timesplit", seed=41) as (_, folder):
         wait_until(lambda: daemon.command("status")["streams"]["probe"]["part"] >= 3, "a fourth probe part", 60)
@@ -101,7 +107,7 @@ def test_time_rollover_parts_are_hashed_while_recording_and_read_through_the_mas
 
 @pytest.mark.e2e
 def test_a_part_changed_after_it_was_hashed_is_hashed_again_and_the_manifest_never_lies(tmp_path, daemon_factory):
-    rig_file = write_rig(tmp_path, stream_overrides={"probe": {"max_file_seconds": PART_S}})
+    rig_file = small_rig(tmp_path, probe={"max_file_seconds": PART_S})
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "tampered", seed=42) as (_, folder):
         wait_until(lambda: daemon.command("status")["streams"]["probe"]["part"] >= 2, "a third probe part", 60)
@@ -141,7 +147,7 @@ def test_a_part_changed_after_it_was_hashed_is_hashed_again_and_the_manifest_nev
 
 @pytest.mark.e2e
 def test_kill9_of_the_daemon_while_hashing_leaves_a_session_that_finalizes(tmp_path, daemon_factory):
-    rig_file = write_rig(tmp_path, stream_overrides={"probe": {"max_file_seconds": PART_S}})
+    rig_file = small_rig(tmp_path, probe={"max_file_seconds": PART_S})
     marker = tmp_path / "hasher.pid"
     # The hasher writes half of its second line, fsyncs it and waits: the daemon is killed right then.
     daemon = daemon_factory(rig_file, env={FAULT_ENV: "torn:2", MARKER_ENV: str(marker)})
@@ -202,8 +208,7 @@ def test_a_line_is_trusted_only_with_its_own_check_and_old_lines_without_one_are
 
 @pytest.mark.e2e
 def test_a_camera_part_encoded_to_video_brings_its_video_files_to_the_hasher(tmp_path, daemon_factory):
-    rig_file = write_rig(tmp_path, stream_overrides={
-        "camera": {"max_file_seconds": 1.0, "video": {"codec": "ffv1", "frames_per_file": 30}}})
+    rig_file = small_rig(tmp_path, camera={"max_file_seconds": 1.0, "video": {"codec": "ffv1", "frames_per_file": 30}})
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "videohash", seed=44) as (_, folder):
         wait_until(lambda: daemon.command("status")["streams"]["camera"]["part"] >= 1, "a second camera part", 60)

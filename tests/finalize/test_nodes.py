@@ -37,7 +37,10 @@ from acqd.config.ship import ShipDestination
 from acqd.sim.simulate import Rig, SimParams
 from sessions import Recording, record_session, small_config
 
-pytestmark = pytest.mark.skipif(shutil.which("rclone") is None, reason="rclone is not installed (.ci/run installs it)")
+pytestmark = [
+    pytest.mark.skipif(shutil.which("rclone") is None, reason="rclone is not installed (.ci/run installs it)"),
+    pytest.mark.xdist_group("nodes"),  # one xdist worker: the module-scoped three-PC session is built once
+]
 
 SEED = 11
 SID = "R1"
@@ -109,15 +112,30 @@ def rig(tmp_path_factory):
         unseal_session(f)
 
 
+def copy_leader(folders: dict[str, Path], root: Path) -> Path:
+    """A copy of the leader's session under the data root ``root``, with rig-b's part shipped into it."""
+    shutil.copytree(folders[LEADER], root / SID)
+    ship_to_leader(folders[FOLLOWER], root)
+    return root / SID
+
+
 @pytest.fixture
 def leader(rig, tmp_path):
     """A copy of the leader's data root with rig-b's part shipped into it; unsealed at teardown."""
-    folders, _, _ = rig
-    root = tmp_path / "leader"
-    shutil.copytree(folders[LEADER], root / SID)
-    ship_to_leader(folders[FOLLOWER], root)
-    yield root / SID
-    unseal_session(root / SID)
+    folder = copy_leader(rig[0], tmp_path / "leader")
+    yield folder
+    unseal_session(folder)
+
+
+@pytest.fixture(scope="module")
+def finalized_leader(rig, tmp_path_factory):
+    """``leader`` finalized once (rig-c missing), for the tests that only read what that gives: (folder, report,
+    seconds finalize took); unsealed after the module."""
+    folder = copy_leader(rig[0], tmp_path_factory.mktemp("finalized-leader"))
+    started = time.monotonic()
+    report = finalize_session(folder, wait_nodes_s=0)
+    yield folder, report, time.monotonic() - started
+    unseal_session(folder)
 
 
 def read_master(path: Path):
@@ -172,11 +190,9 @@ def check_master(folder: Path, rigs: dict[str, Rig], expect: dict[str, list[str]
     return qc
 
 
-def test_the_master_holds_every_node_on_the_leaders_timebase_and_a_missing_node_is_a_warning(rig, leader):
+def test_the_master_holds_every_node_on_the_leaders_timebase_and_a_missing_node_is_a_warning(rig, finalized_leader):
     folders, rigs, single = rig
-    started = time.monotonic()
-    report = finalize_session(leader, wait_nodes_s=0)
-    seconds = time.monotonic() - started
+    leader, report, seconds = finalized_leader
     names = {n: [s["name"] for s in read_session(folders[n])["config"]["streams"]] for n in (LEADER, FOLLOWER)}
     qc = check_master(leader, rigs, names)
     streams = qc["streams"]
@@ -276,12 +292,11 @@ def test_finalize_waits_for_a_node_still_arriving(rig, leader):
     assert report.nodes[LATE]["state"] == "arrived"
 
 
-def test_the_master_of_several_pcs_exports_to_one_self_contained_file(rig, leader, tmp_path):
+def test_the_master_of_several_pcs_exports_to_one_self_contained_file(rig, finalized_leader, tmp_path):
     from acqd.share.export import export_session
 
     folders, _, _ = rig
-    finalize_session(leader, wait_nodes_s=0)
-    report = export_session(leader, tmp_path / "export")
+    report = export_session(finalized_leader[0], tmp_path / "export")
     io, nwbfile = read_master(tmp_path / "export" / report.nwb)
     with io:
         names = [s["name"] for n in (LEADER, FOLLOWER) for s in read_session(folders[n])["config"]["streams"]]
