@@ -51,16 +51,10 @@ class Schedule:
         return min((self.next_stats, *timers))
 
     def due(self, now: float, recording: bool, paired: bool) -> Due:
-        """What is due at ``now``. A timer due within half a flush interval rides along with a flush that is due
-        (early by at most half its own interval): the stats, the clock pair and the flush then share one wake-up
-        instead of drifting apart into three. A group writer's wake-up handles every stream's batch, so each extra
-        one cost it ~0.6 ms per stream (96 slow streams: 4.7 wake-ups a second, 2 once aligned, measured)."""
         flush = recording and now >= self.next_flush
-        early = self.flush_interval_s / 2 if flush else 0.0
-        return Due(pair=recording and paired and now >= self.next_pair - min(early, self.pair_interval_s / 2),
-                   flush=flush,
+        return Due(pair=recording and paired and now >= self.next_pair, flush=flush,
                    fsync=flush and self.fsync_interval_s is not None and now - self.last_fsync >= self.fsync_interval_s,
-                   stats=now >= self.next_stats - min(early, self.stats_interval_s / 2))
+                   stats=now >= self.next_stats)
 
     def advance(self, due: Due, now: float, shed_stats: bool) -> None:
         """After the streams acted on ``due`` (at ``now``): the next deadlines, counted from when that work ended (the

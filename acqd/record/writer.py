@@ -33,7 +33,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
-import orjson
 import zmq
 
 from acqd.config import ChannelSync, EdgeLine, FrameSync, StreamConfig
@@ -86,14 +85,6 @@ PART_SEARCH = 1000
 LIVE_EDGES_MAX = 500
 """Own-sync-line edges sent with one stats message (the live sync lock: acqd.service.synclock); more are counted
 as cut. One stats interval holds a handful at any sane pulse rate; the bound keeps a wild line cheap."""
-
-
-def _as_json(value: object) -> float:
-    """What orjson leaves to us in a report: a float subclass (numpy's float64), which the json module took as it is.
-    orjson: a group writer reports the stats of every stream twice a second, ~5x faster than json.dumps."""
-    if isinstance(value, float):
-        return float(value)
-    raise TypeError(f"{type(value).__name__} in a writer report")
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +220,7 @@ class Writer:
 
     def deliver(self, msg: dict) -> None:
         try:
-            self.ctrl.send(orjson.dumps(msg, default=_as_json), zmq.NOBLOCK)
+            self.ctrl.send_json(msg, zmq.NOBLOCK)
         except zmq.Again:
             self.unsent_reports += 1
 

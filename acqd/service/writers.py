@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import orjson
 import zmq
 
 from acqd.config import RigConfig, StreamConfig
@@ -175,7 +174,7 @@ class Writers(dict[str, WriterHandle]):
                 if is_preview(raw):
                     preview(raw)
                     continue
-                name, msg = ident.decode(), orjson.loads(raw)
+                name, msg = ident.decode(), zmq.utils.jsonapi.loads(raw)
                 if not isinstance(msg, dict):
                     raise ValueError("not a JSON object")
                 if not known(name):

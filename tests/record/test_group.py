@@ -7,18 +7,14 @@ import json
 import os
 import signal
 import time
-from collections import deque
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import yaml
-import zmq
 
 from acqd.config import RigConfig, StreamConfig
-from acqd.record.group import SLOW_GROUP, Receiver, writer_groups
-from acqd.record.writer import BATCH_LIMIT
+from acqd.record.group import SLOW_GROUP, writer_groups
 from acqd.record.ingest import Gap, Loss, Reject
 from acqd.record.streamfile import open_for_read, part_filename
 from acqd.service.procs import wait_until
@@ -342,50 +338,3 @@ def test_a_stream_whose_fsyncs_take_seconds_holds_no_other_stream_of_the_group(t
                 assert np.percentile(committed_ms, 99) < 1500, (n, np.percentile(committed_ms, [50, 99]))
     finally:
         assert g.close() == 0
-
-
-class StandIn:
-    """What ``Receiver`` touches of a ``Writer``."""
-
-    def __init__(self, data: zmq.Socket):
-        self.data, self.inbox, self.reconnect_wanted, self.receiver = data, deque(), False, None
-        self.cfg = SimpleNamespace(name="s")
-
-
-def test_the_receiver_takes_a_backlog_larger_than_an_inbox_and_what_comes_after_an_idle_spell(tmp_path):
-    """The receiver thread waits on the sockets' ZMQ_FDs, which signal a change, not each message: a socket left
-    holding messages because its stream's inbox was full (BATCH_LIMIT) must be read again without a new signal, and
-    one that went quiet must wake the thread when it speaks again. A unit test of ``Receiver`` over real sockets,
-    with a stand-in for the writer (only what the receiver touches)."""
-    ctx = zmq.Context()
-    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-    pull.rcvhwm = push.sndhwm = 0
-    pull.bind(f"ipc://{tmp_path}/d")
-    push.connect(f"ipc://{tmp_path}/d")
-    w = StandIn(pull)
-    backlog = 2 * BATCH_LIMIT + 7
-    for seq in range(backlog):
-        push.send_multipart([b"s", seq.to_bytes(8, "little"), b"x"])
-    r = Receiver([w])
-    r.start()
-    try:
-        taken: list[int] = []
-
-        def drain() -> int:  # as the group's loop: it takes the inbox while the receiver fills it
-            while w.inbox:
-                taken.append(int.from_bytes(w.inbox.popleft()[2][1], "little"))
-            return len(taken)
-
-        wait_until(lambda: drain() == backlog, "the whole backlog", 20, 0.01)
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 0.3:  # idle: the thread waits on epoll
-            assert drain() == backlog
-            time.sleep(0.05)
-        push.send_multipart([b"s", backlog.to_bytes(8, "little"), b"x"])
-        wait_until(lambda: drain() == backlog + 1, "a message after the idle spell", 5, 0.01)
-        assert taken == list(range(backlog + 1))
-    finally:
-        r.stop()
-        push.close(linger=0)
-        pull.close(linger=0)
-        ctx.term()
