@@ -123,6 +123,9 @@ def test_lsl_streams_recorded_exactly_aligned_and_an_outage_is_one_gap(tmp_path,
                             d.command("status")["streams"]["eeg"]["total"]["samples"] > at_revive + 250)[-1],
                    "eeg to come back", 20, 0.0)
         time.sleep(0.3)
+        # Every marker pushed is in before the stop (on a loaded machine its bridge may be seconds behind).
+        wait_until(lambda: min(d.command("status")["streams"][s]["total"]["samples"] for s in ("markers", "saccades"))
+                   >= len(pushed_markers), "every marker to arrive", 20, 0.05)
         d.command("stop")
     finally:
         sim.stop()
