@@ -8,6 +8,7 @@ ships (its own list is reused, never copied, so acqd refuses exactly what the DA
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,7 @@ def contact_columns(layout: ProbeLayout, electrode_columns: list[int]) -> dict[i
 
 def allen_ccf_terms() -> frozenset[str]:
     """The Allen Mouse Brain CCF acronyms and names nwbinspector's check_electrodes_location_allen_ccf accepts."""
+    _nwbinspector()
     from nwbinspector._internal_configs._allen_ccf import get_allen_ccf_location_terms
 
     return get_allen_ccf_location_terms()
@@ -105,9 +107,18 @@ def allen_ccf_terms() -> frozenset[str]:
 
 def is_mouse(species: str) -> bool:
     """nwbinspector applies the Allen CCF check only to these species values."""
+    _nwbinspector()
     from nwbinspector.checks._common import MOUSE_SPECIES_VALUES
 
     return species in MOUSE_SPECIES_VALUES
+
+
+def _nwbinspector() -> None:
+    """Import the package itself before one of its submodules. The daemon imports nwbinspector on a thread of its
+    own at ACQUIRE (acqd.service.preload); a submodule imported meanwhile on another thread (a console metadata
+    check) did not wait for the package's own import and deadlocked with it: the preload failed, and the check
+    answered 500 (KeyError: 'nwbinspector'). Importing the package waits for it."""
+    importlib.import_module("nwbinspector")
 
 
 def unknown_areas(locations: list[str]) -> list[str]:

@@ -6,7 +6,9 @@ not imported at the daemon's start (a daemon that never records never pays their
 would import them there, and meanwhile the supervisor would neither read its writers' reports nor answer: on a
 loaded machine RECORD then found every stream "silent" (its last report seemed seconds old). ACQUIRE, which comes
 before any RECORD, starts the import here instead, while its writers start; a RECORD that arrives sooner waits only
-for the rest of it (Python's per-module import lock).
+for the rest of it (Python's per-module import lock). Only an import of a package waits for it: a submodule imported
+directly on another thread meanwhile can deadlock with this thread, so such code imports the package first
+(``acqd.metadata.probes``).
 """
 
 from __future__ import annotations

@@ -107,3 +107,33 @@ def test_the_processes_a_test_starts_keep_their_bytecode():
             "print(sys.dont_write_bytecode, os.path.isfile(importlib.util.cache_from_source(acqd.errors.__file__)))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.stdout.split() == ["False", "True"], run.stdout + run.stderr
+
+
+RACE = """
+import sys, threading, time
+errors = []
+
+def preload():  # as acqd.service.preload does at ACQUIRE
+    try:
+        __import__("nwbinspector")
+    except BaseException as e:
+        errors.append(repr(e))
+
+t = threading.Thread(target=preload)
+t.start()
+while "nwbinspector" not in sys.modules:  # the package's import has begun on the other thread
+    time.sleep(0.0002)
+from acqd.metadata.probes import allen_ccf_terms, is_mouse
+ok = "VISp" in allen_ccf_terms() and is_mouse("Mus musculus")
+t.join()
+print(ok, errors)
+"""
+
+
+def test_a_metadata_check_while_acquire_loads_nwbinspector_waits_for_it_instead_of_deadlocking_with_it():
+    """A console metadata check during ACQUIRE's preload imported nwbinspector's submodules on its own thread while
+    the preload thread was still importing the package: Python's import locks deadlocked, the preload failed and
+    the check answered 500 (KeyError: 'nwbinspector'; seen in a full `make test`, reproduced here every time)."""
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == "True []", out.stdout + out.stderr[-2000:]
