@@ -61,6 +61,12 @@ simulator (and ``rig_for``) draw a 640x480 camera's pool in ~0.3 s of CPU at eac
 written, hashed and checked for nothing the test looks at."""
 
 
+def overlay(base: dict, **streams: dict) -> dict:
+    """Stream overrides for ``write_rig``: ``base``'s, each of ``streams``' settings merged into that stream's own
+    (``overlay(SMALL_RIG, probe={"max_file_seconds": 1})`` keeps the small probe's shape)."""
+    return {**base, **{name: {**base.get(name, {}), **o} for name, o in streams.items()}}
+
+
 @pytest.fixture
 def small_rig_file(tmp_path: Path) -> Path:
     return write_rig(tmp_path, stream_overrides=SMALL_PROBE)

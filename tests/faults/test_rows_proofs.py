@@ -25,7 +25,7 @@ from acqd.finalize import PAUSE_ENV, PAUSE_MARKER_ENV
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.service.procs import wait_until
 from acqd.wire.protocol import HEADER
-from tests.conftest import SMALL_RIG, assert_bit_exact, recording, rig_for, write_rig
+from tests.conftest import SMALL_RIG, assert_bit_exact, overlay, recording, rig_for, write_rig
 from tests.faults.test_rows_process import kill_daemon_during_acquire, seqs_accounted_for
 
 FINALIZE_TIMEOUT_S = 240.0
@@ -100,7 +100,7 @@ def test_row31_a_restarted_daemon_loses_no_message_to_an_orphan_writer(tmp_path,
     # PUSH/PULL an orphan still connected to a driver would take every other message (round robin).
     seen, orphans = kill_daemon_during_acquire(tmp_path, seed)
     assert orphans == [], f"writers {orphans} outlived the daemon (seen: {seen})"
-    pull = {n: {**SMALL_RIG.get(n, {}), "socket": "pull"} for n in ("probe", "nidaq", "sensor", "camera")}
+    pull = overlay(SMALL_RIG, **{n: {"socket": "pull"} for n in ("probe", "nidaq", "sensor", "camera")})
     rig_file = write_rig(tmp_path, stream_overrides=pull)
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "after", seed=seed) as (_, folder):

@@ -29,15 +29,14 @@ from acqd.finalize.layout import DIGESTS
 from acqd.finalize.hasher import FAULT_ENV, MARKER_ENV, _open_for_append
 from acqd.finalize.seal import unseal
 from acqd.service.procs import pid_alive, wait_until
-from tests.conftest import SMALL_RIG, assert_bit_exact, recording, rig_for, write_rig
+from tests.conftest import SMALL_RIG, assert_bit_exact, overlay, recording, rig_for, write_rig
 
 PART_S = 0.5  # max_file_seconds of the probe in these tests: 15,000 rows a part
 
 
 def small_rig(tmp_path: Path, **streams: dict) -> Path:
     """``SMALL_RIG`` (parts split by time whatever their width) with ``streams``' settings over it."""
-    return write_rig(tmp_path, stream_overrides={**SMALL_RIG, **{n: {**SMALL_RIG.get(n, {}), **o}
-                                                                 for n, o in streams.items()}})
+    return write_rig(tmp_path, stream_overrides=overlay(SMALL_RIG, **streams))
 
 
 def _parts(folder: Path) -> dict[str, list[dict]]:
