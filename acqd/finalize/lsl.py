@@ -74,8 +74,8 @@ def fit_offsets(offsets: np.ndarray) -> tuple[float, float, np.ndarray]:
 
 def host_to_reference(ref: Stream) -> ClockFit:
     """Host CLOCK_MONOTONIC (in ns, as a 'device' counting at 1 GHz) -> reference seconds, from the reference's
-    host receive times: the host clock is a device whose receive times are exact. ``error_bound_s``: how far the
-    line sits above the fastest delivery."""
+    host receive times: the host clock is a device whose receive times are exact. The line runs through the
+    reference's fastest delivery, and ``error_bound_s`` is how far it may sit below another stretch's."""
     host_ns = ref.index["host_mono_ns"].astype(np.float64)
     return fit_host_clock(host_ns, host_ns / 1e9, ref.chunk_end, host_ns / 1e9, 1e9, ref.rate)
 
@@ -102,10 +102,9 @@ def align_lsl(s: Stream, ref: Stream) -> tuple[ClockFit, list[str], dict]:
     a, b, res = fit_offsets(offsets)
     host_ns = (ts_s + a + b * ts_s) * 1e9
     host = host_to_reference(ref)
-    # The fitted line runs just above the reference's fastest deliveries; an LSL timestamp has no delivery latency
-    # at all, so the map is moved onto the single fastest delivery (error_bound_s below it). Moved by more (the
-    # height of the fastest fifth's line, as before issue 24), every LSL stream landed ~5 ms late.
-    ref_s = host.to_reference(host_ns) + host.error_bound_s
+    # An LSL timestamp has no delivery latency at all, so the map runs through the reference's fastest delivery,
+    # as the host line does. Through the fastest fifth (before issue 24), every LSL stream landed ~5 ms late.
+    ref_s = host.to_reference(host_ns)
     samples, seg = s.row_samples(0, s.rows)
     knots, seconds = [], []
     for k in range(int(seg.max()) + 1 if len(seg) else 0):

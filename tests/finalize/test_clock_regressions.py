@@ -189,9 +189,9 @@ def test_reference_edges_that_go_backwards_are_a_clock_fit_error_not_a_value_err
 
 def test_lsl_times_land_on_the_reference_s_fastest_delivery_when_it_is_read_in_batches():
     """Issue 24.4: every LSL stream was ~5 ms late (mean +4.6 to +5.2 ms) against what its outlet pushed. The map
-    from the host clock to the reference is moved onto the reference's fastest delivery, by how far the fitted line
-    sits above it; that height was measured from the line through the fastest fifth, not from the lowered line the
-    map uses, so with a reference read every 50 ms (a synced writer's wake-up) it overshot by ~5 ms."""
+    from the host clock to the reference was moved by the height of the line through the reference's fastest fifth,
+    so with a reference read every 50 ms (a synced writer's wake-up) it overshot by ~5 ms. The line now runs
+    through the fastest delivery itself, and the map follows it."""
     from types import SimpleNamespace
 
     from acqd.finalize.lsl import host_to_reference
@@ -205,10 +205,10 @@ def test_lsl_times_land_on_the_reference_s_fastest_delivery_when_it_is_read_in_b
                           rate=rate)
     host = host_to_reference(ref)
     probe = np.linspace(true_s[10], true_s[-10], 50)  # LSL timestamps on the host clock, at these true times
-    mapped = host.to_reference(probe * 1e9) + host.error_bound_s
+    mapped = host.to_reference(probe * 1e9)
     truth = (probe - 100.0) * 1.0  # the reference sample counter started at true time 100 s
-    late = mapped - truth  # before: +2.8 to +3.9 ms; now 0.1 to 1.3 ms early: the fastest delivery's latency (0.58 ms),
-    #                        which no host-time method observes, plus the tilt of a line through batched reads
+    late = mapped - truth  # before: +2.8 to +3.9 ms; now 0.46 to 1.18 ms early: the fastest delivery's latency
+    #                        (0.58 ms), which no host-time method observes, plus the tilt of a line through batched reads
     assert np.abs(late).mean() < 1.5e-3 and np.abs(late).max() < 2.5e-3, late
 
 

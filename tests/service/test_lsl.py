@@ -171,8 +171,8 @@ def test_lsl_streams_recorded_exactly_aligned_and_an_outage_is_one_gap(tmp_path,
             print(f"{name}: alignment error max {err.max() * 1e3:.3f} ms, mean {err.mean() * 1e3:.3f} ms, "
                   f"bound {bound * 1e3:.3f} ms")
             assert err.max() <= bound, f"{name}: {err.max()} s off, bound {bound} s"
-            # Issue 24.4: every LSL stream landed ~5 ms late (mean +4.6 to +5.2 ms): the map was moved past the
-            # reference's fastest delivery by the height of its fastest fifth. Within ~1 ms of what was pushed:
+            # Issue 24.4: every LSL stream landed ~5 ms late (mean +4.6 to +5.2 ms): the map was moved by the height
+            # of the reference's fastest fifth. It now runs through the fastest delivery: within ~1 ms of the push.
             assert err.mean() <= 1e-3 and err.max() <= 2e-3, f"{name}: {err.mean()} s off on average"
         # One gap in eeg: the outage, plus what the outlet pushed before the inlet had reconnected.
         gaps = nwb.intervals["gaps"].to_dataframe()
