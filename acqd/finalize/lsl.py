@@ -67,8 +67,13 @@ def fit_offsets(offsets: np.ndarray) -> tuple[float, float, np.ndarray]:
     for _ in range(2):
         b, a = np.polyfit(x[keep] - x[0], y[keep], 1)
         res = y - (a + b * (x - x[0]))
-        mad = np.median(np.abs(res - np.median(res)))
-        keep = np.abs(res) <= max(5 * 1.4826 * mad, 1e-6)
+        # About the inliers' median, not zero: at least half the records are then kept. Measured from zero, a few
+        # corrections in plateaus (a loaded machine) left none, and finalize failed on an empty fit.
+        spread = np.abs(res - np.median(res[keep]))
+        inliers = spread <= max(5 * 1.4826 * np.median(spread[keep]), 1e-6)
+        if inliers.sum() < 3 or np.ptp(x[inliers]) == 0:
+            break  # too few left for another line: keep this one
+        keep = inliers
     return float(a - b * x[0]), float(b), res
 
 

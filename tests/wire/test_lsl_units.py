@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from acqd.config import StreamConfig
 from acqd.errors import ProtocolError
@@ -68,6 +70,24 @@ def test_time_corrections_are_fitted_by_a_line_that_ignores_one_bad_measurement(
     assert b == pytest.approx(1e-5, rel=1e-3) and abs(res[7]) > 2e-3
     assert np.abs(np.delete(res, 7)).max() < 1e-6
     assert fit_offsets(np.empty(0, OFFSET_DTYPE))[:2] == (0.0, 0.0)
+
+
+def test_time_corrections_in_two_plateaus_are_fitted_not_refused():
+    """A loaded run of tests/service/test_lsl.py recorded 6 corrections in three plateaus up to 121 us apart; the
+    outlier pass measured residuals from zero instead of their median, kept none, and finalize failed ("expected
+    non-empty vector for x")."""
+    host = np.array([0, 1_009_451_000, 2_027_312_000, 3_038_480_000, 4_040_354_000, 5_044_833_000]) + 63356605566374
+    offset = np.array([-32_113, -32_113, 88_992, 88_992, -12_660, -12_660])
+    a, b, res = fit_offsets(np.rec.fromarrays([host, offset], dtype=OFFSET_DTYPE))
+    assert np.isfinite([a, b]).all() and np.abs(res).max() < 121e-6  # the higher plateau is the outlier
+
+
+@given(st.lists(st.tuples(st.integers(0, 10**12), st.integers(-10**9, 10**9)), min_size=1, max_size=40))
+def test_any_time_corrections_give_a_finite_line(rows):
+    """Whatever the corrections an outlet answered (repeated host times, plateaus, wild values), a line comes back."""
+    host, offset = map(np.array, zip(*sorted(rows)))
+    a, b, res = fit_offsets(np.rec.fromarrays([host, offset], dtype=OFFSET_DTYPE))
+    assert np.isfinite([a, b]).all() and np.isfinite(res).all() and len(res) == len(rows)
 
 
 def test_labrecorder_filename_becomes_a_session_name():
