@@ -242,7 +242,7 @@ def test_row42_a_destination_that_goes_silent_mid_file_is_given_up_on_and_the_jo
             time.sleep(0.05)
         assert stalls[0]["error"].startswith("rclone stalled: nothing moved for 5 s") and not stalls[0]["final"]
         server.thaw()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while (j := shipper.queue.get(job.id)).state != "verified":
             assert time.monotonic() < deadline and j.state != "failed", j
             time.sleep(0.05)

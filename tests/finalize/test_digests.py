@@ -66,7 +66,7 @@ def test_time_rollover_parts_are_hashed_while_recording_and_read_through_the_mas
         wait_until(lambda: {p["path"] for p in _parts(folder)["probe"][:3]} <= set(read_entries(folder)),
                    "digests of the first three closed parts", 30)
         daemon.command("stop")
-    wait_until(lambda: _all_parts_hashed(daemon, folder), "digests of every part, the last ones too", 30)
+    wait_until(lambda: _all_parts_hashed(daemon, folder), "digests of every part, the last ones too", 90)
     entries = read_entries(folder)
     for name, entry in entries.items():
         path = folder / name

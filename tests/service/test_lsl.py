@@ -121,7 +121,7 @@ def test_lsl_streams_recorded_exactly_aligned_and_an_outage_is_one_gap(tmp_path,
         # The inlet reconnects to the new outlet by itself (within a few seconds): record half a second of it.
         wait_until(lambda: (eeg.pump(), emg.pump(), time.sleep(0.005),
                             d.command("status")["streams"]["eeg"]["total"]["samples"] > at_revive + 250)[-1],
-                   "eeg to come back", 20, 0.0)
+                   "eeg to come back", 60, 0.0)
         time.sleep(0.3)
         # Every marker pushed is in before the stop (on a loaded machine its bridge may be seconds behind).
         wait_until(lambda: min(d.command("status")["streams"][s]["total"]["samples"] for s in ("markers", "saccades"))

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(shutil.which("rclone") is None, reason="rclone i
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
 
-def wait_for(shipper: Shipper, job_id: int, states: tuple[str, ...], timeout_s: float = 20.0):
+def wait_for(shipper: Shipper, job_id: int, states: tuple[str, ...], timeout_s: float = 90.0):
     deadline = time.monotonic() + timeout_s
     while (job := shipper.queue.get(job_id)).state not in states:
         assert time.monotonic() < deadline, f"job {job_id} still {job.state}: {job.error}"

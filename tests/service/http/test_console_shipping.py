@@ -25,7 +25,8 @@ class ShipPanel:
         return self.panel.locator("#ship-jobs tbody tr", has=self.ui.page.locator(f"td:text-is('{dest}')"))
 
     def expect_state(self, dest: str, pattern: str) -> None:
-        self.ui.expect(self.job(dest).locator(".state")).to_have_text(_re(pattern))
+        # a copy and its verification: seconds, or a minute on a loaded 2-core machine
+        self.ui.expect(self.job(dest).locator(".state")).to_have_text(_re(pattern), timeout=90_000)
 
 
 @pytest.mark.e2e
