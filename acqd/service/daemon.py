@@ -71,6 +71,9 @@ def serve(cfg: RigConfig, ready_file: str | None = None, acquire: bool = False, 
         ready["labrecorder_port"] = start_listener(sup, cfg.daemon.labrecorder).port
     if acquire:
         sup.acquire()  # before READY: a unit that starts acquiring is ready once its writers are
+    # Before READY too: a `ship` sent the moment the daemon was ready was refused with "no ship destinations".
+    sup.shipping = start_shipping(sup)  # the ship queue, when the rig config has ship: destinations
+    sup.rig = start_rig(sup, url)  # a leader watches and drives its followers (acqd.service.rig)
     sup.on_tick = systemd.Watchdog(systemd.watchdog_interval_s()).ping
     if ready_file:
         with open(ready_file + ".tmp", "w") as f:
@@ -78,8 +81,6 @@ def serve(cfg: RigConfig, ready_file: str | None = None, acquire: bool = False, 
         os.replace(ready_file + ".tmp", ready_file)
     log.info("serving %s (data root %s)", url, sup.data_root)
     systemd.notify(f"READY=1\nSTATUS=serving {url}")
-    sup.shipping = start_shipping(sup)  # the ship queue, when the rig config has ship: destinations
-    sup.rig = start_rig(sup, url)  # a leader watches and drives its followers (acqd.service.rig)
     try:
         sup.serve(stop)
     finally:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import yaml
 
 from acqd.service.procs import Daemon, wait_until
 from tests.sessions import SUBJECT
@@ -137,3 +138,28 @@ def test_a_metadata_check_while_acquire_loads_nwbinspector_waits_for_it_instead_
     for _ in range(3):
         out = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and out.stdout.strip() == "True []", out.stdout + out.stderr[-2000:]
+
+
+SLOW_SHIP_QUEUE = """import sys, time
+import acqd.service.daemon as daemon
+opens = daemon.start_shipping
+daemon.start_shipping = lambda sup: (time.sleep(2.0), opens(sup))[1]  # a ship queue slow to open (a loaded disk)
+from acqd.cli import main
+sys.exit(main(sys.argv[4:]))  # argv: -c, python, -m, acqd.cli, serve ...
+"""
+
+
+def test_ready_means_the_ship_queue_is_open(tmp_path, small_rig_file):
+    """Two make tests at once: a `ship` sent as soon as the daemon was ready was refused, "no ship destinations in
+    the rig config", because the ship queue (and a leader's watch of its followers) started after READY."""
+    from tests.share.shipping import sealed_session
+    raw = yaml.safe_load(small_rig_file.read_text())
+    raw["ship"] = [{"name": "nas", "remote": str(tmp_path / "nas"), "after": "manual"}]
+    small_rig_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    sealed_session(tmp_path / "data", "m1_day3")
+    daemon = Daemon(small_rig_file, tmp_path / "data", tmp_path, wrap=(sys.executable, "-c", SLOW_SHIP_QUEUE))
+    try:
+        [job] = daemon.command("ship", session="m1_day3")["jobs"]
+        assert (job["session"], job["dest"]) == ("m1_day3", "nas"), job
+    finally:
+        daemon.stop(timeout_s=30)
