@@ -118,10 +118,14 @@ def test_lsl_streams_recorded_exactly_aligned_and_an_outage_is_one_gap(tmp_path,
                 saccades.push_sample([len(pushed_markers), -0.5], ts)  # an irregular numeric stream
                 pushed_markers.append((text, ts))
             time.sleep(0.005)
-        # The inlet reconnects to the new outlet by itself (within a few seconds): record half a second of it.
-        wait_until(lambda: (eeg.pump(), emg.pump(), time.sleep(0.005),
-                            d.command("status")["streams"]["eeg"]["total"]["samples"] > at_revive + 250)[-1],
-                   "eeg to come back", 60, 0.0)
+        # The inlet reconnects to the new outlet by itself (within a few seconds): record half a second of it. Its
+        # first chunk records the outage's gap; samples alone may still be the old outlet's, seconds behind.
+        def back() -> bool:
+            eeg.pump(), emg.pump(), time.sleep(0.005)
+            status = d.command("status")["streams"]["eeg"]
+            return status["gaps"] >= 1 and status["total"]["samples"] > at_revive + 250
+
+        wait_until(back, "eeg to come back", 60, 0.0)
         time.sleep(0.3)
         # Every marker pushed is in before the stop (on a loaded machine its bridge may be seconds behind).
         wait_until(lambda: min(d.command("status")["streams"][s]["total"]["samples"] for s in ("markers", "saccades"))
