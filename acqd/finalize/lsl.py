@@ -80,7 +80,7 @@ def fit_offsets(offsets: np.ndarray) -> tuple[float, float, np.ndarray]:
 def host_to_reference(ref: Stream) -> ClockFit:
     """Host CLOCK_MONOTONIC (in ns, as a 'device' counting at 1 GHz) -> reference seconds, from the reference's
     host receive times: the host clock is a device whose receive times are exact. The line runs through the
-    reference's fastest delivery, and ``error_bound_s`` is how far it may sit below another stretch's."""
+    reference's fastest delivery; ``error_bound_s``: how far above it the other stretches' fastest ones spread."""
     host_ns = ref.index["host_mono_ns"].astype(np.float64)
     return fit_host_clock(host_ns, host_ns / 1e9, ref.chunk_end, host_ns / 1e9, 1e9, ref.rate)
 
