@@ -89,6 +89,7 @@ def test_twenty_streams_in_one_group_are_each_bit_exact_with_their_own_gaps_and_
 
 
 def test_a_malformed_flood_on_one_stream_leaves_the_others_data_and_latency_intact(tmp_path):
+    half = 150  # messages per good stream before the flood, and during it
     good = [f"ok{i}" for i in range(4)]
     g = LiveGroup(tmp_path, ["bad", *good])
     try:
@@ -102,17 +103,17 @@ def test_a_malformed_flood_on_one_stream_leaves_the_others_data_and_latency_inta
         junk += [[valid[0], valid[1]] for _ in range(2000)] + [[b""] for _ in range(2000)]
         sent: dict[str, list[np.ndarray]] = {n: [] for n in good}
         flood = iter(junk)
-        for seq in range(150):  # 1.5 s of 100 messages/s per good stream, the flood interleaved
+        for seq in range(2 * half):  # 3 s of 100 messages/s per good stream, the flood interleaved in the second half
             for n in good:
                 frames, data = timed_message(n, seq)
                 g.drivers[n].send_multipart(frames)
                 sent[n].append(data)
-            for _ in range(len(junk) // 150 + 1):
+            for _ in range(len(junk) // half + 1 if seq >= half else 0):
                 if (frames := next(flood, None)) is not None:
                     g.drivers["bad"].send_multipart(frames)
             time.sleep(0.01)
         for n in good:
-            g.wait_handled(n, 150)
+            g.wait_handled(n, 2 * half)
         g.wait_handled("bad", len(junk), timeout_s=30)
         g.stop_all()
         for n in good:
@@ -121,8 +122,10 @@ def test_a_malformed_flood_on_one_stream_leaves_the_others_data_and_latency_inta
             received_ms = (index["host_wall_ns"] - index["device_time_ns"]) / 1e6
             committed_ms = (index["committed_wall_ns"] - index["device_time_ns"]) / 1e6
             # Receive times stay true (stamped as messages arrive), and every message reached the file within the
-            # flush interval (0.1 s) plus a drain: the flood never held a good stream back.
-            assert np.percentile(received_ms, 99) < 50, (n, np.percentile(received_ms, [50, 99]))
+            # flush interval (0.1 s) plus a drain: the flood never held a good stream back. Within 50 ms, or 3x what
+            # the same streams saw in the calm 1.5 s before it (two test suites at once stalled both by ~100 ms).
+            calm, flooded = np.percentile(received_ms[:half], 99), np.percentile(received_ms[half:], 99)
+            assert flooded < max(50, 3 * calm), (n, calm, flooded)
             assert np.percentile(committed_ms, 99) < 1000, (n, np.percentile(committed_ms, [50, 99]))
         _, index, _, rejects = read(g.folder / "bad.h5")
         assert len(index) == 0 and len(rejects) == len(junk)  # every hostile message counted, with its reason
