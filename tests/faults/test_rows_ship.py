@@ -26,7 +26,7 @@ from acqd.share.ship import READY, Queue, Shipper
 from acqd.share.ship.queue import COPYING, QUEUE_FILE
 from acqd.share.ship.verify import expected
 from tests.share.sftp import SSHD, SftpServer, descendants
-from tests.share.shipping import sealed_session
+from tests.share.shipping import sealed_session, with_ship
 
 ROOT = Path(__file__).resolve().parents[2]
 KINDS = ("rclone", "daemon", "sftp")
@@ -176,14 +176,10 @@ def test_row42_daemon_killed_mid_ship_takes_its_rclone_along_and_the_restarted_d
     """The real daemon (acqd serve) killed -9 while its rclone copies: the rclone dies with it (no orphan keeps
     writing; PR_SET_PDEATHSIG, and failing that the SIGPIPE of its next stats line), nothing is called verified,
     and the next daemon resumes the job to a verified copy."""
-    import yaml
-
     from tests.conftest import write_rig
 
-    rig = write_rig(tmp_path)
-    raw = yaml.safe_load(rig.read_text())
-    raw["ship"] = [{"name": "nas", "remote": str(tmp_path / "nas"), "after": "manual", "bwlimit": "2M"}]
-    rig.write_text(yaml.safe_dump(raw, sort_keys=False))
+    rig = with_ship(write_rig(tmp_path), [{"name": "nas", "remote": str(tmp_path / "nas"), "after": "manual",
+                                           "bwlimit": "2M"}])
     folder = sealed_session(tmp_path / "data", "m1_day3", sizes=(1 << 20,) * 8)
     want = expected(folder)
     daemon = daemon_factory(rig)

@@ -178,7 +178,6 @@ def test_host_time_fallback() -> None:
     assert fit.drift_ppm == pytest.approx(45, abs=1)
 
 
-
 def test_host_time_fallback_follows_the_minimum_latency_when_load_moves_the_rest() -> None:
     """In CI a host-timed stream of 12 s ended 0.27 ms off against its bound of 0.23 ms: load moved the fastest fifth
     of its receive latencies, which the line followed, while their minimum held. Here the device's deliveries get
@@ -196,6 +195,7 @@ def test_host_time_fallback_follows_the_minimum_latency_when_load_moves_the_rest
     fit = fit_host_clock(*received(dev, 1.5e-3), *received(REF, 0.0), dev.rate, REF_RATE)
     error_s = map_error(fit, dev, span) / REF_RATE
     assert error_s <= 0.025e-3 and error_s <= fit.error_bound_s, (error_s, fit.error_bound_s)
+
 
 # Other rates, partial coverage, refusals, the report.
 

@@ -13,12 +13,11 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
 import pytest
-import yaml
 
 from acqd.client import ApiError
 from acqd.service.procs import wait_until
 from tests.conftest import write_rig
-from tests.share.shipping import sealed_session
+from tests.share.shipping import sealed_session, with_ship
 
 pytestmark = pytest.mark.skipif(shutil.which("rclone") is None, reason="rclone is not installed (.ci/run installs it)")
 
@@ -53,17 +52,9 @@ def hook():
     server.shutdown()
 
 
-def _with_ship(tmp_path, ship: list[dict]):
-    rig = write_rig(tmp_path)
-    raw = yaml.safe_load(rig.read_text())
-    raw["ship"] = ship
-    rig.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return rig
-
-
 def test_acqd_ship_verifies_posts_the_webhook_counts_it_and_frees_the_rig(tmp_path, daemon_factory, hook):
     url, posted = hook
-    rig = _with_ship(tmp_path, [{"name": "nas", "remote": str(tmp_path / "nas"), "after": "manual",
+    rig = with_ship(write_rig(tmp_path), [{"name": "nas", "remote": str(tmp_path / "nas"), "after": "manual",
                                  "webhook": {"url": url, "retries": 3},
                                  "delete_after": {"verified_copies": 1, "min_age_days": 0}}])
     folder = sealed_session(tmp_path / "data", "m1_day3")
@@ -104,7 +95,7 @@ def test_acqd_ship_verifies_posts_the_webhook_counts_it_and_frees_the_rig(tmp_pa
 
 
 def test_ship_commands_refuse_what_they_cannot_do_with_one_line(tmp_path, daemon_factory):
-    rig = _with_ship(tmp_path, [{"name": "nas", "remote": str(tmp_path / "nas"), "after": "manual"}])
+    rig = with_ship(write_rig(tmp_path), [{"name": "nas", "remote": str(tmp_path / "nas"), "after": "manual"}])
     daemon = daemon_factory(rig)
     for body, message in (({"session": "nosuch"}, "no session 'nosuch'"),
                           ({"session": "../etc"}, "invalid session name"),

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import httpx
-import yaml
 
 from acqd.service.procs import Daemon, wait_until
 from tests.sessions import SUBJECT
@@ -152,12 +151,11 @@ sys.exit(main(sys.argv[4:]))  # argv: -c, python, -m, acqd.cli, serve ...
 def test_ready_means_the_ship_queue_is_open(tmp_path, small_rig_file):
     """Two make tests at once: a `ship` sent as soon as the daemon was ready was refused, "no ship destinations in
     the rig config", because the ship queue (and a leader's watch of its followers) started after READY."""
-    from tests.share.shipping import sealed_session
-    raw = yaml.safe_load(small_rig_file.read_text())
-    raw["ship"] = [{"name": "nas", "remote": str(tmp_path / "nas"), "after": "manual"}]
-    small_rig_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    from tests.share.shipping import sealed_session, with_ship
+
+    rig = with_ship(small_rig_file, [{"name": "nas", "remote": str(tmp_path / "nas"), "after": "manual"}])
     sealed_session(tmp_path / "data", "m1_day3")
-    daemon = Daemon(small_rig_file, tmp_path / "data", tmp_path, wrap=(sys.executable, "-c", SLOW_SHIP_QUEUE))
+    daemon = Daemon(rig, tmp_path / "data", tmp_path, wrap=(sys.executable, "-c", SLOW_SHIP_QUEUE))
     try:
         [job] = daemon.command("ship", session="m1_day3")["jobs"]
         assert (job["session"], job["dest"]) == ("m1_day3", "nas"), job

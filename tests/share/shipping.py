@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import yaml
+
 from acqd.finalize.seal import Digests, manifest_files, write_manifest
 from acqd.session import FINALIZED, SESSION_FILE, json_bytes, write_bytes_atomic
 from acqd.config.ship import ShipDestination
@@ -31,6 +33,14 @@ def sealed_session(data_root: Path, name: str = "m1_day3", sizes: tuple[int, ...
         write_manifest(folder, manifest_files(folder), digests, lambda done, total: None, record)
     write_bytes_atomic(folder / SESSION_FILE, record)
     return folder
+
+
+def with_ship(rig: Path, ship: list[dict]) -> Path:
+    """The rig config file ``rig``, rewritten with these ``ship:`` destinations; returns it."""
+    raw = yaml.safe_load(rig.read_text())
+    raw["ship"] = ship
+    rig.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return rig
 
 
 def local_destination(path: Path, **kw: object) -> ShipDestination:

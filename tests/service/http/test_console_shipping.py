@@ -5,13 +5,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import yaml
 
 from acqd.service.procs import wait_until
 
 from tests.conftest import write_rig
 from tests.service.http.test_console import Console, _re, browser, chromium  # noqa: F401 - the browser fixture
-from tests.share.shipping import sealed_session
+from tests.share.shipping import sealed_session, with_ship
 
 
 class ShipPanel:
@@ -32,13 +31,11 @@ class ShipPanel:
 @pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("rclone") is None, reason="rclone is not installed (.ci/run installs it)")
 def test_operator_sees_a_verified_copy_a_failure_with_its_reason_and_retries(browser, tmp_path, daemon_factory):
-    rig = write_rig(tmp_path)
-    raw = yaml.safe_load(rig.read_text())
     (tmp_path / "empty-rclone.conf").write_text("")
-    raw["ship"] = [{"name": "nas", "remote": str(tmp_path / "nas"), "after": "manual"},
-                   {"name": "offsite", "remote": "offsite:rig1", "rclone_config": str(tmp_path / "empty-rclone.conf"),
-                    "after": "manual", "max_attempts": 1}]
-    rig.write_text(yaml.safe_dump(raw, sort_keys=False))
+    rig = with_ship(write_rig(tmp_path), [
+        {"name": "nas", "remote": str(tmp_path / "nas"), "after": "manual"},
+        {"name": "offsite", "remote": "offsite:rig1", "rclone_config": str(tmp_path / "empty-rclone.conf"),
+         "after": "manual", "max_attempts": 1}])
     sealed_session(tmp_path / "data", "m1_day3")
     daemon = daemon_factory(rig)
     ui = Console(browser, daemon.url + "/", tmp_path / "screens")
