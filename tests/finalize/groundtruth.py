@@ -204,8 +204,12 @@ def make_case(seed: int, scheme: str, seconds: float, *, dev_rate: float = 30000
         out = (t >= unplugged[0]) & (t < unplugged[1])
         dev_edges = Edges(dev_edges.samples[~out], dev_edges.pulse[~out])
     return Case(ref, dev, latch(rng, ref, pulses, missing, extra), dev_edges,
-                host_points(rng, ref), host_points(rng, dev), period_s,
-                ((1 + ppm * 1e-6) / (1 + ref_ppm * 1e-6) - 1) * 1e6)
+                host_points(rng, ref), host_points(rng, dev), period_s, relative_ppm(ppm, ref_ppm))
+
+
+def relative_ppm(ppm: float, ref_ppm: float) -> float:
+    """The drift a fit should find: a device's crystal error against the reference's (each vs true time)."""
+    return ((1 + ppm * 1e-6) / (1 + ref_ppm * 1e-6) - 1) * 1e6
 
 
 @dataclass

@@ -16,7 +16,7 @@ from acqd.finalize.qc import COLUMNS, _arrival_rate, summary_lines
 from acqd.session import SESSION_FILE, read_session, write_json_atomic
 from acqd.sim.devclock import DeviceClock
 from acqd.sim.simulate import Rig, SimParams
-from groundtruth import qc_row
+from groundtruth import qc_row, relative_ppm
 from sessions import Recording, Restart, record_session, small_config
 
 
@@ -214,8 +214,7 @@ def test_an_8_second_recording_is_too_short_to_verify_not_a_fail(tmp_path):
     finally:
         unseal_session(folder)
     sensor, clock = report.streams["sensor"].qc, report.streams["sensor"].clock
-    sensor_ppm, ref_ppm = rig.devices["sensor"].clock.ppm, rig.devices[cfg.reference].clock.ppm
-    truth_ppm = ((1 + sensor_ppm * 1e-6) / (1 + ref_ppm * 1e-6) - 1) * 1e6
+    truth_ppm = relative_ppm(rig.devices["sensor"].clock.ppm, rig.devices[cfg.reference].clock.ppm)
     assert sensor["source"] == "host" and abs(clock["drift_ppm"] - truth_ppm) <= clock["drift_uncertainty_ppm"]
     assert sensor["verdict"] == "WARN", sensor["reasons"]
     # Captioned with the bound its receive times measured, never a nominal "~1 ms" (issue 23.6).
