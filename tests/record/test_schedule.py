@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 
 from acqd.record import schedule
@@ -28,3 +31,31 @@ def test_flushes_keep_their_cadence_and_a_writer_behind_still_gets_half_an_inter
         s.advance(due, now, shed_stats=False)
     periods = [round(b - a, 6) for a, b in zip(starts[1:], starts[2:])]  # from the second: the first catches up
     assert periods == [period_s] * len(periods), periods
+
+
+def test_a_recording_writer_wakes_once_per_flush_and_no_timer_comes_late(monkeypatch):
+    """The daemon's defaults (flush and stats every 0.5 s, fsync and clock pair every 1 s), each wake-up up to 20 ms
+    late and its work 40 ms: the stats and the clock pair ride along with the flushes (one wake-up per flush, where
+    three timers on phases of their own took 4.6 a second), and no timer comes later than its interval allows (the
+    fsync, counted from the last one, came 1.5 s apart whenever a wake-up was earlier than the one before)."""
+    rng = random.Random(1)
+    clock = [0.0]
+    monkeypatch.setattr(schedule.time, "monotonic", lambda: clock[0])
+    s = Schedule.start(0.5, 1.0, 0.5, 1.0, now=0.0)
+    wakes, at = 0, {"flush": [], "fsync": [], "stats": [], "pair": []}
+    while clock[0] < 60.0:
+        clock[0] = max(clock[0], s.wake_at(recording=True, paired=True)) + rng.uniform(0.0, 0.02)
+        now = clock[0]
+        due = s.due(now, recording=True, paired=True)
+        wakes += 1
+        for timer in at:
+            if getattr(due, timer):
+                at[timer].append(now)
+        clock[0] += 0.04
+        s.advance(due, now, shed_stats=False)
+    assert wakes == len(at["flush"]), (wakes, len(at["flush"]))
+    late = 0.02 + 0.04  # a wake-up's lateness and the work before the next deadline is set
+    for timer, interval in (("stats", 0.5), ("fsync", 1.0), ("pair", 1.0)):
+        gaps = np.diff(at[timer])
+        assert gaps.max() <= interval + late, (timer, gaps.max())
+        assert gaps.min() >= interval - 0.25 - late, (timer, gaps.min())  # early by at most half a flush interval
