@@ -103,7 +103,9 @@ def test_lsl_streams_recorded_exactly_aligned_and_an_outage_is_one_gap(tmp_path,
         folder = Path(d.command("record", session="lsl", metadata={"subject": SUBJECT})["session"]["path"])
         start = time.monotonic()
         phase = "before"
-        while (elapsed := time.monotonic() - start) < 4.0 or phase != "after":  # a loaded machine: still revive it
+        # A loaded machine: still revive it, and push the 12 markers of 4 s (one per turn of this loop, whose turns
+        # a slow revive stretched: 5 were pushed in one such run, and the check below needs 8).
+        while (elapsed := time.monotonic() - start) < 4.0 or phase != "after" or len(pushed_markers) < 12:
             eeg.pump(), emg.pump()
             if phase == "before" and elapsed > 1.5:
                 phase, killed_at = "down", pylsl.local_clock()
