@@ -114,7 +114,8 @@ def finalize_session(folder: Path, progress: Progress | None = None, *, accept_c
         _refuse(folder, folder_problems(folder, sid, [s["name"] for s in session["config"]["streams"]]
                                         + nodes.stream_names(folder, session)))  # their QC plots are ours
         parts = _check_quiescent(folder, session)
-        absent = nodes.wait_for_nodes(folder, session, _nodes_timeout(session, wait_nodes_s), report_progress)
+        absent, node_digests = nodes.wait_for_nodes(folder, session, _nodes_timeout(session, wait_nodes_s),
+                                                    report_progress)
         previous = session.get("finalize", {}).get("previous_state") or session["state"]
         _clear_outputs(folder, master)  # a killed earlier run may have left any of them
         hasher_lock, created = _lock_digests(folder)  # held to the end: the hasher appends nothing meanwhile
@@ -125,7 +126,8 @@ def finalize_session(folder: Path, progress: Progress | None = None, *, accept_c
             # changes their ctime); the rest is hashed for the manifest while the master is built and validated.
             recorded = _recorded_files(folder, parts)
             early = trusted(folder, recorded)
-            with Digests(recorded, known={p: (e.sha256, e.stamp) for p, e in early[0].items()}) as digests:
+            with Digests(recorded, known={**node_digests, **{p: (e.sha256, e.stamp) for p, e in early[0].items()}}
+                         ) as digests:
                 report, record = _run(folder, session, previous, parts, master, digests, report_progress,
                                       accept_corrupt, early, _readable(folder, parts), absent)
         except BaseException:

@@ -8,8 +8,8 @@ node seals its own part of the session and hands it over (the ship queue, a dest
 
 - ``wait_for_nodes``: a node has *arrived* once its manifest is there and either ``READY.json`` (the ship queue
   writes it last, after verifying) or every file the manifest lists, unchanged from one poll to the next (a copy
-  fills each file under its final name); finalize waits for every node up to a timeout, then goes on without
-  the rest;
+  fills each file under its final name) and hashing to the manifest (a copy can stall for longer than a poll);
+  finalize waits for every node up to a timeout, then goes on without the rest (gather then says why);
 - ``gather``: every arrived node is verified against its own manifest (sha256, with the finalize run's
   ``Digests``, so the leader's manifest reuses the hashes), its streams read from its files (never written: its
   recovered copies and virtual datasets are its own finalize's), and the nodes that are missing, fail their
@@ -40,6 +40,7 @@ from acqd.errors import ClockFitError, FinalizeError, SessionError
 from acqd.finalize.clock import ClockFit, align_stream
 from acqd.finalize.layout import MANIFEST, NODES_DIR, READY, RECOVERED_DIR, VDS_DIR, rel
 from acqd.finalize.report import FAIL, PASS, WARN, StreamReport
+from acqd.finalize.digests import Stamp
 from acqd.finalize.seal import Digests, listed_problems, read_manifest
 from acqd.finalize.streams import Stream, read_stream, stream_parts
 from acqd.session import FINALIZED, read_session
@@ -97,19 +98,38 @@ def arrival(folder: Path, name: str) -> str | None:
     return f"still arriving: {len(absent)} of {len(listed)} files missing" if absent else None
 
 
-def wait_for_nodes(folder: Path, session: dict, timeout_s: float, progress: Progress | None = None) -> dict[str, str]:
-    """Wait up to ``timeout_s`` for every other node's part; returns why each node still missing is missing."""
+def wait_for_nodes(folder: Path, session: dict, timeout_s: float, progress: Progress | None = None
+                   ) -> tuple[dict[str, str], dict[Path, tuple[str, Stamp]]]:
+    """Wait up to ``timeout_s`` for every other node's part; returns why each node still missing is missing, and
+    the digests taken of parts that arrived without ``READY.json`` (``Digests``'s ``known``: not read again)."""
     deadline = time.monotonic() + timeout_s
     names = other_nodes(session)
     seen: dict[str, tuple] = {}
-    for poll in itertools.count(1):
-        missing = {n: why for n in names if (why := arrival(folder, n) or _unsettled(folder, n, seen)) is not None}
-        # a part first seen complete is looked at once more even past the deadline: it may have settled
-        if not missing or (time.monotonic() >= deadline and (poll > 1 or not set(missing) & set(seen))):
-            return missing
-        if progress is not None:
-            progress("check", (len(names) - len(missing)) / max(1, len(names)))
-        time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+    with Digests() as digests:
+        for poll in itertools.count(1):
+            missing = {n: why for n in names if (why := arrival(folder, n) or _unsettled(folder, n, seen)) is not None}
+            if time.monotonic() < deadline:  # past it, a part that still does not match is gather's to report
+                missing |= {n: why for n in names if n not in missing and (why := _unmatched(folder, n, digests))}
+            # a part first seen complete is looked at once more even past the deadline: it may have settled
+            if not missing or (time.monotonic() >= deadline and (poll > 1 or not set(missing) & set(seen))):
+                return missing, digests.taken()
+            if progress is not None:
+                progress("check", (len(names) - len(missing)) / max(1, len(names)))
+            time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+    raise AssertionError("unreachable")
+
+
+def _unmatched(folder: Path, name: str, digests: Digests) -> str | None:
+    """Why a settled part without READY.json may still be arriving: a copy that stalled for a poll mid-file (a
+    loaded machine) looks settled, so its files must also hash to its manifest (a node's files were left out as
+    "contents changed" while their copy was still running, measured). None with READY.json."""
+    part = Path(folder) / NODES_DIR / name
+    if (part / READY).is_file():
+        return None
+    digests.recheck()  # what changed since the last poll is hashed anew (and handed on to finalize as it is now)
+    problems = verify_part(part, digests)
+    return f"still arriving: {len(problems)} file(s) of {NODES_DIR}/{name}/ do not match its manifest yet" \
+        if problems else None
 
 
 def _unsettled(folder: Path, name: str, seen: dict[str, tuple]) -> str | None:

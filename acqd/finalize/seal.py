@@ -276,6 +276,16 @@ class Digests:
         same = _stamp(path)[:2] + _stamp(path)[3:] == stamp[:2] + stamp[3:]  # not the ctime: the seal changed it
         return digest if same else _sha256(path)
 
+    def taken(self) -> dict[Path, tuple[str, Stamp]]:
+        """The digests taken so far of files still as they were hashed, as ``known`` of another ``Digests``."""
+        def still(p: Path, stamp: Stamp) -> bool:
+            try:
+                return _stamp(p) == stamp
+            except OSError:
+                return False
+        return {p: (f.result(), stamp) for p, (f, stamp) in self._queued.items()
+                if f.done() and f.exception() is None and still(p, stamp)}
+
     def __enter__(self) -> Digests:
         return self
 

@@ -1,7 +1,9 @@
 """A node's part that is still being copied (every file the manifest lists already there, but not complete, and
 no READY.json yet) has not arrived: the leader's finalize must not take it mid-copy and leave it out as
 "contents changed". Found by tests/multipc/test_rig_e2e.py: rclone (1.60, local backend) creates each file under
-its final name and fills it, so "every listed file is there" came true while the stream files were half written.
+its final name and fills it, so "every listed file is there" came true while the stream files were half written;
+and again with two test suites at once, where the copy stalled for longer than a poll mid-file and "unchanged
+from one poll to the next" came true too.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def test_a_part_whose_listed_files_are_still_growing_has_not_arrived(tmp_path):
     copier = threading.Thread(target=copy)
     copier.start()
     try:
-        missing = wait_for_nodes(tmp_path, SESSION, timeout_s=30)
+        missing, _ = wait_for_nodes(tmp_path, SESSION, timeout_s=30)
         complete = hashlib.sha256(target.read_bytes()).hexdigest() == digest
     finally:
         copier.join()
@@ -51,5 +53,25 @@ def test_a_complete_part_without_ready_json_arrives_within_a_few_polls(tmp_path,
     (part / "a.h5").write_bytes(CHUNK)
     (part / MANIFEST).write_text(f"{hashlib.sha256(CHUNK).hexdigest()}  a.h5\n")
     started = time.monotonic()
-    assert wait_for_nodes(tmp_path, SESSION, timeout_s=timeout_s) == {}
+    assert wait_for_nodes(tmp_path, SESSION, timeout_s=timeout_s)[0] == {}
     assert time.monotonic() - started < 5
+
+
+def test_a_copy_that_stalls_mid_file_for_longer_than_a_poll_has_not_arrived(tmp_path):
+    """Half the file, then nothing for 2.5 s (two polls see the same size and times), then the rest: the part
+    arrives only once its file hashes to the manifest, and the digest taken then is handed on (not read again)."""
+    part = tmp_path / NODES_DIR / "f1"
+    (part / "streams").mkdir(parents=True)
+    digest = hashlib.sha256(CHUNK * CHUNKS).hexdigest()
+    (part / MANIFEST).write_text(f"{digest}  streams/f1_daq.h5\n")
+    target = part / "streams" / "f1_daq.h5"
+    target.write_bytes(CHUNK * (CHUNKS // 2))
+    copier = threading.Timer(2.5, lambda: target.open("ab").write(CHUNK * (CHUNKS - CHUNKS // 2)))
+    copier.start()
+    try:
+        missing, taken = wait_for_nodes(tmp_path, SESSION, timeout_s=30)
+        complete = hashlib.sha256(target.read_bytes()).hexdigest() == digest
+    finally:
+        copier.join()
+    assert missing == {} and complete, "finalize took the part before its copy was complete"
+    assert taken[target][0] == digest
