@@ -27,7 +27,6 @@ A node that arrives after the leader finalized is picked up by finalizing again 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -38,9 +37,9 @@ import numpy as np
 from acqd.config import ChannelSync, FrameSync, StreamConfig
 from acqd.errors import ClockFitError, FinalizeError, SessionError
 from acqd.finalize.clock import ClockFit, align_stream
+from acqd.finalize.digests import Stamp
 from acqd.finalize.layout import MANIFEST, NODES_DIR, READY, RECOVERED_DIR, VDS_DIR, rel
 from acqd.finalize.report import FAIL, PASS, WARN, StreamReport
-from acqd.finalize.digests import Stamp
 from acqd.finalize.seal import Digests, listed_problems, read_manifest
 from acqd.finalize.streams import Stream, read_stream, stream_parts
 from acqd.session import FINALIZED, read_session
@@ -106,7 +105,9 @@ def wait_for_nodes(folder: Path, session: dict, timeout_s: float, progress: Prog
     names = other_nodes(session)
     seen: dict[str, tuple] = {}
     with Digests() as digests:
-        for poll in itertools.count(1):
+        poll = 0
+        while True:
+            poll += 1
             missing = {n: why for n in names if (why := arrival(folder, n) or _unsettled(folder, n, seen)) is not None}
             if time.monotonic() < deadline:  # past it, a part that still does not match is gather's to report
                 missing |= {n: why for n in names if n not in missing and (why := _unmatched(folder, n, digests))}
@@ -116,13 +117,12 @@ def wait_for_nodes(folder: Path, session: dict, timeout_s: float, progress: Prog
             if progress is not None:
                 progress("check", (len(names) - len(missing)) / max(1, len(names)))
             time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
-    raise AssertionError("unreachable")
 
 
 def _unmatched(folder: Path, name: str, digests: Digests) -> str | None:
     """Why a settled part without READY.json may still be arriving: a copy that stalled for a poll mid-file (a
-    loaded machine) looks settled, so its files must also hash to its manifest (a node's files were left out as
-    "contents changed" while their copy was still running, measured). None with READY.json."""
+    loaded machine) looks settled, so its files must also hash to its manifest (a node was left out as "contents
+    changed" while its copy still ran, its files intact a moment later). None with READY.json."""
     part = Path(folder) / NODES_DIR / name
     if (part / READY).is_file():
         return None
