@@ -21,8 +21,6 @@ from acqd.finalize.nodes import wait_for_nodes
 
 SESSION = {"session_id": "s", "node": "lead", "nodes": {"lead": {}, "f1": {}}}
 CHUNK, CHUNKS = b"x" * 65536, 40
-
-
 DIGEST = hashlib.sha256(CHUNK * CHUNKS).hexdigest()
 
 
