@@ -12,6 +12,10 @@ all see the same machine. Per run:
   writer process once, the hasher) and the PSS of the daemon's whole process tree (smaps_rollup; the simulator is
   not in it).
 
+``--part-seconds`` cuts the reference rig's streams into parts (so that the hasher works in the window), not the
+slow streams: they keep the daemon's default parts (600 s; 9.6 MB of a slow stream), as a rig would. Cut every
+10 s, 96 slow streams would close ~10 parts a second between them, a load no rig chooses.
+
 The marginal cost of a slow stream is the least-squares slope of acqd CPU and tree PSS over N (medians of the
 runs): what one more slow stream costs, with the reference rig's own cost in the intercept.
 """
@@ -39,10 +43,13 @@ GOAL_ACQUIRE_S, GOAL_MODE_S, GOAL_STATUS_MS = 5.0, 2.0, 50.0
 STATUS_EVERY_S = 0.05
 
 
-def many_rig(n: int) -> dict:
-    """The bench rig plus ``n`` slow streams like its ``eye`` (4 x float32 at 1 kHz)."""
+def many_rig(n: int, reference_overrides: dict | None = None) -> dict:
+    """The bench rig, each of its streams with ``reference_overrides`` (``--part-seconds``), plus ``n`` slow streams
+    like its ``eye`` (4 x float32 at 1 kHz) with the daemon's default parts."""
     raw = yaml.safe_load(BENCH_RIG.read_text())
     eye = next(s for s in raw["streams"] if s["name"] == "eye")
+    for s in raw["streams"]:
+        s.update(reference_overrides or {})
     for i in range(n):
         synced = (i // 2) % 2 == 0  # SUB+sync, PULL+sync, SUB, PULL, ...
         raw["streams"].append({**eye, "name": f"slow{i:03d}", "socket": "sub" if i % 2 == 0 else "pull",
@@ -109,7 +116,7 @@ class StatusTimer:
 
 def one_run(n: int, args: argparse.Namespace, workdir: Path) -> dict:
     """One recording of the reference rig plus ``n`` slow streams."""
-    config = rig_file(many_rig(n), workdir, f"many-{n}", args.daemon, args.stream)
+    config = rig_file(many_rig(n, args.stream), workdir, f"many-{n}", args.daemon)
     quiet = wait_quiet(args.quiet_wait)
     daemon = Daemon(config, workdir / "data", workdir)
     sim = None
