@@ -51,12 +51,14 @@ def test_a_watched_group_writer_keeps_its_batch_path_and_previews_the_same_rows(
     msgs = [message(seq, seq * 10) for seq in range(300)]  # 3 s of 10-row messages
     one, batch = Rig(tmp_path, "o", cfg, []), Rig(tmp_path, "b", cfg, [])
     try:
-        m0 = time.monotonic_ns()
-        items = [(time.time_ns(), m0 + i * 10_000_000, p) for i, (p, _) in enumerate(msgs)]
         for r in (one, batch):
             if not record:
                 r.w.close_file()
             r.w.on_command({"cmd": "preview", "on": True, "channels": [0, 1, 2, 3]})
+        # Receive times from after both previews began (each paces itself from its start, on the host clock): a
+        # preview that began after the first receive times would be due fewer times, by how slow the setup was
+        m0 = time.monotonic_ns()
+        items = [(time.time_ns(), m0 + i * 10_000_000, p) for i, (p, _) in enumerate(msgs)]
         singles = [0]
         real = batch.w.on_message
         batch.w.on_message = lambda *a: (singles.__setitem__(0, singles[0] + 1), real(*a))[1]
