@@ -129,14 +129,20 @@ class Fuzz:
     def run(self, kinds: list[str], draw: st.DataObject) -> None:
         self.examples += 1
         folder = self.w.tmp / f"r{self.examples}"
+        plan, messages, seq = Plan(), [], self.driver.seq
+        try:  # every draw before anything is sent: hypothesis may give up on an example mid-draw
+            for kind in ["valid", *kinds]:  # a recording starts at its first accepted message: give it one
+                rule = rule_of(kind, self.driver.seq)
+                if rule is not None and rule != "edges":
+                    plan.rules[rule] += 1
+                messages.append(self.driver.build(kind, draw, plan))
+        except BaseException:  # (a message sent for an abandoned example was recorded by the next one)
+            self.driver.seq = seq
+            raise
         self.w.record(folder=folder)
         before = self.w.stats()["total"]
-        plan = Plan()
-        for kind in ["valid", *kinds]:  # a recording starts at its first accepted message: give it one
-            rule = rule_of(kind, self.driver.seq)
-            if rule is not None and rule != "edges":
-                plan.rules[rule] += 1
-            self.w.driver.send_multipart(self.driver.build(kind, draw, plan))
+        for frames in messages:
+            self.w.driver.send_multipart(frames)
         self.sent += len(kinds) + 1
         handled = before["messages"] + before["rejected_total"] + len(plan.valid) + sum(plan.rules.values())
         try:
