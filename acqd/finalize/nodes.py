@@ -110,6 +110,7 @@ def wait_for_nodes(folder: Path, session: dict, timeout_s: float, progress: Prog
             poll += 1
             missing = {n: why for n in names if (why := arrival(folder, n) or _unsettled(folder, n, seen)) is not None}
             if time.monotonic() < deadline:  # past it, a part that still does not match is gather's to report
+                digests.recheck()  # what changed since the last poll is hashed anew (and handed on as it is now)
                 missing |= {n: why for n in names if n not in missing and (why := _unmatched(folder, n, digests))}
             # a part first seen complete is looked at once more even past the deadline: it may have settled
             if not missing or (time.monotonic() >= deadline and (poll > 1 or not set(missing) & set(seen))):
@@ -126,7 +127,6 @@ def _unmatched(folder: Path, name: str, digests: Digests) -> str | None:
     part = Path(folder) / NODES_DIR / name
     if (part / READY).is_file():
         return None
-    digests.recheck()  # what changed since the last poll is hashed anew (and handed on to finalize as it is now)
     problems = verify_part(part, digests)
     return f"still arriving: {len(problems)} file(s) of {NODES_DIR}/{name}/ do not match its manifest yet" \
         if problems else None

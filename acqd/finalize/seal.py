@@ -246,9 +246,13 @@ class Digests:
         self.reused = 0
         """Files whose digest was known and still valid (not read again)."""
         for p, (digest, stamp) in (known or {}).items():
-            if _stamp(p) == stamp:
-                self._queued[p] = (_done(digest), stamp)
-                self.reused += 1
+            try:
+                if _stamp(p) != stamp:
+                    continue
+            except OSError:  # gone since: whoever lists it finds it missing
+                continue
+            self._queued[p] = (_done(digest), stamp)
+            self.reused += 1
         self.add(paths)
 
     def add(self, paths: Iterable[Path]) -> None:
@@ -277,14 +281,9 @@ class Digests:
         return digest if same else _sha256(path)
 
     def taken(self) -> dict[Path, tuple[str, Stamp]]:
-        """The digests taken so far of files still as they were hashed, as ``known`` of another ``Digests``."""
-        def still(p: Path, stamp: Stamp) -> bool:
-            try:
-                return _stamp(p) == stamp
-            except OSError:
-                return False
-        return {p: (f.result(), stamp) for p, (f, stamp) in self._queued.items()
-                if f.done() and f.exception() is None and still(p, stamp)}
+        """The digests taken so far, with the stamp of each file as it was hashed: ``known`` of another ``Digests``
+        (which trusts only those whose file still has that stamp)."""
+        return {p: (f.result(), stamp) for p, (f, stamp) in self._queued.items() if f.done() and f.exception() is None}
 
     def __enter__(self) -> Digests:
         return self
