@@ -25,7 +25,8 @@ from tests.multipc.netns import MultiPC, multipc, session_json, skip_reason, wai
 from tests.multipc.rigs import LEADER, leader_seconds, node_rig
 from tests.nwbread import read_master, series_times, stream_data
 
-pytestmark = [pytest.mark.skipif(bool(skip_reason()), reason=skip_reason() or ""), pytest.mark.e2e]
+pytestmark = [pytest.mark.skipif(bool(skip_reason(ships=True)), reason=skip_reason(ships=True) or ""),
+              pytest.mark.e2e]
 
 SESSION = "row43"
 NODES = (LEADER, "f1")

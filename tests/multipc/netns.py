@@ -9,7 +9,7 @@ daemon with ``ip netns exec`` (which execs, so the pid is the daemon's), ready o
 network; ``simulate`` starts its simulator on the rig's shared sync line; ``kill`` is kill -9 by pid. Teardown
 stops every process by its pid and deletes the namespaces and links, whatever failed.
 
-Needs root and ``ip netns``: ``skip_reason()`` says why not (CI runs as root).
+Needs root and ``ip netns`` (and rclone for a rig that gathers): ``skip_reason()`` says why not (CI runs as root).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -41,8 +42,11 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=IP_TIMEOUT_S, check=check)
 
 
-def skip_reason() -> str | None:
-    """Why multi-PC tests cannot run here, or None."""
+def skip_reason(ships: bool = False) -> str | None:
+    """Why multi-PC tests cannot run here, or None; ``ships``: the followers ship their parts to the leader, with
+    rclone (without it they never arrive, and the test would wait out its deadlines)."""
+    if ships and shutil.which("rclone") is None:
+        return "the followers ship their parts with rclone, which is not installed (.ci/run installs it)"
     if os.geteuid() != 0:
         return "multi-PC tests make network namespaces: they need root (CI runs as root)"
     try:

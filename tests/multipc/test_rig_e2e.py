@@ -22,7 +22,8 @@ from tests.multipc.netns import MultiPC, multipc, session_json, skip_reason, wai
 from tests.multipc.rigs import FOLLOWERS, LEADER, leader_seconds, node_rig
 from tests.nwbread import read_master, series_times, stream_data
 
-pytestmark = [pytest.mark.skipif(bool(skip_reason()), reason=skip_reason() or ""), pytest.mark.e2e]
+pytestmark = [pytest.mark.skipif(bool(skip_reason(ships=True)), reason=skip_reason(ships=True) or ""),
+              pytest.mark.e2e]
 
 SESSION = "rig26"
 SAMPLE_30K_S = 1 / 30000.0
