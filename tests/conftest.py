@@ -45,6 +45,27 @@ def write_rig(tmp_path: Path, *, flush_interval_s: float = 0.25, stream_override
     return path
 
 
+UNGROUPED = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup`` (make test), a test marked ``xdist_group`` that pytest-xdist did not tag fails (in
+    ``pytest_runtest_setup``, where its reason shows): its group's module-scoped session would be built once per
+    worker that draws one of its tests, and the tests a group keeps on one worker would run at once. pytest 9.2 with
+    pytest-xdist 3.8 did exactly that, silently (xdist#1386)."""
+    if config.getoption("loadgroup", False):
+        for item in items:
+            if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+                item.stash[UNGROUPED] = ("pytest-xdist's loadgroup did not group this test (xdist#1386): use a "
+                                         "pytest it supports (pyproject.toml pins one)")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if UNGROUPED in item.stash:
+        pytest.fail(item.stash[UNGROUPED], pytrace=False)
+
+
 @pytest.fixture
 def rig_file(tmp_path: Path) -> Path:
     return write_rig(tmp_path)
