@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from acqd.config import RigConfig, load_config
+from acqd.finalize.seal import unseal_session
 from acqd.service.procs import Daemon, Simulator, wait_until
 from acqd.sim.simulate import Rig, SimParams
 from tests.sessions import SUBJECT
@@ -43,6 +44,15 @@ def write_rig(tmp_path: Path, *, flush_interval_s: float = 0.25, stream_override
     path = tmp_path / "rig.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def unsealed_at_the_end(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every file sealed under this run's (this worker's) test folders is unsealed once the tests are done: pytest
+    deletes the folders of older runs (it keeps three), and a sealed file (chattr +i) cannot be deleted; left
+    sealed, every run kept its sessions on the disk for good."""
+    yield
+    unseal_session(tmp_path_factory.getbasetemp())
 
 
 UNGROUPED = pytest.StashKey[str]()
