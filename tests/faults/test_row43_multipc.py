@@ -16,17 +16,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from acqd.client import Client
 from acqd.service.procs import pid_alive, wait_until
 from acqd.session import SESSION_FILE
-from tests.multipc.netns import MultiPC, multipc, session_json, skip_reason, wait_finalized
+from tests.multipc.netns import MultiPC, multipc, multipc_marks, session_json, wait_finalized
 from tests.multipc.rigs import LEADER, leader_seconds, node_rig
 from tests.nwbread import read_master, series_times, stream_data
 
-pytestmark = [pytest.mark.skipif(bool(skip_reason(ships=True)), reason=skip_reason(ships=True) or ""),
-              pytest.mark.e2e]
+pytestmark = multipc_marks(ships=True)
 
 SESSION = "row43"
 NODES = (LEADER, "f1")

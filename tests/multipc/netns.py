@@ -9,7 +9,8 @@ daemon with ``ip netns exec`` (which execs, so the pid is the daemon's), ready o
 network; ``simulate`` starts its simulator on the rig's shared sync line; ``kill`` is kill -9 by pid. Teardown
 stops every process by its pid and deletes the namespaces and links, whatever failed.
 
-Needs root and ``ip netns`` (and rclone for a rig that gathers): ``skip_reason()`` says why not (CI runs as root).
+Needs root and ``ip netns`` (and rclone for a rig that gathers): a module's ``pytestmark = multipc_marks()`` skips it
+with ``skip_reason()`` otherwise (CI runs as root).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+import pytest
 
 from acqd.client import Client, DaemonUnreachable
 from acqd.finalize import unseal_session
@@ -54,6 +57,12 @@ def skip_reason(ships: bool = False) -> str | None:
     except (OSError, subprocess.SubprocessError) as e:
         return f"`ip netns` is unavailable: {e}"
     return None
+
+
+def multipc_marks(ships: bool = False) -> list[pytest.MarkDecorator]:
+    """A multi-PC test module's marks: end to end, and skipped with its reason where it cannot run here."""
+    why = skip_reason(ships)
+    return [pytest.mark.skipif(why is not None, reason=why or ""), pytest.mark.e2e]
 
 
 def free_subnet() -> str:

@@ -10,9 +10,9 @@ import pytest
 
 from acqd.client import DaemonUnreachable
 from acqd.service.procs import pid_alive, wait_until
-from tests.multipc.netns import ip, multipc, network, skip_reason
+from tests.multipc.netns import ip, multipc, multipc_marks, network
 
-pytestmark = [pytest.mark.skipif(bool(skip_reason()), reason=skip_reason() or ""), pytest.mark.e2e]
+pytestmark = multipc_marks()
 
 
 def reachable(client) -> bool:

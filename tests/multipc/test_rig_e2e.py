@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.multipc.netns import MultiPC, multipc, session_json, skip_reason, wait_finalized
+from tests.multipc.netns import MultiPC, multipc, multipc_marks, session_json, wait_finalized
 from tests.multipc.rigs import FOLLOWERS, LEADER, leader_seconds, node_rig
 from tests.nwbread import read_master, series_times, stream_data
 
-pytestmark = [pytest.mark.skipif(bool(skip_reason(ships=True)), reason=skip_reason(ships=True) or ""),
-              pytest.mark.e2e]
+pytestmark = multipc_marks(ships=True)
 
 SESSION = "rig26"
 SAMPLE_30K_S = 1 / 30000.0
