@@ -30,6 +30,7 @@ from acqd.errors import FinalizeError, SessionError
 from acqd.finalize import _checkpoint, _exclusive, journal
 from acqd.finalize.layout import MANIFEST, PARTIAL
 from acqd.finalize.masterplan import GENERAL_FIELDS
+from acqd.h5lock import written
 from acqd.finalize.seal import _sha256 as sha256_file  # the one sha256 reader of finalize
 from acqd.finalize.seal import verify_manifest
 from acqd.metadata import MetadataError, SessionMetadata, changes, merge, require_subject, validation_message
@@ -143,7 +144,7 @@ def _rewrite_master(master: Path, partial: Path, old: dict, new: dict, what: lis
     partial.unlink(missing_ok=True)
     shutil.copyfile(master, partial)  # external links are relative to the folder: the copy links the same files
     os.chmod(partial, 0o644)
-    with h5py.File(partial, "r+") as f:  # opening never opens an external link's target
+    with written(partial, "r+") as f:  # opening never opens an external link's target
         for line in what:
             field = line.split(":", 1)[0]
             _replace(f, field, _get(old, field), _get(new, field))

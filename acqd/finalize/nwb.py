@@ -42,6 +42,7 @@ from pynwb.base import ImageReferences, Images
 from pynwb.image import GrayscaleImage, ImageSeries, IndexSeries, OpticalSeries, RGBAImage, RGBImage
 
 from acqd.errors import FinalizeError
+from acqd.h5lock import wait_unlocked, written
 from acqd.finalize.masterplan import (AnnotationsPlan, ElectrodesPlan, EventsPlan, ImagePlan, MasterCheck, MasterPlan,
                                       SeriesPlan, TablePlan, Timing, nwbfile_fields)
 
@@ -73,7 +74,8 @@ def write_master(path: Path, plan: MasterPlan) -> None:
     finally:
         for f in opened:
             f.close()
-    with h5py.File(path, "r+") as f:  # creating a link never opens its target
+    wait_unlocked(path)
+    with written(path, "r+") as f:  # creating a link never opens its target
         for s in plan.series:
             f[f"{s.group}/{s.name}/sync"] = h5py.ExternalLink(_rel(s.sync_file, path), "/sync")
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from acqd.config import FrameSync, StreamConfig
 from acqd.errors import FinalizeError
+from acqd.h5lock import written
 from acqd.finalize.layout import RECOVERED_DIR, VDS_DIR, partial_then_rename
 from acqd.session import STREAMS_DIR
 from acqd.record.salvage import write_clean_copy
@@ -263,7 +264,7 @@ def _recover(folder: Path, path: Path, cfg: StreamConfig, rows: int) -> Path:
 
 def _add_nwb_attrs(path: Path, cfg: StreamConfig) -> None:
     """Write the NWB attributes a linked dataset must carry (older files lack them); only on a clean file."""
-    with h5py.File(path, "r+") as f:
+    with written(path, "r+") as f:
         f["data"].attrs.update({"unit": cfg.units, "conversion": cfg.conversion, "offset": cfg.offset,
                                 "resolution": -1.0})
 
@@ -286,7 +287,7 @@ def _write_vds(folder: Path, s: Stream, with_data: bool) -> Path:
     """
     dest = folder / VDS_DIR / f"{s.name}.h5"
     shape = tuple(s.cfg.shape)
-    with partial_then_rename(dest) as tmp, h5py.File(tmp, "x", libver="latest") as out:
+    with partial_then_rename(dest) as tmp, written(tmp, "x", libver="latest") as out:
         layout = _Layout(shape=(s.rows if with_data else 0, *shape), dtype=s.cfg.np_dtype)
         row = 0
         for p in s.parts:

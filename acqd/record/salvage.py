@@ -36,6 +36,7 @@ import h5py
 import numpy as np
 
 from acqd.config import StreamConfig
+from acqd.h5lock import written
 from acqd.record.partread import PROBE_TIMEOUT_S, open_for_read
 from acqd.record.streamfile import TABLES, dataset_options, rows_crc32
 from acqd.record.superblock import read_head, superblock_eof
@@ -70,7 +71,7 @@ def write_clean_copy(src: h5py.File, out_path: Path, cfg: StreamConfig, rows: in
                      tables: dict[str, np.ndarray] | None = None) -> None:
     """Write ``src``'s first ``rows`` rows of ``/data`` and its tables (``tables``: the rows to keep of each; by
     default all of them) to a new file ``out_path``, with ``src``'s attributes and ``attrs``."""
-    with h5py.File(out_path, "x", libver="latest") as out:
+    with written(out_path, "x", libver="latest") as out:
         out.attrs.update(dict(src.attrs))
         out.attrs.update(attrs)
         data = src["data"]

@@ -38,6 +38,7 @@ from hdmf.backends.warnings import BrokenLinkWarning
 from pynwb import NWBHDF5IO, NWBFile
 
 from acqd.errors import AnalysisError
+from acqd.h5lock import wait_unlocked
 from acqd.session import FINALIZED, read_session
 
 __all__ = ["AnalysisError", "Link", "external_links", "new_analysis", "open_analysis"]
@@ -100,6 +101,7 @@ def new_analysis(session_dir: Path, path: Path, *, identifier: str | None = None
         try:
             with NWBHDF5IO(str(partial), "x", manager=raw_io.manager) as io:  # the master's manager: links
                 io.write(analysis)
+            wait_unlocked(partial)
         except BaseException:
             partial.unlink(missing_ok=True)
             raise

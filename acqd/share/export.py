@@ -53,6 +53,7 @@ from acqd.finalize import nwb
 from acqd.errors import ExportError
 from acqd.finalize import verify_manifest
 from acqd.finalize.layout import MANIFEST
+from acqd.h5lock import wait_unlocked, written
 from acqd.session import FINALIZED, fsync_dir, read_session
 
 __all__ = ["ExportError", "ExportReport", "dandi_path", "export_session", "external_file_name", "modalities",
@@ -200,7 +201,7 @@ def export_session(folder: Path, out: Path, progress: Progress | None = None, *,
         os.rename(exported, target)
         report_progress("sync", STAGES["sync"][0])
         synced = _copy_sync(master, target)
-        with h5py.File(target, "r+") as f:
+        with written(target, "r+") as f:
             f.attrs[MASTER_ATTR] = master_sha256
         report_progress("video", STAGES["video"][0])
         renamed = _rename_external_files(target, rel)
@@ -368,12 +369,13 @@ def _export_nwb(master: Path, dest: Path, gzip_level: int, progress: Progress) -
             progress("copy", STAGES["copy"][0])
             with NWBHDF5IO(str(dest), "w") as dst:
                 dst.export(src_io=src, nwbfile=nwbfile, write_args={"link_data": False})
+    wait_unlocked(dest)
 
 
 def _copy_sync(master: Path, dest: Path) -> list[str]:
     """Copy each series' raw ``sync`` group, resolved through the master's links, into the export (h5py)."""
     copied = []
-    with h5py.File(master, "r") as src, h5py.File(dest, "r+") as dst:
+    with h5py.File(master, "r") as src, written(dest, "r+") as dst:
         for group in (g for g in SERIES_GROUPS if g in src):
             for name, series in src[group].items():
                 if not isinstance(series, h5py.Group) or series.get("sync", getlink=True) is None:
@@ -405,7 +407,7 @@ def _copy_group(src: h5py.Group, dst: h5py.Group) -> None:
 def _rename_external_files(path: Path, rel: str) -> dict[str, list[tuple[str, str]]]:
     """Rewrite every ImageSeries' external_file to dandi's names; returns {series: [(old, new), ...]}."""
     renamed: dict[str, list[tuple[str, str]]] = {}
-    with h5py.File(path, "r+") as f:
+    with written(path, "r+") as f:
         for module in VIDEO_MODULES:
             if module not in f:
                 continue
