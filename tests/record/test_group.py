@@ -121,14 +121,15 @@ def test_a_malformed_flood_on_one_stream_leaves_the_others_data_and_latency_inta
             assert np.array_equal(data, np.concatenate(sent[n])) and len(gaps) == 0 and len(rejects) == 0, n
             received_ms = (index["host_wall_ns"] - index["device_time_ns"]) / 1e6
             committed_ms = (index["committed_wall_ns"] - index["device_time_ns"]) / 1e6
-            # Receive times stay true (stamped as messages arrive), and every message reached the file within the
-            # flush interval (0.1 s) plus a drain: the flood never held a good stream back. Within 100 ms, or 3x what
-            # the same streams saw in the calm 1.5 s before it. The flood's rejects take the group's main thread, and
-            # the receiver thread waits its turn for the GIL: 3 busy loops beside the test, p99 5-10 ms calm and
-            # 12-22 ms flooded; two test suites at once on a slow day, 18 and 86 ms.
-            calm, flooded = np.percentile(received_ms[:half], 99), np.percentile(received_ms[half:], 99)
-            assert flooded < max(100, 3 * calm), (n, calm, flooded)
-            assert np.percentile(committed_ms, 99) < 1000, (n, np.percentile(committed_ms, [50, 99]))
+            # The flood never held a good stream back. Receive times stay true (stamped as messages arrive): p99 within
+            # 100 ms, or 3x what the same streams saw in the calm 1.5 s before the flood. The flood's rejects take the
+            # group's main thread and the receiver thread waits its turn for the GIL: beside 3 busy loops, p99 5-10 ms
+            # calm and 12-22 ms flooded; two test suites at once on a slow day, 18 and 86 ms. Every message reached
+            # the file within the flush interval (0.1 s) plus a drain, the flood's share of which is bounded by the
+            # drain budget (0.1 s): p99 within 1 s, or 3x the calm half's (two suites at once: 1.8 s flooded).
+            for times, bound_ms in ((received_ms, 100), (committed_ms, 1000)):
+                calm, flooded = np.percentile(times[:half], 99), np.percentile(times[half:], 99)
+                assert flooded < max(bound_ms, 3 * calm), (n, bound_ms, calm, flooded)
         _, index, _, rejects = read(g.folder / "bad.h5")
         assert len(index) == 0 and len(rejects) == len(junk)  # every hostile message counted, with its reason
         assert set(Reject(int(r)) for r in rejects["reason"]) <= {Reject.MALFORMED, Reject.WRONG_STREAM}

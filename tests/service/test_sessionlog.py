@@ -11,6 +11,7 @@ import signal
 
 import httpx
 
+from acqd.config import load_config
 from acqd.service.procs import wait_until
 from acqd.service.sessionlog import MAX_LINE_BYTES, SessionLog, log_line
 from acqd.session import LOG_FILE
@@ -42,10 +43,13 @@ def test_the_session_log_holds_modes_commands_incidents_and_is_sealed(tmp_path, 
         daemon.command("annotate", text="drug on")
         os.kill(daemon.command("status")["streams"]["sensor"]["pid"], signal.SIGKILL)
         wait_until(lambda: daemon.command("status")["streams"]["sensor"]["restarts"] == 1, "the writer's restart")
-        # Record on for 3 s of camera frames after the restart: a host-timed stream needs 10 receive times to be
-        # placed on the timebase, and the small rig records quickly enough to stop before that.
-        frames = daemon.command("status")["streams"]["camera"]["rows"]
-        wait_until(lambda: daemon.command("status")["streams"]["camera"]["rows"] >= frames + 90, "3 s of frames", 30)
+        # Record on for 3 s of both host-timed streams after the restart: each needs 10 receive times in a part to
+        # be placed on the timebase. Under load the new writer took 1.4 s to connect while the camera's rows came
+        # on in bursts, so each stream's own rows are waited for.
+        rates = {s.name: s.rate for s in load_config(small_rig_file).streams if s.name in ("camera", "sensor")}
+        before = daemon.command("status")["streams"]
+        wait_until(lambda: all(daemon.command("status")["streams"][n]["rows"] >= before[n]["rows"] + 3 * rate
+                               for n, rate in rates.items()), "3 s of camera and sensor", 60)
         daemon.command("stop")
     lines = [json.loads(x) for x in (folder / LOG_FILE).read_text().splitlines()]
     messages = [x["message"] for x in lines]
