@@ -30,9 +30,9 @@ from acqd.errors import FinalizeError, SessionError
 from acqd.finalize import _checkpoint, _exclusive, journal
 from acqd.finalize.layout import MANIFEST, PARTIAL
 from acqd.finalize.masterplan import GENERAL_FIELDS
-from acqd.h5lock import written
 from acqd.finalize.seal import _sha256 as sha256_file  # the one sha256 reader of finalize
 from acqd.finalize.seal import verify_manifest
+from acqd.h5lock import written
 from acqd.metadata import MetadataError, SessionMetadata, changes, merge, require_subject, validation_message
 from acqd.session import (CLOSED, FINALIZED, INTERRUPTED, SESSION_FILE, json_bytes, now_iso, read_session,
                           write_json_atomic)

@@ -42,9 +42,9 @@ from pynwb.base import ImageReferences, Images
 from pynwb.image import GrayscaleImage, ImageSeries, IndexSeries, OpticalSeries, RGBAImage, RGBImage
 
 from acqd.errors import FinalizeError
-from acqd.h5lock import wait_unlocked, written
 from acqd.finalize.masterplan import (AnnotationsPlan, ElectrodesPlan, EventsPlan, ImagePlan, MasterCheck, MasterPlan,
                                       SeriesPlan, TablePlan, Timing, nwbfile_fields)
+from acqd.h5lock import wait_unlocked, written
 
 __all__ = ["check_master", "metadata_problems", "series_lengths", "write_master"]
 

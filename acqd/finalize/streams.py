@@ -21,8 +21,8 @@ import numpy as np
 
 from acqd.config import FrameSync, StreamConfig
 from acqd.errors import FinalizeError
-from acqd.h5lock import written
 from acqd.finalize.layout import RECOVERED_DIR, VDS_DIR, partial_then_rename
+from acqd.h5lock import written
 from acqd.session import STREAMS_DIR
 from acqd.record.salvage import write_clean_copy
 from acqd.record.streamfile import committed_rows, open_for_read, part_filename
