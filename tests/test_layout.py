@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "acqd"
 TOP = {"cli", "demo"}  # the entry points: they may import everything, nothing imports them
-ROOT = "root"  # config/, metadata/, errors, files, session, client, __init__: shared by all stages
+ROOT = "root"  # config/, metadata/, errors, files, h5lock, session, client, __init__: shared by all stages
 ALLOWED = {
     ROOT: {ROOT},
     "wire": {ROOT, "wire"},
