@@ -125,9 +125,9 @@ def test_row08_stalled_writer_of_the_heaviest_stream_loses_nothing_silently(tmp_
     print(f"row08: detected in {out['detected_s']:.2f} s; (stored, lost in gaps) {out['counts']}")
 
 
-def kill_daemon_during_acquire(tmp_path: Path, seed: int) -> tuple[list[int], list[int]]:
+def kill_daemon_during_acquire(tmp_path: Path, seed: int) -> tuple[list[int], dict[int, str]]:
     """Start a daemon, send `acquire`, kill -9 the daemon after a random delay (0-0.6 s); returns (writer pids
-    seen while it lived, writer processes of this test still alive 10 s after)."""
+    seen while it lived, writer processes of this test still alive 10 s after: what /proc says of each)."""
     rig_file = write_rig(tmp_path)
     daemon = Daemon(rig_file, tmp_path / "data", tmp_path)
     tag = str(tmp_path / "ipc")
@@ -145,11 +145,24 @@ def kill_daemon_during_acquire(tmp_path: Path, seed: int) -> tuple[list[int], li
             wait_until(lambda: not writers_of(tag), "every writer to exit", 10)
         except TimeoutError:
             pass
-        return sorted(seen), writers_of(tag)
+        return sorted(seen), {pid: proc_facts(pid) for pid in writers_of(tag)}
     finally:
         for pid in writers_of(tag):  # never leave an orphan behind, whatever the verdict
             os.kill(pid, signal.SIGKILL)
         stop_process(daemon.proc)
+
+
+def proc_facts(pid: int) -> str:
+    """What would say why a process is still there: its state, parent, signal masks, where it waits, its command."""
+    d = Path(f"/proc/{pid}")
+    try:
+        status = dict(line.split(":\t", 1) for line in (d / "status").read_text().splitlines() if ":\t" in line)
+        facts = {k: status.get(k, "?").strip() for k in ("State", "PPid", "SigBlk", "SigIgn", "SigCgt")}
+        facts["wchan"] = (d / "wchan").read_text()
+        facts["cmd"] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:300]
+        return json.dumps(facts)
+    except OSError as e:
+        return f"gone ({e})"
 
 
 def _quietly(fn, *args) -> None:
@@ -163,7 +176,7 @@ def _quietly(fn, *args) -> None:
 @pytest.mark.parametrize("seed", range(10))
 def test_row31_daemon_killed_during_acquire_leaves_no_orphan_writer(tmp_path, seed):
     seen, orphans = kill_daemon_during_acquire(tmp_path, seed)
-    assert orphans == [], f"writers {orphans} outlived the daemon (seen: {seen})"
+    assert not orphans, f"writers outlived the daemon: {orphans} (seen: {seen})"
     print(f"row31 seed {seed}: {len(seen)} writer processes had started when the daemon was killed")
 
 
@@ -171,7 +184,7 @@ def test_row31_daemon_killed_during_acquire_leaves_no_orphan_writer(tmp_path, se
 @pytest.mark.parametrize("seed", range(100, 130))
 def test_row31_daemon_kill_sweep(tmp_path, seed):
     seen, orphans = kill_daemon_during_acquire(tmp_path, seed)
-    assert orphans == [], f"writers {orphans} outlived the daemon (seen: {seen})"
+    assert not orphans, f"writers outlived the daemon: {orphans} (seen: {seen})"
 
 
 @pytest.mark.e2e

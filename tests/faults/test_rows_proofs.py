@@ -99,7 +99,7 @@ def test_row31_a_restarted_daemon_loses_no_message_to_an_orphan_writer(tmp_path,
     # The row's promise is not only "no orphan process" but "the restarted daemon loses nothing to one": with
     # PUSH/PULL an orphan still connected to a driver would take every other message (round robin).
     seen, orphans = kill_daemon_during_acquire(tmp_path, seed)
-    assert orphans == [], f"writers {orphans} outlived the daemon (seen: {seen})"
+    assert not orphans, f"writers outlived the daemon: {orphans} (seen: {seen})"
     pull = overlay(SMALL_RIG, **{n: {"socket": "pull"} for n in ("probe", "nidaq", "sensor", "camera")})
     rig_file = write_rig(tmp_path, stream_overrides=pull)
     daemon = daemon_factory(rig_file)

@@ -229,7 +229,7 @@ def test_row42_a_destination_that_goes_silent_mid_file_is_given_up_on_and_the_jo
     shipper.start()
     try:
         [job] = shipper.ship(folder)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 90  # rclone runs at nice 19, idle I/O: on a busy machine it waits for the rest
         while (j := shipper.queue.get(job.id)).state != COPYING or j.bytes_done == 0:
             assert time.monotonic() < deadline and j.state not in ("verified", "failed"), j
             time.sleep(0.02)
