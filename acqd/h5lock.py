@@ -28,7 +28,9 @@ its descriptors before exec). After that the next open meets the lock and fails 
 
 def wait_unlocked(path: str | Path, timeout_s: float = UNLOCK_WAIT_S) -> bool:
     """Wait until no open file description holds an HDF5 (``flock``) lock on ``path``; False if one still does
-    after ``timeout_s`` (a reader in another process, say: the open that follows says so)."""
+    after ``timeout_s`` (a reader in another process, say: the open that follows says so). A file system whose
+    locks do not work this way (NFS emulates ``flock`` with byte-range locks, which a fork does not inherit and an
+    exclusive one of which needs a writable descriptor; some support none) has no such lock to wait for: True."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         deadline = time.monotonic() + timeout_s
@@ -41,6 +43,8 @@ def wait_unlocked(path: str | Path, timeout_s: float = UNLOCK_WAIT_S) -> bool:
                 if time.monotonic() >= deadline:
                     return False
                 time.sleep(0.002)
+            except OSError:  # EBADF (NFS), ENOLCK, EOPNOTSUPP: HDF5 itself goes on without a lock there
+                return True
     finally:
         os.close(fd)
 
@@ -48,7 +52,11 @@ def wait_unlocked(path: str | Path, timeout_s: float = UNLOCK_WAIT_S) -> bool:
 @contextmanager
 def written(path: str | Path, mode: str, **kwargs) -> Iterator[h5py.File]:
     """``h5py.File(path, mode, **kwargs)`` to write, closed on exit, then ``wait_unlocked``: the next open of the
-    file, by acqd, pynwb or nwbinspector, never meets the lock a subprocess forked meanwhile inherited."""
+    file, by acqd, pynwb or nwbinspector, never meets the lock a subprocess forked meanwhile inherited. An existing
+    file is waited for first too: a child forked while it was open to read holds a shared lock, which a write
+    open meets as well."""
+    if mode in ("r+", "a") and os.path.exists(path):
+        wait_unlocked(path)
     with h5py.File(path, mode, **kwargs) as f:
         yield f
     wait_unlocked(path)

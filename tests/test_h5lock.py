@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -36,10 +37,10 @@ def test_reopening_a_file_a_child_still_holds_fails_without_waiting(tmp_path: Pa
 
 def test_written_waits_for_the_child_then_the_file_opens(tmp_path: Path):
     path = tmp_path / "a.h5"
-    started = time.monotonic()
     with written(path, "x") as f:
         f["d"] = np.arange(3)
         child = child_holding(f)
+        started = time.monotonic()
     try:
         assert time.monotonic() - started >= HELD_S * 0.9  # it waited for the child
         with h5py.File(path, "r+") as f:
@@ -55,3 +56,35 @@ def test_a_lock_held_longer_than_the_deadline_is_reported_not_waited_for_ever(tm
         with h5py.File(path, "r"):  # the same file, open twice in this process: HDF5 shares one lock
             assert not wait_unlocked(path, timeout_s=0.05)
     assert wait_unlocked(path, timeout_s=0.05)
+
+
+def test_a_write_open_waits_for_the_child_of_a_reader(tmp_path: Path):
+    """A child forked while the file was open to read holds a shared lock: ``written(..., "r+")`` waits for it
+    before it opens (finalize reads a part, then adds its NWB attributes)."""
+    path = tmp_path / "a.h5"
+    with h5py.File(path, "x") as f:
+        f["d"] = np.arange(3)
+    with h5py.File(path, "r") as f:
+        child = child_holding(f)
+        started = time.monotonic()
+    try:
+        with written(path, "r+") as f:
+            f.attrs["unit"] = "uV"
+        assert time.monotonic() - started >= HELD_S * 0.9
+    finally:
+        child.wait(timeout=10)
+
+
+def test_a_file_system_without_flock_locks_is_not_waited_for(tmp_path: Path, monkeypatch):
+    """NFS emulates flock with byte-range locks (an exclusive one on a read-only descriptor: EBADF); some file
+    systems have none (ENOLCK): there is no inherited lock to wait for, and HDF5 goes on without one."""
+    import errno
+    import fcntl
+
+    path = tmp_path / "a.h5"
+    path.write_bytes(b"")
+    for code in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP):
+        def refuse(fd, op, code=code):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(fcntl, "flock", refuse)
+        assert wait_unlocked(path, timeout_s=5)
