@@ -44,7 +44,7 @@ from pynwb.image import GrayscaleImage, ImageSeries, IndexSeries, OpticalSeries,
 from acqd.errors import FinalizeError
 from acqd.finalize.masterplan import (AnnotationsPlan, ElectrodesPlan, EventsPlan, ImagePlan, MasterCheck, MasterPlan,
                                       SeriesPlan, TablePlan, Timing, nwbfile_fields)
-from acqd.h5lock import wait_unlocked, written
+from acqd.h5lock import written
 
 __all__ = ["check_master", "metadata_problems", "series_lengths", "write_master"]
 
@@ -74,8 +74,7 @@ def write_master(path: Path, plan: MasterPlan) -> None:
     finally:
         for f in opened:
             f.close()
-    wait_unlocked(path)
-    with written(path, "r+") as f:  # creating a link never opens its target
+    with written(path, "r+") as f:  # creating a link never opens its target (it waits for pynwb's lock to go first)
         for s in plan.series:
             f[f"{s.group}/{s.name}/sync"] = h5py.ExternalLink(_rel(s.sync_file, path), "/sync")
 
