@@ -353,6 +353,9 @@ class Rig:
         self.sup.session_record.save()
 
     def _note_stops(self, results: dict[str, Any]) -> None:
+        """On the supervisor thread, still recording: each node's stop, after the starts known by now (a watcher
+        notes them once a second: a session stopped sooner would keep a node's start only in the live status)."""
+        self._note_starts()
         nodes = (self.sup.session or {}).get("nodes") or {}
         for name, r in results.items():
             if name in nodes:
