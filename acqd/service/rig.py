@@ -353,10 +353,13 @@ class Rig:
         self.sup.session_record.save()
 
     def _note_stops(self, results: dict[str, Any]) -> None:
-        """On the supervisor thread, still recording: each node's stop, after the starts known by now (a watcher
-        notes them once a second: a session stopped sooner would keep a node's start only in the live status)."""
+        """On the supervisor thread, still recording: each node's stop (the leader's own follows at once), after
+        the starts known by now (a watcher notes them once a second: a session stopped sooner would keep a node's
+        start only in the live status)."""
         self._note_starts()
         nodes = (self.sup.session or {}).get("nodes") or {}
+        if self.sup.cfg.node in nodes:
+            nodes[self.sup.cfg.node]["state"] = "stopped"
         for name, r in results.items():
             if name in nodes:
                 nodes[name]["state"] = f"stop failed: {r}" if isinstance(r, RigProblem) else "stopped"

@@ -231,7 +231,8 @@ def test_a_rig_records_annotates_and_stops_together(tmp_path, nodes):
     assert theirs["leader"] == {"node": "ephys", "session": "rig1"} and "leader" not in ours
     assert theirs["metadata"]["subject"] == ours["metadata"]["subject"]
     assert ours["node"] == "ephys" and set(ours["nodes"]) == {"ephys", "video"}
-    assert ours["nodes"]["video"]["state"] == "stopped" and ours["nodes"]["video"]["url"] == follower.url
+    assert ours["nodes"]["video"]["state"] == ours["nodes"]["ephys"]["state"] == "stopped"
+    assert ours["nodes"]["video"]["url"] == follower.url
     assert all(n["start_host_ns"] for n in ours["nodes"].values()) and ours["start_skew_s"] is not None
 
 
@@ -306,3 +307,30 @@ def test_the_start_skew_puts_each_follower_on_the_leader_clock_first():
     assert rig.skew_s(leader_ns) == pytest.approx(0.07)  # from behaviour (-0.02 s) to video (+0.05 s)
     rig.started = ("video",)
     assert rig.skew_s(leader_ns) == pytest.approx(0.05)
+
+
+def test_a_stop_notes_each_node_s_first_message_though_no_watcher_noted_it_yet():
+    """Unit: the watchers note the nodes' first messages in session.json once a second; a stop that comes sooner
+    (the leader's own first message arrived after the last note) still leaves every start there, and the skew."""
+    from types import SimpleNamespace
+
+    from acqd.config import Follower
+    from acqd.service.rig import Rig
+
+    leader_ns = 1_000_000_000_000
+    saves: list[dict] = []
+    session = {"nodes": {n: {"url": f"http://{n}:8600", "start_host_ns": None, "state": "recording"}
+                         for n in ("ephys", "video")}, "start_skew_s": None}
+    writer = SimpleNamespace(stats={"first_recorded_ns": leader_ns})
+    sup = SimpleNamespace(cfg=SimpleNamespace(followers=(Follower(name="video", url="http://video:8600", token="t"),),
+                                              node="ephys"),
+                          mode="RECORD", session=session, writers={"ephys_nidaq": writer},
+                          session_record=SimpleNamespace(save=lambda: saves.append(json.loads(json.dumps(session)))))
+    rig = Rig(sup)
+    rig.started = ("video",)
+    rig.views["video"].start_host_ns, rig.views["video"].clock_offset_s = leader_ns + 30_000_000, 0.0
+    rig._note_stops({"video": {"mode": "ACQUIRE"}})
+    nodes = saves[-1]["nodes"]
+    assert {n: v["start_host_ns"] for n, v in nodes.items()} == {"ephys": leader_ns, "video": leader_ns + 30_000_000}
+    assert nodes["video"]["state"] == nodes["ephys"]["state"] == "stopped"
+    assert saves[-1]["start_skew_s"] == pytest.approx(0.03)
