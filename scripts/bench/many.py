@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -155,6 +156,8 @@ def one_run(n: int, args: argparse.Namespace, workdir: Path) -> dict:
     cpu = watch.cpu_pct()
     cpu["hasher"] = round(100 * hasher_ticks / CLK_TCK / watch.seconds, 1)
     files = summarize_streams(read_session(folder), watch.seconds + SETTLE_S)
+    if not args.keep:  # 9 runs of the reference rig are ~22 GB: on a tmpfs --workdir, the machine's memory
+        shutil.rmtree(folder, ignore_errors=True)
     slow = [v for k, v in files["streams"].items() if k.startswith("slow")]
     lost = max(files["lost"], sum(s["gaps"] for s in status["streams"].values()))
     rejected = max(files["rejected"], sum(s["rejected"] for s in status["streams"].values()))
