@@ -437,7 +437,8 @@ class Writer:
             # At the next flush, as the sync edges: an HDF5 append per reject was most of a reject's cost, and
             # a flood of junk on one stream took its group's CPU from the other streams.
             self.file.queue("rejects", [(reason, seq, nbytes, time.time_ns(), detail.encode()[:160])])
-        self.event("rejected", detail, reason=reason.name.lower(), seq=seq)
+        # No report per reject: the supervisor counts them from the stats (``total.rejected``). A report each cost a
+        # quarter of a reject, and a flood of them filled the send queue that the part reports share.
 
     def on_message(self, frames: list[zmq.Frame], arrived: tuple[int, int] | None = None) -> None:
         """Check and store one message; ``arrived``: (wall ns, monotonic ns) it was received at, if not now."""

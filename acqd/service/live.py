@@ -54,8 +54,8 @@ class Live:
     headlines: dict[str, tuple] = field(default_factory=dict)
     """Per stream, what the verdict reads of its last stats message (``headline``)."""
 
-    def count_reject(self, stream: str, reason: str) -> None:
-        self.rejects[(stream, reason)] += 1
+    def count_reject(self, stream: str, reason: str, n: int) -> None:
+        self.rejects[(stream, reason)] += n
 
     def note(self, stream: str, msg: dict, state: str) -> None:
         """A writer's stats or closing message (``state``: its stream's state after it). Stats come from every stream

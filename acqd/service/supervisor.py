@@ -63,7 +63,7 @@ class Supervisor:
         base = runtime_base()
         self._endpoint_locks = lock_endpoints(base, ((s.name, s.endpoint) for s in cfg.streams))
         self.runtime_dir = make_daemon_dir(base)
-        self.writers = Writers(cfg, self.runtime_dir, self.incident, lambda s, r: self.live.count_reject(s, r))
+        self.writers = Writers(cfg, self.runtime_dir, self.incident, lambda *a: self.live.count_reject(*a))
         self.control_endpoint = self.writers.control_endpoint
         self.disk = DiskReserve(cfg.daemon.disk_reserve_bytes, self.incident)
         self._closed_unsaved: list[tuple[Path, dict]] = []  # closed sessions whose last write failed

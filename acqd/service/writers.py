@@ -87,6 +87,14 @@ def silent_s(h: WriterHandle) -> float | None:
     return None if silent is None else round(silent + time.monotonic() - h.stats_at, 3)
 
 
+def new_rejects(before: dict, after: dict) -> dict[str, int]:
+    """Messages rejected between two stats reports of one writer process, by reason: the counts in ``total`` only
+    grow within a process (its handle, and so ``before``, is new with each process)."""
+    was = (before.get("total") or {}).get("rejected") or {}
+    now = (after.get("total") or {}).get("rejected") or {}
+    return {reason: n - was.get(reason, 0) for reason, n in now.items() if n > was.get(reason, 0)}
+
+
 def liveness(hung: bool, silent: float | None, silent_after_s: float) -> Literal["hung", "silent"] | None:
     """The one rule for a stream that is not alive: ``hung`` (its writer process says nothing), ``silent`` (its
     driver delivers nothing: no message yet, or none for longer than ``silent_after_s``), else None."""
@@ -101,7 +109,7 @@ class Writers(dict[str, WriterHandle]):
     """Stream name -> its writer's handle, with the control socket they all talk to."""
 
     def __init__(self, cfg: RigConfig, runtime_dir: Path, incident: Incident,
-                 count_reject: Callable[[str, str], None]):
+                 count_reject: Callable[[str, str, int], None]):
         super().__init__()
         self.cfg, self.incident, self.count_reject = cfg, incident, count_reject
         self.ctx = zmq.Context()
@@ -209,6 +217,8 @@ class Writers(dict[str, WriterHandle]):
                     self.send(name, **session.record_command(h.record_on_ready))
                     h.record_on_ready = None
             case "stats":
+                for reason, n in new_rejects(h.stats, msg).items():
+                    self.count_reject(name, reason, n)
                 h.stats, h.stats_at = msg, h.heard
                 self.reconcile(name, h, session if recording else None)
             case "recording":
@@ -243,8 +253,6 @@ class Writers(dict[str, WriterHandle]):
             self.incident(name, kind, msg.get("detail", ""), incomplete=kind == "suspect_part")
         elif kind in ("gap", "disconnected", "connected"):  # outside RECORD: an event and a log line only
             self.incident(name, kind, msg.get("detail", ""))
-        elif kind == "rejected":  # summarised once a second (acqd.service.live), never one line per message
-            self.count_reject(name, msg.get("reason", "unknown"))
 
     def reconcile(self, name: str, h: WriterHandle, session: SessionRecord | None) -> None:
         """Compare what a writer reports (its stats) with what the session expects (``session``: the one it should

@@ -33,9 +33,10 @@ def test_liveness(hung, silent, expected):
 def writers(tmp_path):
     incidents: list[tuple] = []
     cfg = load_config(write_rig(tmp_path))
+    rejects: list[tuple] = []
     w = Writers(cfg, tmp_path, lambda *a, **k: incidents.append((*a, k.get("incomplete", False))),
-                lambda stream, reason: None)
-    w.incidents = incidents
+                lambda *a: rejects.append(a))
+    w.incidents, w.rejects = incidents, rejects
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     yield w, sleeper
     sleeper.kill()
@@ -121,6 +122,25 @@ def test_a_message_from_a_replaced_writer_is_ignored(writers):
     assert w.on_message("sensor", {"type": "stats", "pid": proc.pid + 1}, None, False, lambda *a: None) is None
     assert w.on_message("sensor", {"type": "ready", "pid": proc.pid}, None, False, lambda *a: None) is h
     assert h.ready and h.state == "acquiring"
+
+
+def test_rejects_are_counted_from_each_writer_process_s_stats_once(writers):
+    """A writer reports no message per reject; the supervisor counts what each stats report adds, by reason, and a
+    restarted writer (a new process, a new handle) counts from zero again."""
+    w, proc = writers
+    w["sensor"] = _handle("sensor", proc, 0.1, False)
+
+    def stats(**rejected) -> None:
+        w.on_message("sensor", {"type": "stats", "pid": proc.pid, "total": {"rejected": rejected}}, None, False,
+                     lambda *a: None)
+
+    stats(malformed=2)
+    stats(malformed=2)
+    stats(malformed=5, seq_jump=1)
+    assert w.rejects == [("sensor", "malformed", 2), ("sensor", "malformed", 3), ("sensor", "seq_jump", 1)]
+    w["sensor"] = _handle("sensor", proc, 0.1, False)  # restarted: its new process counts from zero
+    stats(malformed=1)
+    assert w.rejects[-1] == ("sensor", "malformed", 1)
 
 
 def test_junk_on_the_control_socket_is_counted_never_raised(writers):
