@@ -138,6 +138,34 @@ def test_a_malformed_flood_on_one_stream_leaves_the_others_data_and_latency_inta
         assert g.close() == 0
 
 
+def test_kill_9_mid_flood_keeps_every_reject_received_before_the_last_committed_message(tmp_path):
+    """A reject's row is written at the next flush, before that flush's index rows (acqd.record.streamfile): a kill -9
+    in a flood loses the rejects since the last flush, with the data they describe, never one that arrived before a
+    message the file commits."""
+    g = LiveGroup(tmp_path, ["s"])
+    try:
+        g.wait_connected()
+        g.record_all()
+        for seq in range(201):
+            frames, _ = message(seq, seq * 10, stream="s")
+            g.drivers["s"].send_multipart(frames)
+            bad, _ = message(seq, seq * 10, stream="s", dtype="<f4")  # after message seq, with its seq: rejected
+            g.drivers["s"].send_multipart(bad)
+            if seq == 200:  # once many flushes are done, with messages still arriving
+                g.wait_for("s", lambda m: m["type"] == "stats" and m["total"]["messages"] >= 150, "150 stored")
+                os.kill(g.proc.pid, signal.SIGKILL)
+                break  # (a PUSH socket blocks once its peer is gone)
+            time.sleep(0.002)
+        assert g.proc.wait(10) == -signal.SIGKILL
+    finally:
+        g.close()
+    _, index, _, rejects = read(g.folder / "s.h5")
+    committed = int(index["seq"][-1])  # every message up to it is in the file, and every reject sent before it
+    assert committed > 100 and list(index["seq"]) == list(range(committed + 1))
+    assert list(rejects["seq"]) == list(range(len(rejects))) and len(rejects) >= committed, (committed, len(rejects))
+    assert {Reject(int(r)) for r in rejects["reason"]} == {Reject.DTYPE}
+
+
 @pytest.mark.parametrize("group, expected", [(None, SLOW_GROUP), ("own", None), ("valves", "valves")])
 def test_slow_streams_are_grouped_unless_the_config_says_otherwise(group, expected):
     base = {"endpoint": "ipc:///tmp/x", "dtype": "float32", "sync": {"source": "frame"}}
