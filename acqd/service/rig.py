@@ -356,7 +356,7 @@ class Rig:
         """On the supervisor thread, still recording: each node's stop (the leader's own follows at once), after
         the starts known by now (a watcher notes them once a second: a session stopped sooner would keep a node's
         start only in the live status)."""
-        self._note_starts()
+        self._note_starts(save=False)  # saved below, with the stops
         nodes = (self.sup.session or {}).get("nodes") or {}
         if self.sup.cfg.node in nodes:
             nodes[self.sup.cfg.node]["state"] = "stopped"
@@ -366,8 +366,9 @@ class Rig:
         if self.sup.session_record is not None and nodes:
             self.sup.session_record.save()
 
-    def _note_starts(self) -> None:
-        """On the supervisor thread: each node's first recorded message into session.json, and the skew."""
+    def _note_starts(self, save: bool = True) -> None:
+        """On the supervisor thread: each node's first recorded message into session.json (saved if it changed and
+        ``save``), and the skew."""
         session = self.sup.session
         nodes = (session or {}).get("nodes")
         if not nodes:
@@ -384,7 +385,8 @@ class Rig:
         skew = self.skew_s(own)
         if changed or skew != session.get("start_skew_s"):
             session["start_skew_s"] = skew
-            self.sup.session_record.save()
+            if save:
+                self.sup.session_record.save()
 
     def skew_s(self, own_start_ns: int | None) -> float | None:
         """The spread of the nodes' first recorded messages, each on the leader's clock (None until all are in)."""
