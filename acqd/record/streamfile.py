@@ -145,17 +145,18 @@ def reserve_header(folder: Path) -> None:
                             f"{HEADER_RESERVE_BYTES} for its header")
 
 
-def part_image(cfg: StreamConfig, session: dict, lines: list[EdgeLine]) -> bytes:
-    """A new, empty part of this stream as a file's bytes: every dataset and all metadata but the part's number and
-    creation time (``StreamFile.create`` writes those). Built in memory once per recording: HDF5 takes 2.7 ms to lay
-    out a part and writing this image 0.45 ms (measured), and a group writer's hundred streams all start new parts
-    at the same moment, every stream's messages waiting meanwhile."""
+def part_image(cfg: StreamConfig, lines: list[EdgeLine]) -> bytes:
+    """A new, empty part of this stream as a file's bytes: every dataset and all metadata but the session, the part's
+    number and its creation time (``StreamFile.create`` writes those). Built in memory once per writer process: HDF5
+    takes 2.7-4.6 ms to lay out a part and writing this image 0.45 ms (measured), and a group writer's hundred
+    streams all start new parts at the same moment, every stream's messages waiting meanwhile (built at each
+    RECORD, the images of 96 streams held their first messages ~0.5 s longer)."""
     f = h5py.File(f"acqd-part-{cfg.name}-{os.urandom(4).hex()}", "w", driver="core", backing_store=False,
                   libver="latest")
     try:
         f.attrs.update({
             "format": FORMAT, "format_version": FORMAT_VERSION, "stream": cfg.name, "part": 0, "created": "",
-            "session": json.dumps(session), "stream_config": cfg.model_dump_json(),
+            "stream_config": cfg.model_dump_json(),
             "compression": FILTER_NOTES[cfg.compression],
         })
         data = f.create_dataset("data", shape=(0, *cfg.shape), dtype=cfg.np_dtype, **dataset_options(cfg))
@@ -260,18 +261,19 @@ class StreamFile:
     def create(cls, path: Path, cfg: StreamConfig, *, session: dict, lines: list[EdgeLine], part: int = 0,
                encode_delay_s: float = 0.0, durable: bool = False, pool: Executor | None = None,
                image: bytes | None = None) -> StreamFile:
-        """Create the file with every dataset and all metadata (from ``image``, ``part_image`` of the same stream,
-        session and lines, if given), then switch to SWMR. ``encode_delay_s``: the ``slow_encode`` test hook
+        """Create the file with every dataset and all metadata (from ``image``, ``part_image`` of the same stream
+        and lines, if given), then switch to SWMR. ``encode_delay_s``: the ``slow_encode`` test hook
         (acqd.record.faults), passed to a camera's encoder. ``durable``: fsync the new file and its folder (the
         writer's policy when it fsyncs at all): the daemon lists a part in session.json as soon as the writer
         reports it, and a power cut before the part's first periodic fsync left session.json naming a file that
         never reached the disk, which finalize refused (row 5, on powerfs). Before returning, or with ``pool``,
         there: the returned file's ``syncing`` is that fsync, which the writer waits for before it reports the part
         (``Writer.after``)."""
-        f = open_stream_file(path, cfg, image if image is not None else part_image(cfg, session, lines))
+        f = open_stream_file(path, cfg, image if image is not None else part_image(cfg, lines))
         try:
             f.attrs["part"] = part
             f.attrs["created"] = datetime.now(timezone.utc).isoformat()
+            f.attrs["session"] = json.dumps(session)
             f.swmr_mode = True
             syncing = None
             if durable:

@@ -176,7 +176,9 @@ class Writer:
         self.file: StreamFile | None = None
         self.folder = Path()
         self.session: dict = {}
-        self.image: bytes | None = None  # a new part of this recording, as bytes (streamfile.part_image)
+        # A new part of this stream, as bytes (streamfile.part_image), laid out once, before the writer is ready: a
+        # group writer's hundred streams then start recording without laying out a hundred files at RECORD.
+        self.image = part_image(self.cfg, self.spec.lines)
         self.part = 0
         self.levels: list[bool | None] = []
         self.last_seq: int | None = None
@@ -287,7 +289,6 @@ class Writer:
     def start_recording(self, folder: str, session: dict, part: int) -> None:
         self.close_file()
         self.folder, self.session = Path(folder), session
-        self.image = None
         self.rec = Counts()
         self.first_recorded_ns = None
         # The recording starts at the next accepted chunk, with no gap before it; a restarted writer continues
@@ -317,7 +318,6 @@ class Writer:
             path = self.folder / part_filename(self.cfg.name, n)
             try:
                 with io_errors(path):  # a full disk stops the stream with its reason
-                    self.image = self.image or part_image(self.cfg, self.session, self.spec.lines)
                     self.file = StreamFile.create(path, self.cfg, session=self.session, lines=self.spec.lines,
                                                   part=n, encode_delay_s=self.faults.encode_delay_s(),
                                                   durable=self.spec.fsync_interval_s is not None, pool=self.pool,

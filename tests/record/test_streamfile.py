@@ -61,11 +61,11 @@ def layout(path) -> dict:
 
 
 def test_the_parts_of_a_recording_written_from_one_image_differ_only_in_number_and_creation_time(tmp_path):
-    """A writer lays out a part once per recording (``part_image``) and writes each part from it: the parts are the
-    file a fresh layout makes, each with its own number and creation time, open for SWMR as before."""
+    """A writer lays out a part once (``part_image``) and writes each part of every recording from it: the parts are
+    the file a fresh layout makes, each with its own session, number and creation time, open for SWMR as before."""
     cfg = CFG.model_copy(update={"compression": "zstd", "channel_names": ("a", "b", "c", "d")})
     session, lines = {"session_id": "abc"}, [EdgeLine(label="sync", channel=1, bit=0)]
-    image = part_image(cfg, session, lines)
+    image = part_image(cfg, lines)
     fresh = StreamFile.create(tmp_path / "fresh.h5", cfg, session=session, lines=lines, part=0)
     fresh.close()
     for part in (1, 2):
@@ -81,6 +81,8 @@ def test_the_parts_of_a_recording_written_from_one_image_differ_only_in_number_a
         del p["/"]["part"], p["/"]["created"], p["data"]["@"], p["index"]["@"]  # the data written differ
     assert parts[0] == parts[1] == parts[2] and '"abc"' in parts[0]["/"]["session"]
     assert "sync" in parts[0]["sync/edges"]["lines"] and parts[0]["data"]["channel_names"]
+    StreamFile.create(tmp_path / "next.h5", cfg, session={"session_id": "next"}, lines=lines, image=image).close()
+    assert json.loads(layout(tmp_path / "next.h5")["/"]["session"]) == {"session_id": "next"}  # the next recording
 
 
 def test_a_part_whose_creation_fails_is_removed(tmp_path, monkeypatch):
