@@ -1,6 +1,7 @@
 """What one group writer costs per slow stream, alone: no daemon, no simulator, no reference rig.
 
     PYTHONPATH=. .venv/bin/python scripts/bench_group.py 8 32 --seconds 10
+    PYTHONPATH=. .venv/bin/python scripts/bench_group.py 96 --seconds 6 --daemon-timing --record-after 1
 
 For each N: a real group writer process (acqd.record.group, through tests/record/livegroup.py) hosting N slow
 streams (4 x float32 at 1 kHz, 100 messages/s each, PUSH drivers in this process), recording for ``--seconds``;
@@ -47,20 +48,26 @@ def daemon_timing() -> dict:
                                        "clock_pair_interval_s")}
 
 
-def one(n: int, seconds: float, folder: Path, timing: dict | None = None, part_seconds: float | None = None) -> dict:
+def one(n: int, seconds: float, folder: Path, timing: dict | None = None, part_seconds: float | None = None,
+        record_after_s: float | None = None) -> dict:
     names = [f"s{i:03d}" for i in range(n)]
     g = LiveGroup(folder, names, dtype="float32", timing=timing, max_file_seconds=part_seconds)
     try:
         for name in names:
             g.wait_for(name, lambda m: m["type"] == "event" and m["kind"] == "connected", "its driver")
-        g.record_all()
+        if record_after_s is None:
+            g.record_all()
         data = np.zeros((10, 4), "<f4")
-        t0, c0, seq = time.monotonic(), ticks(g.proc.pid), 0
+        t0, c0, seq, record_ns = time.monotonic(), ticks(g.proc.pid), 0, None
         while time.monotonic() - t0 < seconds:
             for name in names:
                 h = Header(name, seq, 1, seq * 10, 10, "<f4", (4,), device_time_ns=time.time_ns())
                 g.drivers[name].send_multipart(encode(h, data))
             seq += 1
+            if record_after_s is not None and record_ns is None and seq * 0.01 >= record_after_s:
+                record_ns = time.time_ns()  # RECORD while every stream sends: what its start costs them
+                for name in names:
+                    g.command(name, cmd="record", folder=str(g.folder), session={"session_id": "t"}, part=0)
             g.pump(0)
             time.sleep(max(0.0, t0 + seq * 0.01 - time.monotonic()))
         dt, cpu = time.monotonic() - t0, ticks(g.proc.pid) - c0
@@ -71,22 +78,25 @@ def one(n: int, seconds: float, folder: Path, timing: dict | None = None, part_s
     finally:
         g.close()
     hz = os.sysconf("SC_CLK_TCK")
-    flushed = flushed_ms(g.folder)
-    return {"streams": n, "cpu_pct": round(100 * cpu / hz / dt, 1), "cpu_done_pct": round(100 * done / hz / dt, 1),
+    flushed, sent_ns = flushed_ms(g.folder)
+    start = {} if record_ns is None else {
+        "first_s_after_record_p99_ms": round(float(np.percentile(flushed[sent_ns < record_ns + 10**9], 99)))}
+    return {**start, "streams": n, "cpu_pct": round(100 * cpu / hz / dt, 1), "cpu_done_pct": round(100 * done / hz / dt, 1),
             "pss_mb": round(pss, 1), "messages_per_s": round(seq / dt), "load": round(os.getloadavg()[0], 1),
             "flushed_p50_ms": round(float(np.percentile(flushed, 50))),
             "flushed_p99_ms": round(float(np.percentile(flushed, 99)))}
 
 
-def flushed_ms(folder: Path) -> np.ndarray:
+def flushed_ms(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """publish -> flushed of every message, ms: each index row's ``committed_wall_ns - device_time_ns`` (the drivers
-    stamp each message with its send time), as the daemon benchmark reads it."""
-    out = []
+    stamp each message with its send time), as the daemon benchmark reads it; and each one's send time (ns)."""
+    out, sent = [], []
     for path in folder.rglob("*.h5"):
         with h5py.File(path, "r") as f:
             index = f["index"][:]
         out.append((index["committed_wall_ns"] - index["device_time_ns"]) / 1e6)
-    return np.concatenate(out)
+        sent.append(index["device_time_ns"])
+    return np.concatenate(out), np.concatenate(sent)
 
 
 def handled_all(g: LiveGroup, names: list[str], n: int, timeout_s: float = 60.0) -> None:
@@ -112,6 +122,10 @@ def main() -> None:
                         "tests' (flush and stats every 0.1 s, no fsync)")
     p.add_argument("--part-seconds", type=float, default=None,
                    help="cut every stream's parts after this many seconds of samples (all roll over together)")
+    p.add_argument("--record-after", type=float, default=None, metavar="S",
+                   help="send for S seconds before RECORD, then record while every stream sends; reports the p99 "
+                        "publish->flushed of the messages sent in the first second after RECORD (default: RECORD "
+                        "before the window)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="acqd-bg-", dir="/tmp") as tmp:
         runs = []
@@ -119,7 +133,7 @@ def main() -> None:
             folder = Path(tmp) / str(n)
             folder.mkdir()
             timing = daemon_timing() if args.daemon_timing else None
-            runs.append(one(n, args.seconds, folder, timing, args.part_seconds))
+            runs.append(one(n, args.seconds, folder, timing, args.part_seconds, args.record_after))
             print(runs[-1], flush=True)
     lo, hi = runs[0], runs[-1]
     if hi["streams"] > lo["streams"]:
