@@ -63,7 +63,8 @@ class Supervisor:
         base = runtime_base()
         self._endpoint_locks = lock_endpoints(base, ((s.name, s.endpoint) for s in cfg.streams))
         self.runtime_dir = make_daemon_dir(base)
-        self.writers = Writers(cfg, self.runtime_dir, self.incident, lambda *a: self.live.count_reject(*a))
+        self.live = live.Live()
+        self.writers = Writers(cfg, self.runtime_dir, self.incident, self.live.count_reject)
         self.control_endpoint = self.writers.control_endpoint
         self.disk = DiskReserve(cfg.daemon.disk_reserve_bytes, self.incident)
         self._closed_unsaved: list[tuple[Path, dict]] = []  # closed sessions whose last write failed
@@ -83,7 +84,6 @@ class Supervisor:
         self.events = EventBus()
         self.jobs = Jobs(self.events)  # (kind, session id) -> the latest finalize or export run
         self.scrubs = Scrubs(self.events.publish)  # finalized sessions are read again (acqd.finalize.scrub)
-        self.live = live.Live()
         self.synclock = SyncLock(cfg)  # the live sync lock, fed with the writers' stats (acqd.service.synclock)
         self._checked_at = 0.0
         self.on_tick: Callable[[], None] | None = None
