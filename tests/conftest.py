@@ -6,6 +6,7 @@ from tests.bytecode import cache_bytecode
 
 cache_bytecode()  # first: the modules imported below, and every process the tests start, keep their bytecode
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -132,11 +133,24 @@ def assert_bit_exact(f, rig: Rig, stream: str) -> int:
 @contextmanager
 def acquiring(daemon: Daemon, rig_file: Path, seed: int, **sim: object) -> Iterator[Simulator]:
     """ACQUIRE, start the simulated rig, and wait until every stream flows (RECORD's preflight passes); yields the
-    simulator, stopped on the way out."""
+    simulator, stopped on the way out.
+
+    A stream that received from an earlier simulator must have received from this one too: the preflight passes
+    while the earlier one's last message is younger than ``silent_after_s``, and a RECORD a moment later would find
+    the stream silent."""
     daemon.command("acquire")
+    heard = [n for n, s in daemon.command("status")["streams"].items() if s["silent_s"] is not None]
+    started = time.monotonic()
     simulator = Simulator(rig_file, SIM_SECONDS, seed=seed, **sim)
+
+    def flowing() -> bool:
+        streams = daemon.command("status")["streams"]
+        return (all((silent := streams[n]["silent_s"]) is not None and silent < time.monotonic() - started
+                    for n in heard)
+                and not daemon.command("preflight")["problems"])
+
     try:
-        wait_until(lambda: not daemon.command("preflight")["problems"], "all streams to flow")
+        wait_until(flowing, "all streams to flow")
         yield simulator
     finally:
         simulator.stop()

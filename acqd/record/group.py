@@ -16,8 +16,8 @@ then records a gap with reason ``writer`` (what the dead process held, at most t
 must not share that fate gets ``writer_group: own``. A write failure of one stream (a full disk, EIO twice) stops
 that stream only, with its reason; the others go on.
 
-Started as ``python -m acqd.record.launch '{"group_file": PATH, "parent_pid": PID}'``: the group's spec is a JSON
-file (``GroupSpec``; a hundred stream configs exceed what one command-line argument may hold).
+Started with ``{"group_file": PATH}`` as its spec (acqd.record.launch): the group's spec is a JSON file
+(``GroupSpec``; a hundred stream configs would make a long command line for ``python -m acqd.record.launch``).
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
-"""The writer process's entry point: tie its life to the daemon's before anything else runs.
+"""The writer process's entry point: tie its life to its parent's before anything else runs.
 
-``python -m acqd.record.launch SPEC_JSON`` is how the supervisor starts a writer (or a group writer, when the spec
-names a ``group_file``: acqd.record.group). Before the heavy imports (numpy,
-h5py, zmq) and before any driver connection, it asks Linux to send SIGTERM when the daemon dies
-(``PR_SET_PDEATHSIG``), then compares its parent with the daemon's pid written in the spec: a daemon that died
-before the prctl has already handed the writer to another parent, the signal will never come, and the writer
-exits at once with ``EXIT_ORPHANED`` instead of connecting to drivers that a restarted daemon is reading.
-Only the standard library is imported until that check has passed.
+The supervisor's writers are forked by the writer fork server (acqd.record.forkserver), which calls ``run`` in each
+child; ``python -m acqd.record.launch SPEC_JSON`` starts one by hand (tests, debugging) the same way, as a process
+of its own. Either way the spec names a ``group_file`` for a group writer (acqd.record.group), else it is a
+writer's (acqd.record.writer). Before the heavy imports (numpy, h5py, zmq) and before any driver connection, a
+writer asks Linux to send SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), then compares its parent with the
+one it expects (here the ``parent_pid`` in the spec): a parent that died before the prctl has already handed the
+writer to another, the signal will never come, and the writer exits at once with ``EXIT_ORPHANED`` instead of
+connecting to drivers that a restarted daemon is reading. Only the standard library is imported until that check
+has passed.
 """
 
 from __future__ import annotations
@@ -29,22 +31,28 @@ def die_with_parent() -> None:
         pass  # not Linux: the writer's loop still notices a new parent pid
 
 
+def run(spec: str) -> int:
+    """Run the writer (or group writer) of ``spec``; its exit code."""
+    if "group_file" in json.loads(spec):  # several streams in one process (acqd.record.group)
+        from acqd.record.group import main
+    else:
+        from acqd.record.writer import main
+    return main([spec])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     die_with_parent()
-    spec = json.loads(args[0])
-    parent = spec.get("parent_pid")
+    parent = json.loads(args[0]).get("parent_pid")
     if parent and os.getppid() != parent:
         print(f"acqd writer: the daemon (pid {parent}) is gone; exiting", file=sys.stderr, flush=True)
         return EXIT_ORPHANED
     from acqd.startup import importing
 
     with importing():  # numpy, h5py, zmq and the config models: most of a writer's start-up (acqd.startup)
-        if "group_file" in spec:  # several streams in one process (acqd.record.group)
-            from acqd.record.group import main as run
-        else:
-            from acqd.record.writer import main as run
-    return run(args)
+        import acqd.record.group  # noqa: F401
+        import acqd.record.writer  # noqa: F401
+    return run(args[0])
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ as cut. One stats interval holds a handful at any sane pulse rate; the bound kee
 
 @dataclass(frozen=True, slots=True)
 class WriterSpec:
-    """Everything a writer process needs, serialised as JSON on its command line."""
+    """Everything a writer process needs, serialised as JSON (a line to the fork server, or launch's argument)."""
 
     stream: StreamConfig
     lines: list[EdgeLine]
@@ -100,7 +100,8 @@ class WriterSpec:
     stats_interval_s: float
     clock_pair_interval_s: float
     parent_pid: int = 0
-    """The daemon's pid when it started this writer; any other parent means the daemon died (see launch)."""
+    """For a writer started by hand (``python -m acqd.record.launch``): the pid it must be the child of (see launch).
+    0 for a forked writer: the fork server checked that it is the parent."""
 
     def to_json(self) -> str:
         plain = {f.name: getattr(self, f.name) for f in fields(self)}

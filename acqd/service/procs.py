@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from acqd.client import Client
+from acqd.record.forkserver import pid_alive  # noqa: F401 - the tests' too
 
 T = TypeVar("T")
 
@@ -32,15 +33,6 @@ def wait_until(cond: Callable[[], T], what: str, timeout_s: float = 60.0, every_
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(every_s)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a running process (a zombie, dead but not yet reaped by its parent, is not)."""
-    try:
-        os.kill(pid, 0)
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (ProcessLookupError, FileNotFoundError):
-        return False
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = 60.0, sig: int = signal.SIGTERM) -> int:

@@ -1,7 +1,7 @@
 """The writer processes as the supervisor sees them: spawn, command, hear, restart, reconcile, stop.
 
 One writer process per stream, or per group of slow streams (acqd.record.group: one handle per stream, sharing the
-process and its pid), (``acqd.record.launch``) talks to the daemon over one ZeroMQ ROUTER socket, the
+process and its pid), forked by the writer fork server (acqd.record.forkserver), talks to the daemon over one ZeroMQ ROUTER socket, the
 control socket this module binds. Every writer message carries the writer's pid and the id of the last command it
 handled (``acked``); its stats say whether (and where) it is recording. A writer that sends nothing for
 ``heartbeat_timeout_s`` is ``hung`` (an incident; RECORD is refused); once it has handled every command sent to
@@ -16,9 +16,7 @@ Runs on the supervisor thread only.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from typing import Any, Literal, Protocol
 import zmq
 
 from acqd.config import RigConfig, StreamConfig
+from acqd.record.forkserver import LOST, ForkServer, Forked
 from acqd.record.group import GroupSpec, writer_groups
 from acqd.record.preview import is_message as is_preview
 from acqd.record.writer import EXIT_DISK_FULL, EXIT_WRITE_ERROR, WriterSpec
@@ -53,7 +52,7 @@ class WriterHandle:
     """The supervisor's view of one writer process."""
 
     name: str
-    proc: subprocess.Popen
+    proc: Forked | subprocess.Popen
     ready: bool = False
     state: str = "starting"  # starting | acquiring | recording | stopping | stopped | failed
     reason: str | None = None
@@ -115,12 +114,17 @@ class Writers(dict[str, WriterHandle]):
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
+        # A writer's identity is its stream's name. A restarted writer (forked in milliseconds) can connect before
+        # this socket has seen its dead predecessor's connection close: without handover the ROUTER keeps the old
+        # connection under that name, and drops whatever the new writer sends and whatever is sent to it.
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.control_endpoint = f"ipc://{runtime_dir}/control"
         self.router.bind(self.control_endpoint)
         self.junk_messages = 0
         self.runtime_dir = runtime_dir
         self.groups = writer_groups(cfg)  # stream -> the group writer hosting it (None: a process of its own)
         self.hangs = Hangs()  # hung writer processes: one writer_hung / writer_recovered incident each
+        self.forks = ForkServer()
 
     # -- processes and commands ------------------------------------------------------------------
     def spawn(self, name: str) -> dict[str, WriterHandle]:
@@ -131,10 +135,10 @@ class Writers(dict[str, WriterHandle]):
         specs = [WriterSpec(stream=self.cfg.stream(n), lines=self.cfg.edge_lines(n),
                             control=self.control_endpoint, flush_interval_s=d.flush_interval_s,
                             fsync_interval_s=d.fsync_interval_s, stats_interval_s=d.stats_interval_s,
-                            clock_pair_interval_s=d.clock_pair_interval_s, parent_pid=os.getpid()) for n in names]
-        arg = (GroupSpec(group, specs, os.getpid()).write(self.runtime_dir / f"group-{group}.json")
+                            clock_pair_interval_s=d.clock_pair_interval_s) for n in names]
+        arg = (GroupSpec(group, specs).write(self.runtime_dir / f"group-{group}.json")
                if len(specs) > 1 else specs[0].to_json())  # a group of one is a plain writer
-        proc = subprocess.Popen([sys.executable, "-m", "acqd.record.launch", arg], stdin=subprocess.DEVNULL)
+        proc = self.forks.fork(arg)
         return {n: WriterHandle(n, proc) for n in names}
 
     def start(self) -> None:
@@ -168,6 +172,7 @@ class Writers(dict[str, WriterHandle]):
         self.hangs.clear()
 
     def close(self) -> None:
+        self.forks.close()
         self.router.close(linger=0)
         self.ctx.term()
 
@@ -294,7 +299,8 @@ class Writers(dict[str, WriterHandle]):
                 h.state = "stopped_failed"
                 self.incident(name, kind, h.reason, incomplete=True)
                 continue
-            how = f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+            how = ("ended with the writer fork server, which died" if rc == LOST
+                   else f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}")
             d, now = self.cfg.daemon, time.monotonic()
             if sum(now - t < d.restart_window_s for t in h.restarts) >= d.max_writer_restarts:
                 h.state, h.reason = "stopped_failed", (f"writer {how}; not restarted: already restarted "

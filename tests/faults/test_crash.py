@@ -91,6 +91,39 @@ def test_row01_writer_kill9_loses_at_most_a_flush_and_the_stream_resumes_in_a_ne
         "streams/probe.h5", "streams/probe.part001.h5"]
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.e2e
+def test_the_writer_fork_server_killed_while_recording_every_stream_resumes_in_a_new_part(tmp_path, daemon_factory):
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG)
+    daemon = daemon_factory(rig_file)
+    with recording(daemon, rig_file, "forkserverkill", seed=12) as (_, folder):
+        before = daemon.command("status")["streams"]
+        server = parent_of(before["probe"]["pid"])
+        assert server != daemon.pid and {parent_of(s["pid"]) for s in before.values()} == {server}
+        os.kill(server, signal.SIGKILL)  # its writers get SIGTERM (PR_SET_PDEATHSIG) and close their parts
+        def resumed() -> dict | None:
+            streams = daemon.command("status")["streams"]
+            return streams if all(s["state"] == "recording" and s["part"] == 1 and s["rows"] > 0
+                                  for s in streams.values()) else None
+
+        after = wait_until(resumed, "every stream to record into its next part")
+        new = {parent_of(s["pid"]) for s in after.values()}
+        assert len(new) == 1 and server not in new  # one new server forked them all
+        daemon.command("stop")
+    cfg, rig = rig_for(rig_file, seed=12)
+    session = json.loads((folder / "session.json").read_text())
+    died = {i["stream"]: i["detail"] for i in session["incidents"] if i["kind"] == "writer_died"}
+    assert set(died) == {s.name for s in cfg.streams} and session["incomplete"]
+    for s in cfg.streams:
+        assert "ended with the writer fork server, which died; restarted as pid" in died[s.name]
+        for part in (f"{s.name}.h5", f"{s.name}.part001.h5"):
+            with open_for_read(folder / "streams" / part) as f:
+                assert assert_bit_exact(f, rig, s.name) == committed_rows(f) > 0, part
+
+
 @pytest.mark.e2e
 def test_row03_daemon_kill9_then_restart_finds_the_interrupted_session(rig_file, daemon_factory):
     daemon = daemon_factory(rig_file)

@@ -24,8 +24,10 @@ from tests.conftest import SMALL_PROBE, SMALL_RIG, acquiring, assert_bit_exact, 
 from tests.sessions import SUBJECT
 
 
-def writers_of(tag: str) -> list[int]:
-    """Live writer processes whose command line mentions ``tag`` (the test's own folder), whoever their parent."""
+def writers_of(daemon_pid: int) -> list[int]:
+    """Live writer processes of the daemon ``daemon_pid``, and their fork server, whoever their parent now: a forked
+    writer keeps its server's command line, which names the daemon (acqd.record.forkserver)."""
+    tag = f"acqd.record.forkserver {daemon_pid} "
     pids = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -34,7 +36,7 @@ def writers_of(tag: str) -> list[int]:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "acqd.record" in cmd and tag in cmd and pid_alive(int(d.name)):
+        if tag in cmd and pid_alive(int(d.name)):
             pids.append(int(d.name))
     return pids
 
@@ -130,7 +132,7 @@ def kill_daemon_during_acquire(tmp_path: Path, seed: int) -> tuple[list[int], di
     seen while it lived, writer processes of this test still alive 10 s after: what /proc says of each)."""
     rig_file = write_rig(tmp_path)
     daemon = Daemon(rig_file, tmp_path / "data", tmp_path)
-    tag = str(tmp_path / "ipc")
+    tag = daemon.pid
     seen: set[int] = set()
     try:
         threading.Thread(target=lambda: _quietly(daemon.command, "acquire"), daemon=True).start()
