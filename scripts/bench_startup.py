@@ -8,10 +8,11 @@ a 48x64 camera, the DAQ and the sensor; each stream a writer process of its own)
 - ``acquire_s``: ACQUIRE, from the command until every writer is ready (the command returns then);
 - ``cpu_s``: the CPU of every process of the daemon (the daemon, its writers, its fork server: this script is their
   subreaper, and reaps each) from the start until its exit after SIGTERM, ACQUIRE and nothing else in between;
-- ``restart_gap_ms``: with the simulated rig sending and a recording running, the probe's writer is killed -9
-  ``--kills`` times; each time, the samples between the last one in the dead writer's part and the first one in the
-  next part (the probe is a SUB stream: what was published while no writer listened is lost), in ms of the probe's
-  30 kHz.
+- with the simulated rig sending and a recording running, the probe's writer is killed -9 ``--kills`` times; each
+  time ``restart_ms``, from the kill until the status shows the stream recording into its next part (polled every
+  5 ms), and ``restart_gap_ms``, the samples between the last one in the dead writer's part and the first one in the
+  next part, in ms of the probe's 30 kHz: what the kill lost (up to ``flush_interval_s``, 0.25 s here, that the
+  writer had not flushed) and what was published while no writer listened (the probe is a SUB stream).
 
 Prints one JSON line per run, then the medians. Run it in two checkouts to compare them; nothing else should run.
 """
@@ -56,6 +57,7 @@ def cpu_of_children() -> float:
 
 
 def start_and_acquire(folder: Path) -> dict:
+    folder.mkdir()
     rig = write_rig(folder, stream_overrides=SMALL_RIG)
     cpu0, t0 = cpu_of_children(), time.monotonic()
     daemon = Daemon(rig, folder / "data", folder)
@@ -69,9 +71,11 @@ def start_and_acquire(folder: Path) -> dict:
             "cpu_s": round(cpu_of_children() - cpu0, 3)}
 
 
-def restart_gaps(folder: Path, kills: int) -> list[float]:
-    rig = write_rig(folder, stream_overrides=SMALL_RIG)
+def restarts(folder: Path, kills: int) -> tuple[list[int], list[float]]:
+    folder.mkdir()
+    rig = write_rig(folder, stream_overrides=SMALL_RIG, daemon_overrides={"max_writer_restarts": kills})
     daemon = Daemon(rig, folder / "data", folder)
+    restart_ms: list[int] = []
     try:
         daemon.command("acquire")
         sim = Simulator(rig, 600, seed=1)
@@ -82,9 +86,12 @@ def restart_gaps(folder: Path, kills: int) -> list[float]:
             for k in range(kills):
                 probe = wait_until(lambda: (p := daemon.command("status")["streams"]["probe"])["state"] == "recording"
                                    and p["part"] == k and p["rows"] > 30000 and p, "a second of the probe")
+                killed = time.monotonic()
                 os.kill(probe["pid"], signal.SIGKILL)
-            wait_until(lambda: (p := daemon.command("status")["streams"]["probe"])["part"] == kills
-                       and p["state"] == "recording" and p["rows"] > 30000, "the last restart to record")
+                wait_until(lambda: (p := daemon.command("status")["streams"]["probe"])["part"] == k + 1
+                           and p["state"] == "recording", "the restarted writer to record", every_s=0.005)
+                restart_ms.append(round((time.monotonic() - killed) * 1000))
+            wait_until(lambda: daemon.command("status")["streams"]["probe"]["rows"] > 30000, "the last part's data")
             daemon.command("stop")
         finally:
             sim.stop()
@@ -97,7 +104,7 @@ def restart_gaps(folder: Path, kills: int) -> list[float]:
         with h5py.File(p, "r", libver="latest", swmr=True) as f:
             index = f["index"][:]
             spans.append((int(index["first_sample"][0]), int(index["first_sample"][-1] + index["n_samples"][-1])))
-    return [round((nxt[0] - prev[1]) / 30.0, 1) for prev, nxt in zip(spans, spans[1:])]
+    return restart_ms, [round((nxt[0] - prev[1]) / 30.0, 1) for prev, nxt in zip(spans, spans[1:])]
 
 
 def main() -> int:
@@ -110,11 +117,12 @@ def main() -> int:
     for run in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="acqd-startup-") as tmp:
             out = start_and_acquire(Path(tmp) / "a")
-            out["restart_gap_ms"] = restart_gaps(Path(tmp) / "b", args.kills)
+            out["restart_ms"], out["restart_gap_ms"] = restarts(Path(tmp) / "b", args.kills)
         print(json.dumps(out), flush=True)
         runs.append(out)
     med = {k: statistics.median(r[k] for r in runs) for k in ("start_s", "acquire_s", "cpu_s")}
-    med["restart_gap_ms"] = statistics.median(g for r in runs for g in r["restart_gap_ms"])
+    for k in ("restart_ms", "restart_gap_ms"):
+        med[k] = statistics.median(g for r in runs for g in r[k])
     print(json.dumps({"median": med}))
     return 0
 

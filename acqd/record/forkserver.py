@@ -72,6 +72,14 @@ class ForkServer:
                 self.server = None
         raise AssertionError("unreachable")
 
+    def fileno(self) -> int | None:
+        """The socket the server's news arrive on, to wait on with others (None: no server to hear from)."""
+        return None if self.server is None or self.server.closed else self.server.sock.fileno()
+
+    def hear(self) -> bool:
+        """Take the server's news, if any: True when a writer has ended (or the server has gone)."""
+        return self.server is not None and self.server.hear()
+
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
@@ -105,6 +113,13 @@ class Server:
                     raise ForkServerError("it closed its socket" if self.closed else "no pid came back")
                 self._read(min(left, 1.0))
         return Forked(self, self.forked[n])
+
+    def hear(self) -> bool:
+        with self.lock:
+            ended = len(self.codes)
+            if not self.closed:
+                self._read(0)
+            return len(self.codes) > ended or self.closed
 
     def returncode(self, pid: int, poll: bool) -> int | None:
         """How writer ``pid`` ended, None while it runs; ``poll`` reads the server's news first."""

@@ -125,9 +125,14 @@ class Supervisor:
         poller = zmq.Poller()
         poller.register(self.writers.router, zmq.POLLIN)
         poller.register(self._calls.wake_fd, zmq.POLLIN)
-        other = self._calls.wake_fd in dict(poller.poll(int(timeout_s * 1000)))
+        if (forks := self.writers.forks.fileno()) is not None:  # a writer's end: restarted at once, not at a tick
+            poller.register(forks, zmq.POLLIN)
+        events = dict(poller.poll(int(timeout_s * 1000)))
+        other = self._calls.wake_fd in events
         if other:
             self._calls.woken()
+        if forks in events and self.writers.forks.hear():
+            self._checked_at, other = 0.0, True
         for name, msg in self.writers.receive(lambda n: n in self.writers or self.lsl.owns(n), self.previews.publish):
             self._on_writer_message(name, msg)
             other = True

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 from pathlib import Path
@@ -104,3 +105,13 @@ def test_the_server_ends_when_the_supervisor_closes_it(control, forks):
     proc = forks.server.proc
     forks.close()
     assert proc.returncode == 0 and forks.server is None
+
+
+def test_a_writer_s_end_wakes_whoever_waits_on_the_server_s_socket(control, forks):
+    w = forks.fork(control.spec("a"))
+    control.wait_ready(w)
+    fd = forks.fileno()
+    assert fd is not None and not select.select([fd], [], [], 0)[0] and not forks.hear()
+    w.kill()
+    assert select.select([fd], [], [], 20)[0], "no news of the writer's end"
+    assert forks.hear() and w.returncode == -signal.SIGKILL  # heard: known without polling the handle
