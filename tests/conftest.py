@@ -6,7 +6,6 @@ from tests.bytecode import cache_bytecode
 
 cache_bytecode()  # first: the modules imported below, and every process the tests start, keep their bytecode
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,6 +129,15 @@ def assert_bit_exact(f, rig: Rig, stream: str) -> int:
     return int(index["n_samples"].sum()) if len(index) else 0
 
 
+def messages(stream: dict) -> int:
+    """Messages a stream's writer received since ACQUIRE (its status' ``total``)."""
+    return (stream.get("total") or {}).get("messages", 0)
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 @contextmanager
 def acquiring(daemon: Daemon, rig_file: Path, seed: int, **sim: object) -> Iterator[Simulator]:
     """ACQUIRE, start the simulated rig, and wait until every stream flows (RECORD's preflight passes); yields the
@@ -139,14 +147,12 @@ def acquiring(daemon: Daemon, rig_file: Path, seed: int, **sim: object) -> Itera
     while the earlier one's last message is younger than ``silent_after_s``, and a RECORD a moment later would find
     the stream silent."""
     daemon.command("acquire")
-    heard = [n for n, s in daemon.command("status")["streams"].items() if s["silent_s"] is not None]
-    started = time.monotonic()
+    heard = {n: messages(s) for n, s in daemon.command("status")["streams"].items() if messages(s)}
     simulator = Simulator(rig_file, SIM_SECONDS, seed=seed, **sim)
 
     def flowing() -> bool:
         streams = daemon.command("status")["streams"]
-        return (all((silent := streams[n]["silent_s"]) is not None and silent < time.monotonic() - started
-                    for n in heard)
+        return (all(messages(streams[n]) > m for n, m in heard.items())
                 and not daemon.command("preflight")["problems"])
 
     try:

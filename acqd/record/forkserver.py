@@ -14,11 +14,13 @@ per event::
 
     to the server     SPEC_JSON        a writer's spec, as ``python -m acqd.record.launch`` takes it
     from the server   pid PID          the writer forked for it
+                      error WHY        no writer: the fork failed (the writers already running go on)
                       exit PID CODE    PID ended; CODE as ``subprocess.Popen.returncode`` (-N: killed by signal N)
 
 The supervisor's side is ``ForkServer``; its ``Forked`` handles stand where ``subprocess.Popen`` stood. If the
 server dies, its writers end with it: each of their handles ends with ``LOST`` once its process is gone, and the
-next fork starts a new server.
+next fork starts a new server. Used from one thread (the supervisor's): no call blocks longer than
+``FORK_TIMEOUT_S`` (a server that does not answer is replaced, once), well within systemd's watchdog.
 """
 
 from __future__ import annotations
@@ -30,21 +32,26 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import traceback
 
-from acqd.record.launch import EXIT_ORPHANED, die_with_parent
+from acqd.record.launch import EXIT_ORPHANED, tie_to_parent
 
 LOST = 256
 """The return code of a writer whose server died: how it ended is unknown (no exit status is 256)."""
-FORK_TIMEOUT_S = 60.0
+FORK_TIMEOUT_S = 20.0
 """How long a fork waits for its pid: the first fork of a server waits for its imports (~0.3 s of CPU)."""
+FORK_FAILS_ENV = "ACQD_FORKSERVER_FAIL_FROM"
+"""A test hook, read by the server only: from the Nth fork it is asked for on, fail it (as os.fork's EAGAIN)."""
 log = logging.getLogger("acqd")
 
 
 class ForkServerError(RuntimeError):
-    """The fork server did not fork a writer."""
+    """No writer was forked: the fork failed, or the server did not answer."""
+
+
+class ForkFailed(ForkServerError):
+    """The server answered that the fork failed."""
 
 
 class ForkServer:
@@ -54,22 +61,24 @@ class ForkServer:
         self.server: Server | None = None
 
     def fork(self, spec: str) -> Forked:
-        """A new writer process running ``spec``."""
+        """A new writer process running ``spec``; raises ForkServerError when none could be forked."""
         for attempt in (1, 2):
             if self.server is not None and not self.server.running():
                 log.error("the writer fork server (pid %d) died; its writers end with it, a new server forks "
                           "their replacements", self.server.proc.pid)
-                self.server.close()
-                self.server = None
+                self.close()
             if self.server is None:
                 self.server = Server()
             try:
                 return self.server.fork(spec)
+            except ForkFailed as e:  # the server is fine, the fork was not: nothing to replace
+                raise ForkServerError(f"the writer fork server could not fork: {e}") from e
             except (OSError, ForkServerError) as e:
                 if attempt == 2:
-                    raise ForkServerError(f"the writer fork server did not fork: {e}") from e
-                self.server.close()  # a server that cannot fork is replaced, once
-                self.server = None
+                    raise ForkServerError(f"the writer fork server did not answer: {e}") from e
+                log.error("the writer fork server (pid %d) did not answer (%s); starting a new one",
+                          self.server.proc.pid, e)
+                self.close()
         raise AssertionError("unreachable")
 
     def fileno(self) -> int | None:
@@ -77,7 +86,7 @@ class ForkServer:
         return None if self.server is None or self.server.closed else self.server.sock.fileno()
 
     def hear(self) -> bool:
-        """Take the server's news, if any: True when a writer has ended (or the server has gone)."""
+        """Take the server's news: True when a writer has ended (or the server has gone) since the last call."""
         return self.server is not None and self.server.hear()
 
     def close(self) -> None:
@@ -91,69 +100,82 @@ class Server:
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair()
-        self.proc = subprocess.Popen([sys.executable, "-m", __name__, str(os.getpid()), str(theirs.fileno())],
-                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
-        theirs.close()
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", __name__, str(os.getpid()), str(theirs.fileno())],
+                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
         self.sock, self.buf, self.closed = ours, b"", False
-        self.forked: list[int] = []  # pids, in the order of the forks asked for
+        self.answers: list[int | str] = []  # to the forks asked for, in order: a pid, or why it failed
         self.codes: dict[int, int] = {}  # pid -> how it ended
-        self.lock = threading.Lock()  # the supervisor thread polls; the status read of a handle may come from another
+        self.ended = False  # a writer ended (or the server went) since ``hear`` last looked
 
     def running(self) -> bool:
         return not self.closed and self.proc.poll() is None
 
     def fork(self, spec: str) -> Forked:
-        n = len(self.forked)
         self.sock.sendall(spec.encode() + b"\n")
         deadline = time.monotonic() + FORK_TIMEOUT_S
-        with self.lock:
-            while len(self.forked) == n:
-                left = deadline - time.monotonic()
-                if left <= 0 or self.closed:
-                    raise ForkServerError("it closed its socket" if self.closed else "no pid came back")
-                self._read(min(left, 1.0))
-        return Forked(self, self.forked[n])
+        while not self.answers:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.closed:
+                raise ForkServerError("it closed its socket" if self.closed else f"no answer in {FORK_TIMEOUT_S:g} s")
+            self._read(min(left, 1.0))
+        answer = self.answers.pop(0)
+        if isinstance(answer, str):
+            raise ForkFailed(answer)
+        return Forked(self, answer)
 
     def hear(self) -> bool:
-        with self.lock:
-            ended = len(self.codes)
-            if not self.closed:
-                self._read(0)
-            return len(self.codes) > ended or self.closed
+        if not self.closed:
+            self._read(0)
+        ended, self.ended = self.ended or self.closed, False
+        return ended
 
     def returncode(self, pid: int, poll: bool) -> int | None:
         """How writer ``pid`` ended, None while it runs; ``poll`` reads the server's news first."""
-        with self.lock:
-            if poll and pid not in self.codes:
-                if not self.closed:
-                    self._read(0)
-                if self.closed and not pid_alive(pid):  # the server is gone: so is how the writer ended
-                    self.codes[pid] = LOST
-            return self.codes.get(pid)
+        if poll and pid not in self.codes:
+            if not self.closed:
+                self._read(0)
+            if self.closed and not pid_alive(pid):  # the server is gone: so is how the writer ended
+                self.codes[pid] = LOST
+        return self.codes.get(pid)
 
-    def _read(self, timeout_s: float) -> None:
-        """Take what the server said within ``timeout_s`` (under ``lock``)."""
-        if not select.select([self.sock], [], [], timeout_s)[0]:
-            return
-        data = self.sock.recv(65536)
+    def _read(self, timeout_s: float) -> bool:
+        """Take what the server said within ``timeout_s``; whether it said anything."""
+        poller = select.poll()  # (not select.select: a daemon may hold more than 1024 files)
+        poller.register(self.sock, select.POLLIN)
+        if not poller.poll(timeout_s * 1000):
+            return False
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:  # it died with our data unread
+            data = b""
         if not data:
             self.closed = True
-            return
+            return False
         *lines, self.buf = (self.buf + data).split(b"\n")
         for line in lines:
-            kind, *values = line.split()
-            if kind == b"pid":
-                self.forked.append(int(values[0]))
-            elif kind == b"exit":
-                self.codes[int(values[0])] = int(values[1])
+            kind, _, rest = line.decode(errors="replace").partition(" ")
+            if kind == "pid":
+                self.answers.append(int(rest))
+                self.codes.pop(int(rest), None)  # an earlier writer's pid, reused
+            elif kind == "error":
+                self.answers.append(rest)
+            elif kind == "exit":
+                pid, code = rest.split()
+                self.codes[int(pid)], self.ended = int(code), True
+        return True
 
     def close(self) -> None:
         """End the server: it exits when its socket closes (its writers, if any still run, get SIGTERM)."""
-        with self.lock:
-            while not self.closed and select.select([self.sock], [], [], 0)[0]:
-                self._read(0)  # the ends it reported before it went
-            self.closed = True
-            self.sock.close()
+        while not self.closed and self._read(0):
+            pass  # the ends it reported before it went
+        self.closed = True
+        self.sock.close()
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
@@ -166,13 +188,18 @@ class Forked:
 
     def __init__(self, server: Server, pid: int):
         self.server, self.pid = server, pid
+        self.code: int | None = None
 
     @property
     def returncode(self) -> int | None:
-        return self.server.returncode(self.pid, poll=False)
+        if self.code is None:
+            self.code = self.server.returncode(self.pid, poll=False)
+        return self.code
 
     def poll(self) -> int | None:
-        return self.server.returncode(self.pid, poll=True)
+        if self.code is None:
+            self.code = self.server.returncode(self.pid, poll=True)
+        return self.code
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -213,10 +240,11 @@ def serve(sock: socket.socket) -> int:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # handled, so that each SIGCHLD writes to the wakeup fd
-    server, buf = os.getpid(), b""
+    server, buf, asked = os.getpid(), b"", 0
+    fail_from = int(os.environ.get(FORK_FAILS_ENV) or 0)
     try:
         while True:
-            ready = select.select([sock, wake_r], [], [])[0]
+            ready = select.select([sock, wake_r], [], [])[0]  # (two descriptors, opened first: below 1024)
             if wake_r in ready:
                 os.read(wake_r, 4096)
                 while True:
@@ -233,31 +261,40 @@ def serve(sock: socket.socket) -> int:
                     return 0  # the supervisor is done with us
                 *specs, buf = (buf + data).split(b"\n")
                 for spec in specs:
-                    pid = os.fork()
+                    asked += 1
+                    try:
+                        if fail_from and asked >= fail_from:
+                            raise BlockingIOError(11, "Resource temporarily unavailable (the test hook)")
+                        pid = os.fork()
+                    except OSError as e:  # a pid or memory limit: this writer only, the others go on
+                        sock.sendall(f"error {e}\n".encode())
+                        continue
                     if pid == 0:
-                        sock.close()
-                        for fd in (wake_r, wake_w):
-                            os.close(fd)
-                        os._exit(child(spec.decode(), server))
+                        os._exit(child(spec.decode(), server, sock, (wake_r, wake_w)))
                     sock.sendall(f"pid {pid}\n".encode())
-    except OSError:  # the supervisor went away mid-reply: we go too (and our writers with us)
+    except (BrokenPipeError, ConnectionResetError):  # the supervisor went: so do we (and our writers with us)
         return 0
 
 
-def child(spec: str, server: int) -> int:
-    """A forked writer: tie its life to the server's, then run it; its exit code."""
+def child(spec: str, server: int, sock: socket.socket, pipe: tuple[int, int]) -> int:
+    """A forked writer: drop the server's descriptors, tie its life to the server's, run it; its exit code."""
     try:
-        signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(-1)  # before its pipe closes: a signal would write to a closed (or reused) fd
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        die_with_parent()
-        if os.getppid() != server:
+        sock.close()
+        for fd in pipe:
+            os.close(fd)
+        if not tie_to_parent(server):
             print(f"acqd writer: the fork server (pid {server}) is gone; exiting", file=sys.stderr, flush=True)
             return EXIT_ORPHANED
         from acqd.record.launch import run
 
         return run(spec)
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else int(e.code is not None)
+        if isinstance(e.code, int) or e.code is None:
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
     except BaseException:  # noqa: BLE001 - as an exec'd writer would: the traceback on stderr, exit code 1
         traceback.print_exc()
         return 1
@@ -271,15 +308,13 @@ def child(spec: str, server: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     daemon, fd = (int(a) for a in (argv or sys.argv[1:])[:2])
-    die_with_parent()
-    if os.getppid() != daemon:
+    if not tie_to_parent(daemon):
         return EXIT_ORPHANED
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     from acqd.startup import importing
 
     with importing():  # what every writer needs, imported once for all of them
-        import acqd.record.group  # noqa: F401
-        import acqd.record.writer  # noqa: F401
+        import acqd.record.group  # noqa: F401 (and acqd.record.writer with it)
     return serve(socket.socket(fileno=fd))
 
 

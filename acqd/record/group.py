@@ -41,7 +41,7 @@ from acqd.errors import DiskFullError, WriterError
 from acqd.record.batch import drain_batch
 from acqd.record.faults import Faults
 from acqd.record.schedule import Due
-from acqd.record.writer import BATCH_LIMIT, Writer, WriterSpec, limit_file_size
+from acqd.record.writer import BATCH_LIMIT, LEAVE_LINGER_MS, Writer, WriterSpec, leave, limit_file_size
 
 FSYNC_THREADS = 16
 """fsyncs a group writer runs at once (the journal commits concurrent fsyncs together)."""
@@ -281,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         w.faults = Faults.from_env(w.cfg.name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     signal.signal(signal.SIGTERM, lambda *_: group.stop())
-    return group.run()
+    code = group.run()
+    leave(group.writers)
+    group.ctx.destroy(linger=LEAVE_LINGER_MS)  # (if no stream used it)
+    return code
 
 
 if __name__ == "__main__":

@@ -31,6 +31,13 @@ def die_with_parent() -> None:
         pass  # not Linux: the writer's loop still notices a new parent pid
 
 
+def tie_to_parent(expected: int) -> bool:
+    """``die_with_parent``, then whether the parent is still ``expected``: False means it died before the prctl,
+    and no signal will come."""
+    die_with_parent()
+    return os.getppid() == expected
+
+
 def run(spec: str) -> int:
     """Run the writer (or group writer) of ``spec``; its exit code."""
     if "group_file" in json.loads(spec):  # several streams in one process (acqd.record.group)
@@ -42,16 +49,14 @@ def run(spec: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    die_with_parent()
     parent = json.loads(args[0]).get("parent_pid")
-    if parent and os.getppid() != parent:
+    if not tie_to_parent(parent or os.getppid()):
         print(f"acqd writer: the daemon (pid {parent}) is gone; exiting", file=sys.stderr, flush=True)
         return EXIT_ORPHANED
     from acqd.startup import importing
 
-    with importing():  # numpy, h5py, zmq and the config models: most of a writer's start-up (acqd.startup)
+    with importing():  # numpy, h5py, zmq and the config models (and the writer): most of its start-up
         import acqd.record.group  # noqa: F401
-        import acqd.record.writer  # noqa: F401
     return run(args[0])
 
 

@@ -82,6 +82,8 @@ OVERSIZE_ALLOWANCE = 1 << 20
 its seq); larger frames are dropped by ZeroMQ (ZMQ_MAXMSGSIZE) unbuffered: a link event, and a gap."""
 PART_SEARCH = 1000
 """Part numbers tried past a name that is taken (EEXIST, e.g. a planted file or link) before the stream stops."""
+LEAVE_LINGER_MS = 1000
+"""How long a leaving writer waits for its last reports to reach the supervisor (gone: they never will)."""
 LIVE_EDGES_MAX = 500
 """Own-sync-line edges sent with one stats message (the live sync lock: acqd.service.synclock); more are counted
 as cut. One stats interval holds a handful at any sane pulse rate; the bound keeps a wild line cheap."""
@@ -875,6 +877,18 @@ def limit_file_size(streams: list[str]) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (min(mine), min(mine)))
 
 
+def leave(writers: list[Writer]) -> None:
+    """Deliver what the writers queued for the supervisor (a part's ``closed`` report, the last stats) before the
+    process exits: a forked writer exits through ``os._exit`` (acqd.record.forkserver), and ZeroMQ's I/O thread
+    would go with what it had not sent yet."""
+    for w in writers:
+        w.stop_receiver()
+        if w.auth is not None:
+            w.auth.stop()  # its thread owns sockets of the context
+    for ctx in {id(w.ctx): w.ctx for w in writers}.values():
+        ctx.destroy(linger=LEAVE_LINGER_MS)
+
+
 def main(argv: list[str] | None = None) -> int:
     spec = WriterSpec.from_json((argv or sys.argv[1:])[0])
     limit_file_size([spec.stream.name])
@@ -882,7 +896,9 @@ def main(argv: list[str] | None = None) -> int:
     writer.faults = Faults.from_env(spec.stream.name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     signal.signal(signal.SIGTERM, lambda *_: setattr(writer, "stop_requested", True))
-    return writer.run()
+    code = writer.run()
+    leave([writer])
+    return code
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import zmq
 
 from acqd.config import RigConfig, check_name
 from acqd.errors import SessionError
+from acqd.record.forkserver import ForkServerError
 from acqd.service import live
 from acqd.service.calls import Calls
 from acqd.service.disk import DiskReserve, free_bytes
@@ -208,7 +209,11 @@ class Supervisor:
             return self.stop_recording()
         if self.mode == ACQUIRE:
             return self.status()
-        self.writers.start()
+        try:
+            self.writers.start()
+        except ForkServerError as e:
+            self._stop_writers()
+            raise SessionError(f"the writers cannot start: {e}") from e
         self.lsl.start()
         preload_nwb()  # pynwb for RECORD's metadata check, imported meanwhile on a thread of its own
         try:

@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol
 import zmq
 
 from acqd.config import RigConfig, StreamConfig
-from acqd.record.forkserver import LOST, ForkServer, Forked
+from acqd.record.forkserver import LOST, ForkServer, ForkServerError, Forked
 from acqd.record.group import GroupSpec, writer_groups
 from acqd.record.preview import is_message as is_preview
 from acqd.record.writer import EXIT_DISK_FULL, EXIT_WRITE_ERROR, WriterSpec
@@ -307,7 +307,13 @@ class Writers(dict[str, WriterHandle]):
                                                        f"{d.max_writer_restarts} time(s) within {d.restart_window_s:g} s")
                 self.incident(name, "writer_died", h.reason, incomplete=True)
                 continue
-            for n, new in self.spawn(name).items():  # a group writer: every stream it hosted, each with its gap
+            try:
+                spawned = self.spawn(name)
+            except ForkServerError as e:  # a pid or memory limit, or a server that cannot start: not a crash loop
+                h.state, h.reason = "stopped_failed", f"writer {how}; not restarted: {e}"
+                self.incident(name, "writer_died", h.reason, incomplete=True)
+                continue
+            for n, new in spawned.items():  # a group writer: every stream it hosted, each with its gap
                 old = self[n]
                 if old is h or (old.proc is h.proc and old.state not in ENDED):
                     self.restarted(n, old, new, how, now, recording)

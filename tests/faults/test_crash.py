@@ -11,9 +11,11 @@ from pathlib import Path
 import h5py
 import pytest
 
+from acqd.config import load_config
+from acqd.record.forkserver import FORK_FAILS_ENV
 from acqd.service.procs import pid_alive, wait_until
 from acqd.record.streamfile import committed_rows, open_for_read
-from tests.conftest import SMALL_RIG, assert_bit_exact, recording, rig_for, write_rig
+from tests.conftest import SMALL_RIG, assert_bit_exact, parent_of, recording, rig_for, write_rig
 
 
 
@@ -91,16 +93,16 @@ def test_row01_writer_kill9_loses_at_most_a_flush_and_the_stream_resumes_in_a_ne
         "streams/probe.h5", "streams/probe.part001.h5"]
 
 
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
 @pytest.mark.e2e
 def test_the_writer_fork_server_killed_while_recording_every_stream_resumes_in_a_new_part(tmp_path, daemon_factory):
     rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG)
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "forkserverkill", seed=12) as (_, folder):
-        before = daemon.command("status")["streams"]
+        def recorded() -> dict | None:
+            streams = daemon.command("status")["streams"]
+            return streams if all(s["rows"] > 0 for s in streams.values()) else None
+
+        before = wait_until(recorded, "every stream's first rows")
         server = parent_of(before["probe"]["pid"])
         assert server != daemon.pid and {parent_of(s["pid"]) for s in before.values()} == {server}
         os.kill(server, signal.SIGKILL)  # its writers get SIGTERM (PR_SET_PDEATHSIG) and close their parts
@@ -122,6 +124,27 @@ def test_the_writer_fork_server_killed_while_recording_every_stream_resumes_in_a
         for part in (f"{s.name}.h5", f"{s.name}.part001.h5"):
             with open_for_read(folder / "streams" / part) as f:
                 assert assert_bit_exact(f, rig, s.name) == committed_rows(f) > 0, part
+
+
+@pytest.mark.e2e
+def test_a_writer_that_cannot_be_forked_again_stops_its_stream_with_the_reason_and_the_others_go_on(
+        tmp_path, daemon_factory):
+    rig_file = write_rig(tmp_path, stream_overrides=SMALL_RIG)
+    started = len(load_config(rig_file).streams)  # each stream a writer of its own: forks 1..4 start them
+    daemon = daemon_factory(rig_file, env={FORK_FAILS_ENV: str(started + 1)})
+    with recording(daemon, rig_file, "nofork", seed=13) as (_, folder):
+        probe = wait_until(lambda: (p := daemon.command("status")["streams"]["probe"])["rows"] > 0 and p, "data")
+        os.kill(probe["pid"], signal.SIGKILL)  # its restart is the fork that fails
+        stopped = wait_until(lambda: (p := daemon.command("status")["streams"]["probe"])["state"] == "stopped_failed"
+                             and p, "the stream to stop with its reason")
+        assert "not restarted: the writer fork server could not fork" in stopped["reason"], stopped["reason"]
+        others = {n: s["rows"] for n, s in daemon.command("status")["streams"].items() if n != "probe"}
+        wait_until(lambda: all(daemon.command("status")["streams"][n]["rows"] > r for n, r in others.items()),
+                   "the other streams to keep recording")
+        daemon.command("stop")
+    session = json.loads((folder / "session.json").read_text())
+    died = [i["detail"] for i in session["incidents"] if i["kind"] == "writer_died"]
+    assert len(died) == 1 and "could not fork" in died[0] and session["incomplete"]
 
 
 @pytest.mark.e2e

@@ -13,12 +13,9 @@ import pytest
 import zmq
 
 from acqd.config import StreamConfig
-from acqd.record.forkserver import LOST, Forked, ForkServer, pid_alive
+from acqd.record.forkserver import FORK_FAILS_ENV, LOST, Forked, ForkServer, ForkServerError, pid_alive
 from acqd.record.writer import WriterSpec
-
-
-def ppid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+from tests.conftest import parent_of
 
 
 class Control:
@@ -72,7 +69,7 @@ def test_forked_writers_run_their_specs_and_end_as_popen_reports_it(control, for
     control.wait_ready(a)
     control.wait_ready(b)
     server = forks.server.proc.pid
-    assert ppid(a.pid) == ppid(b.pid) == server != os.getpid()
+    assert parent_of(a.pid) == parent_of(b.pid) == server != os.getpid()
     assert f"acqd.record.forkserver {os.getpid()} " in Path(f"/proc/{a.pid}/cmdline").read_text().replace("\0", " ")
     a.kill()
     assert a.wait(20) == -signal.SIGKILL and a.returncode == a.poll() == -signal.SIGKILL
@@ -92,7 +89,7 @@ def test_writers_end_with_their_server_and_the_next_fork_starts_a_new_one(contro
     assert w.wait(20) == LOST and not pid_alive(w.pid)  # it got SIGTERM with its server (and closed)
     again = forks.fork(control.spec("b"))
     control.wait_ready(again)
-    assert forks.server.proc.pid != first and ppid(again.pid) == forks.server.proc.pid
+    assert forks.server.proc.pid != first and parent_of(again.pid) == forks.server.proc.pid
     again.terminate()
     assert again.wait(20) == 0
 
@@ -115,3 +112,19 @@ def test_a_writer_s_end_wakes_whoever_waits_on_the_server_s_socket(control, fork
     w.kill()
     assert select.select([fd], [], [], 20)[0], "no news of the writer's end"
     assert forks.hear() and w.returncode == -signal.SIGKILL  # heard: known without polling the handle
+
+
+def test_a_fork_that_fails_fails_alone_and_the_writers_running_go_on(control, monkeypatch):
+    monkeypatch.setenv(FORK_FAILS_ENV, "2")  # read by the server it starts: its second fork and later ones fail
+    forks = ForkServer()
+    try:
+        w = forks.fork(control.spec("a"))
+        control.wait_ready(w)
+        server = forks.server.proc.pid
+        with pytest.raises(ForkServerError, match="could not fork: .*Resource temporarily unavailable"):
+            forks.fork(control.spec("b"))
+        assert forks.server.proc.pid == server and w.poll() is None  # the same server, its writer untouched
+        w.terminate()
+        assert w.wait(20) == 0
+    finally:
+        forks.close()
