@@ -6,6 +6,7 @@ from tests.bytecode import cache_bytecode
 
 cache_bytecode()  # first: the modules imported below, and every process the tests start, keep their bytecode
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -148,12 +149,16 @@ def acquiring(daemon: Daemon, rig_file: Path, seed: int, **sim: object) -> Itera
     the stream silent."""
     daemon.command("acquire")
     heard = {n: messages(s) for n, s in daemon.command("status")["streams"].items() if messages(s)}
+    started = time.monotonic()
     simulator = Simulator(rig_file, SIM_SECONDS, seed=seed, **sim)
+
+    def new(stream: dict, before: int) -> bool:  # (both: the counts come with stats, which lag)
+        return messages(stream) > before and stream["silent_s"] is not None \
+            and stream["silent_s"] < time.monotonic() - started
 
     def flowing() -> bool:
         streams = daemon.command("status")["streams"]
-        return (all(messages(streams[n]) > m for n, m in heard.items())
-                and not daemon.command("preflight")["problems"])
+        return all(new(streams[n], m) for n, m in heard.items()) and not daemon.command("preflight")["problems"]
 
     try:
         wait_until(flowing, "all streams to flow")

@@ -525,6 +525,8 @@ def _open_for_writing(pid: str, fd: str) -> bool:
     try:
         with open(f"/proc/{pid}/fdinfo/{fd}") as f:
             flags = next((int(line.split()[1], 8) for line in f if line.startswith("flags:")), None)
+    except FileNotFoundError:  # closed since it was listed (the hasher reading a part that just closed): not held
+        return False
     except (OSError, ValueError):
         return True
     return flags is None or flags & os.O_ACCMODE != os.O_RDONLY

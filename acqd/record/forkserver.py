@@ -19,8 +19,9 @@ per event::
 
 The supervisor's side is ``ForkServer``; its ``Forked`` handles stand where ``subprocess.Popen`` stood. If the
 server dies, its writers end with it: each of their handles ends with ``LOST`` once its process is gone, and the
-next fork starts a new server. Used from one thread (the supervisor's): no call blocks longer than
-``FORK_TIMEOUT_S`` (a server that does not answer is replaced, once), well within systemd's watchdog.
+next fork starts a new server. Used from one thread (the supervisor's): no call blocks much longer than
+``FORK_TIMEOUT_S``, well within systemd's watchdog: a server that does not answer is killed, and forks fail at once
+for as long again.
 """
 
 from __future__ import annotations
@@ -54,11 +55,16 @@ class ForkFailed(ForkServerError):
     """The server answered that the fork failed."""
 
 
+class ForkTimeout(ForkServerError):
+    """The server did not answer within FORK_TIMEOUT_S."""
+
+
 class ForkServer:
     """The supervisor's side: forks writers, starting a server when there is none (or it died)."""
 
     def __init__(self) -> None:
         self.server: Server | None = None
+        self.unanswered_until = 0.0  # after a fork that timed out, forks fail at once until then
 
     def fork(self, spec: str) -> Forked:
         """A new writer process running ``spec``; raises ForkServerError when none could be forked."""
@@ -67,16 +73,26 @@ class ForkServer:
                 log.error("the writer fork server (pid %d) died; its writers end with it, a new server forks "
                           "their replacements", self.server.proc.pid)
                 self.close()
+            if time.monotonic() < self.unanswered_until:
+                raise ForkServerError("the writer fork server did not answer a moment ago; not asking again yet")
             if self.server is None:
-                self.server = Server()
+                try:
+                    self.server = Server()
+                except OSError as e:
+                    raise ForkServerError(f"the writer fork server could not start: {e}") from e
             try:
                 return self.server.fork(spec)
             except ForkFailed as e:  # the server is fine, the fork was not: nothing to replace
                 raise ForkServerError(f"the writer fork server could not fork: {e}") from e
-            except (OSError, ForkServerError) as e:
+            except ForkTimeout as e:  # never waited for twice in a row: the supervisor's watchdog must go on
+                self.server.proc.kill()
+                self.close()
+                self.unanswered_until = time.monotonic() + FORK_TIMEOUT_S
+                raise ForkServerError(f"the writer fork server did not answer: {e}") from e
+            except (OSError, ForkServerError) as e:  # it went away: a new one, once
                 if attempt == 2:
-                    raise ForkServerError(f"the writer fork server did not answer: {e}") from e
-                log.error("the writer fork server (pid %d) did not answer (%s); starting a new one",
+                    raise ForkServerError(f"the writer fork server went away: {e}") from e
+                log.error("the writer fork server (pid %d) went away (%s); starting a new one",
                           self.server.proc.pid, e)
                 self.close()
         raise AssertionError("unreachable")
@@ -121,8 +137,10 @@ class Server:
         deadline = time.monotonic() + FORK_TIMEOUT_S
         while not self.answers:
             left = deadline - time.monotonic()
-            if left <= 0 or self.closed:
-                raise ForkServerError("it closed its socket" if self.closed else f"no answer in {FORK_TIMEOUT_S:g} s")
+            if self.closed:
+                raise ForkServerError("it closed its socket")
+            if left <= 0:
+                raise ForkTimeout(f"no answer in {FORK_TIMEOUT_S:g} s")
             self._read(min(left, 1.0))
         answer = self.answers.pop(0)
         if isinstance(answer, str):
@@ -242,9 +260,12 @@ def serve(sock: socket.socket) -> int:
     signal.signal(signal.SIGCHLD, lambda *_: None)  # handled, so that each SIGCHLD writes to the wakeup fd
     server, buf, asked = os.getpid(), b"", 0
     fail_from = int(os.environ.get(FORK_FAILS_ENV) or 0)
+    poller = select.poll()  # (not select.select: the socket keeps the daemon's descriptor number, maybe > 1024)
+    for fd in (sock.fileno(), wake_r):
+        poller.register(fd, select.POLLIN)
     try:
         while True:
-            ready = select.select([sock, wake_r], [], [])[0]  # (two descriptors, opened first: below 1024)
+            ready = {fd for fd, _ in poller.poll()}
             if wake_r in ready:
                 os.read(wake_r, 4096)
                 while True:
@@ -255,7 +276,7 @@ def serve(sock: socket.socket) -> int:
                     if not pid:
                         break
                     sock.sendall(f"exit {pid} {os.waitstatus_to_exitcode(status)}\n".encode())
-            if sock in ready:
+            if sock.fileno() in ready:
                 data = sock.recv(65536)
                 if not data:
                     return 0  # the supervisor is done with us

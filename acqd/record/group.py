@@ -215,6 +215,8 @@ class Group:
             if os.getppid() != parent:
                 break  # the supervisor died; PR_SET_PDEATHSIG normally got here first
         self.receiver.stop()
+        for w in self.live:
+            w.leaving = True
         self.each(lambda w: drain_batch(w, BATCH_LIMIT, math.inf))  # SIGTERM: what had arrived goes into the file
         self.each(lambda w: w.drain(BATCH_LIMIT, math.inf))  # it closes, then what ZeroMQ still held
         self.each(lambda w: w.close_file())

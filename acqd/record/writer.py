@@ -190,6 +190,9 @@ class Writer:
         self.first_recorded_ns: int | None = None  # host wall time of this session's first stored message (rig skew)
         self.last_offset: np.ndarray | None = None  # the driver's latest clock offset, stored first in a new file
         self.stop_requested = False
+        self.leaving = False
+        """Set once it leaves (shutdown, SIGTERM): its last reports say so, so the supervisor takes them as a writer's
+        last words (a process about to end) rather than as a writer back to acquiring."""
         self.unsent_reports = 0
         self.faults = Faults()
         self.held: Cursor | None = None  # after the last LATE / SEQ_JUMP reject: what would continue it
@@ -218,6 +221,8 @@ class Writer:
         """Report to the supervisor without ever blocking the data path (a flood is counted, not queued); after the
         reports ``after`` holds, in order."""
         msg = {"type": msg_type, "stream": self.cfg.name, "pid": os.getpid(), "acked": self.acked, **body}
+        if self.leaving:
+            msg["leaving"] = True
         if self.outbox:
             self.outbox.append(msg)
         else:
@@ -692,6 +697,7 @@ class Writer:
                 schedule.advance(due_now, now, self.sheds_stats())
                 if os.getppid() != parent:
                     break  # the supervisor died; PR_SET_PDEATHSIG normally got here first
+            self.leaving = True
             if batched:
                 self.stop_receiver()
                 self.drain(BATCH_LIMIT, math.inf)  # SIGTERM: what had arrived goes into the file it closes
@@ -841,8 +847,7 @@ class Writer:
             pass
         # The receiver thread owns the data socket: closing it under a blocked receive (ctx.destroy) aborted libzmq
         # (``_term_acks > 0``) or hung the process, 1 run in 3 of row 7's dead disk; the supervisor then saw a crash.
-        self.stop_receiver()
-        self.ctx.destroy(linger=1000)  # deliver the queued reason before leaving
+        leave([self])  # deliver the queued reason before leaving
         os._exit(code)  # h5py's atexit after ENOSPC/EFBIG segfaults; the supervisor has our reason
 
 

@@ -225,14 +225,15 @@ class Writers(dict[str, WriterHandle]):
                 for reason, n in new_rejects(h.stats, msg).items():
                     self.count_reject(name, reason, n)
                 h.stats, h.stats_at = msg, h.heard
-                self.reconcile(name, h, session if recording else None)
+                if not msg.get("leaving"):  # a leaving writer is past correcting: its exit says what comes next
+                    self.reconcile(name, h, session if recording else None)
             case "recording":
                 h.state, h.part = "recording", msg["part"]
                 if session is not None:
                     session.add_part(name, msg["part"], msg["path"])
             case "closed":
                 h.closing = {}
-                if msg.get("final", True):  # not a size rollover: the writer is back to acquiring
+                if msg.get("final", True) and not msg.get("leaving"):  # not a rollover, not its last part: acquiring
                     h.state = "acquiring"
                 if session is not None and session.holds(msg["path"]):
                     session.close_part(name, msg)
@@ -310,8 +311,10 @@ class Writers(dict[str, WriterHandle]):
             try:
                 spawned = self.spawn(name)
             except ForkServerError as e:  # a pid or memory limit, or a server that cannot start: not a crash loop
-                h.state, h.reason = "stopped_failed", f"writer {how}; not restarted: {e}"
-                self.incident(name, "writer_died", h.reason, incomplete=True)
+                for n, o in list(self.items()):  # every stream of its process (a group writer's)
+                    if o.proc is h.proc and o.state not in ENDED:
+                        o.state, o.reason = "stopped_failed", f"writer {how}; not restarted: {e}"
+                        self.incident(n, "writer_died", o.reason, incomplete=True)
                 continue
             for n, new in spawned.items():  # a group writer: every stream it hosted, each with its gap
                 old = self[n]

@@ -119,8 +119,10 @@ def test_the_writer_fork_server_killed_while_recording_every_stream_resumes_in_a
     session = json.loads((folder / "session.json").read_text())
     died = {i["stream"]: i["detail"] for i in session["incidents"] if i["kind"] == "writer_died"}
     assert set(died) == {s.name for s in cfg.streams} and session["incomplete"]
+    assert not [i for i in session["incidents"] if i["kind"] == "writer_reconciled"]
     for s in cfg.streams:
         assert "ended with the writer fork server, which died; restarted as pid" in died[s.name]
+        assert died[s.name].endswith("recording into part 1"), died[s.name]  # at once, not corrected later
         for part in (f"{s.name}.h5", f"{s.name}.part001.h5"):
             with open_for_read(folder / "streams" / part) as f:
                 assert assert_bit_exact(f, rig, s.name) == committed_rows(f) > 0, part
