@@ -143,6 +143,9 @@ class Writer:
         self.spec = spec
         self.cfg = spec.stream
         self.acked = 0  # id of the last supervisor command handled; reported with every message (from the first)
+        self.leaving = False
+        """Set once it leaves (shutdown, SIGTERM): its last reports say so, so the supervisor takes them as a writer's
+        last words (a process about to end) rather than as a writer back to acquiring."""
         self.pool: Executor | None = None  # a group writer's fsync threads: parts close and open without waiting
         self.outbox: deque[dict | tuple[Future, Callable[[OSError | None], None]]] = deque()  # reports held (after)
         self.ctx = ctx or zmq.Context()  # a group writer (acqd.record.group) shares one among its streams
@@ -190,9 +193,6 @@ class Writer:
         self.first_recorded_ns: int | None = None  # host wall time of this session's first stored message (rig skew)
         self.last_offset: np.ndarray | None = None  # the driver's latest clock offset, stored first in a new file
         self.stop_requested = False
-        self.leaving = False
-        """Set once it leaves (shutdown, SIGTERM): its last reports say so, so the supervisor takes them as a writer's
-        last words (a process about to end) rather than as a writer back to acquiring."""
         self.unsent_reports = 0
         self.faults = Faults()
         self.held: Cursor | None = None  # after the last LATE / SEQ_JUMP reject: what would continue it
