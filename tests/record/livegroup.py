@@ -47,8 +47,12 @@ class LiveGroup:
         self.msgs: list[tuple[str, dict]] = []
         self.folder = tmp / "streams"
         self.folder.mkdir(exist_ok=True)
-        for n in names:
-            self.wait_for(n, lambda m: m["type"] == "ready", "the stream to start", timeout_s=60)
+        try:
+            for n in names:
+                self.wait_for(n, lambda m: m["type"] == "ready", "the stream to start", timeout_s=60)
+        except BaseException:  # a context left to the garbage collector could block its thread in term(), for good
+            self.close()
+            raise
 
     def pump(self, timeout_ms: int = 20) -> None:
         while self.router.poll(timeout_ms):

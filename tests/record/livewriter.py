@@ -48,7 +48,11 @@ class LiveWriter:
         self.msgs: list[dict] = []
         self.folder = tmp / "streams"
         self.folder.mkdir(exist_ok=True)
-        self.wait_for(lambda m: m["type"] == "ready", "the writer to start")
+        try:
+            self.wait_for(lambda m: m["type"] == "ready", "the writer to start")
+        except BaseException:  # a context left to the garbage collector could block its thread in term(), for good
+            self.close()
+            raise
 
     # -- what the writer reports ----------------------------------------------------------------
     def pump(self, timeout_ms: int = 20) -> None:
