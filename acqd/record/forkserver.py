@@ -36,7 +36,7 @@ import sys
 import time
 import traceback
 
-from acqd.record.launch import EXIT_ORPHANED, tie_to_parent
+from acqd.record.launch import EXIT_ORPHANED, run, tie_to_parent
 
 LOST = 256
 """The return code of a writer whose server died: how it ended is unknown (no exit status is 256)."""
@@ -308,8 +308,6 @@ def child(spec: str, server: int, sock: socket.socket, pipe: tuple[int, int]) ->
         if not tie_to_parent(server):
             print(f"acqd writer: the fork server (pid {server}) is gone; exiting", file=sys.stderr, flush=True)
             return EXIT_ORPHANED
-        from acqd.record.launch import run
-
         return run(spec)
     except SystemExit as e:
         if isinstance(e.code, int) or e.code is None:

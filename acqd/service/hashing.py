@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from acqd.service.procs import stop_process
+
 log = logging.getLogger("acqd")
 
 
@@ -106,13 +108,7 @@ class Hashers:
     def stop(self) -> None:
         """The daemon leaves: hashers stop at once (finalize hashes whatever they had not)."""
         for h in self.running.values():
-            if h.proc.poll() is None:
-                h.proc.terminate()
-            try:
-                h.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                h.proc.kill()
-                h.proc.wait()
+            stop_process(h.proc, timeout_s=10)
             h.poll()
         self.running.clear()
 

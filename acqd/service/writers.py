@@ -3,12 +3,13 @@
 One writer process per stream, or per group of slow streams (acqd.record.group: one handle per stream, sharing the
 process and its pid), forked by the writer fork server (acqd.record.forkserver), talks to the daemon over one
 ZeroMQ ROUTER socket, the control socket this module binds. Every writer message carries the writer's pid and
-the id of the last command it handled (``acked``); its stats say whether (and where) it is recording. A writer that sends nothing for
-``heartbeat_timeout_s`` is ``hung`` (an incident; RECORD is refused); once it has handled every command sent to
-it, its real state is compared with what the session expects and corrected, with an incident, so a command that
-timed out never leaves a stream silently unrecorded. A writer that dies is reported; while recording it is
-restarted into a new part file (at most ``max_writer_restarts`` times within ``restart_window_s``), except after a
-write failure (a full disk), where the stream stays stopped with its reason and the session is marked incomplete.
+the id of the last command it handled (``acked``); its stats say whether (and where) it is recording. A writer
+that sends nothing for ``heartbeat_timeout_s`` is ``hung`` (an incident; RECORD is refused); once it has handled
+every command sent to it, its real state is compared with what the session expects and corrected, with an
+incident, so a command that timed out never leaves a stream silently unrecorded. A writer that dies is reported;
+while recording it is restarted into a new part file (at most ``max_writer_restarts`` times within
+``restart_window_s``), except after a write failure (a full disk), where the stream stays stopped with its reason
+and the session is marked incomplete.
 ``liveness`` is the one rule for "hung" and "silent", shared by the status verdict and RECORD's preflight.
 Runs on the supervisor thread only.
 """
