@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from tests import zygote
 from tests.bytecode import cache_bytecode
 
 cache_bytecode()  # first: the modules imported below, and every process the tests start, keep their bytecode
 
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +19,7 @@ import yaml
 
 from acqd.config import RigConfig, load_config
 from acqd.finalize.seal import unseal_session
+from acqd.service import procs
 from acqd.service.procs import Daemon, Simulator, wait_until
 from acqd.sim.simulate import Rig, SimParams
 from tests.sessions import SUBJECT
@@ -54,6 +57,17 @@ def unsealed_at_the_end(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
     sealed, every run kept its sessions on the disk for good."""
     yield
     unseal_session(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def forked_acqd() -> Iterator[None]:
+    """Daemons, simulators and the CLI runs of ``tests.zygote.run`` forked from one process per worker that has
+    imported acqd once (tests/zygote.py): a third of the suite's CPU was those imports, again at each start."""
+    zygote.start()
+    procs.popen = zygote.popen
+    yield
+    procs.popen = subprocess.Popen
+    zygote.stop()
 
 
 UNGROUPED = pytest.StashKey[str]()

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 
 from acqd.record.launch import EXIT_ORPHANED, run, tie_to_parent
 
@@ -268,14 +269,8 @@ def serve(sock: socket.socket) -> int:
             ready = {fd for fd, _ in poller.poll()}
             if wake_r in ready:
                 os.read(wake_r, 4096)
-                while True:
-                    try:
-                        pid, status = os.waitpid(-1, os.WNOHANG)
-                    except ChildProcessError:
-                        break
-                    if not pid:
-                        break
-                    sock.sendall(f"exit {pid} {os.waitstatus_to_exitcode(status)}\n".encode())
+                for pid, code in reaped():
+                    sock.sendall(f"exit {pid} {code}\n".encode())
             if sock.fileno() in ready:
                 data = sock.recv(65536)
                 if not data:
@@ -295,6 +290,18 @@ def serve(sock: socket.socket) -> int:
                     sock.sendall(f"pid {pid}\n".encode())
     except (BrokenPipeError, ConnectionResetError):  # the supervisor went: so do we (and our writers with us)
         return 0
+
+
+def reaped() -> Iterator[tuple[int, int]]:
+    """Each child that has ended, with its exit code as ``subprocess.Popen.returncode`` gives it; never waits."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if not pid:
+            return
+        yield pid, os.waitstatus_to_exitcode(status)
 
 
 def child(spec: str, server: int, sock: socket.socket, pipe: tuple[int, int]) -> int:

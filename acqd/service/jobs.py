@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from acqd.service.procs import stop_process
+from acqd.service import procs
 from acqd.service.snapshot import EventBus
 
 JOB_EVENT_SPACING_S = 0.25
@@ -77,7 +77,7 @@ class Jobs(dict[tuple[str, str], Job]):
         """Run ``acqd <kind> <folder> *args`` in the background, unless that run is already running."""
         job = self.get((kind, session_id))
         if job is None or job.state != "running":
-            proc = subprocess.Popen([sys.executable, "-m", "acqd.cli", kind, str(folder), *args, "--progress-jsonl"],
+            proc = procs.popen([sys.executable, "-m", "acqd.cli", kind, str(folder), *args, "--progress-jsonl"],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
             job = self[(kind, session_id)] = Job(proc, on_progress=job_reporter(self.events, kind, session_id))
             threading.Thread(target=job.follow, name=f"{kind}-{session_id}", daemon=True).start()
@@ -99,7 +99,7 @@ class Jobs(dict[tuple[str, str], Job]):
 
     def stop(self) -> None:
         for job in self.values():
-            stop_process(job.proc, timeout_s=10.0)
+            procs.stop_process(job.proc, timeout_s=10.0)
 
 
 def job_reporter(events: EventBus, kind: str, session: str) -> Callable[[Job], None]:

@@ -22,6 +22,10 @@ from acqd.record.forkserver import pid_alive  # noqa: F401 - the tests' too
 
 T = TypeVar("T")
 
+popen: Callable[..., subprocess.Popen] = subprocess.Popen
+"""How acqd starts ``python -m acqd.cli`` processes (``Daemon``, ``Simulator``, the daemon's finalize and export
+jobs). The tests fork them from a process that has imported acqd already (``tests/zygote.py``)."""
+
 
 def wait_until(cond: Callable[[], T], what: str, timeout_s: float = 60.0, every_s: float = 0.05) -> T:
     """Poll ``cond`` until it returns something truthy (returned), or raise TimeoutError."""
@@ -56,7 +60,7 @@ class Daemon:
         ready = workdir / f"daemon-{time.monotonic_ns()}.json"
         err = open(log, "ab") if log else None  # its stderr goes to ``log`` if given
         try:
-            self.proc = subprocess.Popen(
+            self.proc = popen(
                 [*wrap, sys.executable, "-m", "acqd.cli", "serve", "--config", str(config), "--data-root",
                  str(data_root), "--port", str(port), "--ready-file", str(ready)],
                 stdin=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})})
@@ -89,7 +93,7 @@ class Simulator:
             args += ["--fault", f]
         if truth:
             args += ["--truth", str(truth)]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        self.proc = popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import jsonschema
@@ -13,6 +12,7 @@ import yaml
 import acqd.config
 import acqd.metadata
 from acqd.config.doc import json_schema, markdown, schema_text
+from tests import zygote
 from tests.conftest import ROOT
 
 SCHEMA_FILE = ROOT / "configs" / "rig.schema.json"
@@ -63,7 +63,7 @@ def test_example_configs_name_the_schema_and_satisfy_it(path):
 
 
 def test_config_schema_command_prints_the_schema():
-    out = subprocess.run([sys.executable, "-m", "acqd.cli", "config-schema"], capture_output=True, text=True,
-                         timeout=60, check=True)
+    out = zygote.run([sys.executable, "-m", "acqd.cli", "config-schema"], capture_output=True, text=True,
+                     timeout=60, check=True)
     assert json.loads(out.stdout) == json_schema()
     assert json_schema()["$defs"]["StreamConfig"]["properties"]["max_message_bytes"]["default"] == 64 << 20

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from pydantic import ValidationError
 
 from acqd.config import RigConfig, load_config
 from acqd.errors import ConfigError
+from tests import zygote
 from tests.conftest import EXAMPLE
 
 
@@ -59,16 +59,16 @@ def test_bad_config_errors_name_the_place(tmp_path, edit, message):
 
 
 def test_check_config_command(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "acqd.cli", "check-config", str(EXAMPLE)], capture_output=True,
-                        text=True, timeout=60)
+    ok = zygote.run([sys.executable, "-m", "acqd.cli", "check-config", str(EXAMPLE)], capture_output=True,
+                    text=True, timeout=60)
     assert ok.returncode == 0 and "4 streams" in ok.stdout
     bad = broken(tmp_path, lambda r: r["streams"][0].update(dtype="complex64"))
-    out = subprocess.run([sys.executable, "-m", "acqd.cli", "check-config", str(bad)], capture_output=True,
-                         text=True, timeout=60)
+    out = zygote.run([sys.executable, "-m", "acqd.cli", "check-config", str(bad)], capture_output=True,
+                     text=True, timeout=60)
     assert out.returncode == 2 and "streams[0] 'probe'.dtype" in out.stderr and "numeric" in out.stderr
     (tmp_path / "junk.yaml").write_text("streams: [unclosed")
-    out = subprocess.run([sys.executable, "-m", "acqd.cli", "check-config", str(tmp_path / "junk.yaml")],
-                         capture_output=True, text=True, timeout=60)
+    out = zygote.run([sys.executable, "-m", "acqd.cli", "check-config", str(tmp_path / "junk.yaml")],
+                     capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "not valid YAML" in out.stderr
 
 
@@ -94,8 +94,8 @@ streams:
 def test_five_mistakes_get_five_located_messages_in_one_run(tmp_path):
     path = tmp_path / "five.yaml"
     path.write_text(FIVE_MISTAKES)
-    out = subprocess.run([sys.executable, "-m", "acqd.cli", "check-config", str(path)], capture_output=True,
-                         text=True, timeout=60)
+    out = zygote.run([sys.executable, "-m", "acqd.cli", "check-config", str(path)], capture_output=True,
+                     text=True, timeout=60)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert lines[0] == f"acqd: error: {path}: 5 problems"
@@ -138,12 +138,12 @@ def test_a_rig_file_without_data_root_takes_it_from_the_environment_or_the_flag(
     rootless = broken(tmp_path, lambda r: [r["daemon"].pop("data_root"), *(s.pop("probe", None) for s in r["streams"])])
     env = {**os.environ, "ACQD_DATA_ROOT": "rel/data"}
     env.pop("ACQD_CONFIG", None)
-    out = subprocess.run([sys.executable, "-m", "acqd.cli", "check-config", str(rootless)], capture_output=True,
-                         text=True, timeout=60, env=env, cwd=tmp_path)
+    out = zygote.run([sys.executable, "-m", "acqd.cli", "check-config", str(rootless)], capture_output=True,
+                     text=True, timeout=60, env=env, cwd=tmp_path)
     assert out.returncode == 0 and f"data root {tmp_path / 'rel' / 'data'}" in out.stdout, out.stderr
     assert load_config(rootless, tmp_path / "flag").daemon.data_root == tmp_path / "flag"
     env.pop("ACQD_DATA_ROOT")
-    out = subprocess.run([sys.executable, "-m", "acqd.cli", "check-config", str(rootless)], capture_output=True,
-                         text=True, timeout=60, env=env)
+    out = zygote.run([sys.executable, "-m", "acqd.cli", "check-config", str(rootless)], capture_output=True,
+                     text=True, timeout=60, env=env)
     assert out.returncode == 2 and "required key 'data_root' is missing (or give it as ACQD_DATA_ROOT or --data-root)" \
         in out.stderr

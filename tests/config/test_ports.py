@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
+from tests import zygote
 from tests.conftest import write_rig
 
 
@@ -23,8 +24,8 @@ def taken_port() -> Iterator[int]:
 
 
 def run_acqd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "acqd.cli", *args], capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL)
+    return zygote.run([sys.executable, "-m", "acqd.cli", *args], capture_output=True, text=True, timeout=60,
+                      stdin=subprocess.DEVNULL)
 
 
 def rig_with(tmp_path, edit) -> str:

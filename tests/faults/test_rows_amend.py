@@ -26,13 +26,14 @@ from PIL import Image
 from acqd.errors import SessionError
 from acqd.images import attach
 from acqd.session import SESSION_FILE, write_json_atomic
+from tests import zygote
 
 TIMEOUT_S = 30
 CLI = [sys.executable, "-m", "acqd.cli"]
 
 
 def _cli(*args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+    return zygote.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
 
 
 PEAK_OF = """import os, sys
@@ -231,8 +232,8 @@ def _kill_amend_at(folder: Path, step: str, tmp_path: Path) -> None:
     """Run ``acqd amend --set subject.sex=M`` in a subprocess, SIGKILL it when it reaches ``step``."""
     marker = tmp_path / "paused"
     env = {**os.environ, "ACQD_FINALIZE_PAUSE_AT": step, "ACQD_FINALIZE_PAUSE_MARKER": str(marker)}
-    proc = subprocess.Popen([*CLI, "amend", str(folder), "--set", "subject.sex=M"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = zygote.popen([*CLI, "amend", str(folder), "--set", "subject.sex=M"], env=env,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while not (marker.exists() and marker.read_text()) and proc.poll() is None:

@@ -36,6 +36,7 @@ from acqd.service.procs import wait_until
 from acqd.session import read_session
 from acqd.sim.simulate import Rig, SimParams
 from sessions import Recording, record_session, small_config, working_copy
+from tests import zygote
 from tests.conftest import recording, write_rig
 from tests.faults.test_rows_finalize import index_row, overwrite, stored_row_bytes
 
@@ -121,8 +122,8 @@ def test_row34_a_part_corrupted_under_a_digest_that_stays_trusted_is_sealed_unve
     assert manifest(session)[PROBE] == early.sha256 != sha256(session / PROBE)  # the manifest: bytes as recorded
     assert not is_verified(session) and verification(session)["state"] == "pending"
 
-    cli = subprocess.run([sys.executable, "-m", "acqd.cli", "verify", str(session)], capture_output=True, text=True,
-                         timeout=TIMEOUT_S)
+    cli = zygote.run([sys.executable, "-m", "acqd.cli", "verify", str(session)], capture_output=True, text=True,
+                     timeout=TIMEOUT_S)
     assert cli.returncode == 1, cli.stdout + cli.stderr
     assert f"{PROBE} rows [{a}, {b}) (stream 'probe', seq {seq}): checksum mismatch" in cli.stdout.splitlines()
     assert_scrub_names(json.loads((session / "scrub.json").read_text()), session, a, b, seq)

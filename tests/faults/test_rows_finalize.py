@@ -36,6 +36,7 @@ from acqd.finalize.streams import read_stream
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.session import SESSION_FILE, write_json_atomic
 from acqd.sim.simulate import Rig, SimParams
+from tests import zygote
 from sessions import Recording, record_session, small_config, working_copy
 
 SID = "F1"
@@ -208,8 +209,8 @@ def test_row35_session_json_edited_after_finalize_is_reported(session):
     with pytest.raises(FinalizeError, match=f"does not match its manifest:\n  {SESSION_FILE}: contents changed"):
         finalize_session(session)
     os.symlink("/etc/hostname", session / "qc" / "extra")
-    cli = subprocess.run([sys.executable, "-m", "acqd.cli", "verify", str(session)], capture_output=True, text=True,
-                         timeout=TIMEOUT_S)
+    cli = zygote.run([sys.executable, "-m", "acqd.cli", "verify", str(session)], capture_output=True, text=True,
+                     timeout=TIMEOUT_S)
     assert cli.returncode == 1
     assert cli.stdout.splitlines() == [f"{SESSION_FILE}: contents changed", "qc/extra: a symbolic link, not in the "
                                        "manifest"]

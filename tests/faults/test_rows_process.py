@@ -20,6 +20,7 @@ import pytest
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.client import ApiError
 from acqd.service.procs import Daemon, Simulator, pid_alive, stop_process, wait_until
+from tests import zygote
 from tests.conftest import SMALL_PROBE, SMALL_RIG, acquiring, assert_bit_exact, recording, rig_for, write_rig
 from tests.sessions import SUBJECT
 
@@ -195,9 +196,9 @@ def test_row32_second_daemon_with_the_same_rig_is_refused_and_the_first_loses_no
     rig_file = write_rig(tmp_path, stream_overrides={**SMALL_RIG, **pull})
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "first", seed=32) as (_, folder):
-        second = subprocess.run([sys.executable, "-m", "acqd.cli", "serve", "--config", str(rig_file), "--data-root",
+        second = zygote.run([sys.executable, "-m", "acqd.cli", "serve", "--config", str(rig_file), "--data-root",
                                  str(tmp_path / "other"), "--port", "0"], stdin=subprocess.DEVNULL,
-                                capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60)
         assert second.returncode == 2, second.stderr
         (line,) = second.stderr.strip().splitlines()  # one clear line, no traceback
         assert line.startswith("acqd: error: endpoint ipc://") and "is already served by another acqd" in line
@@ -382,9 +383,9 @@ def test_row06_disk_reserve_warns_then_stops_recording_cleanly_and_session_json_
 
 def serve_briefly(rig_file: Path, data_root: Path) -> subprocess.CompletedProcess:
     """``acqd serve`` that is expected to refuse to start (a hard timeout if it does start)."""
-    return subprocess.run([sys.executable, "-m", "acqd.cli", "serve", "--config", str(rig_file), "--data-root",
+    return zygote.run([sys.executable, "-m", "acqd.cli", "serve", "--config", str(rig_file), "--data-root",
                            str(data_root), "--port", "0"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=60)
+                      timeout=60)
 
 
 @pytest.mark.e2e
@@ -442,10 +443,10 @@ def test_row23_unwritable_data_root_is_refused_with_the_path_and_the_reason(tmp_
                 daemon.command("record", session="later", metadata={"subject": SUBJECT})
             assert refused.value.status == 409
             assert str(refused.value) == f"data root {tmp_path / 'data'} cannot be written: Operation not permitted"
-            cli = subprocess.run([sys.executable, "-m", "acqd.cli", "record", "--session", "later", "--url",
+            cli = zygote.run([sys.executable, "-m", "acqd.cli", "record", "--session", "later", "--url",
                                   daemon.url, "--subject-id", "m1", "--species", "Mus musculus", "--sex", "F",
                                   "--age", "P90D"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                 timeout=60)
+                             timeout=60)
             assert cli.returncode == 2 and cli.stderr.strip().splitlines() == [f"acqd: error: {refused.value}"]
         finally:
             chattr("-i", tmp_path / "data")

@@ -25,6 +25,7 @@ from acqd.finalize import PAUSE_ENV, PAUSE_MARKER_ENV
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.service.procs import wait_until
 from acqd.wire.protocol import HEADER
+from tests import zygote
 from tests.conftest import SMALL_RIG, assert_bit_exact, overlay, recording, rig_for, write_rig
 from tests.faults.test_rows_process import kill_daemon_during_acquire, seqs_accounted_for
 
@@ -32,16 +33,16 @@ FINALIZE_TIMEOUT_S = 240.0
 
 
 def _finalize(folder: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "acqd.cli", "finalize", str(folder), "--json"], capture_output=True,
-                          text=True, timeout=FINALIZE_TIMEOUT_S, env={**os.environ, **(env or {})})
+    return zygote.run([sys.executable, "-m", "acqd.cli", "finalize", str(folder), "--json"], capture_output=True,
+                      text=True, timeout=FINALIZE_TIMEOUT_S, env={**os.environ, **(env or {})})
 
 
 def _kill_finalize_at(folder: Path, step: str, tmp: Path) -> None:
     """Run finalize until it reaches ``step`` (acqd.finalize's test pause), then kill -9 it."""
     marker = tmp / f"paused-{step}"
-    proc = subprocess.Popen([sys.executable, "-m", "acqd.cli", "finalize", str(folder)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, PAUSE_ENV: step, PAUSE_MARKER_ENV: str(marker)})
+    proc = zygote.popen([sys.executable, "-m", "acqd.cli", "finalize", str(folder)], stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        env={**os.environ, PAUSE_ENV: step, PAUSE_MARKER_ENV: str(marker)})
     try:
         wait_until(lambda: marker.exists() or proc.poll() is not None, "finalize to reach " + step, FINALIZE_TIMEOUT_S)
         assert proc.poll() is None, f"finalize exited ({proc.returncode}) before {step}"

@@ -16,6 +16,7 @@ import zmq
 
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.service.procs import pid_alive, wait_until
+from tests import zygote
 from tests.conftest import SMALL_RIG, assert_bit_exact, recording, rig_for, write_rig
 
 RESTART_DEADLINE_S = 30.0
@@ -36,8 +37,8 @@ def _interrupted_session(daemon_factory, rig_file: Path, name: str, seed: int) -
 
 def _finalize(folder: Path) -> tuple[subprocess.CompletedProcess, float]:
     t = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "acqd.cli", "finalize", str(folder), "--json"], capture_output=True,
-                          text=True, timeout=FINALIZE_DEADLINE_S)
+    done = zygote.run([sys.executable, "-m", "acqd.cli", "finalize", str(folder), "--json"], capture_output=True,
+                      text=True, timeout=FINALIZE_DEADLINE_S)
     return done, time.monotonic() - t
 
 

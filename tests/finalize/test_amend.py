@@ -20,6 +20,7 @@ from acqd.errors import SessionError
 from acqd.metadata import MetadataError
 from acqd.session import SESSION_FILE, read_session, write_json_atomic
 from acqd.sim.simulate import Rig, SimParams
+from tests import zygote
 from sessions import Recording, record_session, small_config
 
 TIMEOUT_S = 120
@@ -71,7 +72,7 @@ def test_amend_before_finalize_fixes_what_finalize_would_refuse(session):
     assert read_session(session)["amendments"] == [a]
     # A lab's neuroconv metadata file, through the CLI: its values land in the master that finalize writes.
     (session.parent / "lab.yaml").write_text(LAB_YAML)
-    out = subprocess.run([sys.executable, "-m", "acqd.cli", "amend", str(session), "--metadata",
+    out = zygote.run([sys.executable, "-m", "acqd.cli", "amend", str(session), "--metadata",
                           str(session.parent / "lab.yaml")], capture_output=True, text=True, timeout=TIMEOUT_S)
     assert out.returncode == 0 and "subject.weight: None -> '25 g'" in out.stdout, out.stderr
     assert read_session(session)["metadata"]["ecephys"]["probe"]["device"]["manufacturer"] == "IMEC"
@@ -91,10 +92,10 @@ def test_amend_after_finalize_rewrites_only_the_master(session):
     master = session / "S1.nwb"
     keywords = read_session(session)["metadata"].get("keywords", [])
     before, old_master = _stream_digests(session), hashlib.sha256(master.read_bytes()).hexdigest()
-    out = subprocess.run([sys.executable, "-m", "acqd.cli", "amend", str(session), "--json", "--who", "Doe, Jane",
+    out = zygote.run([sys.executable, "-m", "acqd.cli", "amend", str(session), "--json", "--who", "Doe, Jane",
                           "--set", "subject.species=http://purl.obolibrary.org/obo/NCBITaxon_10090",
                           "--set", "keywords=[V1, go/no-go]", "--set", "protocol=IACUC 42"],
-                         capture_output=True, text=True, timeout=TIMEOUT_S)
+                     capture_output=True, text=True, timeout=TIMEOUT_S)
     assert out.returncode == 0, out.stderr
     a = json.loads(out.stdout)
     assert a["what"] == [f"keywords: {keywords!r} -> ['V1', 'go/no-go']", "protocol: None -> 'IACUC 42'",

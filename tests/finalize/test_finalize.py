@@ -34,6 +34,7 @@ from acqd.finalize import (MANIFEST, PAUSE_ENV, PAUSE_MARKER_ENV, finalize_sessi
 from acqd.session import SESSION_FILE, write_json_atomic
 from acqd.sim.simulate import Rig, SimParams
 from acqd.record.streamfile import StreamFile
+from tests import zygote
 from sessions import Recording, Restart, record_session, small_config
 from nwbread import read_master, series_times, stream_data
 
@@ -232,8 +233,8 @@ def test_kill_9_during_finalize_then_rerun_gives_the_same_result(recorded, final
     folder = copy_session(src, tmp_path / "killed", sealed_dirs)
     marker = tmp_path / "paused"
     env = {**os.environ, PAUSE_ENV: step, PAUSE_MARKER_ENV: str(marker)}
-    proc = subprocess.Popen([sys.executable, "-m", "acqd.cli", "finalize", str(folder)], env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = zygote.popen([sys.executable, "-m", "acqd.cli", "finalize", str(folder)], env=env,
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
         while not (marker.exists() and marker.read_text()):  # the hook creates the file, then writes its pid

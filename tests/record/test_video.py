@@ -19,6 +19,7 @@ from pynwb import NWBHDF5IO
 
 from acqd.finalize import unseal_session
 from acqd.service.procs import Daemon, wait_until
+from tests import zygote
 from tests.conftest import recording, rig_for, write_rig
 
 
@@ -76,8 +77,8 @@ def test_camera_frames_go_to_lossless_video_files(recorded):
 def test_finalized_session_with_split_probe_and_video_camera_reads_from_anywhere(recorded, tmp_path: Path,
                                                                                   monkeypatch):
     rig_file, folder = recorded
-    out = subprocess.run([sys.executable, "-m", "acqd.cli", "finalize", str(folder), "--json"], capture_output=True,
-                         text=True, timeout=300)
+    out = zygote.run([sys.executable, "-m", "acqd.cli", "finalize", str(folder), "--json"], capture_output=True,
+                     text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     moved = tmp_path / "moved" / "modular"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from acqd.finalize import unseal_session
 from acqd.service.annotations import reference_sample
 from acqd.service.procs import wait_until
 from acqd.session import read_annotations
+from tests import zygote
 from tests.conftest import recording
 
 
@@ -36,8 +36,8 @@ def test_annotation_survives_kill9_and_reaches_the_finalized_and_exported_nwb(sm
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "notes", seed=61) as (_, folder):
         wait_until(lambda: daemon.command("status")["streams"]["nidaq"]["rows"] > 30000, "1 s of data")
-        cli = subprocess.run([sys.executable, "-m", "acqd.cli", "annotate", "drug on", "--json"], capture_output=True,
-                             text=True, timeout=60, env={**os.environ, "ACQD_URL": daemon.url})
+        cli = zygote.run([sys.executable, "-m", "acqd.cli", "annotate", "drug on", "--json"], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "ACQD_URL": daemon.url})
         assert cli.returncode == 0, cli.stderr
         first = json.loads(cli.stdout)
         # The Open Ephys client's request: PUT with a JSON body and no Content-Type.

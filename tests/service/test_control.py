@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from acqd.client import ApiError
 from acqd.service.procs import Daemon, Simulator
 from acqd.service.status import status_renderable
+from tests import zygote
 from tests.conftest import acquiring, write_rig
 
 SUBJECT = {"subject_id": "m1", "species": "Mus musculus", "sex": "F", "age": "P90D"}
@@ -255,8 +256,8 @@ def test_cli_without_a_daemon_says_so_in_one_line_with_exit_code_3():
     free.bind(("127.0.0.1", 0))
     port = free.getsockname()[1]
     free.close()
-    out = subprocess.run([sys.executable, "-m", "acqd.cli", "status", "--url", f"http://127.0.0.1:{port}"],
-                         capture_output=True, text=True, timeout=60)
+    out = zygote.run([sys.executable, "-m", "acqd.cli", "status", "--url", f"http://127.0.0.1:{port}"],
+                     capture_output=True, text=True, timeout=60)
     assert out.returncode == 3 and out.stdout == ""
     assert out.stderr.count("\n") == 1 and "no acqd daemon at" in out.stderr and "Traceback" not in out.stderr
 
@@ -265,8 +266,8 @@ def test_cli_without_a_daemon_says_so_in_one_line_with_exit_code_3():
 def test_cli_status_fits_80_columns_with_a_verdict(acquiring_daemon):
     daemon = acquiring_daemon
     env = {**os.environ, "ACQD_URL": daemon.url, "COLUMNS": "80"}
-    out = subprocess.run([sys.executable, "-m", "acqd.cli", "status"], capture_output=True, text=True, timeout=60,
-                         env=env)
+    out = zygote.run([sys.executable, "-m", "acqd.cli", "status"], capture_output=True, text=True, timeout=60,
+                     env=env)
     lines = out.stdout.splitlines()
     assert out.returncode == 0 and max(len(x) for x in lines) <= 80, out.stdout
     assert lines[0].startswith("ACQUIRE") and "disk" in lines[0]

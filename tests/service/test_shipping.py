@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -16,6 +15,7 @@ import pytest
 
 from acqd.client import ApiError
 from acqd.service.procs import wait_until
+from tests import zygote
 from tests.conftest import write_rig
 from tests.share.shipping import sealed_session, with_ship
 
@@ -60,8 +60,8 @@ def test_acqd_ship_verifies_posts_the_webhook_counts_it_and_frees_the_rig(tmp_pa
     folder = sealed_session(tmp_path / "data", "m1_day3")
     daemon = daemon_factory(rig)
     env = {**os.environ, "ACQD_URL": daemon.url}
-    cli = lambda *a: subprocess.run([sys.executable, "-m", "acqd.cli", "ship", *a], capture_output=True, text=True,
-                                    timeout=60, env=env)
+    cli = lambda *a: zygote.run([sys.executable, "-m", "acqd.cli", "ship", *a], capture_output=True, text=True,
+                                timeout=60, env=env)
     seen: list[tuple[str, dict]] = []
     with httpx.Client(base_url=daemon.url, timeout=httpx.Timeout(30, read=30)) as http:
         with http.stream("GET", "/api/events") as resp:
@@ -107,6 +107,6 @@ def test_ship_commands_refuse_what_they_cannot_do_with_one_line(tmp_path, daemon
         assert message in str(e.value) and e.value.status in (409, 422)
     with pytest.raises(ApiError, match="no ship job 99"):
         daemon.command("ship_retry", id=99)
-    out = subprocess.run([sys.executable, "-m", "acqd.cli", "ship", "nosuch"], capture_output=True, text=True,
-                         timeout=60, env={**os.environ, "ACQD_URL": daemon.url})
+    out = zygote.run([sys.executable, "-m", "acqd.cli", "ship", "nosuch"], capture_output=True, text=True,
+                     timeout=60, env={**os.environ, "ACQD_URL": daemon.url})
     assert out.returncode == 2 and out.stderr.strip() == f"acqd: error: no session 'nosuch' under {tmp_path / 'data'}"

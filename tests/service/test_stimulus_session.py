@@ -17,6 +17,7 @@ from acqd.finalize import unseal_session
 from acqd.record.streamfile import committed_rows, open_for_read
 from acqd.client import ApiError
 from acqd.service.procs import wait_until
+from tests import zygote
 from tests.conftest import SMALL_PROBE, recording, write_rig
 
 CLI_TIMEOUT_S = 60
@@ -41,8 +42,8 @@ def stimulus_rig(tmp_path: Path) -> Path:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "acqd.cli", *args], capture_output=True, text=True,
-                          timeout=CLI_TIMEOUT_S)
+    return zygote.run([sys.executable, "-m", "acqd.cli", *args], capture_output=True, text=True,
+                      timeout=CLI_TIMEOUT_S)
 
 
 @pytest.mark.e2e

@@ -27,6 +27,7 @@ from pynwb import NWBHDF5IO, validate
 from acqd.share.export import ExportError, dandi_path, export_session, external_file_name, sanitize
 from acqd.finalize import finalize_session, unseal_session, verify_manifest
 from acqd.sim.simulate import Rig, SimParams
+from tests import zygote
 from sessions import SUBJECT as TEST_SUBJECT
 from sessions import Recording, Restart, record_session, small_config
 
@@ -342,8 +343,8 @@ def test_amend_after_export_marks_it_stale_and_export_rebuilds_it(exported, tmp_
         assert amendment["exports_stale"] is True
         assert read_session(folder)["amendments"][-1]["exports_stale"] is True
         assert session_row(info, done)["state"] == "export stale"
-        out_cli = subprocess.run([sys.executable, "-m", "acqd.cli", "export", str(folder), "--out", str(out)],
-                                 capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+        out_cli = zygote.run([sys.executable, "-m", "acqd.cli", "export", str(folder), "--out", str(out)],
+                             capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
         assert out_cli.returncode == 0 and "rebuilt the stale export" in out_cli.stdout, out_cli.stderr
         with h5py.File(out / first.nwb, "r") as f:
             assert f["general/subject/sex"][()].decode() == new_sex

@@ -17,6 +17,7 @@ from acqd.share.ship import READY, Shipper
 from acqd.share.ship import rclone as rclone_mod
 from acqd.share.ship.queue import FAILED, VERIFIED
 from acqd.share.ship.verify import shipped_copies
+from tests import zygote
 from tests.share.shipping import local_destination, sealed_session, tree
 
 pytestmark = pytest.mark.skipif(shutil.which("rclone") is None, reason="rclone is not installed (.ci/run installs it)")
@@ -65,8 +66,8 @@ def test_a_session_ships_verified_with_ready_json_and_shipping_json(tmp_path):
     assert (record["destination"], record["path"], record["manifest_sha256"]) == ("nas", str(copy), ready[
         "manifest_sha256"])
     assert verify_manifest(folder) == []  # shipping.json sits beside the sealed set, not in it
-    out = subprocess.run([sys.executable, "-m", "acqd.cli", "verify", str(folder)], capture_output=True, text=True,
-                         timeout=60)
+    out = zygote.run([sys.executable, "-m", "acqd.cli", "verify", str(folder)], capture_output=True, text=True,
+                     timeout=60)
     assert out.returncode == 0 and f"verified copy at nas: {copy} (" in out.stdout  # acqd verify reports the copy
     assert [k for k, _ in events if k != "ship_progress"] == ["ship_queued", "shipped"]
     assert shipper.ship(folder)[0].id == job.id  # shipping a verified copy again is a no-op

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import httpx
 import pytest
 
 from acqd.client import ApiError, Client
+from tests import zygote
 from tests.conftest import acquiring, write_rig
 from tests.sessions import SUBJECT
 
@@ -68,7 +68,7 @@ def test_record_refuses_hostile_names_and_missing_metadata(small_rig_file, daemo
             assert r.status_code == 422, r.text
             assert f"subject.{field}: {value!r}: " in r.json()["error"] and f"({check})" in r.json()["error"]
             assert [(p["field"], p["check"]) for p in r.json()["problems"]] == [(f"subject.{field}", check)]
-        out = subprocess.run([sys.executable, "-m", "acqd.cli", "record", "--url", daemon.url, "--session", "cli",
+        out = zygote.run([sys.executable, "-m", "acqd.cli", "record", "--url", daemon.url, "--session", "cli",
                               *SUBJECT_ARGS, "--species", "mouse"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and "subject.species: 'mouse': " in out.stderr, out.stderr
         assert "(check_subject_species_form)" in out.stderr
@@ -81,8 +81,8 @@ def test_record_refuses_hostile_names_and_missing_metadata(small_rig_file, daemo
             daemon.command("record", session="nobody")
         with pytest.raises(ApiError, match=r"subject.species: Field required.*subject.sex: Field required"):
             daemon.command("record", session="half", metadata={"subject": {"subject_id": "M3"}})
-        out = subprocess.run([sys.executable, "-m", "acqd.cli", "record", "--url", daemon.url, "--session", "x"],
-                             capture_output=True, text=True, timeout=60)
+        out = zygote.run([sys.executable, "-m", "acqd.cli", "record", "--url", daemon.url, "--session", "x"],
+                         capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and out.stderr.startswith("acqd: error: subject: missing: every recording"), out
         assert len(out.stderr.strip().splitlines()) == 1 and "--subject-id" in out.stderr
         assert sorted(str(p) for p in tmp_path.rglob("*")) == before
@@ -123,8 +123,8 @@ def test_token_is_required_when_configured(tmp_path, daemon_factory):
 def test_cli_client_uses_the_same_commands(rig_file, daemon_factory):
     daemon = daemon_factory(rig_file)
     env = {**os.environ, "ACQD_URL": daemon.url}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "acqd.cli", *a], capture_output=True, text=True,
-                                    timeout=120, env=env)
+    run = lambda *a: zygote.run([sys.executable, "-m", "acqd.cli", *a], capture_output=True, text=True,
+                                timeout=120, env=env)
     out = run("acquire", "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["mode"] == "ACQUIRE"
     out = run("status")
@@ -137,6 +137,6 @@ def test_cli_client_uses_the_same_commands(rig_file, daemon_factory):
 
 def test_second_daemon_on_the_same_data_root_is_refused(rig_file, daemon_factory, tmp_path):
     daemon_factory(rig_file)
-    out = subprocess.run([sys.executable, "-m", "acqd.cli", "serve", "--config", str(rig_file), "--data-root",
+    out = zygote.run([sys.executable, "-m", "acqd.cli", "serve", "--config", str(rig_file), "--data-root",
                           str(tmp_path / "data"), "--port", "0"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "another acqd is already serving" in out.stderr

@@ -1,0 +1,340 @@
+"""The tests' acqd processes forked from one that has imported acqd once: daemons, simulators and CLI runs.
+
+Every ``python -m acqd.cli ...`` a test starts would first import what its command needs: a daemon FastAPI, pydantic
+and pandas, then pynwb and nwbinspector at ACQUIRE (about 1.5 s of CPU in all); a simulator numpy and zmq; a
+``finalize`` or ``export`` run the NWB stack. Over the suite that is a third of ``make test``'s CPU. Each pytest
+worker instead starts one zygote (``python -m tests.zygote``) that imports all of it once, then forks each such
+process from itself: the child takes the test's argv, environment, working folder and standard streams, runs
+``acqd.cli.main`` and exits as a fresh interpreter would (threads joined, ``atexit`` run, streams flushed). It is
+a real, separate process with its own pid, signals, sockets and files; only its imports were done beforehand.
+
+What is not a plain ``python -m acqd.cli`` still runs as one (``subprocess.Popen``): interpreter options
+(``-X importtime``), a wrapper (``ip netns exec``), descriptors passed to it. Tests of start-up itself use those.
+
+The zygote is the child's parent and reaps it; it reports each exit code over a ``SOCK_SEQPACKET`` socket pair, one
+message per event::
+
+    to the zygote    JSON {argv, env, cwd}, the child's stdin, stdout and stderr as SCM_RIGHTS descriptors
+    from it          pid PID | error WHY | exit PID CODE  (CODE as subprocess.Popen.returncode)
+
+``Child`` is the worker's handle, the part of ``subprocess.Popen`` the tests and ``acqd.service.procs`` use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from acqd.record.forkserver import reaped
+
+ROOT = Path(__file__).resolve().parent.parent
+ACQD = [sys.executable, "-m", "acqd.cli"]
+PR_SET_NAME = 15
+"""A forked child names itself ``acqd COMMAND`` (``ps -o comm``, ``top``): its command line is the zygote's."""
+
+
+class Zygote:
+    """A connection to the zygote, and what it said of the children it forked for it (thread-safe): the worker's,
+    which started the zygote (``proc``), or a forked child's own, for the processes that child starts."""
+
+    def __init__(self, sock: socket.socket, proc: subprocess.Popen | None = None) -> None:
+        self.sock, self.proc, self.lock = sock, proc, threading.Lock()
+        self.answers: list[str] = []
+        self.codes: dict[int, int] = {}
+
+    @classmethod
+    def start(cls) -> Zygote:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}  # no BLAS threads in a process that forks
+        proc = subprocess.Popen([sys.executable, "-m", "tests.zygote", str(theirs.fileno())], cwd=ROOT, env=env,
+                                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+        return cls(ours, proc)
+
+    def fork(self, argv: list[str], env: dict[str, str], cwd: str, fds: list[int]) -> int:
+        """The pid of a child running ``acqd.cli`` with ``argv`` (the arguments after ``-m acqd.cli``)."""
+        with self.lock:
+            socket.send_fds(self.sock, [json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode()], fds)
+            while not self.answers:
+                if not self._read(60.0):
+                    raise RuntimeError("the test zygote did not answer within 60 s")
+            kind, _, rest = self.answers.pop(0).partition(" ")
+            if kind != "pid":
+                raise OSError(f"the test zygote could not fork: {rest}")
+            self.codes.pop(int(rest), None)  # an earlier child's pid, reused
+        return int(rest)
+
+    def returncode(self, pid: int, timeout_s: float = 0.0) -> int | None:
+        """How ``pid`` ended, None while it runs after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self.lock:
+            while pid not in self.codes:
+                if not self._read(deadline - time.monotonic()) and time.monotonic() >= deadline:
+                    return None
+            return self.codes[pid]
+
+    def _read(self, timeout_s: float) -> bool:
+        if not select.select([self.sock], [], [], max(timeout_s, 0.0))[0]:
+            return False
+        message = self.sock.recv(4096).decode()
+        if not message:
+            raise RuntimeError("the test zygote died")
+        if message.startswith("exit "):
+            _, pid, code = message.split()
+            self.codes[int(pid)] = int(code)
+        else:
+            self.answers.append(message)
+        return True
+
+    def close(self) -> None:
+        self.sock.close()  # the zygote exits when the worker's socket closes
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Child(subprocess.Popen):
+    """A process forked by the zygote, with ``subprocess.Popen``'s interface (its pipes and ``communicate``
+    included): Popen's own methods run on top of the ``_wait``, ``_internal_poll`` and ``send_signal`` below."""
+
+    def __init__(self, zygote: Zygote, args: list[str], *, stdin=None, stdout=None, stderr=None, text: bool = False,
+                 env: dict | None = None, cwd: str | os.PathLike | None = None) -> None:
+        # Popen's __init__ forks and execs; what it sets besides, set here: the attributes its methods read
+        self.args, self.zygote, self.returncode = args, zygote, None
+        self._waitpid_lock, self._input, self._communication_started = threading.Lock(), None, False
+        self._sigint_wait_secs, self._closed_child_pipe_fds = 0.25, True
+        self.text_mode = self.universal_newlines = bool(text)
+        self.encoding = self.errors = None
+        self.pipesize, self._child_created = -1, True
+        self.stdin = self.stdout = self.stderr = None
+        ours: list[tuple[str, int, str]] = []  # (attribute, our end, mode) of each pipe
+        theirs: list[int] = []
+        for name, spec, mode in (("stdin", stdin, "wb"), ("stdout", stdout, "rb"), ("stderr", stderr, "rb")):
+            if spec == subprocess.PIPE:
+                r, w = os.pipe()
+                ours.append((name, w if name == "stdin" else r, mode))
+                theirs.append(r if name == "stdin" else w)
+            elif spec == subprocess.DEVNULL:
+                theirs.append(os.open(os.devnull, os.O_RDWR))
+            elif spec == subprocess.STDOUT:
+                theirs.append(theirs[1])
+            elif spec is None:
+                theirs.append(os.dup((0, 1, 2)[len(theirs)]))
+            else:
+                theirs.append(os.dup(spec if isinstance(spec, int) else spec.fileno()))
+        try:
+            full_env = {k: str(v) for k, v in (os.environ if env is None else env).items()}
+            self.pid = zygote.fork(args[3:], full_env, os.fspath(cwd or os.getcwd()), theirs)
+        finally:
+            for fd in set(theirs):
+                os.close(fd)
+        for name, fd, mode in ours:
+            f = open(fd, mode, buffering=0 if name == "stdin" and not text else -1)
+            if text:
+                f = io.TextIOWrapper(f, write_through=name == "stdin", line_buffering=name == "stdin")
+            setattr(self, name, f)
+
+    def _internal_poll(self, _deadstate=None, _waitpid=None, _WNOHANG=None, _ECHILD=None):
+        if self.returncode is None:
+            self.returncode = self.zygote.returncode(self.pid)
+        return self.returncode
+
+    def _wait(self, timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            left = 3600.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = self.zygote.returncode(self.pid, min(left, 0.2))  # (others share the lock)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def __del__(self) -> None:  # Popen's warns of a child still running; the zygote reaps it
+        pass
+
+
+_zygote: Zygote | None = None
+
+
+def popen(args, *, stdin=None, stdout=None, stderr=None, text: bool = False, env=None, cwd=None,
+          **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen``: forked by this worker's zygote when ``args`` is a plain ``python -m acqd.cli``."""
+    plain = list(args[:3]) == ACQD and not kwargs and _interpreter_env(env) == _interpreter_env(None)
+    if not plain or _zygote is None:
+        return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, text=text, env=env, cwd=cwd,
+                                **kwargs)
+    return Child(_zygote, list(args), stdin=stdin, stdout=stdout, stderr=stderr, text=text, env=env, cwd=cwd)
+
+
+def _interpreter_env(env: dict | None) -> dict:
+    """The environment variables that change how Python starts (PYTHONPROFILEIMPORTTIME, PYTHONPATH, ...): a
+    child forked from the zygote started as the zygote did."""
+    return {k: v for k, v in (os.environ if env is None else env).items() if k.startswith("PYTHON")}
+
+
+def run(args, *, input=None, capture_output: bool = False, timeout: float | None = None, check: bool = False,
+        **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` through ``popen``."""
+    if input is not None:
+        kwargs["stdin"] = subprocess.PIPE
+    if capture_output:
+        kwargs["stdout"] = kwargs["stderr"] = subprocess.PIPE
+    with popen(args, **kwargs) as proc:
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    if check:
+        result.check_returncode()
+    return result
+
+
+def start() -> None:
+    global _zygote
+    if _zygote is None:
+        _zygote = Zygote.start()
+
+
+def stop() -> None:
+    global _zygote
+    if _zygote is not None:
+        _zygote.close()
+        _zygote = None
+
+
+# -- the zygote process ------------------------------------------------------------------------------
+def serve(worker: socket.socket) -> tuple[dict, socket.socket] | None:
+    """Fork a child per request, from the worker or from a child; in the child, return its request and its own
+    connection (to run it); in the zygote, None once the worker is gone."""
+    wake_r, wake_w = os.pipe()
+    for fd in (wake_r, wake_w):
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # handled, so that each SIGCHLD writes to the wakeup fd
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the worker's
+    clients = [worker]  # the worker, and each child still running (for what it starts)
+    asked: dict[int, socket.socket] = {}  # pid -> whom to tell how it ended
+    while True:
+        ready = select.select([*clients, wake_r], [], [])[0]
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+            for pid, code in reaped():
+                client = asked.pop(pid, None)
+                if client in clients:
+                    try:
+                        client.send(f"exit {pid} {code}".encode())
+                    except OSError:
+                        pass  # it is going: it asked for nothing more
+        for client in ready:
+            if client is wake_r:
+                continue
+            try:
+                data, fds, _, _ = socket.recv_fds(client, 1 << 20, 3)
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                if client is worker:
+                    return None
+                clients.remove(client)
+                client.close()
+                continue
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                pid = os.fork()
+            except OSError as e:
+                pid, answer = -1, f"error {e}"
+            if pid == 0:
+                signal.set_wakeup_fd(-1)
+                for sock in (*clients, ours):
+                    sock.close()
+                for fd in (wake_r, wake_w):
+                    os.close(fd)
+                for target, fd in enumerate(fds):
+                    os.dup2(fd, target)
+                for fd in set(fds) - {0, 1, 2}:
+                    os.close(fd)
+                return json.loads(data), theirs
+            for fd in fds:
+                os.close(fd)
+            theirs.close()
+            if pid > 0:
+                clients.append(ours)
+                asked[pid], answer = client, f"pid {pid}"
+            else:
+                ours.close()
+            try:
+                client.send(answer.encode())
+            except OSError:
+                pass  # it went meanwhile; its child is reaped all the same
+
+
+def become(request: dict, sock: socket.socket) -> int:
+    """In a forked child: be ``python -m acqd.cli ARGV`` started in ``cwd`` with ``env``; the processes it starts
+    through ``acqd.service.procs.popen`` (a daemon's finalize and export runs) are forked by the zygote too."""
+    global _zygote
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    time.tzset()
+    os.chdir(request["cwd"])
+    import acqd.cli
+    from acqd.service import procs
+
+    _zygote, procs.popen = Zygote(sock), popen
+    ctypes.CDLL(None).prctl(PR_SET_NAME, f"acqd {request['argv'][0] if request['argv'] else ''}".encode()[:15])
+    sys.argv = [acqd.cli.__file__, *request["argv"]]
+    sys.orig_argv = [sys.executable, "-m", "acqd.cli", *request["argv"]]
+    sys.path[0] = request["cwd"]
+    unbuffered = bool(request["env"].get("PYTHONUNBUFFERED"))
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):  # as the interpreter makes them at its start
+        stream = io.TextIOWrapper(open(fd, "rb" if fd == 0 else "wb", closefd=False), encoding="utf-8",
+                                  errors="strict" if fd < 2 else "backslashreplace",
+                                  line_buffering=fd == 2 or (fd == 1 and os.isatty(fd)),
+                                  write_through=unbuffered and fd > 0)
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+    return acqd.cli.main(request["argv"])
+
+
+def main() -> None:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    from acqd.startup import importing
+
+    with importing():  # what daemons, simulators and CLI runs import, once
+        import nwbinspector  # noqa: F401
+        import acqd.cli  # noqa: F401
+        import acqd.finalize.nwb  # noqa: F401
+        import acqd.service.daemon  # noqa: F401
+        import acqd.share.export  # noqa: F401
+        import acqd.sim.simulate  # noqa: F401
+    asked = serve(sock)
+    if asked is not None:
+        sys.exit(become(*asked))  # the interpreter's own exit: threads joined, atexit, streams flushed
+
+
+if __name__ == "__main__":
+    main()
