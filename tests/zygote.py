@@ -1,23 +1,26 @@
 """The tests' acqd processes forked from one that has imported acqd once: daemons, simulators and CLI runs.
 
 Every ``python -m acqd.cli ...`` a test starts would first import what its command needs: a daemon FastAPI, pydantic
-and pandas, then pynwb and nwbinspector at ACQUIRE (about 1.5 s of CPU in all); a simulator numpy and zmq; a
-``finalize`` or ``export`` run the NWB stack. Over the suite that is a third of ``make test``'s CPU. Each pytest
-worker instead starts one zygote (``python -m tests.zygote``) that imports all of it once, then forks each such
-process from itself: the child takes the test's argv, environment, working folder and standard streams, runs
-``acqd.cli.main`` and exits as a fresh interpreter would (threads joined, ``atexit`` run, streams flushed). It is
-a real, separate process with its own pid, signals, sockets and files; only its imports were done beforehand.
+and pandas, then pynwb and nwbinspector at ACQUIRE (about 1.4 s of CPU in all); a simulator numpy and zmq; a
+``finalize`` or ``export`` run the NWB stack. Each pytest worker instead starts one zygote (``python -m
+tests.zygote``) that imports all of it once, then forks each such process from itself: the child takes the test's
+argv, environment, working folder and standard streams, runs ``acqd.cli.main`` and exits as a fresh interpreter
+would (threads joined, ``atexit`` run, streams flushed). It is a real, separate process with its own pid, signals,
+sockets and files; only its imports were done beforehand. What a forked child starts through
+``acqd.service.procs.popen`` (a daemon's finalize and export runs) is forked by the zygote too, and a child started
+under ``ip netns exec NS`` (a PC of a multi-PC test rig) enters that network namespace itself.
 
-What is not a plain ``python -m acqd.cli`` still runs as one (``subprocess.Popen``): interpreter options
-(``-X importtime``), a wrapper (``ip netns exec``), descriptors passed to it. Tests of start-up itself use those.
+What is not a plain ``python -m acqd.cli`` still starts as one (``subprocess.Popen``): interpreter options (``-X``,
+``PYTHON*`` variables that differ from the worker's), descriptors passed to it, other programs. The tests of
+start-up itself use those.
 
-The zygote is the child's parent and reaps it; it reports each exit code over a ``SOCK_SEQPACKET`` socket pair, one
-message per event::
+The zygote is its children's parent and reaps them; it reports to whoever asked, over a ``SOCK_SEQPACKET`` socket
+pair each (the worker's, and one per child for what that child starts), a message per event::
 
-    to the zygote    JSON {argv, env, cwd}, the child's stdin, stdout and stderr as SCM_RIGHTS descriptors
+    to the zygote    JSON {argv, netns, env, cwd}, with stdin, stdout and stderr as SCM_RIGHTS descriptors
     from it          pid PID | error WHY | exit PID CODE  (CODE as subprocess.Popen.returncode)
 
-``Child`` is the worker's handle, the part of ``subprocess.Popen`` the tests and ``acqd.service.procs`` use.
+``Child`` is the handle: ``subprocess.Popen``, pipes and ``communicate`` included.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ from acqd.record.forkserver import reaped
 
 ROOT = Path(__file__).resolve().parent.parent
 ACQD = [sys.executable, "-m", "acqd.cli"]
+NETNS_EXEC = ["ip", "netns", "exec"]
+"""A command's prefix that runs it in a network namespace (a PC of a multi-PC test rig, tests/multipc/netns.py)."""
+CLONE_NEWNET = 0x40000000
 PR_SET_NAME = 15
 """A forked child names itself ``acqd COMMAND`` (``ps -o comm``, ``top``): its command line is the zygote's."""
 
@@ -61,10 +67,10 @@ class Zygote:
         theirs.close()
         return cls(ours, proc)
 
-    def fork(self, argv: list[str], env: dict[str, str], cwd: str, fds: list[int]) -> int:
-        """The pid of a child running ``acqd.cli`` with ``argv`` (the arguments after ``-m acqd.cli``)."""
+    def fork(self, request: dict, fds: list[int]) -> int:
+        """The pid of a child running ``request`` (``become``) with ``fds`` as its stdin, stdout and stderr."""
         with self.lock:
-            socket.send_fds(self.sock, [json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode()], fds)
+            socket.send_fds(self.sock, [json.dumps(request).encode()], fds)
             while not self.answers:
                 if not self._read(60.0):
                     raise RuntimeError("the test zygote did not answer within 60 s")
@@ -111,7 +117,7 @@ class Child(subprocess.Popen):
     """A process forked by the zygote, with ``subprocess.Popen``'s interface (its pipes and ``communicate``
     included): Popen's own methods run on top of the ``_wait``, ``_internal_poll`` and ``send_signal`` below."""
 
-    def __init__(self, zygote: Zygote, args: list[str], *, stdin=None, stdout=None, stderr=None, text: bool = False,
+    def __init__(self, zygote: Zygote, args: list[str], argv: list[str], netns: str | None, *, stdin=None, stdout=None, stderr=None, text: bool = False,
                  env: dict | None = None, cwd: str | os.PathLike | None = None) -> None:
         # Popen's __init__ forks and execs; what it sets besides, set here: the attributes its methods read
         self.args, self.zygote, self.returncode = args, zygote, None
@@ -138,7 +144,8 @@ class Child(subprocess.Popen):
                 theirs.append(os.dup(spec if isinstance(spec, int) else spec.fileno()))
         try:
             full_env = {k: str(v) for k, v in (os.environ if env is None else env).items()}
-            self.pid = zygote.fork(args[3:], full_env, os.fspath(cwd or os.getcwd()), theirs)
+            self.pid = zygote.fork({"argv": argv, "netns": netns, "env": full_env, "cwd": os.fspath(cwd or os.getcwd())},
+                                   theirs)
         finally:
             for fd in set(theirs):
                 os.close(fd)
@@ -174,16 +181,19 @@ class Child(subprocess.Popen):
 
 
 _zygote: Zygote | None = None
+_netns: str | None = None  # in a forked child: the network namespace it runs in, and so do the processes it starts
 
 
 def popen(args, *, stdin=None, stdout=None, stderr=None, text: bool = False, env=None, cwd=None,
           **kwargs) -> subprocess.Popen:
     """``subprocess.Popen``: forked by this worker's zygote when ``args`` is a plain ``python -m acqd.cli``."""
-    plain = list(args[:3]) == ACQD and not kwargs and _interpreter_env(env) == _interpreter_env(None)
+    netns, command = (args[3], list(args[4:])) if list(args[:3]) == NETNS_EXEC else (_netns, list(args))
+    plain = command[:3] == ACQD and not kwargs and _interpreter_env(env) == _interpreter_env(None)
     if not plain or _zygote is None:
         return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, text=text, env=env, cwd=cwd,
                                 **kwargs)
-    return Child(_zygote, list(args), stdin=stdin, stdout=stdout, stderr=stderr, text=text, env=env, cwd=cwd)
+    return Child(_zygote, list(args), command[3:], netns, stdin=stdin, stdout=stdout, stderr=stderr, text=text,
+                 env=env, cwd=cwd)
 
 
 def _interpreter_env(env: dict | None) -> dict:
@@ -294,7 +304,15 @@ def serve(worker: socket.socket) -> tuple[dict, socket.socket] | None:
 def become(request: dict, sock: socket.socket) -> int:
     """In a forked child: be ``python -m acqd.cli ARGV`` started in ``cwd`` with ``env``; the processes it starts
     through ``acqd.service.procs.popen`` (a daemon's finalize and export runs) are forked by the zygote too."""
-    global _zygote
+    global _zygote, _netns
+    if request["netns"]:  # as ``ip netns exec`` does, its network part (acqd reads nothing it mounts anew)
+        _netns = request["netns"]
+        fd = os.open(f"/run/netns/{_netns}", os.O_RDONLY)
+        try:
+            if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET):
+                raise OSError(ctypes.get_errno(), f"cannot enter network namespace {_netns}")
+        finally:
+            os.close(fd)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.clear()
