@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from tests import zygote
 from tests.bytecode import cache_bytecode
 
 cache_bytecode()  # first: the modules imported below, and every process the tests start, keep their bytecode
@@ -22,6 +21,7 @@ from acqd.finalize.seal import unseal_session
 from acqd.service import procs
 from acqd.service.procs import Daemon, Simulator, wait_until
 from acqd.sim.simulate import Rig, SimParams
+from tests import zygote
 from tests.sessions import SUBJECT
 
 ROOT = Path(__file__).resolve().parent.parent

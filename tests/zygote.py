@@ -6,7 +6,10 @@ and pandas, then pynwb and nwbinspector at ACQUIRE (about 1.4 s of CPU in all); 
 tests.zygote``) that imports all of it once, then forks each such process from itself: the child takes the test's
 argv, environment, working folder and standard streams, runs ``acqd.cli.main`` and exits as a fresh interpreter
 would (threads joined, ``atexit`` run, streams flushed). It is a real, separate process with its own pid, signals,
-sockets and files; only its imports were done beforehand. What a forked child starts through
+sockets and files, the worker's umask and open-file limit. What differs from an exec'd one: its imports were done
+beforehand (so a variable read at import, ``ACQD_RCLONE``, keeps the worker's value); its parent is the zygote (a
+daemon's jobs are not its children); ``/proc/PID/cmdline`` is the zygote's (``comm`` is ``acqd COMMAND``); every
+child has the zygote's string-hash seed. What a forked child starts through
 ``acqd.service.procs.popen`` (a daemon's finalize and export runs) is forked by the zygote too, and a child started
 under ``ip netns exec NS`` (a PC of a multi-PC test rig) enters that network namespace itself.
 
@@ -29,6 +32,7 @@ import ctypes
 import io
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -56,7 +60,7 @@ class Zygote:
     def __init__(self, sock: socket.socket, proc: subprocess.Popen | None = None) -> None:
         self.sock, self.proc, self.lock = sock, proc, threading.Lock()
         self.answers: list[str] = []
-        self.codes: dict[int, int] = {}
+        self.running: dict[int, list[int | None]] = {}  # pid -> [its exit code, once it ended], per fork
 
     @classmethod
     def start(cls) -> Zygote:
@@ -67,27 +71,29 @@ class Zygote:
         theirs.close()
         return cls(ours, proc)
 
-    def fork(self, request: dict, fds: list[int]) -> int:
-        """The pid of a child running ``request`` (``become``) with ``fds`` as its stdin, stdout and stderr."""
+    def fork(self, request: dict, fds: list[int]) -> tuple[int, list[int | None]]:
+        """A child running ``request`` (``become``) with ``fds`` as its stdin, stdout and stderr: its pid, and the
+        record its exit code comes to (a pid is reused once its process is reaped, a record never)."""
         with self.lock:
             socket.send_fds(self.sock, [json.dumps(request).encode()], fds)
             while not self.answers:
                 if not self._read(60.0):
+                    self.sock.close()  # its answer, if it comes, must not be taken for the next fork's
                     raise RuntimeError("the test zygote did not answer within 60 s")
             kind, _, rest = self.answers.pop(0).partition(" ")
             if kind != "pid":
                 raise OSError(f"the test zygote could not fork: {rest}")
-            self.codes.pop(int(rest), None)  # an earlier child's pid, reused
-        return int(rest)
+            ended = self.running[int(rest)] = [None]
+        return int(rest), ended
 
-    def returncode(self, pid: int, timeout_s: float = 0.0) -> int | None:
-        """How ``pid`` ended, None while it runs after ``timeout_s``."""
+    def wait(self, ended: list[int | None], timeout_s: float = 0.0) -> int | None:
+        """The exit code in ``ended`` (from ``fork``), taking the zygote's news for up to ``timeout_s``; None while
+        the process runs."""
         deadline = time.monotonic() + timeout_s
         with self.lock:
-            while pid not in self.codes:
-                if not self._read(deadline - time.monotonic()) and time.monotonic() >= deadline:
-                    return None
-            return self.codes[pid]
+            while ended[0] is None and self._read(deadline - time.monotonic()):
+                pass
+            return ended[0]
 
     def _read(self, timeout_s: float) -> bool:
         if not select.select([self.sock], [], [], max(timeout_s, 0.0))[0]:
@@ -95,9 +101,9 @@ class Zygote:
         message = self.sock.recv(4096).decode()
         if not message:
             raise RuntimeError("the test zygote died")
-        if message.startswith("exit "):
+        if message.startswith("exit "):  # (always after its "pid": the zygote reaps what it has forked)
             _, pid, code = message.split()
-            self.codes[int(pid)] = int(code)
+            self.running.pop(int(pid))[0] = int(code)
         else:
             self.answers.append(message)
         return True
@@ -117,8 +123,9 @@ class Child(subprocess.Popen):
     """A process forked by the zygote, with ``subprocess.Popen``'s interface (its pipes and ``communicate``
     included): Popen's own methods run on top of the ``_wait``, ``_internal_poll`` and ``send_signal`` below."""
 
-    def __init__(self, zygote: Zygote, args: list[str], argv: list[str], netns: str | None, *, stdin=None, stdout=None, stderr=None, text: bool = False,
-                 env: dict | None = None, cwd: str | os.PathLike | None = None) -> None:
+    def __init__(self, zygote: Zygote, args: list[str], argv: list[str], netns: str | None, *, stdin=None,
+                 stdout=None, stderr=None, text: bool = False, env: dict | None = None,
+                 cwd: str | os.PathLike | None = None) -> None:
         # Popen's __init__ forks and execs; what it sets besides, set here: the attributes its methods read
         self.args, self.zygote, self.returncode = args, zygote, None
         self._waitpid_lock, self._input, self._communication_started = threading.Lock(), None, False
@@ -142,10 +149,15 @@ class Child(subprocess.Popen):
                 theirs.append(os.dup((0, 1, 2)[len(theirs)]))
             else:
                 theirs.append(os.dup(spec if isinstance(spec, int) else spec.fileno()))
+        request = {"argv": argv, "netns": netns, "cwd": os.path.abspath(cwd or os.getcwd()),
+                   "env": {k: str(v) for k, v in (os.environ if env is None else env).items()},
+                   "umask": os.umask(os.umask(0o022)), "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)}
         try:
-            full_env = {k: str(v) for k, v in (os.environ if env is None else env).items()}
-            self.pid = zygote.fork({"argv": argv, "netns": netns, "env": full_env, "cwd": os.fspath(cwd or os.getcwd())},
-                                   theirs)
+            self.pid, self._ended = zygote.fork(request, theirs)
+        except BaseException:
+            for _, fd, _ in ours:
+                os.close(fd)
+            raise
         finally:
             for fd in set(theirs):
                 os.close(fd)
@@ -157,17 +169,18 @@ class Child(subprocess.Popen):
 
     def _internal_poll(self, _deadstate=None, _waitpid=None, _WNOHANG=None, _ECHILD=None):
         if self.returncode is None:
-            self.returncode = self.zygote.returncode(self.pid)
+            self.returncode = self.zygote.wait(self._ended)
         return self.returncode
 
     def _wait(self, timeout):
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.returncode is None:
-            left = 3600.0 if deadline is None else deadline - time.monotonic()
+        while True:
+            left = 0.2 if deadline is None else deadline - time.monotonic()
+            self.returncode = self.zygote.wait(self._ended, min(max(left, 0.0), 0.2))  # (others share the lock)
+            if self.returncode is not None:
+                return self.returncode
             if left <= 0:
                 raise subprocess.TimeoutExpired(self.args, timeout)
-            self.returncode = self.zygote.returncode(self.pid, min(left, 0.2))  # (others share the lock)
-        return self.returncode
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
@@ -327,12 +340,15 @@ def become(request: dict, sock: socket.socket) -> int:
     sys.argv = [acqd.cli.__file__, *request["argv"]]
     sys.orig_argv = [sys.executable, "-m", "acqd.cli", *request["argv"]]
     sys.path[0] = request["cwd"]
-    unbuffered = bool(request["env"].get("PYTHONUNBUFFERED"))
-    for fd, name in enumerate(("stdin", "stdout", "stderr")):  # as the interpreter makes them at its start
-        stream = io.TextIOWrapper(open(fd, "rb" if fd == 0 else "wb", closefd=False), encoding="utf-8",
-                                  errors="strict" if fd < 2 else "backslashreplace",
-                                  line_buffering=fd == 2 or (fd == 1 and os.isatty(fd)),
-                                  write_through=unbuffered and fd > 0)
+    os.umask(request["umask"])
+    resource.setrlimit(resource.RLIMIT_NOFILE, tuple(request["nofile"]))
+    buffered = not sys.__stdout__.write_through  # -u, PYTHONUNBUFFERED: the zygote's are the worker's (``popen``)
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):  # as the interpreter makes them (create_stdio)
+        was = getattr(sys, f"__{name}__")
+        raw_only = not buffered and fd > 0
+        binary = open(fd, "rb" if fd == 0 else "wb", buffering=0 if raw_only else -1, closefd=False)
+        stream = io.TextIOWrapper(binary, encoding=was.encoding, errors=was.errors, newline="\n",
+                                  line_buffering=buffered and (fd == 2 or os.isatty(fd)), write_through=not buffered)
         setattr(sys, name, stream)
         setattr(sys, f"__{name}__", stream)
     return acqd.cli.main(request["argv"])

@@ -78,7 +78,7 @@ class Jobs(dict[tuple[str, str], Job]):
         job = self.get((kind, session_id))
         if job is None or job.state != "running":
             proc = procs.popen([sys.executable, "-m", "acqd.cli", kind, str(folder), *args, "--progress-jsonl"],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
             job = self[(kind, session_id)] = Job(proc, on_progress=job_reporter(self.events, kind, session_id))
             threading.Thread(target=job.follow, name=f"{kind}-{session_id}", daemon=True).start()
         return {"session": session_id, "kind": kind, **job.as_dict()}

@@ -197,7 +197,7 @@ def test_row32_second_daemon_with_the_same_rig_is_refused_and_the_first_loses_no
     daemon = daemon_factory(rig_file)
     with recording(daemon, rig_file, "first", seed=32) as (_, folder):
         second = zygote.run([sys.executable, "-m", "acqd.cli", "serve", "--config", str(rig_file), "--data-root",
-                                 str(tmp_path / "other"), "--port", "0"], stdin=subprocess.DEVNULL,
+                             str(tmp_path / "other"), "--port", "0"], stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=60)
         assert second.returncode == 2, second.stderr
         (line,) = second.stderr.strip().splitlines()  # one clear line, no traceback
@@ -384,7 +384,7 @@ def test_row06_disk_reserve_warns_then_stops_recording_cleanly_and_session_json_
 def serve_briefly(rig_file: Path, data_root: Path) -> subprocess.CompletedProcess:
     """``acqd serve`` that is expected to refuse to start (a hard timeout if it does start)."""
     return zygote.run([sys.executable, "-m", "acqd.cli", "serve", "--config", str(rig_file), "--data-root",
-                           str(data_root), "--port", "0"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       str(data_root), "--port", "0"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
                       timeout=60)
 
 
@@ -444,8 +444,8 @@ def test_row23_unwritable_data_root_is_refused_with_the_path_and_the_reason(tmp_
             assert refused.value.status == 409
             assert str(refused.value) == f"data root {tmp_path / 'data'} cannot be written: Operation not permitted"
             cli = zygote.run([sys.executable, "-m", "acqd.cli", "record", "--session", "later", "--url",
-                                  daemon.url, "--subject-id", "m1", "--species", "Mus musculus", "--sex", "F",
-                                  "--age", "P90D"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              daemon.url, "--subject-id", "m1", "--species", "Mus musculus", "--sex", "F",
+                              "--age", "P90D"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
                              timeout=60)
             assert cli.returncode == 2 and cli.stderr.strip().splitlines() == [f"acqd: error: {refused.value}"]
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,6 @@ import numpy as np
 import yaml
 
 from acqd.sim.simulate import skip_to
-from tests import zygote
 from tests.multipc.rigs import (DRIFT_PPM, FOLLOWERS, LEADER, SEED, Node, leader_seconds, node_raw, node_rig,
                                 sim_args)
 
@@ -66,9 +66,9 @@ def test_two_simulate_processes_write_one_sync_line_and_each_nodes_drift(tmp_pat
         (node.home / "ipc").mkdir(parents=True)
         node.config.write_text(yaml.safe_dump(node_raw(node)))  # the simulator reads only the streams
         truths[name] = tmp_path / f"{name}.json"
-        zygote.run([sys.executable, "-m", "acqd.cli", "simulate", "--config", str(node.config), "--seconds", "0.3",
+        subprocess.run([sys.executable, "-m", "acqd.cli", "simulate", "--config", str(node.config), "--seconds", "0.3",
                         "--seed", str(SEED), "--wait-peers", "0", "--truth", str(truths[name]), *sim_args(name, t0)],
-                   check=True, timeout=60, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       check=True, timeout=60, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     lead, f1 = (json.loads(truths[n].read_text()) for n in (LEADER, "f1"))
     assert lead["pulse_times_s"] == f1["pulse_times_s"] and lead["t0_monotonic_s"] == f1["t0_monotonic_s"] == t0
     assert {d["ppm"] for d in lead["devices"].values()} == {DRIFT_PPM[LEADER]}

@@ -69,7 +69,7 @@ def test_record_refuses_hostile_names_and_missing_metadata(small_rig_file, daemo
             assert f"subject.{field}: {value!r}: " in r.json()["error"] and f"({check})" in r.json()["error"]
             assert [(p["field"], p["check"]) for p in r.json()["problems"]] == [(f"subject.{field}", check)]
         out = zygote.run([sys.executable, "-m", "acqd.cli", "record", "--url", daemon.url, "--session", "cli",
-                              *SUBJECT_ARGS, "--species", "mouse"], capture_output=True, text=True, timeout=60)
+                          *SUBJECT_ARGS, "--species", "mouse"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and "subject.species: 'mouse': " in out.stderr, out.stderr
         assert "(check_subject_species_form)" in out.stderr
         with pytest.raises(ApiError, match="subject.sex"):
@@ -138,5 +138,5 @@ def test_cli_client_uses_the_same_commands(rig_file, daemon_factory):
 def test_second_daemon_on_the_same_data_root_is_refused(rig_file, daemon_factory, tmp_path):
     daemon_factory(rig_file)
     out = zygote.run([sys.executable, "-m", "acqd.cli", "serve", "--config", str(rig_file), "--data-root",
-                          str(tmp_path / "data"), "--port", "0"], capture_output=True, text=True, timeout=60)
+                      str(tmp_path / "data"), "--port", "0"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "another acqd is already serving" in out.stderr
