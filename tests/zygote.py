@@ -1,11 +1,11 @@
-"""The tests' acqd processes forked from one that has imported acqd once: daemons, simulators and CLI runs.
+"""The tests' acqd processes forked from one that has imported acqd once: daemons, simulators, CLI runs, writers.
 
-Every ``python -m acqd.cli ...`` a test starts would first import what its command needs: a daemon FastAPI, pydantic
-and pandas, then pynwb and nwbinspector at ACQUIRE (about 1.4 s of CPU in all); a simulator numpy and zmq; a
-``finalize`` or ``export`` run the NWB stack. Each pytest worker instead starts one zygote (``python -m
+Every ``python -m acqd...`` a test starts would first import what it needs: a daemon FastAPI, pydantic and pandas,
+then pynwb and nwbinspector at ACQUIRE (about 1.4 s of CPU in all); a simulator numpy and zmq; a ``finalize`` or
+``export`` run the NWB stack; a writer numpy, h5py and zmq. Each pytest worker instead starts one zygote (``python -m
 tests.zygote``) that imports all of it once, then forks each such process from itself: the child takes the test's
-argv, environment, working folder and standard streams, runs ``acqd.cli.main`` and exits as a fresh interpreter
-would (threads joined, ``atexit`` run, streams flushed). It is a real, separate process with its own pid, signals,
+argv, environment, working folder and standard streams, runs the module as ``-m`` does (``runpy``) and exits as a
+fresh interpreter would (threads joined, ``atexit`` run, streams flushed). It is a real, separate process with its own pid, signals,
 sockets and files, the worker's umask and open-file limit. What differs from an exec'd one: its imports were done
 beforehand (so a variable read at import, ``ACQD_RCLONE``, keeps the worker's value); its parent is the zygote (a
 daemon's jobs are not its children); ``/proc/PID/cmdline`` is the zygote's (``comm`` is ``acqd COMMAND``); every
@@ -13,7 +13,7 @@ child has the zygote's string-hash seed. What a forked child starts through
 ``acqd.service.procs.popen`` (a daemon's finalize and export runs) is forked by the zygote too, and a child started
 under ``ip netns exec NS`` (a PC of a multi-PC test rig) enters that network namespace itself.
 
-What is not a plain ``python -m acqd.cli`` still starts as one (``subprocess.Popen``): interpreter options (``-X``,
+What is not a plain ``python -m acqd.MODULE`` still starts as one (``subprocess.Popen``): interpreter options (``-X``,
 ``PYTHON*`` variables that differ from the worker's), descriptors passed to it, other programs. The tests of
 start-up itself use those.
 
@@ -33,6 +33,7 @@ import io
 import json
 import os
 import resource
+import runpy
 import select
 import signal
 import socket
@@ -45,7 +46,7 @@ from pathlib import Path
 from acqd.record.forkserver import reaped
 
 ROOT = Path(__file__).resolve().parent.parent
-ACQD = [sys.executable, "-m", "acqd.cli"]
+PYTHON_M = [sys.executable, "-m"]
 NETNS_EXEC = ["ip", "netns", "exec"]
 """A command's prefix that runs it in a network namespace (a PC of a multi-PC test rig, tests/multipc/netns.py)."""
 CLONE_NEWNET = 0x40000000
@@ -123,8 +124,8 @@ class Child(subprocess.Popen):
     """A process forked by the zygote, with ``subprocess.Popen``'s interface (its pipes and ``communicate``
     included): Popen's own methods run on top of the ``_wait``, ``_internal_poll`` and ``send_signal`` below."""
 
-    def __init__(self, zygote: Zygote, args: list[str], argv: list[str], netns: str | None, *, stdin=None,
-                 stdout=None, stderr=None, text: bool = False, env: dict | None = None,
+    def __init__(self, zygote: Zygote, args: list[str], module: str, argv: list[str], netns: str | None, *,
+                 stdin=None, stdout=None, stderr=None, text: bool = False, env: dict | None = None,
                  cwd: str | os.PathLike | None = None) -> None:
         # Popen's __init__ forks and execs; what it sets besides, set here: the attributes its methods read
         self.args, self.zygote, self.returncode = args, zygote, None
@@ -149,7 +150,7 @@ class Child(subprocess.Popen):
                 theirs.append(os.dup((0, 1, 2)[len(theirs)]))
             else:
                 theirs.append(os.dup(spec if isinstance(spec, int) else spec.fileno()))
-        request = {"argv": argv, "netns": netns, "cwd": os.path.abspath(cwd or os.getcwd()),
+        request = {"module": module, "argv": argv, "netns": netns, "cwd": os.path.abspath(cwd or os.getcwd()),
                    "env": {k: str(v) for k, v in (os.environ if env is None else env).items()},
                    "umask": os.umask(os.umask(0o022)), "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)}
         try:
@@ -199,13 +200,14 @@ _netns: str | None = None  # in a forked child: the network namespace it runs in
 
 def popen(args, *, stdin=None, stdout=None, stderr=None, text: bool = False, env=None, cwd=None,
           **kwargs) -> subprocess.Popen:
-    """``subprocess.Popen``: forked by this worker's zygote when ``args`` is a plain ``python -m acqd.cli``."""
+    """``subprocess.Popen``: forked by this worker's zygote when ``args`` is a plain ``python -m acqd.MODULE``."""
     netns, command = (args[3], list(args[4:])) if list(args[:3]) == NETNS_EXEC else (_netns, list(args))
-    plain = command[:3] == ACQD and not kwargs and _interpreter_env(env) == _interpreter_env(None)
+    plain = command[:2] == PYTHON_M and len(command) > 2 and command[2].startswith("acqd.") and not kwargs \
+        and _interpreter_env(env) == _interpreter_env(None)
     if not plain or _zygote is None:
         return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, text=text, env=env, cwd=cwd,
                                 **kwargs)
-    return Child(_zygote, list(args), command[3:], netns, stdin=stdin, stdout=stdout, stderr=stderr, text=text,
+    return Child(_zygote, list(args), command[2], command[3:], netns, stdin=stdin, stdout=stdout, stderr=stderr, text=text,
                  env=env, cwd=cwd)
 
 
@@ -315,7 +317,7 @@ def serve(worker: socket.socket) -> tuple[dict, socket.socket] | None:
 
 
 def become(request: dict, sock: socket.socket) -> int:
-    """In a forked child: be ``python -m acqd.cli ARGV`` started in ``cwd`` with ``env``; the processes it starts
+    """In a forked child: be ``python -m MODULE ARGV`` started in ``cwd`` with ``env``; the processes it starts
     through ``acqd.service.procs.popen`` (a daemon's finalize and export runs) are forked by the zygote too."""
     global _zygote, _netns
     if request["netns"]:  # as ``ip netns exec`` does, its network part (acqd reads nothing it mounts anew)
@@ -332,13 +334,14 @@ def become(request: dict, sock: socket.socket) -> int:
     os.environ.update(request["env"])
     time.tzset()
     os.chdir(request["cwd"])
-    import acqd.cli
     from acqd.service import procs
 
     _zygote, procs.popen = Zygote(sock), popen
-    ctypes.CDLL(None).prctl(PR_SET_NAME, f"acqd {request['argv'][0] if request['argv'] else ''}".encode()[:15])
-    sys.argv = [acqd.cli.__file__, *request["argv"]]
-    sys.orig_argv = [sys.executable, "-m", "acqd.cli", *request["argv"]]
+    module, argv = request["module"], request["argv"]
+    name = argv[0] if module == "acqd.cli" and argv else module.rsplit(".", 1)[1]
+    ctypes.CDLL(None).prctl(PR_SET_NAME, f"acqd {name}".encode()[:15])
+    sys.argv = [module, *argv]  # (runpy puts the module's file first)
+    sys.orig_argv = [*PYTHON_M, module, *argv]
     sys.path[0] = request["cwd"]
     os.umask(request["umask"])
     resource.setrlimit(resource.RLIMIT_NOFILE, tuple(request["nofile"]))
@@ -351,7 +354,9 @@ def become(request: dict, sock: socket.socket) -> int:
                                   line_buffering=buffered and (fd == 2 or os.isatty(fd)), write_through=not buffered)
         setattr(sys, name, stream)
         setattr(sys, f"__{name}__", stream)
-    return acqd.cli.main(request["argv"])
+    sys.modules.pop(module, None)  # imported by the zygote: run afresh as __main__, as ``-m`` does (runpy warns else)
+    runpy.run_module(module, run_name="__main__", alter_sys=True)  # its ``sys.exit(main())`` ends the process
+    return 0
 
 
 def main() -> None:
@@ -362,6 +367,7 @@ def main() -> None:
         import nwbinspector  # noqa: F401
         import acqd.cli  # noqa: F401
         import acqd.finalize.nwb  # noqa: F401
+        import acqd.record.group  # noqa: F401
         import acqd.service.daemon  # noqa: F401
         import acqd.share.export  # noqa: F401
         import acqd.sim.simulate  # noqa: F401

@@ -20,6 +20,7 @@ from acqd.config import StreamConfig
 from acqd.record.group import GroupSpec
 from acqd.record.writer import WriterSpec
 from acqd.service.procs import stop_process
+from tests import zygote
 
 
 class LiveGroup:
@@ -42,8 +43,8 @@ class LiveGroup:
                   "clock_pair_interval_s": 0.5, **(timing or {})}  # ``timing``: e.g. the daemon's defaults
         specs = [WriterSpec(stream=cfg, lines=[], control=f"ipc://{tmp}/c", **timing) for cfg in self.cfgs.values()]
         arg = GroupSpec("g", specs).write(tmp / "group.json")
-        self.proc = subprocess.Popen([sys.executable, "-m", "acqd.record.launch", arg], stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **(env or {})})
+        self.proc = zygote.popen([sys.executable, "-m", "acqd.record.launch", arg], stdin=subprocess.DEVNULL,
+                                 env={**os.environ, **(env or {})})
         self.msgs: list[tuple[str, dict]] = []
         self.folder = tmp / "streams"
         self.folder.mkdir(exist_ok=True)

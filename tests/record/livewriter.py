@@ -21,6 +21,7 @@ from acqd.config import StreamConfig
 from acqd.record.writer import WriterSpec
 from acqd.service.procs import stop_process
 from acqd.wire.protocol import Header, encode
+from tests import zygote
 
 
 class LiveWriter:
@@ -43,8 +44,8 @@ class LiveWriter:
         spec = WriterSpec(stream=self.cfg, lines=[], control=f"ipc://{tmp}/c", **{
             "flush_interval_s": 0.05, "fsync_interval_s": 0.0, "stats_interval_s": 0.1, "clock_pair_interval_s": 0.5,
             **(timing or {})})  # ``timing``: the daemon's intervals, when a test needs the defaults' cadence
-        self.proc = subprocess.Popen([sys.executable, "-m", "acqd.record.writer", spec.to_json()],
-                                     stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+        self.proc = zygote.popen([sys.executable, "-m", "acqd.record.writer", spec.to_json()],
+                                 stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
         self.msgs: list[dict] = []
         self.folder = tmp / "streams"
         self.folder.mkdir(exist_ok=True)
