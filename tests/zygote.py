@@ -2,14 +2,14 @@
 
 Every ``python -m acqd...`` a test starts would first import what it needs: a daemon FastAPI, pydantic and pandas,
 then pynwb and nwbinspector at ACQUIRE (about 1.4 s of CPU in all); a simulator numpy and zmq; a ``finalize`` or
-``export`` run the NWB stack; a writer numpy, h5py and zmq. Each pytest worker instead starts one zygote (``python -m
-tests.zygote``) that imports all of it once, then forks each such process from itself: the child takes the test's
-argv, environment, working folder and standard streams, runs the module as ``-m`` does (``runpy``) and exits as a
-fresh interpreter would (threads joined, ``atexit`` run, streams flushed). It is a real, separate process with its own pid, signals,
-sockets and files, the worker's umask and open-file limit. What differs from an exec'd one: its imports were done
-beforehand (so a variable read at import, ``ACQD_RCLONE``, keeps the worker's value); its parent is the zygote (a
-daemon's jobs are not its children); ``/proc/PID/cmdline`` is the zygote's (``comm`` is ``acqd COMMAND``); every
-child has the zygote's string-hash seed. What a forked child starts through
+``export`` run the NWB stack; a writer numpy, h5py and zmq. Each pytest worker instead starts one zygote
+(``python -m tests.zygote``) that imports all of it once, then forks each such process from itself: the child takes
+the test's argv, environment, working folder and standard streams, runs the module as ``-m`` does (``runpy``) and
+exits as a fresh interpreter would (threads joined, ``atexit`` run, streams flushed). It is a real, separate process
+with its own pid, signals, sockets and files, the worker's umask and open-file limit. What differs from an exec'd
+one: its imports were done beforehand (a variable read at import would keep the worker's value: acqd reads its own
+when used); its parent is the zygote (a daemon's jobs are not its children); ``/proc/PID/cmdline`` is the zygote's
+(``comm`` is ``acqd COMMAND``); every child has the zygote's string-hash seed. What a forked child starts through
 ``acqd.service.procs.popen`` (a daemon's finalize and export runs) is forked by the zygote too, and a child started
 under ``ip netns exec NS`` (a PC of a multi-PC test rig) enters that network namespace itself.
 

@@ -26,7 +26,9 @@ from acqd.record.launch import die_with_parent
 from acqd.config.ship import ShipDestination
 from acqd.share.ship import stall
 
-RCLONE = os.environ.get("ACQD_RCLONE", "rclone")
+RCLONE: str | None = None
+"""The rclone program to run; None: ``$ACQD_RCLONE`` (read at each run, as acqd's other variables are), else
+``rclone`` on the PATH."""
 STALL_CHECK_S = 1.0
 """How often a running rclone is looked at for a stall."""
 STALL_KILL_S = 10.0
@@ -69,8 +71,12 @@ def remote_path(dest: ShipDestination, *parts: str) -> str:
     return "/".join([dest.remote.rstrip("/") or "/", *parts]) if parts else dest.remote
 
 
+def program() -> str:
+    return RCLONE or os.environ.get("ACQD_RCLONE") or "rclone"
+
+
 def base_args(dest: ShipDestination) -> list[str]:
-    args = [RCLONE]
+    args = [program()]
     if dest.rclone_config is not None:
         args += ["--config", str(dest.rclone_config)]
     return args
@@ -118,7 +124,7 @@ def deletefile_args(dest: ShipDestination, dst: str) -> list[str]:
 def supports(flag: str) -> bool:
     """Whether this rclone knows ``flag`` (its global flags list)."""
     try:
-        out = subprocess.run([RCLONE, "help", "flags"], capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run([program(), "help", "flags"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
         return False
     return f"{flag} " in out
