@@ -43,7 +43,7 @@ import threading
 import time
 from pathlib import Path
 
-from acqd.record.forkserver import reaped
+from acqd.record.forkserver import reaped, woken_by_children
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON_M = [sys.executable, "-m"]
@@ -122,7 +122,8 @@ class Zygote:
 
 class Child(subprocess.Popen):
     """A process forked by the zygote, with ``subprocess.Popen``'s interface (its pipes and ``communicate``
-    included): Popen's own methods run on top of the ``_wait``, ``_internal_poll`` and ``send_signal`` below."""
+    included): Popen's own methods (``send_signal`` polls first) run on top of the ``_wait`` and ``_internal_poll``
+    below."""
 
     def __init__(self, zygote: Zygote, args: list[str], module: str, argv: list[str], netns: str | None, *,
                  stdin=None, stdout=None, stderr=None, text: bool = False, env: dict | None = None,
@@ -183,13 +184,6 @@ class Child(subprocess.Popen):
             if left <= 0:
                 raise subprocess.TimeoutExpired(self.args, timeout)
 
-    def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
-
     def __del__(self) -> None:  # Popen's warns of a child still running; the zygote reaps it
         pass
 
@@ -207,8 +201,8 @@ def popen(args, *, stdin=None, stdout=None, stderr=None, text: bool = False, env
     if not plain or _zygote is None:
         return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, text=text, env=env, cwd=cwd,
                                 **kwargs)
-    return Child(_zygote, list(args), command[2], command[3:], netns, stdin=stdin, stdout=stdout, stderr=stderr, text=text,
-                 env=env, cwd=cwd)
+    return Child(_zygote, list(args), command[2], command[3:], netns, stdin=stdin, stdout=stdout, stderr=stderr,
+                 text=text, env=env, cwd=cwd)
 
 
 def _interpreter_env(env: dict | None) -> dict:
@@ -254,11 +248,7 @@ def stop() -> None:
 def serve(worker: socket.socket) -> tuple[dict, socket.socket] | None:
     """Fork a child per request, from the worker or from a child; in the child, return its request and its own
     connection (to run it); in the zygote, None once the worker is gone."""
-    wake_r, wake_w = os.pipe()
-    for fd in (wake_r, wake_w):
-        os.set_blocking(fd, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)  # handled, so that each SIGCHLD writes to the wakeup fd
+    wake_r, wake_w = woken_by_children()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the worker's
     clients = [worker]  # the worker, and each child still running (for what it starts)
     asked: dict[int, socket.socket] = {}  # pid -> whom to tell how it ended

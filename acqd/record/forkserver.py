@@ -254,11 +254,7 @@ def pid_alive(pid: int) -> bool:
 # -- the server process ------------------------------------------------------------------------------
 def serve(sock: socket.socket) -> int:
     """Fork a writer for each spec line and report its pid, report each one's end, until the socket closes."""
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_r, False)
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)  # handled, so that each SIGCHLD writes to the wakeup fd
+    wake_r, wake_w = woken_by_children()
     server, buf, asked = os.getpid(), b"", 0
     fail_from = int(os.environ.get(FORK_FAILS_ENV) or 0)
     poller = select.poll()  # (not select.select: the socket keeps the daemon's descriptor number, maybe > 1024)
@@ -290,6 +286,17 @@ def serve(sock: socket.socket) -> int:
                     sock.sendall(f"pid {pid}\n".encode())
     except (BrokenPipeError, ConnectionResetError):  # the supervisor went: so do we (and our writers with us)
         return 0
+
+
+def woken_by_children() -> tuple[int, int]:
+    """A pipe whose read end turns readable each time a child ends (SIGCHLD through Python's wakeup fd): wait on it
+    beside the sockets, then take ``reaped()``. A child closes both ends (after ``signal.set_wakeup_fd(-1)``)."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # handled, so that each SIGCHLD writes to the wakeup fd
+    return wake_r, wake_w
 
 
 def reaped() -> Iterator[tuple[int, int]]:
