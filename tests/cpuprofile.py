@@ -3,8 +3,9 @@
     ACQD_CPU_LOG=cpu.tsv python -m pytest -p tests.cpuprofile -n 4 --dist loadgroup -q -p no:cacheprovider
 
 appends one line per test: node id, CPU of the pytest worker itself (in-process finalize, recorded sessions,
-imports), CPU of the processes it reaped meanwhile (daemons with their writers, simulators, CLI runs: a child's
-time counts once it is waited for, its own children's with it), and wall seconds. A module-scoped fixture is
+imports), CPU of the processes it started meanwhile (daemons with their writers, simulators, CLI runs: a child's
+time counts once it is reaped, its own children's with it; those forked by the worker's zygote, tests/zygote.py,
+are reaped by the zygote), and wall seconds. A module-scoped fixture is
 charged to the first test that uses it on each worker. Sum per module with
 ``awk -F'\\t' '{split($1,a,"::"); c[a[1]]+=$2+$3} END{for(m in c) print c[m], m}' cpu.tsv | sort -rn``.
 """
@@ -20,7 +21,21 @@ import pytest
 
 def _cpu() -> tuple[float, float]:
     own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime, reaped.ru_utime + reaped.ru_stime
+    return own.ru_utime + own.ru_stime, reaped.ru_utime + reaped.ru_stime + _zygote_reaped()
+
+
+def _zygote_reaped() -> float:
+    """The CPU of the children the worker's zygote has reaped so far (tests/zygote.py)."""
+    from tests import zygote
+
+    if zygote._zygote is None or zygote._zygote.proc is None:
+        return 0.0
+    try:
+        with open(f"/proc/{zygote._zygote.proc.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime, cstime
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -361,6 +361,7 @@ def main() -> None:
         import acqd.service.daemon  # noqa: F401
         import acqd.share.export  # noqa: F401
         import acqd.sim.simulate  # noqa: F401
+        import matplotlib.backends.backend_agg  # noqa: F401 - finalize's QC plots
     asked = serve(sock)
     if asked is not None:
         sys.exit(become(*asked))  # the interpreter's own exit: threads joined, atexit, streams flushed

@@ -15,7 +15,6 @@ from pynwb import NWBHDF5IO
 from acqd.config import ProbeConfig
 from acqd.metadata import SessionMetadata
 from acqd.finalize import finalize_session, unseal_session
-from acqd.finalize.nwb import _inspect
 from acqd.sim.simulate import Rig, SimParams
 from sessions import Recording, record_session, small_config
 
@@ -41,8 +40,8 @@ def finalize_with(tmp_path: Path, probe: ProbeConfig | None, ecephys: dict):
     folder = record_session(cfg, Rig(cfg, SimParams(seed=5, seconds=10)), "P1", Recording(seconds=2.0))
     try:
         report = finalize_session(folder)
-        violations = [m for m in _inspect(folder / report.master) if m["importance"] in ("CRITICAL",
-                                                                                         "BEST_PRACTICE_VIOLATION")]
+        violations = [m for m in report.check["inspector"] if m["importance"] in ("CRITICAL",
+                                                                                  "BEST_PRACTICE_VIOLATION")]
         assert violations == []  # every row, the sync word's too, has an Allen CCF location
         with NWBHDF5IO(str(folder / report.master), "r") as io:
             nwbfile = io.read()
