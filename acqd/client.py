@@ -7,8 +7,10 @@ script that drives a daemon never loads the daemon's code.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import os
+import ssl
 
 import httpx
 
@@ -35,6 +37,14 @@ def _login() -> str:
         return f"uid {os.getuid()}"
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """httpx's default TLS context (its CA bundle, ``SSL_CERT_FILE``/``SSL_CERT_DIR`` honoured), made once per
+    process: making one reads the CA bundle, 20 ms of CPU, and a rig's leader makes a client per request to each
+    follower, every second."""
+    return httpx.create_ssl_context()
+
+
 class Client:
     """A small client for the control API (used by the CLI, the demo and tests)."""
 
@@ -43,7 +53,7 @@ class Client:
         """``operator``: who the daemon logs as sending the commands (default: this login name)."""
         self.url = url.rstrip("/")
         headers = {"X-Acqd-Operator": operator or _login(), **({"Authorization": f"Bearer {token}"} if token else {})}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, verify=_tls())
 
     def request(self, method: str, path: str, body: dict | None = None) -> dict:
         try:

@@ -361,7 +361,10 @@ def main() -> None:
         import acqd.service.daemon  # noqa: F401
         import acqd.share.export  # noqa: F401
         import acqd.sim.simulate  # noqa: F401
+        import anyio._backends._asyncio  # noqa: F401 - imported at a daemon's first request
         import matplotlib.backends.backend_agg  # noqa: F401 - finalize's QC plots
+        import probeinterface  # noqa: F401 - probe layouts
+        import pydantic.v1  # noqa: F401 - FastAPI's check of each model, at the first request
     asked = serve(sock)
     if asked is not None:
         sys.exit(become(*asked))  # the interpreter's own exit: threads joined, atexit, streams flushed
