@@ -5,7 +5,7 @@
 appends one line per test: node id, CPU of the pytest worker itself (in-process finalize, recorded sessions,
 imports), CPU of the processes it started meanwhile (daemons with their writers, simulators, CLI runs: a child's
 time counts once it is reaped, its own children's with it; those forked by the worker's zygote, tests/zygote.py,
-are reaped by the zygote), and wall seconds. A module-scoped fixture is
+are reaped by the zygote), wall seconds, the xdist worker and the start (Unix time). A module-scoped fixture is
 charged to the first test that uses it on each worker. Sum per module with
 ``awk -F'\\t' '{split($1,a,"::"); c[a[1]]+=$2+$3} END{for(m in c) print c[m], m}' cpu.tsv | sort -rn``.
 """
@@ -45,4 +45,5 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     (own1, reaped1), path = _cpu(), os.environ.get("ACQD_CPU_LOG")
     if path:
         with open(path, "a") as f:
-            f.write(f"{item.nodeid}\t{own1 - own0:.2f}\t{reaped1 - reaped0:.2f}\t{time.monotonic() - t0:.2f}\n")
+            f.write(f"{item.nodeid}\t{own1 - own0:.2f}\t{reaped1 - reaped0:.2f}\t{time.monotonic() - t0:.2f}\t"
+                    f"{os.environ.get('PYTEST_XDIST_WORKER', '-')}\t{time.time() - (time.monotonic() - t0):.2f}\n")

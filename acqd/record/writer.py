@@ -890,6 +890,10 @@ def leave(writers: list[Writer]) -> None:
         w.stop_receiver()
         if w.auth is not None:
             w.auth.stop()  # its thread owns sockets of the context
+        # A leaving writer owes its driver nothing; left to the context's linger, a subscription queued for a
+        # publisher that had already gone held every exit for the whole linger.
+        w.data.close(linger=0)
+        w.monitor.close(linger=0)
     for ctx in {id(w.ctx): w.ctx for w in writers}.values():
         ctx.destroy(linger=LEAVE_LINGER_MS)
 
