@@ -86,7 +86,7 @@ def render(p: StreamPlot) -> bytes:
     width, height = 9.0, 2.2 * n + 0.4
     fig = Figure(figsize=(width, height), dpi=80)
     FigureCanvasAgg(fig)
-    ax = fig.subplots(n, 1, sharex=True)
+    ax = fig.subplots(n, 1)
     fig.suptitle(p.title, fontsize=10)
     _residual_panel(ax[0], p)
     if p.source == "reference":  # exact by definition: a panel would only show float rounding
@@ -112,6 +112,7 @@ def render(p: StreamPlot) -> bytes:
         ax[4].set_ylabel("frame interval\n(frame periods)")
         ax[4].set_title(f"{len(p.dropped_frame_time_s)} dropped-frame runs (red)", fontsize=8, loc="left")
     ax[-1].set_xlabel("session time (s)")
+    _one_time_axis(ax)
     # Margins fixed in inches where tight_layout puts them for these panels (labels of two lines, a panel title):
     # tight_layout draws the whole figure once more to measure it, as long again as the draw that saves it.
     fig.subplots_adjust(left=0.9 / width, right=1 - 0.15 / width, bottom=0.6 / height, top=1 - 0.65 / height,
@@ -119,6 +120,22 @@ def render(p: StreamPlot) -> bytes:
     buf = BytesIO()
     fig.savefig(buf, format="png", metadata=_PNG_METADATA)
     return buf.getvalue()
+
+
+def _one_time_axis(axes) -> None:
+    """Every panel on one session-time range (their data's, with the 5 % margins autoscaling gives), its ticks on
+    the last panel only. Not a shared axis: shared panels each make the ticks they hide, and making ticks (a few
+    artists each, at every draw) was half of a plot's cost."""
+    from matplotlib.ticker import NullLocator
+    from matplotlib.transforms import Bbox
+
+    seen = Bbox.union([a.dataLim for a in axes if a.has_data()] or [Bbox.null()])
+    if np.isfinite([seen.x0, seen.x1]).all():
+        pad = 0.05 * (seen.x1 - seen.x0) or 0.5
+        for a in axes:
+            a.set_xlim(seen.x0 - pad, seen.x1 + pad)
+    for a in axes[:-1]:
+        a.xaxis.set_major_locator(NullLocator())
 
 
 def _residual_panel(ax, p: StreamPlot) -> None:
