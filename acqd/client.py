@@ -7,10 +7,10 @@ script that drives a daemon never loads the daemon's code.
 
 from __future__ import annotations
 
-import functools
 import getpass
 import os
 import ssl
+import threading
 
 import httpx
 
@@ -37,12 +37,17 @@ def _login() -> str:
         return f"uid {os.getuid()}"
 
 
-@functools.cache
+_thread = threading.local()
+
+
 def _tls() -> ssl.SSLContext:
     """httpx's default TLS context (its CA bundle, ``SSL_CERT_FILE``/``SSL_CERT_DIR`` honoured), made once per
-    process: making one reads the CA bundle, 20 ms of CPU, and a rig's leader makes a client per request to each
-    follower, every second."""
-    return httpx.create_ssl_context()
+    thread: making one reads the CA bundle, 20 ms of CPU, and a rig's leader makes a client per request to each
+    follower, every second. Not shared between threads: httpcore sets its ALPN protocols at each connection."""
+    context = getattr(_thread, "tls", None)
+    if context is None:
+        context = _thread.tls = httpx.create_ssl_context()
+    return context
 
 
 class Client:

@@ -25,7 +25,8 @@ def _cpu() -> tuple[float, float]:
 
 
 def _zygote_reaped() -> float:
-    """The CPU of the children the worker's zygote has reaped so far (tests/zygote.py)."""
+    """The CPU of the worker's zygote (tests/zygote.py) and of the children it has reaped so far: the zygote's own
+    counts here, not in RUSAGE_CHILDREN, which takes it only when the last test's teardown reaps it."""
     from tests import zygote
 
     if zygote._zygote is None or zygote._zygote.proc is None:
@@ -35,7 +36,7 @@ def _zygote_reaped() -> float:
             fields = f.read().rpartition(")")[2].split()
     except OSError:
         return 0.0
-    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime, cstime
+    return sum(map(int, fields[11:15])) / os.sysconf("SC_CLK_TCK")  # utime, stime, cutime, cstime
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -129,8 +129,10 @@ def _one_time_axis(axes) -> None:
     from matplotlib.ticker import NullLocator
     from matplotlib.transforms import Bbox
 
-    seen = Bbox.union([a.dataLim for a in axes if a.has_data()] or [Bbox.null()])
-    if np.isfinite([seen.x0, seen.x1]).all():
+    # (a panel with only an axhline has data but no x extent: its data box spans +inf..-inf in x)
+    spans = [a.dataLim for a in axes if a.has_data() and np.isfinite(a.dataLim.intervalx).all()]
+    if spans:
+        seen = Bbox.union(spans)
         pad = 0.05 * (seen.x1 - seen.x0) or 0.5
         for a in axes:
             a.set_xlim(seen.x0 - pad, seen.x1 + pad)
