@@ -21,10 +21,10 @@ import pytest
 
 def _cpu() -> tuple[float, float]:
     own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime, reaped.ru_utime + reaped.ru_stime + _zygote_reaped()
+    return own.ru_utime + own.ru_stime, reaped.ru_utime + reaped.ru_stime + _zygote_cpu()
 
 
-def _zygote_reaped() -> float:
+def _zygote_cpu() -> float:
     """The CPU of the worker's zygote (tests/zygote.py) and of the children it has reaped so far: the zygote's own
     counts here, not in RUSAGE_CHILDREN, which takes it only when the last test's teardown reaps it."""
     from tests import zygote
